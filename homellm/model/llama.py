@@ -1,0 +1,240 @@
+"""The LLaMA architecture in one file.
+
+Covers SmolLM2, TinyLlama, Llama 2 and 3.x, Mistral-style models (no sliding window) and
+Qwen2: the differences between them are fields of `ModelArgs` (grouped-query attention,
+RoPE base and scaling, tied embeddings, norm eps, q/k/v bias), never subclasses.
+
+Parameter and config names are Hugging Face's, so a transformers checkpoint loads by name.
+The model holds no KV cache: the engine owns one and passes it to `forward`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class ModelArgs:
+    """The network's shape, read from the checkpoint (GGUF metadata or HF config.json)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # HF's rope_scaling dict: {"rope_type": "linear", "factor": f} or
+    # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    #  "original_max_position_embeddings"}; None for plain RoPE.
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    extra: dict = field(default_factory=dict)  # what the checkpoint says that the network ignores
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> "ModelArgs":
+        """From a transformers config.json dict (LlamaConfig, MistralConfig, Qwen2Config)."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        args = {k: config[k] for k in names if config.get(k) is not None}
+        if "num_key_value_heads" not in args:
+            args["num_key_value_heads"] = config["num_attention_heads"]
+        if config.get("model_type") == "qwen2":
+            args["attention_bias"] = True
+        if config.get("rope_parameters") and "rope_scaling" not in args:  # transformers >= 5
+            params = dict(config["rope_parameters"])
+            args.setdefault("rope_theta", params.pop("rope_theta", 10000.0))
+            if params.get("rope_type", "default") != "default":
+                args["rope_scaling"] = params
+        rope = args.get("rope_scaling")
+        if rope is not None and rope.get("rope_type", rope.get("type", "default")) == "default":
+            args["rope_scaling"] = None
+        return cls(**args)
+
+    def to_hf_config(self) -> dict:
+        """The transformers LlamaConfig dict that describes this network."""
+        config = {k: v for k, v in asdict(self).items() if k != "extra"}
+        config.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                      mlp_bias=False)
+        return config
+
+    @property
+    def n_params(self) -> int:
+        h, d, kv = self.hidden_size, self.head_dim, self.num_key_value_heads
+        attn = h * d * self.num_attention_heads * 2 + h * d * kv * 2
+        mlp = 3 * h * self.intermediate_size
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * (attn + mlp + 2 * h) + embed + h
+
+
+class KVCacheProtocol(Protocol):
+    """What attention needs from the engine's cache (see engine/kv_cache.py)."""
+
+    def update(self, layer: int, k: Tensor, v: Tensor, start_pos: int) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, n_kv_heads, T, head_dim) at start_pos; return keys and values so far."""
+
+
+def rope_inv_freq(args: ModelArgs) -> Tensor:
+    """Inverse frequencies (head_dim/2,) with linear or llama3 scaling (as transformers computes them)."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = args.rope_scaling
+    if not scaling:
+        return inv_freq.float()
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return (inv_freq / factor).float()
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, smooth in between.
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        return torch.where(mid, blended, scaled).float()
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (expected 'linear' or 'llama3')")
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf).to(x.dtype) if self.weight.dtype == torch.float32 else \
+            self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            args.num_attention_heads, args.num_key_value_heads, args.head_dim)
+        h, d = args.hidden_size, args.head_dim
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=args.attention_bias)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * d, bias=args.attention_bias)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=args.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int,
+                cache: KVCacheProtocol | None, mask: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # q: (B, n_heads, T, head_dim); k, v: (B, n_kv_heads, T, head_dim)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, start_pos)  # (B, n_kv_heads, S, head_dim)
+        q, k, v = q.to(v.dtype), k.to(v.dtype), v
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, start_pos, cache, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    """HF's `model.` prefix: embeddings, layers, final norm."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = LlamaBody(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin (T, head_dim) for integer positions (T,), computed in float32."""
+        angles = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos(), angles.sin()
+
+    def forward(self, tokens: Tensor, start_pos: int = 0, cache: KVCacheProtocol | None = None,
+                mask: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """Logits for tokens (B, T) placed at positions start_pos.. start_pos+T-1.
+
+        With a cache, keys and values of earlier positions come from it. `mask` is an
+        optional boolean (B or 1, 1, T, S) attention mask (True = attend); without one the
+        attention is causal. `last_only` computes logits for the last position only.
+        Returns float32 logits (B, T or 1, vocab_size).
+        """
+        B, T = tokens.shape
+        x = self.model.embed_tokens(tokens)
+        positions = torch.arange(start_pos, start_pos + T, device=tokens.device)
+        cos, sin = self.rope(positions)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        if mask is None and cache is not None and start_pos > 0 and T > 1:
+            # queries at start_pos+i see every cached key and the new keys up to themselves
+            S = start_pos + T
+            mask = torch.ones(T, S, dtype=torch.bool, device=tokens.device).tril(start_pos)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, start_pos, cache, mask)
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        return self.lm_head(x).float()
