@@ -18,9 +18,11 @@ class ContextOverflowError(HomellmError):
 
     def __init__(self, n_prompt: int, n_ctx: int):
         self.n_prompt, self.n_ctx = n_prompt, n_ctx
+        # a prompt may fill at most n_ctx - 1 positions: one is left for the reply
         super().__init__(
-            f"the prompt is {n_prompt} tokens but the context holds {n_ctx}: "
-            f"{n_prompt - n_ctx} tokens too many (shorten it or raise --ctx)"
+            f"the prompt is {n_prompt} tokens but the context holds {n_ctx} "
+            f"(at most {n_ctx - 1} for a prompt): {n_prompt - n_ctx + 1} tokens too many; "
+            f"shorten the prompt or raise --ctx"
         )
 
 

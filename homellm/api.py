@@ -1,0 +1,178 @@
+"""The Python API: `homellm.load(name_or_path)` and the model object it returns.
+
+This layer joins the engine (token ids) and the tokenizer (text): detokenization that is
+safe for multi-byte characters, stop strings (text that could still become a stop string is
+held back until it cannot), chat templates, and a chat session whose earlier turns stay in
+the KV cache.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from homellm.engine.generate import Engine, Step, Timings
+from homellm.engine.sampling import SamplingParams
+
+SAMPLING_FIELDS = {"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
+                   "frequency_penalty", "presence_penalty", "seed"}
+DEFAULT_CTX = 4096
+
+
+def split_sampling(options: dict) -> tuple[SamplingParams, dict]:
+    """SamplingParams from the sampling keys of `options`; the other keys are returned."""
+    sampling = {k: v for k, v in options.items() if k in SAMPLING_FIELDS and v is not None}
+    rest = {k: v for k, v in options.items() if k not in SAMPLING_FIELDS}
+    return SamplingParams(**sampling), rest
+
+
+class StopStrings:
+    """Cuts a text stream at the first stop string, holding back a possible partial match."""
+
+    def __init__(self, stops: Iterable[str] | None):
+        self.stops = [s for s in (stops or []) if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was found."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        hold = 0  # the longest tail of pending that begins some stop string
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Model:
+    """A loaded model: tokenizer, network and an engine with its KV cache."""
+
+    def __init__(self, checkpoint, network, tokenizer, ctx: int, load_s: float):
+        self.checkpoint = checkpoint
+        self.args = checkpoint.args
+        self.network = network
+        self.tokenizer = tokenizer
+        self.ctx = ctx
+        self.load_s = load_s
+        self.engine = Engine(network, ctx)
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Teacher-forced float32 logits [T, vocab] for a sequence (no cache involved)."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(1, -1)
+        return self.network(ids).float()[0]
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        return list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
+
+    def generate(self, prompt_or_ids: str | list[int], *, max_tokens: int | None = None,
+                 stop: list[str] | None = None, top_logprobs: int = 0, **sampling) -> Iterator[Step]:
+        """Stream Steps for a raw prompt (no chat template): text deltas, ids, logprobs.
+
+        Sampling keywords: temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+        frequency_penalty, presence_penalty, seed. The last Step has finish_reason and timings.
+        """
+        params, extra = split_sampling(sampling)
+        if extra:
+            raise TypeError(f"unknown generation options: {', '.join(sorted(extra))}")
+        ids = self.encode_prompt(prompt_or_ids)
+        return self._stream(ids, params, max_tokens, stop, top_logprobs)
+
+    def chat(self, messages: list[dict], **options) -> Iterator[Step]:
+        """Stream the assistant's reply to `messages` (rendered with the model's template)."""
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        params, rest = split_sampling(options)
+        return self._stream(ids, params, rest.pop("max_tokens", None), rest.pop("stop", None),
+                            rest.pop("top_logprobs", 0), **rest)
+
+    def _stream(self, ids, params, max_tokens, stop, top_logprobs, **extra) -> Iterator[Step]:
+        if extra:
+            raise TypeError(f"unknown generation options: {', '.join(sorted(extra))}")
+        decoder = self.tokenizer.stream_decoder()
+        stops = StopStrings(stop)
+        timings = Timings()
+        steps = self.engine.generate(ids, params, max_tokens, self.tokenizer.eos_ids,
+                                     top_logprobs, timings)
+        try:
+            for step in steps:
+                if step.finish_reason is not None:
+                    step.text = stops.flush()
+                    yield step
+                    return
+                step.text, hit = stops.feed(decoder.step(step.token))
+                yield step
+                if hit:
+                    steps.close()
+                    yield Step(token=None, finish_reason="stop", timings=timings)
+                    return
+        finally:
+            steps.close()
+
+    def session(self, system: str | None = None) -> "ChatSession":
+        return ChatSession(self, system)
+
+
+class ChatSession:
+    """A conversation whose earlier turns stay in the KV cache between replies."""
+
+    def __init__(self, model: Model, system: str | None = None):
+        self.model = model
+        self.system = system
+        self.messages: list[dict] = []
+
+    def reset(self, system: str | None = None):
+        self.system = system if system is not None else self.system
+        self.messages = []
+
+    def conversation(self) -> list[dict]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.messages
+
+    def send(self, text: str, **options) -> Iterator[Step]:
+        """Stream the reply to a user message; the reply (even a stopped one) joins the history."""
+        self.messages.append({"role": "user", "content": text})
+        reply = {"role": "assistant", "content": ""}
+        try:
+            for step in self.model.chat(self.conversation(), **options):
+                reply["content"] += step.text
+                yield step
+        finally:
+            self.messages.append(reply)
+
+
+def load(name_or_path: str | Path | None = None, device: str | None = None,
+         dtype: torch.dtype | None = None, ctx: int | None = None, quant: str | None = None,
+         progress=None) -> Model:
+    """Load a model by catalog name, GGUF path or Hugging Face folder (None: the default model)."""
+    from homellm.catalog import resolve
+    from homellm.engine.loader import build_model
+    from homellm.model.formats import open_checkpoint
+    from homellm.tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    path = resolve(name_or_path)
+    ckpt = open_checkpoint(path)
+    tokenizer = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
+    network = build_model(ckpt, device=device, dtype=dtype, quant=quant, progress=progress)
+    ctx = ctx or min(DEFAULT_CTX, ckpt.args.max_position_embeddings)
+    return Model(ckpt, network, tokenizer, ctx, time.perf_counter() - t0)

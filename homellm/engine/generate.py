@@ -1,0 +1,137 @@
+"""Token ids in, tokens out: prefill, decode, and the typed steps a generation streams.
+
+The engine knows nothing of text: stop strings and detokenization live one layer up
+(homellm/api.py). It keeps one KV cache; a new prompt that starts with what the cache
+already holds prefills only the rest (a chat's earlier turns are never prefilled again).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from homellm.engine.kv_cache import KVCache
+from homellm.engine.sampling import Sampler, SamplingParams
+from homellm.errors import ContextOverflowError
+from homellm.model.llama import Llama
+
+PREFILL_CHUNK = 512  # prompt positions per forward: bounds activation and attention memory
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0      # prompt tokens whose keys/values were already in the cache
+    prefill_s: float = 0.0
+    generated_tokens: int = 0
+    decode_s: float = 0.0       # from the first generated token to the last
+
+    @property
+    def prefill_tps(self) -> float:
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        # the first token comes out of prefill; the rest each cost one decode step
+        return (self.generated_tokens - 1) / self.decode_s if self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+                "prefill_s": round(self.prefill_s, 4), "prefill_tps": round(self.prefill_tps, 2),
+                "generated_tokens": self.generated_tokens, "decode_s": round(self.decode_s, 4),
+                "decode_tps": round(self.decode_tps, 2)}
+
+
+@dataclass
+class Step:
+    """One generated token, or the final step that says why generation ended."""
+
+    token: int | None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    text: str = ""                     # filled by the text layer
+    finish_reason: str | None = None   # "stop" (EOS or stop string) or "length"
+    timings: Timings | None = None     # on the final step
+
+
+class Engine:
+    """One model and one KV cache of `ctx` positions (batch 1)."""
+
+    def __init__(self, model: Llama, ctx: int, cache_dtype: torch.dtype = torch.float32):
+        self.model = model
+        self.ctx = ctx
+        self.device = model.inv_freq.device
+        self.cache = KVCache(model.args, ctx, dtype=cache_dtype, device=self.device)
+
+    def reset(self):
+        self.cache.tokens = []
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int], start_pos: int, last_only: bool = True) -> torch.Tensor:
+        """Run ids at start_pos through the model, storing their keys/values; (T or 1, vocab)."""
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        logits = self.model(tokens, start_pos=start_pos, cache=self.cache, last_only=last_only)
+        del self.cache.tokens[start_pos:]
+        self.cache.tokens.extend(ids)
+        return logits[0]
+
+    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+        """Make the cache hold `ids`; return the last position's logits and how many were cached."""
+        if len(ids) >= self.ctx:
+            raise ContextOverflowError(len(ids), self.ctx)
+        if not ids:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        reuse = min(self.cache.common_prefix(ids), len(ids) - 1)  # the last one yields logits
+        del self.cache.tokens[reuse:]
+        pos = reuse
+        logits = None
+        while pos < len(ids):
+            chunk = ids[pos:pos + PREFILL_CHUNK]
+            logits = self.forward(chunk, pos)[-1]
+            pos += len(chunk)
+        return logits, reuse
+
+    def generate(self, ids: list[int], params: SamplingParams | None = None,
+                 max_tokens: int | None = None, stop_ids: set[int] = frozenset(),
+                 top_logprobs: int = 0, timings: Timings | None = None) -> Iterator[Step]:
+        """Yield one Step per generated token, then a final Step with finish_reason and timings.
+
+        The stop token itself is not yielded. Closing the iterator early leaves the cache
+        consistent (it holds exactly the tokens that went through the model) and `timings`
+        (filled as generation goes, when the caller passes one) complete.
+        """
+        sampler = Sampler(params or SamplingParams())
+        timings = timings if timings is not None else Timings()
+        timings.prompt_tokens = len(ids)
+        t0 = time.perf_counter()
+        logits, timings.cached_tokens = self.prefill(ids)
+        timings.prefill_s = time.perf_counter() - t0
+        history = list(ids)
+        budget = self.ctx - len(ids)  # each generated token but the last needs a cache slot
+        if max_tokens is not None:
+            budget = min(budget, max_tokens)
+        finish = "length"
+        t_first = time.perf_counter()
+        try:
+            while timings.generated_tokens < budget:
+                token = sampler(logits, history)
+                if token in stop_ids:
+                    finish = "stop"
+                    break
+                logprobs = torch.log_softmax(logits.float(), -1)
+                top = []
+                if top_logprobs:
+                    vals, idx = logprobs.topk(top_logprobs)
+                    top = list(zip(idx.tolist(), vals.tolist()))
+                timings.generated_tokens += 1
+                yield Step(token=token, logprob=float(logprobs[token]), top_logprobs=top)
+                history.append(token)
+                if timings.generated_tokens >= budget:
+                    break
+                logits = self.forward([token], len(self.cache.tokens))[-1]
+        finally:
+            timings.decode_s = time.perf_counter() - t_first
+        yield Step(token=None, finish_reason=finish, timings=timings)

@@ -1,0 +1,121 @@
+"""Checkpoint -> a runnable Llama: built on the meta device, weights assigned without copies.
+
+What each weight becomes is decided by what the checkpoint records, never by a file name:
+- float tensors: kept in the requested dtype (or quantized when `quant` asks for it);
+- GGUF quantized blocks: the engine's int4/int8 layers (engine/quant.py), exactly where the
+  packing allows; the token embedding keeps its raw blocks and dequantizes looked-up rows.
+No float copy of the whole model is ever held for a quantized checkpoint.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from homellm.errors import ModelFileError
+from homellm.model.formats.checkpoint import Checkpoint, GGMLTensor
+from homellm.model.llama import Llama, rope_inv_freq
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _expect(ckpt: Checkpoint, name: str, shape: tuple[int, ...]):
+    t = ckpt.tensors.get(name)
+    if t is None:
+        raise ModelFileError(f"{ckpt.source}: tensor {name} is missing")
+    if tuple(t.shape) != tuple(shape):
+        raise ModelFileError(f"{ckpt.source}: tensor {name} has shape {tuple(t.shape)}, "
+                             f"expected {tuple(shape)} from the model config")
+    return t
+
+
+def _float(t, dtype, device) -> torch.Tensor:
+    t = t.dequantize(torch.float32) if isinstance(t, GGMLTensor) else t
+    return t.to(device=device, dtype=dtype)
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module):
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def _linear(ckpt, path, out_f, in_f, bias, dtype, device, quant):
+    """quant: "keep" (what the file records), "none" (float), "int8" or "int4"."""
+    from homellm.engine import quant as q
+    weight = _expect(ckpt, f"{path}.weight", (out_f, in_f))
+    b = _float(_expect(ckpt, f"{path}.bias", (out_f,)), dtype, device) if bias else None
+    if isinstance(weight, GGMLTensor) and quant == "keep" and device.type == "cpu":
+        return q.linear_from_ggml(weight, b)
+    mode = "none" if quant == "keep" else quant
+    return q.linear_from_float(_float(weight, dtype, device), b, mode).to(device)
+
+
+def build_model(ckpt: Checkpoint, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None, quant: str | None = None,
+                progress=None) -> Llama:
+    """A Llama in eval mode with the checkpoint's weights.
+
+    quant: None keeps what the checkpoint records (GGUF blocks -> int4/int8 layers, float
+    stays float); "none" dequantizes everything to `dtype`; "int8"/"int4" quantize float
+    weights at load time.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    args = ckpt.args
+    with torch.device("meta"):
+        model = Llama(args)
+    h, d = args.hidden_size, args.head_dim
+    shapes = {"self_attn.q_proj": (args.num_attention_heads * d, h),
+              "self_attn.k_proj": (args.num_key_value_heads * d, h),
+              "self_attn.v_proj": (args.num_key_value_heads * d, h),
+              "self_attn.o_proj": (h, args.num_attention_heads * d),
+              "mlp.gate_proj": (args.intermediate_size, h),
+              "mlp.up_proj": (args.intermediate_size, h),
+              "mlp.down_proj": (h, args.intermediate_size)}
+    mode = quant if quant is not None else "keep"
+    if mode not in ("keep", "none", "int8", "int4"):
+        raise ValueError(f"quant={quant!r}: expected None, 'none', 'int8' or 'int4'")
+    total = args.num_hidden_layers + 2
+    for i in range(args.num_hidden_layers):
+        prefix = f"model.layers.{i}"
+        for lin in LINEARS:
+            bias = args.attention_bias and lin in ("self_attn.q_proj", "self_attn.k_proj",
+                                                   "self_attn.v_proj")
+            module = _linear(ckpt, f"{prefix}.{lin}", *shapes[lin], bias, dtype, device, mode)
+            _set_module(model, f"{prefix}.{lin}", module)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            w = _float(_expect(ckpt, f"{prefix}.{norm}.weight", (h,)), torch.float32, device)
+            model.get_submodule(f"{prefix}.{norm}").weight = nn.Parameter(w, requires_grad=False)
+        if progress:
+            progress(i + 1, total)
+    model.model.norm.weight = nn.Parameter(
+        _float(_expect(ckpt, "model.norm.weight", (h,)), torch.float32, device), requires_grad=False)
+
+    from homellm.engine import quant as q
+    embed = _expect(ckpt, "model.embed_tokens.weight", (args.vocab_size, h))
+    head_name = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
+    head = _expect(ckpt, head_name, (args.vocab_size, h))
+    if isinstance(embed, GGMLTensor) and device.type == "cpu" and mode != "none":
+        model.model.embed_tokens = q.GGMLEmbedding(embed)  # rows dequantized on lookup
+    else:
+        model.model.embed_tokens = nn.Embedding.from_pretrained(_float(embed, dtype, device))
+    if args.tie_word_embeddings and isinstance(model.model.embed_tokens, nn.Embedding) \
+            and mode in ("keep", "none"):
+        model.lm_head = nn.Linear(h, args.vocab_size, bias=False, device="meta")
+        model.lm_head.weight = model.model.embed_tokens.weight  # shared, as in transformers
+    else:
+        model.lm_head = _linear(ckpt, head_name.removesuffix(".weight"), args.vocab_size, h,
+                                False, dtype, device, mode)
+    if progress:
+        progress(total, total)
+    model.inv_freq = rope_inv_freq(args).to(device)
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.device.type == "meta":
+            raise ModelFileError(f"{ckpt.source}: no weights for {name}")
+    model.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,167 @@
+"""Hugging Face model folders: config.json, *.safetensors (sharded with an index), tokenizer files.
+
+Tensor names are transformers' own (model.layers.N.self_attn.q_proj.weight, ...), which are
+also ours, so reading is a lookup and writing is `save_file`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from homellm.errors import HomellmError, ModelFileError
+from homellm.model.formats.checkpoint import Checkpoint, GGMLTensor, TokenizerSource
+from homellm.model.llama import ModelArgs
+
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
+SHARD_BYTES = 4 << 30  # a new safetensors shard every 4 GiB, as transformers does by default
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path}: cannot read JSON ({e})") from None
+
+
+def read_args(folder: Path) -> ModelArgs:
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise ModelFileError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+    config = _read_json(config_path)
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelFileError(f"{config_path}: model_type {model_type!r} is not supported "
+                             f"(supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})")
+    if config.get("sliding_window") and config.get("use_sliding_window", model_type == "mistral"):
+        # Mistral-style models run with full attention: exact up to the window size.
+        pass
+    try:
+        return ModelArgs.from_hf_config(config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{config_path}: missing or invalid field {e}") from None
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelFileError(f"{index}: no weight_map")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelFileError(f"{folder}: no *.safetensors weights")
+    for f in files:
+        if not f.exists():
+            raise ModelFileError(f"{f}: listed in the index but missing")
+    return files
+
+
+def read_hf(folder: Path) -> Checkpoint:
+    """Read a HF folder; tensors come from memory-mapped safetensors files."""
+    folder = Path(folder)
+    args = read_args(folder)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in _safetensors_files(folder):
+        try:
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():
+                    tensors[name] = st.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ModelFileError(f"{f}: cannot read safetensors ({e})") from None
+    tokenizer_config = {}
+    if (folder / "tokenizer_config.json").exists():
+        tokenizer_config = _read_json(folder / "tokenizer_config.json")
+    template = tokenizer_config.get("chat_template")
+    if (folder / "chat_template.jinja").exists():  # transformers >= 4.50 saves it on its own
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(template, list):  # several named templates: take the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    tok_json = folder / "tokenizer.json"
+    config = _read_json(folder / "config.json")
+    return Checkpoint(
+        args=args, tensors=tensors,
+        tokenizer=TokenizerSource(tokenizer_json=tok_json if tok_json.exists() else None,
+                                  tokenizer_config=tokenizer_config),
+        chat_template=template, source=folder, format="hf",
+        metadata={"name": config.get("_name_or_path") or folder.name,
+                  "torch_dtype": config.get("torch_dtype") or config.get("dtype"),
+                  "tensor_types": _count_dtypes(tensors)})
+
+
+def _count_dtypes(tensors: dict) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in tensors.values():
+        key = t.type_name if isinstance(t, GGMLTensor) else str(t.dtype).removeprefix("torch.").upper()
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def write_hf(folder: Path, args: ModelArgs, tensors: dict[str, torch.Tensor | GGMLTensor], *,
+             dtype: torch.dtype = torch.bfloat16, tokenizer_json: str | None = None,
+             tokenizer_config: dict | None = None, chat_template: str | None = None,
+             progress=None) -> Path:
+    """Write a folder that transformers' `from_pretrained` loads.
+
+    Written into a temporary sibling folder and renamed at the end, so a failure leaves
+    nothing half-written at `folder`. Quantized tensors are dequantized to `dtype`.
+    """
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise HomellmError(f"{folder}: already exists and is not empty")
+    parent = folder.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=parent))
+    except OSError as e:
+        raise HomellmError(f"cannot write to {parent}: {e.strerror}") from None
+    try:
+        config = args.to_hf_config()
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        names = [n for n in tensors if not (args.tie_word_embeddings and n == "lm_head.weight")]
+        for i, name in enumerate(names):
+            t = tensors[name]
+            t = t.dequantize(dtype) if isinstance(t, GGMLTensor) else t.to(dtype)
+            if size and size + t.nbytes > SHARD_BYTES:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t.contiguous()
+            size += t.nbytes
+            if progress:
+                progress(i + 1, len(names))
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / fname, metadata={"format": "pt"})
+                weight_map.update({n: fname for n in shard})
+            total = sum(t.nbytes for s in shards for t in s.values())
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        if tokenizer_json is not None:
+            (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        tok_config = dict(tokenizer_config or {})
+        if chat_template:
+            tok_config["chat_template"] = chat_template
+        if tok_config:
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+        if folder.exists():
+            folder.rmdir()
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
