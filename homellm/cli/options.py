@@ -1,0 +1,97 @@
+"""Options shared by the subcommands that run a model: -m, --ctx, sampling flags, loading.
+
+The sampling flags are derived from SamplingParams' fields, so a new field is a new flag.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import fields
+
+# SamplingParams lives in engine/ (imports torch); its fields are mirrored here by name and
+# type so that `homellm --help` stays instant. test_cli checks the two agree.
+SAMPLING_FLAGS = {
+    "temperature": (float, "0 is greedy (default 0.8)"),
+    "top_k": (int, "keep the k most likely tokens; 0 disables (default 40)"),
+    "top_p": (float, "keep the most likely tokens up to this probability mass (default 0.95)"),
+    "min_p": (float, "drop tokens below min_p x the top probability (default 0.05)"),
+    "repeat_penalty": (float, "penalize recently seen tokens; 1.0 disables (default 1.0)"),
+    "repeat_last_n": (int, "how many recent tokens repeat_penalty looks at (default 64)"),
+    "frequency_penalty": (float, "OpenAI-style frequency penalty (default 0)"),
+    "presence_penalty": (float, "OpenAI-style presence penalty (default 0)"),
+    "seed": (int, "random seed: the same seed gives the same output"),
+}
+
+
+def add_model_arguments(p: argparse.ArgumentParser):
+    p.add_argument("-m", "--model", default=None,
+                   help="catalog name, .gguf file or Hugging Face folder (default: the default model)")
+    p.add_argument("--ctx", type=int, default=None,
+                   help="context size in tokens: the KV cache holds this many (default 4096)")
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default=None,
+                   help="weights at run time: default keeps what the file records")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser):
+    g = p.add_argument_group("sampling")
+    for name, (kind, help_text) in SAMPLING_FLAGS.items():
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
+    g.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The sampling keywords the user gave (the rest keep SamplingParams' defaults)."""
+    opts = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    from homellm.engine.sampling import SamplingParams
+    try:
+        SamplingParams(**opts)
+    except ValueError as e:
+        from homellm.errors import HomellmError
+        raise HomellmError(f"invalid sampling option: {e}") from None
+    return opts
+
+
+def check_flags_match_params():
+    """SAMPLING_FLAGS mirrors SamplingParams (checked by the tests)."""
+    from homellm.engine.sampling import SamplingParams
+    return set(SAMPLING_FLAGS) == {f.name for f in fields(SamplingParams)}
+
+
+def load_model(args: argparse.Namespace, quiet: bool = False):
+    """Load -m (pulling the default model when needed), with a progress bar on stderr."""
+    from tqdm import tqdm
+
+    from homellm.api import load
+    if args.ctx is not None and args.ctx < 2:
+        from homellm.errors import HomellmError
+        raise HomellmError(f"--ctx {args.ctx}: the context must hold at least 2 tokens")
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        if quiet:
+            return
+        if bar is None:
+            bar = tqdm(total=total, desc="loading", unit="layer", file=sys.stderr, leave=False)
+        bar.n = done
+        bar.refresh()
+
+    t0 = time.perf_counter()
+    model = load(args.model, device=args.device, ctx=args.ctx, quant=args.quant, progress=progress)
+    if bar is not None:
+        bar.close()
+    model.load_s = time.perf_counter() - t0
+    return model
+
+
+def speed_line(timings, load_s: float | None = None) -> str:
+    parts = []
+    if load_s is not None:
+        parts.append(f"load {load_s:.2f} s")
+    cached = f", {timings.cached_tokens} cached" if timings.cached_tokens else ""
+    parts.append(f"prompt {timings.prompt_tokens} tokens{cached} at {timings.prefill_tps:.1f} tok/s")
+    parts.append(f"reply {timings.generated_tokens} tokens at {timings.decode_tps:.1f} tok/s")
+    return " | ".join(parts)

@@ -1,0 +1,60 @@
+"""`homellm run [-m NAME] "prompt"`: stream one reply to stdout, speeds to stderr."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from homellm.cli.options import (add_model_arguments, add_sampling_arguments, load_model,
+                                 sampling_options, speed_line)
+
+HELP = "run a model on one prompt and stream the reply"
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("prompt", nargs="?", default=None,
+                   help="the prompt (default: read from standard input)")
+    add_model_arguments(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--raw", action="store_true",
+                   help="no chat template: continue the prompt text as it is")
+    add_sampling_arguments(p)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: text, token counts, speeds")
+
+
+def main(args: argparse.Namespace) -> int:
+    from homellm.errors import HomellmError
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise HomellmError("no prompt: give one as an argument or on standard input")
+        prompt = sys.stdin.read()
+    options = sampling_options(args)
+    model = load_model(args, quiet=args.json)
+    if args.raw:
+        if args.system:
+            raise HomellmError("--system needs the chat template; drop --raw")
+        steps = model.generate(prompt, max_tokens=args.max_tokens, stop=args.stop, **options)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": prompt}]
+        steps = model.chat(messages, max_tokens=args.max_tokens, stop=args.stop, **options)
+    text, final = [], None
+    for step in steps:
+        if step.text:
+            text.append(step.text)
+            if not args.json:
+                sys.stdout.write(step.text)
+                sys.stdout.flush()
+        if step.finish_reason:
+            final = step
+    t = final.timings
+    if args.json:
+        print(json.dumps({"model": str(args.model or "default"), "text": "".join(text),
+                          "finish_reason": final.finish_reason,
+                          "load_s": round(model.load_s, 3), **t.as_dict()}))
+    else:
+        sys.stdout.write("\n")
+        print(speed_line(t, model.load_s), file=sys.stderr)
+    return 0

@@ -1,0 +1,138 @@
+"""The engine on a tiny random model: cache reuse, sampling, limits, stop strings."""
+import pytest
+import torch
+
+from homellm.api import StopStrings
+from homellm.engine.generate import Engine
+from homellm.engine.sampling import Sampler, SamplingParams
+from homellm.errors import ContextOverflowError
+from homellm.model.llama import Llama, ModelArgs
+
+ARGS = ModelArgs(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=97, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = Llama(ARGS)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)  # larger than init: spread out the next-token distribution
+        m.inv_freq.copy_(__import__("homellm.model.llama", fromlist=["x"]).rope_inv_freq(ARGS))
+    return m.eval().requires_grad_(False)
+
+
+def tokens_of(steps):
+    return [s.token for s in steps if s.token is not None]
+
+
+def test_greedy_generation_equals_argmax_of_full_forward(model):
+    engine = Engine(model, ctx=64)
+    prompt = [5, 9, 2, 40, 11]
+    out = tokens_of(engine.generate(prompt, SamplingParams(temperature=0), max_tokens=12))
+    seq = list(prompt)
+    for _ in range(12):  # the reference: no cache, the whole sequence each time
+        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert out == seq[len(prompt):]
+
+
+def test_prefix_reuse_prefills_only_the_new_tokens(model):
+    engine = Engine(model, ctx=64)
+    first = [3, 1, 4, 1, 5, 9, 2, 6]
+    steps = list(engine.generate(first, SamplingParams(temperature=0), max_tokens=4))
+    assert steps[-1].timings.cached_tokens == 0
+    second = first + tokens_of(steps) + [7, 7]
+    steps2 = list(engine.generate(second, SamplingParams(temperature=0), max_tokens=6))
+    t = steps2[-1].timings
+    # every token of the first prompt and the reply but the last reply token was cached
+    assert t.cached_tokens == len(first) + 3
+    fresh = Engine(model, ctx=64)
+    assert tokens_of(steps2) == tokens_of(fresh.generate(second, SamplingParams(temperature=0),
+                                                         max_tokens=6))
+
+
+def test_a_diverging_prompt_rewinds_the_cache(model):
+    engine = Engine(model, ctx=64)
+    list(engine.generate([1, 2, 3, 4, 5, 6], SamplingParams(temperature=0), max_tokens=3))
+    steps = list(engine.generate([1, 2, 3, 9, 9], SamplingParams(temperature=0), max_tokens=5))
+    assert steps[-1].timings.cached_tokens == 3
+    fresh = Engine(model, ctx=64)
+    assert tokens_of(steps) == tokens_of(fresh.generate([1, 2, 3, 9, 9],
+                                                        SamplingParams(temperature=0), max_tokens=5))
+
+
+def test_seed_reproduces_a_sampled_output(model):
+    params = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    runs = [tokens_of(Engine(model, ctx=64).generate([1, 2, 3], SamplingParams(seed=s, **params),
+                                                     max_tokens=20)) for s in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_max_tokens_and_context_limits(model):
+    engine = Engine(model, ctx=16)
+    steps = list(engine.generate([1, 2, 3], SamplingParams(temperature=0), max_tokens=5))
+    assert len(tokens_of(steps)) == 5 and steps[-1].finish_reason == "length"
+    steps = list(engine.generate(list(range(10)), SamplingParams(temperature=0)))
+    assert len(tokens_of(steps)) == 6 and steps[-1].finish_reason == "length"  # fills ctx=16
+    with pytest.raises(ContextOverflowError, match="20 tokens but the context holds 16.*5 tokens too many"):
+        list(engine.generate(list(range(20)), SamplingParams(temperature=0)))
+
+
+def test_stop_token_ends_with_stop_and_is_not_yielded(model):
+    engine = Engine(model, ctx=64)
+    greedy = tokens_of(engine.generate([5, 6, 7], SamplingParams(temperature=0), max_tokens=10))
+    stop = greedy[4]
+    steps = list(Engine(model, ctx=64).generate([5, 6, 7], SamplingParams(temperature=0),
+                                                max_tokens=10, stop_ids={stop}))
+    assert tokens_of(steps) == greedy[:greedy.index(stop)]
+    assert steps[-1].finish_reason == "stop"
+
+
+def test_logprobs_are_the_models_log_softmax(model):
+    engine = Engine(model, ctx=64)
+    steps = list(engine.generate([4, 8, 15], SamplingParams(temperature=0), max_tokens=1,
+                                 top_logprobs=3))
+    expected = torch.log_softmax(model(torch.tensor([[4, 8, 15]]))[0, -1], -1)
+    assert steps[0].logprob == pytest.approx(float(expected.max()), abs=1e-5)
+    assert [i for i, _ in steps[0].top_logprobs] == expected.topk(3).indices.tolist()
+
+
+def test_closing_early_leaves_a_consistent_cache(model):
+    engine = Engine(model, ctx=64)
+    gen = engine.generate([1, 2, 3, 4], SamplingParams(temperature=0), max_tokens=10)
+    first = [next(gen).token for _ in range(3)]
+    gen.close()
+    assert engine.cache.tokens == [1, 2, 3, 4] + first[:2]  # the third was never fed back
+    steps = list(engine.generate([1, 2, 3, 4] + first, SamplingParams(temperature=0), max_tokens=2))
+    fresh = Engine(model, ctx=64)
+    assert tokens_of(steps) == tokens_of(fresh.generate([1, 2, 3, 4] + first,
+                                                        SamplingParams(temperature=0), max_tokens=2))
+
+
+def test_sampler_filters():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, -5.0])
+    assert {Sampler(SamplingParams(top_k=2, min_p=0, seed=s))(logits, []) for s in range(50)} == {0, 1}
+    # min_p 0.3: only tokens with p >= 0.3 * p_max survive (e^-1 = 0.37 > 0.3 > e^-2)
+    assert {Sampler(SamplingParams(top_k=0, top_p=1, min_p=0.3, seed=s))(logits, [])
+            for s in range(50)} == {0, 1}
+    # top_p 0.5: the first token alone holds 0.64 of the mass
+    assert {Sampler(SamplingParams(top_k=0, top_p=0.5, min_p=0, seed=s))(logits, [])
+            for s in range(20)} == {0}
+    # repetition penalty turns greedy away from a seen token
+    assert Sampler(SamplingParams(temperature=0, repeat_penalty=3.0))(logits, [0]) == 1
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_stop_strings_hold_back_partial_matches():
+    s = StopStrings(["</end>", "STOP"])
+    assert s.feed("hello </") == ("hello ", False)
+    assert s.feed("en") == ("", False)
+    assert s.feed("x more") == ("</enx more", False)
+    assert s.feed(" ST") == (" ", False)
+    assert s.feed("OP and after") == ("", True)
+    t = StopStrings(["\n\n"])
+    assert t.feed("a\n") == ("a", False)
+    assert t.flush() == "\n"
