@@ -1,0 +1,497 @@
+"""GGUF read/write: round trips, parity with transformers' GGUF loader, every tensor type,
+the real default model, and bad files."""
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf_fixtures import (TINY_LLAMA, TINY_QWEN2, TINY_TIED, byte_tokenizer_fields,
+                           random_kquant, tiny_llama_state, write_tiny_gguf)
+
+from homellm.errors import HomellmError, ModelFileError
+from homellm.model.formats.checkpoint import GGMLTensor
+from homellm.model.formats.gguf import read_gguf, write_gguf
+from homellm.model.llama import ModelArgs, rope_inv_freq
+
+Q = gguf.GGMLQuantizationType
+ARGS = {"llama": TINY_LLAMA, "tied": TINY_TIED, "qwen2": TINY_QWEN2}
+
+
+def llama_cpp_rows(n_rows: int, n_heads: int) -> list[int]:
+    """GGUF row r holds HF row llama_cpp_rows(..)[r] (convert_hf_to_gguf.py's permute).
+
+    Within each head of d rows, HF keeps the rotate-half layout (x_0..x_{d/2-1}, y_0..),
+    llama.cpp interleaves the pairs (x_0, y_0, x_1, y_1, ..). Written as an index table,
+    independently of the reshape in gguf.py.
+    """
+    d = n_rows // n_heads
+    order = []
+    for h in range(n_heads):
+        for i in range(d // 2):
+            order += [h * d + i, h * d + d // 2 + i]
+    return order
+
+
+def to_gguf_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    return w[llama_cpp_rows(w.shape[0], n_heads)]
+
+
+def to_hf_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    out = np.empty_like(w)
+    out[llama_cpp_rows(w.shape[0], n_heads)] = w
+    return out
+
+
+def as_float(t) -> torch.Tensor:
+    return t.dequantize() if isinstance(t, GGMLTensor) else t.float()
+
+
+def quant_roundtrip(x: torch.Tensor, qtype: Q) -> torch.Tensor:
+    """What gguf.quants makes of x when quantized to qtype and back (float32)."""
+    q = gguf.quants.quantize(x.numpy().astype(np.float32), qtype)
+    return torch.from_numpy(gguf.quants.dequantize(q, qtype)).reshape(x.shape)
+
+
+def write_raw(path, arch: str, kv: dict, tensors: dict, tokenizer: bool = True):
+    """A GGUF written with GGUFWriter directly: kv {key: (value, GGUFValueType)},
+    tensors {gguf_name: float numpy array, or (raw uint8 bytes, ggml type)}."""
+    w = gguf.GGUFWriter(path, arch)
+    for key, (value, vtype) in kv.items():
+        w.add_key_value(key, value, vtype)
+    if tokenizer:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(byte_tokenizer_fields()["tokens"])
+    for name, t in tensors.items():
+        if isinstance(t, tuple):
+            w.add_tensor(name, t[0], raw_dtype=t[1])
+        else:
+            w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def llama_kv(args: ModelArgs, arch: str = "llama", drop: str | None = None) -> dict:
+    V = gguf.GGUFValueType
+    kv = {
+        f"{arch}.context_length": (args.max_position_embeddings, V.UINT32),
+        f"{arch}.embedding_length": (args.hidden_size, V.UINT32),
+        f"{arch}.block_count": (args.num_hidden_layers, V.UINT32),
+        f"{arch}.feed_forward_length": (args.intermediate_size, V.UINT32),
+        f"{arch}.attention.head_count": (args.num_attention_heads, V.UINT32),
+        f"{arch}.attention.head_count_kv": (args.num_key_value_heads, V.UINT32),
+        f"{arch}.attention.layer_norm_rms_epsilon": (args.rms_norm_eps, V.FLOAT32),
+        f"{arch}.rope.freq_base": (args.rope_theta, V.FLOAT32),
+    }
+    kv.pop(drop, None)
+    return kv
+
+
+# --- round trips ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["llama", "tied", "qwen2"])
+def test_round_trip_f32_is_exact(tmp_path, variant):
+    args, state = ARGS[variant], tiny_llama_state(ARGS[variant], seed=1)
+    fields = byte_tokenizer_fields()
+    calls = []
+    path = write_gguf(tmp_path / "m.gguf", args, state, out_type="f32", tokenizer_fields=fields,
+                      chat_template="{{ messages }}", metadata={"name": "tiny", "license": "mit"},
+                      progress=lambda done, total: calls.append((done, total)))
+    ckpt = read_gguf(path)
+
+    assert ckpt.args == args
+    assert ckpt.format == "gguf" and ckpt.source == path
+    assert set(ckpt.tensors) == set(state) - ({"lm_head.weight"} if args.tie_word_embeddings else set())
+    for name, value in ckpt.tensors.items():
+        assert value.dtype == torch.float32
+        assert torch.equal(value, state[name]), name
+    assert ckpt.tokenizer.gguf_fields == fields
+    assert ckpt.chat_template == "{{ messages }}"
+    assert ckpt.metadata["name"] == "tiny" and ckpt.metadata["license"] == "mit"
+    assert ckpt.metadata["architecture"] == ("qwen2" if variant == "qwen2" else "llama")
+    assert ckpt.metadata["file_type"] == gguf.LlamaFileType.ALL_F32
+    assert ckpt.metadata["tensor_types"] == {"F32": len(ckpt.tensors)}
+    assert calls[-1] == (len(ckpt.tensors), len(ckpt.tensors)) and len(calls) == len(ckpt.tensors)
+    assert not list(tmp_path.glob("*.part"))
+
+
+@pytest.mark.parametrize("out_type", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+def test_round_trip_typed_matches_gguf_quants(tmp_path, variant, out_type):
+    """Each weight equals what gguf.quants (or a dtype cast) makes of the original tensor."""
+    args, state = ARGS[variant], tiny_llama_state(ARGS[variant], seed=2)
+    ckpt = read_gguf(write_tiny_gguf(tmp_path / "m.gguf", args, out_type, seed=2))
+    assert ckpt.args == args
+    qtype = Q[out_type.upper()]
+    for name, value in ckpt.tensors.items():
+        original = state[name]
+        if original.ndim == 1:  # norms and biases stay float32
+            assert value.dtype == torch.float32 and torch.equal(value, original), name
+        elif out_type == "f16":
+            assert value.dtype == torch.float16 and torch.equal(value, original.half()), name
+        elif out_type == "bf16":
+            assert value.dtype == torch.bfloat16 and torch.equal(value, original.bfloat16()), name
+        else:
+            assert isinstance(value, GGMLTensor) and value.type_name == qtype.name, name
+            assert value.shape == tuple(original.shape)
+            # quantization works per row, so it commutes with the Q/K row permutation
+            assert torch.equal(value.dequantize(), quant_roundtrip(original, qtype)), name
+    assert ckpt.metadata["file_type"] == gguf.LlamaFileType[
+        "MOSTLY_" + out_type.upper()]
+
+
+def test_quantized_rewrite_copies_blocks(tmp_path):
+    """A GGMLTensor written as its own type is copied block for block (Q/K permuted back)."""
+    first = read_gguf(write_tiny_gguf(tmp_path / "a.gguf", TINY_LLAMA, "q4_1"))
+    again = read_gguf(write_gguf(tmp_path / "b.gguf", first.args, first.tensors, out_type="q4_1",
+                                 tokenizer_fields=first.tokenizer.gguf_fields, chat_template=None))
+    for name, value in first.tensors.items():
+        other = again.tensors[name]
+        if isinstance(value, GGMLTensor):
+            assert np.array_equal(value.data, other.data), name
+        else:
+            assert torch.equal(value, other), name
+    # across types: dequantized, then quantized again
+    q8 = read_gguf(write_gguf(tmp_path / "c.gguf", first.args, first.tensors, out_type="q8_0",
+                              tokenizer_fields=None, chat_template=None))
+    w = "model.layers.1.self_attn.k_proj.weight"
+    assert q8.tensors[w].type_name == "Q8_0"
+    assert torch.equal(q8.tensors[w].dequantize(), quant_roundtrip(first.tensors[w].dequantize(), Q.Q8_0))
+
+
+@pytest.mark.parametrize("change", [
+    {"head_dim": 32},  # attention.key_length differs from hidden / heads
+    {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    {"rope_scaling": {"rope_type": "freq_factors", "factors": [1.0, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]}},
+])
+def test_round_trip_args(tmp_path, change):
+    args = dataclasses.replace(TINY_LLAMA, **change)
+    ckpt = read_gguf(write_tiny_gguf(tmp_path / "m.gguf", args, "f32"))
+    assert ckpt.args == args
+    assert "model.rotary_emb.inv_freq" not in ckpt.tensors
+
+
+def test_llama3_scaling_becomes_freq_factors(tmp_path):
+    args = dataclasses.replace(TINY_LLAMA, max_position_embeddings=8192, rope_theta=500000.0,
+                               rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 64})
+    ckpt = read_gguf(write_tiny_gguf(tmp_path / "m.gguf", args, "f16"))
+    assert ckpt.args.rope_scaling["rope_type"] == "freq_factors"
+    assert ckpt.metadata["tensor_types"]["F32"] == 6  # 5 norms + rope_freqs
+    assert max(ckpt.args.rope_scaling["factors"]) == 8.0 and min(ckpt.args.rope_scaling["factors"]) == 1.0
+    torch.testing.assert_close(rope_inv_freq(ckpt.args), rope_inv_freq(args))
+
+
+# --- parity with transformers' own GGUF loader ------------------------------------------
+
+@pytest.mark.parametrize("variant", ["llama", "tied", "qwen2"])
+def test_transformers_reads_our_gguf(tmp_path, variant):
+    """A transformers model saved, exported with write_gguf, and loaded back by transformers'
+    GGUF loader (which un-permutes Q/K its own way) gives the same logits.
+
+    `from_pretrained(gguf_file=)` needs the `accelerate` package, which the test extra does not
+    install, so this uses the loader that from_pretrained calls (load_gguf_checkpoint).
+    """
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    a = ARGS[variant]
+    cls = "Qwen2" if a.attention_bias else "Llama"
+    config = getattr(transformers, f"{cls}Config")(
+        hidden_size=a.hidden_size, num_hidden_layers=a.num_hidden_layers,
+        num_attention_heads=a.num_attention_heads, num_key_value_heads=a.num_key_value_heads,
+        intermediate_size=a.intermediate_size, vocab_size=a.vocab_size,
+        max_position_embeddings=a.max_position_embeddings, rms_norm_eps=a.rms_norm_eps,
+        rope_theta=a.rope_theta, tie_word_embeddings=a.tie_word_embeddings)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{cls}ForCausalLM")(config).eval()
+    with torch.no_grad():  # random biases and norms, so a wrong layout cannot hide
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "hf")
+    args = ModelArgs.from_hf_config(model.config.to_dict())
+    assert args == a
+    write_gguf(tmp_path / "hf" / "tiny.gguf", args, model.state_dict(), out_type="f32",
+               tokenizer_fields=byte_tokenizer_fields(), chat_template=None)
+
+    path = str(tmp_path / "hf" / "tiny.gguf")
+    parsed = load_gguf_checkpoint(path)
+    loaded = getattr(transformers, f"{cls}ForCausalLM")(
+        transformers.AutoConfig.for_model(**parsed["config"])).eval()
+    weights = load_gguf_checkpoint(path, return_tensors=True, model_to_load=loaded)["tensors"]
+    result = loaded.load_state_dict(weights, strict=False)
+    assert not result.unexpected_keys and not [k for k in result.missing_keys if k != "lm_head.weight"]
+    if a.tie_word_embeddings:
+        loaded.tie_weights()
+    tokens = torch.randint(0, a.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits)
+
+    # and the file really holds llama.cpp's interleaved Q/K rows (none for qwen2)
+    reader = gguf.GGUFReader(path)
+    raw = {t.name: np.array(t.data) for t in reader.tensors}
+    q_hf = model.state_dict()["model.layers.0.self_attn.q_proj.weight"].numpy()
+    k_hf = model.state_dict()["model.layers.0.self_attn.k_proj.weight"].numpy()
+    if a.attention_bias:
+        assert np.array_equal(raw["blk.0.attn_q.weight"], q_hf)
+    else:
+        assert np.array_equal(raw["blk.0.attn_q.weight"], to_gguf_rows(q_hf, a.num_attention_heads))
+        assert np.array_equal(raw["blk.0.attn_k.weight"], to_gguf_rows(k_hf, a.num_key_value_heads))
+        assert not np.array_equal(raw["blk.0.attn_q.weight"], q_hf)
+
+
+# --- every tensor type ------------------------------------------------------------------
+
+# hidden 256 so that K-quant rows (256 values a super-block) fit every weight
+TYPES_ARGS = ModelArgs(hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=256, vocab_size=256,
+                       max_position_embeddings=64)
+TYPE_OF = {
+    "token_embd.weight": Q.F32, "output.weight": Q.F16,
+    "blk.0.attn_q.weight": Q.Q4_K, "blk.0.attn_k.weight": Q.Q6_K,
+    "blk.0.attn_v.weight": Q.Q8_0, "blk.0.attn_output.weight": Q.Q4_0,
+    "blk.0.ffn_gate.weight": Q.Q4_1, "blk.0.ffn_up.weight": Q.Q5_1, "blk.0.ffn_down.weight": Q.Q2_K,
+    "blk.1.attn_q.weight": Q.Q5_0, "blk.1.attn_k.weight": Q.BF16,
+    "blk.1.attn_v.weight": Q.Q3_K, "blk.1.attn_output.weight": Q.Q5_K,
+    "blk.1.ffn_gate.weight": Q.Q8_0, "blk.1.ffn_up.weight": Q.F16, "blk.1.ffn_down.weight": Q.Q4_0,
+}
+
+
+def test_every_supported_type(tmp_path):
+    args, rng = TYPES_ARGS, np.random.default_rng(0)
+    state = tiny_llama_state(args, seed=3)
+    stored = {}  # gguf name -> float32 or raw uint8 bytes, in GGUF layout
+    for hf, value in state.items():
+        name = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
+                "model.norm.weight": "output_norm.weight"}.get(hf) or (
+            hf.replace("model.layers.", "blk.").replace("self_attn.", "").replace("mlp.", "")
+              .replace("q_proj", "attn_q").replace("k_proj", "attn_k").replace("v_proj", "attn_v")
+              .replace("o_proj", "attn_output").replace("gate_proj", "ffn_gate")
+              .replace("up_proj", "ffn_up").replace("down_proj", "ffn_down")
+              .replace("post_attention_layernorm", "ffn_norm").replace("input_layernorm", "attn_norm"))
+        x = value.numpy()
+        if name.endswith("attn_q.weight"):
+            x = to_gguf_rows(x, args.num_attention_heads)
+        if name.endswith("attn_k.weight"):
+            x = to_gguf_rows(x, args.num_key_value_heads)
+        qtype = TYPE_OF.get(name, Q.F32)
+        if qtype in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K):
+            stored[name] = (random_kquant(qtype, *x.shape, rng), qtype)
+        elif qtype == Q.F16:
+            stored[name] = x.astype(np.float16)
+        elif qtype != Q.F32:
+            stored[name] = (gguf.quants.quantize(x, qtype), qtype)
+        else:
+            stored[name] = x
+    assert {t for t in TYPE_OF.values()} | {Q.F32} == {
+        Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
+        Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
+    path = write_raw(tmp_path / "types.gguf", "llama", llama_kv(args), stored)
+
+    ckpt = read_gguf(path)
+    assert ckpt.args == args
+    n_heads = {"attn_q": args.num_attention_heads, "attn_k": args.num_key_value_heads}
+    for name, value in stored.items():
+        hf = next(k for k in state if _same_tensor(k, name))
+        got = ckpt.tensors[hf]
+        raw, qtype = value if isinstance(value, tuple) else (value, TYPE_OF.get(name, Q.F32))
+        assert tuple(got.shape) == tuple(state[hf].shape), name
+        if isinstance(got, GGMLTensor):
+            assert got.type_name == qtype.name, name
+        else:
+            assert got.dtype == {Q.F32: torch.float32, Q.F16: torch.float16,
+                                 Q.BF16: torch.bfloat16}[qtype], name
+        expected = gguf.quants.dequantize(raw, qtype).reshape(got.shape)
+        kind = name.split(".")[-2]
+        if kind in n_heads:  # un-permuted rows of the quantized tensor == un-permuted floats
+            expected = to_hf_rows(expected, n_heads[kind])
+        assert torch.equal(as_float(got), torch.from_numpy(np.ascontiguousarray(expected))), name
+    assert ckpt.metadata["tensor_types"]["Q8_0"] == 2
+
+
+def _same_tensor(hf: str, gguf_name: str) -> bool:
+    from homellm.model.formats.gguf import gguf_name as to_gguf
+    return to_gguf(hf) == gguf_name
+
+
+# --- the real default model -------------------------------------------------------------
+
+def _mmap_range(arr: np.ndarray) -> tuple[int, int]:
+    """The address range of the memory map an array views (fails if it owns its data)."""
+    base = arr
+    while isinstance(base, np.ndarray) and base.base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    assert isinstance(base, np.memmap) and isinstance(base.base, mmap.mmap), type(base)
+    start = base.__array_interface__["data"][0]
+    return start, start + base.nbytes
+
+
+def test_default_model(default_gguf):
+    ckpt = read_gguf(default_gguf)
+    assert ckpt.args == ModelArgs(
+        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        intermediate_size=1536, vocab_size=49152, head_dim=64, rms_norm_eps=1e-5,
+        rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True)
+    assert ckpt.metadata["tensor_types"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    assert ckpt.metadata["file_type"] == gguf.LlamaFileType.MOSTLY_Q4_1
+    assert ckpt.metadata["architecture"] == "llama" and "lm_head.weight" not in ckpt.tensors
+    embed = ckpt.tensors["model.embed_tokens.weight"]
+    assert embed.type_name == "Q8_0" and embed.shape == (49152, 576) and embed.data.shape == (49152, 612)
+    down = ckpt.tensors["model.layers.29.mlp.down_proj.weight"]
+    assert down.type_name == "Q4_1" and down.shape == (576, 1536)
+    assert ckpt.tensors["model.norm.weight"].dtype == torch.float32
+
+    # zero-copy: quantized rows and float32 norms point into the file's memory map
+    lo, hi = _mmap_range(down.data)
+    assert lo <= down.data.ctypes.data < hi and lo <= embed.data.ctypes.data < hi
+    assert lo <= ckpt.tensors["model.layers.0.input_layernorm.weight"].data_ptr() < hi
+
+    tok = ckpt.tokenizer.gguf_fields
+    assert tok["model"] == "gpt2" and len(tok["tokens"]) == 49152 and tok["tokens"][1] == "<|im_start|>"
+    assert len(tok["merges"]) == 48900 and tok["bos_token_id"] == 1 and tok["eos_token_id"] == 2
+    assert tok["add_bos_token"] is False and isinstance(tok["token_type"][0], int)
+    assert "<|im_start|>" in ckpt.chat_template
+
+    # the Q/K rows of a real llama.cpp file, un-permuted on the quantized blocks
+    reader = gguf.GGUFReader(default_gguf)
+    raw = {t.name: t for t in reader.tensors if t.name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight")}
+    for name, heads, hf in (("blk.0.attn_q.weight", 9, "model.layers.0.self_attn.q_proj.weight"),
+                            ("blk.0.attn_k.weight", 3, "model.layers.0.self_attn.k_proj.weight")):
+        floats = gguf.quants.dequantize(np.array(raw[name].data), Q.Q4_1)
+        assert torch.equal(ckpt.tensors[hf].dequantize(), torch.from_numpy(to_hf_rows(floats, heads)))
+
+
+@pytest.mark.slow
+def test_default_model_matches_transformers_loader(default_gguf):
+    """Every tensor of the real file, dequantized, equals what transformers' GGUF loader reads."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    parsed = load_gguf_checkpoint(str(default_gguf))
+    model = transformers.LlamaForCausalLM(transformers.AutoConfig.for_model(**parsed["config"]))
+    theirs = load_gguf_checkpoint(str(default_gguf), return_tensors=True, model_to_load=model)["tensors"]
+    ours = read_gguf(default_gguf).tensors
+    assert set(ours) <= set(theirs)
+    for name, value in ours.items():
+        torch.testing.assert_close(as_float(value), theirs[name].float(), rtol=0, atol=0, msg=name)
+
+
+# --- bad files --------------------------------------------------------------------------
+
+def test_not_a_gguf(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"PK\x03\x04 this is a zip file, not a model" * 4)
+    with pytest.raises(ModelFileError, match=r"model\.gguf is not a GGUF file"):
+        read_gguf(path)
+    path.write_bytes(b"")
+    with pytest.raises(ModelFileError, match=r"model\.gguf is not a GGUF file"):
+        read_gguf(path)
+    with pytest.raises(ModelFileError, match=r"missing\.gguf: no such GGUF file"):
+        read_gguf(tmp_path / "missing.gguf")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.02, 40])
+def test_truncated(tmp_path, keep):
+    data = write_tiny_gguf(tmp_path / "full.gguf", TINY_LLAMA, "q8_0").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:int(len(data) * keep) if keep < 1 else keep])
+    with pytest.raises(ModelFileError, match=r"cut\.gguf is truncated"):
+        read_gguf(cut)
+
+
+def test_corrupt_header(tmp_path):
+    data = bytearray(write_tiny_gguf(tmp_path / "m.gguf", TINY_LLAMA, "f16").read_bytes())
+    data[16:24] = (2**40).to_bytes(8, "little")  # kv count
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match=r"bad\.gguf is truncated or its GGUF header is corrupt"):
+        read_gguf(tmp_path / "bad.gguf")
+
+
+def test_unsupported_tensor_type(tmp_path):
+    args = TINY_LLAMA
+    stored = {}
+    for hf, value in tiny_llama_state(args).items():
+        from homellm.model.formats.gguf import gguf_name
+        stored[gguf_name(hf)] = value.numpy()
+    block, size = gguf.GGML_QUANT_SIZES[Q.IQ4_NL]
+    rows, cols = stored["blk.0.attn_q.weight"].shape
+    stored["blk.0.attn_q.weight"] = (np.zeros((rows, cols // block * size), np.uint8), Q.IQ4_NL)
+    path = write_raw(tmp_path / "iq.gguf", "llama", llama_kv(args), stored)
+    with pytest.raises(ModelFileError, match=r"unsupported tensor type IQ4_NL in blk\.0\.attn_q\.weight "
+                                             r"of .*iq\.gguf; supported: F32, F16, BF16, Q8_0"):
+        read_gguf(path)
+
+
+def test_missing_key_unknown_arch_and_bad_shape(tmp_path):
+    args = TINY_LLAMA
+    from homellm.model.formats.gguf import gguf_name
+    stored = {gguf_name(k): v.numpy() for k, v in tiny_llama_state(args).items()}
+    path = write_raw(tmp_path / "nokey.gguf", "llama", llama_kv(args, drop="llama.block_count"), stored)
+    with pytest.raises(ModelFileError, match=r"nokey\.gguf: required metadata key 'llama\.block_count' is missing"):
+        read_gguf(path)
+    path = write_raw(tmp_path / "gpt2.gguf", "gpt2", llama_kv(args, arch="gpt2"), stored)
+    with pytest.raises(ModelFileError, match=r"gpt2\.gguf: architecture 'gpt2' is not supported"):
+        read_gguf(path)
+    stored["blk.1.ffn_down.weight"] = stored["blk.1.ffn_down.weight"][:, :64]
+    path = write_raw(tmp_path / "shape.gguf", "llama", llama_kv(args), stored)
+    with pytest.raises(ModelFileError, match=r"shape\.gguf: tensor blk\.1\.ffn_down\.weight "
+                                             r"\(model\.layers\.1\.mlp\.down_proj\.weight\) has shape \[64, 64\], "
+                                             r"expected \[64, 128\]"):
+        read_gguf(path)
+
+
+# --- writing errors ---------------------------------------------------------------------
+
+def test_write_to_unwritable_folder(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(HomellmError, match=r"cannot write .*file/sub/m\.gguf"):
+        write_tiny_gguf(tmp_path / "file" / "sub" / "m.gguf")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(HomellmError, match=r"cannot write .*locked/m\.gguf"):
+            write_tiny_gguf(locked / "m.gguf")
+        assert not list(locked.iterdir())
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    def stop(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        write_gguf(tmp_path / "m.gguf", TINY_LLAMA, tiny_llama_state(TINY_LLAMA), out_type="q8_0",
+                   tokenizer_fields=None, chat_template=None, progress=stop)
+    assert not list(tmp_path.iterdir())
+
+    bad = tiny_llama_state(TINY_LLAMA)
+    bad["model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    with pytest.raises(HomellmError, match=r"up_proj\.weight has shape \[3, 3\], expected \[128, 64\]"):
+        write_gguf(tmp_path / "m.gguf", TINY_LLAMA, bad, tokenizer_fields=None, chat_template=None)
+    with pytest.raises(HomellmError, match="out_type 'q3_k' is not supported"):
+        write_gguf(tmp_path / "m.gguf", TINY_LLAMA, tiny_llama_state(TINY_LLAMA), out_type="q3_k",
+                   tokenizer_fields=None, chat_template=None)
+    assert not list(tmp_path.iterdir())
+
+
+def test_tokenizer_field_types(tmp_path):
+    """Token lists are string arrays, token_type int32, scores float32, ids uint32, flags bool."""
+    fields = {**byte_tokenizer_fields(), "scores": [0.5] * 256, "add_space_prefix": True,
+              "eot_token_id": 3}
+    path = write_tiny_gguf(tmp_path / "m.gguf", TINY_LLAMA, "f16", tokenizer_fields=fields)
+    V = gguf.GGUFValueType
+    types = {k: f.types for k, f in gguf.GGUFReader(path).fields.items()}
+    p = "tokenizer.ggml."
+    assert types[p + "tokens"] == [V.ARRAY, V.STRING] and types[p + "merges"] == [V.ARRAY, V.STRING]
+    assert types[p + "token_type"] == [V.ARRAY, V.INT32] and types[p + "scores"] == [V.ARRAY, V.FLOAT32]
+    assert types[p + "bos_token_id"] == [V.UINT32] and types[p + "eot_token_id"] == [V.UINT32]
+    assert types[p + "add_bos_token"] == [V.BOOL] and types[p + "model"] == [V.STRING]
+    assert read_gguf(path).tokenizer.gguf_fields == fields
