@@ -1,0 +1,135 @@
+"""Compile ggml_cpu.c with the system C compiler, cache the shared library, load it with ctypes.
+
+The library lands in `$HOMELLM_HOME/kernels/` (default `~/.cache/homellm/kernels/`) under a
+name keyed by a hash of the source, the compiler's version and the flags, so an edit or a new
+compiler builds afresh and concurrent processes never see a half-written file (compile to a
+temporary name, then rename). One build runs on any x86-64: no -march; the vector paths carry
+their own target attributes and are chosen at run time.
+
+Nothing is printed. `load()` returns the library, or None when there is no compiler, the build
+fails, or HOMELLM_NO_KERNELS=1 — callers then keep the PyTorch path; `status()` says why.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("ggml_cpu.c")
+FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math",
+         "-fno-signed-zeros", "-fno-trapping-math"]
+
+_state: dict = {"lib": None, "tried": False, "status": "not built"}
+
+
+def cache_dir() -> Path:
+    home = os.environ.get("HOMELLM_HOME")
+    base = Path(home) if home else Path.home() / ".cache" / "homellm"
+    return base / "kernels"
+
+
+def compiler() -> str | None:
+    """The C compiler: $HOMELLM_CC, else $CC, else cc / gcc on PATH."""
+    for cand in (os.environ.get("HOMELLM_CC"), os.environ.get("CC"), "cc", "gcc"):
+        if cand:
+            path = shutil.which(cand)
+            if path:
+                return path
+    return None
+
+
+def _version(cc: str) -> str:
+    out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+    return out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else ""
+
+
+def build(force: bool = False) -> Path | None:
+    """Path of the compiled library (building it if needed), or None; sets `status()`."""
+    cc = compiler()
+    if cc is None:
+        _state["status"] = "no C compiler (cc/gcc) found"
+        return None
+    try:
+        version = _version(cc)
+    except (OSError, subprocess.SubprocessError) as e:
+        _state["status"] = f"{cc} --version failed: {e}"
+        return None
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    out = cache_dir() / f"ggml_cpu-{key}.so"
+    if out.exists() and not force:
+        _state["status"] = f"cached {out}"
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                             text=True, timeout=300)
+        if res.returncode != 0:
+            _state["status"] = f"{cc} failed on {SOURCE.name}: {res.stderr.strip()[-2000:]}"
+            return None
+        os.replace(tmp, out)
+    except (OSError, subprocess.SubprocessError) as e:
+        _state["status"] = f"{cc} failed on {SOURCE.name}: {e}"
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _state["status"] = f"built {out}"
+    return out
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    c_int, c_float, c_void, c_i64 = ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64
+    sigs = {
+        "hl_cpu_features": (c_int, []),
+        "hl_best_path": (c_int, []),
+        "hl_matmul": (c_int, [c_void, c_int, c_int, c_void, c_i64, c_int, c_int, c_void, c_int, c_int]),
+        "hl_quantize_rows": (None, [c_void, c_int, c_int, c_void, c_void, c_void]),
+        "hl_dequant_rows": (None, [c_int, c_void, c_i64, c_int, c_int, c_void]),
+        "hl_model_new": (c_void, [c_int, c_int, c_int, c_int, c_int, c_int, c_int, c_float, c_void]),
+        "hl_model_free": (None, [c_void]),
+        "hl_model_set_mat": (c_int, [c_void, c_int, c_int, c_int, c_int, c_int, c_void, c_i64]),
+        "hl_model_set_vec": (None, [c_void, c_int, c_int, c_void]),
+        "hl_model_set_kv": (None, [c_void, c_int, c_void, c_void, c_int]),
+        "hl_model_set_threads": (c_int, [c_void, c_int, c_int]),
+        "hl_decode": (c_int, [c_void, c_int, c_int, c_void]),
+    }
+    for name, (res, args) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernel library, built and loaded once per process; None means: use PyTorch."""
+    if os.environ.get("HOMELLM_NO_KERNELS", "") not in ("", "0"):
+        _state["status"] = "disabled by HOMELLM_NO_KERNELS"
+        return None
+    if _state["tried"]:
+        return _state["lib"]
+    _state["tried"] = True
+    path = build()
+    if path is None:
+        return None
+    try:
+        import torch  # noqa: F401  (load torch's libgomp first, so both share one OpenMP runtime)
+        _state["lib"] = _declare(ctypes.CDLL(str(path)))
+    except (OSError, AttributeError) as e:
+        _state["status"] = f"loading {path} failed: {e}"
+        return None
+    return _state["lib"]
+
+
+def reset():
+    """Forget the loaded library (tests that change the compiler or the environment)."""
+    _state.update(lib=None, tried=False, status="not built")
+
+
+def status() -> str:
+    return _state["status"]

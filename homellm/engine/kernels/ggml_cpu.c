@@ -1,0 +1,561 @@
+/* homellm CPU kernels: matmul on raw GGUF blocks and a fused single-token LLaMA decode step.
+ *
+ * Block layouts (GGUF spec, ggml docs/gguf.md; the gguf package's quants.py):
+ *   Q4_0: 18 bytes / 32 weights: f16 d, 16 bytes qs; w[j] = (qs[j] & 15) - 8, w[j+16] = (qs[j] >> 4) - 8, times d
+ *   Q4_1: 20 bytes / 32 weights: f16 d, f16 m, 16 bytes qs; w = d * nibble + m (same nibble order)
+ *   Q8_0: 34 bytes / 32 weights: f16 d, 32 int8 qs; w = d * q
+ * Activations are quantized per row in blocks of 32 to int8 (d = amax / 127, q = round-half-even(x / d))
+ * and kept as q (int8), d and s = d * sum(q); for the vector paths d and s/8 are stored 8 times per
+ * block ("expanded", one value per int32 lane of a 256-bit dot product), so every scale is a plain load.
+ *   Q8_0 . a = sum_b dw_b da_b sum_j qw qa
+ *   Q4_x . a = sum_b dw_b da_b sum_j nib qa  +  m_b s_b      (Q4_0: m_b = -8 dw_b)
+ * Three paths chosen at run time: AVX512-VNNI (two blocks per 512-bit dpbusd), AVX2 (maddubs),
+ * and portable scalar. Built without -march, each vector function carries its own target attribute.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#include <immintrin.h>
+
+enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8 };
+enum { P_SCALAR = 0, P_AVX2 = 1, P_AVX512 = 2 };
+
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+#define T256 __attribute__((target("avx2,fma,f16c")))
+#define INLINE static inline __attribute__((always_inline))
+
+/* ---- features ---------------------------------------------------------------------------- */
+
+int hl_cpu_features(void) {
+    __builtin_cpu_init();
+    int f = 0;
+    if (__builtin_cpu_supports("avx2")) f |= 1;
+    if (__builtin_cpu_supports("fma")) f |= 2;
+    if (__builtin_cpu_supports("avx512f")) f |= 8;
+    if (__builtin_cpu_supports("avx512bw")) f |= 16;
+    if (__builtin_cpu_supports("avx512vl")) f |= 32;
+    if (__builtin_cpu_supports("avx512vnni")) f |= 64;
+    if (__builtin_cpu_supports("avx512dq")) f |= 256;
+    /* F16C has no __builtin_cpu_supports name in gcc 12: CPUID.1:ECX bit 29 */
+    unsigned a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+    if (c & (1u << 29)) f |= 4;
+    return f;
+}
+
+int hl_best_path(void) {
+    int f = hl_cpu_features();
+    if ((f & (8 | 16 | 32 | 64 | 256 | 1 | 2 | 4)) == (8 | 16 | 32 | 64 | 256 | 1 | 2 | 4)) return P_AVX512;
+    if ((f & (1 | 2 | 4)) == (1 | 2 | 4)) return P_AVX2;
+    return P_SCALAR;
+}
+
+static int path_ok(int p) { return p >= 0 && p <= hl_best_path(); }
+
+/* ---- scalar helpers ---------------------------------------------------------------------- */
+
+static float h2f(const uint8_t *p) {  /* IEEE half -> float, portable */
+    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 0x3ff, u;
+    if (e == 0) {
+        if (m == 0) u = s;
+        else { float f = (float)m * (1.0f / 16777216.0f); memcpy(&u, &f, 4); u |= s; }
+    } else if (e == 31) u = s | 0x7f800000 | (m << 13);
+    else u = s | ((e + 112) << 23) | (m << 13);
+    float f; memcpy(&f, &u, 4); return f;
+}
+
+static int type_block_bytes(int t) {
+    switch (t) { case T_Q4_0: return 18; case T_Q4_1: return 20; case T_Q8_0: return 34;
+                 case T_F32: return 4; case T_F16: return 2; default: return 0; }
+}
+static int is_quant(int t) { return t == T_Q4_0 || t == T_Q4_1 || t == T_Q8_0; }
+
+/* dequantize one row of K values */
+static void dequant_row(int t, const uint8_t *w, int K, float *out) {
+    if (t == T_F32) { memcpy(out, w, (size_t)K * 4); return; }
+    if (t == T_F16) { for (int i = 0; i < K; i++) out[i] = h2f(w + 2 * i); return; }
+    int bs = type_block_bytes(t);
+    for (int b = 0; b < K / 32; b++) {
+        const uint8_t *p = w + (size_t)b * bs;
+        float d = h2f(p);
+        float *o = out + b * 32;
+        if (t == T_Q8_0) { for (int j = 0; j < 32; j++) o[j] = d * (float)(int8_t)p[2 + j]; continue; }
+        const uint8_t *qs = p + (t == T_Q4_1 ? 4 : 2);
+        if (t == T_Q4_1) {
+            float m = h2f(p + 2);
+            for (int j = 0; j < 16; j++) { o[j] = d * (float)(qs[j] & 15) + m; o[j + 16] = d * (float)(qs[j] >> 4) + m; }
+        } else {
+            for (int j = 0; j < 16; j++) { o[j] = d * (float)((qs[j] & 15) - 8); o[j + 16] = d * (float)((qs[j] >> 4) - 8); }
+        }
+    }
+}
+
+/* ---- activation quantization --------------------------------------------------------------- */
+
+typedef struct { int8_t *q; float *d; float *s; int K; } act_t;  /* d, s: K/4 floats per row */
+
+static void quantize_row(const float *x, int K, int8_t *q, float *dx, float *sx) {
+    for (int b = 0; b < K / 32; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.f;
+        for (int j = 0; j < 32; j++) { float a = fabsf(xb[j]); amax = a > amax ? a : amax; }
+        float d = amax / 127.0f, id = d != 0.f ? 1.0f / d : 0.f;
+        int sum = 0;
+        for (int j = 0; j < 32; j++) { int v = (int)nearbyintf(xb[j] * id); q[b * 32 + j] = (int8_t)v; sum += v; }
+        float s = d * (float)sum * 0.125f;
+        for (int j = 0; j < 8; j++) { dx[b * 8 + j] = d; sx[b * 8 + j] = s; }
+    }
+}
+
+/* ---- dot kernels: one weight row against R activation rows -------------------------------- */
+/* out[r] = dot(w_row, a_r); a_r at q + r*K, d/s + r*K/4 */
+
+typedef void (*kern_fn)(const uint8_t *w, int type, int K, const int8_t *q, const float *dx,
+                        const float *sx, int R, float *out);
+
+static void kern_scalar(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
+                        const float *sx, int R, float *out) {
+    int nb = K / 32, bs = type_block_bytes(t);
+    for (int r = 0; r < R; r++) {
+        const int8_t *a = q + (size_t)r * K;
+        const float *ad = dx + (size_t)r * K / 4, *as = sx + (size_t)r * K / 4;
+        float acc = 0.f;
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *p = w + (size_t)b * bs;
+            const int8_t *ab = a + b * 32;
+            float d = h2f(p);
+            int isum = 0;
+            if (t == T_Q8_0) {
+                for (int j = 0; j < 32; j++) isum += (int8_t)p[2 + j] * ab[j];
+                acc += d * ad[b * 8] * (float)isum;
+            } else {
+                const uint8_t *qs = p + (t == T_Q4_1 ? 4 : 2);
+                for (int j = 0; j < 16; j++) isum += (qs[j] & 15) * ab[j] + (qs[j] >> 4) * ab[j + 16];
+                float m = t == T_Q4_1 ? h2f(p + 2) : -8.f * d;
+                acc += d * ad[b * 8] * (float)isum + m * as[b * 8] * 8.f;
+            }
+        }
+        out[r] = acc;
+    }
+}
+
+/* AVX2: one block per 256-bit register */
+T256 INLINE float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+T256 INLINE void kern_avx2_body(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
+                                const float *sx, const int R, float *out) {
+    int nb = K / 32, bs = type_block_bytes(t), K4 = K / 4;
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    const __m256i lo = _mm256_set1_epi8(15);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *p = w + (size_t)b * bs;
+        __m256 dv = _mm256_set1_ps(_cvtsh_ss(*(const uint16_t *)p));
+        if (t == T_Q8_0) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(p + 2));
+            __m256i aw = _mm256_abs_epi8(wv);
+            for (int r = 0; r < R; r++) {
+                __m256i a = _mm256_loadu_si256((const __m256i *)(q + (size_t)r * K + b * 32));
+                __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(a, wv)), ones);
+                __m256 sc = _mm256_mul_ps(dv, _mm256_loadu_ps(dx + (size_t)r * K4 + b * 8));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[r]);
+            }
+        } else {
+            const uint8_t *qs = p + (t == T_Q4_1 ? 4 : 2);
+            __m128i x = _mm_loadu_si128((const __m128i *)qs);
+            __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(x, 4), x), lo);
+            float m = t == T_Q4_1 ? _cvtsh_ss(*(const uint16_t *)(p + 2)) : -8.f * _cvtsh_ss(*(const uint16_t *)p);
+            __m256 mv = _mm256_set1_ps(m);
+            for (int r = 0; r < R; r++) {
+                __m256i a = _mm256_loadu_si256((const __m256i *)(q + (size_t)r * K + b * 32));
+                __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, a), ones);
+                __m256 sc = _mm256_mul_ps(dv, _mm256_loadu_ps(dx + (size_t)r * K4 + b * 8));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[r]);
+                acc[r] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(sx + (size_t)r * K4 + b * 8), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum256(acc[r]);
+}
+
+T256 static void kern_avx2(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
+                           const float *sx, int R, float *out) {
+    while (R > 0) {
+        int K4 = K / 4;
+        if (R >= 4) { kern_avx2_body(w, t, K, q, dx, sx, 4, out); }
+        else if (R == 1) { kern_avx2_body(w, t, K, q, dx, sx, 1, out); }
+        else if (R == 2) { kern_avx2_body(w, t, K, q, dx, sx, 2, out); }
+        else { kern_avx2_body(w, t, K, q, dx, sx, 3, out); }
+        int n = R >= 4 ? 4 : R;
+        R -= n; out += n; q += (size_t)n * K; dx += (size_t)n * K4; sx += (size_t)n * K4;
+    }
+}
+
+/* AVX512-VNNI: two blocks per 512-bit register, a 256-bit step for an odd last block */
+T512 INLINE void kern_512_body(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
+                               const float *sx, const int R, float *out) {
+    int nb = K / 32, bs = type_block_bytes(t), K4 = K / 4;
+    __m512 acc[8];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    const __m512i lo = _mm512_set1_epi8(15);
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i perm = _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0);  /* [q0, q0, q1, q1] */
+    const __m512i shifts = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);  /* low, high nibbles */
+    const int off = t == T_Q4_1 ? 4 : 2;
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const uint8_t *p0 = w + (size_t)b * bs, *p1 = p0 + bs;
+        float d0 = _cvtsh_ss(*(const uint16_t *)p0), d1 = _cvtsh_ss(*(const uint16_t *)p1);
+        __m512 dv = _mm512_insertf32x8(_mm512_set1_ps(d0), _mm256_set1_ps(d1), 1);
+        if (t == T_Q8_0) {
+            __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p0 + 2))),
+                                            _mm256_loadu_si256((const __m256i *)(p1 + 2)), 1);
+            __m512i aw = _mm512_abs_epi8(wv);
+            __mmask64 neg = _mm512_movepi8_mask(wv);
+            for (int r = 0; r < R; r++) {
+                __m512i a = _mm512_loadu_si512((const void *)(q + (size_t)r * K + b * 32));
+                a = _mm512_mask_sub_epi8(a, neg, zero, a);
+                __m512i s = _mm512_dpbusd_epi32(zero, aw, a);
+                __m512 sc = _mm512_mul_ps(dv, _mm512_loadu_ps(dx + (size_t)r * K4 + b * 8));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[r]);
+            }
+        } else {
+            __m128i x0 = _mm_loadu_si128((const __m128i *)(p0 + off)), x1 = _mm_loadu_si128((const __m128i *)(p1 + off));
+            __m512i x = _mm512_permutexvar_epi64(perm, _mm512_castsi256_si512(_mm256_set_m128i(x1, x0)));
+            __m512i wv = _mm512_and_si512(_mm512_srlv_epi64(x, shifts), lo);
+            float m0, m1;
+            if (t == T_Q4_1) { m0 = _cvtsh_ss(*(const uint16_t *)(p0 + 2)); m1 = _cvtsh_ss(*(const uint16_t *)(p1 + 2)); }
+            else { m0 = -8.f * d0; m1 = -8.f * d1; }
+            __m512 mv = _mm512_insertf32x8(_mm512_set1_ps(m0), _mm256_set1_ps(m1), 1);
+            for (int r = 0; r < R; r++) {
+                __m512i a = _mm512_loadu_si512((const void *)(q + (size_t)r * K + b * 32));
+                __m512i s = _mm512_dpbusd_epi32(zero, wv, a);
+                __m512 sc = _mm512_mul_ps(dv, _mm512_loadu_ps(dx + (size_t)r * K4 + b * 8));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[r]);
+                acc[r] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(sx + (size_t)r * K4 + b * 8), acc[r]);
+            }
+        }
+    }
+    if (b < nb) {  /* odd last block: 256-bit VNNI */
+        const uint8_t *p = w + (size_t)b * bs;
+        float d = _cvtsh_ss(*(const uint16_t *)p);
+        __m256 dv = _mm256_set1_ps(d);
+        for (int r = 0; r < R; r++) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(q + (size_t)r * K + b * 32));
+            __m256 sc = _mm256_mul_ps(dv, _mm256_loadu_ps(dx + (size_t)r * K4 + b * 8));
+            __m256 part;
+            if (t == T_Q8_0) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(p + 2));
+                __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wv), _mm256_sign_epi8(a, wv));
+                part = _mm256_mul_ps(_mm256_cvtepi32_ps(s), sc);
+            } else {
+                __m128i x = _mm_loadu_si128((const __m128i *)(p + off));
+                __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(x, 4), x), _mm256_set1_epi8(15));
+                __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, a);
+                float m = t == T_Q4_1 ? _cvtsh_ss(*(const uint16_t *)(p + 2)) : -8.f * d;
+                part = _mm256_fmadd_ps(_mm256_set1_ps(m), _mm256_loadu_ps(sx + (size_t)r * K4 + b * 8),
+                                       _mm256_mul_ps(_mm256_cvtepi32_ps(s), sc));
+            }
+            acc[r] = _mm512_add_ps(acc[r], _mm512_insertf32x8(_mm512_setzero_ps(), part, 0));
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+T512 static void kern_512(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
+                          const float *sx, int R, float *out) {
+    int K4 = K / 4;
+    while (R > 0) {
+        int n;
+        switch (R) {
+            case 1: kern_512_body(w, t, K, q, dx, sx, 1, out); n = 1; break;
+            case 2: kern_512_body(w, t, K, q, dx, sx, 2, out); n = 2; break;
+            case 3: kern_512_body(w, t, K, q, dx, sx, 3, out); n = 3; break;
+            case 4: kern_512_body(w, t, K, q, dx, sx, 4, out); n = 4; break;
+            default:
+                if (R >= 8) { kern_512_body(w, t, K, q, dx, sx, 8, out); n = 8; }
+                else { kern_512_body(w, t, K, q, dx, sx, 4, out); n = 4; }
+        }
+        R -= n; out += n; q += (size_t)n * K; dx += (size_t)n * K4; sx += (size_t)n * K4;
+    }
+}
+
+static kern_fn kernel_for(int path) {
+    return path == P_AVX512 ? kern_512 : path == P_AVX2 ? kern_avx2 : kern_scalar;
+}
+static int tile_rows(int path) { return path == P_AVX512 ? 8 : path == P_AVX2 ? 4 : 4; }
+
+/* float weights (F32/F16): dot of a dequantized row with a float activation */
+static float fdot(const float *a, const float *b, int K) {
+    float s = 0.f;
+    for (int i = 0; i < K; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* ---- matmul: y (M, N) = x (M, K) @ W^T ------------------------------------------------------ */
+
+int hl_matmul(const float *x, int M, int K, const uint8_t *w, int64_t row_bytes, int type, int N,
+              float *y, int nthreads, int path) {
+    if (path < 0) path = hl_best_path();
+    if (!path_ok(path)) return -2;
+    if (!type_block_bytes(type) || (is_quant(type) && K % 32)) return -1;
+    if (nthreads <= 0) nthreads = omp_get_max_threads();
+    if (!is_quant(type)) {
+        #pragma omp parallel num_threads(nthreads)
+        {
+            float *row = malloc((size_t)K * 4);
+            #pragma omp for schedule(static)
+            for (int n = 0; n < N; n++) {
+                dequant_row(type, w + (size_t)n * row_bytes, K, row);
+                for (int m = 0; m < M; m++) y[(size_t)m * N + n] = fdot(x + (size_t)m * K, row, K);
+            }
+            free(row);
+        }
+        return 0;
+    }
+    int8_t *q = malloc((size_t)M * K);
+    float *dx = malloc((size_t)M * K), *sx = malloc((size_t)M * K);  /* K/4 floats per row each */
+    if (!q || !dx || !sx) { free(q); free(dx); free(sx); return -3; }
+    kern_fn kern = kernel_for(path);
+    const int R = tile_rows(path), NB = 16;
+    const int nblk = (N + NB - 1) / NB;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(static)
+        for (int m = 0; m < M; m++)
+            quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, dx + (size_t)m * K / 4, sx + (size_t)m * K / 4);
+        float out[8];
+        #pragma omp for schedule(static)
+        for (int ib = 0; ib < nblk; ib++) {
+            int n1 = (ib + 1) * NB < N ? (ib + 1) * NB : N;
+            for (int m0 = 0; m0 < M; m0 += R) {
+                int r = M - m0 < R ? M - m0 : R;
+                for (int n = ib * NB; n < n1; n++) {
+                    kern(w + (size_t)n * row_bytes, type, K, q + (size_t)m0 * K, dx + (size_t)m0 * K / 4,
+                         sx + (size_t)m0 * K / 4, r, out);
+                    for (int i = 0; i < r; i++) y[(size_t)(m0 + i) * N + n] = out[i];
+                }
+            }
+        }
+    }
+    free(q); free(dx); free(sx);
+    return 0;
+}
+
+/* the same activation quantization, exposed for the tests' reference */
+void hl_quantize_rows(const float *x, int M, int K, int8_t *q, float *d, float *s) {
+    for (int m = 0; m < M; m++) {
+        float dx[K / 4 + 8], sx[K / 4 + 8];
+        quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, dx, sx);
+        for (int b = 0; b < K / 32; b++) { d[m * (K / 32) + b] = dx[b * 8]; s[m * (K / 32) + b] = sx[b * 8] * 8.f; }
+    }
+}
+
+void hl_dequant_rows(int type, const uint8_t *w, int64_t row_bytes, int N, int K, float *out) {
+    for (int n = 0; n < N; n++) dequant_row(type, w + (size_t)n * row_bytes, K, out + (size_t)n * K);
+}
+
+/* ---- fused single-token decode ----------------------------------------------------------- */
+
+typedef struct { int type, N, K; const uint8_t *w; int64_t rb; } mat_t;
+
+enum { M_Q, M_K, M_V, M_O, M_GATE, M_UP, M_DOWN, M_COUNT };
+enum { V_LN1, V_LN2, V_BQ, V_BK, V_BV, V_COUNT };
+
+typedef struct {
+    mat_t m[M_COUNT];
+    const float *v[V_COUNT];
+    float *kc, *vc;  /* (n_kv, S, head_dim) f32 */
+} layer_t;
+
+typedef struct {
+    int L, H, nh, nkv, hd, F, V, S, nthreads, path;
+    float eps;
+    float *inv_freq;
+    layer_t *layers;
+    mat_t emb, head;
+    const float *norm;
+    float *x, *xn, *qkv, *att, *hb, *scores, *cs, *sn;
+    int8_t *aq;
+    float *ad, *as;
+} model_t;
+
+void *hl_model_new(int L, int H, int nh, int nkv, int hd, int F, int V, float eps, const float *inv_freq) {
+    model_t *c = calloc(1, sizeof(model_t));
+    c->L = L; c->H = H; c->nh = nh; c->nkv = nkv; c->hd = hd; c->F = F; c->V = V; c->eps = eps;
+    c->nthreads = omp_get_max_threads(); c->path = hl_best_path();
+    c->inv_freq = malloc(sizeof(float) * hd / 2);
+    memcpy(c->inv_freq, inv_freq, sizeof(float) * hd / 2);
+    c->layers = calloc(L, sizeof(layer_t));
+    int big = H > F ? H : F; if (nh * hd > big) big = nh * hd;
+    c->x = malloc(4 * (size_t)H); c->xn = malloc(4 * (size_t)big);
+    c->qkv = malloc(4 * (size_t)(nh + 2 * nkv) * hd); c->att = malloc(4 * (size_t)nh * hd);
+    c->hb = malloc(4 * (size_t)F); c->cs = malloc(4 * (size_t)hd); c->sn = malloc(4 * (size_t)hd);
+    c->aq = malloc((size_t)big + 64); c->ad = malloc((size_t)big + 64); c->as = malloc((size_t)big + 64);
+    return c;
+}
+
+void hl_model_free(void *p) {
+    model_t *c = p;
+    if (!c) return;
+    free(c->inv_freq); free(c->layers); free(c->x); free(c->xn); free(c->qkv); free(c->att); free(c->hb);
+    free(c->cs); free(c->sn); free(c->aq); free(c->ad); free(c->as); free(c->scores); free(c);
+}
+
+/* which: 0..6 a layer's q,k,v,o,gate,up,down; -1 token embedding; -2 lm_head */
+int hl_model_set_mat(void *p, int layer, int which, int type, int N, int K, const uint8_t *w, int64_t rb) {
+    model_t *c = p;
+    if (!type_block_bytes(type) || (is_quant(type) && K % 32)) return -1;
+    mat_t m = {type, N, K, w, rb};
+    if (which == -1) c->emb = m;
+    else if (which == -2) c->head = m;
+    else c->layers[layer].m[which] = m;
+    return 0;
+}
+
+/* which: 0..4 a layer's input norm, post-attention norm, q/k/v bias; layer -1: final norm */
+void hl_model_set_vec(void *p, int layer, int which, const float *v) {
+    model_t *c = p;
+    if (layer < 0) c->norm = v; else c->layers[layer].v[which] = v;
+}
+
+void hl_model_set_kv(void *p, int layer, float *k, float *v, int S) {
+    model_t *c = p;
+    c->layers[layer].kc = k; c->layers[layer].vc = v;
+    if (S != c->S) { free(c->scores); c->S = S; c->scores = malloc(4 * (size_t)c->nh * S); }
+}
+
+int hl_model_set_threads(void *p, int nthreads, int path) {
+    model_t *c = p;
+    if (path < 0) path = hl_best_path();
+    if (!path_ok(path)) return -2;
+    c->nthreads = nthreads > 0 ? nthreads : omp_get_max_threads(); c->path = path;
+    return 0;
+}
+
+static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
+    float ss = 0.f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+static inline float mv_row(const model_t *c, kern_fn kern, const mat_t *m, int n, const float *xf) {
+    const uint8_t *w = m->w + (size_t)n * m->rb;
+    if (is_quant(m->type)) { float o; kern(w, m->type, m->K, c->aq, c->ad, c->as, 1, &o); return o; }
+    if (m->type == T_F32) return fdot((const float *)w, xf, m->K);
+    float s = 0.f;
+    for (int i = 0; i < m->K; i++) s += h2f(w + 2 * i) * xf[i];
+    return s;
+}
+
+static void quantize_act(model_t *c, const float *x, int K) {
+    quantize_row(x, K, c->aq, c->ad, c->as);
+}
+
+/* logits (V,) for token at position pos; the K/V caches must hold positions 0..pos-1 */
+int hl_decode(void *p, int token, int pos, float *logits) {
+    model_t *c = p;
+    if (pos < 0 || pos >= c->S || token < 0 || token >= c->V) return -1;
+    const int H = c->H, nh = c->nh, nkv = c->nkv, hd = c->hd, F = c->F, S = c->S, half = hd / 2;
+    const int nq = nh * hd, nk = nkv * hd, grp = nh / nkv;
+    const float scale = 1.0f / sqrtf((float)hd);
+    kern_fn kern = kernel_for(c->path);
+    float *x = c->x, *xn = c->xn, *q = c->qkv, *k = c->qkv + nq, *v = c->qkv + nq + nk;
+
+    dequant_row(c->emb.type, c->emb.w + (size_t)token * c->emb.rb, H, x);
+    for (int i = 0; i < half; i++) {
+        float a = (float)pos * c->inv_freq[i];
+        c->cs[i] = cosf(a); c->sn[i] = sinf(a);
+    }
+    #pragma omp parallel num_threads(c->nthreads)
+    {
+        for (int l = 0; l < c->L; l++) {
+            layer_t *ly = &c->layers[l];
+            #pragma omp single
+            {
+                rmsnorm(x, ly->v[V_LN1], H, c->eps, xn);
+                quantize_act(c, xn, H);
+            }
+            #pragma omp for schedule(static)
+            for (int n = 0; n < nq + 2 * nk; n++) {
+                int which = n < nq ? M_Q : n < nq + nk ? M_K : M_V;
+                int r = n - (which == M_Q ? 0 : which == M_K ? nq : nq + nk);
+                float o = mv_row(c, kern, &ly->m[which], r, xn);
+                const float *bias = ly->v[V_BQ + which];
+                c->qkv[n] = bias ? o + bias[r] : o;
+            }
+            #pragma omp single
+            {
+                /* RoPE, HF rotate-half layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) */
+                for (int h = 0; h < nh + nkv; h++) {
+                    float *t = q + h * hd;  /* q heads then k heads, contiguous */
+                    for (int i = 0; i < half; i++) {
+                        float x1 = t[i], x2 = t[i + half];
+                        t[i] = x1 * c->cs[i] - x2 * c->sn[i];
+                        t[i + half] = x2 * c->cs[i] + x1 * c->sn[i];
+                    }
+                }
+                for (int g = 0; g < nkv; g++) {
+                    memcpy(ly->kc + ((size_t)g * S + pos) * hd, k + g * hd, 4 * (size_t)hd);
+                    memcpy(ly->vc + ((size_t)g * S + pos) * hd, v + g * hd, 4 * (size_t)hd);
+                }
+            }
+            #pragma omp for schedule(static)
+            for (int h = 0; h < nh; h++) {
+                const float *qh = q + h * hd;
+                const float *kc = ly->kc + (size_t)(h / grp) * S * hd, *vc = ly->vc + (size_t)(h / grp) * S * hd;
+                float *sc = c->scores + (size_t)h * S, mx = -INFINITY;
+                for (int t = 0; t <= pos; t++) {
+                    float s = fdot(qh, kc + (size_t)t * hd, hd) * scale;
+                    sc[t] = s; mx = s > mx ? s : mx;
+                }
+                float sum = 0.f;
+                for (int t = 0; t <= pos; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+                float inv = 1.0f / sum, *o = c->att + h * hd;
+                for (int i = 0; i < hd; i++) o[i] = 0.f;
+                for (int t = 0; t <= pos; t++) {
+                    const float *vt = vc + (size_t)t * hd;
+                    float pt = sc[t] * inv;
+                    for (int i = 0; i < hd; i++) o[i] += pt * vt[i];
+                }
+            }
+            #pragma omp single
+            quantize_act(c, c->att, nq);
+            #pragma omp for schedule(static)
+            for (int n = 0; n < H; n++) x[n] += mv_row(c, kern, &ly->m[M_O], n, c->att);
+            #pragma omp single
+            {
+                rmsnorm(x, ly->v[V_LN2], H, c->eps, xn);
+                quantize_act(c, xn, H);
+            }
+            #pragma omp for schedule(static)
+            for (int n = 0; n < F; n++) {
+                float g = mv_row(c, kern, &ly->m[M_GATE], n, xn);
+                float u = mv_row(c, kern, &ly->m[M_UP], n, xn);
+                c->hb[n] = g / (1.0f + expf(-g)) * u;
+            }
+            #pragma omp single
+            quantize_act(c, c->hb, F);
+            #pragma omp for schedule(static)
+            for (int n = 0; n < H; n++) x[n] += mv_row(c, kern, &ly->m[M_DOWN], n, c->hb);
+        }
+        #pragma omp single
+        {
+            rmsnorm(x, c->norm, H, c->eps, xn);
+            quantize_act(c, xn, H);
+        }
+        #pragma omp for schedule(static)
+        for (int n = 0; n < c->V; n++) logits[n] = mv_row(c, kern, &c->head, n, xn);
+    }
+    return 0;
+}
