@@ -89,15 +89,16 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     sigs = {
         "hl_cpu_features": (c_int, []),
         "hl_best_path": (c_int, []),
-        "hl_matmul": (c_int, [c_void, c_int, c_int, c_void, c_i64, c_int, c_int, c_void, c_int, c_int]),
-        "hl_quantize_rows": (None, [c_void, c_int, c_int, c_void, c_void, c_void]),
+        "hl_matmul": (c_int, [c_void, c_int, c_int, c_void, c_i64, c_int, c_int, c_void, c_int, c_int,
+                               c_int]),
+        "hl_quantize_rows": (None, [c_void, c_int, c_int, c_void, c_void, c_void, c_void]),
         "hl_dequant_rows": (None, [c_int, c_void, c_i64, c_int, c_int, c_void]),
         "hl_model_new": (c_void, [c_int, c_int, c_int, c_int, c_int, c_int, c_int, c_float, c_void]),
         "hl_model_free": (None, [c_void]),
         "hl_model_set_mat": (c_int, [c_void, c_int, c_int, c_int, c_int, c_int, c_void, c_i64]),
         "hl_model_set_vec": (None, [c_void, c_int, c_int, c_void]),
         "hl_model_set_kv": (None, [c_void, c_int, c_void, c_void, c_int]),
-        "hl_model_set_threads": (c_int, [c_void, c_int, c_int]),
+        "hl_model_set_threads": (c_int, [c_void, c_int, c_int, c_int]),
         "hl_decode": (c_int, [c_void, c_int, c_int, c_void]),
     }
     for name, (res, args) in sigs.items():

@@ -31,12 +31,14 @@ _VECS = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj.bias",
 class FastDecoder:
     """decode(token, pos) -> logits (vocab,) float32, with the KV cache in `self.cache`.
 
+    Build it with `FastDecoder.from_checkpoint(ckpt, cache=engine.cache)`.
     tensors: HF names -> GGMLTensor (Q4_0, Q4_1, Q8_0, F16, F32 blocks) or float tensors,
     as in `Checkpoint.tensors`. The decoder keeps references, never float copies of blocks.
     """
 
     def __init__(self, args: ModelArgs, tensors: dict, cache: KVCache | None = None,
-                 max_seq_len: int = 2048, threads: int | None = None, path: str | None = None):
+                 max_seq_len: int = 2048, threads: int | None = None, path: str | None = None,
+                 hi: bool = True):
         lib = kernels.load()
         if lib is None:
             raise RuntimeError(f"homellm kernels are unavailable: {kernels.status()}")
@@ -67,7 +69,7 @@ class FastDecoder:
         head = embed if args.tie_word_embeddings else tensors["lm_head.weight"]
         self._set_mat(0, -2, head, "lm_head")
         lib.hl_model_set_vec(self.ctx, -1, 0, self._vec(tensors["model.norm.weight"]))
-        self.set_threads(threads, path)
+        self.set_threads(threads, path, hi)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, **kw) -> "FastDecoder":
@@ -79,9 +81,11 @@ class FastDecoder:
         tensors = {k: v.detach() for k, v in model.state_dict().items()}
         return cls(model.args, tensors, **kw)
 
-    def set_threads(self, threads: int | None = None, path: str | None = None):
+    def set_threads(self, threads: int | None = None, path: str | None = None, hi: bool = True):
+        """threads (default torch.get_num_threads()); path "scalar"/"avx2"/"avx512"/None (best);
+        hi: two-level int8 activations (default; see ggml_linear.matmul)."""
         self.threads = threads or torch.get_num_threads()
-        if self.lib.hl_model_set_threads(self.ctx, self.threads, kernels.path_id(path)) != 0:
+        if self.lib.hl_model_set_threads(self.ctx, self.threads, kernels.path_id(path), int(hi)) != 0:
             raise RuntimeError(f"kernel path {path!r} is not supported by this CPU")
 
     def _vec(self, t) -> int:

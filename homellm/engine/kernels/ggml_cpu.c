@@ -7,6 +7,8 @@
  * Activations are quantized per row in blocks of 32 to int8 (d = amax / 127, q = round-half-even(x / d))
  * and kept as q (int8), d and s = d * sum(q); for the vector paths d and s/8 are stored 8 times per
  * block ("expanded", one value per int32 lane of a 256-bit dot product), so every scale is a plain load.
+ * Optionally ("hi") a second int8 level holds the rounded residual (see quantize_row): two dot
+ * products per block, ~256x less activation rounding error; the decode step uses it by default.
  *   Q8_0 . a = sum_b dw_b da_b sum_j qw qa
  *   Q4_x . a = sum_b dw_b da_b sum_j nib qa  +  m_b s_b      (Q4_0: m_b = -8 dw_b)
  * Three paths chosen at run time: AVX512-VNNI (two blocks per 512-bit dpbusd), AVX2 (maddubs),
@@ -97,16 +99,27 @@ static void dequant_row(int t, const uint8_t *w, int K, float *out) {
 
 typedef struct { int8_t *q; float *d; float *s; int K; } act_t;  /* d, s: K/4 floats per row */
 
-static void quantize_row(const float *x, int K, int8_t *q, float *dx, float *sx) {
+/* q2 != NULL: "two-level" int8, x ~ d (q + q2 / 256) with q2 the rounded residual: ~256x more
+ * precise than one level, and dx then holds d / 256 (the integer dot is 256 (w.q) + (w.q2)). */
+static void quantize_row(const float *x, int K, int8_t *q, float *dx, float *sx, int8_t *q2) {
     for (int b = 0; b < K / 32; b++) {
         const float *xb = x + b * 32;
         float amax = 0.f;
         for (int j = 0; j < 32; j++) { float a = fabsf(xb[j]); amax = a > amax ? a : amax; }
         float d = amax / 127.0f, id = d != 0.f ? 1.0f / d : 0.f;
-        int sum = 0;
+        int sum = 0, sum2 = 0;
         for (int j = 0; j < 32; j++) { int v = (int)nearbyintf(xb[j] * id); q[b * 32 + j] = (int8_t)v; sum += v; }
-        float s = d * (float)sum * 0.125f;
-        for (int j = 0; j < 8; j++) { dx[b * 8 + j] = d; sx[b * 8 + j] = s; }
+        if (q2) {
+            for (int j = 0; j < 32; j++) {
+                float r = (xb[j] - d * (float)q[b * 32 + j]) * id * 256.0f;
+                int v = (int)nearbyintf(r);
+                v = v > 127 ? 127 : v < -127 ? -127 : v;
+                q2[b * 32 + j] = (int8_t)v; sum2 += v;
+            }
+        }
+        float s = (q2 ? d * ((float)sum + (float)sum2 * (1.0f / 256.0f)) : d * (float)sum) * 0.125f;
+        float dd = q2 ? d * (1.0f / 256.0f) : d;
+        for (int j = 0; j < 8; j++) { dx[b * 8 + j] = dd; sx[b * 8 + j] = s; }
     }
 }
 
@@ -114,26 +127,31 @@ static void quantize_row(const float *x, int K, int8_t *q, float *dx, float *sx)
 /* out[r] = dot(w_row, a_r); a_r at q + r*K, d/s + r*K/4 */
 
 typedef void (*kern_fn)(const uint8_t *w, int type, int K, const int8_t *q, const float *dx,
-                        const float *sx, int R, float *out);
+                        const float *sx, int R, float *out, const int8_t *q2);
 
 static void kern_scalar(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
-                        const float *sx, int R, float *out) {
+                        const float *sx, int R, float *out, const int8_t *q2) {
     int nb = K / 32, bs = type_block_bytes(t);
     for (int r = 0; r < R; r++) {
-        const int8_t *a = q + (size_t)r * K;
+        const int8_t *a = q + (size_t)r * K, *a2 = q2 ? q2 + (size_t)r * K : NULL;
         const float *ad = dx + (size_t)r * K / 4, *as = sx + (size_t)r * K / 4;
         float acc = 0.f;
         for (int b = 0; b < nb; b++) {
             const uint8_t *p = w + (size_t)b * bs;
-            const int8_t *ab = a + b * 32;
+            const int8_t *ab = a + b * 32, *ab2 = a2 ? a2 + b * 32 : NULL;
             float d = h2f(p);
-            int isum = 0;
+            int isum = 0, isum2 = 0;
             if (t == T_Q8_0) {
                 for (int j = 0; j < 32; j++) isum += (int8_t)p[2 + j] * ab[j];
+                if (ab2) { for (int j = 0; j < 32; j++) isum2 += (int8_t)p[2 + j] * ab2[j]; isum = isum * 256 + isum2; }
                 acc += d * ad[b * 8] * (float)isum;
             } else {
                 const uint8_t *qs = p + (t == T_Q4_1 ? 4 : 2);
                 for (int j = 0; j < 16; j++) isum += (qs[j] & 15) * ab[j] + (qs[j] >> 4) * ab[j + 16];
+                if (ab2) {
+                    for (int j = 0; j < 16; j++) isum2 += (qs[j] & 15) * ab2[j] + (qs[j] >> 4) * ab2[j + 16];
+                    isum = isum * 256 + isum2;
+                }
                 float m = t == T_Q4_1 ? h2f(p + 2) : -8.f * d;
                 acc += d * ad[b * 8] * (float)isum + m * as[b * 8] * 8.f;
             }
@@ -151,7 +169,7 @@ T256 INLINE float hsum256(__m256 v) {
 }
 
 T256 INLINE void kern_avx2_body(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
-                                const float *sx, const int R, float *out) {
+                                const float *sx, const int R, float *out, const int8_t *q2, const int hi) {
     int nb = K / 32, bs = type_block_bytes(t), K4 = K / 4;
     __m256 acc[4];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
@@ -166,6 +184,11 @@ T256 INLINE void kern_avx2_body(const uint8_t *w, int t, int K, const int8_t *q,
             for (int r = 0; r < R; r++) {
                 __m256i a = _mm256_loadu_si256((const __m256i *)(q + (size_t)r * K + b * 32));
                 __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(a, wv)), ones);
+                if (hi) {
+                    __m256i a2 = _mm256_loadu_si256((const __m256i *)(q2 + (size_t)r * K + b * 32));
+                    s = _mm256_add_epi32(_mm256_slli_epi32(s, 8),
+                                         _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(a2, wv)), ones));
+                }
                 __m256 sc = _mm256_mul_ps(dv, _mm256_loadu_ps(dx + (size_t)r * K4 + b * 8));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[r]);
             }
@@ -178,6 +201,10 @@ T256 INLINE void kern_avx2_body(const uint8_t *w, int t, int K, const int8_t *q,
             for (int r = 0; r < R; r++) {
                 __m256i a = _mm256_loadu_si256((const __m256i *)(q + (size_t)r * K + b * 32));
                 __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, a), ones);
+                if (hi) {
+                    __m256i a2 = _mm256_loadu_si256((const __m256i *)(q2 + (size_t)r * K + b * 32));
+                    s = _mm256_add_epi32(_mm256_slli_epi32(s, 8), _mm256_madd_epi16(_mm256_maddubs_epi16(wv, a2), ones));
+                }
                 __m256 sc = _mm256_mul_ps(dv, _mm256_loadu_ps(dx + (size_t)r * K4 + b * 8));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[r]);
                 acc[r] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(sx + (size_t)r * K4 + b * 8), acc[r]);
@@ -187,22 +214,26 @@ T256 INLINE void kern_avx2_body(const uint8_t *w, int t, int K, const int8_t *q,
     for (int r = 0; r < R; r++) out[r] = hsum256(acc[r]);
 }
 
+#define DISPATCH_R(body, RR) \
+    do { if (q2) body(w, t, K, q, dx, sx, RR, out, q2, 1); else body(w, t, K, q, dx, sx, RR, out, q2, 0); } while (0)
+
 T256 static void kern_avx2(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
-                           const float *sx, int R, float *out) {
+                           const float *sx, int R, float *out, const int8_t *q2) {
     while (R > 0) {
         int K4 = K / 4;
-        if (R >= 4) { kern_avx2_body(w, t, K, q, dx, sx, 4, out); }
-        else if (R == 1) { kern_avx2_body(w, t, K, q, dx, sx, 1, out); }
-        else if (R == 2) { kern_avx2_body(w, t, K, q, dx, sx, 2, out); }
-        else { kern_avx2_body(w, t, K, q, dx, sx, 3, out); }
+        if (R >= 4) DISPATCH_R(kern_avx2_body, 4);
+        else if (R == 1) DISPATCH_R(kern_avx2_body, 1);
+        else if (R == 2) DISPATCH_R(kern_avx2_body, 2);
+        else DISPATCH_R(kern_avx2_body, 3);
         int n = R >= 4 ? 4 : R;
         R -= n; out += n; q += (size_t)n * K; dx += (size_t)n * K4; sx += (size_t)n * K4;
+        if (q2) q2 += (size_t)n * K;
     }
 }
 
 /* AVX512-VNNI: two blocks per 512-bit register, a 256-bit step for an odd last block */
 T512 INLINE void kern_512_body(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
-                               const float *sx, const int R, float *out) {
+                               const float *sx, const int R, float *out, const int8_t *q2, const int hi) {
     int nb = K / 32, bs = type_block_bytes(t), K4 = K / 4;
     __m512 acc[8];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
@@ -225,6 +256,11 @@ T512 INLINE void kern_512_body(const uint8_t *w, int t, int K, const int8_t *q, 
                 __m512i a = _mm512_loadu_si512((const void *)(q + (size_t)r * K + b * 32));
                 a = _mm512_mask_sub_epi8(a, neg, zero, a);
                 __m512i s = _mm512_dpbusd_epi32(zero, aw, a);
+                if (hi) {
+                    __m512i a2 = _mm512_loadu_si512((const void *)(q2 + (size_t)r * K + b * 32));
+                    a2 = _mm512_mask_sub_epi8(a2, neg, zero, a2);
+                    s = _mm512_dpbusd_epi32(_mm512_slli_epi32(s, 8), aw, a2);
+                }
                 __m512 sc = _mm512_mul_ps(dv, _mm512_loadu_ps(dx + (size_t)r * K4 + b * 8));
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[r]);
             }
@@ -239,6 +275,8 @@ T512 INLINE void kern_512_body(const uint8_t *w, int t, int K, const int8_t *q, 
             for (int r = 0; r < R; r++) {
                 __m512i a = _mm512_loadu_si512((const void *)(q + (size_t)r * K + b * 32));
                 __m512i s = _mm512_dpbusd_epi32(zero, wv, a);
+                if (hi) s = _mm512_dpbusd_epi32(_mm512_slli_epi32(s, 8), wv,
+                                                _mm512_loadu_si512((const void *)(q2 + (size_t)r * K + b * 32)));
                 __m512 sc = _mm512_mul_ps(dv, _mm512_loadu_ps(dx + (size_t)r * K4 + b * 8));
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[r]);
                 acc[r] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(sx + (size_t)r * K4 + b * 8), acc[r]);
@@ -256,11 +294,17 @@ T512 INLINE void kern_512_body(const uint8_t *w, int t, int K, const int8_t *q, 
             if (t == T_Q8_0) {
                 __m256i wv = _mm256_loadu_si256((const __m256i *)(p + 2));
                 __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wv), _mm256_sign_epi8(a, wv));
+                if (hi) {
+                    __m256i a2 = _mm256_loadu_si256((const __m256i *)(q2 + (size_t)r * K + b * 32));
+                    s = _mm256_dpbusd_epi32(_mm256_slli_epi32(s, 8), _mm256_abs_epi8(wv), _mm256_sign_epi8(a2, wv));
+                }
                 part = _mm256_mul_ps(_mm256_cvtepi32_ps(s), sc);
             } else {
                 __m128i x = _mm_loadu_si128((const __m128i *)(p + off));
                 __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(x, 4), x), _mm256_set1_epi8(15));
                 __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, a);
+                if (hi) s = _mm256_dpbusd_epi32(_mm256_slli_epi32(s, 8), wv,
+                                                _mm256_loadu_si256((const __m256i *)(q2 + (size_t)r * K + b * 32)));
                 float m = t == T_Q4_1 ? _cvtsh_ss(*(const uint16_t *)(p + 2)) : -8.f * d;
                 part = _mm256_fmadd_ps(_mm256_set1_ps(m), _mm256_loadu_ps(sx + (size_t)r * K4 + b * 8),
                                        _mm256_mul_ps(_mm256_cvtepi32_ps(s), sc));
@@ -272,20 +316,21 @@ T512 INLINE void kern_512_body(const uint8_t *w, int t, int K, const int8_t *q, 
 }
 
 T512 static void kern_512(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
-                          const float *sx, int R, float *out) {
+                          const float *sx, int R, float *out, const int8_t *q2) {
     int K4 = K / 4;
     while (R > 0) {
         int n;
         switch (R) {
-            case 1: kern_512_body(w, t, K, q, dx, sx, 1, out); n = 1; break;
-            case 2: kern_512_body(w, t, K, q, dx, sx, 2, out); n = 2; break;
-            case 3: kern_512_body(w, t, K, q, dx, sx, 3, out); n = 3; break;
-            case 4: kern_512_body(w, t, K, q, dx, sx, 4, out); n = 4; break;
+            case 1: DISPATCH_R(kern_512_body, 1); n = 1; break;
+            case 2: DISPATCH_R(kern_512_body, 2); n = 2; break;
+            case 3: DISPATCH_R(kern_512_body, 3); n = 3; break;
+            case 4: DISPATCH_R(kern_512_body, 4); n = 4; break;
             default:
-                if (R >= 8) { kern_512_body(w, t, K, q, dx, sx, 8, out); n = 8; }
-                else { kern_512_body(w, t, K, q, dx, sx, 4, out); n = 4; }
+                if (R >= 8) { DISPATCH_R(kern_512_body, 8); n = 8; }
+                else { DISPATCH_R(kern_512_body, 4); n = 4; }
         }
         R -= n; out += n; q += (size_t)n * K; dx += (size_t)n * K4; sx += (size_t)n * K4;
+        if (q2) q2 += (size_t)n * K;
     }
 }
 
@@ -304,7 +349,7 @@ static float fdot(const float *a, const float *b, int K) {
 /* ---- matmul: y (M, N) = x (M, K) @ W^T ------------------------------------------------------ */
 
 int hl_matmul(const float *x, int M, int K, const uint8_t *w, int64_t row_bytes, int type, int N,
-              float *y, int nthreads, int path) {
+              float *y, int nthreads, int path, int hi) {
     if (path < 0) path = hl_best_path();
     if (!path_ok(path)) return -2;
     if (!type_block_bytes(type) || (is_quant(type) && K % 32)) return -1;
@@ -322,7 +367,7 @@ int hl_matmul(const float *x, int M, int K, const uint8_t *w, int64_t row_bytes,
         }
         return 0;
     }
-    int8_t *q = malloc((size_t)M * K);
+    int8_t *q = malloc((size_t)M * K * (hi ? 2 : 1)), *q2 = hi ? q + (size_t)M * K : NULL;
     float *dx = malloc((size_t)M * K), *sx = malloc((size_t)M * K);  /* K/4 floats per row each */
     if (!q || !dx || !sx) { free(q); free(dx); free(sx); return -3; }
     kern_fn kern = kernel_for(path);
@@ -332,7 +377,8 @@ int hl_matmul(const float *x, int M, int K, const uint8_t *w, int64_t row_bytes,
     {
         #pragma omp for schedule(static)
         for (int m = 0; m < M; m++)
-            quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, dx + (size_t)m * K / 4, sx + (size_t)m * K / 4);
+            quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, dx + (size_t)m * K / 4, sx + (size_t)m * K / 4,
+                         q2 ? q2 + (size_t)m * K : NULL);
         float out[8];
         #pragma omp for schedule(static)
         for (int ib = 0; ib < nblk; ib++) {
@@ -341,7 +387,7 @@ int hl_matmul(const float *x, int M, int K, const uint8_t *w, int64_t row_bytes,
                 int r = M - m0 < R ? M - m0 : R;
                 for (int n = ib * NB; n < n1; n++) {
                     kern(w + (size_t)n * row_bytes, type, K, q + (size_t)m0 * K, dx + (size_t)m0 * K / 4,
-                         sx + (size_t)m0 * K / 4, r, out);
+                         sx + (size_t)m0 * K / 4, r, out, q2 ? q2 + (size_t)m0 * K : NULL);
                     for (int i = 0; i < r; i++) y[(size_t)(m0 + i) * N + n] = out[i];
                 }
             }
@@ -352,10 +398,10 @@ int hl_matmul(const float *x, int M, int K, const uint8_t *w, int64_t row_bytes,
 }
 
 /* the same activation quantization, exposed for the tests' reference */
-void hl_quantize_rows(const float *x, int M, int K, int8_t *q, float *d, float *s) {
+void hl_quantize_rows(const float *x, int M, int K, int8_t *q, float *d, float *s, int8_t *q2) {
     for (int m = 0; m < M; m++) {
         float dx[K / 4 + 8], sx[K / 4 + 8];
-        quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, dx, sx);
+        quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, dx, sx, q2 ? q2 + (size_t)m * K : NULL);
         for (int b = 0; b < K / 32; b++) { d[m * (K / 32) + b] = dx[b * 8]; s[m * (K / 32) + b] = sx[b * 8] * 8.f; }
     }
 }
@@ -378,21 +424,21 @@ typedef struct {
 } layer_t;
 
 typedef struct {
-    int L, H, nh, nkv, hd, F, V, S, nthreads, path;
+    int L, H, nh, nkv, hd, F, V, S, nthreads, path, hi;
     float eps;
     float *inv_freq;
     layer_t *layers;
     mat_t emb, head;
     const float *norm;
     float *x, *xn, *qkv, *att, *hb, *scores, *cs, *sn;
-    int8_t *aq;
+    int8_t *aq, *aq2;
     float *ad, *as;
 } model_t;
 
 void *hl_model_new(int L, int H, int nh, int nkv, int hd, int F, int V, float eps, const float *inv_freq) {
     model_t *c = calloc(1, sizeof(model_t));
     c->L = L; c->H = H; c->nh = nh; c->nkv = nkv; c->hd = hd; c->F = F; c->V = V; c->eps = eps;
-    c->nthreads = omp_get_max_threads(); c->path = hl_best_path();
+    c->nthreads = omp_get_max_threads(); c->path = hl_best_path(); c->hi = 1;
     c->inv_freq = malloc(sizeof(float) * hd / 2);
     memcpy(c->inv_freq, inv_freq, sizeof(float) * hd / 2);
     c->layers = calloc(L, sizeof(layer_t));
@@ -400,7 +446,7 @@ void *hl_model_new(int L, int H, int nh, int nkv, int hd, int F, int V, float ep
     c->x = malloc(4 * (size_t)H); c->xn = malloc(4 * (size_t)big);
     c->qkv = malloc(4 * (size_t)(nh + 2 * nkv) * hd); c->att = malloc(4 * (size_t)nh * hd);
     c->hb = malloc(4 * (size_t)F); c->cs = malloc(4 * (size_t)hd); c->sn = malloc(4 * (size_t)hd);
-    c->aq = malloc((size_t)big + 64); c->ad = malloc((size_t)big + 64); c->as = malloc((size_t)big + 64);
+    c->aq = malloc((size_t)big + 64); c->aq2 = malloc((size_t)big + 64); c->ad = malloc((size_t)big + 64); c->as = malloc((size_t)big + 64);
     return c;
 }
 
@@ -408,7 +454,7 @@ void hl_model_free(void *p) {
     model_t *c = p;
     if (!c) return;
     free(c->inv_freq); free(c->layers); free(c->x); free(c->xn); free(c->qkv); free(c->att); free(c->hb);
-    free(c->cs); free(c->sn); free(c->aq); free(c->ad); free(c->as); free(c->scores); free(c);
+    free(c->cs); free(c->sn); free(c->aq); free(c->aq2); free(c->ad); free(c->as); free(c->scores); free(c);
 }
 
 /* which: 0..6 a layer's q,k,v,o,gate,up,down; -1 token embedding; -2 lm_head */
@@ -434,8 +480,9 @@ void hl_model_set_kv(void *p, int layer, float *k, float *v, int S) {
     if (S != c->S) { free(c->scores); c->S = S; c->scores = malloc(4 * (size_t)c->nh * S); }
 }
 
-int hl_model_set_threads(void *p, int nthreads, int path) {
+int hl_model_set_threads(void *p, int nthreads, int path, int hi) {
     model_t *c = p;
+    c->hi = hi;
     if (path < 0) path = hl_best_path();
     if (!path_ok(path)) return -2;
     c->nthreads = nthreads > 0 ? nthreads : omp_get_max_threads(); c->path = path;
@@ -451,7 +498,7 @@ static void rmsnorm(const float *x, const float *w, int n, float eps, float *out
 
 static inline float mv_row(const model_t *c, kern_fn kern, const mat_t *m, int n, const float *xf) {
     const uint8_t *w = m->w + (size_t)n * m->rb;
-    if (is_quant(m->type)) { float o; kern(w, m->type, m->K, c->aq, c->ad, c->as, 1, &o); return o; }
+    if (is_quant(m->type)) { float o; kern(w, m->type, m->K, c->aq, c->ad, c->as, 1, &o, c->hi ? c->aq2 : NULL); return o; }
     if (m->type == T_F32) return fdot((const float *)w, xf, m->K);
     float s = 0.f;
     for (int i = 0; i < m->K; i++) s += h2f(w + 2 * i) * xf[i];
@@ -459,7 +506,7 @@ static inline float mv_row(const model_t *c, kern_fn kern, const mat_t *m, int n
 }
 
 static void quantize_act(model_t *c, const float *x, int K) {
-    quantize_row(x, K, c->aq, c->ad, c->as);
+    quantize_row(x, K, c->aq, c->ad, c->as, c->hi ? c->aq2 : NULL);
 }
 
 /* logits (V,) for token at position pos; the K/V caches must hold positions 0..pos-1 */

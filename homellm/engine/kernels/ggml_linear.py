@@ -35,8 +35,12 @@ def _threads(n: int | None) -> int:
 
 
 def matmul(x: Tensor, data: Tensor, ggml_type: int, out_features: int, *, threads: int | None = None,
-           path: str | None = None) -> Tensor:
-    """y (M, N) f32 = x (M, K) f32 @ W^T, W given as raw blocks `data` uint8 (N, bytes_per_row)."""
+           path: str | None = None, hi: bool = False) -> Tensor:
+    """y (M, N) f32 = x (M, K) f32 @ W^T, W given as raw blocks `data` uint8 (N, bytes_per_row).
+
+    hi: quantize the activations to two int8 levels (value + rounded residual): ~256x less
+    rounding error for ~2x the integer work (see ggml_cpu.c).
+    """
     lib = kernels.load()
     if lib is None:
         raise RuntimeError(f"homellm kernels are unavailable: {kernels.status()}")
@@ -44,7 +48,8 @@ def matmul(x: Tensor, data: Tensor, ggml_type: int, out_features: int, *, thread
     M, K = x.shape
     y = torch.empty(M, out_features, dtype=torch.float32)
     rc = lib.hl_matmul(x.data_ptr(), M, K, data.data_ptr(), data.stride(0), ggml_type, out_features,
-                       y.data_ptr(), _threads(threads), kernels.path_id(path or os.environ.get("HOMELLM_KERNEL_PATH")))
+                       y.data_ptr(), _threads(threads), kernels.path_id(path or os.environ.get("HOMELLM_KERNEL_PATH")),
+                       int(hi))
     if rc == -2:
         raise RuntimeError(f"kernel path {path!r} is not supported by this CPU")
     if rc:
@@ -56,7 +61,7 @@ class GGMLLinear(nn.Module):
     """y = x @ W^T (+ bias) on the GGUF blocks of W; no float copy of W is ever made."""
 
     def __init__(self, t: GGMLTensor, bias: Tensor | None = None, threads: int | None = None,
-                 path: str | None = None):
+                 path: str | None = None, hi: bool = False):
         super().__init__()
         if t.ggml_type not in kernels.SUPPORTED_TYPES:
             raise ValueError(f"GGMLLinear: ggml type {t.type_name} is not supported "
@@ -66,12 +71,12 @@ class GGMLLinear(nn.Module):
         # (N, bytes_per_row) uint8, sharing memory with the (memory-mapped) file
         self.register_buffer("data", blocks_tensor(t), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
-        self.threads, self.path = threads, path
+        self.threads, self.path, self.hi = threads, path, hi
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         y = matmul(x.reshape(-1, shape[-1]), self.data, self.ggml_type, self.out_features,
-                   threads=self.threads, path=self.path)
+                   threads=self.threads, path=self.path, hi=self.hi)
         if self.bias is not None:
             y += self.bias
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
