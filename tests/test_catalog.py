@@ -9,7 +9,6 @@ from __future__ import annotations
 import filecmp
 import hashlib
 import json
-import os
 import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -42,9 +42,11 @@ def tiny(tmp_path) -> Path:
     return write_tiny_gguf(tmp_path / "Tiny.Q8_0.gguf", out_type="q8_0")
 
 
-@pytest.mark.parametrize("args", [["--help"], ["list"], ["show", "nothing"], ["rm", "--help"]])
-def test_no_torch_for_help_and_list(homellm_home, args):
-    """`homellm --help` and `homellm list` stay instant: torch is never imported."""
+@pytest.mark.parametrize("args", [["--help"], ["list"], ["list", "--json"], ["show", "t"],
+                                  ["show", "nothing"], ["rm", "--help"]])
+def test_no_torch_for_help_and_list(homellm_home, tiny, args):
+    """`homellm --help`, `list` and `show` stay instant: torch is never imported."""
+    homellm("pull", str(tiny), "--name", "t", home=homellm_home)
     proc = homellm(*args, home=homellm_home, check_rc=None, python_flags=("-X", "importtime"))
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert "homellm.cli.main" in imported

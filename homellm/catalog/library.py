@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from homellm.catalog.manifest import MANIFEST, ModelEntry, read_manifest, write_manifest
@@ -157,6 +158,10 @@ def new_staging() -> Path:
     """An empty hidden folder inside models/ (same file system, so the final rename is atomic)."""
     root = models_dir()
     root.mkdir(parents=True, exist_ok=True)
+    stale = time.time() - 24 * 3600  # left by a pull or rm that was killed: a day is long enough
+    for old in root.glob(".*-*"):
+        if old.name.startswith((STAGING_PREFIX, ".rm-")) and old.stat().st_mtime < stale:
+            shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(dir=root, prefix=STAGING_PREFIX))
 
 

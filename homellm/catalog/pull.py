@@ -16,7 +16,7 @@ from homellm.catalog import pypi
 from homellm.catalog.library import (KNOWN, ALIASES, DEFAULT_NAME, check_name, commit, find,
                                      models_dir, name_from, name_taken, new_staging)
 from homellm.catalog.manifest import ModelEntry, files_of, summarize, utc_now
-from homellm.errors import HomellmError, ModelFileError, ModelNotFoundError
+from homellm.errors import ModelFileError, ModelNotFoundError
 
 # the files of a Hugging Face model folder that we copy (top level only)
 HF_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",

