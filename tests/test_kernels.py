@@ -21,7 +21,7 @@ import torch
 
 from homellm.engine import kernels
 from homellm.engine.kernels import FastDecoder, GGMLLinear, build, matmul
-from homellm.engine.kernels.ggml_linear import blocks_tensor
+from homellm.engine.kernels.ggml_linear import blocks_tensor, matmul_packed, repack_q4
 from homellm.model.formats.checkpoint import GGMLTensor
 from homellm.model.llama import Llama, ModelArgs, rope_inv_freq
 
@@ -93,6 +93,24 @@ def test_paths_agree_and_threads():
         torch.testing.assert_close(y, ys[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("qtype", (Q.Q4_0, Q.Q4_1), ids=lambda t: t.name)
+def test_packed_q4_matches_raw_kernel(qtype):
+    if "avx512" not in _paths():
+        pytest.skip("the packed kernel needs AVX512-VNNI")
+    g = torch.Generator().manual_seed(5)
+    for M, K, N in SHAPES + [(513, 576, 100)]:
+        w = torch.randn(N, K, generator=g) * 0.05
+        w[0, :32] = 0  # a zero block (d = 0) and tiny scales (f16 subnormal d; Q4_0's -8 d)
+        w[1, :32] = 1e-7 * torch.randn(32, generator=g)
+        t = ggml_tensor(w, qtype)
+        packed = repack_q4(t)
+        assert packed is not None and packed.numel() == -(-N // 16) * 16 * (K // 32) * 20
+        x = torch.randn(M, K, generator=g)
+        for hi in (False, True):
+            raw = matmul(x, blocks_tensor(t), t.ggml_type, N, hi=hi)
+            torch.testing.assert_close(matmul_packed(x, packed, N, hi=hi), raw, rtol=1e-5, atol=1e-5)
+
+
 def test_ggml_linear_module():
     t = ggml_tensor(torch.randn(48, 96) * 0.05, Q.Q8_0)
     bias = torch.randn(48)
@@ -103,6 +121,11 @@ def test_ggml_linear_module():
     ref = x @ t.dequantize().T + bias
     assert rel(y, ref) < 1e-4
     assert lin.data.dtype == torch.uint8 and lin.data.shape == (48, 3 * 34)
+    t4 = ggml_tensor(torch.randn(40, 96) * 0.05, Q.Q4_1)
+    for pack in (True, False):
+        lin4 = GGMLLinear(t4, pack=pack)
+        assert rel(lin4(x), x @ t4.dequantize().T) < 1e-2
+        assert lin4.packed == (pack and "avx512" in _paths())
 
 
 # --- fused decode on a tiny random model ---------------------------------------------------------

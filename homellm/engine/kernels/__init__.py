@@ -39,7 +39,8 @@ def path_id(path: str | None) -> int:
     return PATHS[path]
 
 
-from homellm.engine.kernels.ggml_linear import GGMLLinear, matmul  # noqa: E402
+from homellm.engine.kernels.ggml_linear import GGMLLinear, matmul, matmul_packed, repack_q4  # noqa: E402
 from homellm.engine.kernels.fast_decode import FastDecoder  # noqa: E402
 
-__all__ = ["available", "cpu_features", "status", "GGMLLinear", "matmul", "FastDecoder"]
+__all__ = ["available", "cpu_features", "status", "GGMLLinear", "matmul", "matmul_packed", "repack_q4",
+           "FastDecoder"]

@@ -5,8 +5,9 @@
  *   Q4_1: 20 bytes / 32 weights: f16 d, f16 m, 16 bytes qs; w = d * nibble + m (same nibble order)
  *   Q8_0: 34 bytes / 32 weights: f16 d, 32 int8 qs; w = d * q
  * Activations are quantized per row in blocks of 32 to int8 (d = amax / 127, q = round-half-even(x / d))
- * and kept as q (int8), d and s = d * sum(q); for the vector paths d and s/8 are stored 8 times per
- * block ("expanded", one value per int32 lane of a 256-bit dot product), so every scale is a plain load.
+ * and kept as q (int8), d and s = d * sum(q); d is stored 8 times per block ("expanded", one value
+ * per int32 lane of a 256-bit dot product, so it is a plain load), s once per block (the Q4 min
+ * terms sum_b m_b s_b are a short float dot product after the integer loop).
  * Optionally ("hi") a second int8 level holds the rounded residual (see quantize_row): two dot
  * products per block, ~256x less activation rounding error; the decode step uses it by default.
  *   Q8_0 . a = sum_b dw_b da_b sum_j qw qa
@@ -117,9 +118,9 @@ static void quantize_row(const float *x, int K, int8_t *q, float *dx, float *sx,
                 q2[b * 32 + j] = (int8_t)v; sum2 += v;
             }
         }
-        float s = (q2 ? d * ((float)sum + (float)sum2 * (1.0f / 256.0f)) : d * (float)sum) * 0.125f;
         float dd = q2 ? d * (1.0f / 256.0f) : d;
-        for (int j = 0; j < 8; j++) { dx[b * 8 + j] = dd; sx[b * 8 + j] = s; }
+        for (int j = 0; j < 8; j++) dx[b * 8 + j] = dd;
+        sx[b] = q2 ? d * ((float)sum + (float)sum2 * (1.0f / 256.0f)) : d * (float)sum;
     }
 }
 
@@ -153,7 +154,7 @@ static void kern_scalar(const uint8_t *w, int t, int K, const int8_t *q, const f
                     isum = isum * 256 + isum2;
                 }
                 float m = t == T_Q4_1 ? h2f(p + 2) : -8.f * d;
-                acc += d * ad[b * 8] * (float)isum + m * as[b * 8] * 8.f;
+                acc += d * ad[b * 8] * (float)isum + m * as[b];
             }
         }
         out[r] = acc;
@@ -175,6 +176,7 @@ T256 INLINE void kern_avx2_body(const uint8_t *w, int t, int K, const int8_t *q,
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     const __m256i lo = _mm256_set1_epi8(15);
     const __m256i ones = _mm256_set1_epi16(1);
+    float mrow[nb];
     for (int b = 0; b < nb; b++) {
         const uint8_t *p = w + (size_t)b * bs;
         __m256 dv = _mm256_set1_ps(_cvtsh_ss(*(const uint16_t *)p));
@@ -197,7 +199,7 @@ T256 INLINE void kern_avx2_body(const uint8_t *w, int t, int K, const int8_t *q,
             __m128i x = _mm_loadu_si128((const __m128i *)qs);
             __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(x, 4), x), lo);
             float m = t == T_Q4_1 ? _cvtsh_ss(*(const uint16_t *)(p + 2)) : -8.f * _cvtsh_ss(*(const uint16_t *)p);
-            __m256 mv = _mm256_set1_ps(m);
+            mrow[b] = m;
             for (int r = 0; r < R; r++) {
                 __m256i a = _mm256_loadu_si256((const __m256i *)(q + (size_t)r * K + b * 32));
                 __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, a), ones);
@@ -207,11 +209,14 @@ T256 INLINE void kern_avx2_body(const uint8_t *w, int t, int K, const int8_t *q,
                 }
                 __m256 sc = _mm256_mul_ps(dv, _mm256_loadu_ps(dx + (size_t)r * K4 + b * 8));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[r]);
-                acc[r] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(sx + (size_t)r * K4 + b * 8), acc[r]);
             }
         }
     }
-    for (int r = 0; r < R; r++) out[r] = hsum256(acc[r]);
+    for (int r = 0; r < R; r++) {
+        float o = hsum256(acc[r]);
+        if (t != T_Q8_0) { const float *sr = sx + (size_t)r * K4; for (int b = 0; b < nb; b++) o += mrow[b] * sr[b]; }
+        out[r] = o;
+    }
 }
 
 #define DISPATCH_R(body, RR) \
@@ -242,6 +247,7 @@ T512 INLINE void kern_512_body(const uint8_t *w, int t, int K, const int8_t *q, 
     const __m512i perm = _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0);  /* [q0, q0, q1, q1] */
     const __m512i shifts = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);  /* low, high nibbles */
     const int off = t == T_Q4_1 ? 4 : 2;
+    float mrow[nb + 16];
     int b = 0;
     for (; b + 1 < nb; b += 2) {
         const uint8_t *p0 = w + (size_t)b * bs, *p1 = p0 + bs;
@@ -271,7 +277,7 @@ T512 INLINE void kern_512_body(const uint8_t *w, int t, int K, const int8_t *q, 
             float m0, m1;
             if (t == T_Q4_1) { m0 = _cvtsh_ss(*(const uint16_t *)(p0 + 2)); m1 = _cvtsh_ss(*(const uint16_t *)(p1 + 2)); }
             else { m0 = -8.f * d0; m1 = -8.f * d1; }
-            __m512 mv = _mm512_insertf32x8(_mm512_set1_ps(m0), _mm256_set1_ps(m1), 1);
+            mrow[b] = m0; mrow[b + 1] = m1;
             for (int r = 0; r < R; r++) {
                 __m512i a = _mm512_loadu_si512((const void *)(q + (size_t)r * K + b * 32));
                 __m512i s = _mm512_dpbusd_epi32(zero, wv, a);
@@ -279,7 +285,6 @@ T512 INLINE void kern_512_body(const uint8_t *w, int t, int K, const int8_t *q, 
                                                 _mm512_loadu_si512((const void *)(q2 + (size_t)r * K + b * 32)));
                 __m512 sc = _mm512_mul_ps(dv, _mm512_loadu_ps(dx + (size_t)r * K4 + b * 8));
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[r]);
-                acc[r] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(sx + (size_t)r * K4 + b * 8), acc[r]);
             }
         }
     }
@@ -305,11 +310,18 @@ T512 INLINE void kern_512_body(const uint8_t *w, int t, int K, const int8_t *q, 
                 __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, a);
                 if (hi) s = _mm256_dpbusd_epi32(_mm256_slli_epi32(s, 8), wv,
                                                 _mm256_loadu_si256((const __m256i *)(q2 + (size_t)r * K + b * 32)));
-                float m = t == T_Q4_1 ? _cvtsh_ss(*(const uint16_t *)(p + 2)) : -8.f * d;
-                part = _mm256_fmadd_ps(_mm256_set1_ps(m), _mm256_loadu_ps(sx + (size_t)r * K4 + b * 8),
-                                       _mm256_mul_ps(_mm256_cvtepi32_ps(s), sc));
+                mrow[b] = t == T_Q4_1 ? _cvtsh_ss(*(const uint16_t *)(p + 2)) : -8.f * d;
+                part = _mm256_mul_ps(_mm256_cvtepi32_ps(s), sc);
             }
             acc[r] = _mm512_add_ps(acc[r], _mm512_insertf32x8(_mm512_setzero_ps(), part, 0));
+        }
+    }
+    if (t != T_Q8_0) {  /* min terms: acc_r += sum_b m_b s_rb */
+        for (int b0 = 0; b0 < nb; b0 += 16) {
+            __mmask16 k = nb - b0 >= 16 ? 0xffff : (__mmask16)((1u << (nb - b0)) - 1);
+            __m512 mv = _mm512_maskz_loadu_ps(k, mrow + b0);
+            for (int r = 0; r < R; r++)
+                acc[r] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, sx + (size_t)r * K4 + b0), acc[r]);
         }
     }
     for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
@@ -397,12 +409,143 @@ int hl_matmul(const float *x, int M, int K, const uint8_t *w, int64_t row_bytes,
     return 0;
 }
 
+/* ---- repacked Q4 (AVX512-VNNI): 16 weight rows per 512-bit register ------------------------- */
+/* Layout per group of 16 rows (N padded with zero rows) and block b, 320 bytes at (g nb + b) 320:
+ *   [0, 32) d f16 x16 rows, [32, 64) m f16 x16 (Q4_0: m = -8 d, exact in f16),
+ *   [64, 320) 4 chunks c of 64 bytes: row n's bytes 4n..4n+3 = its raw qs[4c .. 4c+3]
+ * so one dpbusd against 4 broadcast activation bytes advances 16 rows at once, and the float
+ * scaling runs once per (block, 16 rows) instead of once per (block, row). A byte reorder: exact. */
+#define PK_BYTES 320
+
+int64_t hl_packed_q4_bytes(int N, int K) { return (int64_t)((N + 15) / 16) * (K / 32) * PK_BYTES; }
+
+int hl_repack_q4(int type, const uint8_t *w, int64_t row_bytes, int N, int K, uint8_t *out) {
+    if ((type != T_Q4_0 && type != T_Q4_1) || K % 32) return -1;
+    int nb = K / 32, bs = type_block_bytes(type), G = (N + 15) / 16;
+    memset(out, 0, (size_t)hl_packed_q4_bytes(N, K));
+    for (int g = 0; g < G; g++)
+        for (int b = 0; b < nb; b++) {
+            uint8_t *o = out + ((size_t)g * nb + b) * PK_BYTES;
+            for (int j = 0; j < 16 && g * 16 + j < N; j++) {
+                const uint8_t *p = w + (size_t)(g * 16 + j) * row_bytes + (size_t)b * bs;
+                memcpy(o + 2 * j, p, 2);
+                if (type == T_Q4_1) memcpy(o + 32 + 2 * j, p + 2, 2);
+                else {  /* -8 d: flip nothing but the exponent (+3); d = 0 or subnormal: compute */
+                    uint16_t h; memcpy(&h, p, 2);
+                    uint16_t e = (h >> 10) & 31, m8;
+                    if (e > 0 && e + 3 < 31) m8 = (uint16_t)((h ^ 0x8000) + (3 << 10));
+                    else if ((h & 0x7fff) == 0) m8 = h ^ 0x8000;
+                    else {  /* subnormal: via float, round to nearest (exact: 8 x subnormal fits) */
+                        float f = -8.f * h2f(p); uint32_t u; memcpy(&u, &f, 4);
+                        uint32_t fe = (u >> 23) & 255, fm = u & 0x7fffff;
+                        if (fe < 113) m8 = (uint16_t)(((u >> 16) & 0x8000) | ((fm | 0x800000) >> (126 - fe)));
+                        else m8 = (uint16_t)(((u >> 16) & 0x8000) | ((fe - 112) << 10) | (fm >> 13));
+                    }
+                    memcpy(o + 32 + 2 * j, &m8, 2);
+                }
+                const uint8_t *qs = p + (type == T_Q4_1 ? 4 : 2);
+                for (int c = 0; c < 4; c++) memcpy(o + 64 + c * 64 + j * 4, qs + 4 * c, 4);
+            }
+        }
+    return 0;
+}
+
+T512 INLINE __m512i bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
+
+T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
+                             const int R, float *out, const int8_t *q2, const int hi) {
+    int nb = K / 32, K4 = K / 4;
+    __m512 acc[8];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    const __m512i lo = _mm512_set1_epi8(15);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *p = pk + (size_t)b * PK_BYTES;
+        __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+        __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
+        __m512i w[8];
+        for (int c = 0; c < 4; c++) {
+            __m512i x = _mm512_loadu_si512((const void *)(p + 64 + 64 * c));
+            w[c] = _mm512_and_si512(x, lo);
+            w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
+        }
+        for (int r = 0; r < R; r++) {
+            const int8_t *a = q + (size_t)r * K + b * 32;
+            __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], bcast4(a));
+            __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], bcast4(a + 16));
+            for (int c = 1; c < 4; c++) {
+                i0 = _mm512_dpbusd_epi32(i0, w[c], bcast4(a + 4 * c));
+                i1 = _mm512_dpbusd_epi32(i1, w[c + 4], bcast4(a + 16 + 4 * c));
+            }
+            __m512i I = _mm512_add_epi32(i0, i1);
+            if (hi) {
+                const int8_t *a2 = q2 + (size_t)r * K + b * 32;
+                __m512i j0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], bcast4(a2));
+                __m512i j1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], bcast4(a2 + 16));
+                for (int c = 1; c < 4; c++) {
+                    j0 = _mm512_dpbusd_epi32(j0, w[c], bcast4(a2 + 4 * c));
+                    j1 = _mm512_dpbusd_epi32(j1, w[c + 4], bcast4(a2 + 16 + 4 * c));
+                }
+                I = _mm512_add_epi32(_mm512_slli_epi32(I, 8), _mm512_add_epi32(j0, j1));
+            }
+            __m512 sc = _mm512_mul_ps(dw, _mm512_set1_ps(dx[(size_t)r * K4 + b * 8]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(I), sc, acc[r]);
+            acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sx[(size_t)r * K4 + b]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(out + 16 * r, acc[r]);
+}
+
+T512 static void packed_rows(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
+                             int R, float *out, const int8_t *q2) {
+    const uint8_t *w = pk; int t = 0; (void)t; (void)w;
+    int K4 = K / 4;
+    while (R > 0) {
+        int n;
+#define PB(RR) do { if (q2) packed_body(pk, K, q, dx, sx, RR, out, q2, 1); else packed_body(pk, K, q, dx, sx, RR, out, q2, 0); n = RR; } while (0)
+        if (R >= 8) PB(8); else if (R >= 4) PB(4); else if (R >= 2) PB(2); else PB(1);
+#undef PB
+        R -= n; out += 16 * n; q += (size_t)n * K; dx += (size_t)n * K4; sx += (size_t)n * K4;
+        if (q2) q2 += (size_t)n * K;
+    }
+}
+
+/* y (M, N) = x (M, K) @ W^T with W repacked by hl_repack_q4; needs the AVX512 path */
+int hl_matmul_packed(const float *x, int M, int K, const uint8_t *pk, int N, float *y, int nthreads, int hi) {
+    if (hl_best_path() != P_AVX512) return -2;
+    if (K % 32) return -1;
+    if (nthreads <= 0) nthreads = omp_get_max_threads();
+    int8_t *q = malloc((size_t)M * K * (hi ? 2 : 1)), *q2 = hi ? q + (size_t)M * K : NULL;
+    float *dx = malloc((size_t)M * K), *sx = malloc((size_t)M * K);
+    if (!q || !dx || !sx) { free(q); free(dx); free(sx); return -3; }
+    const int G = (N + 15) / 16, R = 8, nb = K / 32;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(static)
+        for (int m = 0; m < M; m++)
+            quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, dx + (size_t)m * K / 4, sx + (size_t)m * K / 4,
+                         q2 ? q2 + (size_t)m * K : NULL);
+        float out[8 * 16];
+        #pragma omp for schedule(static)
+        for (int g = 0; g < G; g++) {
+            int nn = N - g * 16 < 16 ? N - g * 16 : 16;
+            for (int m0 = 0; m0 < M; m0 += R) {
+                int r = M - m0 < R ? M - m0 : R;
+                packed_rows(pk + (size_t)g * nb * PK_BYTES, K, q + (size_t)m0 * K, dx + (size_t)m0 * K / 4,
+                            sx + (size_t)m0 * K / 4, r, out, q2 ? q2 + (size_t)m0 * K : NULL);
+                for (int i = 0; i < r; i++) memcpy(y + (size_t)(m0 + i) * N + g * 16, out + 16 * i, 4 * (size_t)nn);
+            }
+        }
+    }
+    free(q); free(dx); free(sx);
+    return 0;
+}
+
 /* the same activation quantization, exposed for the tests' reference */
 void hl_quantize_rows(const float *x, int M, int K, int8_t *q, float *d, float *s, int8_t *q2) {
     for (int m = 0; m < M; m++) {
         float dx[K / 4 + 8], sx[K / 4 + 8];
         quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, dx, sx, q2 ? q2 + (size_t)m * K : NULL);
-        for (int b = 0; b < K / 32; b++) { d[m * (K / 32) + b] = dx[b * 8]; s[m * (K / 32) + b] = sx[b * 8] * 8.f; }
+        for (int b = 0; b < K / 32; b++) { d[m * (K / 32) + b] = dx[b * 8]; s[m * (K / 32) + b] = sx[b]; }
     }
 }
 

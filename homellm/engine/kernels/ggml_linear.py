@@ -57,29 +57,71 @@ def matmul(x: Tensor, data: Tensor, ggml_type: int, out_features: int, *, thread
     return y
 
 
+def repack_q4(t: GGMLTensor) -> Tensor | None:
+    """Q4_0/Q4_1 blocks reordered for the AVX512-VNNI kernel (16 rows per register; same size,
+    exact: a byte reorder), or None where this CPU or type has no packed kernel."""
+    lib = kernels.load()
+    if lib is None or t.ggml_type not in (2, 3) or lib.hl_best_path() != kernels.PATHS["avx512"]:
+        return None
+    N, K = t.shape
+    raw = blocks_tensor(t)
+    out = torch.empty(lib.hl_packed_q4_bytes(N, K), dtype=torch.uint8)
+    if lib.hl_repack_q4(t.ggml_type, raw.data_ptr(), raw.stride(0), N, K, out.data_ptr()) != 0:
+        return None
+    return out
+
+
+def matmul_packed(x: Tensor, packed: Tensor, out_features: int, *, threads: int | None = None,
+                  hi: bool = False) -> Tensor:
+    """y (M, N) f32 = x (M, K) f32 @ W^T for W repacked by `repack_q4` (AVX512 CPUs only)."""
+    lib = kernels.load()
+    if lib is None:
+        raise RuntimeError(f"homellm kernels are unavailable: {kernels.status()}")
+    x = x.contiguous().float()
+    M, K = x.shape
+    y = torch.empty(M, out_features, dtype=torch.float32)
+    rc = lib.hl_matmul_packed(x.data_ptr(), M, K, packed.data_ptr(), out_features, y.data_ptr(),
+                              _threads(threads), int(hi))
+    if rc:
+        raise RuntimeError(f"hl_matmul_packed failed ({rc}) for K={K}")
+    return y
+
+
 class GGMLLinear(nn.Module):
-    """y = x @ W^T (+ bias) on the GGUF blocks of W; no float copy of W is ever made."""
+    """y = x @ W^T (+ bias) on the GGUF blocks of W; no float copy of W is ever made.
+
+    On AVX512-VNNI CPUs, Q4_0/Q4_1 blocks are reordered once into the packed layout (same
+    bytes, 3-5x faster at M=512 than the raw-block kernel); `pack=False` keeps the raw blocks.
+    """
 
     def __init__(self, t: GGMLTensor, bias: Tensor | None = None, threads: int | None = None,
-                 path: str | None = None, hi: bool = False):
+                 path: str | None = None, hi: bool = False, pack: bool = True):
         super().__init__()
         if t.ggml_type not in kernels.SUPPORTED_TYPES:
             raise ValueError(f"GGMLLinear: ggml type {t.type_name} is not supported "
                              f"(expected F32, F16, Q4_0, Q4_1 or Q8_0)")
         self.out_features, self.in_features = t.shape
         self.ggml_type = t.ggml_type
-        # (N, bytes_per_row) uint8, sharing memory with the (memory-mapped) file
-        self.register_buffer("data", blocks_tensor(t), persistent=False)
+        env_path = path or os.environ.get("HOMELLM_KERNEL_PATH")
+        packed = repack_q4(t) if pack and env_path in (None, "auto", "avx512") else None
+        self.packed = packed is not None
+        # raw: (N, bytes_per_row) uint8 sharing memory with the (memory-mapped) file; packed: 1-D
+        self.register_buffer("data", packed if self.packed else blocks_tensor(t), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         self.threads, self.path, self.hi = threads, path, hi
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        y = matmul(x.reshape(-1, shape[-1]), self.data, self.ggml_type, self.out_features,
-                   threads=self.threads, path=self.path, hi=self.hi)
+        x2 = x.reshape(-1, shape[-1])
+        if self.packed:
+            y = matmul_packed(x2, self.data, self.out_features, threads=self.threads, hi=self.hi)
+        else:
+            y = matmul(x2, self.data, self.ggml_type, self.out_features, threads=self.threads,
+                       path=self.path, hi=self.hi)
         if self.bias is not None:
             y += self.bias
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, type={self.ggml_type}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"type={self.ggml_type}, packed={self.packed}, hi={self.hi}")
