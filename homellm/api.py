@@ -63,7 +63,8 @@ class StopStrings:
 class Model:
     """A loaded model: tokenizer, network and an engine with its KV cache."""
 
-    def __init__(self, checkpoint, network, tokenizer, ctx: int, load_s: float):
+    def __init__(self, checkpoint, network, tokenizer, ctx: int, load_s: float,
+                 fast_decode: bool = True):
         self.checkpoint = checkpoint
         self.args = checkpoint.args
         self.network = network
@@ -71,6 +72,8 @@ class Model:
         self.ctx = ctx
         self.load_s = load_s
         self.engine = Engine(network, ctx)
+        if fast_decode:
+            self.engine.attach_fast_decoder(checkpoint)
 
     @property
     def device(self) -> torch.device:
@@ -175,4 +178,5 @@ def load(name_or_path: str | Path | None = None, device: str | None = None,
     tokenizer = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
     network = build_model(ckpt, device=device, dtype=dtype, quant=quant, progress=progress)
     ctx = ctx or min(DEFAULT_CTX, ckpt.args.max_position_embeddings)
-    return Model(ckpt, network, tokenizer, ctx, time.perf_counter() - t0)
+    # the C decoder computes on the file's own blocks: only when the weights are kept as stored
+    return Model(ckpt, network, tokenizer, ctx, time.perf_counter() - t0, fast_decode=quant is None)

@@ -58,13 +58,31 @@ class Step:
 
 
 class Engine:
-    """One model and one KV cache of `ctx` positions (batch 1)."""
+    """One model and one KV cache of `ctx` positions (batch 1).
+
+    Prompts go through the PyTorch model in chunks. Single-token decode steps go through
+    `fast` when one is attached (engine/kernels FastDecoder: the whole step in one C call,
+    on the same KV cache), else through the model too.
+    """
 
     def __init__(self, model: Llama, ctx: int, cache_dtype: torch.dtype = torch.float32):
         self.model = model
         self.ctx = ctx
         self.device = model.inv_freq.device
         self.cache = KVCache(model.args, ctx, dtype=cache_dtype, device=self.device)
+        self.fast = None
+
+    def attach_fast_decoder(self, checkpoint) -> bool:
+        """Decode with our C kernels when they are built and cover every weight of the
+        checkpoint; return whether they do (else decoding stays on the PyTorch path)."""
+        from homellm.engine import kernels
+        if self.device.type != "cpu" or checkpoint.format != "gguf" or not kernels.available():
+            return False
+        try:
+            self.fast = kernels.FastDecoder.from_checkpoint(checkpoint, cache=self.cache)
+        except (ValueError, RuntimeError, KeyError):
+            self.fast = None  # e.g. K-quant weights: the PyTorch layers handle those
+        return self.fast is not None
 
     def reset(self):
         self.cache.tokens = []
@@ -72,11 +90,14 @@ class Engine:
     @torch.inference_mode()
     def forward(self, ids: list[int], start_pos: int, last_only: bool = True) -> torch.Tensor:
         """Run ids at start_pos through the model, storing their keys/values; (T or 1, vocab)."""
-        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
-        logits = self.model(tokens, start_pos=start_pos, cache=self.cache, last_only=last_only)
+        if self.fast is not None and len(ids) == 1:
+            logits = self.fast.decode(ids[0], start_pos)[None]
+        else:
+            tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+            logits = self.model(tokens, start_pos=start_pos, cache=self.cache, last_only=last_only)[0]
         del self.cache.tokens[start_pos:]
         self.cache.tokens.extend(ids)
-        return logits[0]
+        return logits
 
     def prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
         """Make the cache hold `ids`; return the last position's logits and how many were cached."""

@@ -2,8 +2,11 @@
 
 What each weight becomes is decided by what the checkpoint records, never by a file name:
 - float tensors: kept in the requested dtype (or quantized when `quant` asks for it);
-- GGUF quantized blocks: the engine's int4/int8 layers (engine/quant.py), exactly where the
-  packing allows; the token embedding keeps its raw blocks and dequantizes looked-up rows.
+- GGUF blocks on the CPU: our C kernels compute on the memory-mapped blocks themselves
+  (engine/kernels, GGMLLinear: Q4_0, Q4_1, Q8_0, F16, F32; exact to the stored weights), so
+  loading converts nothing; other types, or a machine where the kernels cannot be built, use
+  PyTorch's int4/int8 layers (engine/quant.py), exact where the packing allows;
+- the token embedding keeps its raw blocks and dequantizes the rows it looks up.
 No float copy of the whole model is ever held for a quantized checkpoint.
 """
 from __future__ import annotations
@@ -49,6 +52,9 @@ def _linear(ckpt, path, out_f, in_f, bias, dtype, device, quant):
     weight = _expect(ckpt, f"{path}.weight", (out_f, in_f))
     b = _float(_expect(ckpt, f"{path}.bias", (out_f,)), dtype, device) if bias else None
     if isinstance(weight, GGMLTensor) and quant == "keep" and device.type == "cpu":
+        from homellm.engine import kernels
+        if weight.ggml_type in kernels.SUPPORTED_TYPES and kernels.available():
+            return kernels.GGMLLinear(weight, b, hi=True)
         return q.linear_from_ggml(weight, b)
     mode = "none" if quant == "keep" else quant
     return q.linear_from_float(_float(weight, dtype, device), b, mode).to(device)
@@ -67,8 +73,7 @@ def build_model(ckpt: Checkpoint, device: torch.device | str | None = None,
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     args = ckpt.args
-    with torch.device("meta"):
-        model = Llama(args)
+    model = Llama(args, device="meta")
     h, d = args.hidden_size, args.head_dim
     shapes = {"self_attn.q_proj": (args.num_attention_heads * d, h),
               "self_attn.k_proj": (args.num_key_value_heads * d, h),

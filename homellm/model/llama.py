@@ -124,10 +124,10 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, device=None):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
@@ -137,16 +137,16 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int):
+    def __init__(self, args: ModelArgs, layer: int, device=None):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = (
             args.num_attention_heads, args.num_key_value_heads, args.head_dim)
         h, d = args.hidden_size, args.head_dim
-        self.q_proj = nn.Linear(h, self.n_heads * d, bias=args.attention_bias)
-        self.k_proj = nn.Linear(h, self.n_kv_heads * d, bias=args.attention_bias)
-        self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=args.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=args.attention_bias, device=device)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * d, bias=args.attention_bias, device=device)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=args.attention_bias, device=device)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False, device=device)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int,
                 cache: KVCacheProtocol | None, mask: Tensor | None) -> Tensor:
@@ -170,23 +170,24 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, device=None):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        h, f = args.hidden_size, args.intermediate_size
+        self.gate_proj = nn.Linear(h, f, bias=False, device=device)
+        self.up_proj = nn.Linear(h, f, bias=False, device=device)
+        self.down_proj = nn.Linear(f, h, bias=False, device=device)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int):
+    def __init__(self, args: ModelArgs, layer: int, device=None):
         super().__init__()
-        self.self_attn = Attention(args, layer)
-        self.mlp = MLP(args)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, layer, device)
+        self.mlp = MLP(args, device)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, device)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, device)
 
     def forward(self, x, cos, sin, start_pos, cache, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache, mask)
@@ -196,20 +197,27 @@ class DecoderLayer(nn.Module):
 class LlamaBody(nn.Module):
     """HF's `model.` prefix: embeddings, layers, final norm."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, device=None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        # an explicit (uninitialized) table: nn.Embedding's random init on the meta device
+        # drags in torch's compiler stack (1.6 s, ~200 MB); the loader assigns the weights
+        table = torch.empty(args.vocab_size, args.hidden_size, device=device)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, _weight=table)
+        if device is None or torch.device(device).type != "meta":
+            nn.init.normal_(self.embed_tokens.weight)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, device)
+                                    for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device)
 
 
 class Llama(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, device=None):
+        """device="meta" builds the shapes without memory: the loader assigns the weights."""
         super().__init__()
         self.args = args
-        self.model = LlamaBody(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.model = LlamaBody(args, device)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False, device=device)
+        self.register_buffer("inv_freq", rope_inv_freq(args).to(device), persistent=False)
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin (T, head_dim) for integer positions (T,), computed in float32."""
