@@ -30,21 +30,13 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: every parameter and buffer but the embedding
-    table (a decode step reads one row of it) and rotary tables."""
-    network = model.network
-    embed = network.model.embed_tokens
-    skip = {id(t) for t in list(embed.parameters()) + list(embed.buffers())}
-    total = 0
-    seen = set()
-    for t in list(network.parameters()) + list(network.buffers()):
-        if id(t) in skip or t.data_ptr() in seen or t is network.inv_freq:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    if hasattr(network.lm_head, "weight") and network.lm_head.weight is getattr(embed, "weight", None):
-        total += network.lm_head.weight.numel() * network.lm_head.weight.element_size()
-    return total
+    """Bytes of stored weights one decode step reads: every tensor of the checkpoint but the
+    embedding table, of which a step reads one row (a tied head reads all of it)."""
+    tensors = model.checkpoint.tensors
+    total = sum(t.nbytes for name, t in tensors.items() if name != "model.embed_tokens.weight")
+    if model.args.tie_word_embeddings:
+        total += tensors["model.embed_tokens.weight"].nbytes
+    return int(total)
 
 
 def peak_rss_mb() -> float:
@@ -54,8 +46,8 @@ def peak_rss_mb() -> float:
 def main(args: argparse.Namespace) -> int:
     from homellm.engine.sampling import SamplingParams
     from homellm.errors import HomellmError
-    if args.prompt_tokens < 1 or args.gen_tokens < 1:
-        raise HomellmError("--prompt-tokens and --gen-tokens must be at least 1")
+    if args.prompt_tokens < 1 or args.gen_tokens < 1 or args.repeat < 1:
+        raise HomellmError("--prompt-tokens, --gen-tokens and --repeat must be at least 1")
     need = args.prompt_tokens + args.gen_tokens
     if args.ctx is None:
         args.ctx = need

@@ -44,12 +44,14 @@ def add_sampling_arguments(p: argparse.ArgumentParser):
 
 def sampling_options(args: argparse.Namespace) -> dict:
     """The sampling keywords the user gave (the rest keep SamplingParams' defaults)."""
-    opts = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
     from homellm.engine.sampling import SamplingParams
+    from homellm.errors import HomellmError
+    opts = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    if getattr(args, "max_tokens", None) is not None and args.max_tokens < 1:
+        raise HomellmError(f"--max-tokens {args.max_tokens}: expected at least 1")
     try:
         SamplingParams(**opts)
     except ValueError as e:
-        from homellm.errors import HomellmError
         raise HomellmError(f"invalid sampling option: {e}") from None
     return opts
 
@@ -75,7 +77,8 @@ def load_model(args: argparse.Namespace, quiet: bool = False):
         if quiet:
             return
         if bar is None:
-            bar = tqdm(total=total, desc="loading", unit="layer", file=sys.stderr, leave=False)
+            bar = tqdm(total=total, desc="loading", unit="layer", file=sys.stderr, leave=False,
+                       disable=None)  # None: no bar when stderr is not a terminal
         bar.n = done
         bar.refresh()
 
