@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import os
+import re
 
 import gguf
 import numpy as np
@@ -14,6 +15,7 @@ from gguf_fixtures import (TINY_LLAMA, TINY_QWEN2, TINY_TIED, byte_tokenizer_fie
                            random_kquant, tiny_llama_state, write_tiny_gguf)
 
 from homellm.errors import HomellmError, ModelFileError
+from homellm.model.formats import gguf_file
 from homellm.model.formats.checkpoint import GGMLTensor
 from homellm.model.formats.gguf import read_gguf, write_gguf
 from homellm.model.llama import ModelArgs, rope_inv_freq
@@ -335,7 +337,13 @@ def _mmap_range(arr: np.ndarray) -> tuple[int, int]:
     return start, start + base.nbytes
 
 
-def test_default_model(default_gguf):
+@pytest.fixture(scope="module")
+def default_reader(default_gguf) -> gguf.GGUFReader:
+    """The `gguf` package's reader on the default model: the reference (slow, ~2 s)."""
+    return gguf.GGUFReader(default_gguf)
+
+
+def test_default_model(default_gguf, default_reader):
     ckpt = read_gguf(default_gguf)
     assert ckpt.args == ModelArgs(
         hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -362,12 +370,108 @@ def test_default_model(default_gguf):
     assert "<|im_start|>" in ckpt.chat_template
 
     # the Q/K rows of a real llama.cpp file, un-permuted on the quantized blocks
-    reader = gguf.GGUFReader(default_gguf)
-    raw = {t.name: t for t in reader.tensors if t.name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight")}
+    raw = {t.name: t for t in default_reader.tensors if t.name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight")}
     for name, heads, hf in (("blk.0.attn_q.weight", 9, "model.layers.0.self_attn.q_proj.weight"),
                             ("blk.0.attn_k.weight", 3, "model.layers.0.self_attn.k_proj.weight")):
         floats = gguf.quants.dequantize(np.array(raw[name].data), Q.Q4_1)
         assert torch.equal(ckpt.tensors[hf].dequantize(), torch.from_numpy(to_hf_rows(floats, heads)))
+
+
+# --- our parser == the gguf package's GGUFReader ----------------------------------------
+
+def assert_same_as_gguf_reader(ours: gguf_file.GGUFFile, reader: gguf.GGUFReader) -> None:
+    """Every metadata value and type, tensor info and tensor byte equals GGUFReader's."""
+    fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert list(ours.metadata) == list(fields)  # same keys, in file order
+    for key, field in fields.items():
+        assert ours.metadata[key] == field.contents(), key
+        assert type(ours.metadata[key]) is type(field.contents()), key
+        assert ours.types[key] == tuple(field.types), key
+    assert ours.version == reader.fields["GGUF.version"].contents()
+    assert ours.alignment == reader.alignment and ours.data_offset == reader.data_offset
+    assert [t.name for t in ours.tensors] == [t.name for t in reader.tensors]
+    for t, ref in zip(ours.tensors, reader.tensors):
+        assert t.dims == tuple(ref.shape.tolist()), t.name
+        assert t.ggml_type == ref.tensor_type and type(t.ggml_type) is Q, t.name
+        assert (t.offset, t.n_bytes) == (ref.data_offset, ref.n_bytes), t.name
+        assert t.data.nbytes == t.n_bytes, t.name
+        if t.ggml_type in (Q.F32, Q.F16):
+            assert t.data.dtype == ref.data.dtype and t.data.shape == t.shape, t.name
+        else:
+            assert t.data.dtype == np.uint8 and t.data.shape[1] == ref.data.shape[-1], t.name
+        assert np.array_equal(t.data.reshape(-1).view(np.uint8),
+                              np.asarray(ref.data).reshape(-1).view(np.uint8)), t.name
+
+
+@pytest.mark.parametrize("variant,out_type", [("llama", "f32"), ("qwen2", "q4_1"),
+                                              ("tied", "bf16"), ("llama", "q8_0")])
+def test_parser_matches_gguf_reader(tmp_path, variant, out_type):
+    fields = {**byte_tokenizer_fields(), "scores": [0.25 * i for i in range(256)],
+              "add_space_prefix": True, "eot_token_id": 3, "pre": "ünïcödé ✓"}
+    path = write_gguf(tmp_path / "m.gguf", ARGS[variant], tiny_llama_state(ARGS[variant]),
+                      out_type=out_type, tokenizer_fields=fields, chat_template="{{ x }}",
+                      metadata={"name": "tiny", "size_label": "1K"})
+    assert_same_as_gguf_reader(gguf_file.read(path), gguf.GGUFReader(path))
+    # every scalar type, int64/float64 arrays, a custom alignment and every tensor type
+    V = gguf.GGUFValueType
+    kv = {f"x.{t.name.lower()}": (v, t) for t, v in [
+        (V.UINT8, 200), (V.INT8, -100), (V.UINT16, 60000), (V.INT16, -30000), (V.UINT32, 2**31 + 5),
+        (V.INT32, -2**31), (V.FLOAT32, 0.1), (V.BOOL, False), (V.UINT64, 2**63 + 1),
+        (V.INT64, -2**62), (V.FLOAT64, 0.1), (V.STRING, "")]}
+    rng = np.random.default_rng(0)
+    tensors = {"f32": rng.standard_normal((3, 5)).astype(np.float32),
+               "f16": rng.standard_normal((2, 3, 4)).astype(np.float16),
+               "scalar": np.ones(1, np.float32)}
+    for q in (Q.Q8_0, Q.Q4_0, Q.Q5_1, Q.BF16):
+        tensors[q.name] = (gguf.quants.quantize(rng.standard_normal((3, 64)).astype(np.float32), q), q)
+    for q in (Q.Q2_K, Q.Q4_K, Q.Q6_K):
+        tensors[q.name] = (random_kquant(q, 2, 256, rng), q)
+    path = write_raw(tmp_path / "all.gguf", "llama", kv, tensors)
+    w = gguf.GGUFWriter(tmp_path / "arrays.gguf", "llama")
+    w.add_custom_alignment(64)
+    w.add_key_value("x.i64", [-(2**40), 7], V.ARRAY, sub_type=V.INT64)
+    w.add_key_value("x.f64", [0.1, 1e300], V.ARRAY, sub_type=V.FLOAT64)
+    w.add_key_value("x.bools", [True, False, True], V.ARRAY, sub_type=V.BOOL)
+    w.add_key_value("x.u8", list(b"\x00\xff"), V.ARRAY, sub_type=V.UINT8)
+    w.add_tensor("t", np.arange(6, dtype=np.float32)), w.add_tensor("u", np.ones((2, 3), np.float16))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    for p in (path, tmp_path / "arrays.gguf"):
+        ours = gguf_file.read(p)
+        assert_same_as_gguf_reader(ours, gguf.GGUFReader(p))
+    assert ours.metadata["x.i64"] == [-(2**40), 7] and ours.metadata["x.f64"] == [0.1, 1e300]
+    assert ours.metadata["x.bools"] == [True, False, True] and ours.metadata["x.u8"] == [0, 255]
+    assert ours.alignment == 64 and all(t.offset % 64 == 0 for t in ours.tensors)
+    all_types = gguf_file.read(path)
+    assert all_types.metadata["x.float32"] == float(np.float32(0.1))
+    assert all_types.metadata["x.uint64"] == 2**63 + 1
+
+
+def test_parser_matches_gguf_reader_on_default_model(default_gguf, default_reader):
+    ours = gguf_file.read(default_gguf)
+    assert_same_as_gguf_reader(ours, default_reader)
+    assert len(ours.metadata["tokenizer.ggml.tokens"]) == 49152
+    assert len(ours.metadata["tokenizer.ggml.merges"]) == 48900
+
+
+def test_parser_is_lean_on_default_model(default_gguf):
+    """Opening the default model costs a few MB (GGUFReader: ~160 MB and seconds)."""
+    import subprocess
+    import sys
+    code = (
+        "import resource, sys, time\n"
+        "from homellm.model.formats import gguf_file\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "start = time.perf_counter()\n"
+        "f = gguf_file.read(sys.argv[1])\n"
+        "seconds = time.perf_counter() - start\n"
+        "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+        "print(grown / 1024, seconds)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(default_gguf)], check=True,
+                         capture_output=True, text=True).stdout
+    peak_mb, seconds = map(float, out.split())
+    # ~2 MB of metadata pages and ~9 MB of Python strings (98k tokens and merges)
+    assert peak_mb < 25, f"gguf_file.read grew the peak RSS by {peak_mb:.1f} MB"
+    assert seconds < 1.0, f"gguf_file.read took {seconds:.2f} s"
 
 
 @pytest.mark.slow
@@ -415,6 +519,65 @@ def test_corrupt_header(tmp_path):
     with pytest.raises(ModelFileError, match=r"bad\.gguf is truncated or its GGUF header is corrupt"):
         read_gguf(tmp_path / "bad.gguf")
 
+
+def _patch(data: bytes, at: int, value: int, size: int = 8) -> bytes:
+    return data[:at] + value.to_bytes(size, "little") + data[at + size:]
+
+
+@pytest.mark.parametrize("corrupt,problem", [
+    # counts and lengths that would ask for petabytes: refused before anything is allocated
+    (lambda d, k: _patch(d, 8, 2**50), r"claims \d+ metadata keys and 1125899906842624 tensors, more than \d+ bytes"),
+    (lambda d, k: _patch(d, k("tokenizer.ggml.tokens") + 8, 2**60),
+     r"1152921504606846976 strings of tokenizer\.ggml\.tokens .* needs"),
+    (lambda d, k: _patch(d, k("tokenizer.ggml.tokens") + 16, 2**62),
+     r"tokenizer\.ggml\.tokens\[0\] at byte \d+ has length 4611686018427387904"),
+    (lambda d, k: _patch(d, k("tokenizer.ggml.token_type") + 8, 2**61), r"items of tokenizer\.ggml\.token_type"),
+    (lambda d, k: _patch(d, k("general.name") - len("general.name") - 8, 2**63),
+     r"metadata key #\d+ at byte \d+ needs 9223372036854775808 bytes"),
+    (lambda d, k: _patch(d, k("token_embd.weight"), 9, 4), r"token_embd\.weight has 9 dimensions"),
+    (lambda d, k: _patch(d, k("token_embd.weight") + 4 + 16, 99, 4), r"token_embd\.weight has unknown ggml type 99"),
+    (lambda d, k: _patch(d, k("token_embd.weight") + 4, 2**40), r"token_embd\.weight ends at byte"),
+    # bad values
+    (lambda d, k: d.replace(b"<0x00>", b"\xff0x00>"),
+     r"tokenizer\.ggml\.tokens\[0\] at byte \d+ is not UTF-8"),
+    (lambda d, k: d.replace(b"bos_token_id", b"eos_token_id"), r"key 'tokenizer\.ggml\.eos_token_id' appears twice"),
+    (lambda d, k: d.replace(b"blk.0.attn_q.weight", b"blk.0.attn_k.weight"), r"tensor blk\.0\.attn_k\.weight appears twice"),
+    (lambda d, k: _patch(d, k("general.name"), 13, 4), r"general\.name has unknown value type 13"),
+])
+def test_corrupt_metadata(tmp_path, corrupt, problem):
+    """A corrupt count, length, type or name is a ModelFileError saying what is wrong."""
+    fields = {**byte_tokenizer_fields(), "tokens": ["<0x00>", *byte_tokenizer_fields()["tokens"][1:]]}
+    data = write_tiny_gguf(tmp_path / "m.gguf", TINY_LLAMA, "q8_0", tokenizer_fields=fields).read_bytes()
+
+    def after(key: str) -> int:  # the byte after a key or tensor name (its first occurrence)
+        return data.index(len(key).to_bytes(8, "little") + key.encode()) + 8 + len(key)
+
+    bad = corrupt(data, after)
+    assert bad != data and len(bad) == len(data)
+    (tmp_path / "bad.gguf").write_bytes(bad)
+    with pytest.raises(ModelFileError, match=r"bad\.gguf is truncated") as e:
+        read_gguf(tmp_path / "bad.gguf")
+    assert re.search(problem, str(e.value)), str(e.value)
+
+
+def test_unsupported_version_endianness_alignment(tmp_path):
+    data = write_tiny_gguf(tmp_path / "m.gguf", TINY_LLAMA, "f32").read_bytes()
+    for version, match in ((1, r"v1\.gguf is GGUF version 1: supported versions: 2, 3"),
+                           (3 << 24, r"be\.gguf is a big-endian GGUF file")):
+        path = tmp_path / ("v1.gguf" if version == 1 else "be.gguf")
+        path.write_bytes(_patch(data, 4, version, 4))
+        with pytest.raises(ModelFileError, match=match):
+            read_gguf(path)
+    w = gguf.GGUFWriter(tmp_path / "a.gguf", "llama")
+    w.add_custom_alignment(64)
+    w.add_tensor("t", np.zeros(4, np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    data = (tmp_path / "a.gguf").read_bytes()
+    at = data.index(b"general.alignment") + len("general.alignment") + 4
+    (tmp_path / "a.gguf").write_bytes(_patch(data, at, 48, 4))
+    with pytest.raises(ModelFileError, match=r"a\.gguf is truncated or its GGUF header is corrupt: "
+                                             r"general\.alignment must be a uint32 power of two, not 48"):
+        read_gguf(tmp_path / "a.gguf")
 
 def test_unsupported_tensor_type(tmp_path):
     args = TINY_LLAMA
