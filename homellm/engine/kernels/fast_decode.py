@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from homellm.engine import kernels
+from homellm.engine.kernels.ggml_linear import repack_q4
 from homellm.engine.kv_cache import KVCache
 from homellm.model.formats.checkpoint import Checkpoint, GGMLTensor
 from homellm.model.llama import Llama, ModelArgs, rope_inv_freq
@@ -32,13 +33,15 @@ class FastDecoder:
     """decode(token, pos) -> logits (vocab,) float32, with the KV cache in `self.cache`.
 
     Build it with `FastDecoder.from_checkpoint(ckpt, cache=engine.cache)`.
+    packed: on AVX512-VNNI CPUs, keep a reordered copy of the Q4_0/Q4_1 layer weights (same size
+    as the blocks; ~1.5x faster decode); False decodes straight from the memory-mapped blocks.
     tensors: HF names -> GGMLTensor (Q4_0, Q4_1, Q8_0, F16, F32 blocks) or float tensors,
     as in `Checkpoint.tensors`. The decoder keeps references, never float copies of blocks.
     """
 
     def __init__(self, args: ModelArgs, tensors: dict, cache: KVCache | None = None,
                  max_seq_len: int = 2048, threads: int | None = None, path: str | None = None,
-                 hi: bool = True):
+                 hi: bool = True, packed: bool = True):
         lib = kernels.load()
         if lib is None:
             raise RuntimeError(f"homellm kernels are unavailable: {kernels.status()}")
@@ -57,7 +60,13 @@ class FastDecoder:
         for i in range(args.num_hidden_layers):
             p = f"model.layers.{i}."
             for j, name in enumerate(_MATS):
-                self._set_mat(i, j, tensors[p + name + ".weight"], p + name)
+                t = tensors[p + name + ".weight"]
+                self._set_mat(i, j, t, p + name)
+                pk = repack_q4(t) if packed and path in (None, "auto", "avx512") \
+                    and isinstance(t, GGMLTensor) else None
+                if pk is not None:
+                    self._keep.append(pk)
+                    lib.hl_model_set_packed(self.ctx, i, j, pk.data_ptr())
             for j, name in enumerate(_VECS):
                 full = p + name + ("" if name.endswith(".bias") else ".weight")
                 if full in tensors:

@@ -555,7 +555,7 @@ void hl_dequant_rows(int type, const uint8_t *w, int64_t row_bytes, int N, int K
 
 /* ---- fused single-token decode ----------------------------------------------------------- */
 
-typedef struct { int type, N, K; const uint8_t *w; int64_t rb; } mat_t;
+typedef struct { int type, N, K; const uint8_t *w; int64_t rb; const uint8_t *pk; } mat_t;  /* pk: packed Q4 or NULL */
 
 enum { M_Q, M_K, M_V, M_O, M_GATE, M_UP, M_DOWN, M_COUNT };
 enum { V_LN1, V_LN2, V_BQ, V_BK, V_BV, V_COUNT };
@@ -604,10 +604,19 @@ void hl_model_free(void *p) {
 int hl_model_set_mat(void *p, int layer, int which, int type, int N, int K, const uint8_t *w, int64_t rb) {
     model_t *c = p;
     if (!type_block_bytes(type) || (is_quant(type) && K % 32)) return -1;
-    mat_t m = {type, N, K, w, rb};
+    mat_t m = {type, N, K, w, rb, NULL};
     if (which == -1) c->emb = m;
     else if (which == -2) c->head = m;
     else c->layers[layer].m[which] = m;
+    return 0;
+}
+
+/* a layer matrix's weights repacked by hl_repack_q4 (used on the AVX512 path); NULL: raw blocks */
+int hl_model_set_packed(void *p, int layer, int which, const uint8_t *pk) {
+    model_t *c = p;
+    mat_t *m = &c->layers[layer].m[which];
+    if (pk && m->type != T_Q4_0 && m->type != T_Q4_1) return -1;
+    m->pk = pk;
     return 0;
 }
 
@@ -648,6 +657,36 @@ static inline float mv_row(const model_t *c, kern_fn kern, const mat_t *m, int n
     return s;
 }
 
+/* y[n] (+)= W[n] . x (+ bias[n]) for all rows, shared among the threads of the enclosing region;
+ * packed matrices go 16 rows at a time. Ends with a barrier unless nowait. */
+static void par_matvec(const model_t *c, kern_fn kern, const mat_t *m, const float *xf, float *y,
+                       int add, const float *bias, int nowait) {
+    if (m->pk && c->path == P_AVX512) {
+        int G = (m->N + 15) / 16, nb = m->K / 32;
+        #pragma omp for schedule(static) nowait
+        for (int g = 0; g < G; g++) {
+            float o[16];
+            packed_rows(m->pk + (size_t)g * nb * PK_BYTES, m->K, c->aq, c->ad, c->as, 1, o, c->hi ? c->aq2 : NULL);
+            int nn = m->N - g * 16 < 16 ? m->N - g * 16 : 16;
+            for (int j = 0; j < nn; j++) {
+                int n = g * 16 + j;
+                float v = bias ? o[j] + bias[n] : o[j];
+                y[n] = add ? y[n] + v : v;
+            }
+        }
+    } else {
+        #pragma omp for schedule(static) nowait
+        for (int n = 0; n < m->N; n++) {
+            float v = mv_row(c, kern, m, n, xf);
+            if (bias) v += bias[n];
+            y[n] = add ? y[n] + v : v;
+        }
+    }
+    if (!nowait) {
+        #pragma omp barrier
+    }
+}
+
 static void quantize_act(model_t *c, const float *x, int K) {
     quantize_row(x, K, c->aq, c->ad, c->as, c->hi ? c->aq2 : NULL);
 }
@@ -676,14 +715,9 @@ int hl_decode(void *p, int token, int pos, float *logits) {
                 rmsnorm(x, ly->v[V_LN1], H, c->eps, xn);
                 quantize_act(c, xn, H);
             }
-            #pragma omp for schedule(static)
-            for (int n = 0; n < nq + 2 * nk; n++) {
-                int which = n < nq ? M_Q : n < nq + nk ? M_K : M_V;
-                int r = n - (which == M_Q ? 0 : which == M_K ? nq : nq + nk);
-                float o = mv_row(c, kern, &ly->m[which], r, xn);
-                const float *bias = ly->v[V_BQ + which];
-                c->qkv[n] = bias ? o + bias[r] : o;
-            }
+            par_matvec(c, kern, &ly->m[M_Q], xn, q, 0, ly->v[V_BQ], 1);
+            par_matvec(c, kern, &ly->m[M_K], xn, k, 0, ly->v[V_BK], 1);
+            par_matvec(c, kern, &ly->m[M_V], xn, v, 0, ly->v[V_BV], 0);
             #pragma omp single
             {
                 /* RoPE, HF rotate-half layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) */
@@ -721,23 +755,34 @@ int hl_decode(void *p, int token, int pos, float *logits) {
             }
             #pragma omp single
             quantize_act(c, c->att, nq);
-            #pragma omp for schedule(static)
-            for (int n = 0; n < H; n++) x[n] += mv_row(c, kern, &ly->m[M_O], n, c->att);
+            par_matvec(c, kern, &ly->m[M_O], c->att, x, 1, NULL, 0);
             #pragma omp single
             {
                 rmsnorm(x, ly->v[V_LN2], H, c->eps, xn);
                 quantize_act(c, xn, H);
             }
-            #pragma omp for schedule(static)
-            for (int n = 0; n < F; n++) {
-                float g = mv_row(c, kern, &ly->m[M_GATE], n, xn);
-                float u = mv_row(c, kern, &ly->m[M_UP], n, xn);
-                c->hb[n] = g / (1.0f + expf(-g)) * u;
+            if (ly->m[M_GATE].pk && ly->m[M_UP].pk && c->path == P_AVX512) {
+                int nb = H / 32;
+                #pragma omp for schedule(static)
+                for (int g = 0; g < (F + 15) / 16; g++) {
+                    float og[16], ou[16];
+                    const int8_t *q2 = c->hi ? c->aq2 : NULL;
+                    packed_rows(ly->m[M_GATE].pk + (size_t)g * nb * PK_BYTES, H, c->aq, c->ad, c->as, 1, og, q2);
+                    packed_rows(ly->m[M_UP].pk + (size_t)g * nb * PK_BYTES, H, c->aq, c->ad, c->as, 1, ou, q2);
+                    for (int j = 0; j < 16 && g * 16 + j < F; j++)
+                        c->hb[g * 16 + j] = og[j] / (1.0f + expf(-og[j])) * ou[j];
+                }
+            } else {
+                #pragma omp for schedule(static)
+                for (int n = 0; n < F; n++) {
+                    float g = mv_row(c, kern, &ly->m[M_GATE], n, xn);
+                    float u = mv_row(c, kern, &ly->m[M_UP], n, xn);
+                    c->hb[n] = g / (1.0f + expf(-g)) * u;
+                }
             }
             #pragma omp single
             quantize_act(c, c->hb, F);
-            #pragma omp for schedule(static)
-            for (int n = 0; n < H; n++) x[n] += mv_row(c, kern, &ly->m[M_DOWN], n, c->hb);
+            par_matvec(c, kern, &ly->m[M_DOWN], c->hb, x, 1, NULL, 0);
         }
         #pragma omp single
         {
