@@ -477,6 +477,7 @@ def write_gguf(path: str | os.PathLike, args: ModelArgs,
             if progress is not None:
                 progress(i + 1, len(plan))
         writer.close()
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is for every reader
         os.replace(tmp, path)
     except OSError as e:
         raise HomellmError(f"cannot write {path}: {e.strerror or e}") from e

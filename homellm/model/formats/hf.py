@@ -158,6 +158,9 @@ def write_hf(folder: Path, args: ModelArgs, tensors: dict[str, torch.Tensor | GG
             tok_config["chat_template"] = chat_template
         if tok_config:
             (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is for every reader
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         if folder.exists():
             folder.rmdir()
         os.replace(tmp, folder)
