@@ -42,6 +42,8 @@ def set_option(settings: dict, name: str, value: str) -> str:
         return f"{name} back to its default"
     try:
         parsed = kinds[name](value)
+        if name == "max_tokens" and parsed < 1:
+            raise ValueError(f"max_tokens={parsed}: expected at least 1")
         trial = {k: v for k, v in (settings | {name: parsed}).items() if k != "max_tokens"}
         SamplingParams(**trial)
     except ValueError as e:

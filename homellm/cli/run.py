@@ -29,12 +29,14 @@ def main(args: argparse.Namespace) -> int:
     if prompt is None:
         if sys.stdin.isatty():
             raise HomellmError("no prompt: give one as an argument or on standard input")
-        prompt = sys.stdin.read()
+        prompt = sys.stdin.read().rstrip("\r\n")  # `echo ... |` adds a newline, as $(...) drops it
+    if not prompt.strip():
+        raise HomellmError("the prompt is empty: give one as an argument or on standard input")
+    if args.raw and args.system:
+        raise HomellmError("--system needs the chat template; drop --raw")
     options = sampling_options(args)
     model = load_model(args, quiet=args.json)
     if args.raw:
-        if args.system:
-            raise HomellmError("--system needs the chat template; drop --raw")
         steps = model.generate(prompt, max_tokens=args.max_tokens, stop=args.stop, **options)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
