@@ -36,7 +36,8 @@ class Timings:
     @property
     def decode_tps(self) -> float:
         # the first token comes out of prefill; the rest each cost one decode step
-        return (self.generated_tokens - 1) / self.decode_s if self.decode_s > 0 else 0.0
+        steps = self.generated_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
 
     def as_dict(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
