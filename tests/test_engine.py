@@ -136,3 +136,10 @@ def test_stop_strings_hold_back_partial_matches():
     t = StopStrings(["\n\n"])
     assert t.feed("a\n") == ("a", False)
     assert t.flush() == "\n"
+
+
+def test_timings_never_report_negative_speeds():
+    from homellm.engine.generate import Timings
+    assert Timings(generated_tokens=0, decode_s=1e-5).decode_tps == 0.0
+    assert Timings(generated_tokens=1, decode_s=1e-5).decode_tps == 0.0
+    assert Timings(generated_tokens=11, decode_s=0.5).decode_tps == 20.0

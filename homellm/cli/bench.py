@@ -46,8 +46,9 @@ def peak_rss_mb() -> float:
 def main(args: argparse.Namespace) -> int:
     from homellm.engine.sampling import SamplingParams
     from homellm.errors import HomellmError
-    if args.prompt_tokens < 1 or args.gen_tokens < 1 or args.repeat < 1:
-        raise HomellmError("--prompt-tokens, --gen-tokens and --repeat must be at least 1")
+    if args.prompt_tokens < 1 or args.repeat < 1 or args.gen_tokens < 2:
+        raise HomellmError("--prompt-tokens and --repeat must be at least 1, --gen-tokens at "
+                           "least 2 (the first token comes out of the prefill)")
     need = args.prompt_tokens + args.gen_tokens
     if args.ctx is None:
         args.ctx = need
