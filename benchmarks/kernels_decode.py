@@ -2,8 +2,9 @@
 
 - engine path: PyTorch prefill of 512 tokens with GGMLLinear layers into the FastDecoder's
   KV cache, then 128 greedy FastDecoder steps;
-- decode: FastDecoder tokens/s, 128 tokens after a 512-token context (best of `--repeat` runs),
-  with two-level ("hi", the default) and one-level int8 activations;
+- decode: FastDecoder tokens/s, 128 tokens after a 512-token context (best of `--repeat` runs):
+  the default (packed Q4 on AVX512, two-level "hi" activations), straight from the raw blocks,
+  and with one-level int8 activations;
 - matmul: us per call, GB/s of weight bytes and GFLOP/s for each of the model's shapes at M=1
   and M=512: our kernels (raw GGUF blocks; packed Q4 on AVX512) vs torch int4 (_weight_int4pack_mm_for_cpu, bf16
   activations, group 32) and float32 F.linear.
@@ -39,8 +40,9 @@ def best_us(fn, seconds: float = 0.3, min_calls: int = 3) -> float:
     return best * 1e6
 
 
-def decode_tps(ckpt, hi: bool, threads: int, repeat: int, ctx: int = 512, n: int = 128) -> float:
-    dec = FastDecoder.from_checkpoint(ckpt, max_seq_len=ctx + n, threads=threads, hi=hi)
+def decode_tps(ckpt, hi: bool, threads: int, repeat: int, ctx: int = 512, n: int = 128,
+               packed: bool = True) -> float:
+    dec = FastDecoder.from_checkpoint(ckpt, max_seq_len=ctx + n, threads=threads, hi=hi, packed=packed)
     for p in range(ctx):  # fill the cache (and fault in the memory map)
         dec.decode(100 + p % 1000, p)
     out = torch.empty(ckpt.args.vocab_size)
@@ -109,7 +111,8 @@ def main() -> None:
         return
     ckpt = read_gguf(cached_default_gguf())
     result = {"threads": a.threads, "cpu": kernels.cpu_features(),
-              "decode_tps_hi": decode_tps(ckpt, True, a.threads, a.repeat),
+              "decode_tps": decode_tps(ckpt, True, a.threads, a.repeat),
+              "decode_tps_raw_blocks": decode_tps(ckpt, True, a.threads, a.repeat, packed=False),
               "decode_tps_int8": decode_tps(ckpt, False, a.threads, a.repeat),
               "engine_path_512": prefill_then_decode(ckpt, a.threads, a.repeat), "matmul": []}
     shapes = {"q_proj/o_proj": "model.layers.0.self_attn.q_proj.weight",

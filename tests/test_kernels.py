@@ -205,6 +205,26 @@ def test_shared_cache_torch_prefill_then_fast_decode():
         dec.decode(0, 64)
 
 
+def test_ggml_linear_prefill_then_fast_decode():
+    """The engine's intended path: PyTorch prefill with GGMLLinear layers, fused decode after."""
+    args = TINY_LLAMA
+    tensors = quantized_tensors(args, Q.Q4_1)
+    ref_model = reference_model(args, tensors)
+    model = reference_model(args, tensors)
+    for name, t in tensors.items():
+        if isinstance(t, GGMLTensor) and name.startswith("model.layers."):
+            parent, _, leaf = name.removesuffix(".weight").rpartition(".")
+            setattr(model.get_submodule(parent), leaf, GGMLLinear(t, hi=True))
+    dec = FastDecoder(args, tensors, max_seq_len=64)
+    ids = torch.randint(0, args.vocab_size, (30,), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        ref = ref_model(ids[None])[0]
+        pre = model(ids[None, :20], cache=dec.cache)[0]
+    assert (pre - ref[:20]).abs().max() < 2e-3 * ref.abs().max()
+    got = torch.stack([dec.decode(int(ids[p]), p).clone() for p in range(20, 30)])
+    assert (got - ref[20:]).abs().max() < 2e-3 * ref.abs().max()
+
+
 # --- the real default model ---------------------------------------------------------------------
 
 TEXT = """homellm is the open LLM stack for a home machine, in one Python package: run open
