@@ -175,6 +175,22 @@ def test_fast_decoder_tiny_quantized(qtype, args):
 
 
 @pytest.mark.parametrize("path", ["scalar", "avx2", "avx512"])
+def test_fast_decoder_each_path(path):
+    """What a CPU without AVX512 (CI, laptops) runs: the raw-block kernels of each path."""
+    if path not in _paths():
+        pytest.skip(f"this CPU has no {path} path")
+    args = TINY_QWEN2
+    tensors = quantized_tensors(args, Q.Q4_0)
+    ref_model = reference_model(args, tensors)
+    ids = torch.randint(0, args.vocab_size, (24,), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        ref = ref_model(ids[None])[0]
+    got = decode_all(FastDecoder(args, tensors, max_seq_len=32, path=path, threads=2), ids)
+    assert (got - ref).abs().max() < 2e-3 * ref.abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("path", ["scalar", "avx2", "avx512"])
 def test_fast_decoder_float_model_is_exact(path):
     if path not in _paths():
         pytest.skip(f"this CPU has no {path} path")
