@@ -5,8 +5,11 @@ the exact product with the stored weights up to that activation rounding (~0.3% 
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -57,18 +60,47 @@ def matmul(x: Tensor, data: Tensor, ggml_type: int, out_features: int, *, thread
     return y
 
 
+# one packed copy per weight, shared by GGMLLinear (prefill) and FastDecoder (decode)
+_PACKED: "weakref.WeakValueDictionary[tuple, Tensor]" = weakref.WeakValueDictionary()
+_MADV_DONTNEED = 4  # <sys/mman.h>
+
+
 def repack_q4(t: GGMLTensor) -> Tensor | None:
     """Q4_0/Q4_1 blocks reordered for the AVX512-VNNI kernel (16 rows per register; same size,
-    exact: a byte reorder), or None where this CPU or type has no packed kernel."""
+    exact: a byte reorder), or None where this CPU or type has no packed kernel.
+
+    The same GGUF tensor gives the same packed tensor (memoized while anyone holds it), and
+    once packed, the file pages of the raw blocks are dropped from this process's memory:
+    nothing reads them again (a later read would fetch them from the file)."""
     lib = kernels.load()
     if lib is None or t.ggml_type not in (2, 3) or lib.hl_best_path() != kernels.PATHS["avx512"]:
         return None
+    key = (np.asarray(t.data).__array_interface__["data"][0], t.ggml_type, tuple(t.shape))
+    hit = _PACKED.get(key)
+    if hit is not None:
+        return hit
     N, K = t.shape
     raw = blocks_tensor(t)
     out = torch.empty(lib.hl_packed_q4_bytes(N, K), dtype=torch.uint8)
     if lib.hl_repack_q4(t.ggml_type, raw.data_ptr(), raw.stride(0), N, K, out.data_ptr()) != 0:
         return None
+    _PACKED[key] = out
+    release_file_pages(t.data)
     return out
+
+
+def release_file_pages(array: np.ndarray):
+    """Drop the whole pages of a memory-mapped, never-written array from the resident set."""
+    base = array
+    while base is not None and not isinstance(base, np.memmap):
+        base = base.base if isinstance(base, np.ndarray) else None
+    if base is None or os.name != "posix":
+        return  # a copy in memory (e.g. un-permuted Q/K rows) is just memory
+    start = -(-array.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside
+    end = (array.ctypes.data + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                                  _MADV_DONTNEED)
 
 
 def matmul_packed(x: Tensor, packed: Tensor, out_features: int, *, threads: int | None = None,
