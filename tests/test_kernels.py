@@ -314,7 +314,7 @@ def test_fallback_when_disabled_or_no_compiler(monkeypatch, tmp_path):
 
 
 def test_build_is_cached_by_source_hash(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOMELLM_HOME", str(tmp_path))
+    monkeypatch.setenv("HOMELLM_CACHE", str(tmp_path))
     first = build.build()
     assert first is not None and first.parent == tmp_path / "kernels"
     assert build.build() == first and "cached" in build.status()

@@ -86,3 +86,22 @@ def test_hf_write_leaves_nothing_on_failure(tmp_path):
         write_hf(tmp_path / "out", ckpt.args, tensors)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_fast_decoder_on_a_float_hf_model_equals_the_pytorch_path(tmp_path):
+    from homellm.engine import kernels
+    from homellm.engine.generate import Engine
+    from homellm.engine.sampling import SamplingParams
+    if not kernels.available():
+        pytest.skip(f"no C kernels here: {kernels.status()}")
+    make_reference(CONFIGS["qkv-bias"], tmp_path)
+    ckpt = read_hf(tmp_path)
+    model = build_model(ckpt, device="cpu", dtype=torch.float32)
+    fast, plain = Engine(model, ctx=64), Engine(model, ctx=64)
+    assert fast.attach_fast_decoder(ckpt)
+    prompt = [5, 17, 33, 2, 90, 11]
+    greedy = SamplingParams(temperature=0)
+    steps = [list(e.generate(prompt, greedy, max_tokens=20, top_logprobs=1)) for e in (fast, plain)]
+    assert [s.token for s in steps[0]] == [s.token for s in steps[1]]
+    for a, b in zip(steps[0][:-1], steps[1][:-1]):  # float weights: no activation rounding
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)

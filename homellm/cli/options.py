@@ -83,6 +83,9 @@ def load_model(args: argparse.Namespace, quiet: bool = False):
         bar.refresh()
 
     t0 = time.perf_counter()
+    from homellm.engine.kernels import build
+    if not build.is_built() and not quiet:
+        print("building homellm's CPU kernels (once; cached for later runs)...", file=sys.stderr)
     model = load(args.model, device=args.device, ctx=args.ctx, quant=args.quant, progress=progress)
     if bar is not None:
         bar.close()

@@ -76,11 +76,19 @@ class Engine:
     def attach_fast_decoder(self, checkpoint) -> bool:
         """Decode with our C kernels when they are built and cover every weight of the
         checkpoint; return whether they do (else decoding stays on the PyTorch path)."""
+        from torch import nn
+
         from homellm.engine import kernels
-        if self.device.type != "cpu" or checkpoint.format != "gguf" or not kernels.available():
+        if self.device.type != "cpu" or self.cache.k[0].dtype != torch.float32 \
+                or not kernels.available():
             return False
+        float32 = all(m.weight.dtype == torch.float32 for m in self.model.modules()
+                      if isinstance(m, nn.Linear))
         try:
-            self.fast = kernels.FastDecoder.from_checkpoint(checkpoint, cache=self.cache)
+            if checkpoint.format == "gguf":  # on the file's own blocks
+                self.fast = kernels.FastDecoder.from_checkpoint(checkpoint, cache=self.cache)
+            elif float32:  # on the network's float32 weights, without a copy
+                self.fast = kernels.FastDecoder.from_model(self.model, cache=self.cache)
         except (ValueError, RuntimeError, KeyError):
             self.fast = None  # e.g. K-quant weights: the PyTorch layers handle those
         return self.fast is not None

@@ -27,9 +27,9 @@ _state: dict = {"lib": None, "tried": False, "status": "not built"}
 
 
 def cache_dir() -> Path:
-    home = os.environ.get("HOMELLM_HOME")
-    base = Path(home) if home else Path.home() / ".cache" / "homellm"
-    return base / "kernels"
+    """A build cache, not user data: $HOMELLM_CACHE/kernels (default ~/.cache/homellm)."""
+    base = os.environ.get("HOMELLM_CACHE") or Path.home() / ".cache" / "homellm"
+    return Path(base) / "kernels"
 
 
 def compiler() -> str | None:
@@ -47,6 +47,24 @@ def _version(cc: str) -> str:
     return out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else ""
 
 
+def _library_path(compiler_version: str) -> Path:
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + compiler_version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    return cache_dir() / f"ggml_cpu-{key}.so"
+
+
+def is_built() -> bool:
+    """Whether a library for this source, compiler and flags is already cached (or the
+    kernels are switched off): when False, the first load compiles (a few seconds)."""
+    if os.environ.get("HOMELLM_NO_KERNELS") == "1" or _state["lib"] is not None:
+        return True
+    cc = compiler()
+    try:
+        return cc is None or _library_path(_version(cc)).exists()
+    except (OSError, subprocess.SubprocessError):
+        return True
+
+
 def build(force: bool = False) -> Path | None:
     """Path of the compiled library (building it if needed), or None; sets `status()`."""
     cc = compiler()
@@ -58,9 +76,7 @@ def build(force: bool = False) -> Path | None:
     except (OSError, subprocess.SubprocessError) as e:
         _state["status"] = f"{cc} --version failed: {e}"
         return None
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    out = cache_dir() / f"ggml_cpu-{key}.so"
+    out = _library_path(version)
     if out.exists() and not force:
         _state["status"] = f"cached {out}"
         return out
