@@ -7,6 +7,7 @@ the KV cache.
 """
 from __future__ import annotations
 
+import ctypes
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -163,6 +164,14 @@ class ChatSession:
             self.messages.append(reply)
 
 
+def release_free_heap():
+    """Return freed heap pages to the OS (glibc keeps them otherwise); a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load(name_or_path: str | Path | None = None, device: str | None = None,
          dtype: torch.dtype | None = None, ctx: int | None = None, quant: str | None = None,
          progress=None) -> Model:
@@ -178,5 +187,10 @@ def load(name_or_path: str | Path | None = None, device: str | None = None,
     tokenizer = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
     network = build_model(ckpt, device=device, dtype=dtype, quant=quant, progress=progress)
     ctx = ctx or min(DEFAULT_CTX, ckpt.args.max_position_embeddings)
+    # a loaded model never exports (`homellm export` reads the file afresh): free the
+    # vocabulary lists, and hand the heap that loading used back to the system
+    ckpt.tokenizer.gguf_fields = None
+    tokenizer.forget_source_fields()
+    release_free_heap()
     # the C decoder computes on the file's own blocks: only when the weights are kept as stored
     return Model(ckpt, network, tokenizer, ctx, time.perf_counter() - t0, fast_decode=quant is None)

@@ -215,6 +215,11 @@ class Tokenizer:
 
     # -- export -------------------------------------------------------------------------
 
+    def forget_source_fields(self):
+        """Free the GGUF vocabulary lists kept for an exact export (a few MB for a 50k
+        vocabulary); `to_gguf_fields` then rebuilds them from the tokenizer itself."""
+        self._gguf_fields = None
+
     def to_gguf_fields(self) -> dict:
         """GGUF `tokenizer.ggml.*` values (keys without the prefix) for this tokenizer."""
         if self._gguf_fields is not None:

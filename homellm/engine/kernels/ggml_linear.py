@@ -5,8 +5,6 @@ the exact product with the stored weights up to that activation rounding (~0.3% 
 """
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 import warnings
 import weakref
@@ -17,6 +15,7 @@ from torch import Tensor, nn
 
 from homellm.engine import kernels
 from homellm.model.formats.checkpoint import GGMLTensor
+from homellm.model.formats.gguf_file import release_file_pages
 
 
 def blocks_tensor(t: GGMLTensor) -> Tensor:
@@ -62,7 +61,6 @@ def matmul(x: Tensor, data: Tensor, ggml_type: int, out_features: int, *, thread
 
 # one packed copy per weight, shared by GGMLLinear (prefill) and FastDecoder (decode)
 _PACKED: "weakref.WeakValueDictionary[tuple, Tensor]" = weakref.WeakValueDictionary()
-_MADV_DONTNEED = 4  # <sys/mman.h>
 
 
 def repack_q4(t: GGMLTensor) -> Tensor | None:
@@ -88,19 +86,6 @@ def repack_q4(t: GGMLTensor) -> Tensor | None:
     release_file_pages(t.data)
     return out
 
-
-def release_file_pages(array: np.ndarray):
-    """Drop the whole pages of a memory-mapped, never-written array from the resident set."""
-    base = array
-    while base is not None and not isinstance(base, np.memmap):
-        base = base.base if isinstance(base, np.ndarray) else None
-    if base is None or os.name != "posix":
-        return  # a copy in memory (e.g. un-permuted Q/K rows) is just memory
-    start = -(-array.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside
-    end = (array.ctypes.data + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if end > start:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
-                                  _MADV_DONTNEED)
 
 
 def matmul_packed(x: Tensor, packed: Tensor, out_features: int, *, threads: int | None = None,

@@ -282,6 +282,7 @@ def read_gguf(path: str | os.PathLike) -> Checkpoint:
         if heads is not None:
             if isinstance(value, GGMLTensor):
                 rows = np.ascontiguousarray(interleaved_to_halves(value.data, heads))
+                gguf_file.release_file_pages(value.data)  # the copy is what is used from now on
                 value = GGMLTensor(value.ggml_type, rows, value.shape)
             else:
                 value = interleaved_to_halves(value, heads).contiguous()

@@ -19,8 +19,10 @@ so a corrupt header raises GGUFFormatError instead of allocating gigabytes.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import mmap
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -297,3 +299,20 @@ def read(path: str | Path, mode: str = "c") -> GGUFFile:
     # slicing a np.memmap runs __array_finalize__ each time; a plain view of it does not,
     # and the tensor views' .base chain still ends at the memmap, which keeps the map open
     return parse(mm.base, mm.view(np.ndarray))
+
+
+_MADV_DONTNEED = 4  # <sys/mman.h>
+
+
+def release_file_pages(array: np.ndarray):
+    """Drop the whole pages of a memory-mapped, never-written array from the resident set."""
+    base = array
+    while base is not None and not isinstance(base, np.memmap):
+        base = base.base if isinstance(base, np.ndarray) else None
+    if base is None or os.name != "posix":
+        return  # a copy in memory (e.g. un-permuted Q/K rows) is just memory
+    start = -(-array.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside
+    end = (array.ctypes.data + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                                  _MADV_DONTNEED)
