@@ -62,7 +62,8 @@ class Sampler:
 
     def __call__(self, logits: Tensor, history: list[int]) -> int:
         p = self.params
-        logits = self.penalize(logits.float().clone(), history)
+        # on the CPU: the generator is a CPU one, and one vocab-sized copy per token is cheap
+        logits = self.penalize(logits.detach().float().cpu().clone(), history)
         if p.greedy:
             return int(logits.argmax())
         if p.top_k and p.top_k < logits.numel():
