@@ -110,6 +110,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "hl_packed_q4_bytes": (c_i64, [c_int, c_int]),
         "hl_repack_q4": (c_int, [c_int, c_void, c_i64, c_int, c_int, c_void]),
         "hl_matmul_packed": (c_int, [c_void, c_int, c_int, c_void, c_int, c_void, c_int, c_int]),
+        "hl_matmul_packed_multi": (c_int, [c_void, c_int, c_int, c_int, c_void, c_void, c_void, c_int, c_int,
+                                           c_int]),
         "hl_quantize_rows": (None, [c_void, c_int, c_int, c_void, c_void, c_void, c_void]),
         "hl_dequant_rows": (None, [c_int, c_void, c_i64, c_int, c_int, c_void]),
         "hl_model_new": (c_void, [c_int, c_int, c_int, c_int, c_int, c_int, c_int, c_float, c_void]),

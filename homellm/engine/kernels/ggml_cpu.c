@@ -102,7 +102,7 @@ typedef struct { int8_t *q; float *d; float *s; int K; } act_t;  /* d, s: K/4 fl
 
 /* q2 != NULL: "two-level" int8, x ~ d (q + q2 / 256) with q2 the rounded residual: ~256x more
  * precise than one level, and dx then holds d / 256 (the integer dot is 256 (w.q) + (w.q2)). */
-static void quantize_row(const float *x, int K, int8_t *q, float *dx, float *sx, int8_t *q2) {
+static void quantize_row_scalar(const float *x, int K, int8_t *q, float *dx, float *sx, int8_t *q2) {
     for (int b = 0; b < K / 32; b++) {
         const float *xb = x + b * 32;
         float amax = 0.f;
@@ -122,6 +122,48 @@ static void quantize_row(const float *x, int K, int8_t *q, float *dx, float *sx,
         for (int j = 0; j < 8; j++) dx[b * 8 + j] = dd;
         sx[b] = q2 ? d * ((float)sum + (float)sum2 * (1.0f / 256.0f)) : d * (float)sum;
     }
+}
+
+/* the same quantization, 32 values (two registers) a step: bit for bit the scalar one (same
+ * operations in the same order, d q rounded before the subtraction as in C; cvtps rounds half to
+ * even like nearbyintf) */
+#define RNE (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)  /* an explicit rounding: never fused into an FMA */
+T512 static void quantize_row_512(const float *x, int K, int8_t *q, float *dx, float *sx, int8_t *q2) {
+    const __m512 s256 = _mm512_set1_ps(256.0f);
+    const __m512i lim = _mm512_set1_epi32(127), nlim = _mm512_set1_epi32(-127);
+    for (int b = 0; b < K / 32; b++) {
+        const float *xb = x + b * 32;
+        __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+        float d = amax / 127.0f, id = d != 0.f ? 1.0f / d : 0.f;
+        __m512 vd = _mm512_set1_ps(d), vid = _mm512_set1_ps(id);
+        __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, vid)), i1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, vid));
+        _mm_storeu_si128((__m128i *)(q + b * 32), _mm512_cvtepi32_epi8(i0));
+        _mm_storeu_si128((__m128i *)(q + b * 32 + 16), _mm512_cvtepi32_epi8(i1));
+        int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)), sum2 = 0;
+        if (q2) {
+            __m512 r0 = _mm512_sub_ps(x0, _mm512_mul_round_ps(vd, _mm512_cvtepi32_ps(i0), RNE));
+            __m512 r1 = _mm512_sub_ps(x1, _mm512_mul_round_ps(vd, _mm512_cvtepi32_ps(i1), RNE));
+            __m512i j0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(r0, vid), s256));
+            __m512i j1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(r1, vid), s256));
+            j0 = _mm512_max_epi32(_mm512_min_epi32(j0, lim), nlim);
+            j1 = _mm512_max_epi32(_mm512_min_epi32(j1, lim), nlim);
+            _mm_storeu_si128((__m128i *)(q2 + b * 32), _mm512_cvtepi32_epi8(j0));
+            _mm_storeu_si128((__m128i *)(q2 + b * 32 + 16), _mm512_cvtepi32_epi8(j1));
+            sum2 = _mm512_reduce_add_epi32(_mm512_add_epi32(j0, j1));
+        }
+        float dd = q2 ? d * (1.0f / 256.0f) : d;
+        _mm256_storeu_ps(dx + b * 8, _mm256_set1_ps(dd));
+        sx[b] = q2 ? d * ((float)sum + (float)sum2 * (1.0f / 256.0f)) : d * (float)sum;
+    }
+}
+
+static int best_path_cached = -1;
+
+static void quantize_row(const float *x, int K, int8_t *q, float *dx, float *sx, int8_t *q2) {
+    if (best_path_cached < 0) best_path_cached = hl_best_path();
+    if (best_path_cached == P_AVX512) quantize_row_512(x, K, q, dx, sx, q2);
+    else quantize_row_scalar(x, K, q, dx, sx, q2);
 }
 
 /* ---- dot kernels: one weight row against R activation rows -------------------------------- */
@@ -538,6 +580,81 @@ int hl_matmul_packed(const float *x, int M, int K, const uint8_t *pk, int N, flo
     }
     free(q); free(dx); free(sx);
     return 0;
+}
+
+/* exp(x) for 16 floats (Cephes expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp) */
+T512 INLINE __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Several packed weights against one activation x (M, K), quantized once: y_i (M, N_i) = x @ W_i^T.
+ * glu: nw = 2 (gate, up) of one N; y_0 = silu(x @ W_0^T) * (x @ W_1^T), silu(g) = g / (1 + e^-g)
+ * (y_1 unused). Each thread takes groups of 16 weight rows, over all weights. */
+T512 static int matmul_packed_multi(const float *x, int M, int K, int nw, const uint8_t *const *pks,
+                                   const int *Ns, float *const *ys, int nthreads, int hi, int glu) {
+    int8_t *q = malloc((size_t)M * K * (hi ? 2 : 1)), *q2 = hi ? q + (size_t)M * K : NULL;
+    float *dx = malloc((size_t)M * K), *sx = malloc((size_t)M * K);
+    if (!q || !dx || !sx) { free(q); free(dx); free(sx); return -3; }
+    const int R = 8, nb = K / 32, nfused = glu ? 1 : nw;
+    int first[9] = {0};  /* weight i owns global groups first[i] .. first[i+1]-1 */
+    for (int i = 0; i < nfused; i++) first[i + 1] = first[i] + (Ns[i] + 15) / 16;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(static)
+        for (int m = 0; m < M; m++)
+            quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, dx + (size_t)m * K / 4, sx + (size_t)m * K / 4,
+                         q2 ? q2 + (size_t)m * K : NULL);
+        float out[8 * 16], out2[8 * 16];
+        #pragma omp for schedule(static)
+        for (int gg = 0; gg < first[nfused]; gg++) {
+            int i = 0;
+            while (gg >= first[i + 1]) i++;
+            const int g = gg - first[i], N = Ns[i];
+            const int nn = N - g * 16 < 16 ? N - g * 16 : 16;
+            const __mmask16 km = (__mmask16)((1u << nn) - 1);
+            float *y = ys[i];
+            for (int m0 = 0; m0 < M; m0 += R) {
+                int r = M - m0 < R ? M - m0 : R;
+                const int8_t *qa = q + (size_t)m0 * K, *qa2 = q2 ? q2 + (size_t)m0 * K : NULL;
+                const float *da = dx + (size_t)m0 * K / 4, *sa = sx + (size_t)m0 * K / 4;
+                packed_rows(pks[i] + (size_t)g * nb * PK_BYTES, K, qa, da, sa, r, out, qa2);
+                if (glu) {
+                    packed_rows(pks[1] + (size_t)g * nb * PK_BYTES, K, qa, da, sa, r, out2, qa2);
+                    for (int j = 0; j < r; j++) {
+                        __m512 gv = _mm512_loadu_ps(out + 16 * j), uv = _mm512_loadu_ps(out2 + 16 * j);
+                        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+                        __m512 h = _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), uv);
+                        _mm512_mask_storeu_ps(y + (size_t)(m0 + j) * N + g * 16, km, h);
+                    }
+                } else {
+                    for (int j = 0; j < r; j++)
+                        _mm512_mask_storeu_ps(y + (size_t)(m0 + j) * N + g * 16, km, _mm512_loadu_ps(out + 16 * j));
+                }
+            }
+        }
+    }
+    free(q); free(dx); free(sx);
+    return 0;
+}
+
+int hl_matmul_packed_multi(const float *x, int M, int K, int nw, const uint8_t *const *pks, const int *Ns,
+                           float *const *ys, int nthreads, int hi, int glu) {
+    if (hl_best_path() != P_AVX512) return -2;
+    if (K % 32 || nw < 1 || nw > 8 || (glu && (nw != 2 || Ns[0] != Ns[1]))) return -1;
+    if (nthreads <= 0) nthreads = omp_get_max_threads();
+    return matmul_packed_multi(x, M, K, nw, pks, Ns, ys, nthreads, hi, glu);
 }
 
 /* the same activation quantization, exposed for the tests' reference */
