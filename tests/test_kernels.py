@@ -18,6 +18,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from homellm.engine import kernels
 from homellm.engine.kernels import FastDecoder, GGMLLinear, build, matmul
@@ -126,6 +127,53 @@ def test_ggml_linear_module():
         lin4 = GGMLLinear(t4, pack=pack)
         assert rel(lin4(x), x @ t4.dequantize().T) < 1e-2
         assert lin4.packed == (pack and "avx512" in _paths())
+
+
+def test_fused_projections_match_separate_layers():
+    """One kernel call for q/k/v (and gate/up with the SiLU epilogue) == the separate layers."""
+    if "avx512" not in _paths():
+        pytest.skip("the packed kernel needs AVX512-VNNI")
+    from homellm.engine.kernels import FusedProjection
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 37, 96, generator=g)  # M = 111: a partial 8-row tile
+    for qtype in (Q.Q4_0, Q.Q4_1):
+        for hi in (False, True):
+            ws = [torch.randn(n, 96, generator=g) * 0.05 for n in (64, 40, 40)]  # 40: a partial group
+            lins = [GGMLLinear(ggml_tensor(w, qtype), bias=torch.randn(w.shape[0], generator=g), hi=hi)
+                    for w in ws]
+            fused = FusedProjection(lins)(x)
+            for y, lin in zip(fused, lins):
+                assert y.shape == (3, 37, lin.out_features)
+                assert torch.equal(y, lin(x))  # the same integer dots and scales: bit for bit
+            gate, up = (GGMLLinear(ggml_tensor(torch.randn(72, 96, generator=g) * 0.05, qtype), hi=hi)
+                        for _ in range(2))
+            h = FusedProjection([gate, up], glu=True)(x)
+            torch.testing.assert_close(h, F.silu(gate(x)) * up(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        FusedProjection([GGMLLinear(ggml_tensor(torch.randn(16, 96), Q.Q8_0))])  # not packed
+
+
+@pytest.mark.parametrize("args", (TINY_LLAMA, TINY_QWEN2), ids=("llama", "qwen2"))
+def test_loader_fuses_projections_on_a_tiny_model(args):
+    """build_model gives packed Q4 layers fused projections; logits equal the unfused model's."""
+    if "avx512" not in _paths():
+        pytest.skip("the packed kernel needs AVX512-VNNI")
+    from homellm.engine.loader import build_model
+    from homellm.model.formats.checkpoint import Checkpoint
+    tensors = quantized_tensors(args, Q.Q4_1)
+    ckpt = Checkpoint(args, tensors, None, None, "tiny.gguf", "gguf")
+    model = build_model(ckpt, "cpu")
+    assert all(layer.self_attn.qkv_proj is not None and layer.mlp.gate_up_proj is not None
+               for layer in model.model.layers)
+    ids = torch.randint(0, args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        fused = model(ids)
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj = layer.mlp.gate_up_proj = None
+        separate = model(ids)
+    # q/k/v are bit for bit; SiLU's exp differs in the last bits, which the next layer's int8
+    # activation rounding can turn into a flipped rounding here and there
+    assert rel(fused, separate) < 1e-4  # the hi tolerance vs float (module docstring)
 
 
 # --- fused decode on a tiny random model ---------------------------------------------------------

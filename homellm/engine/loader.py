@@ -6,7 +6,10 @@ What each weight becomes is decided by what the checkpoint records, never by a f
   (engine/kernels, GGMLLinear: Q4_0, Q4_1, Q8_0, F16, F32; exact to the stored weights), so
   loading converts nothing; other types, or a machine where the kernels cannot be built, use
   PyTorch's int4/int8 layers (engine/quant.py), exact where the packing allows;
-- the token embedding keeps its raw blocks and dequantizes the rows it looks up.
+- the token embedding keeps its raw blocks and dequantizes the rows it looks up;
+- where q/k/v (and gate/up) are packed GGMLLinear layers, the layer also gets a fused
+  projection (`qkv_proj`, `gate_up_proj`: kernels.FusedProjection) over the same packed
+  weights: the activation is quantized once, and SiLU(gate) * up comes out of the kernel.
 No float copy of the whole model is ever held for a quantized checkpoint.
 """
 from __future__ import annotations
@@ -60,6 +63,20 @@ def _linear(ckpt, path, out_f, in_f, bias, dtype, device, quant):
     return q.linear_from_float(_float(weight, dtype, device), b, mode).to(device)
 
 
+def _fuse_projections(layer: nn.Module):
+    """Give a decoder layer one-call q/k/v and SiLU-gated gate/up projections where its
+    layers are packed GGMLLinear (same weights, no copy); leave it as it is otherwise."""
+    from homellm.engine import kernels
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = ((attn, "qkv_proj", (attn.q_proj, attn.k_proj, attn.v_proj), False),
+              (mlp, "gate_up_proj", (mlp.gate_proj, mlp.up_proj), True))
+    for owner, name, parts, glu in groups:
+        try:
+            setattr(owner, name, kernels.FusedProjection(list(parts), glu=glu))
+        except ValueError:
+            pass  # not all packed (other ggml types, other CPUs): the separate layers run
+
+
 def build_model(ckpt: Checkpoint, device: torch.device | str | None = None,
                 dtype: torch.dtype | None = None, quant: str | None = None,
                 progress=None) -> Llama:
@@ -93,6 +110,8 @@ def build_model(ckpt: Checkpoint, device: torch.device | str | None = None,
                                                    "self_attn.v_proj")
             module = _linear(ckpt, f"{prefix}.{lin}", *shapes[lin], bias, dtype, device, mode)
             _set_module(model, f"{prefix}.{lin}", module)
+        if mode == "keep":
+            _fuse_projections(model.model.layers[i])
         for norm in ("input_layernorm", "post_attention_layernorm"):
             w = _float(_expect(ckpt, f"{prefix}.{norm}.weight", (h,)), torch.float32, device)
             model.get_submodule(f"{prefix}.{norm}").weight = nn.Parameter(w, requires_grad=False)

@@ -147,13 +147,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv_heads * d, bias=args.attention_bias, device=device)
         self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=args.attention_bias, device=device)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=False, device=device)
+        self.qkv_proj = None  # optional x -> (q_proj(x), k_proj(x), v_proj(x)) in one call
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int,
                 cache: KVCacheProtocol | None, mask: Tensor | None) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x) if self.qkv_proj is not None else \
+            (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         # q: (B, n_heads, T, head_dim); k, v: (B, n_kv_heads, T, head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -176,9 +179,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, f, bias=False, device=device)
         self.up_proj = nn.Linear(h, f, bias=False, device=device)
         self.down_proj = nn.Linear(f, h, bias=False, device=device)
+        self.gate_up_proj = None  # optional x -> silu(gate_proj(x)) * up_proj(x) in one call
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = self.gate_up_proj(x) if self.gate_up_proj is not None else \
+            F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h)
 
 
 class DecoderLayer(nn.Module):

@@ -39,8 +39,9 @@ def path_id(path: str | None) -> int:
     return PATHS[path]
 
 
-from homellm.engine.kernels.ggml_linear import GGMLLinear, matmul, matmul_packed, repack_q4  # noqa: E402
+from homellm.engine.kernels.ggml_linear import (FusedProjection, GGMLLinear, matmul, matmul_packed,  # noqa: E402
+                                                matmul_packed_multi, repack_q4)
 from homellm.engine.kernels.fast_decode import FastDecoder  # noqa: E402
 
-__all__ = ["available", "cpu_features", "status", "GGMLLinear", "matmul", "matmul_packed", "repack_q4",
-           "FastDecoder"]
+__all__ = ["available", "cpu_features", "status", "FusedProjection", "GGMLLinear", "matmul",
+           "matmul_packed", "matmul_packed_multi", "repack_q4", "FastDecoder"]

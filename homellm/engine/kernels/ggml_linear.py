@@ -5,6 +5,7 @@ the exact product with the stored weights up to that activation rounding (~0.3% 
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import warnings
 import weakref
@@ -104,6 +105,30 @@ def matmul_packed(x: Tensor, packed: Tensor, out_features: int, *, threads: int 
     return y
 
 
+def matmul_packed_multi(x: Tensor, packed: list[Tensor], out_features: list[int], *,
+                        threads: int | None = None, hi: bool = False, glu: bool = False) -> list[Tensor]:
+    """[x (M, K) @ W_i^T (M, N_i) f32 for each W_i repacked by `repack_q4`], with x quantized once.
+
+    glu: two weights (gate, up) of one shape; returns [silu(x @ gate^T) * (x @ up^T)], the
+    SiLU-gated product computed in the kernel's epilogue (silu(g) = g / (1 + e^-g)).
+    """
+    lib = kernels.load()
+    if lib is None:
+        raise RuntimeError(f"homellm kernels are unavailable: {kernels.status()}")
+    x = x.contiguous().float()
+    M, K = x.shape
+    n = len(packed)
+    ys = [torch.empty(M, N, dtype=torch.float32) for N in out_features[: 1 if glu else n]]
+    ptrs = (ctypes.c_void_p * n)(*(p.data_ptr() for p in packed))
+    outs = (ctypes.c_void_p * n)(*(ys[min(i, len(ys) - 1)].data_ptr() for i in range(n)))
+    Ns = (ctypes.c_int * n)(*out_features)
+    rc = lib.hl_matmul_packed_multi(x.data_ptr(), M, K, n, ptrs, Ns, outs, _threads(threads), int(hi),
+                                    int(glu))
+    if rc:
+        raise RuntimeError(f"hl_matmul_packed_multi failed ({rc}) for K={K}, N={list(out_features)}")
+    return ys
+
+
 class GGMLLinear(nn.Module):
     """y = x @ W^T (+ bias) on the GGUF blocks of W; no float copy of W is ever made.
 
@@ -142,3 +167,41 @@ class GGMLLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"type={self.ggml_type}, packed={self.packed}, hi={self.hi}")
+
+
+class FusedProjection(nn.Module):
+    """Several packed GGMLLinear layers of one input, in one kernel call: the activation is
+    quantized once and the threads share out the weights' rows of all of them.
+
+    It points to the layers' own packed weights (no copy), and the layers stay in the model:
+    their names, the state dict and the FastDecoder are unchanged. glu=True takes (gate, up)
+    and returns silu(gate(x)) * up(x); otherwise a tuple (layer(x) for each layer).
+    """
+
+    def __init__(self, layers: list[GGMLLinear], glu: bool = False):
+        super().__init__()
+        if not all(isinstance(m, GGMLLinear) and m.packed for m in layers) or \
+                len({(m.in_features, m.hi, m.threads) for m in layers}) != 1:
+            raise ValueError("FusedProjection: expected packed GGMLLinear layers of one input "
+                             "size, hi mode and thread count")
+        if glu and (len(layers) != 2 or layers[0].out_features != layers[1].out_features
+                    or any(m.bias is not None for m in layers)):
+            raise ValueError("FusedProjection(glu=True): expected (gate, up) of one shape, no bias")
+        self.layers = tuple(layers)  # a tuple: not registered again as submodules
+        self.glu = glu
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        first = self.layers[0]
+        lead = x.shape[:-1]
+        ys = matmul_packed_multi(x.reshape(-1, x.shape[-1]), [m.data for m in self.layers],
+                                 [m.out_features for m in self.layers], threads=first.threads,
+                                 hi=first.hi, glu=self.glu)
+        out = []
+        for m, y in zip(self.layers, ys):
+            if m.bias is not None:
+                y += m.bias
+            out.append(y.view(*lead, y.shape[-1]).to(x.dtype))
+        return out[0] if self.glu else tuple(out)
+
+    def extra_repr(self) -> str:
+        return f"out_features={[m.out_features for m in self.layers]}, glu={self.glu}"
