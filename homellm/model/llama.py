@@ -147,7 +147,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv_heads * d, bias=args.attention_bias, device=device)
         self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=args.attention_bias, device=device)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=False, device=device)
-        self.qkv_proj = None  # optional x -> (q_proj(x), k_proj(x), v_proj(x)) in one call
+        # optional x -> (q_proj(x), k_proj(x), v_proj(x)) in one call, on the same weights (the
+        # loader sets it for GGUF kernels: engine/kernels FusedProjection); None: three calls
+        self.qkv_proj = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int,
                 cache: KVCacheProtocol | None, mask: Tensor | None) -> Tensor:
@@ -179,7 +181,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, f, bias=False, device=device)
         self.up_proj = nn.Linear(h, f, bias=False, device=device)
         self.down_proj = nn.Linear(f, h, bias=False, device=device)
-        self.gate_up_proj = None  # optional x -> silu(gate_proj(x)) * up_proj(x) in one call
+        self.gate_up_proj = None  # optional x -> silu(gate_proj(x)) * up_proj(x), as qkv_proj
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.gate_up_proj(x) if self.gate_up_proj is not None else \

@@ -14,6 +14,9 @@
  *   Q4_x . a = sum_b dw_b da_b sum_j nib qa  +  m_b s_b      (Q4_0: m_b = -8 dw_b)
  * Three paths chosen at run time: AVX512-VNNI (two blocks per 512-bit dpbusd), AVX2 (maddubs),
  * and portable scalar. Built without -march, each vector function carries its own target attribute.
+ * Prefill (M rows at once) on AVX512 uses Q4 weights repacked 16 rows per register (hl_repack_q4);
+ * hl_matmul_packed_multi runs several such weights on one quantized activation (q/k/v; gate/up with
+ * the SiLU-gated product in its epilogue).
  */
 #include <math.h>
 #include <stdint.h>
