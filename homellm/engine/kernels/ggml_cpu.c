@@ -554,37 +554,6 @@ T512 static void packed_rows(const uint8_t *pk, int K, const int8_t *q, const fl
     }
 }
 
-/* y (M, N) = x (M, K) @ W^T with W repacked by hl_repack_q4; needs the AVX512 path */
-int hl_matmul_packed(const float *x, int M, int K, const uint8_t *pk, int N, float *y, int nthreads, int hi) {
-    if (hl_best_path() != P_AVX512) return -2;
-    if (K % 32) return -1;
-    if (nthreads <= 0) nthreads = omp_get_max_threads();
-    int8_t *q = malloc((size_t)M * K * (hi ? 2 : 1)), *q2 = hi ? q + (size_t)M * K : NULL;
-    float *dx = malloc((size_t)M * K), *sx = malloc((size_t)M * K);
-    if (!q || !dx || !sx) { free(q); free(dx); free(sx); return -3; }
-    const int G = (N + 15) / 16, R = 8, nb = K / 32;
-    #pragma omp parallel num_threads(nthreads)
-    {
-        #pragma omp for schedule(static)
-        for (int m = 0; m < M; m++)
-            quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, dx + (size_t)m * K / 4, sx + (size_t)m * K / 4,
-                         q2 ? q2 + (size_t)m * K : NULL);
-        float out[8 * 16];
-        #pragma omp for schedule(static)
-        for (int g = 0; g < G; g++) {
-            int nn = N - g * 16 < 16 ? N - g * 16 : 16;
-            for (int m0 = 0; m0 < M; m0 += R) {
-                int r = M - m0 < R ? M - m0 : R;
-                packed_rows(pk + (size_t)g * nb * PK_BYTES, K, q + (size_t)m0 * K, dx + (size_t)m0 * K / 4,
-                            sx + (size_t)m0 * K / 4, r, out, q2 ? q2 + (size_t)m0 * K : NULL);
-                for (int i = 0; i < r; i++) memcpy(y + (size_t)(m0 + i) * N + g * 16, out + 16 * i, 4 * (size_t)nn);
-            }
-        }
-    }
-    free(q); free(dx); free(sx);
-    return 0;
-}
-
 /* exp(x) for 16 floats (Cephes expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp) */
 T512 INLINE __m512 exp512(__m512 x) {
     x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
@@ -605,6 +574,9 @@ T512 INLINE __m512 exp512(__m512 x) {
 /* Several packed weights against one activation x (M, K), quantized once: y_i (M, N_i) = x @ W_i^T.
  * glu: nw = 2 (gate, up) of one N; y_0 = silu(x @ W_0^T) * (x @ W_1^T), silu(g) = g / (1 + e^-g)
  * (y_1 unused). Each thread takes groups of 16 weight rows, over all weights. */
+#ifndef MCHUNK
+#define MCHUNK 128
+#endif
 T512 static int matmul_packed_multi(const float *x, int M, int K, int nw, const uint8_t *const *pks,
                                    const int *Ns, float *const *ys, int nthreads, int hi, int glu) {
     int8_t *q = malloc((size_t)M * K * (hi ? 2 : 1)), *q2 = hi ? q + (size_t)M * K : NULL;
@@ -620,6 +592,8 @@ T512 static int matmul_packed_multi(const float *x, int M, int K, int nw, const 
             quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, dx + (size_t)m * K / 4, sx + (size_t)m * K / 4,
                          q2 ? q2 + (size_t)m * K : NULL);
         float out[8 * 16], out2[8 * 16];
+        for (int mc = 0; mc < M; mc += MCHUNK) {  /* an M chunk's activations stay in L2 */
+        const int mend = M - mc < MCHUNK ? M : mc + MCHUNK;
         #pragma omp for schedule(static)
         for (int gg = 0; gg < first[nfused]; gg++) {
             int i = 0;
@@ -628,8 +602,8 @@ T512 static int matmul_packed_multi(const float *x, int M, int K, int nw, const 
             const int nn = N - g * 16 < 16 ? N - g * 16 : 16;
             const __mmask16 km = (__mmask16)((1u << nn) - 1);
             float *y = ys[i];
-            for (int m0 = 0; m0 < M; m0 += R) {
-                int r = M - m0 < R ? M - m0 : R;
+            for (int m0 = mc; m0 < mend; m0 += R) {
+                int r = mend - m0 < R ? mend - m0 : R;
                 const int8_t *qa = q + (size_t)m0 * K, *qa2 = q2 ? q2 + (size_t)m0 * K : NULL;
                 const float *da = dx + (size_t)m0 * K / 4, *sa = sx + (size_t)m0 * K / 4;
                 packed_rows(pks[i] + (size_t)g * nb * PK_BYTES, K, qa, da, sa, r, out, qa2);
@@ -647,6 +621,7 @@ T512 static int matmul_packed_multi(const float *x, int M, int K, int nw, const 
                 }
             }
         }
+        }
     }
     free(q); free(dx); free(sx);
     return 0;
@@ -658,6 +633,11 @@ int hl_matmul_packed_multi(const float *x, int M, int K, int nw, const uint8_t *
     if (K % 32 || nw < 1 || nw > 8 || (glu && (nw != 2 || Ns[0] != Ns[1]))) return -1;
     if (nthreads <= 0) nthreads = omp_get_max_threads();
     return matmul_packed_multi(x, M, K, nw, pks, Ns, ys, nthreads, hi, glu);
+}
+
+/* y (M, N) = x (M, K) @ W^T with W repacked by hl_repack_q4; needs the AVX512 path */
+int hl_matmul_packed(const float *x, int M, int K, const uint8_t *pk, int N, float *y, int nthreads, int hi) {
+    return hl_matmul_packed_multi(x, M, K, 1, &pk, &N, &y, nthreads, hi, 0);
 }
 
 /* the same activation quantization, exposed for the tests' reference */
