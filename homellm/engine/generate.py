@@ -151,13 +151,14 @@ class Engine:
                 if token in stop_ids:
                     finish = "stop"
                     break
-                logprobs = torch.log_softmax(logits.float(), -1)
+                # log-probabilities under the model (before any penalty): one pass over the vocab
+                lse = float(torch.logsumexp(logits, -1))
                 top = []
                 if top_logprobs:
-                    vals, idx = logprobs.topk(top_logprobs)
-                    top = list(zip(idx.tolist(), vals.tolist()))
+                    vals, idx = logits.topk(top_logprobs)
+                    top = [(i, v - lse) for i, v in zip(idx.tolist(), vals.tolist())]
                 timings.generated_tokens += 1
-                yield Step(token=token, logprob=float(logprobs[token]), top_logprobs=top)
+                yield Step(token=token, logprob=float(logits[token]) - lse, top_logprobs=top)
                 history.append(token)
                 if timings.generated_tokens >= budget:
                     break

@@ -62,6 +62,8 @@ class Sampler:
 
     def __call__(self, logits: Tensor, history: list[int]) -> int:
         p = self.params
+        if p.greedy and p.repeat_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty):
+            return int(logits.argmax())  # the common case: no copy of the logits
         # on the CPU: the generator is a CPU one, and one vocab-sized copy per token is cheap
         logits = self.penalize(logits.detach().float().cpu().clone(), history)
         if p.greedy:
