@@ -176,6 +176,57 @@ def test_loader_fuses_projections_on_a_tiny_model(args):
     assert rel(fused, separate) < 1e-4  # the hi tolerance vs float (module docstring)
 
 
+# --- causal attention (prefill) ------------------------------------------------------------------
+
+def sdpa_causal(q, k, v, start_pos):
+    """The reference: SDPA with the explicit mask of a chunk at start_pos, GQA expanded by torch."""
+    B, H, T, D = q.shape
+    S = start_pos + T
+    mask = torch.ones(T, S, dtype=torch.bool).tril(start_pos)
+    y = F.scaled_dot_product_attention(q.double(), k[:, :, :S].double(), v[:, :, :S].double(),
+                                       attn_mask=mask, enable_gqa=True)
+    return y.transpose(1, 2).reshape(B, T, H * D)
+
+
+@pytest.mark.parametrize("path", _paths())
+@pytest.mark.parametrize("hd", (64, 32))
+@pytest.mark.parametrize("heads", ((4, 4), (9, 3)), ids=("mha", "gqa3"))
+def test_attention_causal_matches_sdpa(path, hd, heads):
+    """hl_attention_causal == SDPA (float64) for chunks at start_pos 0 and after cached
+    positions; q in the transposed layout llama.py has, k/v a slice of a longer cache."""
+    nh, nkv = heads
+    g = torch.Generator().manual_seed(hd + nh)
+    for T in (1, 7, 64, 300):
+        for start_pos in (0, 37):
+            q = torch.randn(1, T, nh, hd, generator=g).transpose(1, 2)  # (1, nh, T, hd), strided
+            k = torch.randn(1, nkv, start_pos + T + 5, hd, generator=g)
+            v = torch.randn(1, nkv, start_pos + T + 5, hd, generator=g)
+            y = kernels.attention_causal(q, k, v, start_pos, path=path)
+            assert rel(y, sdpa_causal(q, k, v, start_pos)) < 1e-5, (T, start_pos)
+
+
+def test_attention_in_the_model_cached_chunks_and_threads():
+    """A float model with the loader's attention_fn: logits == SDPA's, in one prefill and in two
+    cached chunks; one thread == two threads bit for bit."""
+    from homellm.engine.kv_cache import KVCache
+    from homellm.engine.loader import _attach_attention
+    args = TINY_LLAMA
+    model = reference_model(args, tiny_llama_state(args, 3))
+    ids = torch.randint(0, args.vocab_size, (1, 50), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref = model(ids)
+        _attach_attention(model, torch.device("cpu"), torch.float32)
+        assert model.model.layers[0].self_attn.attention_fn is not None
+        whole = model(ids)
+        cache = KVCache(args, 64)
+        chunked = torch.cat([model(ids[:, :20], 0, cache), model(ids[:, 20:], 20, cache)], 1)
+    torch.testing.assert_close(whole, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked, ref, rtol=1e-5, atol=1e-5)
+    q, k, v = torch.randn(1, 9, 100, 64), torch.randn(1, 3, 100, 64), torch.randn(1, 3, 100, 64)
+    assert torch.equal(kernels.attention_causal(q, k, v, 0, threads=1),
+                       kernels.attention_causal(q, k, v, 0, threads=2))
+
+
 # --- fused decode on a tiny random model ---------------------------------------------------------
 
 def reference_model(args: ModelArgs, tensors: dict) -> Llama:

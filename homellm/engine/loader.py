@@ -9,7 +9,9 @@ What each weight becomes is decided by what the checkpoint records, never by a f
 - the token embedding keeps its raw blocks and dequantizes the rows it looks up;
 - where q/k/v (and gate/up) are packed GGMLLinear layers, the layer also gets a fused
   projection (`qkv_proj`, `gate_up_proj`: kernels.FusedProjection) over the same packed
-  weights: the activation is quantized once, and SiLU(gate) * up comes out of the kernel.
+  weights: the activation is quantized once, and SiLU(gate) * up comes out of the kernel;
+- on a float32 CPU model with the kernels built, attention of prefill chunks runs in C
+  (`attention_fn`: kernels.CausalAttention, causal part only, GQA without expanding).
 No float copy of the whole model is ever held for a quantized checkpoint.
 """
 from __future__ import annotations
@@ -77,6 +79,17 @@ def _fuse_projections(layer: nn.Module):
             pass  # not all packed (other ggml types, other CPUs): the separate layers run
 
 
+def _attach_attention(model: Llama, device: torch.device, dtype: torch.dtype):
+    """Causal attention in C for prefill (engine/kernels CausalAttention) on float32 CPU
+    models where the kernels built; SDPA stays otherwise."""
+    from homellm.engine import kernels
+    if device.type != "cpu" or dtype != torch.float32 or not kernels.available():
+        return
+    fn = kernels.CausalAttention()
+    for layer in model.model.layers:
+        layer.self_attn.attention_fn = fn
+
+
 def build_model(ckpt: Checkpoint, device: torch.device | str | None = None,
                 dtype: torch.dtype | None = None, quant: str | None = None,
                 progress=None) -> Llama:
@@ -138,6 +151,7 @@ def build_model(ckpt: Checkpoint, device: torch.device | str | None = None,
     if progress:
         progress(total, total)
     model.inv_freq = rope_inv_freq(args).to(device)
+    _attach_attention(model, device, dtype)
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         if p.device.type == "meta":
             raise ModelFileError(f"{ckpt.source}: no weights for {name}")

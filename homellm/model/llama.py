@@ -150,6 +150,9 @@ class Attention(nn.Module):
         # optional x -> (q_proj(x), k_proj(x), v_proj(x)) in one call, on the same weights (the
         # loader sets it for GGUF kernels: engine/kernels FusedProjection); None: three calls
         self.qkv_proj = None
+        # optional causal attention (q, k, v) -> (B, T, n_heads * head_dim), the queries being
+        # the last T key positions (the loader sets engine/kernels CausalAttention); None: SDPA
+        self.attention_fn = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int,
                 cache: KVCacheProtocol | None, mask: Tensor | None) -> Tensor:
@@ -165,13 +168,13 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start_pos)  # (B, n_kv_heads, S, head_dim)
         q, k, v = q.to(v.dtype), k.to(v.dtype), v
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
+        if mask is None and T > 1 and self.attention_fn is not None:  # (T = 1: SDPA is faster)
+            y = self.attention_fn(q, k, v)  # (B, T, n_heads * head_dim)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
+            y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y.to(x.dtype))
 
 
 class MLP(nn.Module):
@@ -247,7 +250,8 @@ class Llama(nn.Module):
         positions = torch.arange(start_pos, start_pos + T, device=tokens.device)
         cos, sin = self.rope(positions)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        if mask is None and cache is not None and start_pos > 0 and T > 1:
+        if mask is None and cache is not None and start_pos > 0 and T > 1 \
+                and self.model.layers[0].self_attn.attention_fn is None:  # (it sees the cache)
             # queries at start_pos+i see every cached key and the new keys up to themselves
             S = start_pos + T
             mask = torch.ones(T, S, dtype=torch.bool, device=tokens.device).tril(start_pos)

@@ -1,8 +1,10 @@
-"""Our own C kernels for the CPU: matmul on raw GGUF blocks and a fused single-token decode.
+"""Our own C kernels for the CPU: matmul on raw GGUF blocks, a fused single-token decode and
+causal attention for prefill.
 
 `available()` says whether the library built and loaded (it needs a C compiler; without one,
 or with HOMELLM_NO_KERNELS=1, everything stays on the PyTorch path). The code is in
-ggml_cpu.c; build.py compiles and caches it; ggml_linear.py and fast_decode.py wrap it.
+ggml_cpu.c; build.py compiles and caches it; ggml_linear.py, fast_decode.py and attention.py
+wrap it.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ def path_id(path: str | None) -> int:
 from homellm.engine.kernels.ggml_linear import (FusedProjection, GGMLLinear, matmul, matmul_packed,  # noqa: E402
                                                 matmul_packed_multi, repack_q4)
 from homellm.engine.kernels.fast_decode import FastDecoder  # noqa: E402
+from homellm.engine.kernels.attention import CausalAttention, attention_causal  # noqa: E402
 
 __all__ = ["available", "cpu_features", "status", "FusedProjection", "GGMLLinear", "matmul",
-           "matmul_packed", "matmul_packed_multi", "repack_q4", "FastDecoder"]
+           "matmul_packed", "matmul_packed_multi", "repack_q4", "FastDecoder",
+           "CausalAttention", "attention_causal"]

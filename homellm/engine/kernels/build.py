@@ -122,6 +122,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "hl_model_set_kv": (None, [c_void, c_int, c_void, c_void, c_int]),
         "hl_model_set_threads": (c_int, [c_void, c_int, c_int, c_int]),
         "hl_decode": (c_int, [c_void, c_int, c_int, c_void]),
+        "hl_attention_causal": (c_int, [c_void, c_i64, c_i64, c_void, c_i64, c_i64, c_void, c_i64, c_i64,
+                                        c_int, c_int, c_int, c_int, c_int, c_float, c_void, c_int, c_int]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)

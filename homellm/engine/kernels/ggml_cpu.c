@@ -894,3 +894,222 @@ int hl_decode(void *p, int token, int pos, float *logits) {
     }
     return 0;
 }
+
+/* ==== causal attention for prefill (flash-style) ===========================================
+ * y[t, h*hd + d] = sum_j softmax_j(scale q[t,h] . k[j,g]) v[j,g,d], keys j <= start_pos + t,
+ * g = h / (nh / nkv) (GQA: each kv head's K/V tile serves its nh/nkv query heads).
+ * Tiles of AQ queries x all their group's heads against AK keys, with the online softmax of
+ * FlashAttention (Dao et al. 2022, alg. 1): running max m, sum l, output rescaled by exp(m_old - m).
+ * Only key tiles at or below the diagonal are visited. q, k, v are read through strides (floats):
+ * q[t, h] at q + t*qst + h*qsh; k[j, g] at k + j*kst + g*ksh (v alike); out is (T, nh*hd). */
+
+#define AQ 16  /* queries per tile */
+#define AK 64  /* keys per tile */
+
+typedef struct {
+    const float *q, *k, *v; int64_t qst, qsh, kst, ksh, vst, vsh;
+    int T, nh, nkv, hd, sp; float scale; float *out;
+} attn_t;
+
+/* exp(x) for float32, Cephes expf: x = n ln2 + r, |r| <= ln2/2, degree-5 polynomial (~1 ulp) */
+INLINE float exp_poly(float x) {
+    x = x < -87.3f ? -87.3f : x > 88.3f ? 88.3f : x;
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500E-4f;
+    p = p * r + 1.3981999507E-3f; p = p * r + 8.3334519073E-3f; p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f; p = p * r + 5.0000001201E-1f;
+    p = p * r * r + r + 1.f;
+    union { int32_t i; float f; } u = { .i = ((int32_t)n + 127) << 23 };
+    return p * u.f;
+}
+
+/* the portable tile: one row (query, head) at a time, the key tile's scores in a buffer */
+INLINE void attn_item_generic(const attn_t *a, int g, int qt, float *ws) {
+    const int r = a->nh / a->nkv, hd = a->hd, q0 = qt * AQ, bq = a->T - q0 < AQ ? a->T - q0 : AQ;
+    float *o = ws, *s = ws + hd;
+    for (int hh = 0; hh < r; hh++) {
+        const int h = g * r + hh;
+        for (int t = 0; t < bq; t++) {
+            const float *qv = a->q + (size_t)(q0 + t) * a->qst + (size_t)h * a->qsh;
+            const int kend = a->sp + q0 + t + 1;
+            float m = -INFINITY, l = 0.f;
+            for (int d = 0; d < hd; d++) o[d] = 0.f;
+            for (int k0 = 0; k0 < kend; k0 += AK) {
+                const int nk = kend - k0 < AK ? kend - k0 : AK;
+                float mx = -INFINITY;
+                for (int j = 0; j < nk; j++) {
+                    const float *kv = a->k + (size_t)(k0 + j) * a->kst + (size_t)g * a->ksh;
+                    float acc = 0.f;
+                    for (int d = 0; d < hd; d++) acc += qv[d] * kv[d];
+                    s[j] = acc * a->scale;
+                    mx = s[j] > mx ? s[j] : mx;
+                }
+                const float mn = m > mx ? m : mx, c = expf(m - mn);
+                float sum = 0.f;
+                for (int j = 0; j < nk; j++) { s[j] = exp_poly(s[j] - mn); sum += s[j]; }
+                l = l * c + sum; m = mn;
+                for (int d = 0; d < hd; d++) o[d] *= c;
+                for (int j = 0; j < nk; j++) {
+                    const float *vv = a->v + (size_t)(k0 + j) * a->vst + (size_t)g * a->vsh, p = s[j];
+                    for (int d = 0; d < hd; d++) o[d] += p * vv[d];
+                }
+            }
+            float *y = a->out + (size_t)(q0 + t) * a->nh * hd + (size_t)h * hd;
+            for (int d = 0; d < hd; d++) y[d] = o[d] / l;
+        }
+    }
+}
+
+static void attn_item_scalar(const attn_t *a, int g, int qt, float *ws) { attn_item_generic(a, g, qt, ws); }
+T256 static void attn_item_avx2(const attn_t *a, int g, int qt, float *ws) { attn_item_generic(a, g, qt, ws); }
+
+/* exp512: the one of the packed matmul's SiLU epilogue, above */
+
+/* O[i0..i0+3, d0 .. d0+16 NV) = c_i O + P[i, :jn] @ V[:jn, d0 ..] for one block of 4 rows */
+T512 INLINE void attn_pv_512(const attn_t *a, int g, int k0, int jn, int i0, int d0, int NV,
+                             const float *P, const float *c, float *O) {
+    const int hd = a->hd;
+    __m512 acc[4][4];
+    for (int rr = 0; rr < 4; rr++) {
+        __m512 cr = _mm512_set1_ps(c[i0 + rr]);
+        for (int x = 0; x < NV; x++)
+            acc[rr][x] = _mm512_mul_ps(cr, _mm512_loadu_ps(O + (size_t)(i0 + rr) * hd + d0 + 16 * x));
+    }
+    const float *vb = a->v + (size_t)k0 * a->vst + (size_t)g * a->vsh + d0;
+    for (int j = 0; j < jn; j++) {
+        __m512 vv[4];
+        for (int x = 0; x < NV; x++) vv[x] = _mm512_loadu_ps(vb + (size_t)j * a->vst + 16 * x);
+        for (int rr = 0; rr < 4; rr++) {
+            __m512 p = _mm512_set1_ps(P[(i0 + rr) * AK + j]);
+            for (int x = 0; x < NV; x++) acc[rr][x] = _mm512_fmadd_ps(p, vv[x], acc[rr][x]);
+        }
+    }
+    for (int rr = 0; rr < 4; rr++)
+        for (int x = 0; x < NV; x++) _mm512_storeu_ps(O + (size_t)(i0 + rr) * hd + d0 + 16 * x, acc[rr][x]);
+}
+
+/* rows i = hh*bq + t (head g*r + hh, query q0 + t), padded to a multiple of 4 with zero rows */
+T512 static void attn_item_512(const attn_t *a, int g, int qt, float *ws) {
+    const int r = a->nh / a->nkv, hd = a->hd, q0 = qt * AQ, bq = a->T - q0 < AQ ? a->T - q0 : AQ;
+    const int R = r * bq, Rp = (R + 3) & ~3;
+    float *Qb = ws, *O = Qb + (size_t)Rp * hd, *Kt = O + (size_t)Rp * hd, *P = Kt + (size_t)hd * AK;
+    float *m = P + (size_t)Rp * AK, *l = m + Rp, *c = l + Rp;
+    int *pos = (int *)(c + Rp);
+    for (int i = 0; i < Rp; i++) {
+        const int hh = i / bq, t = i % bq;
+        pos[i] = i < R ? a->sp + q0 + t : 1 << 30;  /* padding rows see every key: no NaN */
+        m[i] = -INFINITY; l[i] = 0.f; c[i] = 1.f;
+        const float *src = a->q + (size_t)(q0 + t) * a->qst + (size_t)(g * r + hh) * a->qsh;
+        for (int d = 0; d < hd; d++) { Qb[(size_t)i * hd + d] = i < R ? src[d] * a->scale : 0.f; O[(size_t)i * hd + d] = 0.f; }
+    }
+    const int kend = a->sp + q0 + bq;  /* keys 0 .. kend-1 */
+    for (int k0 = 0; k0 < kend; k0 += AK) {
+        const int nk = kend - k0 < AK ? kend - k0 : AK;
+        const float *kb = a->k + (size_t)k0 * a->kst + (size_t)g * a->ksh;
+        for (int j = 0; j < AK; j++)  /* Kt (hd, AK): the tile's keys as columns */
+            for (int d = 0; d < hd; d++) Kt[d * AK + j] = j < nk ? kb[(size_t)j * a->kst + d] : 0.f;
+        for (int i0 = 0; i0 < Rp; i0 += 4) {
+            int pmax = -1;
+            for (int rr = 0; rr < 4; rr++) {
+                int p = pos[i0 + rr] < kend - 1 ? pos[i0 + rr] : kend - 1;
+                pmax = p > pmax ? p : pmax;
+            }
+            if (pmax < k0) continue;  /* the whole block is above the diagonal: P = 0, c = 1 */
+            __m512 s[4][4];
+            for (int rr = 0; rr < 4; rr++) for (int x = 0; x < 4; x++) s[rr][x] = _mm512_setzero_ps();
+            for (int d = 0; d < hd; d++) {
+                __m512 kv[4];
+                for (int x = 0; x < 4; x++) kv[x] = _mm512_loadu_ps(Kt + d * AK + 16 * x);
+                for (int rr = 0; rr < 4; rr++) {
+                    __m512 qb = _mm512_set1_ps(Qb[(size_t)(i0 + rr) * hd + d]);
+                    for (int x = 0; x < 4; x++) s[rr][x] = _mm512_fmadd_ps(qb, kv[x], s[rr][x]);
+                }
+            }
+            for (int rr = 0; rr < 4; rr++) {
+                const int i = i0 + rr;
+                int lim = (pos[i] < kend - 1 ? pos[i] : kend - 1) - k0;  /* keys k0 + j, j <= lim */
+                if (lim < 0) {
+                    c[i] = 1.f;
+                    for (int x = 0; x < 4; x++) _mm512_storeu_ps(P + i * AK + 16 * x, _mm512_setzero_ps());
+                    continue;
+                }
+                __mmask16 mk[4];
+                __m512 mx = _mm512_set1_ps(-INFINITY);
+                for (int x = 0; x < 4; x++) {
+                    int n = lim - 16 * x + 1;
+                    mk[x] = n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+                    mx = _mm512_mask_max_ps(mx, mk[x], mx, s[rr][x]);
+                }
+                const float tmax = _mm512_reduce_max_ps(mx), mn = m[i] > tmax ? m[i] : tmax;
+                c[i] = expf(m[i] - mn);
+                __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(mn);
+                for (int x = 0; x < 4; x++) {
+                    __m512 p = _mm512_maskz_mov_ps(mk[x], exp512(_mm512_sub_ps(s[rr][x], mv)));
+                    sum = _mm512_add_ps(sum, p);
+                    _mm512_storeu_ps(P + i * AK + 16 * x, p);
+                }
+                l[i] = l[i] * c[i] + _mm512_reduce_add_ps(sum);
+                m[i] = mn;
+            }
+            const int jn = pmax - k0 + 1 < nk ? pmax - k0 + 1 : nk;
+            int d0 = 0;
+            for (; d0 + 64 <= hd; d0 += 64) attn_pv_512(a, g, k0, jn, i0, d0, 4, P, c, O);
+            switch ((hd - d0) / 16) {
+                case 3: attn_pv_512(a, g, k0, jn, i0, d0, 3, P, c, O); break;
+                case 2: attn_pv_512(a, g, k0, jn, i0, d0, 2, P, c, O); break;
+                case 1: attn_pv_512(a, g, k0, jn, i0, d0, 1, P, c, O); break;
+                default: break;
+            }
+        }
+    }
+    for (int i = 0; i < R; i++) {
+        const int hh = i / bq, t = i % bq;
+        float *y = a->out + (size_t)(q0 + t) * a->nh * hd + (size_t)(g * r + hh) * hd;
+        const float inv = 1.f / l[i];
+        for (int d = 0; d < hd; d++) y[d] = O[(size_t)i * hd + d] * inv;
+    }
+}
+
+int hl_attention_causal(const float *q, int64_t qst, int64_t qsh, const float *k, int64_t kst, int64_t ksh,
+                        const float *v, int64_t vst, int64_t vsh, int T, int nh, int nkv, int hd,
+                        int start_pos, float scale, float *out, int nthreads, int path) {
+    if (path < 0) path = hl_best_path();
+    if (!path_ok(path)) return -2;
+    if (T <= 0 || nkv <= 0 || nh % nkv || hd <= 0 || start_pos < 0) return -1;
+    if (path == P_AVX512 && hd % 16) path = P_AVX2;
+    if (nthreads <= 0) nthreads = omp_get_max_threads();
+    attn_t a = { q, k, v, qst, qsh, kst, ksh, vst, vsh, T, nh, nkv, hd, start_pos, scale, out };
+    const int r = nh / nkv, nqt = (T + AQ - 1) / AQ, n = nqt * nkv, Rp = (r * AQ + 3) & ~3;
+    const size_t ws_floats = path == P_AVX512 ? (size_t)2 * Rp * hd + (size_t)hd * AK + (size_t)Rp * AK + 4 * (size_t)Rp
+                                              : (size_t)hd + AK;
+    /* items (query tile, kv head) cost ~ their keys; each thread takes a contiguous run of
+     * items holding an equal share of the total (the causal triangle, balanced statically) */
+    double total = 0;
+    for (int qt = 0; qt < nqt; qt++) total += (double)nkv * (start_pos + (qt + 1) * AQ);
+    if (nthreads > n) nthreads = n;
+    int fail = 0;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        float *ws = malloc(ws_floats * sizeof(float));
+        if (!ws) {
+            #pragma omp atomic write
+            fail = 1;
+        } else {
+            double acc = 0;
+            for (int it = 0; it < n; it++) {
+                const int qt = it / nkv, g = it % nkv;
+                const double w = start_pos + (qt + 1) * AQ, mid = acc + w / 2;
+                acc += w;
+                const int owner = (int)(mid * nt / total);
+                if ((owner < nt ? owner : nt - 1) != tid) continue;
+                if (path == P_AVX512) attn_item_512(&a, g, qt, ws);
+                else if (path == P_AVX2) attn_item_avx2(&a, g, qt, ws);
+                else attn_item_scalar(&a, g, qt, ws);
+            }
+            free(ws);
+        }
+    }
+    return fail ? -3 : 0;
+}
