@@ -5,7 +5,9 @@ prefills a chunk), best of `--repeat`, for three variants measured back to back 
 - fused: what the loader builds (q/k/v in one kernel call, SiLU(gate) * up in the gate/up
   kernel's epilogue; packed Q4, two-level "hi" activations);
 - separate: the same layers one kernel call each (the fused projections switched off);
-- lo: fused, with one-level int8 activations (faster, less exact: not the default).
+- lo: fused, with one-level int8 activations (faster, less exact: not the default);
+- sdpa: fused, with PyTorch's scaled_dot_product_attention instead of our causal attention
+  kernel (kernels.CausalAttention, the loader's default on the CPU).
 Also the teacher-forced top-1 agreement of the fused model with the float model (every weight
 dequantized to float32) on the same random prompt.
 
@@ -38,9 +40,10 @@ def best_prefill_s(net, ids: torch.Tensor, repeat: int) -> float:
     return best
 
 
-def set_variant(net, fused: dict, hi: bool, use_fused: bool):
+def set_variant(net, fused: dict, hi: bool, use_fused: bool, attention):
     for i, layer in enumerate(net.model.layers):
         layer.self_attn.qkv_proj, layer.mlp.gate_up_proj = fused[i] if use_fused else (None, None)
+        layer.self_attn.attention_fn = attention
     for m in net.modules():
         if isinstance(m, GGMLLinear):
             m.hi = hi
@@ -67,13 +70,15 @@ def main() -> None:
     result = {"model": path.name, "tokens": a.tokens, "threads": torch.get_num_threads(),
               "kernel_path": kernels.cpu_features().get("path"),
               "fused_projections": fused[0][0] is not None}
-    for name, hi, use_fused in (("fused", True, True), ("separate", True, False),
-                                ("lo", False, True)):
-        set_variant(net, fused, hi, use_fused)
+    attn = net.model.layers[0].self_attn.attention_fn
+    result["attention"] = repr(attn) if attn is not None else "sdpa"
+    for name, hi, use_fused, fn in (("fused", True, True, attn), ("separate", True, False, attn),
+                                    ("lo", False, True, attn), ("sdpa", True, True, None)):
+        set_variant(net, fused, hi, use_fused, fn)
         s = best_prefill_s(net, ids, a.repeat)
         result[f"{name}_s"] = round(s, 4)
         result[f"{name}_tps"] = round(a.tokens / s, 1)
-    set_variant(net, fused, True, True)
+    set_variant(net, fused, True, True, attn)
 
     float_net = build_model(ckpt, "cpu", quant="none")
     with torch.inference_mode():
