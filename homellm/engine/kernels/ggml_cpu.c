@@ -962,7 +962,140 @@ INLINE void attn_item_generic(const attn_t *a, int g, int qt, float *ws) {
 }
 
 static void attn_item_scalar(const attn_t *a, int g, int qt, float *ws) { attn_item_generic(a, g, qt, ws); }
-T256 static void attn_item_avx2(const attn_t *a, int g, int qt, float *ws) { attn_item_generic(a, g, qt, ws); }
+
+/* exp(x) for 8 floats: exp512's Cephes polynomial; 2^n built in the exponent bits */
+T256 INLINE __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+T256 INLINE float hmax256(__m256 v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_max_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+/* attn_item_512's tiles with 8-wide vectors (hd % 8 == 0): scores of 4 rows x 16 keys at a time
+ * into P, the softmax on P's rows, then P @ V 4 rows x 16 dims at a time (16 ymm registers) */
+T256 static void attn_item_avx2(const attn_t *a, int g, int qt, float *ws) {
+    const int r = a->nh / a->nkv, hd = a->hd, q0 = qt * AQ, bq = a->T - q0 < AQ ? a->T - q0 : AQ;
+    if (hd % 8) { attn_item_generic(a, g, qt, ws); return; }
+    const int R = r * bq, Rp = (R + 3) & ~3;
+    float *Qb = ws, *O = Qb + (size_t)Rp * hd, *Kt = O + (size_t)Rp * hd, *P = Kt + (size_t)hd * AK;
+    float *m = P + (size_t)Rp * AK, *l = m + Rp, *c = l + Rp;
+    int *pos = (int *)(c + Rp);
+    for (int i = 0; i < Rp; i++) {
+        const int hh = i / bq, t = i % bq;
+        pos[i] = i < R ? a->sp + q0 + t : 1 << 30;
+        m[i] = -INFINITY; l[i] = 0.f; c[i] = 1.f;
+        const float *src = a->q + (size_t)(q0 + t) * a->qst + (size_t)(g * r + hh) * a->qsh;
+        for (int d = 0; d < hd; d++) { Qb[(size_t)i * hd + d] = i < R ? src[d] * a->scale : 0.f; O[(size_t)i * hd + d] = 0.f; }
+    }
+    const int kend = a->sp + q0 + bq;
+    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int k0 = 0; k0 < kend; k0 += AK) {
+        const int nk = kend - k0 < AK ? kend - k0 : AK;
+        const float *kb = a->k + (size_t)k0 * a->kst + (size_t)g * a->ksh;
+        for (int j = 0; j < AK; j++)
+            for (int d = 0; d < hd; d++) Kt[d * AK + j] = j < nk ? kb[(size_t)j * a->kst + d] : 0.f;
+        for (int i0 = 0; i0 < Rp; i0 += 4) {
+            int pmax = -1;
+            for (int rr = 0; rr < 4; rr++) {
+                int p = pos[i0 + rr] < kend - 1 ? pos[i0 + rr] : kend - 1;
+                pmax = p > pmax ? p : pmax;
+            }
+            if (pmax < k0) continue;
+            const int jn = pmax - k0 + 1 < nk ? pmax - k0 + 1 : nk;
+            for (int j0 = 0; j0 < jn; j0 += 16) {
+                __m256 s[4][2];
+                for (int rr = 0; rr < 4; rr++) s[rr][0] = s[rr][1] = _mm256_setzero_ps();
+                for (int d = 0; d < hd; d++) {
+                    __m256 k0v = _mm256_loadu_ps(Kt + d * AK + j0), k1v = _mm256_loadu_ps(Kt + d * AK + j0 + 8);
+                    for (int rr = 0; rr < 4; rr++) {
+                        __m256 qb = _mm256_broadcast_ss(Qb + (size_t)(i0 + rr) * hd + d);
+                        s[rr][0] = _mm256_fmadd_ps(qb, k0v, s[rr][0]);
+                        s[rr][1] = _mm256_fmadd_ps(qb, k1v, s[rr][1]);
+                    }
+                }
+                for (int rr = 0; rr < 4; rr++) {
+                    _mm256_storeu_ps(P + (i0 + rr) * AK + j0, s[rr][0]);
+                    _mm256_storeu_ps(P + (i0 + rr) * AK + j0 + 8, s[rr][1]);
+                }
+            }
+            const int jp = (jn + 7) & ~7;  /* P's columns in use, whole vectors */
+            for (int rr = 0; rr < 4; rr++) {
+                const int i = i0 + rr, lim = (pos[i] < kend - 1 ? pos[i] : kend - 1) - k0;
+                float *pr = P + i * AK;
+                if (lim < 0) {
+                    c[i] = 1.f;
+                    for (int j = 0; j < jp; j += 8) _mm256_storeu_ps(pr + j, _mm256_setzero_ps());
+                    continue;
+                }
+                const __m256 limv = _mm256_set1_ps((float)lim), ninf = _mm256_set1_ps(-INFINITY);
+                __m256 mx = ninf;
+                for (int j = 0; j < jp; j += 8) {
+                    __m256 ok = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)j)), limv, _CMP_LE_OQ);
+                    mx = _mm256_max_ps(mx, _mm256_blendv_ps(ninf, _mm256_loadu_ps(pr + j), ok));
+                }
+                const float tmax = hmax256(mx), mn = m[i] > tmax ? m[i] : tmax;
+                c[i] = expf(m[i] - mn);
+                __m256 sum = _mm256_setzero_ps(), mv = _mm256_set1_ps(mn);
+                for (int j = 0; j < jp; j += 8) {
+                    __m256 ok = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)j)), limv, _CMP_LE_OQ);
+                    __m256 p = _mm256_and_ps(ok, exp256(_mm256_sub_ps(_mm256_loadu_ps(pr + j), mv)));
+                    sum = _mm256_add_ps(sum, p);
+                    _mm256_storeu_ps(pr + j, p);
+                }
+                l[i] = l[i] * c[i] + hsum256(sum);
+                m[i] = mn;
+            }
+            const float *vb = a->v + (size_t)k0 * a->vst + (size_t)g * a->vsh;
+            for (int d0 = 0; d0 < hd; d0 += 16) {
+                const int two = d0 + 16 <= hd;
+                __m256 o[4][2];
+                for (int rr = 0; rr < 4; rr++) {
+                    __m256 cr = _mm256_set1_ps(c[i0 + rr]);
+                    float *orow = O + (size_t)(i0 + rr) * hd + d0;
+                    o[rr][0] = _mm256_mul_ps(cr, _mm256_loadu_ps(orow));
+                    o[rr][1] = two ? _mm256_mul_ps(cr, _mm256_loadu_ps(orow + 8)) : _mm256_setzero_ps();
+                }
+                for (int j = 0; j < jn; j++) {
+                    const float *vr = vb + (size_t)j * a->vst + d0;
+                    __m256 v0 = _mm256_loadu_ps(vr), v1 = two ? _mm256_loadu_ps(vr + 8) : _mm256_setzero_ps();
+                    for (int rr = 0; rr < 4; rr++) {
+                        __m256 p = _mm256_broadcast_ss(P + (i0 + rr) * AK + j);
+                        o[rr][0] = _mm256_fmadd_ps(p, v0, o[rr][0]);
+                        o[rr][1] = _mm256_fmadd_ps(p, v1, o[rr][1]);
+                    }
+                }
+                for (int rr = 0; rr < 4; rr++) {
+                    float *orow = O + (size_t)(i0 + rr) * hd + d0;
+                    _mm256_storeu_ps(orow, o[rr][0]);
+                    if (two) _mm256_storeu_ps(orow + 8, o[rr][1]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < R; i++) {
+        const int hh = i / bq, t = i % bq;
+        float *y = a->out + (size_t)(q0 + t) * a->nh * hd + (size_t)(g * r + hh) * hd;
+        const float inv = 1.f / l[i];
+        for (int d = 0; d < hd; d++) y[d] = O[(size_t)i * hd + d] * inv;
+    }
+}
 
 /* exp512: the one of the packed matmul's SiLU epilogue, above */
 
@@ -1081,8 +1214,7 @@ int hl_attention_causal(const float *q, int64_t qst, int64_t qsh, const float *k
     if (nthreads <= 0) nthreads = omp_get_max_threads();
     attn_t a = { q, k, v, qst, qsh, kst, ksh, vst, vsh, T, nh, nkv, hd, start_pos, scale, out };
     const int r = nh / nkv, nqt = (T + AQ - 1) / AQ, n = nqt * nkv, Rp = (r * AQ + 3) & ~3;
-    const size_t ws_floats = path == P_AVX512 ? (size_t)2 * Rp * hd + (size_t)hd * AK + (size_t)Rp * AK + 4 * (size_t)Rp
-                                              : (size_t)hd + AK;
+    const size_t ws_floats = (size_t)2 * Rp * hd + (size_t)hd * AK + (size_t)Rp * AK + 4 * (size_t)Rp;
     /* items (query tile, kv head) cost ~ their keys; each thread takes a contiguous run of
      * items holding an equal share of the total (the causal triangle, balanced statically) */
     double total = 0;
