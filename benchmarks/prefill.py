@@ -1,7 +1,7 @@
 """Prefill speed of the default model on the CPU kernels; prints one JSON object.
 
 One forward of a `--tokens`-long prompt (`net(ids, 0, KVCache, last_only=True)`, as the engine
-prefills a chunk), best of `--repeat`, for three variants measured back to back in one process:
+prefills a chunk), best of `--repeat` rounds, the variants interleaved in each round:
 - fused: what the loader builds (q/k/v in one kernel call, SiLU(gate) * up in the gate/up
   kernel's epilogue; packed Q4, two-level "hi" activations);
 - separate: the same layers one kernel call each (the fused projections switched off);
@@ -29,15 +29,12 @@ from homellm.engine.loader import build_model
 from homellm.model.formats.gguf import read_gguf
 
 
-def best_prefill_s(net, ids: torch.Tensor, repeat: int) -> float:
-    best = float("inf")
+def prefill_s(net, ids: torch.Tensor) -> float:
     with torch.inference_mode():
-        for _ in range(repeat + 1):  # the first run warms up
-            cache = KVCache(net.args, ids.shape[1] + 16)
-            t0 = time.perf_counter()
-            net(ids, 0, cache, last_only=True)
-            best = min(best, time.perf_counter() - t0)
-    return best
+        cache = KVCache(net.args, ids.shape[1] + 16)
+        t0 = time.perf_counter()
+        net(ids, 0, cache, last_only=True)
+        return time.perf_counter() - t0
 
 
 def set_variant(net, fused: dict, hi: bool, use_fused: bool, attention):
@@ -72,10 +69,15 @@ def main() -> None:
               "fused_projections": fused[0][0] is not None}
     attn = net.model.layers[0].self_attn.attention_fn
     result["attention"] = repr(attn) if attn is not None else "sdpa"
-    for name, hi, use_fused, fn in (("fused", True, True, attn), ("separate", True, False, attn),
-                                    ("lo", False, True, attn), ("sdpa", True, True, None)):
-        set_variant(net, fused, hi, use_fused, fn)
-        s = best_prefill_s(net, ids, a.repeat)
+    variants = {"fused": (True, True, attn), "separate": (True, False, attn),
+                "lo": (False, True, attn), "sdpa": (True, True, None)}
+    best = dict.fromkeys(variants, float("inf"))
+    for rnd in range(a.repeat + 1):  # variants interleaved (a noisy machine drifts); round 0 warms up
+        for name, (hi, use_fused, fn) in variants.items():
+            set_variant(net, fused, hi, use_fused, fn)
+            s = prefill_s(net, ids)
+            best[name] = min(best[name], s) if rnd else best[name]
+    for name, s in best.items():
         result[f"{name}_s"] = round(s, 4)
         result[f"{name}_tps"] = round(a.tokens / s, 1)
     set_variant(net, fused, True, True, attn)
