@@ -84,8 +84,8 @@ def main(args: argparse.Namespace) -> int:
                 print("(conversation cleared)")
             elif cmd == "/system":
                 text = line[len("/system"):].strip()
-                session.reset(system=text)
                 session.system = text or None
+                session.reset()
                 print("(system prompt set; conversation cleared)" if text else
                       "(system prompt cleared)")
             elif cmd == "/set":

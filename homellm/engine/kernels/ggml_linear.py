@@ -37,6 +37,15 @@ def _threads(n: int | None) -> int:
     return n if n else torch.get_num_threads()
 
 
+def _prepare(x: Tensor, out_features: int):
+    """The library, x (M, K) as contiguous float32, and an empty y (M, out_features)."""
+    lib = kernels.load()
+    if lib is None:
+        raise RuntimeError(f"homellm kernels are unavailable: {kernels.status()}")
+    x = x.contiguous().float()
+    return lib, x, torch.empty(x.shape[0], out_features, dtype=torch.float32)
+
+
 def matmul(x: Tensor, data: Tensor, ggml_type: int, out_features: int, *, threads: int | None = None,
            path: str | None = None, hi: bool = False) -> Tensor:
     """y (M, N) f32 = x (M, K) f32 @ W^T, W given as raw blocks `data` uint8 (N, bytes_per_row).
@@ -44,12 +53,8 @@ def matmul(x: Tensor, data: Tensor, ggml_type: int, out_features: int, *, thread
     hi: quantize the activations to two int8 levels (value + rounded residual): ~256x less
     rounding error for ~2x the integer work (see ggml_cpu.c).
     """
-    lib = kernels.load()
-    if lib is None:
-        raise RuntimeError(f"homellm kernels are unavailable: {kernels.status()}")
-    x = x.contiguous().float()
+    lib, x, y = _prepare(x, out_features)
     M, K = x.shape
-    y = torch.empty(M, out_features, dtype=torch.float32)
     rc = lib.hl_matmul(x.data_ptr(), M, K, data.data_ptr(), data.stride(0), ggml_type, out_features,
                        y.data_ptr(), _threads(threads), kernels.path_id(path or os.environ.get("HOMELLM_KERNEL_PATH")),
                        int(hi))
@@ -88,16 +93,11 @@ def repack_q4(t: GGMLTensor) -> Tensor | None:
     return out
 
 
-
 def matmul_packed(x: Tensor, packed: Tensor, out_features: int, *, threads: int | None = None,
                   hi: bool = False) -> Tensor:
     """y (M, N) f32 = x (M, K) f32 @ W^T for W repacked by `repack_q4` (AVX512 CPUs only)."""
-    lib = kernels.load()
-    if lib is None:
-        raise RuntimeError(f"homellm kernels are unavailable: {kernels.status()}")
-    x = x.contiguous().float()
+    lib, x, y = _prepare(x, out_features)
     M, K = x.shape
-    y = torch.empty(M, out_features, dtype=torch.float32)
     rc = lib.hl_matmul_packed(x.data_ptr(), M, K, packed.data_ptr(), out_features, y.data_ptr(),
                               _threads(threads), int(hi))
     if rc:

@@ -39,9 +39,7 @@ def read_args(folder: Path) -> ModelArgs:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelFileError(f"{config_path}: model_type {model_type!r} is not supported "
                              f"(supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})")
-    if config.get("sliding_window") and config.get("use_sliding_window", model_type == "mistral"):
-        # Mistral-style models run with full attention: exact up to the window size.
-        pass
+    # A sliding_window (Mistral) is not applied: attention is full, exact up to the window size.
     try:
         return ModelArgs.from_hf_config(config)
     except (KeyError, TypeError, ValueError) as e:
