@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from homellm.model.llama import ModelArgs
+from homellm.model.config import ModelArgs
 
 
 class KVCache:

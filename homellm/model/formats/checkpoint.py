@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from homellm.model.llama import ModelArgs
+from homellm.model.config import ModelArgs
 
 
 @dataclass

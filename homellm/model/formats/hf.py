@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from homellm.errors import HomellmError, ModelFileError
 from homellm.model.formats.checkpoint import Checkpoint, GGMLTensor, TokenizerSource
-from homellm.model.llama import ModelArgs
+from homellm.model.config import ModelArgs
 
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 SHARD_BYTES = 4 << 30  # a new safetensors shard every 4 GiB, as transformers does by default
