@@ -1,0 +1,411 @@
+"""Open Assistant message trees: read, write, and extract SFT examples and DPO pairs.
+
+The format is oasst2's `*.trees.jsonl` (LAION-AI/Open-Assistant, oasst-data/oasst_data/
+schemas.py, `ExportMessageTree` and `ExportMessageNode`): one tree a line,
+
+    {"message_tree_id": str, "tree_state": str | null, "origin": str | null,
+     "prompt": {"message_id": str, "parent_id": str | null, "text": str,
+                "role": "prompter" | "assistant", "lang": str | null, "rank": int | null,
+                "labels": {name: {"value": float | null, "count": int}} | null,
+                "emojis": {emoji: int} | null, "synthetic": bool | null,
+                "model_name": str | null, "replies": [message, ...], ...}}
+
+Roles alternate from the root prompt (a prompter message) to every leaf. Fields we do not
+know are kept in `extra` and written back unchanged; `.gz` files are read and written
+gzipped. homellm adds one field of its own to trees and messages, `"homellm"`: the
+conversation's title, model, system prompt and sampling settings, and each reply's seed,
+sampling, token counts, timings, finish_reason and `incomplete` flag, so that a store
+export imports back unchanged. Other readers ignore it.
+
+Ratings. The web app stores a thumbs up (+1) or down (-1), with an optional comment, per
+user and assistant message. In a tree they appear as
+- `emojis`: {"+1": ups, "-1": downs} (only the non-zero counts; oasst's own emoji names);
+- `labels["quality"]`: {"value": ups / (ups + downs), "count": ups + downs};
+- `events["rating"]`: one {"type": "rating", "user_id", "rating": "+1" | "-1", "comment"} each;
+- `rank` among siblings: the rated replies to one message, ordered by score = ups - downs
+  (higher first; ties by the order of the replies), get ranks 0, 1, 2, ... (0 = preferred,
+  as in oasst); unrated replies have no rank (null), and a lone rated reply is rank 0.
+
+Preference between two sibling replies (`prefer(a, b)`): if both have a rank, the lower rank
+wins; otherwise if both have votes (+1/-1 counts), the higher score wins; otherwise neither
+is preferred. Equal ranks or equal scores prefer neither.
+
+SFT selection (`sft_examples`): "the best-rated paths". An assistant reply is *eligible* when
+it is not deleted, not rejected in review, not incomplete, has text, and its score is not
+negative. From the root, at every prompter message take its best eligible reply: the lowest
+rank, then the highest score, then the first in reply order. At every assistant message
+follow *each* prompter reply (different human follow-ups are all genuine). Every path that
+reaches an assistant message is one example, cut after its last assistant message; examples
+that are a prefix of (or equal to) another example are dropped. Messages are OpenAI-style:
+prompter -> "user", assistant -> "assistant", with the tree's system prompt (if any) first.
+
+DPO selection (`dpo_pairs`): for every prompter message, every ordered pair (chosen,
+rejected) of its complete, non-deleted replies with `prefer(chosen, rejected)`; the prompt is
+the system prompt and the path from the root through that prompter message. Pairs are listed
+by tree order of the prompter message, then by the chosen reply's position, then the
+rejected reply's.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+ROLES = ("prompter", "assistant")
+OPENAI_ROLE = {"prompter": "user", "assistant": "assistant"}
+UP, DOWN = "+1", "-1"
+
+# the message fields we model, in the order they are written (oasst's order)
+_MESSAGE_FIELDS = ("message_id", "parent_id", "user_id", "created_date", "text", "role", "lang",
+                   "review_count", "review_result", "deleted", "rank", "synthetic",
+                   "model_name", "emojis", "labels", "events", "homellm")
+_TREE_FIELDS = ("message_tree_id", "tree_state", "origin", "homellm")
+
+
+@dataclass
+class Message:
+    """One node of a tree; `replies` are its children in order."""
+    message_id: str
+    role: str                      # "prompter" | "assistant"
+    text: str
+    parent_id: str | None = None
+    user_id: str | None = None
+    created_date: str | None = None  # ISO 8601
+    lang: str | None = None
+    review_count: int | None = None
+    review_result: bool | None = None
+    deleted: bool | None = None
+    rank: int | None = None        # 0 = preferred among siblings
+    synthetic: bool | None = None
+    model_name: str | None = None
+    emojis: dict[str, int] | None = None
+    labels: dict[str, dict] | None = None   # name -> {"value": float | None, "count": int}
+    events: dict[str, list] | None = None
+    homellm: dict | None = None    # our own metadata (see the module docstring)
+    extra: dict = field(default_factory=dict)
+    replies: list["Message"] = field(default_factory=list)
+
+    def votes(self) -> tuple[int, int]:
+        """(ups, downs): the +1 / -1 counts in `emojis`."""
+        e = self.emojis or {}
+        return int(e.get(UP, 0)), int(e.get(DOWN, 0))
+
+    def score(self) -> int:
+        up, down = self.votes()
+        return up - down
+
+    def rated(self) -> bool:
+        return sum(self.votes()) > 0
+
+    def complete(self) -> bool:
+        """Usable as training text: not deleted, not rejected, not incomplete, not empty."""
+        return (not self.deleted and self.review_result is not False and bool(self.text.strip())
+                and not (self.homellm or {}).get("incomplete", False))
+
+    def walk(self) -> Iterator["Message"]:
+        """This message and all below it, depth first in reply order."""
+        stack = [self]
+        while stack:
+            m = stack.pop()
+            yield m
+            stack.extend(reversed(m.replies))
+
+
+@dataclass
+class Tree:
+    """One conversation tree: the root prompt and everything below it."""
+    message_tree_id: str
+    prompt: Message
+    tree_state: str | None = None
+    origin: str | None = None
+    homellm: dict | None = None    # title, model, system_prompt, sampling, conversation_id
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def system_prompt(self) -> str | None:
+        return (self.homellm or {}).get("system_prompt") or None
+
+    def messages(self) -> list[Message]:
+        return list(self.prompt.walk())
+
+
+# ---------------------------------------------------------------- reading and validation
+
+class _Bad(ValueError):
+    pass
+
+
+def _check(cond: bool, what: str):
+    if not cond:
+        raise _Bad(what)
+
+
+def _opt(d: dict, key: str, kind: type, where: str, expected: str):
+    """d[key] if it is None or a `kind` (a bool is not an int here), else _Bad."""
+    v = d.get(key)
+    ok = v is None or (isinstance(v, kind) and (kind is bool or not isinstance(v, bool)))
+    _check(ok, f"{where}: field '{key}': expected {expected} or null, got {json.dumps(v)[:60]}")
+    return v
+
+
+def message_from_dict(d, parent: Message | None, where: str, seen: set[str]) -> Message:
+    """A Message (and its replies) from the JSON object `d`; ValueError says what is wrong."""
+    _check(isinstance(d, dict), f"{where}: expected a message object, got {type(d).__name__}")
+    mid = d.get("message_id")
+    _check(isinstance(mid, str) and mid != "", f"{where}: field 'message_id': expected a "
+           f"non-empty string, got {json.dumps(mid)}")
+    where = f"{where} message {mid}"
+    _check(mid not in seen, f"{where}: duplicate message_id")
+    seen.add(mid)
+    role = d.get("role")
+    _check(role in ROLES, f"{where}: field 'role': expected 'prompter' or 'assistant', got "
+           f"{json.dumps(role)}")
+    want_role = "prompter" if parent is None or parent.role == "assistant" else "assistant"
+    _check(role == want_role, f"{where}: field 'role': expected '{want_role}' "
+           f"({'the root is a prompt' if parent is None else 'roles alternate'}), got '{role}'")
+    _check(isinstance(d.get("text"), str), f"{where}: field 'text': expected a string")
+    pid = d.get("parent_id")
+    want_pid = parent.message_id if parent else None
+    _check(pid == want_pid or (parent is None and pid is None),
+           f"{where}: field 'parent_id': expected {json.dumps(want_pid)} (where it sits in the "
+           f"tree), got {json.dumps(pid)}")
+    for key in ("user_id", "created_date", "lang", "model_name"):
+        _opt(d, key, str, where, "a string")
+    for key in ("review_count", "rank"):
+        _opt(d, key, int, where, "an integer")
+    for key in ("review_result", "deleted", "synthetic"):
+        _opt(d, key, bool, where, "true/false")
+    for key in ("emojis", "labels", "events", "homellm"):
+        _opt(d, key, dict, where, "an object")
+    for k, v in (d.get("emojis") or {}).items():
+        _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+               f"{where}: field 'emojis': count of {k!r}: expected an integer >= 0, got "
+               f"{json.dumps(v)}")
+    for k, v in (d.get("labels") or {}).items():
+        _check(isinstance(v, dict) and isinstance(v.get("count"), int)
+               and (v.get("value") is None or isinstance(v.get("value"), (int, float))),
+               f"{where}: field 'labels': {k!r}: expected {{\"value\": number, \"count\": int}}")
+    replies = d.get("replies")
+    _check(replies is None or isinstance(replies, list),
+           f"{where}: field 'replies': expected a list")
+    known = {k: d.get(k) for k in _MESSAGE_FIELDS}
+    m = Message(**{k: v for k, v in known.items() if k != "parent_id"}, parent_id=want_pid,
+                extra={k: v for k, v in d.items() if k not in _MESSAGE_FIELDS and k != "replies"})
+    m.replies = [message_from_dict(r, m, f"{where} reply {i}", seen)
+                 for i, r in enumerate(replies or [])]
+    return m
+
+
+def tree_from_dict(d, where: str = "tree") -> Tree:
+    """A Tree from one parsed line; ValueError (prefixed by `where`) says what is wrong."""
+    _check(isinstance(d, dict), f"{where}: expected a JSON object, got {type(d).__name__}")
+    tid = d.get("message_tree_id")
+    _check(isinstance(tid, str) and tid != "",
+           f"{where}: field 'message_tree_id': expected a non-empty string, got {json.dumps(tid)}")
+    _opt(d, "tree_state", str, where, "a string")
+    _opt(d, "origin", str, where, "a string")
+    _opt(d, "homellm", dict, where, "an object")
+    _check(isinstance(d.get("prompt"), dict), f"{where}: field 'prompt': expected a message "
+           f"object, got {json.dumps(d.get('prompt'))[:60]}")
+    prompt = message_from_dict(d["prompt"], None, f"{where}: prompt", set())
+    return Tree(message_tree_id=tid, prompt=prompt, tree_state=d.get("tree_state"),
+                origin=d.get("origin"), homellm=d.get("homellm"),
+                extra={k: v for k, v in d.items() if k not in _TREE_FIELDS and k != "prompt"})
+
+
+def _open(path: Path, mode: str, gz: bool | None = None):
+    gz = path.suffix == ".gz" if gz is None else gz
+    return gzip.open(path, mode + "t", encoding="utf-8") if gz else open(path, mode, encoding="utf-8")
+
+
+def read_trees(path) -> list[Tree]:
+    """Every tree in an oasst `.jsonl` (or `.jsonl.gz`) file; blank lines are skipped.
+
+    A bad record raises ValueError starting `FILE:LINE:` and naming the message and field;
+    message ids must be unique within the file.
+    """
+    path = Path(path)
+    trees, ids = [], set()
+    try:
+        f = _open(path, "r")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
+    with f:
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not JSON: {e.msg} (column {e.colno})") \
+                        from None
+                try:
+                    tree = tree_from_dict(d, "tree")
+                except _Bad as e:
+                    raise ValueError(f"{path}:{lineno}: {e}") from None
+                for m in tree.prompt.walk():
+                    if m.message_id in ids:
+                        raise ValueError(f"{path}:{lineno}: message {m.message_id}: duplicate "
+                                         "message_id (it is in an earlier tree)")
+                    ids.add(m.message_id)
+                trees.append(tree)
+        except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
+            raise ValueError(f"{path}: not a UTF-8 JSONL file: {e}") from None
+    return trees
+
+
+# ---------------------------------------------------------------- writing
+
+def message_to_dict(m: Message) -> dict:
+    d = {k: getattr(m, k) for k in _MESSAGE_FIELDS
+         if getattr(m, k) is not None or k == "parent_id"}  # the root says parent_id: null
+    d.update(m.extra)
+    d["replies"] = [message_to_dict(r) for r in m.replies]
+    return d
+
+
+def tree_to_dict(t: Tree) -> dict:
+    d = {k: getattr(t, k) for k in _TREE_FIELDS if getattr(t, k) is not None}
+    d.update(t.extra)
+    d["prompt"] = message_to_dict(t.prompt)
+    return d
+
+
+def write_trees(trees, path) -> int:
+    """Write trees as oasst JSONL (one a line; gzipped for `.gz`), atomically; returns the count.
+
+    The file appears complete or not at all: it is written beside the target and renamed.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    n = 0
+    try:
+        with _open(tmp, "w", gz=path.suffix == ".gz") as f:
+            for t in trees:
+                f.write(json.dumps(tree_to_dict(t), ensure_ascii=False) + "\n")
+                n += 1
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return n
+
+
+# ---------------------------------------------------------------- ratings -> tree fields
+
+def rating_fields(ratings: list[dict]) -> dict:
+    """emojis / labels / events for one message from its ratings.
+
+    `ratings`: [{"user_id": str | None, "value": +1 | -1, "comment": str | None}, ...].
+    Returns {} when there are none.
+    """
+    if not ratings:
+        return {}
+    up = sum(1 for r in ratings if r["value"] > 0)
+    down = sum(1 for r in ratings if r["value"] < 0)
+    emojis = {k: v for k, v in ((UP, up), (DOWN, down)) if v}
+    events = [{"type": "rating", "user_id": r.get("user_id"),
+               "rating": UP if r["value"] > 0 else DOWN,
+               **({"comment": r["comment"]} if r.get("comment") else {})} for r in ratings]
+    return {"emojis": emojis, "labels": {"quality": {"value": up / (up + down), "count": up + down}},
+            "events": {"rating": events}}
+
+
+def ratings_of(m: Message) -> list[dict]:
+    """The ratings that `rating_fields` wrote (from `events["rating"]`), else from the counts."""
+    events = (m.events or {}).get("rating")
+    if events:
+        return [{"user_id": e.get("user_id"), "value": 1 if e.get("rating") == UP else -1,
+                 "comment": e.get("comment")} for e in events if e.get("rating") in (UP, DOWN)]
+    up, down = m.votes()
+    return [{"user_id": None, "value": 1, "comment": None}] * up + \
+           [{"user_id": None, "value": -1, "comment": None}] * down
+
+
+def assign_ranks(siblings: list[Message]) -> None:
+    """Set `rank` on rated siblings by score (higher first, ties in reply order); others None."""
+    rated = [m for m in siblings if m.rated()]
+    order = sorted(range(len(rated)), key=lambda i: (-rated[i].score(), i))
+    for m in siblings:
+        m.rank = None
+    for r, i in enumerate(order):
+        rated[i].rank = r
+
+
+# ---------------------------------------------------------------- preference, SFT, DPO
+
+def prefer(a: Message, b: Message) -> bool:
+    """True when `a` is preferred to its sibling `b` (see the module docstring)."""
+    if a.rank is not None and b.rank is not None:
+        return a.rank < b.rank
+    if a.rated() and b.rated():
+        return a.score() > b.score()
+    return False
+
+
+def _best_reply(m: Message) -> Message | None:
+    ok = [(i, r) for i, r in enumerate(m.replies) if r.complete() and r.score() >= 0]
+    if not ok:
+        return None
+    big = float("inf")
+    return min(ok, key=lambda ir: (ir[1].rank if ir[1].rank is not None else big,
+                                   -ir[1].score(), ir[0]))[1]
+
+
+def _openai(path: list[Message], system: str | None) -> list[dict]:
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": OPENAI_ROLE[m.role], "content": m.text} for m in path]
+
+
+def sft_examples(tree: Tree) -> list[dict]:
+    """SFT examples `{"messages": [...]}` from the tree's best-rated paths (module docstring)."""
+    paths: list[list[Message]] = []
+
+    def down(m: Message, path: list[Message]):  # m is a prompter message
+        path = path + [m]
+        best = _best_reply(m)
+        if best is None:
+            paths.append(path[:-1])
+            return
+        path = path + [best]
+        follow = [r for r in best.replies if r.text.strip() and not r.deleted]
+        if not follow:
+            paths.append(path)
+        for r in follow:
+            down(r, path)
+
+    down(tree.prompt, [])
+    ids = [tuple(id(m) for m in p) for p in paths if any(m.role == "assistant" for m in p)]
+    keep, out = [], []
+    for p in ids:
+        if p in keep or any(len(q) > len(p) and q[:len(p)] == p for q in ids):
+            continue
+        keep.append(p)
+    by_id = {id(m): m for m in tree.prompt.walk()}
+    for p in keep:
+        out.append({"messages": _openai([by_id[i] for i in p], tree.system_prompt)})
+    return out
+
+
+def dpo_pairs(tree: Tree) -> list[dict]:
+    """DPO pairs `{"prompt", "chosen", "rejected"}` from rated siblings (module docstring)."""
+    out = []
+
+    def down(m: Message, path: list[Message]):
+        if m.role == "prompter":
+            replies = [r for r in m.replies if r.complete()]
+            prompt = _openai(path + [m], tree.system_prompt)
+            for a in replies:
+                for b in replies:
+                    if a is not b and prefer(a, b):
+                        out.append({"prompt": prompt,
+                                    "chosen": [{"role": "assistant", "content": a.text}],
+                                    "rejected": [{"role": "assistant", "content": b.text}]})
+        for r in m.replies:
+            down(r, path + [m])
+
+    down(tree.prompt, [])
+    return out
