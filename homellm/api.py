@@ -90,33 +90,46 @@ class Model:
         return list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
 
     def generate(self, prompt_or_ids: str | list[int], *, max_tokens: int | None = None,
-                 stop: list[str] | None = None, top_logprobs: int = 0, **sampling) -> Iterator[Step]:
+                 stop: list[str] | None = None, top_logprobs: int = 0,
+                 response_format: dict | None = None, **sampling) -> Iterator[Step]:
         """Stream Steps for a raw prompt (no chat template): text deltas, ids, logprobs.
 
         Sampling keywords: temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-        frequency_penalty, presence_penalty, seed. The last Step has finish_reason and timings.
+        frequency_penalty, presence_penalty, seed. `response_format` (OpenAI's field:
+        {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}})
+        constrains the output to JSON (ValueError for an invalid one). The last Step has
+        finish_reason and timings.
         """
         params, extra = split_sampling(sampling)
         if extra:
             raise TypeError(f"unknown generation options: {', '.join(sorted(extra))}")
         ids = self.encode_prompt(prompt_or_ids)
-        return self._stream(ids, params, max_tokens, stop, top_logprobs)
+        return self._stream(ids, params, max_tokens, stop, top_logprobs,
+                            grammar=self._grammar(response_format))
 
     def chat(self, messages: list[dict], **options) -> Iterator[Step]:
         """Stream the assistant's reply to `messages` (rendered with the model's template)."""
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         params, rest = split_sampling(options)
+        grammar = self._grammar(rest.pop("response_format", None))
         return self._stream(ids, params, rest.pop("max_tokens", None), rest.pop("stop", None),
-                            rest.pop("top_logprobs", 0), **rest)
+                            rest.pop("top_logprobs", 0), grammar=grammar, **rest)
 
-    def _stream(self, ids, params, max_tokens, stop, top_logprobs, **extra) -> Iterator[Step]:
+    def _grammar(self, response_format):
+        """The compiled response_format, or None; raises ValueError now, not on first step."""
+        from homellm.engine.constrain import compile_response_format
+        return compile_response_format(self.tokenizer, response_format)
+
+    def _stream(self, ids, params, max_tokens, stop, top_logprobs, grammar=None,
+                **extra) -> Iterator[Step]:
         if extra:
             raise TypeError(f"unknown generation options: {', '.join(sorted(extra))}")
         decoder = self.tokenizer.stream_decoder()
         stops = StopStrings(stop)
         timings = Timings()
         steps = self.engine.generate(ids, params, max_tokens, self.tokenizer.eos_ids,
-                                     top_logprobs, timings)
+                                     top_logprobs, timings,
+                                     constraint=grammar.start() if grammar else None)
         try:
             for step in steps:
                 if step.finish_reason is not None:

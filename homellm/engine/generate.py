@@ -126,9 +126,13 @@ class Engine:
 
     def generate(self, ids: list[int], params: SamplingParams | None = None,
                  max_tokens: int | None = None, stop_ids: set[int] = frozenset(),
-                 top_logprobs: int = 0, timings: Timings | None = None) -> Iterator[Step]:
+                 top_logprobs: int = 0, timings: Timings | None = None,
+                 constraint=None) -> Iterator[Step]:
         """Yield one Step per generated token, then a final Step with finish_reason and timings.
 
+        `constraint` (engine/constrain.py Constraint) masks the logits before each sample and
+        takes each token after; generation stops ("stop") once its value is complete.
+        Log-probabilities stay those of the model, before penalties and the mask.
         The stop token itself is not yielded. Closing the iterator early leaves the cache
         consistent (it holds exactly the tokens that went through the model) and `timings`
         (filled as generation goes, when the caller passes one) complete.
@@ -147,22 +151,37 @@ class Engine:
         t_first = time.perf_counter()
         try:
             while timings.generated_tokens < budget:
+                if constraint is not None:
+                    lse, top = self._logprobs(logits, top_logprobs)  # before the mask
+                    constraint.mask_logits(logits)
                 token = sampler(logits, history)
                 if token in stop_ids:
                     finish = "stop"
                     break
-                # log-probabilities under the model (before any penalty): one pass over the vocab
-                lse = float(torch.logsumexp(logits, -1))
-                top = []
-                if top_logprobs:
-                    vals, idx = logits.topk(top_logprobs)
-                    top = [(i, v - lse) for i, v in zip(idx.tolist(), vals.tolist())]
+                if constraint is None:
+                    lse, top = self._logprobs(logits, top_logprobs)
+                else:
+                    constraint.advance(token)
                 timings.generated_tokens += 1
                 yield Step(token=token, logprob=float(logits[token]) - lse, top_logprobs=top)
                 history.append(token)
+                if constraint is not None and constraint.done:
+                    finish = "stop"
+                    break
                 if timings.generated_tokens >= budget:
                     break
                 logits = self.forward([token], len(self.cache.tokens))[-1]
         finally:
             timings.decode_s = time.perf_counter() - t_first
         yield Step(token=None, finish_reason=finish, timings=timings)
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, top_logprobs: int) -> tuple[float, list[tuple[int, float]]]:
+        """log-sum-exp of the logits and the top alternatives, under the model (before any
+        penalty or constraint): one pass over the vocab."""
+        lse = float(torch.logsumexp(logits, -1))
+        top = []
+        if top_logprobs:
+            vals, idx = logits.topk(top_logprobs)
+            top = [(i, v - lse) for i, v in zip(idx.tolist(), vals.tolist())]
+        return lse, top

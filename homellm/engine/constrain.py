@@ -1,0 +1,216 @@
+"""Constrained decoding: an OpenAI `response_format` turned into a mask over the next token.
+
+    grammar = compile_response_format(tokenizer, {"type": "json_object"})   # None for plain text
+    c = grammar.start()          # one matcher per generation
+    c.mask_logits(logits)        # (vocab,) in place: -inf wherever the value could not continue
+    c.advance(token)             # after sampling
+    c.done                       # the value is complete: stop with finish_reason "stop"
+
+The grammar engine is llguidance (the one llama.cpp, vLLM and SGLang use): it compiles a
+JSON Schema (Draft 2020-12 subset; docs/json_schema.md in its repository lists what it
+supports) to a grammar, and computes the set of allowed tokens from a trie of the token
+bytes. Its tokenizer is built from our `tokenizers.Tokenizer` serialized as tokenizer.json,
+which covers byte-level BPE ("gpt2" GGUF vocabularies, tokenizer.json files) and
+SentencePiece BPE with byte fallback ("llama" GGUF vocabularies, `<0x41>` tokens).
+
+What a schema asks for that llguidance cannot enforce (`not`, `if`/`then`, `uniqueItems`,
+an unknown `format`, ...) is a ValueError naming the field, never a silently unconstrained
+generation. Property order is fixed to the order of `properties` in the schema.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import llguidance
+import numpy as np
+import torch
+
+# A whitespace run between JSON tokens: space, newline, carriage return, tab, at most 32 of
+# them. Unbounded whitespace (llguidance's default) lets a small model emit newlines until
+# max_tokens; llama.cpp's json.gbnf bounds it likewise. A schema's top-level "x-guidance"
+# object may override this (llguidance applies defaults, then x-guidance).
+JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{1,32}"
+JSON_OBJECT_SCHEMA = {"type": "object"}   # what {"type": "json_object"} means: any JSON object
+SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")   # OpenAI's rule for json_schema.name
+GRAMMARS_PER_TOKENIZER = 64  # compiled grammars kept per tokenizer (least recently used go)
+
+
+def parse_response_format(response_format) -> dict | bool | None:
+    """The JSON Schema an OpenAI `response_format` asks for; None for plain text.
+
+    Raises ValueError naming the offending field, e.g. "response_format.json_schema.schema".
+    """
+    if response_format is None:
+        return None
+    if not isinstance(response_format, Mapping):
+        raise ValueError(f"response_format: expected an object such as {{\"type\": \"json_object\"}}, "
+                         f"got {type(response_format).__name__}")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind != "json_schema":
+        raise ValueError(f"response_format.type: expected 'text', 'json_object' or 'json_schema', "
+                         f"got {kind!r}")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, Mapping):
+        raise ValueError("response_format.json_schema: expected an object with 'name' and 'schema' "
+                         f"(type json_schema), got {type(spec).__name__}")
+    name = spec.get("name")
+    if name is not None and not (isinstance(name, str) and SCHEMA_NAME.match(name)):
+        raise ValueError(f"response_format.json_schema.name: expected 1 to 64 characters of "
+                         f"a-z, A-Z, 0-9, '_' or '-', got {name!r}")
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise ValueError(f"response_format.json_schema.strict: expected true, false or null, got {strict!r}")
+    if "schema" not in spec:
+        raise ValueError("response_format.json_schema.schema: missing (the JSON Schema the reply must follow)")
+    schema = spec["schema"]
+    if not isinstance(schema, (Mapping, bool)):
+        raise ValueError(f"response_format.json_schema.schema: expected a JSON Schema object, "
+                         f"got {type(schema).__name__}")
+    return dict(schema) if isinstance(schema, Mapping) else schema
+
+
+def compile_response_format(tokenizer, response_format) -> Grammar | None:
+    """A compiled grammar for `response_format` (an OpenAI request field) and `tokenizer`
+    (homellm.tokenizer.Tokenizer); None when the reply is plain text.
+
+    Grammars are cached per (tokenizer, schema text): a repeated schema costs a dict lookup.
+    """
+    schema = parse_response_format(response_format)
+    if schema is None:
+        return None
+    field = "response_format.json_schema.schema" if schema is not JSON_OBJECT_SCHEMA \
+        else "response_format"
+    try:
+        key = json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{field}: not representable as JSON ({e})") from None
+    return _grammars_for(tokenizer).get(key, field)
+
+
+class Grammar:
+    """One schema compiled for one tokenizer. `start()` gives a fresh Constraint."""
+
+    def __init__(self, template: llguidance.LLMatcher, vocab_size: int, schema_text: str):
+        self._template = template  # never advanced: each start() copies it
+        self.vocab_size = vocab_size
+        self.schema_text = schema_text
+
+    def start(self) -> Constraint:
+        return Constraint(self._template.deep_copy(), self.vocab_size)
+
+
+class Constraint:
+    """The state of one constrained generation: which tokens may come next."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
+        self._matcher = matcher
+        self.vocab_size = vocab_size
+        self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)  # 1 bit per token id
+
+    def allowed(self) -> torch.Tensor:
+        """(vocab_size,) bool: the tokens that keep the output a valid prefix (EOS once complete)."""
+        self._matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        if self._matcher.is_error():
+            raise ValueError(f"constrained decoding failed: {self._matcher.get_error()}")
+        bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[:self.vocab_size]
+        return torch.from_numpy(bits).bool()
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Set logits (vocab,) of disallowed tokens to -inf, in place; rows past the tokenizer's
+        vocabulary (padded embeddings) too. Returns `logits`."""
+        allowed = self.allowed().to(logits.device)
+        if not bool(allowed.any()):
+            raise ValueError("constrained decoding: no token of the vocabulary can continue the output")
+        n = min(self.vocab_size, logits.shape[-1])
+        with torch.inference_mode():  # the engine's logits are inference tensors
+            logits[..., :n].masked_fill_(~allowed[:n], float("-inf"))
+            logits[..., n:] = float("-inf")
+        return logits
+
+    def advance(self, token: int):
+        """Take the sampled token; ValueError if the grammar did not allow it."""
+        if not self._matcher.consume_token(int(token)):
+            raise ValueError(f"token {int(token)} is not allowed by the response format: "
+                             f"{self._matcher.get_error()}")
+
+    @property
+    def done(self) -> bool:
+        """The value is complete and nothing but EOS can follow it."""
+        return self._matcher.is_stopped() and not self._matcher.is_error()
+
+    @property
+    def accepting(self) -> bool:
+        """The output so far is a complete value (more may still follow, e.g. digits)."""
+        return self._matcher.is_accepting()
+
+
+class _TokenizerGrammars:
+    """llguidance's view of one tokenizer, and the grammars compiled for it (an LRU)."""
+
+    def __init__(self, tokenizer):
+        try:
+            # tokenizer.json text: llguidance reads the byte-level / byte-fallback decoding from it
+            self.lltokenizer = llguidance.LLTokenizer(
+                tokenizer.backend.to_str(), n_vocab=tokenizer.vocab_size,
+                eos_token=sorted(tokenizer.eos_ids) or None,
+                slices=llguidance.LLTokenizer.json_slices())
+        except Exception as e:  # the Rust side raises plain exceptions for unsupported tokenizers
+            raise ValueError(f"response_format: this model's tokenizer cannot be used for "
+                             f"constrained decoding ({e})") from None
+        self.vocab_size = tokenizer.vocab_size
+        self.grammars: OrderedDict[str, Grammar] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, schema_text: str, field: str) -> Grammar:
+        with self.lock:
+            grammar = self.grammars.get(schema_text)
+            if grammar is not None:
+                self.grammars.move_to_end(schema_text)
+                return grammar
+        grammar = self._compile(schema_text, field)
+        with self.lock:
+            self.grammars[schema_text] = grammar
+            while len(self.grammars) > GRAMMARS_PER_TOKENIZER:
+                self.grammars.popitem(last=False)
+        return grammar
+
+    def _compile(self, schema_text: str, field: str) -> Grammar:
+        try:
+            text = llguidance.LLMatcher.grammar_from_json_schema(
+                schema_text, defaults={"whitespace_pattern": JSON_WHITESPACE})
+        except ValueError as e:
+            raise ValueError(f"{field}: {e}") from None
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, self.lltokenizer)
+        if failed:
+            raise ValueError(f"{field}: {_one_line(messages[0])}")
+        matcher = llguidance.LLMatcher(self.lltokenizer, text, log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"{field}: {_one_line(matcher.get_error())}")
+        return Grammar(matcher, self.vocab_size, schema_text)
+
+
+_BY_TOKENIZER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BY_TOKENIZER_LOCK = threading.Lock()
+
+
+def _grammars_for(tokenizer) -> _TokenizerGrammars:
+    with _BY_TOKENIZER_LOCK:  # building llguidance's tokenizer takes ~0.3 s for 50k tokens: once
+        entry = _BY_TOKENIZER.get(tokenizer)
+        if entry is None:
+            entry = _BY_TOKENIZER[tokenizer] = _TokenizerGrammars(tokenizer)
+        return entry
+
+
+def _one_line(message: str) -> str:
+    """An llguidance message on one line, without the parser state dump some carry."""
+    text = " ".join(message.split("<state>")[0].split())
+    return text[:500] or "invalid schema"
