@@ -20,15 +20,27 @@ from homellm.model.config import ModelArgs  # noqa: F401  (re-exported: the netw
 
 
 class KVCacheProtocol(Protocol):
-    """What attention needs from the engine's cache (see engine/kv_cache.py)."""
+    """What attention needs from the engine's cache (see engine/kv_cache.py).
 
-    def update(self, layer: int, k: Tensor, v: Tensor, start_pos: int) -> tuple[Tensor, Tensor]:
+    With an int start_pos, every row is at the same position and update returns tensors
+    (B, n_kv_heads, start_pos + T, head_dim). With a (B,) tensor of start positions (a batch of
+    independent sequences, engine/batch.py), it returns one (1, n_kv_heads, start_pos[b] + T,
+    head_dim) tensor per row, for keys and for values.
+    """
+
+    def update(self, layer: int, k: Tensor, v: Tensor, start_pos: int | Tensor
+               ) -> tuple[Tensor, Tensor] | tuple[list[Tensor], list[Tensor]]:
         """Store k, v (B, n_kv_heads, T, head_dim) at start_pos; return keys and values so far."""
 
 
 def rope_inv_freq(args: ModelArgs) -> Tensor:
     """Inverse frequencies (head_dim/2,) float32 with linear or llama3 scaling (model/config.py)."""
     return torch.from_numpy(config.rope_inv_freq(args))
+
+
+def causal_mask(T: int, S: int, device=None) -> Tensor:
+    """(T, S) bool, True = attend: the T queries are the last T of S positions."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -67,7 +79,7 @@ class Attention(nn.Module):
         # the last T key positions (the loader sets engine/kernels CausalAttention); None: SDPA
         self.attention_fn = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | Tensor,
                 cache: KVCacheProtocol | None, mask: Tensor | None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x) if self.qkv_proj is not None else \
@@ -78,16 +90,28 @@ class Attention(nn.Module):
         # q: (B, n_heads, T, head_dim); k, v: (B, n_kv_heads, T, head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v, start_pos)  # (B, n_kv_heads, S, head_dim)
-        q, k, v = q.to(v.dtype), k.to(v.dtype), v
-        if mask is None and T > 1 and self.attention_fn is not None:  # (T = 1: SDPA is faster)
-            y = self.attention_fn(q, k, v)  # (B, T, n_heads * head_dim)
+        if isinstance(start_pos, Tensor):
+            # rows at their own positions: each attends to its own keys, exactly as it would
+            # alone (no padding, so a row's result does not depend on the others)
+            keys, values = cache.update(self.layer, k, v, start_pos)  # per row (1, n_kv, S_b, hd)
+            y = torch.cat([self.attend(q[b:b + 1], kb, vb, None if T == 1 or self.attention_fn
+                                       else causal_mask(T, kb.shape[2], x.device))
+                           for b, (kb, vb) in enumerate(zip(keys, values))])
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
-            y = y.transpose(1, 2).reshape(B, T, -1)
+            if cache is not None:
+                k, v = cache.update(self.layer, k, v, start_pos)  # (B, n_kv_heads, S, head_dim)
+            y = self.attend(q, k, v, mask)
         return self.o_proj(y.to(x.dtype))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """(B, T, n_heads * head_dim) for q (B, n_heads, T, hd), k, v (B, n_kv_heads, S, hd)."""
+        B, _, T, _ = q.shape
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        if mask is None and T > 1 and self.attention_fn is not None:  # (T = 1: SDPA is faster)
+            return self.attention_fn(q, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return y.transpose(1, 2).reshape(B, T, -1)
 
 
 class MLP(nn.Module):
@@ -144,15 +168,18 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args).to(device), persistent=False)
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin (T, head_dim) for integer positions (T,), computed in float32."""
-        angles = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        """cos, sin (..., head_dim) for integer positions (...,), computed in float32."""
+        angles = positions.float()[..., None] * self.inv_freq.float()
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos(), angles.sin()
 
-    def forward(self, tokens: Tensor, start_pos: int = 0, cache: KVCacheProtocol | None = None,
-                mask: Tensor | None = None, last_only: bool = False) -> Tensor:
+    def forward(self, tokens: Tensor, start_pos: int | Tensor = 0,
+                cache: KVCacheProtocol | None = None, mask: Tensor | None = None,
+                last_only: bool = False) -> Tensor:
         """Logits for tokens (B, T) placed at positions start_pos.. start_pos+T-1.
 
+        start_pos is an int (every row at the same positions) or a (B,) long tensor: row b at
+        start_pos[b].., its own sequence in a batched cache (needs a cache; attention per row).
         With a cache, keys and values of earlier positions come from it. `mask` is an
         optional boolean (B or 1, 1, T, S) attention mask (True = attend); without one the
         attention is causal. `last_only` computes logits for the last position only.
@@ -160,14 +187,20 @@ class Llama(nn.Module):
         """
         B, T = tokens.shape
         x = self.model.embed_tokens(tokens)
-        positions = torch.arange(start_pos, start_pos + T, device=tokens.device)
-        cos, sin = self.rope(positions)
+        offsets = torch.arange(T, device=tokens.device)
+        if isinstance(start_pos, Tensor):
+            if cache is None or mask is not None:
+                raise ValueError("per-row start positions need a batched cache and no mask")
+            cos, sin = self.rope(start_pos.to(tokens.device)[:, None] + offsets)  # (B, T, head_dim)
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, head_dim): the same for every head
+        else:
+            cos, sin = self.rope(start_pos + offsets)  # (T, head_dim)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        if mask is None and cache is not None and start_pos > 0 and T > 1 \
+        if mask is None and cache is not None and not isinstance(start_pos, Tensor) \
+                and start_pos > 0 and T > 1 \
                 and self.model.layers[0].self_attn.attention_fn is None:  # (it sees the cache)
             # queries at start_pos+i see every cached key and the new keys up to themselves
-            S = start_pos + T
-            mask = torch.ones(T, S, dtype=torch.bool, device=tokens.device).tril(start_pos)
+            mask = causal_mask(T, start_pos + T, tokens.device)
         for layer in self.model.layers:
             x = layer(x, cos, sin, start_pos, cache, mask)
         if last_only:
