@@ -1,0 +1,125 @@
+"""Typed configuration of a fine-tuning run; the resolved config is saved next to the weights.
+
+`TuneConfig` holds everything a run depends on (model, data, LoRA shape, optimizer, schedule,
+batching, DPO's beta), so `training_config.json` in the output folder reproduces the run and
+a resume can check that it continues the same one. The CLI flags are derived from its fields.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from homellm.errors import HomellmError
+
+# short names of the projections LoRA may wrap -> the HF module names (model/llama.py)
+TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+           "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+CONFIG_FILE = "training_config.json"
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (Hu et al. 2021): W x + (alpha / rank) B A x, B = 0 at the start."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))  # short names, see TARGETS
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise HomellmError(f"LoRA rank {self.rank}: expected at least 1")
+        if not 0 <= self.dropout < 1:
+            raise HomellmError(f"LoRA dropout {self.dropout}: expected 0 <= dropout < 1")
+        unknown = [t for t in self.targets if t not in TARGETS and t not in TARGETS.values()]
+        if unknown or not self.targets:
+            raise HomellmError(f"LoRA targets {', '.join(unknown) or '(none)'}: expected some of "
+                               f"{', '.join(TARGETS)}")
+        self.targets = [TARGETS.get(t, t).removesuffix("_proj") for t in self.targets]
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def module_names(self) -> list[str]:
+        """HF names of the wrapped projections: q_proj, v_proj, ..."""
+        return [TARGETS[t] for t in self.targets]
+
+
+@dataclass
+class TuneConfig:
+    """One SFT or DPO run. Steps count optimizer updates (each over the whole global batch)."""
+
+    method: str = "sft"  # "sft" or "dpo"
+    model: str | None = None  # catalog name, .gguf or HF folder (None: the default model)
+    data: str = ""
+    val: str | None = None
+    out: str = ""  # output folder: adapter, resolved config, checkpoint
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: str = "none"  # frozen base weights: "none" (float32), "int8" or "int4" (QLoRA-style)
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # "cosine" (to min_lr_ratio * lr) or "constant", after warmup
+    min_lr_ratio: float = 0.1
+    epochs: int = 1
+    max_steps: int | None = None  # None: as many as `epochs` take
+    batch_tokens: int = 4096  # padded tokens per micro-batch (B x longest sequence)
+    grad_accum: int = 1  # micro-batches per optimizer step (per process)
+    max_length: int = 1024  # tokens per example; longer ones are cut at the end
+    grad_checkpointing: bool = False
+    seed: int = 0
+    beta: float = 0.1  # DPO temperature (Rafailov et al. 2023, eq. 7)
+    val_every: int = 0  # steps between validation losses; 0: at the end only
+    save_every: int = 0  # steps between resumable checkpoints; 0: at the end only
+    max_grad_norm: float = 1.0  # 0: no clipping
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):
+            self.lora = LoraConfig(**self.lora)
+        checks = [(self.method in ("sft", "dpo"), f"method {self.method!r}: expected sft or dpo"),
+                  (self.quant in ("none", "int8", "int4"), f"quant {self.quant!r}: expected none, int8 or int4"),
+                  (self.schedule in ("cosine", "constant"), f"schedule {self.schedule!r}: expected cosine or constant"),
+                  (self.lr > 0, f"learning rate {self.lr}: expected > 0"),
+                  (self.warmup_steps >= 0, f"warmup steps {self.warmup_steps}: expected >= 0"),
+                  (self.epochs >= 1, f"epochs {self.epochs}: expected at least 1"),
+                  (self.max_steps is None or self.max_steps >= 1, f"steps {self.max_steps}: expected at least 1"),
+                  (self.grad_accum >= 1, f"gradient accumulation {self.grad_accum}: expected at least 1"),
+                  (self.max_length >= 8, f"max length {self.max_length}: expected at least 8 tokens"),
+                  (self.batch_tokens >= self.max_length,
+                   f"batch tokens {self.batch_tokens} must hold one example of max length {self.max_length}"),
+                  (self.beta > 0, f"beta {self.beta}: expected > 0")]
+        for ok, message in checks:
+            if not ok:
+                raise HomellmError(message)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TuneConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / CONFIG_FILE
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> "TuneConfig":
+        path = Path(folder) / CONFIG_FILE
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise HomellmError(f"{path}: cannot read the training config ({e})") from None
+
+    def same_run(self, other: "TuneConfig") -> list[str]:
+        """Fields that differ in a way that changes the run (for resuming); [] when none do."""
+        ignore = {"out", "threads", "save_every", "val_every", "max_steps", "device"}
+        a, b = self.to_json(), other.to_json()
+        return [k for k in a if k not in ignore and a[k] != b[k]]
