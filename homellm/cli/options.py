@@ -42,6 +42,33 @@ def add_sampling_arguments(p: argparse.ArgumentParser):
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
+def add_format_argument(p: argparse.ArgumentParser):
+    p.add_argument("--format", default=None, metavar="json|SCHEMA.json",
+                   help="constrain the reply: 'json' for any JSON object, or a JSON Schema file "
+                        "the reply must follow (like Ollama's --format)")
+
+
+def response_format(value: str | None) -> dict | None:
+    """The OpenAI response_format that --format asks for ('json' or a JSON Schema file)."""
+    import json
+    from pathlib import Path
+
+    from homellm.errors import HomellmError
+    if value is None:
+        return None
+    if value == "json":
+        return {"type": "json_object"}
+    path = Path(value)
+    if not path.is_file():
+        raise HomellmError(f"--format {value}: expected 'json' or a JSON Schema file, "
+                           f"and there is no such file")
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HomellmError(f"{path}: not a JSON Schema: not valid JSON ({e})") from None
+    return {"type": "json_schema", "json_schema": {"name": "schema", "schema": schema}}
+
+
 def sampling_options(args: argparse.Namespace) -> dict:
     """The sampling keywords the user gave (the rest keep SamplingParams' defaults)."""
     from homellm.engine.sampling import SamplingParams

@@ -5,8 +5,8 @@ import argparse
 import json
 import sys
 
-from homellm.cli.options import (add_model_arguments, add_sampling_arguments, load_model,
-                                 sampling_options, speed_line)
+from homellm.cli.options import (add_format_argument, add_model_arguments, add_sampling_arguments,
+                                 load_model, response_format, sampling_options, speed_line)
 
 HELP = "run a model on one prompt and stream the reply"
 
@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--raw", action="store_true",
                    help="no chat template: continue the prompt text as it is")
     add_sampling_arguments(p)
+    add_format_argument(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: text, token counts, speeds")
 
@@ -35,13 +36,19 @@ def main(args: argparse.Namespace) -> int:
     if args.raw and args.system:
         raise HomellmError("--system needs the chat template; drop --raw")
     options = sampling_options(args)
+    fmt = response_format(args.format)
     model = load_model(args, quiet=args.json)
-    if args.raw:
-        steps = model.generate(prompt, max_tokens=args.max_tokens, stop=args.stop, **options)
-    else:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                   [{"role": "user", "content": prompt}]
-        steps = model.chat(messages, max_tokens=args.max_tokens, stop=args.stop, **options)
+    try:
+        if args.raw:
+            steps = model.generate(prompt, max_tokens=args.max_tokens, stop=args.stop,
+                                   response_format=fmt, **options)
+        else:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                       [{"role": "user", "content": prompt}]
+            steps = model.chat(messages, max_tokens=args.max_tokens, stop=args.stop,
+                               response_format=fmt, **options)
+    except ValueError as e:  # the schema: what llguidance cannot enforce, or is not a schema
+        raise HomellmError(f"--format {args.format}: {e}") from None
     text, final = [], None
     for step in steps:
         if step.text:
