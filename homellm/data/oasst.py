@@ -409,3 +409,144 @@ def dpo_pairs(tree: Tree) -> list[dict]:
 
     down(tree.prompt, [])
     return out
+
+
+# ---------------------------------------------------------------- the store <-> trees
+
+ROLE_FROM_STORE = {"user": "prompter", "assistant": "assistant"}
+_REPLY_META = ("sampling", "seed", "prompt_tokens", "completion_tokens", "timings",
+               "finish_reason", "incomplete")
+_KEPT = ("lang", "review_count", "review_result", "deleted", "synthetic")
+
+
+def trees_from_dump(dump, usernames: dict[str, str]) -> list[Tree]:
+    """The oasst trees of one stored conversation (one per root message, in order).
+
+    `dump`: a homellm.store ConversationDump; `usernames`: user id -> username, for the
+    `user_id` fields (prompter messages carry the owner's username, rating events the
+    rater's). Fields kept from an import (`meta`) are written back as they came.
+    """
+    conv, owner = dump.conversation, dump.owner
+    by_message: dict[str, list[dict]] = {}
+    for r in dump.ratings:
+        by_message.setdefault(r.message_id, []).append(
+            {"user_id": usernames.get(r.user_id) if r.user_id else None, "value": r.value,
+             "comment": r.comment})
+    nodes: dict[str, Message] = {}
+    roots: list[Message] = []
+    for m in dump.messages:  # parents come before children (insertion order)
+        meta = dict(m.meta or {})
+        extra = meta.pop("extra", {})
+        node = Message(message_id=m.id, role=ROLE_FROM_STORE[m.role], text=m.content,
+                       parent_id=m.parent_id, created_date=m.created_at,
+                       user_id=owner.username if m.role == "user" else None,
+                       synthetic=m.role == "assistant",
+                       model_name=m.model if m.role == "assistant" else None, extra=extra)
+        for k in _KEPT + ("rank",):
+            if k in meta:
+                setattr(node, k, meta[k])
+        fields = rating_fields(by_message.get(m.id, []))
+        node.emojis = _merge(meta.get("emojis"), fields.get("emojis"))
+        node.labels = _merge(meta.get("labels"), fields.get("labels"))
+        node.events = _merge(meta.get("events"), fields.get("events"))
+        ours = {k: getattr(m, k) for k in _REPLY_META if getattr(m, k) not in (None, False)}
+        node.homellm = ours or None
+        nodes[m.id] = node
+        if m.parent_id is None:
+            roots.append(node)
+        else:
+            nodes[m.parent_id].replies.append(node)
+    for node in nodes.values():
+        if any(r.rated() for r in node.replies):
+            assign_ranks(node.replies)
+    info = {"conversation_id": conv.id, "title": conv.title, "model": conv.model,
+            "system_prompt": conv.system_prompt, "sampling": conv.sampling,
+            "created_at": conv.created_at, "updated_at": conv.updated_at}
+    trees = []
+    for root in roots:
+        leaf = conv.current_leaf_id if conv.current_leaf_id in {m.message_id for m in
+                                                                root.walk()} else None
+        trees.append(Tree(message_tree_id=root.message_id, prompt=root,
+                          tree_state="ready_for_export", origin="homellm",
+                          homellm={k: v for k, v in {**info, "current_leaf_id": leaf}.items()
+                                   if v is not None}))
+    return trees
+
+
+def _merge(kept: dict | None, ours: dict | None) -> dict | None:
+    out = {**(kept or {}), **(ours or {})}
+    return out or None
+
+
+def export_trees(store, user, conversation_ids: list[str] | None = None, *,
+                 shared: bool = False) -> list[Tree]:
+    """Trees of `user`'s conversations (all, or the given ids: HomellmError names a missing
+    one). `shared=True`: every opted-in user's rated conversations (`user` must be admin)."""
+    from homellm.errors import HomellmError
+    if shared:
+        dumps = store.shared_feedback(user)
+    else:
+        ids = conversation_ids if conversation_ids is not None else \
+            [c.id for c in reversed(store.list_conversations(user, limit=10**9))]
+        dumps = []
+        for cid in ids:
+            d = store.dump_conversation(user, cid)
+            if d is None:
+                raise HomellmError(f"no conversation {cid}")
+            dumps.append(d)
+    usernames = {u.id: u.username for u in store.list_users()}
+    return [t for d in dumps for t in trees_from_dump(d, usernames)]
+
+
+def _stored_message(m: Message, rated_siblings: bool) -> dict:
+    ours = m.homellm or {}
+    meta = {k: getattr(m, k) for k in _KEPT if getattr(m, k) is not None}
+    if meta.get("synthetic") == (m.role == "assistant"):
+        del meta["synthetic"]  # what export writes anyway
+    if m.rank is not None and not rated_siblings:
+        meta["rank"] = m.rank
+    for name, ours_keys in (("emojis", (UP, DOWN)), ("labels", ("quality",)),
+                            ("events", ("rating",))):
+        rest = {k: v for k, v in (getattr(m, name) or {}).items() if k not in ours_keys}
+        if rest:
+            meta[name] = rest
+    if m.extra:
+        meta["extra"] = m.extra
+    return {"id": m.message_id, "parent_id": m.parent_id,
+            "role": "user" if m.role == "prompter" else "assistant", "content": m.text,
+            "created_at": m.created_date,
+            "model": m.model_name if m.role == "assistant" else None,
+            **{k: ours.get(k) for k in _REPLY_META}, "meta": meta or None}
+
+
+def import_trees(store, user, trees: list[Tree]) -> list:
+    """Store trees as conversations of `user` (trees that share a homellm conversation_id
+    become one conversation); each conversation in one transaction. Ratings by the tree's
+    owner (the root's user_id) become `user`'s; other votes are kept anonymous. Message ids
+    already in the database get new ones. Returns the new Conversations."""
+    groups: dict[str, list[Tree]] = {}
+    for t in trees:
+        key = (t.homellm or {}).get("conversation_id") or f"tree:{t.message_tree_id}"
+        groups.setdefault(key, []).append(t)
+    uid = user.id if hasattr(user, "id") else user
+    made = []
+    for group in groups.values():
+        info = dict(group[0].homellm or {})
+        if not info.get("title"):
+            info["title"] = " ".join(group[0].prompt.text.split())[:80]
+        messages, ratings, leaf = [], [], info.get("current_leaf_id")
+        for t in group:
+            owner = t.prompt.user_id
+            leaf = (t.homellm or {}).get("current_leaf_id") or leaf
+            # ranks among rated siblings are recomputed from the votes on export
+            ranked_by_votes = {r.message_id for m in t.prompt.walk()
+                               if any(s.rated() for s in m.replies) for r in m.replies}
+            for m in t.prompt.walk():
+                messages.append(_stored_message(m, m.message_id in ranked_by_votes))
+                for r in ratings_of(m):
+                    ratings.append({"message_id": m.message_id, "value": r["value"],
+                                    "comment": r["comment"],
+                                    "user_id": uid if owner and r["user_id"] == owner else None})
+        info["current_leaf_id"] = leaf
+        made.append(store.restore_conversation(user, info, messages, ratings))
+    return made

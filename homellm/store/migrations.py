@@ -1,0 +1,125 @@
+"""The schema, as append-only named migrations.
+
+Each migration is a name and its SQL statements; `{pk}`, `{bool}`, `{bigint}`, `{true}` and
+`{false}` become each dialect's types (dialect.py), and a step whose statements differ gives
+one list per dialect. The table `migrations` records what has been applied (name, time), so
+a database at any earlier version is brought forward by applying the rest in order, each in
+its own transaction. Never edit or reorder a migration that has shipped: append a new one.
+
+Conventions: ids are text (uuid4 hex, or the ids an imported file brings); `n` is an integer
+key that gives insertion order (and the full-text index's row id); times are ISO 8601 UTC
+text with microseconds (sortable as text); JSON is stored as text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Migration:
+    name: str
+    common: tuple[str, ...] = ()     # statements for both dialects
+    sqlite: tuple[str, ...] = ()     # then these on SQLite only
+    postgresql: tuple[str, ...] = ()  # or these on PostgreSQL only
+
+    def statements(self, dialect_name: str) -> list[str]:
+        return list(self.common) + list(getattr(self, dialect_name))
+
+
+MIGRATIONS: list[Migration] = [
+    Migration("001_people", common=(
+        """CREATE TABLE users (
+            n {pk},
+            id TEXT NOT NULL UNIQUE,
+            username TEXT NOT NULL UNIQUE,
+            password_hash TEXT,                       -- argon2id (PHC string); NULL: no login
+            is_admin {bool} NOT NULL DEFAULT {false},
+            share_feedback {bool} NOT NULL DEFAULT {false},  -- opted in to the admin export
+            created_at TEXT NOT NULL)""",
+        """CREATE TABLE sessions (
+            token_hash TEXT PRIMARY KEY,              -- sha256 hex of the cookie's token
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            csrf_token TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL)""",
+        "CREATE INDEX sessions_user ON sessions(user_id)",
+        """CREATE TABLE login_attempts (
+            key TEXT PRIMARY KEY,                     -- e.g. 'user:alice' or 'ip:10.0.0.2'
+            failures INTEGER NOT NULL,
+            window_start TEXT NOT NULL,
+            locked_until TEXT)""",
+    )),
+    Migration("002_conversations", common=(
+        """CREATE TABLE conversations (
+            n {pk},
+            id TEXT NOT NULL UNIQUE,
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            title TEXT NOT NULL DEFAULT '',
+            model TEXT,
+            system_prompt TEXT,
+            sampling TEXT,                            -- JSON: SamplingParams fields
+            current_leaf_id TEXT,                     -- the branch shown on reload
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL)""",
+        "CREATE INDEX conversations_user ON conversations(user_id, updated_at)",
+        """CREATE TABLE messages (
+            n {pk},
+            id TEXT NOT NULL UNIQUE,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            parent_id TEXT REFERENCES messages(id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+            content TEXT NOT NULL,
+            model TEXT,
+            sampling TEXT,                            -- JSON
+            seed {bigint},
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            timings TEXT,                             -- JSON: seconds and tokens/s
+            finish_reason TEXT,
+            incomplete {bool} NOT NULL DEFAULT {false},  -- still streaming, or cut off by a crash
+            meta TEXT,                                -- JSON: imported oasst fields we keep as-is
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL)""",
+        "CREATE INDEX messages_conversation ON messages(conversation_id, n)",
+        "CREATE INDEX messages_parent ON messages(parent_id)",
+        """CREATE TABLE ratings (
+            n {pk},
+            message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+            user_id TEXT REFERENCES users(id) ON DELETE CASCADE,  -- NULL: an imported vote
+            value INTEGER NOT NULL CHECK (value IN (-1, 1)),
+            comment TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL)""",
+        # one rating per user and message (imported anonymous votes, user NULL, are distinct)
+        "CREATE UNIQUE INDEX ratings_user_message ON ratings(message_id, user_id)",
+    )),
+    Migration("003_search", sqlite=(
+        """CREATE VIRTUAL TABLE message_fts USING fts5(content, content='messages',
+            content_rowid='n', tokenize='unicode61 remove_diacritics 0')""",
+        """CREATE TRIGGER message_fts_insert AFTER INSERT ON messages BEGIN
+            INSERT INTO message_fts(rowid, content) VALUES (new.n, new.content); END""",
+        """CREATE TRIGGER message_fts_delete AFTER DELETE ON messages BEGIN
+            INSERT INTO message_fts(message_fts, rowid, content)
+            VALUES ('delete', old.n, old.content); END""",
+        """CREATE TRIGGER message_fts_update AFTER UPDATE OF content ON messages BEGIN
+            INSERT INTO message_fts(message_fts, rowid, content)
+            VALUES ('delete', old.n, old.content);
+            INSERT INTO message_fts(rowid, content) VALUES (new.n, new.content); END""",
+        "INSERT INTO message_fts(message_fts) VALUES ('rebuild')",
+        """CREATE VIRTUAL TABLE conversation_fts USING fts5(title, content='conversations',
+            content_rowid='n', tokenize='unicode61 remove_diacritics 0')""",
+        """CREATE TRIGGER conversation_fts_insert AFTER INSERT ON conversations BEGIN
+            INSERT INTO conversation_fts(rowid, title) VALUES (new.n, new.title); END""",
+        """CREATE TRIGGER conversation_fts_delete AFTER DELETE ON conversations BEGIN
+            INSERT INTO conversation_fts(conversation_fts, rowid, title)
+            VALUES ('delete', old.n, old.title); END""",
+        """CREATE TRIGGER conversation_fts_update AFTER UPDATE OF title ON conversations BEGIN
+            INSERT INTO conversation_fts(conversation_fts, rowid, title)
+            VALUES ('delete', old.n, old.title);
+            INSERT INTO conversation_fts(rowid, title) VALUES (new.n, new.title); END""",
+        "INSERT INTO conversation_fts(conversation_fts) VALUES ('rebuild')",
+    ), postgresql=(
+        "CREATE INDEX message_fts ON messages USING gin (to_tsvector('simple', content))",
+        "CREATE INDEX conversation_fts ON conversations USING gin (to_tsvector('simple', title))",
+    )),
+]
