@@ -18,8 +18,10 @@ def _set_module(root: nn.Module, path: str, module: nn.Module):
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def load_base(name_or_path, quant: str = "none", device: str | torch.device = "cpu"):
-    """(checkpoint, tokenizer, model) for training; the model's weights are all frozen."""
+def load_base(name_or_path, quant: str = "none", device: str | torch.device = "cpu",
+              tokenizer: bool = True):
+    """(checkpoint, tokenizer, model) for training; the model's weights are all frozen.
+    tokenizer=False skips the tokenizer (None is returned in its place)."""
     from homellm.catalog import resolve
     from homellm.engine.loader import build_model
     from homellm.engine.quant import Int4Linear, Int8Linear
@@ -28,7 +30,7 @@ def load_base(name_or_path, quant: str = "none", device: str | torch.device = "c
     from homellm.train.frozen import FrozenQuantLinear
 
     ckpt = open_checkpoint(resolve(name_or_path))
-    tokenizer = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
+    tok = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template) if tokenizer else None
     device = torch.device(device)
     model: Llama = build_model(ckpt, device=device, dtype=torch.float32,
                                quant="none" if quant == "none" else quant)
@@ -47,4 +49,4 @@ def load_base(name_or_path, quant: str = "none", device: str | torch.device = "c
         layer.self_attn.qkv_proj = None
         layer.mlp.gate_up_proj = None
     model.requires_grad_(False)
-    return ckpt, tokenizer, model
+    return ckpt, tok, model

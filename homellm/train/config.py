@@ -36,7 +36,8 @@ class LoraConfig:
         if unknown or not self.targets:
             raise HomellmError(f"LoRA targets {', '.join(unknown) or '(none)'}: expected some of "
                                f"{', '.join(TARGETS)}")
-        self.targets = [TARGETS.get(t, t).removesuffix("_proj") for t in self.targets]
+        wanted = {TARGETS.get(t, t).removesuffix("_proj") for t in self.targets}
+        self.targets = [t for t in TARGETS if t in wanted]  # canonical order
 
     @property
     def scaling(self) -> float:

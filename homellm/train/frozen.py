@@ -6,10 +6,10 @@ dequantizes its weight for the forward matmul and again in the backward, one lay
 time, and keeps no float copy: `FrozenMatmul` saves nothing for backward but the layer.
 
 - int8: engine/quant.py's Int8Linear storage (one symmetric scale per output row).
-- int4: `Int4Weight` here: 4-bit codes, two per byte, with a float16 scale and zero per group
-  of 32 inputs, w = (q - 8) s + z (the convention of engine/quant.py). From a GGUF Q4_0, Q4_1
-  or Q4_K tensor the codes are the file's own (exact, `ggml_int4_codes`); from float weights,
-  per-group min/max.
+- int4: `Int4Weight` here: 4-bit codes, two per byte, with a float32 scale and zero per group
+  of 32 inputs, w = (q - 8) s + z (the convention of engine/quant.py): 0.75 bytes per weight. From a GGUF Q4_0, Q4_1 or Q4_K tensor the codes, scales and zeros are the
+  file's own (`ggml_int4_codes`: equal to the file's dequantized values up to one float32
+  rounding of z); from float weights, per-group min/max.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ GROUP = 32
 
 
 class Int4Weight(nn.Module):
-    """An (out, in) weight as uint8 codes (out, in/2) and float16 scales, zeros (out, in/32)."""
+    """An (out, in) weight as uint8 codes (out, in/2), float32 scales and zeros (out, in/32)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -31,15 +31,15 @@ class Int4Weight(nn.Module):
             raise ValueError(f"int4 needs in_features divisible by {GROUP}, got {in_features}")
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("codes", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scales", torch.zeros(out_features, in_features // GROUP, dtype=torch.float16))
-        self.register_buffer("zeros", torch.zeros(out_features, in_features // GROUP, dtype=torch.float16))
+        self.register_buffer("scales", torch.zeros(out_features, in_features // GROUP, dtype=torch.float32))
+        self.register_buffer("zeros", torch.zeros(out_features, in_features // GROUP, dtype=torch.float32))
 
     def _fill(self, r0: int, q: Tensor, s: Tensor, z: Tensor):
         """Codes q (R, K) in 0..15 and s, z (R, K/32) into rows r0..r0+R."""
         rows = slice(r0, r0 + q.shape[0])
         pairs = q.to(torch.uint8).reshape(q.shape[0], -1, 2)
         self.codes[rows] = pairs[..., 0] | (pairs[..., 1] << 4)
-        self.scales[rows], self.zeros[rows] = s.half(), z.half()
+        self.scales[rows], self.zeros[rows] = s.float(), z.float()
 
     @classmethod
     def from_float(cls, weight: Tensor, rows_per_chunk: int = 4096) -> "Int4Weight":
@@ -48,8 +48,8 @@ class Int4Weight(nn.Module):
         for r0 in range(0, N, rows_per_chunk):
             w = weight[r0:r0 + rows_per_chunk].detach().float().reshape(-1, K // GROUP, GROUP)
             lo, hi = w.amin(-1), w.amax(-1)  # (R, K/32)
-            s = ((hi - lo) / 15).half().float()  # codes are chosen for the stored scale and zero
-            z = (lo + 8 * s).half().float()
+            s = (hi - lo) / 15
+            z = lo + 8 * s
             inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
             q = ((w - z[..., None]) * inv[..., None] + 8).round().clamp(0, 15)
             layer._fill(r0, q.reshape(-1, K), s, z)
@@ -57,7 +57,7 @@ class Int4Weight(nn.Module):
 
     @classmethod
     def from_ggml(cls, t: GGMLTensor, rows_per_chunk: int = 4096) -> "Int4Weight":
-        """Exact codes from Q4_0 / Q4_1 / Q4_K blocks (scales and zeros rounded to float16)."""
+        """The file's own codes, scales and zeros of Q4_0 / Q4_1 / Q4_K blocks."""
         N, K = t.shape
         layer = cls(K, N)
         for r0 in range(0, N, rows_per_chunk):
