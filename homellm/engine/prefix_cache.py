@@ -1,0 +1,106 @@
+"""Keys and values of earlier sequences, kept by their token prefix, so a conversation's
+next turn does not prefill its earlier turns again.
+
+An entry holds the ids of one sequence and a copy of their keys and values, (n_layers,
+n_kv_heads, n, head_dim) for each. A lookup finds the entry sharing the longest prefix with
+a new prompt: those positions' keys and values are copied into the new sequence's slot
+instead of being computed. The store is bounded in bytes; the least recently used entries
+go first. An entry whose ids are a prefix of a new entry's is dropped (the new one covers it).
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PrefixEntry:
+    tokens: tuple[int, ...]
+    keys: Tensor    # (n_layers, n_kv_heads, n, head_dim)
+    values: Tensor  # (n_layers, n_kv_heads, n, head_dim)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+def common_prefix(a, b) -> int:
+    """Length of the longest common prefix of two id sequences."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    x = torch.as_tensor(a[:n], dtype=torch.long)
+    y = torch.as_tensor(b[:n], dtype=torch.long)
+    diff = (x != y).nonzero()
+    return int(diff[0]) if len(diff) else n
+
+
+class PrefixCache:
+    """Entries keyed by their token ids, at most `capacity_bytes` of keys and values in all.
+
+    Thread-safe. `min_tokens`: shorter sequences are not worth an entry.
+    """
+
+    def __init__(self, capacity_bytes: int, min_tokens: int = 8):
+        self.capacity_bytes = int(capacity_bytes)
+        self.min_tokens = min_tokens
+        self.entries: OrderedDict[tuple[int, ...], PrefixEntry] = OrderedDict()  # LRU first
+        self.nbytes = 0
+        self.hits = self.misses = self.evictions = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def lookup(self, ids: list[int]) -> tuple[PrefixEntry | None, int]:
+        """The entry sharing the longest prefix with `ids`, and that length (None, 0 if none)."""
+        with self._lock:
+            best, best_n = None, 0
+            for entry in self.entries.values():
+                n = common_prefix(entry.tokens, ids)
+                if n > best_n:
+                    best, best_n = entry, n
+            if best is None:
+                self.misses += 1
+                return None, 0
+            self.hits += 1
+            self.entries.move_to_end(best.tokens)
+            return best, best_n
+
+    def store(self, tokens: list[int], keys: Tensor, values: Tensor) -> bool:
+        """Keep `tokens` with their keys and values (n_layers, n_kv_heads, n, head_dim), which
+        the cache owns from now on (pass copies). Returns whether it was kept."""
+        tokens = tuple(tokens)
+        entry = PrefixEntry(tokens, keys, values)
+        if len(tokens) < self.min_tokens or entry.nbytes > self.capacity_bytes:
+            return False
+        with self._lock:
+            for other in list(self.entries.values()):  # entries the new one covers
+                if len(other.tokens) <= len(tokens) and tokens[:len(other.tokens)] == other.tokens:
+                    self._drop(other.tokens)
+                elif len(other.tokens) > len(tokens) and other.tokens[:len(tokens)] == tokens:
+                    self.entries.move_to_end(other.tokens)  # already covered by a longer one
+                    return False
+            while self.entries and self.nbytes + entry.nbytes > self.capacity_bytes:
+                self._drop(next(iter(self.entries)))
+                self.evictions += 1
+            self.entries[tokens] = entry
+            self.nbytes += entry.nbytes
+            return True
+
+    def clear(self):
+        with self._lock:
+            self.entries.clear()
+            self.nbytes = 0
+
+    def _drop(self, key: tuple[int, ...]):
+        self.nbytes -= self.entries.pop(key).nbytes
+
+    def stats(self) -> dict:
+        return {"entries": len(self.entries), "bytes": self.nbytes,
+                "capacity_bytes": self.capacity_bytes, "hits": self.hits, "misses": self.misses,
+                "evictions": self.evictions}
