@@ -8,14 +8,17 @@ the KV cache.
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from homellm.engine.generate import Engine, Step, Timings
 from homellm.engine.sampling import SamplingParams
+from homellm.errors import ContextOverflowError
+
+if TYPE_CHECKING:
+    import torch
 
 SAMPLING_FIELDS = {"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
                    "frequency_penalty", "presence_penalty", "seed"}
@@ -62,7 +65,9 @@ class StopStrings:
 
 
 class Model:
-    """A loaded model: tokenizer, network and an engine with its KV cache."""
+    """A loaded model: tokenizer, network and an engine with its KV cache.
+
+    network: the C runtime (`kernels.NativeModel`, no PyTorch) or a PyTorch `Llama`."""
 
     def __init__(self, checkpoint, network, tokenizer, ctx: int, load_s: float,
                  fast_decode: bool = True):
@@ -77,14 +82,29 @@ class Model:
             self.engine.attach_fast_decoder(checkpoint)
 
     @property
-    def device(self) -> torch.device:
+    def device(self) -> str:
+        """"cpu", "cuda:0", ...: where the network runs."""
         return self.engine.device
 
-    @torch.inference_mode()
-    def logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
-        """Teacher-forced float32 logits [T, vocab] for a sequence (no cache involved)."""
-        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(1, -1)
-        return self.network(ids).float()[0]
+    @property
+    def runtime(self) -> str:
+        """"native" (our C runtime, no PyTorch) or "torch"."""
+        return "native" if self.engine.native else "torch"
+
+    def logits(self, token_ids: "list[int] | torch.Tensor") -> "torch.Tensor":
+        """Teacher-forced float32 logits [T, vocab] for a sequence, as a torch tensor.
+
+        The C runtime computes them through its KV cache (which then holds this sequence, so
+        at most `ctx` tokens); the PyTorch network without a cache."""
+        import torch
+        if self.engine.native:
+            ids = [int(i) for i in torch.as_tensor(token_ids).reshape(-1).tolist()]
+            if len(ids) > self.ctx:
+                raise ContextOverflowError(len(ids), self.ctx)
+            return torch.from_numpy(self.network.forward(ids, 0, last_only=False))
+        with torch.inference_mode():
+            ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(1, -1)
+            return self.network(ids).float()[0]
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         return list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
@@ -185,21 +205,67 @@ def release_free_heap():
         pass
 
 
+def default_threads() -> int:
+    """Threads for the C runtime: $HOMELLM_THREADS or $OMP_NUM_THREADS, else one per physical
+    core this process may run on (hyperthread siblings slow integer matmuls down)."""
+    for var in ("HOMELLM_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
+            return int(os.environ[var])
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores = set()
+    for cpu in cpus:
+        base = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        try:
+            with open(base + "physical_package_id") as f, open(base + "core_id") as g:
+                cores.add((f.read().strip(), g.read().strip()))
+        except OSError:
+            cores.add(cpu)
+    return max(1, len(cores) or (os.cpu_count() or 1))
+
+
+def _gpu_present() -> bool:
+    """Whether a CUDA GPU may be here, without importing torch where there is no NVIDIA driver."""
+    if not os.path.exists("/proc/driver/nvidia/version"):
+        return False
+    import torch
+    return torch.cuda.is_available()
+
+
+def native_runtime(ckpt, device: str | None, dtype, quant: str | None) -> bool:
+    """Whether `load` runs this checkpoint on the C runtime: a GGUF file on the CPU, its weights
+    as stored (no dtype or quant asked for), every tensor a type the kernels take, and the
+    kernels built. HOMELLM_RUNTIME=torch forces the PyTorch network."""
+    from homellm.engine.kernels import build, native
+    if os.environ.get("HOMELLM_RUNTIME", "") == "torch" or ckpt.format != "gguf":
+        return False
+    if dtype is not None or quant is not None or device not in (None, "cpu"):
+        return False
+    if device is None and _gpu_present():
+        return False
+    return not native.unsupported(ckpt.tensors) and build.load() is not None
+
+
 def load(name_or_path: str | Path | None = None, device: str | None = None,
-         dtype: torch.dtype | None = None, ctx: int | None = None, quant: str | None = None,
+         dtype: "torch.dtype | None" = None, ctx: int | None = None, quant: str | None = None,
          progress=None) -> Model:
     """Load a model by catalog name, GGUF path or Hugging Face folder (None: the default model)."""
     from homellm.catalog import resolve
-    from homellm.engine.loader import build_model
     from homellm.model.formats import open_checkpoint
     from homellm.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
     path = resolve(name_or_path)
-    ckpt = open_checkpoint(path)
-    tokenizer = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
-    network = build_model(ckpt, device=device, dtype=dtype, quant=quant, progress=progress)
+    ckpt = open_checkpoint(path, as_numpy=True)  # (GGUF floats as numpy: no torch yet)
     ctx = ctx or min(DEFAULT_CTX, ckpt.args.max_position_embeddings)
+    tokenizer = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
+    if native_runtime(ckpt, device, dtype, quant):
+        from homellm.engine.kernels.native import NativeModel
+        network = NativeModel(ckpt.args, ckpt.tensors, ctx, threads=default_threads())
+    else:
+        from homellm.engine.loader import build_model
+        if ckpt.format == "gguf":
+            ckpt = open_checkpoint(path)  # floats as torch tensors
+        network = build_model(ckpt, device=device, dtype=dtype, quant=quant, progress=progress)
     # a loaded model never exports (`homellm export` reads the file afresh): free the
     # vocabulary lists, and hand the heap that loading used back to the system
     ckpt.tokenizer.gguf_fields = None

@@ -3,6 +3,10 @@
 The engine knows nothing of text: stop strings and detokenization live one layer up
 (homellm/api.py). It keeps one KV cache; a new prompt that starts with what the cache
 already holds prefills only the rest (a chat's earlier turns are never prefilled again).
+
+It runs one of two networks: the C runtime (`kernels.NativeModel`: a GGUF file's blocks on
+the CPU, no PyTorch in the process) or the PyTorch `Llama` (any device, any format). Logits
+come out as numpy float32 either way, and sampling runs on them.
 """
 from __future__ import annotations
 
@@ -10,12 +14,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import torch
+import numpy as np
 
-from homellm.engine.kv_cache import KVCache
-from homellm.engine.sampling import Sampler, SamplingParams
+from homellm.engine.kernels.native import NativeModel
+from homellm.engine.sampling import Sampler, SamplingParams, as_numpy
 from homellm.errors import ContextOverflowError
-from homellm.model.llama import Llama
 
 PREFILL_CHUNK = 512  # prompt positions per forward: bounds activation and attention memory
 
@@ -58,28 +61,47 @@ class Step:
     timings: Timings | None = None     # on the final step
 
 
-class Engine:
-    """One model and one KV cache of `ctx` positions (batch 1).
+def logsumexp(x: np.ndarray) -> float:
+    m = float(x.max())
+    return m + float(np.log(np.exp(x - m, dtype=np.float32).sum(dtype=np.float64)))
 
-    Prompts go through the PyTorch model in chunks. Single-token decode steps go through
-    `fast` when one is attached (engine/kernels FastDecoder: the whole step in one C call,
-    on the same KV cache), else through the model too.
+
+class Engine:
+    """One network and one KV cache of `ctx` positions (batch 1).
+
+    model: a `NativeModel` (it holds its own cache, of at least `ctx` positions), or a PyTorch
+    `Llama`, for which the engine makes a `KVCache`. On the PyTorch path, single-token decode
+    steps go through `fast` when one is attached (kernels.FastDecoder: the whole step in one C
+    call, on the same KV cache).
     """
 
-    def __init__(self, model: Llama, ctx: int, cache_dtype: torch.dtype = torch.float32):
+    def __init__(self, model, ctx: int, cache_dtype=None):
         self.model = model
         self.ctx = ctx
-        self.device = model.inv_freq.device
-        self.cache = KVCache(model.args, ctx, dtype=cache_dtype, device=self.device)
         self.fast = None
+        self.native = isinstance(model, NativeModel)
+        if self.native:
+            if model.max_seq_len < ctx:
+                raise ValueError(f"the model's KV cache holds {model.max_seq_len} positions; ctx is {ctx}")
+            self.device = "cpu"
+            self.cache = model  # NativeModel keeps `tokens` and `common_prefix` like KVCache
+        else:
+            import torch
+
+            from homellm.engine.kv_cache import KVCache
+            self.device = str(model.inv_freq.device)
+            self.cache = KVCache(model.args, ctx, dtype=cache_dtype or torch.float32, device=self.device)
 
     def attach_fast_decoder(self, checkpoint) -> bool:
         """Decode with our C kernels when they are built and cover every weight of the
         checkpoint; return whether they do (else decoding stays on the PyTorch path)."""
+        if self.native:
+            return False  # the C runtime decodes already
+        import torch
         from torch import nn
 
         from homellm.engine import kernels
-        if self.device.type != "cpu" or self.cache.k[0].dtype != torch.float32 \
+        if self.native or self.device != "cpu" or self.cache.k[0].dtype != torch.float32 \
                 or not kernels.available():
             return False
         float32 = all(m.weight.dtype == torch.float32 for m in self.model.modules()
@@ -96,19 +118,22 @@ class Engine:
     def reset(self):
         self.cache.tokens = []
 
-    @torch.inference_mode()
-    def forward(self, ids: list[int], start_pos: int, last_only: bool = True) -> torch.Tensor:
-        """Run ids at start_pos through the model, storing their keys/values; (T or 1, vocab)."""
-        if self.fast is not None and len(ids) == 1:
-            logits = self.fast.decode(ids[0], start_pos)[None]
-        else:
-            tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
-            logits = self.model(tokens, start_pos=start_pos, cache=self.cache, last_only=last_only)[0]
+    def forward(self, ids: list[int], start_pos: int, last_only: bool = True) -> np.ndarray:
+        """Run ids at start_pos through the network, storing their keys/values; (T or 1, vocab)."""
+        if self.native:
+            return self.model.forward(ids, start_pos, last_only)  # (it keeps cache.tokens)
+        import torch
+        with torch.inference_mode():
+            if self.fast is not None and len(ids) == 1:
+                logits = self.fast.decode(ids[0], start_pos)[None]
+            else:
+                tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+                logits = self.model(tokens, start_pos=start_pos, cache=self.cache, last_only=last_only)[0]
         del self.cache.tokens[start_pos:]
         self.cache.tokens.extend(ids)
-        return logits
+        return as_numpy(logits)
 
-    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+    def prefill(self, ids: list[int]) -> tuple[np.ndarray, int]:
         """Make the cache hold `ids`; return the last position's logits and how many were cached."""
         if len(ids) >= self.ctx:
             raise ContextOverflowError(len(ids), self.ctx)
@@ -176,12 +201,13 @@ class Engine:
         yield Step(token=None, finish_reason=finish, timings=timings)
 
     @staticmethod
-    def _logprobs(logits: torch.Tensor, top_logprobs: int) -> tuple[float, list[tuple[int, float]]]:
+    def _logprobs(logits: np.ndarray, top_logprobs: int) -> tuple[float, list[tuple[int, float]]]:
         """log-sum-exp of the logits and the top alternatives, under the model (before any
         penalty or constraint): one pass over the vocab."""
-        lse = float(torch.logsumexp(logits, -1))
+        lse = logsumexp(logits)
         top = []
         if top_logprobs:
-            vals, idx = logits.topk(top_logprobs)
-            top = [(i, v - lse) for i, v in zip(idx.tolist(), vals.tolist())]
+            idx = np.argpartition(-logits, top_logprobs - 1)[:top_logprobs]
+            idx = idx[np.argsort(-logits[idx], kind="stable")]
+            top = [(int(i), float(logits[i]) - lse) for i in idx]
         return lse, top

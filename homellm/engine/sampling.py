@@ -2,14 +2,13 @@
 
 Order of the filters follows llama.cpp: repetition penalty, top-k, top-p, min-p, then
 temperature. temperature == 0 is greedy. A seed makes a run reproducible; the sampler owns
-its torch.Generator.
+its random generator (numpy's PCG64). No PyTorch: the C runtime's logits are numpy arrays.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
+import numpy as np
 
 
 @dataclass
@@ -40,46 +39,64 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+def as_numpy(logits) -> np.ndarray:
+    """float32 logits as a numpy array: the C runtime's as they are, a torch tensor's (any
+    device) copied to the CPU. Sampling runs on the CPU in numpy for every backend."""
+    if isinstance(logits, np.ndarray):
+        return logits
+    return logits.detach().float().cpu().numpy()
+
+
 class Sampler:
-    """Picks the next token from float32 logits (vocab,), given the ids seen so far."""
+    """Picks the next token from float32 logits (vocab,), given the ids seen so far.
+
+    Logits may be a numpy array or a torch tensor; they are never changed in place."""
 
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.generator = torch.Generator()
-        self.generator.manual_seed(params.seed if params.seed is not None
-                                   else int(torch.randint(0, 2**62, ()).item()))
+        self.rng = np.random.default_rng(params.seed)  # seed None: fresh OS entropy
 
-    def penalize(self, logits: Tensor, history: list[int]) -> Tensor:
+    def penalize(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
+        """A penalized copy of logits."""
         p = self.params
+        logits = logits.astype(np.float32, copy=True)
         if p.repeat_penalty != 1.0 and p.repeat_last_n and history:
-            recent = torch.tensor(sorted(set(history[-p.repeat_last_n:])), dtype=torch.long)
+            recent = np.unique(np.asarray(history[-p.repeat_last_n:], dtype=np.int64))
             vals = logits[recent]
-            logits[recent] = torch.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
+            logits[recent] = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
         if (p.frequency_penalty or p.presence_penalty) and history:
-            ids, counts = torch.tensor(history, dtype=torch.long).unique(return_counts=True)
-            logits[ids] -= counts.float() * p.frequency_penalty + p.presence_penalty
+            ids, counts = np.unique(np.asarray(history, dtype=np.int64), return_counts=True)
+            logits[ids] -= counts.astype(np.float32) * p.frequency_penalty + p.presence_penalty
         return logits
 
-    def __call__(self, logits: Tensor, history: list[int]) -> int:
+    def __call__(self, logits, history: list[int]) -> int:
         p = self.params
+        logits = as_numpy(logits)
         if p.greedy and p.repeat_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty):
             return int(logits.argmax())  # the common case: no copy of the logits
-        # on the CPU: the generator is a CPU one, and one vocab-sized copy per token is cheap
-        logits = self.penalize(logits.detach().float().cpu().clone(), history)
+        logits = self.penalize(logits, history)
         if p.greedy:
             return int(logits.argmax())
-        if p.top_k and p.top_k < logits.numel():
-            values, indices = logits.topk(p.top_k)
+        finite = np.isfinite(logits)  # -inf: excluded (e.g. by a grammar's mask)
+        n_ok = int(finite.sum())
+        if n_ok == 0:
+            raise ValueError("every token is excluded: nothing to sample")
+        if p.top_k and p.top_k < n_ok:
+            part = np.argpartition(-logits, p.top_k - 1)[:p.top_k]
+            indices = part[np.argsort(-logits[part], kind="stable")]
         else:
-            values, indices = logits.sort(descending=True)
-        probs = values.softmax(-1)
-        keep = torch.ones_like(probs, dtype=torch.bool)
+            indices = np.argsort(-logits, kind="stable")[:n_ok]
+        values = logits[indices].astype(np.float64)
+        probs = np.exp(values - values[0])
+        probs /= probs.sum()
+        keep = np.ones(len(probs), dtype=bool)
         if p.top_p < 1.0:
-            before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
+            before = np.cumsum(probs) - probs  # mass of strictly more likely tokens
             keep &= before < p.top_p
         if p.min_p > 0:
             keep &= probs >= p.min_p * probs[0]
         keep[0] = True
         values = values[keep] / p.temperature
-        choice = torch.multinomial(values.softmax(-1), 1, generator=self.generator)
+        weights = np.exp(values - values.max())
+        choice = self.rng.choice(len(weights), p=weights / weights.sum())
         return int(indices[keep][choice])

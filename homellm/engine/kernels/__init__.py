@@ -1,10 +1,11 @@
-"""Our own C kernels for the CPU: matmul on raw GGUF blocks, a fused single-token decode and
-causal attention for prefill.
+"""Our own C kernels for the CPU: matmul on raw GGUF blocks, the whole network's prefill and
+single-token decode, and causal attention.
 
 `available()` says whether the library built and loaded (it needs a C compiler; without one,
 or with HOMELLM_NO_KERNELS=1, everything stays on the PyTorch path). The code is in
-ggml_cpu.c; build.py compiles and caches it; ggml_linear.py, fast_decode.py and attention.py
-wrap it.
+ggml_cpu.c; build.py compiles and caches it; native.py runs a model on it without PyTorch;
+ggml_linear.py, fast_decode.py and attention.py wrap it as PyTorch modules (imported on first
+use, so `kernels.native` never imports torch).
 """
 from __future__ import annotations
 
@@ -41,11 +42,20 @@ def path_id(path: str | None) -> int:
     return PATHS[path]
 
 
-from homellm.engine.kernels.ggml_linear import (FusedProjection, GGMLLinear, matmul, matmul_packed,  # noqa: E402
-                                                matmul_packed_multi, repack_q4)
-from homellm.engine.kernels.fast_decode import FastDecoder  # noqa: E402
-from homellm.engine.kernels.attention import CausalAttention, attention_causal  # noqa: E402
+_LAZY = {"FusedProjection": "ggml_linear", "GGMLLinear": "ggml_linear", "matmul": "ggml_linear",
+         "matmul_packed": "ggml_linear", "matmul_packed_multi": "ggml_linear", "repack_q4": "ggml_linear",
+         "FastDecoder": "fast_decode", "CausalAttention": "attention", "attention_causal": "attention",
+         "NativeModel": "native"}
+
+
+def __getattr__(name: str):
+    """The PyTorch-facing wrappers, imported when first asked for (they import torch)."""
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f"homellm.engine.kernels.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'homellm.engine.kernels' has no attribute {name!r}")
+
 
 __all__ = ["available", "cpu_features", "status", "FusedProjection", "GGMLLinear", "matmul",
            "matmul_packed", "matmul_packed_multi", "repack_q4", "FastDecoder",
-           "CausalAttention", "attention_causal"]
+           "CausalAttention", "attention_causal", "NativeModel"]

@@ -122,6 +122,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "hl_model_set_kv": (None, [c_void, c_int, c_void, c_void, c_int]),
         "hl_model_set_threads": (c_int, [c_void, c_int, c_int, c_int]),
         "hl_decode": (c_int, [c_void, c_int, c_int, c_void]),
+        "hl_forward": (c_int, [c_void, c_void, c_int, c_int, c_void, c_int]),
         "hl_attention_causal": (c_int, [c_void, c_i64, c_i64, c_void, c_i64, c_i64, c_void, c_i64, c_i64,
                                         c_int, c_int, c_int, c_int, c_int, c_float, c_void, c_int, c_int]),
     }
@@ -143,7 +144,9 @@ def load() -> ctypes.CDLL | None:
     if path is None:
         return None
     try:
-        import torch  # noqa: F401  (load torch's libgomp first, so both share one OpenMP runtime)
+        # One OpenMP runtime per process: libgomp.so.1 is found by its soname, so whichever of
+        # torch and this library loads first brings the one both use. torch is not imported
+        # here: the C runtime (native.py) runs without it.
         _state["lib"] = _declare(ctypes.CDLL(str(path)))
     except (OSError, AttributeError) as e:
         _state["status"] = f"loading {path} failed: {e}"

@@ -1245,3 +1245,117 @@ int hl_attention_causal(const float *q, int64_t qst, int64_t qsh, const float *k
     }
     return fail ? -3 : 0;
 }
+
+/* ==== prefill: T tokens through the whole network ==========================================
+ * The same network as hl_decode, for T positions at once: each projection is one (T, K) x W^T
+ * matmul (packed Q4 on AVX512 with q/k/v sharing one quantized activation and gate/up fused
+ * with SiLU; else hl_matmul on the raw blocks), attention is hl_attention_causal over the KV
+ * cache (which then holds positions 0 .. pos+T-1). logits: (T, V) if all, else (1, V) for the
+ * last position. Returns 0, -1 for bad arguments, -3 when out of memory. */
+
+/* y (M, N) = x (M, K) @ W^T (+ bias) for one model matrix */
+static int mat_rows(const model_t *c, const mat_t *m, const float *x, int M, float *y, const float *bias) {
+    int rc;
+    if (m->pk && c->path == P_AVX512) {
+        const uint8_t *pk = m->pk; int N = m->N; float *ys = y;
+        rc = matmul_packed_multi(x, M, m->K, 1, &pk, &N, &ys, c->nthreads, c->hi, 0);
+    } else {
+        rc = hl_matmul(x, M, m->K, m->w, m->rb, m->type, m->N, y, c->nthreads, c->path, c->hi);
+    }
+    if (rc == 0 && bias)
+        for (int i = 0; i < M; i++)
+            for (int n = 0; n < m->N; n++) y[(size_t)i * m->N + n] += bias[n];
+    return rc;
+}
+
+static void rmsnorm_rows(const float *x, const float *w, int M, int n, float eps, float *out, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int i = 0; i < M; i++) rmsnorm(x + (size_t)i * n, w, n, eps, out + (size_t)i * n);
+}
+
+int hl_forward(void *p, const int *tokens, int T, int pos, float *logits, int all) {
+    model_t *c = p;
+    if (T <= 0 || pos < 0 || pos + T > c->S) return -1;
+    for (int t = 0; t < T; t++) if (tokens[t] < 0 || tokens[t] >= c->V) return -1;
+    const int H = c->H, nh = c->nh, nkv = c->nkv, hd = c->hd, F = c->F, S = c->S, half = hd / 2;
+    const int nq = nh * hd, nk = nkv * hd, big = F > nq ? F : nq;
+    const float scale = 1.0f / sqrtf((float)hd);
+    /* (T, H) residual, (T, max(H, F, nq)) normed input / MLP hidden, q k v att, (T, big) scratch */
+    float *x = malloc(4 * (size_t)T * H), *xn = malloc(4 * (size_t)T * (H > big ? H : big));
+    float *q = malloc(4 * (size_t)T * nq), *k = malloc(4 * (size_t)T * nk), *v = malloc(4 * (size_t)T * nk);
+    float *att = malloc(4 * (size_t)T * nq), *tmp = malloc(4 * (size_t)T * (H > big ? H : big));
+    float *hb = malloc(4 * (size_t)T * F);
+    int rc = (x && xn && q && k && v && att && tmp && hb) ? 0 : -3;
+    for (int t = 0; t < T && !rc; t++)
+        dequant_row(c->emb.type, c->emb.w + (size_t)tokens[t] * c->emb.rb, H, x + (size_t)t * H);
+    for (int l = 0; l < c->L && !rc; l++) {
+        layer_t *ly = &c->layers[l];
+        rmsnorm_rows(x, ly->v[V_LN1], T, H, c->eps, xn, c->nthreads);
+        const mat_t *mq = &ly->m[M_Q], *mk = &ly->m[M_K], *mv = &ly->m[M_V];
+        if (mq->pk && mk->pk && mv->pk && c->path == P_AVX512) {
+            const uint8_t *pks[3] = {mq->pk, mk->pk, mv->pk};
+            int Ns[3] = {mq->N, mk->N, mv->N};
+            float *ys[3] = {q, k, v};
+            rc = matmul_packed_multi(xn, T, H, 3, pks, Ns, ys, c->nthreads, c->hi, 0);
+            const float *bs[3] = {ly->v[V_BQ], ly->v[V_BK], ly->v[V_BV]};
+            for (int i = 0; i < 3 && !rc; i++)
+                if (bs[i])
+                    for (int t = 0; t < T; t++)
+                        for (int n = 0; n < Ns[i]; n++) ys[i][(size_t)t * Ns[i] + n] += bs[i][n];
+        } else {
+            rc = mat_rows(c, mq, xn, T, q, ly->v[V_BQ]);
+            if (!rc) rc = mat_rows(c, mk, xn, T, k, ly->v[V_BK]);
+            if (!rc) rc = mat_rows(c, mv, xn, T, v, ly->v[V_BV]);
+        }
+        if (rc) break;
+        /* RoPE (HF rotate-half) at positions pos + t, then K/V into the cache (n_kv, S, hd) */
+        #pragma omp parallel for num_threads(c->nthreads) schedule(static)
+        for (int t = 0; t < T; t++) {
+            float cs[half], sn[half];
+            for (int i = 0; i < half; i++) {
+                float a = (float)(pos + t) * c->inv_freq[i];
+                cs[i] = cosf(a); sn[i] = sinf(a);
+            }
+            for (int h = 0; h < nh + nkv; h++) {
+                float *r = h < nh ? q + (size_t)t * nq + h * hd : k + (size_t)t * nk + (h - nh) * hd;
+                for (int i = 0; i < half; i++) {
+                    float x1 = r[i], x2 = r[i + half];
+                    r[i] = x1 * cs[i] - x2 * sn[i];
+                    r[i + half] = x2 * cs[i] + x1 * sn[i];
+                }
+            }
+            for (int g = 0; g < nkv; g++) {
+                memcpy(ly->kc + ((size_t)g * S + pos + t) * hd, k + (size_t)t * nk + g * hd, 4 * (size_t)hd);
+                memcpy(ly->vc + ((size_t)g * S + pos + t) * hd, v + (size_t)t * nk + g * hd, 4 * (size_t)hd);
+            }
+        }
+        rc = hl_attention_causal(q, nq, hd, ly->kc, hd, (int64_t)S * hd, ly->vc, hd, (int64_t)S * hd,
+                                 T, nh, nkv, hd, pos, scale, att, c->nthreads, c->path);
+        if (!rc) rc = mat_rows(c, &ly->m[M_O], att, T, tmp, NULL);
+        if (rc) break;
+        for (size_t i = 0; i < (size_t)T * H; i++) x[i] += tmp[i];
+        rmsnorm_rows(x, ly->v[V_LN2], T, H, c->eps, xn, c->nthreads);
+        const mat_t *mg = &ly->m[M_GATE], *mu = &ly->m[M_UP];
+        if (mg->pk && mu->pk && c->path == P_AVX512) {
+            const uint8_t *pks[2] = {mg->pk, mu->pk};
+            int Ns[2] = {F, F};
+            float *ys[2] = {hb, hb};
+            rc = matmul_packed_multi(xn, T, H, 2, pks, Ns, ys, c->nthreads, c->hi, 1);
+        } else {
+            rc = mat_rows(c, mg, xn, T, hb, NULL);
+            if (!rc) rc = mat_rows(c, mu, xn, T, tmp, NULL);
+            if (!rc)
+                for (size_t i = 0; i < (size_t)T * F; i++) hb[i] = hb[i] / (1.0f + expf(-hb[i])) * tmp[i];
+        }
+        if (!rc) rc = mat_rows(c, &ly->m[M_DOWN], hb, T, tmp, NULL);
+        if (rc) break;
+        for (size_t i = 0; i < (size_t)T * H; i++) x[i] += tmp[i];
+    }
+    if (!rc) {
+        const int first = all ? 0 : T - 1, M = T - first;
+        rmsnorm_rows(x + (size_t)first * H, c->norm, M, H, c->eps, xn, c->nthreads);
+        rc = mat_rows(c, &c->head, xn, M, logits, NULL);
+    }
+    free(x); free(xn); free(q); free(k); free(v); free(att); free(tmp); free(hb);
+    return rc ? (rc == -3 ? -3 : -1) : 0;
+}

@@ -8,15 +8,14 @@ from __future__ import annotations
 import ctypes
 import os
 import warnings
-import weakref
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from homellm.engine import kernels
+from homellm.engine.kernels import native
 from homellm.model.formats.checkpoint import GGMLTensor
-from homellm.model.formats.gguf_file import release_file_pages
 
 
 def blocks_tensor(t: GGMLTensor) -> Tensor:
@@ -65,32 +64,12 @@ def matmul(x: Tensor, data: Tensor, ggml_type: int, out_features: int, *, thread
     return y
 
 
-# one packed copy per weight, shared by GGMLLinear (prefill) and FastDecoder (decode)
-_PACKED: "weakref.WeakValueDictionary[tuple, Tensor]" = weakref.WeakValueDictionary()
-
-
 def repack_q4(t: GGMLTensor) -> Tensor | None:
-    """Q4_0/Q4_1 blocks reordered for the AVX512-VNNI kernel (16 rows per register; same size,
-    exact: a byte reorder), or None where this CPU or type has no packed kernel.
-
-    The same GGUF tensor gives the same packed tensor (memoized while anyone holds it), and
-    once packed, the file pages of the raw blocks are dropped from this process's memory:
-    nothing reads them again (a later read would fetch them from the file)."""
-    lib = kernels.load()
-    if lib is None or t.ggml_type not in (2, 3) or lib.hl_best_path() != kernels.PATHS["avx512"]:
-        return None
-    key = (np.asarray(t.data).__array_interface__["data"][0], t.ggml_type, tuple(t.shape))
-    hit = _PACKED.get(key)
-    if hit is not None:
-        return hit
-    N, K = t.shape
-    raw = blocks_tensor(t)
-    out = torch.empty(lib.hl_packed_q4_bytes(N, K), dtype=torch.uint8)
-    if lib.hl_repack_q4(t.ggml_type, raw.data_ptr(), raw.stride(0), N, K, out.data_ptr()) != 0:
-        return None
-    _PACKED[key] = out
-    release_file_pages(t.data)
-    return out
+    """native.repack_q4 (Q4 blocks reordered for AVX512-VNNI, memoized per tensor, the file's
+    pages released) as a uint8 torch tensor sharing its memory; None where there is no packed
+    kernel for this CPU or type."""
+    packed = native.repack_q4(t)
+    return None if packed is None else torch.from_numpy(packed)
 
 
 def matmul_packed(x: Tensor, packed: Tensor, out_features: int, *, threads: int | None = None,

@@ -27,14 +27,15 @@ def detect_format(path: Path) -> str:
                          "(Hugging Face layout) or exactly one .gguf file")
 
 
-def open_checkpoint(path: Path) -> Checkpoint:
-    """Read a model from a GGUF file or a Hugging Face folder (tensors stay memory-mapped)."""
+def open_checkpoint(path: Path, as_numpy: bool = False) -> Checkpoint:
+    """Read a model from a GGUF file or a Hugging Face folder (tensors stay memory-mapped).
+    as_numpy: GGUF float tensors as numpy arrays, never importing torch (the C runtime)."""
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "gguf":
         from homellm.model.formats.gguf import read_gguf
         if path.is_dir():
             path = next(path.glob("*.gguf"))
-        return read_gguf(path)
+        return read_gguf(path, as_numpy)
     from homellm.model.formats.hf import read_hf
     return read_hf(path)

@@ -4,10 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
-import torch
 
 from homellm.model.config import ModelArgs
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -32,11 +36,16 @@ class GGMLTensor:
     def nbytes(self) -> int:
         return int(self.data.nbytes)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float tensor these blocks encode (via the gguf package's reference code)."""
+    def dequantize_numpy(self) -> np.ndarray:
+        """The float32 values these blocks encode (via the gguf package's reference code)."""
         import gguf
         values = gguf.quants.dequantize(np.asarray(self.data), gguf.GGMLQuantizationType(self.ggml_type))
-        return torch.from_numpy(np.ascontiguousarray(values)).reshape(self.shape).to(dtype)
+        return np.ascontiguousarray(values, dtype=np.float32).reshape(self.shape)
+
+    def dequantize(self, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+        """The float tensor these blocks encode, as torch (float32 unless `dtype` says)."""
+        import torch
+        return torch.from_numpy(self.dequantize_numpy()).to(dtype or torch.float32)
 
 
 @dataclass
@@ -53,7 +62,8 @@ class Checkpoint:
     """A model as read from disk, in HF names and layout (rotary already un-permuted)."""
 
     args: ModelArgs
-    tensors: dict[str, torch.Tensor | GGMLTensor]
+    tensors: dict[str, Any]  # HF name -> torch.Tensor (floats) or GGMLTensor (blocks); numpy
+                             # arrays for floats when read without torch (read_gguf as_numpy)
     tokenizer: TokenizerSource
     chat_template: str | None
     source: Path

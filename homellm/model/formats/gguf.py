@@ -26,12 +26,11 @@ from typing import Any, Callable
 
 import gguf
 import numpy as np
-import torch
 
 from homellm.errors import HomellmError, ModelFileError
 from homellm.model.formats import gguf_file
 from homellm.model.formats.checkpoint import Checkpoint, GGMLTensor, TokenizerSource
-from homellm.model.llama import ModelArgs, rope_inv_freq
+from homellm.model.config import ModelArgs, rope_inv_freq
 
 Q = gguf.GGMLQuantizationType
 
@@ -218,25 +217,31 @@ def _model_args(path: Path, kv: dict, arch: str, names: set[str], rope_freqs: li
         raise ModelFileError(f"{path}: the {arch}.* metadata does not describe a valid model: {e}") from e
 
 
-def _to_torch(t: gguf_file.TensorInfo, path: Path) -> torch.Tensor | GGMLTensor:
-    """A tensor's data, zero-copy where the type allows: torch for floats, else GGMLTensor."""
+def _to_torch(t: gguf_file.TensorInfo, path: Path, as_numpy: bool = False):
+    """A tensor's data, zero-copy where the type allows: torch for floats (numpy arrays when
+    `as_numpy`; BF16 then stays GGMLTensor blocks), else GGMLTensor."""
     if t.ggml_type not in SUPPORTED_TYPES:
         supported = ", ".join(q.name for q in SUPPORTED_TYPES)
         raise ModelFileError(f"unsupported tensor type {t.ggml_type.name} in {t.name} of {path}; "
                              f"supported: {supported}")
     data, shape = t.data, t.shape  # GGUF dims are innermost-first; shape is torch order
+    if as_numpy and t.ggml_type in (Q.F32, Q.F16):
+        return data.reshape(shape)
+    if not as_numpy and t.ggml_type in (Q.F32, Q.F16, Q.BF16):
+        import torch
     if t.ggml_type == Q.F32 or t.ggml_type == Q.F16:
         return torch.from_numpy(data).reshape(shape)
-    if t.ggml_type == Q.BF16:  # stored as uint8 bytes (rows, 2 * n): reinterpret as bf16
+    if t.ggml_type == Q.BF16 and not as_numpy:  # stored as uint8 bytes (rows, 2 * n): reinterpret as bf16
         return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16).reshape(shape)
     return GGMLTensor(int(t.ggml_type), data, shape)  # data: (rows, bytes_per_row) uint8
 
 
-def read_gguf(path: str | os.PathLike) -> Checkpoint:
+def read_gguf(path: str | os.PathLike, as_numpy: bool = False) -> Checkpoint:
     """Read a GGUF model file (llama or qwen2 architecture) into HF names and layout.
 
     Tensors stay in the file's memory map where they can: F32/F16/BF16 as torch views of
-    the stored dtype, quantized types as `GGMLTensor` rows (Q/K rows un-permuted, a copy).
+    the stored dtype (numpy arrays with `as_numpy`, which never imports torch), quantized
+    types as `GGMLTensor` rows (Q/K rows un-permuted, a copy).
     Raises ModelFileError, naming the file and the problem, for anything it cannot use.
     """
     path = Path(path)
@@ -253,10 +258,10 @@ def read_gguf(path: str | os.PathLike) -> Checkpoint:
     by_name = {t.name: t for t in reader.tensors}
     rope_freqs = None
     if ROPE_FREQS in by_name:
-        freqs = _to_torch(by_name[ROPE_FREQS], path)
+        freqs = _to_torch(by_name[ROPE_FREQS], path, as_numpy=True)
         if isinstance(freqs, GGMLTensor):
-            freqs = freqs.dequantize()
-        rope_freqs = freqs.float().tolist()
+            freqs = freqs.dequantize_numpy()
+        rope_freqs = np.asarray(freqs, dtype=np.float32).tolist()
     embed = by_name.get("token_embd.weight")
     embed_rows = embed.dims[-1] if embed is not None and len(embed.dims) == 2 else None
     args = _model_args(path, kv, arch, set(by_name), rope_freqs, embed_rows)
@@ -265,7 +270,7 @@ def read_gguf(path: str | os.PathLike) -> Checkpoint:
     if rope_freqs is not None and len(rope_freqs) != args.head_dim // 2:
         raise ModelFileError(f"{path}: {ROPE_FREQS} has {len(rope_freqs)} values, expected "
                              f"head_dim/2 = {args.head_dim // 2}")
-    tensors: dict[str, torch.Tensor | GGMLTensor] = {}
+    tensors: dict = {}
     for t in reader.tensors:
         if t.name == ROPE_FREQS:
             continue
@@ -273,7 +278,7 @@ def read_gguf(path: str | os.PathLike) -> Checkpoint:
         if name is None or name not in expected:
             raise ModelFileError(f"{path}: unexpected tensor {t.name} for a {arch} model with "
                                  f"{args.num_hidden_layers} layers")
-        value = _to_torch(t, path)
+        value = _to_torch(t, path, as_numpy)
         shape = tuple(value.shape)
         if shape != expected[name]:
             raise ModelFileError(f"{path}: tensor {t.name} ({name}) has shape {list(shape)}, "
@@ -284,6 +289,8 @@ def read_gguf(path: str | os.PathLike) -> Checkpoint:
                 rows = np.ascontiguousarray(interleaved_to_halves(value.data, heads))
                 gguf_file.release_file_pages(value.data)  # the copy is what is used from now on
                 value = GGMLTensor(value.ggml_type, rows, value.shape)
+            elif as_numpy:
+                value = np.ascontiguousarray(interleaved_to_halves(value, heads))
             else:
                 value = interleaved_to_halves(value, heads).contiguous()
         tensors[name] = value
@@ -341,8 +348,8 @@ def _rope_freq_factors(args: ModelArgs) -> list[float] | None:
     if kind == "freq_factors":
         return [float(f) for f in scaling["factors"]]
     if kind == "llama3":
-        plain = rope_inv_freq(dataclasses.replace(args, rope_scaling=None)).double()
-        return (plain / rope_inv_freq(args).double()).tolist()
+        plain = rope_inv_freq(dataclasses.replace(args, rope_scaling=None)).astype(np.float64)
+        return (plain / rope_inv_freq(args).astype(np.float64)).tolist()
     return None
 
 
@@ -379,15 +386,17 @@ def _target_type(shape: tuple[int, ...], out: Q) -> Q:
     return out if shape[-1] % block == 0 else Q.F16
 
 
-def _encode(value: torch.Tensor | GGMLTensor, qtype: Q, heads: int | None) -> np.ndarray:
+def _encode(value, qtype: Q, heads: int | None) -> np.ndarray:
     """The bytes of one tensor as `qtype` in GGUF layout (Q/K rows interleaved)."""
     if isinstance(value, GGMLTensor) and value.ggml_type == qtype:
         rows = np.asarray(value.data, dtype=np.uint8).reshape(-1, value.data.shape[-1])
         return np.ascontiguousarray(halves_to_interleaved(rows, heads) if heads else rows)
     if isinstance(value, GGMLTensor):
-        x = value.dequantize(torch.float32).numpy()
-    else:
-        x = value.detach().to("cpu", torch.float32).numpy()
+        x = value.dequantize_numpy()
+    elif isinstance(value, np.ndarray):
+        x = value.astype(np.float32)
+    else:  # a torch tensor
+        x = value.detach().to("cpu").float().numpy()
     if heads:
         x = halves_to_interleaved(x, heads)
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -441,7 +450,7 @@ def write_gguf(path: str | os.PathLike, args: ModelArgs,
     if factors is not None:
         if len(factors) != args.head_dim // 2:
             raise HomellmError(f"rope_scaling has {len(factors)} freq factors, expected {args.head_dim // 2}")
-        plan.append((ROPE_FREQS, torch.tensor(factors, dtype=torch.float32), Q.F32, None))
+        plan.append((ROPE_FREQS, np.asarray(factors, dtype=np.float32), Q.F32, None))
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,239 @@
+"""The whole network in C, without PyTorch: prefill and decode on the GGUF file's own blocks.
+
+`NativeModel` holds the C model (ggml_cpu.c `model_t`): per-layer matrices as raw GGUF blocks
+(Q4_0, Q4_1, Q8_0, F16, F32; Q4 repacked for AVX512-VNNI, a byte reorder), norm weights,
+RoPE frequencies from model/config.py, and the KV cache as numpy arrays (n_kv_heads,
+max_seq_len, head_dim) float32 per layer. `forward(ids, start_pos)` runs a prompt chunk
+(hl_forward: one matmul per projection over all its positions, flash-style causal attention)
+and `decode(token, pos)` one token (hl_decode: the whole step in one call). Both write the
+same cache, so prefill and decode mix freely.
+
+Only numpy and ctypes: a process that runs a GGUF model through this never imports torch
+(torch alone costs ~220 MB of resident memory and a second of start-up).
+"""
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+
+from homellm.engine.kernels import PATHS, SUPPORTED_TYPES, build, path_id
+from homellm.model.config import ModelArgs, rope_inv_freq
+
+MATS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+VECS = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj.bias",
+        "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+MAX_CHUNK = 512  # prompt positions per hl_forward call: bounds the activation buffers
+
+
+def _as_array(t) -> np.ndarray:
+    """A float or block tensor's memory as a numpy array, without a copy where possible
+    (numpy arrays as they are; CPU torch tensors through their array interface)."""
+    if isinstance(t, np.ndarray):
+        return t
+    if hasattr(t, "detach"):  # a torch tensor (the only other kind a Checkpoint holds)
+        t = t.detach()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()
+        return t.numpy()
+    return np.asarray(t)
+
+
+def _ggml_type(t) -> int | None:
+    """The ggml type of a GGMLTensor (duck-typed: no import of the checkpoint module)."""
+    return getattr(t, "ggml_type", None)
+
+
+# one packed copy per weight, shared by every user of the same blocks (prefill layers, decoders)
+_PACKED: "weakref.WeakValueDictionary[tuple, np.ndarray]" = weakref.WeakValueDictionary()
+
+
+def repack_q4(t) -> np.ndarray | None:
+    """Q4_0/Q4_1 blocks reordered for the AVX512-VNNI kernel (16 rows per register; same size,
+    exact: a byte reorder) as a uint8 array, or None where this CPU or type has no packed kernel.
+
+    The same GGUF tensor gives the same packed array (memoized while anyone holds it), and once
+    packed, the file pages of the raw blocks are dropped from this process's memory: nothing
+    reads them again on this path (a later read would fetch them from the file)."""
+    from homellm.model.formats.gguf_file import release_file_pages
+    lib = build.load()
+    if lib is None or _ggml_type(t) not in (2, 3) or lib.hl_best_path() != PATHS["avx512"]:
+        return None
+    data = np.asarray(t.data)
+    key = (data.__array_interface__["data"][0], t.ggml_type, tuple(t.shape))
+    hit = _PACKED.get(key)
+    if hit is not None:
+        return hit
+    N, K = t.shape
+    raw = np.ascontiguousarray(data).view(np.uint8).reshape(N, -1)
+    out = np.empty(lib.hl_packed_q4_bytes(N, K), dtype=np.uint8)
+    if lib.hl_repack_q4(t.ggml_type, raw.ctypes.data, raw.strides[0], N, K, out.ctypes.data) != 0:
+        return None
+    _PACKED[key] = out
+    release_file_pages(data)
+    return out
+
+
+def unsupported(tensors: dict) -> list[str]:
+    """Names of the weight tensors this runtime cannot compute on (e.g. K-quants)."""
+    bad = []
+    for name, t in tensors.items():
+        kind = _ggml_type(t)
+        if kind is not None and kind not in SUPPORTED_TYPES:
+            bad.append(f"{name} ({t.type_name})")
+    return bad
+
+
+class NativeModel:
+    """forward(ids, start_pos) / decode(token, pos) -> float32 logits, with the KV cache inside.
+
+    tensors: HF names -> GGMLTensor blocks or float arrays (numpy, or CPU torch tensors), as in
+    `Checkpoint.tensors`. kv: optional per-layer (k, v) float32 arrays (n_kv_heads, S, head_dim)
+    to use as the cache (e.g. views of a PyTorch KVCache); by default the model allocates its own
+    (np.empty: pages that no position reaches cost no memory).
+    threads: 0 or None for OpenMP's default; path: "scalar"/"avx2"/"avx512"/None (best);
+    hi: two-level int8 activations (~256x less activation rounding; see ggml_cpu.c);
+    packed: reorder Q4 weights for AVX512-VNNI (same size; else compute on the raw blocks).
+    """
+
+    def __init__(self, args: ModelArgs, tensors: dict, max_seq_len: int, *, threads: int | None = None,
+                 path: str | None = None, hi: bool = True, packed: bool = True,
+                 kv: list[tuple[np.ndarray, np.ndarray]] | None = None):
+        lib = build.load()
+        if lib is None:
+            raise RuntimeError(f"homellm kernels are unavailable: {build.status()}")
+        bad = unsupported(tensors)
+        if bad:
+            raise ValueError(f"the C runtime cannot compute on {', '.join(bad[:3])}"
+                             f"{' and more' if len(bad) > 3 else ''} (it takes F32, F16, Q4_0, Q4_1, Q8_0)")
+        self.lib, self.args, self.max_seq_len = lib, args, max_seq_len
+        self.tokens: list[int] = []  # the ids whose keys and values the cache holds
+        self._keep: list = []  # every buffer the C side points to
+        inv_freq = np.ascontiguousarray(rope_inv_freq(args), dtype=np.float32)
+        self._keep.append(inv_freq)
+        self.ctx = lib.hl_model_new(args.num_hidden_layers, args.hidden_size, args.num_attention_heads,
+                                    args.num_key_value_heads, args.head_dim, args.intermediate_size,
+                                    args.vocab_size, args.rms_norm_eps, inv_freq.ctypes.data)
+        shape = (args.num_key_value_heads, max_seq_len, args.head_dim)
+        if kv is None:
+            kv = [(np.empty(shape, np.float32), np.empty(shape, np.float32))
+                  for _ in range(args.num_hidden_layers)]
+        self.k = [k for k, _ in kv]
+        self.v = [v for _, v in kv]
+        for i in range(args.num_hidden_layers):
+            p = f"model.layers.{i}."
+            for j, name in enumerate(MATS):
+                t = tensors[p + name + ".weight"]
+                self._set_mat(i, j, t, p + name)
+                pk = repack_q4(t) if packed and path in (None, "auto", "avx512") else None
+                if pk is not None:
+                    self._keep.append(pk)
+                    lib.hl_model_set_packed(self.ctx, i, j, pk.ctypes.data)
+            for j, name in enumerate(VECS):
+                full = p + name + ("" if name.endswith(".bias") else ".weight")
+                if full in tensors:
+                    lib.hl_model_set_vec(self.ctx, i, j, self._vec(tensors[full]))
+            k, v = self.k[i], self.v[i]
+            if k.dtype != np.float32 or k.shape != shape or not k.flags.c_contiguous \
+                    or v.shape != shape or v.dtype != np.float32 or not v.flags.c_contiguous:
+                raise ValueError(f"KV cache layer {i}: expected contiguous float32 {shape}, "
+                                 f"got {k.dtype} {k.shape}")
+            lib.hl_model_set_kv(self.ctx, i, k.ctypes.data, v.ctypes.data, max_seq_len)
+        embed = tensors["model.embed_tokens.weight"]
+        self._set_mat(0, -1, embed, "model.embed_tokens")
+        head = embed if args.tie_word_embeddings else tensors["lm_head.weight"]
+        self._set_mat(0, -2, head, "lm_head")
+        lib.hl_model_set_vec(self.ctx, -1, 0, self._vec(tensors["model.norm.weight"]))
+        self.set_threads(threads, path, hi)
+
+    def set_threads(self, threads: int | None = None, path: str | None = None, hi: bool = True):
+        self.threads = threads or 0
+        if self.lib.hl_model_set_threads(self.ctx, self.threads, path_id(path), int(hi)) != 0:
+            raise RuntimeError(f"kernel path {path!r} is not supported by this CPU")
+
+    def _vec(self, t) -> int:
+        a = np.asarray(t.dequantize_numpy()) if _ggml_type(t) is not None else _as_array(t)
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        self._keep.append(a)
+        return a.ctypes.data
+
+    def _set_mat(self, layer: int, which: int, t, name: str):
+        if _ggml_type(t) is not None:
+            data = np.ascontiguousarray(t.data)
+            gtype, (n, k) = t.ggml_type, t.shape
+            row_bytes = data.strides[0] if data.ndim == 2 else data.nbytes // n
+        else:
+            data = _as_array(t)
+            if data.dtype not in (np.float32, np.float16):
+                data = data.astype(np.float32)
+            data = np.ascontiguousarray(data)
+            gtype, (n, k) = (0 if data.dtype == np.float32 else 1), data.shape
+            row_bytes = data.strides[0]
+        self._keep.append(data)
+        if self.lib.hl_model_set_mat(self.ctx, layer, which, gtype, n, k, data.ctypes.data, row_bytes) != 0:
+            raise ValueError(f"{name}: shape {(n, k)} does not fit ggml type {gtype} blocks")
+
+    # --- running -----------------------------------------------------------------------------
+
+    def forward(self, ids: list[int], start_pos: int, last_only: bool = True) -> np.ndarray:
+        """Logits (len(ids) or 1, vocab) float32 for ids at start_pos.. (the cache must hold
+        0..start_pos-1); afterwards the cache holds 0..start_pos+len(ids)-1."""
+        n = len(ids)
+        if n == 0:
+            raise ValueError("forward: no ids")
+        if start_pos + n > self.max_seq_len:
+            raise ValueError(f"KV cache holds {self.max_seq_len} positions; asked for {start_pos + n}")
+        if n == 1:
+            out = self.decode(ids[0], start_pos)[None]
+        else:
+            outs = []
+            for i in range(0, n, MAX_CHUNK):
+                chunk = ids[i:i + MAX_CHUNK]
+                last = i + MAX_CHUNK >= n
+                rows = 1 if last_only else len(chunk)
+                logits = np.empty((rows, self.args.vocab_size), dtype=np.float32)
+                toks = np.asarray(chunk, dtype=np.int32)
+                rc = self.lib.hl_forward(self.ctx, toks.ctypes.data, len(chunk), start_pos + i,
+                                         logits.ctypes.data, int(not last_only))
+                if rc:
+                    raise self._error(rc, chunk, start_pos + i)
+                if last or not last_only:
+                    outs.append(logits)
+            out = outs[0] if len(outs) == 1 else np.concatenate(outs)
+        del self.tokens[start_pos:]
+        self.tokens.extend(ids)
+        return out
+
+    def decode(self, token: int, pos: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Logits (vocab,) for `token` at position `pos`; the cache must hold 0..pos-1.
+        (Low level: `forward` also keeps `tokens` up to date.)"""
+        logits = out if out is not None else np.empty(self.args.vocab_size, dtype=np.float32)
+        rc = self.lib.hl_decode(self.ctx, int(token), int(pos), logits.ctypes.data)
+        if rc:
+            raise self._error(rc, [token], pos)
+        return logits
+
+    def _error(self, rc: int, ids: list[int], pos: int) -> Exception:
+        if rc == -3:
+            return MemoryError(f"the C runtime ran out of memory at {len(ids)} positions")
+        return ValueError(f"token ids {min(ids)}..{max(ids)} or positions {pos}..{pos + len(ids) - 1} "
+                          f"out of range (vocab {self.args.vocab_size}, cache {self.max_seq_len})")
+
+    def common_prefix(self, ids: list[int]) -> int:
+        """How many leading ids already have their keys and values in the cache."""
+        n = 0
+        for a, b in zip(self.tokens, ids):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def reset(self):
+        """Forget the cached positions (the buffers stay allocated)."""
+        self.tokens = []
+
+    def __del__(self):
+        ctx, self.ctx = getattr(self, "ctx", None), None
+        if ctx:
+            self.lib.hl_model_free(ctx)

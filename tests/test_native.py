@@ -1,0 +1,172 @@
+"""The C runtime (engine/kernels/native.py, hl_forward + hl_decode) against the PyTorch reference.
+
+Tolerances: |logits - ref| < 2e-3 * max|ref| against the float network on the dequantized
+weights (two-level int8 activations, "hi"; measured ~3e-4); prefill (hl_forward) against
+decode one token at a time (hl_decode) < 1e-4 * max|ref| (same quantization, other float order);
+float weights (F32) with no activation quantization < 1e-4.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from homellm.engine import kernels
+from homellm.engine.generate import Engine
+from homellm.engine.kernels import native
+from homellm.engine.kernels.native import NativeModel
+from homellm.engine.sampling import SamplingParams
+from homellm.model.formats.checkpoint import GGMLTensor
+
+sys.path.insert(0, os.path.dirname(__file__))
+from gguf_fixtures import TINY_LLAMA, TINY_QWEN2, write_tiny_gguf  # noqa: E402
+from test_kernels import _paths, quantized_tensors, reference_model  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels: {kernels.status()}")
+ARCHS = {"llama": TINY_LLAMA, "tied": dataclasses.replace(TINY_LLAMA, tie_word_embeddings=True),
+         "qwen2-bias": TINY_QWEN2}
+
+
+def ids_for(args, n: int, seed: int) -> list[int]:
+    return torch.randint(0, args.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def reference_logits(args, tensors, ids) -> np.ndarray:
+    with torch.inference_mode():
+        return reference_model(args, tensors)(torch.tensor([ids]))[0].numpy()
+
+
+def decode_each(model: NativeModel, ids: list[int]) -> np.ndarray:
+    return np.stack([model.forward([t], p)[0] for p, t in enumerate(ids)])
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_matches_reference_and_decode(qtype, arch):
+    args = ARCHS[arch]
+    tensors = quantized_tensors(args, qtype)
+    ids = ids_for(args, 40, seed=1)
+    ref = reference_logits(args, tensors, ids)
+    model = NativeModel(args, tensors, 64)
+    got = model.forward(ids, 0, last_only=False)
+    scale = np.abs(ref).max()
+    assert np.abs(got - ref).max() < 2e-3 * scale
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    assert model.tokens == ids
+    stepwise = decode_each(NativeModel(args, tensors, 64), ids)
+    assert np.abs(got - stepwise).max() < 1e-4 * scale
+
+
+@pytest.mark.parametrize("path", ["scalar", "avx2", "avx512"])
+def test_each_kernel_path(path):
+    """What a CPU without AVX512 (CI, laptops) runs: raw-block kernels, portable attention."""
+    if path not in _paths():
+        pytest.skip(f"this CPU has no {path} path")
+    args = TINY_QWEN2
+    tensors = quantized_tensors(args, Q.Q4_1)
+    ids = ids_for(args, 33, seed=2)
+    ref = reference_logits(args, tensors, ids)
+    model = NativeModel(args, tensors, 48, path=path, threads=2)
+    got = np.concatenate([model.forward(ids[:20], 0, last_only=False), model.forward(ids[20:], 20, last_only=False)])
+    assert np.abs(got - ref).max() < 2e-3 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_float_weights_are_exact():
+    args = dataclasses.replace(TINY_LLAMA, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    tensors = quantized_tensors(args, Q.F32)
+    tensors = {k: (v.dequantize() if isinstance(v, GGMLTensor) else v) for k, v in tensors.items()}
+    ids = ids_for(args, 30, seed=3)
+    ref = reference_logits(args, tensors, ids)
+    got = NativeModel(args, {k: v.numpy() for k, v in tensors.items()}, 32).forward(ids, 0, last_only=False)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_chunks_and_last_only(monkeypatch):
+    args = TINY_LLAMA
+    tensors = quantized_tensors(args, Q.Q4_0)
+    ids = ids_for(args, 45, seed=4)
+    whole = NativeModel(args, tensors, 64).forward(ids, 0, last_only=False)
+    monkeypatch.setattr(native, "MAX_CHUNK", 8)  # several hl_forward calls for one prompt
+    model = NativeModel(args, tensors, 64)
+    chunked = model.forward(ids, 0, last_only=False)
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+    last = NativeModel(args, tensors, 64).forward(ids, 0)
+    assert last.shape == (1, args.vocab_size)
+    np.testing.assert_allclose(last[0], whole[-1], rtol=0, atol=1e-5 * np.abs(whole).max())
+
+
+def test_bad_positions_and_tokens_are_errors():
+    args = TINY_LLAMA
+    model = NativeModel(args, quantized_tensors(args, Q.Q8_0), 16)
+    with pytest.raises(ValueError, match="KV cache holds 16"):
+        model.forward(list(range(17)), 0)
+    with pytest.raises(ValueError, match="out of range"):
+        model.forward([1, args.vocab_size], 0)
+    with pytest.raises(ValueError, match="out of range"):
+        model.decode(-1, 0)
+    bad = dict(quantized_tensors(args, Q.Q8_0))
+    w = bad["model.layers.0.mlp.up_proj.weight"]
+    bad["model.layers.0.mlp.up_proj.weight"] = GGMLTensor(int(Q.Q4_K), w.data, w.shape)
+    assert native.unsupported(bad) == ["model.layers.0.mlp.up_proj.weight (Q4_K)"]
+    with pytest.raises(ValueError, match="Q4_K"):
+        NativeModel(args, bad, 16)
+
+
+def test_engine_greedy_equals_the_pytorch_network():
+    """The engine's loop on the C runtime and on the PyTorch network (F32 weights: same numbers)."""
+    args = TINY_QWEN2
+    tensors = {k: (v.dequantize() if isinstance(v, GGMLTensor) else v)
+               for k, v in quantized_tensors(args, Q.F32).items()}
+    nat = Engine(NativeModel(args, {k: v.numpy() for k, v in tensors.items()}, 64), ctx=64)
+    ref = Engine(reference_model(args, tensors), ctx=64)
+    prompt = ids_for(args, 12, seed=5)
+    greedy = SamplingParams(temperature=0)
+    a = [s.token for s in nat.generate(prompt, greedy, max_tokens=20) if s.token is not None]
+    b = [s.token for s in ref.generate(prompt, greedy, max_tokens=20) if s.token is not None]
+    assert a == b and len(a) == 20
+    # a second prompt sharing the first's prefix prefills only the rest
+    steps = list(nat.generate(prompt + a[:5], greedy, max_tokens=3))
+    assert steps[-1].timings.cached_tokens == len(prompt) + 5 - 1
+
+
+def test_load_picks_the_c_runtime_and_never_imports_torch(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", out_type="q8_0")
+    code = ("import sys, homellm\n"
+            f"m = homellm.load({str(path)!r})\n"
+            "out = [s.token for s in m.generate([1, 2, 3], temperature=0, max_tokens=8)]\n"
+            "print(m.runtime, 'torch' in sys.modules, out)\n")
+    env = dict(os.environ, HOMELLM_HOME=str(tmp_path / "home"))
+    native_run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert native_run.returncode == 0, native_run.stderr
+    runtime, torch_loaded, tokens = native_run.stdout.strip().split(" ", 2)
+    assert (runtime, torch_loaded) == ("native", "False")
+    env["HOMELLM_RUNTIME"] = "torch"  # the PyTorch network (GGMLLinear layers + fused decode)
+    torch_run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert torch_run.returncode == 0, torch_run.stderr
+    assert torch_run.stdout.strip().split(" ", 2) == ["torch", "True", tokens]
+
+
+def test_model_logits_native_vs_torch(tmp_path, monkeypatch):
+    import homellm
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", args=TINY_QWEN2, out_type="q4_0")
+    ids = ids_for(TINY_QWEN2, 30, seed=6)
+    fast = homellm.load(str(path))
+    assert fast.runtime == "native"
+    got = fast.logits(ids)
+    monkeypatch.setenv("HOMELLM_RUNTIME", "torch")
+    slow = homellm.load(str(path))
+    assert slow.runtime == "torch"
+    ref = slow.logits(ids)
+    assert got.shape == ref.shape == (30, TINY_QWEN2.vocab_size)
+    assert (got - ref).abs().max() < 2e-3 * ref.abs().max()
+    # the cache now holds the sequence: generating from it prefills only the last token
+    steps = list(fast.generate(ids, temperature=0, max_tokens=2))
+    assert steps[-1].timings.cached_tokens == len(ids) - 1
