@@ -519,11 +519,12 @@ def _stored_message(m: Message, rated_siblings: bool) -> dict:
             **{k: ours.get(k) for k in _REPLY_META}, "meta": meta or None}
 
 
-def import_trees(store, user, trees: list[Tree]) -> list:
+def import_trees(store, user, trees: list[Tree], progress=None) -> list:
     """Store trees as conversations of `user` (trees that share a homellm conversation_id
     become one conversation); each conversation in one transaction. Ratings by the tree's
     owner (the root's user_id) become `user`'s; other votes are kept anonymous. Message ids
-    already in the database get new ones. Returns the new Conversations."""
+    already in the database get new ones. `progress(n_trees)` is called after each
+    conversation. Returns the new Conversations."""
     groups: dict[str, list[Tree]] = {}
     for t in trees:
         key = (t.homellm or {}).get("conversation_id") or f"tree:{t.message_tree_id}"
@@ -549,4 +550,6 @@ def import_trees(store, user, trees: list[Tree]) -> list:
                                     "user_id": uid if owner and r["user_id"] == owner else None})
         info["current_leaf_id"] = leaf
         made.append(store.restore_conversation(user, info, messages, ratings))
+        if progress is not None:
+            progress(len(group))
     return made
