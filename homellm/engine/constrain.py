@@ -39,7 +39,7 @@ SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")   # OpenAI's rule for json_sc
 GRAMMARS_PER_TOKENIZER = 64  # compiled grammars kept per tokenizer (least recently used go)
 
 
-def parse_response_format(response_format) -> dict | bool | None:
+def parse_response_format(response_format) -> dict | None:
     """The JSON Schema an OpenAI `response_format` asks for; None for plain text.
 
     Raises ValueError naming the offending field, e.g. "response_format.json_schema.schema".
@@ -74,7 +74,9 @@ def parse_response_format(response_format) -> dict | bool | None:
     if not isinstance(schema, (Mapping, bool)):
         raise ValueError(f"response_format.json_schema.schema: expected a JSON Schema object, "
                          f"got {type(schema).__name__}")
-    return dict(schema) if isinstance(schema, Mapping) else schema
+    if schema is False:
+        raise ValueError("response_format.json_schema.schema: false is unsatisfiable (it accepts no value)")
+    return dict(schema) if isinstance(schema, Mapping) else {}  # true: any JSON value
 
 
 def compile_response_format(tokenizer, response_format) -> Grammar | None:
