@@ -498,3 +498,43 @@ def test_default_location(homellm_home):
         assert Path(s.url) == homellm_home / "homellm.db"
         assert s.db.one("PRAGMA journal_mode")["journal_mode"] == "wal"
         assert s.db.one("PRAGMA foreign_keys")["foreign_keys"] == 1
+
+
+def test_threads_write_concurrently(store):
+    """A web server's worker threads share one Store: every write lands, none is lost."""
+    import threading
+    me = store.local_user()
+    c = store.create_conversation(me, first_message="root")
+    root = store.get_conversation(me, c.id).current_leaf_id
+    assert [m.content for m in store.messages(me, c.id)] == ["root"]
+    errors = []
+
+    def worker(k):
+        try:
+            for i in range(10):
+                w = store.start_reply(me, c.id, root, flush_tokens=1)
+                w.append(f"t{k}-{i}")
+                w.finish(finish_reason="stop")
+                store.rate(me, w.id, 1 if i % 2 else -1)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    replies = store.children(me, root)
+    assert sorted(m.content for m in replies) == sorted(f"t{k}-{i}" for k in range(4)
+                                                        for i in range(10))
+    assert not any(m.incomplete for m in replies) and len(store.ratings(me, c.id)) == 40
+
+
+def test_search_words_split_like_both_engines(store):
+    me = store.local_user()
+    c = store.create_conversation(me, first_message="call snake_case_name() and café")
+    assert [h.conversation_id for h in store.search(me, "snake_case")] == [c.id]
+    assert [h.conversation_id for h in store.search(me, "case name")] == [c.id]
+    assert [h.conversation_id for h in store.search(me, "CAFÉ")] == [c.id]
+    assert store.search(me, "cafe") == []  # accents are kept on both

@@ -39,11 +39,18 @@ class Conversations:
     # -- conversations
     def create_conversation(self, user: User | str, *, title: str = "", model: str | None = None,
                             system_prompt: str | None = None,
-                            sampling: dict | None = None) -> Conversation:
+                            sampling: dict | None = None,
+                            first_message: str | None = None) -> Conversation:
+        """A new conversation; with `first_message`, its first user message too, in the same
+        transaction (the message is the new conversation's `current_leaf_id`)."""
         cid, t = new_id(), now()
-        self.db.run("INSERT INTO conversations (id, user_id, title, model, system_prompt, "
-                    "sampling, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (cid, _uid(user), title or "", model, system_prompt, _dumps(sampling), t, t))
+        with self.db.transaction():
+            self.db.run("INSERT INTO conversations (id, user_id, title, model, system_prompt, "
+                        "sampling, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (cid, _uid(user), title or "", model, system_prompt, _dumps(sampling),
+                         t, t))
+            if first_message is not None:
+                self.add_message(user, cid, "user", first_message, parent_id=None)
         return self.get_conversation(user, cid)
 
     def get_conversation(self, user: User | str, conversation_id: str) -> Conversation | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from homellm.errors import HomellmError
 
-WORD = re.compile(r"\w+", re.UNICODE)
+WORD = re.compile(r"[^\W_]+")  # letters and digits: both engines split at "_" too
 
 
 def query_words(query: str) -> list[str]:
