@@ -212,3 +212,14 @@ def test_write_is_atomic(tmp_path):
         write_trees(broken(), path)
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_text_in_and_out_for_uploads(tmp_path):
+    from homellm.data.oasst import dumps_trees, parse_trees
+    trees = [hand_tree()]
+    text = dumps_trees(trees)
+    write_trees(trees, tmp_path / "t.jsonl")
+    assert (tmp_path / "t.jsonl").read_text() == text
+    assert parse_trees(text.splitlines(), "upload.jsonl") == trees
+    with pytest.raises(ValueError, match=r"^upload.jsonl:2: not JSON"):
+        parse_trees(text.splitlines() + ["{oops"], "upload.jsonl")

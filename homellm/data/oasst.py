@@ -227,34 +227,45 @@ def read_trees(path) -> list[Tree]:
     message ids must be unique within the file.
     """
     path = Path(path)
-    trees, ids = [], set()
     try:
         f = _open(path, "r")
     except OSError as e:
         raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
     with f:
         try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not JSON: {e.msg} (column {e.colno})") \
-                        from None
-                try:
-                    tree = tree_from_dict(d, "tree")
-                except _Bad as e:
-                    raise ValueError(f"{path}:{lineno}: {e}") from None
-                for m in tree.prompt.walk():
-                    if m.message_id in ids:
-                        raise ValueError(f"{path}:{lineno}: message {m.message_id}: duplicate "
-                                         "message_id (it is in an earlier tree)")
-                    ids.add(m.message_id)
-                trees.append(tree)
+            return parse_trees(f, str(path))
         except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
             raise ValueError(f"{path}: not a UTF-8 JSONL file: {e}") from None
+
+
+def parse_trees(lines, source: str = "<trees>") -> list[Tree]:
+    """Trees from JSONL text lines (e.g. an uploaded file's `text.splitlines()`); errors
+    as read_trees, with `source` in place of the file name."""
+    trees, ids = [], set()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}:{lineno}: not JSON: {e.msg} (column {e.colno})") \
+                from None
+        try:
+            tree = tree_from_dict(d, "tree")
+        except _Bad as e:
+            raise ValueError(f"{source}:{lineno}: {e}") from None
+        for m in tree.prompt.walk():
+            if m.message_id in ids:
+                raise ValueError(f"{source}:{lineno}: message {m.message_id}: duplicate "
+                                 "message_id (it is in an earlier tree)")
+            ids.add(m.message_id)
+        trees.append(tree)
     return trees
+
+
+def dumps_trees(trees) -> str:
+    """Trees as JSONL text (what write_trees writes), e.g. for a download."""
+    return "".join(json.dumps(tree_to_dict(t), ensure_ascii=False) + "\n" for t in trees)
 
 
 # ---------------------------------------------------------------- writing
@@ -285,7 +296,7 @@ def write_trees(trees, path) -> int:
     try:
         with _open(tmp, "w", gz=path.suffix == ".gz") as f:
             for t in trees:
-                f.write(json.dumps(tree_to_dict(t), ensure_ascii=False) + "\n")
+                f.write(dumps_trees([t]))
                 n += 1
         tmp.replace(path)
     except BaseException:
