@@ -372,3 +372,28 @@ def test_cli_run_format(homellm_home, default_gguf, tmp_path):
     bad.write_text("{not json")
     proc = run_cli("--format", str(bad), "hi", home=homellm_home)
     assert proc.returncode == 1 and "not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- tokenizer.json tokenizers ----------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte_level"])
+def test_tokenizer_json_gives_the_same_masks(kind, spm_tokenizer, default_gguf, tmp_path):
+    """A tokenizer read from tokenizer.json (what a HF folder has) masks like the GGUF one."""
+    if kind == "sentencepiece":
+        gguf_tk = spm_tokenizer[0]
+    else:
+        from homellm.model.formats import open_checkpoint
+        ckpt = open_checkpoint(default_gguf)
+        gguf_tk = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
+    text, config = gguf_tk.to_hf_files()
+    (tmp_path / "tokenizer.json").write_text(text)
+    json_tk = Tokenizer.from_tokenizer_json(tmp_path / "tokenizer.json", config)
+    assert json_tk.eos_ids == gguf_tk.eos_ids
+    fmt = {"type": "json_schema", "json_schema": {"name": "abc", "schema": SCHEMA}}
+    a, b = (compile_response_format(tk, fmt).start() for tk in (gguf_tk, json_tk))
+    path = gguf_tk.encode(VALID[1], add_special_tokens=False)
+    for token in path:
+        np.testing.assert_array_equal(a.allowed(), b.allowed())
+        a.advance(token)
+        b.advance(token)
+    assert a.done and b.done
