@@ -91,6 +91,14 @@ class Model:
         """"native" (our C runtime, no PyTorch) or "torch"."""
         return "native" if self.engine.native else "torch"
 
+    @property
+    def threads(self) -> int:
+        """CPU threads the network computes with."""
+        if self.engine.native:
+            return self.network.threads or default_threads()
+        import torch
+        return torch.get_num_threads()
+
     def logits(self, token_ids: "list[int] | torch.Tensor") -> "torch.Tensor":
         """Teacher-forced float32 logits [T, vocab] for a sequence, as a torch tensor.
 

@@ -70,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
     result = {
         "model": str(args.model or "default"),
         "device": str(model.device),
-        "threads": __import__("torch").get_num_threads(),
+        "runtime": model.runtime,
+        "threads": model.threads,
         "load_s": round(model.load_s, 3),
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": best.generated_tokens,
@@ -83,7 +84,8 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"model     {result['model']} on {result['device']}, {result['threads']} threads")
+        print(f"model     {result['model']} on {result['device']} ({result['runtime']} runtime), "
+              f"{result['threads']} threads")
         print(f"load      {result['load_s']:.2f} s")
         print(f"prefill   {result['prefill_tps']:.1f} tok/s ({args.prompt_tokens} tokens)")
         print(f"decode    {result['decode_tps']:.1f} tok/s ({result['gen_tokens']} tokens), "
