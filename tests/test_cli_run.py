@@ -238,7 +238,7 @@ def test_bench_json_and_text(homellm_home, default_gguf):
     assert out["device"] == "cpu" and out["threads"] >= 1
 
     text = homellm(*args, home=homellm_home).stdout
-    for pattern in [r"^model +\S+ on cpu, \d+ threads$", r"^load +[\d.]+ s$",
+    for pattern in [r"^model +\S+ on cpu \(native runtime\), \d+ threads$", r"^load +[\d.]+ s$",
                     r"^prefill +[\d.]+ tok/s \(32 tokens\)$",
                     r"^decode +[\d.]+ tok/s \(8 tokens\), [\d.]+ GB/s of weights$",
                     r"^peak RSS +\d+ MB$"]:
