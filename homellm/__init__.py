@@ -18,7 +18,10 @@ if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def load(name_or_path=None, device=None, dtype=None, ctx=None, quant=None, progress=None):
-    """Load a model by catalog name, GGUF path or Hugging Face folder (None: the default model)."""
+def load(name_or_path=None, device=None, dtype=None, ctx=None, quant=None, progress=None,
+         adapter=None):
+    """Load a model by catalog name, GGUF path or Hugging Face folder (None: the default model);
+    `adapter`: a LoRA adapter folder applied without merging."""
     from homellm.api import load as _load
-    return _load(name_or_path, device=device, dtype=dtype, ctx=ctx, quant=quant, progress=progress)
+    return _load(name_or_path, device=device, dtype=dtype, ctx=ctx, quant=quant, progress=progress,
+                 adapter=adapter)

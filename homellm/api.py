@@ -213,6 +213,16 @@ def release_free_heap():
         pass
 
 
+def weight_bytes_per_token(ckpt) -> int:
+    """Bytes of stored weights one decode step reads: every tensor of the checkpoint but the
+    embedding table, of which a step reads one row (a tied head reads all of it)."""
+    tensors = ckpt.tensors
+    total = sum(t.nbytes for name, t in tensors.items() if name != "model.embed_tokens.weight")
+    if ckpt.args.tie_word_embeddings:
+        total += tensors["model.embed_tokens.weight"].nbytes
+    return int(total)
+
+
 def default_threads() -> int:
     """Threads for the C runtime: $HOMELLM_THREADS or $OMP_NUM_THREADS, else one per physical
     core this process may run on (hyperthread siblings slow integer matmuls down)."""
@@ -255,8 +265,11 @@ def native_runtime(ckpt, device: str | None, dtype, quant: str | None) -> bool:
 
 def load(name_or_path: str | Path | None = None, device: str | None = None,
          dtype: "torch.dtype | None" = None, ctx: int | None = None, quant: str | None = None,
-         progress=None) -> Model:
-    """Load a model by catalog name, GGUF path or Hugging Face folder (None: the default model)."""
+         progress=None, adapter: str | Path | None = None) -> Model:
+    """Load a model by catalog name, GGUF path or Hugging Face folder (None: the default model).
+
+    adapter: a LoRA adapter folder (PEFT layout, `homellm tune`) applied without merging; the
+    PyTorch network then runs, with the adapter's layers beside the base's own."""
     from homellm.catalog import resolve
     from homellm.model.formats import open_checkpoint
     from homellm.tokenizer import Tokenizer
@@ -266,7 +279,7 @@ def load(name_or_path: str | Path | None = None, device: str | None = None,
     ckpt = open_checkpoint(path, as_numpy=True)  # (GGUF floats as numpy: no torch yet)
     ctx = ctx or min(DEFAULT_CTX, ckpt.args.max_position_embeddings)
     tokenizer = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
-    if native_runtime(ckpt, device, dtype, quant):
+    if adapter is None and native_runtime(ckpt, device, dtype, quant):
         from homellm.engine.kernels.native import NativeModel
         network = NativeModel(ckpt.args, ckpt.tensors, ctx, threads=default_threads())
     else:
@@ -274,10 +287,14 @@ def load(name_or_path: str | Path | None = None, device: str | None = None,
         if ckpt.format == "gguf":
             ckpt = open_checkpoint(path)  # floats as torch tensors
         network = build_model(ckpt, device=device, dtype=dtype, quant=quant, progress=progress)
+        if adapter is not None:
+            from homellm.train.adapter import apply_adapter
+            apply_adapter(network, Path(adapter))
     # a loaded model never exports (`homellm export` reads the file afresh): free the
     # vocabulary lists, and hand the heap that loading used back to the system
     ckpt.tokenizer.gguf_fields = None
     tokenizer.forget_source_fields()
     release_free_heap()
     # the C decoder computes on the file's own blocks: only when the weights are kept as stored
-    return Model(ckpt, network, tokenizer, ctx, time.perf_counter() - t0, fast_decode=quant is None)
+    return Model(ckpt, network, tokenizer, ctx, time.perf_counter() - t0,
+                 fast_decode=quant is None and adapter is None)
