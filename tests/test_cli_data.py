@@ -124,6 +124,20 @@ def test_errors(tmp_path, capsys):
         assert len(s.list_conversations(s.local_user())) == 1
 
 
+def test_default_database(homellm_home, tmp_path, capsys):
+    out = tmp_path / "sft.jsonl"
+    code, _, err = run(capsys, "data", "export", "--sft", str(out))
+    assert code == 1 and f"no database at {homellm_home / 'homellm.db'}" in err
+    assert not (homellm_home / "homellm.db").exists()
+    trees = tmp_path / "t.jsonl"
+    trees.write_text(json.dumps({"message_tree_id": "q", "prompt": {
+        "message_id": "q", "role": "prompter", "text": "Hi", "replies": [
+            {"message_id": "r", "role": "assistant", "text": "Hello!"}]}}) + "\n")
+    assert run(capsys, "data", "import-trees", str(trees))[0] == 0  # creates the database
+    assert run(capsys, "data", "export", "--sft", str(out))[0] == 0
+    assert lines(out) == [{"messages": [U("Hi"), A("Hello!")]}]
+
+
 def test_command_line_entry(tmp_path):
     """The installed command: exit status and the error line, from a real process."""
     (tmp_path / "x.jsonl").write_text("")

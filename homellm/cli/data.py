@@ -66,10 +66,13 @@ def _store(args, must_exist: bool):
     from homellm.errors import HomellmError
     from homellm.store import open_store
     from homellm.store.dialect import SQLITE, parse_url
-    if args.db is not None:
+    if args.db is None:
+        from homellm.catalog.library import home
+        dialect, target = SQLITE, str(home() / "homellm.db")
+    else:
         dialect, target = parse_url(args.db)
-        if must_exist and dialect is SQLITE and not Path(target).expanduser().is_file():
-            raise HomellmError(f"no database at {target}")
+    if must_exist and dialect is SQLITE and not Path(target).expanduser().is_file():
+        raise HomellmError(f"no database at {target}")
     return open_store(args.db)
 
 
