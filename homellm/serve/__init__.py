@@ -1,0 +1,13 @@
+"""HTTP: the OpenAI-compatible API over the batching engine (and, later, the web app).
+
+create_app (app.py), ModelRegistry and ServeConfig (registry.py), the Python API for
+streaming a completion without HTTP (completion.py), OpenAI-style errors (errors.py).
+"""
+from homellm.serve.app import create_app
+from homellm.serve.completion import (CompletionStream, Delta, GenerationSettings, Result,
+                                      start_chat, start_completion)
+from homellm.serve.errors import APIError
+from homellm.serve.registry import ModelRegistry, ServeConfig
+
+__all__ = ["APIError", "CompletionStream", "Delta", "GenerationSettings", "ModelRegistry",
+           "Result", "ServeConfig", "create_app", "start_chat", "start_completion"]

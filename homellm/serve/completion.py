@@ -1,0 +1,294 @@
+"""Stream a completion through a served model, without HTTP: the serve layer's Python API.
+
+The OpenAI routes call this, and so can the web app:
+
+    settings = GenerationSettings(max_tokens=256, temperature=0.7, seed=None)
+    stream = await start_chat(registry, "smollm2", messages, settings)  # APIError if refused
+    async for delta in stream:          # Delta: text, tokens (ids and logprobs)
+        ...
+    stream.result                       # Result: finish_reason, usage, timings, seed
+    stream.cancel()                     # e.g. the user pressed stop: frees the slot at once
+
+`start_*` refuse at once (before any text) with an APIError: unknown model 404, a prompt
+longer than the context 400 `context_length_exceeded`, a full queue 503 with Retry-After,
+invalid settings 400 naming the field. Leaving the iteration early (break, an exception, a
+cancelled task) cancels the request in the engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+
+from homellm.serve.errors import APIError, invalid
+from homellm.serve.registry import LoadedModel, ModelRegistry
+
+MAX_STOPS = 16
+
+
+@dataclass
+class GenerationSettings:
+    max_tokens: int | None = None     # None: until the end of the reply or of the context
+    temperature: float = 1.0          # OpenAI's default; 0 is greedy
+    top_p: float = 1.0
+    top_k: int = 40                   # homellm's (and llama.cpp's) defaults: 0 / 0.0 disable
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None           # None: a random one, reported in Result.seed
+    top_logprobs: int = 0             # alternatives per token (logprobs of chosen tokens always)
+    response_format: dict | None = None  # {"type": "json_object"} / {"type": "json_schema", ...}
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    text: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob)
+
+
+@dataclass
+class Delta:
+    text: str                                  # "" only on the last delta, if nothing is left
+    tokens: list[TokenLogprob] = field(default_factory=list)  # the tokens behind this text
+
+
+@dataclass
+class Result:
+    finish_reason: str          # "stop" (end of turn, stop string, complete JSON) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int          # prompt tokens whose keys/values came from the prefix cache
+    seed: int
+    queued_s: float             # waiting for a slot
+    ttft_s: float               # from admission to the first token
+    decode_s: float
+    model: str
+
+    @property
+    def decode_tps(self) -> float:
+        n = self.completion_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+    def timings(self) -> dict:
+        """Speeds, as llama.cpp's server reports them next to `usage`."""
+        fresh = self.prompt_tokens - self.cached_tokens
+        return {"queued_ms": round(self.queued_s * 1e3, 2), "prompt_n": fresh,
+                "prompt_cached": self.cached_tokens, "ttft_ms": round(self.ttft_s * 1e3, 2),
+                "prompt_per_second": round(fresh / self.ttft_s, 2) if self.ttft_s > 0 else 0.0,
+                "predicted_n": self.completion_tokens, "predicted_ms": round(self.decode_s * 1e3, 2),
+                "predicted_per_second": round(self.decode_tps, 2)}
+
+
+class CompletionStream:
+    """The deltas of one running request (async iterator), then `.result`."""
+
+    def __init__(self, registry: ModelRegistry, model: LoadedModel, ids: list[int],
+                 settings: GenerationSettings, seed: int, grammar, prompt_param: str = "messages"):
+        from homellm.api import StopStrings
+        from homellm.engine.batch import QueueFullError, Request
+        from homellm.engine.sampling import SamplingParams
+        from homellm.errors import ContextOverflowError
+
+        self.registry, self.model, self.settings, self.seed = registry, model, settings, seed
+        self.prompt_tokens = len(ids)
+        self.result: Result | None = None
+        self._tokenizer = model.tokenizer
+        self._decoder = model.tokenizer.stream_decoder()
+        self._stops = StopStrings(settings.stop)
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._count = 0
+        self._pending: list[TokenLogprob] = []
+        self._done = self._released = False
+        s = settings
+        try:
+            params = SamplingParams(
+                temperature=s.temperature, top_p=s.top_p if s.top_p > 0 else 1.0,
+                top_k=1 if s.top_p == 0 else s.top_k, min_p=s.min_p,
+                repeat_penalty=s.repeat_penalty, frequency_penalty=s.frequency_penalty,
+                presence_penalty=s.presence_penalty, seed=seed)
+        except ValueError as e:
+            name = str(e).split("=")[0]
+            raise invalid(name, str(e)) from None
+        request = Request(ids, params, max_tokens=s.max_tokens,
+                          stop_ids=frozenset(model.tokenizer.eos_ids),
+                          top_logprobs=s.top_logprobs,
+                          constraint=grammar.start() if grammar is not None else None)
+        try:
+            self._ticket = model.engine.submit(request, self._sink)
+        except ContextOverflowError as e:
+            raise APIError(400, f"This model's maximum context length is {e.n_ctx} tokens "
+                           f"(at most {e.n_ctx - 1} for the prompt). However, your request has "
+                           f"{e.n_prompt} prompt tokens: {e.n_prompt - e.n_ctx + 1} too many. "
+                           "Please shorten the messages or prompt.",
+                           param=prompt_param, code="context_length_exceeded") from None
+        except QueueFullError as e:
+            raise APIError(503, str(e), type="server_error", code="queue_full",
+                           headers={"Retry-After": str(int(e.retry_after_s))}) from None
+        except ValueError as e:
+            raise invalid(None, str(e)) from None
+
+    def _sink(self, item):
+        """From the engine thread: hand the step to this request's event loop."""
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Delta:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            while True:
+                item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    raise APIError(500, f"generation failed: {item}", type="server_error",
+                                   code="generation_failed")
+                if item.finish_reason is not None:
+                    self._finish(item.finish_reason, item.timings)
+                    text = self._stops.flush()
+                    if text or self._pending:
+                        return self._delta(text)
+                    raise StopAsyncIteration
+                self._count += 1
+                self._pending.append(self._logprob(item))
+                text, hit = self._stops.feed(self._decoder.step(item.token))
+                if hit:
+                    self._ticket.cancel()
+                    self._finish("stop", self._ticket.timings)
+                    return self._delta(text)
+                if text:
+                    return self._delta(text)
+        except BaseException:
+            self.cancel()
+            raise
+
+    def _delta(self, text: str) -> Delta:
+        tokens, self._pending = self._pending, []
+        return Delta(text, tokens)
+
+    def _logprob(self, step) -> TokenLogprob:
+        piece = self._tokenizer.decode
+        top = [(i, piece([i]), lp) for i, lp in step.top_logprobs]
+        return TokenLogprob(step.token, piece([step.token]), step.logprob, top)
+
+    def _finish(self, reason: str, timings):
+        self._done = True
+        self.result = Result(
+            finish_reason=reason, prompt_tokens=self.prompt_tokens, completion_tokens=self._count,
+            cached_tokens=timings.cached_tokens, seed=self.seed, queued_s=self._ticket.queued_s,
+            ttft_s=timings.prefill_s, decode_s=timings.decode_s, model=self.model.id)
+        self._release()
+
+    def cancel(self):
+        """Stop generating now (the slot is free before the next decode step)."""
+        self._ticket.cancel()
+        self._done = True
+        self._release()
+
+    def _release(self):
+        if not self._released:  # once: the request no longer keeps its model loaded
+            self._released = True
+            self.registry.release(self.model)
+
+    async def collect(self) -> tuple[str, list[TokenLogprob]]:
+        """The whole text and every token's logprobs (for non-streaming responses)."""
+        text, tokens = [], []
+        async for delta in self:
+            text.append(delta.text)
+            tokens.extend(delta.tokens)
+        return "".join(text), tokens
+
+
+def _check_settings(s: GenerationSettings):
+    if len(s.stop) > MAX_STOPS:
+        raise invalid("stop", f"at most {MAX_STOPS} stop strings, got {len(s.stop)}")
+    if any(not isinstance(x, str) for x in s.stop):
+        raise invalid("stop", "expected a string or a list of strings")
+    if s.top_logprobs < 0 or s.top_logprobs > 20:
+        raise invalid("top_logprobs", f"expected 0 to 20, got {s.top_logprobs}")
+
+
+async def _start(registry: ModelRegistry, model_name: str, make_ids, settings: GenerationSettings,
+                 prompt_param: str) -> CompletionStream:
+    _check_settings(settings)
+    model = await registry.acquire(model_name)
+    try:
+        ids = make_ids(model)
+        grammar = None
+        if settings.response_format is not None:
+            from homellm.engine.constrain import compile_response_format
+            try:
+                grammar = await asyncio.to_thread(compile_response_format, model.tokenizer,
+                                                  settings.response_format)
+            except ValueError as e:
+                raise invalid("response_format", str(e)) from None
+        seed = settings.seed if settings.seed is not None else random.randrange(2**63)
+        return CompletionStream(registry, model, ids, settings, seed, grammar, prompt_param)
+    except BaseException:
+        registry.release(model)
+        raise
+
+
+def chat_messages(messages: list[dict]) -> list[dict]:
+    """OpenAI chat messages -> {role, content} for the chat template: text parts joined,
+    "developer" as "system"; anything else a 400 naming the message."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise invalid(f"messages[{i}].content[{j}]",
+                                  f"only text parts are supported, got type {part.get('type')!r}")
+                parts.append(part["text"])
+            content = "".join(parts)
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise invalid(f"messages[{i}].content", "expected a string or a list of text parts")
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise invalid(f"messages[{i}].role", f"unknown role {m.get('role')!r}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+async def start_chat(registry: ModelRegistry, model: str, messages: list[dict],
+                     settings: GenerationSettings) -> CompletionStream:
+    """Start the assistant's reply to `messages` (OpenAI format), rendered with the model's
+    chat template."""
+    convo = chat_messages(messages)
+
+    def ids(m: LoadedModel) -> list[int]:
+        try:
+            return m.tokenizer.apply_chat_template(convo, add_generation_prompt=True)
+        except Exception as e:  # a template that refuses the conversation (e.g. role order)
+            raise invalid("messages", f"the model's chat template refused them: {e}") from None
+    return await _start(registry, model, ids, settings, "messages")
+
+
+async def start_completion(registry: ModelRegistry, model: str, prompt: str | list[int],
+                           settings: GenerationSettings) -> CompletionStream:
+    """Start a raw continuation of `prompt` (text, or token ids), without a chat template."""
+    def ids(m: LoadedModel) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise invalid("prompt", "the prompt is empty")
+            return m.tokenizer.encode(prompt)
+        vocab = m.network.args.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad or not prompt:
+            raise invalid("prompt", f"token ids must be in [0, {vocab}), got {bad[:3] or 'none'}")
+        return list(prompt)
+    return await _start(registry, model, ids, settings, "prompt")

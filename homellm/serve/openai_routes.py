@@ -1,0 +1,322 @@
+"""The OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+Responses follow the OpenAI API reference (chat.completion, chat.completion.chunk,
+text_completion); streams are server-sent events ending with `data: [DONE]`, with a usage
+chunk when `stream_options.include_usage` is set. `timings` (speeds, as llama.cpp's server
+reports them) is an extra field next to `usage`. A client that disconnects cancels its
+request in the engine at once (streaming: Starlette cancels the response task;
+non-streaming: the handler polls the connection).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from homellm.serve.completion import (CompletionStream, Delta, GenerationSettings, TokenLogprob,
+                                      start_chat, start_completion)
+from homellm.serve.errors import APIError, invalid
+from homellm.serve.registry import ModelRegistry
+from homellm.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+FINGERPRINT = "homellm"
+
+
+def api_key_check(api_key: str | None):
+    """A dependency: 401 unless `Authorization: Bearer <api_key>` (when a key is set)."""
+    async def check(request: Request):
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(),
+                                                                      api_key.encode()):
+            what = "missing" if not header else "incorrect"
+            raise APIError(401, f"The API key is {what}: send the header "
+                           "`Authorization: Bearer <key>` with the key the server was started with",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return check
+
+
+def settings_from(body: SamplingFields, *, max_tokens: int | None, top_logprobs: int,
+                  response_format: dict | None) -> GenerationSettings:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    s = GenerationSettings(max_tokens=max_tokens, stop=stop, seed=body.seed,
+                           top_logprobs=top_logprobs, response_format=response_format)
+    for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "frequency_penalty",
+                 "presence_penalty"):
+        value = getattr(body, name)
+        if value is not None:
+            setattr(s, name, value)
+    return s
+
+
+async def start_n(n: int, start) -> list[CompletionStream]:
+    """n streams (seeds seed, seed+1, ...); if one is refused, the others are cancelled."""
+    streams: list[CompletionStream] = []
+    try:
+        for i in range(n):
+            streams.append(await start(i))
+    except BaseException:
+        for s in streams:
+            s.cancel()
+        raise
+    return streams
+
+
+def seeded(settings: GenerationSettings, i: int) -> GenerationSettings:
+    if i == 0 or settings.seed is None:
+        return settings
+    from dataclasses import replace
+    return replace(settings, seed=settings.seed + i)
+
+
+async def merged(streams: list[CompletionStream]):
+    """(index, Delta) from all streams as they come."""
+    if len(streams) == 1:
+        async for d in streams[0]:
+            yield 0, d
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, s):
+        try:
+            async for d in s:
+                await queue.put((i, d))
+        except BaseException as e:
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_ = len(streams)
+        while open_:
+            i, item = await queue.get()
+            if item is None:
+                open_ -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def collect_unless_disconnected(request: Request, streams: list[CompletionStream]):
+    """Every stream's (text, tokens); cancels them all if the client goes away first."""
+    task = asyncio.gather(*(s.collect() for s in streams))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise asyncio.CancelledError
+    except BaseException:
+        task.cancel()
+        for s in streams:
+            s.cancel()
+        raise
+
+
+def usage_of(streams: list[CompletionStream]) -> dict:
+    results = [s.result for s in streams]
+    prompt = results[0].prompt_tokens
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": results[0].cached_tokens}}
+
+
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict:
+    return {"content": [{"token": t.text, "logprob": t.logprob, "bytes": _bytes(t.text),
+                         "top_logprobs": [{"token": s, "logprob": lp, "bytes": _bytes(s)}
+                                          for _, s, lp in t.top]} for t in tokens],
+            "refusal": None}
+
+
+def completion_logprobs(tokens: list[TokenLogprob], offset: int) -> dict:
+    offsets, pos = [], offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t.text)
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{s: lp for _, s, lp in t.top} for t in tokens],
+            "text_offset": offsets}
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def streaming_response(chunks) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def openai_router(api_key: str | None = None) -> APIRouter:
+    router = APIRouter()
+    auth = [Depends(api_key_check(api_key))]
+
+    @router.get("/health")
+    async def health(request: Request):
+        registry: ModelRegistry = request.app.state.registry
+        return {"status": "ok", "models": registry.describe()}
+
+    @router.get("/v1/models", dependencies=auth)
+    async def models(request: Request):
+        registry: ModelRegistry = request.app.state.registry
+        return {"object": "list", "data": [model_card(registry, mid) for mid in registry.ids()]}
+
+    @router.get("/v1/models/{model_id:path}", dependencies=auth)
+    async def model(model_id: str, request: Request):
+        registry: ModelRegistry = request.app.state.registry
+        return model_card(registry, registry.resolve_id(model_id))
+
+    @router.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        registry: ModelRegistry = request.app.state.registry
+        if body.tools:
+            raise invalid("tools", "tool calling is not supported by this server", "unsupported")
+        if body.top_logprobs and not body.logprobs:
+            raise invalid("top_logprobs", "needs logprobs: true")
+        settings = settings_from(body, max_tokens=body.max_completion_tokens or body.max_tokens,
+                                 top_logprobs=body.top_logprobs or 0,
+                                 response_format=body.response_format)
+        messages = [m.model_dump() for m in body.messages]
+        streams = await start_n(body.n or 1, lambda i: start_chat(
+            registry, body.model, messages, seeded(settings, i)))
+        rid, created, mid = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), streams[0].model.id
+        want_logprobs = bool(body.logprobs)
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return streaming_response(chat_chunks(streams, rid, created, mid, want_logprobs, usage))
+        outputs = await collect_unless_disconnected(request, streams)
+        choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": chat_logprobs(tokens) if want_logprobs else None,
+                    "finish_reason": s.result.finish_reason}
+                   for i, (s, (text, tokens)) in enumerate(zip(streams, outputs))]
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": mid,
+                             "system_fingerprint": FINGERPRINT, "choices": choices,
+                             "usage": usage_of(streams), "timings": streams[0].result.timings(),
+                             "seed": streams[0].result.seed})
+
+    @router.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, request: Request):
+        registry: ModelRegistry = request.app.state.registry
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise invalid("prompt", f"one prompt per request, got {len(prompt)}", "unsupported")
+            prompt = prompt[0]
+        if body.echo:
+            raise invalid("echo", "echo is not supported", "unsupported")
+        if body.suffix:
+            raise invalid("suffix", "suffix (fill-in-the-middle) is not supported", "unsupported")
+        if body.best_of not in (None, 1):
+            raise invalid("best_of", "best_of > 1 is not supported; use n", "unsupported")
+        settings = settings_from(body, max_tokens=body.max_tokens if body.max_tokens is not None
+                                 else 16,  # OpenAI's default for completions
+                                 top_logprobs=body.logprobs or 0,
+                                 response_format=body.response_format)
+        streams = await start_n(body.n or 1, lambda i: start_completion(
+            registry, body.model, prompt, seeded(settings, i)))
+        rid, created, mid = f"cmpl-{uuid.uuid4().hex}", int(time.time()), streams[0].model.id
+        want_logprobs = body.logprobs is not None
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return streaming_response(completion_chunks(streams, rid, created, mid, want_logprobs,
+                                                        usage))
+        outputs = await collect_unless_disconnected(request, streams)
+        choices = [{"index": i, "text": text,
+                    "logprobs": completion_logprobs(tokens, 0) if want_logprobs else None,
+                    "finish_reason": s.result.finish_reason}
+                   for i, (s, (text, tokens)) in enumerate(zip(streams, outputs))]
+        return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": mid,
+                             "system_fingerprint": FINGERPRINT, "choices": choices,
+                             "usage": usage_of(streams), "timings": streams[0].result.timings(),
+                             "seed": streams[0].result.seed})
+
+    return router
+
+
+def model_card(registry: ModelRegistry, mid: str) -> dict:
+    loaded = registry.loaded.get(mid)
+    card = {"id": mid, "object": "model", "created": loaded.created if loaded else 0,
+            "owned_by": "homellm"}
+    if loaded is not None:
+        card["context_length"] = loaded.ctx
+    return card
+
+
+async def chat_chunks(streams, rid, created, mid, want_logprobs: bool, include_usage: bool):
+    def chunk(choices, usage=None):
+        out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": mid,
+               "system_fingerprint": FINGERPRINT, "choices": choices}
+        if include_usage:
+            out["usage"] = usage
+        return sse(out)
+
+    try:
+        for i in range(len(streams)):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                          "logprobs": None, "finish_reason": None}])
+        async for i, d in merged(streams):
+            yield chunk([{"index": i, "delta": {"content": d.text} if d.text else {},
+                          "logprobs": chat_logprobs(d.tokens) if want_logprobs else None,
+                          "finish_reason": None}])
+        for i, s in enumerate(streams):
+            yield chunk([{"index": i, "delta": {}, "logprobs": None,
+                          "finish_reason": s.result.finish_reason}])
+        if include_usage:
+            out = json.loads(chunk([], usage_of(streams))[len("data: "):])
+            out["timings"] = streams[0].result.timings()
+            yield sse(out)
+        yield sse("[DONE]")
+    except APIError as e:
+        yield sse(e.body())
+    finally:
+        for s in streams:
+            s.cancel()
+
+
+async def completion_chunks(streams, rid, created, mid, want_logprobs: bool, include_usage: bool):
+    offsets = [0] * len(streams)
+
+    def chunk(choices, usage=None):
+        out = {"id": rid, "object": "text_completion", "created": created, "model": mid,
+               "system_fingerprint": FINGERPRINT, "choices": choices}
+        if include_usage:
+            out["usage"] = usage
+        return sse(out)
+
+    try:
+        async for i, d in merged(streams):
+            lp = completion_logprobs(d.tokens, offsets[i]) if want_logprobs else None
+            offsets[i] += len(d.text)
+            yield chunk([{"index": i, "text": d.text, "logprobs": lp, "finish_reason": None}])
+        for i, s in enumerate(streams):
+            yield chunk([{"index": i, "text": "", "logprobs": None,
+                          "finish_reason": s.result.finish_reason}])
+        if include_usage:
+            yield chunk([], usage_of(streams))
+        yield sse("[DONE]")
+    except APIError as e:
+        yield sse(e.body())
+    finally:
+        for s in streams:
+            s.cancel()
+
+
+__all__ = ["openai_router", "Delta"]

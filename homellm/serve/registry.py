@@ -1,0 +1,298 @@
+"""The models a server offers: loaded on first request, kept alive while used, unloaded when
+idle (like Ollama's keep_alive), all within a memory budget.
+
+Each loaded model is a PyTorch `Llama` on the GGUF kernels (engine/loader.py; its linear
+layers take any number of rows, which is what batching needs), its tokenizer and a
+BatchEngine with its own thread. A model counts against the budget with its file size plus
+its prefix cache; loading one that does not fit first unloads the least recently used idle
+models, and answers 503 if that is not enough.
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from homellm.serve.errors import APIError, model_not_found
+
+DEFAULT_CTX = 4096
+
+
+@dataclass
+class ServeConfig:
+    ctx: int | None = None            # positions per sequence; None: min(4096, the model's)
+    max_batch: int = 8                # sequences decoded together, per model
+    max_queue: int = 64               # requests waiting for a slot, per model
+    keep_alive_s: float = 300.0       # unload this long after the last request; < 0: never
+    memory_budget_bytes: int | None = None  # None: 3/4 of the machine's memory
+    prefix_cache_bytes: int = 256 << 20     # per model
+    prefill_chunk_busy: int = 128     # prompt positions per step while others decode
+
+    def __post_init__(self):
+        if self.ctx is not None and self.ctx < 2:
+            raise ValueError(f"ctx={self.ctx}: the context must hold at least 2 tokens")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch={self.max_batch}: expected at least 1")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue={self.max_queue}: expected 0 or more")
+
+
+def machine_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def size_on_disk(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@dataclass
+class LoadedModel:
+    id: str
+    path: Path
+    tokenizer: object         # homellm.tokenizer.Tokenizer
+    network: object           # homellm.model.llama.Llama
+    engine: object            # homellm.engine.batch.BatchEngine
+    ctx: int
+    nbytes: int               # what it counts against the memory budget
+    load_s: float
+    created: int = field(default_factory=lambda: int(time.time()))
+    in_use: int = 0           # open requests
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def idle_s(self) -> float:
+        if self.in_use or not self.engine.idle:
+            return 0.0
+        return time.monotonic() - max(self.last_used, self.engine.last_active)
+
+
+def load_model(model_id: str, source: str | Path, config: ServeConfig) -> LoadedModel:
+    """Open a checkpoint as a PyTorch network with a BatchEngine (blocking; seconds)."""
+    from homellm.api import release_free_heap
+    from homellm.catalog import resolve
+    from homellm.engine.batch import BatchConfig, BatchEngine
+    from homellm.engine.loader import build_model
+    from homellm.model.formats import open_checkpoint
+    from homellm.tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    path = resolve(source if isinstance(source, Path) else str(source))
+    ckpt = open_checkpoint(path)
+    tokenizer = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
+    network = build_model(ckpt, device="cpu")
+    ctx = min(config.ctx or DEFAULT_CTX, ckpt.args.max_position_embeddings)
+    engine = BatchEngine(network, BatchConfig(
+        max_batch=config.max_batch, ctx=ctx, max_queue=config.max_queue,
+        prefill_chunk_busy=config.prefill_chunk_busy,
+        prefix_cache_bytes=config.prefix_cache_bytes))
+    ckpt.tokenizer.gguf_fields = None
+    tokenizer.forget_source_fields()
+    release_free_heap()
+    return LoadedModel(model_id, path, tokenizer, network, engine, ctx,
+                       size_on_disk(path) + config.prefix_cache_bytes, time.perf_counter() - t0)
+
+
+class ModelRegistry:
+    """Model ids -> sources (catalog names or paths); loads and unloads them on demand.
+
+    `models`: {id: source}. `aliases`: other names a client may use for an id.
+    """
+
+    def __init__(self, models: dict[str, str | Path], config: ServeConfig | None = None,
+                 aliases: dict[str, str] | None = None):
+        if not models:
+            raise ValueError("a server needs at least one model")
+        self.sources = dict(models)
+        self.aliases = dict(aliases or {})
+        self.config = config or ServeConfig()
+        self.budget = self.config.memory_budget_bytes or machine_memory_bytes() * 3 // 4
+        self.loaded: dict[str, LoadedModel] = {}
+        self.loads = self.unloads = 0
+        self._lock = threading.Lock()        # guards `loaded`
+        self._load_lock = threading.Lock()   # one load at a time
+
+    @classmethod
+    def from_names(cls, names: list[str] | None, config: ServeConfig | None = None) -> "ModelRegistry":
+        """The models for `homellm serve -m NAME ...`: catalog names or paths; none given,
+        the whole catalog (and the default model, pulled on first use)."""
+        from homellm import catalog
+        from homellm.catalog.library import ALIASES, DEFAULT_NAME, name_from
+        models, aliases = {}, {}
+        if not names:
+            for entry in catalog.list_models():
+                models[entry.name] = entry.name
+            models.setdefault(DEFAULT_NAME, DEFAULT_NAME)
+            names = []
+        for name in names:
+            entry = catalog.library.find(name)
+            path = Path(name).expanduser()
+            if entry is not None:
+                models[entry.name] = entry.name
+                if name != entry.name:
+                    aliases[name] = entry.name
+            elif path.exists():
+                mid = name_from(path.stem if path.is_file() else path.name)
+                models[mid] = path.resolve()
+                aliases[str(name)] = mid
+            elif ALIASES.get(name, name) in catalog.library.KNOWN:  # pulled on first use
+                canonical = ALIASES.get(name, name)
+                models[canonical] = canonical
+                if name != canonical:
+                    aliases[name] = canonical
+            else:
+                raise catalog.library.not_found(name)
+        for alias, target in ALIASES.items():
+            if target in models:
+                aliases.setdefault(alias, target)
+        for mid in list(models):  # a family name finds its one model ("smollm2" -> "smollm2:135m")
+            family = mid.split(":")[0]
+            if ":" in mid and sum(1 for m in models if m.split(":")[0] == family) == 1:
+                aliases.setdefault(family, mid)
+        return cls(models, config, aliases)
+
+    def ids(self) -> list[str]:
+        return list(self.sources)
+
+    def resolve_id(self, name) -> str:
+        if not isinstance(name, str) or not name:
+            raise APIError(400, "model: expected the id of a model (GET /v1/models lists them)",
+                           param="model", code="invalid_value")
+        mid = name if name in self.sources else self.aliases.get(name)
+        if mid is None:
+            raise model_not_found(name, self.ids())
+        return mid
+
+    # -- use --------------------------------------------------------------------------------
+
+    async def acquire(self, name: str) -> LoadedModel:
+        """The loaded model for `name` (loading it first if needed), marked in use: call
+        `release` when the request is over."""
+        mid = self.resolve_id(name)
+        with self._lock:
+            model = self.loaded.get(mid)
+            if model is not None:
+                model.in_use += 1
+                model.last_used = time.monotonic()
+                return model
+        model = await asyncio.to_thread(self._load, mid)
+        with self._lock:
+            model.in_use += 1
+            model.last_used = time.monotonic()
+        return model
+
+    def release(self, model: LoadedModel):
+        with self._lock:
+            model.in_use = max(0, model.in_use - 1)
+            model.last_used = time.monotonic()
+
+    def _load(self, mid: str) -> LoadedModel:
+        from homellm.errors import HomellmError
+        with self._load_lock:
+            with self._lock:
+                if mid in self.loaded:  # another request loaded it meanwhile
+                    return self.loaded[mid]
+            source = self.sources[mid]
+            need = self._estimate(source)
+            self._make_room(need)
+            try:
+                model = load_model(mid, source, self.config)
+            except HomellmError as e:
+                raise APIError(500, f"model {mid!r} could not be loaded: {e}", type="server_error",
+                               param="model", code="model_load_failed") from None
+            with self._lock:
+                self.loaded[mid] = model
+                self.loads += 1
+            return model
+
+    def _estimate(self, source) -> int:
+        from homellm.catalog import library
+        try:
+            path = Path(source) if isinstance(source, Path) else library.find(str(source))
+            path = path.path if hasattr(path, "path") else path
+            size = size_on_disk(path) if path is not None and path.exists() else 0
+        except OSError:
+            size = 0
+        return size + self.config.prefix_cache_bytes
+
+    def _make_room(self, need: int):
+        while True:
+            with self._lock:
+                used = sum(m.nbytes for m in self.loaded.values())
+                if used + need <= self.budget:
+                    return
+                idle = sorted((m for m in self.loaded.values() if m.idle_s > 0),
+                              key=lambda m: m.last_used)
+            if not idle:
+                raise APIError(503, f"not enough memory to load another model: {need >> 20} MB "
+                               f"needed, {(self.budget - used) >> 20} MB of the "
+                               f"{self.budget >> 20} MB budget free, and every loaded model is busy",
+                               type="server_error", code="insufficient_memory",
+                               headers={"Retry-After": "10"})
+            self.unload(idle[0].id)
+
+    def unload(self, mid: str) -> bool:
+        from homellm.api import release_free_heap
+        with self._lock:
+            model = self.loaded.pop(mid, None)
+        if model is None:
+            return False
+        model.engine.close()
+        self.unloads += 1
+        del model
+        gc.collect()
+        release_free_heap()
+        return True
+
+    def unload_idle(self) -> list[str]:
+        """Unload models idle for longer than keep_alive; returns their ids."""
+        keep = self.config.keep_alive_s
+        if keep < 0:
+            return []
+        with self._lock:
+            stale = [m.id for m in self.loaded.values() if m.idle_s > keep or
+                     (keep == 0 and m.idle_s > 0)]
+        return [mid for mid in stale if self.unload(mid)]
+
+    async def reap_forever(self, every_s: float = 1.0):
+        """The background task that applies keep_alive."""
+        while True:
+            await asyncio.sleep(every_s)
+            await asyncio.to_thread(self.unload_idle)
+
+    def close(self):
+        for mid in list(self.loaded):
+            self.unload(mid)
+
+    def describe(self) -> list[dict]:
+        """For GET /v1/models and /health."""
+        out = []
+        for mid in self.sources:
+            m = self.loaded.get(mid)
+            out.append({"id": mid, "loaded": m is not None,
+                        **({"ctx": m.ctx, "in_use": m.in_use, "idle_s": round(m.idle_s, 1),
+                            "engine": m.engine.stats()} if m is not None else {})})
+        return out
+
+
+def process_rss_bytes() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
