@@ -32,6 +32,8 @@ def add_model_arguments(p: argparse.ArgumentParser):
     p.add_argument("--quant", choices=["none", "int8", "int4"], default=None,
                    help="weights at run time: default keeps what the file records")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--adapter", default=None, metavar="PATH",
+                   help="a LoRA adapter folder (PEFT layout, from `homellm tune`) applied without merging")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser):
@@ -113,7 +115,8 @@ def load_model(args: argparse.Namespace, quiet: bool = False):
     from homellm.engine.kernels import build
     if not build.is_built() and not quiet:
         print("building homellm's CPU kernels (once; cached for later runs)...", file=sys.stderr)
-    model = load(args.model, device=args.device, ctx=args.ctx, quant=args.quant, progress=progress)
+    model = load(args.model, device=args.device, ctx=args.ctx, quant=args.quant, progress=progress,
+                 adapter=getattr(args, "adapter", None))
     if bar is not None:
         bar.close()
     model.load_s = time.perf_counter() - t0
