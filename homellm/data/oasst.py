@@ -168,7 +168,7 @@ def message_from_dict(d, parent: Message | None, where: str, seen: set[str]) -> 
     _check(isinstance(d.get("text"), str), f"{where}: field 'text': expected a string")
     pid = d.get("parent_id")
     want_pid = parent.message_id if parent else None
-    _check(pid == want_pid or (parent is None and pid is None),
+    _check(pid == want_pid or "parent_id" not in d,  # absent: known from the nesting
            f"{where}: field 'parent_id': expected {json.dumps(want_pid)} (where it sits in the "
            f"tree), got {json.dumps(pid)}")
     for key in ("user_id", "created_date", "lang", "model_name"):
