@@ -13,6 +13,13 @@ bytes. Its tokenizer is built from our `tokenizers.Tokenizer` serialized as toke
 which covers byte-level BPE ("gpt2" GGUF vocabularies, tokenizer.json files) and
 SentencePiece BPE with byte fallback ("llama" GGUF vocabularies, `<0x41>` tokens).
 
+The mask is exact where the next bytes are free: a token is allowed iff its bytes keep the
+output a prefix of some valid value (of several tokens with the same bytes, e.g. `<0x61>` and
+"a", llguidance may allow one). Where the grammar forces the next bytes (the rest of a
+property name, `true` after `tr`), it allows the first token of the tokenizer's own encoding
+of them, so forced text is tokenized as the model saw it in training. tests/test_constrain.py
+checks both against a brute-force reference.
+
 What a schema asks for that llguidance cannot enforce (`not`, `if`/`then`, `uniqueItems`,
 an unknown `format`, ...) is a ValueError naming the field, never a silently unconstrained
 generation. Property order is fixed to the order of `properties` in the schema.
@@ -120,13 +127,16 @@ class Constraint:
     def _fill_bits(self):
         self._matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         if self._matcher.is_error():
-            raise ValueError(f"constrained decoding failed: {self._matcher.get_error()}")
+            raise ValueError(f"constrained decoding failed: {_one_line(self._matcher.get_error())}")
         if not self._bits.any():
             raise ValueError("constrained decoding: no token of the vocabulary can continue the output")
 
     def allowed(self) -> np.ndarray:
         """(vocab_size,) bool: the tokens that keep the output a valid prefix (EOS once complete)."""
         self._fill_bits()
+        return self._unpacked()
+
+    def _unpacked(self) -> np.ndarray:
         return np.unpackbits(self._bits.view(np.uint8), bitorder="little",
                              count=self.vocab_size).view(bool)
 
@@ -146,17 +156,18 @@ class Constraint:
             values[..., n:] = -np.inf
             return logits
         import torch
-        allowed = torch.from_numpy(self.allowed()[:n].copy()).to(logits.device)
+        allowed = torch.from_numpy(self._unpacked()[:n].copy()).to(logits.device)
         with torch.inference_mode():  # the engine's torch logits are inference tensors
             logits[..., :n].masked_fill_(~allowed, float("-inf"))
             logits[..., n:] = float("-inf")
         return logits
 
     def advance(self, token: int):
-        """Take the sampled token; ValueError if the grammar did not allow it."""
+        """Take the sampled token; ValueError if the grammar did not allow it (the Constraint
+        is then spent: start another)."""
         if not self._matcher.consume_token(int(token)):
             raise ValueError(f"token {int(token)} is not allowed by the response format: "
-                             f"{self._matcher.get_error()}")
+                             f"{_one_line(self._matcher.get_error())}")
 
     @property
     def done(self) -> bool:
