@@ -34,11 +34,10 @@ from pathlib import Path
 
 from homellm.store.conversations import Conversations
 from homellm.store.db import Database, default_url
-from homellm.store.people import AuthConfig, LoginLocked, People, _uid
+from homellm.store.people import AuthConfig, LoginLocked, People
 from homellm.store.records import (Conversation, ConversationDump, Message, Rating, SearchHit,
                                    Session, Turn, User)
 from homellm.store.streaming import ReplyWriter
-from homellm.errors import HomellmError
 
 __all__ = ["Store", "open_store", "AuthConfig", "LoginLocked", "ReplyWriter", "Conversation",
            "ConversationDump", "Message", "Rating", "SearchHit", "Session", "Turn", "User",
