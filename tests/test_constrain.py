@@ -322,6 +322,18 @@ def test_greedy_constrained_reply_is_the_masked_argmax(model):
     assert c.done and steps[-1].finish_reason == "stop"
 
 
+def test_raw_generate_with_a_top_level_scalar(model):
+    """No chat template; a top-level integer can always take another digit, so the reply ends
+    when the model picks EOS (allowed once the number is complete) or at max_tokens."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        "type": "integer", "minimum": 10, "maximum": 99}}}
+    steps = list(model.generate("The number of legs of a spider, as JSON:", max_tokens=10,
+                                temperature=0, response_format=fmt))
+    text = "".join(s.text for s in steps)
+    assert 10 <= json.loads(text) <= 99 and steps[-1].finish_reason == "stop", text
+    assert len(steps) - 1 <= 2  # two digits, then only EOS is allowed
+
+
 def test_max_tokens_cuts_a_constrained_reply_with_length(model):
     text, steps = reply(model, PROMPTS["nested"], {"type": "json_object"}, max_tokens=5, temperature=0)
     assert steps[-1].finish_reason == "length" and len(steps) == 6
