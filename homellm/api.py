@@ -77,6 +77,7 @@ class Model:
         self.tokenizer = tokenizer
         self.ctx = ctx
         self.load_s = load_s
+        self.weight_bytes_per_token = 0  # bytes of weights a decode step reads (set by load())
         self.engine = Engine(network, ctx)
         if fast_decode:
             self.engine.attach_fast_decoder(checkpoint)
@@ -279,9 +280,11 @@ def load(name_or_path: str | Path | None = None, device: str | None = None,
     ckpt = open_checkpoint(path, as_numpy=True)  # (GGUF floats as numpy: no torch yet)
     ctx = ctx or min(DEFAULT_CTX, ckpt.args.max_position_embeddings)
     tokenizer = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
+    wbytes = weight_bytes_per_token(ckpt)
     if adapter is None and native_runtime(ckpt, device, dtype, quant):
         from homellm.engine.kernels.native import NativeModel
-        network = NativeModel(ckpt.args, ckpt.tensors, ctx, threads=default_threads())
+        network = NativeModel(ckpt.args, ckpt.tensors, ctx, threads=default_threads(), keep_raw=False)
+        ckpt.tensors = {}  # the C runtime holds what it computes on (packed Q4 replaces the raw rows)
     else:
         from homellm.engine.loader import build_model
         if ckpt.format == "gguf":
@@ -296,5 +299,7 @@ def load(name_or_path: str | Path | None = None, device: str | None = None,
     tokenizer.forget_source_fields()
     release_free_heap()
     # the C decoder computes on the file's own blocks: only when the weights are kept as stored
-    return Model(ckpt, network, tokenizer, ctx, time.perf_counter() - t0,
-                 fast_decode=quant is None and adapter is None)
+    model = Model(ckpt, network, tokenizer, ctx, time.perf_counter() - t0,
+                  fast_decode=quant is None and adapter is None)
+    model.weight_bytes_per_token = wbytes
+    return model

@@ -29,16 +29,6 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def weight_bytes_per_token(model) -> int:
-    """Bytes of stored weights one decode step reads: every tensor of the checkpoint but the
-    embedding table, of which a step reads one row (a tied head reads all of it)."""
-    tensors = model.checkpoint.tensors
-    total = sum(t.nbytes for name, t in tensors.items() if name != "model.embed_tokens.weight")
-    if model.args.tie_word_embeddings:
-        total += tensors["model.embed_tokens.weight"].nbytes
-    return int(total)
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -66,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
             best = t
         if best.prefill_tps < t.prefill_tps:
             best.prefill_s = t.prefill_s
-    wbytes = weight_bytes_per_token(model)
+    wbytes = model.weight_bytes_per_token
     result = {
         "model": str(args.model or "default"),
         "device": str(model.device),

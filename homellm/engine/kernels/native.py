@@ -95,11 +95,14 @@ class NativeModel:
     threads: 0 or None for OpenMP's default; path: "scalar"/"avx2"/"avx512"/None (best);
     hi: two-level int8 activations (~256x less activation rounding; see ggml_cpu.c);
     packed: reorder Q4 weights for AVX512-VNNI (same size; else compute on the raw blocks).
+    keep_raw: False lets go of the raw blocks of packed matrices (the packed copy is all the
+    AVX512 path reads): with the caller dropping its references too, the Q/K rows that reading
+    un-permuted into memory are freed. Other kernel paths are then unavailable.
     """
 
     def __init__(self, args: ModelArgs, tensors: dict, max_seq_len: int, *, threads: int | None = None,
                  path: str | None = None, hi: bool = True, packed: bool = True,
-                 kv: list[tuple[np.ndarray, np.ndarray]] | None = None):
+                 kv: list[tuple[np.ndarray, np.ndarray]] | None = None, keep_raw: bool = True):
         lib = build.load()
         if lib is None:
             raise RuntimeError(f"homellm kernels are unavailable: {build.status()}")
@@ -110,6 +113,7 @@ class NativeModel:
         self.lib, self.args, self.max_seq_len = lib, args, max_seq_len
         self.tokens: list[int] = []  # the ids whose keys and values the cache holds
         self._keep: list = []  # every buffer the C side points to
+        self.raw_dropped = False
         inv_freq = np.ascontiguousarray(rope_inv_freq(args), dtype=np.float32)
         self._keep.append(inv_freq)
         self.ctx = lib.hl_model_new(args.num_hidden_layers, args.hidden_size, args.num_attention_heads,
@@ -125,11 +129,12 @@ class NativeModel:
             p = f"model.layers.{i}."
             for j, name in enumerate(MATS):
                 t = tensors[p + name + ".weight"]
-                self._set_mat(i, j, t, p + name)
                 pk = repack_q4(t) if packed and path in (None, "auto", "avx512") else None
+                self._set_mat(i, j, t, p + name, keep=pk is None or keep_raw)
                 if pk is not None:
                     self._keep.append(pk)
                     lib.hl_model_set_packed(self.ctx, i, j, pk.ctypes.data)
+                    self.raw_dropped |= not keep_raw
             for j, name in enumerate(VECS):
                 full = p + name + ("" if name.endswith(".bias") else ".weight")
                 if full in tensors:
@@ -148,6 +153,8 @@ class NativeModel:
         self.set_threads(threads, path, hi)
 
     def set_threads(self, threads: int | None = None, path: str | None = None, hi: bool = True):
+        if self.raw_dropped and path not in (None, "auto", "avx512"):
+            raise RuntimeError(f"kernel path {path!r} needs the raw blocks, which this model let go")
         self.threads = threads or 0
         if self.lib.hl_model_set_threads(self.ctx, self.threads, path_id(path), int(hi)) != 0:
             raise RuntimeError(f"kernel path {path!r} is not supported by this CPU")
@@ -158,7 +165,7 @@ class NativeModel:
         self._keep.append(a)
         return a.ctypes.data
 
-    def _set_mat(self, layer: int, which: int, t, name: str):
+    def _set_mat(self, layer: int, which: int, t, name: str, keep: bool = True):
         if _ggml_type(t) is not None:
             data = np.ascontiguousarray(t.data)
             gtype, (n, k) = t.ggml_type, t.shape
@@ -170,7 +177,8 @@ class NativeModel:
             data = np.ascontiguousarray(data)
             gtype, (n, k) = (0 if data.dtype == np.float32 else 1), data.shape
             row_bytes = data.strides[0]
-        self._keep.append(data)
+        if keep:
+            self._keep.append(data)
         if self.lib.hl_model_set_mat(self.ctx, layer, which, gtype, n, k, data.ctypes.data, row_bytes) != 0:
             raise ValueError(f"{name}: shape {(n, k)} does not fit ggml type {gtype} blocks")
 
