@@ -114,9 +114,9 @@ def test_bad_positions_and_tokens_are_errors():
         model.decode(-1, 0)
     bad = dict(quantized_tensors(args, Q.Q8_0))
     w = bad["model.layers.0.mlp.up_proj.weight"]
-    bad["model.layers.0.mlp.up_proj.weight"] = GGMLTensor(int(Q.Q4_K), w.data, w.shape)
-    assert native.unsupported(bad) == ["model.layers.0.mlp.up_proj.weight (Q4_K)"]
-    with pytest.raises(ValueError, match="Q4_K"):
+    bad["model.layers.0.mlp.up_proj.weight"] = GGMLTensor(int(Q.Q2_K), w.data, w.shape)
+    assert native.unsupported(bad) == ["model.layers.0.mlp.up_proj.weight (Q2_K)"]
+    with pytest.raises(ValueError, match="Q2_K"):
         NativeModel(args, bad, 16)
 
 

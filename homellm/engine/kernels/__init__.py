@@ -12,7 +12,8 @@ from __future__ import annotations
 from homellm.engine.kernels.build import load, status
 
 PATHS = {"scalar": 0, "avx2": 1, "avx512": 2}
-SUPPORTED_TYPES = (0, 1, 2, 3, 8)  # ggml types: F32, F16, Q4_0, Q4_1, Q8_0
+SUPPORTED_TYPES = (0, 1, 2, 3, 6, 7, 8, 12, 13, 14)  # ggml types: F32, F16, Q4_0, Q4_1, Q5_0, Q5_1,
+#                                                   Q8_0, Q4_K, Q5_K, Q6_K
 
 _FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", None,
              "avx512dq")

@@ -4,6 +4,19 @@
  *   Q4_0: 18 bytes / 32 weights: f16 d, 16 bytes qs; w[j] = (qs[j] & 15) - 8, w[j+16] = (qs[j] >> 4) - 8, times d
  *   Q4_1: 20 bytes / 32 weights: f16 d, f16 m, 16 bytes qs; w = d * nibble + m (same nibble order)
  *   Q8_0: 34 bytes / 32 weights: f16 d, 32 int8 qs; w = d * q
+ *   Q5_0: 22 bytes / 32: f16 d, u32 qh, 16 bytes qs; w[j] = d ((qs nibble as Q4) | (bit j of qh) << 4) - 16 d
+ *   Q5_1: 24 bytes / 32: f16 d, f16 m, u32 qh, 16 bytes qs; w = d u5 + m
+ *   Q4_K: 144 bytes / 256 (ggml-common.h block_q4_K): f16 d, f16 dmin, 12 bytes of 6-bit (sc, mn) for
+ *         8 sub-blocks of 32, 128 bytes qs (64 values per 32 bytes: low nibbles sub-block 2i, high 2i+1);
+ *         w = d sc_j u4 - dmin mn_j
+ *   Q5_K: 176 bytes / 256: as Q4_K with 32 bytes qh after the scales (bit j of qh[l]: 5th bit of
+ *         sub-block j's value l); w = d sc_j u5 - dmin mn_j
+ *   Q6_K: 210 bytes / 256: 128 bytes ql, 64 bytes qh, 16 int8 scales (sub-blocks of 16), f16 d;
+ *         w = d sc_i (u6 - 32)
+ * These five ("ext" types) go through one generic form per 32-block b: 32 integer weights v (unsigned,
+ * or for Q6_K signed), a float scale per 16 values (s0, s1) and a min m:
+ *   w . a = sum_b da_b (s0_b sum_{j<16} v qa + s1_b sum_{j>=16} v qa) + m_b s_b
+ * The integer sums land in int32 lanes of 4 values each, so the two scales are two lane groups.
  * Activations are quantized per row in blocks of 32 to int8 (d = amax / 127, q = round-half-even(x / d))
  * and kept as q (int8), d and s = d * sum(q); d is stored 8 times per block ("expanded", one value
  * per int32 lane of a 256-bit dot product, so it is a plain load), s once per block (the Q4 min
@@ -25,7 +38,8 @@
 #include <omp.h>
 #include <immintrin.h>
 
-enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8 };
+enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
+       T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
 enum { P_SCALAR = 0, P_AVX2 = 1, P_AVX512 = 2 };
 
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
@@ -75,14 +89,91 @@ static float h2f(const uint8_t *p) {  /* IEEE half -> float, portable */
 
 static int type_block_bytes(int t) {
     switch (t) { case T_Q4_0: return 18; case T_Q4_1: return 20; case T_Q8_0: return 34;
+                 case T_Q5_0: return 22; case T_Q5_1: return 24;
+                 case T_Q4_K: return 144; case T_Q5_K: return 176; case T_Q6_K: return 210;
                  case T_F32: return 4; case T_F16: return 2; default: return 0; }
 }
-static int is_quant(int t) { return t == T_Q4_0 || t == T_Q4_1 || t == T_Q8_0; }
+static int is_kquant(int t) { return t == T_Q4_K || t == T_Q5_K || t == T_Q6_K; }
+static int is_ext(int t) { return t == T_Q5_0 || t == T_Q5_1 || is_kquant(t); }
+static int is_quant(int t) { return t == T_Q4_0 || t == T_Q4_1 || t == T_Q8_0 || is_ext(t); }
+static int type_qk(int t) { return is_kquant(t) ? 256 : is_quant(t) ? 32 : 1; }  /* values per block */
+
+/* ---- the ext types (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), one 32-block b of a row at a time ------- */
+
+/* 6-bit scale and min of sub-block j from the 12 scale bytes (ggml get_scale_min_k4) */
+static void kscale(const uint8_t *s, int j, int *sc, int *mn) {
+    if (j < 4) { *sc = s[j] & 63; *mn = s[j + 4] & 63; }
+    else { *sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4); *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4); }
+}
+
+/* a K-quant super-block's scales: sc[16] per 16 values (d sc_j twice for Q4_K/Q5_K), mn[8] per 32 */
+static void ksuper(int t, const uint8_t *p, float *sc, float *mn) {
+    if (t == T_Q6_K) {
+        float d = h2f(p + 208);
+        for (int i = 0; i < 16; i++) sc[i] = d * (float)(int8_t)p[192 + i];
+        for (int j = 0; j < 8; j++) mn[j] = 0.f;
+        return;
+    }
+    float d = h2f(p), dmin = h2f(p + 2);
+    for (int j = 0; j < 8; j++) {
+        int s, m; kscale(p + 4, j, &s, &m);
+        sc[2 * j] = sc[2 * j + 1] = d * (float)s; mn[j] = -(dmin * (float)m);
+    }
+}
+
+/* block b's scales s0 (values 0..15), s1 (16..31) and min m; sc/mn: the K-quant super-block cache,
+ * refreshed when b starts a super-block (callers walk b upwards from 0) */
+static inline void ext_scales(int t, const uint8_t *w, int b, float *sc, float *mn, float *s0, float *s1, float *m) {
+    if (is_kquant(t)) {
+        int j = b & 7;
+        if (j == 0) ksuper(t, w + (size_t)(b >> 3) * type_block_bytes(t), sc, mn);
+        *s0 = sc[2 * j]; *s1 = sc[2 * j + 1]; *m = mn[j];
+        return;
+    }
+    const uint8_t *p = w + (size_t)b * type_block_bytes(t);
+    float d = h2f(p);
+    *s0 = *s1 = d; *m = t == T_Q5_1 ? h2f(p + 2) : -16.f * d;
+}
+
+/* block b's 32 integer weights: unsigned 0..31 (Q5_x, Q4_K, Q5_K) or signed -32..31 (Q6_K) */
+static void ext_vals(int t, const uint8_t *w, int b, int8_t *v) {
+    if (!is_kquant(t)) {
+        const uint8_t *p = w + (size_t)b * type_block_bytes(t), *qh = p + (t == T_Q5_1 ? 4 : 2), *qs = qh + 4;
+        uint32_t h = (uint32_t)qh[0] | (uint32_t)qh[1] << 8 | (uint32_t)qh[2] << 16 | (uint32_t)qh[3] << 24;
+        for (int j = 0; j < 16; j++) {
+            v[j] = (int8_t)((qs[j] & 15) | ((h >> j) & 1) << 4);
+            v[j + 16] = (int8_t)((qs[j] >> 4) | ((h >> (j + 16)) & 1) << 4);
+        }
+        return;
+    }
+    const int j = b & 7;
+    const uint8_t *p = w + (size_t)(b >> 3) * type_block_bytes(t);
+    if (t == T_Q6_K) {  /* 128-value halves hf: ql 64 bytes, qh 32 bytes; k-th 32 of the half */
+        const int k = j & 3, hf = j >> 2;
+        const uint8_t *ql = p + 64 * hf + 32 * (k & 1), *qh = p + 128 + 32 * hf;
+        for (int l = 0; l < 32; l++)
+            v[l] = (int8_t)((((ql[l] >> (4 * (k >> 1))) & 15) | ((qh[l] >> (2 * k)) & 3) << 4) - 32);
+        return;
+    }
+    const uint8_t *qs = p + (t == T_Q5_K ? 48 : 16) + 32 * (j >> 1);
+    for (int l = 0; l < 32; l++)
+        v[l] = (int8_t)(((qs[l] >> (4 * (j & 1))) & 15) | (t == T_Q5_K ? ((p[16 + l] >> j) & 1) << 4 : 0));
+}
 
 /* dequantize one row of K values */
 static void dequant_row(int t, const uint8_t *w, int K, float *out) {
     if (t == T_F32) { memcpy(out, w, (size_t)K * 4); return; }
     if (t == T_F16) { for (int i = 0; i < K; i++) out[i] = h2f(w + 2 * i); return; }
+    if (is_ext(t)) {
+        float sc[16], mn[8], s0, s1, m;
+        int8_t v[32];
+        for (int b = 0; b < K / 32; b++) {
+            ext_scales(t, w, b, sc, mn, &s0, &s1, &m);
+            ext_vals(t, w, b, v);
+            for (int j = 0; j < 32; j++) out[b * 32 + j] = (j < 16 ? s0 : s1) * (float)v[j] + m;
+        }
+        return;
+    }
     int bs = type_block_bytes(t);
     for (int b = 0; b < K / 32; b++) {
         const uint8_t *p = w + (size_t)b * bs;
@@ -175,8 +266,16 @@ static void quantize_row(const float *x, int K, int8_t *q, float *dx, float *sx,
 typedef void (*kern_fn)(const uint8_t *w, int type, int K, const int8_t *q, const float *dx,
                         const float *sx, int R, float *out, const int8_t *q2);
 
+static void kx_scalar(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
+                      const float *sx, int R, float *out, const int8_t *q2);
+static void kx_avx2(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
+                    const float *sx, int R, float *out, const int8_t *q2);
+static void kx_512(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
+                   const float *sx, int R, float *out, const int8_t *q2);
+
 static void kern_scalar(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
                         const float *sx, int R, float *out, const int8_t *q2) {
+    if (is_ext(t)) { kx_scalar(w, t, K, q, dx, sx, R, out, q2); return; }
     int nb = K / 32, bs = type_block_bytes(t);
     for (int r = 0; r < R; r++) {
         const int8_t *a = q + (size_t)r * K, *a2 = q2 ? q2 + (size_t)r * K : NULL;
@@ -269,6 +368,7 @@ T256 INLINE void kern_avx2_body(const uint8_t *w, int t, int K, const int8_t *q,
 
 T256 static void kern_avx2(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
                            const float *sx, int R, float *out, const int8_t *q2) {
+    if (is_ext(t)) { kx_avx2(w, t, K, q, dx, sx, R, out, q2); return; }
     while (R > 0) {
         int K4 = K / 4;
         if (R >= 4) DISPATCH_R(kern_avx2_body, 4);
@@ -374,6 +474,7 @@ T512 INLINE void kern_512_body(const uint8_t *w, int t, int K, const int8_t *q, 
 
 T512 static void kern_512(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
                           const float *sx, int R, float *out, const int8_t *q2) {
+    if (is_ext(t)) { kx_512(w, t, K, q, dx, sx, R, out, q2); return; }
     int K4 = K / 4;
     while (R > 0) {
         int n;
@@ -385,6 +486,194 @@ T512 static void kern_512(const uint8_t *w, int t, int K, const int8_t *q, const
             default:
                 if (R >= 8) { DISPATCH_R(kern_512_body, 8); n = 8; }
                 else { DISPATCH_R(kern_512_body, 4); n = 4; }
+        }
+        R -= n; out += n; q += (size_t)n * K; dx += (size_t)n * K4; sx += (size_t)n * K4;
+        if (q2) q2 += (size_t)n * K;
+    }
+}
+
+/* ---- ext types (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K): the generic form of the header ---------------- */
+
+static void kx_scalar(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
+                      const float *sx, int R, float *out, const int8_t *q2) {
+    const int nb = K / 32, K4 = K / 4;
+    float acc[R], sc[16], mn[8], s0, s1, m;
+    int8_t v[32];
+    for (int r = 0; r < R; r++) acc[r] = 0.f;
+    for (int b = 0; b < nb; b++) {
+        ext_scales(t, w, b, sc, mn, &s0, &s1, &m);
+        ext_vals(t, w, b, v);
+        for (int r = 0; r < R; r++) {
+            const int8_t *a = q + (size_t)r * K + b * 32;
+            int i0 = 0, i1 = 0;
+            for (int j = 0; j < 16; j++) { i0 += v[j] * a[j]; i1 += v[j + 16] * a[j + 16]; }
+            if (q2) {
+                const int8_t *a2 = q2 + (size_t)r * K + b * 32;
+                int k0 = 0, k1 = 0;
+                for (int j = 0; j < 16; j++) { k0 += v[j] * a2[j]; k1 += v[j + 16] * a2[j + 16]; }
+                i0 = i0 * 256 + k0; i1 = i1 * 256 + k1;
+            }
+            acc[r] += dx[(size_t)r * K4 + b * 8] * (s0 * (float)i0 + s1 * (float)i1) + m * sx[(size_t)r * K4 + b];
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = acc[r];
+}
+
+/* byte j of the result: 0xFF where bit j of h is set (j = 0..31) */
+T256 INLINE __m256i bits_to_bytes(uint32_t h) {
+    const __m256i idx = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)h), idx);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+}
+
+/* ext_vals in one register: block b's 32 integer weights, in order */
+T256 INLINE __m256i vals256(int t, const uint8_t *w, int b) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    if (t == T_Q5_0 || t == T_Q5_1) {
+        const uint8_t *p = w + (size_t)b * (t == T_Q5_1 ? 24 : 22), *qh = p + (t == T_Q5_1 ? 4 : 2);
+        uint32_t h; memcpy(&h, qh, 4);
+        __m128i x = _mm_loadu_si128((const __m128i *)(qh + 4));
+        __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(x, 4), x), m4);
+        return _mm256_or_si256(v, _mm256_and_si256(bits_to_bytes(h), _mm256_set1_epi8(16)));
+    }
+    const int j = b & 7;
+    const uint8_t *p = w + (size_t)(b >> 3) * type_block_bytes(t);
+    if (t == T_Q6_K) {
+        const int k = j & 3, hf = j >> 2;
+        __m256i ql = _mm256_loadu_si256((const __m256i *)(p + 64 * hf + 32 * (k & 1)));
+        __m256i qh = _mm256_loadu_si256((const __m256i *)(p + 128 + 32 * hf));
+        ql = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128(4 * (k >> 1))), m4);
+        qh = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * k)), _mm256_set1_epi8(3));
+        return _mm256_sub_epi8(_mm256_or_si256(ql, _mm256_slli_epi16(qh, 4)), _mm256_set1_epi8(32));
+    }
+    __m256i qs = _mm256_loadu_si256((const __m256i *)(p + (t == T_Q5_K ? 48 : 16) + 32 * (j >> 1)));
+    __m256i v = _mm256_and_si256(_mm256_srl_epi16(qs, _mm_cvtsi32_si128(4 * (j & 1))), m4);
+    if (t == T_Q5_K) {
+        const __m256i bit = _mm256_set1_epi8((char)(1 << j));
+        __m256i qh = _mm256_loadu_si256((const __m256i *)(p + 16));
+        v = _mm256_or_si256(v, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit),
+                                                _mm256_set1_epi8(16)));
+    }
+    return v;
+}
+
+/* AVX2: one block per register; Q6_K's signed weights by the abs/sign trick of Q8_0 */
+T256 INLINE void kx_avx2_body(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
+                              const float *sx, const int R, float *out, const int8_t *q2, const int hi) {
+    const int nb = K / 32, K4 = K / 4, sgn = t == T_Q6_K;
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    float mrow[nb], sc[16], mn[8], s0, s1, m;
+    for (int b = 0; b < nb; b++) {
+        ext_scales(t, w, b, sc, mn, &s0, &s1, &m);
+        mrow[b] = m;
+        const __m256 dv = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
+        const __m256i wv = vals256(t, w, b), aw = sgn ? _mm256_abs_epi8(wv) : wv;
+        for (int r = 0; r < R; r++) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(q + (size_t)r * K + b * 32));
+            if (sgn) a = _mm256_sign_epi8(a, wv);
+            __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, a), ones);
+            if (hi) {
+                __m256i a2 = _mm256_loadu_si256((const __m256i *)(q2 + (size_t)r * K + b * 32));
+                if (sgn) a2 = _mm256_sign_epi8(a2, wv);
+                s = _mm256_add_epi32(_mm256_slli_epi32(s, 8), _mm256_madd_epi16(_mm256_maddubs_epi16(aw, a2), ones));
+            }
+            __m256 scl = _mm256_mul_ps(dv, _mm256_loadu_ps(dx + (size_t)r * K4 + b * 8));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scl, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float o = hsum256(acc[r]);
+        if (!sgn) { const float *sr = sx + (size_t)r * K4; for (int b = 0; b < nb; b++) o += mrow[b] * sr[b]; }
+        out[r] = o;
+    }
+}
+
+T256 static void kx_avx2(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
+                         const float *sx, int R, float *out, const int8_t *q2) {
+    const int K4 = K / 4;
+    while (R > 0) {
+        if (R >= 4) DISPATCH_R(kx_avx2_body, 4);
+        else if (R == 1) DISPATCH_R(kx_avx2_body, 1);
+        else if (R == 2) DISPATCH_R(kx_avx2_body, 2);
+        else DISPATCH_R(kx_avx2_body, 3);
+        int n = R >= 4 ? 4 : R;
+        R -= n; out += n; q += (size_t)n * K; dx += (size_t)n * K4; sx += (size_t)n * K4;
+        if (q2) q2 += (size_t)n * K;
+    }
+}
+
+/* AVX512-VNNI: two blocks per register (lane scales s0 s0 s0 s0 s1 s1 s1 s1 per block) */
+T512 INLINE void kx_512_body(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
+                             const float *sx, const int R, float *out, const int8_t *q2, const int hi) {
+    const int nb = K / 32, K4 = K / 4, sgn = t == T_Q6_K;
+    __m512 acc[8];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i lane4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    float mrow[nb + 16], sc[16], mn[8], s[4], m0, m1;
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        ext_scales(t, w, b, sc, mn, &s[0], &s[1], &m0);
+        ext_scales(t, w, b + 1, sc, mn, &s[2], &s[3], &m1);
+        mrow[b] = m0; mrow[b + 1] = m1;
+        const __m512 dv = _mm512_permutexvar_ps(lane4, _mm512_castps128_ps512(_mm_loadu_ps(s)));
+        const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(vals256(t, w, b)), vals256(t, w, b + 1), 1);
+        const __m512i aw = sgn ? _mm512_abs_epi8(wv) : wv;
+        const __mmask64 neg = sgn ? _mm512_movepi8_mask(wv) : 0;
+        for (int r = 0; r < R; r++) {
+            __m512i a = _mm512_loadu_si512((const void *)(q + (size_t)r * K + b * 32));
+            if (sgn) a = _mm512_mask_sub_epi8(a, neg, zero, a);
+            __m512i i = _mm512_dpbusd_epi32(zero, aw, a);
+            if (hi) {
+                __m512i a2 = _mm512_loadu_si512((const void *)(q2 + (size_t)r * K + b * 32));
+                if (sgn) a2 = _mm512_mask_sub_epi8(a2, neg, zero, a2);
+                i = _mm512_dpbusd_epi32(_mm512_slli_epi32(i, 8), aw, a2);
+            }
+            __m512 scl = _mm512_mul_ps(dv, _mm512_loadu_ps(dx + (size_t)r * K4 + b * 8));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), scl, acc[r]);
+        }
+    }
+    if (b < nb) {  /* odd last block (Q5_x only: K-quant rows hold 8 blocks per super-block) */
+        ext_scales(t, w, b, sc, mn, &s[0], &s[1], &m0);
+        mrow[b] = m0;
+        const __m256 dv = _mm256_set_m128(_mm_set1_ps(s[1]), _mm_set1_ps(s[0]));
+        const __m256i wv = vals256(t, w, b);
+        for (int r = 0; r < R; r++) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(q + (size_t)r * K + b * 32));
+            __m256i i = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, a);
+            if (hi) i = _mm256_dpbusd_epi32(_mm256_slli_epi32(i, 8), wv,
+                                            _mm256_loadu_si256((const __m256i *)(q2 + (size_t)r * K + b * 32)));
+            __m256 part = _mm256_mul_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(dv, _mm256_loadu_ps(dx + (size_t)r * K4 + b * 8)));
+            acc[r] = _mm512_add_ps(acc[r], _mm512_insertf32x8(_mm512_setzero_ps(), part, 0));
+        }
+    }
+    if (!sgn) {  /* min terms: acc_r += sum_b m_b s_rb */
+        for (int b0 = 0; b0 < nb; b0 += 16) {
+            __mmask16 k = nb - b0 >= 16 ? 0xffff : (__mmask16)((1u << (nb - b0)) - 1);
+            __m512 mv = _mm512_maskz_loadu_ps(k, mrow + b0);
+            for (int r = 0; r < R; r++)
+                acc[r] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, sx + (size_t)r * K4 + b0), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+T512 static void kx_512(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
+                        const float *sx, int R, float *out, const int8_t *q2) {
+    const int K4 = K / 4;
+    while (R > 0) {
+        int n;
+        switch (R) {
+            case 1: DISPATCH_R(kx_512_body, 1); n = 1; break;
+            case 2: DISPATCH_R(kx_512_body, 2); n = 2; break;
+            case 3: DISPATCH_R(kx_512_body, 3); n = 3; break;
+            case 4: DISPATCH_R(kx_512_body, 4); n = 4; break;
+            default:
+                if (R >= 8) { DISPATCH_R(kx_512_body, 8); n = 8; }
+                else { DISPATCH_R(kx_512_body, 4); n = 4; }
         }
         R -= n; out += n; q += (size_t)n * K; dx += (size_t)n * K4; sx += (size_t)n * K4;
         if (q2) q2 += (size_t)n * K;
@@ -409,7 +698,7 @@ int hl_matmul(const float *x, int M, int K, const uint8_t *w, int64_t row_bytes,
               float *y, int nthreads, int path, int hi) {
     if (path < 0) path = hl_best_path();
     if (!path_ok(path)) return -2;
-    if (!type_block_bytes(type) || (is_quant(type) && K % 32)) return -1;
+    if (!type_block_bytes(type) || K % type_qk(type)) return -1;
     if (nthreads <= 0) nthreads = omp_get_max_threads();
     if (!is_quant(type)) {
         #pragma omp parallel num_threads(nthreads)
@@ -703,7 +992,7 @@ void hl_model_free(void *p) {
 /* which: 0..6 a layer's q,k,v,o,gate,up,down; -1 token embedding; -2 lm_head */
 int hl_model_set_mat(void *p, int layer, int which, int type, int N, int K, const uint8_t *w, int64_t rb) {
     model_t *c = p;
-    if (!type_block_bytes(type) || (is_quant(type) && K % 32)) return -1;
+    if (!type_block_bytes(type) || K % type_qk(type)) return -1;
     mat_t m = {type, N, K, w, rb, NULL};
     if (which == -1) c->emb = m;
     else if (which == -2) c->head = m;

@@ -1,4 +1,5 @@
-"""A linear layer that multiplies by raw GGUF blocks (Q4_0, Q4_1, Q8_0, F16, F32) in C.
+"""A linear layer that multiplies by raw GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
+Q6_K, F16, F32) in C.
 
 The activations are quantized to int8 in blocks of 32 (as llama.cpp does), so the result is
 the exact product with the stored weights up to that activation rounding (~0.3% relative).
@@ -120,7 +121,7 @@ class GGMLLinear(nn.Module):
         super().__init__()
         if t.ggml_type not in kernels.SUPPORTED_TYPES:
             raise ValueError(f"GGMLLinear: ggml type {t.type_name} is not supported "
-                             f"(expected F32, F16, Q4_0, Q4_1 or Q8_0)")
+                             f"(expected F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K)")
         self.out_features, self.in_features = t.shape
         self.ggml_type = t.ggml_type
         env_path = path or os.environ.get("HOMELLM_KERNEL_PATH")

@@ -1,11 +1,11 @@
 """The whole network in C, without PyTorch: prefill and decode on the GGUF file's own blocks.
 
 `NativeModel` holds the C model (ggml_cpu.c `model_t`): per-layer matrices as raw GGUF blocks
-(Q4_0, Q4_1, Q8_0, F16, F32; Q4 repacked for AVX512-VNNI, a byte reorder), norm weights,
-RoPE frequencies from model/config.py, and the KV cache as numpy arrays (n_kv_heads,
-max_seq_len, head_dim) float32 per layer. `forward(ids, start_pos)` runs a prompt chunk
-(hl_forward: one matmul per projection over all its positions, flash-style causal attention)
-and `decode(token, pos)` one token (hl_decode: the whole step in one call). Both write the
+(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, F32; Q4 repacked for AVX512-VNNI, a
+byte reorder), norm weights, RoPE frequencies from model/config.py, and the KV cache as
+numpy arrays (n_kv_heads, max_seq_len, head_dim) float32 per layer. `forward(ids, start_pos)`
+runs a prompt chunk (hl_forward: one matmul per projection over all its positions,
+flash-style causal attention) and `decode(token, pos)` one token (hl_decode: the whole step in one call). Both write the
 same cache, so prefill and decode mix freely.
 
 Only numpy and ctypes: a process that runs a GGUF model through this never imports torch
@@ -109,7 +109,8 @@ class NativeModel:
         bad = unsupported(tensors)
         if bad:
             raise ValueError(f"the C runtime cannot compute on {', '.join(bad[:3])}"
-                             f"{' and more' if len(bad) > 3 else ''} (it takes F32, F16, Q4_0, Q4_1, Q8_0)")
+                             f"{' and more' if len(bad) > 3 else ''} (it takes F32, F16, Q4_0, Q4_1, Q5_0, "
+                             f"Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)")
         self.lib, self.args, self.max_seq_len = lib, args, max_seq_len
         self.tokens: list[int] = []  # the ids whose keys and values the cache holds
         self._keep: list = []  # every buffer the C side points to
