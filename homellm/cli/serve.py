@@ -30,6 +30,12 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="keys/values kept per model for prefix reuse (default 256)")
     p.add_argument("--preload", action="store_true",
                    help="load the first model now instead of on its first request")
+    p.add_argument("--db", default=None, metavar="URL",
+                   help="the web app's database: a SQLite path or postgresql://... URL "
+                        "(default $HOMELLM_HOME/homellm.db)")
+    p.add_argument("--auth", action="store_true",
+                   help="accounts for the web app (a shared server): the first visitor of the "
+                        "page sets up the admin account; without it, one local user")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -67,7 +73,13 @@ def main(args: argparse.Namespace) -> int:
     print(f"homellm serve: http://{host}:{args.port}/v1  models: {', '.join(registry.ids())}  "
           f"{ctx_text}, batch {args.max_batch}, keep-alive {args.keep_alive:g} s"
           f"{', API key required' if args.api_key else ''}", file=sys.stderr, flush=True)
-    app = create_app(registry, api_key=args.api_key)
+    print(f"web app: http://{host}:{args.port}/{'  (accounts: --auth)' if args.auth else ''}",
+          file=sys.stderr, flush=True)
+    from homellm.serve.web import web_router
+    from homellm.store import open_store
+    store = open_store(args.db)
+    app = create_app(registry, api_key=args.api_key,
+                     extra_routers=[web_router(store, auth=args.auth)])
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     except OSError as e:

@@ -1,0 +1,35 @@
+"""The HuggingChat-style web app: its JSON API and its page, on the server's app and port.
+
+    from homellm.serve import create_app
+    from homellm.serve.web import web_router
+    app = create_app(registry, extra_routers=[web_router(store, auth=False)])
+
+`/` is the page (static/index.html, app.js, app.css: no build step, nothing from a CDN),
+`/api/*` its JSON API (accounts.py, conversations.py, replies.py). Without `auth` every
+request is the store's local user; with it, accounts and session cookies (context.py).
+"""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from homellm.serve.web.accounts import accounts_router
+from homellm.serve.web.assets import assets_router
+from homellm.serve.web.context import WebState
+from homellm.serve.web.conversations import conversations_router
+from homellm.serve.web.replies import replies_router
+
+__all__ = ["WebState", "web_router"]
+
+
+def web_router(store, *, auth: bool = False) -> APIRouter:
+    """All of the web app's routes, over `store` (homellm.store.Store)."""
+    state = WebState(store=store, auth=auth)
+
+    def attach(request: Request):
+        request.state.web = state
+
+    router = APIRouter(dependencies=[Depends(attach)])
+    router.web_state = state  # for tests and the CLI
+    for part in (assets_router(), accounts_router(), conversations_router(), replies_router()):
+        router.include_router(part)
+    return router

@@ -1,0 +1,642 @@
+// homellm web app: plain JS, no build step, no dependencies.
+// Safety: every piece of user or model text reaches the page through textContent or
+// createTextNode (never innerHTML), and links only with an http(s) href; the server's
+// Content-Security-Policy forbids inline script as a second wall.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const S = {
+  me: null, csrf: "", models: [], defaultModel: null,
+  conv: null, turns: [], context: null, list: [],
+  streaming: null,            // {id, controller, stopping}
+};
+
+// ---------------------------------------------------------------- HTTP
+async function api(method, path, body, extraHeaders) {
+  const opts = { method, headers: { "X-CSRF-Token": S.csrf, ...(extraHeaders || {}) },
+                 credentials: "same-origin" };
+  if (body !== undefined) {
+    if (typeof body === "string") opts.body = body;
+    else { opts.body = JSON.stringify(body); opts.headers["Content-Type"] = "application/json"; }
+  }
+  const r = await fetch(path, opts);
+  let data = null;
+  try { data = await r.json(); } catch (e) { data = null; }
+  if (!r.ok) {
+    const msg = data && data.error ? data.error.message : `${method} ${path}: HTTP ${r.status}`;
+    const err = new Error(msg); err.status = r.status; throw err;
+  }
+  return data;
+}
+
+function showError(e) { $("error").textContent = e ? (e.message || String(e)) : ""; }
+
+function el(tag, cls, text) {
+  const n = document.createElement(tag);
+  if (cls) n.className = cls;
+  if (text !== undefined && text !== null) n.textContent = text;
+  return n;
+}
+
+// ---------------------------------------------------------------- code highlighting
+// One regex pass: comments, strings, numbers and keywords become spans (text via textContent).
+const KEYWORDS = new Set(("if else elif for while do return def class function const let var " +
+  "import from as export new try catch except finally raise throw with yield async await " +
+  "lambda pass break continue in is not and or None True False null true false undefined " +
+  "struct enum fn pub use mod impl match static void int float double char bool string " +
+  "public private protected package func go select case switch default type interface " +
+  "self this super print echo").split(" "));
+const TOKEN = /(\/\/[^\n]*|#[^\n]*|\/\*[\s\S]*?\*\/|--[^\n]*)|("(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'|`(?:\\.|[^`\\])*`)|\b(\d+(?:\.\d+)?(?:e[+-]?\d+)?|0x[0-9a-f]+)\b|\b([A-Za-z_][A-Za-z0-9_]*)\b/gi;
+
+function highlight(code, lang) {
+  const out = document.createDocumentFragment();
+  const hashComments = !/^(c|cpp|c\+\+|js|javascript|ts|typescript|java|go|rust|css|json)$/i.test(lang || "");
+  let last = 0, m;
+  TOKEN.lastIndex = 0;
+  while ((m = TOKEN.exec(code)) !== null) {
+    let cls = null;
+    if (m[1] !== undefined) {
+      if (m[1][0] === "#" && !hashComments) cls = null;
+      else if (m[1].startsWith("--") && !/^(sql|lua|haskell|hs)$/i.test(lang || "")) cls = null;
+      else cls = "tok-com";
+      if (cls === null) { TOKEN.lastIndex = m.index + 1; continue; }
+    } else if (m[2] !== undefined) cls = "tok-str";
+    else if (m[3] !== undefined) cls = "tok-num";
+    else if (m[4] !== undefined) cls = KEYWORDS.has(m[4]) ? "tok-kw" : null;
+    if (cls === null) continue;
+    if (m.index > last) out.appendChild(document.createTextNode(code.slice(last, m.index)));
+    out.appendChild(el("span", cls, m[0]));
+    last = m.index + m[0].length;
+  }
+  if (last < code.length) out.appendChild(document.createTextNode(code.slice(last)));
+  return out;
+}
+
+async function copyText(text, button) {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch (e) {  // no clipboard API (plain http on another host): a hidden textarea
+    const t = el("textarea"); t.value = text; document.body.appendChild(t); t.select();
+    try { document.execCommand("copy"); } catch (e2) { /* nothing more to try */ }
+    t.remove();
+  }
+  button.textContent = "Copied";
+  setTimeout(() => { button.textContent = "Copy"; }, 1200);
+}
+
+function codeBlock(code, lang) {
+  const wrap = el("div", "codeblock");
+  const pre = el("pre"), c = el("code");
+  if (lang) c.dataset.lang = lang;
+  c.appendChild(highlight(code, lang));
+  pre.appendChild(c);
+  const copy = el("button", "copy", "Copy");
+  copy.type = "button";
+  copy.addEventListener("click", () => copyText(code, copy));
+  wrap.appendChild(pre);
+  if (lang) wrap.appendChild(el("span", "lang", lang));
+  wrap.appendChild(copy);
+  return wrap;
+}
+
+// ---------------------------------------------------------------- markdown (safe subset)
+// Blocks: ``` fences, # headings, - * + and 1. lists, > quotes, paragraphs.
+// Inline: `code`, **bold**, *italic* / _italic_, [text](http(s) url), bare line breaks.
+const INLINE = /(`+)([\s\S]*?[^`])\1(?!`)|\*\*([^*]+?)\*\*|__([^_]+?)__|\*([^*\s][^*]*?)\*|\b_([^_\s][^_]*?)_\b|\[([^\]]+)\]\(([^)\s]+)\)/g;
+
+function inline(text, parent) {
+  let last = 0, m;
+  INLINE.lastIndex = 0;
+  const addText = (s) => {
+    const lines = s.split("\n");
+    lines.forEach((line, i) => {
+      if (i) parent.appendChild(el("br"));
+      if (line) parent.appendChild(document.createTextNode(line));
+    });
+  };
+  while ((m = INLINE.exec(text)) !== null) {
+    if (m.index > last) addText(text.slice(last, m.index));
+    if (m[2] !== undefined) parent.appendChild(el("code", null, m[2]));
+    else if (m[3] !== undefined || m[4] !== undefined) {
+      const b = el("strong"); inline(m[3] !== undefined ? m[3] : m[4], b); parent.appendChild(b);
+    } else if (m[5] !== undefined || m[6] !== undefined) {
+      const i = el("em"); inline(m[5] !== undefined ? m[5] : m[6], i); parent.appendChild(i);
+    } else if (m[7] !== undefined) {
+      if (/^https?:\/\//i.test(m[8])) {
+        const a = el("a", null, m[7]);
+        a.href = m[8]; a.target = "_blank"; a.rel = "noopener noreferrer nofollow";
+        parent.appendChild(a);
+      } else addText(m[0]);
+    }
+    last = m.index + m[0].length;
+  }
+  if (last < text.length) addText(text.slice(last));
+}
+
+function markdown(src) {
+  const root = document.createDocumentFragment();
+  const lines = src.replace(/\r\n?/g, "\n").split("\n");
+  let i = 0;
+  const isBlockStart = (l) => /^\s*(```|#{1,6}\s|>|[-*+]\s|\d+[.)]\s)/.test(l);
+  while (i < lines.length) {
+    const line = lines[i];
+    let m;
+    if ((m = /^\s*```\s*([\w+#.-]*)/.exec(line))) {
+      const body = [];
+      i++;
+      while (i < lines.length && !/^\s*```\s*$/.test(lines[i])) body.push(lines[i++]);
+      i++;  // the closing fence (or the end of a reply still streaming)
+      root.appendChild(codeBlock(body.join("\n"), m[1]));
+    } else if ((m = /^(#{1,6})\s+(.*)$/.exec(line))) {
+      const h = el("h" + Math.min(4, m[1].length)); inline(m[2], h); root.appendChild(h); i++;
+    } else if (/^\s*>/.test(line)) {
+      const q = el("blockquote"), body = [];
+      while (i < lines.length && /^\s*>/.test(lines[i])) body.push(lines[i++].replace(/^\s*>\s?/, ""));
+      q.appendChild(markdown(body.join("\n"))); root.appendChild(q);
+    } else if ((m = /^\s*([-*+]|\d+[.)])\s+/.exec(line))) {
+      const ordered = /\d/.test(m[1]);
+      const list = el(ordered ? "ol" : "ul");
+      if (ordered) { const n = parseInt(m[1], 10); if (n !== 1) list.start = n; }
+      const item = ordered ? /^\s*\d+[.)]\s+(.*)$/ : /^\s*[-*+]\s+(.*)$/;
+      while (i < lines.length && item.test(lines[i])) {
+        const li = el("li"); inline(item.exec(lines[i])[1], li); list.appendChild(li); i++;
+      }
+      root.appendChild(list);
+    } else if (!line.trim()) {
+      i++;
+    } else {
+      const body = [];
+      while (i < lines.length && lines[i].trim() && !(body.length && isBlockStart(lines[i]))) body.push(lines[i++]);
+      const p = el("p"); inline(body.join("\n"), p); root.appendChild(p);
+    }
+  }
+  return root;
+}
+
+// ---------------------------------------------------------------- messages
+function renderMessages() {
+  const box = $("messages");
+  box.replaceChildren();
+  for (const turn of S.turns) box.appendChild(renderTurn(turn));
+  box.scrollTop = box.scrollHeight;
+  renderContext();
+}
+
+function renderTurn(turn) {
+  const m = turn.message;
+  const div = el("div", "msg " + m.role);
+  div.dataset.id = m.id;
+  div.dataset.role = m.role;
+  const body = el("div", "body");
+  fillBody(body, m);
+  div.appendChild(body);
+  const meta = el("div", "meta");
+  if (turn.sibling_ids.length > 1) {
+    const prev = el("button", "prev", "<"), next = el("button", "next", ">");
+    prev.type = next.type = "button";
+    prev.disabled = turn.index === 0 || !!S.streaming;
+    next.disabled = turn.index === turn.sibling_ids.length - 1 || !!S.streaming;
+    prev.addEventListener("click", () => selectMessage(turn.sibling_ids[turn.index - 1]));
+    next.addEventListener("click", () => selectMessage(turn.sibling_ids[turn.index + 1]));
+    meta.append(prev, el("span", "pos", `${turn.index + 1}/${turn.sibling_ids.length}`), next);
+  }
+  if (m.role === "user") {
+    const edit = el("button", "edit", "Edit");
+    edit.type = "button"; edit.disabled = !!S.streaming;
+    edit.addEventListener("click", () => startEdit(div, turn));
+    meta.appendChild(edit);
+  } else {
+    const streamingThis = S.streaming && S.streaming.id === m.id;
+    if (!streamingThis) {
+      if (m.finish_reason === "stopped") meta.appendChild(el("span", "badge stopped", "stopped"));
+      else if (m.finish_reason === "error") meta.appendChild(el("span", "badge", "failed"));
+      else if (m.incomplete) meta.appendChild(el("span", "badge", "incomplete"));
+      else if (m.finish_reason === "length") meta.appendChild(el("span", "badge", "max tokens"));
+      const regen = el("button", "regenerate", "Regenerate");
+      regen.type = "button"; regen.disabled = !!S.streaming;
+      regen.addEventListener("click", () => generate(m.parent_id));
+      const rating = turn.rating ? turn.rating.value : 0;
+      const up = el("button", "thumb up" + (rating === 1 ? " on" : ""), "▲ good");
+      const down = el("button", "thumb down" + (rating === -1 ? " on" : ""), "▼ bad");
+      up.type = down.type = "button";
+      up.title = "Good reply"; down.title = "Bad reply";
+      up.setAttribute("aria-pressed", String(rating === 1));
+      down.setAttribute("aria-pressed", String(rating === -1));
+      up.addEventListener("click", () => rate(turn, rating === 1 ? 0 : 1));
+      down.addEventListener("click", () => rate(turn, rating === -1 ? 0 : -1));
+      meta.append(regen, up, down);
+      const info = [];
+      if (m.model) info.push(m.model);
+      if (m.timings && m.timings.predicted_per_second) info.push(`${m.timings.predicted_per_second} tok/s`);
+      if (info.length) meta.appendChild(el("span", "info", info.join(" · ")));
+      if (rating) {
+        const cbox = el("div", "comment-box");
+        const input = el("input", "comment");
+        input.placeholder = "Optional comment"; input.value = (turn.rating && turn.rating.comment) || "";
+        const save = el("button", "save-comment", "Save comment"); save.type = "button";
+        save.addEventListener("click", () => rate(turn, rating, input.value));
+        cbox.append(input, save);
+        div.appendChild(meta);
+        div.appendChild(cbox);
+        return div;
+      }
+    }
+  }
+  div.appendChild(meta);
+  return div;
+}
+
+function fillBody(body, m) {
+  body.replaceChildren();
+  if (m.role === "user") body.textContent = m.content;
+  else body.appendChild(markdown(m.content));
+  if (S.streaming && S.streaming.id === m.id) body.classList.add("cursor");
+  else body.classList.remove("cursor");
+}
+
+function renderContext() {
+  const c = S.context;
+  $("context-use").textContent = c && c.used != null
+    ? `${c.used}${c.ctx ? " / " + c.ctx : ""} tokens` : "";
+}
+
+function startEdit(div, turn) {
+  const body = div.querySelector(".body");
+  const box = el("div", "edit-box");
+  const ta = el("textarea", "edit-text"); ta.value = turn.message.content; ta.rows = 3;
+  const row = el("div", "row");
+  const save = el("button", "primary save-edit", "Save & submit"), cancel = el("button", "cancel-edit", "Cancel");
+  save.type = cancel.type = "button";
+  save.addEventListener("click", async () => {
+    const text = ta.value.trim();
+    if (!text) return;
+    try {
+      const r = await api("POST", `/api/messages/${turn.message.id}/edit`, { content: text });
+      applyDetail(r);
+      await generate(r.message.id);
+    } catch (e) { showError(e); }
+  });
+  cancel.addEventListener("click", renderMessages);
+  row.append(save, cancel);
+  box.append(ta, row);
+  body.replaceWith(box);
+  ta.focus();
+}
+
+async function selectMessage(id) {
+  try { applyDetail(await api("POST", `/api/messages/${id}/select`)); } catch (e) { showError(e); }
+}
+
+async function rate(turn, value, comment) {
+  try {
+    const keep = comment !== undefined ? comment : (turn.rating && turn.rating.comment) || null;
+    const r = await api("PUT", `/api/messages/${turn.message.id}/rating`, { value, comment: value ? keep : null });
+    turn.rating = r.rating;
+    renderMessages();
+  } catch (e) { showError(e); }
+}
+
+// ---------------------------------------------------------------- conversations
+function applyDetail(d) {
+  S.conv = d.conversation; S.turns = d.turns; S.context = d.context;
+  $("conv-title").textContent = S.conv.title || "New chat";
+  fillSettings();
+  renderMessages();
+  markActive();
+}
+
+async function loadList() {
+  const q = $("search").value.trim();
+  const ul = $("conversations");
+  try {
+    if (q) {
+      const r = await api("GET", `/api/search?q=${encodeURIComponent(q)}`);
+      ul.replaceChildren(...r.hits.map((h) => listItem({ id: h.conversation_id, title: h.title }, h.snippet)));
+    } else {
+      const r = await api("GET", "/api/conversations");
+      S.list = r.conversations;
+      ul.replaceChildren(...S.list.map((c) => listItem(c)));
+    }
+    markActive();
+  } catch (e) { showError(e); }
+}
+
+function listItem(c, snippet) {
+  const li = el("li");
+  li.dataset.id = c.id;
+  const open = el("button", "open", c.title || "Untitled");
+  open.type = "button"; open.title = c.title || "";
+  if (snippet && snippet !== c.title) open.appendChild(el("span", "snippet", snippet));
+  open.addEventListener("click", () => openConversation(c.id));
+  const ren = el("button", "tool rename", "✎"), del = el("button", "tool delete", "✕");
+  ren.type = del.type = "button"; ren.title = "Rename"; del.title = "Delete";
+  ren.addEventListener("click", () => {
+    const input = el("input", "rename-input"); input.value = c.title || "";
+    const done = async (keep) => {
+      if (keep && input.value.trim() !== (c.title || "")) {
+        try {
+          const r = await api("PATCH", `/api/conversations/${c.id}`, { title: input.value });
+          if (S.conv && S.conv.id === c.id) applyDetail(r);
+        } catch (e) { showError(e); }
+      }
+      loadList();
+    };
+    input.addEventListener("keydown", (ev) => {
+      if (ev.key === "Enter") { ev.preventDefault(); done(true); }
+      if (ev.key === "Escape") done(false);
+    });
+    input.addEventListener("blur", () => done(true), { once: true });
+    li.replaceChildren(input); input.focus(); input.select();
+  });
+  del.addEventListener("click", async () => {
+    if (del.dataset.armed !== "1") {  // two clicks: no modal dialog
+      del.dataset.armed = "1"; del.textContent = "Delete?"; del.classList.add("armed");
+      setTimeout(() => { del.dataset.armed = ""; del.textContent = "✕"; }, 3000);
+      return;
+    }
+    try {
+      await api("DELETE", `/api/conversations/${c.id}`);
+      if (S.conv && S.conv.id === c.id) newChat();
+      loadList();
+    } catch (e) { showError(e); }
+  });
+  li.append(open, ren, del);
+  return li;
+}
+
+function markActive() {
+  for (const li of $("conversations").children)
+    li.classList.toggle("active", !!S.conv && li.dataset.id === S.conv.id);
+}
+
+async function openConversation(id) {
+  if (S.streaming) return;
+  showError(null);
+  try {
+    applyDetail(await api("GET", `/api/conversations/${id}`));
+    history.replaceState(null, "", `#${id}`);
+    $("app").classList.remove("side-open");
+  } catch (e) { showError(e); }
+}
+
+function newChat() {
+  if (S.streaming) return;
+  S.conv = null; S.turns = []; S.context = null;
+  $("conv-title").textContent = "New chat";
+  history.replaceState(null, "", "#");
+  fillSettings(); renderMessages(); markActive();
+  $("app").classList.remove("side-open");
+  $("prompt").focus();
+}
+
+// ---------------------------------------------------------------- settings
+const NUMBERS = ["temperature", "top_p", "top_k", "max_tokens", "seed"];
+
+function fillSettings() {
+  const sel = $("set-model");
+  sel.replaceChildren(...S.models.map((m) => { const o = el("option", null, m.id); o.value = m.id; return o; }));
+  const c = S.conv;
+  sel.value = (c && c.model) || S.defaultModel || "";
+  $("set-system").value = (c && c.system_prompt) || "";
+  const s = (c && c.sampling) || S.draftSampling || {};
+  for (const k of NUMBERS) $("set-" + k).value = s[k] != null ? s[k] : "";
+}
+
+function readSettings() {
+  const sampling = {};
+  for (const k of NUMBERS) {
+    const v = $("set-" + k).value.trim();
+    if (v !== "") sampling[k] = (k === "top_k" || k === "max_tokens" || k === "seed") ? parseInt(v, 10) : parseFloat(v);
+  }
+  return { model: $("set-model").value || null, system_prompt: $("set-system").value || null, sampling };
+}
+
+async function saveSettings(ev) {
+  ev.preventDefault();
+  const s = readSettings();
+  try {
+    if (S.conv) applyDetail(await api("PATCH", `/api/conversations/${S.conv.id}`, s));
+    else { S.draftSampling = s.sampling; S.draftModel = s.model; S.draftSystem = s.system_prompt; }
+    $("settings-status").textContent = "Saved";
+    setTimeout(() => { $("settings-status").textContent = ""; }, 1500);
+  } catch (e) { showError(e); }
+}
+
+// ---------------------------------------------------------------- sending and streaming
+async function send(ev) {
+  if (ev) ev.preventDefault();
+  if (S.streaming) return;
+  const text = $("prompt").value.trim();
+  if (!text) return;
+  showError(null);
+  try {
+    if (!S.conv) {
+      const s = readSettings();
+      const d = await api("POST", "/api/conversations", s);
+      S.conv = d.conversation;
+    }
+    const last = S.turns.length ? S.turns[S.turns.length - 1].message : null;
+    const r = await api("POST", `/api/conversations/${S.conv.id}/messages`,
+                        { content: text, parent_id: last ? last.id : null });
+    $("prompt").value = "";
+    applyDetail(r);
+    history.replaceState(null, "", `#${S.conv.id}`);
+    loadList();
+    await generate(r.message.id);
+  } catch (e) { showError(e); }
+}
+
+function setStreaming(on) {
+  $("send").hidden = on;
+  $("stop").hidden = !on;
+}
+
+async function generate(parentId) {
+  if (S.streaming || !S.conv) return;
+  showError(null);
+  const controller = new AbortController();
+  S.streaming = { id: null, controller };
+  setStreaming(true);
+  let turn = null, body = null;
+  try {
+    const r = await fetch(`/api/conversations/${S.conv.id}/generate`, {
+      method: "POST", credentials: "same-origin", signal: controller.signal,
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": S.csrf },
+      body: JSON.stringify({ parent_id: parentId }),
+    });
+    if (!r.ok) {
+      let msg = `HTTP ${r.status}`;
+      try { const d = await r.json(); msg = d.error.message; } catch (e) { /* not JSON */ }
+      throw new Error(msg);
+    }
+    const reader = r.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const chunk = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
+        let event = "message", data = "";
+        for (const line of chunk.split("\n")) {
+          if (line.startsWith("event: ")) event = line.slice(7);
+          else if (line.startsWith("data: ")) data += line.slice(6);
+        }
+        const d = data ? JSON.parse(data) : {};
+        if (event === "start") {
+          S.streaming.id = d.message.id;
+          const at = S.turns.findIndex((t) => t.message.id === parentId);
+          S.turns = S.turns.slice(0, at + 1);
+          turn = { message: d.message, sibling_ids: d.sibling_ids, index: d.sibling_ids.length - 1, rating: null };
+          S.turns.push(turn);
+          renderMessages();
+          body = document.querySelector(`.msg[data-id="${d.message.id}"] .body`);
+        } else if (event === "delta" && turn) {
+          turn.message.content += d.text;
+          fillBody(body, turn.message);
+          const box = $("messages"); box.scrollTop = box.scrollHeight;
+        } else if (event === "done" && turn) {
+          turn.message = d.message; S.context = d.context;
+        } else if (event === "error") {
+          showError(new Error(d.error.message));
+        }
+      }
+    }
+  } catch (e) {
+    if (e.name !== "AbortError") showError(e);
+  } finally {
+    S.streaming = null;
+    setStreaming(false);
+    if (S.conv) {
+      try { applyDetail(await api("GET", `/api/conversations/${S.conv.id}`)); } catch (e) { showError(e); }
+      loadList();
+    }
+  }
+}
+
+async function stop() {
+  const s = S.streaming;
+  if (!s) return;
+  if (s.id) {
+    try { await api("POST", `/api/replies/${s.id}/stop`); return; } catch (e) { /* abort below */ }
+  }
+  s.controller.abort();
+}
+
+// ---------------------------------------------------------------- import
+async function importFile() {
+  const f = $("import-file").files[0];
+  if (!f) return;
+  const status = $("import-status");
+  status.textContent = "Importing…";
+  try {
+    const text = await f.text();
+    const r = await api("POST", "/api/import", text, { "Content-Type": "application/x-ndjson", "X-Filename": f.name.replace(/[^\w.-]/g, "_") });
+    status.textContent = `Imported ${r.imported} conversation${r.imported === 1 ? "" : "s"}`;
+    loadList();
+  } catch (e) { status.textContent = ""; showError(e); }
+  $("import-file").value = "";
+}
+
+// ---------------------------------------------------------------- people
+function showGate(needsSetup) {
+  $("app").hidden = true; $("gate").hidden = false;
+  $("gate-title").textContent = needsSetup ? "Set up homellm" : "Log in";
+  $("gate-hint").textContent = needsSetup ? "No account yet: this one becomes the admin." : "";
+  $("gate-submit").textContent = needsSetup ? "Create admin account" : "Log in";
+  $("gate-form").dataset.mode = needsSetup ? "setup" : "login";
+  $("gate-user").focus();
+}
+
+async function gateSubmit(ev) {
+  ev.preventDefault();
+  $("gate-error").textContent = "";
+  const path = $("gate-form").dataset.mode === "setup" ? "/api/setup" : "/api/login";
+  try {
+    await api("POST", path, { username: $("gate-user").value, password: $("gate-pass").value });
+    $("gate-pass").value = "";
+    await start();
+  } catch (e) { $("gate-error").textContent = e.message; }
+}
+
+function showAccount() {
+  const me = S.me;
+  $("account").hidden = !me.auth;
+  if (!me.auth) return;
+  $("whoami").textContent = `Signed in as ${me.user.username}${me.user.is_admin ? " (admin)" : ""}`;
+  $("share-feedback").checked = me.user.share_feedback;
+  $("export-shared").hidden = !me.user.is_admin;
+  $("add-user").hidden = !me.user.is_admin;
+}
+
+// ---------------------------------------------------------------- theme
+function applyTheme() {
+  const t = localStorage.getItem("homellm-theme");
+  if (t) document.documentElement.dataset.theme = t;
+  else delete document.documentElement.dataset.theme;
+}
+
+function toggleTheme() {
+  const dark = getComputedStyle(document.documentElement).getPropertyValue("--bg").trim() !== "#ffffff";
+  localStorage.setItem("homellm-theme", dark ? "light" : "dark");
+  applyTheme();
+}
+
+// ---------------------------------------------------------------- start
+async function start() {
+  S.me = await api("GET", "/api/me");
+  S.csrf = S.me.csrf_token;
+  if (S.me.auth && !S.me.user) { showGate(S.me.needs_setup); return; }
+  $("gate").hidden = true; $("app").hidden = false;
+  showAccount();
+  const m = await api("GET", "/api/models");
+  S.models = m.models; S.defaultModel = m.default;
+  fillSettings();
+  await loadList();
+  const id = location.hash.slice(1);
+  if (id) await openConversation(id); else newChat();
+}
+
+function wire() {
+  applyTheme();
+  $("gate-form").addEventListener("submit", gateSubmit);
+  $("composer").addEventListener("submit", send);
+  $("prompt").addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) send(ev);
+  });
+  $("stop").addEventListener("click", stop);
+  $("new-chat").addEventListener("click", newChat);
+  let timer = null;
+  $("search").addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(loadList, 200); });
+  $("settings-toggle").addEventListener("click", () => {
+    const open = $("settings").hidden;
+    $("settings").hidden = !open;
+    $("settings-toggle").setAttribute("aria-expanded", String(open));
+  });
+  $("settings").addEventListener("submit", saveSettings);
+  $("theme-toggle").addEventListener("click", toggleTheme);
+  $("menu").addEventListener("click", () => $("app").classList.toggle("side-open"));
+  $("import-file").addEventListener("change", importFile);
+  $("share-feedback").addEventListener("change", async () => {
+    try { S.me.user = (await api("PATCH", "/api/me", { share_feedback: $("share-feedback").checked })).user; }
+    catch (e) { showError(e); }
+  });
+  $("add-user").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      const r = await api("POST", "/api/users", { username: $("new-username").value, password: $("new-password").value });
+      $("add-user-status").textContent = `Added ${r.user.username}`;
+      $("new-username").value = ""; $("new-password").value = "";
+    } catch (e) { $("add-user-status").textContent = e.message; }
+  });
+  $("logout").addEventListener("click", async () => {
+    try { await api("POST", "/api/logout"); } catch (e) { /* already out */ }
+    S.conv = null; S.turns = [];
+    await start();
+  });
+  start().catch(showError);
+}
+
+document.addEventListener("DOMContentLoaded", wire);
