@@ -80,17 +80,25 @@ class TuneResult:
 
 
 def writable_out(out: str | Path) -> Path:
-    """The output folder, created and checked writable before anything slow happens."""
+    """The output folder, checked writable before anything slow happens (created later, by
+    `create_out`, so a run that fails before training leaves nothing behind)."""
     if not out:
         raise HomellmError("no output folder: give --out PATH")
-    path = Path(out).expanduser()
+    path = Path(out).expanduser().absolute()
     if path.exists() and not path.is_dir():
-        raise HomellmError(f"{path}: the output path exists and is not a folder")
+        raise HomellmError(f"cannot write to the output folder {path}: it exists and is not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise HomellmError(f"cannot write to the output folder {path}: {existing} {why}")
+    return path
+
+
+def create_out(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
     except OSError as e:
         raise HomellmError(f"cannot write to the output folder {path}: {e.strerror or e}") from None
     return path
@@ -121,6 +129,7 @@ class Session:
     history: dict = field(default_factory=lambda: {"losses": [], "val": [], "tokens": 0, "seconds": 0.0})
     skipped: list[str] = field(default_factory=list)
     progress: object = None
+    threads_before: int = 0  # torch's thread count before the run (restored at the end)
     t0: float = field(default_factory=time.perf_counter)
 
     def sync(self, last: bool):
@@ -177,6 +186,8 @@ class Session:
             save_adapter(self.model, self.config.lora, self.out, self.config.model)
             self.config.save(self.out)
         self.procs.barrier()
+        if self.threads_before:
+            torch.set_num_threads(self.threads_before)
         h = self.history
         return TuneResult(self.out, step, list(h["losses"]), list(h["val"]), h["tokens"],
                           h["seconds"], self.skipped, stopped)
@@ -205,6 +216,7 @@ def setup(config: TuneConfig, resume: bool = False, progress=None) -> Session:
     elif saved.is_file():
         raise HomellmError(f"{out}: holds a checkpoint of an earlier run; resume it (--resume) "
                            f"or choose another output folder")
+    threads_before = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     procs = Processes.from_env(config.device)
@@ -242,11 +254,12 @@ def setup(config: TuneConfig, resume: bool = False, progress=None) -> Session:
     pad_id = tokenizer.padding_id if tokenizer.padding_id is not None else (tokenizer.eos_id or 0)
     session = Session(config, procs, out, tokenizer, model, module, items, val_items, steps, params,
                       optimizer, scheduler, pad_id, skipped=data.problems + (val.problems if val else []),
-                      progress=progress)
+                      progress=progress, threads_before=threads_before)
     if resume:
         session.start_step, session.history = checkpoint.restore(
             out, params=params, optimizer=optimizer, scheduler=scheduler)
     elif procs.main:
+        create_out(out)
         config.save(out)
     session.t0 = time.perf_counter()
     return session
