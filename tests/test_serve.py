@@ -1,0 +1,407 @@
+"""`homellm serve` against a live uvicorn server on 127.0.0.1, driven by the official `openai`
+client (and httpx where headers or broken bodies matter), on the default model."""
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import torch
+import uvicorn
+
+from homellm.serve import ModelRegistry, ServeConfig, create_app
+
+KEY = "test-key"
+MODEL = "smollm2"
+
+
+class LiveServer:
+    """A uvicorn server for `app` on a free port of 127.0.0.1, in a thread."""
+
+    def __init__(self, app):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(20)
+
+
+def registry_for(path, **config) -> ModelRegistry:
+    return ModelRegistry({MODEL: path}, ServeConfig(**config))
+
+
+@pytest.fixture(scope="module")
+def server(default_gguf):
+    live = LiveServer(create_app(registry_for(default_gguf, max_batch=16, ctx=512), api_key=KEY))
+    yield live
+    live.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_gguf):
+    from homellm.model.formats import open_checkpoint
+    from homellm.tokenizer import Tokenizer
+    ckpt = open_checkpoint(default_gguf)
+    return Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
+
+
+def ask(text):
+    return [{"role": "user", "content": text}]
+
+
+def greedy_chat(client, text, max_tokens=16, **kw):
+    return client.chat.completions.create(model=MODEL, messages=ask(text), max_tokens=max_tokens,
+                                          temperature=0, **kw)
+
+
+# -- the basics ---------------------------------------------------------------------------------
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["models"][0]["id"] == MODEL
+
+
+def test_chat_non_streaming_and_usage(client, tokenizer):
+    r = greedy_chat(client, "What is the capital of France?", logprobs=True)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and r.model == MODEL
+    assert choice.message.role == "assistant" and choice.message.content.strip()
+    assert choice.finish_reason in ("stop", "length")
+    prompt_ids = tokenizer.apply_chat_template(ask("What is the capital of France?"))
+    assert r.usage.prompt_tokens == len(prompt_ids)
+    assert r.usage.completion_tokens == len(choice.logprobs.content) <= 16
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert "".join(t.token for t in choice.logprobs.content) == choice.message.content
+    long = greedy_chat(client, "Write a long story about a dragon.", max_tokens=7)
+    assert long.choices[0].finish_reason == "length" and long.usage.completion_tokens == 7
+
+
+def test_chat_streaming_equals_non_streaming(client):
+    whole = greedy_chat(client, "Name three colors.", max_tokens=20)
+    chunks = list(greedy_chat(client, "Name three colors.", max_tokens=20, stream=True,
+                              stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == \
+        whole.usage.completion_tokens and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_completions_streaming_and_not(client, tokenizer):
+    prompt = "The quick brown fox"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=2)
+    assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(tokenizer.encode(prompt)) and r.usage.completion_tokens == 8
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.token_logprobs) == 8
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in stream) == r.choices[0].text
+    ids = client.completions.create(model=MODEL, prompt=tokenizer.encode(prompt), max_tokens=8,
+                                    temperature=0)
+    assert ids.choices[0].text == r.choices[0].text
+
+
+def test_stop_strings(client):
+    free = greedy_chat(client, "Count from one to ten in words.", max_tokens=30).choices[0].message.content
+    words = free.split()
+    assert len(words) > 4
+    stop = " " + words[3]
+    r = greedy_chat(client, "Count from one to ten in words.", max_tokens=30, stop=[stop, "zzz"])
+    assert r.choices[0].message.content == free[:free.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    chunks = greedy_chat(client, "Count from one to ten in words.", max_tokens=30, stop=stop,
+                         stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == free[:free.index(stop)]
+
+
+def test_seed_reproduces_a_sampled_reply(client):
+    def sample(seed):
+        return client.chat.completions.create(
+            model=MODEL, messages=ask("Tell me a short story."), max_tokens=12, temperature=1.0,
+            seed=seed).choices[0].message.content
+    a, b, c = sample(42), sample(42), sample(43)
+    assert a == b and a != c
+
+
+def test_logprobs_are_the_models(client, tokenizer, default_gguf):
+    """The reported logprobs equal log_softmax of the model's own logits (teacher-forced)."""
+    from homellm.engine.loader import build_model
+    from homellm.model.formats import open_checkpoint
+    r = greedy_chat(client, "Why is the sea salty?", max_tokens=10, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    prompt = tokenizer.apply_chat_template(ask("Why is the sea salty?"))
+    reply = tokenizer.encode(r.choices[0].message.content, add_special_tokens=False)
+    net = build_model(open_checkpoint(default_gguf), device="cpu")
+    with torch.inference_mode():
+        logp = net(torch.tensor([prompt + reply])).float()[0].log_softmax(-1)
+    for i, t in enumerate(content[:len(reply)]):
+        want = logp[len(prompt) - 1 + i]
+        assert t.logprob == pytest.approx(float(want[reply[i]]), abs=2e-3)
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token  # greedy
+        assert [x.logprob for x in t.top_logprobs] == sorted((x.logprob for x in t.top_logprobs),
+                                                              reverse=True)
+
+
+def test_json_schema_response_parses_and_validates(client):
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "age", "pets"],
+              "properties": {"name": {"type": "string", "maxLength": 20},
+                             "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                             "pets": {"type": "array", "maxItems": 2,
+                                      "items": {"type": "string", "maxLength": 12}}}}
+    r = client.chat.completions.create(
+        model=MODEL, messages=ask("Describe a person as JSON."), max_tokens=120, temperature=0.7,
+        seed=1, response_format={"type": "json_schema",
+                                 "json_schema": {"name": "person", "schema": schema, "strict": True}})
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    obj = client.chat.completions.create(
+        model=MODEL, max_tokens=60, temperature=0, response_format={"type": "json_object"},
+        messages=ask('Reply with a JSON object with a key "answer" whose value is the capital of France.'))
+    assert obj.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+
+
+def test_multi_turn_reuses_the_prefix(client):
+    convo = ask("Tell me about cats.")
+    first = client.chat.completions.create(model=MODEL, messages=convo, max_tokens=24, temperature=0)
+    convo += [{"role": "assistant", "content": first.choices[0].message.content},
+              {"role": "user", "content": "And dogs?"}]
+    second = client.chat.completions.create(model=MODEL, messages=convo, max_tokens=8, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+
+
+def test_n_choices_are_seeded_one_after_another(client):
+    def make(n, seed):
+        return client.chat.completions.create(model=MODEL, messages=ask("Say something."),
+                                              max_tokens=6, temperature=1.0, seed=seed, n=n)
+    r = make(3, 5)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert 3 <= r.usage.completion_tokens <= 18
+    texts = [c.message.content for c in r.choices]
+    assert texts[1] == make(1, 6).choices[0].message.content  # choice i has seed + i
+    assert [c.message.content for c in make(3, 5).choices] == texts
+
+
+# -- batching -------------------------------------------------------------------------------
+
+def test_sixteen_concurrent_streams_each_equal_the_request_served_alone(client):
+    """Greedy replies (text and every token's logprob, bit for bit) are the same alone and
+    among 16 concurrent streaming clients."""
+    topics = ["cats", "dogs", "the sea", "rain", "bread", "music", "trains", "stars", "chess",
+              "tea", "snow", "bees", "maps", "clocks", "paper", "glass"]
+
+    def run(topic, stream):
+        kw = dict(model=MODEL, messages=ask(f"Write one sentence about {topic}."), max_tokens=12,
+                  temperature=0, logprobs=True)
+        if not stream:
+            c = client.chat.completions.create(**kw).choices[0]
+            return c.message.content, [(t.token, t.logprob) for t in c.logprobs.content]
+        text, lps = "", []
+        for chunk in client.chat.completions.create(stream=True, **kw):
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                lps += [(t.token, t.logprob) for t in (chunk.choices[0].logprobs or
+                                                      openai.types.chat.chat_completion_chunk.ChoiceLogprobs()).content or []]
+        return text, lps
+
+    alone = [run(t, False) for t in topics]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda t: run(t, True), topics))
+    assert together == alone
+    assert all(len(lps) > 2 for _, lps in alone)
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="no-such-model", messages=ask("hi"))
+    assert e.value.code == "model_not_found" and e.value.body["param"] == "model"
+
+
+@pytest.mark.parametrize("field,value", [("temperature", 5), ("max_tokens", 0), ("top_p", "x"),
+                                         ("top_logprobs", 50), ("n", 0), ("presence_penalty", 9)])
+def test_invalid_parameters_are_400_naming_them(client, field, value):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ask("hi"), extra_body={field: value})
+    assert e.value.status_code == 400 and e.value.body["param"] == field
+    assert field in e.value.message
+
+
+def test_a_bad_response_format_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ask("hi"),
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "x", "schema": {"type": "object", "not": {}}}})
+    assert e.value.body["param"] == "response_format"
+
+
+def test_api_key(server):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.chat.completions.create(model=MODEL, messages=ask("hi"))
+    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+    r = httpx.get(server.url + "/v1/models")  # no key at all
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/health").status_code == 200  # health needs no key
+
+
+def test_context_length_exceeded(client, tokenizer):
+    n = len(tokenizer.encode("hello " * 600))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hello " * 600, max_tokens=4)
+    assert e.value.code == "context_length_exceeded" and e.value.body["param"] == "prompt"
+    assert f"context length is 512 tokens" in e.value.message
+    assert f"{n} prompt tokens: {n - 511} too many" in e.value.message
+
+
+def test_malformed_requests_leave_the_server_healthy(client, server):
+    url = server.url + "/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    bodies = [b"", b"{", b"[]", b"null", b"\xff\xfe\x00", b'{"model": 1}',
+              b'{"model": "smollm2", "messages": "hi"}',
+              b'{"model": "smollm2", "messages": []}',
+              b'{"model": "smollm2", "messages": [{"role": "user"}], "max_tokens": 1e99}',
+              b'{"model": "smollm2", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+              b'{"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "stop": [1]}',
+              b'{"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "seed": "s"}',
+              b'{"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "response_format": 3}',
+              b'{"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"a": 1},'
+              b' "tools": [{"type": "function"}]}',
+              json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "x"}],
+                          "response_format": {"type": "json_schema", "json_schema": {"schema": "no"}}}).encode()]
+    with httpx.Client(timeout=30) as http:
+        for _ in range(3):
+            for body in bodies:
+                r = http.post(url, content=body, headers=headers)
+                assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
+                err = r.json()["error"]
+                assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        r = http.post(server.url + "/v1/completions", headers=headers,
+                      json={"model": MODEL, "prompt": [10**9], "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    assert greedy_chat(client, "Hi", max_tokens=3).usage.completion_tokens >= 1
+
+
+# -- a one-slot server: disconnects, a full queue, keep_alive -----------------------------------
+
+@pytest.fixture(scope="module")
+def one_slot(default_gguf):
+    registry = registry_for(default_gguf, max_batch=1, max_queue=0, ctx=512, keep_alive_s=1.5)
+    live = LiveServer(create_app(registry, reap_every_s=0.2))
+    yield live, registry
+    live.close()
+
+
+def engine_stats(url):
+    models = httpx.get(url + "/health").json()["models"]
+    return models[0].get("engine")
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_disconnected_stream_frees_its_slot(one_slot):
+    live, _ = one_slot
+    body = {"model": MODEL, "messages": ask("Write a very long essay about the ocean."),
+            "max_tokens": 500, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", live.url + "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: ") for line in got)
+            assert engine_stats(live.url)["active"] == 1
+        # the connection is closed: the slot is freed at once (no 400-token wait)
+        t0 = time.time()
+        assert wait_until(lambda: engine_stats(live.url)["active"] == 0, timeout=5)
+        freed_s = time.time() - t0
+        generated = engine_stats(live.url)["generated_tokens"]
+        assert generated < 100 and freed_s < 5  # uncancelled, it would run to ~490 tokens
+        r = http.post(live.url + "/v1/chat/completions",
+                      json={"model": MODEL, "messages": ask("Hi"), "max_tokens": 3})
+        assert r.status_code == 200
+
+
+def test_a_full_queue_answers_503_with_retry_after(one_slot):
+    live, _ = one_slot
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0)
+    stream = client.chat.completions.create(model=MODEL, messages=ask("Write an essay."),
+                                            max_tokens=300, temperature=0, stream=True)
+    next(iter(stream))  # the one slot is busy now, and the queue holds nothing
+    r = httpx.post(live.url + "/v1/chat/completions",
+                   json={"model": MODEL, "messages": ask("Hi"), "max_tokens": 3})
+    assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+    assert r.json()["error"]["code"] == "queue_full"
+    stream.close()
+    assert wait_until(lambda: engine_stats(live.url)["active"] == 0)
+
+
+def test_keep_alive_unloads_an_idle_model_and_reloads_on_demand(one_slot):
+    live, registry = one_slot
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0)
+    client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+    assert MODEL in registry.loaded
+    assert wait_until(lambda: MODEL not in registry.loaded, timeout=10)
+    assert httpx.get(live.url + "/health").json()["models"][0]["loaded"] is False
+    loads = registry.loads
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+    assert r.usage.completion_tokens == 2 and registry.loads == loads + 1
+
+
+def test_memory_budget_unloads_the_least_recently_used_idle_model(default_gguf):
+    import asyncio
+
+    from homellm.serve import APIError, GenerationSettings, start_chat
+    size = default_gguf.stat().st_size
+    config = ServeConfig(max_batch=1, ctx=256, prefix_cache_bytes=1 << 20,
+                         memory_budget_bytes=int(1.5 * (size + (1 << 20))), keep_alive_s=-1)
+    registry = ModelRegistry({"a": default_gguf, "b": default_gguf}, config)
+
+    async def scenario():
+        settings = GenerationSettings(max_tokens=2, temperature=0)
+        s = await start_chat(registry, "a", ask("hi"), settings)
+        await s.collect()
+        assert list(registry.loaded) == ["a"] and s.result.completion_tokens == 2
+        s = await start_chat(registry, "b", ask("hi"), settings)  # a is idle: it goes
+        assert list(registry.loaded) == ["b"]
+        with pytest.raises(APIError) as e:  # b is busy (s still open): no room for a
+            await start_chat(registry, "a", ask("hi"), settings)
+        assert e.value.status == 503 and e.value.code == "insufficient_memory"
+        s.cancel()
+    try:
+        asyncio.run(scenario())
+    finally:
+        registry.close()
