@@ -146,7 +146,7 @@ class ModelRegistry:
             elif path.exists():
                 mid = name_from(path.stem if path.is_file() else path.name)
                 models[mid] = path.resolve()
-                aliases[str(name)] = mid
+                aliases[str(name)] = aliases[path.name] = mid
             elif ALIASES.get(name, name) in catalog.library.KNOWN:  # pulled on first use
                 canonical = ALIASES.get(name, name)
                 models[canonical] = canonical
