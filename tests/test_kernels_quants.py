@@ -208,3 +208,26 @@ def test_native_model_prefill_and_decode(qtype):
         step = NativeModel(args, tensors, 32, path=path, threads=2)
         stepwise = np.stack([step.forward([t], p)[0] for p, t in enumerate(ids)])
         assert np.abs(got - stepwise).max() < 1e-4 * scale, path
+
+
+# --- the default model as Q4_K_M (llama.cpp's quantizer, from the peer venv) ---------------------
+
+PEER = os.environ.get("HOMELLM_PEER_PYTHON", "/root/peers/llamacpp/bin/python")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(PEER), reason=f"llama.cpp's quantizer: no peer venv {PEER}")
+def test_default_model_q4_k_m_runs_native_and_agrees(tmp_path, default_gguf):
+    """benchmarks/make_variants.py writes Q4_K_M (Q5_0 / Q4_K / Q6_K / Q8_0 tensors); load() runs it
+    on the C runtime, and its teacher-forced top-1 over 256 tokens agrees >= 99% with the float
+    network on the same (dequantized) weights."""
+    import json
+    import subprocess
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "make_variants.py")
+    res = subprocess.run([sys.executable, script, str(tmp_path), "--check", "--tokens", "256"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    q4km = json.loads(res.stdout)["variants"]["q4_k_m"]
+    assert {"Q4_K", "Q6_K", "Q5_0"} <= set(q4km["tensor_types"])
+    assert q4km["runtime"] == "native"
+    assert q4km["top1_vs_own_float"] >= 0.99
