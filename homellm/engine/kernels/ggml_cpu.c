@@ -1081,6 +1081,9 @@ static void quantize_act(model_t *c, const float *x, int K) {
 }
 
 /* logits (V,) for token at position pos; the K/V caches must hold positions 0..pos-1 */
+static void attend_head(int path, const float *qh, const float *kc, const float *vc, int n, int hd,
+                        float scale, float *sc, float *o);
+
 int hl_decode(void *p, int token, int pos, float *logits) {
     model_t *c = p;
     if (pos < 0 || pos >= c->S || token < 0 || token >= c->V) return -1;
@@ -1124,24 +1127,10 @@ int hl_decode(void *p, int token, int pos, float *logits) {
                 }
             }
             #pragma omp for schedule(static)
-            for (int h = 0; h < nh; h++) {
-                const float *qh = q + h * hd;
-                const float *kc = ly->kc + (size_t)(h / grp) * S * hd, *vc = ly->vc + (size_t)(h / grp) * S * hd;
-                float *sc = c->scores + (size_t)h * S, mx = -INFINITY;
-                for (int t = 0; t <= pos; t++) {
-                    float s = fdot(qh, kc + (size_t)t * hd, hd) * scale;
-                    sc[t] = s; mx = s > mx ? s : mx;
-                }
-                float sum = 0.f;
-                for (int t = 0; t <= pos; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
-                float inv = 1.0f / sum, *o = c->att + h * hd;
-                for (int i = 0; i < hd; i++) o[i] = 0.f;
-                for (int t = 0; t <= pos; t++) {
-                    const float *vt = vc + (size_t)t * hd;
-                    float pt = sc[t] * inv;
-                    for (int i = 0; i < hd; i++) o[i] += pt * vt[i];
-                }
-            }
+            for (int h = 0; h < nh; h++)
+                attend_head(c->path, q + h * hd, ly->kc + (size_t)(h / grp) * S * hd,
+                            ly->vc + (size_t)(h / grp) * S * hd, pos + 1, hd, scale,
+                            c->scores + (size_t)h * S, c->att + h * hd);
             #pragma omp single
             quantize_act(c, c->att, nq);
             par_matvec(c, kern, &ly->m[M_O], c->att, x, 1, NULL, 0);
@@ -1533,6 +1522,108 @@ int hl_attention_causal(const float *q, int64_t qst, int64_t qsh, const float *k
         }
     }
     return fail ? -3 : 0;
+}
+
+/* ==== decode attention: one query against keys 0..n-1 of one head's cache ==================
+ * sc (n) holds the scores, then their exponentials; o (hd) = softmax(scale q.k_t) . v_t.
+ * Vector paths need hd % 16 (AVX512) or hd % 8 (AVX2), hd <= 256; else the portable loop. */
+
+static void attend_head_scalar(const float *qh, const float *kc, const float *vc, int n, int hd,
+                               float scale, float *sc, float *o) {
+    float mx = -INFINITY;
+    for (int t = 0; t < n; t++) {
+        float s = fdot(qh, kc + (size_t)t * hd, hd) * scale;
+        sc[t] = s; mx = s > mx ? s : mx;
+    }
+    float sum = 0.f;
+    for (int t = 0; t < n; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+    const float inv = 1.0f / sum;
+    for (int i = 0; i < hd; i++) o[i] = 0.f;
+    for (int t = 0; t < n; t++) {
+        const float *vt = vc + (size_t)t * hd, pt = sc[t] * inv;
+        for (int i = 0; i < hd; i++) o[i] += pt * vt[i];
+    }
+}
+
+T512 static void attend_head_512(const float *qh, const float *kc, const float *vc, int n, int hd,
+                                 float scale, float *sc, float *o) {
+    const int nv = hd / 16;
+    __m512 qv[16], acc[16];
+    for (int i = 0; i < nv; i++) qv[i] = _mm512_loadu_ps(qh + 16 * i);
+    float mx = -INFINITY;
+    for (int t = 0; t < n; t++) {
+        const float *kt = kc + (size_t)t * hd;
+        __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kt));
+        for (int i = 1; i < nv; i++) a = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(kt + 16 * i), a);
+        const float s = _mm512_reduce_add_ps(a) * scale;
+        sc[t] = s; mx = s > mx ? s : mx;
+    }
+    const __m512 vmx = _mm512_set1_ps(mx);
+    __m512 vsum = _mm512_setzero_ps();
+    int t = 0;
+    for (; t + 16 <= n; t += 16) {
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + t), vmx));
+        _mm512_storeu_ps(sc + t, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    if (t < n) {
+        const __mmask16 km = (__mmask16)((1u << (n - t)) - 1);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(km, sc + t), vmx));
+        _mm512_mask_storeu_ps(sc + t, km, e);
+        vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(km, e));
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+    for (int i = 0; i < nv; i++) acc[i] = _mm512_setzero_ps();
+    for (int u = 0; u < n; u++) {
+        const __m512 pu = _mm512_set1_ps(sc[u]);
+        const float *vt = vc + (size_t)u * hd;
+        for (int i = 0; i < nv; i++) acc[i] = _mm512_fmadd_ps(pu, _mm512_loadu_ps(vt + 16 * i), acc[i]);
+    }
+    for (int i = 0; i < nv; i++) _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(acc[i], inv));
+}
+
+T256 static void attend_head_256(const float *qh, const float *kc, const float *vc, int n, int hd,
+                                 float scale, float *sc, float *o) {
+    const int nv = hd / 8;
+    __m256 acc[32];
+    float mx = -INFINITY;
+    for (int t = 0; t < n; t++) {
+        const float *kt = kc + (size_t)t * hd;
+        __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kt));
+        for (int i = 1; i < nv; i++) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), _mm256_loadu_ps(kt + 8 * i), a);
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        const float s = _mm_cvtss_f32(h) * scale;
+        sc[t] = s; mx = s > mx ? s : mx;
+    }
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + t), vmx));
+        _mm256_storeu_ps(sc + t, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float tail[8];
+    _mm256_storeu_ps(tail, vsum);
+    float sum = tail[0] + tail[1] + tail[2] + tail[3] + tail[4] + tail[5] + tail[6] + tail[7];
+    for (; t < n; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+    const __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (int i = 0; i < nv; i++) acc[i] = _mm256_setzero_ps();
+    for (int u = 0; u < n; u++) {
+        const __m256 pu = _mm256_set1_ps(sc[u]);
+        const float *vt = vc + (size_t)u * hd;
+        for (int i = 0; i < nv; i++) acc[i] = _mm256_fmadd_ps(pu, _mm256_loadu_ps(vt + 8 * i), acc[i]);
+    }
+    for (int i = 0; i < nv; i++) _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(acc[i], inv));
+}
+
+static void attend_head(int path, const float *qh, const float *kc, const float *vc, int n, int hd,
+                        float scale, float *sc, float *o) {
+    if (path == P_AVX512 && hd % 16 == 0 && hd <= 256) attend_head_512(qh, kc, vc, n, hd, scale, sc, o);
+    else if (path >= P_AVX2 && hd % 8 == 0 && hd <= 256) attend_head_256(qh, kc, vc, n, hd, scale, sc, o);
+    else attend_head_scalar(qh, kc, vc, n, hd, scale, sc, o);
 }
 
 /* ==== prefill: T tokens through the whole network ==========================================
