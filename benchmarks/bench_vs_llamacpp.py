@@ -12,6 +12,13 @@ The peer lives in a virtualenv outside the repo (HOMELLM_PEER_PYTHON, default
 
 usage: python benchmarks/bench_vs_llamacpp.py [--model PATH] [--prompt-tokens 512]
        [--gen-tokens 128] [--threads 2] [--repeat 2]
+       python benchmarks/bench_vs_llamacpp.py --suite DIR   # issue 3's table, below
+
+--suite DIR runs every model of issue 3 at a 512-token prompt (128 decoded) and again at 2000
+tokens of context (64 decoded): the default model (Q4_1), its Q8_0 and Q4_K_M versions and
+the random 1B LLaMA (Q4_0) found in DIR (make them with benchmarks/make_variants.py DIR and
+benchmarks/make_1b_gguf.py DIR/random-1b.q4_0.gguf), and prints one JSON row per run plus a
+text table of the ratios.
 """
 from __future__ import annotations
 
@@ -61,6 +68,48 @@ def run_json(cmd: list[str], env: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def side_by_side(model: str, prompt_tokens: int, gen_tokens: int, threads: int, repeat: int,
+                 peer_python: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    ours = run_json([sys.executable, "-m", "homellm", "bench", "-m", model, "--json",
+                     "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(gen_tokens),
+                     "--repeat", str(repeat)], env)
+    peer = run_json([peer_python, "-c", PEER, model, str(prompt_tokens), str(gen_tokens), str(threads),
+                     str(repeat)], env)
+    ratio = {k: round(ours[k] / peer[k], 3) for k in ("prefill_tps", "decode_tps", "peak_rss_mb")}
+    return {"model": model, "threads": threads, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
+            "peer_build": "llama-cpp-python built with AVX512/VNNI/BF16, AMX off",
+            "homellm": ours, "llama_cpp": peer, "ratio_homellm_over_llama_cpp": ratio}
+
+
+SUITE = [("default Q4_1", None), ("Q8_0", "smollm2-135m.q8_0.gguf"),
+         ("Q4_K_M", "smollm2-135m.q4_k_m.gguf"), ("1B Q4_0", "random-1b.q4_0.gguf")]
+
+
+def suite(folder: str, threads: int, repeat: int, peer_python: str):
+    from pathlib import Path
+
+    from homellm.catalog.pypi import cached_default_gguf
+    rows = []
+    for label, name in SUITE:
+        path = str(cached_default_gguf()) if name is None else str(Path(folder) / name)
+        if not Path(path).exists():
+            print(json.dumps({"model": label, "skipped": f"{path} is missing"}), flush=True)
+            continue
+        for prompt, gen in ((512, 128), (2000, 64)):
+            row = side_by_side(path, prompt, gen, threads, repeat, peer_python)
+            row["label"] = label
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{'model':14} {'ctx':>5} {'prefill ours/peer':>22} {'ratio':>6} {'decode ours/peer':>18} "
+          f"{'ratio':>6} {'RSS MB ours/peer':>18} {'ratio':>6}")
+    for r in rows:
+        o, q, x = r["homellm"], r["llama_cpp"], r["ratio_homellm_over_llama_cpp"]
+        print(f"{r['label']:14} {r['prompt_tokens']:>5} {o['prefill_tps']:>10.0f}/{q['prefill_tps']:<11.0f} "
+              f"{x['prefill_tps']:>6.2f} {o['decode_tps']:>8.1f}/{q['decode_tps']:<9.1f} {x['decode_tps']:>6.2f} "
+              f"{o['peak_rss_mb']:>8.0f}/{q['peak_rss_mb']:<9.0f} {x['peak_rss_mb']:>6.2f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="a .gguf file (default: the default model)")
@@ -70,22 +119,15 @@ def main():
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--peer-python", default=os.environ.get("HOMELLM_PEER_PYTHON",
                                                            "/root/peers/llamacpp/bin/python"))
+    p.add_argument("--suite", metavar="DIR", help="issue 3's table over the models in DIR")
     args = p.parse_args()
+    if args.suite:
+        return suite(args.suite, args.threads, args.repeat, args.peer_python)
     if args.model is None:
         from homellm.catalog.pypi import cached_default_gguf
         args.model = str(cached_default_gguf())
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    ours = run_json([sys.executable, "-m", "homellm", "bench", "-m", args.model, "--json",
-                     "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
-                     "--repeat", str(args.repeat)], env)
-    peer = run_json([args.peer_python, "-c", PEER, args.model, str(args.prompt_tokens),
-                     str(args.gen_tokens), str(args.threads), str(args.repeat)], env)
-    ratio = {k: round(ours[k] / peer[k], 3) for k in ("prefill_tps", "decode_tps", "peak_rss_mb")}
-    print(json.dumps({"model": args.model, "threads": args.threads,
-                      "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
-                      "peer_build": "llama-cpp-python built with AVX512/VNNI/BF16, AMX off",
-                      "homellm": ours, "llama_cpp": peer, "ratio_homellm_over_llama_cpp": ratio},
-                     indent=2))
+    print(json.dumps(side_by_side(args.model, args.prompt_tokens, args.gen_tokens, args.threads,
+                                  args.repeat, args.peer_python), indent=2))
 
 
 if __name__ == "__main__":
