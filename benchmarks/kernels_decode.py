@@ -10,6 +10,8 @@
   activations, group 32) and float32 F.linear.
 
     python benchmarks/kernels_decode.py [--threads 2] [--repeat 3]
+    python benchmarks/kernels_decode.py --types          # every block type on one big matrix
+    python benchmarks/kernels_decode.py --gguf A.gguf B.gguf   # decode of whole files (C runtime)
 """
 from __future__ import annotations
 
@@ -100,14 +102,77 @@ def int4_operands(N: int, K: int):
     return packed, sz
 
 
+TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+
+
+def type_table(threads: int, N: int = 8192, K: int = 4096) -> list[dict]:
+    """us per call and GB/s of weight bytes for each block type on one (N, K) matrix (32 MB of
+    F32: beyond the caches, so M=1 shows whether the kernel keeps up with memory), M = 1 (the
+    decode matvec) and M = 64 (prefill tile), hi and one-level activations; random blocks with
+    finite scales (the kernels' speed does not depend on the values)."""
+    import gguf
+    import numpy as np
+    rng = np.random.default_rng(0)
+    rows = []
+    for name in TYPES:
+        qtype = gguf.GGMLQuantizationType[name]
+        qk, bs = gguf.GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, size=(N, K // qk, bs), dtype=np.uint8)
+        half_at = {"Q6_K": (208,)}.get(name, (0, 2) if name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else (0,))
+        for off in half_at:
+            raw[:, :, off:off + 2] = (rng.random((N, K // qk, 1)) * 1e-3).astype(np.float16).view(np.uint8)
+        data = torch.from_numpy(raw.reshape(N, -1))
+        row = {"type": name, "N": N, "K": K, "MB": round(data.numel() / 1e6, 2)}
+        for M in (1, 64):
+            x = torch.randn(M, K)
+            for hi in (True, False):
+                us = best_us(lambda: matmul(x, data, int(qtype), N, threads=threads, hi=hi), seconds=0.5)
+                row[f"M={M}{'' if hi else ' int8'}"] = {"us": round(us, 1), "GB/s": round(data.numel() / us / 1e3, 2),
+                                                        "GFLOP/s": round(2 * M * N * K / us / 1e3, 1)}
+        rows.append(row)
+    return rows
+
+
+def gguf_decode_tps(path: str, threads: int, repeat: int, ctx: int = 256, n: int = 64) -> dict:
+    """NativeModel (the C runtime load() picks) on any GGUF file: decode tokens/s after ctx
+    tokens and the GB/s of weights that reads (every matrix once per token)."""
+    from homellm.api import weight_bytes_per_token
+    from homellm.engine.kernels.native import NativeModel
+    from homellm.model.formats import open_checkpoint
+    ckpt = open_checkpoint(path, as_numpy=True)
+    model = NativeModel(ckpt.args, ckpt.tensors, ctx + n, threads=threads)
+    model.forward([100 + p % 1000 for p in range(ctx)], 0)
+    best = 0.0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for p in range(ctx, ctx + n):
+            model.decode(100 + p % 1000, p)
+        best = max(best, n / (time.perf_counter() - t0))
+    wbytes = weight_bytes_per_token(ckpt)
+    return {"path": path, "decode_tps": round(best, 1), "weight_MB_per_token": round(wbytes / 1e6, 1),
+            "GB/s": round(best * wbytes / 1e9, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--types", action="store_true",
+                    help="only the per-type table (every block type the kernels take, M=1 and 64)")
+    ap.add_argument("--gguf", nargs="*", default=[],
+                    help="only decode tokens/s and GB/s of these GGUF files on the C runtime")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if not kernels.available():
         print(json.dumps({"error": f"kernels unavailable: {kernels.status()}"}))
+        return
+    if a.types or a.gguf:
+        out = {"threads": a.threads, "cpu": kernels.cpu_features().get("path")}
+        if a.gguf:
+            out["files"] = [gguf_decode_tps(p, a.threads, a.repeat) for p in a.gguf]
+        if a.types:
+            out["types"] = type_table(a.threads)
+        print(json.dumps(out, indent=1))
         return
     ckpt = read_gguf(cached_default_gguf())
     result = {"threads": a.threads, "cpu": kernels.cpu_features(),
