@@ -52,14 +52,14 @@ function highlight(code, lang) {
   const out = document.createDocumentFragment();
   const hashComments = !/^(c|cpp|c\+\+|js|javascript|ts|typescript|java|go|rust|css|json)$/i.test(lang || "");
   let last = 0, m;
-  TOKEN.lastIndex = 0;
-  while ((m = TOKEN.exec(code)) !== null) {
+  const re = new RegExp(TOKEN.source, "gi");
+  while ((m = re.exec(code)) !== null) {
     let cls = null;
     if (m[1] !== undefined) {
       if (m[1][0] === "#" && !hashComments) cls = null;
       else if (m[1].startsWith("--") && !/^(sql|lua|haskell|hs)$/i.test(lang || "")) cls = null;
       else cls = "tok-com";
-      if (cls === null) { TOKEN.lastIndex = m.index + 1; continue; }
+      if (cls === null) { re.lastIndex = m.index + 1; continue; }
     } else if (m[2] !== undefined) cls = "tok-str";
     else if (m[3] !== undefined) cls = "tok-num";
     else if (m[4] !== undefined) cls = KEYWORDS.has(m[4]) ? "tok-kw" : null;
@@ -106,7 +106,7 @@ const INLINE = /(`+)([\s\S]*?[^`])\1(?!`)|\*\*([^*]+?)\*\*|__([^_]+?)__|\*([^*\s
 
 function inline(text, parent) {
   let last = 0, m;
-  INLINE.lastIndex = 0;
+  const re = new RegExp(INLINE.source, "g");   // own lastIndex: inline() recurses
   const addText = (s) => {
     const lines = s.split("\n");
     lines.forEach((line, i) => {
@@ -114,7 +114,7 @@ function inline(text, parent) {
       if (line) parent.appendChild(document.createTextNode(line));
     });
   };
-  while ((m = INLINE.exec(text)) !== null) {
+  while ((m = re.exec(text)) !== null) {
     if (m.index > last) addText(text.slice(last, m.index));
     if (m[2] !== undefined) parent.appendChild(el("code", null, m[2]));
     else if (m[3] !== undefined || m[4] !== undefined) {
@@ -635,6 +635,10 @@ function wire() {
     try { await api("POST", "/api/logout"); } catch (e) { /* already out */ }
     S.conv = null; S.turns = [];
     await start();
+  });
+  window.addEventListener("hashchange", () => {   // a pasted link, the back button
+    const id = location.hash.slice(1);
+    if (S.me && (!S.me.auth || S.me.user) && id && (!S.conv || S.conv.id !== id)) openConversation(id);
   });
   start().catch(showError);
 }

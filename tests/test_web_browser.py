@@ -1,0 +1,319 @@
+"""The web app in real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright's
+sync API) against a live server with the default model: chat, stop, regenerate, edit and
+walk branches, rate, reload and find it all; XSS shows as text and runs nothing; phone
+width and dark mode; with --auth a second user cannot reach the first one's conversation."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import pytest
+
+from test_web_api import LiveServer
+
+CHROMIUM = os.environ.get("HOMELLM_CHROMIUM", "/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)),
+    reason=f"no Chromium at {CHROMIUM} (make sysdeps installs Debian's chromium)")
+
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, default_gguf):
+    s = LiveServer(tmp_path_factory.mktemp("webb") / "web.db", default_gguf)
+    yield s
+    s.close()
+
+
+class Watch:
+    """What a page did that it must not: dialogs, page errors, CSP-blocked or console errors."""
+
+    def __init__(self, page):
+        self.dialogs, self.errors = [], []
+        page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+
+
+def open_page(browser, url, **context_args):
+    ctx = browser.new_context(**context_args)
+    page = ctx.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    watch = Watch(page)
+    page.goto(url)
+    page.wait_for_selector("#app:not([hidden]), #gate:not([hidden])")
+    return ctx, page, watch
+
+
+def settings(page, **values):
+    if page.is_hidden("#settings"):
+        page.click("#settings-toggle")
+    for k, v in values.items():
+        page.fill(f"#set-{k}", str(v))
+    page.click("#settings-save")
+
+
+def send(page, text):
+    n = page.locator(".msg.assistant").count()
+    page.fill("#prompt", text)
+    page.press("#prompt", "Enter")
+    return n
+
+
+def wait_reply_done(page):
+    page.wait_for_selector("#send:not([hidden])")
+    page.wait_for_selector(".msg.assistant .regenerate")
+
+
+def assistant(page, i=-1):
+    loc = page.locator(".msg.assistant")
+    return loc.nth(loc.count() - 1 if i == -1 else i)
+
+
+def test_chat_stop_regenerate_edit_branches_rate_and_reload(browser, server):
+    ctx, page, watch = open_page(browser, server.url)
+    settings(page, max_tokens=6, temperature=0)
+    send(page, "Name three colors.")
+    wait_reply_done(page)
+    first = assistant(page).locator(".body").inner_text()
+    assert first.strip()
+    assert page.locator("#context-use").inner_text().endswith("/ 512 tokens")
+    cid = page.evaluate("location.hash").lstrip("#")
+    assert page.locator("#conversations li.active .open").inner_text().startswith("Name three")
+    # the store has what the page shows (markdown rendered: list numbers are not text)
+    user = server.store.local_user()
+    saved = [m for m in server.store.messages(user, cid) if m.role == "assistant"]
+    assert len(saved) == 1
+    assert [w for w in saved[0].content.split() if not re.fullmatch(r"\d+[.)]", w)] == \
+        [w for w in first.split() if not re.fullmatch(r"\d+[.)]", w)]
+
+    # regenerate: a sibling, with the arrows at 2/2
+    assistant(page).locator(".regenerate").click()
+    page.wait_for_selector(".msg.assistant .pos >> text=2/2")
+    wait_reply_done(page)
+
+    # edit the question: a new branch 2/2 on the user message
+    page.locator(".msg.user .edit").click()
+    page.fill(".msg.user .edit-text", "Name two animals.")
+    page.click(".msg.user .save-edit")
+    page.wait_for_selector(".msg.user .pos >> text=2/2")
+    wait_reply_done(page)
+    assert page.locator(".msg.user .body").inner_text() == "Name two animals."
+
+    # walk back to the first question: its newest reply shows, at 2/2
+    page.locator(".msg.user .prev").click()
+    page.wait_for_selector(".msg.user .pos >> text=1/2")
+    assert page.locator(".msg.user .body").inner_text() == "Name three colors."
+    assert assistant(page).locator(".pos").inner_text() == "2/2"
+    assistant(page).locator(".prev").click()
+    page.wait_for_selector(".msg.assistant .pos >> text=1/2")
+    assert assistant(page).locator(".body").inner_text() == first
+
+    # rate it, with a comment
+    assistant(page).locator(".thumb.up").click()
+    page.wait_for_selector(".msg.assistant .thumb.up.on")
+    page.fill(".msg.assistant .comment", "short and right")
+    page.click(".msg.assistant .save-comment")
+    rid = assistant(page).get_attribute("data-id")
+    for _ in range(50):
+        r = server.store.ratings(user, cid).get(rid)
+        if r is not None and r.comment:
+            break
+        page.wait_for_timeout(100)
+    assert r.value == 1 and r.comment == "short and right"
+
+    # stop a long reply: it keeps what was streamed, marked stopped
+    settings(page, max_tokens=400, temperature=1)
+    send(page, "Write a long story about a dragon.")
+    page.wait_for_selector("#stop:not([hidden])")
+    page.wait_for_function("() => (document.querySelector('.msg.assistant:last-child .body')"
+                           " || {textContent: ''}).textContent.length > 10")
+    page.click("#stop")
+    page.wait_for_selector(".msg.assistant:last-child .badge.stopped")
+    stopped_text = assistant(page).locator(".body").inner_text()
+    assert stopped_text
+
+    # reload: the same branch, arrows, rating, comment and stopped reply
+    page.reload()
+    page.wait_for_selector(".msg.assistant .badge.stopped")
+    assert page.locator(".msg.user").count() == 2
+    assert page.locator(".msg.user").first.locator(".pos").inner_text() == "1/2"
+    a0 = page.locator(".msg.assistant").first
+    assert a0.locator(".pos").inner_text() == "1/2" and a0.locator(".body").inner_text() == first
+    assert a0.locator(".thumb.up").get_attribute("aria-pressed") == "true"
+    assert a0.locator(".comment").input_value() == "short and right"
+    assert assistant(page).locator(".body").inner_text() == stopped_text
+    saved = server.store.get_message(user, assistant(page).get_attribute("data-id"))
+    assert saved.finish_reason == "stopped" and saved.incomplete
+    assert (saved.completion_tokens or 0) < 400
+    assert watch.dialogs == [] and watch.errors == []
+    ctx.close()
+
+
+XSS_REPLY = ('Here: <script>window.__pwned = 1; alert("script")</script>\n\n'
+             '<img src=x onerror="window.__pwned = 2; alert(2)">\n\n'
+             '[click me](javascript:alert(3)) and [docs](https://example.org/a)\n\n'
+             '**bold** `<b>code</b>`\n\n'
+             '```python\ndef f(x):  # "<svg onload=alert(4)>"\n    return "<i>" + 42\n```')
+
+
+def test_xss_shows_as_text_and_runs_nothing(browser, server):
+    ctx, page, watch = open_page(browser, server.url)
+    settings(page, max_tokens=2, temperature=0)
+    payload = '<img src=x onerror="window.__pwned = 5; alert(5)"> <script>alert(6)</script>'
+    send(page, payload)
+    wait_reply_done(page)
+    assert page.locator(".msg.user .body").inner_text() == payload
+    # a model reply with markup (written into the store as the engine would)
+    cid = page.evaluate("location.hash").lstrip("#")
+    user = server.store.local_user()
+    q = [m for m in server.store.messages(user, cid) if m.role == "user"][0]
+    server.store.add_message(user, cid, "assistant", XSS_REPLY, parent_id=q.id)
+    page.reload()
+    page.wait_for_selector(".msg.assistant .codeblock")
+    body = assistant(page).locator(".body")
+    text = body.inner_text()
+    assert '<script>window.__pwned = 1; alert("script")</script>' in text
+    assert '<img src=x onerror="window.__pwned = 2; alert(2)">' in text
+    assert "[click me](javascript:alert(3))" in text and "<b>code</b>" in text
+    msgs = page.locator("#messages")
+    assert msgs.locator("script, img, svg, iframe, b, i").count() == 0
+    assert msgs.locator("a[href^='javascript']").count() == 0
+    assert msgs.locator("a[href='https://example.org/a']").get_attribute("rel") == \
+        "noopener noreferrer nofollow"
+    assert body.locator("strong").inner_text() == "bold"
+    # the code block: highlighted spans and a copy button
+    code = body.locator(".codeblock code")
+    assert code.inner_text() == 'def f(x):  # "<svg onload=alert(4)>"\n    return "<i>" + 42'
+    assert code.locator(".tok-kw").first.inner_text() == "def"
+    assert code.locator(".tok-com").inner_text() == '# "<svg onload=alert(4)>"'
+    assert code.locator(".tok-str").inner_text() == '"<i>"'
+    assert code.locator(".tok-num").inner_text() == "42"
+    body.locator(".codeblock .copy").click()
+    page.wait_for_selector(".codeblock .copy >> text=Copied")
+    page.wait_for_timeout(200)
+    assert page.evaluate("window.__pwned") is None
+    assert watch.dialogs == []
+    ctx.close()
+
+
+def test_phone_width_and_dark_mode(browser, server):
+    ctx, page, watch = open_page(browser, server.url, viewport={"width": 390, "height": 844},
+                                 color_scheme="dark", is_mobile=True, has_touch=True)
+    bg = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert bg == "rgb(24, 24, 27)"                      # dark from prefers-color-scheme
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert page.is_visible("#menu") and page.is_visible("#prompt") and page.is_visible("#send")
+    box = page.locator("#sidebar").bounding_box()
+    assert box["x"] + box["width"] <= 1                  # the list is off-screen ...
+    page.click("#menu")
+    page.wait_for_timeout(300)
+    assert page.locator("#sidebar").bounding_box()["x"] >= 0   # ... until ☰ opens it
+    page.click("#theme-toggle")
+    assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(255, 255, 255)"
+    page.reload()
+    page.wait_for_selector("#app:not([hidden])")
+    assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(255, 255, 255)"
+    assert watch.errors == []
+    ctx.close()
+
+
+def test_search_rename_delete_in_the_list(browser, server):
+    user = server.store.local_user()
+    conv = server.store.create_conversation(user, title="Okapi facts",
+                                            first_message="Where do okapis live?")
+    ctx, page, watch = open_page(browser, server.url)
+    page.fill("#search", "okapis")
+    page.wait_for_selector("#conversations .snippet >> text=Where do okapis live?")
+    assert page.locator("#conversations li").count() == 1
+    page.locator("#conversations li .open").click()
+    page.wait_for_selector(".msg.user >> text=Where do okapis live?")
+    page.fill("#search", "")
+    page.wait_for_selector(f"#conversations li[data-id='{conv.id}']")
+    item = page.locator(f"#conversations li[data-id='{conv.id}']")
+    item.locator(".rename").click()
+    page.fill(".rename-input", "Okapis")
+    page.press(".rename-input", "Enter")
+    page.wait_for_selector(f"#conversations li[data-id='{conv.id}'] .open >> text=Okapis")
+    assert server.store.get_conversation(user, conv.id).title == "Okapis"
+    item.locator(".delete").click()
+    item.locator(".delete").click()          # the second click confirms
+    page.wait_for_selector(f"#conversations li[data-id='{conv.id}']", state="detached")
+    assert server.store.get_conversation(user, conv.id) is None
+    assert watch.dialogs == [] and watch.errors == []
+    ctx.close()
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory, default_gguf):
+    from homellm.store import AuthConfig
+    config = AuthConfig(argon2_time_cost=1, argon2_memory_kib=8192, argon2_parallelism=1)
+    s = LiveServer(tmp_path_factory.mktemp("webauth") / "auth.db", default_gguf, auth=True,
+                   auth_config=config)
+    yield s
+    s.close()
+
+
+def test_auth_second_user_cannot_reach_the_first(browser, auth_server):
+    ctx, page, watch = open_page(browser, auth_server.url)
+    assert page.locator("#gate-title").inner_text() == "Set up homellm"
+    page.fill("#gate-user", "alice")
+    page.fill("#gate-pass", "alice-pass-1")
+    page.click("#gate-submit")
+    page.wait_for_selector("#app:not([hidden])")
+    assert "alice (admin)" in page.locator("#whoami").inner_text()
+    cookies = {c["name"]: c for c in ctx.cookies()}
+    assert cookies["homellm_session"]["httpOnly"] and cookies["homellm_session"]["sameSite"] == "Strict"
+    assert page.evaluate("document.cookie") == ""        # HttpOnly: not readable by script
+    settings(page, max_tokens=3, temperature=0)
+    send(page, "Alice's private question")
+    wait_reply_done(page)
+    cid = page.evaluate("location.hash").lstrip("#")
+    page.fill("#new-username", "bob")
+    page.fill("#new-password", "bob-pass-12")
+    page.click("#add-user button")
+    page.wait_for_selector("#add-user-status >> text=Added bob")
+    ctx.close()
+
+    ctx, page, watch = open_page(browser, auth_server.url)
+    assert page.locator("#gate-title").inner_text() == "Log in"
+    page.fill("#gate-user", "bob")
+    page.fill("#gate-pass", "wrong-password")
+    page.click("#gate-submit")
+    page.wait_for_selector("#gate-error >> text=wrong username or password")
+    page.fill("#gate-pass", "bob-pass-12")
+    page.click("#gate-submit")
+    page.wait_for_selector("#app:not([hidden])")
+    assert page.locator("#conversations li").count() == 0
+    page.goto(f"{auth_server.url}/#{cid}")
+    page.wait_for_selector("#error >> text=not found")
+    assert "Alice" not in page.locator("#messages").inner_text()
+    # the same through the HTTP API with bob's session (page's fetch: cookie + CSRF token)
+    status = page.evaluate("""async (cid) => {
+        const me = await (await fetch('/api/me')).json();
+        const h = {'X-CSRF-Token': me.csrf_token, 'Content-Type': 'application/json'};
+        const out = [];
+        out.push((await fetch('/api/conversations/' + cid)).status);
+        out.push((await fetch('/api/conversations/' + cid, {method: 'PATCH', headers: h,
+                  body: JSON.stringify({title: 'bob was here'})})).status);
+        out.push((await fetch('/api/conversations/' + cid, {method: 'DELETE', headers: h})).status);
+        out.push((await fetch('/api/conversations/' + cid + '/export')).status);
+        return out; }""", cid)
+    assert status == [404, 404, 404, 404]
+    alice = auth_server.store.user_by_name("alice")
+    assert auth_server.store.get_conversation(alice, cid).title == "Alice's private question"
+    page.click("#logout")
+    page.wait_for_selector("#gate:not([hidden])")
+    assert watch.dialogs == []
+    ctx.close()
