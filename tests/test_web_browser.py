@@ -4,6 +4,7 @@ walk branches, rate, reload and find it all; XSS shows as text and runs nothing;
 width and dark mode; with --auth a second user cannot reach the first one's conversation."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -239,6 +240,20 @@ def test_search_rename_delete_in_the_list(browser, server):
     assert page.locator("#conversations li").count() == 1
     page.locator("#conversations li .open").click()
     page.wait_for_selector(".msg.user >> text=Where do okapis live?")
+    # export it, then import the file back: a second conversation with the same messages
+    with page.expect_download() as info:
+        page.click("#export-one")
+    exported = info.value.path().read_text()
+    assert json.loads(exported)["prompt"]["text"] == "Where do okapis live?"
+    page.set_input_files("#import-file", files=[{"name": "okapi.trees.jsonl",
+                                                 "mimeType": "application/x-ndjson",
+                                                 "buffer": exported.encode()}])
+    page.wait_for_selector("#import-status >> text=Imported 1 conversation")
+    page.wait_for_selector("#conversations li >> nth=1")
+    assert page.locator("#conversations li").count() == 2
+    page.set_input_files("#import-file", files=[{"name": "bad.jsonl", "mimeType": "text/plain",
+                                                 "buffer": b"not json\n"}])
+    page.wait_for_selector("#error >> text=bad.jsonl:1")
     page.fill("#search", "")
     page.wait_for_selector(f"#conversations li[data-id='{conv.id}']")
     item = page.locator(f"#conversations li[data-id='{conv.id}']")
@@ -251,7 +266,8 @@ def test_search_rename_delete_in_the_list(browser, server):
     item.locator(".delete").click()          # the second click confirms
     page.wait_for_selector(f"#conversations li[data-id='{conv.id}']", state="detached")
     assert server.store.get_conversation(user, conv.id) is None
-    assert watch.dialogs == [] and watch.errors == []
+    assert watch.dialogs == []
+    assert all("400" in e for e in watch.errors), watch.errors   # the refused bad file
     ctx.close()
 
 

@@ -205,6 +205,12 @@ function renderTurn(turn) {
     edit.type = "button"; edit.disabled = !!S.streaming;
     edit.addEventListener("click", () => startEdit(div, turn));
     meta.appendChild(edit);
+    if (turn === S.turns[S.turns.length - 1] && !S.streaming) {  // no reply yet (it failed)
+      const answer = el("button", "answer", "Get a reply");
+      answer.type = "button";
+      answer.addEventListener("click", () => generate(m.id));
+      meta.appendChild(answer);
+    }
   } else {
     const streamingThis = S.streaming && S.streaming.id === m.id;
     if (!streamingThis) {
@@ -300,6 +306,8 @@ async function rate(turn, value, comment) {
 function applyDetail(d) {
   S.conv = d.conversation; S.turns = d.turns; S.context = d.context;
   $("conv-title").textContent = S.conv.title || "New chat";
+  $("export-one").href = `/api/conversations/${S.conv.id}/export`;
+  $("export-one").hidden = false;
   fillSettings();
   renderMessages();
   markActive();
@@ -383,6 +391,7 @@ function newChat() {
   if (S.streaming) return;
   S.conv = null; S.turns = []; S.context = null;
   $("conv-title").textContent = "New chat";
+  $("export-one").hidden = true;
   history.replaceState(null, "", "#");
   fillSettings(); renderMessages(); markActive();
   $("app").classList.remove("side-open");
@@ -436,6 +445,7 @@ async function send(ev) {
       S.conv = d.conversation;
     }
     const last = S.turns.length ? S.turns[S.turns.length - 1].message : null;
+    if (last && last.role === "user") throw new Error("the last message has no reply yet: press “Get a reply” (or edit it)");
     const r = await api("POST", `/api/conversations/${S.conv.id}/messages`,
                         { content: text, parent_id: last ? last.id : null });
     $("prompt").value = "";
@@ -457,6 +467,7 @@ async function generate(parentId) {
   const controller = new AbortController();
   S.streaming = { id: null, controller };
   setStreaming(true);
+  renderMessages();
   let turn = null, body = null;
   try {
     const r = await fetch(`/api/conversations/${S.conv.id}/generate`, {
