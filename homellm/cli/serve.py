@@ -73,11 +73,16 @@ def main(args: argparse.Namespace) -> int:
     print(f"homellm serve: http://{host}:{args.port}/v1  models: {', '.join(registry.ids())}  "
           f"{ctx_text}, batch {args.max_batch}, keep-alive {args.keep_alive:g} s"
           f"{', API key required' if args.api_key else ''}", file=sys.stderr, flush=True)
-    print(f"web app: http://{host}:{args.port}/{'  (accounts: --auth)' if args.auth else ''}",
-          file=sys.stderr, flush=True)
     from homellm.serve.web import web_router
     from homellm.store import open_store
     store = open_store(args.db)
+    import re
+    shown = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", str(store.url))  # no password on screen
+    print(f"web app: http://{host}:{args.port}/  database: {shown}"
+          f"{'  accounts (--auth)' if args.auth else ''}", file=sys.stderr, flush=True)
+    if not args.auth and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: the web app has no login and listens on {args.host}: anyone who can "
+              "reach it sees every conversation (use --auth)", file=sys.stderr, flush=True)
     app = create_app(registry, api_key=args.api_key,
                      extra_routers=[web_router(store, auth=args.auth)])
     try:
