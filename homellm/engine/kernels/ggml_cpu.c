@@ -87,6 +87,49 @@ static float h2f(const uint8_t *p) {  /* IEEE half -> float, portable */
     float f; memcpy(&f, &u, 4); return f;
 }
 
+static uint16_t f2h(float f) {  /* float -> IEEE half, round to nearest even, portable */
+    uint32_t u; memcpy(&u, &f, 4);
+    const uint32_t s = (u >> 16) & 0x8000, e = (u >> 23) & 255;
+    uint32_t m = u & 0x7fffff;
+    if (e == 255) return (uint16_t)(s | 0x7c00 | (m ? 0x200 : 0));  /* inf, nan */
+    const int ee = (int)e - 112;                                     /* the half's biased exponent */
+    if (ee >= 31) return (uint16_t)(s | 0x7c00);                    /* too big: inf */
+    if (ee <= 0) {                                                   /* a half subnormal, or zero */
+        if (ee < -10) return (uint16_t)s;
+        m |= 0x800000;
+        const int shift = 14 - ee;
+        uint32_t hm = m >> shift;
+        const uint32_t rem = m & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+        if (rem > halfway || (rem == halfway && (hm & 1))) hm++;
+        return (uint16_t)(s | hm);
+    }
+    uint32_t h = s | ((uint32_t)ee << 10) | (m >> 13);
+    const uint32_t rem = m & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;  /* a carry into the exponent is right */
+    return (uint16_t)h;
+}
+
+/* n floats <-> halves (the f16 KV cache); F16C where the path has it */
+T256 static void f32_to_f16_f16c(const float *x, uint16_t *y, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) y[i] = f2h(x[i]);
+}
+T256 static void f16_to_f32_f16c(const uint16_t *x, float *y, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))));
+    for (; i < n; i++) y[i] = h2f((const uint8_t *)(x + i));
+}
+static void to_f16(int path, const float *x, uint16_t *y, int n) {
+    if (path >= 1) f32_to_f16_f16c(x, y, n);
+    else for (int i = 0; i < n; i++) y[i] = f2h(x[i]);
+}
+static void from_f16(int path, const uint16_t *x, float *y, int n) {
+    if (path >= 1) f16_to_f32_f16c(x, y, n);
+    else for (int i = 0; i < n; i++) y[i] = h2f((const uint8_t *)(x + i));
+}
+
 static int type_block_bytes(int t) {
     switch (t) { case T_Q4_0: return 18; case T_Q4_1: return 20; case T_Q8_0: return 34;
                  case T_Q5_0: return 22; case T_Q5_1: return 24;
@@ -100,6 +143,17 @@ static int type_qk(int t) { return is_kquant(t) ? 256 : is_quant(t) ? 32 : 1; } 
 
 /* ---- the ext types (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), one 32-block b of a row at a time ------- */
 
+/* IEEE half -> float without branches, for finite halves (the scales of blocks): the 15 bits
+ * below the sign moved into a float's exponent/mantissa (exponent 127 too small by 112), then
+ * times 2^112; subnormal halves land on float subnormals and come out exact as well */
+static inline float h2f_finite(const uint8_t *p) {
+    uint32_t h = (uint32_t)(p[0] | (p[1] << 8)), u = (h & 0x7fff) << 13;
+    float f; memcpy(&f, &u, 4);
+    f *= 5.192296858534828e+33f;  /* 2^112 */
+    memcpy(&u, &f, 4); u |= (h & 0x8000) << 16;
+    memcpy(&f, &u, 4); return f;
+}
+
 /* 6-bit scale and min of sub-block j from the 12 scale bytes (ggml get_scale_min_k4) */
 static void kscale(const uint8_t *s, int j, int *sc, int *mn) {
     if (j < 4) { *sc = s[j] & 63; *mn = s[j + 4] & 63; }
@@ -107,14 +161,14 @@ static void kscale(const uint8_t *s, int j, int *sc, int *mn) {
 }
 
 /* a K-quant super-block's scales: sc[16] per 16 values (d sc_j twice for Q4_K/Q5_K), mn[8] per 32 */
-static void ksuper(int t, const uint8_t *p, float *sc, float *mn) {
+INLINE void ksuper(int t, const uint8_t *p, float *sc, float *mn) {
     if (t == T_Q6_K) {
-        float d = h2f(p + 208);
+        float d = h2f_finite(p + 208);
         for (int i = 0; i < 16; i++) sc[i] = d * (float)(int8_t)p[192 + i];
         for (int j = 0; j < 8; j++) mn[j] = 0.f;
         return;
     }
-    float d = h2f(p), dmin = h2f(p + 2);
+    float d = h2f_finite(p), dmin = h2f_finite(p + 2);
     for (int j = 0; j < 8; j++) {
         int s, m; kscale(p + 4, j, &s, &m);
         sc[2 * j] = sc[2 * j + 1] = d * (float)s; mn[j] = -(dmin * (float)m);
@@ -123,16 +177,16 @@ static void ksuper(int t, const uint8_t *p, float *sc, float *mn) {
 
 /* block b's scales s0 (values 0..15), s1 (16..31) and min m; sc/mn: the K-quant super-block cache,
  * refreshed when b starts a super-block (callers walk b upwards from 0) */
-static inline void ext_scales(int t, const uint8_t *w, int b, float *sc, float *mn, float *s0, float *s1, float *m) {
+INLINE void ext_scales(int t, const uint8_t *w, int b, float *sc, float *mn, float *s0, float *s1, float *m) {
     if (is_kquant(t)) {
         int j = b & 7;
         if (j == 0) ksuper(t, w + (size_t)(b >> 3) * type_block_bytes(t), sc, mn);
         *s0 = sc[2 * j]; *s1 = sc[2 * j + 1]; *m = mn[j];
         return;
     }
-    const uint8_t *p = w + (size_t)b * type_block_bytes(t);
-    float d = h2f(p);
-    *s0 = *s1 = d; *m = t == T_Q5_1 ? h2f(p + 2) : -16.f * d;
+    const uint8_t *p = w + (size_t)b * (t == T_Q5_1 ? 24 : 22);
+    float d = h2f_finite(p);
+    *s0 = *s1 = d; *m = t == T_Q5_1 ? h2f_finite(p + 2) : -16.f * d;
 }
 
 /* block b's 32 integer weights: unsigned 0..31 (Q5_x, Q4_K, Q5_K) or signed -32..31 (Q6_K) */
@@ -619,7 +673,8 @@ T512 INLINE void kx_512_body(const uint8_t *w, int t, int K, const int8_t *q, co
         ext_scales(t, w, b, sc, mn, &s[0], &s[1], &m0);
         ext_scales(t, w, b + 1, sc, mn, &s[2], &s[3], &m1);
         mrow[b] = m0; mrow[b + 1] = m1;
-        const __m512 dv = _mm512_permutexvar_ps(lane4, _mm512_castps128_ps512(_mm_loadu_ps(s)));
+        /* (a vector load of the 4 just-stored floats would stall on store forwarding) */
+        const __m512 dv = _mm512_permutexvar_ps(lane4, _mm512_castps128_ps512(_mm_setr_ps(s[0], s[1], s[2], s[3])));
         const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(vals256(t, w, b)), vals256(t, w, b + 1), 1);
         const __m512i aw = sgn ? _mm512_abs_epi8(wv) : wv;
         const __mmask64 neg = sgn ? _mm512_movepi8_mask(wv) : 0;
@@ -952,11 +1007,11 @@ enum { V_LN1, V_LN2, V_BQ, V_BK, V_BV, V_COUNT };
 typedef struct {
     mat_t m[M_COUNT];
     const float *v[V_COUNT];
-    float *kc, *vc;  /* (n_kv, S, head_dim) f32 */
+    void *kc, *vc;  /* (n_kv, S, head_dim) f32, or f16 (uint16) when the model's kv16 */
 } layer_t;
 
 typedef struct {
-    int L, H, nh, nkv, hd, F, V, S, nthreads, path, hi;
+    int L, H, nh, nkv, hd, F, V, S, nthreads, path, hi, kv16;
     float eps;
     float *inv_freq;
     layer_t *layers;
@@ -1015,10 +1070,24 @@ void hl_model_set_vec(void *p, int layer, int which, const float *v) {
     if (layer < 0) c->norm = v; else c->layers[layer].v[which] = v;
 }
 
-void hl_model_set_kv(void *p, int layer, float *k, float *v, int S) {
+/* a layer's K/V cache: (n_kv, S, head_dim) f32, or f16 with kv16 = 1 (every layer the same kind) */
+void hl_model_set_kv(void *p, int layer, void *k, void *v, int S, int kv16) {
     model_t *c = p;
-    c->layers[layer].kc = k; c->layers[layer].vc = v;
+    c->layers[layer].kc = k; c->layers[layer].vc = v; c->kv16 = kv16;
     if (S != c->S) { free(c->scores); c->S = S; c->scores = malloc(4 * (size_t)c->nh * S); }
+}
+
+/* keys/values of n positions of (n_kv, *, hd) rows into the cache at pos (f32 rows at src,
+ * src_stride floats between positions) */
+static void kv_store(const model_t *c, void *cache, const float *src, int64_t src_stride, int pos, int n) {
+    const int hd = c->hd, S = c->S;
+    for (int t = 0; t < n; t++)
+        for (int g = 0; g < c->nkv; g++) {
+            const float *x = src + (size_t)t * src_stride + (size_t)g * hd;
+            const size_t at = ((size_t)g * S + pos + t) * hd;
+            if (c->kv16) to_f16(c->path, x, (uint16_t *)cache + at, hd);
+            else memcpy((float *)cache + at, x, 4 * (size_t)hd);
+        }
 }
 
 int hl_model_set_threads(void *p, int nthreads, int path, int hi) {
@@ -1081,8 +1150,8 @@ static void quantize_act(model_t *c, const float *x, int K) {
 }
 
 /* logits (V,) for token at position pos; the K/V caches must hold positions 0..pos-1 */
-static void attend_head(int path, const float *qh, const float *kc, const float *vc, int n, int hd,
-                        float scale, float *sc, float *o);
+static void attend_head(int path, int f16, const float *qh, const void *kc, const void *vc, size_t off,
+                        int n, int hd, float scale, float *sc, float *o);
 
 int hl_decode(void *p, int token, int pos, float *logits) {
     model_t *c = p;
@@ -1121,16 +1190,13 @@ int hl_decode(void *p, int token, int pos, float *logits) {
                         t[i + half] = x2 * c->cs[i] + x1 * c->sn[i];
                     }
                 }
-                for (int g = 0; g < nkv; g++) {
-                    memcpy(ly->kc + ((size_t)g * S + pos) * hd, k + g * hd, 4 * (size_t)hd);
-                    memcpy(ly->vc + ((size_t)g * S + pos) * hd, v + g * hd, 4 * (size_t)hd);
-                }
+                kv_store(c, ly->kc, k, nk, pos, 1);
+                kv_store(c, ly->vc, v, nk, pos, 1);
             }
             #pragma omp for schedule(static)
             for (int h = 0; h < nh; h++)
-                attend_head(c->path, q + h * hd, ly->kc + (size_t)(h / grp) * S * hd,
-                            ly->vc + (size_t)(h / grp) * S * hd, pos + 1, hd, scale,
-                            c->scores + (size_t)h * S, c->att + h * hd);
+                attend_head(c->path, c->kv16, q + h * hd, ly->kc, ly->vc, (size_t)(h / grp) * S * hd,
+                            pos + 1, hd, scale, c->scores + (size_t)h * S, c->att + h * hd);
             #pragma omp single
             quantize_act(c, c->att, nq);
             par_matvec(c, kern, &ly->m[M_O], c->att, x, 1, NULL, 0);
@@ -1528,11 +1594,18 @@ int hl_attention_causal(const float *q, int64_t qst, int64_t qsh, const float *k
  * sc (n) holds the scores, then their exponentials; o (hd) = softmax(scale q.k_t) . v_t.
  * Vector paths need hd % 16 (AVX512) or hd % 8 (AVX2), hd <= 256; else the portable loop. */
 
-static void attend_head_scalar(const float *qh, const float *kc, const float *vc, int n, int hd,
+/* element i of a cache row, f32 or f16 */
+INLINE float kv_at(const void *row, int f16, size_t i) {
+    return f16 ? h2f((const uint8_t *)((const uint16_t *)row + i)) : ((const float *)row)[i];
+}
+
+static void attend_head_scalar(int f16, const float *qh, const void *kc, const void *vc, int n, int hd,
                                float scale, float *sc, float *o) {
     float mx = -INFINITY;
     for (int t = 0; t < n; t++) {
-        float s = fdot(qh, kc + (size_t)t * hd, hd) * scale;
+        float s = 0.f;
+        for (int d = 0; d < hd; d++) s += qh[d] * kv_at(kc, f16, (size_t)t * hd + d);
+        s *= scale;
         sc[t] = s; mx = s > mx ? s : mx;
     }
     float sum = 0.f;
@@ -1540,21 +1613,26 @@ static void attend_head_scalar(const float *qh, const float *kc, const float *vc
     const float inv = 1.0f / sum;
     for (int i = 0; i < hd; i++) o[i] = 0.f;
     for (int t = 0; t < n; t++) {
-        const float *vt = vc + (size_t)t * hd, pt = sc[t] * inv;
-        for (int i = 0; i < hd; i++) o[i] += pt * vt[i];
+        const float pt = sc[t] * inv;
+        for (int i = 0; i < hd; i++) o[i] += pt * kv_at(vc, f16, (size_t)t * hd + i);
     }
 }
 
-T512 static void attend_head_512(const float *qh, const float *kc, const float *vc, int n, int hd,
+T512 INLINE __m512 kv_ld16(const void *row, int f16, size_t i) {
+    return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i)))
+               : _mm512_loadu_ps((const float *)row + i);
+}
+
+T512 static void attend_head_512(int f16, const float *qh, const void *kc, const void *vc, int n, int hd,
                                  float scale, float *sc, float *o) {
     const int nv = hd / 16;
     __m512 qv[16], acc[16];
     for (int i = 0; i < nv; i++) qv[i] = _mm512_loadu_ps(qh + 16 * i);
     float mx = -INFINITY;
     for (int t = 0; t < n; t++) {
-        const float *kt = kc + (size_t)t * hd;
-        __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kt));
-        for (int i = 1; i < nv; i++) a = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(kt + 16 * i), a);
+        const size_t row = (size_t)t * hd;
+        __m512 a = _mm512_mul_ps(qv[0], kv_ld16(kc, f16, row));
+        for (int i = 1; i < nv; i++) a = _mm512_fmadd_ps(qv[i], kv_ld16(kc, f16, row + 16 * i), a);
         const float s = _mm512_reduce_add_ps(a) * scale;
         sc[t] = s; mx = s > mx ? s : mx;
     }
@@ -1576,21 +1654,26 @@ T512 static void attend_head_512(const float *qh, const float *kc, const float *
     for (int i = 0; i < nv; i++) acc[i] = _mm512_setzero_ps();
     for (int u = 0; u < n; u++) {
         const __m512 pu = _mm512_set1_ps(sc[u]);
-        const float *vt = vc + (size_t)u * hd;
-        for (int i = 0; i < nv; i++) acc[i] = _mm512_fmadd_ps(pu, _mm512_loadu_ps(vt + 16 * i), acc[i]);
+        const size_t row = (size_t)u * hd;
+        for (int i = 0; i < nv; i++) acc[i] = _mm512_fmadd_ps(pu, kv_ld16(vc, f16, row + 16 * i), acc[i]);
     }
     for (int i = 0; i < nv; i++) _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(acc[i], inv));
 }
 
-T256 static void attend_head_256(const float *qh, const float *kc, const float *vc, int n, int hd,
+T256 INLINE __m256 kv_ld8(const void *row, int f16, size_t i) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)))
+               : _mm256_loadu_ps((const float *)row + i);
+}
+
+T256 static void attend_head_256(int f16, const float *qh, const void *kc, const void *vc, int n, int hd,
                                  float scale, float *sc, float *o) {
     const int nv = hd / 8;
     __m256 acc[32];
     float mx = -INFINITY;
     for (int t = 0; t < n; t++) {
-        const float *kt = kc + (size_t)t * hd;
-        __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kt));
-        for (int i = 1; i < nv; i++) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), _mm256_loadu_ps(kt + 8 * i), a);
+        const size_t row = (size_t)t * hd;
+        __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qh), kv_ld8(kc, f16, row));
+        for (int i = 1; i < nv; i++) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), kv_ld8(kc, f16, row + 8 * i), a);
         __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
         h = _mm_add_ps(h, _mm_movehl_ps(h, h));
         h = _mm_add_ss(h, _mm_movehdup_ps(h));
@@ -1613,17 +1696,20 @@ T256 static void attend_head_256(const float *qh, const float *kc, const float *
     for (int i = 0; i < nv; i++) acc[i] = _mm256_setzero_ps();
     for (int u = 0; u < n; u++) {
         const __m256 pu = _mm256_set1_ps(sc[u]);
-        const float *vt = vc + (size_t)u * hd;
-        for (int i = 0; i < nv; i++) acc[i] = _mm256_fmadd_ps(pu, _mm256_loadu_ps(vt + 8 * i), acc[i]);
+        const size_t row = (size_t)u * hd;
+        for (int i = 0; i < nv; i++) acc[i] = _mm256_fmadd_ps(pu, kv_ld8(vc, f16, row + 8 * i), acc[i]);
     }
     for (int i = 0; i < nv; i++) _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(acc[i], inv));
 }
 
-static void attend_head(int path, const float *qh, const float *kc, const float *vc, int n, int hd,
-                        float scale, float *sc, float *o) {
-    if (path == P_AVX512 && hd % 16 == 0 && hd <= 256) attend_head_512(qh, kc, vc, n, hd, scale, sc, o);
-    else if (path >= P_AVX2 && hd % 8 == 0 && hd <= 256) attend_head_256(qh, kc, vc, n, hd, scale, sc, o);
-    else attend_head_scalar(qh, kc, vc, n, hd, scale, sc, o);
+/* kc, vc: the layer's cache; off: the kv head's first element (in elements of the cache type) */
+static void attend_head(int path, int f16, const float *qh, const void *kc, const void *vc, size_t off,
+                        int n, int hd, float scale, float *sc, float *o) {
+    const size_t esz = f16 ? 2 : 4;
+    kc = (const uint8_t *)kc + off * esz; vc = (const uint8_t *)vc + off * esz;
+    if (path == P_AVX512 && hd % 16 == 0 && hd <= 256) attend_head_512(f16, qh, kc, vc, n, hd, scale, sc, o);
+    else if (path >= P_AVX2 && hd % 8 == 0 && hd <= 256) attend_head_256(f16, qh, kc, vc, n, hd, scale, sc, o);
+    else attend_head_scalar(f16, qh, kc, vc, n, hd, scale, sc, o);
 }
 
 /* ==== prefill: T tokens through the whole network ==========================================
@@ -1665,7 +1751,10 @@ int hl_forward(void *p, const int *tokens, int T, int pos, float *logits, int al
     float *q = malloc(4 * (size_t)T * nq), *k = malloc(4 * (size_t)T * nk), *v = malloc(4 * (size_t)T * nk);
     float *att = malloc(4 * (size_t)T * nq), *tmp = malloc(4 * (size_t)T * (H > big ? H : big));
     float *hb = malloc(4 * (size_t)T * F);
-    int rc = (x && xn && q && k && v && att && tmp && hb) ? 0 : -3;
+    /* f32 copies of an f16 cache's keys and values (n_kv, pos+T, hd), for the attention tiles */
+    const size_t kvn = c->kv16 ? (size_t)nkv * (pos + T) * hd : 1;
+    float *kf = malloc(4 * kvn), *vf = malloc(4 * kvn);
+    int rc = (x && xn && q && k && v && att && tmp && hb && kf && vf) ? 0 : -3;
     for (int t = 0; t < T && !rc; t++)
         dequant_row(c->emb.type, c->emb.w + (size_t)tokens[t] * c->emb.rb, H, x + (size_t)t * H);
     for (int l = 0; l < c->L && !rc; l++) {
@@ -1704,13 +1793,23 @@ int hl_forward(void *p, const int *tokens, int T, int pos, float *logits, int al
                     r[i + half] = x2 * cs[i] + x1 * sn[i];
                 }
             }
-            for (int g = 0; g < nkv; g++) {
-                memcpy(ly->kc + ((size_t)g * S + pos + t) * hd, k + (size_t)t * nk + g * hd, 4 * (size_t)hd);
-                memcpy(ly->vc + ((size_t)g * S + pos + t) * hd, v + (size_t)t * nk + g * hd, 4 * (size_t)hd);
-            }
+            kv_store(c, ly->kc, k + (size_t)t * nk, nk, pos + t, 1);
+            kv_store(c, ly->vc, v + (size_t)t * nk, nk, pos + t, 1);
         }
-        rc = hl_attention_causal(q, nq, hd, ly->kc, hd, (int64_t)S * hd, ly->vc, hd, (int64_t)S * hd,
-                                 T, nh, nkv, hd, pos, scale, att, c->nthreads, c->path);
+        if (c->kv16) {
+            /* the f16 cache's positions 0 .. pos+T-1 as f32 (n_kv, pos+T, hd) for the tiles */
+            const int n = pos + T;
+            #pragma omp parallel for num_threads(c->nthreads) schedule(static)
+            for (int g = 0; g < nkv; g++) {
+                from_f16(c->path, (const uint16_t *)ly->kc + (size_t)g * S * hd, kf + (size_t)g * n * hd, n * hd);
+                from_f16(c->path, (const uint16_t *)ly->vc + (size_t)g * S * hd, vf + (size_t)g * n * hd, n * hd);
+            }
+            rc = hl_attention_causal(q, nq, hd, kf, hd, (int64_t)n * hd, vf, hd, (int64_t)n * hd,
+                                     T, nh, nkv, hd, pos, scale, att, c->nthreads, c->path);
+        } else {
+            rc = hl_attention_causal(q, nq, hd, ly->kc, hd, (int64_t)S * hd, ly->vc, hd, (int64_t)S * hd,
+                                     T, nh, nkv, hd, pos, scale, att, c->nthreads, c->path);
+        }
         if (!rc) rc = mat_rows(c, &ly->m[M_O], att, T, tmp, NULL);
         if (rc) break;
         for (size_t i = 0; i < (size_t)T * H; i++) x[i] += tmp[i];
@@ -1736,6 +1835,6 @@ int hl_forward(void *p, const int *tokens, int T, int pos, float *logits, int al
         rmsnorm_rows(x + (size_t)first * H, c->norm, M, H, c->eps, xn, c->nthreads);
         rc = mat_rows(c, &c->head, xn, M, logits, NULL);
     }
-    free(x); free(xn); free(q); free(k); free(v); free(att); free(tmp); free(hb);
+    free(x); free(xn); free(q); free(k); free(v); free(att); free(tmp); free(hb); free(kf); free(vf);
     return rc ? (rc == -3 ? -3 : -1) : 0;
 }
