@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pg_server import pg_server, pg_url  # noqa: F401  (fixtures)
 
 MAX = 8   # tokens per reply: keeps the file fast
 
@@ -293,7 +294,7 @@ def test_regenerate_edit_and_walk_branches(c, server):
     e = c.post(f"/api/conversations/{cid}/generate", json={"parent_id": "nope"})
     assert e.status_code == 400
     empty = new_conversation(c)
-    e = c.post(f"/api/conversations/{empty}/generate", json={})
+    e = c.post(f"/api/conversations/{empty}/generate")   # no body: the current leaf
     assert e.status_code == 400 and "no message" in e.json()["error"]["message"]
 
 
@@ -457,6 +458,22 @@ def auth_server(tmp_path_factory, default_gguf):
 
 
 def test_auth_setup_login_isolation_and_shared_feedback(auth_server):
+    auth_flow(auth_server)
+
+
+@pytest.mark.slow
+def test_auth_on_postgresql(pg_url, default_gguf):
+    """The same people, sessions and isolation with the store on a real PostgreSQL server."""
+    from homellm.store import AuthConfig
+    config = AuthConfig(argon2_time_cost=1, argon2_memory_kib=8192, argon2_parallelism=1)
+    s = LiveServer(pg_url, default_gguf, auth=True, auth_config=config)
+    try:
+        auth_flow(s)
+    finally:
+        s.close()
+
+
+def auth_flow(auth_server):
     alice, bob, anon = (auth_server.client() for _ in range(3))
     me = anon.refresh()
     assert me["auth"] and me["user"] is None and me["needs_setup"]
