@@ -190,6 +190,11 @@ def test_xss_shows_as_text_and_runs_nothing(browser, server):
     assert "[click me](javascript:alert(3))" in text and "<b>code</b>" in text
     msgs = page.locator("#messages")
     assert msgs.locator("script, img, svg, iframe, b, i").count() == 0
+    # the title (made from the message) in the list and the header: text too
+    assert page.locator("img, svg, iframe").count() == 0
+    assert page.locator("script").count() == 1                # the page's own app.js
+    assert page.locator("#conversations li.active .open").inner_text().startswith("<img src=x")
+    assert page.locator("#conv-title").inner_text().startswith("<img src=x")
     assert msgs.locator("a[href^='javascript']").count() == 0
     assert msgs.locator("a[href='https://example.org/a']").get_attribute("rel") == \
         "noopener noreferrer nofollow"
