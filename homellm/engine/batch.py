@@ -135,6 +135,7 @@ class BatchEngine:
         self.model = model
         self.config = config or BatchConfig()
         self.device = model.inv_freq.device
+        _attach_row_attention(model, self.device, cache_dtype)
         self.cache = BatchKVCache(model.args, self.config.ctx, self.config.max_batch,
                                   dtype=cache_dtype, device=self.device)
         self.prefix = PrefixCache(self.config.prefix_cache_bytes)
@@ -374,3 +375,18 @@ def _logprobs(logits: torch.Tensor, k: int) -> tuple[float, list[tuple[int, floa
         return lse, []
     vals, idx = logits.topk(k)
     return lse, [(i, v - lse) for i, v in zip(idx.tolist(), vals.tolist())]
+
+
+def _attach_row_attention(model: Llama, device: torch.device, dtype: torch.dtype):
+    """Per-row attention of decode steps in C on one thread (kernels.attention_causal): a
+    batch makes B small calls per layer, and a thread team for each costs more than the work
+    (~30x more when other processes share the CPU). Without the kernels, SDPA stays."""
+    from homellm.engine import kernels
+    if device.type != "cpu" or dtype != torch.float32 or not kernels.available():
+        return
+
+    def row_attention(q, k, v):  # q (1, n_heads, T, hd); k, v (1, n_kv, S, hd) -> (1, T, n_heads*hd)
+        return kernels.attention_causal(q, k, v, k.shape[2] - q.shape[2], threads=1)
+
+    for layer in model.model.layers:
+        layer.self_attn.row_attention_fn = row_attention

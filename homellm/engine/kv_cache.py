@@ -102,7 +102,6 @@ class RowsView:
 
     def __init__(self, cache: BatchKVCache, slots: list[int]):
         self.cache, self.slots = cache, slots
-        self.index = torch.tensor(slots, dtype=torch.long, device=cache.k[0].device)
 
     def update(self, layer: int, k: Tensor, v: Tensor, start_pos: Tensor
                ) -> tuple[list[Tensor], list[Tensor]]:
@@ -113,13 +112,10 @@ class RowsView:
         if max(ends) > self.cache.max_seq_len:
             raise ValueError(f"KV cache holds {self.cache.max_seq_len} positions; asked for {max(ends)}")
         K, V = self.cache.k[layer], self.cache.v[layer]
-        if T == 1:  # one indexed write for the whole batch (decode steps)
-            pos = start_pos.to(K.device)
-            K[self.index, :, pos] = k[:, :, 0]
-            V[self.index, :, pos] = v[:, :, 0]
-        else:
-            for b, (s, end) in enumerate(zip(self.slots, ends)):
-                K[s, :, end - T:end] = k[b]
-                V[s, :, end - T:end] = v[b]
+        # row by row: small copies that never start a thread team (an indexed write for the
+        # whole batch does, and costs ~50x more when the CPU is shared)
+        for b, (s, end) in enumerate(zip(self.slots, ends)):
+            K[s, :, end - T:end] = k[b]
+            V[s, :, end - T:end] = v[b]
         return ([K[s:s + 1, :, :end] for s, end in zip(self.slots, ends)],
                 [V[s:s + 1, :, :end] for s, end in zip(self.slots, ends)])

@@ -78,6 +78,10 @@ class Attention(nn.Module):
         # optional causal attention (q, k, v) -> (B, T, n_heads * head_dim), the queries being
         # the last T key positions (the loader sets engine/kernels CausalAttention); None: SDPA
         self.attention_fn = None
+        # optional attention of the same contract for one row of a batch whose rows are at
+        # their own positions (engine/batch.py sets a single-threaded kernel: B small calls
+        # per layer); None: as the batch-1 path
+        self.row_attention_fn = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | Tensor,
                 cache: KVCacheProtocol | None, mask: Tensor | None) -> Tensor:
@@ -94,9 +98,13 @@ class Attention(nn.Module):
             # rows at their own positions: each attends to its own keys, exactly as it would
             # alone (no padding, so a row's result does not depend on the others)
             keys, values = cache.update(self.layer, k, v, start_pos)  # per row (1, n_kv, S_b, hd)
-            y = torch.cat([self.attend(q[b:b + 1], kb, vb, None if T == 1 or self.attention_fn
-                                       else causal_mask(T, kb.shape[2], x.device))
-                           for b, (kb, vb) in enumerate(zip(keys, values))])
+            if self.row_attention_fn is not None:
+                y = torch.cat([self.row_attention_fn(q[b:b + 1].to(vb.dtype), kb.to(vb.dtype), vb)
+                               for b, (kb, vb) in enumerate(zip(keys, values))])
+            else:
+                y = torch.cat([self.attend(q[b:b + 1], kb, vb, None if T == 1 or self.attention_fn
+                                           else causal_mask(T, kb.shape[2], x.device))
+                               for b, (kb, vb) in enumerate(zip(keys, values))])
         else:
             if cache is not None:
                 k, v = cache.update(self.layer, k, v, start_pos)  # (B, n_kv_heads, S, head_dim)
