@@ -3,7 +3,8 @@
 Tolerances: |logits - ref| < 2e-3 * max|ref| against the float network on the dequantized
 weights (two-level int8 activations, "hi"; measured ~3e-4); prefill (hl_forward) against
 decode one token at a time (hl_decode) < 1e-4 * max|ref| (same quantization, other float order);
-float weights (F32) with no activation quantization < 1e-4.
+float weights (F32) with no activation quantization and a float32 KV cache < 1e-4; the float16
+cache (the default) stores exactly numpy's float16 of the float32 keys and values.
 """
 from __future__ import annotations
 
@@ -85,8 +86,35 @@ def test_float_weights_are_exact():
     tensors = {k: (v.dequantize() if isinstance(v, GGMLTensor) else v) for k, v in tensors.items()}
     ids = ids_for(args, 30, seed=3)
     ref = reference_logits(args, tensors, ids)
-    got = NativeModel(args, {k: v.numpy() for k, v in tensors.items()}, 32).forward(ids, 0, last_only=False)
+    model = NativeModel(args, {k: v.numpy() for k, v in tensors.items()}, 32, kv_dtype="f32")
+    got = model.forward(ids, 0, last_only=False)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["scalar", "avx2", "avx512"])
+def test_f16_cache_holds_the_rounded_f32_cache(path):
+    """Keys and values written by prefill and by decode are numpy's float16 of the float32
+    ones (round to nearest even: the portable f2h and F16C agree), and the logits stay close."""
+    if path not in _paths():
+        pytest.skip(f"this CPU has no {path} path")
+    args = TINY_QWEN2
+    tensors = quantized_tensors(args, Q.Q8_0)
+    ids = ids_for(args, 30, seed=7)
+    f32 = NativeModel(args, tensors, 32, kv_dtype="f32", path=path, threads=2)
+    f16 = NativeModel(args, tensors, 32, path=path, threads=2)
+    assert f16.kv_dtype == "f16" and f16.k[0].dtype == np.float16
+    # same inputs to both caches: prefill 20 positions, then decode from the f32 model's tokens
+    a = np.concatenate([f32.forward(ids[:20], 0, last_only=False), decode_each_from(f32, ids, 20)])
+    b = np.concatenate([f16.forward(ids[:20], 0, last_only=False), decode_each_from(f16, ids, 20)])
+    assert np.abs(a - b).max() < 2e-3 * np.abs(a).max()
+    # layer 0's keys/values depend only on the ids, so they must round identically
+    n = len(ids)
+    np.testing.assert_array_equal(f16.k[0][:, :n], f32.k[0][:, :n].astype(np.float16))
+    np.testing.assert_array_equal(f16.v[0][:, :n], f32.v[0][:, :n].astype(np.float16))
+
+
+def decode_each_from(model: NativeModel, ids: list[int], start: int) -> np.ndarray:
+    return np.stack([model.forward([ids[p]], p)[0] for p in range(start, len(ids))])
 
 
 def test_chunks_and_last_only(monkeypatch):
@@ -125,7 +153,7 @@ def test_engine_greedy_equals_the_pytorch_network():
     args = TINY_QWEN2
     tensors = {k: (v.dequantize() if isinstance(v, GGMLTensor) else v)
                for k, v in quantized_tensors(args, Q.F32).items()}
-    nat = Engine(NativeModel(args, {k: v.numpy() for k, v in tensors.items()}, 64), ctx=64)
+    nat = Engine(NativeModel(args, {k: v.numpy() for k, v in tensors.items()}, 64, kv_dtype="f32"), ctx=64)
     ref = Engine(reference_model(args, tensors), ctx=64)
     prompt = ids_for(args, 12, seed=5)
     greedy = SamplingParams(temperature=0)

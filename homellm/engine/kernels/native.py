@@ -3,7 +3,9 @@
 `NativeModel` holds the C model (ggml_cpu.c `model_t`): per-layer matrices as raw GGUF blocks
 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, F32; Q4 repacked for AVX512-VNNI, a
 byte reorder), norm weights, RoPE frequencies from model/config.py, and the KV cache as
-numpy arrays (n_kv_heads, max_seq_len, head_dim) float32 per layer. `forward(ids, start_pos)`
+numpy arrays (n_kv_heads, max_seq_len, head_dim) per layer, float16 by default (as llama.cpp
+keeps it: half the memory, and half the bandwidth long-context decoding spends on it) or
+float32. `forward(ids, start_pos)`
 runs a prompt chunk (hl_forward: one matmul per projection over all its positions,
 flash-style causal attention) and `decode(token, pos)` one token (hl_decode: the whole step in one call). Both write the
 same cache, so prefill and decode mix freely.
@@ -95,6 +97,7 @@ class NativeModel:
     threads: 0 or None for OpenMP's default; path: "scalar"/"avx2"/"avx512"/None (best);
     hi: two-level int8 activations (~256x less activation rounding; see ggml_cpu.c);
     packed: reorder Q4 weights for AVX512-VNNI (same size; else compute on the raw blocks).
+    kv_dtype: "f16" (default) or "f32" for the cache the model allocates itself.
     keep_raw: False lets go of the raw blocks of packed matrices (the packed copy is all the
     AVX512 path reads): with the caller dropping its references too, the Q/K rows that reading
     un-permuted into memory are freed. Other kernel paths are then unavailable.
@@ -102,7 +105,8 @@ class NativeModel:
 
     def __init__(self, args: ModelArgs, tensors: dict, max_seq_len: int, *, threads: int | None = None,
                  path: str | None = None, hi: bool = True, packed: bool = True,
-                 kv: list[tuple[np.ndarray, np.ndarray]] | None = None, keep_raw: bool = True):
+                 kv: list[tuple[np.ndarray, np.ndarray]] | None = None, keep_raw: bool = True,
+                 kv_dtype: str = "f16"):
         lib = build.load()
         if lib is None:
             raise RuntimeError(f"homellm kernels are unavailable: {build.status()}")
@@ -122,8 +126,11 @@ class NativeModel:
                                     args.vocab_size, args.rms_norm_eps, inv_freq.ctypes.data)
         shape = (args.num_key_value_heads, max_seq_len, args.head_dim)
         if kv is None:
-            kv = [(np.empty(shape, np.float32), np.empty(shape, np.float32))
-                  for _ in range(args.num_hidden_layers)]
+            if kv_dtype not in ("f16", "f32"):
+                raise ValueError(f"kv_dtype {kv_dtype!r}: expected 'f16' or 'f32'")
+            dt = np.float16 if kv_dtype == "f16" else np.float32
+            kv = [(np.empty(shape, dt), np.empty(shape, dt)) for _ in range(args.num_hidden_layers)]
+        self.kv_dtype = "f16" if kv[0][0].dtype == np.float16 else "f32"
         self.k = [k for k, _ in kv]
         self.v = [v for _, v in kv]
         for i in range(args.num_hidden_layers):
@@ -141,11 +148,13 @@ class NativeModel:
                 if full in tensors:
                     lib.hl_model_set_vec(self.ctx, i, j, self._vec(tensors[full]))
             k, v = self.k[i], self.v[i]
-            if k.dtype != np.float32 or k.shape != shape or not k.flags.c_contiguous \
-                    or v.shape != shape or v.dtype != np.float32 or not v.flags.c_contiguous:
-                raise ValueError(f"KV cache layer {i}: expected contiguous float32 {shape}, "
-                                 f"got {k.dtype} {k.shape}")
-            lib.hl_model_set_kv(self.ctx, i, k.ctypes.data, v.ctypes.data, max_seq_len)
+            dt = self.k[0].dtype
+            if dt not in (np.float16, np.float32) or k.dtype != dt or v.dtype != dt or k.shape != shape \
+                    or v.shape != shape or not (k.flags.c_contiguous and v.flags.c_contiguous):
+                raise ValueError(f"KV cache layer {i}: expected contiguous float32 or float16 {shape} "
+                                 f"(every layer alike), got {k.dtype} {k.shape}")
+            lib.hl_model_set_kv(self.ctx, i, k.ctypes.data, v.ctypes.data, max_seq_len,
+                                int(dt == np.float16))
         embed = tensors["model.embed_tokens.weight"]
         self._set_mat(0, -1, embed, "model.embed_tokens")
         head = embed if args.tie_word_embeddings else tensors["lm_head.weight"]
