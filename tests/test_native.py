@@ -198,3 +198,19 @@ def test_model_logits_native_vs_torch(tmp_path, monkeypatch):
     # the cache now holds the sequence: generating from it prefills only the last token
     steps = list(fast.generate(ids, temperature=0, max_tokens=2))
     assert steps[-1].timings.cached_tokens == len(ids) - 1
+
+
+def test_q5_0_runs_as_exact_q8_0():
+    """Q5_0 blocks become Q8_0 blocks of the same weights (bit for bit after dequantization)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((37, 96)).astype(np.float32)
+    q5 = gguf.quants.quantize(w, Q.Q5_0)
+    q8 = native.q5_0_as_q8_0(q5, rows_per_step=8)
+    assert q8.shape == (37, 3 * 34)
+    np.testing.assert_array_equal(gguf.quants.dequantize(q8, Q.Q8_0), gguf.quants.dequantize(q5, Q.Q5_0))
+    args = TINY_LLAMA
+    tensors = quantized_tensors(args, Q.Q5_0)
+    ids = ids_for(args, 24, seed=8)
+    ref = reference_logits(args, tensors, ids)
+    got = NativeModel(args, tensors, 32).forward(ids, 0, last_only=False)
+    assert np.abs(got - ref).max() < 2e-3 * np.abs(ref).max()
