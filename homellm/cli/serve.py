@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="memory for loaded models (default: 3/4 of the machine's)")
     p.add_argument("--prefix-cache", type=float, default=256, metavar="MB",
                    help="keys/values kept per model for prefix reuse (default 256)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the matmuls (default: $HOMELLM_THREADS, else one per core)")
     p.add_argument("--preload", action="store_true",
                    help="load the first model now instead of on its first request")
     p.add_argument("--db", default=None, metavar="URL",
@@ -46,6 +48,8 @@ def main(args: argparse.Namespace) -> int:
             raise HomellmError(f"{flag} {value}: expected at least {low}")
     if args.port > 65535:
         raise HomellmError(f"--port {args.port}: expected at most 65535")
+    if args.threads is not None and args.threads < 1:
+        raise HomellmError(f"--threads {args.threads}: expected at least 1")
     if args.ctx is not None and args.ctx < 2:
         raise HomellmError(f"--ctx {args.ctx}: the context must hold at least 2 tokens")
     if args.memory_budget is not None and args.memory_budget <= 0:
@@ -57,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
     config = ServeConfig(ctx=args.ctx, max_batch=args.max_batch, max_queue=args.max_queue,
                          keep_alive_s=args.keep_alive,
                          memory_budget_bytes=int(args.memory_budget * (1 << 30)) if args.memory_budget else None,
-                         prefix_cache_bytes=int(args.prefix_cache * (1 << 20)))
+                         prefix_cache_bytes=int(args.prefix_cache * (1 << 20)), threads=args.threads)
     registry = ModelRegistry.from_names(args.model, config)
     ctx_text = f"ctx {args.ctx}" if args.ctx else "ctx min(4096, the model's)"
     if args.preload:

@@ -60,6 +60,7 @@ class BatchConfig:
     prefill_chunk: int = 512      # prompt positions per forward while nothing else decodes
     prefill_chunk_busy: int = 128  # ... while other streams decode (they wait for each chunk)
     prefix_cache_bytes: int = 512 << 20  # keys/values kept for prefix reuse (LRU)
+    threads: int | None = None    # threads of the matmul kernels; None: torch's setting
 
     def __post_init__(self):
         for name in ("max_batch", "prefill_chunk", "prefill_chunk_busy"):
@@ -69,6 +70,8 @@ class BatchConfig:
             raise ValueError(f"ctx={self.ctx}: the context must hold at least 2 tokens")
         if self.max_queue < 0 or self.prefix_cache_bytes < 0:
             raise ValueError("max_queue and prefix_cache_bytes must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads}: expected at least 1")
 
 
 @dataclass
@@ -136,6 +139,8 @@ class BatchEngine:
         self.config = config or BatchConfig()
         self.device = model.inv_freq.device
         _attach_row_attention(model, self.device, cache_dtype)
+        if self.config.threads is not None:
+            _set_kernel_threads(model, self.config.threads)
         self.cache = BatchKVCache(model.args, self.config.ctx, self.config.max_batch,
                                   dtype=cache_dtype, device=self.device)
         self.prefix = PrefixCache(self.config.prefix_cache_bytes)
@@ -390,3 +395,12 @@ def _attach_row_attention(model: Llama, device: torch.device, dtype: torch.dtype
 
     for layer in model.model.layers:
         layer.self_attn.row_attention_fn = row_attention
+
+
+def _set_kernel_threads(model: Llama, threads: int):
+    """Run the GGUF matmul kernels (GGMLLinear, and the fused projections over them) on
+    `threads` threads (e.g. 1 on a CPU shared with other busy processes)."""
+    from homellm.engine import kernels
+    for m in model.modules():
+        if isinstance(m, kernels.GGMLLinear):
+            m.threads = threads

@@ -31,6 +31,7 @@ class ServeConfig:
     memory_budget_bytes: int | None = None  # None: 3/4 of the machine's memory
     prefix_cache_bytes: int = 256 << 20     # per model
     prefill_chunk_busy: int = 128     # prompt positions per step while others decode
+    threads: int | None = None        # matmul threads; None: one per physical core
 
     def __post_init__(self):
         if self.ctx is not None and self.ctx < 2:
@@ -81,7 +82,7 @@ class LoadedModel:
 
 def load_model(model_id: str, source: str | Path, config: ServeConfig) -> LoadedModel:
     """Open a checkpoint as a PyTorch network with a BatchEngine (blocking; seconds)."""
-    from homellm.api import release_free_heap
+    from homellm.api import default_threads, release_free_heap
     from homellm.catalog import resolve
     from homellm.engine.batch import BatchConfig, BatchEngine
     from homellm.engine.loader import build_model
@@ -97,7 +98,7 @@ def load_model(model_id: str, source: str | Path, config: ServeConfig) -> Loaded
     engine = BatchEngine(network, BatchConfig(
         max_batch=config.max_batch, ctx=ctx, max_queue=config.max_queue,
         prefill_chunk_busy=config.prefill_chunk_busy,
-        prefix_cache_bytes=config.prefix_cache_bytes))
+        prefix_cache_bytes=config.prefix_cache_bytes, threads=config.threads or default_threads()))
     ckpt.tokenizer.gguf_fields = None
     tokenizer.forget_source_fields()
     release_free_heap()
