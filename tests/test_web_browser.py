@@ -166,6 +166,7 @@ XSS_REPLY = ('Here: <script>window.__pwned = 1; alert("script")</script>\n\n'
              '<img src=x onerror="window.__pwned = 2; alert(2)">\n\n'
              '[click me](javascript:alert(3)) and [docs](https://example.org/a)\n\n'
              '**bold** `<b>code</b>`\n\n'
+             '| name | markup |\n|---|:-:|\n| x | <b>y</b> |\n\n'
              '```python\ndef f(x):  # "<svg onload=alert(4)>"\n    return "<i>" + 42\n```')
 
 
@@ -199,6 +200,8 @@ def test_xss_shows_as_text_and_runs_nothing(browser, server):
     assert msgs.locator("a[href='https://example.org/a']").get_attribute("rel") == \
         "noopener noreferrer nofollow"
     assert body.locator("strong").inner_text() == "bold"
+    assert body.locator("table th").all_inner_texts() == ["name", "markup"]
+    assert body.locator("table td").all_inner_texts() == ["x", "<b>y</b>"]
     # the code block: highlighted spans and a copy button
     code = body.locator(".codeblock code")
     assert code.inner_text() == 'def f(x):  # "<svg onload=alert(4)>"\n    return "<i>" + 42'
@@ -241,7 +244,7 @@ def test_search_rename_delete_in_the_list(browser, server):
                                             first_message="Where do okapis live?")
     ctx, page, watch = open_page(browser, server.url)
     page.fill("#search", "okapis")
-    page.wait_for_selector("#conversations .snippet >> text=Where do okapis live?")
+    page.wait_for_selector("#conversations[data-mode='search'] .snippet >> text=Where do okapis live?")
     assert page.locator("#conversations li").count() == 1
     page.locator("#conversations li .open").click()
     page.wait_for_selector(".msg.user >> text=Where do okapis live?")
@@ -260,7 +263,7 @@ def test_search_rename_delete_in_the_list(browser, server):
                                                  "buffer": b"not json\n"}])
     page.wait_for_selector("#error >> text=bad.jsonl:1")
     page.fill("#search", "")
-    page.wait_for_selector(f"#conversations li[data-id='{conv.id}']")
+    page.wait_for_selector(f"#conversations[data-mode='all'] li[data-id='{conv.id}']")
     item = page.locator(f"#conversations li[data-id='{conv.id}']")
     item.locator(".rename").click()
     page.fill(".rename-input", "Okapis")

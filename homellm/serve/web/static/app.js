@@ -100,7 +100,7 @@ function codeBlock(code, lang) {
 }
 
 // ---------------------------------------------------------------- markdown (safe subset)
-// Blocks: ``` fences, # headings, - * + and 1. lists, > quotes, paragraphs.
+// Blocks: ``` fences, | tables |, # headings, - * + and 1. lists, > quotes, paragraphs.
 // Inline: `code`, **bold**, *italic* / _italic_, [text](http(s) url), bare line breaks.
 const INLINE = /(`+)([\s\S]*?[^`])\1(?!`)|\*\*([^*]+?)\*\*|__([^_]+?)__|\*([^*\s][^*]*?)\*|\b_([^_\s][^_]*?)_\b|\[([^\]]+)\]\(([^)\s]+)\)/g;
 
@@ -133,6 +133,10 @@ function inline(text, parent) {
   if (last < text.length) addText(text.slice(last));
 }
 
+// GitHub tables: | a | b | then | --- | :-: |, then rows.
+const TABLE_RULE = /^\s*\|(\s*:?-+:?\s*\|)+\s*$/;  // GFM: hyphens, optional colons
+const cells = (line) => line.trim().replace(/^\|/, "").replace(/\|$/, "").split("|").map((c) => c.trim());
+
 function markdown(src) {
   const root = document.createDocumentFragment();
   const lines = src.replace(/\r\n?/g, "\n").split("\n");
@@ -147,6 +151,18 @@ function markdown(src) {
       while (i < lines.length && !/^\s*```\s*$/.test(lines[i])) body.push(lines[i++]);
       i++;  // the closing fence (or the end of a reply still streaming)
       root.appendChild(codeBlock(body.join("\n"), m[1]));
+    } else if (/^\s*\|.*\|\s*$/.test(line) && i + 1 < lines.length && TABLE_RULE.test(lines[i + 1])) {
+      const table = el("table"), head = el("tr");
+      for (const cell of cells(line)) { const th = el("th"); inline(cell, th); head.appendChild(th); }
+      table.appendChild(el("thead")).appendChild(head);
+      const tbody = table.appendChild(el("tbody"));
+      i += 2;
+      while (i < lines.length && /^\s*\|.*\|\s*$/.test(lines[i])) {
+        const tr = el("tr");
+        for (const cell of cells(lines[i++])) { const td = el("td"); inline(cell, td); tr.appendChild(td); }
+        tbody.appendChild(tr);
+      }
+      const wrap = el("div", "table-wrap"); wrap.appendChild(table); root.appendChild(wrap);
     } else if ((m = /^(#{1,6})\s+(.*)$/.exec(line))) {
       const h = el("h" + Math.min(4, m[1].length)); inline(m[2], h); root.appendChild(h); i++;
     } else if (/^\s*>/.test(line)) {
@@ -320,10 +336,12 @@ async function loadList() {
     if (q) {
       const r = await api("GET", `/api/search?q=${encodeURIComponent(q)}`);
       ul.replaceChildren(...r.hits.map((h) => listItem({ id: h.conversation_id, title: h.title }, h.snippet)));
+      ul.dataset.mode = "search";
     } else {
       const r = await api("GET", "/api/conversations");
       S.list = r.conversations;
       ul.replaceChildren(...S.list.map((c) => listItem(c)));
+      ul.dataset.mode = "all";
     }
     markActive();
   } catch (e) { showError(e); }
@@ -340,7 +358,10 @@ function listItem(c, snippet) {
   ren.type = del.type = "button"; ren.title = "Rename"; del.title = "Delete";
   ren.addEventListener("click", () => {
     const input = el("input", "rename-input"); input.value = c.title || "";
+    let finished = false;   // Enter, then the blur of the removed input: once
     const done = async (keep) => {
+      if (finished) return;
+      finished = true;
       if (keep && input.value.trim() !== (c.title || "")) {
         try {
           const r = await api("PATCH", `/api/conversations/${c.id}`, { title: input.value });
