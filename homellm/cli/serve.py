@@ -63,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
                          memory_budget_bytes=int(args.memory_budget * (1 << 30)) if args.memory_budget else None,
                          prefix_cache_bytes=int(args.prefix_cache * (1 << 20)), threads=args.threads)
     registry = ModelRegistry.from_names(args.model, config)
-    ctx_text = f"ctx {args.ctx}" if args.ctx else "ctx min(4096, the model's)"
+    models = ", ".join(f"{m} (ctx {registry.context_of(m)})" for m in registry.ids())
     if args.preload:
         import asyncio
         import time
@@ -71,11 +71,10 @@ def main(args: argparse.Namespace) -> int:
         first = registry.ids()[0]
         model = asyncio.run(registry.acquire(first))
         registry.release(model)
-        ctx_text = f"ctx {model.ctx}"
         print(f"loaded {first} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"homellm serve: http://{host}:{args.port}/v1  models: {', '.join(registry.ids())}  "
-          f"{ctx_text}, batch {args.max_batch}, keep-alive {args.keep_alive:g} s"
+    print(f"homellm serve: http://{host}:{args.port}/v1  models: {models}  "
+          f"batch {args.max_batch}, keep-alive {args.keep_alive:g} s"
           f"{', API key required' if args.api_key else ''}", file=sys.stderr, flush=True)
     from homellm.serve.web import web_router
     from homellm.store import open_store

@@ -138,8 +138,12 @@ class CompletionStream:
             raise invalid(None, str(e)) from None
 
     def _sink(self, item):
-        """From the engine thread: hand the step to this request's event loop."""
+        """From the engine thread: hand the step to this request's event loop. The request's
+        hold on its model ends with its last step even if nobody reads it (a client gone
+        before its response started)."""
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        if isinstance(item, BaseException) or item.finish_reason is not None:
+            self._loop.call_soon_threadsafe(self._release)
 
     def __aiter__(self):
         return self

@@ -167,6 +167,15 @@ class ModelRegistry:
     def ids(self) -> list[str]:
         return list(self.sources)
 
+    def context_of(self, mid: str) -> int:
+        """The context a model will be served with, read from its metadata (no loading; a
+        known model that is not pulled yet is pulled)."""
+        from homellm.catalog import resolve
+        from homellm.model.formats import open_checkpoint
+        source = self.sources[mid]
+        args = open_checkpoint(resolve(source if isinstance(source, Path) else str(source))).args
+        return min(self.config.ctx or DEFAULT_CTX, args.max_position_embeddings)
+
     def resolve_id(self, name) -> str:
         if not isinstance(name, str) or not name:
             raise APIError(400, "model: expected the id of a model (GET /v1/models lists them)",
