@@ -214,3 +214,39 @@ def test_q5_0_runs_as_exact_q8_0():
     ref = reference_logits(args, tensors, ids)
     got = NativeModel(args, tensors, 32).forward(ids, 0, last_only=False)
     assert np.abs(got - ref).max() < 2e-3 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0], ids=lambda t: t.name)
+def test_packed_blocks_equal_raw_blocks(qtype):
+    """The AVX512 repacked layouts (Q4: nibbles, Q8_0 and Q5_0-as-Q8_0: bytes + 128) compute
+    what the raw-block kernels compute: the same integer dot products, other float order."""
+    if "avx512" not in _paths():
+        pytest.skip("no AVX512-VNNI: nothing is repacked")
+    args = TINY_QWEN2
+    tensors = quantized_tensors(args, qtype)
+    ids = ids_for(args, 40, seed=9)
+    packed = NativeModel(args, tensors, 48, packed=True)
+    raw = NativeModel(args, tensors, 48, packed=False)
+    a, b = packed.forward(ids, 0, last_only=False), raw.forward(ids, 0, last_only=False)
+    assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()
+    np.testing.assert_allclose(packed.forward([5], 40), raw.forward([5], 40), rtol=0, atol=1e-4 * np.abs(b).max())
+    up = NativeModel._runtime_blocks(quantized_tensors(args, qtype)["model.layers.0.mlp.up_proj.weight"])
+    assert native.repack(up) is not None
+
+
+def test_q8_0_scales_too_big_for_the_packed_min_stay_raw():
+    w = np.zeros((16, 32), dtype=np.float32)
+    w[:, 0] = 127 * 600.0  # d = 600: -128 d overflows a half
+    t = GGMLTensor(int(Q.Q8_0), gguf.quants.quantize(w, Q.Q8_0), w.shape)
+    assert native.repack(t) is None
+
+
+def test_converted_blocks_are_not_mixed_up_when_memory_is_reused():
+    """Q5_0 -> Q8_0 copies are packed and freed one by one (keep_raw=False, as load() does): a
+    later copy at a reused address must not get an earlier one's packed weights."""
+    args = dataclasses.replace(TINY_LLAMA, num_hidden_layers=4)
+    tensors = quantized_tensors(args, Q.Q5_0)
+    ids = ids_for(args, 20, seed=10)
+    ref = reference_logits(args, tensors, ids)
+    got = NativeModel(args, tensors, 32, keep_raw=False).forward(ids, 0, last_only=False)
+    assert np.abs(got - ref).max() < 2e-3 * np.abs(ref).max()

@@ -109,6 +109,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                                c_int]),
         "hl_packed_q4_bytes": (c_i64, [c_int, c_int]),
         "hl_repack_q4": (c_int, [c_int, c_void, c_i64, c_int, c_int, c_void]),
+        "hl_packed_q8_bytes": (c_i64, [c_int, c_int]),
+        "hl_repack_q8": (c_int, [c_void, c_i64, c_int, c_int, c_void]),
         "hl_matmul_packed": (c_int, [c_void, c_int, c_int, c_void, c_int, c_void, c_int, c_int]),
         "hl_matmul_packed_multi": (c_int, [c_void, c_int, c_int, c_int, c_void, c_void, c_void, c_int, c_int,
                                            c_int]),

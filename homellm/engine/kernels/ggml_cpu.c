@@ -839,23 +839,58 @@ int hl_repack_q4(int type, const uint8_t *w, int64_t row_bytes, int N, int K, ui
     return 0;
 }
 
+/* Q8_0 repacked the same way, 16 rows per register: per group of 16 rows and block b, 576 bytes:
+ *   [0, 32) d f16 x16, [32, 64) m = -128 d f16 x16, [64, 576) 8 chunks c of 64 bytes: row n's
+ *   bytes 4n..4n+3 = its qs[4c .. 4c+3] + 128 (as unsigned: the dpbusd operand; the -128 d
+ *   min term takes the offset back out). Exact where 128 |d| is a half (|d| < 512: always for
+ *   real weights); else the rows stay raw (-1). */
+#define PK8_BYTES 576
+
+int64_t hl_packed_q8_bytes(int N, int K) { return (int64_t)((N + 15) / 16) * (K / 32) * PK8_BYTES; }
+
+int hl_repack_q8(const uint8_t *w, int64_t row_bytes, int N, int K, uint8_t *out) {
+    if (K % 32) return -1;
+    const int nb = K / 32, G = (N + 15) / 16;
+    memset(out, 0, (size_t)hl_packed_q8_bytes(N, K));
+    for (int g = 0; g < G; g++)
+        for (int b = 0; b < nb; b++) {
+            uint8_t *o = out + ((size_t)g * nb + b) * PK8_BYTES;
+            for (int j = 0; j < 16 && g * 16 + j < N; j++) {
+                const uint8_t *p = w + (size_t)(g * 16 + j) * row_bytes + (size_t)b * 34;
+                const float d = h2f(p), m = -128.f * d;
+                const uint16_t mh = f2h(m);
+                if (h2f((const uint8_t *)&mh) != m) return -1;
+                memcpy(o + 2 * j, p, 2);
+                memcpy(o + 32 + 2 * j, &mh, 2);
+                for (int c = 0; c < 8; c++)
+                    for (int i = 0; i < 4; i++) o[64 + c * 64 + j * 4 + i] = p[2 + 4 * c + i] ^ 0x80;
+            }
+        }
+    return 0;
+}
+
 T512 INLINE __m512i bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
 
 T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
-                             const int R, float *out, const int8_t *q2, const int hi) {
+                             const int R, float *out, const int8_t *q2, const int hi, const int q8) {
     int nb = K / 32, K4 = K / 4;
+    const size_t bb = q8 ? PK8_BYTES : PK_BYTES;
     __m512 acc[8];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     const __m512i lo = _mm512_set1_epi8(15);
     for (int b = 0; b < nb; b++) {
-        const uint8_t *p = pk + (size_t)b * PK_BYTES;
+        const uint8_t *p = pk + (size_t)b * bb;
         __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
         __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
         __m512i w[8];
-        for (int c = 0; c < 4; c++) {
-            __m512i x = _mm512_loadu_si512((const void *)(p + 64 + 64 * c));
-            w[c] = _mm512_and_si512(x, lo);
-            w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
+        if (q8) {
+            for (int c = 0; c < 8; c++) w[c] = _mm512_loadu_si512((const void *)(p + 64 + 64 * c));
+        } else {
+            for (int c = 0; c < 4; c++) {
+                __m512i x = _mm512_loadu_si512((const void *)(p + 64 + 64 * c));
+                w[c] = _mm512_and_si512(x, lo);
+                w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
+            }
         }
         for (int r = 0; r < R; r++) {
             const int8_t *a = q + (size_t)r * K + b * 32;
@@ -885,12 +920,15 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
 }
 
 T512 static void packed_rows(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
-                             int R, float *out, const int8_t *q2) {
+                             int R, float *out, const int8_t *q2, int q8) {
     const uint8_t *w = pk; int t = 0; (void)t; (void)w;
     int K4 = K / 4;
     while (R > 0) {
         int n;
-#define PB(RR) do { if (q2) packed_body(pk, K, q, dx, sx, RR, out, q2, 1); else packed_body(pk, K, q, dx, sx, RR, out, q2, 0); n = RR; } while (0)
+#define PB(RR) do { if (q8) { if (q2) packed_body(pk, K, q, dx, sx, RR, out, q2, 1, 1); \
+                           else packed_body(pk, K, q, dx, sx, RR, out, q2, 0, 1); } \
+                   else { if (q2) packed_body(pk, K, q, dx, sx, RR, out, q2, 1, 0); \
+                          else packed_body(pk, K, q, dx, sx, RR, out, q2, 0, 0); } n = RR; } while (0)
         if (R >= 8) PB(8); else if (R >= 4) PB(4); else if (R >= 2) PB(2); else PB(1);
 #undef PB
         R -= n; out += 16 * n; q += (size_t)n * K; dx += (size_t)n * K4; sx += (size_t)n * K4;
@@ -922,7 +960,8 @@ T512 INLINE __m512 exp512(__m512 x) {
 #define MCHUNK 128
 #endif
 T512 static int matmul_packed_multi(const float *x, int M, int K, int nw, const uint8_t *const *pks,
-                                   const int *Ns, float *const *ys, int nthreads, int hi, int glu) {
+                                   const int *Ns, float *const *ys, int nthreads, int hi, int glu,
+                                   const int *q8s) {  /* q8s[i]: weight i is a Q8_0 pack (NULL: all Q4) */
     int8_t *q = malloc((size_t)M * K * (hi ? 2 : 1)), *q2 = hi ? q + (size_t)M * K : NULL;
     float *dx = malloc((size_t)M * K), *sx = malloc((size_t)M * K);
     if (!q || !dx || !sx) { free(q); free(dx); free(sx); return -3; }
@@ -950,9 +989,11 @@ T512 static int matmul_packed_multi(const float *x, int M, int K, int nw, const 
                 int r = mend - m0 < R ? mend - m0 : R;
                 const int8_t *qa = q + (size_t)m0 * K, *qa2 = q2 ? q2 + (size_t)m0 * K : NULL;
                 const float *da = dx + (size_t)m0 * K / 4, *sa = sx + (size_t)m0 * K / 4;
-                packed_rows(pks[i] + (size_t)g * nb * PK_BYTES, K, qa, da, sa, r, out, qa2);
+                const int k8 = q8s ? q8s[i] : 0;
+                packed_rows(pks[i] + (size_t)g * nb * (k8 ? PK8_BYTES : PK_BYTES), K, qa, da, sa, r, out, qa2, k8);
                 if (glu) {
-                    packed_rows(pks[1] + (size_t)g * nb * PK_BYTES, K, qa, da, sa, r, out2, qa2);
+                    const int u8 = q8s ? q8s[1] : 0;
+                    packed_rows(pks[1] + (size_t)g * nb * (u8 ? PK8_BYTES : PK_BYTES), K, qa, da, sa, r, out2, qa2, u8);
                     for (int j = 0; j < r; j++) {
                         __m512 gv = _mm512_loadu_ps(out + 16 * j), uv = _mm512_loadu_ps(out2 + 16 * j);
                         __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
@@ -976,7 +1017,7 @@ int hl_matmul_packed_multi(const float *x, int M, int K, int nw, const uint8_t *
     if (hl_best_path() != P_AVX512) return -2;
     if (K % 32 || nw < 1 || nw > 8 || (glu && (nw != 2 || Ns[0] != Ns[1]))) return -1;
     if (nthreads <= 0) nthreads = omp_get_max_threads();
-    return matmul_packed_multi(x, M, K, nw, pks, Ns, ys, nthreads, hi, glu);
+    return matmul_packed_multi(x, M, K, nw, pks, Ns, ys, nthreads, hi, glu, NULL);
 }
 
 /* y (M, N) = x (M, K) @ W^T with W repacked by hl_repack_q4; needs the AVX512 path */
@@ -1059,7 +1100,7 @@ int hl_model_set_mat(void *p, int layer, int which, int type, int N, int K, cons
 int hl_model_set_packed(void *p, int layer, int which, const uint8_t *pk) {
     model_t *c = p;
     mat_t *m = &c->layers[layer].m[which];
-    if (pk && m->type != T_Q4_0 && m->type != T_Q4_1) return -1;
+    if (pk && m->type != T_Q4_0 && m->type != T_Q4_1 && m->type != T_Q8_0) return -1;
     m->pk = pk;
     return 0;
 }
@@ -1124,7 +1165,9 @@ static void par_matvec(const model_t *c, kern_fn kern, const mat_t *m, const flo
         #pragma omp for schedule(static) nowait
         for (int g = 0; g < G; g++) {
             float o[16];
-            packed_rows(m->pk + (size_t)g * nb * PK_BYTES, m->K, c->aq, c->ad, c->as, 1, o, c->hi ? c->aq2 : NULL);
+            const int k8 = m->type == T_Q8_0;
+            packed_rows(m->pk + (size_t)g * nb * (k8 ? PK8_BYTES : PK_BYTES), m->K, c->aq, c->ad, c->as, 1, o,
+                        c->hi ? c->aq2 : NULL, k8);
             int nn = m->N - g * 16 < 16 ? m->N - g * 16 : 16;
             for (int j = 0; j < nn; j++) {
                 int n = g * 16 + j;
@@ -1211,8 +1254,11 @@ int hl_decode(void *p, int token, int pos, float *logits) {
                 for (int g = 0; g < (F + 15) / 16; g++) {
                     float og[16], ou[16];
                     const int8_t *q2 = c->hi ? c->aq2 : NULL;
-                    packed_rows(ly->m[M_GATE].pk + (size_t)g * nb * PK_BYTES, H, c->aq, c->ad, c->as, 1, og, q2);
-                    packed_rows(ly->m[M_UP].pk + (size_t)g * nb * PK_BYTES, H, c->aq, c->ad, c->as, 1, ou, q2);
+                    const int g8 = ly->m[M_GATE].type == T_Q8_0, u8 = ly->m[M_UP].type == T_Q8_0;
+                    packed_rows(ly->m[M_GATE].pk + (size_t)g * nb * (g8 ? PK8_BYTES : PK_BYTES), H, c->aq, c->ad,
+                                c->as, 1, og, q2, g8);
+                    packed_rows(ly->m[M_UP].pk + (size_t)g * nb * (u8 ? PK8_BYTES : PK_BYTES), H, c->aq, c->ad,
+                                c->as, 1, ou, q2, u8);
                     for (int j = 0; j < 16 && g * 16 + j < F; j++)
                         c->hb[g * 16 + j] = og[j] / (1.0f + expf(-og[j])) * ou[j];
                 }
@@ -1724,7 +1770,8 @@ static int mat_rows(const model_t *c, const mat_t *m, const float *x, int M, flo
     int rc;
     if (m->pk && c->path == P_AVX512) {
         const uint8_t *pk = m->pk; int N = m->N; float *ys = y;
-        rc = matmul_packed_multi(x, M, m->K, 1, &pk, &N, &ys, c->nthreads, c->hi, 0);
+        const int k8 = m->type == T_Q8_0;
+        rc = matmul_packed_multi(x, M, m->K, 1, &pk, &N, &ys, c->nthreads, c->hi, 0, &k8);
     } else {
         rc = hl_matmul(x, M, m->K, m->w, m->rb, m->type, m->N, y, c->nthreads, c->path, c->hi);
     }
@@ -1765,7 +1812,8 @@ int hl_forward(void *p, const int *tokens, int T, int pos, float *logits, int al
             const uint8_t *pks[3] = {mq->pk, mk->pk, mv->pk};
             int Ns[3] = {mq->N, mk->N, mv->N};
             float *ys[3] = {q, k, v};
-            rc = matmul_packed_multi(xn, T, H, 3, pks, Ns, ys, c->nthreads, c->hi, 0);
+            const int k8[3] = {mq->type == T_Q8_0, mk->type == T_Q8_0, mv->type == T_Q8_0};
+            rc = matmul_packed_multi(xn, T, H, 3, pks, Ns, ys, c->nthreads, c->hi, 0, k8);
             const float *bs[3] = {ly->v[V_BQ], ly->v[V_BK], ly->v[V_BV]};
             for (int i = 0; i < 3 && !rc; i++)
                 if (bs[i])
@@ -1819,7 +1867,8 @@ int hl_forward(void *p, const int *tokens, int T, int pos, float *logits, int al
             const uint8_t *pks[2] = {mg->pk, mu->pk};
             int Ns[2] = {F, F};
             float *ys[2] = {hb, hb};
-            rc = matmul_packed_multi(xn, T, H, 2, pks, Ns, ys, c->nthreads, c->hi, 1);
+            const int k8[2] = {mg->type == T_Q8_0, mu->type == T_Q8_0};
+            rc = matmul_packed_multi(xn, T, H, 2, pks, Ns, ys, c->nthreads, c->hi, 1, k8);
         } else {
             rc = mat_rows(c, mg, xn, T, hb, NULL);
             if (!rc) rc = mat_rows(c, mu, xn, T, tmp, NULL);

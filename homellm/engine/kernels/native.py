@@ -58,21 +58,39 @@ def repack_q4(t) -> np.ndarray | None:
     The same GGUF tensor gives the same packed array (memoized while anyone holds it), and once
     packed, the file pages of the raw blocks are dropped from this process's memory: nothing
     reads them again on this path (a later read would fetch them from the file)."""
+    return _repack(t, (2, 3))
+
+
+def repack(t, memo: bool = True) -> np.ndarray | None:
+    """What the C runtime computes on: Q4_0/Q4_1 as `repack_q4`, and Q8_0 reordered the same way
+    (16 rows per register, +128 offsets; 1.06x the bytes, exact), or None (raw blocks).
+    memo=False for blocks made in memory (their address may be reused once they are freed)."""
+    return _repack(t, (2, 3, 8), memo)
+
+
+def _repack(t, types: tuple[int, ...], memo: bool = True) -> np.ndarray | None:
     from homellm.model.formats.gguf_file import release_file_pages
     lib = build.load()
-    if lib is None or _ggml_type(t) not in (2, 3) or lib.hl_best_path() != PATHS["avx512"]:
+    kind = _ggml_type(t)
+    if lib is None or kind not in types or lib.hl_best_path() != PATHS["avx512"]:
         return None
     data = np.asarray(t.data)
-    key = (data.__array_interface__["data"][0], t.ggml_type, tuple(t.shape))
-    hit = _PACKED.get(key)
+    key = (data.__array_interface__["data"][0], kind, tuple(t.shape))
+    hit = _PACKED.get(key) if memo else None
     if hit is not None:
         return hit
     N, K = t.shape
     raw = np.ascontiguousarray(data).view(np.uint8).reshape(N, -1)
-    out = np.empty(lib.hl_packed_q4_bytes(N, K), dtype=np.uint8)
-    if lib.hl_repack_q4(t.ggml_type, raw.ctypes.data, raw.strides[0], N, K, out.ctypes.data) != 0:
+    if kind == Q8_0:
+        out = np.empty(lib.hl_packed_q8_bytes(N, K), dtype=np.uint8)
+        rc = lib.hl_repack_q8(raw.ctypes.data, raw.strides[0], N, K, out.ctypes.data)
+    else:
+        out = np.empty(lib.hl_packed_q4_bytes(N, K), dtype=np.uint8)
+        rc = lib.hl_repack_q4(kind, raw.ctypes.data, raw.strides[0], N, K, out.ctypes.data)
+    if rc != 0:
         return None
-    _PACKED[key] = out
+    if memo:
+        _PACKED[key] = out
     release_file_pages(data)
     return out
 
@@ -161,12 +179,14 @@ class NativeModel:
         for i in range(args.num_hidden_layers):
             p = f"model.layers.{i}."
             for j, name in enumerate(MATS):
-                t = tensors[p + name + ".weight"]
-                pk = repack_q4(t) if packed and path in (None, "auto", "avx512") else None
+                src = tensors[p + name + ".weight"]
+                t = self._runtime_blocks(src)  # (a converted copy must not be memoized by address)
+                pk = repack(t, memo=t is src) if packed and path in (None, "auto", "avx512") else None
                 self._set_mat(i, j, t, p + name, keep=pk is None or keep_raw)
                 if pk is not None:
                     self._keep.append(pk)
-                    lib.hl_model_set_packed(self.ctx, i, j, pk.ctypes.data)
+                    if lib.hl_model_set_packed(self.ctx, i, j, pk.ctypes.data) != 0:
+                        raise ValueError(f"{p + name}: packed blocks of type {t.ggml_type} are not supported")
                     self.raw_dropped |= not keep_raw
             for j, name in enumerate(VECS):
                 full = p + name + ("" if name.endswith(".bias") else ".weight")
@@ -200,13 +220,20 @@ class NativeModel:
         self._keep.append(a)
         return a.ctypes.data
 
+    @staticmethod
+    def _runtime_blocks(t):
+        """The blocks the kernels compute on: Q5_0 as exact Q8_0 (the file's pages of it are
+        not needed again); everything else as it is."""
+        if _ggml_type(t) != Q5_0:
+            return t
+        from homellm.model.formats.checkpoint import GGMLTensor
+        from homellm.model.formats.gguf_file import release_file_pages
+        out = GGMLTensor(Q8_0, q5_0_as_q8_0(np.asarray(t.data)), tuple(t.shape))
+        release_file_pages(np.asarray(t.data))
+        return out
+
     def _set_mat(self, layer: int, which: int, t, name: str, keep: bool = True):
-        if _ggml_type(t) == Q5_0:  # as Q8_0 (exact); the file's pages are not needed again
-            from homellm.model.formats.gguf_file import release_file_pages
-            data, gtype, (n, k) = q5_0_as_q8_0(np.asarray(t.data)), Q8_0, t.shape
-            release_file_pages(np.asarray(t.data))
-            row_bytes = data.strides[0]
-        elif _ggml_type(t) is not None:
+        if _ggml_type(t) is not None:
             data = np.ascontiguousarray(t.data)
             gtype, (n, k) = t.ggml_type, t.shape
             row_bytes = data.strides[0] if data.ndim == 2 else data.nbytes // n
