@@ -232,3 +232,29 @@ def test_a_failing_request_does_not_stop_the_engine(tiny):
         assert len(tokens_of(engine.generate(Request([1, 2], GREEDY, max_tokens=3)))) == 3
     finally:
         engine.close()
+
+
+def test_the_engine_threads_settings_stay_in_its_own_thread(real):
+    """The engine runs its own torch ops on one thread and gives the kernels an explicit
+    count; the rest of the process keeps torch's setting."""
+    from homellm.engine import kernels
+    if not kernels.available():
+        pytest.skip("the C kernels are not built here")
+    before = torch.get_num_threads()
+    engine = BatchEngine(real.network, BatchConfig(max_batch=2, ctx=128, threads=before))
+    try:
+        inside = []
+        engine.submit(Request([1, 2, 3], GREEDY, max_tokens=1),
+                      lambda s: inside.append(torch.get_num_threads()))
+        deadline = time.time() + 30
+        while len(inside) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        assert inside == [1, 1]
+        assert torch.get_num_threads() == before
+        other = []
+        t = threading.Thread(target=lambda: other.append(torch.get_num_threads()))
+        t.start(), t.join()
+        assert other == [before]
+        assert {m.threads for m in real.network.modules() if isinstance(m, kernels.GGMLLinear)} == {before}
+    finally:
+        engine.close()

@@ -138,9 +138,12 @@ class BatchEngine:
         self.model = model
         self.config = config or BatchConfig()
         self.device = model.inv_freq.device
-        _attach_row_attention(model, self.device, cache_dtype)
-        if self.config.threads is not None:
-            _set_kernel_threads(model, self.config.threads)
+        # the kernels' teams get explicit sizes; the engine thread's own torch ops (tiny
+        # per-row attention, argmax and logsumexp over the vocabulary) then run on one thread
+        self.threads = self.config.threads or torch.get_num_threads()
+        self.kernels_only = _set_kernel_threads(model, self.threads)
+        if not self.kernels_only:
+            _attach_row_attention(model, self.device, cache_dtype)
         self.cache = BatchKVCache(model.args, self.config.ctx, self.config.max_batch,
                                   dtype=cache_dtype, device=self.device)
         self.prefix = PrefixCache(self.config.prefix_cache_bytes)
@@ -223,6 +226,8 @@ class BatchEngine:
     # -- the engine thread ------------------------------------------------------------------
 
     def _run(self):
+        if self.kernels_only and self.device.type == "cpu" and not _torch_ops_on_one_thread():
+            _attach_row_attention(self.model, self.device, self.cache.k[0].dtype)
         with torch.inference_mode():
             while True:
                 with self._cond:
@@ -383,24 +388,83 @@ def _logprobs(logits: torch.Tensor, k: int) -> tuple[float, list[tuple[int, floa
 
 
 def _attach_row_attention(model: Llama, device: torch.device, dtype: torch.dtype):
-    """Per-row attention of decode steps in C on one thread (kernels.attention_causal): a
-    batch makes B small calls per layer, and a thread team for each costs more than the work
-    (~30x more when other processes share the CPU). Without the kernels, SDPA stays."""
+    """Per-row attention of decode steps in C on one thread (the kernels' hl_attention_causal,
+    called directly: its Python wrapper costs ~4x the work of a one-query row). A batch makes
+    B small calls per layer, and a thread team for each would cost more than the work (~30x
+    more when other processes share the CPU). Without the kernels, SDPA row by row stays."""
+    import os
+
     from homellm.engine import kernels
     if device.type != "cpu" or dtype != torch.float32 or not kernels.available():
         return
+    lib = kernels.load()
+    path = kernels.path_id(os.environ.get("HOMELLM_KERNEL_PATH"))
 
-    def row_attention(q, k, v):  # q (1, n_heads, T, hd); k, v (1, n_kv, S, hd) -> (1, T, n_heads*hd)
-        return kernels.attention_causal(q, k, v, k.shape[2] - q.shape[2], threads=1)
+    def rows_attention(q, keys, values):
+        # q (B, n_heads, T, hd) float32; keys, values: per row (1, n_kv, S_b, hd) cache views
+        B, nh, T, hd = q.shape
+        q = q if q.dtype == torch.float32 and q.stride(-1) == 1 else q.float().contiguous()
+        y = torch.empty(B, T, nh * hd, dtype=torch.float32)  # (B, T, n_heads * hd)
+        scale = hd ** -0.5
+        for b, (k, v) in enumerate(zip(keys, values)):
+            if k.dtype != torch.float32 or k.stride(-1) != 1 or v.stride(-1) != 1:
+                k, v = k.float().contiguous(), v.float().contiguous()
+            rc = lib.hl_attention_causal(q[b].data_ptr(), q.stride(2), q.stride(1),
+                                         k.data_ptr(), k.stride(2), k.stride(1),
+                                         v.data_ptr(), v.stride(2), v.stride(1),
+                                         T, nh, k.shape[1], hd, k.shape[2] - T, scale,
+                                         y[b].data_ptr(), 1, path)
+            if rc:
+                raise RuntimeError(f"hl_attention_causal failed ({rc})")
+        return y
 
     for layer in model.model.layers:
-        layer.self_attn.row_attention_fn = row_attention
+        layer.self_attn.rows_attention_fn = rows_attention
 
 
-def _set_kernel_threads(model: Llama, threads: int):
-    """Run the GGUF matmul kernels (GGMLLinear, and the fused projections over them) on
-    `threads` threads (e.g. 1 on a CPU shared with other busy processes)."""
+def _set_kernel_threads(model: Llama, threads: int) -> bool:
+    """Give the C kernels of the model (GGMLLinear and the fused projections over them, the
+    prefill attention) an explicit thread count; return whether every matmul is such a
+    kernel (then nothing else in a step needs more than one thread)."""
+    from torch import nn
+
     from homellm.engine import kernels
     for m in model.modules():
         if isinstance(m, kernels.GGMLLinear):
             m.threads = threads
+    for layer in model.model.layers:
+        if isinstance(layer.self_attn.attention_fn, kernels.CausalAttention):
+            layer.self_attn.attention_fn = _PrefillAttention(threads)
+    return not any(isinstance(m, nn.Linear) for m in model.modules())
+
+
+class _PrefillAttention:
+    """kernels.CausalAttention on a fixed number of threads."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def __call__(self, q, k, v):
+        from homellm.engine import kernels
+        return kernels.attention_causal(q, k, v, k.shape[2] - q.shape[2], threads=self.threads)
+
+
+def _torch_ops_on_one_thread() -> bool:
+    """Run this thread's PyTorch ops on one OpenMP thread, leaving other threads and torch's
+    global setting alone (torch.set_num_threads would change the default of every thread
+    started later). A decode step's own torch ops are tiny (one query's attention per row,
+    argmax over the vocabulary): a thread team costs more than their work, and ~50x more when
+    other processes share the CPU. Returns whether it took effect."""
+    import ctypes
+    import glob
+    import os
+    torch.zeros(1 << 16).sum()  # torch sets this thread's count on its first parallel op
+    libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for path in sorted(glob.glob(os.path.join(libdir, "libgomp*.so*"))):
+        try:
+            ctypes.CDLL(path).omp_set_num_threads(1)
+        except (OSError, AttributeError):
+            continue
+        if torch.get_num_threads() == 1:
+            return True
+    return False

@@ -78,10 +78,11 @@ class Attention(nn.Module):
         # optional causal attention (q, k, v) -> (B, T, n_heads * head_dim), the queries being
         # the last T key positions (the loader sets engine/kernels CausalAttention); None: SDPA
         self.attention_fn = None
-        # optional attention of the same contract for one row of a batch whose rows are at
-        # their own positions (engine/batch.py sets a single-threaded kernel: B small calls
-        # per layer); None: as the batch-1 path
-        self.row_attention_fn = None
+        # optional attention for a batch whose rows are at their own positions: (q (B, n_heads,
+        # T, hd), keys, values: per row (1, n_kv, S_b, hd)) -> (B, T, n_heads * hd), row b's
+        # queries being the last T of its S_b positions (engine/batch.py sets one that calls
+        # the C kernel row by row on one thread); None: `attend` row by row
+        self.rows_attention_fn = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | Tensor,
                 cache: KVCacheProtocol | None, mask: Tensor | None) -> Tensor:
@@ -98,9 +99,8 @@ class Attention(nn.Module):
             # rows at their own positions: each attends to its own keys, exactly as it would
             # alone (no padding, so a row's result does not depend on the others)
             keys, values = cache.update(self.layer, k, v, start_pos)  # per row (1, n_kv, S_b, hd)
-            if self.row_attention_fn is not None:
-                y = torch.cat([self.row_attention_fn(q[b:b + 1].to(vb.dtype), kb.to(vb.dtype), vb)
-                               for b, (kb, vb) in enumerate(zip(keys, values))])
+            if self.rows_attention_fn is not None:
+                y = self.rows_attention_fn(q, keys, values)
             else:
                 y = torch.cat([self.attend(q[b:b + 1], kb, vb, None if T == 1 or self.attention_fn
                                            else causal_mask(T, kb.shape[2], x.device))
