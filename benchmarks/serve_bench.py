@@ -4,7 +4,7 @@ Each server runs as its own process on the same GGUF file and thread count. For 
 concurrent streaming clients (each sends --rounds requests one after another; greedy,
 --max-tokens each) it measures aggregate output tokens/s (streamed tokens / wall time) and
 p50/p99 time to first token. Then prefix reuse: a conversation whose first turn carries
-~--history tokens; the second turn's time to first token and prefilled tokens, against the
+~--history words (950: ~1,000 tokens); the second turn's time to first token and prefilled tokens, against the
 first turn's and against the same second-turn prompt sent cold (a different first word, so
 nothing but the template's system header matches).
 
@@ -167,7 +167,8 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
     p.add_argument("--clients", default="1,4,16")
-    p.add_argument("--history", type=int, default=600, help="words of history (~1.5 tokens each)")
+    p.add_argument("--history", type=int, default=950,
+                   help="words of history in the first turn (950: ~1,000 tokens)")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
@@ -182,7 +183,8 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     ours = [sys.executable, "-m", "homellm", "serve", "-m", args.model, "--port", str(port),
-            "--max-batch", str(max(args.clients)), "--ctx", "2048", "--preload"]
+            "--max-batch", str(max(args.clients)), "--ctx", "2048", "--threads", str(args.threads),
+            "--preload"]
     result["homellm"] = measure("homellm", ours, url, args, env)
     if not args.no_peer:
         peer_python = os.environ.get("HOMELLM_PEER_PYTHON", "/root/peers/llamacpp/bin/python")
