@@ -17,10 +17,12 @@ def free_port() -> int:
 
 
 def test_serve_starts_says_where_and_answers(default_gguf, homellm_home):
+    from homellm import catalog
+    catalog.pull(str(default_gguf), name="mini:q4")  # a catalog model next to a path
     port = free_port()
     env = dict(os.environ, HOMELLM_HOME=str(homellm_home))
     proc = subprocess.Popen([sys.executable, "-m", "homellm", "serve", "-m", str(default_gguf),
-                             "--port", str(port), "--ctx", "1024", "--api-key", "k",
+                             "mini", "--port", str(port), "--ctx", "1024", "--api-key", "k",
                              "--max-batch", "2"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -36,10 +38,12 @@ def test_serve_starts_says_where_and_answers(default_gguf, homellm_home):
             except openai.APIConnectionError:
                 assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
                 time.sleep(0.2)
-        assert [m.id for m in models.data] == ["smollm2-135m-instruct.q4_1"]
+        assert [m.id for m in models.data] == ["smollm2-135m-instruct.q4_1", "mini:q4"]
         r = client.chat.completions.create(model="smollm2-135m-instruct.q4_1", max_tokens=4,
                                            messages=[{"role": "user", "content": "Hi"}])
         assert r.usage.completion_tokens >= 1 and r.timings["predicted_n"] == r.usage.completion_tokens
+        r = client.completions.create(model="mini", prompt="Hello", max_tokens=2)  # a family alias
+        assert r.model == "mini:q4" and r.usage.completion_tokens == 2
     finally:
         proc.terminate()
         proc.wait(30)

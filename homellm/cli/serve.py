@@ -9,9 +9,9 @@ HELP = "serve models over an OpenAI-compatible HTTP API (continuous batching)"
 
 
 def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("-m", "--model", action="append", default=None, metavar="NAME",
-                   help="catalog name or path of a model to serve (repeatable; default: every "
-                        "model in the catalog, and the default model)")
+    p.add_argument("-m", "--model", action="extend", nargs="+", default=None, metavar="NAME",
+                   help="catalog names or paths of the models to serve (-m a b, or -m a -m b; "
+                        "default: every model in the catalog, and the default model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--api-key", default=None,
