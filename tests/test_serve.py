@@ -42,7 +42,8 @@ class LiveServer:
 
 
 def registry_for(path, **config) -> ModelRegistry:
-    return ModelRegistry({MODEL: path}, ServeConfig(**config))
+    # one matmul thread: these tests share the CPU with others (thread teams then stall)
+    return ModelRegistry({MODEL: path}, ServeConfig(threads=1, **config))
 
 
 @pytest.fixture(scope="module")
