@@ -47,6 +47,10 @@ def test_serve_starts_says_where_and_answers(default_gguf, homellm_home):
     finally:
         proc.terminate()
         proc.wait(30)
+    log = proc.stderr.read()
+    assert "completion mini:q4: prompt 1 tokens (0 cached), first token" in log
+    assert "chat smollm2-135m-instruct.q4_1: prompt " in log
+    assert "reply 2 tokens at" in log and "tok/s, length" in log and "Traceback" not in log
 
 
 @pytest.mark.parametrize("flags,message", [

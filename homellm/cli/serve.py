@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="keys/values kept per model for prefix reuse (default 256)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the matmuls (default: $HOMELLM_THREADS, else one per core)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no line per request (model, tokens, time to first token, tok/s)")
     p.add_argument("--preload", action="store_true",
                    help="load the first model now instead of on its first request")
     p.add_argument("--db", default=None, metavar="URL",
@@ -55,7 +57,15 @@ def main(args: argparse.Namespace) -> int:
     if args.memory_budget is not None and args.memory_budget <= 0:
         raise HomellmError(f"--memory-budget {args.memory_budget}: expected more than 0 GB")
 
+    import logging
+
     import uvicorn
+    if not args.quiet:  # one line per request with its speeds (serve/openai_routes.py)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger = logging.getLogger("homellm.serve")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
     from homellm.serve import ModelRegistry, ServeConfig, create_app
     config = ServeConfig(ctx=args.ctx, max_batch=args.max_batch, max_queue=args.max_queue,

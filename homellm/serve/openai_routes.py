@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -18,13 +19,26 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from homellm.serve.completion import (CompletionStream, Delta, GenerationSettings, TokenLogprob,
+from homellm.serve.completion import (CompletionStream, GenerationSettings, TokenLogprob,
                                       start_chat, start_completion)
 from homellm.serve.errors import APIError, invalid
 from homellm.serve.registry import ModelRegistry
 from homellm.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 FINGERPRINT = "homellm"
+log = logging.getLogger("homellm.serve")
+
+
+def log_speed(path: str, streams: list[CompletionStream]):
+    """One line per finished request: its model, tokens and speeds (the CLI shows it)."""
+    for s in streams:
+        r = s.result
+        if r is None:  # cancelled (the client went away)
+            log.info("%s %s: cancelled", path, s.model.id)
+            continue
+        log.info("%s %s: prompt %d tokens (%d cached), first token %.0f ms, reply %d tokens at "
+                 "%.1f tok/s, %s", path, r.model, r.prompt_tokens, r.cached_tokens,
+                 r.ttft_s * 1e3, r.completion_tokens, r.decode_tps, r.finish_reason)
 
 
 def api_key_check(api_key: str | None):
@@ -203,6 +217,7 @@ def openai_router(api_key: str | None = None) -> APIRouter:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return streaming_response(chat_chunks(streams, rid, created, mid, want_logprobs, usage))
         outputs = await collect_unless_disconnected(request, streams)
+        log_speed("chat", streams)
         choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
                     "logprobs": chat_logprobs(tokens) if want_logprobs else None,
                     "finish_reason": s.result.finish_reason}
@@ -239,6 +254,7 @@ def openai_router(api_key: str | None = None) -> APIRouter:
             return streaming_response(completion_chunks(streams, rid, created, mid, want_logprobs,
                                                         usage))
         outputs = await collect_unless_disconnected(request, streams)
+        log_speed("completion", streams)
         choices = [{"index": i, "text": text,
                     "logprobs": completion_logprobs(tokens, 0) if want_logprobs else None,
                     "finish_reason": s.result.finish_reason}
@@ -289,6 +305,7 @@ async def chat_chunks(streams, rid, created, mid, want_logprobs: bool, include_u
     finally:
         for s in streams:
             s.cancel()
+        log_speed("chat", streams)
 
 
 async def completion_chunks(streams, rid, created, mid, want_logprobs: bool, include_usage: bool):
@@ -317,6 +334,5 @@ async def completion_chunks(streams, rid, created, mid, want_logprobs: bool, inc
     finally:
         for s in streams:
             s.cancel()
+        log_speed("completion", streams)
 
-
-__all__ = ["openai_router", "Delta"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -296,13 +295,3 @@ class ModelRegistry:
                             "engine": m.engine.stats()} if m is not None else {})})
         return out
 
-
-def process_rss_bytes() -> int:
-    try:
-        with open(f"/proc/{os.getpid()}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
