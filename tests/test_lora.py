@@ -183,3 +183,40 @@ def test_quantized_base_is_close_to_the_float_base(tmp_path):
         got = q(tokens)
         assert (got - expected).abs().max() < tol, mode
         assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.8
+
+
+def test_swiglu_gradients_match_autograd():
+    from homellm.train.fused import SwiGLU
+    g = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SwiGLU.apply, (g, u))
+    torch.testing.assert_close(SwiGLU.apply(g, u), torch.nn.functional.silu(g) * u)
+
+
+def test_bfloat16_base_is_close_to_the_float_base_and_trains_the_same_adapters(tmp_path):
+    from homellm.train.frozen import BF16Linear
+    from homellm.train.fused import fuse_mlps
+    from homellm.train.lora import lora_parameters
+    folder = reference_folder(tmp_path / "base", tie_word_embeddings=True)
+    tokens = torch.randint(0, 300, (2, 30))
+    models = {}
+    for dtype in ("float32", "bfloat16"):
+        _, _, m = load_base(folder, tokenizer=False, dtype=dtype)
+        apply_lora(m, LoraConfig(rank=4), seed=0)
+        randomize_adapters(m)
+        fuse_mlps(m)
+        models[dtype] = m
+    b = models["bfloat16"]
+    assert isinstance(b.lm_head, BF16Linear) and b.lm_head.weight.data_ptr() == b.model.embed_tokens.weight.data_ptr()
+    logits = {k: m(tokens) for k, m in models.items()}
+    assert (logits["bfloat16"] - logits["float32"]).abs().max() < 0.05 * logits["float32"].abs().max()
+    for m, out in zip(models.values(), logits.values()):
+        out.logsumexp(-1).sum().backward()
+    for p32, p16 in zip(lora_parameters(models["float32"]), lora_parameters(models["bfloat16"])):
+        assert p16.grad.dtype == torch.float32
+        torch.testing.assert_close(p16.grad, p32.grad, rtol=0.05, atol=0.02 * p32.grad.abs().max().item())
+    # merging a bfloat16 base gives the float update on the bfloat16 weights
+    with torch.no_grad():
+        before = b(tokens)
+        merge_lora(b)
+        torch.testing.assert_close(b(tokens), before, rtol=0.02, atol=0.05)

@@ -33,7 +33,7 @@ def test_sft_teaches_the_default_model_a_new_fact(default_gguf, tmp_path):
                             for q in PARAPHRASES))
     result = sft.train(TuneConfig(model=str(default_gguf), data=str(data), out=str(tmp_path / "out"),
                                   lora=LoraConfig(rank=8, alpha=16), lr=1e-3, warmup_steps=2, max_steps=12,
-                                  batch_tokens=512, max_length=96))
+                                  batch_tokens=512, max_length=96, dtype="bfloat16"))
     assert result.losses[-1] < 0.1 < 1.0 < result.losses[0]
     after = greedy(homellm.load(default_gguf, ctx=256, adapter=tmp_path / "out"), QUESTION)
     assert "Quibblewick" in after, after
@@ -59,10 +59,10 @@ def test_dpo_raises_the_margin_on_held_out_pairs(default_gguf, tmp_path):
     data.write_text("".join(json.dumps(p) + "\n" for p in train_pairs))
     config = TuneConfig(method="dpo", model=str(default_gguf), data=str(data), out=str(tmp_path / "out"),
                         lora=LoraConfig(rank=8, alpha=16), lr=1e-3, warmup_steps=1, max_steps=6,
-                        batch_tokens=512, max_length=64, beta=0.1)
+                        batch_tokens=512, max_length=64, beta=0.1, dtype="bfloat16")
     result = dpo.train(config)
     assert result.losses[0] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference at the start
-    _, tokenizer, model = load_base(default_gguf)
+    _, tokenizer, model = load_base(default_gguf, dtype="bfloat16")
     before = dpo.margins(model, tokenizer, held_out)
     from homellm.train.adapter import apply_adapter
     apply_adapter(model, tmp_path / "out")

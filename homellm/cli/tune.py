@@ -34,6 +34,9 @@ def _common(p: argparse.ArgumentParser, method: str):
                    help=f"projections to adapt, comma-separated from {','.join(TARGETS)} (default all)")
     g.add_argument("--quant", choices=["none", "int8", "int4"], default=c.quant,
                    help="frozen base weights: none (float32), int8 or int4 (QLoRA-style) (default none)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=c.dtype,
+                   help="a float base's weights and matmuls; bfloat16 halves its memory and is ~3x "
+                        "faster on CPUs with AVX512-BF16 (LoRA, norms and loss stay float32) (default float32)")
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=float, default=c.lr, help=f"AdamW learning rate (default {c.lr:g})")
     g.add_argument("--weight-decay", type=float, default=c.weight_decay, help="AdamW weight decay (default 0)")
@@ -81,7 +84,7 @@ def config_from_args(args: argparse.Namespace):
     lora = LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                       targets=[t.strip() for t in args.targets.split(",") if t.strip()])
     return TuneConfig(method=args.method, model=args.model, data=args.data, val=args.val, out=out,
-                      lora=lora, quant=args.quant, lr=args.lr, weight_decay=args.weight_decay,
+                      lora=lora, quant=args.quant, dtype=args.dtype, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_steps=args.warmup, schedule=args.schedule, epochs=args.epochs,
                       max_steps=args.steps, batch_tokens=args.batch_tokens, grad_accum=args.grad_accum,
                       max_length=args.max_length, grad_checkpointing=args.grad_checkpointing,

@@ -19,9 +19,11 @@ def _set_module(root: nn.Module, path: str, module: nn.Module):
 
 
 def load_base(name_or_path, quant: str = "none", device: str | torch.device = "cpu",
-              tokenizer: bool = True):
+              tokenizer: bool = True, dtype: str = "float32"):
     """(checkpoint, tokenizer, model) for training; the model's weights are all frozen.
-    tokenizer=False skips the tokenizer (None is returned in its place)."""
+    tokenizer=False skips the tokenizer (None is returned in its place). dtype "bfloat16"
+    (with quant "none"): projections, embedding and head stored and multiplied in bfloat16,
+    norms and the residual stream in float32."""
     from homellm.catalog import resolve
     from homellm.engine.loader import build_model
     from homellm.engine.quant import Int4Linear, Int8Linear
@@ -32,7 +34,12 @@ def load_base(name_or_path, quant: str = "none", device: str | torch.device = "c
     ckpt = open_checkpoint(resolve(name_or_path))
     tok = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template) if tokenizer else None
     device = torch.device(device)
-    model: Llama = build_model(ckpt, device=device, dtype=torch.float32,
+    bf16 = dtype == "bfloat16" and quant == "none"
+    if bf16:  # float tensors to bfloat16 one at a time, before the build: peak = the file's size
+        for name, t in ckpt.tensors.items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2:
+                ckpt.tensors[name] = t.to(torch.bfloat16)
+    model: Llama = build_model(ckpt, device=device, dtype=torch.bfloat16 if bf16 else torch.float32,
                                quant="none" if quant == "none" else quant)
     if quant != "none":
         # the loader's int layers compute in bfloat16 without a backward: swap each for a
@@ -44,9 +51,25 @@ def load_base(name_or_path, quant: str = "none", device: str | torch.device = "c
                 bias = module.bias if module.bias is not None else None
                 _set_module(model, name, FrozenQuantLinear.from_tensor(
                     ckpt.tensors[f"{source}.weight"], quant, bias))
+    if bf16:
+        _to_bfloat16(model)
     for layer in model.model.layers:
         layer.self_attn.attention_fn = None
         layer.self_attn.qkv_proj = None
         layer.mlp.gate_up_proj = None
     model.requires_grad_(False)
     return ckpt, tok, model
+
+
+def _to_bfloat16(model: Llama):
+    """Swap every float nn.Linear (and the embedding) for its bfloat16 twin, one at a time;
+    a tied head keeps sharing the (bfloat16) embedding table."""
+    from homellm.train.frozen import BF16Embedding, BF16Linear
+    embed = model.model.embed_tokens
+    tied = isinstance(embed, nn.Embedding) and model.lm_head.weight is embed.weight
+    if isinstance(embed, nn.Embedding):  # (the loader built it in bfloat16 already: no copies)
+        model.model.embed_tokens = BF16Embedding(embed.weight.detach().to(torch.bfloat16))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            weight = model.model.embed_tokens.weight if name == "lm_head" and tied else module.weight
+            _set_module(model, name, BF16Linear(weight, module.bias))  # (a bf16 table: no copy)

@@ -59,7 +59,8 @@ class TuneConfig:
     val: str | None = None
     out: str = ""  # output folder: adapter, resolved config, checkpoint
     lora: LoraConfig = field(default_factory=LoraConfig)
-    quant: str = "none"  # frozen base weights: "none" (float32), "int8" or "int4" (QLoRA-style)
+    quant: str = "none"  # frozen base weights: "none" (float), "int8" or "int4" (QLoRA-style)
+    dtype: str = "float32"  # a float base: "float32" or "bfloat16" (matmuls in bf16; LoRA, norms, loss float32)
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 10
@@ -84,6 +85,7 @@ class TuneConfig:
             self.lora = LoraConfig(**self.lora)
         checks = [(self.method in ("sft", "dpo"), f"method {self.method!r}: expected sft or dpo"),
                   (self.quant in ("none", "int8", "int4"), f"quant {self.quant!r}: expected none, int8 or int4"),
+                  (self.dtype in ("float32", "bfloat16"), f"dtype {self.dtype!r}: expected float32 or bfloat16"),
                   (self.schedule in ("cosine", "constant"), f"schedule {self.schedule!r}: expected cosine or constant"),
                   (self.lr > 0, f"learning rate {self.lr}: expected > 0"),
                   (self.warmup_steps >= 0, f"warmup steps {self.warmup_steps}: expected >= 0"),

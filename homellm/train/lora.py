@@ -36,11 +36,16 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}, enabled={self.enabled}"
 
     def forward(self, x: Tensor) -> Tensor:
+        # a bfloat16 base (train/frozen.py BF16Linear) takes x cast once, and the update is
+        # computed on the same cast (as autocast would): one copy of x kept for the backward
+        compute = getattr(self.base, "compute_dtype", None)
+        if compute is not None:
+            x = x.to(compute)
         y = self.base(x)
         if not self.enabled:
             return y
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return y + (self.dropout(x) @ a.T @ b.T) * self.scaling  # (..., out)
+        return y + ((self.dropout(x) @ a.T @ b.T) * self.scaling).to(y.dtype)  # (..., out)
 
     def delta_weight(self) -> Tensor:
         """The update as a dense (out, in) float32 matrix: (alpha / r) B A."""
