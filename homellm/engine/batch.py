@@ -1,9 +1,9 @@
 """Continuous batching: one engine thread decodes many sequences together.
 
 Each submitted request gets a slot of a BatchKVCache (its own positions and keys/values)
-once one is free. Between decode steps the thread admits waiting requests, prefills at most
-one chunk of one prompt (so running streams keep flowing while a long prompt comes in), then
-runs one decode step for every sequence that has a token to feed: B tokens as the B rows of
+once one is free. Between decode steps the thread admits waiting requests, prefills a bounded
+number of prompt positions (chunks of the waiting prompts in turn, so running streams keep
+flowing while a long prompt comes in), then runs one decode step for every sequence that has a token to feed: B tokens as the B rows of
 one forward through the PyTorch `Llama`, at B different positions (the quantized linear
 layers read their weights once for all rows; attention runs per row on the row's own keys).
 
@@ -57,8 +57,8 @@ class BatchConfig:
     max_batch: int = 8            # sequences decoded together (slots of the KV cache)
     ctx: int = 4096               # positions per slot (prompt + reply)
     max_queue: int = 64           # requests waiting for a slot; one more is QueueFullError
-    prefill_chunk: int = 512      # prompt positions per forward while nothing else decodes
-    prefill_chunk_busy: int = 128  # ... while other streams decode (they wait for each chunk)
+    prefill_chunk: int = 512      # prompt positions per step while nothing else decodes
+    prefill_chunk_busy: int = 128  # ... while other streams decode (they wait for each step)
     prefix_cache_bytes: int = 512 << 20  # keys/values kept for prefix reuse (LRU)
     threads: int | None = None    # threads of the matmul kernels; None: torch's setting
 
@@ -295,12 +295,16 @@ class BatchEngine:
         self.prefix.store(tokens, keys, values)
 
     def _step(self):
-        prefilling = [s for s in self.active if not s.decoding]
-        if prefilling:
-            seq = prefilling[0]
-            busy = any(s.decoding for s in self.active)
-            chunk = self.config.prefill_chunk_busy if busy else self.config.prefill_chunk
-            self._guard([seq.ticket], lambda: self._prefill(seq, chunk))
+        # prompts take turns in admission order, up to `budget` prompt positions per step
+        # (several short prompts arriving together all start in the same step)
+        busy = any(s.decoding for s in self.active)
+        budget = self.config.prefill_chunk_busy if busy else self.config.prefill_chunk
+        for seq in [s for s in self.active if not s.decoding]:
+            if budget <= 0:
+                break
+            n = min(budget, len(seq.ticket.request.ids) - 1 - seq.prefilled)
+            self._guard([seq.ticket], lambda: self._prefill(seq, n))
+            budget -= n
         decoding = [s for s in self.active if s.decoding]
         if decoding:
             self._guard([s.ticket for s in decoding], lambda: self._decode(decoding))
