@@ -428,3 +428,38 @@ def test_penalties_match_a_reference_loop(client, tokenizer, default_gguf):
             seq.append(int(logits.argmax()))
     assert r.choices[0].text == tokenizer.decode(seq[len(prompt):])
     assert r.choices[0].text != plain.choices[0].text  # the penalties changed the reply
+
+
+def test_python_api_streams_reports_and_cancels(default_gguf):
+    """serve/completion.py without HTTP (what the web app calls): deltas, the result with the
+    seed it drew, and `async with` freeing the one slot when the reader stops early."""
+    import asyncio
+
+    from homellm.serve import GenerationSettings, start_chat
+    registry = registry_for(default_gguf, max_batch=1, max_queue=0, ctx=256)
+
+    async def scenario():
+        s = await start_chat(registry, MODEL, ask("Hi"), GenerationSettings(max_tokens=5))
+        text, tokens = await s.collect()
+        r = s.result
+        assert r.completion_tokens == len(tokens) <= 5 and "".join(t.text for t in tokens) == text
+        assert r.finish_reason in ("stop", "length") and 0 <= r.seed < 2**63
+        again = await start_chat(registry, MODEL, ask("Hi"),
+                                 GenerationSettings(max_tokens=5, seed=r.seed))
+        assert (await again.collect())[0] == text  # the reported seed reproduces the reply
+        async with await start_chat(registry, MODEL, ask("Write an essay."),
+                                    GenerationSettings(max_tokens=200)) as long:
+            async for _ in long:
+                break
+        engine = registry.loaded[MODEL].engine
+        deadline = time.time() + 5
+        while not engine.idle and time.time() < deadline:
+            await asyncio.sleep(0.02)
+        assert engine.idle and engine.stats()["generated_tokens"] < 100
+        s = await start_chat(registry, MODEL, ask("Hi"), GenerationSettings(max_tokens=2))
+        await s.collect()  # the slot was free: no 503
+        assert registry.loaded[MODEL].in_use == 0
+    try:
+        asyncio.run(scenario())
+    finally:
+        registry.close()

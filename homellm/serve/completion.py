@@ -11,8 +11,9 @@ The OpenAI routes call this, and so can the web app:
 
 `start_*` refuse at once (before any text) with an APIError: unknown model 404, a prompt
 longer than the context 400 `context_length_exceeded`, a full queue 503 with Retry-After,
-invalid settings 400 naming the field. Leaving the iteration early (break, an exception, a
-cancelled task) cancels the request in the engine.
+invalid settings 400 naming the field. A task cancelled while it waits for the next delta
+cancels the request in the engine; a consumer that stops reading for another reason calls
+`cancel()`, or reads inside `async with stream:`, which cancels on the way out.
 """
 from __future__ import annotations
 
@@ -147,6 +148,12 @@ class CompletionStream:
 
     def __aiter__(self):
         return self
+
+    async def __aenter__(self) -> "CompletionStream":
+        return self
+
+    async def __aexit__(self, *exc):
+        self.cancel()  # a no-op for the engine once the request has finished
 
     async def __anext__(self) -> Delta:
         if self._done:
