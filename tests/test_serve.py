@@ -463,3 +463,15 @@ def test_python_api_streams_reports_and_cancels(default_gguf):
         asyncio.run(scenario())
     finally:
         registry.close()
+
+
+def test_a_disconnected_non_streaming_request_is_cancelled(one_slot):
+    live, _ = one_slot
+    body = {"model": MODEL, "messages": ask("Write a very long essay about mountains."),
+            "max_tokens": 500, "temperature": 0}
+    httpx.post(live.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})
+    before = engine_stats(live.url)["generated_tokens"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(live.url + "/v1/chat/completions", json=body, timeout=1.0)  # gives up
+    assert wait_until(lambda: engine_stats(live.url)["active"] == 0, timeout=5)
+    assert engine_stats(live.url)["generated_tokens"] - before < 300  # not run to ~490 tokens

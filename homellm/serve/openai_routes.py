@@ -131,8 +131,8 @@ async def collect_unless_disconnected(request: Request, streams: list[Completion
             done, _ = await asyncio.wait({task}, timeout=0.25)
             if done:
                 return task.result()
-            if await request.is_disconnected():
-                raise asyncio.CancelledError
+            if await request.is_disconnected():  # nobody will read the answer: stop now
+                raise APIError(499, "the client closed the connection", code="client_closed")
     except BaseException:
         task.cancel()
         for s in streams:
