@@ -247,7 +247,8 @@ def test_unknown_model_is_404(client):
 
 
 @pytest.mark.parametrize("field,value", [("temperature", 5), ("max_tokens", 0), ("top_p", "x"),
-                                         ("top_logprobs", 50), ("n", 0), ("presence_penalty", 9)])
+                                         ("top_logprobs", 50), ("n", 0), ("presence_penalty", 9),
+                                         ("seed", 2**70), ("stop", [1, 2])])
 def test_invalid_parameters_are_400_naming_them(client, field, value):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=ask("hi"), extra_body={field: value})

@@ -227,6 +227,10 @@ def _check_settings(s: GenerationSettings):
         raise invalid("stop", "expected a string or a list of strings")
     if s.top_logprobs < 0 or s.top_logprobs > 20:
         raise invalid("top_logprobs", f"expected 0 to 20, got {s.top_logprobs}")
+    if s.seed is not None and not -2**63 <= s.seed < 2**64 - 16:
+        raise invalid("seed", f"expected a 64-bit integer, got {s.seed}")
+    if s.max_tokens is not None and s.max_tokens < 1:
+        raise invalid("max_tokens", f"expected at least 1, got {s.max_tokens}")
 
 
 async def _start(registry: ModelRegistry, model_name: str, make_ids, settings: GenerationSettings,
