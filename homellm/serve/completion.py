@@ -25,6 +25,7 @@ from homellm.serve.errors import APIError, invalid
 from homellm.serve.registry import LoadedModel, ModelRegistry
 
 MAX_STOPS = 16
+MAX_STOP_CHARS = 1024
 
 
 @dataclass
@@ -225,6 +226,8 @@ def _check_settings(s: GenerationSettings):
         raise invalid("stop", f"at most {MAX_STOPS} stop strings, got {len(s.stop)}")
     if any(not isinstance(x, str) for x in s.stop):
         raise invalid("stop", "expected a string or a list of strings")
+    if any(len(x) > MAX_STOP_CHARS for x in s.stop):
+        raise invalid("stop", f"a stop string may have at most {MAX_STOP_CHARS} characters")
     if s.top_logprobs < 0 or s.top_logprobs > 20:
         raise invalid("top_logprobs", f"expected 0 to 20, got {s.top_logprobs}")
     if s.seed is not None and not -2**63 <= s.seed < 2**64 - 16:
