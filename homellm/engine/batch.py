@@ -430,8 +430,6 @@ def _set_kernel_threads(model: Llama, threads: int) -> bool:
     """Give the C kernels of the model (GGMLLinear and the fused projections over them, the
     prefill attention) an explicit thread count; return whether every matmul is such a
     kernel (then nothing else in a step needs more than one thread)."""
-    from torch import nn
-
     from homellm.engine import kernels
     for m in model.modules():
         if isinstance(m, kernels.GGMLLinear):
@@ -439,7 +437,11 @@ def _set_kernel_threads(model: Llama, threads: int) -> bool:
     for layer in model.model.layers:
         if isinstance(layer.self_attn.attention_fn, kernels.CausalAttention):
             layer.self_attn.attention_fn = _PrefillAttention(threads)
-    return not any(isinstance(m, nn.Linear) for m in model.modules())
+    projections = [model.lm_head]
+    for layer in model.model.layers:
+        projections += [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        projections += [getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+    return all(isinstance(m, kernels.GGMLLinear) for m in projections)
 
 
 class _PrefillAttention:
