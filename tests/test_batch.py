@@ -106,24 +106,28 @@ def test_a_request_joins_between_decode_steps(tiny):
     try:
         events = []
         lock = threading.Lock()
-        first_step = threading.Event()
+        first, submitted = threading.Event(), threading.Event()
 
         def sink(name):
             def put(item):
                 with lock:
                     events.append((name, item))
-                first_step.set()
+                if name == "long":
+                    first.set()
+                    assert submitted.wait(30)  # the engine waits here until "short" is queued
             return put
 
         engine.submit(Request([1, 2, 3], GREEDY, max_tokens=150), sink("long"))
-        assert first_step.wait(30)
+        assert first.wait(30)  # "long" is decoding (its first step is being delivered)
         engine.submit(Request([4, 5, 6], GREEDY, max_tokens=5), sink("short"))
+        submitted.set()
         deadline = time.time() + 60
         while time.time() < deadline and sum(1 for n, s in events if s.finish_reason) < 2:
             time.sleep(0.01)
         names = [n for n, _ in events]
         short_done = max(i for i, n in enumerate(names) if n == "short")
-        assert "long" in names[short_done + 1:], "the short request waited for the long one"
+        assert names.index("short") < 10 and names[:2] == ["long", "long"]  # joined mid-stream
+        assert names[short_done + 1:].count("long") > 100, "the short one waited for the long one"
         short = tokens_of([s for n, s in events if n == "short"])
         assert short == tokens_of(Engine(tiny, ctx=256).generate([4, 5, 6], GREEDY, max_tokens=5))
     finally:
@@ -133,13 +137,23 @@ def test_a_request_joins_between_decode_steps(tiny):
 def test_cancel_frees_the_slot_at_once(tiny):
     engine = BatchEngine(tiny, BatchConfig(max_batch=1, ctx=256, max_queue=4))
     try:
-        steps = engine.generate(Request([1, 2, 3], GREEDY, max_tokens=200))
-        next(steps), next(steps)
-        steps.close()  # the client went away
+        got, cancelled = [], threading.Event()
+
+        def sink(item):
+            got.append(item)
+            if len(got) == 2:
+                assert cancelled.wait(30)  # hold the engine until the client has gone
+
+        ticket = engine.submit(Request([1, 2, 3], GREEDY, max_tokens=200), sink)
+        while len(got) < 2:
+            time.sleep(0.001)
+        ticket.cancel()  # the client went away
+        cancelled.set()
         t0 = time.perf_counter()
         out = list(engine.generate(Request([9, 8], GREEDY, max_tokens=3)))
         assert len(tokens_of(out)) == 3 and time.perf_counter() - t0 < 5
-        assert engine.stats()["generated_tokens"] < 50  # the cancelled one stopped early
+        assert len(tokens_of(got)) == 2 and got[-1].finish_reason == "stop"  # no step after cancel
+        assert engine.stats()["generated_tokens"] == 5
     finally:
         engine.close()
 
@@ -147,14 +161,22 @@ def test_cancel_frees_the_slot_at_once(tiny):
 def test_a_full_queue_is_refused(tiny):
     engine = BatchEngine(tiny, BatchConfig(max_batch=1, ctx=256, max_queue=1))
     try:
-        started = threading.Event()
-        a = engine.submit(Request([1, 2], GREEDY, max_tokens=250), lambda s: started.set())
+        started, done = threading.Event(), threading.Event()
+
+        def hold(step):  # keeps "a" in its slot (the engine waits here) until the checks are done
+            started.set()
+            done.wait(30)
+
+        a = engine.submit(Request([1, 2], GREEDY, max_tokens=250), hold)
         assert started.wait(30)
         b = engine.submit(Request([3, 4], GREEDY, max_tokens=2), lambda s: None)
-        with pytest.raises(QueueFullError, match="busy") as e:
-            engine.submit(Request([5, 6], GREEDY, max_tokens=2), lambda s: None)
-        assert e.value.retry_after_s >= 1
-        a.cancel(), b.cancel()
+        try:
+            with pytest.raises(QueueFullError, match="busy") as e:
+                engine.submit(Request([5, 6], GREEDY, max_tokens=2), lambda s: None)
+            assert e.value.retry_after_s >= 1
+        finally:
+            a.cancel(), b.cancel()
+            done.set()
     finally:
         engine.close()
 
