@@ -96,7 +96,7 @@ class CompletionStream:
     def __init__(self, registry: ModelRegistry, model: LoadedModel, ids: list[int],
                  settings: GenerationSettings, seed: int, grammar, prompt_param: str = "messages"):
         from homellm.api import StopStrings
-        from homellm.engine.batch import QueueFullError, Request
+        from homellm.engine.batch import EngineClosedError, QueueFullError, Request
         from homellm.engine.sampling import SamplingParams
         from homellm.errors import ContextOverflowError
 
@@ -136,6 +136,9 @@ class CompletionStream:
         except QueueFullError as e:
             raise APIError(503, str(e), type="server_error", code="queue_full",
                            headers={"Retry-After": str(int(e.retry_after_s))}) from None
+        except EngineClosedError as e:  # unloaded (keep_alive) just as this request came
+            raise APIError(503, str(e), type="server_error", code="model_unloaded",
+                           headers={"Retry-After": "1"}) from None
         except ValueError as e:
             raise invalid(None, str(e)) from None
 
