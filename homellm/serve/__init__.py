@@ -1,4 +1,4 @@
-"""HTTP: the OpenAI-compatible API over the batching engine (and, later, the web app).
+"""HTTP: the OpenAI-compatible API over the batching engine; the web app (serve/web) shares it.
 
 create_app (app.py), ModelRegistry and ServeConfig (registry.py), the Python API for
 streaming a completion without HTTP (completion.py), OpenAI-style errors (errors.py).
