@@ -121,7 +121,12 @@ def test_ggml_linear_module():
     assert y.shape == (2, 5, 48) and y.dtype == torch.float32
     ref = x @ t.dequantize().T + bias
     assert rel(y, ref) < 1e-4
-    assert lin.data.dtype == torch.uint8 and lin.data.shape == (48, 3 * 34)
+    assert lin.data.dtype == torch.uint8
+    assert lin.packed == ("avx512" in _paths())  # Q8_0 repacked too (exact), else the raw rows
+    if not lin.packed:
+        assert lin.data.shape == (48, 3 * 34)
+    raw = GGMLLinear(t, bias=bias, hi=True, pack=False)
+    assert rel(lin(x), raw(x)) < 1e-5
     t4 = ggml_tensor(torch.randn(40, 96) * 0.05, Q.Q4_1)
     for pack in (True, False):
         lin4 = GGMLLinear(t4, pack=pack)
@@ -136,7 +141,7 @@ def test_fused_projections_match_separate_layers():
     from homellm.engine.kernels import FusedProjection
     g = torch.Generator().manual_seed(11)
     x = torch.randn(3, 37, 96, generator=g)  # M = 111: a partial 8-row tile
-    for qtype in (Q.Q4_0, Q.Q4_1):
+    for qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0):
         for hi in (False, True):
             ws = [torch.randn(n, 96, generator=g) * 0.05 for n in (64, 40, 40)]  # 40: a partial group
             lins = [GGMLLinear(ggml_tensor(w, qtype), bias=torch.randn(w.shape[0], generator=g), hi=hi)
@@ -149,8 +154,11 @@ def test_fused_projections_match_separate_layers():
                         for _ in range(2))
             h = FusedProjection([gate, up], glu=True)(x)
             torch.testing.assert_close(h, F.silu(gate(x)) * up(x), rtol=1e-5, atol=1e-6)
+    mixed = [GGMLLinear(ggml_tensor(torch.randn(32, 96, generator=g) * 0.05, t)) for t in (Q.Q4_0, Q.Q8_0)]
+    for y, lin in zip(FusedProjection(mixed)(x), mixed):  # Q4 and Q8_0 packs in one call
+        assert torch.equal(y, lin(x))
     with pytest.raises(ValueError):
-        FusedProjection([GGMLLinear(ggml_tensor(torch.randn(16, 96), Q.Q8_0))])  # not packed
+        FusedProjection([GGMLLinear(ggml_tensor(torch.randn(16, 96), Q.Q8_0), pack=False)])  # not packed
 
 
 @pytest.mark.parametrize("args", (TINY_LLAMA, TINY_QWEN2), ids=("llama", "qwen2"))

@@ -1012,17 +1012,19 @@ T512 static int matmul_packed_multi(const float *x, int M, int K, int nw, const 
     return 0;
 }
 
+/* q8s: for each weight, 1 if it is a Q8_0 pack (hl_repack_q8), 0 for Q4 (hl_repack_q4); NULL: all Q4 */
 int hl_matmul_packed_multi(const float *x, int M, int K, int nw, const uint8_t *const *pks, const int *Ns,
-                           float *const *ys, int nthreads, int hi, int glu) {
+                           float *const *ys, int nthreads, int hi, int glu, const int *q8s) {
     if (hl_best_path() != P_AVX512) return -2;
     if (K % 32 || nw < 1 || nw > 8 || (glu && (nw != 2 || Ns[0] != Ns[1]))) return -1;
     if (nthreads <= 0) nthreads = omp_get_max_threads();
-    return matmul_packed_multi(x, M, K, nw, pks, Ns, ys, nthreads, hi, glu, NULL);
+    return matmul_packed_multi(x, M, K, nw, pks, Ns, ys, nthreads, hi, glu, q8s);
 }
 
 /* y (M, N) = x (M, K) @ W^T with W repacked by hl_repack_q4; needs the AVX512 path */
-int hl_matmul_packed(const float *x, int M, int K, const uint8_t *pk, int N, float *y, int nthreads, int hi) {
-    return hl_matmul_packed_multi(x, M, K, 1, &pk, &N, &y, nthreads, hi, 0);
+int hl_matmul_packed(const float *x, int M, int K, const uint8_t *pk, int N, float *y, int nthreads, int hi,
+                     int q8) {
+    return hl_matmul_packed_multi(x, M, K, 1, &pk, &N, &y, nthreads, hi, 0, &q8);
 }
 
 /* the same activation quantization, exposed for the tests' reference */
