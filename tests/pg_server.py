@@ -52,7 +52,10 @@ def _find_bin() -> Path | None:
 def _as_server_user(cmd: list[str]) -> list[str]:
     if os.geteuid() != 0:
         return cmd
-    return ["runuser", "-u", "postgres", "--"] + cmd
+    # runuser lives in /usr/sbin, which a minimal PATH (cron, env -i, some CI runners) leaves out
+    runuser = shutil.which("runuser") or next((p for p in ("/usr/sbin/runuser", "/sbin/runuser")
+                                               if os.path.exists(p)), "runuser")
+    return [runuser, "-u", "postgres", "--"] + cmd
 
 
 @pytest.fixture(scope="session")
