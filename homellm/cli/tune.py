@@ -117,7 +117,15 @@ def main(args: argparse.Namespace) -> int:
         bar.set_postfix(postfix, refresh=False)
 
     train = sft.train if config.method == "sft" else dpo.train
-    result = train(config, progress=progress if main_process else None, resume=args.resume)
+    try:
+        result = train(config, progress=progress if main_process else None, resume=args.resume)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        if main_process and (Path(config.out) / "checkpoint").exists():
+            print(f"checkpoint saved in {config.out}: continue with the same command and --resume",
+                  file=sys.stderr)
+        raise
     if bar is not None:
         bar.close()
     if not main_process:

@@ -66,24 +66,28 @@ def train(config: TuneConfig, progress=None, resume: bool = False,
     """Run (or resume) DPO on preference pairs; the arguments are sft.train's."""
     s = sessions.setup(config, resume, progress)
     step = s.start_step
-    while step < len(s.steps) and (stop_after is None or step < stop_after):
-        torch.manual_seed(sessions.step_seed(config.seed, step, s.procs.rank))
-        batch = s.steps[step]
-        n_pairs = sum(len(mb) for mb in batch)
-        share = my_share(batch, s.procs.rank, s.procs.world)
-        loss_sum = 0.0
-        for j, (mb, weight) in enumerate(share):
-            tokens, labels = collate(s.items, mb, s.pad_id, s.procs.device)
-            with torch.no_grad(), adapters_disabled(s.model):
-                ref_c, ref_r = pair_logprobs(s.model, tokens, labels)
-            with s.sync(last=j == len(share) - 1):
-                logp, rows = s.module(tokens, labels)
-                seq = sequence_logprobs(logp, rows, tokens.shape[0])
-                loss = dpo_loss(seq[0::2], seq[1::2], ref_c, ref_r, config.beta).sum() * weight
-                (loss * s.procs.world / n_pairs).backward()
-            loss_sum += loss.item()
-        s.update()
-        loss_mean = s.procs.all_sum([loss_sum])[0] / n_pairs
-        s.after_step(step, loss_mean, lambda: validation(s))
-        step += 1
+    try:
+        while step < len(s.steps) and (stop_after is None or step < stop_after):
+            torch.manual_seed(sessions.step_seed(config.seed, step, s.procs.rank))
+            batch = s.steps[step]
+            n_pairs = sum(len(mb) for mb in batch)
+            share = my_share(batch, s.procs.rank, s.procs.world)
+            loss_sum = 0.0
+            for j, (mb, weight) in enumerate(share):
+                tokens, labels = collate(s.items, mb, s.pad_id, s.procs.device)
+                with torch.no_grad(), adapters_disabled(s.model):
+                    ref_c, ref_r = pair_logprobs(s.model, tokens, labels)
+                with s.sync(last=j == len(share) - 1):
+                    logp, rows = s.module(tokens, labels)
+                    seq = sequence_logprobs(logp, rows, tokens.shape[0])
+                    loss = dpo_loss(seq[0::2], seq[1::2], ref_c, ref_r, config.beta).sum() * weight
+                    (loss * s.procs.world / n_pairs).backward()
+                loss_sum += loss.item()
+            loss_mean = s.procs.all_sum([loss_sum])[0] / n_pairs
+            s.update()
+            step += 1
+            s.after_step(step - 1, loss_mean, lambda: validation(s))
+    except KeyboardInterrupt:  # Ctrl-C: keep what was done, to resume from
+        s.save_checkpoint(step, barrier=False)
+        raise
     return s.finish(step, stopped=step < len(s.steps))

@@ -166,13 +166,16 @@ class Session:
                            "lr": self.scheduler.get_last_lr()[0], "tokens": h["tokens"],
                            "tokens_per_s": h["tokens"] / max(elapsed, 1e-9), "val": val})
 
-    def save_checkpoint(self, step: int):
+    def save_checkpoint(self, step: int, barrier: bool = True):
+        """Checkpoint after `step` completed steps (barrier=False: on Ctrl-C, when the other
+        processes may be gone)."""
         self.history["seconds"] += time.perf_counter() - self.t0
         self.t0 = time.perf_counter()
         if self.procs.main:
             checkpoint.save(self.out, step=step, params=self.params, optimizer=self.optimizer,
                             scheduler=self.scheduler, history=self.history)
-        self.procs.barrier()
+        if barrier:
+            self.procs.barrier()
 
     def finish(self, step: int, stopped: bool) -> TuneResult:
         """Write the adapter and the resolved config (and a checkpoint when stopped early)."""

@@ -35,21 +35,25 @@ def train(config: TuneConfig, progress=None, resume: bool = False,
     k with a checkpoint, as an interrupted run would."""
     s = sessions.setup(config, resume, progress)
     step = s.start_step
-    while step < len(s.steps) and (stop_after is None or step < stop_after):
-        torch.manual_seed(sessions.step_seed(config.seed, step, s.procs.rank))
-        batch = s.steps[step]
-        n_targets = sum(s.items[i].n_targets for mb in batch for i in mb)
-        share = my_share(batch, s.procs.rank, s.procs.world)
-        loss_sum = 0.0
-        for j, (mb, weight) in enumerate(share):
-            tokens, labels = collate(s.items, mb, s.pad_id, s.procs.device)
-            with s.sync(last=j == len(share) - 1):
-                logp, _ = s.module(tokens, labels)
-                loss = -logp.sum() * weight
-                (loss * s.procs.world / n_targets).backward()
-            loss_sum += loss.item()
-        s.update()
-        loss_mean = s.procs.all_sum([loss_sum])[0] / n_targets
-        s.after_step(step, loss_mean, lambda: validation_loss(s))
-        step += 1
+    try:
+        while step < len(s.steps) and (stop_after is None or step < stop_after):
+            torch.manual_seed(sessions.step_seed(config.seed, step, s.procs.rank))
+            batch = s.steps[step]
+            n_targets = sum(s.items[i].n_targets for mb in batch for i in mb)
+            share = my_share(batch, s.procs.rank, s.procs.world)
+            loss_sum = 0.0
+            for j, (mb, weight) in enumerate(share):
+                tokens, labels = collate(s.items, mb, s.pad_id, s.procs.device)
+                with s.sync(last=j == len(share) - 1):
+                    logp, _ = s.module(tokens, labels)
+                    loss = -logp.sum() * weight
+                    (loss * s.procs.world / n_targets).backward()
+                loss_sum += loss.item()
+            loss_mean = s.procs.all_sum([loss_sum])[0] / n_targets
+            s.update()
+            step += 1
+            s.after_step(step - 1, loss_mean, lambda: validation_loss(s))
+    except KeyboardInterrupt:  # Ctrl-C: keep what was done, to resume from
+        s.save_checkpoint(step, barrier=False)
+        raise
     return s.finish(step, stopped=step < len(s.steps))
