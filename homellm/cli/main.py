@@ -21,7 +21,7 @@ COMMANDS = ["run", "chat", "serve", "pull", "list", "show", "rm", "export", "ben
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="homellm",
-        description="The open LLM stack for a home machine: run, chat, pull, list, show, rm, bench.",
+        description="The open LLM stack for a home machine: run, chat and serve models, keep a catalog, collect feedback data, fine-tune and measure them.",
         epilog="Models live in $HOMELLM_HOME/models (default ~/.homellm). "
                "Set HOMELLM_DEBUG=1 to see tracebacks.")
     parser.add_argument("--version", action="version", version=f"homellm {homellm.__version__}")
