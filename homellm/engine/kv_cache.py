@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from homellm.engine.tokens import common_prefix
 from homellm.model.config import ModelArgs
 
 
@@ -31,12 +32,7 @@ class KVCache:
 
     def common_prefix(self, ids: list[int]) -> int:
         """How many leading ids already have their keys and values here."""
-        n = 0
-        for a, b in zip(self.tokens, ids):
-            if a != b:
-                break
-            n += 1
-        return n
+        return common_prefix(self.tokens, ids)
 
 
 class BatchKVCache:
@@ -72,12 +68,7 @@ class BatchKVCache:
 
     def common_prefix(self, s: int, ids: list[int]) -> int:
         """How many leading ids slot s already holds."""
-        n = 0
-        for a, b in zip(self.tokens[s], ids):
-            if a != b:
-                break
-            n += 1
-        return n
+        return common_prefix(self.tokens[s], ids)
 
 
 class SlotView:

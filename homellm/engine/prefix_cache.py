@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from homellm.engine.tokens import common_prefix
+
 
 @dataclass
 class PrefixEntry:
@@ -26,17 +28,6 @@ class PrefixEntry:
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
-
-
-def common_prefix(a, b) -> int:
-    """Length of the longest common prefix of two id sequences."""
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    x = torch.as_tensor(a[:n], dtype=torch.long)
-    y = torch.as_tensor(b[:n], dtype=torch.long)
-    diff = (x != y).nonzero()
-    return int(diff[0]) if len(diff) else n
 
 
 class PrefixCache:

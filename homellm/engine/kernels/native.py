@@ -20,6 +20,7 @@ import weakref
 import numpy as np
 
 from homellm.engine.kernels import PATHS, SUPPORTED_TYPES, build, path_id
+from homellm.engine.tokens import common_prefix
 from homellm.model.config import ModelArgs, rope_inv_freq
 
 MATS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -297,12 +298,7 @@ class NativeModel:
 
     def common_prefix(self, ids: list[int]) -> int:
         """How many leading ids already have their keys and values in the cache."""
-        n = 0
-        for a, b in zip(self.tokens, ids):
-            if a != b:
-                break
-            n += 1
-        return n
+        return common_prefix(self.tokens, ids)
 
     def reset(self):
         """Forget the cached positions (the buffers stay allocated)."""
