@@ -191,6 +191,10 @@ def test_swiglu_gradients_match_autograd():
     u = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(SwiGLU.apply, (g, u))
     torch.testing.assert_close(SwiGLU.apply(g, u), torch.nn.functional.silu(g) * u)
+    from homellm.train.fused import GateUpSwiGLU
+    y = torch.randn(2, 3, 14, dtype=torch.float64, requires_grad=True)  # [g | u] side by side
+    assert torch.autograd.gradcheck(GateUpSwiGLU.apply, (y,))
+    torch.testing.assert_close(GateUpSwiGLU.apply(y), torch.nn.functional.silu(y[..., :7]) * y[..., 7:])
 
 
 def test_bfloat16_base_is_close_to_the_float_base_and_trains_the_same_adapters(tmp_path):
@@ -220,3 +224,75 @@ def test_bfloat16_base_is_close_to_the_float_base_and_trains_the_same_adapters(t
         before = b(tokens)
         merge_lora(b)
         torch.testing.assert_close(b(tokens), before, rtol=0.02, atol=0.05)
+
+
+@pytest.mark.parametrize("dtype,quant,bias", [("float32", "none", False), ("float32", "none", True),
+                                              ("float32", "int8", False), ("bfloat16", "none", False)])
+def test_fused_lora_groups_equal_the_separate_layers(tmp_path, dtype, quant, bias):
+    """fuse_lora (q/k/v, gate/up and o, down as grouped matmuls with their own backward) gives
+    the separate float32 layers' logits and gradients for every adapter, a disabled adapter
+    still gives the base alone, and the fused model merges to the same model. A bfloat16 base
+    loses no more against float32 than the separate bfloat16 layers do."""
+    from homellm.train.fused import LoRAGroup, fuse_lora, fuse_mlps
+    from homellm.train.loss import labelled_logprobs
+    from homellm.train.lora import lora_parameters
+    folder = reference_folder(tmp_path / "base", attention_bias=bias)
+    tokens = torch.randint(0, 300, (2, 17))
+    labels = tokens.clone()
+    labels[:, :5] = -100
+
+    def run(dtype, fused):
+        _, _, m = load_base(folder, tokenizer=False, dtype=dtype, quant=quant)
+        apply_lora(m, LoraConfig(rank=4), seed=0)
+        randomize_adapters(m, scale=0.2)
+        with torch.no_grad():  # A and B both far from their start
+            for _, layer in lora_layers(m):
+                layer.lora_A.mul_(3)
+        if fused:
+            assert fuse_lora(m)
+            attn = m.model.layers[0].self_attn
+            assert isinstance(attn.o_proj.group, LoRAGroup)
+            if quant == "none":  # the weights became views of one tensor
+                assert attn.k_proj.base.weight.untyped_storage().data_ptr() == \
+                    attn.q_proj.base.weight.untyped_storage().data_ptr()
+        else:
+            fuse_mlps(m)
+        logp, _ = labelled_logprobs(m, tokens, labels, checkpointing=True)
+        (-logp.sum()).backward()
+        with torch.no_grad(), adapters_disabled(m):
+            base_logits = m(tokens)
+        return m, m(tokens).detach(), [p.grad for p in lora_parameters(m)], base_logits
+
+    _, ref, ref_grads, ref_base = run("float32", False)
+    model, got, got_grads, got_base = run(dtype, True)
+    if dtype == "float32":
+        close = dict(rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got, ref, **close)
+        torch.testing.assert_close(got_base, ref_base, **close)
+        for g, r in zip(got_grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
+    else:
+        close = dict(rtol=0.02, atol=0.05)
+        torch.testing.assert_close(got, ref, **close)
+        torch.testing.assert_close(got_base, ref_base, **close)
+        _, _, separate_grads, _ = run(dtype, False)
+
+        def err(grads):  # mean relative error of the adapters' gradients against float32
+            return sum(((g - r).norm() / r.norm()).item() for g, r in zip(grads, ref_grads)) / len(ref_grads)
+        assert all(g.dtype == torch.float32 for g in got_grads)
+        assert err(got_grads) < 1.5 * err(separate_grads) + 0.01, (err(got_grads), err(separate_grads))
+    with torch.no_grad():  # the fused layers still merge into the same model
+        merge_lora(model)
+        torch.testing.assert_close(model(tokens), ref, **close)
+
+
+def test_head_logprobs_gradients_match_autograd():
+    """The chunked head's own backward (logits made again, softmax - onehot in place) ==
+    autograd through log_softmax, float64 (gradcheck) and with a bias."""
+    from homellm.train.loss import _HeadLogprobs
+    head = torch.nn.Linear(6, 11, dtype=torch.float64).requires_grad_(False)
+    h = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 3, 10, 3, 7])
+    assert torch.autograd.gradcheck(lambda x: _HeadLogprobs.apply(x, t, head), (h,))
+    ref = torch.log_softmax(head(h), -1).gather(1, t[:, None])[:, 0]
+    torch.testing.assert_close(_HeadLogprobs.apply(h, t, head), ref)

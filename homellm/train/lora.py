@@ -31,11 +31,14 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True  # False: the base layer alone (DPO's reference model)
+        self.group = None  # train/fused.py LoRAGroup of this layer alone: the fused form
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, enabled={self.enabled}"
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.group is not None:
+            return self.group(x)
         # a bfloat16 base (train/frozen.py BF16Linear) takes x cast once, and the update is
         # computed on the same cast (as autocast would): one copy of x kept for the backward
         compute = getattr(self.base, "compute_dtype", None)

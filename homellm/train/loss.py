@@ -1,8 +1,8 @@
 """Masked losses: per-token log-probabilities of the labelled positions only.
 
 The head (vocab x hidden) is applied to the positions that carry a label, never to the whole
-batch, in chunks whose logits are recomputed in the backward (torch.utils.checkpoint): peak
-memory holds one chunk of logits (CHUNK x vocab float32), not B x T x vocab.
+batch, in chunks whose logits are made again in the backward (`_HeadLogprobs`): peak memory
+holds one chunk of logits (CHUNK x vocab float32), not B x T x vocab.
 """
 from __future__ import annotations
 
@@ -30,9 +30,39 @@ def final_hidden(model: nn.Module, tokens: Tensor, checkpointing: bool = False) 
     return model.model.norm(x)
 
 
-def _chunk_logprobs(head: nn.Module, h: Tensor, targets: Tensor) -> Tensor:
-    logits = head(h).float()  # (n, vocab)
-    return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+def _head_weight(head: nn.Module, dtype: torch.dtype) -> Tensor:
+    w = getattr(head, "weight", None)
+    return w if isinstance(w, Tensor) and w.dtype == dtype else head.dequantize(dtype)
+
+
+def _logits(head: nn.Module, h: Tensor, cd: torch.dtype) -> Tensor:
+    logits = h.to(cd) @ _head_weight(head, cd).T  # (n, vocab)
+    bias = getattr(head, "bias", None)
+    return logits if bias is None else logits + bias.to(cd)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """log softmax(h W^T)[target] for a chunk of positions, keeping only h: the (n, vocab)
+    logits are made again in the backward, where
+        d logp_t / d logits = onehot(t) - softmax(logits)
+    is built in place in the softmax's own buffer (no logits, probabilities or one-hot kept
+    between the passes). The head is frozen: only h gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, targets: Tensor, head: nn.Module) -> Tensor:
+        cd = getattr(head, "compute_dtype", None) or h.dtype
+        ctx.head, ctx.cd, ctx.acc = head, cd, torch.promote_types(cd, torch.float32)
+        logp = torch.log_softmax(_logits(head, h, cd), dim=-1, dtype=ctx.acc)
+        ctx.save_for_backward(h, targets)
+        return logp.gather(1, targets[:, None])[:, 0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h, targets = ctx.saved_tensors
+        g = torch.softmax(_logits(ctx.head, h, ctx.cd), dim=-1, dtype=ctx.acc)  # (n, vocab)
+        g.mul_(-grad[:, None].to(ctx.acc))
+        g[torch.arange(g.shape[0], device=g.device), targets] += grad.to(ctx.acc)
+        return (g.to(ctx.cd) @ _head_weight(ctx.head, ctx.cd)).to(h.dtype), None, None
 
 
 def labelled_logprobs(model: nn.Module, tokens: Tensor, labels: Tensor,
@@ -44,13 +74,8 @@ def labelled_logprobs(model: nn.Module, tokens: Tensor, labels: Tensor,
     where = targets != IGNORE
     h, t = hidden[where], targets[where]  # (n, hidden), (n,)
     rows = where.nonzero()[:, 0]
-    parts = []
-    for s in range(0, h.shape[0], CHUNK):
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_logprobs, model.lm_head, h[s:s + CHUNK], t[s:s + CHUNK],
-                                    use_reentrant=False))
-        else:
-            parts.append(_chunk_logprobs(model.lm_head, h[s:s + CHUNK], t[s:s + CHUNK]))
+    parts = [_HeadLogprobs.apply(h[s:s + CHUNK], t[s:s + CHUNK], model.lm_head)
+             for s in range(0, h.shape[0], CHUNK)]
     logp = torch.cat(parts) if parts else hidden.new_zeros(0)
     return logp, rows
 

@@ -201,7 +201,7 @@ def setup(config: TuneConfig, resume: bool = False, progress=None) -> Session:
     from homellm.data import conversations
     from homellm.train.base import load_base
     from homellm.train.batches import dpo_item, plan_steps, sft_item
-    from homellm.train.fused import fuse_mlps
+    from homellm.train.fused import fuse_lora
     from homellm.train.loss import LabelledLogprobs
     from homellm.train.lora import apply_lora, lora_parameters
     from homellm.train.schedule import lr_factor
@@ -242,7 +242,7 @@ def setup(config: TuneConfig, resume: bool = False, progress=None) -> Session:
         raise HomellmError(f"{config.data}: no example has reply tokens within "
                            f"--max-length {config.max_length}")
     apply_lora(model, config.lora, seed=config.seed)
-    fuse_mlps(model)
+    fuse_lora(model)
     model.train()  # LoRA dropout
     params = lora_parameters(model)
     module: nn.Module = LabelledLogprobs(model, config.grad_checkpointing)
