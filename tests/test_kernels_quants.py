@@ -36,6 +36,7 @@ from test_kernels import _paths, fake_quant, reference_model, rel  # noqa: E402
 Q = gguf.GGMLQuantizationType
 KQUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
 TYPES = (Q.Q5_0, Q.Q5_1) + KQUANTS
+PACKED = (Q.Q5_1,) + KQUANTS  # the AVX512 path computes these on packed rows (native.repack)
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels: {kernels.status()}")
 
@@ -170,8 +171,9 @@ def test_paths_agree_and_ggml_linear():
         for y in ys[1:]:
             torch.testing.assert_close(y, ys[0], rtol=1e-5, atol=1e-5)
         lin = GGMLLinear(t, hi=True)
-        assert not lin.packed
+        assert lin.packed == (qtype in PACKED and "avx512" in _paths())  # Q5_0: as Q8_0 in NativeModel
         assert rel(lin(x), x @ dequantized(t).T) < 1e-4
+        assert rel(lin(x), GGMLLinear(t, hi=True, pack=False)(x)) < 1e-5
 
 
 # --- the whole network through the C runtime ---------------------------------------------------
@@ -208,6 +210,57 @@ def test_native_model_prefill_and_decode(qtype):
         step = NativeModel(args, tensors, 32, path=path, threads=2)
         stepwise = np.stack([step.forward([t], p)[0] for p, t in enumerate(ids)])
         assert np.abs(got - stepwise).max() < 1e-4 * scale, path
+
+
+@pytest.mark.parametrize("qtype", PACKED, ids=lambda t: t.name)
+def test_packed_kquants_equal_the_raw_kernels(qtype):
+    """Q4_K, Q5_K, Q6_K and Q5_1 packed 16 rows a register with float32 scales (Q6_K: per-16
+    scales, min terms from the activation's half sums) give the raw-block kernels' products
+    (the same integer dots; other float order), one- and two-level, on several shapes (a
+    partial last group of rows, one activation row, many), and the float product within the
+    stated bounds; the equality on random bytes too (every value, scale and min pattern)."""
+    from homellm.engine.kernels import matmul_packed
+    from homellm.engine.kernels.native import pack_kind, repack
+    if "avx512" not in _paths():
+        pytest.skip("no AVX512-VNNI: nothing is repacked")
+    g = torch.Generator().manual_seed(int(qtype))
+    rng = np.random.default_rng(int(qtype))
+    qk, bs = gguf.GGML_QUANT_SIZES[qtype]
+    for M, K, N in ((1, 256, 16), (7, 512, 40), (37, 768, 100), (130, 256, 33)):
+        t = ggml_tensor(torch.randn(N, K, generator=g) * 0.05, qtype)
+        raw = rng.integers(0, 256, size=(N, K // qk, bs), dtype=np.uint8)
+        f16_at = {Q.Q5_1: (0, 2), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}[qtype]
+        for off in f16_at:  # finite scales
+            raw[:, :, off:off + 2] = _f16(rng.standard_normal(N * K // qk) * 0.01).reshape(N, K // qk, 2)
+        x = torch.randn(M, K, generator=g)
+        for tensor in (t, GGMLTensor(int(qtype), raw.reshape(N, -1), (N, K))):
+            packed = repack(tensor, memo=False)
+            assert packed is not None
+            packed = torch.from_numpy(packed)
+            ref = x @ dequantized(tensor).T
+            for hi in (False, True):
+                want = matmul(x, blocks_tensor(tensor), int(qtype), N, hi=hi, path="avx512")
+                got = matmul_packed(x, packed, N, hi=hi, kind=pack_kind(int(qtype)))
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+                if tensor is t:  # (random bytes: extreme mins, outside the float bounds' premise)
+                    assert rel(got, ref) < (1e-4 if hi else 1e-2), (M, K, N, hi)
+
+
+@pytest.mark.parametrize("qtype", KQUANTS, ids=lambda t: t.name)
+def test_native_model_packed_kquants_equal_raw(qtype):
+    """The whole network on packed K-quant rows (prefill and decode) == on the raw blocks."""
+    if "avx512" not in _paths():
+        pytest.skip("no AVX512-VNNI: nothing is repacked")
+    args = TINY_K
+    tensors = kquant_tensors(args, qtype)
+    ids = torch.randint(0, args.vocab_size, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    packed = NativeModel(args, tensors, 40, packed=True)
+    raw = NativeModel(args, tensors, 40, packed=False)
+    a, b = packed.forward(ids, 0, last_only=False), raw.forward(ids, 0, last_only=False)
+    scale = np.abs(b).max()  # (float order differs per product; two layers compound it)
+    assert np.abs(a - b).max() < 5e-4 * scale
+    assert (a.argmax(-1) == b.argmax(-1)).all()
+    np.testing.assert_allclose(packed.forward([5], 30), raw.forward([5], 30), rtol=0, atol=5e-4 * scale)
 
 
 # --- the default model as Q4_K_M (llama.cpp's quantizer, from the peer venv) ---------------------

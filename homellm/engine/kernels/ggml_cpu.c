@@ -27,7 +27,8 @@
  *   Q4_x . a = sum_b dw_b da_b sum_j nib qa  +  m_b s_b      (Q4_0: m_b = -8 dw_b)
  * Three paths chosen at run time: AVX512-VNNI (two blocks per 512-bit dpbusd), AVX2 (maddubs),
  * and portable scalar. Built without -march, each vector function carries its own target attribute.
- * Prefill (M rows at once) on AVX512 uses Q4 weights repacked 16 rows per register (hl_repack_q4);
+ * On AVX512 every quantized type is repacked 16 weight rows per register (hl_repack: Q4_x as nibbles,
+ * Q8_0 and Q5_0-as-Q8_0 as bytes + 128, Q5_1 and the K-quants as unsigned integers with f32 scales);
  * hl_matmul_packed_multi runs several such weights on one quantized activation (q/k/v; gate/up with
  * the SiLU-gated product in its epilogue).
  */
@@ -248,6 +249,16 @@ static void dequant_row(int t, const uint8_t *w, int K, float *out) {
 
 typedef struct { int8_t *q; float *d; float *s; int K; } act_t;  /* d, s: K/4 floats per row */
 
+/* sx of a row: [0, nb) the blocks' sums s_b = d sum(q), then [nb, 3 nb) the halves' (values 0..15
+ * and 16..31 of block b at nb + 2b and nb + 2b + 1: the per-16 min terms of packed Q6_K); the row
+ * has K/4 floats of room */
+static inline void act_sums(float *sx, int nb, int b, float d, const int *hs, const int *hs2, int two) {
+    const int sum = hs[0] + hs[1], sum2 = hs2[0] + hs2[1];
+    sx[b] = two ? d * ((float)sum + (float)sum2 * (1.0f / 256.0f)) : d * (float)sum;
+    for (int h = 0; h < 2; h++)
+        sx[nb + 2 * b + h] = two ? d * ((float)hs[h] + (float)hs2[h] * (1.0f / 256.0f)) : d * (float)hs[h];
+}
+
 /* q2 != NULL: "two-level" int8, x ~ d (q + q2 / 256) with q2 the rounded residual: ~256x more
  * precise than one level, and dx then holds d / 256 (the integer dot is 256 (w.q) + (w.q2)). */
 static void quantize_row_scalar(const float *x, int K, int8_t *q, float *dx, float *sx, int8_t *q2) {
@@ -256,19 +267,19 @@ static void quantize_row_scalar(const float *x, int K, int8_t *q, float *dx, flo
         float amax = 0.f;
         for (int j = 0; j < 32; j++) { float a = fabsf(xb[j]); amax = a > amax ? a : amax; }
         float d = amax / 127.0f, id = d != 0.f ? 1.0f / d : 0.f;
-        int sum = 0, sum2 = 0;
-        for (int j = 0; j < 32; j++) { int v = (int)nearbyintf(xb[j] * id); q[b * 32 + j] = (int8_t)v; sum += v; }
+        int hs[2] = {0, 0}, hs2[2] = {0, 0};
+        for (int j = 0; j < 32; j++) { int v = (int)nearbyintf(xb[j] * id); q[b * 32 + j] = (int8_t)v; hs[j >> 4] += v; }
         if (q2) {
             for (int j = 0; j < 32; j++) {
                 float r = (xb[j] - d * (float)q[b * 32 + j]) * id * 256.0f;
                 int v = (int)nearbyintf(r);
                 v = v > 127 ? 127 : v < -127 ? -127 : v;
-                q2[b * 32 + j] = (int8_t)v; sum2 += v;
+                q2[b * 32 + j] = (int8_t)v; hs2[j >> 4] += v;
             }
         }
         float dd = q2 ? d * (1.0f / 256.0f) : d;
         for (int j = 0; j < 8; j++) dx[b * 8 + j] = dd;
-        sx[b] = q2 ? d * ((float)sum + (float)sum2 * (1.0f / 256.0f)) : d * (float)sum;
+        act_sums(sx, K / 32, b, d, hs, hs2, q2 != NULL);
     }
 }
 
@@ -288,7 +299,7 @@ T512 static void quantize_row_512(const float *x, int K, int8_t *q, float *dx, f
         __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, vid)), i1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, vid));
         _mm_storeu_si128((__m128i *)(q + b * 32), _mm512_cvtepi32_epi8(i0));
         _mm_storeu_si128((__m128i *)(q + b * 32 + 16), _mm512_cvtepi32_epi8(i1));
-        int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)), sum2 = 0;
+        int hs[2] = {_mm512_reduce_add_epi32(i0), _mm512_reduce_add_epi32(i1)}, hs2[2] = {0, 0};
         if (q2) {
             __m512 r0 = _mm512_sub_ps(x0, _mm512_mul_round_ps(vd, _mm512_cvtepi32_ps(i0), RNE));
             __m512 r1 = _mm512_sub_ps(x1, _mm512_mul_round_ps(vd, _mm512_cvtepi32_ps(i1), RNE));
@@ -298,11 +309,11 @@ T512 static void quantize_row_512(const float *x, int K, int8_t *q, float *dx, f
             j1 = _mm512_max_epi32(_mm512_min_epi32(j1, lim), nlim);
             _mm_storeu_si128((__m128i *)(q2 + b * 32), _mm512_cvtepi32_epi8(j0));
             _mm_storeu_si128((__m128i *)(q2 + b * 32 + 16), _mm512_cvtepi32_epi8(j1));
-            sum2 = _mm512_reduce_add_epi32(_mm512_add_epi32(j0, j1));
+            hs2[0] = _mm512_reduce_add_epi32(j0); hs2[1] = _mm512_reduce_add_epi32(j1);
         }
         float dd = q2 ? d * (1.0f / 256.0f) : d;
         _mm256_storeu_ps(dx + b * 8, _mm256_set1_ps(dd));
-        sx[b] = q2 ? d * ((float)sum + (float)sum2 * (1.0f / 256.0f)) : d * (float)sum;
+        act_sums(sx, K / 32, b, d, hs, hs2, q2 != NULL);
     }
 }
 
@@ -869,38 +880,109 @@ int hl_repack_q8(const uint8_t *w, int64_t row_bytes, int N, int K, uint8_t *out
     return 0;
 }
 
+/* The K-quants (and Q5_1) repacked the same way, exactly: per group of 16 rows and 32-block b,
+ *   [0, 64) A f32 x16, [64, 128) B f32 x16, then the 32 unsigned integer weights of each row:
+ *   PK_Q4K (Q4_K): 4 chunks of nibbles as PK_Q4 (w = A u4 + B: A = d sc_j, B = -dmin mn_j);
+ *   PK_Q5K (Q5_K, Q5_1): 8 chunks of bytes as PK_Q8 (w = A u5 + B);
+ *   PK_Q6K (Q6_K): 8 chunks of bytes u6 = q6 + 32, A and B the scales of values 0..15 and 16..31
+ *   (w = s_h (u6 - 32); the -32 s_h min terms take the activation's half sums).
+ * The scales are float32 products of the file's f16 d and its 6- or 8-bit sub-block scales: exact
+ * (what ggml's dequantization computes). 1.33x (Q4_K), 1.45x (Q5_K) and 1.52x (Q6_K) the bytes. */
+enum { PK_Q4 = 0, PK_Q8 = 1, PK_Q4K = 2, PK_Q5K = 3, PK_Q6K = 4, PK_KINDS = 5 };
+static const int PK_SIZE[PK_KINDS] = {PK_BYTES, PK8_BYTES, 384, 640, 640};
+
+/* the packed kind of a ggml type, -1 where it has none */
+int hl_pack_kind(int type) {
+    switch (type) {
+    case T_Q4_0: case T_Q4_1: return PK_Q4;
+    case T_Q8_0: return PK_Q8;
+    case T_Q4_K: return PK_Q4K;
+    case T_Q5_K: case T_Q5_1: return PK_Q5K;
+    case T_Q6_K: return PK_Q6K;
+    default: return -1;
+    }
+}
+
+int64_t hl_packed_bytes(int type, int N, int K) {
+    const int kind = hl_pack_kind(type);
+    return kind < 0 ? -1 : (int64_t)((N + 15) / 16) * (K / 32) * PK_SIZE[kind];
+}
+
+static int repack_ext(int type, const uint8_t *w, int64_t row_bytes, int N, int K, uint8_t *out) {
+    const int kind = hl_pack_kind(type), nb = K / 32, G = (N + 15) / 16, bb = PK_SIZE[kind];
+    memset(out, 0, (size_t)hl_packed_bytes(type, N, K));
+    float sc[16], mn[8], s0, s1, m;
+    int8_t v[32];
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = w + (size_t)n * row_bytes;
+        const int g = n / 16, j = n % 16;
+        for (int b = 0; b < nb; b++) {
+            uint8_t *o = out + ((size_t)g * nb + b) * bb;
+            ext_scales(type, row, b, sc, mn, &s0, &s1, &m);
+            ext_vals(type, row, b, v);
+            float A = s0, B = kind == PK_Q6K ? s1 : m;
+            if (kind != PK_Q6K && s0 != s1) return -1;
+            memcpy(o + 4 * j, &A, 4);
+            memcpy(o + 64 + 4 * j, &B, 4);
+            for (int c = 0; c < 8; c++)
+                for (int i = 0; i < 4; i++) {
+                    const int val = v[4 * c + i] + (kind == PK_Q6K ? 32 : 0);  /* 0..63 */
+                    if (kind == PK_Q4K) {  /* chunk c & 3, low nibble for values 0..15, high for 16..31 */
+                        o[128 + (c & 3) * 64 + j * 4 + i] |= (uint8_t)(c < 4 ? val : val << 4);
+                    } else {
+                        o[128 + c * 64 + j * 4 + i] = (uint8_t)val;
+                    }
+                }
+        }
+    }
+    return 0;
+}
+
+/* any packable type: Q4_0/Q4_1 (hl_repack_q4), Q8_0 (hl_repack_q8), Q4_K, Q5_K, Q5_1, Q6_K */
+int hl_repack(int type, const uint8_t *w, int64_t row_bytes, int N, int K, uint8_t *out) {
+    const int kind = hl_pack_kind(type);
+    if (kind < 0 || K % type_qk(type)) return -1;
+    if (kind == PK_Q4) return hl_repack_q4(type, w, row_bytes, N, K, out);
+    if (kind == PK_Q8) return hl_repack_q8(w, row_bytes, N, K, out);
+    return repack_ext(type, w, row_bytes, N, K, out);
+}
+
 T512 INLINE __m512i bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
 
+/* out (R, 16) = 16 packed weight rows against R activation rows; `kind` a constant (PK_*) */
 T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
-                             const int R, float *out, const int8_t *q2, const int hi, const int q8) {
-    int nb = K / 32, K4 = K / 4;
-    const size_t bb = q8 ? PK8_BYTES : PK_BYTES;
+                             const int R, float *out, const int8_t *q2, const int hi, const int kind) {
+    const int nb = K / 32, K4 = K / 4, nib = kind == PK_Q4 || kind == PK_Q4K, f32 = kind >= PK_Q4K;
+    const size_t bb = PK_SIZE[kind], wo = f32 ? 128 : 64;
     __m512 acc[8];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     const __m512i lo = _mm512_set1_epi8(15);
+    const __m512 m32 = _mm512_set1_ps(-32.0f);
     for (int b = 0; b < nb; b++) {
         const uint8_t *p = pk + (size_t)b * bb;
-        __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-        __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
+        /* d and m (Q4_x, Q8_0: f16; K-quants: f32), or for Q6_K the halves' scales s0, s1 */
+        __m512 dw = f32 ? _mm512_loadu_ps((const float *)p) : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+        __m512 mw = f32 ? _mm512_loadu_ps((const float *)(p + 64))
+                        : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
         __m512i w[8];
-        if (q8) {
-            for (int c = 0; c < 8; c++) w[c] = _mm512_loadu_si512((const void *)(p + 64 + 64 * c));
+        if (!nib) {
+            for (int c = 0; c < 8; c++) w[c] = _mm512_loadu_si512((const void *)(p + wo + 64 * c));
         } else {
             for (int c = 0; c < 4; c++) {
-                __m512i x = _mm512_loadu_si512((const void *)(p + 64 + 64 * c));
+                __m512i x = _mm512_loadu_si512((const void *)(p + wo + 64 * c));
                 w[c] = _mm512_and_si512(x, lo);
                 w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
             }
         }
         for (int r = 0; r < R; r++) {
             const int8_t *a = q + (size_t)r * K + b * 32;
+            /* i0: values 0..15 of the block, i1: values 16..31 */
             __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], bcast4(a));
             __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], bcast4(a + 16));
             for (int c = 1; c < 4; c++) {
                 i0 = _mm512_dpbusd_epi32(i0, w[c], bcast4(a + 4 * c));
                 i1 = _mm512_dpbusd_epi32(i1, w[c + 4], bcast4(a + 16 + 4 * c));
             }
-            __m512i I = _mm512_add_epi32(i0, i1);
             if (hi) {
                 const int8_t *a2 = q2 + (size_t)r * K + b * 32;
                 __m512i j0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], bcast4(a2));
@@ -909,31 +991,47 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
                     j0 = _mm512_dpbusd_epi32(j0, w[c], bcast4(a2 + 4 * c));
                     j1 = _mm512_dpbusd_epi32(j1, w[c + 4], bcast4(a2 + 16 + 4 * c));
                 }
-                I = _mm512_add_epi32(_mm512_slli_epi32(I, 8), _mm512_add_epi32(j0, j1));
+                i0 = _mm512_add_epi32(_mm512_slli_epi32(i0, 8), j0);
+                i1 = _mm512_add_epi32(_mm512_slli_epi32(i1, 8), j1);
             }
-            __m512 sc = _mm512_mul_ps(dw, _mm512_set1_ps(dx[(size_t)r * K4 + b * 8]));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(I), sc, acc[r]);
-            acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sx[(size_t)r * K4 + b]), acc[r]);
+            const __m512 da = _mm512_set1_ps(dx[(size_t)r * K4 + b * 8]);
+            const float *sr = sx + (size_t)r * K4;
+            if (kind == PK_Q6K) {  /* s0 (I0 da - 32 hs0) + s1 (I1 da - 32 hs1) */
+                __m512 t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), da, _mm512_mul_ps(m32, _mm512_set1_ps(sr[nb + 2 * b])));
+                __m512 t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), da, _mm512_mul_ps(m32, _mm512_set1_ps(sr[nb + 2 * b + 1])));
+                acc[r] = _mm512_fmadd_ps(t0, dw, acc[r]);
+                acc[r] = _mm512_fmadd_ps(t1, mw, acc[r]);
+            } else {
+                __m512 sc = _mm512_mul_ps(dw, da);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, acc[r]);
+                acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sr[b]), acc[r]);
+            }
         }
     }
     for (int r = 0; r < R; r++) _mm512_storeu_ps(out + 16 * r, acc[r]);
 }
 
 T512 static void packed_rows(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
-                             int R, float *out, const int8_t *q2, int q8) {
-    const uint8_t *w = pk; int t = 0; (void)t; (void)w;
-    int K4 = K / 4;
+                             int R, float *out, const int8_t *q2, int kind) {
+    const int K4 = K / 4;
     while (R > 0) {
-        int n;
-#define PB(RR) do { if (q8) { if (q2) packed_body(pk, K, q, dx, sx, RR, out, q2, 1, 1); \
-                           else packed_body(pk, K, q, dx, sx, RR, out, q2, 0, 1); } \
-                   else { if (q2) packed_body(pk, K, q, dx, sx, RR, out, q2, 1, 0); \
-                          else packed_body(pk, K, q, dx, sx, RR, out, q2, 0, 0); } n = RR; } while (0)
-        if (R >= 8) PB(8); else if (R >= 4) PB(4); else if (R >= 2) PB(2); else PB(1);
+        const int n = R >= 8 ? 8 : R >= 4 ? 4 : R >= 2 ? 2 : 1;
+#define PB(RR, KIND) do { if (q2) packed_body(pk, K, q, dx, sx, RR, out, q2, 1, KIND); \
+                          else packed_body(pk, K, q, dx, sx, RR, out, q2, 0, KIND); } while (0)
+#define PBK(RR) do { switch (kind) { case PK_Q4: PB(RR, PK_Q4); break; case PK_Q8: PB(RR, PK_Q8); break; \
+                     case PK_Q4K: PB(RR, PK_Q4K); break; case PK_Q5K: PB(RR, PK_Q5K); break; \
+                     default: PB(RR, PK_Q6K); } } while (0)
+        if (n == 8) PBK(8); else if (n == 4) PBK(4); else if (n == 2) PBK(2); else PBK(1);
+#undef PBK
 #undef PB
         R -= n; out += 16 * n; q += (size_t)n * K; dx += (size_t)n * K4; sx += (size_t)n * K4;
         if (q2) q2 += (size_t)n * K;
     }
+}
+
+/* the packed rows of 16-row group g of a matrix of `kind` */
+static inline const uint8_t *pk_group(const uint8_t *pk, int kind, int g, int K) {
+    return pk + (size_t)g * (K / 32) * PK_SIZE[kind];
 }
 
 /* exp(x) for 16 floats (Cephes expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp) */
@@ -961,7 +1059,7 @@ T512 INLINE __m512 exp512(__m512 x) {
 #endif
 T512 static int matmul_packed_multi(const float *x, int M, int K, int nw, const uint8_t *const *pks,
                                    const int *Ns, float *const *ys, int nthreads, int hi, int glu,
-                                   const int *q8s) {  /* q8s[i]: weight i is a Q8_0 pack (NULL: all Q4) */
+                                   const int *kinds) {  /* kinds[i]: weight i's PK_* (NULL: all Q4) */
     int8_t *q = malloc((size_t)M * K * (hi ? 2 : 1)), *q2 = hi ? q + (size_t)M * K : NULL;
     float *dx = malloc((size_t)M * K), *sx = malloc((size_t)M * K);
     if (!q || !dx || !sx) { free(q); free(dx); free(sx); return -3; }
@@ -989,11 +1087,11 @@ T512 static int matmul_packed_multi(const float *x, int M, int K, int nw, const 
                 int r = mend - m0 < R ? mend - m0 : R;
                 const int8_t *qa = q + (size_t)m0 * K, *qa2 = q2 ? q2 + (size_t)m0 * K : NULL;
                 const float *da = dx + (size_t)m0 * K / 4, *sa = sx + (size_t)m0 * K / 4;
-                const int k8 = q8s ? q8s[i] : 0;
-                packed_rows(pks[i] + (size_t)g * nb * (k8 ? PK8_BYTES : PK_BYTES), K, qa, da, sa, r, out, qa2, k8);
+                const int k0 = kinds ? kinds[i] : PK_Q4;
+                packed_rows(pk_group(pks[i], k0, g, K), K, qa, da, sa, r, out, qa2, k0);
                 if (glu) {
-                    const int u8 = q8s ? q8s[1] : 0;
-                    packed_rows(pks[1] + (size_t)g * nb * (u8 ? PK8_BYTES : PK_BYTES), K, qa, da, sa, r, out2, qa2, u8);
+                    const int k1 = kinds ? kinds[1] : PK_Q4;
+                    packed_rows(pk_group(pks[1], k1, g, K), K, qa, da, sa, r, out2, qa2, k1);
                     for (int j = 0; j < r; j++) {
                         __m512 gv = _mm512_loadu_ps(out + 16 * j), uv = _mm512_loadu_ps(out2 + 16 * j);
                         __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
@@ -1012,19 +1110,21 @@ T512 static int matmul_packed_multi(const float *x, int M, int K, int nw, const 
     return 0;
 }
 
-/* q8s: for each weight, 1 if it is a Q8_0 pack (hl_repack_q8), 0 for Q4 (hl_repack_q4); NULL: all Q4 */
+/* kinds: each weight's pack kind, hl_pack_kind of its type (0: Q4 by hl_repack_q4, 1: Q8_0 by
+ * hl_repack_q8, 2..4: the K-quants by hl_repack); NULL: all Q4 */
 int hl_matmul_packed_multi(const float *x, int M, int K, int nw, const uint8_t *const *pks, const int *Ns,
-                           float *const *ys, int nthreads, int hi, int glu, const int *q8s) {
+                           float *const *ys, int nthreads, int hi, int glu, const int *kinds) {
     if (hl_best_path() != P_AVX512) return -2;
     if (K % 32 || nw < 1 || nw > 8 || (glu && (nw != 2 || Ns[0] != Ns[1]))) return -1;
     if (nthreads <= 0) nthreads = omp_get_max_threads();
-    return matmul_packed_multi(x, M, K, nw, pks, Ns, ys, nthreads, hi, glu, q8s);
+    for (int i = 0; kinds && i < nw; i++) if (kinds[i] < 0 || kinds[i] >= PK_KINDS) return -1;
+    return matmul_packed_multi(x, M, K, nw, pks, Ns, ys, nthreads, hi, glu, kinds);
 }
 
-/* y (M, N) = x (M, K) @ W^T with W repacked by hl_repack_q4; needs the AVX512 path */
+/* y (M, N) = x (M, K) @ W^T with W packed (kind: hl_pack_kind of its type); needs the AVX512 path */
 int hl_matmul_packed(const float *x, int M, int K, const uint8_t *pk, int N, float *y, int nthreads, int hi,
-                     int q8) {
-    return hl_matmul_packed_multi(x, M, K, 1, &pk, &N, &y, nthreads, hi, 0, &q8);
+                     int kind) {
+    return hl_matmul_packed_multi(x, M, K, 1, &pk, &N, &y, nthreads, hi, 0, &kind);
 }
 
 /* the same activation quantization, exposed for the tests' reference */
@@ -1102,7 +1202,7 @@ int hl_model_set_mat(void *p, int layer, int which, int type, int N, int K, cons
 int hl_model_set_packed(void *p, int layer, int which, const uint8_t *pk) {
     model_t *c = p;
     mat_t *m = &c->layers[layer].m[which];
-    if (pk && m->type != T_Q4_0 && m->type != T_Q4_1 && m->type != T_Q8_0) return -1;
+    if (pk && hl_pack_kind(m->type) < 0) return -1;
     m->pk = pk;
     return 0;
 }
@@ -1167,9 +1267,8 @@ static void par_matvec(const model_t *c, kern_fn kern, const mat_t *m, const flo
         #pragma omp for schedule(static) nowait
         for (int g = 0; g < G; g++) {
             float o[16];
-            const int k8 = m->type == T_Q8_0;
-            packed_rows(m->pk + (size_t)g * nb * (k8 ? PK8_BYTES : PK_BYTES), m->K, c->aq, c->ad, c->as, 1, o,
-                        c->hi ? c->aq2 : NULL, k8);
+            const int kind = hl_pack_kind(m->type);
+            packed_rows(pk_group(m->pk, kind, g, m->K), m->K, c->aq, c->ad, c->as, 1, o, c->hi ? c->aq2 : NULL, kind);
             int nn = m->N - g * 16 < 16 ? m->N - g * 16 : 16;
             for (int j = 0; j < nn; j++) {
                 int n = g * 16 + j;
@@ -1256,11 +1355,9 @@ int hl_decode(void *p, int token, int pos, float *logits) {
                 for (int g = 0; g < (F + 15) / 16; g++) {
                     float og[16], ou[16];
                     const int8_t *q2 = c->hi ? c->aq2 : NULL;
-                    const int g8 = ly->m[M_GATE].type == T_Q8_0, u8 = ly->m[M_UP].type == T_Q8_0;
-                    packed_rows(ly->m[M_GATE].pk + (size_t)g * nb * (g8 ? PK8_BYTES : PK_BYTES), H, c->aq, c->ad,
-                                c->as, 1, og, q2, g8);
-                    packed_rows(ly->m[M_UP].pk + (size_t)g * nb * (u8 ? PK8_BYTES : PK_BYTES), H, c->aq, c->ad,
-                                c->as, 1, ou, q2, u8);
+                    const int kg = hl_pack_kind(ly->m[M_GATE].type), ku = hl_pack_kind(ly->m[M_UP].type);
+                    packed_rows(pk_group(ly->m[M_GATE].pk, kg, g, H), H, c->aq, c->ad, c->as, 1, og, q2, kg);
+                    packed_rows(pk_group(ly->m[M_UP].pk, ku, g, H), H, c->aq, c->ad, c->as, 1, ou, q2, ku);
                     for (int j = 0; j < 16 && g * 16 + j < F; j++)
                         c->hb[g * 16 + j] = og[j] / (1.0f + expf(-og[j])) * ou[j];
                 }
@@ -1772,8 +1869,8 @@ static int mat_rows(const model_t *c, const mat_t *m, const float *x, int M, flo
     int rc;
     if (m->pk && c->path == P_AVX512) {
         const uint8_t *pk = m->pk; int N = m->N; float *ys = y;
-        const int k8 = m->type == T_Q8_0;
-        rc = matmul_packed_multi(x, M, m->K, 1, &pk, &N, &ys, c->nthreads, c->hi, 0, &k8);
+        const int kind = hl_pack_kind(m->type);
+        rc = matmul_packed_multi(x, M, m->K, 1, &pk, &N, &ys, c->nthreads, c->hi, 0, &kind);
     } else {
         rc = hl_matmul(x, M, m->K, m->w, m->rb, m->type, m->N, y, c->nthreads, c->path, c->hi);
     }
@@ -1814,8 +1911,8 @@ int hl_forward(void *p, const int *tokens, int T, int pos, float *logits, int al
             const uint8_t *pks[3] = {mq->pk, mk->pk, mv->pk};
             int Ns[3] = {mq->N, mk->N, mv->N};
             float *ys[3] = {q, k, v};
-            const int k8[3] = {mq->type == T_Q8_0, mk->type == T_Q8_0, mv->type == T_Q8_0};
-            rc = matmul_packed_multi(xn, T, H, 3, pks, Ns, ys, c->nthreads, c->hi, 0, k8);
+            const int kinds[3] = {hl_pack_kind(mq->type), hl_pack_kind(mk->type), hl_pack_kind(mv->type)};
+            rc = matmul_packed_multi(xn, T, H, 3, pks, Ns, ys, c->nthreads, c->hi, 0, kinds);
             const float *bs[3] = {ly->v[V_BQ], ly->v[V_BK], ly->v[V_BV]};
             for (int i = 0; i < 3 && !rc; i++)
                 if (bs[i])
@@ -1869,8 +1966,8 @@ int hl_forward(void *p, const int *tokens, int T, int pos, float *logits, int al
             const uint8_t *pks[2] = {mg->pk, mu->pk};
             int Ns[2] = {F, F};
             float *ys[2] = {hb, hb};
-            const int k8[2] = {mg->type == T_Q8_0, mu->type == T_Q8_0};
-            rc = matmul_packed_multi(xn, T, H, 2, pks, Ns, ys, c->nthreads, c->hi, 1, k8);
+            const int kinds[2] = {hl_pack_kind(mg->type), hl_pack_kind(mu->type)};
+            rc = matmul_packed_multi(xn, T, H, 2, pks, Ns, ys, c->nthreads, c->hi, 1, kinds);
         } else {
             rc = mat_rows(c, mg, xn, T, hb, NULL);
             if (!rc) rc = mat_rows(c, mu, xn, T, tmp, NULL);

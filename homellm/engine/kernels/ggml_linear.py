@@ -74,19 +74,20 @@ def repack_q4(t: GGMLTensor) -> Tensor | None:
 
 
 def repack(t: GGMLTensor) -> Tensor | None:
-    """native.repack (Q4_0/Q4_1, and Q8_0, reordered for AVX512-VNNI) as a uint8 torch tensor."""
+    """native.repack (Q4_0/Q4_1, Q8_0, Q5_1 and the K-quants reordered for AVX512-VNNI) as a
+    uint8 torch tensor."""
     packed = native.repack(t)
     return None if packed is None else torch.from_numpy(packed)
 
 
 def matmul_packed(x: Tensor, packed: Tensor, out_features: int, *, threads: int | None = None,
-                  hi: bool = False, q8: bool = False) -> Tensor:
-    """y (M, N) f32 = x (M, K) f32 @ W^T for W repacked by `repack_q4` (or, q8, a Q8_0 W by
-    `repack`); AVX512 CPUs only."""
+                  hi: bool = False, kind: int = 0) -> Tensor:
+    """y (M, N) f32 = x (M, K) f32 @ W^T for W repacked by `repack_q4` (or, kind
+    native.pack_kind(type), any W by `repack`); AVX512 CPUs only."""
     lib, x, y = _prepare(x, out_features)
     M, K = x.shape
     rc = lib.hl_matmul_packed(x.data_ptr(), M, K, packed.data_ptr(), out_features, y.data_ptr(),
-                              _threads(threads), int(hi), int(q8))
+                              _threads(threads), int(hi), int(kind))
     if rc:
         raise RuntimeError(f"hl_matmul_packed failed ({rc}) for K={K}")
     return y
@@ -94,9 +95,9 @@ def matmul_packed(x: Tensor, packed: Tensor, out_features: int, *, threads: int 
 
 def matmul_packed_multi(x: Tensor, packed: list[Tensor], out_features: list[int], *,
                         threads: int | None = None, hi: bool = False, glu: bool = False,
-                        q8: list[bool] | None = None) -> list[Tensor]:
-    """[x (M, K) @ W_i^T (M, N_i) f32 for each packed W_i], with x quantized once; q8[i]: W_i is
-    a Q8_0 pack (default: all Q4 packs).
+                        kinds: list[int] | None = None) -> list[Tensor]:
+    """[x (M, K) @ W_i^T (M, N_i) f32 for each packed W_i], with x quantized once; kinds[i]:
+    native.pack_kind of W_i's type (default: all Q4 packs).
 
     glu: two weights (gate, up) of one shape; returns [silu(x @ gate^T) * (x @ up^T)], the
     SiLU-gated product computed in the kernel's epilogue (silu(g) = g / (1 + e^-g)).
@@ -111,9 +112,9 @@ def matmul_packed_multi(x: Tensor, packed: list[Tensor], out_features: list[int]
     ptrs = (ctypes.c_void_p * n)(*(p.data_ptr() for p in packed))
     outs = (ctypes.c_void_p * n)(*(ys[min(i, len(ys) - 1)].data_ptr() for i in range(n)))
     Ns = (ctypes.c_int * n)(*out_features)
-    kinds = (ctypes.c_int * n)(*(int(bool(k)) for k in (q8 or [False] * n)))
+    c_kinds = (ctypes.c_int * n)(*(kinds or [0] * n))
     rc = lib.hl_matmul_packed_multi(x.data_ptr(), M, K, n, ptrs, Ns, outs, _threads(threads), int(hi),
-                                    int(glu), kinds)
+                                    int(glu), c_kinds)
     if rc:
         raise RuntimeError(f"hl_matmul_packed_multi failed ({rc}) for K={K}, N={list(out_features)}")
     return ys
@@ -122,7 +123,7 @@ def matmul_packed_multi(x: Tensor, packed: list[Tensor], out_features: list[int]
 class GGMLLinear(nn.Module):
     """y = x @ W^T (+ bias) on the GGUF blocks of W; no float copy of W is ever made.
 
-    On AVX512-VNNI CPUs, Q4_0/Q4_1 and Q8_0 blocks are reordered once into the packed layout
+    On AVX512-VNNI CPUs, Q4_0/Q4_1, Q8_0, Q5_1 and K-quant blocks are reordered once into the packed layout
     (exact; 3-5x faster at M=512 than the raw-block kernel); `pack=False` keeps the raw blocks.
     """
 
@@ -136,7 +137,7 @@ class GGMLLinear(nn.Module):
         self.ggml_type = t.ggml_type
         env_path = path or os.environ.get("HOMELLM_KERNEL_PATH")
         packed = repack(t) if pack and env_path in (None, "auto", "avx512") else None
-        self.q8 = packed is not None and t.ggml_type == 8
+        self.kind = native.pack_kind(t.ggml_type) if packed is not None else -1
         self.packed = packed is not None
         # raw: (N, bytes_per_row) uint8 sharing memory with the (memory-mapped) file; packed: 1-D
         self.register_buffer("data", packed if self.packed else blocks_tensor(t), persistent=False)
@@ -147,7 +148,7 @@ class GGMLLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.packed:
-            y = matmul_packed(x2, self.data, self.out_features, threads=self.threads, hi=self.hi, q8=self.q8)
+            y = matmul_packed(x2, self.data, self.out_features, threads=self.threads, hi=self.hi, kind=self.kind)
         else:
             y = matmul(x2, self.data, self.ggml_type, self.out_features, threads=self.threads,
                        path=self.path, hi=self.hi)
@@ -186,7 +187,7 @@ class FusedProjection(nn.Module):
         lead = x.shape[:-1]
         ys = matmul_packed_multi(x.reshape(-1, x.shape[-1]), [m.data for m in self.layers],
                                  [m.out_features for m in self.layers], threads=first.threads,
-                                 hi=first.hi, glu=self.glu, q8=[m.q8 for m in self.layers])
+                                 hi=first.hi, glu=self.glu, kinds=[m.kind for m in self.layers])
         out = []
         for m, y in zip(self.layers, ys):
             if m.bias is not None:

@@ -1,8 +1,8 @@
 """The whole network in C, without PyTorch: prefill and decode on the GGUF file's own blocks.
 
 `NativeModel` holds the C model (ggml_cpu.c `model_t`): per-layer matrices as raw GGUF blocks
-(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, F32; Q4 repacked for AVX512-VNNI, a
-byte reorder), norm weights, RoPE frequencies from model/config.py, and the KV cache as
+(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, F32; on AVX512-VNNI every quantized
+type repacked 16 rows a register, exactly: `repack`), norm weights, RoPE frequencies from model/config.py, and the KV cache as
 numpy arrays (n_kv_heads, max_seq_len, head_dim) per layer, float16 by default (as llama.cpp
 keeps it: half the memory, and half the bandwidth long-context decoding spends on it) or
 float32. `forward(ids, start_pos)`
@@ -62,11 +62,21 @@ def repack_q4(t) -> np.ndarray | None:
     return _repack(t, (2, 3))
 
 
+PACKABLE = (2, 3, 7, 8, 12, 13, 14)  # Q4_0, Q4_1, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
+
+
 def repack(t, memo: bool = True) -> np.ndarray | None:
-    """What the C runtime computes on: Q4_0/Q4_1 as `repack_q4`, and Q8_0 reordered the same way
-    (16 rows per register, +128 offsets; 1.06x the bytes, exact), or None (raw blocks).
-    memo=False for blocks made in memory (their address may be reused once they are freed)."""
-    return _repack(t, (2, 3, 8), memo)
+    """What the C runtime computes on: Q4_0/Q4_1 as `repack_q4`; Q8_0 reordered the same way
+    (16 rows per register, +128 offsets; 1.06x the bytes, exact); the K-quants and Q5_1 as 16
+    rows of unsigned integers with float32 scales (exact; 1.33-1.52x the bytes); or None (raw
+    blocks). memo=False for blocks made in memory (their address may be reused once freed)."""
+    return _repack(t, PACKABLE, memo)
+
+
+def pack_kind(ggml_type: int) -> int:
+    """The C side's pack kind of a type (what hl_matmul_packed_multi takes), -1 for none."""
+    lib = build.load()
+    return -1 if lib is None else lib.hl_pack_kind(ggml_type)
 
 
 def _repack(t, types: tuple[int, ...], memo: bool = True) -> np.ndarray | None:
@@ -82,12 +92,10 @@ def _repack(t, types: tuple[int, ...], memo: bool = True) -> np.ndarray | None:
         return hit
     N, K = t.shape
     raw = np.ascontiguousarray(data).view(np.uint8).reshape(N, -1)
-    if kind == Q8_0:
-        out = np.empty(lib.hl_packed_q8_bytes(N, K), dtype=np.uint8)
-        rc = lib.hl_repack_q8(raw.ctypes.data, raw.strides[0], N, K, out.ctypes.data)
-    else:
-        out = np.empty(lib.hl_packed_q4_bytes(N, K), dtype=np.uint8)
-        rc = lib.hl_repack_q4(kind, raw.ctypes.data, raw.strides[0], N, K, out.ctypes.data)
+    if K % 32:
+        return None
+    out = np.empty(lib.hl_packed_bytes(kind, N, K), dtype=np.uint8)
+    rc = lib.hl_repack(kind, raw.ctypes.data, raw.strides[0], N, K, out.ctypes.data)
     if rc != 0:
         return None
     if memo:
