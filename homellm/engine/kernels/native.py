@@ -210,9 +210,17 @@ class NativeModel:
             lib.hl_model_set_kv(self.ctx, i, k.ctypes.data, v.ctypes.data, max_seq_len,
                                 int(dt == np.float16))
         embed = tensors["model.embed_tokens.weight"]
-        self._set_mat(0, -1, embed, "model.embed_tokens")
         head = embed if args.tie_word_embeddings else tensors["lm_head.weight"]
-        self._set_mat(0, -2, head, "lm_head")
+        for which, t, name in ((-1, embed, "model.embed_tokens"), (-2, head, "lm_head")):
+            # packed too (a tied table once): the head streams at the packed kernels' rate and
+            # the embedding's rows come from the same pack
+            pk = repack(t) if packed and path in (None, "auto", "avx512") else None
+            self._set_mat(0, which, t, name, keep=pk is None or keep_raw)
+            if pk is not None:
+                self._keep.append(pk)
+                if lib.hl_model_set_packed(self.ctx, 0, which, pk.ctypes.data) != 0:
+                    raise ValueError(f"{name}: packed blocks of type {t.ggml_type} are not supported")
+                self.raw_dropped |= not keep_raw
         lib.hl_model_set_vec(self.ctx, -1, 0, self._vec(tensors["model.norm.weight"]))
         self.set_threads(threads, path, hi)
 
