@@ -28,6 +28,10 @@ import os
 import subprocess
 import sys
 
+# both sides get the caller's environment as it was before anything was imported (an import of
+# homellm that set an OpenMP variable would otherwise reach the peer too)
+START_ENV = dict(os.environ)
+
 PEER = r'''
 import json, resource, sys, time
 import numpy as np
@@ -70,7 +74,7 @@ def run_json(cmd: list[str], env: dict) -> dict:
 
 def side_by_side(model: str, prompt_tokens: int, gen_tokens: int, threads: int, repeat: int,
                  peer_python: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env = dict(START_ENV, OMP_NUM_THREADS=str(threads))
     ours = run_json([sys.executable, "-m", "homellm", "bench", "-m", model, "--json",
                      "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(gen_tokens),
                      "--repeat", str(repeat)], env)
@@ -79,6 +83,7 @@ def side_by_side(model: str, prompt_tokens: int, gen_tokens: int, threads: int, 
     ratio = {k: round(ours[k] / peer[k], 3) for k in ("prefill_tps", "decode_tps", "peak_rss_mb")}
     return {"model": model, "threads": threads, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
             "peer_build": "llama-cpp-python built with AVX512/VNNI/BF16, AMX off",
+            "omp_wait_policy": START_ENV.get("OMP_WAIT_POLICY", "default"),
             "homellm": ours, "llama_cpp": peer, "ratio_homellm_over_llama_cpp": ratio}
 
 

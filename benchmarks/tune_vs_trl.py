@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+START_ENV = dict(os.environ)  # what both sides get, before any import could change it
+
 WORDS = ("the a of to and in is it you that he was for on are with as his they at be this have "
          "from or one had by word but not what all were we when your can said there use an each "
          "which she do how their if will up other about out many then them these so some her would "
@@ -128,7 +130,7 @@ def run_child(python: str, side: str, a, model: Path, data: Path, work: Path) ->
         argv.append("--grad-checkpointing")
     if a.bf16:
         argv.append("--bf16")
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**START_ENV, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{side} failed:\n{proc.stderr[-4000:]}")
@@ -189,6 +191,7 @@ def main():
         "examples": a.examples, "tokens_per_example": a.length, "batch_rows": a.batch,
         "lora": {"rank": a.rank, "alpha": a.alpha, "dropout": a.dropout, "targets": TARGETS},
         "grad_checkpointing": a.grad_checkpointing, "bf16": a.bf16, "load_avg_1m": os.getloadavg()[0],
+        "omp_wait_policy": START_ENV.get("OMP_WAIT_POLICY", "default"),
         "homellm": best_ours, "trl": best_theirs, "ratios": ratios,
         "targets": {"tokens_per_s >= 1.5x": ratios["tokens_per_s"] >= 1.5,
                     "peak_rss <= 0.7x": ratios["peak_rss"] <= 0.7},

@@ -4,18 +4,14 @@
 `.generate(prompt, **sampling)` and `.chat(messages, **sampling)`. Importing this package
 does not import torch; `load` does.
 """
-import os as _os
-import sys as _sys
-
 __version__ = "0.1.0"
 
-# Our C kernels and torch share one OpenMP runtime. Its default of spinning idle threads for
-# a while after each parallel region collapses throughput as soon as anything else wants the
-# cores (measured on 2 cores under load: 10 vs 88 tok/s decode); sleeping threads cost a few
-# microseconds per region instead. It only takes effect before torch loads the runtime, and
-# a value the user set wins.
-if "torch" not in _sys.modules:
-    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Our C kernels and torch share one OpenMP runtime, left at its defaults here: its threads spin
+# a short while after each parallel region (GOMP: 300k spins, then sleep), which a decode step's
+# ~250 short regions need (default model, 2 cores: 380 tok/s, against 106 with sleeping threads,
+# which a VM wakes slowly). Where other work wants the cores, OMP_WAIT_POLICY=PASSIVE trades that
+# for robustness (under a busy process: 160-190 vs 75-120 tok/s); `homellm serve`, whose event
+# loop and engine threads share the cores with the kernels, sets it unless the user chose.
 
 
 def load(name_or_path=None, device=None, dtype=None, ctx=None, quant=None, progress=None,

@@ -3,6 +3,10 @@ from pathlib import Path
 
 import pytest
 
+# the suite runs servers, clients and models in one process on shared cores: sleeping OpenMP
+# threads (homellm/__init__.py) keep them from starving each other; results do not depend on it
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
