@@ -281,8 +281,11 @@ def test_fused_lora_groups_equal_the_separate_layers(tmp_path, dtype, quant, bia
             return sum(((g - r).norm() / r.norm()).item() for g, r in zip(grads, ref_grads)) / len(ref_grads)
         assert all(g.dtype == torch.float32 for g in got_grads)
         assert err(got_grads) < 1.5 * err(separate_grads) + 0.01, (err(got_grads), err(separate_grads))
-    with torch.no_grad():  # the fused layers still merge into the same model
+    with torch.no_grad():  # the fused layers still merge into the same model, of plain layers
         merge_lora(model)
+        attn = model.model.layers[0].self_attn
+        assert attn.qkv_proj is None and model.model.layers[0].mlp.gate_up_proj is None
+        assert isinstance(attn.q_proj, torch.nn.Linear)
         torch.testing.assert_close(model(tokens), ref, **close)
 
 

@@ -121,11 +121,10 @@ class LoRAGroup:
             self.scalings.append(m.scaling)
             n0, r0 = n0 + m.out_features, r0 + m.rank
         biases = [getattr(b, "bias", None) for b in bases]
+        self.bias = None
         if any(b is not None for b in biases):
-            self.bias = torch.cat([b.detach() if b is not None else torch.zeros(m.out_features, device=m.lora_A.device)
+            self.bias = torch.cat([b.detach() if b is not None else m.lora_B.new_zeros(m.out_features)
                                    for b, m in zip(biases, layers)]).to(self.compute_dtype)
-        else:
-            self.bias = None
         self._weight = self._side_by_side(bases)
 
     def _side_by_side(self, bases: list) -> Tensor | None:
@@ -165,7 +164,8 @@ class LoRAGroup:
             y = _LoRAGroupMatmul.apply(x2, self, *params)
         else:  # the base alone
             xc = x2.to(self.compute_dtype)
-            y = (xc @ self.weight().T if self.bias is None else torch.addmm(self.bias, xc, self.weight().T)).float()
+            w = self.weight()
+            y = (xc @ w.T if self.bias is None else torch.addmm(self.bias, xc, w.T)).float()
         return y.reshape(*shape, y.shape[-1])
 
     def split(self, x: Tensor) -> tuple[Tensor, ...]:
@@ -227,3 +227,16 @@ def fuse_lora(model: nn.Module) -> bool:
         attn.o_proj.group = LoRAGroup([attn.o_proj])
         mlp.down_proj.group = LoRAGroup([mlp.down_proj])
     return fused
+
+
+def unfuse(model: nn.Module) -> None:
+    """Drop the forms fuse_lora / fuse_mlps set (each layer's own projections again)."""
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if isinstance(getattr(attn.qkv_proj, "__self__", None), LoRAGroup):
+            attn.qkv_proj = None
+        if isinstance(mlp.gate_up_proj, (_GroupSwiGLU, _GateUp)):
+            mlp.gate_up_proj = None
+        for m in (attn.o_proj, mlp.down_proj):
+            if getattr(m, "group", None) is not None:
+                m.group = None

@@ -133,4 +133,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
         if bias is not None:
             merged.bias = nn.Parameter(bias.detach().float(), requires_grad=False)
         _set_module(model, name, merged)
+    from homellm.train.fused import unfuse
+    unfuse(model)  # training's fused forms held the replaced layers
     return model
