@@ -121,7 +121,7 @@ def test_two_processes_under_torchrun_equal_one_with_the_same_global_batch(tiny,
         pytest.skip("torchrun is not installed next to this python")
     common = ["tune", "sft", "-m", str(tiny["model"]), "--data", str(tiny["sft"]), "--steps", "4",
               "--batch-tokens", "96", "--max-length", "48", "--rank", "4", "--lr", "5e-3", "--threads", "1",
-              "--device", "cpu", "--seed", "1"]
+              "--device", "cpu", "--seed", "1", "--dtype", "float32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "homellm", *common, "--grad-accum", "2", "--out",
                           str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=300)
@@ -216,5 +216,8 @@ def test_cli_trains_and_reports_speed(tiny, tmp_path, homellm_home, capsys):
                     "--threads", "1")
     assert code == 0, err
     assert "sft: 3 steps" in err and "tok/s" in err and "validation loss" in err
+    from homellm.cli.tune import auto_dtype
+    assert TuneConfig.load(tmp_path / "out").dtype == auto_dtype("cpu", "none")  # --dtype auto, resolved
+    assert auto_dtype("cpu", "int4") == "float32"
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {
         "adapter_model.safetensors", "adapter_config.json", "training_config.json"}

@@ -34,9 +34,10 @@ def _common(p: argparse.ArgumentParser, method: str):
                    help=f"projections to adapt, comma-separated from {','.join(TARGETS)} (default all)")
     g.add_argument("--quant", choices=["none", "int8", "int4"], default=c.quant,
                    help="frozen base weights: none (float32), int8 or int4 (QLoRA-style) (default none)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=c.dtype,
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="a float base's weights and matmuls; bfloat16 halves its memory and is ~3x "
-                        "faster on CPUs with AVX512-BF16 (LoRA, norms and loss stay float32) (default float32)")
+                        "faster on CPUs with AVX512-BF16 (LoRA, norms and loss stay float32) (default "
+                        "auto: bfloat16 where the device multiplies it natively, as TRL defaults to bf16)")
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=float, default=c.lr, help=f"AdamW learning rate (default {c.lr:g})")
     g.add_argument("--weight-decay", type=float, default=c.weight_decay, help="AdamW weight decay (default 0)")
@@ -73,6 +74,18 @@ def add_arguments(p: argparse.ArgumentParser):
                                        "with the adapters off"), "dpo")
 
 
+def auto_dtype(device: str, quant: str) -> str:
+    """bfloat16 for a float base where the device multiplies it natively (CPUs with AVX512-BF16
+    or AMX, CUDA GPUs with bf16), else float32; a quantized base is float32 around its weights."""
+    import torch
+    if quant != "none":
+        return "float32"
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    native = [getattr(torch.cpu, f, lambda: False) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return "bfloat16" if any(f() for f in native) else "float32"
+
+
 def config_from_args(args: argparse.Namespace):
     from homellm.catalog.library import home
     from homellm.train.config import LoraConfig, TuneConfig
@@ -80,11 +93,12 @@ def config_from_args(args: argparse.Namespace):
     if device is None:
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype if args.dtype != "auto" else auto_dtype(device, args.quant)
     out = args.out or str(home() / "adapters" / f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     lora = LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                       targets=[t.strip() for t in args.targets.split(",") if t.strip()])
     return TuneConfig(method=args.method, model=args.model, data=args.data, val=args.val, out=out,
-                      lora=lora, quant=args.quant, dtype=args.dtype, lr=args.lr, weight_decay=args.weight_decay,
+                      lora=lora, quant=args.quant, dtype=dtype, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_steps=args.warmup, schedule=args.schedule, epochs=args.epochs,
                       max_steps=args.steps, batch_tokens=args.batch_tokens, grad_accum=args.grad_accum,
                       max_length=args.max_length, grad_checkpointing=args.grad_checkpointing,
