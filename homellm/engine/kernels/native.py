@@ -79,6 +79,9 @@ def pack_kind(ggml_type: int) -> int:
     return -1 if lib is None else lib.hl_pack_kind(ggml_type)
 
 
+REPACK_ROWS = 4096  # a multiple of 16
+
+
 def _repack(t, types: tuple[int, ...], memo: bool = True) -> np.ndarray | None:
     from homellm.model.formats.gguf_file import release_file_pages
     lib = build.load()
@@ -95,9 +98,14 @@ def _repack(t, types: tuple[int, ...], memo: bool = True) -> np.ndarray | None:
     if K % 32:
         return None
     out = np.empty(lib.hl_packed_bytes(kind, N, K), dtype=np.uint8)
-    rc = lib.hl_repack(kind, raw.ctypes.data, raw.strides[0], N, K, out.ctypes.data)
-    if rc != 0:
-        return None
+    # a few thousand rows at a time, each chunk's file pages dropped once packed: the raw
+    # blocks and their packed copy are never both resident in full (peak RSS)
+    for r0 in range(0, N, REPACK_ROWS):
+        n = min(REPACK_ROWS, N - r0)
+        at = lib.hl_packed_bytes(kind, r0, K)  # (r0 is a whole number of 16-row groups)
+        if lib.hl_repack(kind, raw[r0].ctypes.data, raw.strides[0], n, K, out[at:].ctypes.data) != 0:
+            return None
+        release_file_pages(data[r0:r0 + n])
     if memo:
         _PACKED[key] = out
     release_file_pages(data)
