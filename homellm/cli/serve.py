@@ -3,7 +3,6 @@ FastAPI and uvicorn, with continuous batching; loopback by default."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 HELP = "serve models over an OpenAI-compatible HTTP API (continuous batching)"
@@ -44,8 +43,6 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def main(args: argparse.Namespace) -> int:
-    if "torch" not in sys.modules:  # before the OpenMP runtime starts (see homellm/__init__.py)
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from homellm.errors import HomellmError
     for flag, value, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
                              ("--max-queue", args.max_queue, 0), ("--prefix-cache", args.prefix_cache, 0)):
