@@ -123,8 +123,9 @@ def matmul_packed_multi(x: Tensor, packed: list[Tensor], out_features: list[int]
 class GGMLLinear(nn.Module):
     """y = x @ W^T (+ bias) on the GGUF blocks of W; no float copy of W is ever made.
 
-    On AVX512-VNNI CPUs, Q4_0/Q4_1, Q8_0, Q5_1 and K-quant blocks are reordered once into the packed layout
-    (exact; 3-5x faster at M=512 than the raw-block kernel); `pack=False` keeps the raw blocks.
+    On AVX512-VNNI CPUs, Q4_0/Q4_1, Q8_0, Q5_1 and K-quant blocks are reordered once into the
+    packed layout (exact; 3-5x faster at M=512 than the raw-block kernel); `pack=False` keeps
+    the raw blocks.
     """
 
     def __init__(self, t: GGMLTensor, bias: Tensor | None = None, threads: int | None = None,
@@ -148,7 +149,8 @@ class GGMLLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.packed:
-            y = matmul_packed(x2, self.data, self.out_features, threads=self.threads, hi=self.hi, kind=self.kind)
+            y = matmul_packed(x2, self.data, self.out_features, threads=self.threads, hi=self.hi,
+                              kind=self.kind)
         else:
             y = matmul(x2, self.data, self.ggml_type, self.out_features, threads=self.threads,
                        path=self.path, hi=self.hi)

@@ -2,12 +2,12 @@
 
 `NativeModel` holds the C model (ggml_cpu.c `model_t`): per-layer matrices as raw GGUF blocks
 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, F32; on AVX512-VNNI every quantized
-type repacked 16 rows a register, exactly: `repack`), norm weights, RoPE frequencies from model/config.py, and the KV cache as
-numpy arrays (n_kv_heads, max_seq_len, head_dim) per layer, float16 by default (as llama.cpp
-keeps it: half the memory, and half the bandwidth long-context decoding spends on it) or
-float32. `forward(ids, start_pos)`
-runs a prompt chunk (hl_forward: one matmul per projection over all its positions,
-flash-style causal attention) and `decode(token, pos)` one token (hl_decode: the whole step in one call). Both write the
+type repacked 16 rows a register, exactly: `repack`), norm weights, RoPE frequencies from
+model/config.py, and the KV cache as numpy arrays (n_kv_heads, max_seq_len, head_dim) per
+layer, float16 by default (as llama.cpp keeps it: half the memory, and half the bandwidth
+long-context decoding spends on it) or float32. `forward(ids, start_pos)` runs a prompt chunk
+(hl_forward: one matmul per projection over all its positions, flash-style causal attention)
+and `decode(token, pos)` one token (hl_decode: the whole step in one call). Both write the
 same cache, so prefill and decode mix freely.
 
 Only numpy and ctypes: a process that runs a GGUF model through this never imports torch
@@ -105,7 +105,7 @@ def _repack(t, types: tuple[int, ...], memo: bool = True) -> np.ndarray | None:
         at = lib.hl_packed_bytes(kind, r0, K)  # (r0 is a whole number of 16-row groups)
         if lib.hl_repack(kind, raw[r0].ctypes.data, raw.strides[0], n, K, out[at:].ctypes.data) != 0:
             return None
-        release_file_pages(data[r0:r0 + n])
+        release_file_pages(raw[r0:r0 + n])
     if memo:
         _PACKED[key] = out
     release_file_pages(data)
