@@ -887,7 +887,7 @@ int hl_repack_q8(const uint8_t *w, int64_t row_bytes, int N, int K, uint8_t *out
  *   PK_Q6K (Q6_K): 8 chunks of bytes u6 = q6 + 32, A and B the scales of values 0..15 and 16..31
  *   (w = s_h (u6 - 32); the -32 s_h min terms take the activation's half sums).
  * The scales are float32 products of the file's f16 d and its 6- or 8-bit sub-block scales: exact
- * (what ggml's dequantization computes). 1.33x (Q4_K), 1.45x (Q5_K) and 1.52x (Q6_K) the bytes. */
+ * (what ggml's dequantization computes). 1.33x (Q4_K), 1.82x (Q5_K), 1.67x (Q5_1), 1.52x (Q6_K) the bytes. */
 enum { PK_Q4 = 0, PK_Q8 = 1, PK_Q4K = 2, PK_Q5K = 3, PK_Q6K = 4, PK_KINDS = 5 };
 static const int PK_SIZE[PK_KINDS] = {PK_BYTES, PK8_BYTES, 384, 640, 640};
 

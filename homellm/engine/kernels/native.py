@@ -68,7 +68,7 @@ PACKABLE = (2, 3, 7, 8, 12, 13, 14)  # Q4_0, Q4_1, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
 def repack(t, memo: bool = True) -> np.ndarray | None:
     """What the C runtime computes on: Q4_0/Q4_1 as `repack_q4`; Q8_0 reordered the same way
     (16 rows per register, +128 offsets; 1.06x the bytes, exact); the K-quants and Q5_1 as 16
-    rows of unsigned integers with float32 scales (exact; 1.33-1.52x the bytes); or None (raw
+    rows of unsigned integers with float32 scales (exact; 1.33-1.82x the bytes); or None (raw
     blocks). memo=False for blocks made in memory (their address may be reused once freed)."""
     return _repack(t, PACKABLE, memo)
 
