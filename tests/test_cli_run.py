@@ -317,3 +317,15 @@ def test_sampling_flags_match_sampling_params():
             value = getattr(args, name)
             assert type(value) is kind and value == 1, (command, name)
         assert options.sampling_options(args) == {name: 1 for name in options.SAMPLING_FLAGS}
+
+
+def test_speed_line_rates_only_what_was_timed():
+    """The first reply token comes out of the prefill: a one-token reply gets no decode rate
+    (not a 0.0 tok/s), and the rate counts the tokens after the first over the decode time."""
+    from homellm.engine.generate import Timings
+    one = options.speed_line(Timings(prompt_tokens=31, prefill_s=0.02, generated_tokens=1), load_s=0.3)
+    assert one == "load 0.30 s | prompt 31 tokens at 1550.0 tok/s | reply 1 token (from the prefill)"
+    many = options.speed_line(Timings(prompt_tokens=31, cached_tokens=11, prefill_s=0.01,
+                                      generated_tokens=11, decode_s=0.5))
+    assert SPEED.fullmatch(many) and many.endswith("reply 11 tokens at 20.0 tok/s")
+    assert "cached" in many and "at 2000.0 tok/s" in many

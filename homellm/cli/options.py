@@ -129,5 +129,8 @@ def speed_line(timings, load_s: float | None = None) -> str:
         parts.append(f"load {load_s:.2f} s")
     cached = f", {timings.cached_tokens} cached" if timings.cached_tokens else ""
     parts.append(f"prompt {timings.prompt_tokens} tokens{cached} at {timings.prefill_tps:.1f} tok/s")
-    parts.append(f"reply {timings.generated_tokens} tokens at {timings.decode_tps:.1f} tok/s")
+    n = timings.generated_tokens
+    # the first token comes out of the prefill: a reply's rate needs a second one
+    parts.append(f"reply {n} tokens at {timings.decode_tps:.1f} tok/s" if n > 1 else
+                 f"reply {n} token{'' if n == 1 else 's'} (from the prefill)")
     return " | ".join(parts)
