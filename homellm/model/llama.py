@@ -93,8 +93,6 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         # q: (B, n_heads, T, head_dim); k, v: (B, n_kv_heads, T, head_dim)
-        if cos.dtype != q.dtype:  # (training: bfloat16 projections of a float32 stream)
-            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if isinstance(start_pos, Tensor):
