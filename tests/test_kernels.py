@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from homellm.engine import kernels
 from homellm.engine.kernels import FastDecoder, GGMLLinear, build, matmul
 from homellm.engine.kernels.ggml_linear import blocks_tensor, matmul_packed, repack_q4
+from homellm.engine.kernels.native import pack_kind
 from homellm.model.formats.checkpoint import GGMLTensor
 from homellm.model.llama import Llama, ModelArgs, rope_inv_freq
 
@@ -107,9 +108,13 @@ def test_packed_q4_matches_raw_kernel(qtype):
         packed = repack_q4(t)
         assert packed is not None and packed.numel() == -(-N // 16) * 16 * (K // 32) * 20
         x = torch.randn(M, K, generator=g)
-        for hi in (False, True):
-            raw = matmul(x, blocks_tensor(t), t.ggml_type, N, hi=hi)
-            torch.testing.assert_close(matmul_packed(x, packed, N, hi=hi), raw, rtol=1e-5, atol=1e-5)
+        # Q4_0's own kind takes its -8 offset off the integer dot; the Q4_1 kind (float min
+        # term, m = -8 d) computes on the same pack
+        for kind in sorted({0, pack_kind(int(qtype))}):
+            for hi in (False, True):
+                raw = matmul(x, blocks_tensor(t), t.ggml_type, N, hi=hi)
+                got = matmul_packed(x, packed, N, hi=hi, kind=kind)
+                torch.testing.assert_close(got, raw, rtol=1e-5, atol=1e-5)
 
 
 def test_ggml_linear_module():
