@@ -247,6 +247,8 @@ static void dequant_row(int t, const uint8_t *w, int K, float *out) {
 
 /* ---- activation quantization --------------------------------------------------------------- */
 
+#define TILE 8  /* activation rows per tile of the packed prefill kernels (see packed_body) */
+
 typedef struct { int8_t *q; float *d; float *s; int K; } act_t;  /* d, s: K/4 floats per row */
 
 /* sx of a row: [0, nb) the blocks' sums s_b = d sum(q), then [nb, 3 nb) the halves' (values 0..15
@@ -255,13 +257,14 @@ typedef struct { int8_t *q; float *d; float *s; int K; } act_t;  /* d, s: K/4 fl
  * levels (the offsets of packed Q4_0 and Q8_0, taken off their integer dots); the row has K/4
  * floats of room */
 #define ACT_SUMS 5  /* sx values per block */
-static inline void act_sums(float *sx, int nb, int b, float d, const int *hs, const int *hs2, int two) {
+/* (ss: floats from one sum j to the next; 1 in a row, TILE in a tile) */
+static inline void act_sums(float *sx, size_t ss, int nb, int b, float d, const int *hs, const int *hs2, int two) {
     const int sum = hs[0] + hs[1], sum2 = hs2[0] + hs2[1], isum = two ? 256 * sum + sum2 : sum;
-    sx[b] = two ? d * ((float)sum + (float)sum2 * (1.0f / 256.0f)) : d * (float)sum;
+    sx[b * ss] = two ? d * ((float)sum + (float)sum2 * (1.0f / 256.0f)) : d * (float)sum;
     for (int h = 0; h < 2; h++)
-        sx[nb + 2 * b + h] = two ? d * ((float)hs[h] + (float)hs2[h] * (1.0f / 256.0f)) : d * (float)hs[h];
-    ((int32_t *)sx)[3 * nb + b] = 8 * isum;
-    ((int32_t *)sx)[4 * nb + b] = 128 * isum;
+        sx[(nb + 2 * b + h) * ss] = two ? d * ((float)hs[h] + (float)hs2[h] * (1.0f / 256.0f)) : d * (float)hs[h];
+    ((int32_t *)sx)[(3 * nb + b) * ss] = 8 * isum;
+    ((int32_t *)sx)[(4 * nb + b) * ss] = 128 * isum;
 }
 
 /* q2 != NULL: "two-level" int8, x ~ d (q + q2 / 256) with q2 the rounded residual: ~256x more
@@ -284,7 +287,7 @@ static void quantize_row_scalar(const float *x, int K, int8_t *q, float *dx, flo
         }
         float dd = q2 ? d * (1.0f / 256.0f) : d;
         for (int j = 0; j < 8; j++) dx[b * 8 + j] = dd;
-        act_sums(sx, K / 32, b, d, hs, hs2, q2 != NULL);
+        act_sums(sx, 1, K / 32, b, d, hs, hs2, q2 != NULL);
     }
 }
 
@@ -292,7 +295,23 @@ static void quantize_row_scalar(const float *x, int K, int8_t *q, float *dx, flo
  * operations in the same order, d q rounded before the subtraction as in C; cvtps rounds half to
  * even like nearbyintf) */
 #define RNE (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)  /* an explicit rounding: never fused into an FMA */
-T512 static void quantize_row_512(const float *x, int K, int8_t *q, float *dx, float *sx, int8_t *q2) {
+
+/* out[0..3] = the sums of a, b, c, d's 16 lanes: one transpose-and-add (three steps) */
+T512 INLINE void sum4_epi32(__m512i a, __m512i b, __m512i c, __m512i d, int *out) {
+    const __m512i ab = _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, 0x44), _mm512_shuffle_i32x4(a, b, 0xEE));
+    const __m512i cd = _mm512_add_epi32(_mm512_shuffle_i32x4(c, d, 0x44), _mm512_shuffle_i32x4(c, d, 0xEE));
+    __m512i x = _mm512_add_epi32(_mm512_shuffle_i32x4(ab, cd, 0x88), _mm512_shuffle_i32x4(ab, cd, 0xDD));
+    x = _mm512_add_epi32(x, _mm512_shuffle_epi32(x, (_MM_PERM_ENUM)0x4E));
+    x = _mm512_add_epi32(x, _mm512_shuffle_epi32(x, (_MM_PERM_ENUM)0xB1));
+    int v[16];
+    _mm512_storeu_si512((void *)v, x);  /* 128-bit lane i: the sum of the i-th vector */
+    out[0] = v[0]; out[1] = v[4]; out[2] = v[8]; out[3] = v[12];
+}
+
+/* One row, anywhere: block b's q at q + b qs (and q2 + b qs), its scale at dx + b ds (8 copies
+ * where d8: the raw kernels read 8 lanes), its sums j at sx + j ss (act_sums). */
+T512 INLINE void quantize_512(const float *x, int K, int8_t *q, size_t qs, int8_t *q2, float *dx,
+                              size_t ds, int d8, float *sx, size_t ss) {
     const __m512 s256 = _mm512_set1_ps(256.0f);
     const __m512i lim = _mm512_set1_epi32(127), nlim = _mm512_set1_epi32(-127);
     for (int b = 0; b < K / 32; b++) {
@@ -302,24 +321,39 @@ T512 static void quantize_row_512(const float *x, int K, int8_t *q, float *dx, f
         float d = amax / 127.0f, id = d != 0.f ? 1.0f / d : 0.f;
         __m512 vd = _mm512_set1_ps(d), vid = _mm512_set1_ps(id);
         __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, vid)), i1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, vid));
-        _mm_storeu_si128((__m128i *)(q + b * 32), _mm512_cvtepi32_epi8(i0));
-        _mm_storeu_si128((__m128i *)(q + b * 32 + 16), _mm512_cvtepi32_epi8(i1));
-        int hs[2] = {_mm512_reduce_add_epi32(i0), _mm512_reduce_add_epi32(i1)}, hs2[2] = {0, 0};
+        _mm_storeu_si128((__m128i *)(q + b * qs), _mm512_cvtepi32_epi8(i0));
+        _mm_storeu_si128((__m128i *)(q + b * qs + 16), _mm512_cvtepi32_epi8(i1));
+        __m512i j0 = _mm512_setzero_si512(), j1 = _mm512_setzero_si512();
         if (q2) {
             __m512 r0 = _mm512_sub_ps(x0, _mm512_mul_round_ps(vd, _mm512_cvtepi32_ps(i0), RNE));
             __m512 r1 = _mm512_sub_ps(x1, _mm512_mul_round_ps(vd, _mm512_cvtepi32_ps(i1), RNE));
-            __m512i j0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(r0, vid), s256));
-            __m512i j1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(r1, vid), s256));
+            j0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(r0, vid), s256));
+            j1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(r1, vid), s256));
             j0 = _mm512_max_epi32(_mm512_min_epi32(j0, lim), nlim);
             j1 = _mm512_max_epi32(_mm512_min_epi32(j1, lim), nlim);
-            _mm_storeu_si128((__m128i *)(q2 + b * 32), _mm512_cvtepi32_epi8(j0));
-            _mm_storeu_si128((__m128i *)(q2 + b * 32 + 16), _mm512_cvtepi32_epi8(j1));
-            hs2[0] = _mm512_reduce_add_epi32(j0); hs2[1] = _mm512_reduce_add_epi32(j1);
+            _mm_storeu_si128((__m128i *)(q2 + b * qs), _mm512_cvtepi32_epi8(j0));
+            _mm_storeu_si128((__m128i *)(q2 + b * qs + 16), _mm512_cvtepi32_epi8(j1));
         }
+        int sums[4];  /* the halves' sums of q, then of q2 */
+        sum4_epi32(i0, i1, j0, j1, sums);
         float dd = q2 ? d * (1.0f / 256.0f) : d;
-        _mm256_storeu_ps(dx + b * 8, _mm256_set1_ps(dd));
-        act_sums(sx, K / 32, b, d, hs, hs2, q2 != NULL);
+        if (d8) _mm256_storeu_ps(dx + b * ds, _mm256_set1_ps(dd));
+        else dx[b * ds] = dd;
+        act_sums(sx, ss, K / 32, b, d, sums, sums + 2, q2 != NULL);
     }
+}
+
+/* the same quantization as quantize_row_scalar, 32 values (two registers) a step: bit for bit
+ * (same operations in the same order, d q rounded before the subtraction as in C; cvtps rounds
+ * half to even like nearbyintf; the integer sums in any order) */
+T512 static void quantize_row_512(const float *x, int K, int8_t *q, float *dx, float *sx, int8_t *q2) {
+    quantize_512(x, K, q, 32, q2, dx, 8, 1, sx, 1);
+}
+
+/* row r of a tile (see TILE): L levels */
+T512 static void quantize_tile_row_512(const float *x, int K, int L, int8_t *qt, float *dxt, float *sxt, int r) {
+    quantize_512(x, K, qt + r * 32, (size_t)TILE * 32 * L, L == 2 ? qt + r * 32 + TILE * 32 : NULL,
+                 dxt + r, TILE, 0, sxt + r, TILE);
 }
 
 static int best_path_cached = -1;
@@ -969,7 +1003,6 @@ T512 INLINE __m512i bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); retur
  * (j < ACT_SUMS nb, as act_sums). Every address of a block's rows is then one register plus a
  * constant (and gcc folds the broadcasts into the dpbusd): with one pointer per row (T = 0,
  * row-major) the rows' addresses spill (62% -> 74-80% of the dpbusd peak, one core, cache-resident). */
-#define TILE 8
 
 /* out (R, 16) = 16 packed weight rows against R activation rows; `kind` a constant (PK_*);
  * T: 0 row-major (q, q2 rows of K bytes, dx/sx rows of K/4 floats; decode), or TILE (tiled,
@@ -1128,29 +1161,17 @@ T512 static int matmul_packed_multi(const float *x, int M, int K, int nw, const 
     const int nb = K / 32, L = hi ? 2 : 1, R = TILE, nfused = glu ? 1 : nw;
     const int Mt = (M + TILE - 1) / TILE;
     const size_t tq = (size_t)TILE * K * L, td = (size_t)TILE * nb, ts = (size_t)TILE * ACT_SUMS * nb;
-    int8_t *q = malloc(Mt * tq + (size_t)2 * K * nthreads);
-    float *dx = malloc(4 * Mt * td), *sx = malloc(4 * Mt * ts), *rows = malloc((size_t)2 * K * nthreads);
-    if (!q || !dx || !sx || !rows) { free(q); free(dx); free(sx); free(rows); return -3; }
+    int8_t *q = malloc(Mt * tq);
+    float *dx = malloc(4 * Mt * td), *sx = malloc(4 * Mt * ts);
+    if (!q || !dx || !sx) { free(q); free(dx); free(sx); return -3; }
     int first[9] = {0};  /* weight i owns global groups first[i] .. first[i+1]-1 */
     for (int i = 0; i < nfused; i++) first[i + 1] = first[i] + (Ns[i] + 15) / 16;
     #pragma omp parallel num_threads(nthreads)
     {
-        /* each row quantized row-major into this thread's scratch, then moved into its tile */
-        int8_t *rq = q + Mt * tq + (size_t)2 * K * omp_get_thread_num(), *rq2 = hi ? rq + K : NULL;
-        float *rd = rows + (size_t)K / 2 * omp_get_thread_num(), *rs = rd + K / 4;
         #pragma omp for schedule(static)
-        for (int m = 0; m < M; m++) {
-            quantize_row(x + (size_t)m * K, K, rq, rd, rs, rq2);
-            const int t = m / TILE, r = m % TILE;
-            int8_t *qt = q + t * tq + r * 32;
-            for (int b = 0; b < nb; b++) {
-                memcpy(qt + (size_t)b * TILE * 32 * L, rq + b * 32, 32);
-                if (hi) memcpy(qt + (size_t)b * TILE * 32 * L + TILE * 32, rq2 + b * 32, 32);
-                dx[t * td + (size_t)b * TILE + r] = rd[b * 8];
-            }
-            for (int j = 0; j < ACT_SUMS * nb; j++)  /* (bits: ints among them) */
-                ((uint32_t *)sx)[t * ts + (size_t)j * TILE + r] = ((const uint32_t *)rs)[j];
-        }
+        for (int m = 0; m < M; m++)  /* each row into its place in its tile */
+            quantize_tile_row_512(x + (size_t)m * K, K, L, q + (m / TILE) * tq, dx + (m / TILE) * td,
+                                  sx + (m / TILE) * ts, m % TILE);
         float out[TILE * 16], out2[TILE * 16];
         for (int mc = 0; mc < M; mc += MCHUNK) {  /* an M chunk's activations stay in L2 */
         const int mend = M - mc < MCHUNK ? M : mc + MCHUNK;
@@ -1200,7 +1221,7 @@ T512 static int matmul_packed_multi(const float *x, int M, int K, int nw, const 
         }
         }
     }
-    free(q); free(dx); free(sx); free(rows);
+    free(q); free(dx); free(sx);
     return 0;
 }
 
