@@ -95,6 +95,42 @@ def test_paths_agree_and_threads():
         torch.testing.assert_close(y, ys[0], rtol=1e-5, atol=1e-5)
 
 
+def test_activation_quantization_is_the_written_out_algorithm():
+    """hl_quantize_rows (on this CPU's best path: AVX512 takes 16 blocks' scales at a time) gives
+    what the algorithm gives written out in float32 numpy, bit for bit: per 32-block
+    d = amax / 127, q = rint(x / d) (half to even), the residual q2 = rint((x - d q) / d * 256)
+    within +-127, the block sums; one and two levels; K of whole 16-block batches and tails;
+    a zero block and mixed magnitudes."""
+    lib = kernels.load()
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    for K in (32, 576, 1024, 1056):
+        M = 5
+        x = (rng.standard_normal((M, K)) * rng.choice([1e-3, 1.0, 50.0], size=(M, K))).astype(f32)
+        x[0, :32] = 0
+        xb = x.reshape(M, -1, 32)
+        d = (np.abs(xb).max(-1) / f32(127)).astype(f32)
+        inv = np.where(d != 0, f32(1) / np.where(d != 0, d, f32(1)), f32(0)).astype(f32)
+        q = np.rint(xb * inv[..., None])
+        r = (xb - d[..., None] * q.astype(f32)) * inv[..., None] * f32(256)
+        q2 = np.clip(np.rint(r), -127, 127)
+        for two in (False, True):
+            got_q, got_q2 = np.empty((M, K), np.int8), np.empty((M, K), np.int8)
+            got_d, got_s = np.empty((M, K // 32), f32), np.empty((M, K // 32), f32)
+            lib.hl_quantize_rows(x.ctypes.data, M, K, got_q.ctypes.data, got_d.ctypes.data,
+                                 got_s.ctypes.data, got_q2.ctypes.data if two else None)
+            assert np.array_equal(got_q.reshape(M, -1, 32), q.astype(np.int8)), K
+            sums = q.sum(-1).astype(f32)
+            if two:
+                assert np.array_equal(got_q2.reshape(M, -1, 32), q2.astype(np.int8)), K
+                assert np.array_equal(got_d, d * f32(1 / 256)), K
+                ref_s = d * (sums + q2.sum(-1).astype(f32) * f32(1 / 256))
+            else:
+                assert np.array_equal(got_d, d), K
+                ref_s = d * sums
+            np.testing.assert_allclose(got_s, ref_s, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("qtype", (Q.Q4_0, Q.Q4_1), ids=lambda t: t.name)
 def test_packed_q4_matches_raw_kernel(qtype):
     if "avx512" not in _paths():
