@@ -2042,6 +2042,14 @@ static int mat_rows(const model_t *c, const mat_t *m, const float *x, int M, flo
     return rc;
 }
 
+/* x += y, (M, n) each, the rows shared among the threads (the residual stream: 4 MB for the 1B
+ * model's 512-token chunk, a serial loop's 0.3 ms a layer) */
+static void add_rows(float *x, const float *y, int M, int n, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < n; j++) x[(size_t)i * n + j] += y[(size_t)i * n + j];
+}
+
 static void rmsnorm_rows(const float *x, const float *w, int M, int n, float eps, float *out, int nthreads) {
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int i = 0; i < M; i++) rmsnorm(x + (size_t)i * n, w, n, eps, out + (size_t)i * n);
@@ -2120,7 +2128,7 @@ int hl_forward(void *p, const int *tokens, int T, int pos, float *logits, int al
         }
         if (!rc) rc = mat_rows(c, &ly->m[M_O], att, T, tmp, NULL);
         if (rc) break;
-        for (size_t i = 0; i < (size_t)T * H; i++) x[i] += tmp[i];
+        add_rows(x, tmp, T, H, c->nthreads);
         rmsnorm_rows(x, ly->v[V_LN2], T, H, c->eps, xn, c->nthreads);
         const mat_t *mg = &ly->m[M_GATE], *mu = &ly->m[M_UP];
         if (mg->pk && mu->pk && c->path == P_AVX512) {
@@ -2137,7 +2145,7 @@ int hl_forward(void *p, const int *tokens, int T, int pos, float *logits, int al
         }
         if (!rc) rc = mat_rows(c, &ly->m[M_DOWN], hb, T, tmp, NULL);
         if (rc) break;
-        for (size_t i = 0; i < (size_t)T * H; i++) x[i] += tmp[i];
+        add_rows(x, tmp, T, H, c->nthreads);
     }
     if (!rc) {
         const int first = all ? 0 : T - 1, M = T - first;
