@@ -6,6 +6,13 @@ does not import torch; `load` does.
 """
 __version__ = "0.1.0"
 
+import os as _os
+
+# The CPUs this process may run on, before any import: another library's OpenMP runtime (the
+# gguf package's sentencepiece brings one) pins the importing thread to one CPU when
+# OMP_PROC_BIND is set, and ours would then see one CPU (engine/kernels/build.py restores it).
+START_AFFINITY = frozenset(_os.sched_getaffinity(0)) if hasattr(_os, "sched_getaffinity") else None
+
 # Our C kernels and torch share one OpenMP runtime, left at its defaults here: its threads spin
 # a short while after each parallel region (GOMP: 300k spins, then sleep), which a decode step's
 # ~250 short regions need (default model, 2 cores: 380 tok/s, against 106 with sleeping threads,

@@ -148,6 +148,7 @@ def load() -> ctypes.CDLL | None:
     path = build()
     if path is None:
         return None
+    _unpin()
     try:
         # One OpenMP runtime per process: libgomp.so.1 is found by its soname, so whichever of
         # torch and this library loads first brings the one both use. torch is not imported
@@ -157,6 +158,22 @@ def load() -> ctypes.CDLL | None:
         _state["status"] = f"loading {path} failed: {e}"
         return None
     return _state["lib"]
+
+
+def _unpin():
+    """Give this thread back the CPUs the process started with, where OpenMP binding is asked
+    for (OMP_PROC_BIND / OMP_PLACES) and another runtime's binding took them away: our libgomp
+    reads the thread's CPUs when it loads, to place its threads (else every one lands on the
+    one CPU left: half the speed on 2 cores)."""
+    import homellm
+    start = homellm.START_AFFINITY
+    if not start or not (os.environ.get("OMP_PROC_BIND") or os.environ.get("OMP_PLACES")):
+        return
+    try:
+        if set(os.sched_getaffinity(0)) < start:
+            os.sched_setaffinity(0, start)
+    except OSError:
+        pass
 
 
 def reset():
