@@ -111,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
             steps.close()
             print("\n(stopped)", file=sys.stderr)
             continue
-        print()
+        print(flush=True)  # (before the speed line on stderr, also when stdout is a pipe)
         if final is not None and not args.quiet:
             print(speed_line(final.timings), file=sys.stderr)
     return 0

@@ -65,5 +65,6 @@ def main(args: argparse.Namespace) -> int:
                           "load_s": round(model.load_s, 3), **t.as_dict()}))
     else:
         sys.stdout.write("\n")
+        sys.stdout.flush()  # (before the speed line on stderr, also when stdout is a pipe)
         print(speed_line(t, model.load_s), file=sys.stderr)
     return 0
