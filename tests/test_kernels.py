@@ -10,6 +10,7 @@ Tolerances (relative error ||y - ref|| / ||ref||):
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -481,7 +482,7 @@ def test_openmp_binding_keeps_every_cpu():
     """With OMP_PROC_BIND set, the OpenMP runtime that `gguf` brings (sentencepiece's) pins the
     importing thread to one CPU; ours must still place its threads on different CPUs."""
     code = (
-        "import glob, homellm, gguf, numpy as np\n"
+        "import glob, json, homellm, gguf, numpy as np\n"
         "from homellm.engine.kernels import build\n"
         "lib = build.load(); assert lib is not None, build.status()\n"
         "x = np.ones((64, 64), np.float32); q = np.empty((64, 64), np.int8)\n"
@@ -492,12 +493,12 @@ def test_openmp_binding_keeps_every_cpu():
         "for t in glob.glob('/proc/self/task/*/status'):\n"
         "    st = dict(l.split(':\\t', 1) for l in open(t).read().splitlines() if ':\\t' in l)\n"
         "    cpus.add(st['Cpus_allowed_list'].strip())\n"
-        "print(sorted(cpus))\n"
+        "print(json.dumps(sorted(cpus)))\n"
     )
     env = {**os.environ, "OMP_PROC_BIND": "true", "OMP_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    cpus = eval(out.stdout.strip().splitlines()[-1])
+    cpus = json.loads(out.stdout.strip().splitlines()[-1])
     singles = [c for c in cpus if c.isdigit()]
     assert len(set(singles)) >= 2, cpus  # the main thread and the worker on CPUs of their own

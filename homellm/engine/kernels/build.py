@@ -150,9 +150,10 @@ def load() -> ctypes.CDLL | None:
         return None
     _unpin()
     try:
-        # One OpenMP runtime per process: libgomp.so.1 is found by its soname, so whichever of
-        # torch and this library loads first brings the one both use. torch is not imported
-        # here: the C runtime (native.py) runs without it.
+        # libgomp.so.1 is found by its soname, so whichever of torch and this library loads
+        # first brings the OpenMP runtime both use (torch is not imported here: the C runtime,
+        # native.py, runs without it). Wheels with a renamed copy (sentencepiece, which gguf
+        # imports) bring a second one: see _unpin.
         _state["lib"] = _declare(ctypes.CDLL(str(path)))
     except (OSError, AttributeError) as e:
         _state["status"] = f"loading {path} failed: {e}"

@@ -253,18 +253,16 @@ typedef struct { int8_t *q; float *d; float *s; int K; } act_t;  /* d, s: K/4 fl
 
 /* sx of a row: [0, nb) the blocks' sums s_b = d sum(q), then [nb, 3 nb) the halves' (values 0..15
  * and 16..31 of block b at nb + 2b and nb + 2b + 1: the per-16 min terms of packed Q6_K), then
- * int32: [3 nb, 4 nb) 8 sum(q), [4 nb, 5 nb) 128 sum(q), sum(q) = 256 sum(q) + sum(q2) with two
- * levels (the offsets of packed Q4_0 and Q8_0, taken off their integer dots); the row has K/4
- * floats of room */
-#define ACT_SUMS 5  /* sx values per block */
+ * [3 nb, 4 nb) int32 sum(q), 256 sum(q) + sum(q2) with two levels (times their offsets, what
+ * packed Q4_0 and Q8_0 take off their integer dots); the row has K/4 floats of room */
+#define ACT_SUMS 4  /* sx values per block */
 /* (ss: floats from one sum j to the next; 1 in a row, TILE in a tile) */
 static inline void act_sums(float *sx, size_t ss, int nb, int b, float d, const int *hs, const int *hs2, int two) {
     const int sum = hs[0] + hs[1], sum2 = hs2[0] + hs2[1], isum = two ? 256 * sum + sum2 : sum;
     sx[b * ss] = two ? d * ((float)sum + (float)sum2 * (1.0f / 256.0f)) : d * (float)sum;
     for (int h = 0; h < 2; h++)
         sx[(nb + 2 * b + h) * ss] = two ? d * ((float)hs[h] + (float)hs2[h] * (1.0f / 256.0f)) : d * (float)hs[h];
-    ((int32_t *)sx)[(3 * nb + b) * ss] = 8 * isum;
-    ((int32_t *)sx)[(4 * nb + b) * ss] = 128 * isum;
+    ((int32_t *)sx)[(3 * nb + b) * ss] = isum;
 }
 
 /* q2 != NULL: "two-level" int8, x ~ d (q + q2 / 256) with q2 the rounded residual: ~256x more
@@ -291,9 +289,6 @@ static void quantize_row_scalar(const float *x, int K, int8_t *q, float *dx, flo
     }
 }
 
-/* the same quantization, 32 values (two registers) a step: bit for bit the scalar one (same
- * operations in the same order, d q rounded before the subtraction as in C; cvtps rounds half to
- * even like nearbyintf) */
 #define RNE (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)  /* an explicit rounding: never fused into an FMA */
 
 /* out[0..3] = the sums of a, b, c, d's 16 lanes: one transpose-and-add (three steps) */
@@ -1106,7 +1101,7 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
                 acc[r] = _mm512_fmadd_ps(t0, dw, acc[r]);
                 acc[r] = _mm512_fmadd_ps(t1, mw, acc[r]);
             } else if (kind == PK_Q4S || kind == PK_Q8) {  /* d da ((u . q) - off sum(q)) */
-                const __m512i os = _mm512_set1_epi32(ISX(kind == PK_Q8 ? 4 * nb + b : 3 * nb + b));
+                const __m512i os = _mm512_set1_epi32(ISX(3 * nb + b) << (kind == PK_Q8 ? 7 : 3));
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(i0, i1), os)),
                                          _mm512_mul_ps(dw, da), acc[r]);
             } else {
