@@ -44,6 +44,18 @@ JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{1,32}"
 JSON_OBJECT_SCHEMA = {"type": "object"}   # what {"type": "json_object"} means: any JSON object
 SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")   # OpenAI's rule for json_schema.name
 GRAMMARS_PER_TOKENIZER = 64  # compiled grammars kept per tokenizer (least recently used go)
+# How deeply a schema's JSON may nest. llguidance refuses deeper schemas anyway (its JSON
+# parser stops at 128 levels); we check first, without recursion, because json.dumps of a
+# schema 1,000 levels deep raises RecursionError rather than a ValueError.
+SCHEMA_MAX_DEPTH = 128
+# llguidance messages that name its internals, and what they mean for the schema's author
+_LLGUIDANCE_LIMITS = {
+    "NoExtensionBias": "no value can match the schema: a $ref chain leads back to itself "
+                       "before any text (e.g. a $ref to itself)",
+    "too many expressions constructed": "the schema is too large to enforce: a pattern, const "
+                                        "or enum expands past the grammar engine's limit "
+                                        "(lexer: too many expressions constructed)",
+}
 
 
 def parse_response_format(response_format) -> dict | None:
@@ -97,6 +109,10 @@ def compile_response_format(tokenizer, response_format) -> Grammar | None:
         return None
     field = "response_format.json_schema.schema" if schema is not JSON_OBJECT_SCHEMA \
         else "response_format"
+    depth = _nesting_depth(schema, SCHEMA_MAX_DEPTH)
+    if depth > SCHEMA_MAX_DEPTH:
+        raise ValueError(f"{field}: nested more than {SCHEMA_MAX_DEPTH} levels deep "
+                         f"(at most {SCHEMA_MAX_DEPTH} are supported)")
     try:
         key = json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -166,8 +182,11 @@ class Constraint:
         """Take the sampled token; ValueError if the grammar did not allow it (the Constraint
         is then spent: start another)."""
         if not self._matcher.consume_token(int(token)):
+            raw = self._matcher.get_error()
+            if any(internal in raw for internal in _LLGUIDANCE_LIMITS):  # not this token's fault
+                raise ValueError(f"constrained decoding failed: {_one_line(raw)}")
             raise ValueError(f"token {int(token)} is not allowed by the response format: "
-                             f"{_one_line(self._matcher.get_error())}")
+                             f"{_one_line(raw)}")
 
     @property
     def done(self) -> bool:
@@ -222,7 +241,22 @@ class _TokenizerGrammars:
         matcher = llguidance.LLMatcher(self.lltokenizer, text, log_level=0)
         if matcher.is_error():
             raise ValueError(f"{field}: {_one_line(matcher.get_error())}")
-        return Grammar(matcher, self.vocab_size, schema_text)
+        grammar = Grammar(matcher, self.vocab_size, schema_text)
+        # Some schemas compile but fail at the first mask (a $ref to itself) or at the first
+        # token (a lexer that outgrows its limits): find out now, on a copy, so that they are
+        # a bad request rather than a failure in the middle of a generation.
+        probe = grammar.start()
+        try:
+            first = np.flatnonzero(probe.allowed())
+            if not probe._matcher.consume_token(int(first[0])):
+                raise ValueError(_one_line(probe._matcher.get_error()))
+            if not probe._matcher.is_stopped():
+                probe.allowed()
+        except ValueError as e:
+            detail = str(e).removeprefix("constrained decoding failed: ")
+            raise ValueError(f"{field}: the schema compiles but cannot be followed from its "
+                             f"first token ({detail})") from None
+        return grammar
 
 
 def _numpy_view(tensor):
@@ -247,7 +281,30 @@ def _grammars_for(tokenizer) -> _TokenizerGrammars:
         return entry
 
 
+def _nesting_depth(value, limit: int) -> int:
+    """How many levels of objects and arrays `value` nests (a scalar: 0), counted without
+    recursion; stops counting once past `limit`."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def _one_line(message: str) -> str:
-    """An llguidance message on one line, without the parser state dump some carry."""
+    """An llguidance message on one line, without the parser state dump some carry; one that
+    names an internal limit says what it means for the schema."""
     text = " ".join(message.split("<state>")[0].split())
+    for internal, meaning in _LLGUIDANCE_LIMITS.items():
+        if internal in text:
+            return meaning
     return text[:500] or "invalid schema"
