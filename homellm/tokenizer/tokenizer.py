@@ -7,6 +7,7 @@ post-processor), never from a guess.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -161,6 +162,15 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """Bytes of UTF-8 text that one token covers at most (the longest vocabulary entry,
+        x4 if a normalizer may shrink text as NFKC does): `len(text.encode()) // this` is a
+        lower bound on `len(encode(text))`, for length checks that must not tokenize first."""
+        longest = max((len(t.encode()) for t in self._tk.get_vocab(with_added_tokens=True)),
+                      default=1)
+        return max(1, longest) * (4 if self._tk.normalizer is not None else 1)
 
     @property
     def backend(self) -> HFTokenizer:
