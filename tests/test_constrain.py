@@ -238,6 +238,43 @@ def test_unsupported_or_invalid_schema_is_a_value_error(spm_tokenizer, schema, m
         compile_response_format(spm_tokenizer[0], fmt)
 
 
+def nested(depth: int, leaf: dict, wrap) -> dict:
+    for _ in range(depth):  # built in a loop: the test itself must not recurse
+        leaf = wrap(leaf)
+    return leaf
+
+
+HOSTILE_SCHEMAS = [  # from the reliability review (L2, L3): each a 400-style ValueError naming the field
+    ({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "a $ref chain leads back to itself"),
+    ({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+     "a $ref chain leads back to itself"),
+    ({"type": "string", "pattern": "^(a{1000}){1000}$"}, "too large to enforce"),
+    ({"const": "x" * 1_000_000}, "too large to enforce"),
+    (nested(5000, {"type": "string"}, lambda s: {"type": "object", "properties": {"a": s}}),
+     "nested more than 128 levels deep"),
+    (nested(20000, {"type": "integer"}, lambda s: {"type": "array", "items": s}),
+     "nested more than 128 levels deep"),
+]
+
+
+@pytest.mark.parametrize("schema, message", HOSTILE_SCHEMAS, ids=["ref_self", "ref_mutual", "regex_repeat",
+                                                                 "const_1mb", "props_5000", "arrays_20000"])
+def test_hostile_schema_is_a_clear_value_error(spm_tokenizer, schema, message):
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    with pytest.raises(ValueError, match=r"^response_format\.json_schema\.schema: .*" + regex.escape(message)) as e:
+        compile_response_format(spm_tokenizer[0], fmt)
+    assert "NoExtensionBias" not in str(e.value) and len(str(e.value)) < 600
+
+
+def test_a_recursive_schema_that_produces_text_still_compiles(spm_tokenizer):
+    tree = {"$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}}}}, "$ref": "#/$defs/n"}
+    deep = nested(100, {"type": "integer"}, lambda s: {"type": "array", "items": s})
+    for schema in (tree, deep):  # 101 levels: under our bound, accepted by llguidance
+        grammar = compile_response_format(spm_tokenizer[0], {"type": "json_schema",
+                                                             "json_schema": {"name": "s", "schema": schema}})
+        assert grammar.start().allowed().any()
+
+
 def test_parse_response_format():
     assert parse_response_format({"type": "json_object"}) == {"type": "object"}
     assert parse_response_format({"type": "json_schema", "json_schema": {"schema": True}}) == {}
