@@ -7,6 +7,7 @@ the KV cache.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import time
@@ -14,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from homellm.engine.generate import Engine, Step, Timings
-from homellm.engine.sampling import SamplingParams
-from homellm.errors import ContextOverflowError
+from homellm.engine.sampling import NonFiniteLogitsError, SamplingParams
+from homellm.errors import ContextOverflowError, HomellmError
 
 if TYPE_CHECKING:
     import torch
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 SAMPLING_FIELDS = {"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
                    "frequency_penalty", "presence_penalty", "seed"}
 DEFAULT_CTX = 4096
+DIAGNOSE_TOKENS = 256  # tokens the NaN diagnosis re-runs in numpy (attention is (T, T) there)
 
 
 def split_sampling(options: dict) -> tuple[SamplingParams, dict]:
@@ -171,8 +173,30 @@ class Model:
                     steps.close()
                     yield Step(token=None, finish_reason="stop", timings=timings)
                     return
+        except NonFiniteLogitsError as e:
+            raise self.explain_nonfinite(getattr(e, "ids", None) or ids) from None
         finally:
             steps.close()
+
+    def explain_nonfinite(self, ids: list[int]) -> NonFiniteLogitsError:
+        """The error for NaN/inf logits, naming the first stage of the network that produced
+        them: the prompt's first tokens are run again through a numpy reference of the
+        network (model/numpy_forward.py) read afresh from the file."""
+        from homellm.model.formats import open_checkpoint
+        from homellm.model.numpy_forward import first_nonfinite
+        source = self.checkpoint.source
+        try:
+            ckpt = open_checkpoint(source, as_numpy=True)
+            where = first_nonfinite(ckpt.args, ckpt.tensors, list(ids)[:DIAGNOSE_TOKENS])
+        except (HomellmError, MemoryError, ValueError, OSError):
+            where = None
+        if where is not None:
+            return NonFiniteLogitsError(
+                f"{source}: the model produced NaN/inf values at {where}: its weights or "
+                f"metadata are broken (the numpy reference of the network finds the same)", where)
+        return NonFiniteLogitsError(
+            f"{source}: the model produced NaN/inf logits (its weights or metadata are broken, "
+            f"or its values overflow the runtime's arithmetic)")
 
     def session(self, system: str | None = None) -> "ChatSession":
         return ChatSession(self, system)
@@ -276,14 +300,19 @@ def load(name_or_path: str | Path | None = None, device: str | None = None,
     from homellm.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
+    device = check_device(device)
     path = resolve(name_or_path)
     ckpt = open_checkpoint(path, as_numpy=True)  # (GGUF floats as numpy: no torch yet)
     ctx = ctx or min(DEFAULT_CTX, ckpt.args.max_position_embeddings)
     tokenizer = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
     wbytes = weight_bytes_per_token(ckpt)
-    if adapter is None and native_runtime(ckpt, device, dtype, quant):
+    native = adapter is None and native_runtime(ckpt, device, dtype, quant)
+    check_ctx(ckpt.args, ctx, device, bytes_per_value=2 if native else 4)
+    if native:
         from homellm.engine.kernels.native import NativeModel
-        network = NativeModel(ckpt.args, ckpt.tensors, ctx, threads=default_threads(), keep_raw=False)
+        with _kv_allocation(ctx):
+            network = NativeModel(ckpt.args, ckpt.tensors, ctx, threads=default_threads(),
+                                  keep_raw=False)
         ckpt.tensors = {}  # the C runtime holds what it computes on (packed Q4 replaces the raw rows)
     else:
         from homellm.engine.loader import build_model
@@ -299,7 +328,90 @@ def load(name_or_path: str | Path | None = None, device: str | None = None,
     tokenizer.forget_source_fields()
     release_free_heap()
     # the C decoder computes on the file's own blocks: only when the weights are kept as stored
-    model = Model(ckpt, network, tokenizer, ctx, time.perf_counter() - t0,
-                  fast_decode=quant is None and adapter is None)
+    with _kv_allocation(ctx):
+        model = Model(ckpt, network, tokenizer, ctx, time.perf_counter() - t0,
+                      fast_decode=quant is None and adapter is None)
     model.weight_bytes_per_token = wbytes
     return model
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device(device: "str | torch.device | None") -> str | None:
+    """`device` as a string torch accepts, or HomellmError saying what is wrong with it:
+    an unknown kind ('tpu'), CUDA asked for where there is none, a GPU index past the last."""
+    if device is None or str(device) == "cpu":
+        return None if device is None else "cpu"
+    text = str(device)
+    import torch
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise HomellmError(f"device {text!r}: expected 'cpu', 'cuda' or 'cuda:N' (an NVIDIA GPU), "
+                           f"or 'mps' (Apple)")
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise HomellmError(f"device {text!r}: this machine has no Apple GPU (MPS); use 'cpu'")
+        return text
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this PyTorch build has no CUDA support" if torch.version.cuda is None
+                   else "PyTorch finds no CUDA GPU (driver missing or no device)")
+            raise HomellmError(f"device {text!r}: {why}; use 'cpu'")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise HomellmError(f"device {text!r}: this machine has {n} CUDA GPU"
+                               f"{'s' if n != 1 else ''} (cuda:0{f'..cuda:{n - 1}' if n > 1 else ''})")
+    return text
+
+
+def kv_cache_bytes(args, ctx: int, bytes_per_value: int) -> int:
+    """Bytes of keys and values that `ctx` positions take: 2 x layers x kv heads x head_dim."""
+    return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * ctx * bytes_per_value
+
+
+def _memory_bytes(device: str | None) -> int | None:
+    """Memory the KV cache can live in: the GPU's for CUDA, else the machine's RAM."""
+    if device is not None and device.startswith("cuda"):
+        import torch
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_ctx(args, ctx: int, device: str | None = None, bytes_per_value: int = 2) -> None:
+    """HomellmError when `ctx` positions cannot be held: fewer than 2, or a KV cache larger
+    than the memory of the machine (or GPU) it would live in."""
+    if ctx < 2:
+        raise HomellmError(f"ctx {ctx}: the context must hold at least 2 tokens")
+    need, have = kv_cache_bytes(args, ctx, bytes_per_value), _memory_bytes(device)
+    if have is not None and need > have:
+        raise HomellmError(
+            f"--ctx {ctx}: the KV cache would take {_gib(need)}, more than the "
+            f"{_gib(have)} of memory here; the model was trained on "
+            f"{args.max_position_embeddings} positions (at most {have // (need // ctx)} fit)")
+
+
+@contextlib.contextmanager
+def _kv_allocation(ctx: int):
+    """Turns a failed allocation of the KV cache (an address-space limit, or memory that
+    check_ctx could not see) into a HomellmError naming --ctx."""
+    try:
+        yield
+    except MemoryError as e:
+        raise HomellmError(f"--ctx {ctx}: not enough memory for the model and a KV cache of "
+                           f"{ctx} positions ({e or 'MemoryError'}); use a smaller --ctx") from None
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower() and "can't allocate" not in str(e).lower():
+            raise
+        raise HomellmError(f"--ctx {ctx}: not enough memory for the model and a KV cache of "
+                           f"{ctx} positions ({e}); use a smaller --ctx") from None

@@ -17,8 +17,8 @@ from typing import Iterator
 import numpy as np
 
 from homellm.engine.kernels.native import NativeModel
-from homellm.engine.sampling import Sampler, SamplingParams, as_numpy
-from homellm.errors import ContextOverflowError
+from homellm.engine.sampling import NonFiniteLogitsError, Sampler, SamplingParams, as_numpy
+from homellm.errors import ContextOverflowError, HomellmError
 
 PREFILL_CHUNK = 512  # prompt positions per forward: bounds activation and attention memory
 
@@ -138,7 +138,8 @@ class Engine:
         if len(ids) >= self.ctx:
             raise ContextOverflowError(len(ids), self.ctx)
         if not ids:
-            raise ValueError("the prompt is empty: at least one token is needed")
+            raise HomellmError("the prompt is empty: it encodes to no tokens (at least one is "
+                               "needed; an empty chat template or vocabulary gives this)")
         reuse = min(self.cache.common_prefix(ids), len(ids) - 1)  # the last one yields logits
         del self.cache.tokens[reuse:]
         pos = reuse
@@ -161,6 +162,7 @@ class Engine:
         The stop token itself is not yielded. Closing the iterator early leaves the cache
         consistent (it holds exactly the tokens that went through the model) and `timings`
         (filled as generation goes, when the caller passes one) complete.
+        NaN/inf logits raise NonFiniteLogitsError with `.ids`: the tokens that produced them.
         """
         sampler = Sampler(params or SamplingParams())
         timings = timings if timings is not None else Timings()
@@ -179,7 +181,11 @@ class Engine:
                 if constraint is not None:
                     lse, top = self._logprobs(logits, top_logprobs)  # before the mask
                     constraint.mask_logits(logits)
-                token = sampler(logits, history)
+                try:
+                    token = sampler(logits, history)
+                except NonFiniteLogitsError as e:
+                    e.ids = list(history)  # what went through the model (for a diagnosis)
+                    raise
                 if token in stop_ids:
                     finish = "stop"
                     break

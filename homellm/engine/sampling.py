@@ -2,13 +2,39 @@
 
 Order of the filters follows llama.cpp: repetition penalty, top-k, top-p, min-p, then
 temperature. temperature == 0 is greedy. A seed makes a run reproducible; the sampler owns
-its random generator (numpy's PCG64). No PyTorch: the C runtime's logits are numpy arrays.
+its random generator (numpy's PCG64). Any integer is a seed: OpenAI's API takes an int64 and
+a CLI user may type -1, so a seed is taken modulo 2**64 (-1 and 2**64 - 1 are the same run).
+No PyTorch: the C runtime's logits are numpy arrays.
+
+Logits that are NaN or +inf are not a sampling problem but a broken model (NaN weights or
+metadata): the sampler raises NonFiniteLogitsError for them, never samples from them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from homellm.errors import HomellmError
+
+SEED_MODULUS = 2**64
+
+
+class NonFiniteLogitsError(HomellmError):
+    """The network produced NaN or +inf logits: the model file (weights or metadata) is broken.
+
+    `layer` is filled in where a caller could find the first layer whose output went bad
+    (None: not known); `where` describes it ("layer 3", "the embedding", "the final norm").
+    """
+
+    def __init__(self, message: str = "the model produced NaN/inf logits", where: str | None = None):
+        super().__init__(message)
+        self.where = where
+
+
+def seed_value(seed: int | None) -> int | None:
+    """The seed numpy's generator takes (0 <= s < 2**64) for any integer; None stays None."""
+    return None if seed is None else int(seed) % SEED_MODULUS
 
 
 @dataclass
@@ -29,7 +55,9 @@ class SamplingParams:
                   ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
                   ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
                   ("repeat_penalty", self.repeat_penalty > 0, "> 0"),
-                  ("repeat_last_n", self.repeat_last_n >= 0, ">= 0")]
+                  ("repeat_last_n", self.repeat_last_n >= 0, ">= 0"),
+                  ("frequency_penalty", self.frequency_penalty == self.frequency_penalty, "a number"),
+                  ("presence_penalty", self.presence_penalty == self.presence_penalty, "a number")]
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected {expected}")
@@ -54,7 +82,7 @@ class Sampler:
 
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.rng = np.random.default_rng(params.seed)  # seed None: fresh OS entropy
+        self.rng = np.random.default_rng(seed_value(params.seed))  # None: fresh OS entropy
 
     def penalize(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
         """A penalized copy of logits."""
@@ -63,17 +91,22 @@ class Sampler:
         if p.repeat_penalty != 1.0 and p.repeat_last_n and history:
             recent = np.unique(np.asarray(history[-p.repeat_last_n:], dtype=np.int64))
             vals = logits[recent]
-            logits[recent] = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
+            vals = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
+            logits[recent] = np.where(np.isnan(vals), -np.inf, vals)  # 0 * inf: excluded
         if (p.frequency_penalty or p.presence_penalty) and history:
             ids, counts = np.unique(np.asarray(history, dtype=np.int64), return_counts=True)
-            logits[ids] -= counts.astype(np.float32) * p.frequency_penalty + p.presence_penalty
+            vals = logits[ids] - (counts.astype(np.float32) * p.frequency_penalty + p.presence_penalty)
+            logits[ids] = np.where(np.isnan(vals), -np.inf, vals)  # inf - inf: excluded
         return logits
 
     def __call__(self, logits, history: list[int]) -> int:
         p = self.params
         logits = as_numpy(logits)
         if p.greedy and p.repeat_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty):
-            return int(logits.argmax())  # the common case: no copy of the logits
+            return _checked_argmax(logits)  # the common case: no copy of the logits
+        top = logits.max()  # NaN if any is NaN; -inf only where a mask excluded every token
+        if np.isnan(top) or top == np.inf:
+            raise NonFiniteLogitsError()
         logits = self.penalize(logits, history)
         if p.greedy:
             return int(logits.argmax())
@@ -100,3 +133,12 @@ class Sampler:
         weights = np.exp(values - values.max())
         choice = self.rng.choice(len(weights), p=weights / weights.sum())
         return int(indices[keep][choice])
+
+
+def _checked_argmax(logits: np.ndarray) -> int:
+    """argmax, refusing NaN/+inf (numpy's argmax returns the first NaN when there is one,
+    and +inf beats every finite logit: checking the winner is enough)."""
+    i = int(logits.argmax())
+    if not np.isfinite(logits[i]):
+        raise NonFiniteLogitsError()
+    return i
