@@ -11,6 +11,46 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 
+INT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "intermediate_size", "vocab_size", "head_dim", "max_position_embeddings")
+# rope_scaling kinds rope_inv_freq computes, and the numbers each needs
+ROPE_KINDS = {"linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                         "original_max_position_embeddings"),
+              "freq_factors": ()}
+
+
+def _number(name: str, value, positive: bool = True) -> float:
+    """`value` as a float if it is a finite number (> 0, or >= 0), else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name}={value!r}: expected a number")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name}={value!r}: expected a finite number {'> 0' if positive else '>= 0'}")
+    return float(value)
+
+
+def check_rope_scaling(scaling) -> None:
+    """ValueError unless `scaling` is a rope_scaling dict that rope_inv_freq computes."""
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling={scaling!r}: expected an object")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_KINDS:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported "
+                         f"(supported: 'linear', 'llama3')")
+    for key in ROPE_KINDS[kind]:
+        if key not in scaling:
+            raise ValueError(f"rope_scaling ({kind}) has no {key!r}")
+        _number(f"rope_scaling.{key}", scaling[key])
+    if kind == "llama3" and float(scaling["low_freq_factor"]) == float(scaling["high_freq_factor"]):
+        raise ValueError("rope_scaling (llama3): low_freq_factor equals high_freq_factor")
+    if kind == "freq_factors":
+        factors = scaling.get("factors")
+        if not isinstance(factors, (list, tuple)) or not factors:
+            raise ValueError("rope_scaling (freq_factors): expected a list of factors")
+        for i, f in enumerate(factors):
+            _number(f"rope_scaling.factors[{i}]", f)
+
+
 @dataclass
 class ModelArgs:
     """The network's shape, read from the checkpoint (GGUF metadata or HF config.json)."""
@@ -35,13 +75,36 @@ class ModelArgs:
     extra: dict = field(default_factory=dict)  # what the checkpoint says that the network ignores
 
     def __post_init__(self):
+        """Refuse a shape no network has (ValueError naming the field): sizes are positive
+        integers, heads split evenly, RoPE's numbers are finite and positive. A checkpoint's
+        reader turns this into an error naming its file and key."""
+        for name in INT_FIELDS:
+            value = getattr(self, name)
+            if name == "head_dim" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name}={value!r}: expected an integer")
+            if value < 1:
+                raise ValueError(f"{name}={value!r}: expected at least 1")
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
+                                 f"num_attention_heads={self.num_attention_heads} (and no head_dim)")
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim}: expected an even number (RoPE rotates pairs)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
+        if self.max_position_embeddings < 2:
+            raise ValueError(f"max_position_embeddings={self.max_position_embeddings}: expected "
+                             f"at least 2 (a prompt token and a reply token)")
+        _number("rms_norm_eps", self.rms_norm_eps, positive=False)
+        _number("rope_theta", self.rope_theta)
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
 
     @classmethod
     def from_hf_config(cls, config: dict) -> "ModelArgs":

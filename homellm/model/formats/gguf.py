@@ -18,6 +18,7 @@ always in HF names and layout:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 from collections import Counter
@@ -168,6 +169,9 @@ def _f32(x: float) -> float:
 
 def _model_args(path: Path, kv: dict, arch: str, names: set[str], rope_freqs: list[float] | None,
                 embed_rows: int | None) -> ModelArgs:
+    """ModelArgs from the `{arch}.*` keys, each checked for its type and range first (an
+    error names the key), and the layer count bounded by the layers the file has tensors for
+    (block_count = 2**32 - 1 must fail here, before anything is built per layer)."""
     def get(key: str, default: Any = KeyError):
         full = f"{arch}.{key}"
         if full in kv:
@@ -176,19 +180,45 @@ def _model_args(path: Path, kv: dict, arch: str, names: set[str], rope_freqs: li
             raise ModelFileError(f"{path}: required metadata key {full!r} is missing")
         return default
 
-    n_heads = int(get("attention.head_count"))
+    def bad(key: str, value, expected: str) -> ModelFileError:
+        return ModelFileError(f"{path}: metadata key {arch}.{key} is {value!r}: expected {expected}")
+
+    def integer(key: str, default: Any = KeyError, low: int = 1) -> int:
+        value = get(key, default)
+        if value is default and default is not KeyError:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad(key, value, "an integer")
+        if value < low:
+            raise bad(key, value, f"an integer of at least {low}")
+        return value
+
+    def number(key: str, default: Any = KeyError, positive: bool = True) -> float:
+        value = get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad(key, value, "a number")
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise bad(key, value, f"a finite number {'> 0' if positive else '>= 0'}")
+        return _f32(value)
+
+    n_layers = integer("block_count")
+    layers = {int(n.split(".")[1]) for n in names if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if n_layers > len(layers):
+        raise ModelFileError(f"{path}: metadata key {arch}.block_count is {n_layers}, but the file "
+                             f"has tensors for {len(layers)} layers")
+    n_heads = integer("attention.head_count")
     if "tokens" in kv:
         vocab = len(kv["tokens"])
     else:
         vocab = embed_rows
-    vocab = int(get("vocab_size", vocab) or 0)
+    vocab = integer("vocab_size", vocab or 0, low=0)
     if not vocab:
         raise ModelFileError(f"{path}: required metadata key {arch + '.vocab_size'!r} is missing "
                              "(and there is no tokenizer.ggml.tokens to count)")
     rope_scaling = None
     kind = get("rope.scaling.type", "none")
     if kind == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": _f32(get("rope.scaling.factor"))}
+        rope_scaling = {"rope_type": "linear", "factor": number("rope.scaling.factor")}
     elif kind not in ("none", ""):
         raise ModelFileError(f"{path}: {arch}.rope.scaling.type is {kind!r}; "
                              "supported: 'none', 'linear' (and a rope_freqs tensor)")
@@ -199,17 +229,17 @@ def _model_args(path: Path, kv: dict, arch: str, names: set[str], rope_freqs: li
         rope_scaling = {"rope_type": "freq_factors", "factors": rope_freqs}
     try:
         return ModelArgs(
-            hidden_size=int(get("embedding_length")),
-            num_hidden_layers=int(get("block_count")),
+            hidden_size=integer("embedding_length"),
+            num_hidden_layers=n_layers,
             num_attention_heads=n_heads,
-            num_key_value_heads=int(get("attention.head_count_kv", n_heads)),
-            intermediate_size=int(get("feed_forward_length")),
+            num_key_value_heads=integer("attention.head_count_kv", n_heads),
+            intermediate_size=integer("feed_forward_length"),
             vocab_size=vocab,
-            head_dim=get("attention.key_length", None),
-            rms_norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
-            rope_theta=_f32(get("rope.freq_base", 10000.0)),
+            head_dim=integer("attention.key_length", None),
+            rms_norm_eps=number("attention.layer_norm_rms_epsilon", positive=False),
+            rope_theta=number("rope.freq_base", 10000.0),
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(get("context_length")),
+            max_position_embeddings=integer("context_length", low=2),
             tie_word_embeddings="output.weight" not in names,
             attention_bias="blk.0.attn_q.bias" in names,
         )
@@ -283,6 +313,9 @@ def read_gguf(path: str | os.PathLike, as_numpy: bool = False) -> Checkpoint:
         if shape != expected[name]:
             raise ModelFileError(f"{path}: tensor {t.name} ({name}) has shape {list(shape)}, "
                                  f"expected {list(expected[name])} from the {arch}.* metadata")
+        if len(shape) == 1 and t.ggml_type in (Q.F32, Q.F16) and not np.isfinite(t.data).all():
+            # norms and biases: a few KB each, and a NaN there ruins every token
+            raise ModelFileError(f"{path}: tensor {t.name} ({name}) holds NaN or infinite values")
         heads = _rotary_heads(name, args) if arch == "llama" else None
         if heads is not None:
             if isinstance(value, GGMLTensor):
@@ -299,10 +332,14 @@ def read_gguf(path: str | os.PathLike, as_numpy: bool = False) -> Checkpoint:
         raise ModelFileError(f"{path}: missing tensors {', '.join(gguf_name(n) for n in missing[:5])}"
                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
 
+    template = kv.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise ModelFileError(f"{path}: metadata key tokenizer.chat_template is a "
+                             f"{type(template).__name__}: expected a string (a Jinja template)")
     metadata = {k[len("general."):]: v for k, v in kv.items() if k.startswith("general.")}
     metadata["tensor_types"] = dict(Counter(t.ggml_type.name for t in reader.tensors))
     return Checkpoint(args=args, tensors=tensors, tokenizer=TokenizerSource(gguf_fields=tok),
-                      chat_template=kv.get("tokenizer.chat_template"), source=path,
+                      chat_template=template, source=path,
                       format="gguf", metadata=metadata)
 
 

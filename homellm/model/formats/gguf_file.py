@@ -15,7 +15,9 @@ items). The `gguf` package's GGUFReader builds a numpy array for every string an
 `struct.unpack_from`, numeric arrays from one `np.frombuffer` each and strings from one
 loop that decodes each string once. Tensor data are numpy views of the map (zero-copy).
 Every count and length is checked against the bytes left in the file before it is used,
-so a corrupt header raises GGUFFormatError instead of allocating gigabytes.
+so a corrupt header raises GGUFFormatError instead of allocating gigabytes; tensor data must
+be laid out as llama.cpp's loader requires (in order, consecutive, aligned), so no two
+tensors share bytes.
 """
 from __future__ import annotations
 
@@ -265,12 +267,21 @@ def parse(buf: mmap.mmap | bytes, whole: np.ndarray | None = None) -> GGUFFile:
         infos.append((name, dims, ggml_type, offset))
     data_offset = -(-cur.pos // alignment) * alignment
 
-    tensors, seen = [], set()
+    # llama.cpp's loader (gguf.cpp) takes tensor data only in the order of the infos, each
+    # starting where the previous one ends, padded to the alignment: anything else (overlaps,
+    # gaps, a tensor retyped to more or fewer bytes) is refused, as it is here
+    tensors, seen, expected = [], set(), 0
     for name, dims, ggml_type, offset in infos:
         if name in seen:
             raise GGUFFormatError(f"tensor {name} appears twice")
         seen.add(name)
         n_bytes, row_bytes = _tensor_bytes(name, dims, ggml_type)
+        if offset != expected:
+            raise GGUFFormatError(
+                f"tensor {name} has data offset {offset}, expected {expected}: tensor data must "
+                f"follow one another in the order of the tensor infos, each padded to "
+                f"{alignment} bytes (they would overlap or leave gaps)")
+        expected += -(-n_bytes // alignment) * alignment
         start = data_offset + offset
         if start + n_bytes > size:
             raise GGUFFormatError(f"tensor {name} ends at byte {start + n_bytes} but the file "

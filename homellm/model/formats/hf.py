@@ -25,9 +25,12 @@ SHARD_BYTES = 4 << 30  # a new safetensors shard every 4 GiB, as transformers do
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ModelFileError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ModelFileError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def read_args(folder: Path) -> ModelArgs:
@@ -42,17 +45,33 @@ def read_args(folder: Path) -> ModelArgs:
     # A sliding_window (Mistral) is not applied: attention is full, exact up to the window size.
     try:
         return ModelArgs.from_hf_config(config)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelFileError(f"{config_path}: missing or invalid field {e}") from None
+    except KeyError as e:
+        raise ModelFileError(f"{config_path}: required field {e} is missing") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ModelFileError(f"{config_path}: {e}") from None
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
+    """The weight files: those the index names (each inside the folder), else every
+    *.safetensors in it."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelFileError(f"{index}: no weight_map")
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        names = set(weight_map.values())
+        for name in names:
+            # a shard is a file name in the folder: no absolute path, no '..', no sub-folder
+            # that leads out of it (symlinks included)
+            if not isinstance(name, str) or not name or Path(name).is_absolute() \
+                    or ".." in Path(name).parts or "\\" in name:
+                raise ModelFileError(f"{index}: weight_map names {name!r}: expected a file name "
+                                     f"inside the model folder")
+            inside = (folder / name).resolve()
+            if not inside.is_relative_to(folder.resolve()):
+                raise ModelFileError(f"{index}: weight_map names {name!r}, which leads outside "
+                                     f"the model folder (to {inside})")
+        files = [folder / name for name in sorted(names)]
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -61,6 +80,51 @@ def _safetensors_files(folder: Path) -> list[Path]:
         if not f.exists():
             raise ModelFileError(f"{f}: listed in the index but missing")
     return files
+
+
+def chat_template_of(value, path: Path) -> str | None:
+    """The chat template a tokenizer_config.json's `chat_template` field gives: a string, or
+    the list form [{"name": ..., "template": ...}] whose "default" entry is used (as
+    transformers does); anything else is a ModelFileError naming the file."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {}
+        for i, item in enumerate(value):
+            if not (isinstance(item, dict) and isinstance(item.get("name"), str)
+                    and isinstance(item.get("template"), str)):
+                raise ModelFileError(f"{path}: chat_template[{i}] is {str(item)[:80]!r}: expected "
+                                     f"an object with a string 'name' and a string 'template'")
+            named[item["name"]] = item["template"]
+        if "default" not in named:
+            raise ModelFileError(f"{path}: chat_template is a list of named templates "
+                                 f"({', '.join(named) or 'none'}) without a 'default' one")
+        return named["default"]
+    raise ModelFileError(f"{path}: chat_template is a {type(value).__name__}: expected a string "
+                         f"or a list of named templates")
+
+
+def _check_tensors(folder: Path, args: ModelArgs, tensors: dict) -> None:
+    """Every tensor the network needs is there with the shape config.json implies; the layer
+    count is bounded by the tensors first (num_hidden_layers = 10**9 fails here, fast)."""
+    from homellm.model.formats.gguf import expected_shapes
+    config = folder / "config.json"
+    layers = {int(n.split(".")[2]) for n in tensors
+              if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+    if args.num_hidden_layers > len(layers):
+        raise ModelFileError(f"{config}: num_hidden_layers is {args.num_hidden_layers}, but the "
+                             f"safetensors hold tensors for {len(layers)} layers")
+    expected = expected_shapes(args)
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise ModelFileError(f"{folder}: missing tensors {', '.join(missing[:5])}"
+                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                             + f" (for the network {config.name} describes)")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ModelFileError(f"{folder}: tensor {name} has shape {list(tensors[name].shape)}, "
+                                 f"expected {list(shape)} from {config} (hidden_size, "
+                                 f"intermediate_size, vocab_size, heads)")
 
 
 def read_hf(folder: Path) -> Checkpoint:
@@ -75,14 +139,16 @@ def read_hf(folder: Path) -> Checkpoint:
                     tensors[name] = st.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelFileError(f"{f}: cannot read safetensors ({e})") from None
+    _check_tensors(folder, args, tensors)
     tokenizer_config = {}
     if (folder / "tokenizer_config.json").exists():
         tokenizer_config = _read_json(folder / "tokenizer_config.json")
-    template = tokenizer_config.get("chat_template")
+    template = chat_template_of(tokenizer_config.get("chat_template"), folder / "tokenizer_config.json")
     if (folder / "chat_template.jinja").exists():  # transformers >= 4.50 saves it on its own
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    if isinstance(template, list):  # several named templates: take the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        try:
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelFileError(f"{folder / 'chat_template.jinja'}: cannot read ({e})") from None
     tok_json = folder / "tokenizer.json"
     config = _read_json(folder / "config.json")
     return Checkpoint(
