@@ -217,6 +217,83 @@ def test_users_sessions_and_rate_limit(store):
     assert store.login("local", "") is None
 
 
+def test_concurrent_first_setups_make_exactly_one_admin(url):
+    """Six setups at once, each through its own Store (as six server processes would):
+    one admin, the others SetupDone, on SQLite and PostgreSQL."""
+    import threading
+    from homellm.store.people import SetupDone
+    stores = [open_store(url, auth=FAST) for _ in range(6)]
+    assert stores[0].needs_setup()
+    barrier, results = threading.Barrier(len(stores)), {}
+
+    def setup(i):
+        barrier.wait()
+        try:
+            results[i] = stores[i].create_first_admin(f"admin{i}", f"password-{i}").username
+        except SetupDone:
+            results[i] = "refused"
+
+    threads = [threading.Thread(target=setup, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [r for r in results.values() if r != "refused"]
+    assert len(results) == 6 and len(winners) == 1, results
+    assert [(u.username, u.is_admin) for u in stores[0].list_users()] == [(winners[0], True)]
+    assert not stores[0].needs_setup()
+    with pytest.raises(SetupDone):
+        stores[1].create_first_admin("late", "password-late")
+    with pytest.raises(HomellmError, match="too short"):
+        stores[1].create_first_admin("late", "short")
+    for s in stores:
+        s.close()
+
+
+def test_login_limits_are_per_user_and_address(store):
+    """Failures from one address lock that (user, address) pair only: the same user still
+    logs in from another address; the lock grows with each lockout; the admin unlocks."""
+    store.create_user("admin", "admin-pass-1", is_admin=True)
+    for _ in range(3):  # max_failures
+        assert store.login("admin", "guess", client="10.6.6.6") is None
+    with pytest.raises(LoginLocked) as e:
+        store.login("admin", "admin-pass-1", client="10.6.6.6")
+    assert 55 < e.value.retry_after_s <= 60
+    assert store.login("admin", "admin-pass-1", client="10.0.0.2") is not None
+    assert 55 < store.login_locks()["admin"] <= 60
+    # the lock expires; the next lockout at that address lasts twice as long
+    from homellm.store.db import now
+    store.db.run("UPDATE login_attempts SET locked_until = ? WHERE address = '10.6.6.6' "
+                 "AND username = 'admin'", (now(),))
+    for _ in range(3):
+        assert store.login("admin", "guess", client="10.6.6.6") is None
+    with pytest.raises(LoginLocked) as e:
+        store.login("admin", "guess", client="10.6.6.6")
+    assert 115 < e.value.retry_after_s <= 120
+    assert store.unlock_logins("admin") >= 1 and store.login_locks() == {}
+    assert store.login("admin", "admin-pass-1", client="10.6.6.6") is not None
+
+
+def test_concurrent_wrong_passwords_get_no_more_checks_than_the_limit(store):
+    import threading
+    store.create_user("carol", "carol-pass-1")
+    outcomes, barrier = [], threading.Barrier(12)
+
+    def attempt():
+        barrier.wait()
+        try:
+            outcomes.append(store.login("carol", "wrong-pass", client="10.1.1.1"))
+        except LoginLocked:
+            outcomes.append("locked")
+
+    threads = [threading.Thread(target=attempt) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count(None) == 3 and outcomes.count("locked") == 9, outcomes
+
+
 def test_each_user_sees_only_their_own(store):
     alice, bob = store.create_user("alice"), store.create_user("bob")
     c = store.create_conversation(alice, title="secret plans")

@@ -122,4 +122,20 @@ MIGRATIONS: list[Migration] = [
         "CREATE INDEX message_fts ON messages USING gin (to_tsvector('simple', content))",
         "CREATE INDEX conversation_fts ON conversations USING gin (to_tsvector('simple', title))",
     )),
+    # login throttling per (username, client address), with a lockout count for the growing
+    # back-off; the old per-username / per-address rows are dropped (locks are transient)
+    Migration("004_login_pairs", common=(
+        "DELETE FROM login_attempts",
+        "ALTER TABLE login_attempts ADD COLUMN username TEXT",
+        "ALTER TABLE login_attempts ADD COLUMN address TEXT",
+        "ALTER TABLE login_attempts ADD COLUMN lockouts INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX login_attempts_username ON login_attempts(username)",
+    )),
+    # the first-run setup's admin: one row at most, so concurrent setups make one admin
+    Migration("005_first_admin", common=(
+        """CREATE TABLE first_admin (
+            one INTEGER PRIMARY KEY CHECK (one = 1),
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            created_at TEXT NOT NULL)""",
+    )),
 ]
