@@ -15,7 +15,8 @@ SFT records become {"messages": [...]} (OpenAI roles); a tree gives its best-rat
 (`oasst.sft_examples`). DPO records become {"prompt": [messages], "chosen": [assistant
 messages], "rejected": [...]}; a tree gives its ranked sibling pairs (`oasst.dpo_pairs`).
 
-A malformed record is reported as "FILE:LINE: what is wrong" and skipped; a file where more
+A malformed record (including a string with a lone UTF-16 surrogate, JSON "\\ud800", which is
+not Unicode text) is reported as "FILE:LINE: what is wrong" and skipped; a file where more
 than `max_bad` of the records are bad (or none is good) raises DataError before any training.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from homellm.data import deep_json
 from homellm.errors import HomellmError
 
 ROLES = ("system", "user", "assistant")
@@ -174,7 +176,11 @@ def read(path: str | Path, kind: str = "sft", max_bad: float = MAX_BAD) -> Datas
                 data.n_lines += 1
                 where = f"{path}:{lineno}"
                 try:
-                    data.records.extend(parse(json.loads(line), where))
+                    record = deep_json.loads(line)  # a conversation tree may nest deeply
+                    bad_text = deep_json.lone_surrogate(record, line)
+                    if bad_text:
+                        raise _Bad(bad_text)
+                    data.records.extend(parse(record, where))
                 except json.JSONDecodeError as e:
                     data.problems.append(f"{where}: not JSON: {e.msg} (column {e.colno})")
                 except ValueError as e:  # _Bad here, oasst's ValueError already says where

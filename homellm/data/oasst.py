@@ -53,6 +53,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from homellm.data import deep_json
+from homellm.errors import HomellmError
+
 ROLES = ("prompter", "assistant")
 OPENAI_ROLE = {"prompter": "user", "assistant": "assistant"}
 UP, DOWN = "+1", "-1"
@@ -62,6 +65,14 @@ _MESSAGE_FIELDS = ("message_id", "parent_id", "user_id", "created_date", "text",
                    "review_count", "review_result", "deleted", "rank", "synthetic",
                    "model_name", "emojis", "labels", "events", "homellm")
 _TREE_FIELDS = ("message_tree_id", "tree_state", "origin", "homellm")
+# How deeply a field's value (other than "replies") may nest: metadata is shallow, and the
+# store and the exports write it with json, which recurses. Replies nest without limit.
+FIELD_MAX_DEPTH = 64
+
+
+class TreeFileError(HomellmError, ValueError):
+    """A trees file (or upload) that cannot be imported; the message starts "FILE:LINE:".
+    A ValueError too, for callers that catch those."""
 
 
 @dataclass
@@ -142,26 +153,52 @@ def _check(cond: bool, what: str):
         raise _Bad(what)
 
 
+def _show(value) -> str:
+    """A value, shortly, for an error message (without recursing into a deep one)."""
+    if isinstance(value, (dict, list)) and deep_json.nesting_depth(value, 4) > 4:
+        return "an object" if isinstance(value, dict) else "a list"
+    return json.dumps(value)[:60]
+
+
 def _opt(d: dict, key: str, kind: type, where: str, expected: str):
     """d[key] if it is None or a `kind` (a bool is not an int here), else _Bad."""
     v = d.get(key)
     ok = v is None or (isinstance(v, kind) and (kind is bool or not isinstance(v, bool)))
-    _check(ok, f"{where}: field '{key}': expected {expected} or null, got {json.dumps(v)[:60]}")
+    _check(ok, f"{where}: field '{key}': expected {expected} or null, got {_show(v)}")
     return v
 
 
 def message_from_dict(d, parent: Message | None, where: str, seen: set[str]) -> Message:
-    """A Message (and its replies) from the JSON object `d`; ValueError says what is wrong."""
+    """A Message (and its replies) from the JSON object `d`; ValueError says what is wrong.
+
+    Replies are read with a loop, not recursion: a conversation may be thousands deep."""
+    root, base = None, where
+    pending = [(d, parent, where)]  # (object, its parent Message, where it is)
+    while pending:
+        d, parent, where = pending.pop()
+        m = _one_message(d, parent, where, seen)
+        if parent is None:
+            root = m
+        else:
+            parent.replies.append(m)
+        replies = d.get("replies") or []
+        pending.extend((r, m, f"{base} message {m.message_id} reply {i}")
+                       for i, r in reversed(list(enumerate(replies))))
+    return root
+
+
+def _one_message(d, parent: Message | None, where: str, seen: set[str]) -> Message:
+    """One message's fields (its replies are left to the caller)."""
     _check(isinstance(d, dict), f"{where}: expected a message object, got {type(d).__name__}")
     mid = d.get("message_id")
     _check(isinstance(mid, str) and mid != "", f"{where}: field 'message_id': expected a "
-           f"non-empty string, got {json.dumps(mid)}")
+           f"non-empty string, got {_show(mid)}")
     where = f"{where} message {mid}"
     _check(mid not in seen, f"{where}: duplicate message_id")
     seen.add(mid)
     role = d.get("role")
     _check(role in ROLES, f"{where}: field 'role': expected 'prompter' or 'assistant', got "
-           f"{json.dumps(role)}")
+           f"{_show(role)}")
     want_role = "prompter" if parent is None or parent.role == "assistant" else "assistant"
     _check(role == want_role, f"{where}: field 'role': expected '{want_role}' "
            f"({'the root is a prompt' if parent is None else 'roles alternate'}), got '{role}'")
@@ -170,7 +207,7 @@ def message_from_dict(d, parent: Message | None, where: str, seen: set[str]) -> 
     want_pid = parent.message_id if parent else None
     _check(pid == want_pid or "parent_id" not in d,  # absent: known from the nesting
            f"{where}: field 'parent_id': expected {json.dumps(want_pid)} (where it sits in the "
-           f"tree), got {json.dumps(pid)}")
+           f"tree), got {_show(pid)}")
     for key in ("user_id", "created_date", "lang", "model_name"):
         _opt(d, key, str, where, "a string")
     for key in ("review_count", "rank"):
@@ -182,7 +219,7 @@ def message_from_dict(d, parent: Message | None, where: str, seen: set[str]) -> 
     for k, v in (d.get("emojis") or {}).items():
         _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                f"{where}: field 'emojis': count of {k!r}: expected an integer >= 0, got "
-               f"{json.dumps(v)}")
+               f"{_show(v)}")
     for k, v in (d.get("labels") or {}).items():
         _check(isinstance(v, dict) and isinstance(v.get("count"), int)
                and (v.get("value") is None or isinstance(v.get("value"), (int, float))),
@@ -190,12 +227,17 @@ def message_from_dict(d, parent: Message | None, where: str, seen: set[str]) -> 
     replies = d.get("replies")
     _check(replies is None or isinstance(replies, list),
            f"{where}: field 'replies': expected a list")
+    _check_depths(d, where)
     known = {k: d.get(k) for k in _MESSAGE_FIELDS}
-    m = Message(**{k: v for k, v in known.items() if k != "parent_id"}, parent_id=want_pid,
-                extra={k: v for k, v in d.items() if k not in _MESSAGE_FIELDS and k != "replies"})
-    m.replies = [message_from_dict(r, m, f"{where} reply {i}", seen)
-                 for i, r in enumerate(replies or [])]
-    return m
+    return Message(**{k: v for k, v in known.items() if k != "parent_id"}, parent_id=want_pid,
+                   extra={k: v for k, v in d.items() if k not in _MESSAGE_FIELDS and k != "replies"})
+
+
+def _check_depths(d: dict, where: str):
+    for key, value in d.items():
+        if key not in ("replies", "prompt") and isinstance(value, (dict, list)):
+            _check(deep_json.nesting_depth(value, FIELD_MAX_DEPTH) <= FIELD_MAX_DEPTH,
+                   f"{where}: field '{key}': nested more than {FIELD_MAX_DEPTH} levels deep")
 
 
 def tree_from_dict(d, where: str = "tree") -> Tree:
@@ -203,12 +245,13 @@ def tree_from_dict(d, where: str = "tree") -> Tree:
     _check(isinstance(d, dict), f"{where}: expected a JSON object, got {type(d).__name__}")
     tid = d.get("message_tree_id")
     _check(isinstance(tid, str) and tid != "",
-           f"{where}: field 'message_tree_id': expected a non-empty string, got {json.dumps(tid)}")
+           f"{where}: field 'message_tree_id': expected a non-empty string, got {_show(tid)}")
     _opt(d, "tree_state", str, where, "a string")
     _opt(d, "origin", str, where, "a string")
     _opt(d, "homellm", dict, where, "an object")
     _check(isinstance(d.get("prompt"), dict), f"{where}: field 'prompt': expected a message "
-           f"object, got {json.dumps(d.get('prompt'))[:60]}")
+           f"object, got {_show(d.get('prompt'))}")
+    _check_depths(d, where)
     prompt = message_from_dict(d["prompt"], None, f"{where}: prompt", set())
     return Tree(message_tree_id=tid, prompt=prompt, tree_state=d.get("tree_state"),
                 origin=d.get("origin"), homellm=d.get("homellm"),
@@ -223,41 +266,50 @@ def _open(path: Path, mode: str, gz: bool | None = None):
 def read_trees(path) -> list[Tree]:
     """Every tree in an oasst `.jsonl` (or `.jsonl.gz`) file; blank lines are skipped.
 
-    A bad record raises ValueError starting `FILE:LINE:` and naming the message and field;
-    message ids must be unique within the file.
+    A bad record raises TreeFileError (a HomellmError and a ValueError) starting `FILE:LINE:`
+    and naming the message and field; message ids must be unique within the file. Nothing is
+    returned unless every line is good, so an import is all or nothing.
     """
     path = Path(path)
     try:
         f = _open(path, "r")
     except OSError as e:
-        raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise TreeFileError(f"{path}: cannot read: {e.strerror or e}") from None
     with f:
         try:
             return parse_trees(f, str(path))
         except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
-            raise ValueError(f"{path}: not a UTF-8 JSONL file: {e}") from None
+            raise TreeFileError(f"{path}: not a UTF-8 JSONL file: {e}") from None
+        except OSError as e:
+            raise TreeFileError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
 def parse_trees(lines, source: str = "<trees>") -> list[Tree]:
     """Trees from JSONL text lines (e.g. an uploaded file's `text.splitlines()`); errors
-    as read_trees, with `source` in place of the file name."""
+    as read_trees (TreeFileError), with `source` in place of the file name.
+
+    Trees may nest to any depth (a long conversation is one deep chain); a string with a
+    lone UTF-16 surrogate (JSON "\\ud800", not valid Unicode) is refused, never stored."""
     trees, ids = [], set()
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            d = json.loads(line)
+            d = deep_json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{source}:{lineno}: not JSON: {e.msg} (column {e.colno})") \
+            raise TreeFileError(f"{source}:{lineno}: not JSON: {e.msg} (column {e.colno})") \
                 from None
+        bad_text = deep_json.lone_surrogate(d, line)
+        if bad_text:
+            raise TreeFileError(f"{source}:{lineno}: {bad_text}; fix or remove it")
         try:
             tree = tree_from_dict(d, "tree")
         except _Bad as e:
-            raise ValueError(f"{source}:{lineno}: {e}") from None
+            raise TreeFileError(f"{source}:{lineno}: {e}") from None
         for m in tree.prompt.walk():
             if m.message_id in ids:
-                raise ValueError(f"{source}:{lineno}: message {m.message_id}: duplicate "
-                                 "message_id (it is in an earlier tree)")
+                raise TreeFileError(f"{source}:{lineno}: message {m.message_id}: duplicate "
+                                    "message_id (it is in an earlier tree)")
             ids.add(m.message_id)
         trees.append(tree)
     return trees
@@ -265,17 +317,27 @@ def parse_trees(lines, source: str = "<trees>") -> list[Tree]:
 
 def dumps_trees(trees) -> str:
     """Trees as JSONL text (what write_trees writes), e.g. for a download."""
-    return "".join(json.dumps(tree_to_dict(t), ensure_ascii=False) + "\n" for t in trees)
+    return "".join(deep_json.dumps(tree_to_dict(t)) + "\n" for t in trees)
 
 
 # ---------------------------------------------------------------- writing
 
 def message_to_dict(m: Message) -> dict:
-    d = {k: getattr(m, k) for k in _MESSAGE_FIELDS
-         if getattr(m, k) is not None or k == "parent_id"}  # the root says parent_id: null
-    d.update(m.extra)
-    d["replies"] = [message_to_dict(r) for r in m.replies]
-    return d
+    """The JSON object of a message and its replies (built with a loop: any depth)."""
+    top = None
+    pending = [(m, None)]  # (message, the replies list its object goes into)
+    while pending:
+        m, into = pending.pop()
+        d = {k: getattr(m, k) for k in _MESSAGE_FIELDS
+             if getattr(m, k) is not None or k == "parent_id"}  # the root says parent_id: null
+        d.update(m.extra)
+        d["replies"] = []
+        if into is None:
+            top = d
+        else:
+            into.append(d)
+        pending.extend((r, d["replies"]) for r in reversed(m.replies))
+    return top
 
 
 def tree_to_dict(t: Tree) -> dict:
@@ -372,54 +434,55 @@ def _openai(path: list[Message], system: str | None) -> list[dict]:
 
 
 def sft_examples(tree: Tree) -> list[dict]:
-    """SFT examples `{"messages": [...]}` from the tree's best-rated paths (module docstring)."""
-    paths: list[list[Message]] = []
+    """SFT examples `{"messages": [...]}` from the tree's best-rated paths (module docstring).
 
-    def down(m: Message, path: list[Message]):  # m is a prompter message
-        path = path + [m]
-        best = _best_reply(m)
-        if best is None:
-            paths.append(path[:-1])
-            return
-        path = path + [best]
-        follow = [r for r in best.replies if r.text.strip() and not r.deleted]
+    The selected paths form a subtree (each prompter message's best reply, each such reply's
+    follow-ups); an example ends at each selected reply with no selected reply below it, as
+    every shorter path is a prefix of a longer one. Walked with a loop: any depth."""
+    out = []
+    before: dict[int, Message] = {}  # id(message) -> the message before it on its path
+    first = _best_reply(tree.prompt)
+    pending = [(tree.prompt, first)] if first is not None else []
+    while pending:
+        m, best = pending.pop()  # a prompter message and its best reply
+        before[id(best)] = m
+        follow = [(r, b) for r in best.replies if r.text.strip() and not r.deleted
+                  for b in (_best_reply(r),) if b is not None]
         if not follow:
-            paths.append(path)
-        for r in follow:
-            down(r, path)
-
-    down(tree.prompt, [])
-    ids = [tuple(id(m) for m in p) for p in paths if any(m.role == "assistant" for m in p)]
-    keep, out = [], []
-    for p in ids:
-        if p in keep or any(len(q) > len(p) and q[:len(p)] == p for q in ids):
-            continue
-        keep.append(p)
-    by_id = {id(m): m for m in tree.prompt.walk()}
-    for p in keep:
-        out.append({"messages": _openai([by_id[i] for i in p], tree.system_prompt)})
+            out.append({"messages": _openai(_path_to(best, before), tree.system_prompt)})
+        for r, _ in follow:
+            before[id(r)] = best
+        pending.extend(reversed(follow))
     return out
 
 
 def dpo_pairs(tree: Tree) -> list[dict]:
     """DPO pairs `{"prompt", "chosen", "rejected"}` from rated siblings (module docstring)."""
     out = []
-
-    def down(m: Message, path: list[Message]):
+    before: dict[int, Message] = {}
+    pending = [tree.prompt]
+    while pending:  # depth first, in reply order
+        m = pending.pop()
         if m.role == "prompter":
             replies = [r for r in m.replies if r.complete()]
-            prompt = _openai(path + [m], tree.system_prompt)
-            for a in replies:
-                for b in replies:
-                    if a is not b and prefer(a, b):
-                        out.append({"prompt": prompt,
-                                    "chosen": [{"role": "assistant", "content": a.text}],
-                                    "rejected": [{"role": "assistant", "content": b.text}]})
+            pairs = [(a, b) for a in replies for b in replies if a is not b and prefer(a, b)]
+            prompt = _openai(_path_to(m, before), tree.system_prompt) if pairs else None
+            for a, b in pairs:
+                out.append({"prompt": prompt,
+                            "chosen": [{"role": "assistant", "content": a.text}],
+                            "rejected": [{"role": "assistant", "content": b.text}]})
         for r in m.replies:
-            down(r, path + [m])
-
-    down(tree.prompt, [])
+            before[id(r)] = m
+        pending.extend(reversed(m.replies))
     return out
+
+
+def _path_to(m: Message, before: dict[int, Message]) -> list[Message]:
+    """The messages from the root down to `m`."""
+    path = [m]
+    while id(path[-1]) in before:
+        path.append(before[id(path[-1])])
+    return path[::-1]
 
 
 # ---------------------------------------------------------------- the store <-> trees
