@@ -151,13 +151,23 @@ def sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int
     Sentencepiece joins the adjacent pair whose joined piece has the highest score. As a
     merge list: every split (left, right) of a normal piece with both halves in the
     vocabulary, ranked by the joined piece's score (then id, then the split point).
+    Only split points where both halves have the length of some token are tried, so a piece
+    costs one look-up per distinct token length, not one per character (a 200,000-character
+    token in a file is as cheap as a short one).
     """
     vocab = _vocab_dict(tokens)
+    lengths = sorted({len(t) for t in vocab})
+    present = set(lengths)
     ranked = []
     for i, (piece, kind) in enumerate(zip(tokens, types)):
-        if kind != NORMAL or len(piece) < 2:
+        n = len(piece)
+        if kind != NORMAL or n < 2:
             continue
-        for k in range(1, len(piece)):
+        for k in lengths:
+            if k >= n:
+                break
+            if n - k not in present:
+                continue
             left, right = piece[:k], piece[k:]
             if left in vocab and right in vocab:
                 ranked.append((-scores[i], i, k, left, right))
@@ -199,8 +209,32 @@ def plain_fields(fields: dict) -> dict:
     return out
 
 
+def check_fields(fields: dict) -> None:
+    """HomellmError unless the vocabulary fields have the types a vocabulary needs: `tokens`
+    a non-empty array of strings, `scores` numbers, `token_type` integers (the file may say
+    anything: an int32 array of tokens would otherwise become the strings '0', '1', ...)."""
+    for key, kinds, what in (("tokens", (str, bytes, bytearray), "strings"),
+                             ("scores", (int, float), "numbers"),
+                             ("token_type", (int,), "integers")):
+        values = fields.get(key)
+        if values is None:
+            continue
+        if hasattr(values, "dtype") and hasattr(values, "tolist"):  # a numpy array
+            values = values.tolist()
+        if not isinstance(values, (list, tuple)):
+            raise HomellmError(f"GGUF field tokenizer.ggml.{key} is a {type(values).__name__}: "
+                               f"expected an array of {what}")
+        bad = next((v for v in values if not isinstance(v, kinds) or isinstance(v, bool)), None)
+        if bad is not None:
+            raise HomellmError(f"GGUF field tokenizer.ggml.{key} holds {bad!r} "
+                               f"({type(bad).__name__}): expected an array of {what}")
+    if fields.get("tokens") is not None and not fields["tokens"]:
+        raise HomellmError("GGUF field tokenizer.ggml.tokens is empty: the model has no vocabulary")
+
+
 def tokenizer_from_fields(fields: dict) -> HFTokenizer:
     """A `tokenizers.Tokenizer` for GGUF tokenizer fields (see the module docstring)."""
+    check_fields(fields)
     fields = plain_fields(fields)
     kind = fields.get("model")
     if kind == "gpt2":

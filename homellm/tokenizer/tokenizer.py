@@ -17,8 +17,8 @@ from tokenizers.decoders import DecodeStream
 
 from homellm.errors import HomellmError
 from homellm.tokenizer.chat_template import ChatTemplate
-from homellm.tokenizer.gguf_vocab import (CONTROL, UNKNOWN, fields_from_tokenizer, plain_fields,
-                                          tokenizer_from_fields)
+from homellm.tokenizer.gguf_vocab import (CONTROL, UNKNOWN, check_fields, fields_from_tokenizer,
+                                          plain_fields, tokenizer_from_fields)
 
 if TYPE_CHECKING:  # checkpoint.py imports torch; the tokenizer does not need it
     from homellm.model.formats.checkpoint import TokenizerSource
@@ -88,6 +88,7 @@ class Tokenizer:
     @classmethod
     def from_gguf_fields(cls, fields: dict, chat_template: str | None = None) -> Tokenizer:
         """From GGUF `tokenizer.ggml.*` values (keys without the prefix)."""
+        check_fields(fields)
         fields = plain_fields(fields)
         tk = tokenizer_from_fields(fields)
         n = len(fields["tokens"])
@@ -111,6 +112,8 @@ class Tokenizer:
             tk = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises plain Exception subclasses
             raise HomellmError(f"{path}: not a readable tokenizer.json ({e})") from None
+        if tk.get_vocab_size(with_added_tokens=True) == 0:
+            raise HomellmError(f"{path}: the vocabulary is empty (no token to encode text with)")
         tk = _untrimmed_offsets(tk)
 
         def special(key):
@@ -148,7 +151,9 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids; special tokens written in the text become their ids. BOS is added
-        when `add_special_tokens` and the model asks for it."""
+        when `add_special_tokens` and the model asks for it. Text that is not valid Unicode
+        (a lone surrogate, as Python decodes bad bytes in argv) is a HomellmError."""
+        check_text(text)
         return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
@@ -205,6 +210,7 @@ class Tokenizer:
         token, so it never generates that text.
         """
         text, spans = self.chat_template.assistant_spans(messages)
+        check_text(text)
         encoding = self._tk.encode(text, add_special_tokens=False)
         ids, offsets = encoding.ids, encoding.offsets
         mask = [0] * len(ids)
@@ -260,6 +266,21 @@ class Tokenizer:
             types = self._gguf_fields.get("token_type") or []
             return {i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)}
         return {i for i, t in self._tk.get_added_tokens_decoder().items() if t.special}
+
+
+def check_text(text) -> None:
+    """HomellmError unless `text` is a str the tokenizer can take: valid Unicode, without
+    lone UTF-16 surrogates (which have no UTF-8 form)."""
+    if not isinstance(text, str):
+        raise HomellmError(f"expected text (a str) to tokenize, got {type(text).__name__}")
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise HomellmError(f"the text is not valid Unicode: a lone surrogate {text[e.start]!r} at "
+                           f"character {e.start} (invalid UTF-8 bytes decoded with "
+                           f"surrogateescape, or a broken \\u escape)") from None
 
 
 def _read_json(path: Path) -> dict:
