@@ -221,3 +221,78 @@ def test_cli_trains_and_reports_speed(tiny, tmp_path, homellm_home, capsys):
     assert auto_dtype("cpu", "int4") == "float32"
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {
         "adapter_model.safetensors", "adapter_config.json", "training_config.json"}
+
+
+# ------------------------------------------------------------------ long examples (issue 14, item 9)
+
+def _full_then_cut(tokenizer, messages, max_length):
+    """The reference: tokenize everything, then cut (what sft_item did before)."""
+    ids, mask = tokenizer.encode_chat(messages)
+    return ids[:max_length], [i if m else -100 for i, m in zip(ids[:max_length], mask[:max_length])]
+
+
+def test_long_examples_are_cut_before_tokenizing_to_the_same_ids(default_gguf):
+    import random
+
+    from homellm.tokenizer import Tokenizer
+    from homellm.train.batches import completion_row, dpo_item, sft_item, within_reach
+    ckpt = open_checkpoint(default_gguf)
+    tk = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
+    rng = random.Random(0)
+    pieces = ["the ", "sky ", "is ", "blue", ". ", "\n\n", "  ", "é", "日本語", "🙂", "1234567", "----",
+              "x" * 40, " " * 30, "<|im_end|>", "https://example.com/a?b=c ", "\t"]
+    checked_cut = 0
+    for trial in range(60):
+        max_length = rng.choice([16, 48, 100])
+        budget = (max_length + 64) * min(tk.max_token_bytes, 256)
+
+        def text():
+            n = rng.choice([3, 50, budget // 4, budget + rng.randint(-200, 2000)])
+            out = "".join(rng.choice(pieces) for _ in range(n // 4 + 1))
+            return out if rng.random() < 0.7 else rng.choice(pieces[:4]) * (n // 3 + 1)  # one long run
+
+        messages = [{"role": "user", "content": text()}, {"role": "assistant", "content": text()}]
+        if rng.random() < 0.4:
+            messages += [{"role": "user", "content": text()}, {"role": "assistant", "content": text()}]
+        checked_cut += within_reach(tk, messages, max_length) != messages
+        ids, labels = _full_then_cut(tk, messages, max_length)
+        item = sft_item(tk, messages, max_length)
+        if item is None:
+            assert all(x == -100 for x in labels[1:])
+        else:
+            assert item.rows == [(ids, labels)]
+        prompt, reply = messages[:-1], messages[-1:]
+        n_prompt = len(tk.apply_chat_template(prompt))
+        ids, mask = tk.encode_chat(prompt + reply)
+        want = (ids[:max_length], [i if m and t >= n_prompt else -100
+                                   for t, (i, m) in enumerate(zip(ids, mask))][:max_length])
+        got = completion_row(tk, prompt, reply, max_length)
+        assert got == want or (got == ([], []) and all(x == -100 for x in want[1][1:]))
+        pair = {"prompt": prompt, "chosen": reply, "rejected": [{"role": "assistant", "content": "No."}]}
+        assert (dpo_item(tk, pair, max_length) is None) == all(x == -100 for x in want[1][1:])
+    assert checked_cut > 20  # most trials did cut the text
+
+
+@pytest.mark.slow
+def test_a_30_mb_example_trains_in_bounded_memory(tiny, tmp_path, homellm_home):
+    """The review's case (M5): one 30 MB line took 8.5 GB and 53 s to tokenize in full before
+    being cut to --max-length. Under a 4 GB address-space cap it must train on the cut example."""
+    data = tmp_path / "huge.jsonl"
+    with open(data, "w") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "Tell me a story."},
+                                         {"role": "assistant", "content": "Once upon a time, " * 1_700_000}]}) + "\n")
+        f.write(tiny["sft"].read_text())
+    assert data.stat().st_size > 30_000_000
+    dpo_file = tmp_path / "huge_dpo.jsonl"
+    dpo_file.write_text(tiny["dpo"].read_text() +
+                        json.dumps({"prompt": "Long?", "chosen": "Yes. " * 6_000_000, "rejected": "No."}) + "\n")
+    cap = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)); "
+           "sys.argv[0] = 'homellm'; runpy.run_module('homellm', run_name='__main__')")
+    env = {**os.environ, "HOMELLM_HOME": str(homellm_home)}
+    for method, path in (("sft", data), ("dpo", dpo_file)):
+        proc = subprocess.run([sys.executable, "-c", cap, "tune", method, "-m", str(tiny["model"]), "--data",
+                               str(path), "--out", str(tmp_path / method), "--steps", "2", "--batch-tokens", "96",
+                               "--max-length", "48", "--threads", "1"],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"{method}: 2 steps" in proc.stderr

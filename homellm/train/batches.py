@@ -34,9 +34,39 @@ class Item:
         return sum(sum(1 for x in labels[1:] if x != IGNORE) for _, labels in self.rows)
 
 
+# Tokens a cut message keeps beyond max_length, so that where its text was cut (a token
+# that would have merged across the cut) lies past the tokens that are kept.
+CUT_MARGIN_TOKENS = 64
+# The most characters we assume one token covers when bounding the text to tokenize (a
+# vocabulary with longer entries only makes a cut example end earlier than max_length).
+MAX_CHARS_PER_TOKEN = 256
+
+
+def within_reach(tokenizer, messages: list[dict], max_length: int) -> list[dict]:
+    """`messages` with only the text that can reach the first `max_length` tokens.
+
+    One token covers at most `tokenizer.max_token_bytes` bytes, so more than (max_length +
+    margin) x that many characters of message text always make more than max_length tokens:
+    each message's content is cut there, and once the messages so far hold that much text, the
+    later ones are dropped. Tokenizing the result and cutting it to max_length gives the same
+    ids as tokenizing everything, at a bounded cost: a 30 MB line is not tokenized in full."""
+    per_token = min(max(1, tokenizer.max_token_bytes), MAX_CHARS_PER_TOKEN)
+    budget = (max_length + CUT_MARGIN_TOKENS) * per_token
+    out, seen = [], 0
+    for m in messages:
+        if seen >= budget:
+            break
+        content = m["content"]
+        if len(content) > budget:
+            m = {**m, "content": content[:budget]}
+        out.append(m)
+        seen += len(m["content"])
+    return out
+
+
 def sft_item(tokenizer, messages: list[dict], max_length: int) -> Item | None:
     """The example as ids and assistant-only labels, cut to max_length; None if nothing to learn."""
-    ids, mask = tokenizer.encode_chat(messages)
+    ids, mask = tokenizer.encode_chat(within_reach(tokenizer, messages, max_length))
     ids, mask = ids[:max_length], mask[:max_length]
     labels = [i if m else IGNORE for i, m in zip(ids, mask)]
     item = Item([(ids, labels)])
@@ -44,9 +74,13 @@ def sft_item(tokenizer, messages: list[dict], max_length: int) -> Item | None:
 
 
 def completion_row(tokenizer, prompt: list[dict], reply: list[dict], max_length: int):
-    """(ids, labels) of prompt + reply, labels on the reply's assistant tokens only."""
+    """(ids, labels) of prompt + reply, labels on the reply's assistant tokens only (text past
+    max_length's reach is not tokenized, as in sft_item)."""
+    prompt = within_reach(tokenizer, prompt, max_length)
     n_prompt = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
-    ids, mask = tokenizer.encode_chat(prompt + reply)
+    if n_prompt >= max_length:  # no reply token within max_length
+        return [], []
+    ids, mask = tokenizer.encode_chat(within_reach(tokenizer, prompt + reply, max_length))
     labels = [i if m and t >= n_prompt else IGNORE for t, (i, m) in enumerate(zip(ids, mask))]
     return ids[:max_length], labels[:max_length]
 
@@ -54,7 +88,7 @@ def completion_row(tokenizer, prompt: list[dict], reply: list[dict], max_length:
 def dpo_item(tokenizer, pair: dict, max_length: int) -> Item | None:
     item = Item([completion_row(tokenizer, pair["prompt"], pair["chosen"], max_length),
                  completion_row(tokenizer, pair["prompt"], pair["rejected"], max_length)])
-    ok = all(any(x != IGNORE for x in labels[1:]) for _, labels in item.rows)
+    ok = all(ids and any(x != IGNORE for x in labels[1:]) for ids, labels in item.rows)
     return item if ok else None
 
 
