@@ -464,3 +464,39 @@ def test_length_controlled_rate_keeps_a_preference_unrelated_to_length():
     # equal lengths: no length signal, the rate is the raw one (up to the small prior on theta)
     s = stats.pairwise_summary(outcomes, la, la)
     assert s["lc_win_rate"] == pytest.approx(s["win_rate_raw"], abs=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client", ["openai", "httpx"])
+def test_endpoint_judge_through_either_client(client, monkeypatch):
+    from homellm.eval.judges import EndpointJudge, JudgeUnavailable, JudgmentError, open_judge
+    if client == "httpx":
+        monkeypatch.setitem(sys.modules, "openai", None)  # `import openai` raises ImportError
+    messages = [{"role": "system", "content": "judge"}, {"role": "user", "content": "[[?]]"}]
+    with JudgeServer(lambda prompt: f"you said {prompt}") as server:
+        judge = open_judge(server.url.removesuffix("/v1"))  # a bare host:port gets /v1
+        assert isinstance(judge, EndpointJudge) and judge.base_url == server.url
+        assert judge.complete(messages, 16) == "you said [[?]]"
+        assert judge.model_name == "fixed-judge"  # the one model the server lists
+        assert (judge._http is not None) == (client == "httpx")
+        assert server.prompts == ["[[?]]"]
+        wrong = open_judge(server.url, model="other")
+        with pytest.raises(JudgeUnavailable, match="answered HTTP 404"):
+            wrong.complete(messages, 16)
+    down = open_judge(f"http://127.0.0.1:{free_port()}/v1", model="fixed-judge")
+    with pytest.raises(JudgeUnavailable, match="is unreachable .*refused"):
+        down.complete(messages, 16)
+    assert issubclass(JudgmentError, Exception) and not issubclass(JudgmentError, JudgeUnavailable)
+
+
+def test_kept_lines_survive_a_write_cut_short(tmp_path):
+    from homellm.eval.answers import JsonlCache
+    cache = JsonlCache(tmp_path / "kept.jsonl")
+    cache.add({"key": "a", "reply": "first"})
+    with open(cache.path, "a") as f:
+        f.write('{"key": "b", "reply": "cut sh')  # a run killed in the middle of a line
+    cache = JsonlCache(cache.path)
+    assert set(cache.records) == {"a"}
+    cache.add({"key": "c", "reply": "third"})
+    assert set(JsonlCache(cache.path).records) == {"a", "c"}
+    assert JsonlCache(cache.path).get("c") == {"key": "c", "reply": "third"}
