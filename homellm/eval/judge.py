@@ -127,7 +127,8 @@ def parse_verdict(reply: str) -> tuple[str | None, str]:
     last = found(_last_line(reply))
     if len(last) == 1:
         return last.pop(), ""
-    return None, f"several verdicts ({', '.join(f'[[{v}]]' for v in sorted(every))}) and none alone on the last line"
+    named = ", ".join(f"[[{v}]]" for v in sorted(every))
+    return None, f"several verdicts ({named}) and none alone on the last line"
 
 
 def parse_rating(reply: str) -> tuple[float | None, str]:

@@ -152,7 +152,8 @@ class EndpointJudge:
             except openai.APIConnectionError as e:
                 raise self._unreachable(e) from None
             except openai.BadRequestError as e:  # this prompt (too long, ...): one error
-                raise JudgmentError(f"the judge refused the prompt: HTTP 400 {e.response.text[:300]}") from None
+                raise JudgmentError(f"the judge refused the prompt: HTTP 400 "
+                                    f"{e.response.text[:300]}") from None
             except openai.APIStatusError as e:
                 raise self._refused(e.status_code, e.response.text) from None
             content = out.choices[0].message.content if out.choices else None
