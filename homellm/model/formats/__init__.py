@@ -12,12 +12,20 @@ __all__ = ["Checkpoint", "GGMLTensor", "TokenizerSource", "open_checkpoint", "de
 def detect_format(path: Path) -> str:
     """'gguf' for a .gguf file (or a folder holding exactly one), 'hf' for a HF folder."""
     path = Path(path)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{path}: cannot look it up ({e})") from None
+    if not exists:
         raise ModelFileError(f"{path}: no such file or folder")
     if path.is_file():
-        with open(path, "rb") as f:
-            if f.read(4) == b"GGUF":
-                return "gguf"
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise ModelFileError(f"{path}: cannot read ({e.strerror or e})") from None
+        if magic == b"GGUF":
+            return "gguf"
         raise ModelFileError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
     if (path / "config.json").exists():
         return "hf"
