@@ -79,8 +79,9 @@ def greedy_chat(client, text, max_tokens=16, **kw):
 
 def test_models_and_health(client, server):
     assert [m.id for m in client.models.list().data] == [MODEL]
-    health = httpx.get(server.url + "/health").json()
+    health = httpx.get(server.url + "/health", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert health["status"] == "ok" and health["models"][0]["id"] == MODEL
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}  # no key: no details
 
 
 def test_chat_non_streaming_and_usage(client, tokenizer):

@@ -1,5 +1,9 @@
-"""`homellm serve`: the OpenAI-compatible API (chat/completions, completions, models) on
-FastAPI and uvicorn, with continuous batching; loopback by default."""
+"""`homellm serve`: the OpenAI-compatible API (chat/completions, completions, models) and the
+web app on FastAPI and uvicorn, with continuous batching; loopback by default.
+
+Security (serve/guard.py, serve/connections.py): --api-key guards every data route (the web
+page asks for the key, or --auth's login stands for it); a Host check against DNS rebinding
+(--allowed-hosts); body and prompt size limits; read timeouts on idle connections."""
 from __future__ import annotations
 
 import argparse
@@ -8,14 +12,36 @@ import sys
 HELP = "serve models over an OpenAI-compatible HTTP API (continuous batching)"
 
 
+EPILOG = ("Who may use it: on loopback (the default) without --api-key, anyone on this "
+          "machine. --api-key KEY: every /v1/* route needs `Authorization: Bearer KEY`, and "
+          "every /api/* route (the web app's) the key or the web app's cookie, which the page "
+          "gets by asking for the key once (with --auth, by logging in); the page, its login "
+          "and a bare /health stay open. --auth: accounts; off loopback the first-run setup "
+          "needs the one-time token printed at start. A request whose Host is not a name of "
+          "this server gets 400 (DNS rebinding); see --allowed-hosts.")
+
+
 def add_arguments(p: argparse.ArgumentParser):
+    p.epilog = EPILOG
     p.add_argument("-m", "--model", action="extend", nargs="+", default=None, metavar="NAME",
                    help="catalog names or paths of the models to serve (-m a b, or -m a -m b; "
                         "default: every model in the catalog, and the default model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--api-key", default=None,
-                   help="require `Authorization: Bearer KEY` on /v1/* (default: no key)")
+                   help="require this key on every route of the API and the web app: "
+                        "`Authorization: Bearer KEY` on /v1/*, the key or the page's cookie on "
+                        "/api/* (the page asks for the key once; with --auth, logging in is "
+                        "enough); /health without it says only that the server is up "
+                        "(default: no key)")
+    p.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="comma-separated host names the server also answers to, besides "
+                        "loopback names, its address and (off loopback) the machine's name: a "
+                        "guard against DNS rebinding; '.example.org' allows the domain and its "
+                        "subdomains, '*' any name")
+    p.add_argument("--max-body-mb", type=float, default=8, metavar="MB",
+                   help="largest request body; larger ones get 413 (default 8; imports in the "
+                        "web app: 64)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="sequences decoded together per model (default 8)")
     p.add_argument("--max-queue", type=int, default=64,
@@ -39,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser):
                         "(default $HOMELLM_HOME/homellm.db)")
     p.add_argument("--auth", action="store_true",
                    help="accounts for the web app (a shared server): the first visitor of the "
-                        "page sets up the admin account; without it, one local user")
+                        "page sets up the admin account (off loopback, with the one-time setup "
+                        "token printed here); without it, one local user")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -56,6 +83,17 @@ def main(args: argparse.Namespace) -> int:
         raise HomellmError(f"--ctx {args.ctx}: the context must hold at least 2 tokens")
     if args.memory_budget is not None and args.memory_budget <= 0:
         raise HomellmError(f"--memory-budget {args.memory_budget}: expected more than 0 GB")
+    if not args.max_body_mb > 0:
+        raise HomellmError(f"--max-body-mb {args.max_body_mb}: expected more than 0")
+    if args.api_key is not None and not args.api_key.strip():
+        raise HomellmError("--api-key: the key is empty")
+    if args.auth:  # accounts hash passwords with argon2: find out now, not at the first setup
+        try:
+            import argon2  # noqa: F401
+        except ImportError:
+            raise HomellmError("--auth needs argon2-cffi (password hashing), which is not "
+                               "installed: pip install argon2-cffi (homellm installs it by "
+                               "default; reinstall homellm to get it)") from None
 
     import logging
 
@@ -93,13 +131,25 @@ def main(args: argparse.Namespace) -> int:
     shown = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", str(store.url))  # no password on screen
     print(f"web app: http://{host}:{args.port}/  database: {shown}"
           f"{'  accounts (--auth)' if args.auth else ''}", file=sys.stderr, flush=True)
-    if not args.auth and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: the web app has no login and listens on {args.host}: anyone who can "
-              "reach it sees every conversation (use --auth)", file=sys.stderr, flush=True)
-    app = create_app(registry, api_key=args.api_key,
-                     extra_routers=[web_router(store, auth=args.auth)])
+    from homellm.serve.guard import is_loopback
+    setup_token = None
+    if not is_loopback(args.host):
+        if not args.auth and not args.api_key:
+            print(f"warning: the server listens on {args.host} with no key and no login: anyone "
+                  "who can reach it can use the models and see every conversation (use "
+                  "--api-key and/or --auth)", file=sys.stderr, flush=True)
+        if args.auth and store.needs_setup():
+            import secrets
+            setup_token = secrets.token_urlsafe(12)
+            print(f"setup token: {setup_token}  (the page's first-run setup asks for it; it "
+                  "makes the admin account once)", file=sys.stderr, flush=True)
+    from homellm.serve.connections import server_config
+    allowed = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    app = create_app(registry, api_key=args.api_key, host=args.host, allowed_hosts=allowed,
+                     max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                     extra_routers=[web_router(store, auth=args.auth, setup_token=setup_token)])
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.Server(server_config(app, args.host, args.port)).run()
     except OSError as e:
         raise HomellmError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     return 0

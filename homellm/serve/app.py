@@ -1,10 +1,13 @@
-"""The FastAPI application: OpenAI routes, error bodies, the keep_alive reaper.
+"""The FastAPI application: OpenAI routes, error bodies, the request guard, the keep_alive reaper.
 
     registry = ModelRegistry.from_names(["smollm2"], ServeConfig(max_batch=8))
-    app = create_app(registry, api_key=None, extra_routers=[web_router])
+    app = create_app(registry, api_key=None, extra_routers=[web_router],
+                     host="127.0.0.1", allowed_hosts=[])
 
 Other routers (the web app) share the app, the registry (`request.app.state.registry`) and
 the OpenAI-style error bodies; they can stream through serve/completion.py without HTTP.
+A router may carry `credential_check` (an async function of the request's cookies: does it
+hold a web credential?) and `body_limits` ({path: bytes}); the guard (guard.py) uses them.
 """
 from __future__ import annotations
 
@@ -16,13 +19,23 @@ from fastapi import APIRouter, FastAPI
 
 import homellm
 from homellm.serve.errors import install_error_handlers
+from homellm.serve.guard import DEFAULT_MAX_BODY, Guard, HostRule
 from homellm.serve.openai_routes import openai_router
 from homellm.serve.registry import ModelRegistry
 
 
 def create_app(registry: ModelRegistry, *, api_key: str | None = None,
-               extra_routers: Iterable[APIRouter] = (), reap_every_s: float = 1.0) -> FastAPI:
-    """The server's app. `api_key`: required as `Authorization: Bearer KEY` on /v1/* when set."""
+               extra_routers: Iterable[APIRouter] = (), reap_every_s: float = 1.0,
+               host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (),
+               max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
+    """The server's app.
+
+    `api_key`: when set, every route but the page, its login and a bare /health needs
+    `Authorization: Bearer KEY` (or, under /api, the web app's credential cookie).
+    `host`: the address the server listens on, and `allowed_hosts` the other names it
+    answers to (the Host check against DNS rebinding; "*" allows any). `max_body_bytes`:
+    the largest request body (413 above it; routes may set their own).
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -33,12 +46,21 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None,
             reaper.cancel()
             await asyncio.to_thread(registry.close)
 
+    extra_routers = list(extra_routers)
     app = FastAPI(title="homellm", version=homellm.__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.registry = registry
     app.state.api_key = api_key
     install_error_handlers(app)
     app.include_router(openai_router(api_key))
+    body_limits: dict[str, int] = {}
+    checks = []
     for router in extra_routers:
         app.include_router(router)
+        body_limits.update(getattr(router, "body_limits", {}))
+        if getattr(router, "credential_check", None) is not None:
+            checks.append(router.credential_check)
+    app.add_middleware(Guard, api_key=api_key, hosts=HostRule(host, allowed_hosts),
+                       max_body_bytes=max_body_bytes, body_limits=body_limits,
+                       credential_checks=checks)
     return app

@@ -244,7 +244,8 @@ async def _start(registry: ModelRegistry, model_name: str, make_ids, settings: G
     _check_settings(settings)
     model = await registry.acquire(model_name)
     try:
-        ids = make_ids(model)
+        # rendering and tokenizing a long prompt takes a while: never on the event loop
+        ids = await asyncio.to_thread(make_ids, model)
         grammar = None
         if settings.response_format is not None:
             from homellm.engine.constrain import compile_response_format
@@ -258,6 +259,23 @@ async def _start(registry: ModelRegistry, model_name: str, make_ids, settings: G
     except BaseException:
         registry.release(model)
         raise
+
+
+def check_length(model: LoadedModel, text: str, param: str):
+    """A 400 context_length_exceeded for a text that cannot fit the context, from its length
+    alone: a text of B bytes has at least B / max_token_bytes tokens (tokenizing 30 MB would
+    take half a minute and gigabytes first)."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:  # JSON may carry "\ud800", which no tokenizer takes
+        raise invalid(param, f"not valid Unicode text: a lone surrogate at character {e.start}"
+                      ) from None
+    at_least = size // model.tokenizer.max_token_bytes
+    if at_least > model.ctx - 1:
+        raise APIError(400, f"This model's maximum context length is {model.ctx} tokens (at "
+                       f"most {model.ctx - 1} for the prompt). However, your request has at "
+                       f"least {at_least} prompt tokens ({len(text)} characters). Please shorten "
+                       "the messages or prompt.", param=param, code="context_length_exceeded")
 
 
 def chat_messages(messages: list[dict]) -> list[dict]:
@@ -291,21 +309,24 @@ async def start_chat(registry: ModelRegistry, model: str, messages: list[dict],
     chat template."""
     convo = chat_messages(messages)
 
-    def ids(m: LoadedModel) -> list[int]:
+    def ids(m: LoadedModel) -> list[int]:  # in a worker thread
         try:
-            return m.tokenizer.apply_chat_template(convo, add_generation_prompt=True)
+            text = m.tokenizer.render_chat(convo, add_generation_prompt=True)
         except Exception as e:  # a template that refuses the conversation (e.g. role order)
             raise invalid("messages", f"the model's chat template refused them: {e}") from None
+        check_length(m, text, "messages")
+        return m.tokenizer.encode(text, add_special_tokens=False)
     return await _start(registry, model, ids, settings, "messages")
 
 
 async def start_completion(registry: ModelRegistry, model: str, prompt: str | list[int],
                            settings: GenerationSettings) -> CompletionStream:
     """Start a raw continuation of `prompt` (text, or token ids), without a chat template."""
-    def ids(m: LoadedModel) -> list[int]:
+    def ids(m: LoadedModel) -> list[int]:  # in a worker thread
         if isinstance(prompt, str):
             if not prompt:
                 raise invalid("prompt", "the prompt is empty")
+            check_length(m, prompt, "prompt")
             return m.tokenizer.encode(prompt)
         vocab = m.network.args.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 import uuid
 
@@ -22,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from homellm.serve.completion import (CompletionStream, GenerationSettings, TokenLogprob,
                                       start_chat, start_completion)
 from homellm.serve.errors import APIError, invalid
+from homellm.serve.guard import bearer_ok
 from homellm.serve.registry import ModelRegistry
 from homellm.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -47,9 +47,7 @@ def api_key_check(api_key: str | None):
         if api_key is None:
             return
         header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(),
-                                                                      api_key.encode()):
+        if not bearer_ok(header, api_key):  # the guard (guard.py) has checked already
             what = "missing" if not header else "incorrect"
             raise APIError(401, f"The API key is {what}: send the header "
                            "`Authorization: Bearer <key>` with the key the server was started with",
@@ -185,6 +183,10 @@ def openai_router(api_key: str | None = None) -> APIRouter:
 
     @router.get("/health")
     async def health(request: Request):
+        """{"status": "ok"}; the models and engine statistics too for a caller with the key
+        (or when the server has none)."""
+        if request.scope.get("state", {}).get("credential") not in ("open", "key"):
+            return {"status": "ok"}
         registry: ModelRegistry = request.app.state.registry
         return {"status": "ok", "models": registry.describe()}
 
