@@ -5,8 +5,10 @@
     app = create_app(registry, extra_routers=[web_router(store, auth=False)])
 
 `/` is the page (static/index.html, app.js, app.css: no build step, nothing from a CDN),
-`/api/*` its JSON API (accounts.py, conversations.py, replies.py). Without `auth` every
-request is the store's local user; with it, accounts and session cookies (context.py).
+`/api/*` its JSON API (accounts.py, conversations.py, imports.py, replies.py). Without
+`auth` every request is the store's local user; with it, accounts and session cookies
+(context.py).
+With the server's --api-key, /api/* also needs the key or a web credential (guard.py).
 """
 from __future__ import annotations
 
@@ -16,20 +18,26 @@ from homellm.serve.web.accounts import accounts_router
 from homellm.serve.web.assets import assets_router
 from homellm.serve.web.context import WebState
 from homellm.serve.web.conversations import conversations_router
+from homellm.serve.web.imports import imports_router
 from homellm.serve.web.replies import replies_router
 
 __all__ = ["WebState", "web_router"]
 
 
-def web_router(store, *, auth: bool = False) -> APIRouter:
-    """All of the web app's routes, over `store` (homellm.store.Store)."""
-    state = WebState(store=store, auth=auth)
+def web_router(store, *, auth: bool = False, setup_token: str | None = None) -> APIRouter:
+    """All of the web app's routes, over `store` (homellm.store.Store). `setup_token`: with
+    `auth`, the first-run setup form must carry it (the CLI prints it)."""
+    from homellm.serve.web.imports import MAX_IMPORT_BYTES
+    state = WebState(store=store, auth=auth, setup_token=setup_token)
 
     def attach(request: Request):
         request.state.web = state
 
     router = APIRouter(dependencies=[Depends(attach)])
     router.web_state = state  # for tests and the CLI
-    for part in (assets_router(), accounts_router(), conversations_router(), replies_router()):
+    router.credential_check = state.has_credential  # for the guard (serve/guard.py)
+    router.body_limits = {"/api/import": MAX_IMPORT_BYTES}
+    for part in (assets_router(), accounts_router(), conversations_router(), imports_router(),
+                 replies_router()):
         router.include_router(part)
     return router

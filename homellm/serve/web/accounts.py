@@ -1,29 +1,43 @@
-"""The HTTP side of --auth: who am I, first-run setup, login, logout, accounts, opt-in.
+"""The HTTP side of --auth and --api-key: who am I, first-run setup, login, logout, accounts.
 
-    GET  /api/me          {auth, user, csrf_token, needs_setup}  (never 401: the page asks it first)
-    POST /api/setup       the first account, an admin; only while no account has a password
+    GET  /api/me          {auth, user, csrf_token, needs_setup, setup_token_required,
+                           key_required, key_cookie}   (never 401: the page asks it first)
+    POST /api/setup       the first account, an admin: {username, password, setup_token}
     POST /api/login       {username, password} -> session cookie; 401 wrong, 429 rate limited
-    POST /api/logout
+    POST /api/key-login   {key}: the API key typed into the page (--api-key without --auth)
+                          -> the `homellm_key` cookie; 401 wrong, 429 after repeated misses
+    POST /api/logout      ends the session (or forgets the key cookie)
     POST /api/users       an admin makes an account {username, password, is_admin}
-    GET  /api/users       an admin lists them
+    GET  /api/users       an admin lists them, with `locked_s` for those whose logins are
+                          limited somewhere
+    POST /api/users/{username}/unlock   an admin lifts that user's login limits
     PATCH /api/me         {share_feedback: bool}: opt in to the admin's feedback export
 
 The first user: start `homellm serve --auth` and open the page; while the database has no
-account with a password it shows the setup form, and whoever fills it in first is the admin.
-Do that before exposing the server. Others get accounts from the admin (in the app).
-Before login the CSRF token is the server's per-process one (from GET /api/me).
+account with a password it shows the setup form, and the first to fill it in is the admin
+(exactly one, however many try at once: store/people.py). A server that listens beyond
+loopback prints a one-time setup token on its console, and the form must carry it, so a
+stranger who reaches the page first cannot take the admin account. Others get accounts
+from the admin (in the app). Before login the CSRF token is the server's per-process one.
 """
 from __future__ import annotations
 
 import asyncio
+import secrets
+import time
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from homellm.errors import HomellmError
 from homellm.serve.errors import APIError, invalid
-from homellm.serve.web.context import (SESSION_COOKIE, Caller, caller, check_csrf,
-                                       client_address, state_of)
+from homellm.serve.guard import bearer_ok
+from homellm.serve.web.context import (KEY_COOKIE, KEY_COOKIE_TTL_S, SESSION_COOKIE, Caller,
+                                       caller, check_csrf, client_address, credential_of,
+                                       state_of)
+
+KEY_MAX_FAILURES = 5      # wrong keys from one address before it waits
+KEY_LOCKOUT_S = 30        # ... this long, doubled with each further miss, up to an hour
 
 
 class _Body(BaseModel):
@@ -33,6 +47,14 @@ class _Body(BaseModel):
 class Credentials(_Body):
     username: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=1024)
+
+
+class SetupIn(Credentials):
+    setup_token: str | None = Field(default=None, max_length=200)
+
+
+class KeyIn(_Body):
+    key: str = Field(min_length=1, max_length=1024)
 
 
 class NewUser(Credentials):
@@ -48,12 +70,8 @@ def user_json(u) -> dict:
             "share_feedback": u.share_feedback}
 
 
-def _needs_setup(store) -> bool:
-    return not any(u.has_password for u in store.list_users())
-
-
-def _set_cookie(request: Request, response: Response, session, max_age: int):
-    response.set_cookie(SESSION_COOKIE, session.token, max_age=max_age, path="/", httponly=True,
+def _set_cookie(request: Request, response: Response, name: str, value: str, max_age: int):
+    response.set_cookie(name, value, max_age=max_age, path="/", httponly=True,
                         samesite="strict", secure=request.url.scheme == "https")
 
 
@@ -64,14 +82,23 @@ def accounts_router() -> APIRouter:
     async def me(request: Request):
         web = state_of(request)
         if not web.auth:
+            credential = credential_of(request)
+            if credential is None:  # --api-key, and neither the key nor the key cookie
+                return {"auth": False, "user": None, "csrf_token": web.csrf_token,
+                        "needs_setup": False, "setup_token_required": False,
+                        "key_required": True, "key_cookie": False}
             return {"auth": False, "user": user_json(web.store.local_user()),
-                    "csrf_token": web.csrf_token, "needs_setup": False}
-        session = web.store.session(request.cookies.get(SESSION_COOKIE))
+                    "csrf_token": web.csrf_token, "needs_setup": False,
+                    "setup_token_required": False, "key_required": False,
+                    "key_cookie": credential == "cookie"}
+        session = await asyncio.to_thread(web.store.session, request.cookies.get(SESSION_COOKIE))
         if session is None:
+            needs = await asyncio.to_thread(web.store.needs_setup)
             return {"auth": True, "user": None, "csrf_token": web.csrf_token,
-                    "needs_setup": _needs_setup(web.store)}
+                    "needs_setup": needs, "setup_token_required": needs and bool(web.setup_token),
+                    "key_required": False}
         return {"auth": True, "user": user_json(session.user), "csrf_token": session.csrf_token,
-                "needs_setup": False}
+                "needs_setup": False, "setup_token_required": False, "key_required": False}
 
     @router.patch("/me")
     async def update_me(body: MySettings, request: Request, who: Caller = Depends(caller)):
@@ -87,19 +114,25 @@ def accounts_router() -> APIRouter:
         return web
 
     @router.post("/setup")
-    async def setup(body: Credentials, request: Request, response: Response):
+    async def setup(body: SetupIn, request: Request, response: Response):
+        from homellm.store.people import SetupDone
         web = _need_auth(request)
         check_csrf(request, web.csrf_token)
-        if not _needs_setup(web.store):
-            raise APIError(409, "setup is done: an account already exists; log in",
-                           code="setup_done")
+        if web.setup_token and not secrets.compare_digest(
+                (body.setup_token or "").strip().encode(), web.setup_token.encode()):
+            raise APIError(403, "setup_token: missing or wrong: give the one-time setup token "
+                           "that `homellm serve` printed on its console", param="setup_token",
+                           type="permission_error", code="bad_setup_token")
         try:
-            user = await asyncio.to_thread(web.store.create_user, body.username, body.password,
-                                           is_admin=True)
+            user = await asyncio.to_thread(web.store.create_first_admin, body.username,
+                                           body.password)
+        except SetupDone as e:
+            raise APIError(409, str(e), code="setup_done") from None
         except HomellmError as e:
             raise invalid("username" if "username" in str(e) else "password", str(e)) from None
-        session = web.store.create_session(user)
-        _set_cookie(request, response, session, web.store.auth.session_ttl_s)
+        web.setup_token = None  # spent
+        session = await asyncio.to_thread(web.store.create_session, user)
+        _set_cookie(request, response, SESSION_COOKIE, session.token, web.store.auth.session_ttl_s)
         return {"user": user_json(user), "csrf_token": session.csrf_token}
 
     @router.post("/login")
@@ -116,14 +149,44 @@ def accounts_router() -> APIRouter:
         if session is None:
             raise APIError(401, "wrong username or password", type="authentication_error",
                            code="bad_credentials")
-        _set_cookie(request, response, session, web.store.auth.session_ttl_s)
+        _set_cookie(request, response, SESSION_COOKIE, session.token, web.store.auth.session_ttl_s)
         return {"user": user_json(session.user), "csrf_token": session.csrf_token}
+
+    @router.post("/key-login")
+    async def key_login(body: KeyIn, request: Request, response: Response):
+        web = state_of(request)
+        check_csrf(request, web.csrf_token)
+        api_key = request.app.state.api_key
+        if not api_key:
+            raise APIError(404, "this server has no API key: nothing to log in with",
+                           type="not_found", code="no_api_key")
+        address = client_address(request) or "-"
+        failures, until = web.key_failures.get(address, (0, 0.0))
+        if until > time.time():
+            wait = until - time.time()
+            raise APIError(429, f"too many wrong keys; try again in {int(wait) + 1} s",
+                           type="rate_limit_error", code="key_locked",
+                           headers={"Retry-After": str(int(wait) + 1)})
+        if not bearer_ok(f"Bearer {body.key}", api_key):
+            failures += 1
+            hold = 0.0
+            if failures >= KEY_MAX_FAILURES:
+                hold = min(KEY_LOCKOUT_S * 2 ** min(failures - KEY_MAX_FAILURES, 7), 3600)
+            web.key_failures[address] = (failures, time.time() + hold)
+            raise APIError(401, "wrong API key", type="authentication_error",
+                           code="invalid_api_key")
+        web.key_failures.pop(address, None)
+        _set_cookie(request, response, KEY_COOKIE, web.new_key_session(), KEY_COOKIE_TTL_S)
+        return {"ok": True, "csrf_token": web.csrf_token}
 
     @router.post("/logout")
     async def logout(request: Request, response: Response, who: Caller = Depends(caller)):
-        web = _need_auth(request)
-        web.store.logout(who.session_token)
-        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+        web = state_of(request)
+        web.end_key_session(request.cookies.get(KEY_COOKIE))
+        response.delete_cookie(KEY_COOKIE, path="/", httponly=True, samesite="strict")
+        if web.auth and who.session_token:
+            await asyncio.to_thread(web.store.logout, who.session_token)
+            response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
         return {"ok": True, "csrf_token": web.csrf_token}
 
     def _admin(request: Request, who: Caller):
@@ -135,8 +198,10 @@ def accounts_router() -> APIRouter:
     @router.get("/users")
     async def users(request: Request, who: Caller = Depends(caller)):
         _admin(request, who)
-        return {"users": [user_json(u) for u in state_of(request).store.list_users()
-                          if u.has_password]}
+        store = state_of(request).store
+        locks = store.login_locks()
+        return {"users": [{**user_json(u), "locked_s": round(locks.get(u.username, 0.0))}
+                          for u in store.list_users() if u.has_password]}
 
     @router.post("/users", status_code=201)
     async def create_user(body: NewUser, request: Request, who: Caller = Depends(caller)):
@@ -149,5 +214,13 @@ def accounts_router() -> APIRouter:
             raise APIError(status, str(e), param="username" if "username" in str(e) else
                            "password", code="user_exists" if status == 409 else "invalid_value")
         return {"user": user_json(user)}
+
+    @router.post("/users/{username}/unlock")
+    async def unlock(username: str, request: Request, who: Caller = Depends(caller)):
+        _admin(request, who)
+        store = state_of(request).store
+        if store.user_by_name(username) is None:
+            raise APIError(404, f"no user {username!r}", type="not_found", code="not_found")
+        return {"username": username, "cleared": store.unlock_logins(username)}
 
     return router

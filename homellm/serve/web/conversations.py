@@ -12,7 +12,7 @@
     GET    /api/search?q=words                full-text search over titles and messages
     GET    /api/conversations/{id}/export     one conversation as Open Assistant JSONL trees
     GET    /api/export[?shared=true]          all of mine; shared: the admin's opted-in feedback
-    POST   /api/import                        such a JSONL file (the request body) -> new ones
+    POST   /api/import                        such a JSONL file -> new ones (imports.py)
 
 Another user's conversation or message is a 404, exactly like a missing one (the store sees
 only the caller's rows). Nothing is overwritten: edits and regenerations add siblings.
@@ -28,8 +28,7 @@ from homellm.errors import HomellmError
 from homellm.serve.errors import APIError, invalid
 from homellm.serve.web.context import Caller, caller, not_found, state_of
 
-MAX_IMPORT_BYTES = 64 << 20
-MAX_TEXT = 200_000          # characters of one message or system prompt
+MAX_TEXT = 200_000          # characters of one message or system prompt (typed or imported)
 
 
 class _Body(BaseModel):
@@ -267,28 +266,5 @@ def conversations_router() -> APIRouter:
         trees = export_trees(state_of(request).store, who.user, shared=shared)
         return _jsonl(trees, "homellm-shared-feedback.trees.jsonl" if shared else
                       "homellm-conversations.trees.jsonl")
-
-    @router.post("/import", status_code=201)
-    async def import_file(request: Request, who: Caller = Depends(caller)):
-        from homellm.data.oasst import import_trees, parse_trees
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_IMPORT_BYTES:
-                raise APIError(413, f"the file is larger than {MAX_IMPORT_BYTES >> 20} MB",
-                               code="too_large")
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise invalid("file", f"not UTF-8 text (byte {e.start})") from None
-        name = request.headers.get("X-Filename", "upload")[:200]
-        try:
-            trees = parse_trees(text.splitlines(), source=name)
-        except ValueError as e:
-            raise invalid("file", str(e)) from None
-        if not trees:
-            raise invalid("file", f"{name}: no conversation trees in it")
-        convs = _store_call(import_trees, state_of(request).store, who.user, trees)
-        return {"imported": len(convs), "conversations": [conversation_json(c) for c in convs]}
 
     return router
