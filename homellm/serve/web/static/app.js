@@ -24,6 +24,8 @@ async function api(method, path, body, extraHeaders) {
   try { data = await r.json(); } catch (e) { data = null; }
   if (!r.ok) {
     const msg = data && data.error ? data.error.message : `${method} ${path}: HTTP ${r.status}`;
+    if (r.status === 401 && data && data.error && data.error.code === "invalid_api_key" &&
+        path !== "/api/key-login") setTimeout(() => start().catch(showError), 0);  // key forgotten (restart)
     const err = new Error(msg); err.status = r.status; throw err;
   }
   return data;
@@ -40,27 +42,40 @@ function el(tag, cls, text) {
 
 // ---------------------------------------------------------------- code highlighting
 // One regex pass: comments, strings, numbers and keywords become spans (text via textContent).
+// Linear in the code: a block comment with no end runs to the end of the code (as an
+// editor shows it) instead of being searched for again from every "/*", and the comment
+// markers a language does not have are left out of its pattern rather than retried.
 const KEYWORDS = new Set(("if else elif for while do return def class function const let var " +
   "import from as export new try catch except finally raise throw with yield async await " +
   "lambda pass break continue in is not and or None True False null true false undefined " +
   "struct enum fn pub use mod impl match static void int float double char bool string " +
   "public private protected package func go select case switch default type interface " +
   "self this super print echo").split(" "));
-const TOKEN = /(\/\/[^\n]*|#[^\n]*|\/\*[\s\S]*?\*\/|--[^\n]*)|("(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'|`(?:\\.|[^`\\])*`)|\b(\d+(?:\.\d+)?(?:e[+-]?\d+)?|0x[0-9a-f]+)\b|\b([A-Za-z_][A-Za-z0-9_]*)\b/gi;
+const TOKEN_REST = String.raw`|("(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'|\`(?:\\.|[^\`\\])*\`)|\b(\d+(?:\.\d+)?(?:e[+-]?\d+)?|0x[0-9a-f]+)\b|\b([A-Za-z_][A-Za-z0-9_]*)\b`;
+const TOKEN_CACHE = new Map();
+
+function tokenPattern(lang) {
+  const l = (lang || "").toLowerCase();
+  const hash = !/^(c|cpp|c\+\+|js|javascript|ts|typescript|java|go|rust|css|json)$/.test(l);
+  const dashes = /^(sql|lua|haskell|hs)$/.test(l);
+  const key = `${hash}${dashes}`;
+  if (!TOKEN_CACHE.has(key)) {
+    const comments = [String.raw`\/\/[^\n]*`, String.raw`\/\*(?:[^*]|\*(?!\/))*(?:\*\/|$)`];
+    if (hash) comments.push(String.raw`#[^\n]*`);
+    if (dashes) comments.push(String.raw`--[^\n]*`);
+    TOKEN_CACHE.set(key, `(${comments.join("|")})` + TOKEN_REST);
+  }
+  return TOKEN_CACHE.get(key);
+}
 
 function highlight(code, lang) {
   const out = document.createDocumentFragment();
-  const hashComments = !/^(c|cpp|c\+\+|js|javascript|ts|typescript|java|go|rust|css|json)$/i.test(lang || "");
   let last = 0, m;
-  const re = new RegExp(TOKEN.source, "gi");
+  const re = new RegExp(tokenPattern(lang), "gi");
   while ((m = re.exec(code)) !== null) {
     let cls = null;
-    if (m[1] !== undefined) {
-      if (m[1][0] === "#" && !hashComments) cls = null;
-      else if (m[1].startsWith("--") && !/^(sql|lua|haskell|hs)$/i.test(lang || "")) cls = null;
-      else cls = "tok-com";
-      if (cls === null) { re.lastIndex = m.index + 1; continue; }
-    } else if (m[2] !== undefined) cls = "tok-str";
+    if (m[1] !== undefined) cls = "tok-com";
+    else if (m[2] !== undefined) cls = "tok-str";
     else if (m[3] !== undefined) cls = "tok-num";
     else if (m[4] !== undefined) cls = KEYWORDS.has(m[4]) ? "tok-kw" : null;
     if (cls === null) continue;
@@ -102,29 +117,79 @@ function codeBlock(code, lang) {
 // ---------------------------------------------------------------- markdown (safe subset)
 // Blocks: ``` fences, | tables |, # headings, - * + and 1. lists, > quotes, paragraphs.
 // Inline: `code`, **bold**, *italic* / _italic_, [text](http(s) url), bare line breaks.
-const INLINE = /(`+)([\s\S]*?[^`])\1(?!`)|\*\*([^*]+?)\*\*|__([^_]+?)__|\*([^*\s][^*]*?)\*|\b_([^_\s][^_]*?)_\b|\[([^\]]+)\]\(([^)\s]+)\)/g;
+// Every pattern here runs in time linear in the text: code spans are found by one scan (a
+// backtracking regex for them took minutes on a run of 10,000 backticks), and each regex
+// alternative below stops at the first character that ends it, never backtracking over
+// what another start could match again.
+const INLINE = /\*\*([^*]+?)\*\*|__([^_]+?)__|\*([^*\s][^*]*?)\*|\b_([^_\s][^_]*?)_\b|\[([^\[\]]+)\]\(([^()\s]+)\)/g;
+const CODE_MARK = /\uE000(\d+)\uE001/g;   // a code span's place in the text (private-use marks)
 
-function inline(text, parent) {
+// CommonMark code spans: a run of N backticks opens, the next run of exactly N closes; an
+// opener with no closer is plain text. Each run is looked at once, so this is linear.
+// Returns the text with each span replaced by a mark and the spans' contents in `codes`.
+function takeCodeSpans(text, codes) {
+  const runs = [];   // [start, length] of every maximal run of backticks
+  for (let i = text.indexOf("`"); i >= 0; i = text.indexOf("`", i)) {
+    let j = i;
+    while (j < text.length && text.charCodeAt(j) === 96) j++;
+    runs.push([i, j - i]);
+    i = j;
+  }
+  if (!runs.length) return text;
+  const next = new Array(runs.length).fill(-1), lastOfLength = new Map();
+  for (let r = runs.length - 1; r >= 0; r--) {   // the next run of the same length
+    const n = runs[r][1];
+    if (lastOfLength.has(n)) next[r] = lastOfLength.get(n);
+    lastOfLength.set(n, r);
+  }
+  let out = "", at = 0;
+  for (let r = 0; r < runs.length;) {
+    const c = next[r];
+    if (c < 0) { r++; continue; }
+    const [open, n] = runs[r], close = runs[c][0];
+    let code = text.slice(open + n, close).replace(/\n/g, " ");
+    if (code.length > 2 && code[0] === " " && code[code.length - 1] === " " && code.trim()) code = code.slice(1, -1);
+    out += text.slice(at, open) + "\uE000" + codes.length + "\uE001";
+    codes.push(code);
+    at = close + n;
+    r = c + 1;
+  }
+  return out + text.slice(at);
+}
+
+function inline(text, parent, codes) {
+  if (codes === undefined) {   // the outer call: code spans first (they bind tightest)
+    codes = [];
+    text = takeCodeSpans(text.replace(/[\uE000\uE001]/g, "\uFFFD"), codes);
+  }
   let last = 0, m;
   const re = new RegExp(INLINE.source, "g");   // own lastIndex: inline() recurses
-  const addText = (s) => {
-    const lines = s.split("\n");
-    lines.forEach((line, i) => {
+  const addLines = (s) => {
+    s.split("\n").forEach((line, i) => {
       if (i) parent.appendChild(el("br"));
       if (line) parent.appendChild(document.createTextNode(line));
     });
   };
+  const addText = (s) => {
+    let at = 0, c;
+    const marks = new RegExp(CODE_MARK.source, "g");
+    while ((c = marks.exec(s)) !== null) {
+      if (c.index > at) addLines(s.slice(at, c.index));
+      parent.appendChild(el("code", null, codes[+c[1]]));
+      at = c.index + c[0].length;
+    }
+    if (at < s.length) addLines(s.slice(at));
+  };
   while ((m = re.exec(text)) !== null) {
     if (m.index > last) addText(text.slice(last, m.index));
-    if (m[2] !== undefined) parent.appendChild(el("code", null, m[2]));
-    else if (m[3] !== undefined || m[4] !== undefined) {
-      const b = el("strong"); inline(m[3] !== undefined ? m[3] : m[4], b); parent.appendChild(b);
-    } else if (m[5] !== undefined || m[6] !== undefined) {
-      const i = el("em"); inline(m[5] !== undefined ? m[5] : m[6], i); parent.appendChild(i);
-    } else if (m[7] !== undefined) {
-      if (/^https?:\/\//i.test(m[8])) {
-        const a = el("a", null, m[7]);
-        a.href = m[8]; a.target = "_blank"; a.rel = "noopener noreferrer nofollow";
+    if (m[1] !== undefined || m[2] !== undefined) {
+      const b = el("strong"); inline(m[1] !== undefined ? m[1] : m[2], b, codes); parent.appendChild(b);
+    } else if (m[3] !== undefined || m[4] !== undefined) {
+      const i = el("em"); inline(m[3] !== undefined ? m[3] : m[4], i, codes); parent.appendChild(i);
+    } else if (m[5] !== undefined) {
+      if (/^https?:\/\//i.test(m[6])) {
+        const a = el("a"); inline(m[5], a, codes);
+        a.href = m[6]; a.target = "_blank"; a.rel = "noopener noreferrer nofollow";
         parent.appendChild(a);
       } else addText(m[0]);
     }
@@ -137,7 +202,9 @@ function inline(text, parent) {
 const TABLE_RULE = /^\s*\|(\s*:?-+:?\s*\|)+\s*$/;  // GFM: hyphens, optional colons
 const cells = (line) => line.trim().replace(/^\|/, "").replace(/\|$/, "").split("|").map((c) => c.trim());
 
-function markdown(src) {
+const MAX_QUOTE_DEPTH = 8;   // deeper "> > >" stays text: nesting costs a pass over the text per level
+
+function markdown(src, depth = 0) {
   const root = document.createDocumentFragment();
   const lines = src.replace(/\r\n?/g, "\n").split("\n");
   let i = 0;
@@ -165,10 +232,10 @@ function markdown(src) {
       const wrap = el("div", "table-wrap"); wrap.appendChild(table); root.appendChild(wrap);
     } else if ((m = /^(#{1,6})\s+(.*)$/.exec(line))) {
       const h = el("h" + Math.min(4, m[1].length)); inline(m[2], h); root.appendChild(h); i++;
-    } else if (/^\s*>/.test(line)) {
+    } else if (/^\s*>/.test(line) && depth < MAX_QUOTE_DEPTH) {
       const q = el("blockquote"), body = [];
       while (i < lines.length && /^\s*>/.test(lines[i])) body.push(lines[i++].replace(/^\s*>\s?/, ""));
-      q.appendChild(markdown(body.join("\n"))); root.appendChild(q);
+      q.appendChild(markdown(body.join("\n"), depth + 1)); root.appendChild(q);
     } else if ((m = /^\s*([-*+]|\d+[.)])\s+/.exec(line))) {
       const ordered = /\d/.test(m[1]);
       const list = el(ordered ? "ol" : "ul");
@@ -573,34 +640,79 @@ async function importFile() {
 }
 
 // ---------------------------------------------------------------- people
-function showGate(needsSetup) {
+// One form, three uses: the first-run setup (with the console's setup token when the server
+// asks for it), a login (--auth), or the server's API key (--api-key without --auth).
+function showGate(mode, tokenRequired) {
   $("app").hidden = true; $("gate").hidden = false;
-  $("gate-title").textContent = needsSetup ? "Set up homellm" : "Log in";
-  $("gate-hint").textContent = needsSetup ? "No account yet: this one becomes the admin." : "";
-  $("gate-submit").textContent = needsSetup ? "Create admin account" : "Log in";
-  $("gate-form").dataset.mode = needsSetup ? "setup" : "login";
-  $("gate-user").focus();
+  const key = mode === "key";
+  $("gate-title").textContent = mode === "setup" ? "Set up homellm" : key ? "API key" : "Log in";
+  $("gate-hint").textContent = mode === "setup"
+    ? "No account yet: this one becomes the admin." + (tokenRequired ? " The setup token is on the server's console." : "")
+    : key ? "This server needs its API key (homellm serve --api-key)." : "";
+  $("gate-submit").textContent = mode === "setup" ? "Create admin account" : key ? "Continue" : "Log in";
+  $("gate-form").dataset.mode = mode;
+  $("gate-user-row").hidden = key; $("gate-user").required = !key;
+  $("gate-pass-label").textContent = key ? "Key" : "Password";
+  $("gate-pass").autocomplete = key ? "off" : "current-password";
+  $("gate-token-row").hidden = !(mode === "setup" && tokenRequired);
+  $("gate-token").required = mode === "setup" && !!tokenRequired;
+  (key ? $("gate-pass") : $("gate-user")).focus();
 }
 
 async function gateSubmit(ev) {
   ev.preventDefault();
   $("gate-error").textContent = "";
-  const path = $("gate-form").dataset.mode === "setup" ? "/api/setup" : "/api/login";
+  const mode = $("gate-form").dataset.mode;
   try {
-    await api("POST", path, { username: $("gate-user").value, password: $("gate-pass").value });
-    $("gate-pass").value = "";
+    if (mode === "key") await api("POST", "/api/key-login", { key: $("gate-pass").value });
+    else {
+      const body = { username: $("gate-user").value, password: $("gate-pass").value };
+      if (mode === "setup" && !$("gate-token-row").hidden) body.setup_token = $("gate-token").value.trim();
+      await api("POST", mode === "setup" ? "/api/setup" : "/api/login", body);
+    }
+    $("gate-pass").value = ""; $("gate-token").value = "";
     await start();
   } catch (e) { $("gate-error").textContent = e.message; }
 }
 
 function showAccount() {
   const me = S.me;
-  $("account").hidden = !me.auth;
-  if (!me.auth) return;
+  const keyed = !me.auth && me.key_cookie;
+  $("account").hidden = !me.auth && !keyed;
+  if (!me.auth) {   // only the API key: a way to forget it on this browser
+    $("whoami").textContent = "Signed in with the API key";
+    for (const id of ["share-feedback", "export-shared", "add-user", "users"]) $(id).hidden = true;
+    $("share-feedback").parentElement.hidden = true;
+    return;
+  }
   $("whoami").textContent = `Signed in as ${me.user.username}${me.user.is_admin ? " (admin)" : ""}`;
   $("share-feedback").checked = me.user.share_feedback;
   $("export-shared").hidden = !me.user.is_admin;
   $("add-user").hidden = !me.user.is_admin;
+  $("users").hidden = !me.user.is_admin;
+  if (me.user.is_admin) loadUsers();
+}
+
+// The admin's list of accounts; one whose logins are limited (too many wrong passwords
+// from some address) gets an Unlock button.
+async function loadUsers() {
+  try {
+    const r = await api("GET", "/api/users");
+    $("users").replaceChildren(...r.users.map((u) => {
+      const li = el("li"); li.dataset.username = u.username;
+      li.appendChild(el("span", null, u.username + (u.is_admin ? " (admin)" : "")));
+      if (u.locked_s > 0) {
+        li.appendChild(el("span", "locked", `locked ${u.locked_s} s`));
+        const b = el("button", "unlock", "Unlock"); b.type = "button";
+        b.addEventListener("click", async () => {
+          try { await api("POST", `/api/users/${encodeURIComponent(u.username)}/unlock`); loadUsers(); }
+          catch (e) { showError(e); }
+        });
+        li.appendChild(b);
+      }
+      return li;
+    }));
+  } catch (e) { showError(e); }
 }
 
 // ---------------------------------------------------------------- theme
@@ -620,7 +732,8 @@ function toggleTheme() {
 async function start() {
   S.me = await api("GET", "/api/me");
   S.csrf = S.me.csrf_token;
-  if (S.me.auth && !S.me.user) { showGate(S.me.needs_setup); return; }
+  if (S.me.key_required) { showGate("key"); return; }
+  if (S.me.auth && !S.me.user) { showGate(S.me.needs_setup ? "setup" : "login", S.me.setup_token_required); return; }
   $("gate").hidden = true; $("app").hidden = false;
   showAccount();
   const m = await api("GET", "/api/models");
@@ -661,6 +774,7 @@ function wire() {
       const r = await api("POST", "/api/users", { username: $("new-username").value, password: $("new-password").value });
       $("add-user-status").textContent = `Added ${r.user.username}`;
       $("new-username").value = ""; $("new-password").value = "";
+      loadUsers();
     } catch (e) { $("add-user-status").textContent = e.message; }
   });
   $("logout").addEventListener("click", async () => {
