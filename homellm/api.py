@@ -140,7 +140,10 @@ class Model:
 
     def chat(self, messages: list[dict], **options) -> Iterator[Step]:
         """Stream the assistant's reply to `messages` (rendered with the model's template)."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except HomellmError as e:
+            raise about(self.checkpoint.source, e) from None
         params, rest = split_sampling(options)
         grammar = self._grammar(rest.pop("response_format", None))
         return self._stream(ids, params, rest.pop("max_tokens", None), rest.pop("stop", None),
@@ -304,7 +307,10 @@ def load(name_or_path: str | Path | None = None, device: str | None = None,
     path = resolve(name_or_path)
     ckpt = open_checkpoint(path, as_numpy=True)  # (GGUF floats as numpy: no torch yet)
     ctx = ctx or min(DEFAULT_CTX, ckpt.args.max_position_embeddings)
-    tokenizer = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
+    try:
+        tokenizer = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
+    except HomellmError as e:
+        raise about(path, e) from None
     wbytes = weight_bytes_per_token(ckpt)
     native = adapter is None and native_runtime(ckpt, device, dtype, quant)
     check_ctx(ckpt.args, ctx, device, bytes_per_value=2 if native else 4)
@@ -333,6 +339,15 @@ def load(name_or_path: str | Path | None = None, device: str | None = None,
                       fast_decode=quant is None and adapter is None)
     model.weight_bytes_per_token = wbytes
     return model
+
+
+def about(path, error: HomellmError) -> HomellmError:
+    """`error` with the model's path in front, where its message does not name it already
+    (a tokenizer or chat template error says what is wrong, not in which file)."""
+    if str(path) in str(error):
+        return error
+    from homellm.errors import ModelFileError
+    return ModelFileError(f"{path}: {error}")
 
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")

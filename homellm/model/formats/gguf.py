@@ -334,8 +334,8 @@ def read_gguf(path: str | os.PathLike, as_numpy: bool = False) -> Checkpoint:
 
     template = kv.get("tokenizer.chat_template")
     if template is not None and not isinstance(template, str):
-        raise ModelFileError(f"{path}: metadata key tokenizer.chat_template is a "
-                             f"{type(template).__name__}: expected a string (a Jinja template)")
+        raise ModelFileError(f"{path}: metadata key tokenizer.chat_template holds a "
+                             f"{type(template).__name__} value: expected a string (a Jinja template)")
     metadata = {k[len("general."):]: v for k, v in kv.items() if k.startswith("general.")}
     metadata["tensor_types"] = dict(Counter(t.ggml_type.name for t in reader.tensors))
     return Checkpoint(args=args, tensors=tensors, tokenizer=TokenizerSource(gguf_fields=tok),
