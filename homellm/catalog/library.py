@@ -78,8 +78,9 @@ def name_from(text: str) -> str:
     """A catalog name made from a file or folder name: lower case, odd characters to '-'."""
     name = re.sub(r"[^a-z0-9._-]+", "-", text.lower())
     name = re.sub(r"\.{2,}", ".", name)[:80].strip("-._")
-    if name.split(".")[0].upper() in RESERVED:
-        name = f"{name}-model"
+    first, dot, rest = name.partition(".")
+    if first.upper() in RESERVED:
+        name = f"{first}-model{dot}{rest}"
     return name or "model"
 
 
