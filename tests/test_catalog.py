@@ -421,3 +421,30 @@ def test_hub_errors(homellm_home, fake_hub, monkeypatch):
     with pytest.raises(HomellmError, match="cannot download from http://127.0.0.1:9.*offline"):
         catalog.pull("hf:tiny/llama-gguf")
     assert catalog_names() == [] and leftovers(homellm_home) == []
+
+
+# -- a pull that was killed ---------------------------------------------------------------------
+
+def test_a_killed_pull_leaves_nothing_behind(homellm_home, tiny_gguf):
+    """A pull killed with -9 mid-copy leaves its staging folder; the next pull removes it at
+    once (its process is gone), while a live pull's folder is kept."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    code = ("import sys, time; from homellm.catalog.library import new_staging\n"
+            "p = new_staging(); (p / 'big.gguf').write_bytes(bytes(10 << 20))\n"
+            "print(p, flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "HOMELLM_HOME": str(homellm_home)})
+    staging = Path(proc.stdout.readline().strip())
+    from homellm.catalog.library import new_staging
+    live = new_staging()  # this process's own, still in use
+    assert sorted(leftovers(homellm_home)) == sorted([staging.name, live.name])
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert staging.is_dir()  # the kill left it
+    catalog.pull(tiny_gguf, name="after")
+    assert not staging.exists()
+    assert leftovers(homellm_home) == [live.name]  # a running process's folder stays
+    assert catalog_names() == ["after"]
