@@ -350,3 +350,94 @@ def test_from_checkpoint_source_of_read_gguf(default_gguf, ours):
     fields = dict(checkpoint.tokenizer.gguf_fields)
     fields["token_type"] = np.asarray(fields["token_type"], dtype=np.int32)
     assert Tokenizer.from_gguf_fields(fields).encode(TEXTS[9]) == ours.encode(TEXTS[9])
+
+
+# -- hostile templates and text: bounded, and clear errors --------------------------------------
+
+HELLO = [{"role": "user", "content": "hi"}]
+HOSTILE_TEMPLATES = {
+    "{% for i in range(100000) %}{{ 'word ' * 100 }}{% endfor %}": "limit",  # 60 bytes -> 50 MB
+    "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}": "limit",
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}": "limit",
+    "{% for c in messages[0].content * 1000 %}{% for d in messages[0].content * 1000 %}"
+    "{% endfor %}{% endfor %}": "limit",
+    "{{ 'a' * 4000000000 }}": "limit",
+    "{{ [1] * 4000000000 }}": "limit",
+    "{{ 10 ** 10000000 }}": "limit",
+    "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+    "{% endfor %}": "limit",
+    "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+    "{% endfor %}": "limit",
+    "{% set ns = namespace(s='abcd') %}{% for i in range(30) %}{% set ns.s = ns.s|replace('', ns.s) %}"
+    "{% endfor %}": "limit",
+    "{{ 'a'|center(4000000000) }}": "limit",
+    "{{ 'a'.ljust(4000000000) }}": "limit",
+    "{{ '{:>1000000000}'.format(1) }}": "limit",
+    "{{ '%1000000000d' % 1 }}": "limit",
+    "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}": "recursed",
+    "{% macro f(n) %}{{ f(n + 1) ~ f(n + 1) }}{% endmacro %}{{ f(0) }}": "recursed|limit",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}": "unsafe",
+    "{{ raise_exception('no') }}": "no",
+}
+
+
+@pytest.mark.parametrize("source", list(HOSTILE_TEMPLATES))
+def test_hostile_templates_stop_with_a_clear_error(source):
+    """Each of these used to run until memory ran out (or for hours); now each stops at a limit
+    (time, loop iterations, the size of what it makes) or the sandbox, with a HomellmError."""
+    template = ChatTemplate(source)
+    with pytest.raises(HomellmError, match="failed to render: .*(" + HOSTILE_TEMPLATES[source] + ")"):
+        template.render(HELLO)
+
+
+def test_template_limits_follow_the_conversation(ours):
+    """Big conversations still render: the size limit grows with the text given, and a real
+    template's output is exactly what it was (the limits change nothing within them)."""
+    long = [{"role": "user", "content": "word " * 600_000}]  # 3 MB of text, over the 1M base
+    text = ours.render_chat(long)
+    assert text.count("word ") == 600_000
+    many = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"} for i in range(5001)]
+    assert ours.render_chat(many).count("<|im_start|>") == 5003  # + its system turn, + the prompt
+
+
+def test_template_of_the_wrong_type_is_a_clear_error():
+    with pytest.raises(HomellmError, match="not a string"):
+        ChatTemplate(["{{ messages }}"])
+    with pytest.raises(HomellmError, match="not a string"):
+        ChatTemplate(7)
+
+
+def test_a_long_sentencepiece_token_loads_at_once():
+    """sentencepiece_merges tried every split of every token (quadratic: a 200,000-character
+    token took 12 s, a 2,000,000-character one would take ~20 minutes); now a piece costs one
+    look-up per distinct token length. An alarm fails the test instead of waiting."""
+    import signal
+
+    def too_slow(*_):
+        raise TimeoutError("sentencepiece_merges is still quadratic in the token length")
+
+    tokens = ["a", "b", "ab", "abb", "▁", "▁a", "x" * 2_000_000, "y" * 200_000 + "b"]
+    old = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(30)
+    try:
+        merges = sentencepiece_merges(tokens, [0.0, 0.0, -1.0, -2.0, 0.0, -0.5, -3.0, -4.0], [1] * 8)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert merges == [("▁", "a"), ("a", "b"), ("ab", "b")]
+
+
+def test_text_that_is_not_unicode_is_a_clear_error(ours):
+    with pytest.raises(HomellmError, match="lone surrogate"):
+        ours.encode("ok \udcff then")
+    with pytest.raises(HomellmError, match="lone surrogate"):
+        ours.apply_chat_template([{"role": "user", "content": "\ud800"}])
+    assert ours.encode("ok") == ours.encode("ok")
+
+
+def test_vocabulary_fields_of_the_wrong_type_are_clear_errors(gguf_tokenizer_fields):
+    fields, template = gguf_tokenizer_fields
+    with pytest.raises(HomellmError, match="tokens is empty"):
+        Tokenizer.from_gguf_fields({**fields, "tokens": []}, template)
+    with pytest.raises(HomellmError, match="tokens holds 0"):
+        Tokenizer.from_gguf_fields({**fields, "tokens": list(range(len(fields["tokens"])))}, template)

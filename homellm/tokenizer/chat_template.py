@@ -129,10 +129,8 @@ def _guard_filter(name: str, f):
         values = [a for a in args if isinstance(a, str)]
         if name == "format" and values:
             _check_format_string(values[0], f"the filter {name}")
-        if name == "replace" and len(args) >= 3:
-            size = _replace_size(*args[-3:]) if len(args) == 3 else None
-            if size is not None:
-                budget.size(size, "the result of the filter replace")
+        if name == "replace" and len(values) >= 3:  # (after the eval context: s, old, new)
+            budget.size(_replace_size(*values[:3]), "the result of the filter replace")
         if name == "indent" and values:
             width = args[1] if len(args) > 1 else kwargs.get("width", 4)
             if isinstance(width, int):
