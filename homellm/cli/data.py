@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser):
     common(q, shared=False)
     q.set_defaults(_data=import_trees_cmd)
 
+    from homellm.cli.data_prepare import add_parser  # `data prepare`: pretraining text
+    add_parser(sub)
+
 
 def main(args: argparse.Namespace) -> int:
     return args._data(args)
