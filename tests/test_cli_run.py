@@ -329,3 +329,107 @@ def test_speed_line_rates_only_what_was_timed():
                                       generated_tokens=11, decode_s=0.5))
     assert SPEED.fullmatch(many) and many.endswith("reply 11 tokens at 20.0 tok/s")
     assert "cached" in many and "at 2000.0 tok/s" in many
+
+
+# --- hostile options and environments --------------------------------------------------------
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--device", "tpu"], ["device 'tpu'", "'cpu'"]),
+    (["--device", "cuda:99"], ["device 'cuda:99'"]),
+    (["--ctx", "1000000000"], ["--ctx 1000000000", "KV cache", "GiB"]),
+    (["--ctx", "2147483648"], ["--ctx 2147483648", "KV cache"]),
+], ids=["device-tpu", "device-cuda99", "ctx-1e9", "ctx-2e31"])
+def test_errors_bad_devices_and_contexts(homellm_home, default_gguf, args, fragments):
+    """Used to be raw torch errors (RuntimeError, AssertionError: Torch not compiled with
+    CUDA) and a MemoryError for a 358 GiB KV cache."""
+    proc = homellm("run", "-m", str(default_gguf), *args, "hi", home=homellm_home, check_rc=None)
+    expect_error(proc, *fragments)
+
+
+def test_error_cuda_without_cuda(homellm_home, default_gguf):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = homellm("run", "-m", str(default_gguf), "--device", "cuda", "hi", home=homellm_home,
+                   check_rc=None)
+    expect_error(proc, "device 'cuda'", "use 'cpu'")
+
+
+def test_error_unwritable_home(tmp_path):
+    """HOMELLM_HOME under /proc (or any folder that cannot be made): a clear error, not a
+    FileNotFoundError from deep inside the catalog."""
+    proc = homellm("run", "hi", home=Path("/proc/homellm-nope"), check_rc=None)
+    expect_error(proc, "HOMELLM_HOME", "/proc/homellm-nope")
+
+
+def test_error_prompt_that_is_not_utf8(homellm_home, default_gguf):
+    """Bytes that are not UTF-8 in argv reach Python as lone surrogates (they used to be an
+    unexpected TypeError in the tokenizer); on stdin they were a UnicodeDecodeError."""
+    env = {**os.environ, "HOMELLM_HOME": str(homellm_home)}
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"homellm", b"run", b"-m",
+                           os.fsencode(default_gguf), b"caf\xe9 \xff"], env=env,
+                          capture_output=True, timeout=300)
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(),
+                                       proc.stderr.decode())
+    expect_error(proc, "not valid UTF-8", "byte 0xe9 at byte 3")
+    proc = subprocess.run([sys.executable, "-m", "homellm", "run", "-m", str(default_gguf)],
+                          env=env, input=b"ok \xff\xfe", capture_output=True, timeout=300)
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(),
+                                       proc.stderr.decode())
+    expect_error(proc, "standard input is not valid UTF-8", "byte 0xff at byte 3")
+
+
+@pytest.mark.slow
+def test_negative_seed_on_the_command_line(homellm_home, default_gguf):
+    """--seed -1 used to be 'unexpected ValueError: expected non-negative integer'. Any integer
+    is a seed, taken modulo 2**64: -1 and 2**64 - 1 are the same run, and a run repeats."""
+    def text(seed):
+        proc = homellm("run", "-m", str(default_gguf), "--seed", str(seed), "--temperature", "1.5",
+                       "--top-k", "0", "--top-p", "1", "--min-p", "0", "--max-tokens", "12",
+                       "--json", QUESTION, home=homellm_home)
+        return json.loads(proc.stdout)["text"]
+
+    first = text(-1)
+    assert first and text(-1) == first
+    assert text(2**64 - 1) == first
+
+
+@pytest.mark.slow
+def test_negative_seed_through_the_api(default_gguf):
+    """The API takes an int64 seed as OpenAI's does; -1 used to be a 500 ('generation failed:
+    expected non-negative integer'). Through a live server and the official client."""
+    import socket
+    import threading
+
+    import openai
+    import uvicorn
+
+    from homellm.serve import ModelRegistry, ServeConfig, create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(ModelRegistry({"m": default_gguf}, ServeConfig(threads=1, ctx=256)))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 60
+        while not server.started:
+            assert time.time() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0,
+                               timeout=120)
+
+        def reply(seed):
+            out = client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": QUESTION}], seed=seed,
+                temperature=1.5, top_p=1, max_tokens=12)
+            return out.choices[0].message.content
+
+        first = reply(-1)
+        assert first and reply(-1) == first
+        assert reply(-2**63) and reply(-7)  # the whole int64 range is taken
+    finally:
+        server.should_exit = True
+        thread.join(20)
