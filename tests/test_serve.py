@@ -265,6 +265,20 @@ def test_a_bad_response_format_is_400(client):
     assert e.value.body["param"] == "response_format"
 
 
+@pytest.mark.parametrize("schema", [
+    {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},   # fails at its first mask
+    {"type": "string", "pattern": "^(a{1000}){1000}$"},              # ... at its first token
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_schema_that_fails_at_its_first_token_is_400(client, schema, stream):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=4, stream=stream,
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "x", "schema": schema}})
+    assert e.value.body["param"] == "response_format"
+    assert "first token" in e.value.message
+
+
 def test_api_key(server):
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as e:

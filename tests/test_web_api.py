@@ -21,23 +21,28 @@ MAX = 8   # tokens per reply: keeps the file fast
 
 
 class LiveServer:
-    """create_app + web_router on a free port in a thread; `.store` is the app's own store."""
+    """create_app + web_router on a free port in a thread, as `homellm serve` runs them (the
+    guarded uvicorn protocol); `.store` is the app's own store, `.app` the app. `serve`:
+    create_app's keywords (api_key, allowed_hosts, ...); `timeouts`: the protocol's."""
 
-    def __init__(self, db: Path, gguf: Path, auth: bool = False, auth_config=None):
+    def __init__(self, db: Path, gguf: Path, auth: bool = False, auth_config=None,
+                 setup_token: str | None = None, timeouts: dict | None = None, **serve):
         import uvicorn
 
         from homellm.serve import ModelRegistry, ServeConfig, create_app
+        from homellm.serve.connections import server_config
         from homellm.serve.web import web_router
         from homellm.store import open_store
         self.store = open_store(db, auth=auth_config)
         registry = ModelRegistry({"smollm2:135m": gguf},
                                  ServeConfig(ctx=512, max_batch=2, prefix_cache_bytes=0,
                                              keep_alive_s=-1))
-        app = create_app(registry, extra_routers=[web_router(self.store, auth=auth)])
+        self.app = create_app(registry, extra_routers=[
+            web_router(self.store, auth=auth, setup_token=setup_token)], **serve)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+        self.server = uvicorn.Server(server_config(self.app, "127.0.0.1", self.port,
+                                                   **(timeouts or {})))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         t0 = time.monotonic()
@@ -46,8 +51,8 @@ class LiveServer:
                 raise RuntimeError("the test server did not start")
             time.sleep(0.02)
 
-    def client(self) -> "Client":
-        return Client(self.url)
+    def client(self, **kw) -> "Client":
+        return Client(self.url, **kw)
 
     def close(self):
         self.server.should_exit = True
@@ -56,10 +61,11 @@ class LiveServer:
 
 
 class Client(httpx.Client):
-    """httpx with the app's CSRF header filled in from GET /api/me."""
+    """httpx with the app's CSRF header filled in from GET /api/me (`**kw`: httpx.Client's,
+    e.g. headers with an API key, or a transport from another loopback address)."""
 
-    def __init__(self, url: str):
-        super().__init__(base_url=url, timeout=120)
+    def __init__(self, url: str, **kw):
+        super().__init__(base_url=url, timeout=120, **kw)
         self.csrf = ""
         self.refresh()
 

@@ -279,6 +279,90 @@ def test_search_rename_delete_in_the_list(browser, server):
     ctx.close()
 
 
+# Payloads that made the old markdown renderer backtrack (issue 14: 10,000 backticks took
+# 244 s), and others of the same kind for each pattern the renderer uses.
+HOSTILE = {
+    "10,000 backticks": "see " + "`" * 10_000 + "a",
+    "a line of backticks": "`" * 10_000,
+    "runs of every length": " ".join("`" * (1 + i % 7) + "x" for i in range(5000)),
+    "open brackets": "[" * 50_000,
+    "unclosed bold": "**a" * 20_000,
+    "unclosed emphasis": "*a " * 30_000,
+    "nested quotes": ">" * 20_000,
+    "unterminated comment": "```c\n" + "/*" * 50_000 + "\n```",
+    "hashes in js": "```js\n" + "#" * 50_000 + "\n```",
+    "dashes in python": "```python\n" + "-" * 50_000 + "\n```",
+    "table rule": "| a |\n|" + "-|" * 20_000 + "x",
+}
+
+
+def test_markdown_renders_hostile_text_in_linear_time(browser, server):
+    ctx, page, watch = open_page(browser, server.url)
+    for name, text in HOSTILE.items():
+        ms = page.evaluate("""(t) => { const box = document.createElement('div');
+            const t0 = performance.now(); box.appendChild(markdown(t));
+            return performance.now() - t0; }""", text)
+        assert ms < 1000, (name, ms)
+    # what the code-span scanner makes (CommonMark): same-length runs pair, a lone run is text
+    cases = {
+        "``a`b``": "<p><code>a`b</code></p>",
+        "`a` and `b`": "<p><code>a</code> and <code>b</code></p>",
+        "a ``b": "<p>a ``b</p>",
+        "`` ` ``": "<p><code>`</code></p>",
+        "**bold `co*de` bold**": "<p><strong>bold <code>co*de</code> bold</strong></p>",
+        "*a `*` b*": "<p><em>a <code>*</code> b</em></p>",
+        "[`x`](https://e.org)": '<p><a href="https://e.org" target="_blank" '
+                                'rel="noopener noreferrer nofollow"><code>x</code></a></p>',
+        "x \ue0000\ue001 y": "<p>x \ufffd0\ufffd y</p>",   # no way to forge a code mark
+    }
+    for text, html in cases.items():
+        got = page.evaluate("""(t) => { const d = document.createElement('div');
+            d.appendChild(markdown(t)); return d.innerHTML; }""", text)
+        assert got == html, (text, got)
+    ctx.close()
+    # the whole page with such a reply in a conversation (the old page froze for minutes)
+    user = server.store.local_user()
+    conv = server.store.create_conversation(user, title="backticks", first_message="print them")
+    q = server.store.get_conversation(user, conv.id).current_leaf_id
+    server.store.add_message(user, conv.id, "assistant", HOSTILE["10,000 backticks"], parent_id=q)
+    ctx, page, watch = open_page(browser, f"{server.url}/#{conv.id}")
+    page.wait_for_selector(".msg.assistant .body", timeout=10_000)
+    assert page.locator(".msg.assistant .body").inner_text().count("`") == 10_000
+    assert watch.errors == []
+    ctx.close()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory, default_gguf):
+    s = LiveServer(tmp_path_factory.mktemp("webkey") / "key.db", default_gguf, api_key="page-key-1")
+    yield s
+    s.close()
+
+
+def test_the_page_asks_for_the_api_key(browser, keyed_server):
+    ctx, page, watch = open_page(browser, keyed_server.url)
+    assert page.locator("#gate-title").inner_text() == "API key"
+    assert page.is_hidden("#gate-user-row") and page.is_hidden("#gate-token-row")
+    page.fill("#gate-pass", "wrong-key")
+    page.click("#gate-submit")
+    page.wait_for_selector("#gate-error >> text=wrong API key")
+    page.fill("#gate-pass", "page-key-1")
+    page.click("#gate-submit")
+    page.wait_for_selector("#app:not([hidden])")
+    assert page.evaluate("document.cookie") == ""        # HttpOnly: not readable by script
+    settings(page, max_tokens=2, temperature=0)
+    send(page, "Hello behind a key")
+    wait_reply_done(page)
+    page.reload()                                        # the cookie keeps the page open
+    page.wait_for_selector("#app:not([hidden])")
+    page.wait_for_selector("#conversations li >> text=Hello behind a key")
+    page.click("#logout")
+    page.wait_for_selector("#gate:not([hidden])")
+    assert page.locator("#gate-title").inner_text() == "API key"
+    assert watch.dialogs == []
+    ctx.close()
+
+
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory, default_gguf):
     from homellm.store import AuthConfig
@@ -341,3 +425,42 @@ def test_auth_second_user_cannot_reach_the_first(browser, auth_server):
     page.wait_for_selector("#gate:not([hidden])")
     assert watch.dialogs == []
     ctx.close()
+
+
+def test_setup_token_and_the_admins_unlock(browser, tmp_path, default_gguf):
+    from homellm.store import AuthConfig, LoginLocked
+    config = AuthConfig(argon2_time_cost=1, argon2_memory_kib=8192, argon2_parallelism=1,
+                        max_failures=2)
+    s = LiveServer(tmp_path / "tok.db", default_gguf, auth=True, auth_config=config,
+                   setup_token="from-the-console")
+    try:
+        ctx, page, watch = open_page(browser, s.url)
+        assert page.locator("#gate-title").inner_text() == "Set up homellm"
+        assert page.is_visible("#gate-token-row")
+        page.fill("#gate-user", "root")
+        page.fill("#gate-pass", "root-pass-1")
+        page.fill("#gate-token", "a guess")
+        page.click("#gate-submit")
+        page.wait_for_selector("#gate-error >> text=setup token")
+        page.fill("#gate-token", "from-the-console")
+        page.fill("#gate-pass", "root-pass-1")
+        page.click("#gate-submit")
+        page.wait_for_selector("#app:not([hidden])")
+        s.store.create_user("dora", "dora-pass-1")
+        for _ in range(2):  # max_failures wrong passwords from one address ...
+            assert s.store.login("dora", "wrong", client="10.9.9.9") is None
+        page.reload()
+        page.wait_for_selector("#users li[data-username='dora']")
+        assert page.locator("#users li[data-username='dora'] .unlock").count() == 0
+        with pytest.raises(LoginLocked):  # ... and the next attempt there is refused
+            s.store.login("dora", "dora-pass-1", client="10.9.9.9")
+        page.reload()
+        page.wait_for_selector("#users li[data-username='dora'] .unlock")
+        page.click("#users li[data-username='dora'] .unlock")
+        page.wait_for_selector("#users li[data-username='dora'] .unlock", state="detached")
+        assert s.store.login_locks() == {}
+        assert s.store.login("dora", "dora-pass-1", client="10.9.9.9") is not None
+        assert watch.dialogs == []
+        ctx.close()
+    finally:
+        s.close()

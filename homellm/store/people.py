@@ -78,7 +78,7 @@ class People:
         try:
             from argon2 import PasswordHasher
         except ImportError:
-            raise HomellmError("accounts need argon2-cffi: pip install 'homellm[auth]'") from None
+            raise HomellmError("accounts need argon2-cffi: pip install argon2-cffi") from None
         a = self.auth
         return PasswordHasher(time_cost=a.argon2_time_cost, memory_cost=a.argon2_memory_kib,
                               parallelism=a.argon2_parallelism)
