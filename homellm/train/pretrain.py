@@ -1,0 +1,424 @@
+"""Pretraining a LLaMA-family model from scratch on a tokenized corpus (data/shards.py).
+
+The network is model/llama.py's `Llama`, shaped by a size dial: depth D (nanochat's dial)
+sets width 64 D, D heads of 64, a SwiGLU hidden size of ~8/3 the width, tied embeddings, and
+a compute-optimal budget of 20 tokens per parameter (Hoffmann et al. 2022) unless --steps or
+--tokens say otherwise. Initialization is GPT-2's: N(0, 0.02) everywhere, the projections
+that write into the residual stream (o_proj, down_proj) scaled by 1/sqrt(2 x layers).
+
+The data plan is fixed by the seed: the train tokens are cut into windows of seq_len + 1,
+each epoch visits them in a permutation drawn from seed + epoch, and step k takes the next
+batch_tokens / seq_len windows, split into micro-batches of `device_batch` windows; process r
+of W computes micro-batches r, r + W, ... So a step's data depends on the step number alone
+(a checkpoint stores the step), and W processes compute the update one process computes with
+W times the gradient accumulation: the loss of each micro-batch is its summed cross-entropy
+over the global step's token count, times W (DDP averages).
+
+The loop reuses train/: the LR warmup and cosine (schedule.py), the final hidden states
+(loss.py), exact-resume checkpoints (checkpoint.py) and the process group (session.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from homellm.errors import HomellmError
+from homellm.model.config import ModelArgs
+from homellm.train.pretrain_config import (HISTORY_FILE, SIZES, TOKENS_PER_PARAM,  # noqa: F401 (re-exported)
+                                          PretrainConfig, flops_per_token, model_args)
+
+def build_model(args: ModelArgs, seed: int, device="cpu") -> nn.Module:
+    """A freshly initialized Llama (float32), its head tied to the embedding table if asked."""
+    from homellm.model.llama import Llama
+    torch.manual_seed(seed)
+    model = Llama(args, device=device)
+    std = 0.02
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                scaled = name.endswith(("o_proj.weight", "down_proj.weight"))
+                p.normal_(0.0, std / math.sqrt(2 * args.num_hidden_layers) if scaled else std)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def estimate_peak_flops(device: torch.device, dtype: str, threads: int) -> float:
+    """A rough peak FLOP/s for MFU: a GPU's bf16/fp32 dense rate from its name, or a CPU's
+    cores x clock x FLOPs per cycle (FMA units x SIMD lanes; x2 for AVX512-BF16 dot products)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12,
+                 "A10": 125e12, "3090": 71e12, "T4": 65e12}
+        peak = next((v for k, v in table.items() if k in name), 100e12)
+        return peak if dtype == "bfloat16" else peak / 2
+    mhz, flags = 2500.0, ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        mhz = max(float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz"))
+        flags = next(line for line in info.splitlines() if line.startswith("flags"))
+    except (OSError, ValueError, StopIteration):
+        pass
+    per_cycle = 64 if " avx512f" in flags else 32 if " fma" in flags else 8
+    if dtype == "bfloat16" and " avx512_bf16" in flags:
+        per_cycle *= 2
+    return threads * mhz * 1e6 * per_cycle
+
+
+def lr_factor(step: int, total: int, warmup: int, config: PretrainConfig) -> float:
+    """Warmup then cosine (schedule.py) or warmup-stable-decay: constant until the last
+    `decay` fraction of the steps, then linear to min_lr_ratio (Hu et al. 2024, MiniCPM)."""
+    from homellm.train.schedule import lr_factor as warmup_cosine
+    if config.schedule != "wsd" or step < warmup:
+        return warmup_cosine(step, total, warmup, config.schedule, config.min_lr_ratio)
+    decay_steps = max(1, round(config.decay * total))
+    start = total - decay_steps
+    if step < start:
+        return 1.0
+    progress = (step - start + 1) / decay_steps
+    return 1.0 - (1.0 - config.min_lr_ratio) * min(1.0, progress)
+
+
+# ---------------------------------------------------------------- data
+
+class Windows:
+    """The train tokens as windows of seq_len + 1 (stride seq_len) across the shards."""
+
+    def __init__(self, shards: list, seq_len: int, seed: int):
+        self.shards, self.seq_len, self.seed = shards, seq_len, seed
+        counts = [max(0, (len(s) - 1) // seq_len) for s in shards]
+        self.starts = np.cumsum([0] + counts)
+        self.n = int(self.starts[-1])
+        self._perm: tuple[int, Tensor] | None = None
+
+    def window(self, i: int) -> np.ndarray:
+        s = int(np.searchsorted(self.starts, i, side="right") - 1)
+        off = (i - int(self.starts[s])) * self.seq_len
+        return np.asarray(self.shards[s][off:off + self.seq_len + 1], dtype=np.int64)
+
+    def global_index(self, k: int) -> int:
+        """The k-th window of the run: epoch k // n, in that epoch's permutation."""
+        epoch, j = divmod(k, self.n)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return int(self._perm[1][j])
+
+    def batch(self, ks: list[int]) -> Tensor:
+        return torch.from_numpy(np.stack([self.window(self.global_index(k)) for k in ks]))
+
+
+def val_windows(shards: list, seq_len: int, max_tokens: int) -> list[np.ndarray]:
+    """The first max_tokens of the validation split as windows of seq_len + 1 (the last one
+    shorter when the split ends)."""
+    out, budget = [], max_tokens
+    for s in shards:
+        off = 0
+        while budget > 0 and off + 2 <= len(s):
+            n = min(seq_len, budget, len(s) - off - 1)
+            out.append(np.asarray(s[off:off + n + 1], dtype=np.int64))
+            off += n
+            budget -= n
+        if budget <= 0:
+            break
+    return out
+
+
+# ---------------------------------------------------------------- loss
+
+LOGITS_BYTES = 256 << 20  # above this many bytes of float32 logits, the head runs in chunks
+
+
+class LMLoss(nn.Module):
+    """model -> summed next-token cross-entropy of (B, T) inputs against (B, T) targets;
+    a module so that DDP / FSDP can wrap it."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.model = model
+        self.autocast = dtype
+
+    def forward(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        from homellm.train.loss import final_hidden
+        with torch.autocast(inputs.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            h = final_hidden(self.model, inputs).flatten(0, 1)  # (B*T, hidden)
+            t = targets.flatten()
+            head = self.model.lm_head
+            n, vocab = h.shape[0], head.weight.shape[0]
+            if n * vocab * 4 <= LOGITS_BYTES:
+                return F.cross_entropy(head(h).float(), t, reduction="sum")
+            # chunks whose logits are made again in the backward: peak memory one chunk
+            chunk = max(1, LOGITS_BYTES // (vocab * 4))
+            total = h.new_zeros((), dtype=torch.float32)
+            for s in range(0, n, chunk):
+                total = total + torch.utils.checkpoint.checkpoint(
+                    _chunk_loss, head, h[s:s + chunk], t[s:s + chunk], use_reentrant=False)
+            return total
+
+
+def _chunk_loss(head: nn.Module, h: Tensor, t: Tensor) -> Tensor:
+    return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+
+# ---------------------------------------------------------------- the run
+
+@dataclass
+class PretrainResult:
+    out: Path
+    steps: int
+    losses: list[float]
+    val: list[dict]
+    tokens: int
+    seconds: float
+    n_params: int
+    stopped: bool = False
+    config: PretrainConfig | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _param_groups(model: nn.Module, config: PretrainConfig) -> list[dict]:
+    matrices, other = [], []
+    embed = model.model.embed_tokens.weight
+    for p in {id(p): p for p in model.parameters()}.values():
+        (matrices if p.dim() == 2 and p is not embed else other).append(p)
+    if config.optimizer == "muon":
+        return [dict(params=matrices, lr=config.muon_lr, muon=True, weight_decay=config.weight_decay),
+                dict(params=other, lr=config.lr, muon=False, weight_decay=0.0)]
+    return [dict(params=matrices, weight_decay=config.weight_decay),
+            dict(params=other, weight_decay=0.0)]
+
+
+def _setup_out(config: PretrainConfig, resume: bool) -> Path:
+    from homellm.train import checkpoint
+    from homellm.train.session import writable_out
+    out = writable_out(config.out)
+    if resume and config.fsdp:
+        raise HomellmError("--fsdp runs cannot be resumed yet (they keep no checkpoint)")
+    if resume:
+        if not checkpoint.path_in(out).is_file():
+            raise HomellmError(f"{out}: no checkpoint to resume from ({checkpoint.path_in(out)} is missing)")
+        changed = PretrainConfig.load(out).same_run(config)
+        if changed:
+            raise HomellmError(f"{out}: cannot resume: the run was started with different "
+                               f"{', '.join(changed)}")
+    elif checkpoint.path_in(out).is_file() or (out / "model.safetensors").is_file():
+        raise HomellmError(f"{out}: holds an earlier run; resume it (--resume) or choose another folder")
+    return out
+
+
+def pretrain(config: PretrainConfig, progress=None, resume: bool = False,
+             stop_after: int | None = None) -> PretrainResult:
+    """Run (or resume) pretraining; `progress(dict)` after each step. `stop_after=k` stops
+    after step k with a checkpoint, as an interrupted run would."""
+    from homellm.data.shards import open_tokens
+    from homellm.train import checkpoint
+    from homellm.train.session import Processes, create_out
+
+    out = _setup_out(config, resume)
+    data = open_tokens(Path(config.data))
+    threads_before = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    procs = Processes.from_env(config.device)
+    args = model_args(config.the_depth, data.vocab_size, config.seq_len)
+    windows = Windows(data.train, config.seq_len, config.seed)
+    if windows.n == 0:
+        raise HomellmError(f"{config.data}: the train split has {sum(len(s) for s in data.train)} "
+                           f"tokens; --seq-len {config.seq_len} needs at least {config.seq_len + 1}")
+    per_micro = config.seq_len * config.device_batch
+    if config.batch_tokens % (per_micro * procs.world):
+        raise HomellmError(f"--batch-tokens {config.batch_tokens} is not a multiple of seq_len x "
+                           f"device_batch x processes = {config.seq_len} x {config.device_batch} x "
+                           f"{procs.world} = {per_micro * procs.world}")
+    accum = config.batch_tokens // (per_micro * procs.world)
+    n_params = args.n_params
+    if config.steps:
+        total = config.steps
+    else:
+        budget = config.tokens or TOKENS_PER_PARAM * n_params
+        total = max(1, math.ceil(budget / config.batch_tokens))
+    warmup = math.ceil(config.warmup * total) if config.warmup < 1 else int(config.warmup)
+
+    model = build_model(args, config.seed, procs.device)
+    model.train()
+    amp = torch.bfloat16 if config.dtype == "bfloat16" else None
+    module: nn.Module = LMLoss(model, amp)
+    if procs.world > 1 and config.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(module)
+    elif procs.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        module = DistributedDataParallel(
+            module, device_ids=[procs.device] if procs.device.type == "cuda" else None)
+    forward = torch.compile(module) if config.compile else module
+    groups = _param_groups(model, config)
+    if config.optimizer == "muon":
+        from homellm.train.muon import Muon
+        optimizer = Muon(groups)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, warmup, config))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    history = {"losses": [], "val": [], "tokens": 0, "seconds": 0.0}
+    start = 0
+    if resume:
+        start, history = checkpoint.restore(out, params=params, optimizer=optimizer,
+                                            scheduler=scheduler)
+    elif procs.main:
+        create_out(out)
+        config.save(out)
+    procs.barrier()
+    flops = flops_per_token(args, config.seq_len)
+    peak = config.peak_flops or estimate_peak_flops(procs.device, config.dtype,
+                                                    torch.get_num_threads() * procs.world)
+    val = val_windows(data.val, config.seq_len, config.val_tokens)
+    bytes_per_token = data.bytes_per_token("val")
+    seqs_per_step = config.batch_tokens // config.seq_len
+    step_tokens = seqs_per_step * config.seq_len
+    if progress is not None and procs.main:
+        progress({"start": True, "step": start, "total": total, "n_params": n_params, "args": args,
+                  "accum": accum, "world": procs.world, "tokens_total": total * step_tokens,
+                  "peak_flops": peak, "warmup": warmup})
+
+    def validate() -> dict:
+        model.eval()
+        nll, n = 0.0, 0
+        with torch.no_grad():
+            for w in val[procs.rank::procs.world]:
+                x = torch.from_numpy(w).to(procs.device)[None]
+                nll += LMLoss(model, amp)(x[:, :-1], x[:, 1:]).item()
+                n += x.shape[1] - 1
+        model.train()
+        nll, n = procs.all_sum([nll, n])
+        loss = nll / max(n, 1)
+        return {"loss": loss, "bpb": loss / math.log(2) / bytes_per_token, "tokens": int(n)}
+
+    step = start
+    t0 = run_t0 = time.perf_counter()
+    try:
+        while step < total and (stop_after is None or step < stop_after):
+            first = step * seqs_per_step
+            micro = [list(range(first + m * config.device_batch, first + (m + 1) * config.device_batch))
+                     for m in range(accum * procs.world)]
+            mine = micro[procs.rank::procs.world]
+            loss_sum = 0.0
+            for j, ks in enumerate(mine):
+                batch = windows.batch(ks).to(procs.device)
+                last = j == len(mine) - 1
+                sync = module.no_sync() if procs.world > 1 and not last and not config.fsdp \
+                    else contextlib.nullcontext()
+                if config.fsdp and procs.world > 1:
+                    module.set_requires_gradient_sync(last)
+                with sync:
+                    loss = forward(batch[:, :-1], batch[:, 1:])
+                    (loss * (procs.world / step_tokens)).backward()
+                loss_sum += loss.item()
+            loss_mean = procs.all_sum([loss_sum])[0] / step_tokens
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            history["losses"].append(loss_mean)
+            history["tokens"] += step_tokens
+            result_val = None
+            if val and ((config.val_every and step % config.val_every == 0) or step == total):
+                result_val = {"step": step, **validate()}
+                history["val"].append(result_val)
+            if config.save_every and step % config.save_every == 0 and step < total:
+                history["seconds"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                _save(out, procs, step, params, optimizer, scheduler, history)
+            if progress is not None and procs.main:
+                tps = (step - start) * step_tokens / max(time.perf_counter() - run_t0, 1e-9)
+                progress({"step": step, "total": total, "loss": loss_mean,
+                          "lr": scheduler.get_last_lr()[0], "tokens": history["tokens"],
+                          "tokens_per_s": tps, "mfu": tps * flops / peak, "val": result_val})
+    except KeyboardInterrupt:  # Ctrl-C: keep what was done, to resume from
+        if not config.fsdp:
+            history["seconds"] += time.perf_counter() - t0
+            _save(out, procs, step, params, optimizer, scheduler, history, barrier=False)
+        raise
+    history["seconds"] += time.perf_counter() - t0
+    stopped = step < total
+    if stopped and not config.fsdp:
+        _save(out, procs, step, params, optimizer, scheduler, history)
+    state = _full_state(model, config, procs)
+    if procs.main:
+        save_model(out, args, state, Path(config.data))
+        (out / HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n")
+    procs.barrier()
+    if config.threads:
+        torch.set_num_threads(threads_before)
+    return PretrainResult(out, step, list(history["losses"]), list(history["val"]),
+                          history["tokens"], history["seconds"], n_params, stopped, config)
+
+
+def _save(out, procs, step, params, optimizer, scheduler, history, barrier=True):
+    """A resumable checkpoint (checkpoint.py's format), written by the first process."""
+    from homellm.train import checkpoint
+    if procs.main:
+        checkpoint.save(out, step=step, params=params, optimizer=optimizer, scheduler=scheduler,
+                        history=history)
+    if barrier:
+        procs.barrier()
+
+
+def _full_state(model: nn.Module, config: PretrainConfig, procs) -> dict[str, Tensor]:
+    """The whole model's tensors on the CPU (gathered from every process under FSDP)."""
+    if procs.world > 1 and config.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def save_model(out: Path, args: ModelArgs, state: dict[str, Tensor], corpus: Path) -> Path:
+    """config.json, model.safetensors (float32), tokenizer.json and tokenizer_config.json
+    (the corpus's, chat template included) into `out`, each moved in once complete."""
+    from homellm.model.formats.hf import write_hf
+    from homellm.tokenizer import Tokenizer
+    tok = Tokenizer.from_hf_folder(corpus)
+    tokenizer_json, tokenizer_config = tok.to_hf_files()
+    staging = Path(tempfile.mkdtemp(prefix=".model.", dir=out))
+    try:
+        folder = write_hf(staging / "model", args, state, dtype=torch.float32,
+                          tokenizer_json=tokenizer_json, tokenizer_config=tokenizer_config,
+                          chat_template=None if tok.chat_template.is_fallback else tok.chat_template.source)
+        for f in folder.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def unigram_entropy(shards: list, vocab_size: int) -> float:
+    """Entropy (nats) of the tokens' unigram distribution: the loss of the best model that
+    ignores context."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for s in shards:
+        counts += np.bincount(np.asarray(s), minlength=vocab_size)[:vocab_size]
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
