@@ -6,8 +6,8 @@ Near: each document becomes the set of its word 5-grams (lowercased, punctuation
 as datatrove's and the Pile's MinHash dedup shingle text); MinHash (Broder 1997) estimates
 the Jaccard similarity of two such sets from `num_perm` minima, and locality-sensitive
 hashing over bands of those minima finds the candidates with similarity above `threshold`
-without comparing every pair. A candidate counts only when its estimated Jaccard similarity
-really is >= threshold (LSH bands also let some lower pairs through). The first document of
+without comparing every pair. The bands are chosen for recall (see NearDedup), and a
+candidate counts only when its estimated Jaccard similarity really is >= threshold. The first document of
 a cluster is kept. MinHash and the LSH index are `datasketch`'s (a well-kept library that
 does exactly this, vectorized with numpy); the shingles are hashed with zlib's crc32, which
 is C and deterministic across runs (datasketch's default SHA-1 is ~2x slower here).
@@ -24,6 +24,7 @@ from homellm.errors import HomellmError
 
 SHINGLE = 5  # words per shingle
 NUM_PERM = 128
+LSH_WEIGHTS = (0.05, 0.95)  # (false candidates, misses)
 SCHEME = "affine32"  # datasketch >= 2.0's name for the classic (a x + b) mod 2^61-1, 32-bit minima
 _WORD = re.compile(r"\w+")
 
@@ -58,7 +59,11 @@ class NearDedup:
                                "'homellm[pretrain]' (or give --dedup-threshold 0 to keep near copies)") from None
         self._minhash = MinHash
         self.threshold, self.num_perm, self.seed = threshold, num_perm, seed
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        # bands for recall: datasketch's default weighs misses and false candidates alike,
+        # which misses ~60% of pairs right at the threshold (9 bands of 13 minima at 0.8);
+        # weights (0.05, 0.95) give 16 bands of 8: 95% found at 0.8, 99.4% at 0.85, and the
+        # extra candidates are dropped by the signature check in `seen`
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
         self.signatures: dict = {}
         # one MinHash's permutations, copied into every new MinHash (made once, not per document)
         self._template = MinHash(num_perm=num_perm, seed=seed, hashfunc=_crc32, scheme=SCHEME)
