@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
     if args.install_plugin or args.remove_plugin:
         return _plugin(args)
     from homellm.eval import tasks as tasklib
-    from homellm.eval.models import check_adapter, model_hash, open_model, parse_model_list
+    from homellm.eval.models import model_hash, open_model, parse_model_list
     from homellm.eval.results import record
 
     if not args.tasks:
@@ -60,8 +60,7 @@ def main(args: argparse.Namespace) -> int:
                            "comma-separated (e.g. --tasks homellm_capitals)")
     _check_numbers(args)
     refs = parse_model_list(args.model)
-    for ref in refs:
-        check_adapter(ref)
+    identities = [model_hash(ref) for ref in refs]  # (a missing model or adapter fails here)
     lm_eval = tasklib.require_lm_eval()
     suite = tasklib.find_tasks(args.tasks.split(","), args.include_path)
     tasklib.load_tasks(suite)  # the data is read (and checked) before any model loads
@@ -72,11 +71,10 @@ def main(args: argparse.Namespace) -> int:
                 "apply_chat_template": args.apply_chat_template, "ctx": args.ctx,
                 "lm_eval": lm_eval.__version__}
     rows = []
-    for ref in refs:
+    for ref, identity in zip(refs, identities):
         model = open_model(ref, ctx=args.ctx, device=args.device)
         lm = HomellmLM.from_loaded(model, ref.label, threads=args.threads, batch_size=args.batch_size)
         clock = tasklib.timed(lm)
-        identity = model_hash(ref)
         print(f"{ref.label}: {model.runtime} runtime on {model.device}, {model.threads} threads",
               file=sys.stderr, flush=True)
         for spec in suite.specs:

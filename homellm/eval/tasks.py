@@ -15,6 +15,7 @@ nothing is downloaded (HF_DATASETS_OFFLINE and HF_HUB_OFFLINE are set).
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -40,15 +41,34 @@ def require_lm_eval():
     return lm_eval
 
 
-def go_offline():
-    """No download from the Hugging Face hub in this process: datasets and the hub client read
-    these at import, so set the module flags too where they are already imported."""
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
+OFFLINE_ENV = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+
+
+@contextlib.contextmanager
+def offline():
+    """No download from the Hugging Face hub inside: datasets and the hub client read these
+    variables at import, so their module flags are set too; both are put back afterwards."""
+    saved = {k: os.environ.get(k) for k in OFFLINE_ENV}
+    os.environ.update({k: "1" for k in OFFLINE_ENV})
+    _set_offline_flags(True)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _set_offline_flags(any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
+                               for k in OFFLINE_ENV))
+
+
+def _set_offline_flags(value: bool) -> None:
     if "datasets" in sys.modules:
-        sys.modules["datasets"].config.HF_DATASETS_OFFLINE = True
+        config = sys.modules["datasets"].config
+        config.HF_HUB_OFFLINE = config.HF_DATASETS_OFFLINE = value
     if "huggingface_hub" in sys.modules:
-        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = value
 
 
 @dataclass
@@ -87,7 +107,6 @@ def find_tasks(names: list[str], include_paths: list[str | Path] | None = None) 
     """Resolve task names and YAML paths; unknown names and bad local data are errors here,
     before any model is loaded."""
     lm_eval = require_lm_eval()
-    go_offline()
     from lm_eval.tasks import TaskManager
     names = [n.strip() for n in names if n and n.strip()]
     if not names:
@@ -190,8 +209,8 @@ def _check_rows(f: Path, builder: str, where: str) -> None:
                 continue
             try:
                 row = json.loads(line)
-            except ValueError as e:
-                raise HomellmError(f"{where}: line {n} is not JSON ({e})") from None
+            except json.JSONDecodeError as e:
+                raise HomellmError(f"{where}: line {n} is not JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise HomellmError(f"{where}: line {n}: expected a JSON object, got {type(row).__name__}")
             rows += 1
@@ -206,7 +225,8 @@ def load_tasks(suite: TaskSuite) -> None:
         if spec.name in suite.loaded:
             continue
         try:
-            built = suite.manager.load([spec.load_spec])
+            with offline():
+                built = suite.manager.load([spec.load_spec])
         except ConnectionError as e:
             raise HomellmError(
                 f"task {spec.name} reads its dataset from the Hugging Face hub ({e}); homellm eval "
@@ -251,10 +271,11 @@ def run_task(lm, suite: TaskSuite, spec: TaskSpec, *, limit: float | None = None
     objects = list(built.get("groups", {}).values()) or list(built["tasks"].values())
     t0 = time.perf_counter()
     try:
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=objects, task_manager=suite.manager, limit=limit,
-            num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,
-            fewshot_as_multiturn=apply_chat_template, log_samples=log_samples)
+        with offline():
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=objects, task_manager=suite.manager, limit=limit,
+                num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,
+                fewshot_as_multiturn=apply_chat_template, log_samples=log_samples)
     except ValueError as e:
         if "did not find any docs" in str(e):
             raise HomellmError(f"task {spec.name}: no documents to evaluate (its split is empty)") from None
