@@ -359,6 +359,7 @@ def _health_latencies(url: str, stop: threading.Event) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("megabytes", [30, 6])
 def test_health_answers_within_a_second_during_a_huge_request(keyed, megabytes):
     """30 MB: over the body cap (413). 6 MB: under it, and refused from its length before
@@ -515,7 +516,7 @@ def test_imports_are_held_to_what_the_app_accepts(keyed, content, words):
     c.close()
 
 
-@pytest.mark.parametrize("depth", [2000, 50_000])
+@pytest.mark.parametrize("depth", [2000, pytest.param(50_000, marks=pytest.mark.slow)])
 def test_an_import_of_a_deep_tree_is_never_a_500(keyed, depth):
     opening = "".join(f'{{"message_id": "d{i}", "role": "{"assistant" if i % 2 else "prompter"}", '
                       f'"text": "t", "replies": [' for i in range(depth))
