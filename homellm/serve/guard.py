@@ -149,8 +149,7 @@ class Guard:
         state["credential"] = await self._credential(headers, path)
         if state["credential"] is None and not self._public(method, path):
             what = "missing" if not headers.get("authorization") else "incorrect"
-            extra = "" if path.startswith("/v1/") else \
-                " (or log in on the web page: POST /api/key-login)"
+            extra = "" if path.startswith("/v1/") else " (or log in on the web page)"
             return await self._send(send, *_error(
                 401, f"The API key is {what}: send the header `Authorization: Bearer <key>` with "
                 f"the key the server was started with{extra}", "invalid_api_key",
