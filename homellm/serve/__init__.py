@@ -1,7 +1,9 @@
 """HTTP: the OpenAI-compatible API over the batching engine; the web app (serve/web) shares it.
 
 create_app (app.py), ModelRegistry and ServeConfig (registry.py), the Python API for
-streaming a completion without HTTP (completion.py), OpenAI-style errors (errors.py).
+streaming a completion without HTTP (completion.py), OpenAI-style errors (errors.py), what
+every request passes first (guard.py: Host check, API key, body size) and the uvicorn
+protocol with read timeouts (connections.py).
 """
 from homellm.serve.app import create_app
 from homellm.serve.completion import (CompletionStream, Delta, GenerationSettings, Result,
