@@ -10,15 +10,13 @@ import os as _os
 
 # The CPUs this process may run on, before any import: another library's OpenMP runtime (the
 # gguf package's sentencepiece brings one) pins the importing thread to one CPU when
-# OMP_PROC_BIND is set, and ours would then see one CPU (engine/kernels/build.py restores it).
+# OMP_PROC_BIND is set, and the C kernels' pool threads, started from that thread, would then
+# all run on that one CPU (engine/kernels/build.py gives it its CPUs back first).
 START_AFFINITY = frozenset(_os.sched_getaffinity(0)) if hasattr(_os, "sched_getaffinity") else None
 
-# Our C kernels and torch share one OpenMP runtime, left at its defaults here: its threads spin
-# a short while after each parallel region (GOMP: 300k spins, then sleep), which a decode step's
-# ~250 short regions need (default model, 2 cores: 380 tok/s, against 106 with sleeping threads,
-# which a VM wakes slowly; `homellm serve`, 1 / 16 clients: 113 / 445 tok/s against 45 / 335).
-# Where other work wants the cores, OMP_WAIT_POLICY=PASSIVE trades that for robustness (decode
-# beside a busy process: 160-190 vs 75-120 tok/s).
+# The C kernels run on their own thread pool (engine/kernels/thread_pool.h), not OpenMP: its
+# threads spin briefly between a token's parallel steps and then sleep, and it runs on fewer
+# threads while other programs keep the CPUs busy. OMP_* settings concern PyTorch alone.
 
 
 def load(name_or_path=None, device=None, dtype=None, ctx=None, quant=None, progress=None,

@@ -252,21 +252,9 @@ def weight_bytes_per_token(ckpt) -> int:
 
 
 def default_threads() -> int:
-    """Threads for the C runtime: $HOMELLM_THREADS or $OMP_NUM_THREADS, else one per physical
-    core this process may run on (hyperthread siblings slow integer matmuls down)."""
-    for var in ("HOMELLM_THREADS", "OMP_NUM_THREADS"):
-        if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
-            return int(os.environ[var])
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    cores = set()
-    for cpu in cpus:
-        base = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
-        try:
-            with open(base + "physical_package_id") as f, open(base + "core_id") as g:
-                cores.add((f.read().strip(), g.read().strip()))
-        except OSError:
-            cores.add(cpu)
-    return max(1, len(cores) or (os.cpu_count() or 1))
+    """Threads for the C runtime ($HOMELLM_THREADS, capped to the CPUs; engine/kernels/threads.py)."""
+    from homellm.engine.kernels.threads import default_threads as threads
+    return threads()
 
 
 def _gpu_present() -> bool:

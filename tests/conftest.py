@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
-# the suite runs servers, clients and models in one process on shared cores: sleeping OpenMP
-# threads (homellm/__init__.py) keep them from starving each other; results do not depend on it
+# the suite runs servers, clients and models in one process on shared cores: PyTorch's OpenMP
+# threads sleep rather than spin, so they do not starve each other (the C kernels have their own
+# pool, which sleeps by itself; results do not depend on either)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

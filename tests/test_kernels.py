@@ -478,27 +478,35 @@ def test_build_is_cached_by_source_hash(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs two CPUs")
-def test_openmp_binding_keeps_every_cpu():
+def test_pool_threads_keep_every_cpu_under_openmp_binding():
     """With OMP_PROC_BIND set, the OpenMP runtime that `gguf` brings (sentencepiece's) pins the
-    importing thread to one CPU; ours must still place its threads on different CPUs."""
+    importing thread to one CPU; the kernels' pool threads (started from that thread) must still
+    run on every CPU the process started with."""
     code = (
         "import glob, json, homellm, gguf, numpy as np\n"
         "from homellm.engine.kernels import build\n"
         "lib = build.load(); assert lib is not None, build.status()\n"
-        "x = np.ones((64, 64), np.float32); q = np.empty((64, 64), np.int8)\n"
-        "d = np.empty((64, 2), np.float32); s = np.empty((64, 2), np.float32)\n"
+        "x = np.ones((64, 64), np.float32)\n"
         "w = np.zeros((64, 2 * 34), np.uint8); y = np.empty((64, 64), np.float32)\n"
         "lib.hl_matmul(x.ctypes.data, 64, 64, w.ctypes.data, 68, 8, 64, y.ctypes.data, 2, -1, 1)\n"
-        "cpus = set()\n"
+        "pool = []\n"
         "for t in glob.glob('/proc/self/task/*/status'):\n"
         "    st = dict(l.split(':\\t', 1) for l in open(t).read().splitlines() if ':\\t' in l)\n"
-        "    cpus.add(st['Cpus_allowed_list'].strip())\n"
-        "print(json.dumps(sorted(cpus)))\n"
+        "    if st['Name'].strip() == 'homellm-pool':\n"
+        "        pool.append(st['Cpus_allowed_list'].strip())\n"
+        "print(json.dumps({'start': sorted(homellm.START_AFFINITY), 'pool': pool}))\n"
     )
     env = {**os.environ, "OMP_PROC_BIND": "true", "OMP_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    cpus = json.loads(out.stdout.strip().splitlines()[-1])
-    singles = [c for c in cpus if c.isdigit()]
-    assert len(set(singles)) >= 2, cpus  # the main thread and the worker on CPUs of their own
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["pool"], got  # the worker of the two-thread matmul
+
+    def cpus(spec: str) -> list[int]:
+        out = []
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            out += range(int(lo), int(hi or lo) + 1)
+        return out
+    assert all(cpus(spec) == got["start"] for spec in got["pool"]), got

@@ -34,6 +34,7 @@ def peak_rss_mb() -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    from homellm.engine.kernels.threads import pool_stats
     from homellm.engine.sampling import SamplingParams
     from homellm.errors import HomellmError
     if args.prompt_tokens < 1 or args.repeat < 1 or args.gen_tokens < 2:
@@ -57,6 +58,7 @@ def main(args: argparse.Namespace) -> int:
         if best.prefill_tps < t.prefill_tps:
             best.prefill_s = t.prefill_s
     wbytes = model.weight_bytes_per_token
+    pool = pool_stats() if model.runtime == "native" else {}
     result = {
         "model": str(args.model or "default"),
         "device": str(model.device),
@@ -70,12 +72,20 @@ def main(args: argparse.Namespace) -> int:
         "weight_bytes_per_token": wbytes,
         "weight_gbps": round(wbytes * best.decode_tps / 1e9, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        # the kernels' thread pool: threads it ran on (time-weighted), times it took fewer
+        # threads because the machine was busy, and more again
+        "threads_used": pool.get("threads_used"),
+        "pool": {k: pool[k] for k in ("shrinks", "grows", "probes", "probe_fails", "limit") if k in pool},
     }
     if args.json:
         print(json.dumps(result))
     else:
         print(f"model     {result['model']} on {result['device']} ({result['runtime']} runtime), "
               f"{result['threads']} threads")
+        if result["threads_used"]:
+            busy = pool.get("shrinks", 0)
+            note = f" (fewer {busy} time{'s' if busy > 1 else ''} while the machine was busy)" if busy else ""
+            print(f"threads   {result['threads_used']:.2f} used on average{note}")
         print(f"load      {result['load_s']:.2f} s")
         print(f"prefill   {result['prefill_tps']:.1f} tok/s ({args.prompt_tokens} tokens)")
         print(f"decode    {result['decode_tps']:.1f} tok/s ({result['gen_tokens']} tokens), "

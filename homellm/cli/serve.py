@@ -79,6 +79,9 @@ def main(args: argparse.Namespace) -> int:
         raise HomellmError(f"--port {args.port}: expected at most 65535")
     if args.threads is not None and args.threads < 1:
         raise HomellmError(f"--threads {args.threads}: expected at least 1")
+    if args.threads is None:  # a bad $HOMELLM_THREADS is an error now, not at the first request
+        from homellm.api import default_threads
+        default_threads()
     if args.ctx is not None and args.ctx < 2:
         raise HomellmError(f"--ctx {args.ctx}: the context must hold at least 2 tokens")
     if args.memory_budget is not None and args.memory_budget <= 0:

@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("ggml_cpu.c")
-FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math",
+HEADERS = [Path(__file__).with_name("thread_pool.h")]  # included by SOURCE (its own thread pool)
+FLAGS = ["-O3", "-pthread", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math",
          "-fno-signed-zeros", "-fno-trapping-math"]
 
 _state: dict = {"lib": None, "tried": False, "status": "not built"}
@@ -48,7 +49,7 @@ def _version(cc: str) -> str:
 
 
 def _library_path(compiler_version: str) -> Path:
-    src = SOURCE.read_bytes()
+    src = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
     key = hashlib.sha256(src + compiler_version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
     return cache_dir() / f"ggml_cpu-{key}.so"
 
@@ -130,6 +131,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "hl_forward": (c_int, [c_void, c_void, c_int, c_int, c_void, c_int]),
         "hl_attention_causal": (c_int, [c_void, c_i64, c_i64, c_void, c_i64, c_i64, c_void, c_i64, c_i64,
                                         c_int, c_int, c_int, c_int, c_int, c_float, c_void, c_int, c_int]),
+        "hl_pool_default_threads": (c_int, []),
+        "hl_pool_tune": (None, [ctypes.c_double] * 7),
+        "hl_pool_stats": (c_int, [c_void, c_int]),
+        "hl_pool_reset": (None, []),
+        "hl_pool_debug_stall": (None, [c_int, c_int]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -150,10 +156,6 @@ def load() -> ctypes.CDLL | None:
         return None
     _unpin()
     try:
-        # libgomp.so.1 is found by its soname, so whichever of torch and this library loads
-        # first brings the OpenMP runtime both use (torch is not imported here: the C runtime,
-        # native.py, runs without it). Wheels with a renamed copy (sentencepiece, which gguf
-        # imports) bring a second one: see _unpin.
         _state["lib"] = _declare(ctypes.CDLL(str(path)))
     except (OSError, AttributeError) as e:
         _state["status"] = f"loading {path} failed: {e}"
@@ -163,9 +165,10 @@ def load() -> ctypes.CDLL | None:
 
 def _unpin():
     """Give this thread back the CPUs the process started with, where OpenMP binding is asked
-    for (OMP_PROC_BIND / OMP_PLACES) and another runtime's binding took them away: our libgomp
-    reads the thread's CPUs when it loads, to place its threads (else every one lands on the
-    one CPU left: half the speed on 2 cores)."""
+    for (OMP_PROC_BIND / OMP_PLACES) and an OpenMP runtime took them away: sentencepiece's, which
+    `gguf` imports, pins the importing thread to one CPU, and the kernels' pool threads start with
+    the CPUs of the thread that starts them (else every one lands on that one CPU: half the
+    speed on 2 cores)."""
     import homellm
     start = homellm.START_AFFINITY
     if not start or not (os.environ.get("OMP_PROC_BIND") or os.environ.get("OMP_PLACES")):

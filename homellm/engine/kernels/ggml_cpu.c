@@ -31,12 +31,16 @@
  * Q8_0 and Q5_0-as-Q8_0 as bytes + 128, Q5_1 and the K-quants as unsigned integers with f32 scales);
  * hl_matmul_packed_multi runs several such weights on one quantized activation (q/k/v; gate/up with
  * the SiLU-gated product in its epilogue).
+ * Threads: every parallel loop is a job of thread_pool.h (pthreads; no OpenMP), a decode step one
+ * job of five phases a layer; each item of a loop is computed whole by one thread, so results
+ * are the same on any number of threads.
  */
+#define _GNU_SOURCE  /* sched_getaffinity, CPU_COUNT (thread_pool.h) */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <omp.h>
+#include "thread_pool.h"
 #include <immintrin.h>
 
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
@@ -835,53 +839,68 @@ static float fdot(const float *a, const float *b, int K) {
 
 /* ---- matmul: y (M, N) = x (M, K) @ W^T ------------------------------------------------------ */
 
+typedef struct {
+    const float *x; int M, K; const uint8_t *w; int64_t rb; int type, N; float *y;
+    int8_t *q, *q2; float *dx, *sx; kern_fn kern; int R, NB, nblk, fail;
+} matmul_t;
+
+static int matmul_items(void *a, int p) {
+    const matmul_t *t = a;
+    return !is_quant(t->type) ? t->N : p == 0 ? t->M : t->nblk;
+}
+
+/* phase 0: float weights: rows i0..i1 of W against every x row; quantized: x rows i0..i1 to
+ * int8; phase 1: groups of NB weight rows against tiles of R activation rows */
+static void matmul_run(void *a, int p, int i0, int i1, int tid) {
+    (void)tid;
+    matmul_t *t = a;
+    const int M = t->M, K = t->K, N = t->N;
+    if (!is_quant(t->type)) {
+        float *row = malloc((size_t)K * 4);
+        if (!row) { STORE(&t->fail, 1, RLX); return; }
+        for (int n = i0; n < i1; n++) {
+            dequant_row(t->type, t->w + (size_t)n * t->rb, K, row);
+            for (int m = 0; m < M; m++) t->y[(size_t)m * N + n] = fdot(t->x + (size_t)m * K, row, K);
+        }
+        free(row);
+        return;
+    }
+    if (p == 0) {
+        for (int m = i0; m < i1; m++)
+            quantize_row(t->x + (size_t)m * K, K, t->q + (size_t)m * K, t->dx + (size_t)m * K / 4,
+                         t->sx + (size_t)m * K / 4, t->q2 ? t->q2 + (size_t)m * K : NULL);
+        return;
+    }
+    float out[8];
+    for (int ib = i0; ib < i1; ib++) {
+        int n1 = (ib + 1) * t->NB < N ? (ib + 1) * t->NB : N;
+        for (int m0 = 0; m0 < M; m0 += t->R) {
+            int r = M - m0 < t->R ? M - m0 : t->R;
+            for (int n = ib * t->NB; n < n1; n++) {
+                t->kern(t->w + (size_t)n * t->rb, t->type, K, t->q + (size_t)m0 * K, t->dx + (size_t)m0 * K / 4,
+                        t->sx + (size_t)m0 * K / 4, r, out, t->q2 ? t->q2 + (size_t)m0 * K : NULL);
+                for (int i = 0; i < r; i++) t->y[(size_t)(m0 + i) * N + n] = out[i];
+            }
+        }
+    }
+}
+
 int hl_matmul(const float *x, int M, int K, const uint8_t *w, int64_t row_bytes, int type, int N,
               float *y, int nthreads, int path, int hi) {
     if (path < 0) path = hl_best_path();
     if (!path_ok(path)) return -2;
     if (!type_block_bytes(type) || K % type_qk(type)) return -1;
-    if (nthreads <= 0) nthreads = omp_get_max_threads();
-    if (!is_quant(type)) {
-        #pragma omp parallel num_threads(nthreads)
-        {
-            float *row = malloc((size_t)K * 4);
-            #pragma omp for schedule(static)
-            for (int n = 0; n < N; n++) {
-                dequant_row(type, w + (size_t)n * row_bytes, K, row);
-                for (int m = 0; m < M; m++) y[(size_t)m * N + n] = fdot(x + (size_t)m * K, row, K);
-            }
-            free(row);
-        }
-        return 0;
+    matmul_t t = {x, M, K, w, row_bytes, type, N, y, NULL, NULL, NULL, NULL, kernel_for(path), tile_rows(path), 16,
+                  (N + 15) / 16, 0};
+    if (is_quant(type)) {
+        t.q = malloc((size_t)M * K * (hi ? 2 : 1)); t.q2 = hi && t.q ? t.q + (size_t)M * K : NULL;
+        t.dx = malloc((size_t)M * K); t.sx = malloc((size_t)M * K);  /* K/4 floats per row each */
+        if (!t.q || !t.dx || !t.sx) { free(t.q); free(t.dx); free(t.sx); return -3; }
     }
-    int8_t *q = malloc((size_t)M * K * (hi ? 2 : 1)), *q2 = hi ? q + (size_t)M * K : NULL;
-    float *dx = malloc((size_t)M * K), *sx = malloc((size_t)M * K);  /* K/4 floats per row each */
-    if (!q || !dx || !sx) { free(q); free(dx); free(sx); return -3; }
-    kern_fn kern = kernel_for(path);
-    const int R = tile_rows(path), NB = 16;
-    const int nblk = (N + NB - 1) / NB;
-    #pragma omp parallel num_threads(nthreads)
-    {
-        #pragma omp for schedule(static)
-        for (int m = 0; m < M; m++)
-            quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, dx + (size_t)m * K / 4, sx + (size_t)m * K / 4,
-                         q2 ? q2 + (size_t)m * K : NULL);
-        float out[8];
-        #pragma omp for schedule(static)
-        for (int ib = 0; ib < nblk; ib++) {
-            int n1 = (ib + 1) * NB < N ? (ib + 1) * NB : N;
-            for (int m0 = 0; m0 < M; m0 += R) {
-                int r = M - m0 < R ? M - m0 : R;
-                for (int n = ib * NB; n < n1; n++) {
-                    kern(w + (size_t)n * row_bytes, type, K, q + (size_t)m0 * K, dx + (size_t)m0 * K / 4,
-                         sx + (size_t)m0 * K / 4, r, out, q2 ? q2 + (size_t)m0 * K : NULL);
-                    for (int i = 0; i < r; i++) y[(size_t)(m0 + i) * N + n] = out[i];
-                }
-            }
-        }
-    }
-    free(q); free(dx); free(sx);
-    return 0;
+    const job_t job = {is_quant(type) ? 2 : 1, matmul_items, matmul_run, NULL, &t};
+    pool_run(&job, nthreads);
+    free(t.q); free(t.dx); free(t.sx);
+    return t.fail ? -3 : 0;
 }
 
 /* ---- repacked Q4 (AVX512-VNNI): 16 weight rows per 512-bit register ------------------------- */
@@ -1190,74 +1209,94 @@ T512 INLINE __m512 exp512(__m512 x) {
 #define MCHUNK 128
 #endif
 
-T512 static int matmul_packed_multi(const float *x, int M, int K, int nw, const uint8_t *const *pks,
-                                   const int *Ns, float *const *ys, int nthreads, int hi, int glu,
-                                   const int *kinds) {  /* kinds[i]: weight i's PK_* (NULL: all Q4) */
-    /* the activations in tiles of TILE rows (see TILE); the last tile's missing rows unused */
-    const int nb = K / 32, L = hi ? 2 : 1, R = TILE, nfused = glu ? 1 : nw;
-    const int Mt = (M + TILE - 1) / TILE;
-    const size_t tq = (size_t)TILE * K * L, td = (size_t)TILE * nb, ts = (size_t)TILE * ACT_SUMS * nb;
-    int8_t *q = malloc(Mt * tq);
-    float *dx = malloc(4 * Mt * td), *sx = malloc(4 * Mt * ts);
-    if (!q || !dx || !sx) { free(q); free(dx); free(sx); return -3; }
-    int first[9] = {0};  /* weight i owns global groups first[i] .. first[i+1]-1 */
-    for (int i = 0; i < nfused; i++) first[i + 1] = first[i] + (Ns[i] + 15) / 16;
-    #pragma omp parallel num_threads(nthreads)
-    {
-        #pragma omp for schedule(static)
-        for (int m = 0; m < M; m++)  /* each row into its place in its tile */
-            quantize_tile_row_512(x + (size_t)m * K, K, L, q + (m / TILE) * tq, dx + (m / TILE) * td,
-                                  sx + (m / TILE) * ts, m % TILE);
-        float out[TILE * 16], out2[TILE * 16];
-        for (int mc = 0; mc < M; mc += MCHUNK) {  /* an M chunk's activations stay in L2 */
-        const int mend = M - mc < MCHUNK ? M : mc + MCHUNK;
-        #pragma omp for schedule(static)
-        for (int gg = 0; gg < first[nfused]; gg++) {
-            int i = 0;
-            while (gg >= first[i + 1]) i++;
-            const int g = gg - first[i], N = Ns[i];
-            const int nn = N - g * 16 < 16 ? N - g * 16 : 16;
-            const __mmask16 km = (__mmask16)((1u << nn) - 1);
-            float *y = ys[i];
-            const int k0 = kinds ? kinds[i] : PK_Q4, k1 = glu ? (kinds ? kinds[1] : PK_Q4) : 0;
-            /* this thread's next group (gg + 1: a static schedule's run is contiguous), fetched a
-             * slice per tile while this one's tiles run: else its first tile waits on memory
-             * (1B gate/up, one core: 67% -> 72% of the dpbusd peak) */
-            const uint8_t *nx[2] = {NULL, NULL};
-            size_t nxb[2] = {0, 0};
-            if (gg + 1 < first[nfused]) {
-                const int i1 = gg + 1 < first[i + 1] ? i : i + 1, g1 = gg + 1 - first[i1];
-                const int ka = kinds ? kinds[i1] : PK_Q4;
-                nx[0] = pk_group(pks[i1], ka, g1, K); nxb[0] = (size_t)nb * PK_SIZE[ka];
-                if (glu) { nx[1] = pk_group(pks[1], k1, g1, K); nxb[1] = (size_t)nb * PK_SIZE[k1]; }
-            }
-            const int ntile = (mend - mc + R - 1) / R;
-            for (int m0 = mc; m0 < mend; m0 += R) {
-                const int r = mend - m0 < R ? mend - m0 : R, ti = (m0 - mc) / R;
-                for (int w = 0; w < 2; w++)
-                    if (nx[w])
-                        for (size_t o = (nxb[w] * ti / ntile) & ~(size_t)63; o < nxb[w] * (ti + 1) / ntile; o += 64)
-                            _mm_prefetch((const char *)nx[w] + o, _MM_HINT_T0);
-                const int8_t *qa = q + (size_t)(m0 / TILE) * tq;  /* (m0: a multiple of TILE) */
-                const float *da = dx + (size_t)(m0 / TILE) * td, *sa = sx + (size_t)(m0 / TILE) * ts;
-                packed_tile(pk_group(pks[i], k0, g, K), K, qa, da, sa, r, out, hi, k0);
-                if (glu) {
-                    packed_tile(pk_group(pks[1], k1, g, K), K, qa, da, sa, r, out2, hi, k1);
-                    for (int j = 0; j < r; j++) {
-                        __m512 gv = _mm512_loadu_ps(out + 16 * j), uv = _mm512_loadu_ps(out2 + 16 * j);
-                        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-                        __m512 h = _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), uv);
-                        _mm512_mask_storeu_ps(y + (size_t)(m0 + j) * N + g * 16, km, h);
-                    }
-                } else {
-                    for (int j = 0; j < r; j++)
-                        _mm512_mask_storeu_ps(y + (size_t)(m0 + j) * N + g * 16, km, _mm512_loadu_ps(out + 16 * j));
-                }
-            }
+typedef struct {
+    const float *x; int M, K, L, R, nfused, hi, glu; const uint8_t *const *pks; const int *Ns;
+    float *const *ys; const int *kinds; int8_t *q; float *dx, *sx; size_t tq, td, ts;
+    int first[9];  /* weight i owns global groups first[i] .. first[i+1]-1 */
+} packed_mm_t;
+
+static int packed_mm_items(void *a, int p) {
+    const packed_mm_t *t = a;
+    return p == 0 ? t->M : t->first[t->nfused];
+}
+
+/* phase 0: rows i0..i1 of x quantized into their tiles; phase 1 + c: groups i0..i1 (over all
+ * weights) against the activations of M chunk c */
+T512 static void packed_mm_run(void *a, int p, int i0, int i1, int tid) {
+    (void)tid;
+    const packed_mm_t *t = a;
+    const int K = t->K, M = t->M, nb = K / 32, R = t->R, glu = t->glu, hi = t->hi, nfused = t->nfused;
+    const int *kinds = t->kinds, *first = t->first;
+    const size_t tq = t->tq, td = t->td, ts = t->ts;
+    if (p == 0) {
+        for (int m = i0; m < i1; m++)  /* each row into its place in its tile */
+            quantize_tile_row_512(t->x + (size_t)m * K, K, t->L, t->q + (m / TILE) * tq, t->dx + (m / TILE) * td,
+                                  t->sx + (m / TILE) * ts, m % TILE);
+        return;
+    }
+    const int mc = (p - 1) * MCHUNK;  /* an M chunk's activations stay in L2 */
+    const int mend = M - mc < MCHUNK ? M : mc + MCHUNK;
+    float out[TILE * 16], out2[TILE * 16];
+    for (int gg = i0; gg < i1; gg++) {
+        int i = 0;
+        while (gg >= first[i + 1]) i++;
+        const int g = gg - first[i], N = t->Ns[i];
+        const int nn = N - g * 16 < 16 ? N - g * 16 : 16;
+        const __mmask16 km = (__mmask16)((1u << nn) - 1);
+        float *y = t->ys[i];
+        const int k0 = kinds ? kinds[i] : PK_Q4, k1 = glu ? (kinds ? kinds[1] : PK_Q4) : 0;
+        /* this thread's next group (gg + 1: a chunk's groups are contiguous), fetched a slice
+         * per tile while this one's tiles run: else its first tile waits on memory (1B
+         * gate/up, one core: 67% -> 72% of the dpbusd peak) */
+        const uint8_t *nx[2] = {NULL, NULL};
+        size_t nxb[2] = {0, 0};
+        if (gg + 1 < first[nfused]) {
+            const int i1n = gg + 1 < first[i + 1] ? i : i + 1, g1 = gg + 1 - first[i1n];
+            const int ka = kinds ? kinds[i1n] : PK_Q4;
+            nx[0] = pk_group(t->pks[i1n], ka, g1, K); nxb[0] = (size_t)nb * PK_SIZE[ka];
+            if (glu) { nx[1] = pk_group(t->pks[1], k1, g1, K); nxb[1] = (size_t)nb * PK_SIZE[k1]; }
         }
+        const int ntile = (mend - mc + R - 1) / R;
+        for (int m0 = mc; m0 < mend; m0 += R) {
+            const int r = mend - m0 < R ? mend - m0 : R, ti = (m0 - mc) / R;
+            for (int w = 0; w < 2; w++)
+                if (nx[w])
+                    for (size_t o = (nxb[w] * ti / ntile) & ~(size_t)63; o < nxb[w] * (ti + 1) / ntile; o += 64)
+                        _mm_prefetch((const char *)nx[w] + o, _MM_HINT_T0);
+            const int8_t *qa = t->q + (size_t)(m0 / TILE) * tq;  /* (m0: a multiple of TILE) */
+            const float *da = t->dx + (size_t)(m0 / TILE) * td, *sa = t->sx + (size_t)(m0 / TILE) * ts;
+            packed_tile(pk_group(t->pks[i], k0, g, K), K, qa, da, sa, r, out, hi, k0);
+            if (glu) {
+                packed_tile(pk_group(t->pks[1], k1, g, K), K, qa, da, sa, r, out2, hi, k1);
+                for (int j = 0; j < r; j++) {
+                    __m512 gv = _mm512_loadu_ps(out + 16 * j), uv = _mm512_loadu_ps(out2 + 16 * j);
+                    __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+                    __m512 h = _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), uv);
+                    _mm512_mask_storeu_ps(y + (size_t)(m0 + j) * N + g * 16, km, h);
+                }
+            } else {
+                for (int j = 0; j < r; j++)
+                    _mm512_mask_storeu_ps(y + (size_t)(m0 + j) * N + g * 16, km, _mm512_loadu_ps(out + 16 * j));
+            }
         }
     }
-    free(q); free(dx); free(sx);
+}
+
+static int matmul_packed_multi(const float *x, int M, int K, int nw, const uint8_t *const *pks,
+                               const int *Ns, float *const *ys, int nthreads, int hi, int glu,
+                               const int *kinds) {  /* kinds[i]: weight i's PK_* (NULL: all Q4) */
+    /* the activations in tiles of TILE rows (see TILE); the last tile's missing rows unused */
+    const int nb = K / 32, L = hi ? 2 : 1, nfused = glu ? 1 : nw;
+    const int Mt = (M + TILE - 1) / TILE;
+    packed_mm_t t = {x, M, K, L, TILE, nfused, hi, glu, pks, Ns, ys, kinds, NULL, NULL, NULL,
+                     (size_t)TILE * K * L, (size_t)TILE * nb, (size_t)TILE * ACT_SUMS * nb, {0}};
+    t.q = malloc(Mt * t.tq);
+    t.dx = malloc(4 * Mt * t.td); t.sx = malloc(4 * Mt * t.ts);
+    if (!t.q || !t.dx || !t.sx) { free(t.q); free(t.dx); free(t.sx); return -3; }
+    for (int i = 0; i < nfused; i++) t.first[i + 1] = t.first[i] + (Ns[i] + 15) / 16;
+    const job_t job = {1 + (M + MCHUNK - 1) / MCHUNK, packed_mm_items, packed_mm_run, NULL, &t};
+    pool_run(&job, nthreads);
+    free(t.q); free(t.dx); free(t.sx);
     return 0;
 }
 
@@ -1267,7 +1306,6 @@ int hl_matmul_packed_multi(const float *x, int M, int K, int nw, const uint8_t *
                            float *const *ys, int nthreads, int hi, int glu, const int *kinds) {
     if (hl_best_path() != P_AVX512) return -2;
     if (K % 32 || nw < 1 || nw > 8 || (glu && (nw != 2 || Ns[0] != Ns[1]))) return -1;
-    if (nthreads <= 0) nthreads = omp_get_max_threads();
     for (int i = 0; kinds && i < nw; i++) if (kinds[i] < 0 || kinds[i] >= PK_KINDS) return -1;
     return matmul_packed_multi(x, M, K, nw, pks, Ns, ys, nthreads, hi, glu, kinds);
 }
@@ -1319,7 +1357,7 @@ typedef struct {
 void *hl_model_new(int L, int H, int nh, int nkv, int hd, int F, int V, float eps, const float *inv_freq) {
     model_t *c = calloc(1, sizeof(model_t));
     c->L = L; c->H = H; c->nh = nh; c->nkv = nkv; c->hd = hd; c->F = F; c->V = V; c->eps = eps;
-    c->nthreads = omp_get_max_threads(); c->path = hl_best_path(); c->hi = 1;
+    c->nthreads = pool_cpus(); c->path = hl_best_path(); c->hi = 1;
     c->inv_freq = malloc(sizeof(float) * hd / 2);
     memcpy(c->inv_freq, inv_freq, sizeof(float) * hd / 2);
     c->layers = calloc(L, sizeof(layer_t));
@@ -1390,7 +1428,7 @@ int hl_model_set_threads(void *p, int nthreads, int path, int hi) {
     c->hi = hi;
     if (path < 0) path = hl_best_path();
     if (!path_ok(path)) return -2;
-    c->nthreads = nthreads > 0 ? nthreads : omp_get_max_threads(); c->path = path;
+    c->nthreads = nthreads > 0 ? nthreads : pool_cpus(); c->path = path;
     return 0;
 }
 
@@ -1410,16 +1448,18 @@ static inline float mv_row(const model_t *c, kern_fn kern, const mat_t *m, int n
     return s;
 }
 
-/* y[n] (+)= W[n] . x (+ bias[n]) for all rows, shared among the threads of the enclosing region;
- * packed matrices go 16 rows at a time. Ends with a barrier unless nowait. */
-static void par_matvec(const model_t *c, kern_fn kern, const mat_t *m, const float *xf, float *y,
-                       int add, const float *bias, int nowait) {
+/* a matrix's units of work in a decode step: groups of 16 rows when packed, else rows */
+static int mv_units(const model_t *c, const mat_t *m) {
+    return m->pk && c->path == P_AVX512 ? (m->N + 15) / 16 : m->N;
+}
+
+/* y[n] (+)= W[n] . x (+ bias[n]) for the rows of units u0..u1-1 (mv_units) */
+static void matvec_units(const model_t *c, kern_fn kern, const mat_t *m, const float *xf, float *y,
+                         int add, const float *bias, int u0, int u1) {
     if (m->pk && c->path == P_AVX512) {
-        int G = (m->N + 15) / 16, nb = m->K / 32;
-        #pragma omp for schedule(static) nowait
-        for (int g = 0; g < G; g++) {
+        const int kind = hl_pack_kind(m->type);
+        for (int g = u0; g < u1; g++) {
             float o[16];
-            const int kind = hl_pack_kind(m->type);
             packed_row(pk_group(m->pk, kind, g, m->K), m->K, c->aq, c->ad, c->as, o, c->hi ? c->aq2 : NULL, kind);
             int nn = m->N - g * 16 < 16 ? m->N - g * 16 : 16;
             for (int j = 0; j < nn; j++) {
@@ -1429,15 +1469,11 @@ static void par_matvec(const model_t *c, kern_fn kern, const mat_t *m, const flo
             }
         }
     } else {
-        #pragma omp for schedule(static) nowait
-        for (int n = 0; n < m->N; n++) {
+        for (int n = u0; n < u1; n++) {
             float v = mv_row(c, kern, m, n, xf);
             if (bias) v += bias[n];
             y[n] = add ? y[n] + v : v;
         }
-    }
-    if (!nowait) {
-        #pragma omp barrier
     }
 }
 
@@ -1455,89 +1491,133 @@ static void embed_row(const model_t *c, int token, float *x) {
 static void attend_head(int path, int f16, const float *qh, const void *kc, const void *vc, size_t off,
                         int n, int hd, float scale, float *sc, float *o);
 
-int hl_decode(void *p, int token, int pos, float *logits) {
-    model_t *c = p;
-    if (pos < 0 || pos >= c->S || token < 0 || token >= c->V) return -1;
-    const int H = c->H, nh = c->nh, nkv = c->nkv, hd = c->hd, F = c->F, S = c->S, half = hd / 2;
-    const int nq = nh * hd, nk = nkv * hd, grp = nh / nkv;
-    const float scale = 1.0f / sqrtf((float)hd);
-    kern_fn kern = kernel_for(c->path);
-    float *x = c->x, *xn = c->xn, *q = c->qkv, *k = c->qkv + nq, *v = c->qkv + nq + nk;
+/* A decode step as one pool job: five phases a layer, then the head. Each phase's close runs
+ * the serial step before the next one (on the thread that finished the phase's last item):
+ *   0: q, k, v rows           close: RoPE, k and v into the cache
+ *   1: attention, per head    close: quantize the attention output
+ *   2: o rows, x +=           close: rmsnorm 2, quantize
+ *   3: gate/up rows, SiLU     close: quantize
+ *   4: down rows, x +=        close: the next layer's rmsnorm 1 (or the final norm), quantize
+ *   5 L: the head's rows into the logits */
+typedef struct {
+    model_t *c; kern_fn kern; int pos; float scale; float *logits;
+} decode_t;
 
-    embed_row(c, token, x);
-    for (int i = 0; i < half; i++) {
-        float a = (float)pos * c->inv_freq[i];
-        c->cs[i] = cosf(a); c->sn[i] = sinf(a);
+static int gu_packed(const model_t *c, const layer_t *ly) {
+    return ly->m[M_GATE].pk && ly->m[M_UP].pk && c->path == P_AVX512;
+}
+
+static int decode_items(void *a, int p) {
+    const decode_t *d = a;
+    const model_t *c = d->c;
+    if (p == 5 * c->L) return mv_units(c, &c->head);
+    const layer_t *ly = &c->layers[p / 5];
+    switch (p % 5) {
+        case 0: return mv_units(c, &ly->m[M_Q]) + mv_units(c, &ly->m[M_K]) + mv_units(c, &ly->m[M_V]);
+        case 1: return c->nh;
+        case 2: return mv_units(c, &ly->m[M_O]);
+        case 3: return gu_packed(c, ly) ? (c->F + 15) / 16 : c->F;
+        default: return mv_units(c, &ly->m[M_DOWN]);
     }
-    #pragma omp parallel num_threads(c->nthreads)
-    {
-        for (int l = 0; l < c->L; l++) {
-            layer_t *ly = &c->layers[l];
-            #pragma omp single
-            {
-                rmsnorm(x, ly->v[V_LN1], H, c->eps, xn);
-                quantize_act(c, xn, H);
+}
+
+static void decode_run(void *a, int p, int i0, int i1, int tid) {
+    (void)tid;
+    const decode_t *d = a;
+    model_t *c = d->c;
+    const int nq = c->nh * c->hd, nk = c->nkv * c->hd, H = c->H, F = c->F;
+    float *q = c->qkv, *k = c->qkv + nq, *v = c->qkv + nq + nk;
+    if (p == 5 * c->L) { matvec_units(c, d->kern, &c->head, c->xn, d->logits, 0, NULL, i0, i1); return; }
+    const layer_t *ly = &c->layers[p / 5];
+    switch (p % 5) {
+        case 0: {  /* units of q, then k, then v */
+            const mat_t *ms[3] = {&ly->m[M_Q], &ly->m[M_K], &ly->m[M_V]};
+            float *ys[3] = {q, k, v};
+            const float *bs[3] = {ly->v[V_BQ], ly->v[V_BK], ly->v[V_BV]};
+            for (int i = 0, at = 0; i < 3 && at < i1; i++) {
+                const int u = mv_units(c, ms[i]);
+                const int lo = i0 > at ? i0 - at : 0, hi = i1 - at < u ? i1 - at : u;
+                if (lo < hi) matvec_units(c, d->kern, ms[i], c->xn, ys[i], 0, bs[i], lo, hi);
+                at += u;
             }
-            par_matvec(c, kern, &ly->m[M_Q], xn, q, 0, ly->v[V_BQ], 1);
-            par_matvec(c, kern, &ly->m[M_K], xn, k, 0, ly->v[V_BK], 1);
-            par_matvec(c, kern, &ly->m[M_V], xn, v, 0, ly->v[V_BV], 0);
-            #pragma omp single
-            {
-                /* RoPE, HF rotate-half layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) */
-                for (int h = 0; h < nh + nkv; h++) {
-                    float *t = q + h * hd;  /* q heads then k heads, contiguous */
-                    for (int i = 0; i < half; i++) {
-                        float x1 = t[i], x2 = t[i + half];
-                        t[i] = x1 * c->cs[i] - x2 * c->sn[i];
-                        t[i + half] = x2 * c->cs[i] + x1 * c->sn[i];
-                    }
-                }
-                kv_store(c, ly->kc, k, nk, pos, 1);
-                kv_store(c, ly->vc, v, nk, pos, 1);
-            }
-            #pragma omp for schedule(static)
-            for (int h = 0; h < nh; h++)
-                attend_head(c->path, c->kv16, q + h * hd, ly->kc, ly->vc, (size_t)(h / grp) * S * hd,
-                            pos + 1, hd, scale, c->scores + (size_t)h * S, c->att + h * hd);
-            #pragma omp single
-            quantize_act(c, c->att, nq);
-            par_matvec(c, kern, &ly->m[M_O], c->att, x, 1, NULL, 0);
-            #pragma omp single
-            {
-                rmsnorm(x, ly->v[V_LN2], H, c->eps, xn);
-                quantize_act(c, xn, H);
-            }
-            if (ly->m[M_GATE].pk && ly->m[M_UP].pk && c->path == P_AVX512) {
-                int nb = H / 32;
-                #pragma omp for schedule(static)
-                for (int g = 0; g < (F + 15) / 16; g++) {
+            return;
+        }
+        case 1: {
+            const int grp = c->nh / c->nkv;
+            for (int h = i0; h < i1; h++)
+                attend_head(c->path, c->kv16, q + h * c->hd, ly->kc, ly->vc, (size_t)(h / grp) * c->S * c->hd,
+                            d->pos + 1, c->hd, d->scale, c->scores + (size_t)h * c->S, c->att + h * c->hd);
+            return;
+        }
+        case 2: matvec_units(c, d->kern, &ly->m[M_O], c->att, c->x, 1, NULL, i0, i1); return;
+        case 3:
+            if (gu_packed(c, ly)) {
+                const int8_t *q2 = c->hi ? c->aq2 : NULL;
+                const int kg = hl_pack_kind(ly->m[M_GATE].type), ku = hl_pack_kind(ly->m[M_UP].type);
+                for (int g = i0; g < i1; g++) {
                     float og[16], ou[16];
-                    const int8_t *q2 = c->hi ? c->aq2 : NULL;
-                    const int kg = hl_pack_kind(ly->m[M_GATE].type), ku = hl_pack_kind(ly->m[M_UP].type);
                     packed_row(pk_group(ly->m[M_GATE].pk, kg, g, H), H, c->aq, c->ad, c->as, og, q2, kg);
                     packed_row(pk_group(ly->m[M_UP].pk, ku, g, H), H, c->aq, c->ad, c->as, ou, q2, ku);
                     for (int j = 0; j < 16 && g * 16 + j < F; j++)
                         c->hb[g * 16 + j] = og[j] / (1.0f + expf(-og[j])) * ou[j];
                 }
             } else {
-                #pragma omp for schedule(static)
-                for (int n = 0; n < F; n++) {
-                    float g = mv_row(c, kern, &ly->m[M_GATE], n, xn);
-                    float u = mv_row(c, kern, &ly->m[M_UP], n, xn);
+                for (int n = i0; n < i1; n++) {
+                    float g = mv_row(c, d->kern, &ly->m[M_GATE], n, c->xn);
+                    float u = mv_row(c, d->kern, &ly->m[M_UP], n, c->xn);
                     c->hb[n] = g / (1.0f + expf(-g)) * u;
                 }
             }
-            #pragma omp single
-            quantize_act(c, c->hb, F);
-            par_matvec(c, kern, &ly->m[M_DOWN], c->hb, x, 1, NULL, 0);
-        }
-        #pragma omp single
-        {
-            rmsnorm(x, c->norm, H, c->eps, xn);
-            quantize_act(c, xn, H);
-        }
-        par_matvec(c, kern, &c->head, xn, logits, 0, NULL, 0);
+            return;
+        default: matvec_units(c, d->kern, &ly->m[M_DOWN], c->hb, c->x, 1, NULL, i0, i1); return;
     }
+}
+
+static void decode_close(void *a, int p) {
+    const decode_t *d = a;
+    model_t *c = d->c;
+    if (p == 5 * c->L) return;
+    const int l = p / 5, H = c->H, nq = c->nh * c->hd, nk = c->nkv * c->hd, hd = c->hd, half = hd / 2;
+    const layer_t *ly = &c->layers[l];
+    float *q = c->qkv, *k = c->qkv + nq, *v = c->qkv + nq + nk;
+    switch (p % 5) {
+        case 0:
+            /* RoPE, HF rotate-half layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) */
+            for (int h = 0; h < c->nh + c->nkv; h++) {
+                float *t = q + h * hd;  /* q heads then k heads, contiguous */
+                for (int i = 0; i < half; i++) {
+                    float x1 = t[i], x2 = t[i + half];
+                    t[i] = x1 * c->cs[i] - x2 * c->sn[i];
+                    t[i + half] = x2 * c->cs[i] + x1 * c->sn[i];
+                }
+            }
+            kv_store(c, ly->kc, k, nk, d->pos, 1);
+            kv_store(c, ly->vc, v, nk, d->pos, 1);
+            return;
+        case 1: quantize_act(c, c->att, nq); return;
+        case 2: rmsnorm(c->x, ly->v[V_LN2], H, c->eps, c->xn); quantize_act(c, c->xn, H); return;
+        case 3: quantize_act(c, c->hb, c->F); return;
+        default:
+            rmsnorm(c->x, l + 1 < c->L ? c->layers[l + 1].v[V_LN1] : c->norm, H, c->eps, c->xn);
+            quantize_act(c, c->xn, H);
+            return;
+    }
+}
+
+int hl_decode(void *p, int token, int pos, float *logits) {
+    model_t *c = p;
+    if (pos < 0 || pos >= c->S || token < 0 || token >= c->V) return -1;
+    const int half = c->hd / 2;
+    decode_t d = {c, kernel_for(c->path), pos, 1.0f / sqrtf((float)c->hd), logits};
+    embed_row(c, token, c->x);
+    for (int i = 0; i < half; i++) {
+        float a = (float)pos * c->inv_freq[i];
+        c->cs[i] = cosf(a); c->sn[i] = sinf(a);
+    }
+    if (c->L > 0) { rmsnorm(c->x, c->layers[0].v[V_LN1], c->H, c->eps, c->xn); quantize_act(c, c->xn, c->H); }
+    else { rmsnorm(c->x, c->norm, c->H, c->eps, c->xn); quantize_act(c, c->xn, c->H); }
+    const job_t job = {5 * c->L + 1, decode_items, decode_run, decode_close, &d};
+    pool_run(&job, c->nthreads);
     return 0;
 }
 
@@ -1876,6 +1956,25 @@ T512 static void attn_item_512(const attn_t *a, int g, int qt, float *ws) {
     }
 }
 
+typedef struct { const attn_t *a; int path, n, nkv; size_t ws_floats; int fail; } attn_job_t;
+
+static int attn_items(void *a, int p) { (void)p; return ((const attn_job_t *)a)->n; }
+
+/* items (query tile, kv head), the costliest first (a tile's cost ~ its keys: the last tiles) */
+static void attn_run(void *a, int p, int i0, int i1, int tid) {
+    (void)p; (void)tid;
+    attn_job_t *t = a;
+    float *ws = malloc(t->ws_floats * sizeof(float));
+    if (!ws) { STORE(&t->fail, 1, RLX); return; }
+    for (int i = i0; i < i1; i++) {
+        const int it = t->n - 1 - i, qt = it / t->nkv, g = it % t->nkv;
+        if (t->path == P_AVX512) attn_item_512(t->a, g, qt, ws);
+        else if (t->path == P_AVX2) attn_item_avx2(t->a, g, qt, ws);
+        else attn_item_scalar(t->a, g, qt, ws);
+    }
+    free(ws);
+}
+
 int hl_attention_causal(const float *q, int64_t qst, int64_t qsh, const float *k, int64_t kst, int64_t ksh,
                         const float *v, int64_t vst, int64_t vsh, int T, int nh, int nkv, int hd,
                         int start_pos, float scale, float *out, int nthreads, int path) {
@@ -1883,39 +1982,13 @@ int hl_attention_causal(const float *q, int64_t qst, int64_t qsh, const float *k
     if (!path_ok(path)) return -2;
     if (T <= 0 || nkv <= 0 || nh % nkv || hd <= 0 || start_pos < 0) return -1;
     if (path == P_AVX512 && hd % 16) path = P_AVX2;
-    if (nthreads <= 0) nthreads = omp_get_max_threads();
     attn_t a = { q, k, v, qst, qsh, kst, ksh, vst, vsh, T, nh, nkv, hd, start_pos, scale, out };
-    const int r = nh / nkv, nqt = (T + AQ - 1) / AQ, n = nqt * nkv, Rp = (r * AQ + 3) & ~3;
+    const int r = nh / nkv, nqt = (T + AQ - 1) / AQ, Rp = (r * AQ + 3) & ~3;
     const size_t ws_floats = (size_t)2 * Rp * hd + (size_t)hd * AK + (size_t)Rp * AK + 4 * (size_t)Rp;
-    /* items (query tile, kv head) cost ~ their keys; each thread takes a contiguous run of
-     * items holding an equal share of the total (the causal triangle, balanced statically) */
-    double total = 0;
-    for (int qt = 0; qt < nqt; qt++) total += (double)nkv * (start_pos + (qt + 1) * AQ);
-    if (nthreads > n) nthreads = n;
-    int fail = 0;
-    #pragma omp parallel num_threads(nthreads)
-    {
-        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-        float *ws = malloc(ws_floats * sizeof(float));
-        if (!ws) {
-            #pragma omp atomic write
-            fail = 1;
-        } else {
-            double acc = 0;
-            for (int it = 0; it < n; it++) {
-                const int qt = it / nkv, g = it % nkv;
-                const double w = start_pos + (qt + 1) * AQ, mid = acc + w / 2;
-                acc += w;
-                const int owner = (int)(mid * nt / total);
-                if ((owner < nt ? owner : nt - 1) != tid) continue;
-                if (path == P_AVX512) attn_item_512(&a, g, qt, ws);
-                else if (path == P_AVX2) attn_item_avx2(&a, g, qt, ws);
-                else attn_item_scalar(&a, g, qt, ws);
-            }
-            free(ws);
-        }
-    }
-    return fail ? -3 : 0;
+    attn_job_t t = {&a, path, nqt * nkv, nkv, ws_floats, 0};
+    const job_t job = {1, attn_items, attn_run, NULL, &t};
+    pool_run(&job, nthreads);
+    return t.fail ? -3 : 0;
 }
 
 /* ==== decode attention: one query against keys 0..n-1 of one head's cache ==================
@@ -2065,22 +2138,73 @@ static int mat_rows(const model_t *c, const mat_t *m, const float *x, int M, flo
 
 /* x += y, (M, n) each, the rows shared among the threads (the residual stream: 4 MB for the 1B
  * model's 512-token chunk, a serial loop's 0.3 ms a layer) */
+typedef struct { float *x; const float *y; const float *w; int n; float eps; float *out; } rows_t;
+
+static void add_rows_run(void *a, int i0, int i1) {
+    const rows_t *r = a;
+    for (int i = i0; i < i1; i++)
+        for (int j = 0; j < r->n; j++) r->x[(size_t)i * r->n + j] += r->y[(size_t)i * r->n + j];
+}
+
 static void add_rows(float *x, const float *y, int M, int n, int nthreads) {
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int i = 0; i < M; i++)
-        for (int j = 0; j < n; j++) x[(size_t)i * n + j] += y[(size_t)i * n + j];
+    rows_t r = {x, y, NULL, n, 0.f, NULL};
+    par_for(M, nthreads, add_rows_run, &r);
+}
+
+static void rmsnorm_rows_run(void *a, int i0, int i1) {
+    const rows_t *r = a;
+    for (int i = i0; i < i1; i++) rmsnorm(r->x + (size_t)i * r->n, r->w, r->n, r->eps, r->out + (size_t)i * r->n);
 }
 
 static void rmsnorm_rows(const float *x, const float *w, int M, int n, float eps, float *out, int nthreads) {
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int i = 0; i < M; i++) rmsnorm(x + (size_t)i * n, w, n, eps, out + (size_t)i * n);
+    rows_t r = {(float *)x, NULL, w, n, eps, out};
+    par_for(M, nthreads, rmsnorm_rows_run, &r);
+}
+
+/* RoPE (HF rotate-half) on the q and k rows of positions pos + t, then K/V into the cache */
+typedef struct { model_t *c; const layer_t *ly; float *q, *k, *v; int pos; } rope_t;
+
+static void rope_rows_run(void *a, int t0, int t1) {
+    const rope_t *r = a;
+    const model_t *c = r->c;
+    const int hd = c->hd, half = hd / 2, nh = c->nh, nkv = c->nkv, nq = nh * hd, nk = nkv * hd;
+    for (int t = t0; t < t1; t++) {
+        float cs[half], sn[half];
+        for (int i = 0; i < half; i++) {
+            float a = (float)(r->pos + t) * c->inv_freq[i];
+            cs[i] = cosf(a); sn[i] = sinf(a);
+        }
+        for (int h = 0; h < nh + nkv; h++) {
+            float *x = h < nh ? r->q + (size_t)t * nq + h * hd : r->k + (size_t)t * nk + (h - nh) * hd;
+            for (int i = 0; i < half; i++) {
+                float x1 = x[i], x2 = x[i + half];
+                x[i] = x1 * cs[i] - x2 * sn[i];
+                x[i + half] = x2 * cs[i] + x1 * sn[i];
+            }
+        }
+        kv_store(c, r->ly->kc, r->k + (size_t)t * nk, nk, r->pos + t, 1);
+        kv_store(c, r->ly->vc, r->v + (size_t)t * nk, nk, r->pos + t, 1);
+    }
+}
+
+/* an f16 cache's positions 0 .. n-1 as f32 (n_kv, n, hd), one kv head an item */
+typedef struct { const model_t *c; const layer_t *ly; float *kf, *vf; int n; } unpack_t;
+
+static void unpack_kv_run(void *a, int g0, int g1) {
+    const unpack_t *u = a;
+    const model_t *c = u->c;
+    const size_t hd = c->hd, S = c->S, n = u->n;
+    for (int g = g0; g < g1; g++) {
+        from_f16(c->path, (const uint16_t *)u->ly->kc + g * S * hd, u->kf + g * n * hd, (int)(n * hd));
+        from_f16(c->path, (const uint16_t *)u->ly->vc + g * S * hd, u->vf + g * n * hd, (int)(n * hd));
+    }
 }
 
 int hl_forward(void *p, const int *tokens, int T, int pos, float *logits, int all) {
     model_t *c = p;
     if (T <= 0 || pos < 0 || pos + T > c->S) return -1;
     for (int t = 0; t < T; t++) if (tokens[t] < 0 || tokens[t] >= c->V) return -1;
-    const int H = c->H, nh = c->nh, nkv = c->nkv, hd = c->hd, F = c->F, S = c->S, half = hd / 2;
+    const int H = c->H, nh = c->nh, nkv = c->nkv, hd = c->hd, F = c->F, S = c->S;
     const int nq = nh * hd, nk = nkv * hd, big = F > nq ? F : nq;
     const float scale = 1.0f / sqrtf((float)hd);
     /* (T, H) residual, (T, max(H, F, nq)) normed input / MLP hidden, q k v att, (T, big) scratch */
@@ -2115,32 +2239,13 @@ int hl_forward(void *p, const int *tokens, int T, int pos, float *logits, int al
         }
         if (rc) break;
         /* RoPE (HF rotate-half) at positions pos + t, then K/V into the cache (n_kv, S, hd) */
-        #pragma omp parallel for num_threads(c->nthreads) schedule(static)
-        for (int t = 0; t < T; t++) {
-            float cs[half], sn[half];
-            for (int i = 0; i < half; i++) {
-                float a = (float)(pos + t) * c->inv_freq[i];
-                cs[i] = cosf(a); sn[i] = sinf(a);
-            }
-            for (int h = 0; h < nh + nkv; h++) {
-                float *r = h < nh ? q + (size_t)t * nq + h * hd : k + (size_t)t * nk + (h - nh) * hd;
-                for (int i = 0; i < half; i++) {
-                    float x1 = r[i], x2 = r[i + half];
-                    r[i] = x1 * cs[i] - x2 * sn[i];
-                    r[i + half] = x2 * cs[i] + x1 * sn[i];
-                }
-            }
-            kv_store(c, ly->kc, k + (size_t)t * nk, nk, pos + t, 1);
-            kv_store(c, ly->vc, v + (size_t)t * nk, nk, pos + t, 1);
-        }
+        rope_t rope = {c, ly, q, k, v, pos};
+        par_for(T, c->nthreads, rope_rows_run, &rope);
         if (c->kv16) {
             /* the f16 cache's positions 0 .. pos+T-1 as f32 (n_kv, pos+T, hd) for the tiles */
             const int n = pos + T;
-            #pragma omp parallel for num_threads(c->nthreads) schedule(static)
-            for (int g = 0; g < nkv; g++) {
-                from_f16(c->path, (const uint16_t *)ly->kc + (size_t)g * S * hd, kf + (size_t)g * n * hd, n * hd);
-                from_f16(c->path, (const uint16_t *)ly->vc + (size_t)g * S * hd, vf + (size_t)g * n * hd, n * hd);
-            }
+            unpack_t un = {c, ly, kf, vf, n};
+            par_for(nkv, c->nthreads, unpack_kv_run, &un);
             rc = hl_attention_causal(q, nq, hd, kf, hd, (int64_t)n * hd, vf, hd, (int64_t)n * hd,
                                      T, nh, nkv, hd, pos, scale, att, c->nthreads, c->path);
         } else {

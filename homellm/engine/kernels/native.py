@@ -154,7 +154,8 @@ class NativeModel:
     `Checkpoint.tensors`. kv: optional per-layer (k, v) float32 arrays (n_kv_heads, S, head_dim)
     to use as the cache (e.g. views of a PyTorch KVCache); by default the model allocates its own
     (np.empty: pages that no position reaches cost no memory).
-    threads: 0 or None for OpenMP's default; path: "scalar"/"avx2"/"avx512"/None (best);
+    threads: the most the thread pool uses (0 or None: one per CPU); path: "scalar"/"avx2"/
+    "avx512"/None (best);
     hi: two-level int8 activations (~256x less activation rounding; see ggml_cpu.c);
     packed: reorder Q4 weights for AVX512-VNNI (same size; else compute on the raw blocks).
     kv_dtype: "f16" (default) or "f32" for the cache the model allocates itself.
