@@ -484,3 +484,115 @@ def test_broken_hf_folders(tmp_path):
     results = run_cases("hf", list(HF_CASES), tmp_path)
     bad = check_results(results, HF_CASES)
     assert not bad, "\n".join(bad)
+
+
+# -- the C runtime under AddressSanitizer ------------------------------------------------------
+
+ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
+# the C runtime's own tests, the cases that exercise it: every kernel path, type and packing
+ASAN_TESTS = ["tests/test_native.py",
+              "tests/test_kernels.py::test_matmul_matches_reference",
+              "tests/test_kernels.py::test_packed_q4_matches_raw_kernel",
+              "tests/test_kernels.py::test_attention_causal_matches_sdpa",
+              "tests/test_kernels.py::test_fast_decoder_tiny_quantized",
+              "tests/test_kernels_quants.py::test_dequant_rows_equal_gguf",
+              "tests/test_kernels_quants.py::test_matmul_matches_reference",
+              "tests/test_kernels_quants.py::test_native_model_prefill_and_decode",
+              "tests/test_kernels_quants.py::test_packed_kquants_equal_the_raw_kernels"]
+# run before anything else in a process under ASan: load() then takes the ASan build
+ASAN_BOOT = ("import pathlib, sys; sys.path.insert(0, {tests!r})\n"
+             "from homellm.engine.kernels import build\n"
+             "build.build = lambda force=False: pathlib.Path({lib!r})\n"
+             "build.reset()\n")
+
+
+def asan_build() -> tuple[Path, Path]:
+    """(the C runtime built with AddressSanitizer, the ASan runtime to preload), from the
+    kernels' own compiler and flags (engine/kernels/build.py) plus -fsanitize=address;
+    cached beside the normal build under a key of the sources, compiler and flags. Skips
+    the test when the compiler has no ASan."""
+    import hashlib
+
+    from homellm.engine.kernels import build
+    cc = build.compiler()
+    if cc is None:
+        pytest.skip("no C compiler: the C runtime is not built at all")
+    found = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True, text=True)
+    runtime = Path(found.stdout.strip())
+    if found.returncode != 0 or not runtime.is_absolute() or not runtime.exists():
+        pytest.skip(f"{cc} has no AddressSanitizer runtime (libasan.so): the ASan run is skipped")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    sources = [build.SOURCE, *sorted(build.SOURCE.parent.glob("*.h"))]
+    flags = [*build.FLAGS, *ASAN_FLAGS]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + version.encode()
+                         + " ".join(flags).encode()).hexdigest()[:16]
+    out = build.cache_dir() / f"ggml_cpu-asan-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        res = subprocess.run([cc, *flags, "-o", str(tmp), str(build.SOURCE), "-lm"],
+                             capture_output=True, text=True, timeout=900)
+        if res.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            if "sanitize" in res.stderr or "asan" in res.stderr.lower():
+                pytest.skip(f"{cc} cannot build with -fsanitize=address: {res.stderr[-300:]}")
+            raise AssertionError(f"the ASan build failed: {res.stderr[-2000:]}")
+        os.replace(tmp, out)
+    return out, runtime
+
+
+def asan_env(runtime: Path, home: Path) -> dict:
+    env = {**os.environ, "LD_PRELOAD": str(runtime), "HOMELLM_HOME": str(home),
+           "HOSTILE_AS_LIMIT": "0",  # ASan maps terabytes of shadow memory: no RLIMIT_AS
+           # Python's own allocations live until exit: leaks are not the C runtime's
+           "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1:exitcode=86"}
+    env.pop("HOMELLM_DEBUG", None)
+    return env
+
+
+def asan_report(proc) -> str | None:
+    text = proc.stdout + proc.stderr
+    if "AddressSanitizer" in text or proc.returncode == 86:
+        start = text.find("==ERROR: AddressSanitizer")
+        return text[start:start + 6000] if start >= 0 else text[-6000:]
+    return None
+
+
+@pytest.mark.slow
+def test_c_runtime_under_address_sanitizer(default_gguf, tmp_path):
+    """The C runtime's core tests and the corrupted files that reach it, with the library built
+    under AddressSanitizer: no report. A planted overflow first shows the harness catches one."""
+    lib, runtime = asan_build()
+    boot = ASAN_BOOT.format(tests=str(TESTS), lib=str(lib))
+    env = asan_env(runtime, tmp_path / "home")
+    root = TESTS.parent
+
+    # the harness works: a read past a numpy buffer inside the library is reported
+    planted = boot + (
+        "import numpy as np\n"
+        "lib = build.load()\n"
+        "w = np.zeros((1, 34), np.uint8); out = np.zeros((4, 32), np.float32)\n"
+        "lib.hl_dequant_rows(8, w.ctypes.data, 34, 4, 32, out.ctypes.data)  # 4 rows of 1\n")
+    proc = subprocess.run([sys.executable, "-c", planted], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=root)
+    assert asan_report(proc) and "heap-buffer-overflow" in proc.stderr, proc.stderr[-3000:]
+
+    code = boot + ("import pytest\nsys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', "
+                   f"'-k', 'not never_imports_torch', *{ASAN_TESTS!r}]))\n")  # (that one: a subprocess)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=1800, cwd=root)
+    assert asan_report(proc) is None, asan_report(proc)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+    work = tmp_path / "work"
+    work.mkdir()
+    code = boot + (f"import test_hostile_files as t\n"
+                   f"t.drive('gguf', {RUNTIME_CASES!r}, {str(work)!r}, {str(default_gguf)!r})\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=1200, cwd=root)
+    assert asan_report(proc) is None, asan_report(proc)
+    results = {(r["case"], r["command"]): r for r in
+               (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))}
+    assert len(results) == 2 * len(RUNTIME_CASES), proc.stderr[-3000:]
+    bad = check_results(results, GGUF_CASES)
+    assert not bad, "\n".join(bad)
