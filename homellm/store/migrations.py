@@ -138,4 +138,30 @@ MIGRATIONS: list[Migration] = [
             user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
             created_at TEXT NOT NULL)""",
     )),
+    # the web app's arena (store/arena.py): blind battles of two served models on one prompt;
+    # the models stay hidden from the user until the battle's one vote
+    Migration("006_arena", common=(
+        """CREATE TABLE battles (
+            n {pk},
+            id TEXT NOT NULL UNIQUE,                  -- random (uuid4 hex): says nothing
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            prompt TEXT NOT NULL,
+            model_a TEXT NOT NULL,                    -- shown to the user only once voted
+            model_b TEXT NOT NULL,
+            reply_a TEXT NOT NULL DEFAULT '',
+            reply_b TEXT NOT NULL DEFAULT '',
+            finish_a TEXT,                            -- finish_reason; NULL while streaming
+            finish_b TEXT,
+            tokens_a INTEGER,                         -- completion tokens
+            tokens_b INTEGER,
+            seed_a {bigint},
+            seed_b {bigint},
+            sampling TEXT,                            -- JSON: the settings both sides used
+            vote TEXT CHECK (vote IN ('a', 'b', 'tie', 'both_bad')),  -- NULL: not voted yet
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            voted_at TEXT)""",
+        "CREATE INDEX battles_user ON battles(user_id, n)",
+        "CREATE INDEX battles_voted ON battles(voted_at)",
+    )),
 ]
