@@ -302,16 +302,22 @@ def pretrain(config: PretrainConfig, progress=None, resume: bool = False,
                   "accum": accum, "world": procs.world, "tokens_total": total * step_tokens,
                   "peak_flops": peak, "warmup": warmup})
 
+    sharded = procs.world > 1 and config.fsdp
+
     def validate() -> dict:
+        # each process a share; under FSDP every process runs every window (each forward
+        # gathers the layers from all of them, so they must make the same calls)
         model.eval()
         nll, n = 0.0, 0
+        scorer = module if sharded else LMLoss(model, amp)
         with torch.no_grad():
-            for w in val[procs.rank::procs.world]:
+            for w in (val if sharded else val[procs.rank::procs.world]):
                 x = torch.from_numpy(w).to(procs.device)[None]
-                nll += LMLoss(model, amp)(x[:, :-1], x[:, 1:]).item()
+                nll += scorer(x[:, :-1], x[:, 1:]).item()
                 n += x.shape[1] - 1
         model.train()
-        nll, n = procs.all_sum([nll, n])
+        if not sharded:
+            nll, n = procs.all_sum([nll, n])
         loss = nll / max(n, 1)
         return {"loss": loss, "bpb": loss / math.log(2) / bytes_per_token, "tokens": int(n)}
 
