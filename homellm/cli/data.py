@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    help='write {"prompt", "chosen", "rejected"} lines here')
     q.add_argument("--trees", type=Path, default=None,
                    help="read an oasst trees .jsonl file instead of the database")
+    q.add_argument("--arena", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --dpo from the database: add the web app's arena votes (A or B) "
+                        "as pairs too (default on)")
     common(q, shared=True)
     q.set_defaults(_data=export_training)
 
@@ -163,6 +166,8 @@ def export_training(args) -> int:
         raise HomellmError("--trees reads a file: drop --db / --user / --shared")
     t0 = time.perf_counter()
     trees = _load_trees(args.trees) if args.trees is not None else _db_trees(args)
+    arena = _arena_pairs(args) if args.dpo is not None and args.arena and \
+        args.trees is None else []
     outs = {k: _Output(p) for k, p in (("sft", args.sft), ("dpo", args.dpo)) if p is not None}
     try:
         for tree in _bar(trees, "export"):
@@ -172,6 +177,8 @@ def export_training(args) -> int:
             if "dpo" in outs:
                 for pair in dpo_pairs(tree):
                     outs["dpo"].write(pair)
+        for pair in arena:
+            outs["dpo"].write(pair)
     except BaseException:
         for o in outs.values():
             o.discard()
@@ -179,11 +186,23 @@ def export_training(args) -> int:
     for o in outs.values():
         o.commit()
     dt = time.perf_counter() - t0
-    parts = [f"{o.n} {k.upper()} {'examples' if k == 'sft' else 'pairs'} -> {o.path}"
+    parts = [f"{o.n} {k.upper()} {'examples' if k == 'sft' else 'pairs'}"
+             f"{f' ({len(arena)} from arena votes)' if k == 'dpo' and arena else ''} -> {o.path}"
              for k, o in outs.items()]
     print(f"{'; '.join(parts)} from {len(trees)} trees in {_rate(len(trees), dt)}",
           file=sys.stderr)
     return 0
+
+
+def _arena_pairs(args) -> list[dict]:
+    """The arena's A/B votes as DPO pairs (homellm.data.arena), of the same user(s) as the
+    trees: --user (default the local user) or, with --shared, the opted-in users."""
+    from homellm.data.arena import dpo_pairs as arena_dpo_pairs
+    from homellm.store.arena import Battles
+    with _store(args, must_exist=True) as store:
+        battles = Battles(store.db)
+        voted = battles.voted(shared=True) if args.shared else battles.voted(_user(store, args))
+    return arena_dpo_pairs(voted)
 
 
 def export_trees_cmd(args) -> int:
