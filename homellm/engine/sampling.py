@@ -48,6 +48,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI-style, subtracted per occurrence
     presence_penalty: float = 0.0   # OpenAI-style, subtracted once per seen token
     seed: int | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's logit_bias)
 
     def __post_init__(self):
         checks = [("temperature", self.temperature >= 0, ">= 0"),
@@ -102,6 +103,8 @@ class Sampler:
     def __call__(self, logits, history: list[int]) -> int:
         p = self.params
         logits = as_numpy(logits)
+        if p.logit_bias:
+            logits = _biased(logits, p.logit_bias)
         if p.greedy and p.repeat_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty):
             return _checked_argmax(logits)  # the common case: no copy of the logits
         top = logits.max()  # NaN if any is NaN; -inf only where a mask excluded every token
@@ -133,6 +136,16 @@ class Sampler:
         weights = np.exp(values - values.max())
         choice = self.rng.choice(len(weights), p=weights / weights.sum())
         return int(indices[keep][choice])
+
+
+def _biased(logits: np.ndarray, bias: dict[int, float]) -> np.ndarray:
+    """A copy of logits with `bias` added (ids past the logits' end are ignored)."""
+    out = logits.astype(np.float32, copy=True)
+    ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+    values = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
+    keep = ids < len(out)
+    out[ids[keep]] += values[keep]
+    return out
 
 
 def _checked_argmax(logits: np.ndarray) -> int:
