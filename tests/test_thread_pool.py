@@ -80,7 +80,7 @@ def test_results_identical_with_1_2_3_7_threads(tensors, packed):
 def test_a_stalled_thread_shrinks_the_pool_and_it_grows_back(tensors):
     ref = run(NativeModel(ARGS, tensors, 200, threads=1))
     model = NativeModel(ARGS, tensors, 200, threads=2)
-    pool.pool_tune(window_us=2000, probe_ms=5, probe_max_ms=10)
+    pool.pool_tune(window_us=2000, probe_ms=5, probe_max_ms=10, shrink_pct=30)
     pool.pool_debug_stall(1, 2000)  # thread 1 sleeps 2 ms holding each chunk it takes
     deadline = time.monotonic() + 60
     while pool.pool_stats()["probe_fails"] < 2 and time.monotonic() < deadline:
@@ -93,7 +93,9 @@ def test_a_stalled_thread_shrinks_the_pool_and_it_grows_back(tensors):
     assert stats["limit"] == 1 and stats["grows"] == 0, stats  # every probe failed while it stalled
 
     pool.pool_debug_stall(1, 0)
-    pool.pool_tune(grow_pct=90)  # any probe that finds the thread working again keeps it
+    # a probe keeps the thread even if two threads run this tiny model no faster than one
+    # (they might, on a busy machine): the test is of probing, not of this machine's speed
+    pool.pool_tune(grow_pct=-100)
     while pool.pool_stats()["grows"] < 1 and time.monotonic() < deadline:
         model.reset()
         run(model)

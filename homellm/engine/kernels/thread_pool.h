@@ -14,13 +14,15 @@
  * Waiting: spin a short while (`spin_step_us` inside a job, `spin_job_us` between jobs, so the
  * short gaps between a decode step's calls cost no wake-up), then sleep on a futex.
  *
- * Busy machines: the caller's thread measures how long it waited for chunks other threads held,
- * per window of ~`window_us` of jobs. When that is over `shrink_pct` of the window twice in a row
- * (or over twice that once), the pool is not getting the CPUs it asks for (OpenMP-style teams
- * then spin away whole time slices: decode beside a one-core hog fell to 0.2x), and it runs the
- * next jobs with fewer threads (`limit`). Every `probe_ms` (doubling while probes fail, up to
- * `probe_max_ms`) it tries one thread more for a window and keeps it when the wait stays under
- * `grow_pct`: full speed again once the machine is free. One thread runs a job inline.
+ * Busy machines: OpenMP-style teams spin away whole time slices when the scheduler takes one of
+ * their threads off its CPU (decode beside a one-core hog fell to 0.2x). Here the caller's
+ * thread measures how long it waited for chunks other threads held, over windows of
+ * `window_us` of jobs. When that is over `shrink_pct` of a window, it tries one thread fewer
+ * for a window and keeps that if the same kinds of jobs ran no slower (the pool is not getting
+ * the CPUs it asks for). While it runs fewer threads than callers ask for, it tries one more
+ * every `probe_ms` and keeps it if jobs ran at least `grow_pct` faster: full speed again once
+ * the machine is free. A trial that fails waits twice as long before the next, up to
+ * `probe_max_ms`. One thread runs a job inline, without waking anyone.
  *
  * Phases are numbered globally (phase id = job base + p), and a share carries its phase's id: a
  * thread that was off the CPU while its job ended finds later ids and takes nothing.
@@ -84,9 +86,11 @@ static struct {
     /* settings (hl_pool_tune) */
     int64_t spin_job_ns, spin_step_ns, window_ns, probe_ns, probe_max_ns;
     double shrink, grow;
-    /* adaptation (the owner's thread only) */
-    int limit, probing, probe_team, win_team, bad;  /* bad: windows over `shrink` in a row */
-    int64_t probe_gap, probe_at, win_ns, win_wait;
+    /* adaptation (the owner's thread only): jobs' times by kind in two arms, the window of the
+     * current team (0) and of the team on trial (1) */
+    int limit, trial, arm_team;
+    int64_t arm_ns[2], win_wait, up_gap, up_at, down_gap, down_at;
+    struct { uint64_t key; int64_t ns[2]; int n[2]; } kinds[16];
     int64_t stats[ST_COUNT];
     int debug;                     /* $HOMELLM_POOL_DEBUG: 2 prints each window */
     pthread_mutex_t create_lock;
@@ -94,9 +98,9 @@ static struct {
 
 /* the settings' defaults (hl_pool_tune changes them, hl_pool_reset brings them back) */
 static void pool_defaults(void) {
-    P.spin_job_ns = 2000000; P.spin_step_ns = 100000; P.window_ns = 3000000;
-    P.probe_ns = P.probe_gap = 100000000; P.probe_max_ns = 1600000000;
-    P.shrink = 0.3; P.grow = 0.15;
+    P.spin_job_ns = 2000000; P.spin_step_ns = 100000; P.window_ns = 20000000;
+    P.probe_ns = P.up_gap = P.down_gap = 100000000; P.probe_max_ns = 1600000000;
+    P.shrink = 0.3; P.grow = 0.03;
 }
 
 #define LOAD(p, o) __atomic_load_n(p, o)
@@ -368,51 +372,90 @@ static void run_inline(const job_t *j) {
 }
 
 /* the team for the next job of a caller asking for `want` threads */
-static int pick_team(int want, int64_t t) {
-    if (want > P.limit) {
-        if (!P.probing && t >= P.probe_at) {
-            P.probing = 1;
-            P.probe_team = P.limit + 1;
-            P.stats[ST_PROBES]++;
-        }
-        if (P.probing) return want < P.probe_team ? want : P.probe_team;
-        return P.limit;
-    }
-    return want;
+static int pick_team(int want) {
+    if (P.trial && P.trial <= want) return P.trial;
+    return want < P.limit ? want : P.limit;
 }
 
-/* account a job of `team` threads: wall ns, ns the caller waited for the others */
-static void adapt(int team, int want, int64_t wall, int64_t waited, int64_t t) {
-    if (team != P.win_team) { P.win_team = team; P.win_ns = 0; P.win_wait = 0; P.bad = 0; }
-    P.win_ns += wall; P.win_wait += waited;
-    if (P.win_ns < P.window_ns) return;
-    const double f = (double)P.win_wait / (double)P.win_ns;
-    if (P.debug > 1)
-        fprintf(stderr, "homellm pool: %d threads, %.1f ms, waited %.0f%%%s\n", team, P.win_ns / 1e6, 100 * f,
-                P.probing ? " (probe)" : "");
-    P.win_ns = 0; P.win_wait = 0;
-    if (P.probing && team == P.probe_team) {  /* a probe's window: keep the thread, or wait longer */
-        P.probing = 0;
-        if (f <= P.grow) {
-            P.limit = team >= want ? POOL_MAX : team;  /* as many as asked: no cap */
-            P.probe_gap = P.probe_ns;
-            P.stats[ST_GROWS]++;
-        } else {
-            P.probe_gap = P.probe_gap * 2 < P.probe_max_ns ? P.probe_gap * 2 : P.probe_max_ns;
-            P.stats[ST_PROBE_FAILS]++;
-        }
-        P.probe_at = t + P.probe_gap;
+/* a job's kind: its code and its phases' sizes (jobs of one kind take about the same time) */
+static uint64_t job_kind(const job_t *j) {
+    uint64_t k = (uint64_t)(uintptr_t)j->run * 0x9E3779B97F4A7C15ull ^ (uint64_t)j->nph * 0xC2B2AE3D27D4EB4Full;
+    k ^= (uint64_t)j->items(j->arg, 0) * 0x165667B19E3779F9ull;
+    if (j->nph > 1) k ^= (uint64_t)j->items(j->arg, 1) * 0x85EBCA77C2B2AE63ull;
+    return k;
+}
+
+static void arm_clear(int arm) {
+    P.arm_ns[arm] = 0;
+    for (int i = 0; i < 16; i++) { P.kinds[i].ns[arm] = 0; P.kinds[i].n[arm] = 0; }
+    if (arm == 0) P.win_wait = 0;
+}
+
+static void arm_add(int arm, uint64_t key, int64_t wall) {
+    P.arm_ns[arm] += wall;
+    for (int i = 0, h = (int)(key % 16); i < 16; i++, h = (h + 1) % 16) {
+        if (P.kinds[h].key != key && (P.kinds[h].n[0] || P.kinds[h].n[1])) continue;
+        P.kinds[h].key = key; P.kinds[h].ns[arm] += wall; P.kinds[h].n[arm]++;
         return;
     }
-    P.bad = f > P.shrink ? P.bad + 1 : 0;
-    if (team > 1 && (P.bad >= 2 || f > 2 * P.shrink)) {  /* fewer threads, about the share that ran */
-        const int keep = (int)((double)team * (1.0 - f) + 0.5);
-        P.limit = keep < 1 ? 1 : keep >= team ? team - 1 : keep;
-        P.bad = 0;
-        P.probe_gap = P.probe_ns;
-        P.probe_at = t + P.probe_gap;
-        P.stats[ST_SHRINKS]++;
+}
+
+/* the trial arm's time over the current team's, kind by kind (weighted by the current team's
+ * time); -1 when no kind ran in both */
+static double arms_ratio(void) {
+    double num = 0, den = 0;
+    for (int i = 0; i < 16; i++)
+        if (P.kinds[i].n[0] && P.kinds[i].n[1]) {
+            const double m0 = (double)P.kinds[i].ns[0] / P.kinds[i].n[0], m1 = (double)P.kinds[i].ns[1] / P.kinds[i].n[1];
+            num += (double)P.kinds[i].ns[0] * (m1 / m0); den += (double)P.kinds[i].ns[0];
+        }
+    return den > 0 ? num / den : -1;
+}
+
+static int64_t doubled(int64_t gap) { return gap * 2 < P.probe_max_ns ? gap * 2 : P.probe_max_ns; }
+
+/* account a job of kind `key` run by `team` threads in `wall` ns, `waited` of them by the caller
+ * waiting for the others. Over a window of the current team, a caller that waited more than
+ * `shrink` of the time starts a trial of one thread fewer (at most every down_gap); a team
+ * below what callers ask for starts a trial of one thread more every up_gap. A trial runs a
+ * window of jobs on its team, then keeps it if the same kinds of jobs ran faster (one more
+ * thread: by `grow` at least) or no slower (one fewer). Failed trials wait twice as long. */
+static void adapt(int team, int want, uint64_t key, int64_t wall, int64_t waited, int64_t t) {
+    if (P.trial) {
+        if (team != P.trial) return;
+        arm_add(1, key, wall);
+        if (P.arm_ns[1] < P.window_ns) return;
+        const double r = arms_ratio();
+        const int down = P.trial < P.arm_team;
+        const int keep = r >= 0 && (down ? r <= 1.0 : r <= 1.0 - P.grow);
+        if (P.debug > 1)
+            fprintf(stderr, "homellm pool: trial of %d threads (against %d): %.2fx the time, %s\n", P.trial,
+                    P.arm_team, r, keep ? "kept" : "not kept");
+        if (keep) {
+            P.limit = !down && P.trial >= want ? POOL_MAX : P.trial;  /* as many as asked: no cap */
+            P.stats[down ? ST_SHRINKS : ST_GROWS]++;
+            P.up_gap = P.down_gap = P.probe_ns;
+            if (down) P.up_at = t + P.up_gap;
+        } else if (r >= 0) {
+            P.stats[ST_PROBE_FAILS]++;
+            if (down) { P.down_gap = doubled(P.down_gap); P.down_at = t + P.down_gap; }
+            else { P.up_gap = doubled(P.up_gap); P.up_at = t + P.up_gap; }
+        }
+        P.trial = 0;
+        arm_clear(0); arm_clear(1);
+        return;
     }
+    if (team != P.arm_team) { arm_clear(0); P.arm_team = team; }
+    arm_add(0, key, wall);
+    P.win_wait += waited;
+    if (P.arm_ns[0] < P.window_ns) return;
+    const double f = (double)P.win_wait / (double)P.arm_ns[0];
+    if (P.debug > 1)
+        fprintf(stderr, "homellm pool: %d threads, %.1f ms, waited %.0f%%\n", team, P.arm_ns[0] / 1e6, 100 * f);
+    if (team > 1 && f > P.shrink && t >= P.down_at) P.trial = team - 1;
+    else if (team < want && t >= P.up_at) P.trial = team + 1;
+    if (P.trial) P.stats[ST_PROBES]++;  /* (this window is the trial's yardstick) */
+    else arm_clear(0);
 }
 
 /* run a job on up to `want` threads (<= 0: one per CPU this thread may use), the caller's included */
@@ -423,15 +466,17 @@ static void pool_run(const job_t *j, int want) {
         run_inline(j);  /* one thread, or another caller holds the pool (or a job calls a kernel) */
         return;
     }
-    const int64_t t0 = now_ns();
-    int team = pick_team(want, t0);
+    const uint64_t key = job_kind(j);
+    int team = pick_team(want);
     if (team > P.created + 1) grow_workers(team);
     if (team > P.created + 1) team = P.created + 1;
     P.stats[ST_JOBS]++;
+    const int64_t t0 = now_ns();
     if (team == 1) {
         run_inline(j);
         const int64_t t1 = now_ns();
         P.stats[ST_THREAD_NS] += t1 - t0; P.stats[ST_TEAM_NS] += t1 - t0;
+        adapt(1, want, key, t1 - t0, 0, t1);
         STORE(&P.busy, 0, REL);
         return;
     }
@@ -475,7 +520,7 @@ static void pool_run(const job_t *j, int want) {
     P.stats[ST_TEAM_JOBS]++;
     P.stats[ST_WAIT_NS] += waited;
     P.stats[ST_THREAD_NS] += (t1 - t0) * team; P.stats[ST_TEAM_NS] += t1 - t0;
-    adapt(team, want, t1 - t0, waited, t1);
+    adapt(team, want, key, t1 - t0, waited, t1);
     STORE(&P.busy, 0, REL);
 }
 
@@ -497,17 +542,20 @@ static void par_for(int n, int threads, void (*fn)(void *ctx, int i0, int i1), v
 
 int hl_pool_default_threads(void) { return pool_cpus(); }
 
-/* settings; a negative value leaves one as it is. Times in microseconds (probes: ms), the
- * thresholds in percent of a window's wall time. */
+/* settings; a value <= -1000 leaves one as it is. Times in microseconds (probes: ms);
+ * shrink_pct: the caller's waiting, in percent of a window's time, that starts a trial of one
+ * thread fewer; grow_pct: how much faster (percent) a trial of one thread more must run to be
+ * kept (below 0: how much slower it may run). */
 void hl_pool_tune(double spin_job_us, double spin_step_us, double window_us, double shrink_pct,
                   double grow_pct, double probe_ms, double probe_max_ms) {
-    if (spin_job_us >= 0) P.spin_job_ns = (int64_t)(spin_job_us * 1e3);
-    if (spin_step_us >= 0) P.spin_step_ns = (int64_t)(spin_step_us * 1e3);
-    if (window_us >= 0) P.window_ns = (int64_t)(window_us * 1e3);
-    if (shrink_pct >= 0) P.shrink = shrink_pct / 100;
-    if (grow_pct >= 0) P.grow = grow_pct / 100;
-    if (probe_ms >= 0) P.probe_ns = P.probe_gap = (int64_t)(probe_ms * 1e6);
-    if (probe_max_ms >= 0) P.probe_max_ns = (int64_t)(probe_max_ms * 1e6);
+    const double keep = -1000;
+    if (spin_job_us > keep) P.spin_job_ns = (int64_t)(spin_job_us * 1e3);
+    if (spin_step_us > keep) P.spin_step_ns = (int64_t)(spin_step_us * 1e3);
+    if (window_us > keep) P.window_ns = (int64_t)(window_us * 1e3);
+    if (shrink_pct > keep) P.shrink = shrink_pct / 100;
+    if (grow_pct > keep) P.grow = grow_pct / 100;
+    if (probe_ms > keep) P.probe_ns = P.up_gap = P.down_gap = (int64_t)(probe_ms * 1e6);
+    if (probe_max_ms > keep) P.probe_max_ns = (int64_t)(probe_max_ms * 1e6);
 }
 
 /* counters (ST_*) into out[0..n-1]; returns how many there are */
@@ -520,8 +568,8 @@ int hl_pool_stats(int64_t *out, int n) {
 /* forget what the pool learned and counted, and the settings hl_pool_tune made (tests) */
 void hl_pool_reset(void) {
     pool_defaults();
-    P.limit = POOL_MAX; P.probing = 0; P.probe_at = 0;
-    P.win_team = 0; P.win_ns = 0; P.win_wait = 0; P.bad = 0;
+    P.limit = POOL_MAX; P.trial = 0; P.arm_team = 0; P.up_at = P.down_at = 0;
+    arm_clear(0); arm_clear(1);
     for (int i = 0; i < ST_COUNT; i++) STORE(&P.stats[i], 0, RLX);
 }
 

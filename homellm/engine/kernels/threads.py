@@ -60,10 +60,11 @@ def default_threads() -> int:
 def pool_stats() -> dict:
     """The pool's counters since the process started (or `pool_reset`): jobs (calls that asked
     for more than one thread), team_jobs (those run on more than one), shrinks / grows (times it
-    took fewer threads / more again), probes and probe_fails (tries of one thread more), sleeps
-    and wakes (futex waits and wake-ups), wait_ns (time the calling thread waited for the
-    others), limit (the threads it allows now; 256: no limit), created (threads started), and
-    threads_used: the average threads of the jobs, weighted by their time. {} without kernels."""
+    took fewer threads / more again), probes and probe_fails (trials of one thread fewer or
+    more, and those not kept), sleeps and wakes (futex waits and wake-ups), wait_ns (time the
+    calling thread waited for the others), limit (the threads it allows now; 256: no limit),
+    created (threads started), and threads_used: the average threads of the jobs, weighted by
+    their time. {} without kernels."""
     import ctypes
 
     from homellm.engine.kernels import build
@@ -77,19 +78,20 @@ def pool_stats() -> dict:
     return out
 
 
-def pool_tune(spin_job_us: float = -1, spin_step_us: float = -1, window_us: float = -1,
-              shrink_pct: float = -1, grow_pct: float = -1, probe_ms: float = -1,
-              probe_max_ms: float = -1):
-    """Change the pool's settings (thread_pool.h); -1 leaves one as it is."""
+def pool_tune(spin_job_us: float | None = None, spin_step_us: float | None = None,
+              window_us: float | None = None, shrink_pct: float | None = None,
+              grow_pct: float | None = None, probe_ms: float | None = None,
+              probe_max_ms: float | None = None):
+    """Change the pool's settings (thread_pool.h, hl_pool_tune); None leaves one as it is."""
     from homellm.engine.kernels import build
     lib = build.load()
     if lib is not None:
-        lib.hl_pool_tune(spin_job_us, spin_step_us, window_us, shrink_pct, grow_pct, probe_ms,
-                         probe_max_ms)
+        values = (spin_job_us, spin_step_us, window_us, shrink_pct, grow_pct, probe_ms, probe_max_ms)
+        lib.hl_pool_tune(*(-1000.0 if v is None else float(v) for v in values))
 
 
 def pool_reset():
-    """Forget what the pool learned (its thread limit) and its counters."""
+    """Forget what the pool learned (its thread limit), its counters and pool_tune's settings."""
     from homellm.engine.kernels import build
     lib = build.load()
     if lib is not None:
