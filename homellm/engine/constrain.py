@@ -42,6 +42,7 @@ import numpy as np
 # object may override this (llguidance applies defaults, then x-guidance).
 JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{1,32}"
 JSON_OBJECT_SCHEMA = {"type": "object"}   # what {"type": "json_object"} means: any JSON object
+LARK_PREFIX = "%lark\n"  # cache keys of Lark grammars (a schema's JSON text never starts so)
 SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")   # OpenAI's rule for json_schema.name
 GRAMMARS_PER_TOKENIZER = 64  # compiled grammars kept per tokenizer (least recently used go)
 # How deeply a schema's JSON may nest. llguidance refuses deeper schemas anyway (its JSON
@@ -118,6 +119,27 @@ def compile_response_format(tokenizer, response_format) -> Grammar | None:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{field}: not representable as JSON ({e})") from None
     return _grammars_for(tokenizer).get(key, field)
+
+
+def lark_json(schema) -> str:
+    """`%json {...}`: a JSON Schema inside a Lark grammar (llguidance), with our bounded
+    whitespace (the schema's own "x-guidance" wins). ValueError if it cannot be JSON."""
+    if isinstance(schema, Mapping):
+        guidance = {"whitespace_pattern": JSON_WHITESPACE, **dict(schema.get("x-guidance") or {})}
+        schema = {**schema, "x-guidance": guidance}
+    depth = _nesting_depth(schema, SCHEMA_MAX_DEPTH)
+    if depth > SCHEMA_MAX_DEPTH:
+        raise ValueError(f"nested more than {SCHEMA_MAX_DEPTH} levels deep")
+    try:
+        return "%json " + json.dumps(schema, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"not representable as JSON ({e})") from None
+
+
+def compile_lark(tokenizer, lark: str, field: str) -> Grammar:
+    """A compiled Lark grammar (llguidance's dialect: `%json {schema}`, `<[token id]>`) for
+    `tokenizer`, cached like schemas; ValueError naming `field` if it cannot be followed."""
+    return _grammars_for(tokenizer).get(LARK_PREFIX + lark, field)
 
 
 class Grammar:
@@ -231,8 +253,11 @@ class _TokenizerGrammars:
 
     def _compile(self, schema_text: str, field: str) -> Grammar:
         try:
-            text = llguidance.LLMatcher.grammar_from_json_schema(
-                schema_text, defaults={"whitespace_pattern": JSON_WHITESPACE})
+            if schema_text.startswith(LARK_PREFIX):
+                text = llguidance.LLMatcher.grammar_from_lark(schema_text[len(LARK_PREFIX):])
+            else:
+                text = llguidance.LLMatcher.grammar_from_json_schema(
+                    schema_text, defaults={"whitespace_pattern": JSON_WHITESPACE})
         except ValueError as e:
             raise ValueError(f"{field}: {e}") from None
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, self.lltokenizer)

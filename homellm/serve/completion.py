@@ -42,6 +42,7 @@ class GenerationSettings:
     seed: int | None = None           # None: a random one, reported in Result.seed
     top_logprobs: int = 0             # alternatives per token (logprobs of chosen tokens always)
     response_format: dict | None = None  # {"type": "json_object"} / {"type": "json_schema", ...}
+    logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100]
 
 
 @dataclass
@@ -102,6 +103,8 @@ class CompletionStream:
 
         self.registry, self.model, self.settings, self.seed = registry, model, settings, seed
         self.prompt_tokens = len(ids)
+        self.prompt_ids = ids
+        self.tool_format: str | None = None  # set by start_chat when the reply may hold tool calls
         self.result: Result | None = None
         self._tokenizer = model.tokenizer
         self._decoder = model.tokenizer.stream_decoder()
@@ -117,7 +120,7 @@ class CompletionStream:
                 temperature=s.temperature, top_p=s.top_p if s.top_p > 0 else 1.0,
                 top_k=1 if s.top_p == 0 else s.top_k, min_p=s.min_p,
                 repeat_penalty=s.repeat_penalty, frequency_penalty=s.frequency_penalty,
-                presence_penalty=s.presence_penalty, seed=seed)
+                presence_penalty=s.presence_penalty, seed=seed, logit_bias=s.logit_bias or None)
         except ValueError as e:
             name = str(e).split("=")[0]
             raise invalid(name, str(e)) from None
@@ -239,15 +242,45 @@ def _check_settings(s: GenerationSettings):
         raise invalid("max_tokens", f"expected at least 1, got {s.max_tokens}")
 
 
+def check_logit_bias(bias, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias ({"token id": bias}) as {int: float}; a 400 naming the entry for an
+    id outside the vocabulary or a bias outside [-100, 100]."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise invalid("logit_bias", "expected an object mapping token ids to biases")
+    out = {}
+    for key, value in bias.items():
+        try:
+            tid = int(key)
+        except (TypeError, ValueError):
+            raise invalid("logit_bias", f"{key!r} is not a token id (an integer)") from None
+        if not 0 <= tid < vocab_size:
+            raise invalid("logit_bias", f"token id {tid} is outside this model's vocabulary "
+                          f"[0, {vocab_size})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise invalid("logit_bias", f"the bias of token {tid} must be a number from -100 to "
+                          f"100, got {value!r}")
+        out[tid] = float(value)
+    return out
+
+
 async def _start(registry: ModelRegistry, model_name: str, make_ids, settings: GenerationSettings,
-                 prompt_param: str) -> CompletionStream:
+                 prompt_param: str, make_grammar=None) -> CompletionStream:
+    """`make_grammar(model)`: a Grammar that replaces response_format's (a forced tool call)."""
     _check_settings(settings)
     model = await registry.acquire(model_name)
     try:
         # rendering and tokenizing a long prompt takes a while: never on the event loop
         ids = await asyncio.to_thread(make_ids, model)
+        if settings.logit_bias:
+            from dataclasses import replace
+            settings = replace(settings, logit_bias=check_logit_bias(
+                settings.logit_bias, min(model.tokenizer.vocab_size, model.network.args.vocab_size)))
         grammar = None
-        if settings.response_format is not None:
+        if make_grammar is not None:
+            grammar = await asyncio.to_thread(make_grammar, model)
+        elif settings.response_format is not None:
             from homellm.engine.constrain import compile_response_format
             try:
                 grammar = await asyncio.to_thread(compile_response_format, model.tokenizer,
@@ -280,7 +313,9 @@ def check_length(model: LoadedModel, text: str, param: str):
 
 def chat_messages(messages: list[dict]) -> list[dict]:
     """OpenAI chat messages -> {role, content} for the chat template: text parts joined,
-    "developer" as "system"; anything else a 400 naming the message."""
+    "developer" as "system"; an assistant's `tool_calls` kept (arguments as objects), and a
+    tool result's `tool_call_id` and `name`; anything else a 400 naming the message."""
+    from homellm.serve.tools import history_calls
     out = []
     for i, m in enumerate(messages):
         content = m.get("content")
@@ -299,24 +334,63 @@ def chat_messages(messages: list[dict]) -> list[dict]:
         role = "system" if m.get("role") == "developer" else m.get("role")
         if role not in ("system", "user", "assistant", "tool"):
             raise invalid(f"messages[{i}].role", f"unknown role {m.get('role')!r}")
-        out.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        if role == "assistant" and m.get("tool_calls"):
+            message["tool_calls"] = history_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                if isinstance(m.get(key), str):
+                    message[key] = m[key]
+        out.append(message)
     return out
 
 
 async def start_chat(registry: ModelRegistry, model: str, messages: list[dict],
-                     settings: GenerationSettings) -> CompletionStream:
+                     settings: GenerationSettings, tools=None) -> CompletionStream:
     """Start the assistant's reply to `messages` (OpenAI format), rendered with the model's
-    chat template."""
+    chat template. `tools`: a serve.tools.ToolPlan (OpenAI's tools and tool_choice); then
+    `stream.tool_format` names the syntax to parse calls from (None: plain text)."""
+    from homellm.serve import tools as tooling
     convo = chat_messages(messages)
+    with_tools = tooling.needs_tools_handling(convo, tools)
 
     def ids(m: LoadedModel) -> list[int]:  # in a worker thread
         try:
-            text = m.tokenizer.render_chat(convo, add_generation_prompt=True)
+            if with_tools:
+                text = tooling.render_with_tools(m.tokenizer, convo, tools)
+            else:
+                text = m.tokenizer.render_chat(convo, add_generation_prompt=True)
         except Exception as e:  # a template that refuses the conversation (e.g. role order)
             raise invalid("messages", f"the model's chat template refused them: {e}") from None
         check_length(m, text, "messages")
         return m.tokenizer.encode(text, add_special_tokens=False)
-    return await _start(registry, model, ids, settings, "messages")
+
+    make_grammar = None
+    if tools is not None and tools.forced:
+        def make_grammar(m: LoadedModel):  # in a worker thread
+            from homellm.engine.constrain import compile_lark
+            try:
+                return compile_lark(m.tokenizer, tooling.call_grammar(m.tokenizer, tools), "tools")
+            except ValueError as e:
+                raise invalid(_schema_at_fault(m, tools), str(e).removeprefix("tools: ")) from None
+    stream = await _start(registry, model, ids, settings, "messages", make_grammar)
+    if tools is not None and tools.active:
+        stream.tool_format = tooling.tool_format(stream.model.tokenizer)[0]
+    return stream
+
+
+def _schema_at_fault(m: LoadedModel, plan) -> str:
+    """The field of the first forced tool whose parameters schema does not compile."""
+    from homellm.engine.constrain import compile_response_format
+    for i, tool in enumerate(plan.tools):
+        if tool not in plan.forced_tools():
+            continue
+        try:
+            compile_response_format(m.tokenizer, {"type": "json_schema", "json_schema": {
+                "name": "parameters", "schema": tool.parameters}})
+        except ValueError:
+            return f"tools[{i}].function.parameters"
+    return "tools"
 
 
 async def start_completion(registry: ModelRegistry, model: str, prompt: str | list[int],

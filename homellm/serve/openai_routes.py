@@ -24,6 +24,7 @@ from homellm.serve.errors import APIError, invalid
 from homellm.serve.guard import bearer_ok
 from homellm.serve.registry import ModelRegistry
 from homellm.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from homellm.serve.tools import ToolCallStream, parse_calls, parse_tools
 
 FINGERPRINT = "homellm"
 log = logging.getLogger("homellm.serve")
@@ -59,7 +60,8 @@ def settings_from(body: SamplingFields, *, max_tokens: int | None, top_logprobs:
                   response_format: dict | None) -> GenerationSettings:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     s = GenerationSettings(max_tokens=max_tokens, stop=stop, seed=body.seed,
-                           top_logprobs=top_logprobs, response_format=response_format)
+                           top_logprobs=top_logprobs, response_format=response_format,
+                           logit_bias=body.logit_bias or None)
     for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "frequency_penalty",
                  "presence_penalty"):
         value = getattr(body, name)
@@ -203,8 +205,7 @@ def openai_router(api_key: str | None = None) -> APIRouter:
     @router.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         registry: ModelRegistry = request.app.state.registry
-        if body.tools:
-            raise invalid("tools", "tool calling is not supported by this server", "unsupported")
+        plan = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
         if body.top_logprobs and not body.logprobs:
             raise invalid("top_logprobs", "needs logprobs: true")
         settings = settings_from(body, max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -212,7 +213,7 @@ def openai_router(api_key: str | None = None) -> APIRouter:
                                  response_format=body.response_format)
         messages = [m.model_dump() for m in body.messages]
         streams = await start_n(body.n or 1, lambda i: start_chat(
-            registry, body.model, messages, seeded(settings, i)))
+            registry, body.model, messages, seeded(settings, i), tools=plan))
         rid, created, mid = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), streams[0].model.id
         want_logprobs = bool(body.logprobs)
         if body.stream:
@@ -220,9 +221,8 @@ def openai_router(api_key: str | None = None) -> APIRouter:
             return streaming_response(chat_chunks(streams, rid, created, mid, want_logprobs, usage))
         outputs = await collect_unless_disconnected(request, streams)
         log_speed("chat", streams)
-        choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": chat_logprobs(tokens) if want_logprobs else None,
-                    "finish_reason": s.result.finish_reason}
+        choices = [{"index": i, **chat_message(s, text),
+                    "logprobs": chat_logprobs(tokens) if want_logprobs else None}
                    for i, (s, (text, tokens)) in enumerate(zip(streams, outputs))]
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": mid,
                              "system_fingerprint": FINGERPRINT, "choices": choices,
@@ -269,6 +269,32 @@ def openai_router(api_key: str | None = None) -> APIRouter:
     return router
 
 
+def chat_message(stream: CompletionStream, text: str) -> dict:
+    """{"message", "finish_reason"} of one finished choice; tool calls parsed out of the text
+    when the request offered tools (finish_reason "tool_calls" then)."""
+    message = {"role": "assistant", "content": text, "refusal": None}
+    reason = stream.result.finish_reason
+    if stream.tool_format is not None:
+        content, calls = parse_calls(stream.tool_format, text)
+        if calls:
+            message["content"] = content
+            message["tool_calls"] = [c.openai() for c in calls]
+            reason = "tool_calls" if reason == "stop" else reason
+    return {"message": message, "finish_reason": reason}
+
+
+def tool_call_deltas(calls, first_index: int) -> list[dict]:
+    """OpenAI's streamed tool_calls: per call its id, type and name with empty arguments, then
+    the arguments."""
+    out = []
+    for k, c in enumerate(calls):
+        index = first_index + k
+        out.append({"tool_calls": [{"index": index, "id": c.id, "type": "function",
+                                    "function": {"name": c.name, "arguments": ""}}]})
+        out.append({"tool_calls": [{"index": index, "function": {"arguments": c.arguments}}]})
+    return out
+
+
 def model_card(registry: ModelRegistry, mid: str) -> dict:
     loaded = registry.loaded.get(mid)
     card = {"id": mid, "object": "model", "created": loaded.created if loaded else 0,
@@ -286,17 +312,39 @@ async def chat_chunks(streams, rid, created, mid, want_logprobs: bool, include_u
             out["usage"] = usage
         return sse(out)
 
+    parsers = [ToolCallStream(s.tool_format) if s.tool_format else None for s in streams]
+    n_calls = [0] * len(streams)
+
+    def pieces(i, text, calls, tokens):
+        lp = chat_logprobs(tokens) if want_logprobs else None
+        if text or not calls:
+            yield chunk([{"index": i, "delta": {"content": text} if text else {},
+                          "logprobs": lp, "finish_reason": None}])
+            lp = None
+        for delta in tool_call_deltas(calls, n_calls[i]):
+            yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": None}])
+            lp = None
+        n_calls[i] += len(calls)
+
     try:
         for i in range(len(streams)):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None}])
         async for i, d in merged(streams):
-            yield chunk([{"index": i, "delta": {"content": d.text} if d.text else {},
-                          "logprobs": chat_logprobs(d.tokens) if want_logprobs else None,
-                          "finish_reason": None}])
+            text, calls = parsers[i].feed(d.text) if parsers[i] else (d.text, [])
+            if text or calls or d.tokens or not parsers[i]:
+                for piece in pieces(i, text, calls, d.tokens):
+                    yield piece
         for i, s in enumerate(streams):
-            yield chunk([{"index": i, "delta": {}, "logprobs": None,
-                          "finish_reason": s.result.finish_reason}])
+            reason = s.result.finish_reason
+            if parsers[i]:
+                text, calls = parsers[i].finish()
+                if text or calls:
+                    for piece in pieces(i, text, calls, []):
+                        yield piece
+                if n_calls[i] and reason == "stop":
+                    reason = "tool_calls"
+            yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
         if include_usage:
             out = json.loads(chunk([], usage_of(streams))[len("data: "):])
             out["timings"] = streams[0].result.timings()

@@ -29,6 +29,8 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
+    tool_calls: list | None = None      # assistant: [{"id", "type": "function", "function": {...}}]
+    tool_call_id: str | None = None     # tool: the call this is the result of
 
 
 class SamplingFields(_Body):
@@ -44,6 +46,7 @@ class SamplingFields(_Body):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     user: str | None = None
+    logit_bias: dict | None = None      # {"token id": bias in [-100, 100]}
     # extensions (llama.cpp's server takes the same names)
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0, le=1)
@@ -58,6 +61,7 @@ class ChatCompletionRequest(SamplingFields):
     response_format: dict | None = None
     tools: list | None = None
     tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(SamplingFields):
