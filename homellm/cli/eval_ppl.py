@@ -94,6 +94,10 @@ def main(args: argparse.Namespace) -> int:
         identity = model_hash(ref)
         model = _load(ref, ctx, args)
         chunks = _chunks(model, data, base, ctx, args)
+        trained = model.args.max_position_embeddings
+        if ctx > trained and not args.json:
+            print(f"note: --ctx {ctx} is beyond {ref.label}'s trained context of {trained} tokens",
+                  file=sys.stderr)
         if not args.json:
             _print_header(ref, identity, model, data, base, chunks, args)
         run = _evaluate(model, chunks, args, top_k, base)

@@ -295,6 +295,9 @@ def evaluate(model: "Model", chunks: Chunks, *, batch: int = 1, top_k: int = 0,
     vocab = model.args.vocab_size
     if top_k < 0 or top_k >= vocab:
         raise HomellmError(f"--top-k {top_k}: expected 1 .. {vocab - 1}")
+    if model.engine.native and model.network.max_seq_len < chunks.ctx:
+        raise HomellmError(f"chunks of {chunks.ctx} tokens, but the model was loaded with a "
+                           f"context of {model.network.max_seq_len}: load it with ctx >= {chunks.ctx}")
     if reference is not None and not np.array_equal(reference.tokens, chunks.tokens):
         raise ValueError("the reference was made on other chunks")
     first, per = chunks.first, chunks.scored_per_chunk
