@@ -144,7 +144,7 @@ static int pool_cpus(void) {
 static void open_slot(uint64_t id, int n) {
     slot_t *s = &P.ring[id % POOL_RING];
     const int unit = n > UMAX ? (n + UMAX - 1) / UMAX : 1;
-    s->n = n; s->unit = unit; s->units = (n + unit - 1) / unit;
+    STORE(&s->n, n, RLX); STORE(&s->unit, unit, RLX); STORE(&s->units, (n + unit - 1) / unit, RLX);
     STORE(&s->done, 0, RLX);
 }
 
@@ -197,7 +197,7 @@ out:
  * still of an earlier phase (u has not come to this one) is made first. Returns units done. */
 static int take_share(const job_t *j, uint64_t base, uint64_t id, int nt, int tid, int u, const slot_t *s) {
     const uint32_t tag = (uint32_t)id;
-    const int units = s->units, unit = s->unit, n = s->n;
+    const int units = LOAD(&s->units, RLX), unit = LOAD(&s->unit, RLX), n = LOAD(&s->n, RLX);
     const int lo = (int)((int64_t)u * units / nt), hi = (int)((int64_t)(u + 1) * units / nt);
     uint64_t *w = &P.w[u].share;
     int done = 0;
@@ -238,7 +238,7 @@ static void work_phase(const job_t *j, uint64_t base, uint64_t end, uint64_t id,
     int done = take_share(j, base, id, nt, tid, tid, s);
     for (int k = 1; k < nt; k++) done += take_share(j, base, id, nt, tid, (tid + k) % nt, s);
     if (done && (int)__atomic_add_fetch(&P.ring[id % POOL_RING].done, (uint32_t)done, __ATOMIC_ACQ_REL)
-                == s->units)
+                == LOAD(&s->units, RLX))
         close_phase(j, base, end, id, nt);
 }
 
@@ -436,7 +436,7 @@ static void adapt(int team, int want, uint64_t key, int64_t wall, int64_t waited
             P.stats[down ? ST_SHRINKS : ST_GROWS]++;
             P.up_gap = P.down_gap = P.probe_ns;
             if (down) P.up_at = t + P.up_gap;
-        } else if (r >= 0) {
+        } else {  /* (r < 0: no kind of job ran in both windows; try again later too) */
             P.stats[ST_PROBE_FAILS]++;
             if (down) { P.down_gap = doubled(P.down_gap); P.down_at = t + P.down_gap; }
             else { P.up_gap = doubled(P.up_gap); P.up_at = t + P.up_gap; }
