@@ -59,11 +59,10 @@ def run(lm, task=TASK, **kw) -> dict:
 
 @pytest.mark.slow
 def test_same_accuracy_and_loglikelihoods_as_lm_evals_hf_backend(hf_export, gguf_lm):
-    import lm_eval
+    from lm_eval.api.registry import get_model
 
     from homellm.eval.harness import HomellmLM
-    hf = lm_eval.api.registry.get_model("hf")(pretrained=str(hf_export), dtype="float32",
-                                              device="cpu", batch_size=16)
+    hf = get_model("hf")(pretrained=str(hf_export), dtype="float32", device="cpu", batch_size=16)
     ref = run(hf)
     ours_hf = run(HomellmLM(model=str(hf_export)))
     ours_gguf = run(gguf_lm)
@@ -124,16 +123,15 @@ def test_kv_reuse_of_shared_context_equals_scoring_from_scratch(gguf_lm):
 def test_rolling_loglikelihood_matches_hf_backend_windows(hf_export):
     """loglikelihood_rolling over a text longer than the context: lm-eval's rolling windows on a
     16-token context, against the `hf` back end with the same max_length."""
-    import lm_eval
     from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
 
     from homellm.eval.harness import HomellmLM
     text = ("The history of the city begins with a small fishing village on the river. Over the "
             "centuries it grew into a market town, and later into the capital of the region.")
     req = [Instance("loglikelihood_rolling", {}, (text,), 0)]
     ours = HomellmLM(model=str(hf_export), ctx=16)
-    hf = lm_eval.api.registry.get_model("hf")(pretrained=str(hf_export), dtype="float32",
-                                              device="cpu", max_length=16)
+    hf = get_model("hf")(pretrained=str(hf_export), dtype="float32", device="cpu", max_length=16)
     assert len(ours.tok_encode(text)) > 2 * 16  # several windows
     np.testing.assert_allclose(ours.loglikelihood_rolling(req, disable_tqdm=True),
                                hf.loglikelihood_rolling(req, disable_tqdm=True), rtol=1e-4)
