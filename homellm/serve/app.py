@@ -15,12 +15,12 @@ import asyncio
 import contextlib
 from typing import Iterable
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 
 import homellm
 from homellm.serve.errors import install_error_handlers
 from homellm.serve.guard import DEFAULT_MAX_BODY, Guard, HostRule
-from homellm.serve.openai_routes import openai_router
+from homellm.serve.openai_routes import api_key_check, openai_router
 from homellm.serve.registry import ModelRegistry
 
 
@@ -53,6 +53,9 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None,
     app.state.api_key = api_key
     install_error_handlers(app)
     app.include_router(openai_router(api_key))
+    from homellm.serve.responses import responses_router
+    auth = [Depends(api_key_check(api_key))]
+    app.include_router(responses_router(auth))
     body_limits: dict[str, int] = {}
     checks = []
     for router in extra_routers:

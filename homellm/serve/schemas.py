@@ -71,3 +71,24 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1)
     response_format: dict | None = None
+
+
+class ResponsesRequest(_Body):
+    """POST /v1/responses (https://platform.openai.com/docs/api-reference/responses/create)."""
+
+    model: str = Field(min_length=1)
+    input: Union[str, list[dict]]
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    tools: list | None = None
+    tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: bool | None = None
+    text: dict | None = None                  # {"format": {"type": "json_schema", ...}}
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    stream: bool | None = False
+    store: bool | None = True
+    metadata: dict | None = None
+    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)  # an extension
+    user: str | None = None
