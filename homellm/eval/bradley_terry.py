@@ -110,6 +110,17 @@ def _kinds(outcomes: list[tuple[str, str, str]]):
     return models, i, j, score, count
 
 
+def _unbounded(st: dict) -> str | None:
+    """"no losses" / "no wins" for a model whose maximum-likelihood rating is infinite (its
+    shown rating comes from the tiny L2 term alone), else None. (Necessary, not sufficient
+    with three or more models: a group that never lost to the others is unbounded too.)"""
+    if st["losses"] + st["ties"] == 0:
+        return "no losses"
+    if st["wins"] + st["ties"] == 0:
+        return "no wins"
+    return None
+
+
 def ratings(outcomes: Iterable[tuple[str, str, str]], *, l2: float = L2) -> dict[str, float]:
     """{model: Elo-scale rating} from (model_a, model_b, vote) battles."""
     outcomes = list(outcomes)
@@ -123,7 +134,8 @@ def ratings(outcomes: Iterable[tuple[str, str, str]], *, l2: float = L2) -> dict
 def leaderboard(outcomes: Iterable[tuple[str, str, str]], *, n_boot: int = N_BOOT,
                 confidence: float = CONFIDENCE, seed: int = 0, l2: float = L2) -> dict:
     """The ratings of every model in `outcomes` ((model_a, model_b, vote) with vote "a", "b",
-    "tie" or "both_bad"), best first, each with its bootstrap interval and its vote counts."""
+    "tie" or "both_bad"), best first, each with its bootstrap interval, its vote counts and
+    `unbounded` ("no losses" / "no wins" when its rating has no finite estimate yet)."""
     outcomes = list(outcomes)
     out = {"battles": len(outcomes), "n_boot": n_boot, "confidence": confidence,
            "scale": SCALE, "base": BASE, "anchor": ANCHOR, "models": []}
@@ -149,7 +161,7 @@ def leaderboard(outcomes: Iterable[tuple[str, str, str]], *, n_boot: int = N_BOO
             st["ties"] += vote in ("tie", "both_bad")
             st["both_bad"] += vote == "both_bad"
     rows = [{"model": m, "rating": float(rating[x]), "ci": [float(low[x]), float(high[x])],
-             **stats[m]} for x, m in enumerate(models)]
+             **stats[m], "unbounded": _unbounded(stats[m])} for x, m in enumerate(models)]
     rows.sort(key=lambda r: (-r["rating"], r["model"]))
     for rank, r in enumerate(rows, 1):
         r["rank"] = rank

@@ -16,7 +16,8 @@ In order, reading only the request line and headers:
 2. Credential (with `--api-key`): every path but the public ones needs
    `Authorization: Bearer KEY`; `/api/*` may instead carry the web app's credential cookie
    (a login session with --auth, or the cookie `POST /api/key-login` sets after checking the
-   key). Public: the page and its static files, `/health` (bare without the key),
+   key). Public: the page (at `/` and its views' addresses, PAGES: static HTML, no data) and
+   its static files, `/health` (bare without the key),
    `GET /api/me`, `POST /api/login`, `/api/setup` and `/api/key-login`. A 401 comes before
    the body is read, so an unauthenticated client cannot make the server parse anything.
    The outcome is left in `scope["state"]["credential"]`: "key", "cookie", "open" (no key
@@ -32,9 +33,10 @@ import secrets
 import socket
 from typing import Awaitable, Callable, Iterable
 
-PUBLIC_EXACT = {("GET", "/"), ("HEAD", "/"), ("GET", "/health"), ("HEAD", "/health"),
-                ("GET", "/api/me"), ("POST", "/api/login"), ("POST", "/api/setup"),
-                ("POST", "/api/key-login")}
+PAGES = ("/", "/arena", "/leaderboard", "/evals")  # the web page, at each of its views' addresses
+PUBLIC_EXACT = {("GET", "/health"), ("HEAD", "/health"), ("GET", "/api/me"),
+                ("POST", "/api/login"), ("POST", "/api/setup"), ("POST", "/api/key-login")} | \
+    {(method, page) for page in PAGES for method in ("GET", "HEAD")}
 PUBLIC_PREFIXES = ("/static/",)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 DEFAULT_MAX_BODY = 8 << 20

@@ -4,8 +4,10 @@
     from homellm.serve.web import web_router
     app = create_app(registry, extra_routers=[web_router(store, auth=False)])
 
-`/` is the page (static/index.html, app.js, app.css: no build step, nothing from a CDN),
-`/api/*` its JSON API (accounts.py, conversations.py, imports.py, replies.py). Without
+`/` is the page (static/index.html, app.js, app.css: no build step, nothing from a CDN; also
+at /arena, /leaderboard and /evals, its other views), `/api/*` its JSON API (accounts.py,
+conversations.py, imports.py, replies.py, arena.py: blind battles and the leaderboard,
+evals.py: the kept eval runs). Without
 `auth` every request is the store's local user; with it, accounts and session cookies
 (context.py).
 With the server's --api-key, /api/* also needs the key or a web credential (guard.py).
@@ -15,9 +17,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from homellm.serve.web.accounts import accounts_router
+from homellm.serve.web.arena import arena_router
 from homellm.serve.web.assets import assets_router
 from homellm.serve.web.context import WebState
 from homellm.serve.web.conversations import conversations_router
+from homellm.serve.web.evals import evals_router
 from homellm.serve.web.imports import imports_router
 from homellm.serve.web.replies import replies_router
 
@@ -38,6 +42,6 @@ def web_router(store, *, auth: bool = False, setup_token: str | None = None) -> 
     router.credential_check = state.has_credential  # for the guard (serve/guard.py)
     router.body_limits = {"/api/import": MAX_IMPORT_BYTES}
     for part in (assets_router(), accounts_router(), conversations_router(), imports_router(),
-                 replies_router()):
+                 replies_router(), arena_router(store), evals_router()):
         router.include_router(part)
     return router

@@ -9,6 +9,8 @@ const S = {
   me: null, csrf: "", models: [], defaultModel: null,
   conv: null, turns: [], context: null, list: [],
   streaming: null,            // {id, controller, stopping}
+  view: "chat",               // the view shown: chat, arena, leaderboard or evals (by address)
+  arena: { battle: null, streaming: null, texts: { a: "", b: "" }, finish: {} },
 };
 
 // ---------------------------------------------------------------- HTTP
@@ -466,7 +468,8 @@ function markActive() {
 }
 
 async function openConversation(id) {
-  if (S.streaming) return;
+  if (S.streaming || S.arena.streaming) return;
+  if (S.view !== "chat") { history.pushState(null, "", "/"); await showView("chat"); }
   showError(null);
   try {
     applyDetail(await api("GET", `/api/conversations/${id}`));
@@ -476,7 +479,8 @@ async function openConversation(id) {
 }
 
 function newChat() {
-  if (S.streaming) return;
+  if (S.streaming || S.arena.streaming) return;
+  if (S.view !== "chat") { go("/"); }
   S.conv = null; S.turns = []; S.context = null;
   $("conv-title").textContent = "New chat";
   $("export-one").hidden = true;
@@ -715,6 +719,218 @@ async function loadUsers() {
   } catch (e) { showError(e); }
 }
 
+// ---------------------------------------------------------------- views
+// One page, four views, each at its own address (the server serves the page at each):
+// / chat, /arena, /leaderboard, /evals. Switching views keeps the chat's state in memory
+// but takes its model names out of the page (the arena's blindness: while a battle is
+// unvoted, no model name is anywhere in the document).
+const VIEWS = { "/": "chat", "/arena": "arena", "/leaderboard": "leaderboard", "/evals": "evals" };
+const viewOf = (path) => VIEWS[path] || "chat";
+
+function go(path) {
+  if (S.streaming || S.arena.streaming) return;
+  if (location.pathname !== path) history.pushState(null, "", path);
+  $("app").classList.remove("side-open");
+  showView(viewOf(path)).catch(showError);
+}
+
+async function showView(view) {
+  S.view = view;
+  for (const v of Object.values(VIEWS)) $(v + "-view").hidden = v !== view;
+  for (const a of $("views").querySelectorAll("a")) {
+    if (a.dataset.view === view) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
+  }
+  if (view !== "leaderboard") $("leaderboard-table").tBodies[0].replaceChildren();
+  if (view === "chat") {
+    if (!S.models.length) {
+      const m = await api("GET", "/api/models");
+      S.models = m.models; S.defaultModel = m.default;
+    }
+    fillSettings(); renderMessages();
+    document.title = "homellm";
+    return;
+  }
+  $("set-model").replaceChildren(); $("messages").replaceChildren(); $("context-use").textContent = "";
+  document.title = `homellm · ${view[0].toUpperCase()}${view.slice(1)}`;
+  if (view === "arena") await openArena();
+  else if (view === "leaderboard") await loadLeaderboard();
+  else await loadEvals();
+}
+
+// ---------------------------------------------------------------- arena
+// A battle: POST /api/arena/battles streams both replies as events labelled "a" / "b";
+// the vote buttons appear when both have finished; the vote's answer names the models.
+function arenaError(e) { $("arena-error").textContent = e ? (e.message || String(e)) : ""; }
+
+async function openArena() {
+  arenaError(null);
+  try {
+    const info = await api("GET", "/api/arena");
+    $("arena-unavailable").hidden = info.ready;
+    $("arena-unavailable").textContent = info.reason || "";
+    $("arena-send").disabled = !info.ready; $("arena-prompt").disabled = !info.ready;
+    $("arena-max-tokens").placeholder = String(info.defaults.max_tokens);
+  } catch (e) { arenaError(e); }
+  renderArena();
+  if (!$("arena-prompt").disabled) $("arena-prompt").focus();
+}
+
+const VOTE_TEXT = { a: "A is better", b: "B is better", tie: "a tie", both_bad: "both are bad" };
+
+function renderArena() {
+  const A = S.arena, b = A.battle;
+  $("arena-question").hidden = !b;
+  $("arena-question").textContent = b ? b.prompt : "";
+  for (const side of ["a", "b"]) {
+    const box = $("arena-" + side);
+    const name = "Model " + side.toUpperCase();
+    box.querySelector(".side-name").textContent = b && b.models ? `${name}: ${b.models[side]}` : name;
+    const body = box.querySelector(".body");
+    body.replaceChildren(markdown(b ? A.texts[side] : ""));
+    const running = !!A.streaming && !A.finish[side];
+    body.classList.toggle("cursor", running);
+    const meta = box.querySelector(".meta");
+    meta.replaceChildren();
+    const f = A.finish[side];
+    if (f === "stopped") meta.appendChild(el("span", "badge stopped", "stopped"));
+    else if (f === "error") meta.appendChild(el("span", "badge", "failed"));
+    else if (f === "length") meta.appendChild(el("span", "badge", "max tokens"));
+    box.classList.toggle("winner", !!b && (b.vote === side));
+  }
+  const votable = !!b && !b.vote && !A.streaming && !!A.finish.a && !!A.finish.b;
+  $("arena-votes").hidden = !votable;
+  $("arena-result").textContent = b && b.vote
+    ? `You voted: ${VOTE_TEXT[b.vote]}. A was ${b.models.a}, B was ${b.models.b}.` : "";
+  $("arena-send").hidden = !!A.streaming; $("arena-stop").hidden = !A.streaming;
+}
+
+// Server-Sent Events from a fetch response: onEvent(name, data) for each one.
+async function readEvents(r, onEvent) {
+  const reader = r.body.getReader(), decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const chunk = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
+      let event = "message", data = "";
+      for (const line of chunk.split("\n")) {
+        if (line.startsWith("event: ")) event = line.slice(7);
+        else if (line.startsWith("data: ")) data += line.slice(6);
+      }
+      onEvent(event, data ? JSON.parse(data) : {});
+    }
+  }
+}
+
+async function battle(ev) {
+  if (ev) ev.preventDefault();
+  const A = S.arena;
+  const prompt = $("arena-prompt").value.trim();
+  if (A.streaming || !prompt || $("arena-send").disabled) return;
+  arenaError(null);
+  const body = { prompt };
+  const max = $("arena-max-tokens").value.trim();
+  if (max) body.max_tokens = parseInt(max, 10);
+  const controller = new AbortController();
+  A.streaming = { id: null, controller };
+  A.battle = null; A.texts = { a: "", b: "" }; A.finish = {};
+  renderArena();
+  try {
+    const r = await fetch("/api/arena/battles", {
+      method: "POST", credentials: "same-origin", signal: controller.signal,
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": S.csrf },
+      body: JSON.stringify(body),
+    });
+    if (!r.ok) {
+      let msg = `HTTP ${r.status}`;
+      try { const d = await r.json(); msg = d.error.message; } catch (e) { /* not JSON */ }
+      throw new Error(msg);
+    }
+    $("arena-prompt").value = "";
+    await readEvents(r, (event, d) => {
+      if (event === "start") { A.battle = d.battle; A.streaming.id = d.battle.id; }
+      else if (event === "delta") A.texts[d.side] += d.text;
+      else if (event === "side_done") A.finish[d.side] = d.finish_reason;
+      else if (event === "error") { A.finish[d.side] = "error"; arenaError(new Error(`${d.side.toUpperCase()}: ${d.error.message}`)); }
+      else if (event === "done") A.battle = d.battle;
+      renderArena();
+    });
+  } catch (e) {
+    if (e.name !== "AbortError") arenaError(e);
+  } finally {
+    const id = A.streaming && A.streaming.id;
+    A.streaming = null;
+    if (id) {  // what the server kept (also after a stop or a broken stream)
+      try {
+        A.battle = await api("GET", `/api/arena/battles/${id}`);
+        for (const side of ["a", "b"]) {
+          A.texts[side] = A.battle.replies[side].text;
+          A.finish[side] = A.battle.replies[side].finish_reason;
+        }
+      } catch (e) { arenaError(e); }
+    }
+    renderArena();
+  }
+}
+
+async function stopBattle() {
+  const s = S.arena.streaming;
+  if (!s) return;
+  if (s.id) {
+    try { await api("POST", `/api/arena/battles/${s.id}/stop`); return; } catch (e) { /* abort below */ }
+  }
+  s.controller.abort();
+}
+
+async function vote(choice) {
+  const b = S.arena.battle;
+  if (!b || b.vote) return;
+  try {
+    S.arena.battle = await api("POST", `/api/arena/battles/${b.id}/vote`, { vote: choice });
+  } catch (e) { arenaError(e); }
+  renderArena();
+}
+
+// ---------------------------------------------------------------- leaderboard and evals
+const round = (x) => (x === null || x === undefined ? "–" : String(Math.round(x)));
+
+async function loadLeaderboard() {
+  $("leaderboard-error").textContent = "";
+  try {
+    const r = await api("GET", "/api/arena/leaderboard");
+    if (S.view !== "leaderboard") return;
+    $("leaderboard-table").tBodies[0].replaceChildren(...r.models.map((m) => {
+      const tr = el("tr"); tr.dataset.model = m.model;
+      for (const text of [String(m.rank), m.model, round(m.rating) + (m.unbounded ? ` (${m.unbounded} yet)` : ""),
+                          `${round(m.ci[0])} – ${round(m.ci[1])}`, String(m.votes),
+                          `${m.wins} / ${m.ties} / ${m.losses}`]) tr.appendChild(el("td", null, text));
+      return tr;
+    }));
+    $("leaderboard-summary").textContent = r.battles
+      ? `${r.battles} vote${r.battles === 1 ? "" : "s"} so far.` : "No votes yet: battle in the Arena.";
+  } catch (e) { $("leaderboard-error").textContent = e.message; }
+}
+
+async function loadEvals() {
+  $("evals-error").textContent = "";
+  try {
+    const r = await api("GET", "/api/evals");
+    $("evals-table").tBodies[0].replaceChildren(...r.runs.map((x) => {
+      const tr = el("tr"); tr.dataset.id = x.id;
+      const details = Object.entries(x.details || {}).map(([k, v]) => `${k} ${typeof v === "number" ? +v.toPrecision(4) : v}`).join(", ");
+      for (const text of [x.date, x.kind, x.model, (x.hash || "").slice(0, 12), x.task, x.metric_text, details])
+        tr.appendChild(el("td", null, text));
+      return tr;
+    }));
+    $("evals-summary").textContent = r.runs.length
+      ? `${r.runs.length} kept run${r.runs.length === 1 ? "" : "s"} (homellm eval report prints the same).`
+      : "No kept eval runs yet: homellm eval ppl, tasks and judge keep theirs under $HOMELLM_HOME/evals.";
+  } catch (e) { $("evals-error").textContent = e.message; }
+}
+
 // ---------------------------------------------------------------- theme
 function applyTheme() {
   const t = localStorage.getItem("homellm-theme");
@@ -736,12 +952,12 @@ async function start() {
   if (S.me.auth && !S.me.user) { showGate(S.me.needs_setup ? "setup" : "login", S.me.setup_token_required); return; }
   $("gate").hidden = true; $("app").hidden = false;
   showAccount();
-  const m = await api("GET", "/api/models");
-  S.models = m.models; S.defaultModel = m.default;
-  fillSettings();
   await loadList();
-  const id = location.hash.slice(1);
-  if (id) await openConversation(id); else newChat();
+  await showView(viewOf(location.pathname));
+  if (S.view === "chat") {
+    const id = location.hash.slice(1);
+    if (id) await openConversation(id); else newChat();
+  }
 }
 
 function wire() {
@@ -762,7 +978,23 @@ function wire() {
   });
   $("settings").addEventListener("submit", saveSettings);
   $("theme-toggle").addEventListener("click", toggleTheme);
-  $("menu").addEventListener("click", () => $("app").classList.toggle("side-open"));
+  for (const b of document.querySelectorAll(".menu"))
+    b.addEventListener("click", () => $("app").classList.toggle("side-open"));
+  for (const a of $("views").querySelectorAll("a")) {
+    a.addEventListener("click", (ev) => { ev.preventDefault(); go(a.getAttribute("href")); });
+  }
+  window.addEventListener("popstate", () => {
+    if (S.me && (!S.me.auth || S.me.user)) showView(viewOf(location.pathname)).catch(showError);
+  });
+  $("arena-composer").addEventListener("submit", battle);
+  $("arena-prompt").addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) battle(ev);
+  });
+  $("arena-stop").addEventListener("click", stopBattle);
+  for (const b of $("arena-votes").querySelectorAll("button"))
+    b.addEventListener("click", () => vote(b.dataset.vote));
+  $("leaderboard-refresh").addEventListener("click", () => loadLeaderboard());
+  $("evals-refresh").addEventListener("click", () => loadEvals());
   $("import-file").addEventListener("change", importFile);
   $("share-feedback").addEventListener("change", async () => {
     try { S.me.user = (await api("PATCH", "/api/me", { share_feedback: $("share-feedback").checked })).user; }
@@ -784,7 +1016,7 @@ function wire() {
   });
   window.addEventListener("hashchange", () => {   // a pasted link, the back button
     const id = location.hash.slice(1);
-    if (S.me && (!S.me.auth || S.me.user) && id && (!S.conv || S.conv.id !== id)) openConversation(id);
+    if (S.me && (!S.me.auth || S.me.user) && S.view === "chat" && id && (!S.conv || S.conv.id !== id)) openConversation(id);
   });
   start().catch(showError);
 }
