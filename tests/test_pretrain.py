@@ -181,3 +181,20 @@ def test_two_processes_under_torchrun_equal_one(corpus, tmp_path, mode):
     wb = load_file(tmp_path / "two" / "model.safetensors")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_projections_equal_the_separate_ones():
+    from homellm.train.pretrain import LMLoss, build_model, fuse_projections, model_args
+    args = model_args(2, 300, 32)
+    x = torch.randint(0, 300, (3, 33), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for fuse in (False, True):
+        model = build_model(args, seed=1)
+        if fuse:
+            fuse_projections(model)
+        loss = LMLoss(model)(x[:, :-1], x[:, 1:])
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-4)
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g, rtol=1e-4, atol=1e-5)

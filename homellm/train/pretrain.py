@@ -59,6 +59,40 @@ def build_model(args: ModelArgs, seed: int, device="cpu") -> nn.Module:
     return model
 
 
+class FusedQKV:
+    """x -> (q, k, v) in one matmul over the three weights concatenated (the gradient flows
+    back through the concatenation to each): one large GEMM instead of three small ones."""
+
+    def __init__(self, attn: nn.Module):
+        self.attn = attn
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
+        a = self.attn
+        w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        b = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+        return F.linear(x, w, b).split(
+            [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features], dim=-1)
+
+
+class FusedGateUp:
+    """x -> silu(gate_proj(x)) * up_proj(x), the two projections in one matmul."""
+
+    def __init__(self, mlp: nn.Module):
+        self.mlp = mlp
+
+    def __call__(self, x: Tensor) -> Tensor:
+        m = self.mlp
+        gate, up = F.linear(x, torch.cat([m.gate_proj.weight, m.up_proj.weight])).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Train through the fused paths model/llama.py offers (qkv_proj, gate_up_proj)."""
+    for layer in model.model.layers:
+        layer.self_attn.qkv_proj = FusedQKV(layer.self_attn)
+        layer.mlp.gate_up_proj = FusedGateUp(layer.mlp)
+
+
 def estimate_peak_flops(device: torch.device, dtype: str, threads: int) -> float:
     """A rough peak FLOP/s for MFU: a GPU's bf16/fp32 dense rate from its name, or a CPU's
     cores x clock x FLOPs per cycle (FMA units x SIMD lanes; x2 for AVX512-BF16 dot products)."""
@@ -259,6 +293,8 @@ def pretrain(config: PretrainConfig, progress=None, resume: bool = False,
     warmup = math.ceil(config.warmup * total) if config.warmup < 1 else int(config.warmup)
 
     model = build_model(args, config.seed, procs.device)
+    if config.fuse:
+        fuse_projections(model)
     model.train()
     amp = torch.bfloat16 if config.dtype == "bfloat16" else None
     module: nn.Module = LMLoss(model, amp)
