@@ -1,7 +1,9 @@
 """The web app in real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright's
 sync API) against a live server with the default model: chat, stop, regenerate, edit and
 walk branches, rate, reload and find it all; XSS shows as text and runs nothing; phone
-width and dark mode; with --auth a second user cannot reach the first one's conversation."""
+width and dark mode; with --auth a second user cannot reach the first one's conversation;
+the /evals view and the arena's notice on a one-model server (the arena itself, with two
+models and two accounts: test_arena.py)."""
 from __future__ import annotations
 
 import json
@@ -464,3 +466,52 @@ def test_setup_token_and_the_admins_unlock(browser, tmp_path, default_gguf):
         ctx.close()
     finally:
         s.close()
+
+
+def test_evals_page_shows_the_kept_runs(browser, server, tmp_path, monkeypatch):
+    from homellm.eval.report import format_table, metric_text, report_rows
+    from homellm.eval.results import load_runs, record
+    monkeypatch.setenv("HOMELLM_HOME", str(tmp_path))     # the server reads it per request
+    ctx, page, watch = open_page(browser, f"{server.url}/evals")
+    page.wait_for_selector("#evals-summary >> text=No kept eval runs yet")
+    assert page.title() == "homellm · Evals" and page.is_hidden("#chat-view")
+    run = record("ppl", model="smollm2:135m", model_hash="0123456789abcdef", task="wiki.txt",
+                 settings={"ctx": 512}, metrics={"ppl": 18.25, "ppl_err": 0.375, "bpb": 0.93})
+    record("judge", model="smollm2:135m", model_hash="0123456789abcdef", task="mt.jsonl",
+           settings={"opponent": "mine:sft"},
+           metrics={"win_rate": 0.625, "win_rate_ci": [0.5, float("nan")], "wins": 5})
+    page.click("#evals-refresh")
+    page.wait_for_selector("#evals-table tbody tr >> nth=1")
+    rows = report_rows(load_runs())                         # what `homellm eval report` prints
+    table = format_table(rows)
+    cells = page.locator(f"#evals-table tbody tr[data-id='{run.id}'] td").all_inner_texts()
+    assert cells[:6] == [rows[0]["date"], "ppl", "smollm2:135m", "0123456789ab", "wiki.txt",
+                         metric_text(rows[0])]
+    assert cells[5] == "ppl 18.25 ± 0.375" and cells[5] in table and cells[6] == "bpb 0.93, ctx 512"
+    judge = page.locator("#evals-table tbody tr").nth(1).locator("td").all_inner_texts()
+    assert judge[1] == "judge" and judge[5].startswith("win_rate 0.625")   # NaN: no 500
+    assert page.locator("#evals-summary").inner_text().startswith("2 kept runs")
+    # the views are one page: the nav goes back to the chat, whose parts come back
+    page.click("#views a[data-view='chat']")
+    page.wait_for_selector("#chat-view:not([hidden])")
+    assert page.evaluate("location.pathname") == "/" and page.locator("#set-model option").count() == 1
+    assert watch.errors == [] and watch.dialogs == []
+    ctx.close()
+
+
+def test_arena_says_it_needs_two_models(browser, server):
+    ctx, page, watch = open_page(browser, f"{server.url}/arena")
+    page.wait_for_selector("#arena-unavailable:not([hidden])")
+    assert "at least two served models; this server has 1" in \
+        page.locator("#arena-unavailable").inner_text()
+    assert page.is_disabled("#arena-send") and page.is_disabled("#arena-prompt")
+    status = page.evaluate("""async () => { const me = await (await fetch('/api/me')).json();
+        const r = await fetch('/api/arena/battles', {method: 'POST', body: '{"prompt": "hi"}',
+            headers: {'X-CSRF-Token': me.csrf_token, 'Content-Type': 'application/json'}});
+        return [r.status, (await r.json()).error.code]; }""")
+    assert status == [409, "arena_needs_two_models"]
+    page.click("#views a[data-view='leaderboard']")
+    page.wait_for_selector("#leaderboard-summary >> text=No votes yet")
+    assert page.evaluate("location.pathname") == "/leaderboard"
+    assert all("409" in e for e in watch.errors), watch.errors
+    ctx.close()
