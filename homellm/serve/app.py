@@ -53,9 +53,13 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None,
     app.state.api_key = api_key
     install_error_handlers(app)
     app.include_router(openai_router(api_key))
+    from homellm.serve.embeddings import embeddings_router
+    from homellm.serve.ollama_routes import ollama_router
     from homellm.serve.responses import responses_router
     auth = [Depends(api_key_check(api_key))]
     app.include_router(responses_router(auth))
+    app.include_router(embeddings_router(auth))
+    app.include_router(ollama_router(auth))
     body_limits: dict[str, int] = {}
     checks = []
     for router in extra_routers:

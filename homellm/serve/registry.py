@@ -120,6 +120,7 @@ class ModelRegistry:
         self.config = config or ServeConfig()
         self.budget = self.config.memory_budget_bytes or machine_memory_bytes() * 3 // 4
         self.loaded: dict[str, LoadedModel] = {}
+        self.keep_alive: dict[str, float] = {}  # per-model keep_alive_s set by requests
         self.loads = self.unloads = 0
         self._lock = threading.Lock()        # guards `loaded`
         self._load_lock = threading.Lock()   # one load at a time
@@ -265,14 +266,19 @@ class ModelRegistry:
         release_free_heap()
         return True
 
+    def keep_alive_of(self, mid: str) -> float:
+        """Seconds model `mid` stays loaded once idle: its own (a request's keep_alive, as
+        Ollama's API sets it) or the server's."""
+        return self.keep_alive.get(mid, self.config.keep_alive_s)
+
     def unload_idle(self) -> list[str]:
         """Unload models idle for longer than keep_alive; returns their ids."""
-        keep = self.config.keep_alive_s
-        if keep < 0:
-            return []
         with self._lock:
-            stale = [m.id for m in self.loaded.values() if m.idle_s > keep or
-                     (keep == 0 and m.idle_s > 0)]
+            stale = []
+            for m in self.loaded.values():
+                keep = self.keep_alive_of(m.id)
+                if keep >= 0 and (m.idle_s > keep or (keep == 0 and m.idle_s > 0)):
+                    stale.append(m.id)
         return [mid for mid in stale if self.unload(mid)]
 
     async def reap_forever(self, every_s: float = 1.0):
