@@ -469,9 +469,16 @@ static void pool_run(const job_t *j, int want) {
     const uint64_t key = job_kind(j);
     int team = pick_team(want);
     if (team > P.created + 1) grow_workers(team);
-    if (team > P.created + 1) team = P.created + 1;
-    P.stats[ST_JOBS]++;
     const int64_t t0 = now_ns();
+    if (team > P.created + 1) {  /* the system gave fewer threads: no trial of more */
+        team = P.created + 1;
+        if (P.trial > team) {
+            P.trial = 0;
+            arm_clear(0); arm_clear(1);
+            P.up_gap = doubled(P.up_gap); P.up_at = t0 + P.up_gap;
+        }
+    }
+    P.stats[ST_JOBS]++;
     if (team == 1) {
         run_inline(j);
         const int64_t t1 = now_ns();
