@@ -41,10 +41,6 @@ def shingles(text: str, n: int = SHINGLE) -> list[bytes]:
     return [" ".join(words[i:i + n]).encode("utf-8") for i in range(len(words) - n + 1)]
 
 
-def _crc32(data: bytes) -> int:
-    return zlib.crc32(data)
-
-
 class NearDedup:
     """`seen(key, text)` -> True when `text` is a near copy of a document added before
     (estimated Jaccard similarity of word 5-grams >= threshold); else adds it and says False."""
@@ -66,10 +62,10 @@ class NearDedup:
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
         self.signatures: dict = {}
         # one MinHash's permutations, copied into every new MinHash (made once, not per document)
-        self._template = MinHash(num_perm=num_perm, seed=seed, hashfunc=_crc32, scheme=SCHEME)
+        self._template = MinHash(num_perm=num_perm, seed=seed, hashfunc=zlib.crc32, scheme=SCHEME)
 
     def signature(self, text: str):
-        m = self._minhash(num_perm=self.num_perm, seed=self.seed, hashfunc=_crc32,
+        m = self._minhash(num_perm=self.num_perm, seed=self.seed, hashfunc=zlib.crc32,
                           permutations=self._template.permutations, scheme=SCHEME)
         m.update_batch(shingles(text))
         return m

@@ -143,12 +143,14 @@ def read_recipe(path: Path) -> dict:
 
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f\u200b\ufeff]")
 _BREAKS = re.compile(r"\r\n?|[\x0b\x0c\u2028\u2029\x85]")
-_SPACES = re.compile(r"[^\S\n\t]")  # every whitespace but newline and tab (then ' ')
+_SPACES = re.compile(r"[^\S \n\t]")  # every whitespace but ' ', newline and tab (then ' ')
 _TRAILING = re.compile(r"[ \t]+\n")
 _BLANKS = re.compile(r"\n{3,}")
 _NOT_LETTER = re.compile(r"[\W\d_]+")
 _NON_SPACE = re.compile(r"\s+")
 _WORDS = re.compile(r"\w+")
+_ASCII_SPACE = b" \t\n\r\x0b\x0c"
+_ASCII_LETTERS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def normalize(text: str) -> str:
@@ -169,8 +171,13 @@ def filter_reason(text: str, f: Filters) -> str | None:
         return "too short"
     if n > f.max_chars:
         return "too long"
-    visible = len(_NON_SPACE.sub("", text))
-    letters = len(_NOT_LETTER.sub("", text))
+    if text.isascii():  # bytes.translate deletes at C speed (the regexes below: ~1 MB/s)
+        raw = text.encode("ascii")
+        visible = len(raw.translate(None, _ASCII_SPACE))
+        letters = len(raw) - len(raw.translate(None, _ASCII_LETTERS))
+    else:
+        visible = len(_NON_SPACE.sub("", text))
+        letters = len(_NOT_LETTER.sub("", text))
     if letters < f.min_letters * visible:
         return "not prose (few letters)"
     lines = [ln for ln in text.split("\n") if ln.strip()]
