@@ -366,7 +366,8 @@ def test_battles_votes_and_the_leaderboard_over_http(arena):
 
     info = get(alice, "/api/arena").json()
     assert info["ready"] is True and info["models"] == 2
-    assert get(alice, "/api/arena/leaderboard").json()["models"] == []
+    before = Battles(arena.store.db).outcomes()        # votes of this module's other tests
+    assert alice.get("/api/arena/leaderboard").json()["battles"] == len(before)
     raw, events = run_battle(alice, "Name three colors.")
     seen.append(("POST /api/arena/battles", raw))
     kinds = [e for e, _ in events]
@@ -408,10 +409,13 @@ def test_battles_votes_and_the_leaderboard_over_http(arena):
     bad = alice.post(f"/api/arena/battles/{bid}/vote", json={"vote": "c"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "vote"
     board = alice.get("/api/arena/leaderboard").json()
-    assert board["battles"] == 1
-    top, second = board["models"]
-    assert (top["model"], second["model"]) == (models["a"], models["b"])
-    assert (top["wins"], second["losses"], top["unbounded"]) == (1, 1, "no losses")
+    assert board["battles"] == len(before) + 1
+    assert {r["model"]: r["rating"] for r in board["models"]} == pytest.approx(
+        ratings(before + [(models["a"], models["b"], "a")]))
+    if not before:
+        top, second = board["models"]
+        assert (top["model"], second["model"]) == (models["a"], models["b"])
+        assert (top["wins"], second["losses"], top["unbounded"]) == (1, 1, "no losses")
 
     # bob's battle, voted "both bad": the leaderboard follows (a tie: half a win each)
     raw, events = run_battle(bob, "What is 2 + 2?")
@@ -421,12 +425,12 @@ def test_battles_votes_and_the_leaderboard_over_http(arena):
     bob_models = bob.post(f"/api/arena/battles/{bob_bid}/vote",
                           json={"vote": "both_bad"}).json()["models"]
     board = bob.get("/api/arena/leaderboard").json()
-    assert board["battles"] == 2
-    expected = ratings([(models["a"], models["b"], "a"),
-                        (bob_models["a"], bob_models["b"], "both_bad")])
-    assert {r["model"]: r["rating"] for r in board["models"]} == pytest.approx(expected)
-    assert {r["model"]: (r["ties"], r["both_bad"]) for r in board["models"]} == \
-        {"smollm2:135m": (1, 1), RIVAL: (1, 1)}
+    assert board["battles"] == len(before) + 2
+    now = before + [(models["a"], models["b"], "a"), (bob_models["a"], bob_models["b"], "both_bad")]
+    assert {r["model"]: r["rating"] for r in board["models"]} == pytest.approx(ratings(now))
+    bad = sum(v == "both_bad" for _, _, v in now)
+    assert {r["model"]: r["both_bad"] for r in board["models"]} == {"smollm2:135m": bad,
+                                                                     RIVAL: bad}
 
     # the exports: alice's vote, as a battle record and as a DPO pair (her battle only)
     saved = alice.get(f"/api/arena/battles/{bid}").json()["replies"]
@@ -435,18 +439,80 @@ def test_battles_votes_and_the_leaderboard_over_http(arena):
     assert "attachment" in r.headers["content-disposition"]
     pairs = [json.loads(x) for x in r.text.splitlines()]
     complete = all(saved[s]["text"].strip() for s in "ab")
-    assert pairs == ([{"prompt": [{"role": "user", "content": "Name three colors."}],
-                       "chosen": [{"role": "assistant", "content": saved["a"]["text"]}],
-                       "rejected": [{"role": "assistant", "content": saved["b"]["text"]}]}]
-                     if complete else [])
-    records = [json.loads(x) for x in alice.get("/api/arena/export").text.splitlines()]
-    assert [(x["battle_id"], x["winner"], x["model_a"], x["judge"]) for x in records] == \
-        [(bid, "model_a", models["a"], "alice")]
+    pair = {"prompt": [{"role": "user", "content": "Name three colors."}],
+            "chosen": [{"role": "assistant", "content": saved["a"]["text"]}],
+            "rejected": [{"role": "assistant", "content": saved["b"]["text"]}]}
+    assert pairs.count(pair) == (1 if complete else 0)
+    text = alice.get("/api/arena/export").text
+    records = [json.loads(x) for x in text.splitlines()]
+    mine = [x for x in records if x["battle_id"] == bid]
+    assert [(x["winner"], x["model_a"], x["model_b"], x["judge"]) for x in mine] == \
+        [("model_a", models["a"], models["b"], "alice")]
+    assert all(x["judge"] == "alice" for x in records) and bob_bid not in text
     assert bob.get("/api/arena/export?shared=true").status_code == 403
     shared = alice.get("/api/arena/export?shared=true")   # nobody opted in to share
     assert shared.status_code == 200 and shared.text == ""
     alice.close()
     bob.close()
+
+
+@pytest.mark.slow
+def test_stop_and_a_client_gone_keep_both_replies_as_stopped(arena):
+    alice, again = arena.login("alice", "alice-pass-1"), arena.login("alice", "alice-pass-1")
+    body = {"prompt": "Write a long story about a dragon.", "max_tokens": 300, "temperature": 1}
+    with alice.stream("POST", "/api/arena/battles", json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        start = json.loads(next(x for x in lines if x.startswith("data: "))[6:])
+        bid = start["battle"]["id"]
+        next(x for x in lines if x.startswith("event: delta"))
+        assert again.post(f"/api/arena/battles/{bid}/stop").json() == {"stopped": True,
+                                                                        "battle_id": bid}
+        rest = "\n".join(lines)
+    assert_blind(rest, arena.secrets, "a stopped battle")
+    done = json.loads(rest.split("event: done\ndata: ")[1].split("\n")[0])["battle"]
+    finish = {s: done["replies"][s]["finish_reason"] for s in "ab"}
+    assert "stopped" in finish.values() and set(finish.values()) <= {"stopped", "stop"}
+    assert all(done["replies"][s]["completion_tokens"] < 300 for s in "ab")
+    # stopped replies can still be voted on, and are left out of the DPO export
+    assert alice.post(f"/api/arena/battles/{bid}/vote", json={"vote": "b"}).status_code == 200
+    assert bid not in alice.get("/api/arena/export?format=dpo").text
+    # the client going away mid-stream: what was streamed is kept, marked stopped
+    with alice.stream("POST", "/api/arena/battles", json=body) as r:
+        lines = r.iter_lines()
+        bid = json.loads(next(x for x in lines if x.startswith("data: "))[6:])["battle"]["id"]
+        next(x for x in lines if x.startswith("event: delta"))
+    user = arena.store.user_by_name("alice")
+    for _ in range(100):
+        b = Battles(arena.store.db).get(user, bid)
+        if b.finished:
+            break
+        time.sleep(0.1)
+    assert b.finished and "stopped" in (b.finish_a, b.finish_b) and b.vote is None
+    # a prompt no model can take: refused before anything is stored, naming no model
+    n = len(Battles(arena.store.db).recent(user))
+    r = alice.post("/api/arena/battles", json={"prompt": "word " * 3000, "max_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert_blind(r.text, arena.secrets, "a refused battle")
+    assert len(Battles(arena.store.db).recent(user)) == n
+    alice.close()
+    again.close()
+
+
+def test_errors_of_a_side_name_no_model(rival_gguf, default_gguf):
+    from homellm.serve import ModelRegistry
+    from homellm.serve.errors import APIError
+    from homellm.serve.web.arena import hidden
+    registry = ModelRegistry({"smollm2:135m": default_gguf, RIVAL: rival_gguf},
+                             aliases={"smollm2": "smollm2:135m", "rival": RIVAL})
+    e = APIError(500, f"model {RIVAL!r} could not be loaded: {rival_gguf}: truncated; "
+                 f"{rival_gguf.name} ({rival_gguf.stem}), not smollm2:135m or smollm2",
+                 type="server_error", code="model_load_failed", headers={"Retry-After": "1"})
+    h = hidden(e, registry, {"a": "smollm2:135m", "b": RIVAL})
+    assert h.message == "model 'model B' could not be loaded: model B: truncated; model B " \
+        "(model B), not model A or model A"
+    assert (h.status, h.code, h.type, h.headers) == (500, "model_load_failed", "server_error",
+                                                     {"Retry-After": "1"})
 
 
 @pytest.mark.slow
@@ -484,10 +550,11 @@ def _battle_in_page(page, prompt):
 
 
 def _arena_in_chromium(browser, arena):
+    before = Battles(arena.store.db).outcomes()        # votes of this module's other tests
     ctx, page, watch, bodies = _login(browser, arena, "alice", "alice-pass-1")
     assert page.url.endswith("/arena") and page.title() == "homellm · Arena"
     assert page.is_hidden("#arena-unavailable")
-    shown = _battle_in_page(page, "Name three colors.")
+    shown = _battle_in_page(page, "Name two fruits.")
     # before the vote: no model name anywhere in the document (text, attributes, hidden
     # parts), nor in any arena response the page received
     assert_blind(page.content(), arena.secrets, "the page before the vote")
@@ -510,19 +577,25 @@ def _arena_in_chromium(browser, arena):
         {method: 'POST', headers: {'X-CSRF-Token': S.csrf, 'Content-Type': 'application/json'},
          body: JSON.stringify({vote: 'b'})})).status""", bid)
     assert status == 409
-    # the leaderboard: both models, the voted one first
+    # the leaderboard: both models, in the order of their ratings
     page.click("#views a[data-view='leaderboard']")
     page.wait_for_selector("#leaderboard-table tbody tr >> nth=1")
+    now = ratings(before + [(battle.model_a, battle.model_b, "a")])
     rows = page.locator("#leaderboard-table tbody tr")
-    assert rows.nth(0).get_attribute("data-model") == battle.model_a
-    assert page.locator("#leaderboard-summary").inner_text().startswith("1 vote so far")
+    assert [rows.nth(i).get_attribute("data-model") for i in range(2)] == \
+        sorted(now, key=lambda m: -now[m])
+    assert rows.nth(0).locator("td").nth(2).inner_text().split()[0] == \
+        str(round(max(now.values())))
+    assert page.locator("#leaderboard-summary").inner_text().startswith(
+        f"{len(before) + 1} vote{'s' if before else ''} so far")
     with page.expect_download() as info:
         page.click("#arena-export-dpo")
     exported = [json.loads(x) for x in info.value.path().read_text().splitlines()]
-    if battle.reply_a.strip() and battle.reply_b.strip():
-        assert exported == [{"prompt": [{"role": "user", "content": "Name three colors."}],
-                             "chosen": [{"role": "assistant", "content": battle.reply_a}],
-                             "rejected": [{"role": "assistant", "content": battle.reply_b}]}]
+    pair = {"prompt": [{"role": "user", "content": "Name two fruits."}],
+            "chosen": [{"role": "assistant", "content": battle.reply_a}],
+            "rejected": [{"role": "assistant", "content": battle.reply_b}]}
+    assert exported.count(pair) == (1 if battle.reply_a.strip() and battle.reply_b.strip()
+                                    else 0)
     # back to the arena (browser history): the voted battle still shows its names
     page.go_back()
     page.wait_for_selector("#arena-view:not([hidden])")
@@ -545,9 +618,9 @@ def _arena_in_chromium(browser, arena):
     assert "Model B: " in page2.locator("#arena-b .side-name").inner_text()
     # alice's leaderboard follows bob's vote
     page.click("#views a[data-view='leaderboard']")
-    page.wait_for_selector("#leaderboard-summary >> text=2 votes so far")
+    page.wait_for_selector(f"#leaderboard-summary >> text={len(before) + 2} votes so far")
     votes = page.locator("#leaderboard-table tbody tr td:nth-child(5)").all_inner_texts()
-    assert votes == ["2", "2"]
+    assert votes == [str(len(before) + 2)] * 2
     assert watch.dialogs == [] and watch2.dialogs == []
     # only the refused requests made on purpose (Chromium logs a 4xx as a console error)
     assert all("409" in e for e in watch.errors), watch.errors
