@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf_fixtures import TINY_LLAMA, write_tiny_gguf
 
 from homellm.cli.main import main as cli
 from homellm.eval import ppl
@@ -68,6 +69,7 @@ def full_kld(p_logits: torch.Tensor, q_logits: torch.Tensor) -> np.ndarray:
     return (lp.exp() * (lp - lq)).sum(-1).numpy()
 
 
+@pytest.mark.slow
 def test_perplexity_equals_the_pytorch_reference(default_gguf, monkeypatch):
     from homellm.api import load
     monkeypatch.setenv("HOMELLM_RUNTIME", "torch")
@@ -218,10 +220,6 @@ def test_kld_q8_0_is_below_q4_1_against_f16(default_gguf, text_file, homellm_hom
 def test_adapter_and_model_lists(tmp_path, homellm_home, capsys):
     """tiny.gguf,tiny.gguf+ADAPTER: the base on the C runtime, the adapter on PyTorch, each
     equal to the recipe on its own network's full logits."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).parent))
-    from gguf_fixtures import TINY_LLAMA, write_tiny_gguf
-
     from homellm.api import load
     from homellm.train.adapter import save_adapter
     from homellm.train.config import LoraConfig
