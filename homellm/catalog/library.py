@@ -13,8 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from homellm.catalog.manifest import (MANIFEST, OWNER_FILE, ModelEntry, read_manifest,
-                                      write_manifest)
+from homellm.catalog.manifest import MANIFEST, ModelEntry, read_manifest, write_manifest
 from homellm.errors import HomellmError, ModelFileError, ModelNotFoundError
 
 DEFAULT_NAME = "smollm2:135m"
@@ -35,7 +34,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(:[A-Za-z0-9_][A-Za-z0-9._-]*)?")
 _LEGACY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(:[A-Za-z0-9._-]+)?")  # before the rule above
 RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
 STAGING_PREFIX = ".pull-"
-STALE_UNOWNED_S = 3600  # a staging folder without an owner file (a crash right at its start)
+TRASH_PREFIX = ".rm-"
+STALE_UNOWNED_S = 24 * 3600  # a staging folder of an older homellm, without its owner's pid
 
 
 def home() -> Path:
@@ -142,7 +142,7 @@ def get(name: str) -> ModelEntry:
 def rm(name: str) -> ModelEntry:
     """Delete a model's folder; returns the entry that was removed."""
     entry = get(name)
-    trash = owned_tempdir(".rm-")
+    trash = owned_tempdir(TRASH_PREFIX)
     try:
         os.replace(entry.folder, trash / "model")  # one rename: the name is gone at once
     except OSError as e:
@@ -227,12 +227,17 @@ def _start_time(pid: int) -> str | None:
 
 
 def _owner_alive(folder: Path) -> bool | None:
-    """Whether the process that made a staging folder still runs (None: no owner file)."""
-    try:
-        pid_text, _, started = (folder / OWNER_FILE).read_text().strip().partition(" ")
-        pid = int(pid_text)
-    except (OSError, ValueError):
+    """Whether the process that made a staging or trash folder still runs, from its name
+    (`.pull-<pid>-<start time>-<random>`); None for a name without them (an older homellm)."""
+    for prefix in (STAGING_PREFIX, TRASH_PREFIX):
+        if folder.name.startswith(prefix):
+            parts = folder.name[len(prefix):].split("-")
+            break
+    else:
         return None
+    if len(parts) < 3 or not parts[0].isdigit() or not parts[1].isdigit():
+        return None
+    pid, started = int(parts[0]), parts[1]
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -240,21 +245,21 @@ def _owner_alive(folder: Path) -> bool | None:
     except (PermissionError, OSError):
         pass  # someone else's process: alive
     now = _start_time(pid)
-    return now is None or not started or now == started
+    return now is None or started == "0" or now == started
 
 
 def owned_tempdir(prefix: str) -> Path:
-    """An empty hidden folder in models/ whose owner file names this process, so that a
-    later pull can tell it was left by a process that no longer runs (and delete it)."""
+    """An empty hidden folder in models/ whose name carries this process's pid and start
+    time, so that a later pull can tell it was left by a process that no longer runs (and
+    delete it). The folder itself stays empty: writers may fill or replace it whole."""
     root = models_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(dir=root, prefix=prefix))
-        (folder / OWNER_FILE).write_text(f"{os.getpid()} {_start_time(os.getpid()) or ''}\n")
+        return Path(tempfile.mkdtemp(dir=root, prefix=f"{prefix}{os.getpid()}-"
+                                                      f"{_start_time(os.getpid()) or 0}-"))
     except OSError as e:
         raise HomellmError(f"cannot write the model catalog in {root} ({e.strerror or e}); set "
                            f"HOMELLM_HOME to a writable folder (now {home()})") from None
-    return folder
 
 
 def clean_stale() -> list[Path]:
@@ -264,10 +269,10 @@ def clean_stale() -> list[Path]:
     if not root.is_dir():
         return gone
     for old in root.glob(".*-*"):
-        if not old.name.startswith((STAGING_PREFIX, ".rm-")) or not old.is_dir():
+        if not old.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) or not old.is_dir():
             continue
         alive = _owner_alive(old)
-        if alive is None:  # no owner file: made by an older homellm, or killed at once
+        if alive is None:  # no owner in the name: made by an older homellm
             try:
                 alive = old.stat().st_mtime > time.time() - STALE_UNOWNED_S
             except OSError:
@@ -293,9 +298,8 @@ def commit(staging: Path, entry: ModelEntry, force: bool = False) -> ModelEntry:
     if target.exists():
         if not force:
             raise name_taken(entry.name)
-        old = owned_tempdir(".rm-")
+        old = owned_tempdir(TRASH_PREFIX)
         os.replace(target, old / "model")
-    (staging / OWNER_FILE).unlink(missing_ok=True)
     os.replace(staging, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -18,7 +18,6 @@ from pathlib import Path
 from homellm.errors import ModelFileError
 
 MANIFEST = "manifest.json"
-OWNER_FILE = ".owner"  # in a staging folder: "<pid> <process start time>" of the pull that made it
 MANIFEST_VERSION = 1
 TEMPLATE_CHARS = 64_000  # a chat template longer than this is cut in the manifest (the file keeps it)
 
@@ -105,7 +104,7 @@ def files_of(folder: Path) -> list[dict]:
     out = []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).as_posix()
-        if p.is_file() and rel not in (MANIFEST, OWNER_FILE) and not rel.startswith(".cache/"):
+        if p.is_file() and rel != MANIFEST and not rel.startswith(".cache/"):
             out.append({"path": rel, "size": p.stat().st_size})
     return out
 
