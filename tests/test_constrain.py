@@ -35,7 +35,7 @@ SPACE = "\u2581"
 SCHEMA = {"type": "object",
           "properties": {"a": {"type": "integer"}, "b": {"enum": ["é", "x"]}, "c": {"type": "boolean"}},
           "required": ["a", "b", "c"], "additionalProperties": False}
-WS = rb"[ \t\n\r]{0,32}"   # constrain.JSON_WHITESPACE: a bounded run of JSON whitespace
+WS = rb"(?:\r?\n)?[ \t]{0,32}"   # constrain.JSON_WHITESPACE: one line break at most, then indentation
 LANGUAGE = regex.compile(
     rb"\{" + WS + rb'"a"' + WS + rb":" + WS + rb"-?(?:0|[1-9][0-9]*)" + WS + rb"," + WS
     + rb'"b"' + WS + rb":" + WS + rb'(?:"\xc3\xa9"|"x")' + WS + rb"," + WS

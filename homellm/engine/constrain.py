@@ -36,11 +36,12 @@ from collections.abc import Mapping
 import llguidance
 import numpy as np
 
-# A whitespace run between JSON tokens: space, newline, carriage return, tab, at most 32 of
-# them. Unbounded whitespace (llguidance's default) lets a small model emit newlines until
-# max_tokens; llama.cpp's json.gbnf bounds it likewise. A schema's top-level "x-guidance"
-# object may override this (llguidance applies defaults, then x-guidance).
-JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{1,32}"
+# The whitespace between JSON tokens: at most one line break (CR LF or LF), then at most 32
+# spaces or tabs of indentation. Unbounded whitespace (llguidance's default) lets a small model
+# emit blank lines until max_tokens; llama.cpp's json.gbnf bounds it likewise. Pretty-printed
+# JSON (one item a line, indented) still fits. A schema's top-level "x-guidance" object may
+# override this (llguidance applies defaults, then x-guidance).
+JSON_WHITESPACE = r"(\x0D?\x0A)?[\x20\x09]{0,32}"
 JSON_OBJECT_SCHEMA = {"type": "object"}   # what {"type": "json_object"} means: any JSON object
 LARK_PREFIX = "%lark\n"  # cache keys of Lark grammars (a schema's JSON text never starts so)
 SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")   # OpenAI's rule for json_schema.name
@@ -114,6 +115,7 @@ def compile_response_format(tokenizer, response_format) -> Grammar | None:
     if depth > SCHEMA_MAX_DEPTH:
         raise ValueError(f"{field}: nested more than {SCHEMA_MAX_DEPTH} levels deep "
                          f"(at most {SCHEMA_MAX_DEPTH} are supported)")
+    schema = closed_objects(schema)
     try:
         key = json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -124,12 +126,13 @@ def compile_response_format(tokenizer, response_format) -> Grammar | None:
 def lark_json(schema) -> str:
     """`%json {...}`: a JSON Schema inside a Lark grammar (llguidance), with our bounded
     whitespace (the schema's own "x-guidance" wins). ValueError if it cannot be JSON."""
-    if isinstance(schema, Mapping):
-        guidance = {"whitespace_pattern": JSON_WHITESPACE, **dict(schema.get("x-guidance") or {})}
-        schema = {**schema, "x-guidance": guidance}
     depth = _nesting_depth(schema, SCHEMA_MAX_DEPTH)
     if depth > SCHEMA_MAX_DEPTH:
         raise ValueError(f"nested more than {SCHEMA_MAX_DEPTH} levels deep")
+    schema = closed_objects(schema)
+    if isinstance(schema, Mapping):
+        guidance = {"whitespace_pattern": JSON_WHITESPACE, **dict(schema.get("x-guidance") or {})}
+        schema = {**schema, "x-guidance": guidance}
     try:
         return "%json " + json.dumps(schema, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -140,6 +143,44 @@ def compile_lark(tokenizer, lark: str, field: str) -> Grammar:
     """A compiled Lark grammar (llguidance's dialect: `%json {schema}`, `<[token id]>`) for
     `tokenizer`, cached like schemas; ValueError naming `field` if it cannot be followed."""
     return _grammars_for(tokenizer).get(LARK_PREFIX + lark, field)
+
+
+# Keywords whose values are schemas (or maps / lists of schemas), where closed_objects walks.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SCHEMA_ONES = ("items", "additionalProperties", "not", "if", "then", "else", "contains",
+                "propertyNames", "unevaluatedProperties", "additionalItems")
+
+
+def closed_objects(schema):
+    """`schema` with `"additionalProperties": false` on every object schema that lists
+    `properties` and says nothing about other keys, as llama.cpp's json-schema-to-grammar does
+    by default: a small model otherwise invents keys after the listed ones until max_tokens,
+    instead of closing the object. What it generates still validates against the original
+    schema. Under `allOf` nothing is closed (each branch lists only some of the keys).
+    A copy; the input is not changed. Iterative (schemas may nest deeply)."""
+    if not isinstance(schema, Mapping):
+        return schema
+    root = dict(schema)
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node.get("properties"), Mapping) and "additionalProperties" not in node \
+                and "unevaluatedProperties" not in node and node.get("type", "object") == "object":
+            node["additionalProperties"] = False
+        for key in _SCHEMA_MAPS:
+            if isinstance(node.get(key), Mapping):
+                node[key] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in node[key].items()}
+                stack.extend(v for v in node[key].values() if isinstance(v, dict))
+        for key in _SCHEMA_LISTS:
+            if isinstance(node.get(key), list):
+                node[key] = [dict(v) if isinstance(v, Mapping) else v for v in node[key]]
+                stack.extend(v for v in node[key] if isinstance(v, dict))
+        for key in _SCHEMA_ONES:
+            if isinstance(node.get(key), Mapping):
+                node[key] = dict(node[key])
+                stack.append(node[key])
+    return root
 
 
 class Grammar:
