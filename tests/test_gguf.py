@@ -658,3 +658,83 @@ def test_tokenizer_field_types(tmp_path):
     assert types[p + "bos_token_id"] == [V.UINT32] and types[p + "eot_token_id"] == [V.UINT32]
     assert types[p + "add_bos_token"] == [V.BOOL] and types[p + "model"] == [V.STRING]
     assert read_gguf(path).tokenizer.gguf_fields == fields
+
+
+# -- hostile headers and broken weights -----------------------------------------------------------
+
+def test_numpy_reference_of_the_network_matches_pytorch(tmp_path):
+    """model/numpy_forward.py (what names the layer where NaN first appears) computes the same
+    network as model/llama.py: its logits equal the PyTorch model's."""
+    from homellm.engine.loader import build_model
+    from homellm.model.numpy_forward import stages
+    for args in (TINY_LLAMA, TINY_QWEN2):
+        path = write_tiny_gguf(tmp_path / f"{args.attention_bias}.gguf", args, "q8_0")
+        ckpt = read_gguf(path)
+        ids = [3, 17, 200, 5, 99, 42, 7]
+        *_, (where, logits) = stages(ckpt.args, ckpt.tensors, ids)
+        assert where.startswith("the output head")
+        model = build_model(read_gguf(path), device="cpu", quant="none")
+        with torch.inference_mode():
+            expected = model(torch.tensor([ids]))[0, -1]
+        torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_first_nonfinite_names_the_stage(tmp_path):
+    from homellm.model.numpy_forward import first_nonfinite
+    ckpt = read_gguf(write_tiny_gguf(tmp_path / "t.gguf", TINY_LLAMA, "f32"))
+    ids = [1, 2, 3]
+    assert first_nonfinite(ckpt.args, ckpt.tensors, ids) is None
+    for name, where in (("model.layers.1.mlp.down_proj.weight", "layer 1 (MLP)"),
+                        ("model.layers.0.self_attn.v_proj.weight", "layer 0 (attention)"),
+                        ("model.norm.weight", "the final norm"),
+                        ("model.embed_tokens.weight", "the token embedding")):
+        tensors = dict(ckpt.tensors)
+        broken = tensors[name].clone()
+        broken.view(-1)[:broken.shape[-1]] = float("nan")  # (row 0 of the embedding: id 1 reads row 1)
+        if name == "model.embed_tokens.weight":
+            broken[1] = float("inf")
+        tensors[name] = broken
+        assert first_nonfinite(ckpt.args, tensors, ids).startswith(where), name
+
+
+def test_a_huge_block_count_fails_before_anything_per_layer(tmp_path):
+    """llama.block_count = 2**32 - 1 used to build 51 billion expected-shape entries (a
+    MemoryError after 20 s under a 4 GB cap); now the layer count is checked against the
+    tensors first: an error at once, with next to no memory."""
+    import tracemalloc
+
+    from test_hostile_files import Parts
+    path = write_tiny_gguf(tmp_path / "t.gguf", TINY_LLAMA, "q8_0")
+    parts = Parts(path)
+    parts.kv["llama.block_count"] = ((gguf.GGUFValueType.UINT32,), 2**32 - 1)
+    bad = parts.write(tmp_path / "bad.gguf")
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelFileError, match="block_count is 4294967295, but the file has "
+                                                 "tensors for 2 layers"):
+            read_gguf(bad)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 << 20
+
+
+def test_tensor_data_must_follow_llama_cpps_layout(tmp_path):
+    """Overlapping, reordered or gapped tensor data is refused, as llama.cpp's loader refuses
+    it (the parser used to check only that each tensor ended before the end of the file)."""
+    from test_hostile_files import Parts
+    path = write_tiny_gguf(tmp_path / "t.gguf", TINY_LLAMA, "q8_0")
+    assert read_gguf(path)  # what our writer writes is consecutive and aligned
+    base = Parts(path)
+    for change in ("overlap", "gap", "retype"):
+        parts = base.copy()
+        second = parts.tensors[1]
+        if change == "overlap":
+            second["offset"] = 0
+        elif change == "gap":
+            second["offset"] += 32
+        else:  # a Q8_0 weight called Q4_0: fewer bytes, so the next one no longer follows it
+            q8 = next(t for t in parts.tensors if t["type"] == gguf.GGMLQuantizationType.Q8_0)
+            q8["type"] = int(gguf.GGMLQuantizationType.Q4_0)
+        with pytest.raises(ModelFileError, match="data offset"):
+            read_gguf(parts.write(tmp_path / f"{change}.gguf"))

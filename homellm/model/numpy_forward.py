@@ -41,16 +41,16 @@ def _linear(x: np.ndarray, tensors: dict, name: str) -> np.ndarray:
     return y if bias is None else y + _f32(bias)
 
 
-def first_nonfinite(args: ModelArgs, tensors: dict, ids: list[int]) -> str | None:
-    """Run `ids` (positions 0..) through the network; return where the values first stop
-    being finite ("the token embedding", "layer N (attention)", "layer N (MLP)", "the final
-    norm", "the output head", "the RoPE frequencies"), or None if every stage stays finite."""
+def stages(args: ModelArgs, tensors: dict, ids: list[int]):
+    """Run `ids` (positions 0..) through the network, yielding (stage, values) after each
+    stage: "the RoPE frequencies", "the token embedding", "layer N (attention)", "layer N
+    (MLP)", "the final norm", and last "the output head" with the last position's logits
+    (vocab,). Values are float32; a broken model makes some of them NaN or infinite."""
     ids = np.asarray(ids, dtype=np.int64)
     T, d = len(ids), args.head_dim
     with np.errstate(all="ignore"):
         inv_freq = rope_inv_freq(args).astype(np.float32)
-        if not np.isfinite(inv_freq).all():
-            return "the RoPE frequencies (rope_theta / rope_scaling in the metadata)"
+        yield "the RoPE frequencies (rope_theta / rope_scaling in the metadata)", inv_freq
         angles = np.arange(T, dtype=np.float32)[:, None] * inv_freq[None]
         angles = np.concatenate([angles, angles], axis=-1)
         cos, sin = np.cos(angles), np.sin(angles)  # (T, head_dim)
@@ -62,8 +62,7 @@ def first_nonfinite(args: ModelArgs, tensors: dict, ids: list[int]) -> str | Non
             x = GGMLTensor(embed.ggml_type, rows, (T, embed.shape[1])).dequantize_numpy()
         else:
             x = _f32(embed)[ids]
-        if not np.isfinite(x).all():
-            return "the token embedding (model.embed_tokens.weight)"
+        yield "the token embedding (model.embed_tokens.weight)", x
         causal = np.tril(np.ones((T, T), dtype=bool))
         group = args.num_attention_heads // args.num_key_value_heads
         for i in range(args.num_hidden_layers):
@@ -79,19 +78,21 @@ def first_nonfinite(args: ModelArgs, tensors: dict, ids: list[int]) -> str | Non
             scores = np.exp(scores - scores.max(-1, keepdims=True))
             attn = (scores / scores.sum(-1, keepdims=True)) @ v  # (heads, T, d)
             x = x + _linear(attn.transpose(1, 0, 2).reshape(T, -1), tensors, p + "self_attn.o_proj")
-            if not np.isfinite(x).all():
-                return f"layer {i} (attention)"
+            yield f"layer {i} (attention)", x
             h = _rms_norm(x, tensors[p + "post_attention_layernorm.weight"], args.rms_norm_eps)
             gate = _linear(h, tensors, p + "mlp.gate_proj")
             h = gate / (1 + np.exp(-gate)) * _linear(h, tensors, p + "mlp.up_proj")
             x = x + _linear(h, tensors, p + "mlp.down_proj")
-            if not np.isfinite(x).all():
-                return f"layer {i} (MLP)"
-        x = _rms_norm(x[-1:], tensors["model.norm.weight"], args.rms_norm_eps)
-        if not np.isfinite(x).all():
-            return "the final norm (model.norm.weight)"
+            yield f"layer {i} (MLP)", x
+        x = _rms_norm(x[-1], tensors["model.norm.weight"], args.rms_norm_eps)
+        yield "the final norm (model.norm.weight)", x
         head = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
-        logits = x @ _f32(tensors[head]).T
-        if not np.isfinite(logits).all():
-            return f"the output head ({head})"
+        yield f"the output head ({head})", x @ _f32(tensors[head]).T
+
+
+def first_nonfinite(args: ModelArgs, tensors: dict, ids: list[int]) -> str | None:
+    """The first stage (see `stages`) whose values are not all finite, or None."""
+    for where, values in stages(args, tensors, ids):
+        if not np.isfinite(values).all():
+            return where
     return None
