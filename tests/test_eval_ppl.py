@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf_fixtures import TINY_LLAMA, write_tiny_gguf
+from gguf_fixtures import TINY_LLAMA, byte_tokenizer_fields, write_tiny_gguf
 
 from homellm.cli.main import main as cli
 from homellm.eval import ppl
@@ -249,6 +249,25 @@ def test_adapter_and_model_lists(tmp_path, homellm_home, capsys):
         assert got["ppl"] == pytest.approx(math.exp(nll.mean()), rel=1e-4)
         assert got["bpb"] == pytest.approx(nll.sum() / math.log(2) / n_bytes, rel=1e-4)
     assert abs(base["ppl"] - tuned["ppl"]) > 0.01 * base["ppl"]
+
+
+def test_chunks_start_with_bos_when_the_model_adds_one(tmp_path):
+    """llama-perplexity's chunks: BOS before the text, and each later chunk's first token
+    replaced by BOS; scored bytes are the text of each chunk's second half."""
+    from homellm.api import load
+    fields = dict(byte_tokenizer_fields(), add_bos_token=True)
+    model = load(write_tiny_gguf(tmp_path / "bos.gguf", TINY_LLAMA, "f32", tokenizer_fields=fields))
+    ids = model.tokenizer.encode(TEXT)
+    assert ids[0] == model.tokenizer.bos_id == 1 and ids[1] != 1
+    ctx = 100
+    chunks = ppl.make_chunks(model.tokenizer, TEXT, ctx)
+    assert chunks.n_chunks == len(ids) // ctx and chunks.left_out == len(ids) % ctx
+    for c in range(chunks.n_chunks):
+        assert chunks.tokens[c].tolist() == [1] + ids[c * ctx + 1:(c + 1) * ctx]
+        scored = model.tokenizer.decode(ids[c * ctx + ctx // 2 + 1:(c + 1) * ctx])
+        assert chunks.scored_bytes[c] == len(scored.encode())
+    nll, _ = reference_nll(load(tmp_path / "bos.gguf", dtype=torch.float32).network, model.tokenizer, TEXT, ctx)
+    assert ppl.evaluate(model, chunks).ppl == pytest.approx(math.exp(nll.mean()), rel=1e-4)
 
 
 # --- bad input: a clear error, nothing kept or written ------------------------------------
