@@ -110,6 +110,8 @@ def main(args: argparse.Namespace) -> int:
             reffile.save(args.save_logits, run.reference(chunks, meta))
         settings = {"ctx": ctx, "batch": args.batch, "data_sha256": meta["data_sha256"],
                     "runtime": model.runtime, "device": str(model.device), "threads": model.threads}
+        if args.quant is not None:
+            settings["quant"] = args.quant
         if base is not None:
             settings.update(reference=str(args.kl_divergence), reference_model=base.meta.get("model"),
                             reference_hash=base.meta.get("model_hash"), top_k=base.top_k)
