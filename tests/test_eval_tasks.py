@@ -224,6 +224,48 @@ def test_cli_runs_the_task_and_keeps_the_results(default_gguf, gguf_lm, tmp_path
     assert kept.settings["num_fewshot"] == 2 and kept.settings["limit"] == 8
 
 
+@pytest.fixture(scope="module")
+def adapter(default_gguf, hf_export, tmp_path_factory) -> Path:
+    """A LoRA adapter on the default model with random B (a fresh one changes nothing),
+    saved in PEFT's layout naming the HF export as its base."""
+    import torch
+
+    from homellm.train.adapter import save_adapter
+    from homellm.train.base import load_base
+    from homellm.train.config import LoraConfig
+    from homellm.train.lora import apply_lora, lora_layers
+    _, _, model = load_base(str(default_gguf), tokenizer=False)
+    lora = LoraConfig(rank=4)
+    apply_lora(model, lora, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.02)
+    return save_adapter(model, lora, tmp_path_factory.mktemp("lora") / "adapter", str(hf_export))
+
+
+@pytest.mark.slow
+def test_base_and_adapter_in_one_command_match_peft_on_the_hf_backend(default_gguf, hf_export,
+                                                                      adapter, tmp_path):
+    """`-m base,base+adapter`: two kept runs; the adapter's log-likelihoods equal lm-eval's hf
+    back end with PEFT on the float export (1e-3 relative) and differ from the base's."""
+    from lm_eval.api.registry import get_model
+
+    from homellm.eval.harness import HomellmLM
+    out = homellm_cli("eval", "tasks", "-m", f"{default_gguf},{default_gguf}+{adapter}", "--tasks",
+                      TASK, "--limit", "8", "--json", home=tmp_path)
+    assert out.returncode == 0, out.stderr
+    base, tuned = [json.loads(x) for x in out.stdout.splitlines()]
+    assert tuned["model"] == f"{default_gguf}+{adapter}" and len(list(tmp_path.glob("evals/*.json"))) == 2
+    ours = run(HomellmLM(model=str(default_gguf), adapter=str(adapter)), limit=8)
+    ref = run(get_model("hf")(pretrained=str(hf_export), peft=str(adapter), dtype="float32",
+                              device="cpu", batch_size=16), limit=8)
+    np.testing.assert_allclose(per_sample(ours), per_sample(ref), rtol=1e-3, atol=0)
+    assert tuned["metrics"]["acc"] == ours["results"][TASK]["acc,none"]
+    plain = run(HomellmLM(model=str(hf_export)), limit=8)
+    assert np.abs(per_sample(ours) - per_sample(plain)).max() > 0.05  # the adapter changed the scores
+
+
 # -- bad input: clear errors, nothing kept ---------------------------------------------------
 
 def write_task(folder: Path, rows: str | None) -> Path:
