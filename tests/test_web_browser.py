@@ -513,5 +513,11 @@ def test_arena_says_it_needs_two_models(browser, server):
     page.click("#views a[data-view='leaderboard']")
     page.wait_for_selector("#leaderboard-summary >> text=No votes yet")
     assert page.evaluate("location.pathname") == "/leaderboard"
+    page.click("#new-chat")                       # from any view: a new chat, on /
+    page.wait_for_selector("#chat-view:not([hidden])")
+    assert page.is_hidden("#leaderboard-view") and page.evaluate("location.pathname") == "/"
+    page.wait_for_selector("#set-model option", state="attached")
+    page.go_back()                                # history: the leaderboard again
+    page.wait_for_selector("#leaderboard-view:not([hidden])")
     assert all("409" in e for e in watch.errors), watch.errors
     ctx.close()
