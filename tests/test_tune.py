@@ -66,7 +66,7 @@ def tiny(tmp_path_factory, default_gguf):
 
 def config(tiny, out, method="sft", **kw) -> TuneConfig:
     base = dict(method=method, model=str(tiny["model"]), data=str(tiny[method]), out=str(out),
-                lora=LoraConfig(rank=4, alpha=8, dropout=0.1), lr=5e-3, warmup_steps=2, max_steps=6,
+                lora=LoraConfig(rank=4, alpha=8, dropout=0.1), lr=5e-3, warmup=2, max_steps=6,
                 batch_tokens=96, max_length=48, seed=3, threads=1)
     return TuneConfig(**{**base, **kw})
 
@@ -100,7 +100,8 @@ def test_the_resolved_config_is_saved_next_to_the_weights(tiny, tmp_path):
     assert [v["step"] for v in result.val] == [2, 4, 6]
     assert result.val[-1]["loss"] < result.val[0]["loss"]
     saved = TuneConfig.load(tmp_path / "out")
-    assert saved == cfg and saved.lora.targets == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert saved == cfg.resolved(12) and saved.epochs == 9  # epochs "auto" for 12 examples, saved resolved
+    assert saved.lora.targets == ["q", "k", "v", "o", "gate", "up", "down"] and result.config == saved
     adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and adapter["peft_type"] == "LORA"
 

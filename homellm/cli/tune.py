@@ -41,13 +41,20 @@ def _common(p: argparse.ArgumentParser, method: str):
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=float, default=c.lr, help=f"AdamW learning rate (default {c.lr:g})")
     g.add_argument("--weight-decay", type=float, default=c.weight_decay, help="AdamW weight decay (default 0)")
-    g.add_argument("--warmup", type=int, default=c.warmup_steps, help=f"linear warmup steps (default {c.warmup_steps})")
+    g.add_argument("--warmup", type=float, default=c.warmup,
+                   help=f"linear warmup: a fraction of the run's steps (below 1) or a number of steps "
+                        f"(default {c.warmup:g}: the first {c.warmup:.0%} of the steps)")
     g.add_argument("--schedule", choices=["cosine", "constant"], default=c.schedule,
                    help="learning rate after warmup (default cosine, to 0.1 x lr)")
-    g.add_argument("--epochs", type=int, default=c.epochs, help=f"passes over the data (default {c.epochs})")
+    g.add_argument("--epochs", type=_epochs, default=c.epochs,
+                   help="passes over the data (default auto: 3, more for a small file so that the run "
+                        "sees at least 100 examples, fewer for a big one so that it sees at most 25,000)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=c.batch_size,
+                   help=f"{'examples' if method == 'sft' else 'pairs'} per micro-batch at most "
+                        f"(default {c.batch_size})")
     g.add_argument("--batch-tokens", type=int, default=c.batch_tokens,
-                   help=f"padded tokens per micro-batch (default {c.batch_tokens})")
+                   help=f"padded tokens per micro-batch at most (default {c.batch_tokens})")
     g.add_argument("--grad-accum", type=int, default=c.grad_accum,
                    help="micro-batches per optimizer step and process (default 1)")
     g.add_argument("--max-length", type=int, default=c.max_length,
@@ -63,6 +70,15 @@ def _common(p: argparse.ArgumentParser, method: str):
     g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+
+def _epochs(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -99,8 +115,9 @@ def config_from_args(args: argparse.Namespace):
                       targets=[t.strip() for t in args.targets.split(",") if t.strip()])
     return TuneConfig(method=args.method, model=args.model, data=args.data, val=args.val, out=out,
                       lora=lora, quant=args.quant, dtype=dtype, lr=args.lr, weight_decay=args.weight_decay,
-                      warmup_steps=args.warmup, schedule=args.schedule, epochs=args.epochs,
-                      max_steps=args.steps, batch_tokens=args.batch_tokens, grad_accum=args.grad_accum,
+                      warmup=args.warmup, schedule=args.schedule, epochs=args.epochs,
+                      max_steps=args.steps, batch_size=args.batch_size, batch_tokens=args.batch_tokens,
+                      grad_accum=args.grad_accum,
                       max_length=args.max_length, grad_checkpointing=args.grad_checkpointing,
                       seed=args.seed, beta=getattr(args, "beta", 0.1), val_every=args.val_every,
                       save_every=args.save_every, max_grad_norm=args.max_grad_norm,
@@ -119,6 +136,9 @@ def main(args: argparse.Namespace) -> int:
 
     def progress(event: dict):
         nonlocal bar
+        if "warning" in event:
+            print(f"warning: {event['warning']}", file=sys.stderr)
+            return
         if bar is None:
             bar = tqdm(total=event["total"], desc=config.method, unit="step", file=sys.stderr,
                        initial=event["step"] - 1)
@@ -152,7 +172,9 @@ def main(args: argparse.Namespace) -> int:
     first = f"{result.losses[0]:.4f} -> " if len(result.losses) > 1 else ""
     loss = f", loss {first}{result.losses[-1]:.4f}" if result.losses else ""
     val = f", validation loss {result.val[-1]['loss']:.4f}" if result.val else ""
-    print(f"{config.method}: {done} steps, {result.tokens} tokens in {result.seconds:.1f} s "
+    ran = result.config or config
+    passes = f" ({ran.epochs} epoch{'s' * (ran.epochs != 1)})" if ran.max_steps is None and ran.epochs else ""
+    print(f"{config.method}: {done} steps{passes}, {result.tokens} tokens in {result.seconds:.1f} s "
           f"({result.tokens_per_s:.0f} tok/s){loss}{val}", file=sys.stderr)
     print(f"adapter: {Path(config.out)}  (use: homellm run -m {config.model or 'smollm2'} "
           f"--adapter {config.out}, or homellm merge)", file=sys.stderr)

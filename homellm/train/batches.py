@@ -5,8 +5,8 @@ predicts labels[t + 1] (loss.py shifts). SFT labels are the chat template's assi
 mask (`Tokenizer.encode_chat`); a DPO completion's labels are the last reply only.
 
 The plan of a run is fixed by the seed: epoch e visits the items in a permutation drawn from
-seed + e, packed greedily into micro-batches of at most `batch_tokens` padded tokens
-(rows x longest row); each optimizer step takes `grad_accum x world` micro-batches, and
+seed + e, packed greedily into micro-batches of at most `batch_size` items and `batch_tokens`
+padded tokens (rows x longest row); each optimizer step takes `grad_accum x world` micro-batches, and
 process r of `world` computes micro-batches r, r + world, ... of each step. So step k's data
 is known from k alone: the data position a checkpoint stores is the step number.
 """
@@ -92,13 +92,16 @@ def dpo_item(tokenizer, pair: dict, max_length: int) -> Item | None:
     return item if ok else None
 
 
-def micro_batches(items: list[Item], order: list[int], batch_tokens: int) -> list[list[int]]:
-    """Greedy packing in `order`: a micro-batch grows while rows x longest row <= batch_tokens."""
+def micro_batches(items: list[Item], order: list[int], batch_tokens: int,
+                  batch_size: int | None = None) -> list[list[int]]:
+    """Greedy packing in `order`: a micro-batch grows while rows x longest row <= batch_tokens
+    and it holds at most `batch_size` items (examples or pairs; None: no limit)."""
     batches, current, rows, longest = [], [], 0, 0
     for i in order:
         item = items[i]
         new_rows, new_longest = rows + len(item.rows), max(longest, item.length)
-        if current and new_rows * new_longest > batch_tokens:
+        full = batch_size is not None and len(current) >= batch_size
+        if current and (full or new_rows * new_longest > batch_tokens):
             batches.append(current)
             current, new_rows, new_longest = [], len(item.rows), item.length
         current.append(i)
@@ -109,7 +112,7 @@ def micro_batches(items: list[Item], order: list[int], batch_tokens: int) -> lis
 
 
 def plan_steps(items: list[Item], batch_tokens: int, per_step: int, seed: int, epochs: int,
-               max_steps: int | None) -> list[list[list[int]]]:
+               max_steps: int | None, batch_size: int | None = None) -> list[list[list[int]]]:
     """Step -> its micro-batches (lists of item indices), `per_step` = grad_accum x world a step.
 
     Runs `epochs` epochs, or as many epochs as `max_steps` needs (then cut to max_steps)."""
@@ -117,7 +120,7 @@ def plan_steps(items: list[Item], batch_tokens: int, per_step: int, seed: int, e
     while epoch < epochs or (max_steps is not None and len(steps) < max_steps):
         g = torch.Generator().manual_seed(seed + epoch)
         order = torch.randperm(len(items), generator=g).tolist()
-        batches = micro_batches(items, order, batch_tokens)
+        batches = micro_batches(items, order, batch_tokens, batch_size)
         steps += [batches[i:i + per_step] for i in range(0, len(batches), per_step)]
         epoch += 1
         if max_steps is not None and len(steps) >= max_steps:

@@ -7,7 +7,8 @@ a resume can check that it continues the same one. The CLI flags are derived fro
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+import math
+from dataclasses import InitVar, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from homellm.errors import HomellmError
@@ -61,14 +62,15 @@ class TuneConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     quant: str = "none"  # frozen base weights: "none" (float), "int8" or "int4" (QLoRA-style)
     dtype: str = "float32"  # a float base: "float32" or "bfloat16" (matmuls in bf16; LoRA, norms, loss float32)
-    lr: float = 2e-4
+    lr: float = 1e-3  # AdamW peak rate of the LoRA weights (see DEFAULTS below)
     weight_decay: float = 0.0
-    warmup_steps: int = 10
+    warmup: float = 0.1  # linear warmup: < 1 a fraction of the run's steps, >= 1 a number of steps
     schedule: str = "cosine"  # "cosine" (to min_lr_ratio * lr) or "constant", after warmup
     min_lr_ratio: float = 0.1
-    epochs: int = 1
+    epochs: int | None = None  # None: auto_epochs(number of examples), resolved before the run
     max_steps: int | None = None  # None: as many as `epochs` take
-    batch_tokens: int = 4096  # padded tokens per micro-batch (B x longest sequence)
+    batch_size: int = 8  # examples (SFT) or pairs (DPO) per micro-batch at most
+    batch_tokens: int = 4096  # padded tokens per micro-batch at most (B x longest sequence)
     grad_accum: int = 1  # micro-batches per optimizer step (per process)
     max_length: int = 1024  # tokens per example; longer ones are cut at the end
     grad_checkpointing: bool = False
@@ -79,8 +81,11 @@ class TuneConfig:
     max_grad_norm: float = 1.0  # 0: no clipping
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     device: str = "cpu"
+    warmup_steps: InitVar[int | None] = None  # the former name of `warmup` (a number of steps)
 
-    def __post_init__(self):
+    def __post_init__(self, warmup_steps: int | None = None):
+        if warmup_steps is not None:
+            self.warmup = warmup_steps
         if isinstance(self.lora, dict):
             self.lora = LoraConfig(**self.lora)
         checks = [(self.method in ("sft", "dpo"), f"method {self.method!r}: expected sft or dpo"),
@@ -88,8 +93,11 @@ class TuneConfig:
                   (self.dtype in ("float32", "bfloat16"), f"dtype {self.dtype!r}: expected float32 or bfloat16"),
                   (self.schedule in ("cosine", "constant"), f"schedule {self.schedule!r}: expected cosine or constant"),
                   (self.lr > 0, f"learning rate {self.lr}: expected > 0"),
-                  (self.warmup_steps >= 0, f"warmup steps {self.warmup_steps}: expected >= 0"),
-                  (self.epochs >= 1, f"epochs {self.epochs}: expected at least 1"),
+                  (self.warmup >= 0 and (self.warmup < 1 or float(self.warmup).is_integer()),
+                   f"warmup {self.warmup:g}: expected a fraction of the steps (0 <= f < 1) or a "
+                   f"whole number of steps"),
+                  (self.epochs is None or self.epochs >= 1, f"epochs {self.epochs}: expected at least 1"),
+                  (self.batch_size >= 1, f"batch size {self.batch_size}: expected at least 1"),
                   (self.max_steps is None or self.max_steps >= 1, f"steps {self.max_steps}: expected at least 1"),
                   (self.grad_accum >= 1, f"gradient accumulation {self.grad_accum}: expected at least 1"),
                   (self.max_length >= 8, f"max length {self.max_length}: expected at least 8 tokens"),
@@ -100,12 +108,23 @@ class TuneConfig:
             if not ok:
                 raise HomellmError(message)
 
+    def warmup_steps_of(self, total: int) -> int:
+        """Warmup steps in a run of `total` optimizer steps (a fraction rounds up, as
+        transformers' warmup_ratio does)."""
+        if self.warmup < 1:
+            return math.ceil(self.warmup * total)
+        return int(self.warmup)
+
+    def resolved(self, n_items: int) -> "TuneConfig":
+        """This config with what was left to the data fixed (`epochs`), for `n_items` examples."""
+        return replace(self, epochs=self.epochs if self.epochs is not None else auto_epochs(n_items))
+
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> "TuneConfig":
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | {"warmup_steps"}  # a config saved before `warmup`
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, folder: Path) -> Path:
@@ -121,8 +140,25 @@ class TuneConfig:
         except (OSError, json.JSONDecodeError, TypeError) as e:
             raise HomellmError(f"{path}: cannot read the training config ({e})") from None
 
-    def same_run(self, other: "TuneConfig") -> list[str]:
+    def same_run(self, other: "TuneConfig") -> list[str]:  # both resolved
         """Fields that differ in a way that changes the run (for resuming); [] when none do."""
         ignore = {"out", "threads", "save_every", "val_every", "max_steps", "device"}
         a, b = self.to_json(), other.to_json()
         return [k for k in a if k not in ignore and a[k] != b[k]]
+
+
+# Epochs when none are given: 3 passes (TRL's and transformers' default), more for a small
+# file so that the run sees at least 100 examples (at most 25 passes), fewer for a big one so
+# that it sees at most 25,000 (at least 1 pass): the rule OpenAI documents for its fine-tuning
+# API's n_epochs "auto" (openai-cookbook, "Data preparation and analysis for chat model
+# fine-tuning"). 40 examples: 3 epochs; 10 examples: 10; 20,000: 1.
+TARGET_EPOCHS, MIN_SEEN, MAX_SEEN, MAX_EPOCHS = 3, 100, 25_000, 25
+
+
+def auto_epochs(n_items: int) -> int:
+    n = max(1, n_items)
+    if n * TARGET_EPOCHS < MIN_SEEN:
+        return min(MAX_EPOCHS, -(-MIN_SEEN // n))
+    if n * TARGET_EPOCHS > MAX_SEEN:
+        return max(1, MAX_SEEN // n)
+    return TARGET_EPOCHS

@@ -42,7 +42,8 @@ def margins(model, tokenizer, pairs: list[dict], max_length: int = 1024) -> torc
 def validation(s: sessions.Session) -> dict:
     """Mean DPO loss, reward accuracy and reward margin over the validation pairs."""
     s.model.eval()
-    batches = micro_batches(s.val_items, list(range(len(s.val_items))), s.config.batch_tokens)
+    batches = micro_batches(s.val_items, list(range(len(s.val_items))), s.config.batch_tokens,
+                            s.config.batch_size)
     total, correct, margin, n = 0.0, 0.0, 0.0, 0
     for mb in batches[s.procs.rank::s.procs.world]:
         tokens, labels = collate(s.val_items, mb, s.pad_id, s.procs.device)

@@ -73,6 +73,8 @@ class TuneResult:
     seconds: float
     skipped: list[str] = field(default_factory=list)  # data problems, "FILE:LINE: ..."
     stopped: bool = False  # stopped early (stop_after) with a checkpoint to resume from
+    warnings: list[str] = field(default_factory=list)  # about the settings (Session.warnings)
+    config: TuneConfig | None = None  # as run: epochs resolved
 
     @property
     def tokens_per_s(self) -> float:
@@ -128,6 +130,7 @@ class Session:
     start_step: int = 0
     history: dict = field(default_factory=lambda: {"losses": [], "val": [], "tokens": 0, "seconds": 0.0})
     skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # about the settings, e.g. a warmup past the end
     progress: object = None
     threads_before: int = 0  # torch's thread count before the run (restored at the end)
     t0: float = field(default_factory=time.perf_counter)
@@ -193,7 +196,7 @@ class Session:
             torch.set_num_threads(self.threads_before)
         h = self.history
         return TuneResult(self.out, step, list(h["losses"]), list(h["val"]), h["tokens"],
-                          h["seconds"], self.skipped, stopped)
+                          h["seconds"], self.skipped, stopped, self.warnings, self.config)
 
 
 def setup(config: TuneConfig, resume: bool = False, progress=None) -> Session:
@@ -213,10 +216,6 @@ def setup(config: TuneConfig, resume: bool = False, progress=None) -> Session:
         if not saved.is_file():
             raise HomellmError(f"{out}: no checkpoint to resume from ({saved} is missing)")
         before = TuneConfig.load(out)
-        changed = before.same_run(config)
-        if changed:
-            raise HomellmError(f"{out}: cannot resume: the run was started with different "
-                               f"{', '.join(changed)}")
     elif saved.is_file():
         raise HomellmError(f"{out}: holds a checkpoint of an earlier run; resume it (--resume) "
                            f"or choose another output folder")
@@ -241,6 +240,12 @@ def setup(config: TuneConfig, resume: bool = False, progress=None) -> Session:
     if not items:
         raise HomellmError(f"{config.data}: no example has reply tokens within "
                            f"--max-length {config.max_length}")
+    config = config.resolved(len(items))
+    if resume:
+        changed = before.same_run(config)
+        if changed:
+            raise HomellmError(f"{out}: cannot resume: the run was started with different "
+                               f"{', '.join(changed)}")
     apply_lora(model, config.lora, seed=config.seed)
     fuse_lora(model)
     model.train()  # LoRA dropout
@@ -251,15 +256,24 @@ def setup(config: TuneConfig, resume: bool = False, progress=None) -> Session:
         module = DistributedDataParallel(module, broadcast_buffers=False,
                                          device_ids=[procs.device] if procs.device.type == "cuda" else None)
     steps = plan_steps(items, config.batch_tokens, config.grad_accum * procs.world, config.seed,
-                       config.epochs, config.max_steps)
+                       config.epochs, config.max_steps, config.batch_size)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     total = len(steps)
+    warmup = config.warmup_steps_of(total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, config.warmup_steps, config.schedule, config.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, total, warmup, config.schedule, config.min_lr_ratio))
+    warnings = []
+    if warmup > total:
+        warnings.append(f"the run has {total} optimizer step{'s' * (total != 1)} but a warmup of "
+                        f"{warmup}: the learning rate never reaches {config.lr:g} (give --warmup as "
+                        f"a fraction of the run, e.g. 0.1, or train longer)")
     pad_id = tokenizer.padding_id if tokenizer.padding_id is not None else (tokenizer.eos_id or 0)
     session = Session(config, procs, out, tokenizer, model, module, items, val_items, steps, params,
                       optimizer, scheduler, pad_id, skipped=data.problems + (val.problems if val else []),
-                      progress=progress, threads_before=threads_before)
+                      progress=progress, threads_before=threads_before, warnings=warnings)
+    if progress is not None and procs.main:
+        for text in warnings:
+            progress({"warning": text})
     if resume:
         session.start_step, session.history = checkpoint.restore(
             out, params=params, optimizer=optimizer, scheduler=scheduler)

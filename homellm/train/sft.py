@@ -18,7 +18,8 @@ from homellm.train.loss import labelled_logprobs
 def validation_loss(s: sessions.Session) -> dict:
     """Mean token NLL over the validation examples (each process takes a share)."""
     s.model.eval()
-    batches = micro_batches(s.val_items, list(range(len(s.val_items))), s.config.batch_tokens)
+    batches = micro_batches(s.val_items, list(range(len(s.val_items))), s.config.batch_tokens,
+                            s.config.batch_size)
     nll, n = 0.0, 0
     for mb in batches[s.procs.rank::s.procs.world]:
         tokens, labels = collate(s.val_items, mb, s.pad_id, s.procs.device)
