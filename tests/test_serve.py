@@ -491,3 +491,92 @@ def test_a_disconnected_non_streaming_request_is_cancelled(one_slot):
         httpx.post(live.url + "/v1/chat/completions", json=body, timeout=1.0)  # gives up
     assert wait_until(lambda: engine_stats(live.url)["active"] == 0, timeout=5)
     assert engine_stats(live.url)["generated_tokens"] - before < 300  # not run to ~490 tokens
+
+
+# -- logit_bias, echo, prompt lists, suffix, open schemas (issue 17) ----------------------------
+
+def test_logit_bias_forces_and_bans_tokens(client, tokenizer):
+    plain = greedy_chat(client, "Name a color.", max_tokens=6, logprobs=True)
+    first = tokenizer.token_to_id(plain.choices[0].logprobs.content[0].token)
+    banned = greedy_chat(client, "Name a color.", max_tokens=6, logprobs=True,
+                         logit_bias={str(first): -100})
+    assert first not in [tokenizer.token_to_id(t.token) for t in banned.choices[0].logprobs.content]
+    banana = tokenizer.encode(" banana", add_special_tokens=False)[0]
+    forced = client.chat.completions.create(model=MODEL, messages=ask("Name a color."), max_tokens=5,
+                                            temperature=1.0, seed=3, logit_bias={str(banana): 100})
+    assert forced.choices[0].message.content == tokenizer.decode([banana] * 5)
+    for bias, needle in (({"49152": 5}, "outside"), ({"7": 100.5}, "-100 to 100"), ({"x": 1}, "token id")):
+        r = httpx.post(client.base_url.join("chat/completions").__str__(), headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": MODEL, "messages": ask("hi"), "logit_bias": bias})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias" and needle in r.text
+
+
+def test_echo_with_max_tokens_0_gives_the_prompts_teacher_forced_logprobs(client, tokenizer, default_gguf):
+    from homellm.engine.loader import build_model
+    from homellm.model.formats import open_checkpoint
+    prompt = "The quick brown fox jumps over the lazy dog."
+    r = client.completions.create(model=MODEL, prompt=prompt, echo=True, max_tokens=0, logprobs=3)
+    choice = r.choices[0]
+    ids = tokenizer.encode(prompt)
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert lp.tokens == [tokenizer.decode([t]) for t in ids] and lp.token_logprobs[0] is None
+    assert lp.text_offset == [len(tokenizer.decode(ids[:i])) for i in range(len(ids))]
+    net = build_model(open_checkpoint(default_gguf), device="cpu")
+    with torch.inference_mode():
+        logp = net(torch.tensor([ids])).float()[0].log_softmax(-1)
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(float(logp[i - 1, ids[i]]), abs=2e-3)
+        top = sorted(lp.top_logprobs[i].items(), key=lambda kv: -kv[1])
+        want = logp[i - 1].topk(3)
+        assert [tokenizer.decode([int(t)]) for t in want.indices] == [k for k, _ in top]
+    # echo with a completion: the prompt's tokens, then the reply's, one offset scale
+    both = client.completions.create(model=MODEL, prompt=prompt, echo=True, max_tokens=4,
+                                     temperature=0, logprobs=0)
+    alone = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+    assert both.choices[0].text == prompt + alone.choices[0].text
+    assert both.choices[0].logprobs.token_logprobs[:len(ids)] == pytest.approx(lp.token_logprobs, abs=1e-6)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt=prompt, echo=True, max_tokens=4, temperature=0, stream=True) if c.choices)
+    assert streamed == both.choices[0].text
+
+
+def test_a_list_of_prompts_gives_their_choices_in_order(client):
+    prompts = ["One, two,", "Monday, Tuesday,"]
+    r = client.completions.create(model=MODEL, prompt=prompts, max_tokens=4, temperature=0, n=2)
+    singles = [client.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0)
+               for p in prompts]
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [s.choices[0].text for s in singles for _ in range(2)]
+    assert r.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    assert r.usage.completion_tokens == sum(c.usage.completion_tokens for c in singles) * 2
+
+
+@pytest.mark.parametrize("body,param,code", [
+    ({"prompt": "def f(", "suffix": "    return x"}, "suffix", "unsupported"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "invalid_value"),
+    ({"prompt": ["a"] * 65}, "prompt", "invalid_value"),
+])
+def test_completion_requests_refused_with_the_field(server, body, param, code):
+    r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": MODEL, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert r.json()["error"]["code"] == code
+
+
+@pytest.mark.slow
+def test_a_schema_without_additional_properties_false_ends_with_its_keys(client):
+    """Before: 2 of these 3 seeds invented keys after name and age until max_tokens."""
+    schema = {"type": "object", "required": ["name", "age"],
+              "properties": {"name": {"type": "string", "maxLength": 20},
+                             "age": {"type": "integer", "minimum": 0, "maximum": 120}}}
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model=MODEL, messages=ask("Describe a person as JSON."), max_tokens=100, temperature=0.8,
+            seed=seed, response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}})
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        value = json.loads(r.choices[0].message.content)
+        jsonschema.validate(value, schema)
+        assert set(value) == {"name", "age"}
+        assert "\n\n" not in r.choices[0].message.content

@@ -49,7 +49,7 @@ class GenerationSettings:
 class TokenLogprob:
     token: int
     text: str
-    logprob: float
+    logprob: float | None      # None: the first token of an echoed prompt (nothing before it)
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob)
 
 
@@ -394,17 +394,100 @@ def _schema_at_fault(m: LoadedModel, plan) -> str:
 
 
 async def start_completion(registry: ModelRegistry, model: str, prompt: str | list[int],
-                           settings: GenerationSettings) -> CompletionStream:
-    """Start a raw continuation of `prompt` (text, or token ids), without a chat template."""
+                           settings: GenerationSettings, suffix: str | None = None) -> CompletionStream:
+    """Start a raw continuation of `prompt` (text, or token ids), without a chat template;
+    with `suffix`, the middle between them (the model's fill-in-the-middle tokens)."""
     def ids(m: LoadedModel) -> list[int]:  # in a worker thread
-        if isinstance(prompt, str):
-            if not prompt:
-                raise invalid("prompt", "the prompt is empty")
-            check_length(m, prompt, "prompt")
-            return m.tokenizer.encode(prompt)
-        vocab = m.network.args.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad or not prompt:
-            raise invalid("prompt", f"token ids must be in [0, {vocab}), got {bad[:3] or 'none'}")
-        return list(prompt)
+        return completion_ids(m, prompt, suffix)
     return await _start(registry, model, ids, settings, "prompt")
+
+
+def fim_prompt_ids(m: LoadedModel, prefix: str, suffix: str) -> list[int]:
+    """Fill-in-the-middle ids in prefix-suffix-middle order, with the model's own FIM tokens
+    (StarCoder's <fim_prefix>, Qwen's <|fim_prefix|>, CodeLlama's <PRE>); a 400 naming
+    `suffix` for a model without them."""
+    tk = m.tokenizer
+    for names in (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+                  ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+                  ("<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"),
+                  ("▁<PRE>", "▁<SUF>", "▁<MID>"), ("<PRE>", "<SUF>", "<MID>")):
+        ids = [tk.token_to_id(n) for n in names]
+        if all(i is not None and i in tk.special_ids for i in ids):
+            pre, suf, mid = ids
+            head = [tk.bos_id] if tk.add_bos and tk.bos_id is not None else []
+            return (head + [pre] + tk.encode(prefix, add_special_tokens=False) + [suf]
+                    + tk.encode(suffix, add_special_tokens=False) + [mid])
+    raise invalid("suffix", f"the model {m.id!r} has no fill-in-the-middle tokens (such as "
+                  "<fim_prefix>, <fim_suffix>, <fim_middle>), so it cannot complete between a "
+                  "prompt and a suffix", "unsupported")
+
+
+def completion_ids(m: LoadedModel, prompt: str | list[int], suffix: str | None = None) -> list[int]:
+    """The ids of a raw completion prompt (text, or token ids checked against the vocabulary)."""
+    if isinstance(prompt, str):
+        if not prompt and not suffix:
+            raise invalid("prompt", "the prompt is empty")
+        check_length(m, prompt + (suffix or ""), "prompt")
+        if suffix:
+            return fim_prompt_ids(m, prompt, suffix)
+        return m.tokenizer.encode(prompt)
+    if suffix:
+        raise invalid("suffix", "a suffix needs a text prompt, not token ids")
+    vocab = m.network.args.vocab_size
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad or not prompt:
+        raise invalid("prompt", f"token ids must be in [0, {vocab}), got {bad[:3] or 'none'}")
+    return list(prompt)
+
+
+LOGIT_ROWS = 256  # prompt positions whose logits are computed at once (rows x vocab floats)
+
+
+def teacher_forced(m: LoadedModel, ids: list[int], top: int) -> list[TokenLogprob]:
+    """Each token of `ids` after the first with its logprob given the ones before it (and the
+    `top` most likely alternatives), from one forward of the served network."""
+    import torch
+
+    from homellm.serve.embeddings import hidden_states
+    if len(ids) > m.ctx:
+        raise APIError(400, f"This model's maximum context length is {m.ctx} tokens. However, "
+                       f"your prompt has {len(ids)} tokens.", param="prompt",
+                       code="context_length_exceeded")
+    hidden = hidden_states(m.network, ids)  # (T, hidden) float32
+    piece = m.tokenizer.decode
+    out = []
+    with torch.inference_mode():
+        for a in range(0, len(ids) - 1, LOGIT_ROWS):
+            b = min(a + LOGIT_ROWS, len(ids) - 1)
+            rows = hidden[a:b].to(m.network.lm_head.weight.dtype if hasattr(
+                m.network.lm_head, "weight") and m.network.lm_head.weight.is_floating_point()
+                else torch.float32)
+            logp = m.network.lm_head(rows[None])[0].float().log_softmax(-1)  # (b - a, vocab)
+            for r in range(b - a):
+                t = ids[a + r + 1]
+                alts = []
+                if top:
+                    vals, idx = logp[r].topk(top)
+                    alts = [(int(i), piece([int(i)]), float(v)) for i, v in zip(idx, vals)]
+                out.append(TokenLogprob(t, piece([t]), float(logp[r, t]), alts))
+    return out
+
+
+async def echo_prompt(registry: ModelRegistry, model_name: str, prompt: str | list[int],
+                      top: int, suffix: str | None = None) -> tuple[str, list[TokenLogprob], int]:
+    """(the prompt's text, its tokens with teacher-forced logprobs, prompt token count), for
+    /v1/completions' echo. A BOS the tokenizer adds is context, not echoed; the first echoed
+    token without any context before it has logprob None (as OpenAI reports it)."""
+    model = await registry.acquire(model_name)
+    try:
+        def work():
+            ids = completion_ids(model, prompt, suffix)
+            tokens = teacher_forced(model, ids, top)
+            tk = model.tokenizer
+            if not (tk.add_bos and ids[0] == tk.bos_id and isinstance(prompt, str)):
+                tokens.insert(0, TokenLogprob(ids[0], tk.decode([ids[0]]), None, []))
+            text = prompt if isinstance(prompt, str) else tk.decode(ids)
+            return text, tokens, len(ids)
+        return await asyncio.to_thread(work)
+    finally:
+        registry.release(model)

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from homellm.serve.completion import (CompletionStream, GenerationSettings, TokenLogprob,
-                                      start_chat, start_completion)
+                                      echo_prompt, start_chat, start_completion)
 from homellm.serve.errors import APIError, invalid
 from homellm.serve.guard import bearer_ok
 from homellm.serve.registry import ModelRegistry
@@ -27,6 +27,7 @@ from homellm.serve.schemas import ChatCompletionRequest, CompletionRequest, Samp
 from homellm.serve.tools import ToolCallStream, parse_calls, parse_tools
 
 FINGERPRINT = "homellm"
+MAX_PROMPTS = 64    # prompts in one /v1/completions request
 log = logging.getLogger("homellm.serve")
 
 
@@ -232,39 +233,59 @@ def openai_router(api_key: str | None = None) -> APIRouter:
     @router.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
         registry: ModelRegistry = request.app.state.registry
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise invalid("prompt", f"one prompt per request, got {len(prompt)}", "unsupported")
-            prompt = prompt[0]
-        if body.echo:
-            raise invalid("echo", "echo is not supported", "unsupported")
-        if body.suffix:
-            raise invalid("suffix", "suffix (fill-in-the-middle) is not supported", "unsupported")
+        prompts = body.prompt
+        if isinstance(prompts, str) or not prompts or isinstance(prompts[0], int):
+            prompts = [prompts]
+        if len(prompts) > MAX_PROMPTS:
+            raise invalid("prompt", f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
         if body.best_of not in (None, 1):
             raise invalid("best_of", "best_of > 1 is not supported; use n", "unsupported")
-        settings = settings_from(body, max_tokens=body.max_tokens if body.max_tokens is not None
-                                 else 16,  # OpenAI's default for completions
+        max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default
+        if max_tokens == 0 and not body.echo:
+            raise invalid("max_tokens", "0 generates nothing: use it with echo: true (the "
+                          "prompt's logprobs), or ask for at least 1 token")
+        settings = settings_from(body, max_tokens=max_tokens or None,
                                  top_logprobs=body.logprobs or 0,
                                  response_format=body.response_format)
-        streams = await start_n(body.n or 1, lambda i: start_completion(
-            registry, body.model, prompt, seeded(settings, i)))
-        rid, created, mid = f"cmpl-{uuid.uuid4().hex}", int(time.time()), streams[0].model.id
+        n = body.n or 1
+        echoes = []
+        if body.echo:
+            for p in prompts:
+                echoes += [await echo_prompt(registry, body.model, p, body.logprobs or 0,
+                                             body.suffix)] * n
+        streams = []
+        if max_tokens:
+            try:
+                for p in prompts:
+                    streams += await start_n(n, lambda i, p=p: start_completion(
+                        registry, body.model, p, seeded(settings, i), body.suffix))
+            except BaseException:
+                for st in streams:
+                    st.cancel()
+                raise
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        mid = streams[0].model.id if streams else registry.resolve_id(body.model)
         want_logprobs = body.logprobs is not None
         if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
+            include = bool(body.stream_options and body.stream_options.include_usage)
             return streaming_response(completion_chunks(streams, rid, created, mid, want_logprobs,
-                                                        usage))
-        outputs = await collect_unless_disconnected(request, streams)
+                                                        include, echoes, n))
+        outputs = await collect_unless_disconnected(request, streams) if streams else []
         log_speed("completion", streams)
-        choices = [{"index": i, "text": text,
-                    "logprobs": completion_logprobs(tokens, 0) if want_logprobs else None,
-                    "finish_reason": s.result.finish_reason}
-                   for i, (s, (text, tokens)) in enumerate(zip(streams, outputs))]
-        return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": mid,
-                             "system_fingerprint": FINGERPRINT, "choices": choices,
-                             "usage": usage_of(streams), "timings": streams[0].result.timings(),
-                             "seed": streams[0].result.seed})
+        choices = []
+        for i in range(len(prompts) * n):
+            echo_text, echo_tokens, _ = echoes[i] if echoes else ("", [], 0)
+            text, tokens = outputs[i] if streams else ("", [])
+            choices.append({"index": i, "text": echo_text + text,
+                            "logprobs": completion_logprobs(echo_tokens + tokens, 0)
+                            if want_logprobs else None,
+                            "finish_reason": streams[i].result.finish_reason if streams else "length"})
+        out = {"id": rid, "object": "text_completion", "created": created, "model": mid,
+               "system_fingerprint": FINGERPRINT, "choices": choices,
+               "usage": completion_usage(streams, echoes, n)}
+        if streams:
+            out.update(timings=streams[0].result.timings(), seed=streams[0].result.seed)
+        return JSONResponse(out)
 
     return router
 
@@ -358,8 +379,23 @@ async def chat_chunks(streams, rid, created, mid, want_logprobs: bool, include_u
         log_speed("chat", streams)
 
 
-async def completion_chunks(streams, rid, created, mid, want_logprobs: bool, include_usage: bool):
-    offsets = [0] * len(streams)
+def completion_usage(streams: list[CompletionStream], echoes: list, n: int) -> dict:
+    """Usage over every prompt (each counted once, not per choice) and every choice."""
+    if streams:
+        prompt = sum(s.result.prompt_tokens if s.result else s.prompt_tokens for s in streams[::n])
+        cached = sum(s.result.cached_tokens for s in streams[::n] if s.result)
+    else:
+        prompt, cached = sum(e[2] for e in echoes[::n]), 0
+    completion = sum(s.result.completion_tokens for s in streams if s.result)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+async def completion_chunks(streams, rid, created, mid, want_logprobs: bool, include_usage: bool,
+                            echoes: list | None = None, n: int = 1):
+    echoes = echoes or []
+    count = max(len(streams), len(echoes))
+    offsets = [0] * count
 
     def chunk(choices, usage=None):
         out = {"id": rid, "object": "text_completion", "created": created, "model": mid,
@@ -369,15 +405,20 @@ async def completion_chunks(streams, rid, created, mid, want_logprobs: bool, inc
         return sse(out)
 
     try:
-        async for i, d in merged(streams):
-            lp = completion_logprobs(d.tokens, offsets[i]) if want_logprobs else None
-            offsets[i] += len(d.text)
-            yield chunk([{"index": i, "text": d.text, "logprobs": lp, "finish_reason": None}])
-        for i, s in enumerate(streams):
+        for i, (text, tokens, _) in enumerate(echoes):
+            lp = completion_logprobs(tokens, 0) if want_logprobs else None
+            offsets[i] = len(text)
+            yield chunk([{"index": i, "text": text, "logprobs": lp, "finish_reason": None}])
+        if streams:
+            async for i, d in merged(streams):
+                lp = completion_logprobs(d.tokens, offsets[i]) if want_logprobs else None
+                offsets[i] += len(d.text)
+                yield chunk([{"index": i, "text": d.text, "logprobs": lp, "finish_reason": None}])
+        for i in range(count):
             yield chunk([{"index": i, "text": "", "logprobs": None,
-                          "finish_reason": s.result.finish_reason}])
+                          "finish_reason": streams[i].result.finish_reason if streams else "length"}])
         if include_usage:
-            yield chunk([], usage_of(streams))
+            yield chunk([], completion_usage(streams, echoes, n))
         yield sse("[DONE]")
     except APIError as e:
         yield sse(e.body())

@@ -66,6 +66,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = Field(default=None, ge=0)   # 0: with echo, the prompt's logprobs
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool | None = False
     suffix: str | None = None
