@@ -248,6 +248,49 @@ def test_every_item_runs_once_under_random_jobs(tmp_path):
     assert int(out.stdout.split()[1]) > 1000  # jobs that ran on more than one thread
 
 
+# --- beside PyTorch -----------------------------------------------------------------------------
+
+def test_a_torch_network_on_the_kernels_runs_its_torch_ops_on_one_thread(tensors):
+    """While a network whose matmuls are the C kernels runs, the calling thread's own torch ops
+    go on one OpenMP thread (torch's team spinning between them took the cores from the pool:
+    decode 17-20 tok/s instead of 50); before and after, and in a float network, torch keeps
+    its count, and an error inside the network gives it back too."""
+    import torch
+    start = torch.get_num_threads()
+    torch.set_num_threads(max(2, start))  # (a count the test can tell from one)
+    try:
+        check_one_thread_inside(tensors)
+    finally:
+        torch.set_num_threads(start)
+
+
+def check_one_thread_inside(tensors):
+    import torch
+    from torch import nn
+
+    from homellm.engine.loader import build_model
+    from homellm.model.formats.checkpoint import Checkpoint
+    before = torch.get_num_threads()
+    seen = []
+    quantized = build_model(Checkpoint(ARGS, tensors, None, None, "tiny.gguf", "gguf"), "cpu")
+    floats = build_model(Checkpoint(ARGS, {k: v.dequantize() if hasattr(v, "dequantize") else v
+                                           for k, v in tensors.items()}, None, None, "tiny.gguf", "gguf"),
+                         "cpu", quant="none")
+    assert isinstance(floats.lm_head, nn.Linear)
+    for net in (quantized, floats):
+        net.model.norm.register_forward_hook(lambda *a: seen.append(torch.get_num_threads()))
+    ids = torch.tensor([PROMPT[:20]])
+    with torch.inference_mode():
+        quantized(ids)
+        assert torch.get_num_threads() == before
+        floats(ids)
+        assert torch.get_num_threads() == before
+        with pytest.raises(IndexError):
+            quantized(torch.tensor([[ARGS.vocab_size + 5]]))  # an error inside the network
+    assert torch.get_num_threads() == before
+    assert seen == [1, before]
+
+
 # --- HOMELLM_THREADS ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value", ["abc", "-3", "0", "2.5", "1e3"])

@@ -158,4 +158,7 @@ def build_model(ckpt: Checkpoint, device: torch.device | str | None = None,
         if p.device.type == "meta":
             raise ModelFileError(f"{ckpt.source}: no weights for {name}")
     model.requires_grad_(False)
+    if device.type == "cpu":  # the C kernels' pool and torch's threads must not spin at each other
+        from homellm.engine.kernels.threads import torch_beside_kernels
+        torch_beside_kernels(model)
     return model.eval()

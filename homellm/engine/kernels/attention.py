@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from homellm.engine import kernels
+from homellm.engine.kernels.threads import kernel_threads
 
 
 def attention_causal(q: Tensor, k: Tensor, v: Tensor, start_pos: int, *, scale: float | None = None,
@@ -38,7 +39,7 @@ def attention_causal(q: Tensor, k: Tensor, v: Tensor, start_pos: int, *, scale: 
                                      k[b].data_ptr(), k.stride(2), k.stride(1),
                                      v[b].data_ptr(), v.stride(2), v.stride(1),
                                      T, nh, nkv, hd, start_pos, scale, y[b].data_ptr(),
-                                     threads or torch.get_num_threads(), pid)
+                                     threads or kernel_threads(), pid)
         if rc == -2:
             raise RuntimeError(f"kernel path {path!r} is not supported by this CPU")
         if rc:

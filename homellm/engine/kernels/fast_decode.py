@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from homellm.engine.kernels.native import NativeModel
+from homellm.engine.kernels.threads import kernel_threads
 from homellm.engine.kv_cache import KVCache
 from homellm.model.formats.checkpoint import Checkpoint
 from homellm.model.llama import Llama, ModelArgs
@@ -21,8 +22,8 @@ class FastDecoder:
 
     Build it with `FastDecoder.from_checkpoint(ckpt, cache=engine.cache)`. tensors: HF names ->
     GGMLTensor (Q4_0, Q4_1, Q8_0, F16, F32 blocks) or float tensors, as in `Checkpoint.tensors`;
-    the decoder keeps references, never float copies of blocks. threads (default
-    torch.get_num_threads()), path, hi, packed: see NativeModel.
+    the decoder keeps references, never float copies of blocks. threads (default: $HOMELLM_THREADS,
+    else one per core), path, hi, packed: see NativeModel.
     """
 
     def __init__(self, args: ModelArgs, tensors: dict, cache: KVCache | None = None,
@@ -36,7 +37,7 @@ class FastDecoder:
                              f"{tuple(k0.shape)} {k0.dtype} on {k0.device}")
         kv = [(k[0].numpy(), v[0].numpy()) for k, v in zip(self.cache.k, self.cache.v)]
         self.native = NativeModel(args, tensors, self.cache.max_seq_len, kv=kv, path=path, hi=hi,
-                                  packed=packed, threads=threads or torch.get_num_threads())
+                                  packed=packed, threads=threads or kernel_threads())
         self.threads = self.native.threads
 
     @classmethod
@@ -50,7 +51,7 @@ class FastDecoder:
         return cls(model.args, tensors, **kw)
 
     def set_threads(self, threads: int | None = None, path: str | None = None, hi: bool = True):
-        self.native.set_threads(threads or torch.get_num_threads(), path, hi)
+        self.native.set_threads(threads or kernel_threads(), path, hi)
         self.threads = self.native.threads
 
     def decode(self, token: int, pos: int, out: Tensor | None = None) -> Tensor:

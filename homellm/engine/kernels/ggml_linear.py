@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from homellm.engine import kernels
 from homellm.engine.kernels import native
+from homellm.engine.kernels.threads import kernel_threads
 from homellm.model.formats.checkpoint import GGMLTensor
 
 
@@ -34,7 +35,7 @@ def blocks_tensor(t: GGMLTensor) -> Tensor:
 
 
 def _threads(n: int | None) -> int:
-    return n if n else torch.get_num_threads()
+    return n if n else kernel_threads()
 
 
 def _prepare(x: Tensor, out_features: int):
