@@ -260,6 +260,7 @@ function markdown(src, depth = 0) {
 
 // ---------------------------------------------------------------- messages
 function renderMessages() {
+  if (S.view !== "chat") return;   // the chat's parts exist only in its view (showView)
   const box = $("messages");
   box.replaceChildren();
   for (const turn of S.turns) box.appendChild(renderTurn(turn));
@@ -494,6 +495,7 @@ function newChat() {
 const NUMBERS = ["temperature", "top_p", "top_k", "max_tokens", "seed"];
 
 function fillSettings() {
+  if (S.view !== "chat") return;
   const sel = $("set-model");
   sel.replaceChildren(...S.models.map((m) => { const o = el("option", null, m.id); o.value = m.id; return o; }));
   const c = S.conv;
