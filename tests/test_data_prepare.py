@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 from pathlib import Path
 
@@ -114,13 +115,16 @@ def test_readers_and_skipped_files(tmp_path):
     (d / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
     (d / "broken.txt.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
     (d / "image.png").write_bytes(b"\x89PNG....")
+    (d / "manual.ps.gz").write_bytes(gzip.compress(b"%!PS-Adobe-3.0 " + texts[0].encode()))  # not text
+    (d / "changelog.Debian.gz").write_bytes(gzip.compress(texts[0].encode()))  # text: a duplicate
     report = prepare(PrepareConfig([Source("src", [str(d)])], str(tmp_path / "out"), val_fraction=0))
     assert sorted(r["text"] for r in read_train(tmp_path / "out")) == sorted(texts)
     skipped = report.sources[0].skipped
     assert skipped["binary (NUL bytes)"] == 1
     assert any(k.startswith("not UTF-8") for k in skipped)
     assert any(k.startswith("unreadable") for k in skipped)
-    assert any(k.startswith("unknown file type") for k in skipped)
+    assert sum(v for k, v in skipped.items() if k.startswith("unknown file type")) == 2
+    assert report.sources[0].removed == {"exact duplicate": 1}
     assert skipped["no string 'text' field"] == 1
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["sources"][0]["kept"] == 7 and saved["mb_per_s"] > 0
@@ -151,6 +155,15 @@ def test_empty_corpus_and_bad_recipes_are_clear_errors(tmp_path):
     bad.write_text("[[sources]\n")
     with pytest.raises(HomellmError, match="not a valid TOML"):
         read_recipe(bad)
+    bad.write_text("[[sources]]\npaths = ['$HOMELLM_TEST_DIR/*.txt']\n")
+    os.environ["HOMELLM_TEST_DIR"] = str(tmp_path)
+    try:
+        assert read_recipe(bad)["sources"][0].paths == [str(src)]  # $VARS and patterns
+        bad.write_text("[[sources]]\npaths = ['$HOMELLM_TEST_DIR/*.nothing']\n")
+        with pytest.raises(HomellmError, match="matches no file"):
+            read_recipe(bad)
+    finally:
+        del os.environ["HOMELLM_TEST_DIR"]
     with pytest.raises(HomellmError, match="give every source a weight, or none"):
         PrepareConfig([Source("a", ["x"], 1.0), Source("b", ["y"])], "o")
 

@@ -18,6 +18,7 @@ output folder, each written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -90,8 +91,8 @@ class PrepareConfig:
 
 def read_recipe(path: Path) -> dict:
     """A recipe file (TOML or JSON): {"sources": [{"name", "paths" | "path", "weight"}], and
-    optional dedup_threshold, val_fraction, max_repeat, seed, filters}. Paths are relative to
-    the recipe's folder. Returns PrepareConfig keywords (without `out`)."""
+    optional dedup_threshold, val_fraction, max_repeat, seed, filters}. Paths may use $VARS,
+    ~ and shell patterns (*, ?, [...]), and are relative to the recipe's folder. Returns PrepareConfig keywords (without `out`)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -127,9 +128,19 @@ def read_recipe(path: Path) -> dict:
         weight = s.get("weight")
         if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
             raise HomellmError(f"{where}: weight {weight!r}: expected a number")
-        out.append(Source(str(name), [str((path.parent / p).resolve()) if not Path(p).is_absolute()
-                                      else p for p in paths],
-                          None if weight is None else float(weight)))
+        paths = [os.path.expanduser(os.path.expandvars(p)) for p in paths]  # $WORK/..., ~/...
+        paths = [str(path.parent / p) if not Path(p).is_absolute() else p for p in paths]
+        expanded = []
+        for p in paths:  # shell patterns: /usr/share/doc/*/README*
+            if any(c in p for c in "*?["):
+                matches = sorted(glob.glob(p))
+                if not matches:
+                    raise HomellmError(f"{where}: {p} matches no file")
+                expanded += matches
+            else:
+                expanded.append(p)
+        paths = expanded
+        out.append(Source(str(name), paths, None if weight is None else float(weight)))
     kw = {k: v for k, v in data.items() if k != "sources"}
     if "filters" in kw:
         try:

@@ -28,6 +28,11 @@ TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".markdown"}
 JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 COMPRESSED = {".gz", ".zst"}
 KNOWN = TEXT_SUFFIXES | JSON_SUFFIXES | {".parquet"}
+# inside a .gz/.zst, a name without a known suffix is text (changelog.Debian.gz, README.gz)
+# unless its suffix says it is something else
+NOT_TEXT = {".pdf", ".ps", ".eps", ".dvi", ".tar", ".zip", ".html", ".htm", ".xml", ".svg",
+            ".png", ".jpg", ".jpeg", ".gif", ".ico", ".js", ".css", ".bin", ".db", ".sqlite",
+            ".doc", ".docx", ".odt", ".epub", ".wasm", ".so", ".a", ".o", ".pyc", ".class", ".jar"}
 
 
 @dataclass
@@ -56,7 +61,7 @@ def _kind(path: Path) -> tuple[str | None, str | None]:
     comp = suffixes[-1] if suffixes and suffixes[-1] in COMPRESSED else None
     rest = suffixes[:-1] if comp else suffixes
     fmt = rest[-1] if rest and rest[-1] in KNOWN else None
-    if fmt is None and comp:  # `notes.gz`: text inside
+    if fmt is None and comp and not (rest and rest[-1] in NOT_TEXT):  # `notes.gz`: text inside
         fmt = ".txt"
     return fmt, comp
 
