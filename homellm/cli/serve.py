@@ -1,5 +1,6 @@
-"""`homellm serve`: the OpenAI-compatible API (chat/completions, completions, models) and the
-web app on FastAPI and uvicorn, with continuous batching; loopback by default.
+"""`homellm serve`: the OpenAI-compatible API (chat/completions with tools, completions,
+responses, embeddings, models), Ollama's API (/api/chat, /api/generate, /api/tags, ...),
+/metrics and the web app on FastAPI and uvicorn, with continuous batching; loopback by default.
 
 Security (serve/guard.py, serve/connections.py): --api-key guards every data route (the web
 page asks for the key, or --auth's login stands for it); a Host check against DNS rebinding
@@ -39,6 +40,11 @@ def add_arguments(p: argparse.ArgumentParser):
                         "loopback names, its address and (off loopback) the machine's name: a "
                         "guard against DNS rebinding; '.example.org' allows the domain and its "
                         "subdomains, '*' any name")
+    p.add_argument("--cors-origins", default=None, metavar="ORIGINS",
+                   help="comma-separated origins whose web pages may call the API from a browser "
+                        "(CORS), e.g. https://app.example.org,http://localhost:*; '*' any, 'none' "
+                        "no CORS (default: http(s)://localhost, 127.0.0.1 and [::1] on any port); "
+                        "such pages send the API key as a Bearer header, never cookies")
     p.add_argument("--max-body-mb", type=float, default=8, metavar="MB",
                    help="largest request body; larger ones get 413 (default 8; imports in the "
                         "web app: 64)")
@@ -90,6 +96,8 @@ def main(args: argparse.Namespace) -> int:
         raise HomellmError(f"--max-body-mb {args.max_body_mb}: expected more than 0")
     if args.api_key is not None and not args.api_key.strip():
         raise HomellmError("--api-key: the key is empty")
+    from homellm.serve.cors import CorsPolicy
+    CorsPolicy.parse(args.cors_origins)  # a malformed origin is an error now
     if args.auth:  # accounts hash passwords with argon2: find out now, not at the first setup
         try:
             import argon2  # noqa: F401
@@ -149,7 +157,7 @@ def main(args: argparse.Namespace) -> int:
     from homellm.serve.connections import server_config
     allowed = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
     app = create_app(registry, api_key=args.api_key, host=args.host, allowed_hosts=allowed,
-                     max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                     max_body_bytes=int(args.max_body_mb * (1 << 20)), cors_origins=args.cors_origins,
                      extra_routers=[web_router(store, auth=args.auth, setup_token=setup_token)])
     try:
         uvicorn.Server(server_config(app, args.host, args.port)).run()

@@ -27,15 +27,20 @@ from homellm.serve.registry import ModelRegistry
 def create_app(registry: ModelRegistry, *, api_key: str | None = None,
                extra_routers: Iterable[APIRouter] = (), reap_every_s: float = 1.0,
                host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (),
-               max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY, cors_origins: str | None = None) -> FastAPI:
     """The server's app.
 
     `api_key`: when set, every route but the page, its login and a bare /health needs
     `Authorization: Bearer KEY` (or, under /api, the web app's credential cookie).
     `host`: the address the server listens on, and `allowed_hosts` the other names it
     answers to (the Host check against DNS rebinding; "*" allows any). `max_body_bytes`:
-    the largest request body (413 above it; routes may set their own).
+    the largest request body (413 above it; routes may set their own). `cors_origins`:
+    --cors-origins (cors.py; None: localhost origins, "*": any, "none": no CORS).
     """
+    from homellm.serve.cors import CorsPolicy
+    from homellm.serve.metrics import Metrics
+    cors = CorsPolicy.parse(cors_origins)
+    registry.metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -59,7 +64,10 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None,
     auth = [Depends(api_key_check(api_key))]
     app.include_router(responses_router(auth))
     app.include_router(embeddings_router(auth))
-    app.include_router(ollama_router(auth))
+    ollama = ollama_router(auth)
+    app.include_router(ollama)
+    from homellm.serve.metrics import metrics_router
+    app.include_router(metrics_router(auth))
     body_limits: dict[str, int] = {}
     checks = []
     for router in extra_routers:
@@ -69,5 +77,6 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None,
             checks.append(router.credential_check)
     app.add_middleware(Guard, api_key=api_key, hosts=HostRule(host, allowed_hosts),
                        max_body_bytes=max_body_bytes, body_limits=body_limits,
-                       credential_checks=checks)
+                       credential_checks=checks, cors=cors, metrics=registry.metrics,
+                       key_only_paths={r.path for r in ollama.routes})
     return app

@@ -205,6 +205,9 @@ class CompletionStream:
             finish_reason=reason, prompt_tokens=self.prompt_tokens, completion_tokens=self._count,
             cached_tokens=timings.cached_tokens, seed=self.seed, queued_s=self._ticket.queued_s,
             ttft_s=timings.prefill_s, decode_s=timings.decode_s, model=self.model.id)
+        metrics = getattr(self.registry, "metrics", None)
+        if metrics is not None:
+            metrics.observe(self.result)
         self._release()
 
     def cancel(self):

@@ -24,6 +24,12 @@ In order, reading only the request line and headers:
    set) or None.
 3. Body size: a `Content-Length` over the path's limit is a 413 at once; a body without one
    is counted as it arrives and refused once it passes the limit (413, OpenAI-shaped).
+
+Between 1 and 2, CORS (cors.py): a preflight from an allowed origin is answered here (204,
+no key needed: browsers send none on a preflight), from another origin refused (403); every
+answer to an allowed origin, this guard's own errors included, carries
+Access-Control-Allow-Origin. Paths in `key_only_paths` (Ollama's API) take only the key, not
+the web app's cookie. Every answer's status is counted in `metrics` (metrics.py) when given.
 """
 from __future__ import annotations
 
@@ -125,12 +131,16 @@ def _mb(n: int) -> str:
 class Guard:
     def __init__(self, app, *, api_key: str | None = None, hosts: HostRule | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY, body_limits: dict[str, int] | None = None,
-                 credential_checks: list[Callable[[dict], Awaitable[bool]]] | None = None):
+                 credential_checks: list[Callable[[dict], Awaitable[bool]]] | None = None,
+                 cors=None, key_only_paths: Iterable[str] = (), metrics=None):
         self.app, self.api_key = app, api_key
         self.hosts = hosts or HostRule()
         self.max_body_bytes = max_body_bytes
         self.body_limits = dict(body_limits or {})
         self.credential_checks = list(credential_checks or [])
+        self.cors = cors                      # cors.CorsPolicy, or None: no CORS headers at all
+        self.key_only_paths = frozenset(key_only_paths)
+        self.metrics = metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -140,6 +150,7 @@ class Guard:
             headers.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
         method, path = scope.get("method", "GET"), scope.get("path", "/")
         state = scope.setdefault("state", {})
+        send = self._decorated(send, path, headers.get("origin"))
 
         if not self.hosts.allows(headers.get("host")):
             name = host_name(headers["host"])
@@ -148,10 +159,22 @@ class Guard:
                 f"rebinding); if it is yours, start the server with --allowed-hosts {name}",
                 "host_not_allowed"))
 
+        origin = headers.get("origin")
+        if method == "OPTIONS" and origin and "access-control-request-method" in headers:
+            if self.cors is None or not self.cors.allows(origin):
+                return await self._send(send, *_error(
+                    403, f"Origin {origin!r} may not call this server from a browser; if it is "
+                    f"yours, start the server with --cors-origins {origin}", "origin_not_allowed"))
+            return await self._send(send, {"type": "http.response.start", "status": 204,
+                                           "headers": self.cors.preflight_headers(
+                                               origin, headers.get("access-control-request-headers"))},
+                                    {"type": "http.response.body", "body": b""})
+
         state["credential"] = await self._credential(headers, path)
         if state["credential"] is None and not self._public(method, path):
             what = "missing" if not headers.get("authorization") else "incorrect"
-            extra = "" if path.startswith("/v1/") else " (or log in on the web page)"
+            extra = "" if path.startswith("/v1/") or path in self.key_only_paths \
+                else " (or log in on the web page)"
             return await self._send(send, *_error(
                 401, f"The API key is {what}: send the header `Authorization: Bearer <key>` with "
                 f"the key the server was started with{extra}", "invalid_api_key",
@@ -173,12 +196,30 @@ class Guard:
             return "open"
         if bearer_ok(headers.get("authorization"), self.api_key):
             return "key"
-        if path.startswith("/api/") and "cookie" in headers:
+        if path.startswith("/api/") and path not in self.key_only_paths and "cookie" in headers:
             cookies = _cookies(headers["cookie"])
             for check in self.credential_checks:
                 if await check(cookies):
                     return "cookie"
         return None
+
+    def _decorated(self, send, path: str, origin: str | None):
+        """`send` that adds the CORS headers for an allowed origin and counts the status."""
+        cors = self.cors is not None and self.cors.allows(origin)
+        if not cors and self.metrics is None:
+            return send
+
+        async def decorated(message):
+            if message["type"] == "http.response.start":
+                if cors:
+                    message = {**message, "headers": [
+                        *[(k, v) for k, v in message.get("headers", [])
+                          if k.lower() not in (b"access-control-allow-origin", b"vary")],
+                        *self.cors.response_headers(origin)]}
+                if self.metrics is not None:
+                    self.metrics.count_request(path, message["status"])
+            await send(message)
+        return decorated
 
     @staticmethod
     def _public(method: str, path: str) -> bool:
