@@ -99,7 +99,7 @@ def side_ours(spec: dict) -> dict:
                             batch_tokens=spec["batch_tokens"], device_batch=spec["device_batch"],
                             lr=spec["lr"], dtype=spec["dtype"], threads=spec["threads"],
                             val_tokens=spec["val_tokens"], seed=spec["seed"],
-                            compile=spec.get("compile", False), fuse=spec.get("fuse", True))
+                            compile=spec.get("compile", False), fuse=spec.get("fuse", False))
     result = pretrain(config, progress=progress)
     timed = stamps[-2] - stamps[0]  # steps 2 .. N-1
     return {"tokens_per_s": (len(stamps) - 2) * spec["batch_tokens"] / timed,
@@ -193,7 +193,6 @@ def side_prepare_datatrove(spec: dict) -> dict:
     from datatrove.pipeline.dedup import (MinhashDedupBuckets, MinhashDedupCluster,
                                           MinhashDedupFilter, MinhashDedupSignature)
     from datatrove.pipeline.dedup.minhash import MinhashConfig
-    from datatrove.pipeline.filters import GopherRepetitionFilter
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
     work = Path(spec["out"])
@@ -203,12 +202,20 @@ def side_prepare_datatrove(spec: dict) -> dict:
     def reader():
         return JsonlReader(str(src.parent), glob_pattern=src.name)
 
+    def filters():  # Gopher's repetition filter needs spacy's word tokenizer: used when present
+        try:
+            import spacy  # noqa: F401
+        except ImportError:
+            return []
+        from datatrove.pipeline.filters import GopherRepetitionFilter
+        return [GopherRepetitionFilter()]
+
     t0 = time.perf_counter()
     stages = [
-        [reader(), GopherRepetitionFilter(), MinhashDedupSignature(output_folder=str(work / "sigs"), config=config)],
+        [reader(), *filters(), MinhashDedupSignature(output_folder=str(work / "sigs"), config=config)],
         [MinhashDedupBuckets(input_folder=str(work / "sigs"), output_folder=str(work / "buckets"), config=config)],
         [MinhashDedupCluster(input_folder=str(work / "buckets"), output_folder=str(work / "remove"), config=config)],
-        [reader(), GopherRepetitionFilter(), MinhashDedupFilter(input_folder=str(work / "remove")),
+        [reader(), *filters(), MinhashDedupFilter(input_folder=str(work / "remove")),
          JsonlWriter(str(work / "out"))],
     ]
     for i, pipeline in enumerate(stages):
@@ -223,7 +230,8 @@ def side_prepare_datatrove(spec: dict) -> dict:
         with opener(f, "rt") as fh:
             kept += sum(1 for _ in fh)
     return {"mb_per_s": src.stat().st_size / 1e6 / seconds, "seconds": seconds, "kept": kept,
-            "peak_rss_mb": peak_rss_mb(), "note": "reads the file twice (stages 1 and 4), as datatrove's MinHash recipe does"}
+            "peak_rss_mb": peak_rss_mb(), "note": "reads the file twice (stages 1 and 4), as datatrove's MinHash recipe does",
+            "gopher_filter": bool(filters())}
 
 
 SIDES = {"ours": side_ours, "hf": side_hf, "prepare-ours": side_prepare_ours,
@@ -279,6 +287,8 @@ def main():
         ours = run_side(sys.executable, "ours", {**spec, "out": str(tmp / f"ours-{dtype}")}, a.threads)
         hf = run_side(a.peer_python, "hf", spec, a.threads)
         row = {"config": spec, "ours": ours, "hf": hf}
+        row["ours_fused"] = run_side(sys.executable, "ours", {**spec, "fuse": True,
+                                                              "out": str(tmp / f"ours-f-{dtype}")}, a.threads)
         if a.compile:
             row["ours_compiled"] = run_side(sys.executable, "ours", {**spec, "compile": True,
                                                                       "out": str(tmp / f"ours-c-{dtype}")}, a.threads)
@@ -288,9 +298,13 @@ def main():
             import torch
             args = model_args(depth, open_tokens(Path(data)).vocab_size, seq_len)
             peak = estimate_peak_flops(torch.device("cpu"), dtype, a.threads)
-            for side in (ours, hf):
+            for side in (ours, hf, row["ours_fused"]):
+                if "error" in side:
+                    continue
                 side["mfu"] = side["tokens_per_s"] * flops_per_token(args, seq_len) / peak
             row["ratio_tokens_per_s"] = ours["tokens_per_s"] / hf["tokens_per_s"]
+            if "error" not in row["ours_fused"]:
+                row["ratio_fused_tokens_per_s"] = row["ours_fused"]["tokens_per_s"] / hf["tokens_per_s"]
             row["ratio_peak_rss"] = ours["peak_rss_mb"] / hf["peak_rss_mb"]
             row["val_loss_ours_minus_hf"] = ours["val_loss"] - hf["val_loss"]
             row["peak_flops_estimate"] = peak

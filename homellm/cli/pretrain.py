@@ -52,7 +52,10 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="bfloat16 matmuls (autocast; weights and optimizer float32); auto: where the "
                         "device multiplies bf16 natively")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model and loss")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model and loss (measured slower on CPU with torch 2.13; try it on a GPU)")
+    g.add_argument("--fuse", action="store_true",
+                   help="q/k/v and gate/up projections each as one matmul (same weights)")
     g.add_argument("--val-every", type=int, default=0, help="steps between validations (0: at the end)")
     g.add_argument("--val-tokens", type=int, default=c.val_tokens, help=f"validation tokens (default {c.val_tokens})")
     g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
@@ -79,7 +82,7 @@ def config_from_args(args):
         batch_tokens=args.batch_tokens, device_batch=args.device_batch, optimizer=args.optimizer,
         lr=args.lr, muon_lr=args.muon_lr, weight_decay=args.weight_decay, schedule=args.schedule,
         warmup=args.warmup, decay=args.decay, max_grad_norm=args.max_grad_norm, dtype=dtype,
-        compile=args.compile, val_every=args.val_every, val_tokens=args.val_tokens,
+        compile=args.compile, fuse=args.fuse, val_every=args.val_every, val_tokens=args.val_tokens,
         save_every=args.save_every, seed=args.seed, threads=args.threads, device=device,
         fsdp=args.fsdp, peak_flops=args.peak_flops)
 

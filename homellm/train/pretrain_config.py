@@ -39,7 +39,7 @@ class PretrainConfig:
     max_grad_norm: float = 1.0
     dtype: str = "float32"  # or "bfloat16": autocast matmuls, float32 weights and optimizer
     compile: bool = False
-    fuse: bool = True  # q/k/v and gate/up projections each as one matmul (same weights)
+    fuse: bool = False  # q/k/v and gate/up projections each as one matmul (same weights; see the benchmark)
     val_every: int = 0  # steps between validations; 0: at the end only
     val_tokens: int = 65536
     save_every: int = 0  # steps between resumable checkpoints; 0: at the end only
