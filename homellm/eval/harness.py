@@ -5,7 +5,8 @@
 
 `model` is anything `homellm run -m` takes (a catalog name, a .gguf file, a Hugging Face
 folder); `adapter` a LoRA adapter folder. Other model_args: `ctx` (the context length, default
-the model's own up to 4096), `threads`, `device`, `batch_size` (rows of one PyTorch forward).
+the model's own up to 4096), `threads`, `device`, `batch_size` (rows of one PyTorch forward;
+lm-eval passes its --batch_size, 1 unless given: say 16 for a Hugging Face folder).
 
 Scoring (loglikelihood, loglikelihood_rolling):
 - A GGUF file on the CPU runs on the C runtime. Requests are grouped by their context (the
@@ -43,6 +44,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from homellm.errors import HomellmError
 
 MAX_GEN_TOKS = 256           # lm-eval's default for generate_until
+DEFAULT_BATCH = 16           # sequences per PyTorch forward when lm-eval names no batch size
 LOGITS_BATCH_BYTES = 256 << 20  # PyTorch path: float32 logits of one batch at most this big
 SAMPLING_KEYS = {"top_p", "top_k", "min_p", "seed", "repeat_penalty"}
 
@@ -116,11 +118,12 @@ class HomellmLM(TemplateLM):
             else:
                 import torch
                 torch.set_num_threads(threads)
-        # lm-eval passes its own --batch_size (default 1, or "auto"); the C runtime has no
-        # batch to size, and the PyTorch path needs more than 1 row to be worth batching
+        # lm-eval's --batch_size (its default 1; "auto" or none: ours) sizes the PyTorch path's
+        # batches; the C runtime scores one context at a time
         bs = str(batch_size) if batch_size is not None else ""
-        self.batch_size = int(bs) if bs.isdigit() and int(bs) > 1 else 16
+        self.batch_size = int(bs) if bs.isdigit() and int(bs) > 0 else DEFAULT_BATCH
         self.stats = ScoreStats()
+        self._warned_kwargs = False
         self._bos_text = (self.tok.decode([self.tok.bos_id], skip_special_tokens=False)
                           if self.tok.bos_id is not None else None)
 
@@ -325,9 +328,17 @@ class HomellmLM(TemplateLM):
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
         until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
         max_gen = int(kwargs.pop("max_gen_toks"))
-        sampling = {"temperature": float(kwargs.pop("temperature", 0.0) or 0.0)
-                    if kwargs.pop("do_sample", False) else 0.0}
+        temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+        if not kwargs.pop("do_sample", False):
+            temperature = 0.0  # greedy
+        # plain sampling at the temperature unless the task names top_p / top_k / min_p
+        sampling = {"temperature": temperature, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
         sampling.update({k: kwargs.pop(k) for k in list(kwargs) if k in SAMPLING_KEYS})
+        if kwargs and not self._warned_kwargs:
+            print(f"homellm: generation settings {', '.join(sorted(kwargs))} are not used "
+                  f"(homellm takes {', '.join(sorted(SAMPLING_KEYS))}, temperature, until, "
+                  f"max_gen_toks)", file=sys.stderr, flush=True)
+            self._warned_kwargs = True
         if max_gen < 1 or max_gen >= self.max_length:
             raise HomellmError(f"generate_until: max_gen_toks={max_gen}: expected 1 to "
                                f"{self.max_length - 1} (the context holds {self.max_length})")
