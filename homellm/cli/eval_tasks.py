@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("-m", "--model", default=None, metavar="MODEL[,MODEL+ADAPTER_DIR...]",
                    help="catalog name, .gguf file or Hugging Face folder (default: the default "
                         "model); a comma-separated list evaluates each; NAME+DIR adds a LoRA adapter")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter folder (PEFT layout) on -m, applied without merging")
     p.add_argument("--tasks", default=None, metavar="TASK[,TASK...]",
                    help="lm-eval task names or task YAML files, comma-separated (the example tasks: "
                         "homellm_capitals, homellm_capitals_gen)")
@@ -52,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
     if args.install_plugin or args.remove_plugin:
         return _plugin(args)
     from homellm.eval import tasks as tasklib
-    from homellm.eval.models import model_hash, open_model, parse_model_list
+    from homellm.eval.models import ModelRef, model_hash, open_model, parse_model_list
     from homellm.eval.results import record
 
     if not args.tasks:
@@ -60,6 +62,10 @@ def main(args: argparse.Namespace) -> int:
                            "comma-separated (e.g. --tasks homellm_capitals)")
     _check_numbers(args)
     refs = parse_model_list(args.model)
+    if args.adapter is not None:
+        if len(refs) != 1 or refs[0].adapter is not None:
+            raise HomellmError("--adapter applies to one model; for a list write NAME+ADAPTER_DIR in -m")
+        refs = [ModelRef(refs[0].name, args.adapter)]
     identities = [model_hash(ref) for ref in refs]  # (a missing model or adapter fails here)
     lm_eval = tasklib.require_lm_eval()
     suite = tasklib.find_tasks(args.tasks.split(","), args.include_path)
