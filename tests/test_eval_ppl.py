@@ -97,6 +97,10 @@ def test_perplexity_equals_the_pytorch_reference(default_gguf, monkeypatch):
     run_native = ppl.evaluate(native, ppl.make_chunks(native.tokenizer, TEXT, CTX))
     assert run_native.ppl == pytest.approx(run.ppl, rel=0.01)
     assert np.abs(run_native.nll - expected_nll).mean() < 0.02
+    # the scored half in calls of 7 rows (long chunks' memory bound): the same logits, bit for bit
+    monkeypatch.setattr(ppl, "ROWS_PER_CALL", 7)
+    np.testing.assert_array_equal(ppl.evaluate(native, ppl.make_chunks(native.tokenizer, TEXT, CTX)).nll,
+                                  run_native.nll)
 
 
 def test_kld_against_own_reference_is_zero_and_the_file_is_complete(default_gguf, text_file,

@@ -34,7 +34,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
@@ -169,23 +169,29 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 # --- logits of the scored positions ---------------------------------------------------------
 
-def scored_logits(model: "Model", chunks: np.ndarray, first: int) -> "torch.Tensor":
-    """float32 logits (B, ctx-1-first, vocab) at positions first .. ctx-2 of each chunk (B, ctx).
+ROWS_PER_CALL = 512  # scored rows whose logits the C runtime returns at once (bounds memory)
 
-    The C runtime runs each chunk as two prefill calls: positions 0 .. first-1 for their keys
-    and values only, then first .. ctx-2 with logits for every row, so the output head (the
-    largest matmul of a small model) runs on the scored rows only; the logits are bit-identical
-    to one call over the whole chunk. PyTorch runs the B chunks as one batch, with the unscored
-    rows dropped before the final norm and head (both work row by row)."""
+
+def scored_logit_blocks(model: "Model", chunks: np.ndarray, first: int) -> Iterator["torch.Tensor"]:
+    """float32 logits at positions first .. ctx-2 of each chunk (B, ctx), as (rows, vocab)
+    blocks that cover the B x (ctx-1-first) scored rows in order.
+
+    The C runtime runs each chunk as prefill calls: positions 0 .. first-1 for their keys and
+    values only, then first .. ctx-2 with logits for every row (ROWS_PER_CALL at a time), so
+    the output head (the largest matmul of a small model) runs on the scored rows only; the
+    logits are bit-identical to one call over the whole chunk. PyTorch runs the B chunks as one
+    batch, with the unscored rows dropped before the final norm and head (both work row by
+    row)."""
     import torch
     ctx = chunks.shape[1]
     if model.engine.native:
         net = model.network
-        out = []
         for row in chunks.tolist():
             net.forward(row[:first], 0, last_only=True)
-            out.append(torch.from_numpy(net.forward(row[first:ctx - 1], first, last_only=False)))
-        return out[0][None] if len(out) == 1 else torch.stack(out)  # (one chunk: a view, no copy)
+            for start in range(first, ctx - 1, ROWS_PER_CALL):
+                stop = min(start + ROWS_PER_CALL, ctx - 1)
+                yield torch.from_numpy(net.forward(row[start:stop], start, last_only=False))
+        return
     network = model.network
     ids = torch.as_tensor(chunks[:, :ctx - 1], dtype=torch.long, device=model.device)
     norm = network.model.norm
@@ -195,7 +201,15 @@ def scored_logits(model: "Model", chunks: np.ndarray, first: int) -> "torch.Tens
             logits = network(ids)
     finally:
         hook.remove()
-    return logits[:, -(ctx - 1 - first):].float()
+    yield logits[:, -(ctx - 1 - first):].float().reshape(-1, logits.shape[-1])
+
+
+def scored_logits(model: "Model", chunks: np.ndarray, first: int) -> "torch.Tensor":
+    """All of scored_logit_blocks as one (B, ctx-1-first, vocab) tensor."""
+    import torch
+    blocks = list(scored_logit_blocks(model, chunks, first))
+    logits = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+    return logits.reshape(chunks.shape[0], -1, logits.shape[-1])
 
 
 # --- one evaluation -------------------------------------------------------------------------
@@ -313,26 +327,27 @@ def evaluate(model: "Model", chunks: Chunks, *, batch: int = 1, top_k: int = 0,
     if model.engine.native:
         batch = 1  # the C runtime runs one sequence a call: chunks one by one, no stacked copy
     t0 = time.perf_counter()
+    done = 0  # scored rows so far
     for c0 in range(0, chunks.n_chunks, batch):
         group = chunks.tokens[c0:c0 + batch]
-        logits = scored_logits(model, group, first)  # (B, per, V) float32
-        logits = logits.reshape(-1, logits.shape[-1])
-        targets = torch.as_tensor(group[:, first + 1:].reshape(-1), dtype=torch.long,
-                                  device=logits.device)
-        rows = slice(c0 * per, c0 * per + logits.shape[0])
-        lse = _logsumexp_rows(logits)  # (R,)
-        target_logp = logits.gather(1, targets[:, None])[:, 0] - lse
-        nll[rows] = -target_logp.double().cpu().numpy()
-        if keep is not None:
-            vals, ids = torch.topk(logits, top_k, dim=1)
-            keep["top_ids"][rows] = ids.cpu().numpy()
-            keep["top_logp"][rows] = (vals - lse[:, None]).cpu().numpy()
-            keep["tail_logp"][rows] = _rest_logp(logits, ids, lse).cpu().numpy()
-            keep["target_logp"][rows] = target_logp.cpu().numpy()
-        if cmp is not None:
-            _compare(logits, lse, target_logp, reference, rows, cmp)
-        if progress is not None:
+        targets = group[:, first + 1:].reshape(-1)
+        for logits in scored_logit_blocks(model, group, first):  # (R, V) float32
+            rows = slice(done, done + logits.shape[0])
+            tgt = torch.as_tensor(targets[rows.start - c0 * per:rows.stop - c0 * per],
+                                  dtype=torch.long, device=logits.device)
+            lse = _logsumexp_rows(logits)  # (R,)
+            target_logp = logits.gather(1, tgt[:, None])[:, 0] - lse
+            nll[rows] = -target_logp.double().cpu().numpy()
+            if keep is not None:
+                vals, ids = torch.topk(logits, top_k, dim=1)
+                keep["top_ids"][rows] = ids.cpu().numpy()
+                keep["top_logp"][rows] = (vals - lse[:, None]).cpu().numpy()
+                keep["tail_logp"][rows] = _rest_logp(logits, ids, lse).cpu().numpy()
+                keep["target_logp"][rows] = target_logp.cpu().numpy()
+            if cmp is not None:
+                _compare(logits, lse, target_logp, reference, rows, cmp)
             done = rows.stop
+        if progress is not None:
             progress(c0 + len(group), chunks.n_chunks, math.exp(float(nll[:done].mean())))
     seconds = time.perf_counter() - t0
     run = Evaluation(ctx=chunks.ctx, n_chunks=chunks.n_chunks, scored_tokens=n,
