@@ -254,6 +254,17 @@ def test_adapter_and_model_lists(tmp_path, homellm_home, capsys):
         assert got["bpb"] == pytest.approx(nll.sum() / math.log(2) / n_bytes, rel=1e-4)
     assert abs(base["ppl"] - tuned["ppl"]) > 0.01 * base["ppl"]
 
+    # a Hugging Face folder of the same model (PyTorch) against the GGUF's reference (C runtime)
+    assert cli(["export", "-m", str(gguf_path), str(tmp_path / "hf"), "--format", "hf", "--type", "float32"]) == 0
+    assert cli(["eval", "ppl", "-m", str(gguf_path), "--data", str(data), "--ctx", "128",
+                "--save-logits", str(tmp_path / "ref.npz"), "--json"]) == 0
+    capsys.readouterr()
+    assert cli(["eval", "ppl", "-m", str(tmp_path / "hf"), "--data", str(data),
+                "--kl-divergence", str(tmp_path / "ref.npz"), "--json"]) == 0
+    hf = json.loads(capsys.readouterr().out)
+    assert hf["runtime"] == "torch" and hf["same_top1"] == 1 and hf["kld_max"] < 1e-5
+    assert hf["ppl"] == pytest.approx(base["ppl"], rel=1e-4)
+
 
 def test_chunks_start_with_bos_when_the_model_adds_one(tmp_path):
     """llama-perplexity's chunks: BOS before the text, and each later chunk's first token

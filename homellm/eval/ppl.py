@@ -393,7 +393,7 @@ def _compare(logits, lse, target_logp, ref: "Reference", rows: slice, out: dict)
     with np.errstate(invalid="ignore", divide="ignore"):
         terms = np.where(p_top > -np.inf, np.exp(p_top) * (p_top - q_top), 0.0).sum(axis=1)
         terms += np.where(p_rest > -np.inf, np.exp(p_rest) * (p_rest - q_rest), 0.0)
-    out["kld"][rows] = terms
+    out["kld"][rows] = np.maximum(terms, 0.0)  # a KL divergence (over k+1 outcomes): >= 0 but for rounding
     out["same"][rows] = logits.argmax(dim=1).cpu().numpy() == ref.top_ids[rows, 0]
     out["dp"][rows] = np.exp(target_logp.double().cpu().numpy()) - np.exp(ref.target_logp[rows].astype(np.float64))
 
