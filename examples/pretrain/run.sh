@@ -17,11 +17,11 @@ export HOMELLM_HOME=${HOMELLM_HOME:-$WORK/home}   # the catalog the example adds
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 if [[ -n "${SMOKE:-}" ]]; then
-  VOCAB=2048 DEPTH=2 SEQ=128 TOKENS=2e5 BATCH=4096 SFT_STEPS=20 VAL_EVERY=10
+  VOCAB=2048 DEPTH=2 SEQ=128 TOKENS=2e5 BATCH=4096 SFT_STEPS=20 VAL_EVERY=10 VAL_TOKENS=4096
 else
   # depth 4: width 256, 4 heads, ~5M parameters with an 8k vocabulary; 12M tokens
   # (below the 20 tokens/parameter budget, to fit the hour on a 2-core CPU)
-  VOCAB=8192 DEPTH=4 SEQ=256 TOKENS=12e6 BATCH=16384 SFT_STEPS=300 VAL_EVERY=50
+  VOCAB=8192 DEPTH=4 SEQ=256 TOKENS=12e6 BATCH=16384 SFT_STEPS=300 VAL_EVERY=50 VAL_TOKENS=65536
 fi
 
 t0=$SECONDS
@@ -31,7 +31,7 @@ rm -rf "$WORK/corpus" "$WORK/base" "$WORK/sft"
 "$HOMELLM" data prepare --recipe "$HERE/recipe.toml" --out "$WORK/corpus"
 "$HOMELLM" tokenizer train "$WORK/corpus" --vocab-size "$VOCAB"
 "$HOMELLM" pretrain --data "$WORK/corpus" --depth "$DEPTH" --seq-len "$SEQ" --tokens "$TOKENS" \
-  --batch-tokens "$BATCH" --device-batch 8 --val-every "$VAL_EVERY" --save-every 100 --out "$WORK/base"
+  --batch-tokens "$BATCH" --device-batch 8 --val-every "$VAL_EVERY" --val-tokens "$VAL_TOKENS" --save-every 100 --out "$WORK/base"
 
 echo "--- a sample of the base model (raw text continuation)"
 "$HOMELLM" run -m "$WORK/base" --raw --temperature 0.8 --seed 1 --max-tokens 80 \

@@ -1,5 +1,6 @@
-"""Typed configuration of a pretraining run, and the size dial; no torch (the CLI's flags
-derive from it, and `homellm --help` stays instant). The run itself is train/pretrain.py.
+"""Typed configuration of a pretraining run, and the size dial; no torch or numpy at import
+(the CLI's flags derive from it, and `homellm --help` stays instant). The run itself is
+train/pretrain.py.
 """
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from homellm.errors import HomellmError
-from homellm.model.config import ModelArgs
+
+if TYPE_CHECKING:  # model/config.py imports numpy; `homellm --help` imports this module
+    from homellm.model.config import ModelArgs
 
 CONFIG_FILE, HISTORY_FILE = "pretrain_config.json", "history.json"
 # named points on the depth dial
@@ -101,6 +105,7 @@ class PretrainConfig:
 
 def model_args(depth: int, vocab_size: int, seq_len: int) -> ModelArgs:
     """The network for a point on the depth dial (nanochat's aspect ratio of 64)."""
+    from homellm.model.config import ModelArgs
     hidden = 64 * depth
     ffn = 64 * math.ceil(hidden * 8 / 3 / 64)
     return ModelArgs(hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=depth,
