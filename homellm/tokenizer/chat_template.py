@@ -16,8 +16,8 @@ own hooks, every render is bounded in
 - loop iterations: LOOP_ITERATIONS over the whole render (every `for` is wrapped);
 - size: every string or list an operator (`*`, `+`, `~`, `%`, `**` for numbers), a call or a
   filter makes, and the output itself, at most OUTPUT_CHARS plus 4x the conversation's own
-  text; a width in a format string or an integer argument of a filter above that is refused
-  before anything is allocated;
+  text; a width in a format string, or a width or count given to a filter or a str method,
+  above that is refused before anything is allocated;
 - depth: Python's recursion limit (a macro that calls itself forever).
 A template over a limit raises HomellmError ("the chat template failed to render: ...").
 """
@@ -53,6 +53,8 @@ LOOP_ITERATIONS = 1_000_000  # over all the loops of one render
 OUTPUT_CHARS = 1 << 20      # characters a render may write beyond 4x the conversation's text
 INT_BITS = 4096             # the largest integer an operator may make (10**1233)
 _WIDTH = re.compile(r"\d{7,}")  # a width or precision of a million or more in a format string
+WIDTH_METHODS = {"ljust", "rjust", "center", "zfill", "expandtabs"}  # str methods given a width
+_PASSED = (jinja2.runtime.Context, jinja2.nodes.EvalContext, jinja2.Environment)  # pass_* filters
 
 
 class TemplateLimitError(jinja2.exceptions.SecurityError):
@@ -125,7 +127,10 @@ def _guard_filter(name: str, f):
     def guarded(*args, **kwargs):
         budget = _budget()
         budget.tick()
-        _check_arguments(args, kwargs, budget, f"the filter {name}")
+        # the value filtered may be any number ({{ 1733400000|string }}); the arguments after
+        # it are widths and counts (center, indent, wordwrap, slice, ...)
+        first = 2 if args and isinstance(args[0], _PASSED) else 1
+        _check_arguments(args[first:], kwargs, budget, f"the filter {name}")
         values = [a for a in args if isinstance(a, str)]
         if name == "format" and values:
             _check_format_string(values[0], f"the filter {name}")
@@ -190,9 +195,9 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's signature)
         budget = _budget()
         budget.tick()
-        _check_arguments(args, {k: v for k, v in kwargs.items() if not k.startswith("_")},
-                         budget, f"the call of {getattr(__obj, '__name__', 'a function')}")
         target = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+        if getattr(target, "__name__", "") in WIDTH_METHODS:
+            _check_arguments(args, kwargs, budget, f"the call of {target.__name__}")
         if getattr(target, "__name__", "") in ("format", "format_map"):
             _check_format_string(getattr(target, "__self__", None), "str.format")
         if getattr(target, "__name__", "") == "replace" and len(args) >= 2:
