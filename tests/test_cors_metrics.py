@@ -85,7 +85,7 @@ def test_metrics_follow_the_traffic(server):
         f"homellm_prompt_tokens_total{{{model}}}", before) == usage["prompt_tokens"]
     assert value(f"homellm_completion_tokens_total{{{model}}}") - value(
         f"homellm_completion_tokens_total{{{model}}}", before) == usage["completion_tokens"] == 5
-    assert value(f'homellm_requests_total{{path="/v1/chat/completions",status="200"}}') >= 1
+    assert value('homellm_requests_total{path="/v1/chat/completions",status="200"}') >= 1
     assert value('homellm_requests_total{path="/metrics",status="401"}') >= 1
     count = value(f"homellm_time_to_first_token_seconds_count{{{model}}}")
     assert count >= 1 and value(f'homellm_time_to_first_token_seconds_bucket{{{model},le="+Inf"}}') == count

@@ -580,3 +580,28 @@ def test_a_schema_without_additional_properties_false_ends_with_its_keys(client)
         jsonschema.validate(value, schema)
         assert set(value) == {"name", "age"}
         assert "\n\n" not in r.choices[0].message.content
+
+
+def test_suffix_is_written_with_the_models_fim_tokens():
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from homellm.serve.completion import fim_prompt_ids
+    from homellm.serve.errors import APIError
+    from homellm.tokenizer import Tokenizer
+    hf = HFTokenizer(models.WordLevel({"[UNK]": 0, "def": 1, "f": 2, "return": 3, "x": 4}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    plain = SimpleNamespace(id="plain", tokenizer=Tokenizer(hf, bos_id=None, eos_id=None))
+    with pytest.raises(APIError) as e:
+        fim_prompt_ids(plain, "def f", "return x")
+    assert e.value.param == "suffix" and e.value.code == "unsupported"
+    for names in (["<fim_prefix>", "<fim_suffix>", "<fim_middle>"],
+                  ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]):
+        hf = HFTokenizer(models.WordLevel({"[UNK]": 0, "def": 1, "f": 2, "return": 3, "x": 4}, unk_token="[UNK]"))
+        hf.pre_tokenizer = pre_tokenizers.Whitespace()
+        hf.add_special_tokens(names)
+        tiny = SimpleNamespace(id="tiny", tokenizer=Tokenizer(hf, bos_id=None, eos_id=None))
+        # prefix-suffix-middle: <PRE> prefix <SUF> suffix <MID>, the middle is generated next
+        assert fim_prompt_ids(tiny, "def f", "return x") == [5, 1, 2, 6, 3, 4, 7]

@@ -272,7 +272,7 @@ def test_a_weather_tool_loop_end_to_end(client):
     messages += [first.choices[0].message.model_dump(exclude_none=True),
                  {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)}]
     final = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
-                                           temperature=0, max_tokens=30)
+                                           temperature=0, max_tokens=16)
     assert final.choices[0].message.tool_calls is None
     assert final.choices[0].finish_reason in ("stop", "length") and final.choices[0].message.content
     # the tool's result reached the prompt: without it, the prompt is shorter by its tokens
@@ -297,7 +297,7 @@ def test_langchain_binds_tools_and_reads_the_call(server):
     [call] = ai.tool_calls
     assert call["name"] == "weather" and isinstance(call["args"]["city"], str)
     history += [ai, ToolMessage(weather.invoke(call["args"]), tool_call_id=call["id"])]
-    final = llm.bind_tools([weather]).invoke(history)
+    final = llm.bind_tools([weather]).bind(max_tokens=16).invoke(history)
     assert final.content and not final.tool_calls
 
 

@@ -368,15 +368,14 @@ async def start_chat(registry: ModelRegistry, model: str, messages: list[dict],
         check_length(m, text, "messages")
         return m.tokenizer.encode(text, add_special_tokens=False)
 
-    make_grammar = None
-    if tools is not None and tools.forced:
-        def make_grammar(m: LoadedModel):  # in a worker thread
-            from homellm.engine.constrain import compile_lark
-            try:
-                return compile_lark(m.tokenizer, tooling.call_grammar(m.tokenizer, tools), "tools")
-            except ValueError as e:
-                raise invalid(_schema_at_fault(m, tools), str(e).removeprefix("tools: ")) from None
-    stream = await _start(registry, model, ids, settings, "messages", make_grammar)
+    def forced_call(m: LoadedModel):  # in a worker thread
+        from homellm.engine.constrain import compile_lark
+        try:
+            return compile_lark(m.tokenizer, tooling.call_grammar(m.tokenizer, tools), "tools")
+        except ValueError as e:
+            raise invalid(_schema_at_fault(m, tools), str(e).removeprefix("tools: ")) from None
+    stream = await _start(registry, model, ids, settings, "messages",
+                          forced_call if tools is not None and tools.forced else None)
     if tools is not None and tools.active:
         stream.tool_format = tooling.tool_format(stream.model.tokenizer)[0]
     return stream

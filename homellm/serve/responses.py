@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import OrderedDict
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from homellm.serve.completion import GenerationSettings, start_chat

@@ -287,7 +287,8 @@ def native_messages(messages: list[dict], fmt: str) -> list[dict]:
                       "type": "function",
                       "function": {"name": c["name"], "arguments": c["arguments"]}}
                      for c in m["tool_calls"]]
-            out.append({"role": "assistant", "content": m.get("content") or "", "tool_calls": calls})
+            out.append({"role": "assistant", "content": m.get("content") or "",
+                        "tool_calls": calls})
         elif m["role"] == "tool":
             msg = {"role": "tool", "content": m["content"]}
             if m.get("tool_call_id"):
@@ -551,7 +552,8 @@ class ToolCallStream:
         end = self.pending.rfind("</tool_call>")
         if end < 0:
             return []
-        head, self.pending = self.pending[:end + len("</tool_call>")], self.pending[end + len("</tool_call>"):]
+        end += len("</tool_call>")
+        head, self.pending = self.pending[:end], self.pending[end:]
         content, calls = _parse_hermes(head)
         if content.strip():  # a block that did not parse: keep it for the end, as content
             self.pending = head + self.pending
