@@ -17,7 +17,9 @@ write) and through datatrove's pipeline doing the same steps alone (JsonlReader,
 repetition filter, the four MinHash dedup stages, JsonlWriter), each in its own process:
 input MB / wall second. datatrove lives in a virtualenv outside the repository:
 
-    python3 -m venv /root/peers/datatrove && /root/peers/datatrove/bin/pip install datatrove
+    python3 -m venv /root/peers/datatrove
+    /root/peers/datatrove/bin/pip install datatrove orjson regex tokenizers spacy "xxhash<4"
+    (datatrove 0.10.1 imports these without declaring them; it hashes str, which xxhash 4 refuses)
 
     python benchmarks/pretrain_bench.py                      # the full comparison (minutes)
     python benchmarks/pretrain_bench.py --smoke              # a tiny one, to check it runs
