@@ -36,8 +36,9 @@ from torch import Tensor, nn
 
 from homellm.errors import HomellmError
 from homellm.model.config import ModelArgs
-from homellm.train.pretrain_config import (HISTORY_FILE, SIZES, TOKENS_PER_PARAM,  # noqa: F401 (re-exported)
-                                          PretrainConfig, flops_per_token, model_args)
+from homellm.train.pretrain_config import (HISTORY_FILE, TOKENS_PER_PARAM, PretrainConfig,
+                                          flops_per_token, model_args)
+
 
 def build_model(args: ModelArgs, seed: int, device="cpu") -> nn.Module:
     """A freshly initialized Llama (float32), its head tied to the embedding table if asked."""
