@@ -64,6 +64,13 @@ def test_preflight_and_response_headers(server):
     r = httpx.get(server.url + "/v1/models", headers={"Origin": "https://evil.example", **AUTH})
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
     assert "access-control-allow-credentials" not in r.headers
+    # the web app's own routes stay same-origin: a local page on another port cannot read them
+    r = httpx.options(server.url + "/api/conversations", headers={**origin, **PREFLIGHT})
+    assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+    r = httpx.get(server.url + "/api/me", headers=origin)
+    assert "access-control-allow-origin" not in r.headers
+    r = httpx.get(server.url + "/api/tags", headers={**origin, **AUTH})
+    assert r.headers["access-control-allow-origin"] == "http://localhost:5173"
 
 
 def test_metrics_follow_the_traffic(server):

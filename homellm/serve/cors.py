@@ -5,7 +5,8 @@
 
 The default, like Ollama's, is the local origins: http(s)://localhost, 127.0.0.1 and [::1]
 on any port. `*` allows every origin; `none` (or an empty list) none. An entry may end in
-`:*` for any port. The guard (guard.py) answers a preflight (OPTIONS with
+`:*` for any port. Only the API's paths take part (/v1/*, Ollama's routes, /health,
+/metrics): the web app's own /api/* stays same-origin. The guard (guard.py) answers a preflight (OPTIONS with
 Access-Control-Request-Method) from an allowed origin itself, before the API key is checked
 (browsers send no credentials on a preflight), and adds Access-Control-Allow-Origin to every
 answer to an allowed origin. Credentials (cookies) are never allowed cross-origin: a page on

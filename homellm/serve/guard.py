@@ -25,8 +25,10 @@ In order, reading only the request line and headers:
 3. Body size: a `Content-Length` over the path's limit is a 413 at once; a body without one
    is counted as it arrives and refused once it passes the limit (413, OpenAI-shaped).
 
-Between 1 and 2, CORS (cors.py): a preflight from an allowed origin is answered here (204,
-no key needed: browsers send none on a preflight), from another origin refused (403); every
+Between 1 and 2, CORS (cors.py), on the API's paths only (/v1/*, Ollama's, /health,
+/metrics; never the web app's own /api/*, whose page is same-origin and whose data a page on
+another origin must not read): a preflight from an allowed origin is answered here (204, no
+key needed: browsers send none on a preflight), from another origin refused (403); every
 answer to an allowed origin, this guard's own errors included, carries
 Access-Control-Allow-Origin. Paths in `key_only_paths` (Ollama's API) take only the key, not
 the web app's cookie. Every answer's status is counted in `metrics` (metrics.py) when given.
@@ -150,7 +152,8 @@ class Guard:
             headers.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
         method, path = scope.get("method", "GET"), scope.get("path", "/")
         state = scope.setdefault("state", {})
-        send = self._decorated(send, path, headers.get("origin"))
+        send = self._decorated(send, path,
+                               headers.get("origin") if self._cors_path(path) else None)
 
         if not self.hosts.allows(headers.get("host")):
             name = host_name(headers["host"])
@@ -161,6 +164,10 @@ class Guard:
 
         origin = headers.get("origin")
         if method == "OPTIONS" and origin and "access-control-request-method" in headers:
+            if not self._cors_path(path):
+                return await self._send(send, *_error(
+                    403, f"{path} is the web app's own and takes no requests from other origins "
+                    "(the API's /v1/* and Ollama's routes do)", "origin_not_allowed"))
             if self.cors is None or not self.cors.allows(origin):
                 return await self._send(send, *_error(
                     403, f"Origin {origin!r} may not call this server from a browser; if it is "
@@ -202,6 +209,10 @@ class Guard:
                 if await check(cookies):
                     return "cookie"
         return None
+
+    def _cors_path(self, path: str) -> bool:
+        return (path.startswith("/v1/") or path in self.key_only_paths
+                or path in ("/health", "/metrics"))
 
     def _decorated(self, send, path: str, origin: str | None):
         """`send` that adds the CORS headers for an allowed origin and counts the status."""
