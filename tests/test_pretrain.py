@@ -35,6 +35,7 @@ def tiny(corpus: Path, out: Path, **kw) -> PretrainConfig:
     return PretrainConfig(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_loss_goes_well_below_the_unigram_entropy(corpus, tmp_path):
     data = open_tokens(corpus)
     h1 = unigram_entropy(data.train, data.vocab_size)
@@ -53,6 +54,7 @@ def test_loss_goes_well_below_the_unigram_entropy(corpus, tmp_path):
     assert config["vocab_size"] == 384 and config["tie_word_embeddings"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer, schedule", [("adamw", "cosine"), ("muon", "wsd")])
 def test_resume_is_exact(corpus, tmp_path, optimizer, schedule):
     config = tiny(corpus, tmp_path / "whole", steps=6, optimizer=optimizer, schedule=schedule,
@@ -73,6 +75,7 @@ def test_resume_is_exact(corpus, tmp_path, optimizer, schedule):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_muon_orthogonalizes_and_trains(corpus, tmp_path):
     g = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
     s = torch.linalg.svdvals(newton_schulz(g))
@@ -109,6 +112,7 @@ def test_bad_settings_are_clear_errors(corpus, tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow
 def test_the_model_exports_to_gguf_and_the_c_runtime_matches_pytorch(corpus, tmp_path, monkeypatch):
     import homellm
     from homellm.catalog.export import export
