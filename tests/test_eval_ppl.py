@@ -103,6 +103,7 @@ def test_perplexity_equals_the_pytorch_reference(default_gguf, monkeypatch):
                                   run_native.nll)
 
 
+@pytest.mark.slow
 def test_kld_against_own_reference_is_zero_and_the_file_is_complete(default_gguf, text_file,
                                                                     homellm_home, tmp_path, capsys):
     ref_path = tmp_path / "ref.npz"
@@ -137,6 +138,7 @@ def test_kld_against_own_reference_is_zero_and_the_file_is_complete(default_gguf
     assert runs[0].settings["data_sha256"] == runs[2].settings["data_sha256"]
 
 
+@pytest.mark.slow
 def test_top_k_kld_is_the_full_kld_with_all_tokens_and_a_lower_bound_with_fewer(default_gguf, monkeypatch):
     """Reference P: the PyTorch network on the default model; compared Q: the same with its final
     norm scaled by 0.8 (a flatter distribution: a real divergence)."""
