@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser):
     q.add_argument("--arena", action=argparse.BooleanOptionalAction, default=True,
                    help="with --dpo from the database: add the web app's arena votes (A or B) "
                         "as pairs too (default on)")
+    from homellm.cli.data_collect import add_export_filters, add_parsers
+    add_export_filters(q)  # --rm, --collect and the filters (--lang, --min-reviews, --no-*)
     common(q, shared=True)
     q.set_defaults(_data=export_training)
 
@@ -60,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser):
 
     from homellm.cli.data_prepare import add_parser  # `data prepare`: pretraining text
     add_parser(sub)
+    add_parsers(sub)  # `data collect-export` / `collect-import`: the volunteer collection
 
 
 def main(args: argparse.Namespace) -> int:
@@ -158,17 +161,22 @@ def _db_trees(args, conversation_ids=None):
 # ---------------------------------------------------------------- the actions
 
 def export_training(args) -> int:
+    from homellm.cli.data_collect import collect_source, filtered
     from homellm.data.oasst import dpo_pairs, sft_examples
+    from homellm.data.oasst_filters import rm_pairs
     from homellm.errors import HomellmError
-    if args.sft is None and args.dpo is None:
-        raise HomellmError("nothing to write: give --sft FILE and/or --dpo FILE")
+    if args.sft is None and args.dpo is None and args.rm is None:
+        raise HomellmError("nothing to write: give --sft FILE, --dpo FILE and/or --rm FILE")
     if args.trees is not None and (args.db or args.user or args.shared):
         raise HomellmError("--trees reads a file: drop --db / --user / --shared")
     t0 = time.perf_counter()
-    trees = _load_trees(args.trees) if args.trees is not None else _db_trees(args)
+    trees = collect_source(args) if args.collect else \
+        _load_trees(args.trees) if args.trees is not None else _db_trees(args)
+    trees = filtered(args, trees)
     arena = _arena_pairs(args) if args.dpo is not None and args.arena and \
-        args.trees is None else []
-    outs = {k: _Output(p) for k, p in (("sft", args.sft), ("dpo", args.dpo)) if p is not None}
+        args.trees is None and not args.collect else []
+    outs = {k: _Output(p) for k, p in (("sft", args.sft), ("dpo", args.dpo), ("rm", args.rm))
+            if p is not None}
     try:
         for tree in _bar(trees, "export"):
             if "sft" in outs:
@@ -177,6 +185,9 @@ def export_training(args) -> int:
             if "dpo" in outs:
                 for pair in dpo_pairs(tree):
                     outs["dpo"].write(pair)
+            if "rm" in outs:
+                for pair in rm_pairs(tree):
+                    outs["rm"].write(pair)
         for pair in arena:
             outs["dpo"].write(pair)
     except BaseException:

@@ -164,4 +164,139 @@ MIGRATIONS: list[Migration] = [
         "CREATE INDEX battles_user ON battles(user_id, n)",
         "CREATE INDEX battles_voted ON battles(voted_at)",
     )),
+    # Open Assistant-style volunteer collection (homellm/collect/, store/collect_trees.py and
+    # store/collect_tasks.py): message trees grown, reviewed and ranked by volunteers; roles
+    # (`role`: volunteer | moderator; an admin is `is_admin`) and bans on users
+    Migration("007_collect", common=(
+        "ALTER TABLE users ADD COLUMN role TEXT NOT NULL DEFAULT 'volunteer'",
+        "ALTER TABLE users ADD COLUMN banned {bool} NOT NULL DEFAULT {false}",
+        """CREATE TABLE collect_prefs (
+            user_id TEXT PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+            langs TEXT NOT NULL DEFAULT '[]',         -- JSON: language tags; []: any
+            tags TEXT NOT NULL DEFAULT '[]',          -- JSON: topics preferred
+            updated_at TEXT NOT NULL)""",
+        """CREATE TABLE collect_trees (
+            n {pk},
+            id TEXT NOT NULL UNIQUE,                  -- the prompt's message id
+            state TEXT NOT NULL,                      -- initial_prompt_review, growing, ...
+            lang TEXT,
+            tags TEXT NOT NULL DEFAULT '[]',          -- JSON: the prompt's topics
+            origin TEXT,
+            goal_size INTEGER NOT NULL,
+            max_depth INTEGER NOT NULL,
+            max_children INTEGER NOT NULL,
+            extra TEXT,                               -- JSON: an imported tree's other fields
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL)""",
+        "CREATE INDEX collect_trees_state ON collect_trees(state, n)",
+        """CREATE TABLE collect_messages (
+            n {pk},
+            id TEXT NOT NULL UNIQUE,
+            tree_id TEXT NOT NULL REFERENCES collect_trees(id) ON DELETE CASCADE,
+            parent_id TEXT REFERENCES collect_messages(id) ON DELETE CASCADE,
+            depth INTEGER NOT NULL,                   -- the prompt is 0
+            role TEXT NOT NULL CHECK (role IN ('prompter', 'assistant')),
+            text TEXT NOT NULL,
+            lang TEXT,
+            user_id TEXT REFERENCES users(id) ON DELETE SET NULL,   -- the local author
+            author TEXT,                              -- the exported user_id (imported: theirs)
+            review_count INTEGER NOT NULL DEFAULT 0,
+            review_result {bool},                     -- NULL: still in review
+            deleted {bool} NOT NULL DEFAULT {false},
+            rank INTEGER,                             -- 0 = best of its siblings
+            ranking_count INTEGER NOT NULL DEFAULT 0,
+            synthetic {bool} NOT NULL DEFAULT {false},
+            model_name TEXT,
+            imported TEXT,                            -- JSON: labels, emojis, events, ... as read
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL)""",
+        "CREATE INDEX collect_messages_tree ON collect_messages(tree_id, n)",
+        "CREATE INDEX collect_messages_parent ON collect_messages(parent_id)",
+        "CREATE INDEX collect_messages_user ON collect_messages(user_id, created_at)",
+        """CREATE TABLE collect_tasks (
+            n {pk},
+            id TEXT NOT NULL UNIQUE,
+            kind TEXT NOT NULL,
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            tree_id TEXT REFERENCES collect_trees(id) ON DELETE CASCADE,
+            target_id TEXT,                           -- the message (or edit) it is about
+            payload TEXT NOT NULL,                    -- JSON: what the volunteer was shown
+            status TEXT NOT NULL CHECK (status IN ('reserved', 'done', 'skipped', 'cancelled')),
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            done_at TEXT)""",
+        "CREATE INDEX collect_tasks_target ON collect_tasks(target_id, status, expires_at)",
+        "CREATE INDEX collect_tasks_user ON collect_tasks(user_id, status, expires_at)",
+        "CREATE INDEX collect_tasks_tree ON collect_tasks(tree_id, status)",
+        """CREATE TABLE collect_reviews (
+            n {pk},
+            task_id TEXT REFERENCES collect_tasks(id) ON DELETE SET NULL,
+            message_id TEXT NOT NULL REFERENCES collect_messages(id) ON DELETE CASCADE,
+            user_id TEXT REFERENCES users(id) ON DELETE SET NULL,
+            labels TEXT NOT NULL,                     -- JSON: label name -> value (0 to 1)
+            mode TEXT NOT NULL,                       -- full | simple
+            created_at TEXT NOT NULL)""",
+        "CREATE UNIQUE INDEX collect_reviews_once ON collect_reviews(message_id, user_id)",
+        "CREATE INDEX collect_reviews_user ON collect_reviews(user_id, created_at)",
+        """CREATE TABLE collect_rankings (
+            n {pk},
+            task_id TEXT REFERENCES collect_tasks(id) ON DELETE SET NULL,
+            parent_id TEXT REFERENCES collect_messages(id) ON DELETE CASCADE,  -- NULL: prompts
+            user_id TEXT REFERENCES users(id) ON DELETE SET NULL,
+            ranked_ids TEXT NOT NULL,                 -- JSON: message ids, best first
+            ranking TEXT NOT NULL,                    -- JSON: the indices as submitted
+            not_rankable {bool} NOT NULL DEFAULT {false},  -- "all replies are bad"
+            created_at TEXT NOT NULL)""",
+        "CREATE UNIQUE INDEX collect_rankings_once ON collect_rankings(parent_id, user_id)",
+        "CREATE INDEX collect_rankings_user ON collect_rankings(user_id, created_at)",
+        """CREATE TABLE collect_emojis (
+            message_id TEXT NOT NULL REFERENCES collect_messages(id) ON DELETE CASCADE,
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            emoji TEXT NOT NULL,                      -- +1, -1, red_flag, _skip_reply, ...
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (message_id, user_id, emoji))""",
+        "CREATE INDEX collect_emojis_user ON collect_emojis(user_id, emoji)",
+        """CREATE TABLE collect_reports (
+            n {pk},
+            id TEXT NOT NULL UNIQUE,
+            message_id TEXT NOT NULL REFERENCES collect_messages(id) ON DELETE CASCADE,
+            user_id TEXT REFERENCES users(id) ON DELETE SET NULL,
+            reason TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            resolved_at TEXT,
+            resolved_by TEXT)""",
+        """CREATE TABLE collect_edits (
+            n {pk},
+            id TEXT NOT NULL UNIQUE,
+            message_id TEXT NOT NULL REFERENCES collect_messages(id) ON DELETE CASCADE,
+            tree_id TEXT NOT NULL REFERENCES collect_trees(id) ON DELETE CASCADE,
+            user_id TEXT REFERENCES users(id) ON DELETE SET NULL,
+            text TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'accepted', 'rejected')),
+            approvals INTEGER NOT NULL DEFAULT 0,
+            rejections INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            decided_at TEXT)""",
+        "CREATE INDEX collect_edits_status ON collect_edits(status, n)",
+        """CREATE TABLE collect_edit_votes (
+            edit_id TEXT NOT NULL REFERENCES collect_edits(id) ON DELETE CASCADE,
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            task_id TEXT REFERENCES collect_tasks(id) ON DELETE SET NULL,
+            approve {bool} NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (edit_id, user_id))""",
+        """CREATE TABLE collect_revisions (
+            n {pk},
+            message_id TEXT NOT NULL REFERENCES collect_messages(id) ON DELETE CASCADE,
+            text TEXT NOT NULL,                       -- the text before the edit
+            edit_id TEXT,
+            created_at TEXT NOT NULL)""",
+        """CREATE TABLE collect_log (
+            n {pk},
+            user_id TEXT REFERENCES users(id) ON DELETE SET NULL,   -- the moderator
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            detail TEXT,
+            created_at TEXT NOT NULL)""",
+    )),
 ]

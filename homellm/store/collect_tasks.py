@@ -1,0 +1,221 @@
+"""Volunteer tasks: reservations, the one conditional UPDATE that completes one, and the
+queries that find what a volunteer can be handed.
+
+    tasks = CollectTasks(store.db)
+    tasks.candidates("label_assistant_reply", me, langs, settings, now)   # what fits, best first
+    tid = tasks.insert(kind, me, tree_id, target_id, payload, created, expires)
+    tasks.claim(tid, me, now)        # True once: the task is done from here on
+
+A task is reserved for one volunteer until it expires (`expires_at`); while it is live it
+holds one of its target's slots, so a message that needs three reviews is never handed to a
+fourth reviewer while three reviews are pending or done. `claim` is the exactly-once point:
+one UPDATE that matches only a live reservation of that volunteer, so of two submissions of
+the same task one wins, and an expired or skipped task takes none.
+
+Each candidate query is one statement: on PostgreSQL it reads one snapshot, so counts of
+messages and reservations are consistent with each other. The tree manager runs it again
+for the chosen target under the tree's lock before it inserts the reservation.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+
+LIVE = "k.status = 'reserved' AND k.expires_at > ?"
+# the task kinds (homellm/collect/tasks.py names them; the store only needs their strings)
+LABEL_KINDS = ("label_initial_prompt", "label_assistant_reply", "label_prompter_reply")
+REPLY_KINDS = ("assistant_reply", "prompter_reply")
+RANK_ROLE = {"rank_assistant_replies": "assistant", "rank_prompter_replies": "prompter"}
+
+
+def _task_row(r: dict) -> dict:
+    return {**r, "payload": json.loads(r["payload"])}
+
+
+class CollectTasks:
+    def __init__(self, db):
+        self.db = db
+
+    # -- reservations
+    def insert(self, kind: str, user_id: str, tree_id: str | None, target_id: str | None,
+               payload: dict, created_at: str, expires_at: str, task_id: str | None = None
+               ) -> str:
+        tid = task_id or uuid.uuid4().hex
+        self.db.run("INSERT INTO collect_tasks (id, kind, user_id, tree_id, target_id, payload, "
+                    "status, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, 'reserved', ?, ?)",
+                    (tid, kind, user_id, tree_id, target_id, json.dumps(payload,
+                                                                        ensure_ascii=False),
+                     created_at, expires_at))
+        return tid
+
+    def get(self, task_id: str) -> dict | None:
+        r = self.db.one("SELECT * FROM collect_tasks WHERE id = ?", (task_id,))
+        return _task_row(r) if r else None
+
+    def claim(self, task_id: str, user_id: str, now: str) -> bool:
+        """Mark a live reservation of this user done; False if it is not one any more."""
+        return self.db.run("UPDATE collect_tasks SET status = 'done', done_at = ? WHERE id = ? "
+                           "AND user_id = ? AND status = 'reserved' AND expires_at > ?",
+                           (now, task_id, user_id, now)) == 1
+
+    def release(self, task_id: str, user_id: str, status: str) -> bool:
+        """End a live reservation as 'skipped' or 'cancelled'; False if it was not live."""
+        return self.db.run("UPDATE collect_tasks SET status = ?, done_at = ? WHERE id = ? AND "
+                           "user_id = ? AND status = 'reserved'",
+                           (status, None, task_id, user_id)) == 1
+
+    def live_of(self, user_id: str, now: str) -> list[dict]:
+        return [_task_row(r) for r in self.db.all(
+            "SELECT * FROM collect_tasks k WHERE k.user_id = ? AND " + LIVE + " ORDER BY k.n",
+            (user_id, now))]
+
+    def cancel_tree(self, tree_id: str, target_ids: list[str] | None = None) -> int:
+        """Cancel the reservations of a tree (or of these targets in it)."""
+        sql = "UPDATE collect_tasks SET status = 'cancelled' WHERE tree_id = ? AND " \
+              "status = 'reserved'"
+        params: list = [tree_id]
+        if target_ids is not None:
+            if not target_ids:
+                return 0
+            sql += f" AND target_id IN ({', '.join('?' * len(target_ids))})"
+            params += target_ids
+        return self.db.run(sql, params)
+
+    def cancel_user(self, user_id: str) -> int:
+        return self.db.run("UPDATE collect_tasks SET status = 'cancelled' WHERE user_id = ? "
+                           "AND status = 'reserved'", (user_id,))
+
+    def counts(self) -> dict[str, int]:
+        return {r["status"]: r["n"] for r in self.db.all(
+            "SELECT status, COUNT(*) AS n FROM collect_tasks GROUP BY status")}
+
+    # -- what can be handed out
+    def prompt_slots(self, max_active: int, now: str) -> int:
+        """New trees that may start: max_active_trees minus the trees in review or growing
+        and the live initial-prompt reservations (one statement)."""
+        r = self.db.one("SELECT (SELECT COUNT(*) FROM collect_trees WHERE state IN "
+                        "('initial_prompt_review', 'growing')) + (SELECT COUNT(*) FROM "
+                        "collect_tasks k WHERE k.kind = 'initial_prompt' AND " + LIVE + ") AS n",
+                        (now,))
+        return max(0, max_active - r["n"])
+
+    def candidates(self, kind: str, user_id: str, langs: list[str], s, now: str,
+                   target: str | None = None, limit: int = 50) -> list[dict]:
+        """Targets of `kind` that `user_id` may be handed now: dicts with target_id, tree_id,
+        tags (JSON text), n and kind-specific counts; best first for reviews and edits.
+        `s`: CollectSettings. `target`: only that one (the recheck under the lock)."""
+        if kind in LABEL_KINDS:
+            return self._to_review(kind, user_id, langs, s, now, target, limit)
+        if kind in REPLY_KINDS:
+            return self._to_extend(kind, user_id, langs, s, now, target, limit)
+        if kind in RANK_ROLE:
+            return self._to_rank(kind, user_id, langs, s, now, target, limit)
+        if kind == "review_edit":
+            return self._edits(user_id, langs, s, now, target, limit)
+        if kind == "rank_initial_prompts":
+            return self._prompts(user_id, langs, limit)
+        raise ValueError(f"no candidates for task kind {kind!r}")
+
+    @staticmethod
+    def _filters(langs, target, column: str) -> tuple[str, list]:
+        sql, params = "", []
+        if langs:
+            sql += f" AND t.lang IN ({', '.join('?' * len(langs))})"
+            params += list(langs)
+        if target is not None:
+            sql += f" AND {column} = ?"
+            params.append(target)
+        return sql, params
+
+    def _to_review(self, kind, user_id, langs, s, now, target, limit):
+        prompt = kind == "label_initial_prompt"
+        role = "assistant" if kind == "label_assistant_reply" else "prompter"
+        extra, params = self._filters(langs, target, "m.id")
+        sql = (
+            "SELECT m.id AS target_id, m.tree_id, t.tags, m.n, m.review_count FROM "
+            "collect_messages m JOIN collect_trees t ON t.id = m.tree_id "
+            f"WHERE t.state = ? AND m.parent_id IS {'NULL' if prompt else 'NOT NULL'} "
+            "AND m.role = ? AND m.deleted = ? AND m.review_result IS NULL "
+            "AND (m.user_id IS NULL OR m.user_id <> ?) "
+            "AND NOT EXISTS (SELECT 1 FROM collect_reviews r WHERE r.message_id = m.id AND "
+            "r.user_id = ?) "
+            "AND NOT EXISTS (SELECT 1 FROM collect_emojis e WHERE e.message_id = m.id AND "
+            "e.user_id = ? AND e.emoji = '_skip_labeling') "
+            "AND m.review_count + (SELECT COUNT(*) FROM collect_tasks k WHERE k.target_id = m.id "
+            f"AND k.kind = ? AND {LIVE}) < ?" + extra +
+            " ORDER BY m.review_count DESC, m.n LIMIT ?")
+        return self.db.all(sql, [
+            "initial_prompt_review" if prompt else "growing", role, False, user_id, user_id,
+            user_id, kind, now, s.reviews_needed(prompt)] + params + [limit])
+
+    def _to_extend(self, kind, user_id, langs, s, now, target, limit):
+        parent_role = "prompter" if kind == "assistant_reply" else "assistant"
+        extra, params = self._filters(langs, target, "p.id")
+        live_replies = f"k.kind IN ('assistant_reply', 'prompter_reply') AND {LIVE}"
+        sql = (
+            "SELECT * FROM (SELECT p.id AS target_id, p.tree_id, t.tags, p.n, t.goal_size, "
+            "CASE WHEN p.role = 'prompter' THEN t.max_children ELSE ? END AS cap, "
+            "(SELECT COUNT(*) FROM collect_messages c WHERE c.parent_id = p.id AND "
+            "c.deleted = ? AND (c.review_result = ? OR c.review_result IS NULL)) AS children, "
+            "(SELECT COUNT(*) FROM collect_messages x WHERE x.tree_id = t.id AND x.deleted = ? "
+            "AND (x.review_result = ? OR x.review_result IS NULL)) + (SELECT COUNT(*) FROM "
+            f"collect_tasks k WHERE k.tree_id = t.id AND {live_replies}) AS size "
+            "FROM collect_messages p JOIN collect_trees t ON t.id = p.tree_id "
+            "WHERE t.state = 'growing' AND p.role = ? AND p.deleted = ? AND p.review_result = ? "
+            "AND p.depth < t.max_depth "
+            "AND NOT EXISTS (SELECT 1 FROM collect_messages c WHERE c.parent_id = p.id AND "
+            "c.user_id = ? AND c.deleted = ?) "
+            "AND NOT EXISTS (SELECT 1 FROM collect_emojis e WHERE e.message_id = p.id AND "
+            "e.user_id = ? AND e.emoji = '_skip_reply') "
+            f"AND NOT EXISTS (SELECT 1 FROM collect_tasks k WHERE k.target_id = p.id AND "
+            f"{live_replies})" + extra +
+            ") q WHERE q.children < q.cap AND q.size < q.goal_size ORDER BY q.n LIMIT ?")
+        return self.db.all(sql, [s.num_prompter_replies, False, True, False, True, now,
+                                 parent_role, False, True, user_id, False, user_id, now]
+                           + params + [limit])
+
+    def _to_rank(self, kind, user_id, langs, s, now, target, limit):
+        role = RANK_ROLE[kind]
+        extra, params = self._filters(langs, target, "p.id")
+        ranked = "c.parent_id = p.id AND c.deleted = ? AND c.review_result = ? AND c.role = ?"
+        sql = (
+            "SELECT * FROM (SELECT p.id AS target_id, p.tree_id, t.tags, p.n, "
+            f"(SELECT COUNT(*) FROM collect_messages c WHERE {ranked}) AS replies, "
+            f"(SELECT COUNT(*) FROM collect_messages c WHERE {ranked} AND c.user_id = ?) "
+            "AS mine, (SELECT COUNT(*) FROM collect_rankings r WHERE r.parent_id = p.id) + "
+            f"(SELECT COUNT(*) FROM collect_tasks k WHERE k.target_id = p.id AND k.kind = ? AND "
+            f"{LIVE}) AS taken "
+            "FROM collect_messages p JOIN collect_trees t ON t.id = p.tree_id "
+            "WHERE t.state = 'ranking' AND p.deleted = ? AND p.review_result = ? "
+            "AND NOT EXISTS (SELECT 1 FROM collect_rankings r WHERE r.parent_id = p.id AND "
+            "r.user_id = ?) "
+            "AND NOT EXISTS (SELECT 1 FROM collect_emojis e WHERE e.message_id = p.id AND "
+            "e.user_id = ? AND e.emoji = '_skip_ranking')" + extra +
+            ") q WHERE q.replies > 1 AND q.mine = 0 AND q.taken < ? ORDER BY q.n LIMIT ?")
+        return self.db.all(sql, [False, True, role, False, True, role, user_id, kind, now,
+                                 False, True, user_id, user_id] + params +
+                           [s.num_required_rankings, limit])
+
+    def _edits(self, user_id, langs, s, now, target, limit):
+        extra, params = self._filters(langs, target, "e.id")
+        sql = (
+            "SELECT e.id AS target_id, e.tree_id, t.tags, e.n FROM collect_edits e "
+            "JOIN collect_trees t ON t.id = e.tree_id JOIN collect_messages m ON "
+            "m.id = e.message_id WHERE e.status = 'pending' AND m.deleted = ? "
+            "AND t.state IN ('initial_prompt_review', 'growing', 'ranking', "
+            "'ready_for_export') AND (e.user_id IS NULL OR e.user_id <> ?) "
+            "AND NOT EXISTS (SELECT 1 FROM collect_edit_votes v WHERE v.edit_id = e.id AND "
+            "v.user_id = ?) AND e.approvals + e.rejections + (SELECT COUNT(*) FROM "
+            f"collect_tasks k WHERE k.target_id = e.id AND k.kind = 'review_edit' AND {LIVE}) "
+            "< ?" + extra + " ORDER BY e.n LIMIT ?")
+        return self.db.all(sql, [False, user_id, user_id, now, s.num_reviews_edit] + params +
+                           [limit])
+
+    def _prompts(self, user_id, langs, limit):
+        extra, params = self._filters(langs, None, "m.id")
+        return self.db.all(
+            "SELECT m.id AS target_id, m.tree_id, t.tags, m.n FROM collect_messages m JOIN "
+            "collect_trees t ON t.id = m.id WHERE m.parent_id IS NULL AND m.deleted = ? AND "
+            "m.review_result = ? AND t.state IN ('growing', 'ranking', 'ready_for_export') "
+            "AND (m.user_id IS NULL OR m.user_id <> ?)" + extra + " ORDER BY m.n DESC LIMIT ?",
+            [False, True, user_id] + params + [limit])
