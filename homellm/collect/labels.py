@@ -66,8 +66,6 @@ VALID = {  # the labels of each kind of message, in OA's order
 }
 MANDATORY = ("spam",)
 SIMPLE_EXTRA = ("lang_mismatch", "quality")
-# labels that mark a message as flagged for the training exports (data/oasst_filters.py)
-FLAGS = ("spam", "lang_mismatch", "pii", "not_appropriate", "hate_speech", "sexual_content")
 
 
 class LabelError(ValueError):
@@ -115,15 +113,3 @@ def acceptance(reviews: list[dict]) -> float:
     mismatch = sum(r.get("lang_mismatch") or 0.0 for r in reviews) / len(reviews)
     return 1.0 - (spam + mismatch)
 
-
-def aggregate(reviews: list[dict]) -> dict[str, dict]:
-    """{label: {"value": mean, "count": reviews that set it}} over the reviews' label dicts,
-    in LABELS' order (the `labels` field of the oasst export)."""
-    sums: dict[str, list[float]] = {}
-    for r in reviews:
-        for k, v in r.items():
-            sums.setdefault(k, []).append(float(v))
-    order = list(LABELS)
-    return {k: {"value": sum(v) / len(v), "count": len(v)}
-            for k, v in sorted(sums.items(), key=lambda kv: (order.index(kv[0])
-                                                             if kv[0] in order else 99, kv[0]))}

@@ -236,7 +236,7 @@ class Moderation:
     def tree_view(self, user, tree_id: str) -> dict:
         """A tree with every message (deleted ones too), its reviews' labels, emojis,
         rankings and edit proposals, for moderators."""
-        from homellm.collect.labels import aggregate
+        from homellm.data.oasst_collect import aggregate
         self._require(user, "moderator")
         tree = self.trees.tree(tree_id)
         if tree is None:

@@ -46,6 +46,10 @@ MESSAGE_FIELDS = ("message_id", "parent_id", "user_id", "created_date", "text", 
                   "model_name", "emojis", "labels")
 _OPTIONAL = ("events", "homellm")
 _DEFAULTS = {"review_count": 0, "deleted": False, "synthetic": False}
+# Open Assistant's TextLabel order: the order of a message's `labels`
+LABEL_ORDER = ("spam", "fails_task", "lang_mismatch", "pii", "not_appropriate", "hate_speech",
+               "sexual_content", "moral_judgement", "political_content", "quality", "toxicity",
+               "humor", "helpfulness", "creativity", "violence")
 EXPORT_STATES = ("initial_prompt_review", "growing", "ranking", "ready_for_export",
                  "aborted_low_grade", "halted_by_moderator")
 
@@ -59,7 +63,6 @@ def collect_trees(db, *, states: list[str] | None = ("ready_for_export",),
     (None: all); `include_deleted` / `include_spam` (OA's --include-deleted /
     --include-spam): keep deleted messages and those not accepted in review (rejected or
     still in review), with what is below them."""
-    from homellm.collect.labels import aggregate
     from homellm.store.collect_trees import CollectTrees
     ct = CollectTrees(db)
     rows = [t for t in reversed(ct.trees(list(states) if states else None, limit=10**9,
@@ -96,6 +99,18 @@ def collect_trees(db, *, states: list[str] | None = ("ready_for_export",),
                         origin=t["origin"], homellm=ours or None,
                         extra=extra.get("extra") or {}))
     return out
+
+
+def aggregate(reviews: list[dict]) -> dict[str, dict]:
+    """{label: {"value": mean, "count": reviews that set it}} over reviews' label dicts, in
+    LABEL_ORDER (the `labels` field of a message)."""
+    sums: dict[str, list[float]] = {}
+    for r in reviews:
+        for k, v in r.items():
+            sums.setdefault(k, []).append(float(v))
+    rank = {k: i for i, k in enumerate(LABEL_ORDER)}
+    return {k: {"value": sum(v) / len(v), "count": len(v)}
+            for k, v in sorted(sums.items(), key=lambda kv: (rank.get(kv[0], 99), kv[0]))}
 
 
 def _emoji_events(db, ids: list[str]) -> dict[str, list[dict]]:
@@ -266,12 +281,13 @@ def trees_from_messages(lines, source: str = "<messages>") -> list[Tree]:
 
 # ---------------------------------------------------------------- trees -> the collection
 
-def import_collect(db, trees: list[Tree], settings=None, progress=None) -> tuple[int, int]:
+def import_collect(db, trees: list[Tree], *, goal_size: int = 12, max_depth: int = 3,
+                   max_children: int = 3, progress=None) -> tuple[int, int]:
     """Store trees in the collection (each tree in one transaction); (trees, messages).
-    HomellmError, before anything is written, if an id is in the database already."""
-    from homellm.collect.settings import CollectSettings
+    The shape limits are those a tree imported in an active state keeps growing to (OA's
+    defaults). HomellmError, before anything is written, if an id is in the database
+    already."""
     from homellm.store.collect_trees import CollectTrees
-    s = settings or CollectSettings()
     ct = CollectTrees(db)
     ids = [m.message_id for t in trees for m in t.prompt.walk()] + \
         [t.message_tree_id for t in trees]
@@ -291,8 +307,8 @@ def import_collect(db, trees: list[Tree], settings=None, progress=None) -> tuple
                                    ("no_state", t.tree_state is None)) if v}
         with db.transaction():
             ct.insert_tree(t.message_tree_id, t.tree_state or "ready_for_export",
-                           t.prompt.lang, [str(x) for x in tags], t.origin, s.goal_tree_size,
-                           s.max_tree_depth, s.max_children_count, extra or None,
+                           t.prompt.lang, [str(x) for x in tags], t.origin, goal_size,
+                           max_depth, max_children, extra or None,
                            created_at=t.prompt.created_date)
             depth: dict[str, int] = {}
             for m in t.prompt.walk():
