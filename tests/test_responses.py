@@ -115,3 +115,19 @@ def test_bad_requests_name_the_field(server, body, status, param):
     r = httpx.post(server.url + "/v1/responses", json={"model": MODEL, **body}, timeout=60)
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_the_store_is_bounded_in_count_and_size():
+    from homellm.serve.responses import ResponseStore
+    store = ResponseStore(limit=3, max_chars=2000)
+    for i in range(5):
+        store.put({"id": f"r{i}"}, [{"role": "user", "content": "x"}])
+    assert [rid for rid in store._items] == ["r2", "r3", "r4"]
+    store.get("r2")                      # used: now the most recent
+    small = len(json.dumps({"id": "r2"})) + len(json.dumps([{"role": "user", "content": "x"}]))
+    empty = len(json.dumps({"id": "big"})) + len(json.dumps([{"role": "user", "content": ""}]))
+    store.put({"id": "big"}, [{"role": "user", "content": "y" * (2000 - small - empty)}])
+    assert list(store._items) == ["r2", "big"] and store._chars == 2000  # r3 by count, r4 by size
+    assert store.delete("big") and not store.delete("big")
+    with pytest.raises(Exception):
+        store.get("r0")

@@ -8,8 +8,8 @@ comes back as output items (a `message` with `output_text`, and a `function_call
 Streams are server-sent events named by type (response.created, response.output_text.delta,
 response.function_call_arguments.delta, ..., response.completed), as the official client reads
 them. Responses with `store` (the default) are kept in memory, the most recent
-STORED_RESPONSES of them, for `previous_response_id` and GET; instructions are not carried over
-(as OpenAI does).
+STORED_RESPONSES of them (and at most STORED_CHARS of JSON), for `previous_response_id` and GET; instructions are
+not carried over (as OpenAI does).
 Reference: https://platform.openai.com/docs/api-reference/responses
 """
 from __future__ import annotations
@@ -29,21 +29,29 @@ from homellm.serve.schemas import ResponsesRequest
 from homellm.serve.tools import ToolCallStream, parse_calls, parse_tools
 
 STORED_RESPONSES = 1000
+STORED_CHARS = 64 << 20   # characters of JSON the stored responses may hold together
 
 
 class ResponseStore:
-    """The most recent stored responses, with the conversation each one ends (LRU, bounded)."""
+    """The most recent stored responses, with the conversation each one ends (LRU, bounded in
+    count and in size)."""
 
-    def __init__(self, limit: int = STORED_RESPONSES):
-        self.limit = limit
-        self._items: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+    def __init__(self, limit: int = STORED_RESPONSES, max_chars: int = STORED_CHARS):
+        self.limit, self.max_chars = limit, max_chars
+        self._items: OrderedDict[str, tuple[dict, list[dict], int]] = OrderedDict()
+        self._chars = 0
         self._lock = threading.Lock()
 
     def put(self, response: dict, conversation: list[dict]):
+        size = len(json.dumps(response, ensure_ascii=False)) + len(
+            json.dumps(conversation, ensure_ascii=False))
         with self._lock:
-            self._items[response["id"]] = (response, conversation)
-            while len(self._items) > self.limit:
-                self._items.popitem(last=False)
+            old = self._items.pop(response["id"], None)
+            self._chars -= old[2] if old else 0
+            self._items[response["id"]] = (response, conversation, size)
+            self._chars += size
+            while self._items and (len(self._items) > self.limit or self._chars > self.max_chars):
+                self._chars -= self._items.popitem(last=False)[1][2]
 
     def get(self, rid: str) -> tuple[dict, list[dict]]:
         with self._lock:
@@ -53,11 +61,13 @@ class ResponseStore:
                                f"keeps the last {self.limit} responses made with store: true)",
                                param="previous_response_id", code="response_not_found")
             self._items.move_to_end(rid)
-            return item
+            return item[0], item[1]
 
     def delete(self, rid: str) -> bool:
         with self._lock:
-            return self._items.pop(rid, None) is not None
+            item = self._items.pop(rid, None)
+            self._chars -= item[2] if item else 0
+            return item is not None
 
 
 def _text_of(content, where: str) -> str:
