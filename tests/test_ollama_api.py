@@ -155,3 +155,20 @@ def test_pull_and_delete_use_the_catalog(homellm_home, default_gguf):
         assert e.value.status_code == 404
     finally:
         live.close()
+
+
+def test_tools_reach_the_prompt_and_tool_history_renders(client):
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    one = {"temperature": 0, "num_predict": 1}
+    plain = client.chat(model=MODEL, messages=HI, options=one)
+    offered = client.chat(model=MODEL, messages=HI, tools=tools, options=one)
+    assert offered.prompt_eval_count > plain.prompt_eval_count + 40   # the tools block
+    history = HI + [{"role": "assistant", "content": "", "tool_calls": [
+                        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                    {"role": "tool", "content": '{"sky": "sunny"}', "tool_name": "get_weather"}]
+    after = client.chat(model=MODEL, messages=history, tools=tools, options=one)
+    # the call and its result are in the prompt: longer by at least their text
+    assert after.prompt_eval_count > offered.prompt_eval_count + 15
+    assert after.done
