@@ -92,7 +92,7 @@ class Moderation:
     def synthetic_context(self, user, parent_id: str) -> list[dict]:
         """The conversation (OpenAI messages) a model's reply to `parent_id` continues;
         CollectError unless a moderator may add one there now."""
-        self._require(user, "moderator")
+        self.require(user, "moderator")
         m = self._live_message(parent_id)
         self._check_synthetic_slot(m)
         return [{"role": "user" if x["role"] == "prompter" else "assistant",
@@ -118,7 +118,7 @@ class Moderation:
     def add_synthetic(self, user, parent_id: str, text: str, model_name: str) -> dict:
         """Store a model's reply (synthetic, with its model name) under `parent_id`; it is
         reviewed and ranked like everyone's."""
-        uid = self._require(user, "moderator")
+        uid = self.require(user, "moderator")
         text = self.check_text(text, "text")
         m = self._live_message(parent_id)
         with self.db.transaction():
@@ -133,7 +133,7 @@ class Moderation:
 
     # ---------------------------------------------------------------- moderators
     def halt(self, user, tree_id: str, halt: bool = True) -> dict:
-        uid = self._require(user, "moderator")
+        uid = self.require(user, "moderator")
         with self.db.transaction():
             tree = self.trees.lock_tree(tree_id)
             if tree is None:
@@ -149,7 +149,7 @@ class Moderation:
             return {"tree_id": tree_id, "state": self.trees.tree(tree_id)["state"]}
 
     def delete_message(self, user, message_id: str) -> dict:
-        uid = self._require(user, "moderator")
+        uid = self.require(user, "moderator")
         m = self.trees.message(message_id)
         if m is None:
             raise not_found(f"message {message_id}")
@@ -181,7 +181,7 @@ class Moderation:
         return u
 
     def ban(self, user, username: str, banned: bool = True) -> dict:
-        uid = self._require(user, "moderator")
+        uid = self.require(user, "moderator")
         target = self._target_user(username)
         mine = self.role(uid)
         if ROLE_RANK[target["role"]] >= ROLE_RANK[mine] and target["id"] != uid:
@@ -197,7 +197,7 @@ class Moderation:
         return {"username": username, "banned": banned, "tasks_cancelled": cancelled}
 
     def set_role(self, user, username: str, role: str) -> dict:
-        uid = self._require(user, "admin")
+        uid = self.require(user, "admin")
         if role not in ROLES:
             raise CollectError(f"role {role!r}: expected one of {', '.join(ROLES)}",
                                param="role")
@@ -210,7 +210,7 @@ class Moderation:
         return {"username": username, "role": self.role(target["id"])}
 
     def history(self, user, username: str) -> dict:
-        self._require(user, "moderator")
+        self.require(user, "moderator")
         target = self._target_user(username)
         uid = target["id"]
         return {"user": target,
@@ -230,14 +230,14 @@ class Moderation:
 
     def tree_list(self, user, state: str | None = None, limit: int = 100,
                   offset: int = 0) -> list[dict]:
-        self._require(user, "moderator")
+        self.require(user, "moderator")
         return self.trees.trees([state] if state else None, limit=limit, offset=offset)
 
     def tree_view(self, user, tree_id: str) -> dict:
         """A tree with every message (deleted ones too), its reviews' labels, emojis,
         rankings and edit proposals, for moderators."""
         from homellm.data.oasst_collect import aggregate
-        self._require(user, "moderator")
+        self.require(user, "moderator")
         tree = self.trees.tree(tree_id)
         if tree is None:
             raise not_found(f"tree {tree_id}")
@@ -254,7 +254,7 @@ class Moderation:
              "edits": self.trees.edits(message_id=m["id"])} for m in ms]}
 
     def reports(self, user, open_only: bool = True) -> list[dict]:
-        self._require(user, "moderator")
+        self.require(user, "moderator")
         return self.trees.reports(open_only=open_only)
 
     # ---------------------------------------------------------------- boards
@@ -266,7 +266,7 @@ class Moderation:
         return points.ranked(scores, "leader_score")[:limit]
 
     def trollboard(self, user, time_frame: str = "total", limit: int = 100) -> list[dict]:
-        self._require(user, "moderator")
+        self.require(user, "moderator")
         since = self._frame(time_frame)
         names = self.trees.usernames()
         scores = [points.TrollScore(u, names.get(u, "?"), **d) for u, d in

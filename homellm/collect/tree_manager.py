@@ -89,7 +89,7 @@ class TreeManager(Moderation):
                                status=403, code="banned")
         return uid
 
-    def _require(self, user, role: str) -> str:
+    def require(self, user, role: str) -> str:
         uid = self._active(user)
         have = self.trees.role(uid)[0]
         if ROLE_RANK[have] < ROLE_RANK[role]:

@@ -41,7 +41,8 @@ import secrets
 import socket
 from typing import Awaitable, Callable, Iterable
 
-PAGES = ("/", "/arena", "/leaderboard", "/evals")  # the web page, at each of its views' addresses
+PAGES = ("/", "/arena", "/leaderboard", "/evals", "/contribute", "/contributors",
+         "/moderate")  # the web page, at each of its views' addresses
 PUBLIC_EXACT = {("GET", "/health"), ("HEAD", "/health"), ("GET", "/api/me"),
                 ("POST", "/api/login"), ("POST", "/api/setup"), ("POST", "/api/key-login")} | \
     {(method, page) for page in PAGES for method in ("GET", "HEAD")}

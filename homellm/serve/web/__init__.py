@@ -5,9 +5,10 @@
     app = create_app(registry, extra_routers=[web_router(store, auth=False)])
 
 `/` is the page (static/index.html, app.js, app.css: no build step, nothing from a CDN; also
-at /arena, /leaderboard and /evals, its other views), `/api/*` its JSON API (accounts.py,
-conversations.py, imports.py, replies.py, arena.py: blind battles and the leaderboard,
-evals.py: the kept eval runs). Without
+at /arena, /leaderboard, /evals, /contribute, /contributors and /moderate, its other views),
+`/api/*` its JSON API (accounts.py, conversations.py, imports.py, replies.py, arena.py: blind
+battles and the leaderboard, evals.py: the kept eval runs, collect.py: Open Assistant's
+volunteer tasks, review, ranking and moderation). Without
 `auth` every request is the store's local user; with it, accounts and session cookies
 (context.py).
 With the server's --api-key, /api/* also needs the key or a web credential (guard.py).
@@ -19,6 +20,7 @@ from fastapi import APIRouter, Depends, Request
 from homellm.serve.web.accounts import accounts_router
 from homellm.serve.web.arena import arena_router
 from homellm.serve.web.assets import assets_router
+from homellm.serve.web.collect import collect_router
 from homellm.serve.web.context import WebState
 from homellm.serve.web.conversations import conversations_router
 from homellm.serve.web.evals import evals_router
@@ -28,9 +30,11 @@ from homellm.serve.web.replies import replies_router
 __all__ = ["WebState", "web_router"]
 
 
-def web_router(store, *, auth: bool = False, setup_token: str | None = None) -> APIRouter:
+def web_router(store, *, auth: bool = False, setup_token: str | None = None,
+               collect=None) -> APIRouter:
     """All of the web app's routes, over `store` (homellm.store.Store). `setup_token`: with
-    `auth`, the first-run setup form must carry it (the CLI prints it)."""
+    `auth`, the first-run setup form must carry it (the CLI prints it). `collect`: the
+    volunteer collection's thresholds (homellm.collect.CollectSettings; None: OA's)."""
     from homellm.serve.web.imports import MAX_IMPORT_BYTES
     state = WebState(store=store, auth=auth, setup_token=setup_token)
 
@@ -42,6 +46,7 @@ def web_router(store, *, auth: bool = False, setup_token: str | None = None) -> 
     router.credential_check = state.has_credential  # for the guard (serve/guard.py)
     router.body_limits = {"/api/import": MAX_IMPORT_BYTES}
     for part in (assets_router(), accounts_router(), conversations_router(), imports_router(),
-                 replies_router(), arena_router(store), evals_router()):
+                 replies_router(), arena_router(store), evals_router(),
+                 collect_router(store, collect)):
         router.include_router(part)
     return router

@@ -1,0 +1,268 @@
+"""The volunteer collection's JSON API (Open Assistant's tasks in the web app): the Contribute
+page at /contribute, the volunteers' leaderboard at /contributors, the moderators' view at
+/moderate (the pages are app.js views, served like the others: guard.PAGES).
+
+Volunteers (everyone logged in):
+    GET  /api/collect                          role, preferences, tasks available by kind,
+                                               the task kinds and OA's labels, the settings
+    PUT  /api/collect/prefs                    {langs: ["en"], tags: ["cooking"]}
+    POST /api/collect/tasks                    {type: "random" | a kind, lang?} -> {task,
+                                               resumed} or {task: null, reason}
+    GET  /api/collect/tasks/{id}               one of the caller's tasks (404 for others')
+    POST /api/collect/tasks/{id}/submit        {text, lang, tags} | {labels} |
+                                               {ranking, not_rankable} | {approve}
+    POST /api/collect/tasks/{id}/skip
+    POST /api/collect/messages/{id}/report     {reason}
+    POST /api/collect/messages/{id}/emoji      {emoji: "+1" | "-1" | ..., op: "toggle"}
+    POST /api/collect/messages/{id}/edits      {text}: an edit proposal, voted on by others
+    GET  /api/collect/leaderboard?time_frame=day|week|month|total
+Moderators (403 for volunteers):
+    GET  /api/collect/trees[?state=]           GET /api/collect/trees/{id}
+    POST /api/collect/trees/{id}/halt          {halt: true | false (resume)}
+    POST /api/collect/messages/{id}/delete     with the replies below it
+    POST /api/collect/messages/{id}/synthetic  {model?, max_tokens, temperature}: a served
+                                               model's reply (serve/completion.start_chat),
+                                               marked synthetic with its model name
+    GET  /api/collect/reports                  GET /api/collect/trollboard?time_frame=
+    GET  /api/collect/users/{username}         their history
+    POST /api/collect/users/{username}/ban     {banned: true | false}
+    GET  /api/collect/export?format=trees|messages&state=ready_for_export|all&gz=&events=
+         &include_spam=&include_deleted=       Open Assistant's JSONL (data/oasst_collect.py)
+Admins:
+    PUT  /api/collect/users/{username}/role    {role: volunteer | moderator | admin}
+
+Without --auth the one local user is an admin. Errors are OpenAI-shaped: 400 naming the
+field (empty or oversized text, a ranking that is not a permutation, a label out of range),
+403 for a role that may not (code not_moderator / not_admin) or a banned volunteer, 404 for
+another volunteer's task, 409 for a task answered, skipped, withdrawn or expired. The routes
+that touch the database are plain functions: FastAPI runs them in its thread pool, each
+thread with its own connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from homellm.collect import CollectError, CollectSettings, TreeManager
+from homellm.collect import labels as L
+from homellm.collect import tasks as K
+from homellm.serve.errors import APIError
+from homellm.serve.web.context import Caller, caller
+
+TYPES = {403: "permission_error", 404: "not_found"}
+MAX_BODY_TEXT = 1 << 20      # a text field's characters before the manager's own limit
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NextIn(_Body):
+    type: str = "random"
+    lang: str | None = Field(default=None, max_length=40)
+
+
+class SubmitIn(_Body):
+    text: str | None = Field(default=None, max_length=MAX_BODY_TEXT)
+    lang: str | None = Field(default=None, max_length=40)
+    tags: list[str] | None = Field(default=None, max_length=50)
+    labels: dict[str, Any] | None = None
+    ranking: list[Any] | None = Field(default=None, max_length=1000)
+    not_rankable: bool | None = None
+    approve: bool | None = None
+
+
+class PrefsIn(_Body):
+    langs: list[str] = Field(default_factory=list, max_length=20)
+    tags: list[str] = Field(default_factory=list, max_length=50)
+
+
+class ReportIn(_Body):
+    reason: str = Field(max_length=MAX_BODY_TEXT)
+
+
+class EmojiIn(_Body):
+    emoji: str = Field(max_length=40)
+    op: Literal["toggle", "add", "remove"] = "toggle"
+
+
+class EditIn(_Body):
+    text: str = Field(max_length=MAX_BODY_TEXT)
+
+
+class HaltIn(_Body):
+    halt: bool = True
+
+
+class BanIn(_Body):
+    banned: bool = True
+
+
+class RoleIn(_Body):
+    role: str = Field(max_length=40)
+
+
+class SyntheticIn(_Body):
+    model: str | None = Field(default=None, max_length=500)
+    max_tokens: int = Field(default=400, ge=1, le=8192)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+
+
+def api_error(e: CollectError) -> APIError:
+    return APIError(e.status, str(e), type=TYPES.get(e.status, "invalid_request_error"),
+                    param=e.param, code=e.code)
+
+
+def collect_router(store, settings: CollectSettings | None = None) -> APIRouter:
+    tm = TreeManager(store.db, settings or CollectSettings())
+    router = APIRouter(prefix="/api/collect")
+    router.manager = tm  # for tests
+
+    def run(fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CollectError as e:
+            raise api_error(e) from None
+
+    @router.get("")
+    def info(who: Caller = Depends(caller), lang: str | None = Query(None, max_length=40)):
+        role, banned = tm.trees.role(who.user.id)
+        return {"role": role, "banned": banned, "prefs": tm.prefs(who.user),
+                "available": {} if banned else run(tm.available, who.user, lang),
+                "kinds": [{"type": k, "title": K.TITLES[k]} for k in K.KINDS
+                          if k != K.RANK_PROMPTER_REPLIES or tm.s.rank_prompter_replies],
+                "labels": [x.json() for x in L.LABELS.values()],
+                "settings": tm.s.as_dict()}
+
+    @router.put("/prefs")
+    def prefs(body: PrefsIn, who: Caller = Depends(caller)):
+        return run(tm.set_prefs, who.user, body.langs, body.tags)
+
+    @router.post("/tasks")
+    def next_task(body: NextIn, who: Caller = Depends(caller)):
+        return run(tm.next_task, who.user, body.type, body.lang)
+
+    @router.get("/tasks/{tid}")
+    def get_task(tid: str, who: Caller = Depends(caller)):
+        return run(tm.task, who.user, tid)
+
+    @router.post("/tasks/{tid}/submit")
+    def submit(tid: str, body: SubmitIn, who: Caller = Depends(caller)):
+        return run(tm.submit, who.user, tid, body.model_dump(exclude_none=True))
+
+    @router.post("/tasks/{tid}/skip")
+    def skip(tid: str, who: Caller = Depends(caller)):
+        return {"task": run(tm.skip, who.user, tid)}
+
+    @router.post("/messages/{mid}/report")
+    def report(mid: str, body: ReportIn, who: Caller = Depends(caller)):
+        return run(tm.report, who.user, mid, body.reason)
+
+    @router.post("/messages/{mid}/emoji")
+    def emoji(mid: str, body: EmojiIn, who: Caller = Depends(caller)):
+        return run(tm.emoji, who.user, mid, body.emoji, body.op)
+
+    @router.post("/messages/{mid}/edits", status_code=201)
+    def propose_edit(mid: str, body: EditIn, who: Caller = Depends(caller)):
+        return run(tm.propose_edit, who.user, mid, body.text)
+
+    @router.get("/leaderboard")
+    def leaderboard(who: Caller = Depends(caller), time_frame: str = "total",
+                    limit: int = Query(100, ge=1, le=1000)):
+        return {"time_frame": time_frame,
+                "leaderboard": run(tm.leaderboard, time_frame, limit)}
+
+    # -- moderators
+    @router.get("/trollboard")
+    def trollboard(who: Caller = Depends(caller), time_frame: str = "total",
+                   limit: int = Query(100, ge=1, le=1000)):
+        return {"time_frame": time_frame,
+                "trollboard": run(tm.trollboard, who.user, time_frame, limit)}
+
+    @router.get("/trees")
+    def trees(who: Caller = Depends(caller), state: str | None = None,
+              limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
+        rows = run(tm.tree_list, who.user, state, limit, offset)
+        return {"trees": rows, "states": tm.trees.state_counts()}
+
+    @router.get("/trees/{tree_id}")
+    def tree(tree_id: str, who: Caller = Depends(caller)):
+        return run(tm.tree_view, who.user, tree_id)
+
+    @router.post("/trees/{tree_id}/halt")
+    def halt(tree_id: str, body: HaltIn, who: Caller = Depends(caller)):
+        return run(tm.halt, who.user, tree_id, body.halt)
+
+    @router.post("/messages/{mid}/delete")
+    def delete(mid: str, who: Caller = Depends(caller)):
+        return run(tm.delete_message, who.user, mid)
+
+    @router.get("/reports")
+    def reports(who: Caller = Depends(caller), open_only: bool = True):
+        return {"reports": run(tm.reports, who.user, open_only)}
+
+    @router.get("/users/{username}")
+    def history(username: str, who: Caller = Depends(caller)):
+        return run(tm.history, who.user, username)
+
+    @router.post("/users/{username}/ban")
+    def ban(username: str, body: BanIn, who: Caller = Depends(caller)):
+        return run(tm.ban, who.user, username, body.banned)
+
+    @router.put("/users/{username}/role")
+    def role(username: str, body: RoleIn, who: Caller = Depends(caller)):
+        return run(tm.set_role, who.user, username, body.role)
+
+    @router.get("/export")
+    def export(who: Caller = Depends(caller), format: Literal["trees", "messages"] = "trees",
+               state: str = "ready_for_export", gz: bool = False, events: bool = False,
+               include_spam: bool = False, include_deleted: bool = False,
+               lang: str | None = Query(None, max_length=40)):
+        from homellm.data.oasst import dumps_trees
+        from homellm.data.oasst_collect import EXPORT_STATES, collect_trees, message_records
+        run(tm.require, who.user, "moderator")
+        states = None if state == "all" else state.split(",")
+        for s in states or ():
+            if s not in EXPORT_STATES:
+                raise APIError(400, f"state: {s!r} is not a tree state (expected 'all' or "
+                               f"some of {', '.join(EXPORT_STATES)})", param="state",
+                               code="invalid_value")
+        trees = collect_trees(store.db, states=states, lang=lang, include_spam=include_spam,
+                              include_deleted=include_deleted, events=events)
+        if format == "trees":
+            text = dumps_trees(trees)
+        else:
+            text = "".join(json.dumps(d, ensure_ascii=False) + "\n"
+                           for d in message_records(trees))
+        name = f"homellm-collect.{format}.jsonl"
+        data = text.encode()
+        if gz:
+            data, name = gzip.compress(data, mtime=0), name + ".gz"
+        return Response(data, media_type="application/gzip" if gz else "application/x-ndjson",
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+    @router.post("/messages/{mid}/synthetic", status_code=201)
+    async def synthetic(mid: str, body: SyntheticIn, request: Request,
+                        who: Caller = Depends(caller)):
+        from homellm.serve.completion import GenerationSettings, start_chat
+        registry = request.app.state.registry
+        messages = await asyncio.to_thread(run, tm.synthetic_context, who.user, mid)
+        if not registry.ids():
+            raise APIError(409, "this server serves no model to write a reply",
+                           code="no_model")
+        model = registry.resolve_id(body.model or registry.ids()[0])
+        stream = await start_chat(registry, model, messages, GenerationSettings(
+            max_tokens=body.max_tokens, temperature=body.temperature))
+        async with stream:
+            text, _ = await stream.collect()
+        if not text.strip():
+            raise APIError(502, f"the model {model!r} wrote an empty reply; try again (a "
+                           "higher temperature?)", type="server_error", code="empty_reply")
+        return await asyncio.to_thread(run, tm.add_synthetic, who.user, mid, text, model)
+
+    return router
