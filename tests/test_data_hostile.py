@@ -184,3 +184,47 @@ def test_tree_text_round_trip_is_exact_at_depth():
     assert deep_json.dumps(tree_to_dict(parse_trees([text])[0])) == text
     chain = tree.messages()
     assert [m.parent_id for m in chain] == [None] + [m.message_id for m in chain[:-1]]
+
+
+# ------------------------------------------------------------------ broken training files
+
+GOOD_SFT = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+GOOD_DPO = json.dumps({"prompt": "hi", "chosen": "yo", "rejected": "no"})
+BROKEN = {  # a line -> words its problem must contain (after "FILE:2: ")
+    "null": "expected a JSON object, got NoneType",
+    "[]": "expected a JSON object, got list",
+    '"text"': "expected a JSON object, got str",
+    "1e999": "expected a JSON object, got float",
+    "{": "not JSON",
+    "[" * 100_000: "not JSON: Expecting value",
+    '{"a": ' * 5_000 + "1" + "}" * 5_000: "unknown record",
+    '{"messages": "x"}': "field 'messages': expected a non-empty list",
+    '{"messages": [1]}': "field 'messages' message 0: expected an object",
+    '{"messages": [{"role": "user", "content": {"a": 1}}]}': "'content' must be a string",
+    '{"messages": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", "content": "b"}]}':
+        "field 'messages[0].content': a lone UTF-16 surrogate",
+    '{"conversations": [{"from": "alien", "value": "x"}]}': "'from' must be one of",
+    '{"prompt": 1, "response": 2}': "expected two strings",
+    '{"message_tree_id": "t", "prompt": {"message_id": "a", "role": "assistant", "text": "x"}}':
+        "field 'role': expected 'prompter'",
+}
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_every_broken_training_line_is_named_by_file_and_line(tmp_path, kind):
+    good = GOOD_SFT if kind == "sft" else GOOD_DPO
+    for i, (line, words) in enumerate(BROKEN.items()):
+        path = tmp_path / f"{kind}{i}.jsonl"
+        path.write_text(good + "\n" + line + "\n" + good + "\n")
+        data = read_training(path, kind)
+        assert len(data.records) == 2 and len(data.problems) == 1, (line[:60], data.problems)
+        problem = data.problems[0]
+        assert problem.startswith(f"{path}:2: ") and len(problem) < 400, problem
+        if kind == "sft":  # (DPO reads prompt/chosen/rejected, and says so in other words)
+            assert words in problem, (words, problem)
+    # a file of nothing but broken lines is one DataError that lists them
+    path = tmp_path / "all_bad.jsonl"
+    path.write_text("\n".join(list(BROKEN)[:6]) + "\n")
+    with pytest.raises(HomellmError, match=r"6 of 6 records are malformed") as e:
+        read_training(path, kind)
+    assert f"{path}:1: " in str(e.value) and f"{path}:5: " in str(e.value)
