@@ -72,6 +72,17 @@ def test_warmup_as_a_fraction_or_steps(tiny, tmp_path):
     assert TuneConfig.load(tmp_path / "a").warmup == 0.5
 
 
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_help_states_the_defaults(method):
+    proc = subprocess.run([sys.executable, "-m", "homellm", "tune", method, "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    for words in ("--epochs", "default auto", "--warmup", "first 10% of the steps", "--batch-size",
+                  "per micro-batch at most (default 8)", "(default 0.001)"):
+        assert words in text, words
+
+
 def test_a_run_shorter_than_its_warmup_warns(tiny, tmp_path, homellm_home, capsys):
     code, err = cli(capsys, "tune", "sft", "-m", tiny["model"], "--data", tiny["sft"], "--out", tmp_path / "o",
                     "--steps", "2", "--warmup", "10", "--batch-tokens", "96", "--max-length", "48", "--threads", "1")

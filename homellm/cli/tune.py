@@ -43,7 +43,7 @@ def _common(p: argparse.ArgumentParser, method: str):
     g.add_argument("--weight-decay", type=float, default=c.weight_decay, help="AdamW weight decay (default 0)")
     g.add_argument("--warmup", type=float, default=c.warmup,
                    help=f"linear warmup: a fraction of the run's steps (below 1) or a number of steps "
-                        f"(default {c.warmup:g}: the first {c.warmup:.0%} of the steps)")
+                        f"(default {c.warmup:g}: the first {c.warmup * 100:.0f}%% of the steps)")
     g.add_argument("--schedule", choices=["cosine", "constant"], default=c.schedule,
                    help="learning rate after warmup (default cosine, to 0.1 x lr)")
     g.add_argument("--epochs", type=_epochs, default=c.epochs,
