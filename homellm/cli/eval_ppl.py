@@ -204,7 +204,7 @@ def _print_result(run, model, args, run_id: str):
     k = run.kld
     if k is not None:
         lo, hi = k.delta_ppl_ci95
-        print(f"\n====== Perplexity statistics ======")
+        print("\n====== Perplexity statistics ======")
         print(f"Mean PPL(Q)                   : {run.ppl:10.6f} ± {run.ppl_err:10.6f}")
         print(f"Mean PPL(base)                : {k.ppl_base:10.6f} ± {k.ppl_base_err:10.6f}")
         print(f"Mean ln(PPL(Q)/PPL(base))     : {k.log_ppl_ratio:10.6f} ± {k.log_ppl_ratio_err:10.6f}")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
         if not folder.is_dir():
             raise HomellmError(f"--chart {chart}: folder {folder} does not exist")
         try:
-            import matplotlib  # noqa: F401  (checked before any work)
+            importlib.import_module("matplotlib")  # checked before any work
         except ImportError:
             raise HomellmError("--chart needs matplotlib: pip install 'homellm[eval]'") from None
     runs = load_runs(args.kind)

@@ -395,7 +395,8 @@ def _compare(logits, lse, target_logp, ref: "Reference", rows: slice, out: dict)
         terms += np.where(p_rest > -np.inf, np.exp(p_rest) * (p_rest - q_rest), 0.0)
     out["kld"][rows] = np.maximum(terms, 0.0)  # a KL divergence (over k+1 outcomes): >= 0 but for rounding
     out["same"][rows] = logits.argmax(dim=1).cpu().numpy() == ref.top_ids[rows, 0]
-    out["dp"][rows] = np.exp(target_logp.double().cpu().numpy()) - np.exp(ref.target_logp[rows].astype(np.float64))
+    p_next = np.exp(target_logp.double().cpu().numpy())
+    out["dp"][rows] = p_next - np.exp(ref.target_logp[rows].astype(np.float64))
 
 
 def _mean_err(x: np.ndarray) -> tuple[float, float]:

@@ -48,7 +48,8 @@ def headline(run: EvalRun) -> tuple[str, float, float | list | None, bool] | Non
         # lm-eval keeps a filtered metric as "exact_match,strict-match"
         for key in sorted(run.metrics):
             if key.startswith(name + ",") and _number(run.metrics[key]):
-                return key, float(run.metrics[key]), run.metrics.get(f"{name}_stderr,{key.split(',', 1)[1]}"), lower
+                err_key = f"{name}_stderr,{key.split(',', 1)[1]}"
+                return key, float(run.metrics[key]), run.metrics.get(err_key), lower
     for key in sorted(run.metrics):
         if _number(run.metrics[key]) and not any(s in key for s in NOT_HEADLINES):
             return key, float(run.metrics[key]), None, False
