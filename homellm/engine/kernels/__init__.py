@@ -3,7 +3,8 @@ single-token decode, and causal attention.
 
 `available()` says whether the library built and loaded (it needs a C compiler; without one,
 or with HOMELLM_NO_KERNELS=1, everything stays on the PyTorch path). The code is in
-ggml_cpu.c (its thread pool in thread_pool.h; threads.py sets and reports it); build.py
+ggml_cpu.c (the network over a batch of rows of several sequences in network.h, its thread
+pool in thread_pool.h; threads.py sets and reports it); build.py
 compiles and caches it; native.py runs a model on it without PyTorch;
 ggml_linear.py, fast_decode.py and attention.py wrap it as PyTorch modules (imported on first
 use, so `kernels.native` never imports torch).

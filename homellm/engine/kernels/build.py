@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("ggml_cpu.c")
-HEADERS = [Path(__file__).with_name("thread_pool.h")]  # included by SOURCE (its own thread pool)
+# included by SOURCE: its own thread pool, and the network over a batch of rows (hl_batch)
+HEADERS = [Path(__file__).with_name("thread_pool.h"), Path(__file__).with_name("network.h")]
 FLAGS = ["-O3", "-pthread", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math",
          "-fno-signed-zeros", "-fno-trapping-math"]
 
@@ -129,6 +130,13 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "hl_model_set_threads": (c_int, [c_void, c_int, c_int, c_int]),
         "hl_decode": (c_int, [c_void, c_int, c_int, c_void]),
         "hl_forward": (c_int, [c_void, c_void, c_int, c_int, c_void, c_int]),
+        "hl_batch": (c_int, [c_void, c_void, c_int, c_void, c_void, c_void, c_void, c_void, c_void, c_void]),
+        "hl_kv_new": (c_void, [c_int, c_int, c_int, c_int]),
+        "hl_kv_set": (None, [c_void, c_int, c_void, c_void]),
+        "hl_kv_free": (None, [c_void]),
+        "hl_lora_new": (c_void, [c_int]),
+        "hl_lora_set": (c_int, [c_void, c_int, c_int, c_int, c_float, c_void, c_void]),
+        "hl_lora_free": (None, [c_void]),
         "hl_attention_causal": (c_int, [c_void, c_i64, c_i64, c_void, c_i64, c_i64, c_void, c_i64, c_i64,
                                         c_int, c_int, c_int, c_int, c_int, c_float, c_void, c_int, c_int]),
         "hl_pool_default_threads": (c_int, []),

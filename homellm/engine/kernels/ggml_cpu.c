@@ -1,4 +1,5 @@
-/* homellm CPU kernels: matmul on raw GGUF blocks and a fused single-token LLaMA decode step.
+/* homellm CPU kernels: matmul on raw GGUF blocks, causal attention, and (network.h) the whole
+ * LLaMA network over a batch of rows of several sequences.
  *
  * Block layouts (GGUF spec, ggml docs/gguf.md; the gguf package's quants.py):
  *   Q4_0: 18 bytes / 32 weights: f16 d, 16 bytes qs; w[j] = (qs[j] & 15) - 8, w[j+16] = (qs[j] >> 4) - 8, times d
@@ -31,9 +32,9 @@
  * Q8_0 and Q5_0-as-Q8_0 as bytes + 128, Q5_1 and the K-quants as unsigned integers with f32 scales);
  * hl_matmul_packed_multi runs several such weights on one quantized activation (q/k/v; gate/up with
  * the SiLU-gated product in its epilogue).
- * Threads: every parallel loop is a job of thread_pool.h (pthreads; no OpenMP), a decode step one
- * job of five phases a layer; each item of a loop is computed whole by one thread, so results
- * are the same on any number of threads.
+ * Threads: every parallel loop is a job of thread_pool.h (pthreads; no OpenMP), a whole batch of
+ * rows through the network one job (network.h); each item of a loop is computed whole by one
+ * thread, so results are the same on any number of threads.
  */
 #define _GNU_SOURCE  /* sched_getaffinity, CPU_COUNT (thread_pool.h) */
 #include <math.h>
@@ -121,18 +122,9 @@ T256 static void f32_to_f16_f16c(const float *x, uint16_t *y, int n) {
         _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
     for (; i < n; i++) y[i] = f2h(x[i]);
 }
-T256 static void f16_to_f32_f16c(const uint16_t *x, float *y, int n) {
-    int i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))));
-    for (; i < n; i++) y[i] = h2f((const uint8_t *)(x + i));
-}
 static void to_f16(int path, const float *x, uint16_t *y, int n) {
     if (path >= 1) f32_to_f16_f16c(x, y, n);
     else for (int i = 0; i < n; i++) y[i] = f2h(x[i]);
-}
-static void from_f16(int path, const uint16_t *x, float *y, int n) {
-    if (path >= 1) f16_to_f32_f16c(x, y, n);
-    else for (int i = 0; i < n; i++) y[i] = h2f((const uint8_t *)(x + i));
 }
 
 static int type_block_bytes(int t) {
@@ -1143,12 +1135,6 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
         case PK_Q5K: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q5K, TT); break; \
         default: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q6K, TT); } } while (0)
 
-/* one row-major activation row (decode): q, q2 (NULL: one level) K bytes, dx/sx K/4 floats */
-T512 static void packed_row(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
-                            float *out, const int8_t *q2, int kind) {
-    if (q2) PBK(1, 1, 0); else PBK(1, 0, 0);
-}
-
 /* rows 0..R-1 (R <= TILE) of one activation tile (see TILE), hi: two levels */
 T512 static void packed_tile(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
                              int R, float *out, int hi, int kind) {
@@ -1329,296 +1315,19 @@ void hl_dequant_rows(int type, const uint8_t *w, int64_t row_bytes, int N, int K
     for (int n = 0; n < N; n++) dequant_row(type, w + (size_t)n * row_bytes, K, out + (size_t)n * K);
 }
 
-/* ---- fused single-token decode ----------------------------------------------------------- */
-
-typedef struct { int type, N, K; const uint8_t *w; int64_t rb; const uint8_t *pk; } mat_t;  /* pk: packed Q4 or NULL */
-
-enum { M_Q, M_K, M_V, M_O, M_GATE, M_UP, M_DOWN, M_COUNT };
-enum { V_LN1, V_LN2, V_BQ, V_BK, V_BV, V_COUNT };
-
-typedef struct {
-    mat_t m[M_COUNT];
-    const float *v[V_COUNT];
-    void *kc, *vc;  /* (n_kv, S, head_dim) f32, or f16 (uint16) when the model's kv16 */
-} layer_t;
-
-typedef struct {
-    int L, H, nh, nkv, hd, F, V, S, nthreads, path, hi, kv16;
-    float eps;
-    float *inv_freq;
-    layer_t *layers;
-    mat_t emb, head;
-    const float *norm;
-    float *x, *xn, *qkv, *att, *hb, *scores, *cs, *sn;
-    int8_t *aq, *aq2;
-    float *ad, *as;
-} model_t;
-
-void *hl_model_new(int L, int H, int nh, int nkv, int hd, int F, int V, float eps, const float *inv_freq) {
-    model_t *c = calloc(1, sizeof(model_t));
-    c->L = L; c->H = H; c->nh = nh; c->nkv = nkv; c->hd = hd; c->F = F; c->V = V; c->eps = eps;
-    c->nthreads = pool_cpus(); c->path = hl_best_path(); c->hi = 1;
-    c->inv_freq = malloc(sizeof(float) * hd / 2);
-    memcpy(c->inv_freq, inv_freq, sizeof(float) * hd / 2);
-    c->layers = calloc(L, sizeof(layer_t));
-    int big = H > F ? H : F; if (nh * hd > big) big = nh * hd;
-    c->x = malloc(4 * (size_t)H); c->xn = malloc(4 * (size_t)big);
-    c->qkv = malloc(4 * (size_t)(nh + 2 * nkv) * hd); c->att = malloc(4 * (size_t)nh * hd);
-    c->hb = malloc(4 * (size_t)F); c->cs = malloc(4 * (size_t)hd); c->sn = malloc(4 * (size_t)hd);
-    c->aq = malloc((size_t)big + 64); c->aq2 = malloc((size_t)big + 64); c->ad = malloc((size_t)big + 64); c->as = malloc((size_t)big + 64);
-    return c;
+/* element i of a cache row, f32 or f16 */
+INLINE float kv_at(const void *row, int f16, size_t i) {
+    return f16 ? h2f((const uint8_t *)((const uint16_t *)row + i)) : ((const float *)row)[i];
 }
 
-void hl_model_free(void *p) {
-    model_t *c = p;
-    if (!c) return;
-    free(c->inv_freq); free(c->layers); free(c->x); free(c->xn); free(c->qkv); free(c->att); free(c->hb);
-    free(c->cs); free(c->sn); free(c->aq); free(c->aq2); free(c->ad); free(c->as); free(c->scores); free(c);
+T512 INLINE __m512 kv_ld16(const void *row, int f16, size_t i) {
+    return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i)))
+               : _mm512_loadu_ps((const float *)row + i);
 }
 
-/* which: 0..6 a layer's q,k,v,o,gate,up,down; -1 token embedding; -2 lm_head */
-int hl_model_set_mat(void *p, int layer, int which, int type, int N, int K, const uint8_t *w, int64_t rb) {
-    model_t *c = p;
-    if (!type_block_bytes(type) || K % type_qk(type)) return -1;
-    mat_t m = {type, N, K, w, rb, NULL};
-    if (which == -1) c->emb = m;
-    else if (which == -2) c->head = m;
-    else c->layers[layer].m[which] = m;
-    return 0;
-}
-
-/* a matrix's weights packed by hl_repack (used on the AVX512 path); NULL: raw blocks; which as for
- * hl_model_set_mat (-1 the embedding table: its rows then come from the pack, -2 the head) */
-int hl_model_set_packed(void *p, int layer, int which, const uint8_t *pk) {
-    model_t *c = p;
-    mat_t *m = which == -1 ? &c->emb : which == -2 ? &c->head : &c->layers[layer].m[which];
-    if (pk && hl_pack_kind(m->type) < 0) return -1;
-    m->pk = pk;
-    return 0;
-}
-
-/* which: 0..4 a layer's input norm, post-attention norm, q/k/v bias; layer -1: final norm */
-void hl_model_set_vec(void *p, int layer, int which, const float *v) {
-    model_t *c = p;
-    if (layer < 0) c->norm = v; else c->layers[layer].v[which] = v;
-}
-
-/* a layer's K/V cache: (n_kv, S, head_dim) f32, or f16 with kv16 = 1 (every layer the same kind) */
-void hl_model_set_kv(void *p, int layer, void *k, void *v, int S, int kv16) {
-    model_t *c = p;
-    c->layers[layer].kc = k; c->layers[layer].vc = v; c->kv16 = kv16;
-    if (S != c->S) { free(c->scores); c->S = S; c->scores = malloc(4 * (size_t)c->nh * S); }
-}
-
-/* keys/values of n positions of (n_kv, *, hd) rows into the cache at pos (f32 rows at src,
- * src_stride floats between positions) */
-static void kv_store(const model_t *c, void *cache, const float *src, int64_t src_stride, int pos, int n) {
-    const int hd = c->hd, S = c->S;
-    for (int t = 0; t < n; t++)
-        for (int g = 0; g < c->nkv; g++) {
-            const float *x = src + (size_t)t * src_stride + (size_t)g * hd;
-            const size_t at = ((size_t)g * S + pos + t) * hd;
-            if (c->kv16) to_f16(c->path, x, (uint16_t *)cache + at, hd);
-            else memcpy((float *)cache + at, x, 4 * (size_t)hd);
-        }
-}
-
-int hl_model_set_threads(void *p, int nthreads, int path, int hi) {
-    model_t *c = p;
-    c->hi = hi;
-    if (path < 0) path = hl_best_path();
-    if (!path_ok(path)) return -2;
-    c->nthreads = nthreads > 0 ? nthreads : pool_cpus(); c->path = path;
-    return 0;
-}
-
-static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
-    float ss = 0.f;
-    for (int i = 0; i < n; i++) ss += x[i] * x[i];
-    float r = 1.0f / sqrtf(ss / (float)n + eps);
-    for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
-}
-
-static inline float mv_row(const model_t *c, kern_fn kern, const mat_t *m, int n, const float *xf) {
-    const uint8_t *w = m->w + (size_t)n * m->rb;
-    if (is_quant(m->type)) { float o; kern(w, m->type, m->K, c->aq, c->ad, c->as, 1, &o, c->hi ? c->aq2 : NULL); return o; }
-    if (m->type == T_F32) return fdot((const float *)w, xf, m->K);
-    float s = 0.f;
-    for (int i = 0; i < m->K; i++) s += h2f(w + 2 * i) * xf[i];
-    return s;
-}
-
-/* a matrix's units of work in a decode step: groups of 16 rows when packed, else rows */
-static int mv_units(const model_t *c, const mat_t *m) {
-    return m->pk && c->path == P_AVX512 ? (m->N + 15) / 16 : m->N;
-}
-
-/* y[n] (+)= W[n] . x (+ bias[n]) for the rows of units u0..u1-1 (mv_units) */
-static void matvec_units(const model_t *c, kern_fn kern, const mat_t *m, const float *xf, float *y,
-                         int add, const float *bias, int u0, int u1) {
-    if (m->pk && c->path == P_AVX512) {
-        const int kind = hl_pack_kind(m->type);
-        for (int g = u0; g < u1; g++) {
-            float o[16];
-            packed_row(pk_group(m->pk, kind, g, m->K), m->K, c->aq, c->ad, c->as, o, c->hi ? c->aq2 : NULL, kind);
-            int nn = m->N - g * 16 < 16 ? m->N - g * 16 : 16;
-            for (int j = 0; j < nn; j++) {
-                int n = g * 16 + j;
-                float v = bias ? o[j] + bias[n] : o[j];
-                y[n] = add ? y[n] + v : v;
-            }
-        }
-    } else {
-        for (int n = u0; n < u1; n++) {
-            float v = mv_row(c, kern, m, n, xf);
-            if (bias) v += bias[n];
-            y[n] = add ? y[n] + v : v;
-        }
-    }
-}
-
-static void quantize_act(model_t *c, const float *x, int K) {
-    quantize_row(x, K, c->aq, c->ad, c->as, c->hi ? c->aq2 : NULL);
-}
-
-/* the embedding of token into x (H floats), from the packed table where there is one */
-static void embed_row(const model_t *c, int token, float *x) {
-    if (c->emb.pk && c->path == P_AVX512) pk_dequant_row(hl_pack_kind(c->emb.type), c->emb.pk, c->H, token, x);
-    else dequant_row(c->emb.type, c->emb.w + (size_t)token * c->emb.rb, c->H, x);
-}
-
-/* logits (V,) for token at position pos; the K/V caches must hold positions 0..pos-1 */
-static void attend_head(int path, int f16, const float *qh, const void *kc, const void *vc, size_t off,
-                        int n, int hd, float scale, float *sc, float *o);
-
-/* A decode step as one pool job: five phases a layer, then the head. Each phase's close runs
- * the serial step before the next one (on the thread that finished the phase's last item):
- *   0: q, k, v rows           close: RoPE, k and v into the cache
- *   1: attention, per head    close: quantize the attention output
- *   2: o rows, x +=           close: rmsnorm 2, quantize
- *   3: gate/up rows, SiLU     close: quantize
- *   4: down rows, x +=        close: the next layer's rmsnorm 1 (or the final norm), quantize
- *   5 L: the head's rows into the logits */
-typedef struct {
-    model_t *c; kern_fn kern; int pos; float scale; float *logits;
-} decode_t;
-
-static int gu_packed(const model_t *c, const layer_t *ly) {
-    return ly->m[M_GATE].pk && ly->m[M_UP].pk && c->path == P_AVX512;
-}
-
-static int decode_items(void *a, int p) {
-    const decode_t *d = a;
-    const model_t *c = d->c;
-    if (p == 5 * c->L) return mv_units(c, &c->head);
-    const layer_t *ly = &c->layers[p / 5];
-    switch (p % 5) {
-        case 0: return mv_units(c, &ly->m[M_Q]) + mv_units(c, &ly->m[M_K]) + mv_units(c, &ly->m[M_V]);
-        case 1: return c->nh;
-        case 2: return mv_units(c, &ly->m[M_O]);
-        case 3: return gu_packed(c, ly) ? (c->F + 15) / 16 : c->F;
-        default: return mv_units(c, &ly->m[M_DOWN]);
-    }
-}
-
-static void decode_run(void *a, int p, int i0, int i1, int tid) {
-    (void)tid;
-    const decode_t *d = a;
-    model_t *c = d->c;
-    const int nq = c->nh * c->hd, nk = c->nkv * c->hd, H = c->H, F = c->F;
-    float *q = c->qkv, *k = c->qkv + nq, *v = c->qkv + nq + nk;
-    if (p == 5 * c->L) { matvec_units(c, d->kern, &c->head, c->xn, d->logits, 0, NULL, i0, i1); return; }
-    const layer_t *ly = &c->layers[p / 5];
-    switch (p % 5) {
-        case 0: {  /* units of q, then k, then v */
-            const mat_t *ms[3] = {&ly->m[M_Q], &ly->m[M_K], &ly->m[M_V]};
-            float *ys[3] = {q, k, v};
-            const float *bs[3] = {ly->v[V_BQ], ly->v[V_BK], ly->v[V_BV]};
-            for (int i = 0, at = 0; i < 3 && at < i1; i++) {
-                const int u = mv_units(c, ms[i]);
-                const int lo = i0 > at ? i0 - at : 0, hi = i1 - at < u ? i1 - at : u;
-                if (lo < hi) matvec_units(c, d->kern, ms[i], c->xn, ys[i], 0, bs[i], lo, hi);
-                at += u;
-            }
-            return;
-        }
-        case 1: {
-            const int grp = c->nh / c->nkv;
-            for (int h = i0; h < i1; h++)
-                attend_head(c->path, c->kv16, q + h * c->hd, ly->kc, ly->vc, (size_t)(h / grp) * c->S * c->hd,
-                            d->pos + 1, c->hd, d->scale, c->scores + (size_t)h * c->S, c->att + h * c->hd);
-            return;
-        }
-        case 2: matvec_units(c, d->kern, &ly->m[M_O], c->att, c->x, 1, NULL, i0, i1); return;
-        case 3:
-            if (gu_packed(c, ly)) {
-                const int8_t *q2 = c->hi ? c->aq2 : NULL;
-                const int kg = hl_pack_kind(ly->m[M_GATE].type), ku = hl_pack_kind(ly->m[M_UP].type);
-                for (int g = i0; g < i1; g++) {
-                    float og[16], ou[16];
-                    packed_row(pk_group(ly->m[M_GATE].pk, kg, g, H), H, c->aq, c->ad, c->as, og, q2, kg);
-                    packed_row(pk_group(ly->m[M_UP].pk, ku, g, H), H, c->aq, c->ad, c->as, ou, q2, ku);
-                    for (int j = 0; j < 16 && g * 16 + j < F; j++)
-                        c->hb[g * 16 + j] = og[j] / (1.0f + expf(-og[j])) * ou[j];
-                }
-            } else {
-                for (int n = i0; n < i1; n++) {
-                    float g = mv_row(c, d->kern, &ly->m[M_GATE], n, c->xn);
-                    float u = mv_row(c, d->kern, &ly->m[M_UP], n, c->xn);
-                    c->hb[n] = g / (1.0f + expf(-g)) * u;
-                }
-            }
-            return;
-        default: matvec_units(c, d->kern, &ly->m[M_DOWN], c->hb, c->x, 1, NULL, i0, i1); return;
-    }
-}
-
-static void decode_close(void *a, int p) {
-    const decode_t *d = a;
-    model_t *c = d->c;
-    if (p == 5 * c->L) return;
-    const int l = p / 5, H = c->H, nq = c->nh * c->hd, nk = c->nkv * c->hd, hd = c->hd, half = hd / 2;
-    const layer_t *ly = &c->layers[l];
-    float *q = c->qkv, *k = c->qkv + nq, *v = c->qkv + nq + nk;
-    switch (p % 5) {
-        case 0:
-            /* RoPE, HF rotate-half layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) */
-            for (int h = 0; h < c->nh + c->nkv; h++) {
-                float *t = q + h * hd;  /* q heads then k heads, contiguous */
-                for (int i = 0; i < half; i++) {
-                    float x1 = t[i], x2 = t[i + half];
-                    t[i] = x1 * c->cs[i] - x2 * c->sn[i];
-                    t[i + half] = x2 * c->cs[i] + x1 * c->sn[i];
-                }
-            }
-            kv_store(c, ly->kc, k, nk, d->pos, 1);
-            kv_store(c, ly->vc, v, nk, d->pos, 1);
-            return;
-        case 1: quantize_act(c, c->att, nq); return;
-        case 2: rmsnorm(c->x, ly->v[V_LN2], H, c->eps, c->xn); quantize_act(c, c->xn, H); return;
-        case 3: quantize_act(c, c->hb, c->F); return;
-        default:
-            rmsnorm(c->x, l + 1 < c->L ? c->layers[l + 1].v[V_LN1] : c->norm, H, c->eps, c->xn);
-            quantize_act(c, c->xn, H);
-            return;
-    }
-}
-
-int hl_decode(void *p, int token, int pos, float *logits) {
-    model_t *c = p;
-    if (pos < 0 || pos >= c->S || token < 0 || token >= c->V) return -1;
-    const int half = c->hd / 2;
-    decode_t d = {c, kernel_for(c->path), pos, 1.0f / sqrtf((float)c->hd), logits};
-    embed_row(c, token, c->x);
-    for (int i = 0; i < half; i++) {
-        float a = (float)pos * c->inv_freq[i];
-        c->cs[i] = cosf(a); c->sn[i] = sinf(a);
-    }
-    if (c->L > 0) { rmsnorm(c->x, c->layers[0].v[V_LN1], c->H, c->eps, c->xn); quantize_act(c, c->xn, c->H); }
-    else { rmsnorm(c->x, c->norm, c->H, c->eps, c->xn); quantize_act(c, c->xn, c->H); }
-    const job_t job = {5 * c->L + 1, decode_items, decode_run, decode_close, &d};
-    pool_run(&job, c->nthreads);
-    return 0;
+T256 INLINE __m256 kv_ld8(const void *row, int f16, size_t i) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)))
+               : _mm256_loadu_ps((const float *)row + i);
 }
 
 /* ==== causal attention for prefill (flash-style) ===========================================
@@ -1626,15 +1335,21 @@ int hl_decode(void *p, int token, int pos, float *logits) {
  * g = h / (nh / nkv) (GQA: each kv head's K/V tile serves its nh/nkv query heads).
  * Tiles of AQ queries x all their group's heads against AK keys, with the online softmax of
  * FlashAttention (Dao et al. 2022, alg. 1): running max m, sum l, output rescaled by exp(m_old - m).
- * Only key tiles at or below the diagonal are visited. q, k, v are read through strides (floats):
- * q[t, h] at q + t*qst + h*qsh; k[j, g] at k + j*kst + g*ksh (v alike); out is (T, nh*hd). */
+ * Only key tiles at or below the diagonal are visited. q, k, v are read through strides (values):
+ * q[t, h] at q + t*qst + h*qsh; k[j, g] at k + j*kst + g*ksh (v alike), float32 or, with f16,
+ * IEEE halves (a KV cache as it is stored: each value converted exactly as it is loaded);
+ * out is (T, nh*hd).
+ * Each (query, head) row's result depends only on its query, its keys and values 0..its position
+ * and the key tiles' bounds (multiples of AK from 0): never on the other rows of its tile (rows
+ * past their diagonal add exact zeros), so a query gives the same bits whichever chunk of its
+ * sequence it comes in, alone or with others. */
 
 #define AQ 16  /* queries per tile */
 #define AK 64  /* keys per tile */
 
 typedef struct {
-    const float *q, *k, *v; int64_t qst, qsh, kst, ksh, vst, vsh;
-    int T, nh, nkv, hd, sp; float scale; float *out;
+    const float *q; const void *k, *v; int64_t qst, qsh, kst, ksh, vst, vsh;
+    int T, nh, nkv, hd, sp, f16; float scale; float *out;
 } attn_t;
 
 /* exp(x) for float32, Cephes expf: x = n ln2 + r, |r| <= ln2/2, degree-5 polynomial (~1 ulp) */
@@ -1665,9 +1380,9 @@ INLINE void attn_item_generic(const attn_t *a, int g, int qt, float *ws) {
                 const int nk = kend - k0 < AK ? kend - k0 : AK;
                 float mx = -INFINITY;
                 for (int j = 0; j < nk; j++) {
-                    const float *kv = a->k + (size_t)(k0 + j) * a->kst + (size_t)g * a->ksh;
+                    const size_t kj = (size_t)(k0 + j) * a->kst + (size_t)g * a->ksh;
                     float acc = 0.f;
-                    for (int d = 0; d < hd; d++) acc += qv[d] * kv[d];
+                    for (int d = 0; d < hd; d++) acc += qv[d] * kv_at(a->k, a->f16, kj + d);
                     s[j] = acc * a->scale;
                     mx = s[j] > mx ? s[j] : mx;
                 }
@@ -1677,8 +1392,9 @@ INLINE void attn_item_generic(const attn_t *a, int g, int qt, float *ws) {
                 l = l * c + sum; m = mn;
                 for (int d = 0; d < hd; d++) o[d] *= c;
                 for (int j = 0; j < nk; j++) {
-                    const float *vv = a->v + (size_t)(k0 + j) * a->vst + (size_t)g * a->vsh, p = s[j];
-                    for (int d = 0; d < hd; d++) o[d] += p * vv[d];
+                    const size_t vj = (size_t)(k0 + j) * a->vst + (size_t)g * a->vsh;
+                    const float p = s[j];
+                    for (int d = 0; d < hd; d++) o[d] += p * kv_at(a->v, a->f16, vj + d);
                 }
             }
             float *y = a->out + (size_t)(q0 + t) * a->nh * hd + (size_t)h * hd;
@@ -1734,9 +1450,9 @@ T256 static void attn_item_avx2(const attn_t *a, int g, int qt, float *ws) {
     const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
     for (int k0 = 0; k0 < kend; k0 += AK) {
         const int nk = kend - k0 < AK ? kend - k0 : AK;
-        const float *kb = a->k + (size_t)k0 * a->kst + (size_t)g * a->ksh;
+        const size_t kb = (size_t)k0 * a->kst + (size_t)g * a->ksh;
         for (int j = 0; j < AK; j++)
-            for (int d = 0; d < hd; d++) Kt[d * AK + j] = j < nk ? kb[(size_t)j * a->kst + d] : 0.f;
+            for (int d = 0; d < hd; d++) Kt[d * AK + j] = j < nk ? kv_at(a->k, a->f16, kb + (size_t)j * a->kst + d) : 0.f;
         for (int i0 = 0; i0 < Rp; i0 += 4) {
             int pmax = -1;
             for (int rr = 0; rr < 4; rr++) {
@@ -1788,7 +1504,7 @@ T256 static void attn_item_avx2(const attn_t *a, int g, int qt, float *ws) {
                 l[i] = l[i] * c[i] + hsum256(sum);
                 m[i] = mn;
             }
-            const float *vb = a->v + (size_t)k0 * a->vst + (size_t)g * a->vsh;
+            const size_t vb = (size_t)k0 * a->vst + (size_t)g * a->vsh;
             for (int d0 = 0; d0 < hd; d0 += 16) {
                 const int two = d0 + 16 <= hd;
                 __m256 o[4][2];
@@ -1799,8 +1515,8 @@ T256 static void attn_item_avx2(const attn_t *a, int g, int qt, float *ws) {
                     o[rr][1] = two ? _mm256_mul_ps(cr, _mm256_loadu_ps(orow + 8)) : _mm256_setzero_ps();
                 }
                 for (int j = 0; j < jn; j++) {
-                    const float *vr = vb + (size_t)j * a->vst + d0;
-                    __m256 v0 = _mm256_loadu_ps(vr), v1 = two ? _mm256_loadu_ps(vr + 8) : _mm256_setzero_ps();
+                    const size_t vr = vb + (size_t)j * a->vst + d0;
+                    __m256 v0 = kv_ld8(a->v, a->f16, vr), v1 = two ? kv_ld8(a->v, a->f16, vr + 8) : _mm256_setzero_ps();
                     for (int rr = 0; rr < 4; rr++) {
                         __m256 p = _mm256_broadcast_ss(P + (i0 + rr) * AK + j);
                         o[rr][0] = _mm256_fmadd_ps(p, v0, o[rr][0]);
@@ -1835,10 +1551,10 @@ T512 INLINE void attn_pv_512(const attn_t *a, int g, int k0, int jn, int i0, int
         for (int x = 0; x < NV; x++)
             acc[rr][x] = _mm512_mul_ps(cr, _mm512_loadu_ps(O + (size_t)(i0 + rr) * hd + d0 + 16 * x));
     }
-    const float *vb = a->v + (size_t)k0 * a->vst + (size_t)g * a->vsh + d0;
+    const size_t vb = (size_t)k0 * a->vst + (size_t)g * a->vsh + d0;
     for (int j = 0; j < jn; j++) {
         __m512 vv[4];
-        for (int x = 0; x < NV; x++) vv[x] = _mm512_loadu_ps(vb + (size_t)j * a->vst + 16 * x);
+        for (int x = 0; x < NV; x++) vv[x] = kv_ld16(a->v, a->f16, vb + (size_t)j * a->vst + 16 * x);
         for (int rr = 0; rr < 4; rr++) {
             __m512 p = _mm512_set1_ps(P[(i0 + rr) * AK + j]);
             for (int x = 0; x < NV; x++) acc[rr][x] = _mm512_fmadd_ps(p, vv[x], acc[rr][x]);
@@ -1848,11 +1564,12 @@ T512 INLINE void attn_pv_512(const attn_t *a, int g, int k0, int jn, int i0, int
         for (int x = 0; x < NV; x++) _mm512_storeu_ps(O + (size_t)(i0 + rr) * hd + d0 + 16 * x, acc[rr][x]);
 }
 
-/* dst (16, 16) at dst + d ds = the transpose of 16 rows at src + j ss (rows j >= n: zeros);
- * a scalar copy of the key tiles cost ~15% of the default model's attention */
-T512 INLINE void transpose16(const float *src, int64_t ss, int n, float *dst, int ds) {
+/* dst (16, 16) at dst + d ds = the transpose of 16 rows at element `at` + j ss of src (f32, or
+ * halves with f16; rows j >= n: zeros); a scalar copy of the key tiles cost ~15% of the default
+ * model's attention */
+T512 INLINE void transpose16(const void *src, int f16, size_t at, int64_t ss, int n, float *dst, int ds) {
     __m512 r[16], t[16];
-    for (int i = 0; i < 16; i++) r[i] = i < n ? _mm512_loadu_ps(src + i * ss) : _mm512_setzero_ps();
+    for (int i = 0; i < 16; i++) r[i] = i < n ? kv_ld16(src, f16, at + (size_t)i * ss) : _mm512_setzero_ps();
     for (int i = 0; i < 16; i += 2) {  /* pairs of rows interleaved */
         t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
         t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
@@ -1890,10 +1607,10 @@ T512 static void attn_item_512(const attn_t *a, int g, int qt, float *ws) {
     const int kend = a->sp + q0 + bq;  /* keys 0 .. kend-1 */
     for (int k0 = 0; k0 < kend; k0 += AK) {
         const int nk = kend - k0 < AK ? kend - k0 : AK;
-        const float *kb = a->k + (size_t)k0 * a->kst + (size_t)g * a->ksh;
+        const size_t kb = (size_t)k0 * a->kst + (size_t)g * a->ksh;
         for (int j0 = 0; j0 < AK; j0 += 16)  /* Kt (hd, AK): the tile's keys as columns */
             for (int d0 = 0; d0 < hd; d0 += 16)
-                transpose16(kb + (size_t)j0 * a->kst + d0, a->kst, nk - j0, Kt + d0 * AK + j0, AK);
+                transpose16(a->k, a->f16, kb + (size_t)j0 * a->kst + d0, a->kst, nk - j0, Kt + d0 * AK + j0, AK);
         for (int i0 = 0; i0 < Rp; i0 += 4) {
             int pmax = -1;
             for (int rr = 0; rr < 4; rr++) {
@@ -1982,7 +1699,7 @@ int hl_attention_causal(const float *q, int64_t qst, int64_t qsh, const float *k
     if (!path_ok(path)) return -2;
     if (T <= 0 || nkv <= 0 || nh % nkv || hd <= 0 || start_pos < 0) return -1;
     if (path == P_AVX512 && hd % 16) path = P_AVX2;
-    attn_t a = { q, k, v, qst, qsh, kst, ksh, vst, vsh, T, nh, nkv, hd, start_pos, scale, out };
+    attn_t a = { q, k, v, qst, qsh, kst, ksh, vst, vsh, T, nh, nkv, hd, start_pos, 0, scale, out };
     const int r = nh / nkv, nqt = (T + AQ - 1) / AQ, Rp = (r * AQ + 3) & ~3;
     const size_t ws_floats = (size_t)2 * Rp * hd + (size_t)hd * AK + (size_t)Rp * AK + 4 * (size_t)Rp;
     attn_job_t t = {&a, path, nqt * nkv, nkv, ws_floats, 0};
@@ -1991,293 +1708,5 @@ int hl_attention_causal(const float *q, int64_t qst, int64_t qsh, const float *k
     return t.fail ? -3 : 0;
 }
 
-/* ==== decode attention: one query against keys 0..n-1 of one head's cache ==================
- * sc (n) holds the scores, then their exponentials; o (hd) = softmax(scale q.k_t) . v_t.
- * Vector paths need hd % 16 (AVX512) or hd % 8 (AVX2), hd <= 256; else the portable loop. */
 
-/* element i of a cache row, f32 or f16 */
-INLINE float kv_at(const void *row, int f16, size_t i) {
-    return f16 ? h2f((const uint8_t *)((const uint16_t *)row + i)) : ((const float *)row)[i];
-}
-
-static void attend_head_scalar(int f16, const float *qh, const void *kc, const void *vc, int n, int hd,
-                               float scale, float *sc, float *o) {
-    float mx = -INFINITY;
-    for (int t = 0; t < n; t++) {
-        float s = 0.f;
-        for (int d = 0; d < hd; d++) s += qh[d] * kv_at(kc, f16, (size_t)t * hd + d);
-        s *= scale;
-        sc[t] = s; mx = s > mx ? s : mx;
-    }
-    float sum = 0.f;
-    for (int t = 0; t < n; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
-    const float inv = 1.0f / sum;
-    for (int i = 0; i < hd; i++) o[i] = 0.f;
-    for (int t = 0; t < n; t++) {
-        const float pt = sc[t] * inv;
-        for (int i = 0; i < hd; i++) o[i] += pt * kv_at(vc, f16, (size_t)t * hd + i);
-    }
-}
-
-T512 INLINE __m512 kv_ld16(const void *row, int f16, size_t i) {
-    return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i)))
-               : _mm512_loadu_ps((const float *)row + i);
-}
-
-T512 static void attend_head_512(int f16, const float *qh, const void *kc, const void *vc, int n, int hd,
-                                 float scale, float *sc, float *o) {
-    const int nv = hd / 16;
-    __m512 qv[16], acc[16];
-    for (int i = 0; i < nv; i++) qv[i] = _mm512_loadu_ps(qh + 16 * i);
-    float mx = -INFINITY;
-    for (int t = 0; t < n; t++) {
-        const size_t row = (size_t)t * hd;
-        __m512 a = _mm512_mul_ps(qv[0], kv_ld16(kc, f16, row));
-        for (int i = 1; i < nv; i++) a = _mm512_fmadd_ps(qv[i], kv_ld16(kc, f16, row + 16 * i), a);
-        const float s = _mm512_reduce_add_ps(a) * scale;
-        sc[t] = s; mx = s > mx ? s : mx;
-    }
-    const __m512 vmx = _mm512_set1_ps(mx);
-    __m512 vsum = _mm512_setzero_ps();
-    int t = 0;
-    for (; t + 16 <= n; t += 16) {
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + t), vmx));
-        _mm512_storeu_ps(sc + t, e);
-        vsum = _mm512_add_ps(vsum, e);
-    }
-    if (t < n) {
-        const __mmask16 km = (__mmask16)((1u << (n - t)) - 1);
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(km, sc + t), vmx));
-        _mm512_mask_storeu_ps(sc + t, km, e);
-        vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(km, e));
-    }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
-    for (int i = 0; i < nv; i++) acc[i] = _mm512_setzero_ps();
-    for (int u = 0; u < n; u++) {
-        const __m512 pu = _mm512_set1_ps(sc[u]);
-        const size_t row = (size_t)u * hd;
-        for (int i = 0; i < nv; i++) acc[i] = _mm512_fmadd_ps(pu, kv_ld16(vc, f16, row + 16 * i), acc[i]);
-    }
-    for (int i = 0; i < nv; i++) _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(acc[i], inv));
-}
-
-T256 INLINE __m256 kv_ld8(const void *row, int f16, size_t i) {
-    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)))
-               : _mm256_loadu_ps((const float *)row + i);
-}
-
-T256 static void attend_head_256(int f16, const float *qh, const void *kc, const void *vc, int n, int hd,
-                                 float scale, float *sc, float *o) {
-    const int nv = hd / 8;
-    __m256 acc[32];
-    float mx = -INFINITY;
-    for (int t = 0; t < n; t++) {
-        const size_t row = (size_t)t * hd;
-        __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qh), kv_ld8(kc, f16, row));
-        for (int i = 1; i < nv; i++) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), kv_ld8(kc, f16, row + 8 * i), a);
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_add_ss(h, _mm_movehdup_ps(h));
-        const float s = _mm_cvtss_f32(h) * scale;
-        sc[t] = s; mx = s > mx ? s : mx;
-    }
-    const __m256 vmx = _mm256_set1_ps(mx);
-    __m256 vsum = _mm256_setzero_ps();
-    int t = 0;
-    for (; t + 8 <= n; t += 8) {
-        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + t), vmx));
-        _mm256_storeu_ps(sc + t, e);
-        vsum = _mm256_add_ps(vsum, e);
-    }
-    float tail[8];
-    _mm256_storeu_ps(tail, vsum);
-    float sum = tail[0] + tail[1] + tail[2] + tail[3] + tail[4] + tail[5] + tail[6] + tail[7];
-    for (; t < n; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
-    const __m256 inv = _mm256_set1_ps(1.0f / sum);
-    for (int i = 0; i < nv; i++) acc[i] = _mm256_setzero_ps();
-    for (int u = 0; u < n; u++) {
-        const __m256 pu = _mm256_set1_ps(sc[u]);
-        const size_t row = (size_t)u * hd;
-        for (int i = 0; i < nv; i++) acc[i] = _mm256_fmadd_ps(pu, kv_ld8(vc, f16, row + 8 * i), acc[i]);
-    }
-    for (int i = 0; i < nv; i++) _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(acc[i], inv));
-}
-
-/* kc, vc: the layer's cache; off: the kv head's first element (in elements of the cache type) */
-static void attend_head(int path, int f16, const float *qh, const void *kc, const void *vc, size_t off,
-                        int n, int hd, float scale, float *sc, float *o) {
-    const size_t esz = f16 ? 2 : 4;
-    kc = (const uint8_t *)kc + off * esz; vc = (const uint8_t *)vc + off * esz;
-    if (path == P_AVX512 && hd % 16 == 0 && hd <= 256) attend_head_512(f16, qh, kc, vc, n, hd, scale, sc, o);
-    else if (path >= P_AVX2 && hd % 8 == 0 && hd <= 256) attend_head_256(f16, qh, kc, vc, n, hd, scale, sc, o);
-    else attend_head_scalar(f16, qh, kc, vc, n, hd, scale, sc, o);
-}
-
-/* ==== prefill: T tokens through the whole network ==========================================
- * The same network as hl_decode, for T positions at once: each projection is one (T, K) x W^T
- * matmul (packed Q4 on AVX512 with q/k/v sharing one quantized activation and gate/up fused
- * with SiLU; else hl_matmul on the raw blocks), attention is hl_attention_causal over the KV
- * cache (which then holds positions 0 .. pos+T-1). logits: (T, V) if all, else (1, V) for the
- * last position. Returns 0, -1 for bad arguments, -3 when out of memory. */
-
-/* y (M, N) = x (M, K) @ W^T (+ bias) for one model matrix */
-static int mat_rows(const model_t *c, const mat_t *m, const float *x, int M, float *y, const float *bias) {
-    int rc;
-    if (m->pk && c->path == P_AVX512) {
-        const uint8_t *pk = m->pk; int N = m->N; float *ys = y;
-        const int kind = hl_pack_kind(m->type);
-        rc = matmul_packed_multi(x, M, m->K, 1, &pk, &N, &ys, c->nthreads, c->hi, 0, &kind);
-    } else {
-        rc = hl_matmul(x, M, m->K, m->w, m->rb, m->type, m->N, y, c->nthreads, c->path, c->hi);
-    }
-    if (rc == 0 && bias)
-        for (int i = 0; i < M; i++)
-            for (int n = 0; n < m->N; n++) y[(size_t)i * m->N + n] += bias[n];
-    return rc;
-}
-
-/* x += y, (M, n) each, the rows shared among the threads (the residual stream: 4 MB for the 1B
- * model's 512-token chunk, a serial loop's 0.3 ms a layer) */
-typedef struct { float *x; const float *y; const float *w; int n; float eps; float *out; } rows_t;
-
-static void add_rows_run(void *a, int i0, int i1) {
-    const rows_t *r = a;
-    for (int i = i0; i < i1; i++)
-        for (int j = 0; j < r->n; j++) r->x[(size_t)i * r->n + j] += r->y[(size_t)i * r->n + j];
-}
-
-static void add_rows(float *x, const float *y, int M, int n, int nthreads) {
-    rows_t r = {x, y, NULL, n, 0.f, NULL};
-    par_for(M, nthreads, add_rows_run, &r);
-}
-
-static void rmsnorm_rows_run(void *a, int i0, int i1) {
-    const rows_t *r = a;
-    for (int i = i0; i < i1; i++) rmsnorm(r->x + (size_t)i * r->n, r->w, r->n, r->eps, r->out + (size_t)i * r->n);
-}
-
-static void rmsnorm_rows(const float *x, const float *w, int M, int n, float eps, float *out, int nthreads) {
-    rows_t r = {(float *)x, NULL, w, n, eps, out};
-    par_for(M, nthreads, rmsnorm_rows_run, &r);
-}
-
-/* RoPE (HF rotate-half) on the q and k rows of positions pos + t, then K/V into the cache */
-typedef struct { model_t *c; const layer_t *ly; float *q, *k, *v; int pos; } rope_t;
-
-static void rope_rows_run(void *a, int t0, int t1) {
-    const rope_t *r = a;
-    const model_t *c = r->c;
-    const int hd = c->hd, half = hd / 2, nh = c->nh, nkv = c->nkv, nq = nh * hd, nk = nkv * hd;
-    for (int t = t0; t < t1; t++) {
-        float cs[half], sn[half];
-        for (int i = 0; i < half; i++) {
-            float a = (float)(r->pos + t) * c->inv_freq[i];
-            cs[i] = cosf(a); sn[i] = sinf(a);
-        }
-        for (int h = 0; h < nh + nkv; h++) {
-            float *x = h < nh ? r->q + (size_t)t * nq + h * hd : r->k + (size_t)t * nk + (h - nh) * hd;
-            for (int i = 0; i < half; i++) {
-                float x1 = x[i], x2 = x[i + half];
-                x[i] = x1 * cs[i] - x2 * sn[i];
-                x[i + half] = x2 * cs[i] + x1 * sn[i];
-            }
-        }
-        kv_store(c, r->ly->kc, r->k + (size_t)t * nk, nk, r->pos + t, 1);
-        kv_store(c, r->ly->vc, r->v + (size_t)t * nk, nk, r->pos + t, 1);
-    }
-}
-
-/* an f16 cache's positions 0 .. n-1 as f32 (n_kv, n, hd), one kv head an item */
-typedef struct { const model_t *c; const layer_t *ly; float *kf, *vf; int n; } unpack_t;
-
-static void unpack_kv_run(void *a, int g0, int g1) {
-    const unpack_t *u = a;
-    const model_t *c = u->c;
-    const size_t hd = c->hd, S = c->S, n = u->n;
-    for (int g = g0; g < g1; g++) {
-        from_f16(c->path, (const uint16_t *)u->ly->kc + g * S * hd, u->kf + g * n * hd, (int)(n * hd));
-        from_f16(c->path, (const uint16_t *)u->ly->vc + g * S * hd, u->vf + g * n * hd, (int)(n * hd));
-    }
-}
-
-int hl_forward(void *p, const int *tokens, int T, int pos, float *logits, int all) {
-    model_t *c = p;
-    if (T <= 0 || pos < 0 || pos + T > c->S) return -1;
-    for (int t = 0; t < T; t++) if (tokens[t] < 0 || tokens[t] >= c->V) return -1;
-    const int H = c->H, nh = c->nh, nkv = c->nkv, hd = c->hd, F = c->F, S = c->S;
-    const int nq = nh * hd, nk = nkv * hd, big = F > nq ? F : nq;
-    const float scale = 1.0f / sqrtf((float)hd);
-    /* (T, H) residual, (T, max(H, F, nq)) normed input / MLP hidden, q k v att, (T, big) scratch */
-    float *x = malloc(4 * (size_t)T * H), *xn = malloc(4 * (size_t)T * (H > big ? H : big));
-    float *q = malloc(4 * (size_t)T * nq), *k = malloc(4 * (size_t)T * nk), *v = malloc(4 * (size_t)T * nk);
-    float *att = malloc(4 * (size_t)T * nq), *tmp = malloc(4 * (size_t)T * (H > big ? H : big));
-    float *hb = malloc(4 * (size_t)T * F);
-    /* f32 copies of an f16 cache's keys and values (n_kv, pos+T, hd), for the attention tiles */
-    const size_t kvn = c->kv16 ? (size_t)nkv * (pos + T) * hd : 1;
-    float *kf = malloc(4 * kvn), *vf = malloc(4 * kvn);
-    int rc = (x && xn && q && k && v && att && tmp && hb && kf && vf) ? 0 : -3;
-    for (int t = 0; t < T && !rc; t++) embed_row(c, tokens[t], x + (size_t)t * H);
-    for (int l = 0; l < c->L && !rc; l++) {
-        layer_t *ly = &c->layers[l];
-        rmsnorm_rows(x, ly->v[V_LN1], T, H, c->eps, xn, c->nthreads);
-        const mat_t *mq = &ly->m[M_Q], *mk = &ly->m[M_K], *mv = &ly->m[M_V];
-        if (mq->pk && mk->pk && mv->pk && c->path == P_AVX512) {
-            const uint8_t *pks[3] = {mq->pk, mk->pk, mv->pk};
-            int Ns[3] = {mq->N, mk->N, mv->N};
-            float *ys[3] = {q, k, v};
-            const int kinds[3] = {hl_pack_kind(mq->type), hl_pack_kind(mk->type), hl_pack_kind(mv->type)};
-            rc = matmul_packed_multi(xn, T, H, 3, pks, Ns, ys, c->nthreads, c->hi, 0, kinds);
-            const float *bs[3] = {ly->v[V_BQ], ly->v[V_BK], ly->v[V_BV]};
-            for (int i = 0; i < 3 && !rc; i++)
-                if (bs[i])
-                    for (int t = 0; t < T; t++)
-                        for (int n = 0; n < Ns[i]; n++) ys[i][(size_t)t * Ns[i] + n] += bs[i][n];
-        } else {
-            rc = mat_rows(c, mq, xn, T, q, ly->v[V_BQ]);
-            if (!rc) rc = mat_rows(c, mk, xn, T, k, ly->v[V_BK]);
-            if (!rc) rc = mat_rows(c, mv, xn, T, v, ly->v[V_BV]);
-        }
-        if (rc) break;
-        /* RoPE (HF rotate-half) at positions pos + t, then K/V into the cache (n_kv, S, hd) */
-        rope_t rope = {c, ly, q, k, v, pos};
-        par_for(T, c->nthreads, rope_rows_run, &rope);
-        if (c->kv16) {
-            /* the f16 cache's positions 0 .. pos+T-1 as f32 (n_kv, pos+T, hd) for the tiles */
-            const int n = pos + T;
-            unpack_t un = {c, ly, kf, vf, n};
-            par_for(nkv, c->nthreads, unpack_kv_run, &un);
-            rc = hl_attention_causal(q, nq, hd, kf, hd, (int64_t)n * hd, vf, hd, (int64_t)n * hd,
-                                     T, nh, nkv, hd, pos, scale, att, c->nthreads, c->path);
-        } else {
-            rc = hl_attention_causal(q, nq, hd, ly->kc, hd, (int64_t)S * hd, ly->vc, hd, (int64_t)S * hd,
-                                     T, nh, nkv, hd, pos, scale, att, c->nthreads, c->path);
-        }
-        if (!rc) rc = mat_rows(c, &ly->m[M_O], att, T, tmp, NULL);
-        if (rc) break;
-        add_rows(x, tmp, T, H, c->nthreads);
-        rmsnorm_rows(x, ly->v[V_LN2], T, H, c->eps, xn, c->nthreads);
-        const mat_t *mg = &ly->m[M_GATE], *mu = &ly->m[M_UP];
-        if (mg->pk && mu->pk && c->path == P_AVX512) {
-            const uint8_t *pks[2] = {mg->pk, mu->pk};
-            int Ns[2] = {F, F};
-            float *ys[2] = {hb, hb};
-            const int kinds[2] = {hl_pack_kind(mg->type), hl_pack_kind(mu->type)};
-            rc = matmul_packed_multi(xn, T, H, 2, pks, Ns, ys, c->nthreads, c->hi, 1, kinds);
-        } else {
-            rc = mat_rows(c, mg, xn, T, hb, NULL);
-            if (!rc) rc = mat_rows(c, mu, xn, T, tmp, NULL);
-            if (!rc)
-                for (size_t i = 0; i < (size_t)T * F; i++) hb[i] = hb[i] / (1.0f + expf(-hb[i])) * tmp[i];
-        }
-        if (!rc) rc = mat_rows(c, &ly->m[M_DOWN], hb, T, tmp, NULL);
-        if (rc) break;
-        add_rows(x, tmp, T, H, c->nthreads);
-    }
-    if (!rc) {
-        const int first = all ? 0 : T - 1, M = T - first;
-        rmsnorm_rows(x + (size_t)first * H, c->norm, M, H, c->eps, xn, c->nthreads);
-        rc = mat_rows(c, &c->head, xn, M, logits, NULL);
-    }
-    free(x); free(xn); free(q); free(k); free(v); free(att); free(tmp); free(hb); free(kf); free(vf);
-    return rc ? (rc == -3 ? -3 : -1) : 0;
-}
+#include "network.h"

@@ -6,15 +6,17 @@ type repacked 16 rows a register, exactly: `repack`), norm weights, RoPE frequen
 model/config.py, and the KV cache as numpy arrays (n_kv_heads, max_seq_len, head_dim) per
 layer, float16 by default (as llama.cpp keeps it: half the memory, and half the bandwidth
 long-context decoding spends on it) or float32. `forward(ids, start_pos)` runs a prompt chunk
-(hl_forward: one matmul per projection over all its positions, flash-style causal attention)
-and `decode(token, pos)` one token (hl_decode: the whole step in one call). Both write the
-same cache, so prefill and decode mix freely.
+and `decode(token, pos)` one token on that cache; `batch(...)` runs rows of several sequences
+at once on a `SlotCache` (slots of sequences), each row with its own position, slot and LoRA
+adapter: the C runtime's one entry point (network.h hl_batch, which forward and decode are
+too). A row's logits are the same bits whatever else is in its batch.
 
 Only numpy and ctypes: a process that runs a GGUF model through this never imports torch
 (torch alone costs ~220 MB of resident memory and a second of start-up).
 """
 from __future__ import annotations
 
+import ctypes
 import weakref
 
 import numpy as np
@@ -145,6 +147,74 @@ def unsupported(tensors: dict) -> list[str]:
         if kind is not None and kind not in SUPPORTED_TYPES:
             bad.append(f"{name} ({t.type_name})")
     return bad
+
+
+class SlotCache:
+    """Keys and values of `slots` sequences for `NativeModel.batch`: per layer (slots, n_kv_heads,
+    max_seq_len, head_dim) float16 (default) or float32 numpy arrays (np.empty: pages no
+    position reaches cost no memory). `tokens[s]`: the ids whose keys and values slot s holds
+    (kept by the caller; `copy` and `trim` keep it too)."""
+
+    def __init__(self, args: ModelArgs, slots: int, max_seq_len: int, kv_dtype: str = "f16"):
+        lib = build.load()
+        if lib is None:
+            raise RuntimeError(f"homellm kernels are unavailable: {build.status()}")
+        if kv_dtype not in ("f16", "f32"):
+            raise ValueError(f"kv_dtype {kv_dtype!r}: expected 'f16' or 'f32'")
+        if slots < 1 or max_seq_len < 1:
+            raise ValueError(f"a cache needs at least one slot and one position, got {slots} x {max_seq_len}")
+        self.lib, self.args, self.slots, self.max_seq_len, self.kv_dtype = lib, args, slots, max_seq_len, kv_dtype
+        dt = np.float16 if kv_dtype == "f16" else np.float32
+        shape = (slots, args.num_key_value_heads, max_seq_len, args.head_dim)
+        self.k = [np.empty(shape, dt) for _ in range(args.num_hidden_layers)]
+        self.v = [np.empty(shape, dt) for _ in range(args.num_hidden_layers)]
+        self.tokens: list[list[int]] = [[] for _ in range(slots)]
+        self.handle = lib.hl_kv_new(args.num_hidden_layers, slots, max_seq_len, int(kv_dtype == "f16"))
+        if not self.handle:
+            raise MemoryError("hl_kv_new: out of memory")
+        for i, (k, v) in enumerate(zip(self.k, self.v)):
+            lib.hl_kv_set(self.handle, i, k.ctypes.data, v.ctypes.data)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of keys and values one position of one slot takes."""
+        k = self.k[0]
+        return 2 * len(self.k) * k.shape[1] * k.shape[3] * k.itemsize
+
+    def common_prefix(self, slot: int, ids) -> int:
+        """How many leading ids slot `slot` already holds."""
+        return common_prefix(self.tokens[slot], ids)
+
+    def copy(self, src: int, dst: int, n: int | None = None):
+        """Slot dst holds the first n positions of slot src (all it holds: n None), e.g. a
+        fork: n > 1 choices or a regeneration from a shared prompt (llama.cpp's seq_cp)."""
+        n = len(self.tokens[src]) if n is None else min(n, len(self.tokens[src]))
+        if src != dst:
+            for k, v in zip(self.k, self.v):
+                k[dst, :, :n] = k[src, :, :n]
+                v[dst, :, :n] = v[src, :, :n]
+        self.tokens[dst] = list(self.tokens[src][:n])
+
+    def trim(self, slot: int, n: int):
+        """Keep the first n positions of a slot (the rest is forgotten; llama.cpp's seq_rm)."""
+        del self.tokens[slot][n:]
+
+    def read(self, slot: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of a slot's first n positions: keys and values (n_layers, n_kv, n, head_dim)."""
+        return (np.stack([k[slot, :, :n] for k in self.k]), np.stack([v[slot, :, :n] for v in self.v]))
+
+    def write(self, slot: int, keys: np.ndarray, values: np.ndarray, tokens: list[int]):
+        """Positions 0..n-1 of a slot from (n_layers, n_kv, n, head_dim) keys and values."""
+        n = len(tokens)
+        for i, (k, v) in enumerate(zip(self.k, self.v)):
+            k[slot, :, :n] = keys[i, :, :n]
+            v[slot, :, :n] = values[i, :, :n]
+        self.tokens[slot] = list(tokens)
+
+    def __del__(self):
+        handle, self.handle = getattr(self, "handle", None), None
+        if handle:
+            self.lib.hl_kv_free(handle)
 
 
 class NativeModel:
@@ -314,6 +384,49 @@ class NativeModel:
         if rc:
             raise self._error(rc, [token], pos)
         return logits
+
+    def batch(self, cache: SlotCache, tokens, positions, slots, want=None, adapters=None,
+              logits: bool = True, hidden: bool = False):
+        """Run rows of several sequences through the network at once (hl_batch).
+
+        Row i is token tokens[i] of the sequence in slot slots[i] of `cache` at position
+        positions[i]; consecutive rows of a slot at consecutive positions form that sequence's
+        chunk (one chunk per slot and call; the slot must hold positions 0..first-1).
+        want: per row whether it returns logits (None: the last row only); adapters: None, or
+        per row a `LoraAdapter` or None. Returns the logits (n_want, vocab) float32 of the
+        wanting rows in row order, or with hidden=True the pair (logits or None, final-norm
+        hidden states (n_want, hidden)). Each row's keys and values land in its slot; the
+        caller keeps `cache.tokens`."""
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("batch: no rows")
+        toks = np.ascontiguousarray(tokens, dtype=np.int32)
+        pos = np.ascontiguousarray(positions, dtype=np.int32)
+        sl = np.ascontiguousarray(slots, dtype=np.int32)
+        if pos.shape != (n,) or sl.shape != (n,):
+            raise ValueError(f"batch: {n} tokens but {pos.shape} positions and {sl.shape} slots")
+        w = np.zeros(n, dtype=np.int32) if want is not None else None
+        if w is not None:
+            w[:] = np.asarray(want, dtype=bool)
+        nout = int(w.sum()) if w is not None else 1
+        out = np.empty((nout, self.args.vocab_size), dtype=np.float32) if logits and nout else None
+        hid = np.empty((nout, self.args.hidden_size), dtype=np.float32) if hidden and nout else None
+        ads = None
+        if adapters is not None and any(a is not None for a in adapters):
+            ads = (ctypes.c_void_p * n)(*[a.handle if a is not None else None for a in adapters])
+        rc = self.lib.hl_batch(self.ctx, cache.handle, n, toks.ctypes.data, pos.ctypes.data, sl.ctypes.data,
+                               ads, w.ctypes.data if w is not None else None,
+                               out.ctypes.data if out is not None else None,
+                               hid.ctypes.data if hid is not None else None)
+        if rc:
+            if rc == -3:
+                raise MemoryError(f"the C runtime ran out of memory at {n} rows")
+            raise ValueError(f"batch: a token (vocab {self.args.vocab_size}), position (cache "
+                             f"{cache.max_seq_len}) or slot ({cache.slots}) out of range, or a slot "
+                             f"in two chunks (slots {sorted(set(sl.tolist()))[:8]})")
+        if hidden:
+            return out, hid
+        return out
 
     def _error(self, rc: int, ids: list[int], pos: int) -> Exception:
         if rc == -3:

@@ -1,0 +1,645 @@
+/* homellm's C runtime: the whole LLaMA network over a batch of rows (included once, by ggml_cpu.c,
+ * after the kernels it calls).
+ *
+ * One entry point, in the spirit of llama.cpp's llama_decode over a llama_batch: hl_batch takes
+ * n rows, row i being token tokens[i] of the sequence in KV-cache slot slot[i] at position pos[i],
+ * with its own LoRA adapter (or none). Consecutive rows of one slot at consecutive positions form
+ * a chunk: a prompt chunk of a new request and single decode rows of running ones go through the
+ * network together. Every projection is one matmul over all rows (weights read once for the
+ * batch), attention runs per chunk on its slot's keys and values, and each row's adapter adds its
+ * low-rank product x A^T B^T (scaled) to that row's projection outputs only.
+ *
+ * Row independence, which everything above the runtime relies on: every step computes a row's
+ * values from that row alone (matmul kernels keep one accumulator per row and block order; the
+ * activation quantization, norms, RoPE, SiLU and the LoRA products are per row; attention per
+ * (query, head) row, see attn_t), so a row gives the same bits whatever else is in the batch, in
+ * whichever chunk of its sequence it comes, and on any number of threads. hl_forward and
+ * hl_decode (one sequence, the model's own cache) are this same call.
+ *
+ * The call is one job of the thread pool: per layer, matmul phases (groups of 16 weight rows,
+ * all rows of an M chunk each) alternate with row phases (norms, RoPE, cache writes, activation
+ * quantization: parallel over rows, or for a few rows the serial close of the phase, as a decode
+ * step needs no more), and an attention phase of (chunk, query tile, kv head) items.
+ */
+
+/* ---- the model --------------------------------------------------------------------------- */
+
+typedef struct { int type, N, K; const uint8_t *w; int64_t rb; const uint8_t *pk; } mat_t;  /* pk: packed or NULL */
+
+enum { M_Q, M_K, M_V, M_O, M_GATE, M_UP, M_DOWN, M_COUNT };
+enum { V_LN1, V_LN2, V_BQ, V_BK, V_BV, V_COUNT };
+
+typedef struct {
+    mat_t m[M_COUNT];
+    const float *v[V_COUNT];
+} layer_t;
+
+/* a KV cache: per layer (slots, n_kv, S, head_dim) values, f32 or IEEE f16 (kv16) alike in every
+ * layer, in memory its owner (Python: numpy arrays) keeps alive */
+typedef struct { int L, slots, S, kv16; void **k, **v; } kv_t;
+
+/* a LoRA adapter: per layer and matrix (L x M_COUNT), r = 0 where it adapts nothing, else
+ * A (r, K) and B (N, r) float32 and the scale (alpha / r): y += scale (x A^T) B^T */
+typedef struct { int r; float scale; const float *A, *B; } lora_mat_t;
+typedef struct { int L; lora_mat_t *m; } lora_t;
+
+typedef struct {
+    int L, H, nh, nkv, hd, F, V, nthreads, path, hi;
+    float eps;
+    float *inv_freq;
+    layer_t *layers;
+    mat_t emb, head;
+    const float *norm;
+    kv_t own;  /* the cache of hl_forward / hl_decode: one slot */
+} model_t;
+
+void *hl_model_new(int L, int H, int nh, int nkv, int hd, int F, int V, float eps, const float *inv_freq) {
+    model_t *c = calloc(1, sizeof(model_t));
+    if (!c) return NULL;
+    c->L = L; c->H = H; c->nh = nh; c->nkv = nkv; c->hd = hd; c->F = F; c->V = V; c->eps = eps;
+    c->nthreads = pool_cpus(); c->path = hl_best_path(); c->hi = 1;
+    c->inv_freq = malloc(sizeof(float) * hd / 2);
+    c->layers = calloc(L > 0 ? L : 1, sizeof(layer_t));
+    c->own = (kv_t){L, 1, 0, 0, calloc(L > 0 ? L : 1, sizeof(void *)), calloc(L > 0 ? L : 1, sizeof(void *))};
+    if (!c->inv_freq || !c->layers || !c->own.k || !c->own.v) {
+        free(c->inv_freq); free(c->layers); free(c->own.k); free(c->own.v); free(c);
+        return NULL;
+    }
+    memcpy(c->inv_freq, inv_freq, sizeof(float) * hd / 2);
+    return c;
+}
+
+void hl_model_free(void *p) {
+    model_t *c = p;
+    if (!c) return;
+    free(c->inv_freq); free(c->layers); free(c->own.k); free(c->own.v); free(c);
+}
+
+/* which: 0..6 a layer's q,k,v,o,gate,up,down; -1 token embedding; -2 lm_head */
+int hl_model_set_mat(void *p, int layer, int which, int type, int N, int K, const uint8_t *w, int64_t rb) {
+    model_t *c = p;
+    if (!type_block_bytes(type) || K % type_qk(type)) return -1;
+    mat_t m = {type, N, K, w, rb, NULL};
+    if (which == -1) c->emb = m;
+    else if (which == -2) c->head = m;
+    else c->layers[layer].m[which] = m;
+    return 0;
+}
+
+/* a matrix's weights packed by hl_repack (used on the AVX512 path); NULL: raw blocks; which as for
+ * hl_model_set_mat (-1 the embedding table: its rows then come from the pack, -2 the head) */
+int hl_model_set_packed(void *p, int layer, int which, const uint8_t *pk) {
+    model_t *c = p;
+    mat_t *m = which == -1 ? &c->emb : which == -2 ? &c->head : &c->layers[layer].m[which];
+    if (pk && hl_pack_kind(m->type) < 0) return -1;
+    m->pk = pk;
+    return 0;
+}
+
+/* which: 0..4 a layer's input norm, post-attention norm, q/k/v bias; layer -1: final norm */
+void hl_model_set_vec(void *p, int layer, int which, const float *v) {
+    model_t *c = p;
+    if (layer < 0) c->norm = v; else c->layers[layer].v[which] = v;
+}
+
+/* the model's own cache (hl_forward, hl_decode): a layer's (n_kv, S, head_dim) f32, or f16 with
+ * kv16 = 1 (every layer the same kind) */
+void hl_model_set_kv(void *p, int layer, void *k, void *v, int S, int kv16) {
+    model_t *c = p;
+    c->own.k[layer] = k; c->own.v[layer] = v; c->own.S = S; c->own.kv16 = kv16;
+}
+
+int hl_model_set_threads(void *p, int nthreads, int path, int hi) {
+    model_t *c = p;
+    c->hi = hi;
+    if (path < 0) path = hl_best_path();
+    if (!path_ok(path)) return -2;
+    c->nthreads = nthreads > 0 ? nthreads : pool_cpus(); c->path = path;
+    return 0;
+}
+
+/* ---- KV caches and adapters ---------------------------------------------------------------- */
+
+void *hl_kv_new(int L, int slots, int S, int kv16) {
+    kv_t *kv = calloc(1, sizeof(kv_t));
+    if (!kv) return NULL;
+    *kv = (kv_t){L, slots, S, kv16, calloc(L > 0 ? L : 1, sizeof(void *)), calloc(L > 0 ? L : 1, sizeof(void *))};
+    if (!kv->k || !kv->v) { free(kv->k); free(kv->v); free(kv); return NULL; }
+    return kv;
+}
+
+/* layer's keys and values: (slots, n_kv, S, head_dim) each */
+void hl_kv_set(void *p, int layer, void *k, void *v) {
+    kv_t *kv = p;
+    kv->k[layer] = k; kv->v[layer] = v;
+}
+
+void hl_kv_free(void *p) {
+    kv_t *kv = p;
+    if (kv) { free(kv->k); free(kv->v); free(kv); }
+}
+
+void *hl_lora_new(int L) {
+    lora_t *lo = calloc(1, sizeof(lora_t));
+    if (!lo) return NULL;
+    lo->L = L;
+    lo->m = calloc((size_t)(L > 0 ? L : 1) * M_COUNT, sizeof(lora_mat_t));
+    if (!lo->m) { free(lo); return NULL; }
+    return lo;
+}
+
+/* matrix `which` (0..6) of `layer`: A (r, K), B (N, r) float32, kept by the caller */
+int hl_lora_set(void *p, int layer, int which, int r, float scale, const float *A, const float *B) {
+    lora_t *lo = p;
+    if (layer < 0 || layer >= lo->L || which < 0 || which >= M_COUNT || r < 0) return -1;
+    lo->m[layer * M_COUNT + which] = (lora_mat_t){r, scale, A, B};
+    return 0;
+}
+
+void hl_lora_free(void *p) {
+    lora_t *lo = p;
+    if (lo) { free(lo->m); free(lo); }
+}
+
+/* ---- row steps ----------------------------------------------------------------------------- */
+
+static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
+    float ss = 0.f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+/* the embedding of token into x (H floats), from the packed table where there is one */
+static void embed_row(const model_t *c, int token, float *x) {
+    if (c->emb.pk && c->path == P_AVX512) pk_dequant_row(hl_pack_kind(c->emb.type), c->emb.pk, c->H, token, x);
+    else dequant_row(c->emb.type, c->emb.w + (size_t)token * c->emb.rb, c->H, x);
+}
+
+/* y += scale (x A^T) B^T for one row: x (K), y (N); the float order is the row's own */
+static void lora_row(const lora_mat_t *l, const float *x, int K, float *y, int N) {
+    float t[512];
+    const int r = l->r < 512 ? l->r : 512;
+    for (int i = 0; i < r; i++) t[i] = fdot(l->A + (size_t)i * K, x, K) * l->scale;
+    for (int n = 0; n < N; n++) y[n] += fdot(l->B + (size_t)n * l->r, t, r);
+}
+
+/* SiLU-gated product of 16 lanes, g / (1 + e^-g) u: the packed gate/up epilogue and the row step
+ * alike (one function: the same bits either way) */
+T512 INLINE __m512 silu16(__m512 gv, __m512 uv) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    return _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), uv);
+}
+
+T512 static void silu_row_512(const float *g, const float *u, float *h, int n) {
+    for (int j = 0; j < n; j += 16) {
+        const __mmask16 k = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        _mm512_mask_storeu_ps(h + j, k, silu16(_mm512_maskz_loadu_ps(k, g + j), _mm512_maskz_loadu_ps(k, u + j)));
+    }
+}
+
+static void silu_row(int path, const float *g, const float *u, float *h, int n) {
+    if (path == P_AVX512) { silu_row_512(g, u, h, n); return; }
+    for (int j = 0; j < n; j++) h[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+}
+
+/* ---- the batch ------------------------------------------------------------------------------ */
+
+#define MM_ROWS MCHUNK  /* activation rows per matmul phase (their quantized tiles stay in L2) */
+#define SERIAL_ROWS 8   /* fewer rows than this: a row step runs in its phase's close, on one thread */
+
+enum { OP_EMBED, OP_MM_QKV, OP_ROW_QKV, OP_ATT, OP_ROW_ATT, OP_MM_O, OP_ROW_O, OP_MM_GU, OP_ROW_GU,
+       OP_MM_DOWN, OP_ROW_DOWN, OP_MM_HEAD };
+
+typedef struct { int op, layer, m0, m1; } phase_t;  /* m0, m1: a matmul phase's activation rows */
+
+typedef struct {
+    model_t *c; const kv_t *kv; kern_fn kern;
+    int M, nout, natt, nph, hi, L2, Kmax;
+    const int *tok, *pos, *slot;
+    const lora_t *const *lora;      /* per row, or NULL */
+    const int *outj;                /* per row: its output row, or -1 */
+    float *logits, *hidden;
+    int *att_run, *att_qt;          /* attention items: chunk, query tile (kv head: item % nkv) */
+    int *run0, *runn;               /* chunk i: rows run0[i] .. run0[i] + runn[i] - 1 */
+    phase_t *ph;
+    /* (M, .) float rows: residual, normed input, q, k, v, attention output, MLP hidden, matmul
+     * outputs (o, down; up when gate/up are not fused); xo (nout, H): the final-norm rows */
+    float *x, *xn, *q, *k, *v, *att, *hb, *y, *u, *xo;
+    /* quantized activations: row-major (raw kernels) and in tiles (packed kernels) */
+    int8_t *aq, *aq2; float *ad, *as;
+    int8_t *tq; float *td, *ts;
+    int fail;
+} batch_t;
+
+static int is_packed(const batch_t *b, const mat_t *m) { return m->pk && b->c->path == P_AVX512; }
+
+/* the activations of a stage's matrices (consumers), row m of K values at src: tiles for packed
+ * matrices, rows for raw quantized ones (float weights read src itself) */
+static void quantize_for(const batch_t *b, const mat_t *const *ms, int nm, const float *src, int K, int m) {
+    int tile = 0, row = 0;
+    for (int i = 0; i < nm; i++) {
+        if (is_packed(b, ms[i])) tile = 1;
+        else if (is_quant(ms[i]->type)) row = 1;
+    }
+    if (tile) {
+        const int nb = K / 32, L2 = b->L2;
+        quantize_tile_row_512(src, K, L2, b->tq + (size_t)(m / TILE) * TILE * K * L2,
+                              b->td + (size_t)(m / TILE) * TILE * nb, b->ts + (size_t)(m / TILE) * TILE * ACT_SUMS * nb,
+                              m % TILE);
+    }
+    if (row)
+        quantize_row(src, K, b->aq + (size_t)m * K, b->ad + (size_t)m * K / 4, b->as + (size_t)m * K / 4,
+                     b->hi ? b->aq2 + (size_t)m * K : NULL);
+}
+
+static const lora_mat_t *lora_of(const batch_t *b, int m, int l, int which) {
+    if (!b->lora || !b->lora[m]) return NULL;
+    const lora_mat_t *lm = &b->lora[m]->m[l * M_COUNT + which];
+    return lm->r > 0 ? lm : NULL;
+}
+
+/* gate/up in one packed call with the SiLU product in its epilogue: both packed, and no row of
+ * this batch adapts either (an adapter adds to gate and up before the SiLU) */
+static int glu_fused(const batch_t *b, int l) {
+    const layer_t *ly = &b->c->layers[l];
+    if (!is_packed(b, &ly->m[M_GATE]) || !is_packed(b, &ly->m[M_UP])) return 0;
+    for (int m = 0; b->lora && m < b->M; m++)
+        if (lora_of(b, m, l, M_GATE) || lora_of(b, m, l, M_UP)) return 0;
+    return 1;
+}
+
+/* the next layer's input norm (or the final norm and the head's activations) for row m */
+static void row_layer_input(batch_t *b, int l, int m) {
+    model_t *c = b->c;
+    const int H = c->H;
+    const float *x = b->x + (size_t)m * H;
+    if (l < c->L) {
+        const layer_t *ly = &c->layers[l];
+        float *xn = b->xn + (size_t)m * H;
+        rmsnorm(x, ly->v[V_LN1], H, c->eps, xn);
+        const mat_t *ms[3] = {&ly->m[M_Q], &ly->m[M_K], &ly->m[M_V]};
+        quantize_for(b, ms, 3, xn, H, m);
+        return;
+    }
+    const int j = b->outj[m];
+    if (j < 0) return;
+    /* output row j (the rows that want one, in order: j <= m, and the quantized activations of
+     * the last matmul are read already) */
+    float *xo = b->xo + (size_t)j * H;
+    rmsnorm(x, c->norm, H, c->eps, xo);
+    if (b->hidden) memcpy(b->hidden + (size_t)j * H, xo, 4 * (size_t)H);
+    const mat_t *ms[1] = {&c->head};
+    if (b->logits) quantize_for(b, ms, 1, xo, H, j);
+}
+
+static void row_step(batch_t *b, int op, int l, int m) {
+    model_t *c = b->c;
+    const int H = c->H, F = c->F, hd = c->hd, nh = c->nh, nkv = c->nkv, nq = nh * hd, nk = nkv * hd;
+    const layer_t *ly = l < c->L ? &c->layers[l] : NULL;
+    const lora_mat_t *lm;
+    switch (op) {
+    case OP_EMBED:
+        embed_row(c, b->tok[m], b->x + (size_t)m * H);
+        row_layer_input(b, 0, m);
+        return;
+    case OP_ROW_QKV: {
+        float *q = b->q + (size_t)m * nq, *k = b->k + (size_t)m * nk, *v = b->v + (size_t)m * nk;
+        const float *xn = b->xn + (size_t)m * H;
+        float *ys[3] = {q, k, v};
+        const int Ns[3] = {nq, nk, nk};
+        for (int i = 0; i < 3; i++) {
+            const float *bias = ly->v[V_BQ + i];
+            if (bias) for (int n = 0; n < Ns[i]; n++) ys[i][n] += bias[n];
+            if ((lm = lora_of(b, m, l, M_Q + i))) lora_row(lm, xn, H, ys[i], Ns[i]);
+        }
+        /* RoPE, HF rotate-half layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) */
+        const int half = hd / 2, p = b->pos[m];
+        float cs[half > 0 ? half : 1], sn[half > 0 ? half : 1];
+        for (int i = 0; i < half; i++) {
+            const float a = (float)p * c->inv_freq[i];
+            cs[i] = cosf(a); sn[i] = sinf(a);
+        }
+        for (int h = 0; h < nh + nkv; h++) {
+            float *t = h < nh ? q + h * hd : k + (h - nh) * hd;
+            for (int i = 0; i < half; i++) {
+                const float x1 = t[i], x2 = t[i + half];
+                t[i] = x1 * cs[i] - x2 * sn[i];
+                t[i + half] = x2 * cs[i] + x1 * sn[i];
+            }
+        }
+        /* k, v into the slot's cache at position p: (slots, n_kv, S, hd) */
+        const kv_t *kv = b->kv;
+        const size_t S = kv->S, base = (size_t)b->slot[m] * nkv * S * hd;
+        for (int g = 0; g < nkv; g++) {
+            const size_t at = base + ((size_t)g * S + p) * hd;
+            if (kv->kv16) {
+                to_f16(c->path, k + g * hd, (uint16_t *)kv->k[l] + at, hd);
+                to_f16(c->path, v + g * hd, (uint16_t *)kv->v[l] + at, hd);
+            } else {
+                memcpy((float *)kv->k[l] + at, k + g * hd, 4 * (size_t)hd);
+                memcpy((float *)kv->v[l] + at, v + g * hd, 4 * (size_t)hd);
+            }
+        }
+        return;
+    }
+    case OP_ROW_ATT: {
+        const mat_t *ms[1] = {&ly->m[M_O]};
+        quantize_for(b, ms, 1, b->att + (size_t)m * nq, nq, m);
+        return;
+    }
+    case OP_ROW_O: {
+        float *x = b->x + (size_t)m * H, *y = b->y + (size_t)m * H, *xn = b->xn + (size_t)m * H;
+        if ((lm = lora_of(b, m, l, M_O))) lora_row(lm, b->att + (size_t)m * nq, nq, y, H);
+        for (int j = 0; j < H; j++) x[j] += y[j];
+        rmsnorm(x, ly->v[V_LN2], H, c->eps, xn);
+        const mat_t *ms[2] = {&ly->m[M_GATE], &ly->m[M_UP]};
+        quantize_for(b, ms, 2, xn, H, m);
+        return;
+    }
+    case OP_ROW_GU: {
+        float *h = b->hb + (size_t)m * F;
+        if (!glu_fused(b, l)) {  /* h holds the gate's outputs, u the up's */
+            float *u = b->u + (size_t)m * F;
+            const float *xn = b->xn + (size_t)m * H;
+            if ((lm = lora_of(b, m, l, M_GATE))) lora_row(lm, xn, H, h, F);
+            if ((lm = lora_of(b, m, l, M_UP))) lora_row(lm, xn, H, u, F);
+            silu_row(c->path, h, u, h, F);
+        }
+        const mat_t *ms[1] = {&ly->m[M_DOWN]};
+        quantize_for(b, ms, 1, h, F, m);
+        return;
+    }
+    case OP_ROW_DOWN: {
+        float *x = b->x + (size_t)m * H, *y = b->y + (size_t)m * H;
+        if ((lm = lora_of(b, m, l, M_DOWN))) lora_row(lm, b->hb + (size_t)m * F, F, y, H);
+        for (int j = 0; j < H; j++) x[j] += y[j];
+        row_layer_input(b, l + 1, m);
+        return;
+    }
+    default: return;
+    }
+}
+
+/* a matmul phase's matrices, their outputs and the K of their activations */
+static int mm_mats(const batch_t *b, const phase_t *ph, const mat_t **ms, float **ys, const float **src, int *K) {
+    model_t *c = b->c;
+    if (ph->op == OP_MM_HEAD) {
+        ms[0] = &c->head; ys[0] = b->logits; *src = b->xo; *K = c->H;
+        return 1;
+    }
+    const layer_t *ly = &c->layers[ph->layer];
+    switch (ph->op) {
+    case OP_MM_QKV:
+        ms[0] = &ly->m[M_Q]; ms[1] = &ly->m[M_K]; ms[2] = &ly->m[M_V];
+        ys[0] = b->q; ys[1] = b->k; ys[2] = b->v; *src = b->xn; *K = c->H;
+        return 3;
+    case OP_MM_O: ms[0] = &ly->m[M_O]; ys[0] = b->y; *src = b->att; *K = c->nh * c->hd; return 1;
+    case OP_MM_GU:
+        ms[0] = &ly->m[M_GATE]; ms[1] = &ly->m[M_UP]; ys[0] = b->hb; ys[1] = b->u; *src = b->xn; *K = c->H;
+        return glu_fused(b, ph->layer) ? 1 : 2;  /* fused: the gate's groups compute both */
+    default: ms[0] = &ly->m[M_DOWN]; ys[0] = b->y; *src = b->hb; *K = c->F; return 1;
+    }
+}
+
+static int groups(int N) { return (N + 15) / 16; }
+
+/* group g (16 weight rows) of a packed matrix against the tiles of activation rows m0..m1-1
+ * (m0 a multiple of TILE) into y (rows of N); with `up`, the gate/up product: silu16 of the two */
+T512 static void packed_group(const batch_t *b, const mat_t *mt, const mat_t *up, int g, int K, int m0, int m1,
+                              float *y, int N) {
+    const int kind = hl_pack_kind(mt->type), ku = up ? hl_pack_kind(up->type) : 0, nb = K / 32, L2 = b->L2;
+    const int nn = N - g * 16 < 16 ? N - g * 16 : 16;
+    const __mmask16 km = (__mmask16)((1u << nn) - 1);
+    const size_t tq = (size_t)TILE * K * L2, td = (size_t)TILE * nb, ts = (size_t)TILE * ACT_SUMS * nb;
+    float out[TILE * 16], out2[TILE * 16];
+    for (int r0 = m0; r0 < m1; r0 += TILE) {
+        const int r = m1 - r0 < TILE ? m1 - r0 : TILE, t = r0 / TILE;
+        const int8_t *qa = b->tq + (size_t)t * tq;
+        const float *da = b->td + (size_t)t * td, *sa = b->ts + (size_t)t * ts;
+        packed_tile(pk_group(mt->pk, kind, g, K), K, qa, da, sa, r, out, b->hi, kind);
+        if (up) {
+            packed_tile(pk_group(up->pk, ku, g, K), K, qa, da, sa, r, out2, b->hi, ku);
+            for (int j = 0; j < r; j++)
+                _mm512_mask_storeu_ps(y + (size_t)(r0 + j) * N + g * 16, km,
+                                      silu16(_mm512_loadu_ps(out + 16 * j), _mm512_loadu_ps(out2 + 16 * j)));
+        } else {
+            for (int j = 0; j < r; j++)
+                _mm512_mask_storeu_ps(y + (size_t)(r0 + j) * N + g * 16, km, _mm512_loadu_ps(out + 16 * j));
+        }
+    }
+}
+
+/* groups i0..i1 (over the phase's matrices) of 16 weight rows against activation rows m0..m1-1 */
+static void mm_run(batch_t *b, const phase_t *ph, int i0, int i1) {
+    model_t *c = b->c;
+    const mat_t *ms[3]; float *ys[3]; const float *src; int K;
+    const int nm = mm_mats(b, ph, ms, ys, &src, &K);
+    const int fused = ph->op == OP_MM_GU && nm == 1;
+    const int m0 = ph->m0, m1 = ph->m1, R = tile_rows(c->path);
+    float *row = NULL;
+    for (int gg = i0; gg < i1; gg++) {
+        int i = 0, g = gg;
+        while (g >= groups(ms[i]->N)) { g -= groups(ms[i]->N); i++; }
+        const mat_t *mt = ms[i];
+        const int N = mt->N, n0 = g * 16, nn = N - n0 < 16 ? N - n0 : 16;
+        float *y = ys[i];
+        if (is_packed(b, mt)) {
+            packed_group(b, mt, fused ? &c->layers[ph->layer].m[M_UP] : NULL, g, K, m0, m1, y, N);
+        } else if (is_quant(mt->type)) {
+            float out[8];
+            for (int n = n0; n < n0 + nn; n++)
+                for (int r0 = m0; r0 < m1; r0 += R) {
+                    const int r = m1 - r0 < R ? m1 - r0 : R;
+                    b->kern(mt->w + (size_t)n * mt->rb, mt->type, K, b->aq + (size_t)r0 * K, b->ad + (size_t)r0 * K / 4,
+                            b->as + (size_t)r0 * K / 4, r, out, b->hi ? b->aq2 + (size_t)r0 * K : NULL);
+                    for (int t = 0; t < r; t++) y[(size_t)(r0 + t) * N + n] = out[t];
+                }
+        } else {  /* float weights (F32, F16): a dequantized row against the float activations */
+            if (!row && !(row = malloc(4 * (size_t)K))) { STORE(&b->fail, 1, RLX); return; }
+            for (int n = n0; n < n0 + nn; n++) {
+                dequant_row(mt->type, mt->w + (size_t)n * mt->rb, K, row);
+                for (int m = m0; m < m1; m++) y[(size_t)m * N + n] = fdot(src + (size_t)m * K, row, K);
+            }
+        }
+    }
+    free(row);
+}
+
+/* attention items i0..i1-1 of layer l: (chunk, query tile, kv head), its slot's cache */
+static void att_run(batch_t *b, int l, int i0, int i1) {
+    model_t *c = b->c;
+    const kv_t *kv = b->kv;
+    const int hd = c->hd, nh = c->nh, nkv = c->nkv, nq = nh * hd, r = nh / nkv;
+    const int Rp = (r * AQ + 3) & ~3;
+    const size_t ws_floats = (size_t)2 * Rp * hd + (size_t)hd * AK + (size_t)Rp * AK + 4 * (size_t)Rp;
+    float *ws = malloc(ws_floats * sizeof(float));
+    if (!ws) { STORE(&b->fail, 1, RLX); return; }
+    int path = c->path;
+    if (path == P_AVX512 && hd % 16) path = P_AVX2;
+    const size_t esz = kv->kv16 ? 2 : 4, S = kv->S;
+    for (int i = i0; i < i1; i++) {
+        const int ru = b->att_run[i], qt = b->att_qt[i], g = i % nkv, m0 = b->run0[ru];
+        const size_t base = (size_t)b->slot[m0] * nkv * S * hd * esz;
+        attn_t a = {b->q + (size_t)m0 * nq, (const uint8_t *)kv->k[l] + base, (const uint8_t *)kv->v[l] + base,
+                    nq, hd, hd, (int64_t)S * hd, hd, (int64_t)S * hd, b->runn[ru], nh, nkv, hd, b->pos[m0],
+                    kv->kv16, 1.0f / sqrtf((float)hd), b->att + (size_t)m0 * nq};
+        if (path == P_AVX512) attn_item_512(&a, g, qt, ws);
+        else if (path == P_AVX2) attn_item_avx2(&a, g, qt, ws);
+        else attn_item_scalar(&a, g, qt, ws);
+    }
+    free(ws);
+}
+
+static int is_row_op(int op) {
+    return op == OP_EMBED || op == OP_ROW_QKV || op == OP_ROW_ATT || op == OP_ROW_O || op == OP_ROW_GU ||
+           op == OP_ROW_DOWN;
+}
+
+static int batch_items(void *a, int p) {
+    const batch_t *b = a;
+    const phase_t *ph = &b->ph[p];
+    if (is_row_op(ph->op)) return b->M >= SERIAL_ROWS ? b->M : 0;
+    if (ph->op == OP_ATT) return b->natt;
+    if (ph->m1 <= ph->m0) return 0;
+    const mat_t *ms[3]; float *ys[3]; const float *src; int K;
+    const int nm = mm_mats(b, ph, ms, ys, &src, &K);
+    int n = 0;
+    for (int i = 0; i < nm; i++) n += groups(ms[i]->N);
+    return n;
+}
+
+static void batch_run(void *a, int p, int i0, int i1, int tid) {
+    (void)tid;
+    batch_t *b = a;
+    const phase_t *ph = &b->ph[p];
+    if (is_row_op(ph->op)) for (int m = i0; m < i1; m++) row_step(b, ph->op, ph->layer, m);
+    else if (ph->op == OP_ATT) att_run(b, ph->layer, i0, i1);
+    else mm_run(b, ph, i0, i1);
+}
+
+static void batch_close(void *a, int p) {
+    batch_t *b = a;
+    const phase_t *ph = &b->ph[p];
+    if (is_row_op(ph->op) && b->M < SERIAL_ROWS)
+        for (int m = 0; m < b->M; m++) row_step(b, ph->op, ph->layer, m);
+}
+
+/* n rows: tokens[i] of the sequence in KV slot slot[i] at position pos[i] (rows of one slot at
+ * consecutive positions form a chunk; a slot's chunk needs its positions 0..pos-1 in the cache
+ * and at most one chunk per slot in a call); lora: NULL, or per row an adapter (hl_lora_new) or
+ * NULL; want: per row 1 for an output row (NULL: only the last row). logits (nout, V) and hidden
+ * (nout, H, the final-norm states) for the rows that want one, in row order; either may be NULL.
+ * kv: a cache of hl_kv_new, or NULL for the model's own (one slot). Afterwards each row's keys
+ * and values are in its slot at its position.
+ * Returns 0; -1 for bad arguments (a token, position or slot out of range, a slot in two
+ * chunks, a layer's cache or an adapter missing); -3 when memory runs out. */
+int hl_batch(void *p, void *kvp, int n, const int *tokens, const int *pos, const int *slot,
+             void *const *lora, const int *want, float *logits, float *hidden) {
+    model_t *c = p;
+    const kv_t *kv = kvp ? (const kv_t *)kvp : &c->own;
+    if (n <= 0 || kv->S <= 0 || kv->L != c->L) return -1;
+    for (int l = 0; l < c->L; l++) if (!kv->k[l] || !kv->v[l]) return -1;
+    int nout = 0;
+    for (int i = 0; i < n; i++) {
+        if (tokens[i] < 0 || tokens[i] >= c->V || pos[i] < 0 || pos[i] >= kv->S || slot[i] < 0 || slot[i] >= kv->slots)
+            return -1;
+        if (lora && lora[i] && ((const lora_t *)lora[i])->L != c->L) return -1;
+        nout += want ? want[i] != 0 : i == n - 1;
+    }
+    const int H = c->H, F = c->F, nq = c->nh * c->hd, nk = c->nkv * c->hd;
+    const int Kmax = H > F ? (H > nq ? H : nq) : (F > nq ? F : nq);
+    batch_t b = {0};
+    b.c = c; b.kv = kv; b.kern = kernel_for(c->path); b.M = n; b.nout = nout; b.hi = c->hi; b.L2 = c->hi ? 2 : 1;
+    b.Kmax = Kmax; b.tok = tokens; b.pos = pos; b.slot = slot; b.lora = (const lora_t *const *)lora;
+    b.logits = logits; b.hidden = hidden;
+    int *outj = malloc(sizeof(int) * (size_t)n), *run0 = malloc(sizeof(int) * (size_t)n), *runn = malloc(sizeof(int) * (size_t)n);
+    char *seen = calloc((size_t)kv->slots, 1);
+    int rc = outj && run0 && runn && seen ? 0 : -3, nrun = 0;
+    for (int i = 0, j = 0; i < n && !rc; i++) {
+        outj[i] = (want ? want[i] != 0 : i == n - 1) ? j++ : -1;
+        if (i > 0 && slot[i] == slot[i - 1] && pos[i] == pos[i - 1] + 1) { runn[nrun - 1]++; continue; }
+        if (seen[slot[i]]) rc = -1;  /* a second chunk of one slot */
+        seen[slot[i]] = 1;
+        run0[nrun] = i; runn[nrun] = 1; nrun++;
+    }
+    free(seen);
+    b.outj = outj; b.run0 = run0; b.runn = runn;
+    /* attention items: chunk by chunk, its query tiles the last (costliest) first, kv heads */
+    for (int i = 0; i < nrun && !rc; i++) b.natt += (runn[i] + AQ - 1) / AQ * c->nkv;
+    b.att_run = malloc(sizeof(int) * (size_t)(b.natt + 1)); b.att_qt = malloc(sizeof(int) * (size_t)(b.natt + 1));
+    if (!rc && (!b.att_run || !b.att_qt)) rc = -3;
+    for (int i = 0, it = 0; i < nrun && !rc; i++)
+        for (int qt = (runn[i] + AQ - 1) / AQ - 1; qt >= 0; qt--)
+            for (int g = 0; g < c->nkv; g++, it++) { b.att_run[it] = i; b.att_qt[it] = qt; }
+    /* the phases */
+    const int nch = (n + MM_ROWS - 1) / MM_ROWS, nchout = (nout + MM_ROWS - 1) / MM_ROWS;
+    b.ph = malloc(sizeof(phase_t) * (size_t)(1 + c->L * (4 * nch + 6) + nchout));
+    if (!rc && !b.ph) rc = -3;
+    if (!rc) {
+        int np = 0;
+        b.ph[np++] = (phase_t){OP_EMBED, 0, 0, 0};
+        const int mm[4] = {OP_MM_QKV, OP_MM_O, OP_MM_GU, OP_MM_DOWN};
+        const int rows[4] = {OP_ROW_QKV, OP_ROW_O, OP_ROW_GU, OP_ROW_DOWN};
+        for (int l = 0; l < c->L; l++)
+            for (int s = 0; s < 4; s++) {
+                for (int ch = 0; ch < nch; ch++)
+                    b.ph[np++] = (phase_t){mm[s], l, ch * MM_ROWS, (ch + 1) * MM_ROWS < n ? (ch + 1) * MM_ROWS : n};
+                b.ph[np++] = (phase_t){rows[s], l, 0, 0};
+                if (s == 0) {
+                    b.ph[np++] = (phase_t){OP_ATT, l, 0, 0};
+                    b.ph[np++] = (phase_t){OP_ROW_ATT, l, 0, 0};
+                }
+            }
+        for (int ch = 0; ch < nchout && logits; ch++)
+            b.ph[np++] = (phase_t){OP_MM_HEAD, c->L, ch * MM_ROWS, (ch + 1) * MM_ROWS < nout ? (ch + 1) * MM_ROWS : nout};
+        b.nph = np;
+    }
+    /* the buffers */
+    const size_t M = (size_t)n, Mt = (M + TILE - 1) / TILE, nb = (size_t)Kmax / 32;
+    if (!rc) {
+        b.x = malloc(4 * M * H); b.xn = malloc(4 * M * H); b.q = malloc(4 * M * nq); b.k = malloc(4 * M * nk);
+        b.v = malloc(4 * M * nk); b.att = malloc(4 * M * nq); b.hb = malloc(4 * M * F); b.u = malloc(4 * M * F);
+        b.y = malloc(4 * M * H); b.xo = malloc(4 * (size_t)(nout > 0 ? nout : 1) * H);
+        b.aq = malloc(M * Kmax + 64); b.aq2 = malloc(M * Kmax + 64);
+        b.ad = malloc(M * Kmax + 64); b.as = malloc(M * Kmax + 64);  /* K/4 floats a row each */
+        if (c->path == P_AVX512) {
+            b.tq = malloc(Mt * TILE * Kmax * b.L2 + 64);
+            b.td = malloc(4 * (Mt * TILE * nb + 16)); b.ts = malloc(4 * (Mt * TILE * ACT_SUMS * nb + 16));
+        }
+        if (!b.x || !b.xn || !b.q || !b.k || !b.v || !b.att || !b.hb || !b.u || !b.y || !b.xo || !b.aq || !b.aq2
+            || !b.ad || !b.as || (c->path == P_AVX512 && (!b.tq || !b.td || !b.ts)))
+            rc = -3;
+    }
+    if (!rc) {
+        const job_t job = {b.nph, batch_items, batch_run, batch_close, &b};
+        pool_run(&job, c->nthreads);
+        if (b.fail) rc = -3;
+    }
+    free(outj); free(run0); free(runn); free(b.att_run); free(b.att_qt); free(b.ph);
+    free(b.x); free(b.xn); free(b.q); free(b.k); free(b.v); free(b.att); free(b.hb); free(b.u); free(b.y); free(b.xo);
+    free(b.aq); free(b.aq2); free(b.ad); free(b.as); free(b.tq); free(b.td); free(b.ts);
+    return rc;
+}
+
+/* ---- one sequence: hl_batch on the model's own cache --------------------------------------- */
+
+/* logits (T, V) if all, else (1, V) of the last, for T tokens at positions pos.. (the cache must
+ * hold 0..pos-1; afterwards it holds 0..pos+T-1). Returns 0, -1 for bad arguments, -3 when out
+ * of memory. */
+int hl_forward(void *p, const int *tokens, int T, int pos, float *logits, int all) {
+    model_t *c = p;
+    if (T <= 0 || pos < 0 || pos + T > c->own.S) return -1;
+    int *ps = malloc(sizeof(int) * (size_t)T), *sl = calloc((size_t)T, sizeof(int)), *want = malloc(sizeof(int) * (size_t)T);
+    int rc = ps && sl && want ? 0 : -3;
+    for (int t = 0; t < T && !rc; t++) { ps[t] = pos + t; want[t] = all || t == T - 1; }
+    if (!rc) rc = hl_batch(c, NULL, T, tokens, ps, sl, NULL, want, logits, NULL);
+    free(ps); free(sl); free(want);
+    return rc;
+}
+
+/* logits (V,) for token at position pos; the cache must hold positions 0..pos-1 */
+int hl_decode(void *p, int token, int pos, float *logits) {
+    const int zero = 0, one = 1;
+    return hl_batch(p, NULL, 1, &token, &pos, &zero, NULL, &one, logits, NULL);
+}
