@@ -170,8 +170,8 @@ def _merge_labels(imported: dict | None, local: dict) -> dict:
 
 # ---------------------------------------------------------------- files
 
-def _open(path: Path, mode: str):
-    if path.suffix == ".gz":
+def _open(path: Path, mode: str, gz: bool | None = None):
+    if path.suffix == ".gz" if gz is None else gz:
         return gzip.open(path, mode + "t", encoding="utf-8")
     return open(path, mode, encoding="utf-8")
 
@@ -196,7 +196,7 @@ def write_messages(trees, path) -> int:
     tmp = path.with_name(f".{path.name}.tmp")
     n = 0
     try:
-        with _open(tmp, "w") as f:
+        with _open(tmp, "w", gz=path.suffix == ".gz") as f:
             for d in message_records(trees):
                 f.write(deep_json.dumps(d) + "\n")
                 n += 1
@@ -247,12 +247,11 @@ def trees_from_messages(lines, source: str = "<messages>") -> list[Tree]:
                                 f"message_id (also on line {where[d['message_id']]})")
         where[d["message_id"]] = lineno
         records.append(d)
-    by_id = {d["message_id"]: dict(d) for d in records}
+    by_id = {d["message_id"]: {k: v for k, v in d.items() if k != "replies"} for d in records}
     roots, states = [], {}
     for d in records:
         node = by_id[d["message_id"]]
         tid, state = node.pop("message_tree_id", None), node.pop("tree_state", None)
-        node.pop("replies", None)
         pid = d.get("parent_id")
         if pid is None:
             roots.append(node)
