@@ -83,6 +83,15 @@ def synthetic_documents(path: Path, megabytes: float, seed: int = 0) -> Path:
 # ---------------------------------------------------------------- one side, in its own process
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM, the high-water mark of its own address
+    space (ru_maxrss would carry over the parent's peak across fork + exec on Linux: every
+    side would report at least this script's memory)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
