@@ -167,3 +167,87 @@ def test_bad_rows_are_refused():
         model.batch(cache, [1, 2, 3], [0, 1, 5], [0, 0, 0])  # slot 0 at 0-1 and again at 5
     with pytest.raises(ValueError, match="out of range"):
         model.batch(cache, [ARGS.vocab_size], [0], [0])
+
+
+# -- the BatchEngine on the C runtime ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from gguf_fixtures import write_tiny_gguf
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", ARGS, "q4_1", seed=3)
+
+
+def engine_requests(tokenizer):
+    """Different lengths, n > 1 (one prompt, two seeds), stop ids, a JSON schema, logprobs."""
+    from homellm.engine.batch import Request
+    from homellm.engine.constrain import compile_response_format
+    from homellm.engine.sampling import SamplingParams
+    greedy, V = SamplingParams(temperature=0), ARGS.vocab_size
+    sampled = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    schema = {"type": "json_schema", "json_schema": {"name": "p", "schema": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
+    grammar = compile_response_format(tokenizer, schema)
+    shared = ids(23, 20, V)
+    return [
+        Request(ids(41, 21, V), greedy, max_tokens=12, top_logprobs=3),
+        Request(shared, SamplingParams(seed=7, **sampled), max_tokens=10, top_logprobs=2),
+        Request(shared, SamplingParams(seed=8, **sampled), max_tokens=10),
+        Request(ids(3, 22, V), greedy, max_tokens=14),  # stop ids: set from its free run
+        Request(ids(17, 23, V), SamplingParams(seed=1, **sampled), max_tokens=24,
+                constraint=grammar.start()),
+        Request(ids(60, 24, V), greedy, max_tokens=6),  # arrives while the others decode
+    ], grammar
+
+
+def outputs(steps):
+    return [(s.token, s.logprob, s.top_logprobs) for s in steps if s.token is not None], steps[-1].finish_reason
+
+
+@pytest.mark.parametrize("path", ["scalar", "avx2", "avx512"])
+def test_batch_engine_requests_together_equal_each_alone(tiny_gguf, path):
+    """Every request of a mixed batch (lengths, arrivals mid-stream, n > 1 forks of one prompt,
+    stop ids, a JSON schema, logprobs) gives exactly what it gives alone: tokens, logprobs and
+    top alternatives bit for bit."""
+    import threading
+
+    from homellm.engine.batch import BatchConfig, BatchEngine
+    from homellm.model.formats import open_checkpoint
+    from homellm.tokenizer import Tokenizer
+    if path not in _paths():
+        pytest.skip(f"this CPU has no {path} path")
+    ckpt = open_checkpoint(tiny_gguf, as_numpy=True)
+    tokenizer = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
+    model = NativeModel(ckpt.args, ckpt.tensors, 128, path=path, threads=2)
+    reqs, grammar = engine_requests(tokenizer)
+    engine = BatchEngine(model, BatchConfig(max_batch=4, ctx=128, prefill_chunk_busy=9, prefix_cache_bytes=0))
+    try:
+        free = outputs(list(engine.generate(reqs[3])))[0]
+        reqs[3].stop_ids = frozenset({free[5][0]})
+        alone = [outputs(list(engine.generate(r))) for r in reqs]
+        reqs[4].constraint = grammar.start()
+        for s in range(4):
+            engine.cache.tokens[s] = []
+        got = [None] * len(reqs)
+        first = threading.Event()
+
+        def run(i):
+            if i == len(reqs) - 1:
+                first.wait(30)  # the last one arrives while the others decode
+            got[i] = outputs(list(engine.generate(reqs[i])))
+            first.set()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert got == alone
+        assert engine.forked > 0  # the second choice copied the shared prompt
+        assert alone[1][0] != alone[2][0]
+        assert alone[3] == (free[:[t for t, _, _ in free].index(free[5][0])], "stop")
+        import json
+        text = tokenizer.decode([t for t, _, _ in alone[4][0]])
+        if alone[4][1] == "stop":
+            assert isinstance(json.loads(text)["a"], int)
+    finally:
+        engine.close()

@@ -1,23 +1,27 @@
-"""Continuous batching: one engine thread decodes many sequences together.
+"""Continuous batching: one engine thread runs many sequences together.
 
-Each submitted request gets a slot of a BatchKVCache (its own positions and keys/values)
-once one is free. Between decode steps the thread admits waiting requests, prefills a bounded
-number of prompt positions (chunks of the waiting prompts in turn, so running streams keep
-flowing while a long prompt comes in), then runs one decode step for every sequence that has a token to feed: B tokens as the B rows of
-one forward through the PyTorch `Llama`, at B different positions (the quantized linear
-layers read their weights once for all rows; attention runs per row on the row's own keys).
+Each submitted request gets a slot of the KV cache (its own positions and keys/values) once
+one is free. Every step of the engine thread is one pass through the network of all the rows
+that have work: the pending token of every sequence that decodes, and chunks of the prompts
+still coming in (up to a budget of prompt positions a step, so running streams keep flowing
+while a long prompt arrives), in admission order.
 
-One path for one request and for many: a request's logits do not depend on which others
-share its steps (the linear kernels work row by row, attention per row), so a greedy reply
-served in a batch equals the same request served alone, token for token. The last prompt
-token is always fed by a decode step (never by prefill), so the first generated token comes
-out of the same computation whether or not the prompt was found in the prefix cache.
+On the C runtime (a `NativeModel`: every GGUF type it takes) the step is one call,
+`NativeModel.batch` (network.h hl_batch): prompt chunks and decode rows together, each row with
+its own position, slot and LoRA adapter. A row's logits are the same bits whatever else is in
+its step and however its prompt was cut into chunks, so a greedy reply served among others
+equals the same request served alone, token for token, and a prompt's last chunk gives the
+first token at once. On the PyTorch network (Hugging Face float models, the GPU, types the C
+runtime does not take) prompt chunks run one sequence at a time and the decode rows together,
+and the prompt's last token goes through a decode step (the two paths round differently).
 
-Each request keeps its own Sampler (own seed), stop ids, token budget, logprobs and optional
-constraint (engine/constrain.py). Steps go to the request's `sink` callback from the engine
-thread; `Ticket.cancel()` (a client that went away) frees the slot before the next step.
-Finished slots keep their keys and values: a follow-up turn that lands on the same slot
-reuses them in place; when a slot is taken over by another sequence, its content moves to the
+Each request keeps its own generation step (engine/generate.py Generation: its sampler and
+seed, stop ids, token budget, logprobs and constraint). Steps go to the request's `sink`
+callback from the engine thread; `Ticket.cancel()` (a client that went away) frees the slot
+before the next step. Requests that share a prompt prefix with one admitted before them (n > 1
+choices, a regeneration) copy its keys and values instead of computing them again (a fork).
+Finished slots keep their keys and values: a follow-up turn that lands on the same slot reuses
+them in place; when a slot is taken over by another sequence, its content moves to the
 PrefixCache (bounded in bytes, LRU), from which any slot can copy it back.
 """
 from __future__ import annotations
@@ -29,14 +33,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import torch
+import numpy as np
 
-from homellm.engine.generate import Step, Timings
-from homellm.engine.kv_cache import BatchKVCache
+from homellm.engine.generate import Generation, Step, Timings
+from homellm.engine.kernels.native import NativeModel, SlotCache
 from homellm.engine.prefix_cache import PrefixCache
-from homellm.engine.sampling import Sampler, SamplingParams
+from homellm.engine.sampling import SamplingParams, as_numpy
+from homellm.engine.tokens import common_prefix
 from homellm.errors import ContextOverflowError, HomellmError
-from homellm.model.llama import Llama
 
 
 class QueueFullError(HomellmError):
@@ -60,7 +64,7 @@ class BatchConfig:
     prefill_chunk: int = 512      # prompt positions per step while nothing else decodes
     prefill_chunk_busy: int = 128  # ... while other streams decode (they wait for each step)
     prefix_cache_bytes: int = 512 << 20  # keys/values kept for prefix reuse (LRU)
-    threads: int | None = None    # threads of the matmul kernels; None: torch's setting
+    threads: int | None = None    # threads of the C runtime; None: the model's own setting
 
     def __post_init__(self):
         for name in ("max_batch", "prefill_chunk", "prefill_chunk_busy"):
@@ -84,6 +88,7 @@ class Request:
     stop_ids: frozenset[int] | set[int] = frozenset()
     top_logprobs: int = 0
     constraint: object | None = None  # engine/constrain.py Constraint: mask, advance, done
+    adapter: object | None = None     # a LoraAdapter of the served model (C runtime), or None
 
 
 Sink = Callable[["Step | BaseException"], None]
@@ -112,45 +117,141 @@ class Ticket:
 class _Sequence:
     """A ticket in a slot: where its prompt and reply stand."""
 
-    def __init__(self, ticket: Ticket, slot: int, reused: int):
+    def __init__(self, ticket: Ticket, slot: int, reused: int, ctx: int):
         req = ticket.request
         self.ticket = ticket
         self.slot = slot
-        self.prefilled = reused          # prompt positions whose keys/values are in the slot
-        self.pending = req.ids[-1]       # the next token to feed (the prompt's last, then replies)
-        self.history = list(req.ids)     # for penalties
-        self.sampler = Sampler(req.params)
+        self.fed = reused                # positions whose keys/values are in the slot
+        self.pending: int | None = None  # the sampled token to feed next
+        budget = ctx - len(req.ids)
+        budget = budget if req.max_tokens is None else min(budget, req.max_tokens)
+        self.gen = Generation(req.ids, req.params, budget, req.stop_ids, req.top_logprobs,
+                              req.constraint)
         self.admitted = time.perf_counter()
         self.first_at: float | None = None
-        budget = ticket.engine.config.ctx - len(req.ids)
-        self.budget = budget if req.max_tokens is None else min(budget, req.max_tokens)
+
+    @property
+    def ids(self) -> list[int]:
+        return self.ticket.request.ids
 
     @property
     def decoding(self) -> bool:
-        return self.prefilled >= len(self.ticket.request.ids) - 1
+        return self.pending is not None
+
+
+@dataclass
+class _Rows:
+    """One sequence's rows of a step: ids at positions start.., the last one's logits wanted."""
+    seq: _Sequence
+    start: int
+    ids: list[int]
+    want: bool
+
+
+class _NativeRunner:
+    """Steps on the C runtime: every sequence's rows in one NativeModel.batch call."""
+
+    last_by_decode = False
+
+    def __init__(self, model: NativeModel, config: BatchConfig):
+        self.model = model
+        if config.threads:
+            model.set_threads(config.threads, model.path, model.hi)
+        self.cache = SlotCache(model.args, config.max_batch, config.ctx, model.kv_dtype)
+
+    def run(self, groups: list[_Rows]) -> list[np.ndarray | None]:
+        toks, pos, slots, want, ads = [], [], [], [], []
+        for g in groups:
+            n = len(g.ids)
+            toks += g.ids
+            pos += range(g.start, g.start + n)
+            slots += [g.seq.slot] * n
+            want += [False] * (n - 1) + [g.want]
+            ads += [g.seq.ticket.request.adapter] * n
+        logits = self.model.batch(self.cache, toks, pos, slots, want, ads)
+        out, i = [], 0
+        for g in groups:
+            del self.cache.tokens[g.seq.slot][g.start:]
+            self.cache.tokens[g.seq.slot].extend(g.ids)
+            out.append(logits[i] if g.want else None)
+            i += g.want
+        return out
+
+    def read(self, slot: int, n: int):
+        return self.cache.read(slot, n)
+
+    def write(self, slot: int, keys, values, tokens: list[int]):
+        self.cache.write(slot, keys, values, tokens)
+
+
+class _TorchRunner:
+    """Steps on the PyTorch network: prompt chunks one sequence at a time, then one forward for
+    the decode rows (B tokens at B positions; attention per row on the row's own keys)."""
+
+    last_by_decode = True
+
+    def __init__(self, model, config: BatchConfig, cache_dtype=None):
+        import torch
+
+        from homellm.engine.kv_cache import BatchKVCache
+        self.model = model
+        self.device = model.inv_freq.device
+        self.cache = BatchKVCache(model.args, config.ctx, config.max_batch,
+                                  dtype=cache_dtype or torch.float32, device=self.device)
+
+    def run(self, groups: list[_Rows]) -> list[np.ndarray | None]:
+        import torch
+        out: list = [None] * len(groups)
+        decode = [i for i, g in enumerate(groups) if g.want]  # (single rows: last_by_decode)
+        with torch.inference_mode():
+            for g in groups:
+                if g.want:
+                    continue
+                tokens = torch.tensor([g.ids], dtype=torch.long, device=self.device)
+                self.model(tokens, start_pos=g.start, cache=self.cache.slot(g.seq.slot), last_only=True)
+            if decode:
+                rows = [groups[i] for i in decode]
+                tokens = torch.tensor([g.ids for g in rows], dtype=torch.long, device=self.device)
+                positions = torch.tensor([g.start for g in rows], dtype=torch.long)
+                logits = self.model(tokens, start_pos=positions,
+                                    cache=self.cache.rows([g.seq.slot for g in rows]))[:, 0]
+                for i, row in zip(decode, as_numpy(logits)):
+                    out[i] = row
+        for g in groups:
+            del self.cache.tokens[g.seq.slot][g.start:]
+            self.cache.tokens[g.seq.slot].extend(g.ids)
+        return out
+
+    def read(self, slot: int, n: int):
+        import torch
+        return (torch.stack([k[slot, :, :n] for k in self.cache.k]),    # (L, n_kv, n, head_dim)
+                torch.stack([v[slot, :, :n] for v in self.cache.v]))
+
+    def write(self, slot: int, keys, values, tokens: list[int]):
+        n = len(tokens)
+        for layer in range(len(self.cache.k)):
+            self.cache.k[layer][slot, :, :n] = keys[layer, :, :n]
+            self.cache.v[layer][slot, :, :n] = values[layer, :, :n]
+        self.cache.tokens[slot] = list(tokens)
 
 
 class BatchEngine:
-    """One model, `config.max_batch` slots, and the thread that runs them (started here)."""
+    """One model, `config.max_batch` slots, and the thread that runs them (started here).
 
-    def __init__(self, model: Llama, config: BatchConfig | None = None,
-                 cache_dtype: torch.dtype = torch.float32):
+    model: a `NativeModel` (the C runtime) or a PyTorch `Llama`."""
+
+    def __init__(self, model, config: BatchConfig | None = None, cache_dtype=None):
         self.model = model
         self.config = config or BatchConfig()
-        self.device = model.inv_freq.device
-        # the kernels' teams get explicit sizes; the engine thread's own torch ops (tiny
-        # per-row attention, argmax and logsumexp over the vocabulary) then run on one thread
-        self.threads = self.config.threads or torch.get_num_threads()
-        self.kernels_only = _set_kernel_threads(model, self.threads)
-        if not self.kernels_only:
-            _attach_row_attention(model, self.device, cache_dtype)
-        self.cache = BatchKVCache(model.args, self.config.ctx, self.config.max_batch,
-                                  dtype=cache_dtype, device=self.device)
+        self.native = isinstance(model, NativeModel)
+        self.runner = (_NativeRunner(model, self.config) if self.native
+                       else _TorchRunner(model, self.config, cache_dtype))
+        self.cache = self.runner.cache  # .tokens[slot]: the ids each slot holds
         self.prefix = PrefixCache(self.config.prefix_cache_bytes)
         self.waiting: deque[Ticket] = deque()
         self.active: list[_Sequence] = []            # in admission order
         self.free: list[int] = list(range(self.config.max_batch))  # least recently used first
-        self.steps = self.generated = self.prefilled = 0
+        self.steps = self.generated = self.prefilled = self.forked = 0
         self.busy_s = 0.0
         self.last_active = time.monotonic()
         self._cond = threading.Condition()
@@ -168,6 +269,8 @@ class BatchEngine:
             raise ContextOverflowError(len(request.ids), self.config.ctx)
         if request.max_tokens is not None and request.max_tokens < 1:
             raise ValueError(f"max_tokens={request.max_tokens}: expected at least 1")
+        if request.adapter is not None and not self.native:
+            raise ValueError("adapters per request need the C runtime (a GGUF model on the CPU)")
         ticket = Ticket(self, request, sink)
         with self._cond:
             if self._closed:
@@ -210,6 +313,7 @@ class BatchEngine:
             return {"slots": self.config.max_batch, "active": len(self.active),
                     "waiting": len(self.waiting), "ctx": self.config.ctx, "steps": self.steps,
                     "generated_tokens": self.generated, "prefilled_tokens": self.prefilled,
+                    "forked_tokens": self.forked, "runtime": "native" if self.native else "torch",
                     "prefix_cache": self.prefix.stats()}
 
     def close(self, timeout: float | None = 10.0):
@@ -226,29 +330,25 @@ class BatchEngine:
     # -- the engine thread ------------------------------------------------------------------
 
     def _run(self):
-        if self.kernels_only and self.device.type == "cpu" and not _torch_ops_on_one_thread():
-            _attach_row_attention(self.model, self.device, self.cache.k[0].dtype)
-        with torch.inference_mode():
-            while True:
-                with self._cond:
-                    while not self._closed and not self.waiting and not self.active:
-                        self._cond.wait()
-                    if self._closed:
-                        break
-                    for t in [t for t in self.waiting if t.cancelled]:
-                        self.waiting.remove(t)
-                        self._finish_ticket(t, "stop")
-                    admits = [self.waiting.popleft()
-                              for _ in range(min(len(self.waiting), len(self.free)))]
-                for ticket in admits:
-                    self._guard([ticket], lambda: self._admit(ticket))
-                for seq in [s for s in self.active if s.ticket.cancelled]:
-                    self._finish(seq, "stop")
-                if self.active:
-                    t0 = time.perf_counter()
-                    self._step()
-                    self.busy_s += time.perf_counter() - t0
-                    self.last_active = time.monotonic()
+        while True:
+            with self._cond:
+                while not self._closed and not self.waiting and not self.active:
+                    self._cond.wait()
+                if self._closed:
+                    break
+                for t in [t for t in self.waiting if t.cancelled]:
+                    self.waiting.remove(t)
+                    self._finish_ticket(t, "stop")
+                admits = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(self.free)))]
+            for ticket in admits:
+                self._guard([ticket], lambda: self._admit(ticket))
+            for seq in [s for s in self.active if s.ticket.cancelled]:
+                self._finish(seq, "stop")
+            if self.active:
+                t0 = time.perf_counter()
+                self._guard([s.ticket for s in self.active], self._step)
+                self.busy_s += time.perf_counter() - t0
+                self.last_active = time.monotonic()
         closed = EngineClosedError("the model was unloaded before the request finished")
         for seq in list(self.active):
             self._release(seq)
@@ -271,92 +371,95 @@ class BatchEngine:
         ids = ticket.request.ids
         ticket.queued_s = time.perf_counter() - ticket.submitted
         # the free slot that already holds the longest prefix of ids (ties: least recently used)
+        tokens = self.cache.tokens
         slot = max(self.free, key=lambda s: self.cache.common_prefix(s, ids))
         self.free.remove(slot)
         in_slot = self.cache.common_prefix(slot, ids)
-        held = self.cache.tokens[slot]
+        held = tokens[slot]
         if len(held) > in_slot and len(held) >= self.prefix.min_tokens:
             self._save(slot)  # about to be overwritten: keep it for later turns
         entry, in_store = (None, 0) if in_slot >= len(ids) - 1 else self.prefix.lookup(ids)
-        reuse = min(max(in_slot, in_store), len(ids) - 1)
+        reuse = min(max(in_slot, in_store), len(ids) - 1)  # the last one yields logits
         if in_store > in_slot:
-            for layer in range(len(self.cache.k)):
-                self.cache.k[layer][slot, :, :reuse] = entry.keys[layer, :, :reuse]
-                self.cache.v[layer][slot, :, :reuse] = entry.values[layer, :, :reuse]
-        self.cache.tokens[slot] = list(ids[:reuse])
+            self.runner.write(slot, entry.keys, entry.values, list(ids[:reuse]))
+        del tokens[slot][reuse:]
         ticket.timings.cached_tokens = reuse
-        self.active.append(_Sequence(ticket, slot, reuse))
+        self.active.append(_Sequence(ticket, slot, reuse, self.config.ctx))
 
     def _save(self, slot: int):
-        tokens = self.cache.tokens[slot]
-        n = len(tokens)
-        keys = torch.stack([k[slot, :, :n] for k in self.cache.k])    # (L, n_kv, n, head_dim)
-        values = torch.stack([v[slot, :, :n] for v in self.cache.v])
-        self.prefix.store(tokens, keys, values)
+        n = len(self.cache.tokens[slot])
+        keys, values = self.runner.read(slot, n)  # copies: (L, n_kv, n, head_dim)
+        self.prefix.store(self.cache.tokens[slot], keys, values)
+
+    def _fork(self, seq: _Sequence) -> bool:
+        """Copy the keys and values of the prompt prefix `seq` shares with a sequence admitted
+        before it (n > 1 choices, a regeneration); True when that one has yet to compute some
+        of it (seq then waits a step rather than compute it twice)."""
+        ids = seq.ids
+        cap = len(ids) - 1  # the last prompt token yields the logits: computed by seq itself
+        for other in self.active:
+            if other is seq:
+                break
+            target = min(common_prefix(other.ids, ids), cap)
+            if target <= seq.fed:
+                continue
+            have = min(self.cache.common_prefix(other.slot, ids), target)
+            if have > seq.fed:
+                keys, values = self.runner.read(other.slot, have)
+                self.runner.write(seq.slot, keys, values, list(ids[:have]))
+                self.forked += have - seq.fed
+                seq.ticket.timings.cached_tokens = max(seq.ticket.timings.cached_tokens, have)
+                seq.fed = have
+            if seq.fed < target:
+                return True
+        return False
 
     def _step(self):
-        # prompts take turns in admission order, up to `budget` prompt positions per step
-        # (several short prompts arriving together all start in the same step)
+        # decode rows for every sequence with a sampled token; prompt chunks take turns in
+        # admission order, up to `budget` prompt positions a step (several short prompts
+        # arriving together all start in the same step)
         busy = any(s.decoding for s in self.active)
         budget = self.config.prefill_chunk_busy if busy else self.config.prefill_chunk
-        for seq in [s for s in self.active if not s.decoding]:
-            if budget <= 0:
-                break
-            n = min(budget, len(seq.ticket.request.ids) - 1 - seq.prefilled)
-            self._guard([seq.ticket], lambda: self._prefill(seq, n))
+        groups: list[_Rows] = []
+        for seq in list(self.active):
+            if seq.decoding:
+                groups.append(_Rows(seq, seq.fed, [seq.pending], True))
+                continue
+            if budget <= 0 or self._fork(seq):
+                continue
+            ids = seq.ids
+            end = len(ids)
+            if self.runner.last_by_decode and seq.fed < len(ids) - 1:
+                end = len(ids) - 1  # (the PyTorch path feeds the prompt's last token as a decode row)
+            n = min(budget, end - seq.fed)
+            groups.append(_Rows(seq, seq.fed, ids[seq.fed:seq.fed + n], seq.fed + n == len(ids)))
             budget -= n
-        decoding = [s for s in self.active if s.decoding]
-        if decoding:
-            self._guard([s.ticket for s in decoding], lambda: self._decode(decoding))
-
-    def _prefill(self, seq: _Sequence, chunk: int):
-        """Prefill the next chunk of the prompt (all but its last token) into the slot."""
-        ids = seq.ticket.request.ids
-        start, end = seq.prefilled, min(seq.prefilled + chunk, len(ids) - 1)
-        tokens = torch.tensor([ids[start:end]], dtype=torch.long, device=self.device)
-        self.model(tokens, start_pos=start, cache=self.cache.slot(seq.slot), last_only=True)
-        self.cache.tokens[seq.slot].extend(ids[start:end])
-        seq.prefilled = end
-        self.prefilled += end - start
-
-    def _decode(self, seqs: list[_Sequence]):
-        """One forward for the pending token of each sequence, then one sample each."""
-        tokens = torch.tensor([[s.pending] for s in seqs], dtype=torch.long, device=self.device)
-        positions = torch.tensor([len(self.cache.tokens[s.slot]) for s in seqs], dtype=torch.long)
-        logits = self.model(tokens, start_pos=positions, cache=self.cache.rows([s.slot for s in seqs]))
-        logits = logits[:, 0].float().cpu()  # (B, vocab)
+        if not groups:
+            return
+        out = self.runner.run(groups)
         self.steps += 1
-        for b, seq in enumerate(seqs):
-            self.cache.tokens[seq.slot].append(seq.pending)
-            self._guard([seq.ticket], lambda: self._sample(seq, logits[b]))
+        for g, logits in zip(groups, out):
+            seq = g.seq
+            seq.fed = g.start + len(g.ids)
+            if not seq.decoding:
+                self.prefilled += len(g.ids)
+            if logits is not None:
+                self._guard([seq.ticket], lambda: self._sample(seq, logits))
 
-    def _sample(self, seq: _Sequence, logits: torch.Tensor):
-        ticket, req = seq.ticket, seq.ticket.request
-        timings, now = ticket.timings, time.perf_counter()
+    def _sample(self, seq: _Sequence, logits: np.ndarray):
+        ticket, timings, now = seq.ticket, seq.ticket.timings, time.perf_counter()
         if seq.first_at is None:
             seq.first_at = now
             timings.prefill_s = now - seq.admitted  # to the first token's logits
-        c = req.constraint
-        if c is not None:
-            lse, top = _logprobs(logits, req.top_logprobs)  # under the model, before the mask
-            c.mask_logits(logits)
-        token = seq.sampler(logits, seq.history)
-        if token in req.stop_ids:
-            return self._finish(seq, "stop")
-        if c is None:
-            lse, top = _logprobs(logits, req.top_logprobs)
-        else:
-            c.advance(token)
-        timings.generated_tokens += 1
-        timings.decode_s = now - seq.first_at
-        self.generated += 1
-        self._deliver(ticket, Step(token=token, logprob=float(logits[token]) - lse, top_logprobs=top))
-        seq.history.append(token)
-        if c is not None and c.done:
-            return self._finish(seq, "stop")
-        if timings.generated_tokens >= seq.budget:
-            return self._finish(seq, "length")
-        seq.pending = token
+        step, finish = seq.gen.step(logits)
+        if step is not None:
+            timings.generated_tokens = seq.gen.generated
+            timings.decode_s = now - seq.first_at
+            self.generated += 1
+            self._deliver(ticket, step)
+            seq.pending = step.token
+        if finish is not None:
+            self._finish(seq, finish)
 
     def _finish(self, seq: _Sequence, reason: str):
         self._release(seq)
@@ -380,97 +483,3 @@ class BatchEngine:
             ticket.sink(item)
         except Exception:  # the consumer is gone (e.g. its event loop closed): stop its work
             ticket.cancelled = True
-
-
-def _logprobs(logits: torch.Tensor, k: int) -> tuple[float, list[tuple[int, float]]]:
-    """log-sum-exp of logits (vocab,) and the k most likely (id, logprob): one pass."""
-    lse = float(torch.logsumexp(logits, -1))
-    if not k:
-        return lse, []
-    vals, idx = logits.topk(k)
-    return lse, [(i, v - lse) for i, v in zip(idx.tolist(), vals.tolist())]
-
-
-def _attach_row_attention(model: Llama, device: torch.device, dtype: torch.dtype):
-    """Per-row attention of decode steps in C on one thread (the kernels' hl_attention_causal,
-    called directly: its Python wrapper costs ~4x the work of a one-query row). A batch makes
-    B small calls per layer, and a thread team for each would cost more than the work (~30x
-    more when other processes share the CPU). Without the kernels, SDPA row by row stays."""
-    import os
-
-    from homellm.engine import kernels
-    if device.type != "cpu" or dtype != torch.float32 or not kernels.available():
-        return
-    lib = kernels.load()
-    path = kernels.path_id(os.environ.get("HOMELLM_KERNEL_PATH"))
-
-    def rows_attention(q, keys, values):
-        # q (B, n_heads, T, hd) float32; keys, values: per row (1, n_kv, S_b, hd) cache views
-        B, nh, T, hd = q.shape
-        q = q if q.dtype == torch.float32 and q.stride(-1) == 1 else q.float().contiguous()
-        y = torch.empty(B, T, nh * hd, dtype=torch.float32)  # (B, T, n_heads * hd)
-        scale = hd ** -0.5
-        for b, (k, v) in enumerate(zip(keys, values)):
-            if k.dtype != torch.float32 or k.stride(-1) != 1 or v.stride(-1) != 1:
-                k, v = k.float().contiguous(), v.float().contiguous()
-            rc = lib.hl_attention_causal(q[b].data_ptr(), q.stride(2), q.stride(1),
-                                         k.data_ptr(), k.stride(2), k.stride(1),
-                                         v.data_ptr(), v.stride(2), v.stride(1),
-                                         T, nh, k.shape[1], hd, k.shape[2] - T, scale,
-                                         y[b].data_ptr(), 1, path)
-            if rc:
-                raise RuntimeError(f"hl_attention_causal failed ({rc})")
-        return y
-
-    for layer in model.model.layers:
-        layer.self_attn.rows_attention_fn = rows_attention
-
-
-def _set_kernel_threads(model: Llama, threads: int) -> bool:
-    """Give the C kernels of the model (GGMLLinear and the fused projections over them, the
-    prefill attention) an explicit thread count; return whether every matmul is such a
-    kernel (then nothing else in a step needs more than one thread)."""
-    from homellm.engine import kernels
-    for m in model.modules():
-        if isinstance(m, kernels.GGMLLinear):
-            m.threads = threads
-    for layer in model.model.layers:
-        if isinstance(layer.self_attn.attention_fn, kernels.CausalAttention):
-            layer.self_attn.attention_fn = _PrefillAttention(threads)
-    projections = [model.lm_head]
-    for layer in model.model.layers:
-        projections += [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        projections += [getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
-    return all(isinstance(m, kernels.GGMLLinear) for m in projections)
-
-
-class _PrefillAttention:
-    """kernels.CausalAttention on a fixed number of threads."""
-
-    def __init__(self, threads: int):
-        self.threads = threads
-
-    def __call__(self, q, k, v):
-        from homellm.engine import kernels
-        return kernels.attention_causal(q, k, v, k.shape[2] - q.shape[2], threads=self.threads)
-
-
-def _torch_ops_on_one_thread() -> bool:
-    """Run this thread's PyTorch ops on one OpenMP thread, leaving other threads and torch's
-    global setting alone (torch.set_num_threads would change the default of every thread
-    started later). A decode step's own torch ops are tiny (one query's attention per row,
-    argmax over the vocabulary): a thread team costs more than their work, and ~50x more when
-    other processes share the CPU. Returns whether it took effect."""
-    import ctypes
-    import glob
-    import os
-    torch.zeros(1 << 16).sum()  # torch sets this thread's count on its first parallel op
-    libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
-    for path in sorted(glob.glob(os.path.join(libdir, "libgomp*.so*"))):
-        try:
-            ctypes.CDLL(path).omp_set_num_threads(1)
-        except (OSError, AttributeError):
-            continue
-        if torch.get_num_threads() == 1:
-            return True
-    return False

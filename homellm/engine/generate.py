@@ -66,6 +66,67 @@ def logsumexp(x: np.ndarray) -> float:
     return m + float(np.log(np.exp(x - m, dtype=np.float32).sum(dtype=np.float64)))
 
 
+def logprobs(logits: np.ndarray, top_logprobs: int) -> tuple[float, list[tuple[int, float]]]:
+    """log-sum-exp of the logits and the top alternatives, under the model (before any penalty
+    or constraint): one pass over the vocab."""
+    lse = logsumexp(logits)
+    top = []
+    if top_logprobs:
+        idx = np.argpartition(-logits, top_logprobs - 1)[:top_logprobs]
+        idx = idx[np.argsort(-logits[idx], kind="stable")]
+        top = [(int(i), float(logits[i]) - lse) for i in idx]
+    return lse, top
+
+
+class Generation:
+    """One request's generation step, shared by `Engine` (one sequence) and `BatchEngine`
+    (many): from the logits of the last position to the next token, and whether that ends it.
+
+    Per token: the constraint masks the logits (its log-probabilities stay the model's, taken
+    before the mask), the sampler draws (logit_bias, penalties over the history, then the
+    filters), a stop id ends the generation without being a token, the constraint takes the
+    token (and ends it once its value is complete), and the budget ends it ("length").
+    NaN/inf logits raise NonFiniteLogitsError with `.ids`: the tokens that produced them.
+    """
+
+    def __init__(self, ids: list[int], params: SamplingParams | None, budget: int,
+                 stop_ids=frozenset(), top_logprobs: int = 0, constraint=None):
+        self.sampler = Sampler(params or SamplingParams())
+        self.history = list(ids)
+        self.budget = budget
+        self.stop_ids = stop_ids
+        self.top_logprobs = top_logprobs
+        self.constraint = constraint
+        self.generated = 0
+
+    def step(self, logits: np.ndarray) -> tuple[Step | None, str | None]:
+        """(the token's Step, or None for a stop id; the finish reason, or None to go on).
+        `logits` (vocab,) float32 may be changed (the constraint's mask)."""
+        c = self.constraint
+        if c is not None:
+            lse, top = logprobs(logits, self.top_logprobs)  # before the mask
+            c.mask_logits(logits)
+        try:
+            token = self.sampler(logits, self.history)
+        except NonFiniteLogitsError as e:
+            e.ids = list(self.history)  # what went through the model (for a diagnosis)
+            raise
+        if token in self.stop_ids:
+            return None, "stop"
+        if c is None:
+            lse, top = logprobs(logits, self.top_logprobs)
+        else:
+            c.advance(token)
+        self.generated += 1
+        self.history.append(token)
+        step = Step(token=token, logprob=float(logits[token]) - lse, top_logprobs=top)
+        if c is not None and c.done:
+            return step, "stop"
+        if self.generated >= self.budget:
+            return step, "length"
+        return step, None
+
+
 class Engine:
     """One network and one KV cache of `ctx` positions (batch 1).
 
@@ -164,56 +225,26 @@ class Engine:
         (filled as generation goes, when the caller passes one) complete.
         NaN/inf logits raise NonFiniteLogitsError with `.ids`: the tokens that produced them.
         """
-        sampler = Sampler(params or SamplingParams())
         timings = timings if timings is not None else Timings()
         timings.prompt_tokens = len(ids)
         t0 = time.perf_counter()
         logits, timings.cached_tokens = self.prefill(ids)
         timings.prefill_s = time.perf_counter() - t0
-        history = list(ids)
         budget = self.ctx - len(ids)  # each generated token but the last needs a cache slot
         if max_tokens is not None:
             budget = min(budget, max_tokens)
+        gen = Generation(ids, params, budget, stop_ids, top_logprobs, constraint)
         finish = "length"
         t_first = time.perf_counter()
         try:
-            while timings.generated_tokens < budget:
-                if constraint is not None:
-                    lse, top = self._logprobs(logits, top_logprobs)  # before the mask
-                    constraint.mask_logits(logits)
-                try:
-                    token = sampler(logits, history)
-                except NonFiniteLogitsError as e:
-                    e.ids = list(history)  # what went through the model (for a diagnosis)
-                    raise
-                if token in stop_ids:
-                    finish = "stop"
+            while True:
+                step, finish = gen.step(logits)
+                if step is not None:
+                    timings.generated_tokens = gen.generated
+                    yield step
+                if finish is not None:
                     break
-                if constraint is None:
-                    lse, top = self._logprobs(logits, top_logprobs)
-                else:
-                    constraint.advance(token)
-                timings.generated_tokens += 1
-                yield Step(token=token, logprob=float(logits[token]) - lse, top_logprobs=top)
-                history.append(token)
-                if constraint is not None and constraint.done:
-                    finish = "stop"
-                    break
-                if timings.generated_tokens >= budget:
-                    break
-                logits = self.forward([token], len(self.cache.tokens))[-1]
+                logits = self.forward([step.token], len(self.cache.tokens))[-1]
         finally:
             timings.decode_s = time.perf_counter() - t_first
         yield Step(token=None, finish_reason=finish, timings=timings)
-
-    @staticmethod
-    def _logprobs(logits: np.ndarray, top_logprobs: int) -> tuple[float, list[tuple[int, float]]]:
-        """log-sum-exp of the logits and the top alternatives, under the model (before any
-        penalty or constraint): one pass over the vocab."""
-        lse = logsumexp(logits)
-        top = []
-        if top_logprobs:
-            idx = np.argpartition(-logits, top_logprobs - 1)[:top_logprobs]
-            idx = idx[np.argsort(-logits[idx], kind="stable")]
-            top = [(int(i), float(logits[i]) - lse) for i in idx]
-        return lse, top

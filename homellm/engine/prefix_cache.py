@@ -6,6 +6,8 @@ n_kv_heads, n, head_dim) for each. A lookup finds the entry sharing the longest 
 a new prompt: those positions' keys and values are copied into the new sequence's slot
 instead of being computed. The store is bounded in bytes; the least recently used entries
 go first. An entry whose ids are a prefix of a new entry's is dropped (the new one covers it).
+Keys and values are arrays of the engine's cache (numpy for the C runtime, torch tensors for
+the PyTorch network): the store only counts their bytes.
 """
 from __future__ import annotations
 
@@ -13,17 +15,14 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
-
 from homellm.engine.tokens import common_prefix
 
 
 @dataclass
 class PrefixEntry:
     tokens: tuple[int, ...]
-    keys: Tensor    # (n_layers, n_kv_heads, n, head_dim)
-    values: Tensor  # (n_layers, n_kv_heads, n, head_dim)
+    keys: object    # (n_layers, n_kv_heads, n, head_dim)
+    values: object  # (n_layers, n_kv_heads, n, head_dim)
 
     @property
     def nbytes(self) -> int:
@@ -62,7 +61,7 @@ class PrefixCache:
             self.entries.move_to_end(best.tokens)
             return best, best_n
 
-    def store(self, tokens: list[int], keys: Tensor, values: Tensor) -> bool:
+    def store(self, tokens: list[int], keys, values) -> bool:
         """Keep `tokens` with their keys and values (n_layers, n_kv_heads, n, head_dim), which
         the cache owns from now on (pass copies). Returns whether it was kept."""
         tokens = tuple(tokens)

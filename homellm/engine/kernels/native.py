@@ -309,6 +309,7 @@ class NativeModel:
         self.threads = threads or 0
         if self.lib.hl_model_set_threads(self.ctx, self.threads, path_id(path), int(hi)) != 0:
             raise RuntimeError(f"kernel path {path!r} is not supported by this CPU")
+        self.path, self.hi = path, hi
 
     def _vec(self, t) -> int:
         a = np.asarray(t.dequantize_numpy()) if _ggml_type(t) is not None else _as_array(t)
