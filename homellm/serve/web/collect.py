@@ -3,8 +3,9 @@ page at /contribute, the volunteers' leaderboard at /contributors, the moderator
 /moderate (the pages are app.js views, served like the others: guard.PAGES).
 
 Volunteers (everyone logged in):
-    GET  /api/collect                          role, preferences, tasks available by kind,
+    GET  /api/collect[?brief=true]             role, preferences, tasks available by kind,
                                                the task kinds and OA's labels, the settings
+                                               (brief: the role and ban only)
     PUT  /api/collect/prefs                    {langs: ["en"], tags: ["cooking"]}
     POST /api/collect/tasks                    {type: "random" | a kind, lang?} -> {task,
                                                resumed} or {task: null, reason}
@@ -130,8 +131,11 @@ def collect_router(store, settings: CollectSettings | None = None) -> APIRouter:
             raise api_error(e) from None
 
     @router.get("")
-    def info(who: Caller = Depends(caller), lang: str | None = Query(None, max_length=40)):
+    def info(who: Caller = Depends(caller), lang: str | None = Query(None, max_length=40),
+             brief: bool = False):
         role, banned = tm.trees.role(who.user.id)
+        if brief:   # the page asks this on load, for its Moderate link
+            return {"role": role, "banned": banned}
         return {"role": role, "banned": banned, "prefs": tm.prefs(who.user),
                 "available": {} if banned else run(tm.available, who.user, lang),
                 "kinds": [{"type": k, "title": K.TITLES[k]} for k in K.KINDS
