@@ -246,7 +246,7 @@ def adapter(default_gguf, hf_export, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_base_and_adapter_in_one_command_match_peft_on_the_hf_backend(default_gguf, hf_export,
-                                                                      adapter, tmp_path):
+                                                                      adapter, gguf_lm, tmp_path):
     """`-m base,base+adapter`: two kept runs; the adapter's log-likelihoods equal lm-eval's hf
     back end with PEFT on the float export (1e-3 relative) and differ from the base's."""
     from lm_eval.api.registry import get_model
@@ -262,8 +262,8 @@ def test_base_and_adapter_in_one_command_match_peft_on_the_hf_backend(default_gg
                               device="cpu", batch_size=16), limit=8)
     np.testing.assert_allclose(per_sample(ours), per_sample(ref), rtol=1e-3, atol=0)
     assert tuned["metrics"]["acc"] == ours["results"][TASK]["acc,none"]
-    plain = run(HomellmLM(model=str(hf_export)), limit=8)
-    assert np.abs(per_sample(ours) - per_sample(plain)).max() > 0.05  # the adapter changed the scores
+    plain = run(gguf_lm, limit=8)  # (the C runtime is within ~0.015 of the float base here)
+    assert np.abs(per_sample(ours) - per_sample(plain)).max() > 0.1  # the adapter changed the scores
 
 
 # -- bad input: clear errors, nothing kept ---------------------------------------------------
