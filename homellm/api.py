@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
@@ -279,11 +280,38 @@ def native_runtime(ckpt, device: str | None, dtype, quant: str | None) -> bool:
     return not native.unsupported(ckpt.tensors) and build.load() is not None
 
 
-def load(name_or_path: str | Path | None = None, device: str | None = None,
-         dtype: "torch.dtype | None" = None, ctx: int | None = None, quant: str | None = None,
-         progress=None, adapter: str | Path | None = None) -> Model:
-    """Load a model by catalog name, GGUF path or Hugging Face folder (None: the default model).
+@dataclass
+class Opened:
+    """A model file opened for running: what `load` (the CLI, the Python API) and the server's
+    registry both start from."""
 
+    path: Path
+    checkpoint: object        # model/formats Checkpoint (tensors handed to the network)
+    network: object           # kernels.NativeModel (the C runtime) or a PyTorch Llama
+    tokenizer: object         # homellm.tokenizer.Tokenizer
+    ctx: int
+    weight_bytes_per_token: int
+    load_s: float
+
+    @property
+    def native(self) -> bool:
+        from homellm.engine.kernels.native import NativeModel
+        return isinstance(self.network, NativeModel)
+
+
+def open_model(name_or_path: str | Path | None = None, device: str | None = None,
+               dtype: "torch.dtype | None" = None, ctx: int | None = None, quant: str | None = None,
+               progress=None, adapter: str | Path | None = None, threads: int | None = None,
+               trained_ctx: bool = False, kv_dtype: str = "f16") -> Opened:
+    """Open a model by catalog name, GGUF path or Hugging Face folder (None: the default model):
+    its tokenizer and its network, on the C runtime where the file allows (`native_runtime`),
+    else on PyTorch. The one way a model is opened, for `load` and for the server.
+
+    ctx: positions of the network's own KV cache (None: min(4096, what the model was trained
+    on)); trained_ctx: cap a given ctx at what the model was trained on; kv_dtype: the C
+    runtime's own cache, "f16" (as llama.cpp keeps it) or "f32". threads: the C
+    runtime's (None: $HOMELLM_THREADS, else one per core). $HOMELLM_KERNEL_PATH
+    (scalar / avx2 / avx512) picks the C runtime's kernels (default: the best this CPU has).
     adapter: a LoRA adapter folder (PEFT layout, `homellm tune`) applied without merging; the
     PyTorch network then runs, with the adapter's layers beside the base's own."""
     from homellm.catalog import resolve
@@ -292,9 +320,11 @@ def load(name_or_path: str | Path | None = None, device: str | None = None,
 
     t0 = time.perf_counter()
     device = check_device(device)
-    path = resolve(name_or_path)
+    path = resolve(name_or_path if isinstance(name_or_path, Path) or name_or_path is None
+                   else str(name_or_path))
     ckpt = open_checkpoint(path, as_numpy=True)  # (GGUF floats as numpy: no torch yet)
-    ctx = ctx or min(DEFAULT_CTX, ckpt.args.max_position_embeddings)
+    trained = ckpt.args.max_position_embeddings
+    ctx = min(ctx, trained) if ctx and trained_ctx else ctx or min(DEFAULT_CTX, trained)
     try:
         tokenizer = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
     except HomellmError as e:
@@ -304,9 +334,11 @@ def load(name_or_path: str | Path | None = None, device: str | None = None,
     check_ctx(ckpt.args, ctx, device, bytes_per_value=2 if native else 4)
     if native:
         from homellm.engine.kernels.native import NativeModel
+        kernel_path = kernel_path_setting()
         with _kv_allocation(ctx):
-            network = NativeModel(ckpt.args, ckpt.tensors, ctx, threads=default_threads(),
-                                  keep_raw=False)
+            network = NativeModel(ckpt.args, ckpt.tensors, ctx, threads=threads or default_threads(),
+                                  path=kernel_path, keep_raw=kernel_path not in (None, "avx512"),
+                                  kv_dtype=kv_dtype)
         ckpt.tensors = {}  # the C runtime holds what it computes on (packed Q4 replaces the raw rows)
     else:
         from homellm.engine.loader import build_model
@@ -321,11 +353,37 @@ def load(name_or_path: str | Path | None = None, device: str | None = None,
     ckpt.tokenizer.gguf_fields = None
     tokenizer.forget_source_fields()
     release_free_heap()
+    return Opened(Path(path), ckpt, network, tokenizer, ctx, wbytes, time.perf_counter() - t0)
+
+
+def kernel_path_setting() -> str | None:
+    """$HOMELLM_KERNEL_PATH: the C runtime's kernels (scalar, avx2, avx512; unset or auto: the
+    best this CPU has), or a HomellmError naming it."""
+    value = os.environ.get("HOMELLM_KERNEL_PATH", "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    from homellm.engine.kernels import PATHS, cpu_features
+    if value not in PATHS:
+        raise HomellmError(f"HOMELLM_KERNEL_PATH={value!r}: expected scalar, avx2, avx512 or auto")
+    best = cpu_features().get("path", "scalar")
+    if PATHS[value] > PATHS[best]:
+        raise HomellmError(f"HOMELLM_KERNEL_PATH={value}: this CPU's best kernels are {best}")
+    return value
+
+
+def load(name_or_path: str | Path | None = None, device: str | None = None,
+         dtype: "torch.dtype | None" = None, ctx: int | None = None, quant: str | None = None,
+         progress=None, adapter: str | Path | None = None) -> Model:
+    """Load a model by catalog name, GGUF path or Hugging Face folder (None: the default model).
+
+    adapter: a LoRA adapter folder (PEFT layout, `homellm tune`) applied without merging; the
+    PyTorch network then runs, with the adapter's layers beside the base's own."""
+    opened = open_model(name_or_path, device, dtype, ctx, quant, progress, adapter)
     # the C decoder computes on the file's own blocks: only when the weights are kept as stored
-    with _kv_allocation(ctx):
-        model = Model(ckpt, network, tokenizer, ctx, time.perf_counter() - t0,
-                      fast_decode=quant is None and adapter is None)
-    model.weight_bytes_per_token = wbytes
+    with _kv_allocation(opened.ctx):
+        model = Model(opened.checkpoint, opened.network, opened.tokenizer, opened.ctx,
+                      opened.load_s, fast_decode=quant is None and adapter is None)
+    model.weight_bytes_per_token = opened.weight_bytes_per_token
     return model
 
 

@@ -65,6 +65,7 @@ class BatchConfig:
     prefill_chunk_busy: int = 128  # ... while other streams decode (they wait for each step)
     prefix_cache_bytes: int = 512 << 20  # keys/values kept for prefix reuse (LRU)
     threads: int | None = None    # threads of the C runtime; None: the model's own setting
+    kv_dtype: str = "f16"         # the C runtime's slots: "f16" (as llama.cpp keeps them) or "f32"
 
     def __post_init__(self):
         for name in ("max_batch", "prefill_chunk", "prefill_chunk_busy"):
@@ -76,6 +77,8 @@ class BatchConfig:
             raise ValueError("max_queue and prefix_cache_bytes must be >= 0")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads}: expected at least 1")
+        if self.kv_dtype not in ("f16", "f32"):
+            raise ValueError(f"kv_dtype={self.kv_dtype!r}: expected 'f16' or 'f32'")
 
 
 @dataclass
@@ -157,7 +160,7 @@ class _NativeRunner:
         self.model = model
         if config.threads:
             model.set_threads(config.threads, model.path, model.hi)
-        self.cache = SlotCache(model.args, config.max_batch, config.ctx, model.kv_dtype)
+        self.cache = SlotCache(model.args, config.max_batch, config.ctx, config.kv_dtype)
 
     def run(self, groups: list[_Rows]) -> list[np.ndarray | None]:
         toks, pos, slots, want, ads = [], [], [], [], []

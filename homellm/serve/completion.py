@@ -447,31 +447,21 @@ LOGIT_ROWS = 256  # prompt positions whose logits are computed at once (rows x v
 
 def teacher_forced(m: LoadedModel, ids: list[int], top: int) -> list[TokenLogprob]:
     """Each token of `ids` after the first with its logprob given the ones before it (and the
-    `top` most likely alternatives), from one forward of the served network."""
-    import torch
-
-    from homellm.serve.embeddings import hidden_states
+    `top` most likely alternatives), from the served network (LOGIT_ROWS positions at once)."""
+    from homellm.engine.generate import logprobs
+    from homellm.engine.score import prompt_logits
     if len(ids) > m.ctx:
         raise APIError(400, f"This model's maximum context length is {m.ctx} tokens. However, "
                        f"your prompt has {len(ids)} tokens.", param="prompt",
                        code="context_length_exceeded")
-    hidden = hidden_states(m.network, ids)  # (T, hidden) float32
     piece = m.tokenizer.decode
     out = []
-    with torch.inference_mode():
-        for a in range(0, len(ids) - 1, LOGIT_ROWS):
-            b = min(a + LOGIT_ROWS, len(ids) - 1)
-            rows = hidden[a:b].to(m.network.lm_head.weight.dtype if hasattr(
-                m.network.lm_head, "weight") and m.network.lm_head.weight.is_floating_point()
-                else torch.float32)
-            logp = m.network.lm_head(rows[None])[0].float().log_softmax(-1)  # (b - a, vocab)
-            for r in range(b - a):
-                t = ids[a + r + 1]
-                alts = []
-                if top:
-                    vals, idx = logp[r].topk(top)
-                    alts = [(int(i), piece([int(i)]), float(v)) for i, v in zip(idx, vals)]
-                out.append(TokenLogprob(t, piece([t]), float(logp[r, t]), alts))
+    for a, logits in prompt_logits(m.network, ids, LOGIT_ROWS):
+        for r, row in enumerate(logits):
+            t = ids[a + r + 1]
+            lse, alts = logprobs(row, top)
+            out.append(TokenLogprob(t, piece([t]), float(row[t]) - lse,
+                                    [(i, piece([i]), lp) for i, lp in alts]))
     return out
 
 

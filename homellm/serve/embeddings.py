@@ -2,10 +2,9 @@
 
 A chat model's embedding of a text is the mean over its tokens of the last hidden states (the
 output of the final RMSNorm, before the LM head), L2-normalized, as llama.cpp's server does
-with `--pooling mean`. They are computed by the server's PyTorch network (the same GGUF
-kernels as generation) in a worker thread, one text at a time (no padding, so a text's
-vector does not depend on the others in the batch); the C runtime (kernels/native.py) has no
-entry point that returns hidden states, so it is not used here.
+with `--pooling mean`. They are computed by the served network (the C runtime's hidden
+states, or the PyTorch network's) in a worker thread, one text at a time (no padding, so a
+text's vector does not depend on the others in the batch).
 `encoding_format` "base64" is the float32 little-endian bytes, base64-encoded (what the
 official client decodes).
 """
@@ -33,7 +32,10 @@ class EmbeddingsRequest(_Body):
 
 
 def hidden_states(network, ids: list[int]):
-    """(T, hidden) float32: the final-norm outputs of `network` (a homellm Llama) for ids."""
+    """(T, hidden) float32: the final-norm outputs of `network` (the C runtime's NativeModel or
+    a homellm Llama) for ids."""
+    if hasattr(network, "hidden_states"):
+        return network.hidden_states(ids)  # numpy
     import torch
     with torch.inference_mode():
         tokens = torch.tensor([ids], dtype=torch.long, device=network.inv_freq.device)
@@ -80,7 +82,7 @@ def token_ids(model, inputs, param: str, truncate: bool = False) -> list[list[in
 
 
 def mean_pooled(network, ids: list[int], normalize: bool = True) -> np.ndarray:
-    vector = hidden_states(network, ids).mean(0).numpy().astype(np.float32)
+    vector = np.asarray(hidden_states(network, ids).mean(0), dtype=np.float32)
     if normalize:
         norm = float(np.linalg.norm(vector))
         vector = vector / norm if norm > 0 else vector

@@ -1,11 +1,12 @@
 """The models a server offers: loaded on first request, kept alive while used, unloaded when
 idle (like Ollama's keep_alive), all within a memory budget.
 
-Each loaded model is a PyTorch `Llama` on the GGUF kernels (engine/loader.py; its linear
-layers take any number of rows, which is what batching needs), its tokenizer and a
-BatchEngine with its own thread. A model counts against the budget with its file size plus
-its prefix cache; loading one that does not fit first unloads the least recently used idle
-models, and answers 503 if that is not enough.
+Each loaded model is opened as `homellm.load` opens it (api.open_model): a GGUF file of the
+types the C runtime takes runs on it (a `NativeModel`, no PyTorch in the process), anything
+else on the PyTorch network; with its tokenizer and a BatchEngine with its own thread. A
+model counts against the budget with its file size plus its prefix cache; loading one that
+does not fit first unloads the least recently used idle models, and answers 503 if that is
+not enough.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class LoadedModel:
     id: str
     path: Path
     tokenizer: object         # homellm.tokenizer.Tokenizer
-    network: object           # homellm.model.llama.Llama
+    network: object           # kernels.NativeModel (the C runtime) or a PyTorch Llama
     engine: object            # homellm.engine.batch.BatchEngine
     ctx: int
     nbytes: int               # what it counts against the memory budget
@@ -80,29 +81,22 @@ class LoadedModel:
 
 
 def load_model(model_id: str, source: str | Path, config: ServeConfig) -> LoadedModel:
-    """Open a checkpoint as a PyTorch network with a BatchEngine (blocking; seconds)."""
-    from homellm.api import default_threads, release_free_heap
-    from homellm.catalog import resolve
+    """Open a model (api.open_model) with a BatchEngine (blocking; seconds)."""
+    from homellm.api import open_model
     from homellm.engine.batch import BatchConfig, BatchEngine
-    from homellm.engine.loader import build_model
-    from homellm.model.formats import open_checkpoint
-    from homellm.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
-    path = resolve(source if isinstance(source, Path) else str(source))
-    ckpt = open_checkpoint(path)
-    tokenizer = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
-    network = build_model(ckpt, device="cpu")
-    ctx = min(config.ctx or DEFAULT_CTX, ckpt.args.max_position_embeddings)
-    engine = BatchEngine(network, BatchConfig(
-        max_batch=config.max_batch, ctx=ctx, max_queue=config.max_queue,
+    # the network's own cache serves scoring (echoed prompts' logprobs, embeddings): float32
+    # keys and values there; generation's slots keep float16 (BatchEngine)
+    opened = open_model(source if isinstance(source, Path) else str(source), device="cpu",
+                        ctx=config.ctx or DEFAULT_CTX, trained_ctx=True, threads=config.threads,
+                        kv_dtype="f32")
+    engine = BatchEngine(opened.network, BatchConfig(
+        max_batch=config.max_batch, ctx=opened.ctx, max_queue=config.max_queue,
         prefill_chunk_busy=config.prefill_chunk_busy,
-        prefix_cache_bytes=config.prefix_cache_bytes, threads=config.threads or default_threads()))
-    ckpt.tokenizer.gguf_fields = None
-    tokenizer.forget_source_fields()
-    release_free_heap()
-    return LoadedModel(model_id, path, tokenizer, network, engine, ctx,
-                       size_on_disk(path) + config.prefix_cache_bytes, time.perf_counter() - t0)
+        prefix_cache_bytes=config.prefix_cache_bytes, threads=config.threads))
+    return LoadedModel(model_id, opened.path, opened.tokenizer, opened.network, engine, opened.ctx,
+                       size_on_disk(opened.path) + config.prefix_cache_bytes, time.perf_counter() - t0)
 
 
 class ModelRegistry:

@@ -17,6 +17,7 @@ Only numpy and ctypes: a process that runs a GGUF model through this never impor
 from __future__ import annotations
 
 import ctypes
+import threading
 import weakref
 
 import numpy as np
@@ -248,6 +249,7 @@ class NativeModel:
                              f"Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)")
         self.lib, self.args, self.max_seq_len = lib, args, max_seq_len
         self.tokens: list[int] = []  # the ids whose keys and values the cache holds
+        self.lock = threading.RLock()  # held by whoever runs a sequence on the own cache
         self._keep: list = []  # every buffer the C side points to
         self.raw_dropped = False
         inv_freq = np.ascontiguousarray(rope_inv_freq(args), dtype=np.float32)
@@ -351,6 +353,10 @@ class NativeModel:
     def forward(self, ids: list[int], start_pos: int, last_only: bool = True) -> np.ndarray:
         """Logits (len(ids) or 1, vocab) float32 for ids at start_pos.. (the cache must hold
         0..start_pos-1); afterwards the cache holds 0..start_pos+len(ids)-1."""
+        with self.lock:
+            return self._forward(ids, start_pos, last_only)
+
+    def _forward(self, ids: list[int], start_pos: int, last_only: bool) -> np.ndarray:
         n = len(ids)
         if n == 0:
             raise ValueError("forward: no ids")
@@ -386,13 +392,14 @@ class NativeModel:
             raise self._error(rc, [token], pos)
         return logits
 
-    def batch(self, cache: SlotCache, tokens, positions, slots, want=None, adapters=None,
+    def batch(self, cache: SlotCache | None, tokens, positions, slots, want=None, adapters=None,
               logits: bool = True, hidden: bool = False):
         """Run rows of several sequences through the network at once (hl_batch).
 
-        Row i is token tokens[i] of the sequence in slot slots[i] of `cache` at position
-        positions[i]; consecutive rows of a slot at consecutive positions form that sequence's
-        chunk (one chunk per slot and call; the slot must hold positions 0..first-1).
+        Row i is token tokens[i] of the sequence in slot slots[i] of `cache` (None: the
+        model's own cache, one slot) at position positions[i]; consecutive rows of a slot at
+        consecutive positions form that sequence's chunk (one chunk per slot and call; the slot
+        must hold positions 0..first-1).
         want: per row whether it returns logits (None: the last row only); adapters: None, or
         per row a `LoraAdapter` or None. Returns the logits (n_want, vocab) float32 of the
         wanting rows in row order, or with hidden=True the pair (logits or None, final-norm
@@ -415,7 +422,9 @@ class NativeModel:
         ads = None
         if adapters is not None and any(a is not None for a in adapters):
             ads = (ctypes.c_void_p * n)(*[a.handle if a is not None else None for a in adapters])
-        rc = self.lib.hl_batch(self.ctx, cache.handle, n, toks.ctypes.data, pos.ctypes.data, sl.ctypes.data,
+        handle, size, nslots = (cache.handle, cache.max_seq_len, cache.slots) if cache is not None \
+            else (None, self.max_seq_len, 1)
+        rc = self.lib.hl_batch(self.ctx, handle, n, toks.ctypes.data, pos.ctypes.data, sl.ctypes.data,
                                ads, w.ctypes.data if w is not None else None,
                                out.ctypes.data if out is not None else None,
                                hid.ctypes.data if hid is not None else None)
@@ -423,11 +432,25 @@ class NativeModel:
             if rc == -3:
                 raise MemoryError(f"the C runtime ran out of memory at {n} rows")
             raise ValueError(f"batch: a token (vocab {self.args.vocab_size}), position (cache "
-                             f"{cache.max_seq_len}) or slot ({cache.slots}) out of range, or a slot "
-                             f"in two chunks (slots {sorted(set(sl.tolist()))[:8]})")
+                             f"{size}) or slot ({nslots}) out of range, or a slot in two chunks "
+                             f"(slots {sorted(set(sl.tolist()))[:8]})")
         if hidden:
             return out, hid
         return out
+
+    def hidden_states(self, ids: list[int]) -> np.ndarray:
+        """(T, hidden) float32: the final-norm states of ids from position 0 (what comes before
+        the LM head: embeddings), through the model's own cache."""
+        if len(ids) > self.max_seq_len:
+            raise ValueError(f"KV cache holds {self.max_seq_len} positions; asked for {len(ids)}")
+        with self.lock:
+            out = []
+            for i in range(0, len(ids), MAX_CHUNK):
+                chunk = ids[i:i + MAX_CHUNK]
+                out.append(self.batch(None, chunk, range(i, i + len(chunk)), [0] * len(chunk),
+                                      [True] * len(chunk), logits=False, hidden=True)[1])
+            self.tokens = list(ids)
+            return np.concatenate(out) if out else np.zeros((0, self.args.hidden_size), np.float32)
 
     def _error(self, rc: int, ids: list[int], pos: int) -> Exception:
         if rc == -3:
