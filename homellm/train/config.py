@@ -54,7 +54,7 @@ class LoraConfig:
 class TuneConfig:
     """One SFT or DPO run. Steps count optimizer updates (each over the whole global batch)."""
 
-    method: str = "sft"  # "sft" or "dpo"
+    method: str = "sft"  # "sft", "dpo" or "rm" (a reward model: train/reward.py)
     model: str | None = None  # catalog name, .gguf or HF folder (None: the default model)
     data: str = ""
     val: str | None = None
@@ -88,7 +88,7 @@ class TuneConfig:
             self.warmup = warmup_steps
         if isinstance(self.lora, dict):
             self.lora = LoraConfig(**self.lora)
-        checks = [(self.method in ("sft", "dpo"), f"method {self.method!r}: expected sft or dpo"),
+        checks = [(self.method in ("sft", "dpo", "rm"), f"method {self.method!r}: expected sft, dpo or rm"),
                   (self.quant in ("none", "int8", "int4"), f"quant {self.quant!r}: expected none, int8 or int4"),
                   (self.dtype in ("float32", "bfloat16"), f"dtype {self.dtype!r}: expected float32 or bfloat16"),
                   (self.schedule in ("cosine", "constant"), f"schedule {self.schedule!r}: expected cosine or constant"),
