@@ -1,7 +1,13 @@
-"""`homellm tune sft|dpo -m NAME --data FILE`: LoRA fine-tuning, the adapter in PEFT's layout.
+"""`homellm tune sft|dpo|rm|ppo|grpo -m NAME ...`: LoRA fine-tuning, the adapter in PEFT's layout.
 
-Under torchrun (`torchrun --nproc_per_node N -m homellm tune sft ...`) the processes train
-one model with DDP; only the first one prints and writes files.
+    homellm tune sft -m NAME --data chats.jsonl
+    homellm tune dpo -m NAME --data pairs.jsonl
+    homellm tune rm -m NAME --data pairs.jsonl --val held-out.jsonl      # a reward model
+    homellm tune ppo -m NAME --reward RM --prompts prompts.jsonl          # cli/tune_rl.py
+    homellm tune grpo -m NAME --prompts prompts.jsonl --reward-fn check.py:reward
+
+Under torchrun (`torchrun --nproc_per_node N -m homellm tune sft|dpo|rm ...`) the processes
+train one model with DDP; only the first one prints and writes files.
 """
 from __future__ import annotations
 
@@ -10,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-HELP = "fine-tune a model with LoRA: supervised (sft) or from preference pairs (dpo)"
+HELP = ("fine-tune a model with LoRA: supervised (sft), from preference pairs (dpo), a reward "
+        "model (rm), or by reinforcement learning (ppo, grpo)")
 
 
 def _common(p: argparse.ArgumentParser, method: str):
@@ -18,13 +25,16 @@ def _common(p: argparse.ArgumentParser, method: str):
     c, lo = TuneConfig(), LoraConfig()
     p.add_argument("-m", "--model", default=None,
                    help="base model: catalog name, .gguf file or Hugging Face folder (default: the default model)")
-    what = "SFT JSONL: OpenAI messages, ShareGPT, prompt/response or Open Assistant trees" \
-        if method == "sft" else "DPO pairs JSONL (prompt/chosen/rejected) or Open Assistant trees"
+    what = {"sft": "SFT JSONL: OpenAI messages, ShareGPT, prompt/response or Open Assistant trees",
+            "dpo": "DPO pairs JSONL (prompt/chosen/rejected) or Open Assistant trees",
+            "rm": "preference pairs JSONL: DPO pairs, chosen/rejected conversations, Anthropic HH, "
+                  "Stanford SHP, arena battles or Open Assistant trees (homellm.data.pairs)"}[method]
     p.add_argument("--data", required=True, help=what)
     p.add_argument("--val", default=None, help="validation file, same formats as --data")
     p.add_argument("--out", default=None,
-                   help="output folder for the adapter, config and checkpoint "
-                        "(default: $HOMELLM_HOME/adapters/<method>-<time>)")
+                   help="output folder for the adapter, config and checkpoint (default: "
+                        + ("$HOMELLM_HOME/rewards/rm-<time>, which `homellm score -m` finds by name)"
+                           if method == "rm" else "$HOMELLM_HOME/adapters/<method>-<time>)"))
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, default=lo.rank, help=f"adapter rank (default {lo.rank})")
@@ -88,6 +98,12 @@ def add_arguments(p: argparse.ArgumentParser):
     _common(sub.add_parser("dpo", help="direct preference optimization on chosen/rejected pairs",
                            description="LoRA DPO (Rafailov et al. 2023); the reference is the base "
                                        "with the adapters off"), "dpo")
+    _common(sub.add_parser("rm", help="a reward model (scalar head) from preference pairs",
+                           description="a reward model: the base with LoRA and a scalar head on the "
+                                       "last token, Bradley-Terry loss on chosen/rejected pairs; held-out "
+                                       "pair accuracy reported (homellm.train.reward)"), "rm")
+    from homellm.cli.tune_rl import add_parsers
+    add_parsers(sub)  # ppo, grpo
 
 
 def auto_dtype(device: str, quant: str) -> str:
@@ -110,7 +126,8 @@ def config_from_args(args: argparse.Namespace):
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype if args.dtype != "auto" else auto_dtype(device, args.quant)
-    out = args.out or str(home() / "adapters" / f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder = "rewards" if args.method == "rm" else "adapters"
+    out = args.out or str(home() / folder / f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     lora = LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                       targets=[t.strip() for t in args.targets.split(",") if t.strip()])
     return TuneConfig(method=args.method, model=args.model, data=args.data, val=args.val, out=out,
@@ -129,7 +146,10 @@ def main(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from homellm.train import dpo, sft
+    if args.method in ("ppo", "grpo"):
+        from homellm.cli.tune_rl import main as rl_main
+        return rl_main(args)
+    from homellm.train import dpo, reward, sft
     config = config_from_args(args)
     main_process = int(os.environ.get("RANK", "0")) == 0
     bar = None
@@ -150,7 +170,7 @@ def main(args: argparse.Namespace) -> int:
                       ", ".join(f"{k} {v:.4f}" for k, v in event["val"].items() if k != "step"))
         bar.set_postfix(postfix, refresh=False)
 
-    train = sft.train if config.method == "sft" else dpo.train
+    train = {"sft": sft.train, "dpo": dpo.train, "rm": reward.train}[config.method]
     try:
         result = train(config, progress=progress if main_process else None, resume=args.resume)
     except KeyboardInterrupt:
@@ -172,10 +192,17 @@ def main(args: argparse.Namespace) -> int:
     first = f"{result.losses[0]:.4f} -> " if len(result.losses) > 1 else ""
     loss = f", loss {first}{result.losses[-1]:.4f}" if result.losses else ""
     val = f", validation loss {result.val[-1]['loss']:.4f}" if result.val else ""
+    if result.val and "accuracy" in result.val[-1]:
+        v = result.val[-1]
+        val += f", held-out pair accuracy {v['accuracy']:.3f} (mean margin {v['margin']:.2f})"
     ran = result.config or config
     passes = f" ({ran.epochs} epoch{'s' * (ran.epochs != 1)})" if ran.max_steps is None and ran.epochs else ""
     print(f"{config.method}: {done} steps{passes}, {result.tokens} tokens in {result.seconds:.1f} s "
           f"({result.tokens_per_s:.0f} tok/s){loss}{val}", file=sys.stderr)
+    if config.method == "rm":
+        print(f"reward model: {Path(config.out)}  (use: homellm score -m {config.out}, or "
+              f"homellm tune ppo --reward {config.out})", file=sys.stderr)
+        return 0
     print(f"adapter: {Path(config.out)}  (use: homellm run -m {config.model or 'smollm2'} "
           f"--adapter {config.out}, or homellm merge)", file=sys.stderr)
     return 0
