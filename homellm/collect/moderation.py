@@ -41,7 +41,7 @@ class Moderation:
             raise CollectError(f"reason: expected a text of 1 to {MAX_REASON} characters",
                                param="reason")
         m = self._live_message(message_id)
-        with self.db.transaction():
+        with self._tx():
             self.trees.lock_tree(m["tree_id"])
             rid = self.trees.add_report(message_id, uid, reason.strip())
             self.trees.add_emoji(message_id, uid, "red_flag")
@@ -83,7 +83,7 @@ class Moderation:
         if text == m["text"]:
             raise CollectError("text: the proposal is the message's text unchanged",
                                param="text", code="unchanged")
-        with self.db.transaction():
+        with self._tx():
             self.trees.lock_tree(m["tree_id"])
             eid = self.trees.add_edit(message_id, m["tree_id"], uid, text)
         return {"edit_id": eid, "status": "pending"}
@@ -121,7 +121,7 @@ class Moderation:
         uid = self.require(user, "moderator")
         text = self.check_text(text, "text")
         m = self._live_message(parent_id)
-        with self.db.transaction():
+        with self._tx():
             self.trees.lock_tree(m["tree_id"])
             tree = self._check_synthetic_slot(self.trees.message(parent_id))
             mid = self.trees.insert_message(
@@ -134,7 +134,7 @@ class Moderation:
     # ---------------------------------------------------------------- moderators
     def halt(self, user, tree_id: str, halt: bool = True) -> dict:
         uid = self.require(user, "moderator")
-        with self.db.transaction():
+        with self._tx():
             tree = self.trees.lock_tree(tree_id)
             if tree is None:
                 raise not_found(f"tree {tree_id}")
@@ -153,7 +153,7 @@ class Moderation:
         m = self.trees.message(message_id)
         if m is None:
             raise not_found(f"message {message_id}")
-        with self.db.transaction():
+        with self._tx():
             self.trees.lock_tree(m["tree_id"])
             ids = self._delete(m)
             self.trees.resolve_reports(message_id, uid)
@@ -190,7 +190,7 @@ class Moderation:
                                code="not_allowed")
         if target["id"] == uid:
             raise CollectError("you cannot ban yourself", status=403, code="not_allowed")
-        with self.db.transaction():
+        with self._tx():
             self.trees.set_banned(target["id"], banned)
             cancelled = self.tasks.cancel_user(target["id"]) if banned else 0
             self.trees.log(uid, "ban" if banned else "unban", target["id"])

@@ -30,7 +30,9 @@ from __future__ import annotations
 import json
 import random
 import re
+import threading
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 from homellm.collect import labels as L
@@ -43,6 +45,9 @@ from homellm.collect.settings import CollectSettings
 from homellm.store.collect_tasks import CollectTasks
 from homellm.store.collect_trees import CollectTrees
 from homellm.store.db import now
+
+_WRITERS: dict[str, threading.RLock] = {}   # SQLite file -> this process's writer lock
+_WRITERS_LOCK = threading.Lock()
 
 STATES = ("initial_prompt_review", "growing", "ranking", "ready_for_export",
           "aborted_low_grade", "halted_by_moderator")
@@ -76,6 +81,22 @@ class TreeManager(Moderation):
         self.rng = rng or random.Random()
         self.trees = CollectTrees(db)
         self.tasks = CollectTasks(db)
+        self._writer = None
+        if db.dialect.name == "sqlite":
+            with _WRITERS_LOCK:
+                self._writer = _WRITERS.setdefault(db.url, threading.RLock())
+
+    @contextmanager
+    def _tx(self):
+        """A transaction. On SQLite this process's writers also queue on a lock of their own
+        first: SQLite's busy handler polls with sleeps of up to 100 ms, so writers waiting on
+        the database's lock alone would see long, random waits under load."""
+        if self._writer is None:
+            with self.db.transaction():
+                yield
+            return
+        with self._writer, self.db.transaction():   # (re-entrant: nested uses join)
+            yield
 
     # ---------------------------------------------------------------- who may do what
     def role(self, user) -> str:
@@ -85,8 +106,7 @@ class TreeManager(Moderation):
         """The user's id; 403 if they are banned from contributing."""
         uid = _uid(user)
         if self.trees.role(uid)[1]:
-            raise CollectError("you are banned from contributing (ask a moderator)",
-                               status=403, code="banned")
+            raise _banned()
         return uid
 
     def require(self, user, role: str) -> str:
@@ -125,13 +145,15 @@ class TreeManager(Moderation):
 
     def next_task(self, user, kind: str = "random", lang: str | None = None) -> dict:
         """{"task": task JSON, "resumed": bool}, or {"task": None, "reason": "..."}."""
-        uid = self._active(user)
+        uid = _uid(user)
         if kind not in K.REQUESTS:
             raise CollectError(f"type {kind!r}: expected one of {', '.join(K.REQUESTS)}",
                                param="type")
         if lang is not None:
             lang = _lang(lang, "lang")
-        langs, tags = self.trees.prefs(uid)
+        _, banned, langs, tags = self.trees.user_state(uid)
+        if banned:
+            raise _banned()
         langs = [lang] if lang else langs
         t = now()
         live = self.tasks.live_of(uid, t)
@@ -140,13 +162,14 @@ class TreeManager(Moderation):
                 return {"task": task_json(task), "resumed": True}
         for task in live:  # another kind asked for: the one held goes back
             self.tasks.release(task["id"], uid, "cancelled")
-        if kind == "random":
-            found = self._all_candidates(uid, langs, t)
-            order = K.random_order({k: len(v) for k, v in found.items()}, self.rng)
-        else:
-            found, order = {}, [kind]
+        # "random": groups drawn by OA's weights, each kind's candidates looked up only when
+        # its turn comes (the first kind with candidates in such an order is drawn with the
+        # weights renormalized over the kinds that have some, as OA draws)
+        order = [kind] if kind != "random" else K.random_order(
+            {k: 1 for k in K.KINDS if k != K.RANK_PROMPTER_REPLIES or
+             self.s.rank_prompter_replies}, self.rng)
         for k in order:
-            task = self._reserve(k, uid, langs, tags, found.get(k))
+            task = self._reserve(k, uid, langs, tags)
             if task is not None:
                 return {"task": task_json(task), "resumed": False}
         what = "tasks" if kind == "random" else f"'{kind}' tasks"
@@ -154,10 +177,13 @@ class TreeManager(Moderation):
         return {"task": None, "reason": f"no {what}{where} for you right now; try another kind "
                                         "or come back later"}
 
-    def _reserve(self, kind: str, uid: str, langs: list[str], tags: list[str],
-                 cands: list[dict] | None) -> dict | None:
+    def _reserve(self, kind: str, uid: str, langs: list[str], tags: list[str]) -> dict | None:
+        if kind == K.RANK_PROMPTER_REPLIES and not self.s.rank_prompter_replies:
+            return None
         if kind == K.INITIAL_PROMPT:
-            with self.db.transaction():
+            if self.tasks.prompt_slots(self.s.max_active_trees, now()) <= 0:
+                return None   # (checked again under the lock)
+            with self._tx():
                 self.trees.lock_new_trees()
                 t = now()
                 if self.tasks.prompt_slots(self.s.max_active_trees, t) <= 0:
@@ -172,19 +198,18 @@ class TreeManager(Moderation):
             picked = self.rng.sample(prompts, min(5, len(prompts)))
             payload = {"conversation": [], "prompts": [message_json(self.trees.message(
                 p["target_id"])) for p in picked]}
-            with self.db.transaction():
+            with self._tx():
                 return self._insert(kind, uid, None, None, payload, now())
-        if cands is None:
-            cands = self.tasks.candidates(kind, uid, langs, self.s, now())
+        cands = self.tasks.candidates(kind, uid, langs, self.s, now())
         for c in self._order(kind, cands, tags)[:20]:
-            with self.db.transaction():
+            payload = self._payload(kind, c["target_id"])   # read before the lock: short
+            with self._tx():
                 if self.trees.lock_tree(c["tree_id"]) is None:
                     continue
                 t = now()
                 if not self.tasks.candidates(kind, uid, langs, self.s, t, target=c["target_id"]):
                     continue  # taken meanwhile: the next one
-                return self._insert(kind, uid, c["tree_id"], c["target_id"],
-                                    self._payload(kind, c["target_id"]), t)
+                return self._insert(kind, uid, c["tree_id"], c["target_id"], payload, t)
         return None
 
     def _order(self, kind: str, cands: list[dict], tags: list[str]) -> list[dict]:
@@ -203,9 +228,11 @@ class TreeManager(Moderation):
         return cands
 
     def _insert(self, kind, uid, tree_id, target_id, payload, t) -> dict:
-        tid = self.tasks.insert(kind, uid, tree_id, target_id, payload, t,
-                                _later(t, self.s.task_timeout_s))
-        return self.tasks.get(tid)
+        expires = _later(t, self.s.task_timeout_s)
+        tid = self.tasks.insert(kind, uid, tree_id, target_id, payload, t, expires)
+        return {"id": tid, "kind": kind, "user_id": uid, "tree_id": tree_id,
+                "target_id": target_id, "payload": payload, "status": "reserved",
+                "created_at": t, "expires_at": expires, "done_at": None}
 
     def _payload(self, kind: str, target: str) -> dict:
         if kind == K.REVIEW_EDIT:
@@ -248,7 +275,7 @@ class TreeManager(Moderation):
         t = self.tasks.get(task_id)
         if t is None or t["user_id"] != uid:
             raise _no_task(task_id)
-        with self.db.transaction():
+        with self._tx():
             if t["tree_id"]:
                 self.trees.lock_tree(t["tree_id"])
             if not self.tasks.release(task_id, uid, "skipped"):
@@ -289,7 +316,7 @@ class TreeManager(Moderation):
             raise _no_task(task_id)
         clean = self._check_body(t, body if isinstance(body, dict) else {})
         out: dict = {}
-        with self.db.transaction():
+        with self._tx():
             if t["tree_id"]:
                 self.trees.lock_tree(t["tree_id"])
             elif t["kind"] == K.INITIAL_PROMPT:
@@ -300,7 +327,7 @@ class TreeManager(Moderation):
             if tree_id:
                 self._update_state(tree_id)
                 out["tree"] = {"id": tree_id, "state": self.trees.tree(tree_id)["state"]}
-        out["task"] = task_json(self.tasks.get(task_id))
+        out["task"] = task_json({**t, "status": "done"})
         return out
 
     def _check_body(self, t: dict, body: dict) -> dict:
@@ -464,6 +491,11 @@ class TreeManager(Moderation):
                 for place, mid in enumerate(ranked_pairs(orders)):
                     ranks[mid] = place
             self.trees.set_ranks(ranks)
+
+
+def _banned() -> CollectError:
+    return CollectError("you are banned from contributing (ask a moderator)", status=403,
+                        code="banned")
 
 
 def _tag_list(tags) -> list[str]:

@@ -77,6 +77,17 @@ class CollectTrees:
                                               else "volunteer")
         return role, bool(r["banned"])
 
+    def user_state(self, user_id: str) -> tuple[str, bool, list[str], list[str]]:
+        """(role, banned, preferred languages, preferred topics) in one query."""
+        r = self.db.one("SELECT u.is_admin, u.role, u.banned, p.langs, p.tags FROM users u "
+                        "LEFT JOIN collect_prefs p ON p.user_id = u.id WHERE u.id = ?",
+                        (user_id,))
+        if r is None:
+            return "volunteer", False, [], []
+        role = "admin" if r["is_admin"] else ("moderator" if r["role"] == "moderator"
+                                              else "volunteer")
+        return role, bool(r["banned"]), _json(r["langs"], []), _json(r["tags"], [])
+
     def user(self, username: str) -> dict | None:
         """{id, username, role, banned} of a user by name."""
         r = self.db.one("SELECT id, username, is_admin, role, banned FROM users WHERE "

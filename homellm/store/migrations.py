@@ -299,4 +299,9 @@ MIGRATIONS: list[Migration] = [
             detail TEXT,
             created_at TEXT NOT NULL)""",
     )),
+    # the live reservations of a kind (the count of new trees that may start), without a scan
+    Migration("008_collect_live_tasks", common=(
+        "CREATE INDEX collect_tasks_live ON collect_tasks(kind, expires_at) "
+        "WHERE status = 'reserved'",
+    )),
 ]

@@ -1,0 +1,271 @@
+"""The volunteer collection under load: N simulated volunteers at once over HTTP, on
+PostgreSQL and on SQLite; next-task and submit latency (p50 / p99) and throughput.
+
+The server is `homellm serve`'s app (create_app + web_router with --auth and the collection's
+settings, Open Assistant's defaults unless told) in its own process, on a fresh database each
+run: SQLite in a temporary folder, PostgreSQL in a throwaway cluster (Debian's binaries, a unix
+socket; or --pg-url). N accounts log in; each volunteer then asks for a task ("random": OA's
+weighted choice), answers it (a text, labels, a ranking or a vote) and asks again, for
+--seconds, in two scenarios:
+
+- paced: each volunteer thinks --think-ms (default 1000, with +-50% jitter) before each
+  answer, and they start spread over the first --think-ms: 100 volunteers then make up to
+  ~200 requests/s, far faster than people work;
+- saturated: no think time at all (a closed loop: latency then measures the queue, i.e.
+  throughput, not the cost of one request).
+
+Latencies are measured by the client (asyncio + httpx, one connection per volunteer), split
+into next-task with a task, next-task without one ("nothing for you now"), and submit. At
+the end the store is checked: every answered task is stored once.
+
+usage: python benchmarks/collect_bench.py [--volunteers 100] [--seconds 20] [--db both]
+       [--pg-url URL] [--think-ms 1000] [--scenarios paced,saturated] [--out FILE.json]
+Target (issue 15): p99 <= 50 ms for next-task and submit.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+FAST = dict(argon2_time_cost=1, argon2_memory_kib=8192, argon2_parallelism=1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- the server process
+
+def serve(db_url: str, port: int, settings: dict):
+    import uvicorn
+
+    from homellm.collect import CollectSettings
+    from homellm.serve import ModelRegistry, ServeConfig, create_app
+    from homellm.serve.connections import server_config
+    from homellm.serve.web import web_router
+    from homellm.store import AuthConfig, open_store
+    from homellm.catalog.pypi import cached_default_gguf
+    store = open_store(db_url, auth=AuthConfig(**FAST))
+    registry = ModelRegistry({"smollm2:135m": cached_default_gguf()}, ServeConfig())  # unused
+    app = create_app(registry, extra_routers=[
+        web_router(store, auth=True, collect=CollectSettings(**settings))])
+    uvicorn.Server(server_config(app, "127.0.0.1", port)).run()
+
+
+def start_server(db_url: str, settings: dict) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", db_url, str(port),
+                             json.dumps(settings)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(url + "/api/me", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+# ---------------------------------------------------------------- a throwaway PostgreSQL
+
+class Postgres:
+    def __init__(self):
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not found:
+            raise SystemExit("PostgreSQL is not installed (apt-get install postgresql), or give "
+                             "--pg-url")
+        self.bin = Path(found[-1]).parent
+        self.root = Path(tempfile.mkdtemp(prefix="collect-bench-pg-"))
+        (self.root / "sock").mkdir()
+        self.as_root = os.geteuid() == 0
+        if self.as_root:
+            import pwd
+            pw = pwd.getpwnam("postgres")
+            for p in (self.root, self.root / "sock"):
+                os.chown(p, pw.pw_uid, pw.pw_gid)
+        data = self.root / "data"
+        self._run([str(self.bin / "initdb"), "-D", str(data), "-U", "bench", "-A", "trust",
+                   "-E", "UTF8", "--locale=C", "--no-sync"])
+        opts = (f"-c listen_addresses='' -k {self.root / 'sock'} -p 5432 -c fsync=off "
+                "-c synchronous_commit=off -c max_connections=300")
+        self._run([str(self.bin / "pg_ctl"), "-D", str(data), "-o", opts, "-l",
+                   str(self.root / "log"), "-w", "start"])
+        self.url = f"postgresql://bench@/postgres?host={self.root / 'sock'}&port=5432"
+
+    def _run(self, cmd):
+        if self.as_root:
+            runuser = shutil.which("runuser") or "/usr/sbin/runuser"
+            cmd = [runuser, "-u", "postgres", "--"] + cmd
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    def close(self):
+        try:
+            self._run([str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "-m",
+                       "immediate", "stop"])
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the volunteers
+
+def answer(t: dict, rng: random.Random) -> dict:
+    k = t["type"]
+    if k in ("initial_prompt", "assistant_reply", "prompter_reply"):
+        return {"text": f"{k} {rng.random():.6f} " + "words " * rng.randint(5, 60), "lang": "en"}
+    if k.startswith("label"):
+        return {"labels": {"spam": 1 if rng.random() < 0.1 else 0,
+                           "quality": rng.choice([0, 0.25, 0.5, 0.75, 1])}}
+    if k.startswith("rank"):
+        n = len(t.get("replies") or t.get("prompts"))
+        return {"ranking": rng.sample(range(n), n)}
+    return {"approve": rng.random() < 0.8}
+
+
+async def volunteer(url: str, session, seconds: float, think: float, lat: dict, counts: dict):
+    rng = random.Random(session.user.username)
+    async with httpx.AsyncClient(base_url=url, timeout=60,
+                                 cookies={"homellm_session": session.token}) as c:
+        h = {"X-CSRF-Token": session.csrf_token}
+        end = time.perf_counter() + seconds
+        await asyncio.sleep(rng.uniform(0, think))   # arrivals spread out, not one burst
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            r = await c.post("/api/collect/tasks", json={"type": "random"}, headers=h)
+            dt = time.perf_counter() - t0
+            r.raise_for_status()
+            task = r.json()["task"]
+            lat["next_task" if task else "next_task_none"].append(dt)
+            if task is None:
+                await asyncio.sleep(max(0.2, think))
+                continue
+            if think:
+                await asyncio.sleep(think * rng.uniform(0.5, 1.5))
+            t0 = time.perf_counter()
+            r = await c.post(f"/api/collect/tasks/{task['id']}/submit", json=answer(task, rng),
+                             headers=h)
+            lat["submit"].append(time.perf_counter() - t0)
+            if r.status_code != 200:
+                counts["refused"] = counts.get("refused", 0) + 1
+            else:
+                counts[task["type"]] = counts.get(task["type"], 0) + 1
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def summary(xs: list[float]) -> dict:
+    if not xs:
+        return {"n": 0}
+    xs = sorted(xs)
+    q = statistics.quantiles(xs, n=100, method="inclusive") if len(xs) > 1 else [xs[0]] * 99
+    return {"n": len(xs), "p50_ms": round(q[49] * 1000, 2), "p99_ms": round(q[98] * 1000, 2),
+            "max_ms": round(xs[-1] * 1000, 2)}
+
+
+def run_one(db_url: str, args, settings: dict, think_ms: float) -> dict:
+    from homellm.store import AuthConfig, open_store
+    # sessions made in the store, as a login makes them (logins are not what is measured,
+    # and a hundred from one address would meet the login rate limit)
+    with open_store(db_url, auth=AuthConfig(**FAST)) as store:
+        sessions = [store.create_session(store.create_user(f"vol{i:03d}", "bench-password"))
+                    for i in range(args.volunteers)]
+    proc, url = start_server(db_url, settings)
+    lat = {"next_task": [], "next_task_none": [], "submit": []}
+    counts: dict = {}
+    try:
+        async def main():
+            await asyncio.gather(*(volunteer(url, s, args.seconds, think_ms / 1000, lat,
+                                             counts) for s in sessions))
+        cpu0, mine0 = cpu_seconds(proc.pid), time.process_time()
+        t0 = time.perf_counter()
+        asyncio.run(main())
+        wall = time.perf_counter() - t0
+        server_cpu, client_cpu = cpu_seconds(proc.pid) - cpu0, time.process_time() - mine0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    with open_store(db_url, auth=AuthConfig(**FAST)) as store:
+        done = store.db.one("SELECT COUNT(*) AS n FROM collect_tasks WHERE status = 'done'")["n"]
+        states = {r["state"]: r["n"] for r in store.db.all(
+            "SELECT state, COUNT(*) AS n FROM collect_trees GROUP BY state")}
+    answered = sum(v for k, v in counts.items() if k != "refused")
+    requests = sum(len(v) for v in lat.values())
+    assert done == answered, f"{answered} answered but {done} stored"
+    return {"next_task": summary(lat["next_task"]),
+            "next_task_none": summary(lat["next_task_none"]), "submit": summary(lat["submit"]),
+            "answered": answered, "refused": counts.get("refused", 0),
+            "answers_per_s": round(answered / wall, 1), "requests_per_s": round(requests / wall, 1),
+            # CPU the server spent per request, and the share of a core each side had
+            "server_cpu_ms_per_request": round(server_cpu / max(requests, 1) * 1000, 2),
+            "server_cores_used": round(server_cpu / wall, 2),
+            "client_cores_used": round(client_cpu / wall, 2), "by_kind": {k: v for k, v in
+                                                                    sorted(counts.items())
+                                                                    if k != "refused"},
+            "trees": states, "stored_once": done == answered}
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        serve(sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]))
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--volunteers", type=int, default=100)
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--db", choices=("both", "postgresql", "sqlite"), default="both")
+    p.add_argument("--pg-url", default=None, help="an empty PostgreSQL database to use")
+    p.add_argument("--think-ms", type=float, default=1000,
+                   help="the paced scenario's pause before each answer")
+    p.add_argument("--scenarios", default="paced,saturated")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args()
+    settings = {}   # Open Assistant's defaults
+    out = {"volunteers": args.volunteers, "seconds": args.seconds, "settings": "OA defaults",
+           "cpus": os.cpu_count(), "load_before": os.getloadavg()[0],
+           "note": "client and server share this machine's cores"}
+    scenarios = {"paced": args.think_ms, "saturated": 0.0}
+    for name in args.scenarios.split(","):
+        think = scenarios[name.strip()]
+        res = out.setdefault(name.strip(), {"think_ms": think})
+        if args.db in ("both", "postgresql"):
+            pg = None if args.pg_url else Postgres()
+            try:
+                res["postgresql"] = run_one(args.pg_url or pg.url, args, settings, think)
+            finally:
+                if pg:
+                    pg.close()
+        if args.db in ("both", "sqlite"):
+            with tempfile.TemporaryDirectory() as d:
+                res["sqlite"] = run_one(str(Path(d) / "collect.db"), args, settings, think)
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
