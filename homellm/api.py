@@ -16,23 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from homellm.engine.generate import Engine, Step, Timings
-from homellm.engine.sampling import NonFiniteLogitsError, SamplingParams
+from homellm.engine.sampling import SAMPLING_FIELDS, NonFiniteLogitsError, split_sampling  # noqa: F401
 from homellm.errors import ContextOverflowError, HomellmError
 
 if TYPE_CHECKING:
     import torch
 
-SAMPLING_FIELDS = {"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
-                   "frequency_penalty", "presence_penalty", "seed"}
 DEFAULT_CTX = 4096
 DIAGNOSE_TOKENS = 256  # tokens the NaN diagnosis re-runs in numpy (attention is (T, T) there)
-
-
-def split_sampling(options: dict) -> tuple[SamplingParams, dict]:
-    """SamplingParams from the sampling keys of `options`; the other keys are returned."""
-    sampling = {k: v for k, v in options.items() if k in SAMPLING_FIELDS and v is not None}
-    rest = {k: v for k, v in options.items() if k not in SAMPLING_FIELDS}
-    return SamplingParams(**sampling), rest
 
 
 class StopStrings:
@@ -65,6 +56,44 @@ class StopStrings:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+def check_logit_bias(bias: dict | None, vocab_size: int) -> dict[int, float] | None:
+    """{token id: bias} with ids in the vocabulary and finite numbers, or HomellmError naming the
+    entry; None or {} stays None."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            tid = int(key)
+        except (TypeError, ValueError):
+            raise HomellmError(f"logit_bias: {key!r} is not a token id (an integer)") from None
+        if not 0 <= tid < vocab_size:
+            raise HomellmError(f"logit_bias: token id {tid} is outside the vocabulary [0, {vocab_size})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+                or abs(value) == float("inf"):
+            raise HomellmError(f"logit_bias: the bias of token {tid} must be a finite number, got {value!r}")
+        out[tid] = float(value)
+    return out
+
+
+class TextStream:
+    """Token ids in, text out, for every streamed reply (the Python API, the CLI, the server):
+    incremental detokenization (a character split over tokens comes out once whole) and stop
+    strings (text that could still become one is held back until it cannot)."""
+
+    def __init__(self, tokenizer, stops: Iterable[str] | None = None):
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = StopStrings(stops)
+
+    def feed(self, token: int) -> tuple[str, bool]:
+        """Text safe to emit after `token`, and whether a stop string ended the reply there."""
+        return self.stops.feed(self.decoder.step(token))
+
+    def flush(self) -> str:
+        """What was held back, at the end of the reply."""
+        return self.stops.flush()
 
 
 class Model:
@@ -123,11 +152,13 @@ class Model:
 
     def generate(self, prompt_or_ids: str | list[int], *, max_tokens: int | None = None,
                  stop: list[str] | None = None, top_logprobs: int = 0,
-                 response_format: dict | None = None, **sampling) -> Iterator[Step]:
+                 response_format: dict | None = None, logit_bias: dict | None = None,
+                 **sampling) -> Iterator[Step]:
         """Stream Steps for a raw prompt (no chat template): text deltas, ids, logprobs.
 
-        Sampling keywords: temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-        frequency_penalty, presence_penalty, seed. `response_format` (OpenAI's field:
+        Sampling keywords: SamplingParams' fields (temperature, top_k, top_p, min_p,
+        repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed); logit_bias
+        ({token id: bias}, added to the logits before sampling). `response_format` (OpenAI's field:
         {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}})
         constrains the output to JSON (ValueError for an invalid one). The last Step has
         finish_reason and timings.
@@ -137,7 +168,7 @@ class Model:
             raise TypeError(f"unknown generation options: {', '.join(sorted(extra))}")
         ids = self.encode_prompt(prompt_or_ids)
         return self._stream(ids, params, max_tokens, stop, top_logprobs,
-                            grammar=self._grammar(response_format))
+                            grammar=self._grammar(response_format), logit_bias=logit_bias)
 
     def chat(self, messages: list[dict], **options) -> Iterator[Step]:
         """Stream the assistant's reply to `messages` (rendered with the model's template)."""
@@ -156,22 +187,22 @@ class Model:
         return compile_response_format(self.tokenizer, response_format)
 
     def _stream(self, ids, params, max_tokens, stop, top_logprobs, grammar=None,
-                **extra) -> Iterator[Step]:
+                logit_bias: dict | None = None, **extra) -> Iterator[Step]:
         if extra:
             raise TypeError(f"unknown generation options: {', '.join(sorted(extra))}")
-        decoder = self.tokenizer.stream_decoder()
-        stops = StopStrings(stop)
+        text = TextStream(self.tokenizer, stop)
         timings = Timings()
         steps = self.engine.generate(ids, params, max_tokens, self.tokenizer.eos_ids,
                                      top_logprobs, timings,
-                                     constraint=grammar.start() if grammar else None)
+                                     constraint=grammar.start() if grammar else None,
+                                     logit_bias=check_logit_bias(logit_bias, self.args.vocab_size))
         try:
             for step in steps:
                 if step.finish_reason is not None:
-                    step.text = stops.flush()
+                    step.text = text.flush()
                     yield step
                     return
-                step.text, hit = stops.feed(decoder.step(step.token))
+                step.text, hit = text.feed(step.token)
                 yield step
                 if hit:
                     steps.close()

@@ -143,3 +143,26 @@ def test_timings_never_report_negative_speeds():
     assert Timings(generated_tokens=0, decode_s=1e-5).decode_tps == 0.0
     assert Timings(generated_tokens=1, decode_s=1e-5).decode_tps == 0.0
     assert Timings(generated_tokens=11, decode_s=0.5).decode_tps == 20.0
+
+
+def test_logit_bias_goes_to_the_sampler_and_logprobs_stay_the_models(model):
+    """logit_bias (the generation step's, OpenAI's): +100 forces a token, -100 bans the greedy
+    one; the reported logprobs are the model's own, before the bias."""
+    from homellm.api import check_logit_bias
+    from homellm.engine.generate import logsumexp
+    from homellm.errors import HomellmError
+    engine = Engine(model, ctx=64)
+    greedy = SamplingParams(temperature=0)
+    free = list(engine.generate([3, 4, 5], greedy, max_tokens=4))
+    forced = list(engine.generate([3, 4, 5], greedy, max_tokens=4, logit_bias={17: 100.0}))
+    assert tokens_of(forced) == [17] * 4
+    logits = model(torch.tensor([[3, 4, 5]]))[0, -1].float().numpy()
+    assert forced[0].logprob == pytest.approx(float(logits[17]) - logsumexp(logits), abs=1e-4)
+    banned = tokens_of(engine.generate([3, 4, 5], greedy, max_tokens=4,
+                                       logit_bias={free[0].token: -100.0}))
+    assert banned[0] != free[0].token
+    assert check_logit_bias({"5": 2, 7: -1.5}, 97) == {5: 2.0, 7: -1.5}
+    for bad, needle in (({"97": 1}, "outside the vocabulary"), ({"x": 1}, "not a token id"),
+                        ({3: float("nan")}, "finite number")):
+        with pytest.raises(HomellmError, match=needle):
+            check_logit_bias(bad, 97)

@@ -24,6 +24,18 @@ SAMPLING_FLAGS = {
 }
 
 
+def logit_bias_pair(value: str) -> tuple[int, float]:
+    """--logit-bias ID=BIAS (llama.cpp's ID+BIAS / ID-BIAS too) -> (id, bias)."""
+    import re
+    m = re.fullmatch(r"\s*(\d+)\s*(?:=\s*([-+]?[\d.]+(?:e[-+]?\d+)?)|([-+][\d.]+(?:e[-+]?\d+)?))\s*", value, re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected ID=BIAS, e.g. 15043=-100")
+    try:
+        return int(m.group(1)), float(m.group(2) or m.group(3))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected ID=BIAS, e.g. 15043=-100") from None
+
+
 def add_model_arguments(p: argparse.ArgumentParser):
     p.add_argument("-m", "--model", default=None,
                    help="catalog name, .gguf file or Hugging Face folder (default: the default model)")
@@ -40,6 +52,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser):
     g = p.add_argument_group("sampling")
     for name, (kind, help_text) in SAMPLING_FLAGS.items():
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
+    g.add_argument("--logit-bias", type=logit_bias_pair, action="append", default=None,
+                   metavar="ID=BIAS", help="add BIAS to token ID's logit before sampling (-100 "
+                                           "bans it, 100 forces it; repeatable)")
     g.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
@@ -114,6 +129,8 @@ def sampling_options(args: argparse.Namespace) -> dict:
         SamplingParams(**opts)
     except ValueError as e:
         raise HomellmError(f"invalid sampling option: {e}") from None
+    if getattr(args, "logit_bias", None):
+        opts["logit_bias"] = dict(args.logit_bias)
     return opts
 
 

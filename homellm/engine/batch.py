@@ -91,6 +91,7 @@ class Request:
     stop_ids: frozenset[int] | set[int] = frozenset()
     top_logprobs: int = 0
     constraint: object | None = None  # engine/constrain.py Constraint: mask, advance, done
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
     adapter: object | None = None     # a LoraAdapter of the served model (C runtime), or None
 
 
@@ -129,7 +130,7 @@ class _Sequence:
         budget = ctx - len(req.ids)
         budget = budget if req.max_tokens is None else min(budget, req.max_tokens)
         self.gen = Generation(req.ids, req.params, budget, req.stop_ids, req.top_logprobs,
-                              req.constraint)
+                              req.constraint, req.logit_bias)
         self.admitted = time.perf_counter()
         self.first_at: float | None = None
 

@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from homellm.engine.kernels.native import NativeModel
-from homellm.engine.sampling import NonFiniteLogitsError, Sampler, SamplingParams, as_numpy
+from homellm.engine.sampling import NonFiniteLogitsError, Sampler, SamplingParams, as_numpy, biased
 from homellm.errors import ContextOverflowError, HomellmError
 
 PREFILL_CHUNK = 512  # prompt positions per forward: bounds activation and attention memory
@@ -83,20 +83,23 @@ class Generation:
     (many): from the logits of the last position to the next token, and whether that ends it.
 
     Per token: the constraint masks the logits (its log-probabilities stay the model's, taken
-    before the mask), the sampler draws (logit_bias, penalties over the history, then the
-    filters), a stop id ends the generation without being a token, the constraint takes the
+    before the mask), the sampler draws from them with logit_bias added (OpenAI's: token id ->
+    bias; then penalties over the history, then the filters), a stop id ends the generation
+    without being a token, the constraint takes the
     token (and ends it once its value is complete), and the budget ends it ("length").
     NaN/inf logits raise NonFiniteLogitsError with `.ids`: the tokens that produced them.
     """
 
     def __init__(self, ids: list[int], params: SamplingParams | None, budget: int,
-                 stop_ids=frozenset(), top_logprobs: int = 0, constraint=None):
+                 stop_ids=frozenset(), top_logprobs: int = 0, constraint=None,
+                 logit_bias: dict[int, float] | None = None):
         self.sampler = Sampler(params or SamplingParams())
         self.history = list(ids)
         self.budget = budget
         self.stop_ids = stop_ids
         self.top_logprobs = top_logprobs
         self.constraint = constraint
+        self.logit_bias = logit_bias or None
         self.generated = 0
 
     def step(self, logits: np.ndarray) -> tuple[Step | None, str | None]:
@@ -107,7 +110,8 @@ class Generation:
             lse, top = logprobs(logits, self.top_logprobs)  # before the mask
             c.mask_logits(logits)
         try:
-            token = self.sampler(logits, self.history)
+            token = self.sampler(biased(logits, self.logit_bias) if self.logit_bias else logits,
+                                 self.history)
         except NonFiniteLogitsError as e:
             e.ids = list(self.history)  # what went through the model (for a diagnosis)
             raise
@@ -214,7 +218,7 @@ class Engine:
     def generate(self, ids: list[int], params: SamplingParams | None = None,
                  max_tokens: int | None = None, stop_ids: set[int] = frozenset(),
                  top_logprobs: int = 0, timings: Timings | None = None,
-                 constraint=None) -> Iterator[Step]:
+                 constraint=None, logit_bias: dict[int, float] | None = None) -> Iterator[Step]:
         """Yield one Step per generated token, then a final Step with finish_reason and timings.
 
         `constraint` (engine/constrain.py Constraint) masks the logits before each sample and
@@ -233,7 +237,7 @@ class Engine:
         budget = self.ctx - len(ids)  # each generated token but the last needs a cache slot
         if max_tokens is not None:
             budget = min(budget, max_tokens)
-        gen = Generation(ids, params, budget, stop_ids, top_logprobs, constraint)
+        gen = Generation(ids, params, budget, stop_ids, top_logprobs, constraint, logit_bias)
         finish = "length"
         t_first = time.perf_counter()
         try:

@@ -1,6 +1,9 @@
 """Sampling: the options as a dataclass, turned once into a sampler over logits.
 
-Order of the filters follows llama.cpp: repetition penalty, top-k, top-p, min-p, then
+`SamplingParams` is the one type of sampling settings: the CLI's flags are its fields, the
+Python API's keywords too, and the server's GenerationSettings (serve/completion.py) is one
+with the request's other fields added (logit_bias is one of those: the generation step,
+engine/generate.py, adds it to the logits the sampler sees). Order of the filters follows llama.cpp: repetition penalty, top-k, top-p, min-p, then
 temperature. temperature == 0 is greedy. A seed makes a run reproducible; the sampler owns
 its random generator (numpy's PCG64). Any integer is a seed: OpenAI's API takes an int64 and
 a CLI user may type -1, so a seed is taken modulo 2**64 (-1 and 2**64 - 1 are the same run).
@@ -11,6 +14,7 @@ metadata): the sampler raises NonFiniteLogitsError for them, never samples from 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,7 +52,6 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI-style, subtracted per occurrence
     presence_penalty: float = 0.0   # OpenAI-style, subtracted once per seen token
     seed: int | None = None
-    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's logit_bias)
 
     def __post_init__(self):
         checks = [("temperature", self.temperature >= 0, ">= 0"),
@@ -66,6 +69,22 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    def sampling_params(self) -> "SamplingParams":
+        """The sampler's settings alone, checked (a subclass, such as the server's
+        GenerationSettings, carries more fields and may defer the checks to here)."""
+        return SamplingParams(**{name: getattr(self, name) for name in SAMPLING_FIELDS})
+
+
+SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def split_sampling(options: dict) -> tuple[SamplingParams, dict]:
+    """SamplingParams from the sampling keys of `options` (None: the default); the other keys
+    are returned."""
+    sampling = {k: v for k, v in options.items() if k in SAMPLING_FIELDS and v is not None}
+    rest = {k: v for k, v in options.items() if k not in SAMPLING_FIELDS}
+    return SamplingParams(**sampling), rest
 
 
 def as_numpy(logits) -> np.ndarray:
@@ -103,8 +122,6 @@ class Sampler:
     def __call__(self, logits, history: list[int]) -> int:
         p = self.params
         logits = as_numpy(logits)
-        if p.logit_bias:
-            logits = _biased(logits, p.logit_bias)
         if p.greedy and p.repeat_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty):
             return _checked_argmax(logits)  # the common case: no copy of the logits
         top = logits.max()  # NaN if any is NaN; -inf only where a mask excluded every token
@@ -138,7 +155,7 @@ class Sampler:
         return int(indices[keep][choice])
 
 
-def _biased(logits: np.ndarray, bias: dict[int, float]) -> np.ndarray:
+def biased(logits: np.ndarray, bias: dict[int, float]) -> np.ndarray:
     """A copy of logits with `bias` added (ids past the logits' end are ignored)."""
     out = logits.astype(np.float32, copy=True)
     ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))

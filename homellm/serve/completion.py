@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from homellm.engine.sampling import SamplingParams
 
 from homellm.serve.errors import APIError, invalid
 from homellm.serve.registry import LoadedModel, ModelRegistry
@@ -29,20 +31,32 @@ MAX_STOP_CHARS = 1024
 
 
 @dataclass
-class GenerationSettings:
-    max_tokens: int | None = None     # None: until the end of the reply or of the context
+class GenerationSettings(SamplingParams):
+    """A request's settings: the sampler's (SamplingParams' fields, the one sampling-settings
+    type of the CLI, the Python API and the server; here with OpenAI's defaults, top_p 0
+    meaning greedy; seed None: a random one, reported in Result.seed) and the rest of the
+    request's."""
+
     temperature: float = 1.0          # OpenAI's default; 0 is greedy
     top_p: float = 1.0
-    top_k: int = 40                   # homellm's (and llama.cpp's) defaults: 0 / 0.0 disable
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    max_tokens: int | None = None     # None: until the end of the reply or of the context
     stop: list[str] = field(default_factory=list)
-    seed: int | None = None           # None: a random one, reported in Result.seed
     top_logprobs: int = 0             # alternatives per token (logprobs of chosen tokens always)
     response_format: dict | None = None  # {"type": "json_object"} / {"type": "json_schema", ...}
     logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100]
+
+    def __post_init__(self):
+        pass  # checked as a request starts (routes set fields one by one): sampling_params()
+
+    def sampling_params(self) -> SamplingParams:
+        """What the sampler takes (ValueError naming a field out of range)."""
+        greedy = self.top_p == 0  # OpenAI's top_p takes 0: the most likely token only
+        return SamplingParams(
+            temperature=self.temperature, top_k=1 if greedy else self.top_k,
+            top_p=1.0 if greedy else self.top_p, min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n,
+            frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+            seed=self.seed)
 
 
 @dataclass
@@ -96,9 +110,8 @@ class CompletionStream:
 
     def __init__(self, registry: ModelRegistry, model: LoadedModel, ids: list[int],
                  settings: GenerationSettings, seed: int, grammar, prompt_param: str = "messages"):
-        from homellm.api import StopStrings
+        from homellm.api import TextStream
         from homellm.engine.batch import EngineClosedError, QueueFullError, Request
-        from homellm.engine.sampling import SamplingParams
         from homellm.errors import ContextOverflowError
 
         self.registry, self.model, self.settings, self.seed = registry, model, settings, seed
@@ -107,8 +120,7 @@ class CompletionStream:
         self.tool_format: str | None = None  # set by start_chat when the reply may hold tool calls
         self.result: Result | None = None
         self._tokenizer = model.tokenizer
-        self._decoder = model.tokenizer.stream_decoder()
-        self._stops = StopStrings(settings.stop)
+        self._text = TextStream(model.tokenizer, settings.stop)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._count = 0
@@ -116,18 +128,15 @@ class CompletionStream:
         self._done = self._released = False
         s = settings
         try:
-            params = SamplingParams(
-                temperature=s.temperature, top_p=s.top_p if s.top_p > 0 else 1.0,
-                top_k=1 if s.top_p == 0 else s.top_k, min_p=s.min_p,
-                repeat_penalty=s.repeat_penalty, frequency_penalty=s.frequency_penalty,
-                presence_penalty=s.presence_penalty, seed=seed, logit_bias=s.logit_bias or None)
+            params = replace(s, seed=seed).sampling_params()
         except ValueError as e:
             name = str(e).split("=")[0]
             raise invalid(name, str(e)) from None
         request = Request(ids, params, max_tokens=s.max_tokens,
                           stop_ids=frozenset(model.tokenizer.eos_ids),
                           top_logprobs=s.top_logprobs,
-                          constraint=grammar.start() if grammar is not None else None)
+                          constraint=grammar.start() if grammar is not None else None,
+                          logit_bias=s.logit_bias or None)
         try:
             self._ticket = model.engine.submit(request, self._sink)
         except ContextOverflowError as e:
@@ -173,13 +182,13 @@ class CompletionStream:
                                    code="generation_failed")
                 if item.finish_reason is not None:
                     self._finish(item.finish_reason, item.timings)
-                    text = self._stops.flush()
+                    text = self._text.flush()
                     if text or self._pending:
                         return self._delta(text)
                     raise StopAsyncIteration
                 self._count += 1
                 self._pending.append(self._logprob(item))
-                text, hit = self._stops.feed(self._decoder.step(item.token))
+                text, hit = self._text.feed(item.token)
                 if hit:
                     self._ticket.cancel()
                     self._finish("stop", self._ticket.timings)
