@@ -443,6 +443,66 @@ def test_edits_reports_and_moderation(db_url):
     c.close()
 
 
+def test_preferences_steer_tasks_prompt_rankings_and_skips(db_url):
+    c = Crowd(db_url, max_active_trees=4, auto_mod_max_skip_reply=2)
+    tm = c.tm
+    trees = {}
+    for who, text, lang, tags in (("ann", "How do I boil an egg?", "en", ["cooking"]),
+                                  ("bob", "Was ist eine Primzahl?", "de", ["maths"]),
+                                  ("cat", "What is a prime number?", "en", ["Maths"])):
+        trees[who] = c.act(who, "initial_prompt", text=text, lang=lang, tags=tags)[1]["tree"]["id"]
+    # languages are a filter: a German speaker is handed the German prompt only
+    assert tm.set_prefs(c.u["dan"], ["de"], []) == {"langs": ["de"], "tags": []}
+    assert tm.available(c.u["dan"])["label_initial_prompt"] == 1
+    t = c.take("dan", "label_initial_prompt")
+    assert t["message_id"] == trees["bob"] and t["lang"] == "de"
+    tm.skip(c.u["dan"], t["id"])
+    assert c.take("dan", "label_initial_prompt") is None
+    assert tm.next_task(c.u["dan"], "label_initial_prompt", lang="en")["task"]["message_id"] \
+        == trees["ann"]
+    # topics come first: the oldest prompt about maths, then cooking when asked for
+    tm.set_prefs(c.mod, [], ["maths"])
+    t = c.take("mod", "label_initial_prompt")
+    assert t["message_id"] == trees["bob"] and t["tags"] == ["maths"]
+    tm.skip(c.mod, t["id"])
+    t = c.take("mod", "label_initial_prompt")
+    assert t["message_id"] == trees["cat"]
+    tm.set_prefs(c.mod, [], ["cooking"])
+    assert c.take("mod", "label_initial_prompt")["id"] == t["id"]   # held: handed back
+    tm.skip(c.mod, t["id"])
+    assert c.take("mod", "label_initial_prompt")["message_id"] == trees["ann"]
+    for langs, tags, param in ((["english!"], [], "langs"), ([], ["x"] * 6, "tags"),
+                               ([], ["y" * 33], "tags")):
+        with pytest.raises(CollectError) as e:
+            tm.set_prefs(c.u["ann"], langs, tags)
+        assert e.value.param == param and e.value.status == 400
+    # ranking prompts: only when asked for, never one's own
+    tm.set_prefs(c.u["dan"], [], [])
+    for who in ("dan", "mod"):   # the held reviews of ann's prompt, then two of cat's
+        c.act(who, "label_initial_prompt", spam=0)
+    for who in ("bob", "dan"):
+        c.act(who, "label_initial_prompt", spam=0)
+    assert c.state(trees["ann"]) == c.state(trees["cat"]) == "growing"
+    assert c.take("ann", "rank_initial_prompts") is None     # one prompt not hers: too few
+    t = c.take("dan", "rank_initial_prompts")
+    assert {p["message_id"] for p in t["prompts"]} == {trees["ann"], trees["cat"]}
+    with pytest.raises(CollectError, match="permutation of 0..1"):
+        tm.submit(c.u["dan"], t["id"], {"ranking": [1]})
+    tm.submit(c.u["dan"], t["id"], {"ranking": [1, 0]})
+    row = c.store.db.one("SELECT * FROM collect_rankings WHERE user_id = ?", (c.u["dan"].id,))
+    assert row["parent_id"] is None and json.loads(row["ranked_ids"]) == \
+        [t["prompts"][1]["message_id"], t["prompts"][0]["message_id"]]
+    # skipped by auto_mod_max_skip_reply volunteers, a reply task halts its tree (OA)
+    tm.set_prefs(c.u["dan"], [], ["cooking"])
+    for user in (c.u["dan"], c.mod):
+        t = tm.next_task(user, "assistant_reply")["task"]
+        assert t["message_id"] == trees["ann"]   # their topic first
+        tm.skip(user, t["id"])
+    assert c.state(trees["ann"]) == "halted_by_moderator" and c.state(trees["cat"]) == "growing"
+    assert c.store.db.one("SELECT action FROM collect_log")["action"] == "auto_halt"
+    c.close()
+
+
 def test_concurrent_volunteers_through_the_store(db_url):
     """Sixteen volunteers in threads ask, skip and submit at once: no task is handed out
     twice, no message gets more reviews (no parent more rankings or replies) than its

@@ -436,8 +436,13 @@ class TreeManager(Moderation):
             self.trees.decide_edit(edit_id, "rejected")
 
     def _enter(self, tree_id: str, state: str) -> None:
+        """Set a tree's state; the reservations that state has no use for are withdrawn
+        (edit reviews go on while a tree is ranked and once it is ready)."""
         self.trees.set_state(tree_id, state)
-        if state not in ACTIVE:
+        if state in ("ranking", "ready_for_export"):
+            self.tasks.cancel_tree(tree_id, keep_kinds=(K.REVIEW_EDIT,) + (
+                tuple(K.RANK) if state == "ranking" else ()))
+        elif state not in ACTIVE:
             self.tasks.cancel_tree(tree_id)
 
     def _update_state(self, tree_id: str) -> None:
@@ -460,7 +465,6 @@ class TreeManager(Moderation):
             if accepted < tree["goal_size"] or awaiting:
                 return
             self._enter(tree_id, state := "ranking")
-            self.tasks.cancel_tree(tree_id)   # reply and review slots are over
         if state == "ranking":
             parents = self._rankable(tree_id)
             if any(len(self.trees.rankings(p)) < self.s.num_required_rankings for p in parents):

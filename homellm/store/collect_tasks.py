@@ -69,11 +69,16 @@ class CollectTasks:
             "SELECT * FROM collect_tasks k WHERE k.user_id = ? AND " + LIVE + " ORDER BY k.n",
             (user_id, now))]
 
-    def cancel_tree(self, tree_id: str, target_ids: list[str] | None = None) -> int:
-        """Cancel the reservations of a tree (or of these targets in it)."""
+    def cancel_tree(self, tree_id: str, target_ids: list[str] | None = None,
+                    keep_kinds: tuple[str, ...] = ()) -> int:
+        """Cancel the reservations of a tree (or of these targets in it), but those of
+        `keep_kinds`."""
         sql = "UPDATE collect_tasks SET status = 'cancelled' WHERE tree_id = ? AND " \
               "status = 'reserved'"
         params: list = [tree_id]
+        if keep_kinds:
+            sql += f" AND kind NOT IN ({', '.join('?' * len(keep_kinds))})"
+            params += list(keep_kinds)
         if target_ids is not None:
             if not target_ids:
                 return 0
