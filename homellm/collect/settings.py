@@ -7,7 +7,8 @@ our own are marked. A tree grows to `goal_tree_size` reviewed messages, at most
 prompt (`num_prompter_replies` under an assistant reply); each message needs its reviews
 (`num_reviews_initial_prompt` / `num_reviews_reply`) and passes when its acceptance score
 (1 - mean spam - mean lang_mismatch) is above the threshold; each set of sibling replies needs
-`num_required_rankings` rankings before the tree is ready for export.
+`num_required_rankings` rankings before the tree is ready for export. OA's
+`max_pending_tasks_per_user` has no equal here: a volunteer holds one task at a time.
 """
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ class CollectSettings:
     p_lonely_child_extension: float = 0.75  # ... this often
     auto_mod_red_flags: int = 4             # reports that delete a reply (or abort a tree)
     auto_mod_max_skip_reply: int = 25       # skips of one reply task that halt its tree
-    max_pending_tasks_per_user: int = 8     # (OA's name) reservations a user may hold at once
     max_message_chars: int = 2000           # OA's MESSAGE_SIZE_LIMIT
     # ours
     task_timeout_s: int = 900               # a reserved task is released after this
