@@ -17,6 +17,7 @@ No float copy of the whole model is ever held for a quantized checkpoint.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from homellm.errors import ModelFileError
@@ -51,6 +52,13 @@ def _set_module(root: nn.Module, path: str, module: nn.Module):
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
+def _set_param(model: nn.Module, ckpt: Checkpoint, name: str, shape: tuple[int, ...], device):
+    """A norm's weight or bias from the checkpoint, float32 (as the norms compute)."""
+    owner, _, leaf = name.rpartition(".")
+    value = _float(_expect(ckpt, name, shape), torch.float32, device)
+    setattr(model.get_submodule(owner), leaf, nn.Parameter(value, requires_grad=False))
+
+
 def _linear(ckpt, path, out_f, in_f, bias, dtype, device, quant):
     """quant: "keep" (what the file records), "none" (float), "int8" or "int4"."""
     from homellm.engine import quant as q
@@ -70,8 +78,9 @@ def _fuse_projections(layer: nn.Module):
     layers are packed GGMLLinear (same weights, no copy); leave it as it is otherwise."""
     from homellm.engine import kernels
     attn, mlp = layer.self_attn, layer.mlp
-    groups = ((attn, "qkv_proj", (attn.q_proj, attn.k_proj, attn.v_proj), False),
-              (mlp, "gate_up_proj", (mlp.gate_proj, mlp.up_proj), True))
+    groups = [(attn, "qkv_proj", (attn.q_proj, attn.k_proj, attn.v_proj), False)]
+    if mlp.gate_proj is not None and mlp.act is F.silu:  # the kernel's epilogue is SiLU
+        groups.append((mlp, "gate_up_proj", (mlp.gate_proj, mlp.up_proj), True))
     for owner, name, parts, glu in groups:
         try:
             setattr(owner, name, kernels.FusedProjection(list(parts), glu=glu))
@@ -120,20 +129,24 @@ def build_model(ckpt: Checkpoint, device: torch.device | str | None = None,
     total = args.num_hidden_layers + 2
     for i in range(args.num_hidden_layers):
         prefix = f"model.layers.{i}"
+        layer = model.model.layers[i]
         for lin in LINEARS:
-            bias = args.attention_bias and lin in ("self_attn.q_proj", "self_attn.k_proj",
-                                                   "self_attn.v_proj")
-            module = _linear(ckpt, f"{prefix}.{lin}", *shapes[lin], bias, dtype, device, mode)
+            owner, _, leaf = lin.partition(".")
+            meta = getattr(layer.get_submodule(owner), leaf)
+            if meta is None:  # (no gate in a plain MLP: GPT-NeoX)
+                continue
+            module = _linear(ckpt, f"{prefix}.{lin}", *shapes[lin], meta.bias is not None, dtype,
+                             device, mode)
             _set_module(model, f"{prefix}.{lin}", module)
         if mode == "keep":
-            _fuse_projections(model.model.layers[i])
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            w = _float(_expect(ckpt, f"{prefix}.{norm}.weight", (h,)), torch.float32, device)
-            model.get_submodule(f"{prefix}.{norm}").weight = nn.Parameter(w, requires_grad=False)
+            _fuse_projections(layer)
+        for name, param in list(layer.named_parameters()):  # norms: weights and LayerNorm biases
+            if "norm" in name.rsplit(".", 2)[-2]:
+                _set_param(model, ckpt, f"{prefix}.{name}", tuple(param.shape), device)
         if progress:
             progress(i + 1, total)
-    model.model.norm.weight = nn.Parameter(
-        _float(_expect(ckpt, "model.norm.weight", (h,)), torch.float32, device), requires_grad=False)
+    for name, param in list(model.model.norm.named_parameters()):
+        _set_param(model, ckpt, f"model.norm.{name}", tuple(param.shape), device)
 
     from homellm.engine import quant as q
     embed = _expect(ckpt, "model.embed_tokens.weight", (args.vocab_size, h))
@@ -153,6 +166,7 @@ def build_model(ckpt: Checkpoint, device: torch.device | str | None = None,
     if progress:
         progress(total, total)
     model.inv_freq = rope_inv_freq(args).to(device)
+    model.inv_freq_local = rope_inv_freq(args, local=True).to(device)
     _attach_attention(model, device, dtype)
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         if p.device.type == "meta":

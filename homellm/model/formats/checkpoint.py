@@ -69,3 +69,34 @@ class Checkpoint:
     source: Path
     format: str  # "gguf" or "hf"
     metadata: dict = field(default_factory=dict)  # general.* (name, license, ...), file_type
+
+
+def split_rows(t, sizes: list[int]) -> list:
+    """A weight (or bias) cut into consecutive blocks of rows (out features) of `sizes`:
+    Phi-3's and llama.cpp's fused qkv / gate_up tensors into their parts. Works on torch
+    tensors, numpy arrays and GGMLTensor blocks (whole rows: exact, no dequantizing)."""
+    if sum(sizes) != t.shape[0]:
+        raise ValueError(f"cannot split {t.shape[0]} rows into {sizes}")
+    out, at = [], 0
+    for n in sizes:
+        if isinstance(t, GGMLTensor):
+            out.append(GGMLTensor(t.ggml_type, t.data[at:at + n], (n, *t.shape[1:])))
+        else:
+            out.append(t[at:at + n])
+        at += n
+    return out
+
+
+def cat_rows(parts: list):
+    """The inverse of split_rows: blocks of rows stacked into one tensor of the first part's kind
+    (GGMLTensor blocks of one type stay blocks; mixed kinds become float32 numpy)."""
+    if all(isinstance(p, GGMLTensor) for p in parts) and len({p.ggml_type for p in parts}) == 1:
+        data = np.concatenate([np.asarray(p.data) for p in parts])
+        return GGMLTensor(parts[0].ggml_type, data, (sum(p.shape[0] for p in parts), *parts[0].shape[1:]))
+    if all(hasattr(p, "detach") for p in parts):
+        import torch
+        return torch.cat([p.detach() for p in parts])
+    arrays = [p.dequantize_numpy() if isinstance(p, GGMLTensor) else
+              (p.detach().float().numpy() if hasattr(p, "detach") else np.asarray(p, dtype=np.float32))
+              for p in parts]
+    return np.concatenate(arrays)

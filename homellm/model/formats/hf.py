@@ -1,7 +1,13 @@
 """Hugging Face model folders: config.json, *.safetensors (sharded with an index), tokenizer files.
 
 Tensor names are transformers' own (model.layers.N.self_attn.q_proj.weight, ...), which are
-also ours, so reading is a lookup and writing is `save_file`.
+also ours for every LLaMA-like family (llama, mistral, qwen2, qwen3, gemma3_text, stablelm), so
+reading is a lookup and writing is `save_file`. Two families store some tensors otherwise, and
+are translated here (`network_names` on reading, `family_names` on writing):
+
+- phi3: `self_attn.qkv_proj` is q, k and v stacked by rows, `mlp.gate_up_proj` gate then up;
+- gpt_neox: its own names (gpt_neox.embed_in, attention.dense, mlp.dense_h_to_4h, ...) and a
+  query_key_value tensor whose rows go head by head, (q, k, v) of each head in turn.
 """
 from __future__ import annotations
 
@@ -11,15 +17,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from homellm.errors import HomellmError, ModelFileError
-from homellm.model.formats.checkpoint import Checkpoint, GGMLTensor, TokenizerSource
+from homellm.model.formats.checkpoint import Checkpoint, GGMLTensor, TokenizerSource, cat_rows, split_rows
+from homellm.model.formats.hf_config import FAMILIES
 from homellm.model.config import ModelArgs
 
-SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
+SUPPORTED_MODEL_TYPES = set(FAMILIES)
 SHARD_BYTES = 4 << 30  # a new safetensors shard every 4 GiB, as transformers does by default
 
 
@@ -42,7 +50,6 @@ def read_args(folder: Path) -> ModelArgs:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelFileError(f"{config_path}: model_type {model_type!r} is not supported "
                              f"(supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})")
-    # A sliding_window (Mistral) is not applied: attention is full, exact up to the window size.
     try:
         return ModelArgs.from_hf_config(config)
     except KeyError as e:
@@ -104,6 +111,109 @@ def chat_template_of(value, path: Path) -> str | None:
                          f"or a list of named templates")
 
 
+# GPT-NeoX's names -> ours (per layer without the "gpt_neox.layers.N." / "model.layers.N." prefix)
+NEOX_GLOBAL = {"gpt_neox.embed_in.weight": "model.embed_tokens.weight",
+               "gpt_neox.final_layer_norm.weight": "model.norm.weight",
+               "gpt_neox.final_layer_norm.bias": "model.norm.bias", "embed_out.weight": "lm_head.weight"}
+NEOX_BLOCK = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm",
+              "attention.dense": "self_attn.o_proj", "mlp.dense_h_to_4h": "mlp.up_proj",
+              "mlp.dense_4h_to_h": "mlp.down_proj"}
+NEOX_IGNORED = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
+
+
+def neox_split(t, n_heads: int) -> list:
+    """GPT-NeoX's query_key_value rows (n_heads x (q, k, v) x head_dim) -> [q, k, v] rows."""
+    shape = tuple(t.shape)
+    per = t.reshape(n_heads, 3, shape[0] // n_heads // 3, *shape[1:])
+    return [per[:, i].reshape(shape[0] // 3, *shape[1:]) for i in range(3)]
+
+
+def neox_join(q, k, v, n_heads: int):
+    """The inverse of neox_split (torch tensors)."""
+    stacked = torch.stack([t.reshape(n_heads, -1, *t.shape[1:]) for t in (q, k, v)], dim=1)
+    return stacked.reshape(-1, *q.shape[1:])
+
+
+def network_names(args: ModelArgs, tensors: dict, source: Path) -> dict:
+    """A family's tensors (as its safetensors name them) under the network's names."""
+    d, nq, nkv, ff = args.head_dim, args.num_attention_heads, args.num_key_value_heads, args.intermediate_size
+    out = {}
+    for name, t in tensors.items():
+        if args.model_type == "phi3" and name.endswith(("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight")):
+            p = name.rsplit(".", 2)[0] + "."  # model.layers.N.self_attn. / .mlp.
+            if "qkv" in name:
+                parts, names = split_rows(t, [nq * d, nkv * d, nkv * d]), ("q_proj", "k_proj", "v_proj")
+            else:
+                parts, names = split_rows(t, [ff, ff]), ("gate_proj", "up_proj")
+            out.update({f"{p}{n}.weight": x for n, x in zip(names, parts)})
+        elif args.model_type == "gpt_neox":
+            if name in NEOX_GLOBAL:
+                out[NEOX_GLOBAL[name]] = t
+                continue
+            parts = name.split(".", 3)  # gpt_neox, layers, N, rest
+            if len(parts) < 4 or parts[:2] != ["gpt_neox", "layers"] or not parts[2].isdigit():
+                raise ModelFileError(f"{source}: unexpected tensor {name} for a gpt_neox model")
+            rest, kind = parts[3].rsplit(".", 1) if "." in parts[3] else (parts[3], "")
+            p = f"model.layers.{parts[2]}."
+            if parts[3] in NEOX_IGNORED:
+                continue
+            if rest == "attention.query_key_value":
+                if t.shape[0] != 3 * nq * d:
+                    raise ModelFileError(f"{source}: tensor {name} has shape {list(t.shape)}, "
+                                         f"expected {3 * nq * d} rows")
+                for n, x in zip(("q_proj", "k_proj", "v_proj"), neox_split(t, nq)):
+                    out[f"{p}self_attn.{n}.{kind}"] = x
+            elif rest in NEOX_BLOCK:
+                out[f"{p}{NEOX_BLOCK[rest]}.{kind}"] = t
+            else:
+                raise ModelFileError(f"{source}: unexpected tensor {name} for a gpt_neox model")
+        else:
+            out[name] = t
+    return out
+
+
+def family_names(args: ModelArgs, tensors: dict) -> dict:
+    """The inverse of network_names, for the family `args.to_hf_config()` writes."""
+    family = args.to_hf_config()["model_type"]
+    if family not in ("phi3", "gpt_neox"):
+        return dict(tensors)
+    out = {}
+    for i in range(args.num_hidden_layers):
+        p = f"model.layers.{i}."
+        if family == "phi3":
+            out[p + "self_attn.qkv_proj.weight"] = cat_rows(
+                [tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+            out[p + "mlp.gate_up_proj.weight"] = cat_rows(
+                [tensors[p + "mlp.gate_proj.weight"], tensors[p + "mlp.up_proj.weight"]])
+    if family == "phi3":
+        out.update({k: v for k, v in tensors.items() if ".self_attn.q_proj." not in k
+                    and ".self_attn.k_proj." not in k and ".self_attn.v_proj." not in k
+                    and ".mlp.gate_proj." not in k and ".mlp.up_proj." not in k})
+        return out
+    to_neox = {v: k for k, v in NEOX_GLOBAL.items()}
+    block = {v: k for k, v in NEOX_BLOCK.items()}
+    for name, t in tensors.items():
+        if name in to_neox:
+            out[to_neox[name]] = t
+            continue
+        _, _, i, rest = name.split(".", 3)
+        where, kind = rest.rsplit(".", 1)
+        if where in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            if where == "self_attn.q_proj":
+                qkv = [_float_tensor(tensors[f"model.layers.{i}.self_attn.{n}_proj.{kind}"]) for n in "qkv"]
+                out[f"gpt_neox.layers.{i}.attention.query_key_value.{kind}"] = neox_join(
+                    *qkv, args.num_attention_heads)
+            continue
+        out[f"gpt_neox.layers.{i}.{block[where]}.{kind}"] = t
+    return out
+
+
+def _float_tensor(t) -> torch.Tensor:
+    if isinstance(t, GGMLTensor):
+        return t.dequantize()
+    return t if isinstance(t, torch.Tensor) else torch.from_numpy(t)
+
+
 def _check_tensors(folder: Path, args: ModelArgs, tensors: dict) -> None:
     """Every tensor the network needs is there with the shape config.json implies; the layer
     count is bounded by the tensors first (num_hidden_layers = 10**9 fails here, fast)."""
@@ -139,6 +249,10 @@ def read_hf(folder: Path) -> Checkpoint:
                     tensors[name] = st.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelFileError(f"{f}: cannot read safetensors ({e})") from None
+    try:
+        tensors = network_names(args, tensors, folder)
+    except ValueError as e:  # a fused tensor of the wrong size
+        raise ModelFileError(f"{folder}: {e}") from None
     _check_tensors(folder, args, tensors)
     tokenizer_config = {}
     if (folder / "tokenizer_config.json").exists():
@@ -193,9 +307,13 @@ def write_hf(folder: Path, args: ModelArgs, tensors: dict[str, torch.Tensor | GG
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
-        names = [n for n in tensors if not (args.tie_word_embeddings and n == "lm_head.weight")]
+        tensors = family_names(args, {n: t for n, t in tensors.items()
+                                      if not (args.tie_word_embeddings and n == "lm_head.weight")})
+        names = list(tensors)
         for i, name in enumerate(names):
             t = tensors[name]
+            if isinstance(t, np.ndarray):
+                t = torch.from_numpy(t)
             t = t.dequantize(dtype) if isinstance(t, GGMLTensor) else t.to(dtype)
             if size and size + t.nbytes > SHARD_BYTES:
                 shards.append({})
