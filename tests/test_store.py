@@ -274,6 +274,21 @@ def test_login_limits_are_per_user_and_address(store):
     assert store.login("admin", "admin-pass-1", client="10.6.6.6") is not None
 
 
+def test_successful_logins_never_lock_their_address(store):
+    """Only failures count against an address: a class behind one address logs in many times
+    (here 3x the address limit), and its failures still lock it."""
+    from homellm.store.people import AuthConfig
+    store.auth = AuthConfig(argon2_time_cost=1, argon2_memory_kib=1024, argon2_parallelism=1,
+                            max_failures=3, max_address_failures=4)
+    for i in range(12):
+        store.create_user(f"pupil{i}", f"pupil-pass-{i}")
+        assert store.login(f"pupil{i}", f"pupil-pass-{i}", client="10.9.9.9") is not None
+    for i in range(4):  # four users, one failure each: the address's limit, not a pair's
+        assert store.login(f"pupil{i}", "wrong", client="10.9.9.9") is None
+    with pytest.raises(LoginLocked):
+        store.login("pupil5", "pupil-pass-5", client="10.9.9.9")
+
+
 def test_concurrent_wrong_passwords_get_no_more_checks_than_the_limit(store):
     import threading
     store.create_user("carol", "carol-pass-1")

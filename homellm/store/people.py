@@ -200,6 +200,10 @@ class People:
         if not ok:
             return None
         self.db.run("DELETE FROM login_attempts WHERE key = ?", (_pair_key(username, client),))
+        if client:  # a success gives its address back the attempt counted for it: only
+            # failures add up there, so a class behind one address never locks itself out
+            self.db.run("UPDATE login_attempts SET failures = failures - 1 WHERE key = ? "
+                        "AND failures > 0", (f"addr:{client}",))
         return self.create_session(r["id"])
 
     def _count_attempt(self, username: str, client: str | None):
