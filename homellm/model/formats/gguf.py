@@ -557,7 +557,8 @@ def _rope_freq_factors(args: ModelArgs) -> list[float] | None:
 def gguf_arch(args: ModelArgs) -> str:
     """The llama.cpp arch a network is written as: its family's, with the LLaMA family as before
     (`qwen2` for q/k/v biases, else `llama`, Mistral included)."""
-    family = args.to_hf_config()["model_type"]  # (ValueError where no family fits the fields)
+    # (ValueError where no family fits the fields; the RoPE scaling does not choose the family)
+    family = dataclasses.replace(args, rope_scaling=None).to_hf_config()["model_type"]
     if family in ("llama", "mistral", "qwen2"):
         return "qwen2" if args.attention_bias and not args.o_bias else "llama"
     return {v: k for k, v in ARCHITECTURES.items()}[family]
