@@ -48,6 +48,21 @@ CHATML_FALLBACK = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Gemma's turn format (ai.google.dev/gemma/docs/core/prompt-structure): user and "model" turns
+# between <start_of_turn>ROLE\n and <end_of_turn>\n, a system message put in front of the next
+# user turn (Gemma has no system role), BOS first.
+GEMMA_FALLBACK = (
+    "{{ bos_token or '' }}{% set ns = namespace(system='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.system = ns.system + message['content'] + '\n\n' %}"
+    "{% else %}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role'])"
+    " + '\n' + ns.system + message['content'] + '<end_of_turn>\n' }}{% set ns.system = '' %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+# a model without a template speaks the turn format whose special tokens its vocabulary has
+FALLBACKS = ((("<start_of_turn>", "<end_of_turn>"), GEMMA_FALLBACK), ((), CHATML_FALLBACK))
+
 RENDER_SECONDS = 5.0        # a real template renders a long conversation in milliseconds
 LOOP_ITERATIONS = 1_000_000  # over all the loops of one render
 OUTPUT_CHARS = 1 << 20      # characters a render may write beyond 4x the conversation's text
@@ -286,19 +301,29 @@ class AssistantSpan:
     end: int
 
 
+def fallback_for(special_tokens: set[str]) -> str:
+    """The turn format for a model without a chat template, by the special (control) tokens
+    of its vocabulary: Gemma's where it has <start_of_turn> and <end_of_turn>, else ChatML."""
+    for needed, template in FALLBACKS:
+        if all(t in special_tokens for t in needed):
+            return template
+    return CHATML_FALLBACK
+
+
 class ChatTemplate:
     """A compiled chat template plus the special-token strings it may refer to.
 
-    `source=None` selects `CHATML_FALLBACK` (and `is_fallback` is True): a model without a
-    template is assumed to speak ChatML.
+    `source=None` selects `fallback` (and `is_fallback` is True): a model without a
+    template is assumed to speak ChatML, or the format `fallback_for` finds in its vocabulary.
     """
 
-    def __init__(self, source: str | None, special_tokens: dict[str, str] | None = None):
+    def __init__(self, source: str | None, special_tokens: dict[str, str] | None = None,
+                 fallback: str = CHATML_FALLBACK):
         if source is not None and not isinstance(source, str):
             raise HomellmError(f"the chat template is a {type(source).__name__}, not a string "
                                f"(a Jinja template)")
         self.is_fallback = source is None
-        self.source = CHATML_FALLBACK if source is None else source
+        self.source = fallback if source is None else source
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         env = _environment()
         try:

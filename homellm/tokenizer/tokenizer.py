@@ -16,7 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 
 from homellm.errors import HomellmError
-from homellm.tokenizer.chat_template import ChatTemplate
+from homellm.tokenizer.chat_template import CHATML_FALLBACK, ChatTemplate, fallback_for
 from homellm.tokenizer.gguf_vocab import (CONTROL, UNKNOWN, check_fields, fields_from_tokenizer,
                                           plain_fields, tokenizer_from_fields)
 
@@ -61,13 +61,15 @@ class Tokenizer:
         self.add_bos = self._adds(bos_id, at=0) if add_bos is None else add_bos
         self.vocab_size = max(tokenizer.get_vocab_size(with_added_tokens=True),
                               len(gguf_fields["tokens"]) if gguf_fields else 0)
+        added = tokenizer.get_added_tokens_decoder()
+        special = {i for i, t in added.items() if t.special}
         self.chat_template = ChatTemplate(chat_template, {
             "bos_token": self.id_to_token(bos_id) if bos_id is not None else None,
             "eos_token": self.id_to_token(eos_id) if eos_id is not None else None,
             "unk_token": self.id_to_token(unknown_id) if unknown_id is not None else None,
             "pad_token": self.id_to_token(padding_id) if padding_id is not None else None,
-        })
-        special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        }, fallback=fallback_for({added[i].content for i in special}) if chat_template is None
+            else CHATML_FALLBACK)
         markers = {tid for m in END_OF_TURN_MARKERS
                    if (tid := tokenizer.token_to_id(m)) is not None and tid in special
                    and m in self.chat_template.source}
