@@ -344,7 +344,8 @@ def open_model(name_or_path: str | Path | None = None, device: str | None = None
     runtime's (None: $HOMELLM_THREADS, else one per core). $HOMELLM_KERNEL_PATH
     (scalar / avx2 / avx512) picks the C runtime's kernels (default: the best this CPU has).
     adapter: a LoRA adapter folder (PEFT layout, `homellm tune`) applied without merging; the
-    PyTorch network then runs, with the adapter's layers beside the base's own."""
+    PyTorch network then runs, with the adapter's layers beside the base's own (the server
+    applies adapters per request on the C runtime: engine/lora.py)."""
     from homellm.catalog import resolve
     from homellm.model.formats import open_checkpoint
     from homellm.tokenizer import Tokenizer
@@ -407,8 +408,8 @@ def load(name_or_path: str | Path | None = None, device: str | None = None,
          progress=None, adapter: str | Path | None = None) -> Model:
     """Load a model by catalog name, GGUF path or Hugging Face folder (None: the default model).
 
-    adapter: a LoRA adapter folder (PEFT layout, `homellm tune`) applied without merging; the
-    PyTorch network then runs, with the adapter's layers beside the base's own."""
+    adapter: a LoRA adapter folder (PEFT layout, `homellm tune`) applied without merging (see
+    open_model)."""
     opened = open_model(name_or_path, device, dtype, ctx, quant, progress, adapter)
     # the C decoder computes on the file's own blocks: only when the weights are kept as stored
     with _kv_allocation(opened.ctx):

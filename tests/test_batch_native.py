@@ -208,7 +208,7 @@ def test_batch_engine_requests_together_equal_each_alone(tiny_gguf, path):
     """Every request of a mixed batch (lengths, arrivals mid-stream, n > 1 forks of one prompt,
     stop ids, a JSON schema, logprobs) gives exactly what it gives alone: tokens, logprobs and
     top alternatives bit for bit."""
-    import threading
+    import queue
 
     from homellm.engine.batch import BatchConfig, BatchEngine
     from homellm.model.formats import open_checkpoint
@@ -227,20 +227,18 @@ def test_batch_engine_requests_together_equal_each_alone(tiny_gguf, path):
         reqs[4].constraint = grammar.start()
         for s in range(4):
             engine.cache.tokens[s] = []
-        got = [None] * len(reqs)
-        first = threading.Event()
-
-        def run(i):
-            if i == len(reqs) - 1:
-                first.wait(30)  # the last one arrives while the others decode
-            got[i] = outputs(list(engine.generate(reqs[i])))
-            first.set()
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        sinks = [queue.SimpleQueue() for _ in reqs]
+        with engine._cond:  # (reentrant) every request but the last queued before a step runs
+            for r, q in zip(reqs[:-1], sinks):
+                engine.submit(r, q.put)
+        first = sinks[0].get(timeout=60)  # the others decode: now the last one arrives
+        engine.submit(reqs[-1], sinks[-1].put)
+        got = []
+        for i, q in enumerate(sinks):
+            steps = [first] if i == 0 else []
+            while not steps or steps[-1].finish_reason is None:
+                steps.append(q.get(timeout=120))
+            got.append(outputs(steps))
         assert got == alone
         assert engine.forked > 0  # the second choice copied the shared prompt
         assert alone[1][0] != alone[2][0]

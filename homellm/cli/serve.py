@@ -60,6 +60,10 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="memory for loaded models (default: 3/4 of the machine's)")
     p.add_argument("--prefix-cache", type=float, default=256, metavar="MB",
                    help="keys/values kept per model for prefix reuse (default 256)")
+    p.add_argument("--adapter", action="append", default=None, metavar="NAME=PATH",
+                   help="a LoRA adapter folder (PEFT layout, `homellm tune`) for the first model, "
+                        "served as the model id BASE:NAME beside the base (repeatable; requests "
+                        "for different adapters share one batch and one copy of the weights)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the matmuls (default: $HOMELLM_THREADS, else one per core)")
     p.add_argument("--quiet", action="store_true",
@@ -73,6 +77,27 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="accounts for the web app (a shared server): the first visitor of the "
                         "page sets up the admin account (off loopback, with the one-time setup "
                         "token printed here); without it, one local user")
+
+
+def parse_adapters(values: list[str] | None) -> dict[str, str]:
+    """--adapter NAME=PATH ... -> {NAME: PATH}, or HomellmError naming the bad one."""
+    from pathlib import Path
+
+    from homellm.errors import HomellmError
+    from homellm.serve.registry import ADAPTER_NAME
+    out: dict[str, str] = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not ADAPTER_NAME.fullmatch(name) or not path:
+            raise HomellmError(f"--adapter {value}: expected NAME=PATH (NAME of letters, digits, "
+                               "'.', '_' or '-')")
+        if name in out:
+            raise HomellmError(f"--adapter {value}: the name {name} is given twice")
+        if not Path(path).expanduser().is_dir():
+            raise HomellmError(f"--adapter {value}: {path} is not a folder (a LoRA adapter: "
+                               "adapter_config.json and adapter_model.safetensors)")
+        out[name] = str(Path(path).expanduser())
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -98,6 +123,7 @@ def main(args: argparse.Namespace) -> int:
         raise HomellmError("--api-key: the key is empty")
     from homellm.serve.cors import CorsPolicy
     CorsPolicy.parse(args.cors_origins)  # a malformed origin is an error now
+    adapters = parse_adapters(args.adapter)
     if args.auth:  # accounts hash passwords with argon2: find out now, not at the first setup
         try:
             import argon2  # noqa: F401
@@ -120,8 +146,10 @@ def main(args: argparse.Namespace) -> int:
     config = ServeConfig(ctx=args.ctx, max_batch=args.max_batch, max_queue=args.max_queue,
                          keep_alive_s=args.keep_alive,
                          memory_budget_bytes=int(args.memory_budget * (1 << 30)) if args.memory_budget else None,
-                         prefix_cache_bytes=int(args.prefix_cache * (1 << 20)), threads=args.threads)
+                         prefix_cache_bytes=int(args.prefix_cache * (1 << 20)), threads=args.threads,
+                         adapters=adapters)
     registry = ModelRegistry.from_names(args.model, config)
+    registry.check_adapters()  # a bad adapter is an error now, not at its first request
     models = ", ".join(f"{m} (ctx {registry.context_of(m)})" for m in registry.ids())
     if args.preload:
         import asyncio

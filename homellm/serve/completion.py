@@ -136,7 +136,7 @@ class CompletionStream:
                           stop_ids=frozenset(model.tokenizer.eos_ids),
                           top_logprobs=s.top_logprobs,
                           constraint=grammar.start() if grammar is not None else None,
-                          logit_bias=s.logit_bias or None)
+                          logit_bias=s.logit_bias or None, adapter=model.adapter)
         try:
             self._ticket = model.engine.submit(request, self._sink)
         except ContextOverflowError as e:

@@ -7,11 +7,18 @@ else on the PyTorch network; with its tokenizer and a BatchEngine with its own t
 model counts against the budget with its file size plus its prefix cache; loading one that
 does not fit first unloads the least recently used idle models, and answers 503 if that is
 not enough.
+
+LoRA adapters (`serve --adapter NAME=PATH`, ServeConfig.adapters) belong to the first model
+(the base): each is a model id of its own, `base:NAME`, listed and chosen like any other; a
+request for it runs on the base's engine with the adapter applied to its rows by the C runtime
+(engine/lora.py), beside requests for the base or for other adapters, on one copy of the base's
+weights. The adapters load with their base.
 """
 from __future__ import annotations
 
 import asyncio
 import gc
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +27,7 @@ from pathlib import Path
 from homellm.serve.errors import APIError, model_not_found
 
 DEFAULT_CTX = 4096
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass
@@ -32,6 +40,7 @@ class ServeConfig:
     prefix_cache_bytes: int = 256 << 20     # per model
     prefill_chunk_busy: int = 128     # prompt positions per step while others decode
     threads: int | None = None        # matmul threads; None: one per physical core
+    adapters: dict[str, str | Path] = field(default_factory=dict)  # NAME -> LoRA folder, on the first model
 
     def __post_init__(self):
         if self.ctx is not None and self.ctx < 2:
@@ -40,6 +49,9 @@ class ServeConfig:
             raise ValueError(f"max_batch={self.max_batch}: expected at least 1")
         if self.max_queue < 0:
             raise ValueError(f"max_queue={self.max_queue}: expected 0 or more")
+        for name in self.adapters:
+            if not ADAPTER_NAME.fullmatch(name):
+                raise ValueError(f"adapter name {name!r}: expected letters, digits, '.', '_' or '-'")
 
 
 def machine_memory_bytes() -> int:
@@ -72,6 +84,14 @@ class LoadedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     in_use: int = 0           # open requests
     last_used: float = field(default_factory=time.monotonic)
+    adapters: dict = field(default_factory=dict)  # NAME -> engine.lora.LoraAdapter (C runtime)
+    adapter: object = None    # this id's adapter: a view of its base (`base`) with one adapter
+    base: "LoadedModel | None" = None
+
+    def with_adapter(self, mid: str, name: str) -> "LoadedModel":
+        """This model's view for adapter `name`, named `mid` (requests run on this engine)."""
+        from dataclasses import replace
+        return replace(self, id=mid, adapter=self.adapters[name], base=self)
 
     @property
     def idle_s(self) -> float:
@@ -80,10 +100,13 @@ class LoadedModel:
         return time.monotonic() - max(self.last_used, self.engine.last_active)
 
 
-def load_model(model_id: str, source: str | Path, config: ServeConfig) -> LoadedModel:
-    """Open a model (api.open_model) with a BatchEngine (blocking; seconds)."""
+def load_model(model_id: str, source: str | Path, config: ServeConfig,
+               adapters: dict[str, str | Path] | None = None) -> LoadedModel:
+    """Open a model (api.open_model) with a BatchEngine and its LoRA adapters (NAME -> folder;
+    on the C runtime only) (blocking; seconds)."""
     from homellm.api import open_model
     from homellm.engine.batch import BatchConfig, BatchEngine
+    from homellm.engine.lora import LoraAdapter
 
     t0 = time.perf_counter()
     # the network's own cache serves scoring (echoed prompts' logprobs, embeddings): float32
@@ -91,12 +114,15 @@ def load_model(model_id: str, source: str | Path, config: ServeConfig) -> Loaded
     opened = open_model(source if isinstance(source, Path) else str(source), device="cpu",
                         ctx=config.ctx or DEFAULT_CTX, trained_ctx=True, threads=config.threads,
                         kv_dtype="f32")
+    loras = {name: LoraAdapter(path, opened.checkpoint.args, name)
+             for name, path in (adapters or {}).items()} if opened.native else {}
     engine = BatchEngine(opened.network, BatchConfig(
         max_batch=config.max_batch, ctx=opened.ctx, max_queue=config.max_queue,
         prefill_chunk_busy=config.prefill_chunk_busy,
         prefix_cache_bytes=config.prefix_cache_bytes, threads=config.threads))
+    nbytes = size_on_disk(opened.path) + config.prefix_cache_bytes + sum(a.nbytes for a in loras.values())
     return LoadedModel(model_id, opened.path, opened.tokenizer, opened.network, engine, opened.ctx,
-                       size_on_disk(opened.path) + config.prefix_cache_bytes, time.perf_counter() - t0)
+                       nbytes, time.perf_counter() - t0, adapters=loras)
 
 
 class ModelRegistry:
@@ -112,6 +138,17 @@ class ModelRegistry:
         self.sources = dict(models)
         self.aliases = dict(aliases or {})
         self.config = config or ServeConfig()
+        # adapter ids (base:NAME) -> (base id, NAME, folder); listed after their base
+        base = next(iter(self.sources))
+        self.adapters = {f"{base}:{name}": (base, name, Path(path))
+                         for name, path in self.config.adapters.items()}
+        listed = {}
+        for mid, source in self.sources.items():
+            listed[mid] = source
+            for aid, (b, _, _) in self.adapters.items():
+                if b == mid:
+                    listed[aid] = source
+        self.sources = listed
         self.budget = self.config.memory_budget_bytes or machine_memory_bytes() * 3 // 4
         self.loaded: dict[str, LoadedModel] = {}
         self.keep_alive: dict[str, float] = {}  # per-model keep_alive_s set by requests
@@ -175,9 +212,28 @@ class ModelRegistry:
             raise APIError(400, "model: expected the id of a model (GET /v1/models lists them)",
                            param="model", code="invalid_value")
         mid = name if name in self.sources else self.aliases.get(name)
+        if mid is None and ":" in name:  # an adapter of a base named by an alias
+            base, _, suffix = name.rpartition(":")
+            base = base if base in self.sources else self.aliases.get(base)
+            mid = f"{base}:{suffix}" if f"{base}:{suffix}" in self.adapters else None
         if mid is None:
             raise model_not_found(name, self.ids())
         return mid
+
+    def adapters_of(self, mid: str) -> dict[str, Path]:
+        """NAME -> folder of the adapters that load with base model `mid`."""
+        return {name: path for b, name, path in self.adapters.values() if b == mid}
+
+    def check_adapters(self):
+        """Read every adapter against its base's shapes now (HomellmError naming the file):
+        `serve --adapter` fails at start, not at the first request."""
+        from homellm.catalog import resolve
+        from homellm.engine.lora import LoraAdapter
+        from homellm.model.formats import open_checkpoint
+        for aid, (base, name, path) in self.adapters.items():
+            source = self.sources[base]
+            args = open_checkpoint(resolve(source if isinstance(source, Path) else str(source))).args
+            LoraAdapter(path, args, name)
 
     # -- use --------------------------------------------------------------------------------
 
@@ -185,6 +241,15 @@ class ModelRegistry:
         """The loaded model for `name` (loading it first if needed), marked in use: call
         `release` when the request is over."""
         mid = self.resolve_id(name)
+        if mid in self.adapters:
+            base_id, adapter, _ = self.adapters[mid]
+            base = await self.acquire(base_id)
+            if adapter not in base.adapters:
+                self.release(base)
+                raise APIError(400, f"model {mid!r}: its adapter runs on the C runtime, and the base "
+                               f"model {base_id!r} runs on PyTorch here (a GGUF file of the types "
+                               "the C runtime takes is needed)", param="model", code="unsupported")
+            return base.with_adapter(mid, adapter)
         with self._lock:
             model = self.loaded.get(mid)
             if model is not None:
@@ -198,6 +263,7 @@ class ModelRegistry:
         return model
 
     def release(self, model: LoadedModel):
+        model = model.base if model.base is not None else model
         with self._lock:
             model.in_use = max(0, model.in_use - 1)
             model.last_used = time.monotonic()
@@ -212,7 +278,7 @@ class ModelRegistry:
             need = self._estimate(source)
             self._make_room(need)
             try:
-                model = load_model(mid, source, self.config)
+                model = load_model(mid, source, self.config, self.adapters_of(mid))
             except HomellmError as e:
                 raise APIError(500, f"model {mid!r} could not be loaded: {e}", type="server_error",
                                param="model", code="model_load_failed") from None
@@ -289,6 +355,10 @@ class ModelRegistry:
         """For GET /v1/models and /health."""
         out = []
         for mid in self.sources:
+            if mid in self.adapters:
+                base, name, _ = self.adapters[mid]
+                out.append({"id": mid, "loaded": base in self.loaded, "base": base, "adapter": name})
+                continue
             m = self.loaded.get(mid)
             out.append({"id": mid, "loaded": m is not None,
                         **({"ctx": m.ctx, "in_use": m.in_use, "idle_s": round(m.idle_s, 1),

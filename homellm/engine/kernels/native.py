@@ -250,6 +250,7 @@ class NativeModel:
         self.lib, self.args, self.max_seq_len = lib, args, max_seq_len
         self.tokens: list[int] = []  # the ids whose keys and values the cache holds
         self.lock = threading.RLock()  # held by whoever runs a sequence on the own cache
+        self.adapter = None  # a LoraAdapter (engine/lora.py) forward and decode apply, or None
         self._keep: list = []  # every buffer the C side points to
         self.raw_dropped = False
         inv_freq = np.ascontiguousarray(rope_inv_freq(args), dtype=np.float32)
@@ -364,19 +365,18 @@ class NativeModel:
             raise ValueError(f"KV cache holds {self.max_seq_len} positions; asked for {start_pos + n}")
         if n == 1:
             out = self.decode(ids[0], start_pos)[None]
-        else:
+        else:  # the batch call on the own cache (hl_forward is the same call, without adapters)
             outs = []
             for i in range(0, n, MAX_CHUNK):
                 chunk = ids[i:i + MAX_CHUNK]
                 last = i + MAX_CHUNK >= n
-                rows = 1 if last_only else len(chunk)
-                logits = np.empty((rows, self.args.vocab_size), dtype=np.float32)
-                toks = np.asarray(chunk, dtype=np.int32)
-                rc = self.lib.hl_forward(self.ctx, toks.ctypes.data, len(chunk), start_pos + i,
-                                         logits.ctypes.data, int(not last_only))
-                if rc:
-                    raise self._error(rc, chunk, start_pos + i)
-                if last or not last_only:
+                want = [not last_only or (last and j == len(chunk) - 1) for j in range(len(chunk))]
+                try:
+                    logits = self.batch(None, chunk, range(start_pos + i, start_pos + i + len(chunk)),
+                                        [0] * len(chunk), want, [self.adapter] * len(chunk))
+                except ValueError:
+                    raise self._error(-1, chunk, start_pos + i) from None
+                if logits is not None:
                     outs.append(logits)
             out = outs[0] if len(outs) == 1 else np.concatenate(outs)
         del self.tokens[start_pos:]
@@ -387,6 +387,12 @@ class NativeModel:
         """Logits (vocab,) for `token` at position `pos`; the cache must hold 0..pos-1.
         (Low level: `forward` also keeps `tokens` up to date.)"""
         logits = out if out is not None else np.empty(self.args.vocab_size, dtype=np.float32)
+        if self.adapter is not None:
+            try:
+                logits[:] = self.batch(None, [token], [pos], [0], [True], [self.adapter])[0]
+            except ValueError:
+                raise self._error(-1, [token], pos) from None
+            return logits
         rc = self.lib.hl_decode(self.ctx, int(token), int(pos), logits.ctypes.data)
         if rc:
             raise self._error(rc, [token], pos)
