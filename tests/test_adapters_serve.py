@@ -300,3 +300,34 @@ def test_serve_refuses_bad_adapter_flags(tmp_path, adapters):
     registry = ModelRegistry({"tiny": path}, ServeConfig(adapters={"x": other}))
     with pytest.raises(HomellmError, match="the model has 2 layers"):
         registry.check_adapters()
+
+
+def test_keys_and_values_are_reused_only_with_the_same_adapter(adapters):
+    """A slot, a prefix-cache entry or a fork computed with one adapter never serves a request
+    with another (or none): each request equals itself on a fresh engine."""
+    from homellm.engine.batch import BatchConfig, BatchEngine, Request
+    from homellm.engine.sampling import SamplingParams
+    model = NativeModel(ARGS, quantized_tensors(ARGS, Q.Q8_0), 96)
+    a = LoraAdapter(adapters[0], ARGS)
+    prompt = ids(30, 13, ARGS.vocab_size)
+    greedy = SamplingParams(temperature=0)
+
+    def run(engine, adapter, p=prompt):
+        return [s.token for s in engine.generate(Request(p, greedy, max_tokens=6, adapter=adapter))
+                if s.token is not None]
+
+    fresh = {}
+    for who in (None, a):
+        engine = BatchEngine(model, BatchConfig(max_batch=1, ctx=96))
+        fresh[who] = run(engine, who)
+        engine.close()
+    assert fresh[None] != fresh[a]
+    engine = BatchEngine(model, BatchConfig(max_batch=1, ctx=96))
+    try:
+        assert run(engine, a) == fresh[a]
+        assert run(engine, None) == fresh[None]      # the slot held a's keys: not reused
+        run(engine, None, ids(20, 14, ARGS.vocab_size))  # a's and the base's go to the prefix cache
+        assert run(engine, a) == fresh[a] and run(engine, None) == fresh[None]
+        assert engine.prefix.hits >= 1
+    finally:
+        engine.close()

@@ -255,6 +255,9 @@ class BatchEngine:
         self.waiting: deque[Ticket] = deque()
         self.active: list[_Sequence] = []            # in admission order
         self.free: list[int] = list(range(self.config.max_batch))  # least recently used first
+        # the adapter whose rows computed each slot's keys and values (None: the base model):
+        # keys and values are reused only for requests with the same adapter
+        self.owner: list = [None] * self.config.max_batch
         self.steps = self.generated = self.prefilled = self.forked = 0
         self.busy_s = 0.0
         self.last_active = time.monotonic()
@@ -372,17 +375,22 @@ class BatchEngine:
                 self._deliver(t, e)
 
     def _admit(self, ticket: Ticket):
-        ids = ticket.request.ids
+        ids, adapter = ticket.request.ids, ticket.request.adapter
         ticket.queued_s = time.perf_counter() - ticket.submitted
         # the free slot that already holds the longest prefix of ids (ties: least recently used)
         tokens = self.cache.tokens
-        slot = max(self.free, key=lambda s: self.cache.common_prefix(s, ids))
+
+        def in_slot_of(s: int) -> int:
+            return self.cache.common_prefix(s, ids) if self.owner[s] is adapter else 0
+
+        slot = max(self.free, key=in_slot_of)
         self.free.remove(slot)
-        in_slot = self.cache.common_prefix(slot, ids)
+        in_slot = in_slot_of(slot)
         held = tokens[slot]
         if len(held) > in_slot and len(held) >= self.prefix.min_tokens:
             self._save(slot)  # about to be overwritten: keep it for later turns
-        entry, in_store = (None, 0) if in_slot >= len(ids) - 1 else self.prefix.lookup(ids)
+        self.owner[slot] = adapter
+        entry, in_store = (None, 0) if in_slot >= len(ids) - 1 else self.prefix.lookup(ids, adapter)
         reuse = min(max(in_slot, in_store), len(ids) - 1)  # the last one yields logits
         if in_store > in_slot:
             self.runner.write(slot, entry.keys, entry.values, list(ids[:reuse]))
@@ -393,7 +401,7 @@ class BatchEngine:
     def _save(self, slot: int):
         n = len(self.cache.tokens[slot])
         keys, values = self.runner.read(slot, n)  # copies: (L, n_kv, n, head_dim)
-        self.prefix.store(self.cache.tokens[slot], keys, values)
+        self.prefix.store(self.cache.tokens[slot], keys, values, self.owner[slot])
 
     def _fork(self, seq: _Sequence) -> bool:
         """Copy the keys and values of the prompt prefix `seq` shares with a sequence admitted
@@ -404,6 +412,8 @@ class BatchEngine:
         for other in self.active:
             if other is seq:
                 break
+            if other.ticket.request.adapter is not seq.ticket.request.adapter:
+                continue
             target = min(common_prefix(other.ids, ids), cap)
             if target <= seq.fed:
                 continue

@@ -6,6 +6,8 @@ n_kv_heads, n, head_dim) for each. A lookup finds the entry sharing the longest 
 a new prompt: those positions' keys and values are copied into the new sequence's slot
 instead of being computed. The store is bounded in bytes; the least recently used entries
 go first. An entry whose ids are a prefix of a new entry's is dropped (the new one covers it).
+Entries live in namespaces (e.g. the LoRA adapter whose rows computed them): a lookup sees only
+its own namespace's.
 Keys and values are arrays of the engine's cache (numpy for the C runtime, torch tensors for
 the PyTorch network): the store only counts their bytes.
 """
@@ -23,14 +25,20 @@ class PrefixEntry:
     tokens: tuple[int, ...]
     keys: object    # (n_layers, n_kv_heads, n, head_dim)
     values: object  # (n_layers, n_kv_heads, n, head_dim)
+    namespace: object = None
 
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
+    @property
+    def key(self) -> tuple:
+        return (self.namespace, self.tokens)
+
 
 class PrefixCache:
-    """Entries keyed by their token ids, at most `capacity_bytes` of keys and values in all.
+    """Entries keyed by their namespace and token ids, at most `capacity_bytes` of keys and
+    values in all.
 
     Thread-safe. `min_tokens`: shorter sequences are not worth an entry.
     """
@@ -38,7 +46,7 @@ class PrefixCache:
     def __init__(self, capacity_bytes: int, min_tokens: int = 8):
         self.capacity_bytes = int(capacity_bytes)
         self.min_tokens = min_tokens
-        self.entries: OrderedDict[tuple[int, ...], PrefixEntry] = OrderedDict()  # LRU first
+        self.entries: OrderedDict[tuple, PrefixEntry] = OrderedDict()  # LRU first
         self.nbytes = 0
         self.hits = self.misses = self.evictions = 0
         self._lock = threading.Lock()
@@ -46,11 +54,14 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def lookup(self, ids: list[int]) -> tuple[PrefixEntry | None, int]:
-        """The entry sharing the longest prefix with `ids`, and that length (None, 0 if none)."""
+    def lookup(self, ids: list[int], namespace=None) -> tuple[PrefixEntry | None, int]:
+        """The entry of `namespace` sharing the longest prefix with `ids`, and that length
+        (None, 0 if none)."""
         with self._lock:
             best, best_n = None, 0
             for entry in self.entries.values():
+                if entry.namespace != namespace:
+                    continue
                 n = common_prefix(entry.tokens, ids)
                 if n > best_n:
                     best, best_n = entry, n
@@ -58,27 +69,29 @@ class PrefixCache:
                 self.misses += 1
                 return None, 0
             self.hits += 1
-            self.entries.move_to_end(best.tokens)
+            self.entries.move_to_end(best.key)
             return best, best_n
 
-    def store(self, tokens: list[int], keys, values) -> bool:
+    def store(self, tokens: list[int], keys, values, namespace=None) -> bool:
         """Keep `tokens` with their keys and values (n_layers, n_kv_heads, n, head_dim), which
         the cache owns from now on (pass copies). Returns whether it was kept."""
-        tokens = tuple(tokens)
-        entry = PrefixEntry(tokens, keys, values)
+        entry = PrefixEntry(tuple(tokens), keys, values, namespace)
+        tokens = entry.tokens
         if len(tokens) < self.min_tokens or entry.nbytes > self.capacity_bytes:
             return False
         with self._lock:
             for other in list(self.entries.values()):  # entries the new one covers
+                if other.namespace != namespace:
+                    continue
                 if len(other.tokens) <= len(tokens) and tokens[:len(other.tokens)] == other.tokens:
-                    self._drop(other.tokens)
+                    self._drop(other.key)
                 elif len(other.tokens) > len(tokens) and other.tokens[:len(tokens)] == tokens:
-                    self.entries.move_to_end(other.tokens)  # already covered by a longer one
+                    self.entries.move_to_end(other.key)  # already covered by a longer one
                     return False
             while self.entries and self.nbytes + entry.nbytes > self.capacity_bytes:
                 self._drop(next(iter(self.entries)))
                 self.evictions += 1
-            self.entries[tokens] = entry
+            self.entries[entry.key] = entry
             self.nbytes += entry.nbytes
             return True
 
@@ -87,7 +100,7 @@ class PrefixCache:
             self.entries.clear()
             self.nbytes = 0
 
-    def _drop(self, key: tuple[int, ...]):
+    def _drop(self, key: tuple):
         self.nbytes -= self.entries.pop(key).nbytes
 
     def stats(self) -> dict:
