@@ -41,7 +41,7 @@ def tiny_tokenizer(folder: Path, vocab_size: int = 360) -> Path:
 
 
 def tiny_model(folder: Path, tokenizer_dir: Path, seed: int = 0, hidden: int = 64,
-               layers: int = 2) -> Path:
+               layers: int = 2, embed_scale: float = 2.0) -> Path:
     """A random tiny Llama as a HF folder with the tokenizer of `tokenizer_dir`."""
     import sys
     sys.path.insert(0, str(Path(__file__).parent))
@@ -55,6 +55,9 @@ def tiny_model(folder: Path, tokenizer_dir: Path, seed: int = 0, hidden: int = 6
                      num_key_value_heads=2, intermediate_size=2 * hidden, vocab_size=len(vocab) + 3,
                      max_position_embeddings=256, tie_word_embeddings=True)
     state = tiny_llama_state(args, seed=seed)
+    # a wider (tied) embedding than tiny_llama_state's 0.05: the final hidden state can then
+    # make one token near certain, as a real model's head can (at 0.05 no token can pass ~6%)
+    state["model.embed_tokens.weight"] *= embed_scale
     return write_hf(folder, args, state, dtype=torch.float32, tokenizer_json=tok_json,
                     tokenizer_config=tok_config, chat_template=tok_config["chat_template"])
 

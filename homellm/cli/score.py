@@ -56,9 +56,10 @@ def main(args: argparse.Namespace) -> int:
     from homellm.cli.options import read_stdin_text
     from homellm.data import deep_json
     from homellm.errors import HomellmError
-    from homellm.train.reward import load_reward_model
+    from homellm.train.reward import find_reward_model, load_reward_model
     if args.batch_tokens < 1:
         raise HomellmError(f"--batch-tokens {args.batch_tokens}: expected at least 1")
+    folder = find_reward_model(args.model)  # (not a reward model: said before reading the input)
     source = args.file or "<stdin>"
     if args.file is None:
         text = read_stdin_text()
@@ -88,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
-    rm = load_reward_model(args.model, base=args.base, device=device)
+    rm = load_reward_model(folder, base=args.base, device=device)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     scores = rm.rewards(pairs, batch_tokens=args.batch_tokens)
