@@ -115,7 +115,6 @@ class ModelArgs:
     partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * this values of each head
     embed_scale: float = 1.0  # embeddings are multiplied by this (Gemma: sqrt(hidden_size))
     query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power (None: head_dim)
-    attn_logit_softcapping: float | None = None  # scores -> c tanh(scores / c) (Gemma 2 style)
     final_logit_softcapping: float | None = None  # logits -> c tanh(logits / c)
     # sliding-window attention: a query at position p sees keys p - sliding_window + 1 .. p in the
     # layers `layer_types` marks "sliding_attention" (None: every layer when sliding_window is set)
@@ -168,8 +167,7 @@ class ModelArgs:
         if factor > 1 or int(self.head_dim * factor) < 2 or int(self.head_dim * factor) % 2:
             raise ValueError(f"partial_rotary_factor={factor}: expected a fraction of head_dim="
                              f"{self.head_dim} that rotates an even number (>= 2) of values")
-        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
-                     "rope_local_theta"):
+        for name in ("query_pre_attn_scalar", "final_logit_softcapping", "rope_local_theta"):
             if getattr(self, name) is not None:
                 _number(name, getattr(self, name))
         if self.sliding_window is not None:
@@ -212,7 +210,7 @@ class ModelArgs:
                 and self.norm_type == "rms" and self.norm_offset == 0 and not self.qk_norm
                 and not self.sandwich_norms and not self.parallel_residual and self.rotary_dim == self.head_dim
                 and self.embed_scale == 1 and self.query_pre_attn_scalar in (None, self.head_dim)
-                and self.attn_logit_softcapping is None and self.final_logit_softcapping is None
+                and self.final_logit_softcapping is None
                 and self.sliding_window is None and self.rope_local_theta is None
                 and kind_of(self.rope_scaling) != "longrope")
 

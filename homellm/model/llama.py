@@ -4,14 +4,13 @@ Covers SmolLM2, TinyLlama, Llama 2 and 3.x, Mistral, Qwen2 and Qwen3, Gemma 3, P
 and GPT-NeoX (Pythia): the differences between them are fields of `ModelArgs` (model/config.py
 has the table: grouped-query attention, RoPE base, scaling and rotary fraction, tied
 embeddings, norm kind and eps, biases, q/k norms, sliding windows, GeGLU, sandwich norms,
-parallel attention and MLP, softcapping), never subclasses.
+parallel attention and MLP, final logit softcapping), never subclasses.
 
 Parameter and config names are Hugging Face's, so a transformers checkpoint loads by name.
 The model holds no KV cache: the engine owns one and passes it to `forward`.
 """
 from __future__ import annotations
 
-import math
 from typing import Protocol
 
 import torch
@@ -102,7 +101,6 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = (
             args.num_attention_heads, args.num_key_value_heads, args.head_dim)
         self.scale = args.attention_scale
-        self.softcap = args.attn_logit_softcapping
         self.window = args.window(layer)
         self.local_rope = args.local_rope(layer)  # (which cos/sin the model hands this layer)
         h, d = args.hidden_size, args.head_dim
@@ -120,7 +118,7 @@ class Attention(nn.Module):
         self.qkv_proj = None
         # optional causal attention (q, k, v) -> (B, T, n_heads * head_dim), the queries being
         # the last T key positions, scaled by head_dim ** -0.5 (the loader sets engine/kernels
-        # CausalAttention); used where the layer has no window, softcap or other scale
+        # CausalAttention); used where the layer has no window or other scale
         self.attention_fn = None
         # optional attention for a batch whose rows are at their own positions: (q (B, n_heads,
         # T, hd), keys, values: per row (1, n_kv, S_b, hd)) -> (B, T, n_heads * hd), row b's
@@ -159,34 +157,20 @@ class Attention(nn.Module):
         return self.o_proj(y.to(x.dtype))
 
     def plain(self) -> bool:
-        """Whether attention is the default one (scale head_dim**-0.5, no window, no softcap)
-        that attention_fn computes."""
-        return self.window is None and self.softcap is None and self.scale == self.head_dim ** -0.5
+        """Whether attention is the default one (scale head_dim**-0.5, no window) that
+        attention_fn computes."""
+        return self.window is None and self.scale == self.head_dim ** -0.5
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """(B, T, n_heads * head_dim) for q (B, n_heads, T, hd), k, v (B, n_kv_heads, S, hd)."""
         B, _, T, _ = q.shape
         q, k = q.to(v.dtype), k.to(v.dtype)
-        if self.softcap is not None:  # scores -> c tanh(scores / c), then the softmax
-            return self.attend_softcapped(q, k, v, mask)
         if mask is None and T > 1 and self.attention_fn is not None and self.plain():
             return self.attention_fn(q, k, v)  # (T = 1: SDPA is faster)
         if mask is None and T > 1 and k.shape[2] != T:  # queries are the last T of S keys
             mask = causal_mask(T, k.shape[2], q.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads)
-        return y.transpose(1, 2).reshape(B, T, -1)
-
-    def attend_softcapped(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        B, _, T, _ = q.shape
-        group = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = (q @ k.transpose(2, 3)).float() * self.scale  # (B, n_heads, T, S)
-        scores = torch.tanh(scores / self.softcap) * self.softcap
-        if mask is None:
-            mask = causal_mask(T, k.shape[2], q.device)
-        scores = scores.masked_fill(~mask, -math.inf)
-        y = torch.softmax(scores, dim=-1).to(v.dtype) @ v
         return y.transpose(1, 2).reshape(B, T, -1)
 
 

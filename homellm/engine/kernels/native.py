@@ -155,7 +155,7 @@ def _options(args: ModelArgs) -> list[str]:
                       head_dim=args.head_dim)
     names = ("o_bias", "mlp_bias", "mlp_gated", "hidden_act", "norm_type", "norm_offset", "qk_norm",
              "sandwich_norms", "parallel_residual", "partial_rotary_factor", "embed_scale",
-             "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+             "query_pre_attn_scalar", "final_logit_softcapping",
              "sliding_window", "rope_local_theta")
     out = [f"{n}={getattr(args, n)}" for n in names if getattr(args, n) != getattr(plain, n)
            and not (n == "query_pre_attn_scalar" and getattr(args, n) == args.head_dim)]

@@ -321,16 +321,16 @@ def _model_args(path: Path, kv: dict, arch: str, names: set[str], rope_freqs: li
         else:
             raise bad("attention.sliding_window_pattern", pattern, "an integer or a list of booleans")
         scale = number("attention.scale", None)
-        if scale is not None:
+        if scale is not None:  # (a whole number as one: the float32 key rounds it)
             qpas = 1.0 / (scale * scale)
+            qpas = float(round(qpas)) if abs(qpas - round(qpas)) < 1e-4 * qpas else qpas
         else:  # llama.cpp: 1/sqrt(head_dim), but 1/sqrt(n_embd/n_head) for the 27B model
             qpas = float(n_embd // n_heads if n_layers == 62 else d)
         extra = dict(norm_offset=1.0, qk_norm=True, sandwich_norms=True, hidden_act="gelu_tanh",
                      embed_scale=float(n_embd) ** 0.5, query_pre_attn_scalar=qpas,
                      sliding_window=window, layer_types=types if window else None,
                      rope_local_theta=number("rope.freq_base_swa", GEMMA_SWA_BASE) if window else None,
-                     final_logit_softcapping=number("final_logit_softcapping", None),
-                     attn_logit_softcapping=number("attn_logit_softcapping", None))
+                     final_logit_softcapping=number("final_logit_softcapping", None))
     elif arch == "qwen3":
         extra = dict(qk_norm=True)
     elif arch == "stablelm":
@@ -430,7 +430,7 @@ def read_gguf(path: str | os.PathLike, as_numpy: bool = False) -> Checkpoint:
         values = _to_torch(by_name[name], path, as_numpy=True)
         if isinstance(values, GGMLTensor):
             values = values.dequantize_numpy()
-        return np.asarray(values, dtype=np.float32).reshape(-1).tolist()
+        return [_f32(x) for x in np.asarray(values, dtype=np.float32).reshape(-1).tolist()]
 
     rope_freqs = floats(ROPE_FREQS) if ROPE_FREQS in by_name else None
     longrope = None
@@ -608,9 +608,10 @@ def _add_arch_metadata(writer: gguf.GGUFWriter, arch: str, args: ModelArgs) -> N
         llama_cpp = args.hidden_size // args.num_attention_heads if args.num_hidden_layers == 62 else args.head_dim
         if (args.query_pre_attn_scalar or args.head_dim) != llama_cpp:
             writer.add_float32(f"{arch}.attention.scale", float(args.attention_scale))
-        for key in ("final_logit_softcapping", "attn_logit_softcapping"):
-            if getattr(args, key) is not None:
-                writer.add_float32(f"{arch}.{key}", float(getattr(args, key)))
+        if args.final_logit_softcapping is not None:
+            writer.add_float32(f"{arch}.final_logit_softcapping", float(args.final_logit_softcapping))
+    if arch == "gptneox" and args.hidden_act != "gelu":
+        raise HomellmError(f"a gptneox GGUF computes GELU; this network's MLP uses {args.hidden_act}")
 
 
 def _gguf_plan(args: ModelArgs, tensors: dict, arch: str, expected: dict) -> list[tuple[str, Any, int | None]]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import fields
 
+import numpy as np
+
 from homellm.model.config import ModelArgs, kind_of
 
 # model_type -> the transformers class that `config_from_args` names
@@ -48,7 +50,9 @@ def _longrope(scaling: dict, config: dict, args: dict) -> dict:
     scaling["original_max_position_embeddings"] = original
     if scaling.get("attention_factor") is None:
         factor = scaling.get("factor") or args["max_position_embeddings"] / original
-        scaling["attention_factor"] = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+        factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+        # as the float32 it is multiplied in (and a GGUF stores): the shortest decimal of it
+        scaling["attention_factor"] = float(str(np.float32(factor)))
     scaling["rope_type"] = "longrope"
     scaling.pop("type", None)
     args["max_position_embeddings"] = min(args["max_position_embeddings"], original)
@@ -106,8 +110,9 @@ def args_from_config(config: dict) -> ModelArgs:
         args.update(norm_offset=1.0, qk_norm=True, sandwich_norms=True, embed_scale=float(h) ** 0.5,
                     attention_bias=bool(config.get("attention_bias", False)),
                     query_pre_attn_scalar=config.get("query_pre_attn_scalar", 256),
-                    attn_logit_softcapping=config.get("attn_logit_softcapping"),
                     final_logit_softcapping=config.get("final_logit_softcapping"))
+        # (attn_logit_softcapping: transformers' Gemma3Attention does not hand it to the
+        # attention function, nor does llama.cpp read it for gemma3: it changes nothing)
         args["o_bias"] = args["attention_bias"]
         args.setdefault("head_dim", 256)
         args.setdefault("hidden_act", "gelu_pytorch_tanh")
@@ -172,11 +177,15 @@ def _unsupported(args: ModelArgs, family: str, allowed: set[str]) -> None:
                       intermediate_size=1, vocab_size=1)
     options = ("o_bias", "mlp_bias", "mlp_gated", "hidden_act", "norm_type", "norm_offset", "qk_norm",
                "sandwich_norms", "parallel_residual", "partial_rotary_factor", "embed_scale",
-               "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+               "query_pre_attn_scalar", "final_logit_softcapping",
                "sliding_window", "layer_types", "rope_local_theta")
     bad = [name for name in options if name not in allowed and getattr(args, name) != getattr(plain, name)]
     if bad:
         raise ValueError(f"a {family} config cannot express {', '.join(bad)} of this network")
+
+
+def _int_if_whole(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
 
 
 def config_from_args(args: ModelArgs) -> dict:
@@ -188,7 +197,8 @@ def config_from_args(args: ModelArgs) -> dict:
             "hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers,
             "num_attention_heads": args.num_attention_heads, "intermediate_size": args.intermediate_size,
             "vocab_size": args.vocab_size, "max_position_embeddings": args.max_position_embeddings,
-            "tie_word_embeddings": args.tie_word_embeddings, "rope_theta": args.rope_theta}
+            "tie_word_embeddings": args.tie_word_embeddings, "rope_theta": args.rope_theta,
+            "pad_token_id": None}  # (the tokenizer's files say; some classes' defaults lie past the vocabulary)
     scaling = dict(args.rope_scaling) if args.rope_scaling else None
     if scaling and kind_of(scaling) == "freq_factors":
         raise ValueError("rope_scaling freq_factors (a GGUF rope_freqs tensor) has no transformers "
@@ -197,6 +207,10 @@ def config_from_args(args: ModelArgs) -> dict:
         if family == "mistral" and args.attention_bias:
             family = base["model_type"] = "llama"
             base["architectures"] = [FAMILIES["llama"]]
+        if family == "llama" and args.sliding_window is not None and not args.attention_bias \
+                and not args.o_bias and not args.mlp_bias and args.layer_types is None:
+            family = base["model_type"] = "mistral"
+            base["architectures"] = [FAMILIES["mistral"]]
         if family == "llama" and args.attention_bias != args.o_bias and args.attention_bias:
             family = base["model_type"] = "qwen2"
             base["architectures"] = [FAMILIES["qwen2"]]
@@ -222,7 +236,7 @@ def config_from_args(args: ModelArgs) -> dict:
         return base
     if family == "gemma3_text":
         _unsupported(args, family, {"o_bias", "hidden_act", "norm_offset", "qk_norm", "sandwich_norms",
-                                     "embed_scale", "query_pre_attn_scalar", "attn_logit_softcapping",
+                                     "embed_scale", "query_pre_attn_scalar",
                                      "final_logit_softcapping", "sliding_window", "layer_types",
                                      "rope_local_theta"})
         if not (args.qk_norm and args.sandwich_norms and args.norm_offset == 1
@@ -235,8 +249,7 @@ def config_from_args(args: ModelArgs) -> dict:
         base.update(num_key_value_heads=args.num_key_value_heads, head_dim=args.head_dim,
                     rms_norm_eps=args.rms_norm_eps, hidden_activation={"gelu_tanh": "gelu_pytorch_tanh"}
                     .get(args.hidden_act, args.hidden_act), attention_bias=args.attention_bias,
-                    query_pre_attn_scalar=args.query_pre_attn_scalar or args.head_dim,
-                    attn_logit_softcapping=args.attn_logit_softcapping,
+                    query_pre_attn_scalar=_int_if_whole(args.query_pre_attn_scalar or args.head_dim),
                     final_logit_softcapping=args.final_logit_softcapping,
                     sliding_window=args.sliding_window,
                     layer_types=[("sliding_attention" if args.window(i) else "full_attention")

