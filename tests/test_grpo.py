@@ -100,16 +100,21 @@ def test_group_advantages_and_the_token_loss_match_a_reference():
 
 
 @pytest.mark.slow
-def test_a_reward_for_one_rare_word_teaches_the_policy_to_say_it(tiny, tmp_path):
+@pytest.mark.parametrize("policy", ["hf", "gguf"])
+def test_a_reward_for_one_rare_word_teaches_the_policy_to_say_it(tiny, gguf_policy, tmp_path, policy):
+    """hf: rollouts on the training network; gguf: on the C runtime (where it is built)."""
     # saying one given token for sure where the base gives it p ~ 1/300 costs log(300) ~ 6 nats
     # at least: a target of 20 nats a completion leaves room for that, not for a collapse
+    model = str(tiny["model"] if policy == "hf" else gguf_policy)
     cfg = config(tiny, tmp_path / "run", steps=24, val_prompts=str(tiny["val"]), lr=1e-2, kl_coef=0.2,
-                 target_kl=20.0, kl_horizon=40, val_every=12)
+                 target_kl=20.0, kl_horizon=40, val_every=12, model=model)
     result = grpo.train(cfg)
     base, tuned = result.base_val, result.val[-1]
     assert base["reward"] <= 0.1, (tiny["word"], base)  # the base says the word in at most 1 of 10 replies
     assert tuned["reward"] >= 0.6, (tiny["word"], result.val)  # the tuned policy in most
     assert tuned["kl"] < cfg.target_kl, result.val  # nats a completion, against the reference
+    from homellm.engine import kernels
+    assert result.rollout == ("native" if policy == "gguf" and kernels.available() else "policy")
     assert result.logs[-1]["reward"] > result.logs[0]["reward"]
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged == result.logs and len(logged) == 24
@@ -207,46 +212,80 @@ def test_a_reward_function_gets_the_prompt_lines_other_fields(tiny, tmp_path):
     assert result.logs[0]["reward"] == 3.0
 
 
-def test_rollouts_on_the_engine_network_follow_the_training_adapters(tiny, tmp_path):
-    """A GGUF policy: the engine's network (C kernels over the file's blocks) with LoRA layers
-    that hold the training tensors themselves gives the training network's logits, before and
-    after the adapters change in place."""
-    from homellm.engine import kernels
-    if not kernels.available():
-        pytest.skip(f"kernels: {kernels.status()}")
+@pytest.fixture(scope="module")
+def gguf_policy(tiny, tmp_path_factory):
     from homellm.model.formats import open_checkpoint
     from homellm.model.formats.gguf import write_gguf
     from homellm.tokenizer.train import load
-    from homellm.train.base import load_base
-    from homellm.train.lora import apply_lora, lora_parameters
-    from homellm.train.rollout import generate, rollout_network
     ckpt = open_checkpoint(tiny["model"])
-    tok = load(tiny["tok"])
-    gguf = write_gguf(tmp_path / "policy.gguf", ckpt.args, dict(ckpt.tensors), out_type="q8_0",
-                      tokenizer_fields=tok.to_gguf_fields(), chat_template=ckpt.chat_template)
-    _, tokenizer, policy = load_base(str(gguf))
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "policy.gguf", ckpt.args, dict(ckpt.tensors),
+                      out_type="q8_0", tokenizer_fields=load(tiny["tok"]).to_gguf_fields(),
+                      chat_template=ckpt.chat_template)
+
+
+@pytest.mark.parametrize("mode", ["native", "engine"])
+def test_rollouts_on_the_fast_engines_follow_the_training_adapters(gguf_policy, mode):
+    """A GGUF policy: the C runtime with an adapter over the training tensors' memory (native),
+    or the engine's PyTorch network with LoRA layers holding the training Parameters (engine),
+    computes the training network's logits, with the adapters and without, before and after
+    the adapters change in place (an optimizer step)."""
+    from homellm.engine import kernels
+    if not kernels.available():
+        pytest.skip(f"kernels: {kernels.status()}")
+    from homellm.train.base import load_base
+    from homellm.train.lora import adapters_disabled, apply_lora, lora_parameters
+    from homellm.train.rollout import make_rollout
+    _, tokenizer, policy = load_base(str(gguf_policy))
     apply_lora(policy, LoraConfig(rank=4, alpha=8), seed=0)
-    net = rollout_network(policy, gguf, torch.device("cpu"), "engine")
-    assert net is not policy
-    assert any(type(m).__name__ == "GGMLLinear" for m in net.modules())
-    ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Is snow white?"}])])
+    roll = make_rollout(policy, gguf_policy, torch.device("cpu"), mode, threads=1)
+    assert roll.kind == mode
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Is snow white?"}])
+    x = torch.tensor([ids])
+
+    def fast(adapters=True):
+        if mode == "native":
+            return roll.logits(ids, adapters)
+        if adapters:
+            return roll.net(x)[0]
+        with adapters_disabled(roll.net):
+            return roll.net(x)[0]
+
     with torch.no_grad():
         for p in lora_parameters(policy)[1::2]:  # B: the adapters now change the outputs
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-        torch.testing.assert_close(net(ids), policy(ids), rtol=1e-3, atol=2e-3)  # int8 activations
-        from homellm.train.lora import adapters_disabled
-        with adapters_disabled(net), adapters_disabled(policy):
-            base = policy(ids)
-            assert (net(ids) - base).abs().max() < 2e-3  # the same base ...
-        assert (net(ids) - base).abs().max() > 0.05  # ... that the adapters change
+        with adapters_disabled(policy):
+            base = policy(x)[0]
+        torch.testing.assert_close(fast(adapters=False), base, rtol=1e-3, atol=2e-3)  # int8 activations
+        torch.testing.assert_close(fast(), policy(x)[0], rtol=1e-3, atol=2e-3)
+        assert (fast() - base).abs().max() > 0.05  # ... which the adapters change
         lora_parameters(policy)[1].mul_(-3)  # an optimizer step, in place
-        torch.testing.assert_close(net(ids), policy(ids), rtol=1e-3, atol=2e-3)  # int8 activations
-    # greedy rollouts: the engine's network and the training network say the same
+        torch.testing.assert_close(fast(), policy(x)[0], rtol=1e-3, atol=2e-3)
+    # sampled rollouts: the same seed draws the same completions; another seed others
+    kw = dict(stop_ids=tokenizer.eos_ids, pad_id=0, temperature=1.0)
+    prompts = [ids, ids[:-3]]
+    a = roll.generate(prompts, 3, 10, seed=5, **kw)
+    assert [c.prompt for c in a] == [0, 0, 0, 1, 1, 1]
+    assert [c.ids for c in a] == [c.ids for c in roll.generate(prompts, 3, 10, seed=5, **kw)]
+    assert [c.ids for c in a] != [c.ids for c in roll.generate(prompts, 3, 10, seed=6, **kw)]
+
+
+def test_a_left_padded_row_decodes_as_the_row_alone(tiny):
+    from homellm.train.base import load_base
+    from homellm.train.lora import apply_lora, lora_parameters
+    from homellm.train.rollout import generate
+    _, tokenizer, policy = load_base(str(tiny["model"]))
+    apply_lora(policy, LoraConfig(rank=4, alpha=8), seed=0)
+    with torch.no_grad():  # a policy whose greedy replies are not one token repeated
+        for p in lora_parameters(policy)[1::2]:
+            p.normal_(0, 0.2, generator=torch.Generator().manual_seed(2))
+    long = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about the sea, please."}])
+    short = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
     kw = dict(stop_ids=tokenizer.eos_ids, pad_id=0, temperature=0.0)
-    prompts = [ids[0].tolist(), ids[0].tolist()[:-3]]
-    a = generate(net, prompts, 1, 10, **kw)
-    b = generate(policy, prompts, 1, 10, **kw)
-    assert [c.ids for c in a] == [c.ids for c in b]
-    # a left-padded row decodes as the row alone
-    alone = generate(policy, prompts[1:], 1, 10, **kw)
-    assert alone[0].ids == b[1].ids
+    seen_both, seen_alone = {}, {}
+    both = generate(policy, [long, short], 1, 12, record=seen_both, **kw)
+    alone = generate(policy, [short], 1, 12, record=seen_alone, **kw)
+    assert len(short) + 5 < len(long) and both[1].ids == alone[0].ids
+    assert len(seen_both[1]) == len(seen_alone[0]) == 12
+    for a, b in zip(seen_both[1], seen_alone[0]):  # every step's logits, padded or not
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(seen_both[1][0], seen_both[0][0], atol=1e-2)  # the rows differ

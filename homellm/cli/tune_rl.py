@@ -66,9 +66,10 @@ def _arguments(p: argparse.ArgumentParser, method: str):
     g.add_argument("--temperature", type=float, default=c.temperature, help="sampling temperature (default 1)")
     g.add_argument("--top-k", type=int, default=c.top_k, help="0: no cut (default 0)")
     g.add_argument("--top-p", type=float, default=c.top_p, help="1: no cut (default 1)")
-    g.add_argument("--rollout", choices=["auto", "engine", "policy"], default=c.rollout,
-                   help="what generates: the engine's network of a GGUF (C kernels) with the "
-                        "training adapters shared, or the training network (default auto)")
+    g.add_argument("--rollout", choices=["auto", "native", "engine", "policy"], default=c.rollout,
+                   help="what generates: the C runtime on a GGUF with the training adapters shared "
+                        "(native), the engine's PyTorch network of it (engine), or the training "
+                        "network (policy); default auto: the first that applies")
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=float, default=c.lr, help=f"AdamW learning rate (default {c.lr:g})")
     g.add_argument("--warmup", type=int, default=0, help="optimizer steps of linear warmup (default 0)")
@@ -182,8 +183,11 @@ def main(args) -> int:
     logs = result.logs
     first, last = (logs[0], logs[-1]) if logs else ({}, {})
     reward = f", mean reward {first['reward']:.4f} -> {last['reward']:.4f}, KL {last['kl']:.3f}" if logs else ""
+    where = {"native": "the C runtime", "engine": "the engine's PyTorch network",
+             "policy": "the training network"}.get(result.rollout, result.rollout)
     print(f"{config.method}: {result.steps} steps, {result.tokens} completion tokens in "
-          f"{result.seconds:.1f} s ({result.tokens_per_s:.0f} tok/s){reward}", file=sys.stderr)
+          f"{result.seconds:.1f} s ({result.tokens_per_s:.0f} tok/s; rollouts on {where}){reward}",
+          file=sys.stderr)
     if result.base_val and result.val:
         print(f"held-out: base {_val_line(result.base_val)}; tuned {_val_line(result.val[-1])}",
               file=sys.stderr)

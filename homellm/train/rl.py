@@ -222,7 +222,7 @@ class RLSession:
     device: torch.device
     tokenizer: object
     model: nn.Module
-    net: nn.Module  # what rollouts run on (rollout.rollout_network)
+    roller: object  # what rollouts run on (rollout.make_rollout)
     value_head: nn.Module | None
     params: list
     optimizer: torch.optim.Optimizer
@@ -256,13 +256,12 @@ class RLSession:
             cache[epoch] = torch.randperm(len(self.prompts), generator=g).tolist()
         return cache[epoch]
 
-    def rollout(self, items: list[dict], n: int, seed: int, stats) -> list:
-        from homellm.train.rollout import generate
+    def rollout(self, items: list[dict], n: int, seed: int, stats, adapters: bool = True) -> list:
         c = self.config
-        done = generate(self.net, [it["ids"] for it in items], n, c.max_new_tokens,
-                        stop_ids=self.tokenizer.eos_ids, pad_id=self.pad_id,
-                        temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, seed=seed,
-                        stats=stats)
+        done = self.roller.generate([it["ids"] for it in items], n, c.max_new_tokens,
+                                    stop_ids=self.tokenizer.eos_ids, pad_id=self.pad_id,
+                                    temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                                    seed=seed, stats=stats, adapters=adapters)
         for comp in done:
             ids = comp.ids[:-1] if comp.finished else comp.ids
             comp.text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -296,8 +295,8 @@ class RLSession:
         was = self.model.training
         self.model.eval()
         ctx = adapters_disabled if not adapters else contextlib.nullcontext
-        with ctx(self.net), ctx(self.model):
-            done = self.rollout(items, 1, self.config.seed + VAL_SEED, RolloutStats())
+        with ctx(self.model):
+            done = self.rollout(items, 1, self.config.seed + VAL_SEED, RolloutStats(), adapters)
         rewards = self.reward(items, [d.text for d in done])
         rows = [(it["ids"], d.ids) for it, d in zip(items, done)]
         kls = []
@@ -370,7 +369,7 @@ class RLSession:
             torch.set_num_threads(self.threads_before)
         h = self.history
         return RLResult(self.out, step, list(h["logs"]), list(h["val"]), h["tokens"], h["seconds"],
-                        self.skipped, stopped, self.config, h.get("base_val"))
+                        self.skipped, stopped, self.config, h.get("base_val"), self.roller.kind)
 
 
 @dataclass
@@ -385,6 +384,7 @@ class RLResult:
     stopped: bool
     config: RLConfig
     base_val: dict | None = None  # the held-out evaluation of the base (adapters off)
+    rollout: str = ""  # what generated: "native", "engine" or "policy" (train/rollout.py)
 
     @property
     def tokens_per_s(self) -> float:
@@ -397,7 +397,7 @@ def setup(config: RLConfig, resume: bool = False, progress=None, value_head: boo
     from homellm.train.base import load_base
     from homellm.train.fused import fuse_lora
     from homellm.train.lora import apply_lora, lora_parameters
-    from homellm.train.rollout import rollout_network
+    from homellm.train.rollout import make_rollout
     from homellm.train.session import create_out, writable_out
 
     config = config.resolved()
@@ -463,9 +463,9 @@ def setup(config: RLConfig, resume: bool = False, progress=None, value_head: boo
     warmup = config.warmup
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
-    net = rollout_network(model, source, device, config.rollout)
+    roller = make_rollout(model, source, device, config.rollout, config.threads)
     pad_id = tokenizer.padding_id if tokenizer.padding_id is not None else (tokenizer.eos_id or 0)
-    s = RLSession(config, out, device, tokenizer, model, net, head, params, optimizer, scheduler,
+    s = RLSession(config, out, device, tokenizer, model, roller, head, params, optimizer, scheduler,
                   prompts, val_prompts, reward, KLController(config.kl_coef, config.target_kl,
                                                              config.kl_horizon),
                   RunningMoments(), pad_id, skipped=skipped, progress=progress,

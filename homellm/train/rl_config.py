@@ -64,7 +64,7 @@ class RLConfig:
     save_every: int = 1  # steps between checkpoints (exact resume)
     threads: int | None = None
     device: str = "cpu"
-    rollout: str = "auto"  # "auto", "engine" (the engine's network) or "policy"
+    rollout: str = "auto"  # "auto", "native" (the C runtime), "engine" or "policy" (train/rollout.py)
 
     def __post_init__(self):
         if isinstance(self.lora, dict):
@@ -95,7 +95,8 @@ class RLConfig:
             (self.kl_coef is None or self.kl_coef >= 0, f"kl coef {self.kl_coef}: expected >= 0"),
             (self.target_kl is None or self.target_kl > 0, f"target kl {self.target_kl}: expected > 0"),
             (self.loss_type in ("dapo", "grpo"), f"loss type {self.loss_type!r}: expected dapo or grpo"),
-            (self.rollout in ("auto", "engine", "policy"), f"rollout {self.rollout!r}: expected auto, engine or policy"),
+            (self.rollout in ("auto", "native", "engine", "policy"),
+             f"rollout {self.rollout!r}: expected auto, native, engine or policy"),
             (self.save_every >= 0 and self.val_every >= 0, "save_every and val_every: expected >= 0"),
         ]
         for ok, message in checks:

@@ -1,28 +1,29 @@
 """Rollouts for PPO and GRPO: many completions sampled at once from the policy as it is now.
 
-    net = rollout_network(policy, checkpoint_path, device)   # the engine's network, sharing LoRA
-    done = generate(net, prompt_ids, n=4, max_new_tokens=64, temperature=1.0, seed=7,
-                    stop_ids=tokenizer.eos_ids, pad_id=pad)   # [Completion], prompt by prompt
+    roll = make_rollout(policy, checkpoint_path, device)   # native, engine or policy (below)
+    done = roll.generate(prompt_ids, n=4, max_new_tokens=64, stop_ids=tokenizer.eos_ids,
+                         pad_id=pad, temperature=1.0, seed=7)   # [Completion], prompt by prompt
 
-Generation dominates the cost of RL. The network that generates is the engine's own for the
-policy's base: on a CPU, a GGUF file's quantized blocks computed by our C kernels
-(engine/loader.py: GGMLLinear, the same layers `homellm run --adapter` uses), each adapted
-projection wrapped in a LoRALinear whose A and B are *the training parameters themselves*
-(the same tensors, not copies): every optimizer step changes what the next rollout samples,
-with nothing to reload or copy. Elsewhere (a Hugging Face folder, a GPU) the training network
-itself generates, its adapters on. Old log-probabilities are always computed again by the
+Generation dominates the cost of RL, so it runs on the fastest network that computes the policy
+*as it is now*, without copying or reloading anything between steps:
+
+- "native": the C runtime (engine/kernels/native.py, network.h hl_batch) on the GGUF file's own
+  blocks, every row with an adapter whose A and B are pointers to the training LoRA tensors'
+  memory (float32, updated in place by AdamW): the one engine that serves, here with adapters
+  that change every step. Sequences are slots of a SlotCache at their own positions (no
+  padding); a group's completions copy their prompt's keys and values (one prefill a prompt).
+- "engine": the engine's PyTorch network of the GGUF file (engine/loader.py: the C kernels per
+  projection, as `homellm run --adapter` ran before the C runtime took adapters) with LoRALinear
+  layers that hold the training Parameters themselves.
+- "policy": the training network itself, adapters on: a Hugging Face folder, a GPU.
+
+"auto" takes the first that applies. Old log-probabilities are always computed again by the
 training network (as TRL and OpenRLHF do after vLLM), so a rollout network that rounds
-differently only changes which samples are drawn, never the gradient's formula.
-
-(The C runtime's batch call takes per-row LoRA adapters as pointers to float A/B matrices, the
-one-engine direction of engine/kernels/network.h: once NativeModel exposes it, the same
-shared-tensor trick runs rollouts without PyTorch layers at all; see NOTES below.)
-
-Batching: the prompts are left-padded to one length, so all rows decode at the same position
-(one attention call per layer for the whole batch, with a mask that hides the padding); RoPE
-depends on relative positions only, so a row's logits equal those of the row alone up to float
-rounding. Rows that finish leave the batch (the cache keeps only live rows). Sampling draws
-from a torch.Generator seeded per call: a resumed run draws the same completions.
+differently (the C runtime's int8 activations) only changes which samples are drawn, never the
+gradient's formula. The PyTorch paths left-pad the prompts to one length (one attention call per
+layer for the batch, padding masked; RoPE depends on relative positions only, so a row's logits
+equal the row alone up to float rounding). Rows that finish leave the batch. Sampling draws from
+a torch.Generator seeded per call: a resumed run draws the same completions.
 """
 from __future__ import annotations
 
@@ -31,13 +32,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-
-# NOTES: what the one-engine rollout adds, once engine/kernels/native.py's batch() with
-# per-row LoraAdapter is committed: whole decode steps in one C call (no Python per layer),
-# int8 activations on the packed Q4/Q8 kernels, C attention per row without padding; the
-# adapters' A/B pointers are the training tensors' memory (float32, contiguous, updated in
-# place by AdamW), so the same zero-copy sharing holds.
-
 
 @dataclass
 class Completion:
@@ -114,8 +108,10 @@ def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float,
 @torch.inference_mode()
 def generate(net: nn.Module, prompt_ids: list[list[int]], n: int, max_new_tokens: int, *,
              stop_ids: set[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, stats: RolloutStats | None = None) -> list[Completion]:
-    """`n` completions of each prompt, in order (prompt 0's n, then prompt 1's, ...)."""
+             top_p: float = 1.0, seed: int = 0, stats: RolloutStats | None = None,
+             record: dict | None = None) -> list[Completion]:
+    """`n` completions of each prompt, in order (prompt 0's n, then prompt 1's, ...).
+    `record`: a dict that gets, per row, the logits (vocab,) each token was sampled from."""
     from homellm.engine.kv_cache import KVCache
     t0 = time.perf_counter()
     device = net.inv_freq.device
@@ -139,6 +135,9 @@ def generate(net: nn.Module, prompt_ids: list[list[int]], n: int, max_new_tokens
     live = list(range(B))  # the original row of each row still in the batch
     stop = torch.tensor(sorted(stop_ids) or [-1], device=device)
     for t in range(max_new_tokens):
+        if record is not None:
+            for j, b in enumerate(live):
+                record.setdefault(b, []).append(logits[j].float().cpu())
         token = _sample(logits, temperature, top_k, top_p, g)  # (live,)
         ended = torch.isin(token, stop).tolist()
         for j, (b, tok) in enumerate(zip(live, token.tolist())):
@@ -162,3 +161,174 @@ def generate(net: nn.Module, prompt_ids: list[list[int]], n: int, max_new_tokens
         stats.rows += B
         stats.seconds += time.perf_counter() - t0
     return [Completion(owner[b], out[b], finished[b]) for b in range(B)]
+
+
+# -- the rollout engines ---------------------------------------------------------------------------
+
+class TorchRollout:
+    """Rollouts on a PyTorch network ("engine" or "policy")."""
+
+    def __init__(self, net: nn.Module, kind: str):
+        self.net, self.kind = net, kind
+
+    def generate(self, prompt_ids, n, max_new_tokens, *, adapters: bool = True, **kw) -> list[Completion]:
+        from contextlib import nullcontext
+
+        from homellm.train.lora import adapters_disabled
+        with (nullcontext() if adapters else adapters_disabled(self.net)):
+            return generate(self.net, prompt_ids, n, max_new_tokens, **kw)
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class SharedAdapter:
+    """network.h's LoRA adapter (hl_lora_new / hl_lora_set) over the training LoRA tensors'
+    memory: no copy, so an optimizer step changes what the next rollout computes. `refresh()`
+    points it at the tensors again (they stay put under AdamW; a checkpoint restore copies
+    into them)."""
+
+    def __init__(self, policy: nn.Module, num_layers: int):
+        from homellm.engine.kernels import build
+        from homellm.train.lora import lora_layers
+        self.lib = build.load()
+        self.layers = []
+        for name, layer in lora_layers(policy):
+            parts = name.split(".")  # model.layers.N.self_attn.q_proj
+            which = PROJECTIONS.index(parts[-1])
+            self.layers.append((int(parts[2]), which, layer))
+        self.handle = self.lib.hl_lora_new(num_layers)
+        if not self.handle:
+            raise MemoryError("hl_lora_new: out of memory")
+        self.refresh()
+
+    def refresh(self):
+        for layer_index, which, layer in self.layers:
+            a, b = layer.lora_A, layer.lora_B
+            if a.dtype != torch.float32 or b.dtype != torch.float32 or a.device.type != "cpu" \
+                    or not (a.is_contiguous() and b.is_contiguous()):
+                raise ValueError("the C runtime's adapters read contiguous float32 CPU tensors")
+            scale = layer.scaling if layer.enabled else 0.0
+            if self.lib.hl_lora_set(self.handle, layer_index, which, layer.rank, scale,
+                                    a.data_ptr(), b.data_ptr()):
+                raise ValueError(f"layer {layer_index} {PROJECTIONS[which]}: refused by the runtime")
+
+    def __del__(self):
+        handle, self.handle = getattr(self, "handle", None), None
+        if handle:
+            self.lib.hl_lora_free(handle)
+
+
+class NativeRollout:
+    """Rollouts on the C runtime with the policy's adapters shared (module docstring)."""
+
+    kind = "native"
+
+    def __init__(self, model, adapter: SharedAdapter):
+        self.model, self.adapter = model, adapter
+        self.cache = None
+
+    def _cache(self, slots: int, length: int):
+        from homellm.engine.kernels.native import SlotCache
+        c = self.cache
+        if c is None or c.slots < slots or c.max_seq_len < length:
+            self.cache = c = SlotCache(self.model.args, max(slots, c.slots if c else 0),
+                                       max(length, c.max_seq_len if c else 0))
+        return c
+
+    def logits(self, ids: list[int], adapters: bool = True) -> Tensor:
+        """Teacher-forced logits (T, vocab) of one sequence (a check against the policy)."""
+        self.adapter.refresh()
+        cache = self._cache(1, len(ids))
+        with self.model.lock:
+            out = self.model.batch(cache, ids, range(len(ids)), [0] * len(ids), [True] * len(ids),
+                                   [self.adapter if adapters else None] * len(ids))
+        cache.tokens[0] = list(ids)
+        return torch.from_numpy(out)
+
+    def generate(self, prompt_ids, n, max_new_tokens, *, stop_ids, pad_id=0, temperature=1.0,
+                 top_k=0, top_p=1.0, seed=0, stats=None, adapters: bool = True) -> list[Completion]:
+        t0 = time.perf_counter()
+        self.adapter.refresh()
+        ad = self.adapter if adapters else None
+        rows = len(prompt_ids) * n
+        cache = self._cache(rows, max(len(p) for p in prompt_ids) + max_new_tokens)
+        # one prefill a prompt, in slot i * n; the group's other slots copy it
+        toks, pos, slots, want = [], [], [], []
+        for i, p in enumerate(prompt_ids):
+            toks += p
+            pos += range(len(p))
+            slots += [i * n] * len(p)
+            want += [False] * (len(p) - 1) + [True]
+        with self.model.lock:
+            logits = self.model.batch(cache, toks, pos, slots, want, [ad] * len(toks))
+            for i, p in enumerate(prompt_ids):
+                cache.tokens[i * n] = list(p)
+                for j in range(1, n):
+                    cache.copy(i * n, i * n + j)
+            g = torch.Generator().manual_seed(seed)
+            logits = torch.from_numpy(logits).repeat_interleave(n, dim=0)  # (rows, vocab)
+            out: list[list[int]] = [[] for _ in range(rows)]
+            finished = [False] * rows
+            live = list(range(rows))
+            for t in range(max_new_tokens):
+                token = _sample(logits, temperature, top_k, top_p, g).tolist()
+                keep = []
+                for j, (b, tok) in enumerate(zip(live, token)):
+                    out[b].append(tok)
+                    finished[b] = tok in stop_ids
+                    if not finished[b]:
+                        keep.append(j)
+                if not keep or t == max_new_tokens - 1:
+                    break
+                live = [live[j] for j in keep]
+                feed = [token[j] for j in keep]
+                positions = [len(prompt_ids[b // n]) + len(out[b]) - 1 for b in live]
+                logits = torch.from_numpy(self.model.batch(cache, feed, positions, live, [True] * len(live),
+                                                           [ad] * len(live)))
+        if stats is not None:
+            stats.tokens += sum(len(o) for o in out)
+            stats.rows += rows
+            stats.seconds += time.perf_counter() - t0
+        return [Completion(b // n, out[b], finished[b]) for b in range(rows)]
+
+
+def native_usable(source, policy: nn.Module, device: torch.device) -> str | None:
+    """Why the C runtime cannot run this policy's rollouts (None: it can)."""
+    from homellm.engine.kernels import available, native
+    from homellm.model.formats import detect_format
+    from homellm.train.lora import lora_layers
+    if device.type != "cpu":
+        return "the policy trains on a GPU"
+    if not available():
+        return "the C kernels are not built"
+    if detect_format(source) != "gguf":
+        return "the policy is not a GGUF file"
+    if native.unsupported_network(policy.args):
+        return native.unsupported_network(policy.args)
+    for name, _ in lora_layers(policy):
+        if name.split(".")[-1] not in PROJECTIONS:
+            return f"the adapter on {name}"
+    return None
+
+
+def make_rollout(policy: nn.Module, source, device: torch.device, mode: str = "auto",
+                 threads: int | None = None):
+    """The rollout engine for `mode` (module docstring); "native" where it cannot run is an
+    error naming why, "auto" falls back to "engine", then "policy"."""
+    from homellm.errors import HomellmError
+    if mode in ("auto", "native"):
+        why = native_usable(source, policy, device)
+        if why is None:
+            from homellm.engine.kernels.native import NativeModel, unsupported
+            from homellm.model.formats import open_checkpoint
+            ckpt = open_checkpoint(source, as_numpy=True)
+            bad = unsupported(ckpt.tensors)
+            if not bad:
+                model = NativeModel(ckpt.args, ckpt.tensors, 8, threads=threads)
+                return NativeRollout(model, SharedAdapter(policy, ckpt.args.num_hidden_layers))
+            why = f"the C runtime does not take {bad[0]}"
+        if mode == "native":
+            raise HomellmError(f"--rollout native: {why}")
+    net = rollout_network(policy, source, device, "auto" if mode == "native" else mode)
+    return TorchRollout(net, "engine" if net is not policy else "policy")
