@@ -60,6 +60,11 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="memory for loaded models (default: 3/4 of the machine's)")
     p.add_argument("--prefix-cache", type=float, default=256, metavar="MB",
                    help="keys/values kept per model for prefix reuse (default 256)")
+    p.add_argument("--kv-disk", type=float, default=4, metavar="GB",
+                   help="conversations' keys and values kept on disk per model when they leave "
+                        "memory or the server stops, under $HOMELLM_HOME/kvcache (the web app's "
+                        "conversations, and API requests with prompt_cache_key): a conversation "
+                        "reopened, even after a restart, is not prefilled again (default 4; 0: none)")
     p.add_argument("--adapter", action="append", default=None, metavar="NAME=PATH",
                    help="a LoRA adapter folder (PEFT layout, `homellm tune`) for the first model, "
                         "served as the model id BASE:NAME beside the base (repeatable; requests "
@@ -103,7 +108,8 @@ def parse_adapters(values: list[str] | None) -> dict[str, str]:
 def main(args: argparse.Namespace) -> int:
     from homellm.errors import HomellmError
     for flag, value, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
-                             ("--max-queue", args.max_queue, 0), ("--prefix-cache", args.prefix_cache, 0)):
+                             ("--max-queue", args.max_queue, 0), ("--prefix-cache", args.prefix_cache, 0),
+                             ("--kv-disk", args.kv_disk, 0)):
         if value < low:
             raise HomellmError(f"{flag} {value}: expected at least {low}")
     if args.port > 65535:
@@ -147,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
                          keep_alive_s=args.keep_alive,
                          memory_budget_bytes=int(args.memory_budget * (1 << 30)) if args.memory_budget else None,
                          prefix_cache_bytes=int(args.prefix_cache * (1 << 20)), threads=args.threads,
-                         adapters=adapters)
+                         adapters=adapters, kv_disk_bytes=int(args.kv_disk * (1 << 30)))
     registry = ModelRegistry.from_names(args.model, config)
     registry.check_adapters()  # a bad adapter is an error now, not at its first request
     models = ", ".join(f"{m} (ctx {registry.context_of(m)})" for m in registry.ids())

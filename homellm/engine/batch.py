@@ -22,7 +22,11 @@ before the next step. Requests that share a prompt prefix with one admitted befo
 choices, a regeneration) copy its keys and values instead of computing them again (a fork).
 Finished slots keep their keys and values: a follow-up turn that lands on the same slot reuses
 them in place; when a slot is taken over by another sequence, its content moves to the
-PrefixCache (bounded in bytes, LRU), from which any slot can copy it back.
+PrefixCache (bounded in bytes, LRU), from which any slot can copy it back. A request that names
+a conversation (`cache_key`) and an engine with a KVStore (engine/kv_persist.py) also keep that
+conversation on disk: written when it leaves memory (evicted from the PrefixCache) and when the
+engine closes (unload, shutdown), read back when the conversation returns and memory no longer
+holds it, so it continues without prefilling again, even after a restart.
 """
 from __future__ import annotations
 
@@ -93,6 +97,7 @@ class Request:
     constraint: object | None = None  # engine/constrain.py Constraint: mask, advance, done
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
     adapter: object | None = None     # a LoraAdapter of the served model (C runtime), or None
+    cache_key: str | None = None      # a conversation whose keys and values outlive memory
 
 
 Sink = Callable[["Step | BaseException"], None]
@@ -121,7 +126,7 @@ class Ticket:
 class _Sequence:
     """A ticket in a slot: where its prompt and reply stand."""
 
-    def __init__(self, ticket: Ticket, slot: int, reused: int, ctx: int):
+    def __init__(self, ticket: Ticket, slot: int, reused: int, ctx: int, admitted: float):
         req = ticket.request
         self.ticket = ticket
         self.slot = slot
@@ -131,7 +136,7 @@ class _Sequence:
         budget = budget if req.max_tokens is None else min(budget, req.max_tokens)
         self.gen = Generation(req.ids, req.params, budget, req.stop_ids, req.top_logprobs,
                               req.constraint, req.logit_bias)
-        self.admitted = time.perf_counter()
+        self.admitted = admitted
         self.first_at: float | None = None
 
     @property
@@ -244,14 +249,17 @@ class BatchEngine:
 
     model: a `NativeModel` (the C runtime) or a PyTorch `Llama`."""
 
-    def __init__(self, model, config: BatchConfig | None = None, cache_dtype=None):
+    def __init__(self, model, config: BatchConfig | None = None, cache_dtype=None, kv_store=None):
         self.model = model
         self.config = config or BatchConfig()
         self.native = isinstance(model, NativeModel)
         self.runner = (_NativeRunner(model, self.config) if self.native
                        else _TorchRunner(model, self.config, cache_dtype))
         self.cache = self.runner.cache  # .tokens[slot]: the ids each slot holds
-        self.prefix = PrefixCache(self.config.prefix_cache_bytes)
+        self.kv_store = kv_store if self.native else None  # engine/kv_persist.py KVStore, or None
+        self.prefix = PrefixCache(self.config.prefix_cache_bytes, on_drop=self._persist_entry)
+        self.slot_key: list[str | None] = [None] * self.config.max_batch  # each slot's conversation
+        self._forget: list[str] = []  # conversations to drop from memory (engine.forget)
         self.waiting: deque[Ticket] = deque()
         self.active: list[_Sequence] = []            # in admission order
         self.free: list[int] = list(range(self.config.max_batch))  # least recently used first
@@ -321,14 +329,34 @@ class BatchEngine:
                     "waiting": len(self.waiting), "ctx": self.config.ctx, "steps": self.steps,
                     "generated_tokens": self.generated, "prefilled_tokens": self.prefilled,
                     "forked_tokens": self.forked, "runtime": "native" if self.native else "torch",
-                    "prefix_cache": self.prefix.stats()}
+                    "prefix_cache": self.prefix.stats(),
+                    **({"kv_disk": self.kv_store.stats()} if self.kv_store is not None else {})}
 
     def close(self, timeout: float | None = 10.0):
-        """Stop the thread; requests still queued or running end with EngineClosedError."""
+        """Stop the thread; requests still queued or running end with EngineClosedError. The
+        conversations in memory go to disk (with a KVStore)."""
         with self._cond:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout)
+        if self.kv_store is not None and not self._thread.is_alive():
+            self._drop_forgotten()
+            for entry in self.prefix.tagged():
+                self._persist_entry(entry)
+            for s, key in enumerate(self.slot_key):
+                if key is not None and self.cache.tokens[s]:
+                    keys, values = self.runner.read(s, len(self.cache.tokens[s]))
+                    self.kv_store.save(key, self.cache.tokens[s], keys, values, _namespace(self.owner[s]))
+            self.kv_store.flush()
+
+    def forget(self, cache_key: str):
+        """A conversation was deleted: its keys and values leave memory (before the next step)
+        and disk."""
+        with self._cond:
+            self._forget.append(cache_key)
+            self._cond.notify()
+        if self.kv_store is not None:
+            self.kv_store.remove(cache_key)
 
     def _wake(self):
         with self._cond:
@@ -339,13 +367,14 @@ class BatchEngine:
     def _run(self):
         while True:
             with self._cond:
-                while not self._closed and not self.waiting and not self.active:
+                while not self._closed and not self.waiting and not self.active and not self._forget:
                     self._cond.wait()
                 if self._closed:
                     break
                 for t in [t for t in self.waiting if t.cancelled]:
                     self.waiting.remove(t)
                     self._finish_ticket(t, "stop")
+                self._drop_forgotten()
                 admits = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(self.free)))]
             for ticket in admits:
                 self._guard([ticket], lambda: self._admit(ticket))
@@ -375,8 +404,10 @@ class BatchEngine:
                 self._deliver(t, e)
 
     def _admit(self, ticket: Ticket):
-        ids, adapter = ticket.request.ids, ticket.request.adapter
-        ticket.queued_s = time.perf_counter() - ticket.submitted
+        req = ticket.request
+        ids, adapter = req.ids, req.adapter
+        t0 = time.perf_counter()
+        ticket.queued_s = t0 - ticket.submitted
         # the free slot that already holds the longest prefix of ids (ties: least recently used)
         tokens = self.cache.tokens
 
@@ -389,19 +420,53 @@ class BatchEngine:
         held = tokens[slot]
         if len(held) > in_slot and len(held) >= self.prefix.min_tokens:
             self._save(slot)  # about to be overwritten: keep it for later turns
+        elif len(held) > in_slot and self.slot_key[slot] is not None and self.kv_store is not None:
+            self._persist_slot(slot)  # too short for the prefix cache: straight to disk
         self.owner[slot] = adapter
         entry, in_store = (None, 0) if in_slot >= len(ids) - 1 else self.prefix.lookup(ids, adapter)
         reuse = min(max(in_slot, in_store), len(ids) - 1)  # the last one yields logits
         if in_store > in_slot:
             self.runner.write(slot, entry.keys, entry.values, list(ids[:reuse]))
+        if req.cache_key is not None and self.kv_store is not None and reuse < len(ids) - 1:
+            saved = self.kv_store.load(req.cache_key, _namespace(adapter))  # (None: no, or refused)
+            if saved is not None:
+                n = min(common_prefix(saved[0], ids), len(ids) - 1)
+                if n > reuse:
+                    self.runner.write(slot, saved[1], saved[2], list(ids[:n]))
+                    reuse = n
         del tokens[slot][reuse:]
+        self.slot_key[slot] = req.cache_key
         ticket.timings.cached_tokens = reuse
-        self.active.append(_Sequence(ticket, slot, reuse, self.config.ctx))
+        self.active.append(_Sequence(ticket, slot, reuse, self.config.ctx, t0))
 
     def _save(self, slot: int):
         n = len(self.cache.tokens[slot])
         keys, values = self.runner.read(slot, n)  # copies: (L, n_kv, n, head_dim)
-        self.prefix.store(self.cache.tokens[slot], keys, values, self.owner[slot])
+        self.prefix.store(self.cache.tokens[slot], keys, values, self.owner[slot], self.slot_key[slot])
+
+    def _persist_slot(self, slot: int):
+        n = len(self.cache.tokens[slot])
+        keys, values = self.runner.read(slot, n)
+        self.kv_store.save(self.slot_key[slot], self.cache.tokens[slot], keys, values,
+                           _namespace(self.owner[slot]))
+
+    def _persist_entry(self, entry):
+        """A conversation's keys and values leave memory: to disk, with a KVStore."""
+        if self.kv_store is not None and entry.tag is not None:
+            self.kv_store.save(entry.tag, list(entry.tokens), entry.keys, entry.values,
+                               _namespace(entry.namespace))
+
+    def _drop_forgotten(self):
+        """Conversations deleted (engine.forget): out of the slots and the prefix cache."""
+        with self._cond:
+            keys, self._forget = self._forget, []
+        for key in keys:
+            self.prefix.pop_tag(key)
+            for s, k in enumerate(self.slot_key):
+                if k == key:
+                    self.slot_key[s] = None  # (a running reply keeps its slot until it ends)
+                    if s in self.free:
+                        self.cache.tokens[s] = []
 
     def _fork(self, seq: _Sequence) -> bool:
         """Copy the keys and values of the prompt prefix `seq` shares with a sequence admitted
@@ -497,3 +562,8 @@ class BatchEngine:
             ticket.sink(item)
         except Exception:  # the consumer is gone (e.g. its event loop closed): stop its work
             ticket.cancelled = True
+
+
+def _namespace(adapter) -> str:
+    """The name of an adapter's keys and values on disk ("" for the base model)."""
+    return "" if adapter is None else adapter.identity

@@ -14,6 +14,7 @@ BF16 files are read). A request's rows name an adapter, so requests with differe
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -114,7 +115,13 @@ class LoraAdapter:
         except (KeyError, TypeError, ValueError):
             raise HomellmError(f"{folder / CONFIG}: lora_alpha: expected a number") from None
         pairs: dict[str, dict[str, np.ndarray]] = {}
-        for key, t in read_safetensors(folder / WEIGHTS).items():
+        tensors = read_safetensors(folder / WEIGHTS)
+        # what the adapter computes, as a name for its keys and values saved on disk
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+        for key in sorted(tensors):
+            digest.update(key.encode() + tensors[key].tobytes())
+        self.identity = digest.hexdigest()[:16]
+        for key, t in tensors.items():
             m = KEY.match(key)
             if not m:
                 raise HomellmError(f"{folder / WEIGHTS}: unexpected tensor {key} (expected "

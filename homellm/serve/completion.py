@@ -28,6 +28,7 @@ from homellm.serve.registry import LoadedModel, ModelRegistry
 
 MAX_STOPS = 16
 MAX_STOP_CHARS = 1024
+MAX_CACHE_KEY_CHARS = 1024
 
 
 @dataclass
@@ -44,6 +45,9 @@ class GenerationSettings(SamplingParams):
     top_logprobs: int = 0             # alternatives per token (logprobs of chosen tokens always)
     response_format: dict | None = None  # {"type": "json_object"} / {"type": "json_schema", ...}
     logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100]
+    # a conversation whose keys and values the server keeps (in memory, then on disk) so its
+    # next turn, even after a restart, is not prefilled again (OpenAI's prompt_cache_key)
+    prompt_cache_key: str | None = None
 
     def __post_init__(self):
         pass  # checked as a request starts (routes set fields one by one): sampling_params()
@@ -136,7 +140,8 @@ class CompletionStream:
                           stop_ids=frozenset(model.tokenizer.eos_ids),
                           top_logprobs=s.top_logprobs,
                           constraint=grammar.start() if grammar is not None else None,
-                          logit_bias=s.logit_bias or None, adapter=model.adapter)
+                          logit_bias=s.logit_bias or None, adapter=model.adapter,
+                          cache_key=s.prompt_cache_key or None)
         try:
             self._ticket = model.engine.submit(request, self._sink)
         except ContextOverflowError as e:
@@ -252,6 +257,9 @@ def _check_settings(s: GenerationSettings):
         raise invalid("seed", f"expected a 64-bit integer, got {s.seed}")
     if s.max_tokens is not None and s.max_tokens < 1:
         raise invalid("max_tokens", f"expected at least 1, got {s.max_tokens}")
+    if s.prompt_cache_key is not None and (not isinstance(s.prompt_cache_key, str)
+                                           or len(s.prompt_cache_key) > MAX_CACHE_KEY_CHARS):
+        raise invalid("prompt_cache_key", f"expected a string of at most {MAX_CACHE_KEY_CHARS} characters")
 
 
 def check_logit_bias(bias, vocab_size: int) -> dict[int, float] | None:

@@ -62,7 +62,9 @@ def settings_from(body: SamplingFields, *, max_tokens: int | None, top_logprobs:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     s = GenerationSettings(max_tokens=max_tokens, stop=stop, seed=body.seed,
                            top_logprobs=top_logprobs, response_format=response_format,
-                           logit_bias=body.logit_bias or None)
+                           logit_bias=body.logit_bias or None,
+                           # (API keys apart from the web app's conversation keys)
+                           prompt_cache_key=f"api:{body.prompt_cache_key}" if body.prompt_cache_key else None)
     for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "frequency_penalty",
                  "presence_penalty"):
         value = getattr(body, name)

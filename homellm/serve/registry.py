@@ -13,6 +13,11 @@ LoRA adapters (`serve --adapter NAME=PATH`, ServeConfig.adapters) belong to the 
 request for it runs on the base's engine with the adapter applied to its rows by the C runtime
 (engine/lora.py), beside requests for the base or for other adapters, on one copy of the base's
 weights. The adapters load with their base.
+
+Conversations keep their keys and values: a request naming one (`prompt_cache_key`, the web
+app's conversation) is kept in memory while there is room and on disk under
+$HOMELLM_HOME/kvcache/<model file's hash>/ when it leaves memory or the model unloads
+(engine/kv_persist.py, within ServeConfig.kv_disk_bytes); `forget_cache` deletes one.
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ class ServeConfig:
     prefill_chunk_busy: int = 128     # prompt positions per step while others decode
     threads: int | None = None        # matmul threads; None: one per physical core
     adapters: dict[str, str | Path] = field(default_factory=dict)  # NAME -> LoRA folder, on the first model
+    kv_disk_bytes: int = 4 << 30      # conversations' keys and values on disk, per model; 0: none
+    kv_dir: str | Path | None = None  # None: $HOMELLM_HOME/kvcache
 
     def __post_init__(self):
         if self.ctx is not None and self.ctx < 2:
@@ -119,10 +126,24 @@ def load_model(model_id: str, source: str | Path, config: ServeConfig,
     engine = BatchEngine(opened.network, BatchConfig(
         max_batch=config.max_batch, ctx=opened.ctx, max_queue=config.max_queue,
         prefill_chunk_busy=config.prefill_chunk_busy,
-        prefix_cache_bytes=config.prefix_cache_bytes, threads=config.threads))
+        prefix_cache_bytes=config.prefix_cache_bytes, threads=config.threads),
+        kv_store=kv_store_for(opened, config) if opened.native and config.kv_disk_bytes > 0 else None)
     nbytes = size_on_disk(opened.path) + config.prefix_cache_bytes + sum(a.nbytes for a in loras.values())
     return LoadedModel(model_id, opened.path, opened.tokenizer, opened.network, engine, opened.ctx,
                        nbytes, time.perf_counter() - t0, adapters=loras)
+
+
+def kv_dir(config: ServeConfig) -> Path:
+    from homellm.catalog.library import home
+    return Path(config.kv_dir) if config.kv_dir is not None else home() / "kvcache"
+
+
+def kv_store_for(opened, config: ServeConfig):
+    """The on-disk keys and values of a model's conversations, tied to its file's hash."""
+    from homellm.engine.kv_persist import KVStore
+    from homellm.eval.results import model_identity
+    return KVStore(kv_dir(config), model_identity(opened.path), opened.checkpoint.args,
+                   budget_bytes=config.kv_disk_bytes)
 
 
 class ModelRegistry:
@@ -325,6 +346,16 @@ class ModelRegistry:
         gc.collect()
         release_free_heap()
         return True
+
+    def forget_cache(self, key: str):
+        """Delete a conversation's keys and values (it was deleted): from every loaded model's
+        memory and from disk for every model."""
+        from homellm.engine.kv_persist import remove_everywhere
+        with self._lock:
+            models = list(self.loaded.values())
+        for m in models:
+            m.engine.forget(key)
+        remove_everywhere(kv_dir(self.config), key)
 
     def keep_alive_of(self, mid: str) -> float:
         """Seconds model `mid` stays loaded once idle: its own (a request's keep_alive, as

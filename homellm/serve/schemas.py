@@ -47,6 +47,7 @@ class SamplingFields(_Body):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     user: str | None = None
     logit_bias: dict | None = None      # {"token id": bias in [-100, 100]}
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)  # a conversation kept cached
     # extensions (llama.cpp's server takes the same names)
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0, le=1)

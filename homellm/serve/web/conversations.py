@@ -19,6 +19,7 @@ only the caller's rows). Nothing is overwritten: edits and regenerations add sib
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -196,6 +197,8 @@ def conversations_router() -> APIRouter:
     async def delete(cid: str, request: Request, who: Caller = Depends(caller)):
         if not state_of(request).store.delete_conversation(who.user, cid):
             raise not_found(f"conversation {cid}")
+        # its keys and values (replies.py's cache key), in memory and on disk
+        await asyncio.to_thread(request.app.state.registry.forget_cache, f"conversation:{cid}")
         return {"deleted": cid}
 
     @router.post("/conversations/{cid}/messages", status_code=201)

@@ -75,6 +75,7 @@ def replies_router() -> APIRouter:
                      for m in store.path(who.user, parent.id)]
         model_name = conv.model or default_model(request)
         settings = generation_settings(conv.sampling)
+        settings.prompt_cache_key = f"conversation:{cid}"  # its keys and values outlive memory
         stream = await start_chat(registry, model_name, messages, settings)  # APIError: JSON
         web.ctx[stream.model.id] = stream.model.ctx
         sampling = {k: v for k, v in (conv.sampling or {}).items() if k != "seed"}
