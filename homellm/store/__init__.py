@@ -19,6 +19,8 @@
     store.select(me, sibling_id)                # walk to another branch (remembered)
     store.rate(me, reply_id, +1, "clear")       # -1 down, 0 removes
     store.search(me, "colors")                  # [SearchHit(conversation_id, title, ...)]
+    store.delete_branch(me, reply_id)           # a message and all below it
+    store.prefer(me, better_id, worse_id)       # sibling replies (preferences.py)
 
 People (for --auth): create_user, login (argon2id, rate limited: LoginLocked), session(token),
 logout, set_share_feedback; shared_feedback(admin) for the admin's export. Every
@@ -35,6 +37,7 @@ from pathlib import Path
 from homellm.store.conversations import Conversations
 from homellm.store.db import Database, default_url
 from homellm.store.people import AuthConfig, LoginLocked, People
+from homellm.store.preferences import Preferences
 from homellm.store.records import (Conversation, ConversationDump, Message, Rating, SearchHit,
                                    Session, Turn, User)
 from homellm.store.streaming import ReplyWriter
@@ -44,7 +47,7 @@ __all__ = ["Store", "open_store", "AuthConfig", "LoginLocked", "ReplyWriter", "C
            "default_url"]
 
 
-class Store(People, Conversations):
+class Store(People, Conversations, Preferences):
     """One database (SQLite or PostgreSQL), migrated on open. Safe to share between threads."""
 
     def __init__(self, url: str | Path | None = None, *, auth: AuthConfig | None = None,

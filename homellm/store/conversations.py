@@ -234,11 +234,49 @@ class Conversations:
                     (leaf, m.conversation_id, _uid(user)))
         return self.branch(user, m.conversation_id, leaf)
 
+    def branch_size(self, user: User | str, message_id: str) -> int | None:
+        """How many messages `delete_branch` would remove (the message and all below it)."""
+        m = self.get_message(user, message_id)
+        if m is None:
+            return None
+        kids: dict[str | None, list[str]] = {}
+        for x in self.messages(user, m.conversation_id):
+            kids.setdefault(x.parent_id, []).append(x.id)
+        n, todo = 0, [m.id]
+        while todo:
+            n += 1
+            todo.extend(kids.get(todo.pop(), []))
+        return n
+
+    def delete_branch(self, user: User | str, message_id: str) -> int | None:
+        """Delete a message with everything below it (its ratings too); how many messages went,
+        None if not this user's. A shown branch inside it moves to the nearest sibling's newest
+        leaf (the one before, else after), else to the parent."""
+        m = self.get_message(user, message_id)
+        if m is None:
+            return None
+        n = self.branch_size(user, message_id)
+        siblings = [x.id for x in self.siblings(user, message_id)]
+        at = siblings.index(m.id)
+        others = siblings[:at][::-1] + siblings[at + 1:]
+        with self.db.transaction():
+            conv = self.get_conversation(user, m.conversation_id)
+            inside = conv.current_leaf_id is not None and (
+                conv.current_leaf_id == m.id or m.id in [x.id for x in
+                                                         self.path(user, conv.current_leaf_id)])
+            self.db.run("DELETE FROM messages WHERE id = ?", (m.id,))  # children: ON DELETE CASCADE
+            if inside:
+                leaf = self.leaf_below(user, others[0]) if others else m.parent_id
+                self.db.run("UPDATE conversations SET current_leaf_id = ?, updated_at = ? "
+                            "WHERE id = ?", (leaf, now(), m.conversation_id))
+        return n
+
     # -- ratings
     def rate(self, user: User | str, message_id: str, value: int | None,
              comment: str | None = None) -> Rating | None:
-        """Thumbs up (+1) or down (-1) with an optional comment; 0 or None removes the rating.
-        The user rates messages of their own conversations. None if not found (or removed)."""
+        """Thumbs up (+1) or down (-1) with an optional comment; 0 or None removes the vote,
+        keeping a comment on its own (a Rating with value 0). The user rates messages of their
+        own conversations. None if not found (or nothing is left)."""
         if value not in (1, -1, 0, None):
             raise HomellmError(f"rating {value!r}: expected +1, -1, or 0 to remove it")
         m = self.get_message(user, message_id)
@@ -248,10 +286,19 @@ class Conversations:
             raise HomellmError("only assistant messages can be rated")
         uid, t = _uid(user), now()
         if not value:
-            self.db.run("DELETE FROM ratings WHERE message_id = ? AND user_id = ?",
-                        (message_id, uid))
-            return None
+            with self.db.transaction():
+                self.db.run("DELETE FROM ratings WHERE message_id = ? AND user_id = ?",
+                            (message_id, uid))
+                self.db.run("DELETE FROM message_comments WHERE message_id = ? AND user_id = ?",
+                            (message_id, uid))
+                if comment:
+                    self.db.run("INSERT INTO message_comments (message_id, user_id, comment, "
+                                "created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                                (message_id, uid, comment, t, t))
+            return Rating(message_id, uid, 0, comment, t, t) if comment else None
         with self.db.transaction():
+            self.db.run("DELETE FROM message_comments WHERE message_id = ? AND user_id = ?",
+                        (message_id, uid))
             if self.db.run("UPDATE ratings SET value = ?, comment = ?, updated_at = ? "
                            "WHERE message_id = ? AND user_id = ?",
                            (value, comment or None, t, message_id, uid)) == 0:
@@ -268,7 +315,14 @@ class Conversations:
                            "JOIN conversations c ON c.id = m.conversation_id "
                            "WHERE c.id = ? AND c.user_id = ? AND r.user_id = ? ORDER BY r.n",
                            (conversation_id, _uid(user), _uid(user)))
-        return {r["message_id"]: Rating.from_row(r) for r in rows}
+        out = {r["message_id"]: Rating.from_row(r) for r in rows}
+        notes = self.db.all("SELECT k.* FROM message_comments k JOIN messages m "
+                            "ON m.id = k.message_id WHERE m.conversation_id = ? AND k.user_id = ?",
+                            (conversation_id, _uid(user)))
+        for r in notes:  # a comment without a vote: value 0
+            out.setdefault(r["message_id"], Rating(r["message_id"], r["user_id"], 0, r["comment"],
+                                                   r["created_at"], r["updated_at"]))
+        return out
 
     # -- search
     def search(self, user: User | str, query: str, *, limit: int = 20) -> list[SearchHit]:

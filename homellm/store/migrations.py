@@ -304,4 +304,28 @@ MIGRATIONS: list[Migration] = [
         "CREATE INDEX collect_tasks_live ON collect_tasks(kind, expires_at) "
         "WHERE status = 'reserved'",
     )),
+    # the web app (store/preferences.py): each user's defaults for new chats, a comment on a
+    # reply without a thumb, and "which is better?" between sibling replies (preference pairs)
+    Migration("009_web_preferences", common=(
+        """CREATE TABLE user_settings (
+            user_id TEXT PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+            settings TEXT NOT NULL,                   -- JSON: model, system_prompt, sampling
+            updated_at TEXT NOT NULL)""",
+        """CREATE TABLE message_comments (
+            message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            comment TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (message_id, user_id))""",
+        """CREATE TABLE preferences (
+            n {pk},
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            parent_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+            chosen_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+            rejected_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+            created_at TEXT NOT NULL)""",
+        "CREATE UNIQUE INDEX preferences_pair ON preferences(user_id, chosen_id, rejected_id)",
+        "CREATE INDEX preferences_parent ON preferences(parent_id)",
+    )),
 ]

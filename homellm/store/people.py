@@ -32,6 +32,7 @@ from homellm.store.records import Session, User
 
 LOCAL_USERNAME = "local"
 USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+MIN_PASSWORD = 8                           # characters (the page shows the rule up front)
 
 
 @dataclass
@@ -88,8 +89,8 @@ class People:
         if not isinstance(username, str) or not USERNAME.fullmatch(username):
             raise HomellmError(f"invalid username {username!r}: 1-64 letters, digits, '.', '_', "
                                "'@' or '-', starting with a letter or digit")
-        if password is not None and len(password) < 8:
-            raise HomellmError("the password is too short: at least 8 characters")
+        if password is not None and len(password) < MIN_PASSWORD:
+            raise HomellmError(f"the password is too short: at least {MIN_PASSWORD} characters")
 
     def create_user(self, username: str, password: str | None = None, *, is_admin: bool = False,
                     share_feedback: bool = False) -> User:
@@ -162,10 +163,28 @@ class People:
         return u
 
     def set_password(self, user: User | str, password: str) -> None:
-        if len(password) < 8:
-            raise HomellmError("the password is too short: at least 8 characters")
+        if len(password) < MIN_PASSWORD:
+            raise HomellmError(f"the password is too short: at least {MIN_PASSWORD} characters")
         self.db.run("UPDATE users SET password_hash = ? WHERE id = ?",
                     (self._hasher().hash(password), _uid(user)))
+
+    def check_password(self, user: User | str, password: str) -> bool:
+        """Is this the user's password? (No rate limit here: for a user already logged in.)"""
+        r = self.db.one("SELECT password_hash FROM users WHERE id = ?", (_uid(user),))
+        if r is None or not r["password_hash"]:
+            return False
+        from argon2.exceptions import InvalidHashError, VerificationError
+        try:
+            return self._hasher().verify(r["password_hash"], password)
+        except (VerificationError, InvalidHashError):
+            return False
+
+    def end_sessions(self, user: User | str, keep_token: str | None = None) -> int:
+        """Log the user out everywhere (but the session of `keep_token`); how many ended."""
+        if keep_token:
+            return self.db.run("DELETE FROM sessions WHERE user_id = ? AND token_hash <> ?",
+                               (_uid(user), _token_hash(keep_token)))
+        return self.db.run("DELETE FROM sessions WHERE user_id = ?", (_uid(user),))
 
     def set_share_feedback(self, user: User | str, share: bool) -> None:
         self.db.run("UPDATE users SET share_feedback = ? WHERE id = ?", (bool(share), _uid(user)))
@@ -174,8 +193,13 @@ class People:
         self.db.run("UPDATE users SET is_admin = ? WHERE id = ?", (bool(is_admin), _uid(user)))
 
     def delete_user(self, user: User | str) -> bool:
-        """Remove a user with their sessions, conversations and ratings."""
-        return self.db.run("DELETE FROM users WHERE id = ?", (_uid(user),)) > 0
+        """Remove a user with their sessions, conversations and ratings (and login limits)."""
+        r = self.db.one("SELECT username FROM users WHERE id = ?", (_uid(user),))
+        if r is None:
+            return False
+        with self.db.transaction():
+            self.db.run("DELETE FROM login_attempts WHERE username = ?", (r["username"],))
+            return self.db.run("DELETE FROM users WHERE id = ?", (_uid(user),)) > 0
 
     # -- login and sessions
     def login(self, username: str, password: str, *, client: str | None = None) -> Session | None:
