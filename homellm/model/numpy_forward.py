@@ -46,6 +46,8 @@ def stages(args: ModelArgs, tensors: dict, ids: list[int]):
     stage: "the RoPE frequencies", "the token embedding", "layer N (attention)", "layer N
     (MLP)", "the final norm", and last "the output head" with the last position's logits
     (vocab,). Values are float32; a broken model makes some of them NaN or infinite."""
+    if not args.is_llama:  # (the relatives' options are PyTorch's: model/llama.py)
+        raise ValueError(f"the numpy reference runs the LLaMA network, not {args.model_type}'s")
     ids = np.asarray(ids, dtype=np.int64)
     T, d = len(ids), args.head_dim
     with np.errstate(all="ignore"):
