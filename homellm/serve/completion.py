@@ -366,10 +366,13 @@ def chat_messages(messages: list[dict]) -> list[dict]:
 
 
 async def start_chat(registry: ModelRegistry, model: str, messages: list[dict],
-                     settings: GenerationSettings, tools=None) -> CompletionStream:
+                     settings: GenerationSettings, tools=None,
+                     prefill: str = "") -> CompletionStream:
     """Start the assistant's reply to `messages` (OpenAI format), rendered with the model's
     chat template. `tools`: a serve.tools.ToolPlan (OpenAI's tools and tool_choice); then
-    `stream.tool_format` names the syntax to parse calls from (None: plain text)."""
+    `stream.tool_format` names the syntax to parse calls from (None: plain text). `prefill`:
+    text the reply already has (a reply cut by max tokens, continued): the deltas are what
+    follows it."""
     from homellm.serve import tools as tooling
     convo = chat_messages(messages)
     with_tools = tooling.needs_tools_handling(convo, tools)
@@ -379,7 +382,7 @@ async def start_chat(registry: ModelRegistry, model: str, messages: list[dict],
             if with_tools:
                 text = tooling.render_with_tools(m.tokenizer, convo, tools)
             else:
-                text = m.tokenizer.render_chat(convo, add_generation_prompt=True)
+                text = m.tokenizer.render_chat(convo, add_generation_prompt=True) + prefill
         except Exception as e:  # a template that refuses the conversation (e.g. role order)
             raise invalid("messages", f"the model's chat template refused them: {e}") from None
         check_length(m, text, "messages")
