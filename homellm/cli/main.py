@@ -15,7 +15,7 @@ import sys
 import homellm
 
 # the order `homellm --help` lists them in
-COMMANDS = ["run", "chat", "serve", "pull", "list", "show", "rm", "export", "bench", "tune", "merge", "data", "eval", "tokenizer", "pretrain", "score"]
+COMMANDS = ["run", "chat", "serve", "pull", "list", "show", "rm", "export", "bench", "tune", "merge", "data", "eval", "tokenizer", "pretrain", "score", "loop"]
 
 
 def build_parser() -> argparse.ArgumentParser:
