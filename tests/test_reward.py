@@ -227,3 +227,32 @@ def test_two_processes_under_torchrun_train_the_reward_model_one_process_trains(
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     assert (a[reward.HEAD_KEY] != 0).any()
+
+
+def test_the_server_scores_with_a_reward_model(tiny, homellm_home):
+    """POST /v1/score on a live server: the scores `load_reward_model` gives, and OpenAI-shaped
+    errors for an unknown model, a path, and a bad item."""
+    import httpx
+    from test_loop import Server
+    reward.train(config(tiny, homellm_home / "rewards" / "rm1", max_steps=3))
+    rm = reward.load_reward_model("rm1")
+    server = Server(homellm_home / "web.db", {"tiny": tiny["model"]})
+    try:
+        items = [{"prompt": "Say hello.", "reply": "hello thanks"},
+                 {"messages": [U("Say hello."), A("sky sky")]}]
+        r = httpx.post(f"{server.url}/v1/score", json={"model": "rm1", "input": items}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "rm1" and [d["index"] for d in body["data"]] == [0, 1]
+        expected = rm.rewards([([U("Say hello.")], "hello thanks"), ([U("Say hello.")], "sky sky")])
+        assert [d["score"] for d in body["data"]] == pytest.approx(expected, abs=1e-5)
+        assert body["usage"]["prompt_tokens"] > 0
+        for payload, status, param in (({"model": "nope", "input": items}, 404, "model"),
+                                       ({"model": "../rm1", "input": items}, 400, "model"),
+                                       ({"model": "rm1", "input": [{"prompt": "x"}]}, 400, "input"),
+                                       ({"model": "rm1", "input": []}, 400, "input")):
+            r = httpx.post(f"{server.url}/v1/score", json=payload, timeout=60)
+            assert r.status_code == status, r.text
+            assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
+    finally:
+        server.close()

@@ -64,6 +64,8 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None,
     auth = [Depends(api_key_check(api_key))]
     app.include_router(responses_router(auth))
     app.include_router(embeddings_router(auth))
+    from homellm.serve.rewards import rewards_router
+    app.include_router(rewards_router(auth))  # /v1/score: reward models (homellm tune rm)
     ollama = ollama_router(auth)
     app.include_router(ollama)
     from homellm.serve.metrics import metrics_router
