@@ -193,7 +193,7 @@ class KVStore:
     def _parse(self, raw: bytes, key: str, namespace: str):
         if len(raw) < len(MAGIC) + 8 + 32 or raw[:len(MAGIC)] != MAGIC:
             raise ValueError("not a homellm KV cache file")
-        if hashlib.sha256(raw[:-32]).digest() != raw[-32:]:
+        if hashlib.sha256(memoryview(raw)[:-32]).digest() != raw[-32:]:  # (no copy)
             raise ValueError("its checksum does not match: cut short or changed")
         (size,) = struct.unpack("<Q", raw[len(MAGIC):len(MAGIC) + 8])
         start = len(MAGIC) + 8

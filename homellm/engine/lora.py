@@ -119,7 +119,8 @@ class LoraAdapter:
         # what the adapter computes, as a name for its keys and values saved on disk
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for key in sorted(tensors):
-            digest.update(key.encode() + tensors[key].tobytes())
+            digest.update(key.encode())
+            digest.update(memoryview(tensors[key]).cast("B"))  # (no copy)
         self.identity = digest.hexdigest()[:16]
         for key, t in tensors.items():
             m = KEY.match(key)

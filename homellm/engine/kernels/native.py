@@ -17,6 +17,7 @@ Only numpy and ctypes: a process that runs a GGUF model through this never impor
 from __future__ import annotations
 
 import ctypes
+import mmap
 import threading
 import weakref
 
@@ -175,9 +176,19 @@ def unsupported(tensors: dict, args: ModelArgs | None = None) -> list[str]:
     return bad
 
 
+def lazy_array(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed array on anonymous memory pages of its own: a page costs memory once touched,
+    4 KB at a time. (numpy asks the kernel for 2 MB huge pages on large arrays: a KV cache whose
+    sequences touch a few positions each would then cost 2 MB a touch, ~140 MB more a slot for
+    the default model.)"""
+    count = int(np.prod(shape))
+    buf = mmap.mmap(-1, max(count * np.dtype(dtype).itemsize, 1))
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
+
+
 class SlotCache:
     """Keys and values of `slots` sequences for `NativeModel.batch`: per layer (slots, n_kv_heads,
-    max_seq_len, head_dim) float16 (default) or float32 numpy arrays (np.empty: pages no
+    max_seq_len, head_dim) float16 (default) or float32 numpy arrays (lazy_array: pages no
     position reaches cost no memory). `tokens[s]`: the ids whose keys and values slot s holds
     (kept by the caller; `copy` and `trim` keep it too)."""
 
@@ -192,8 +203,8 @@ class SlotCache:
         self.lib, self.args, self.slots, self.max_seq_len, self.kv_dtype = lib, args, slots, max_seq_len, kv_dtype
         dt = np.float16 if kv_dtype == "f16" else np.float32
         shape = (slots, args.num_key_value_heads, max_seq_len, args.head_dim)
-        self.k = [np.empty(shape, dt) for _ in range(args.num_hidden_layers)]
-        self.v = [np.empty(shape, dt) for _ in range(args.num_hidden_layers)]
+        self.k = [lazy_array(shape, dt) for _ in range(args.num_hidden_layers)]
+        self.v = [lazy_array(shape, dt) for _ in range(args.num_hidden_layers)]
         self.tokens: list[list[int]] = [[] for _ in range(slots)]
         self.handle = lib.hl_kv_new(args.num_hidden_layers, slots, max_seq_len, int(kv_dtype == "f16"))
         if not self.handle:
@@ -291,7 +302,7 @@ class NativeModel:
             if kv_dtype not in ("f16", "f32"):
                 raise ValueError(f"kv_dtype {kv_dtype!r}: expected 'f16' or 'f32'")
             dt = np.float16 if kv_dtype == "f16" else np.float32
-            kv = [(np.empty(shape, dt), np.empty(shape, dt)) for _ in range(args.num_hidden_layers)]
+            kv = [(lazy_array(shape, dt), lazy_array(shape, dt)) for _ in range(args.num_hidden_layers)]
         self.kv_dtype = "f16" if kv[0][0].dtype == np.float16 else "f32"
         self.k = [k for k, _ in kv]
         self.v = [v for _, v in kv]
