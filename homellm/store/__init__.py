@@ -83,6 +83,19 @@ class Store(People, Conversations, Preferences):
         return ReplyWriter(self, m, flush_tokens=flush_tokens, flush_s=flush_s)
 
 
+    def continue_reply(self, user: User | str, message_id: str, *, flush_tokens: int = 16,
+                       flush_s: float = 0.5) -> ReplyWriter | None:
+        """A writer that appends to the assistant reply `message_id` (Continue); None if not
+        this user's (HomellmError for a user message)."""
+        from homellm.errors import HomellmError
+        m = self.get_message(user, message_id)
+        if m is None:
+            return None
+        if m.role != "assistant":
+            raise HomellmError("only a reply can be continued")
+        return ReplyWriter.resume(self, m, flush_tokens=flush_tokens, flush_s=flush_s)
+
+
 def open_store(url: str | Path | None = None, **kwargs) -> Store:
     """The store at `url` (default `$HOMELLM_HOME/homellm.db`), migrated to this version."""
     return Store(url, **kwargs)

@@ -11,7 +11,8 @@ The row exists (content '', incomplete) from the start, in the same transaction 
 the conversation's current leaf. Each save is one small UPDATE of its content, committed on
 its own; a process killed mid-reply leaves the text of the last save, still marked
 incomplete. Leaving the `with` block without finish() (an exception, a closed client) saves
-what there is and keeps it incomplete.
+what there is and keeps it incomplete. `ReplyWriter.resume(store, message)` continues a reply
+that has text (store.continue_reply).
 """
 from __future__ import annotations
 
@@ -29,6 +30,16 @@ class ReplyWriter:
         self._unsaved = 0
         self._saved_at = time.monotonic()
         self.finished = False
+
+    @classmethod
+    def resume(cls, store, message: Message, **kw) -> "ReplyWriter":
+        """A writer that continues `message` (a reply cut by max tokens): its text stays and
+        more is appended; it is incomplete again until finish()."""
+        store.db.run("UPDATE messages SET incomplete = ?, finish_reason = NULL, updated_at = ? "
+                     "WHERE id = ?", (True, now(), message.id))
+        writer = cls(store, message, **kw)
+        writer.parts = [message.content] if message.content else []
+        return writer
 
     @property
     def id(self) -> str:

@@ -4,9 +4,11 @@
     from homellm.serve.web import web_router
     app = create_app(registry, extra_routers=[web_router(store, auth=False)])
 
-`/` is the page (static/index.html, app.js, app.css: no build step, nothing from a CDN; also
+`/` is the page (static/index.html, app.js, app.css, views.js, the vendored markdown-it and
+KaTeX: no build step, nothing from a CDN; also
 at /arena, /leaderboard, /evals, /contribute, /contributors and /moderate, its other views),
-`/api/*` its JSON API (accounts.py, conversations.py, imports.py, replies.py, arena.py: blind
+`/api/*` its JSON API (accounts.py, conversations.py, messages.py, imports.py, replies.py:
+replies that run on the server and are saved before they are shown, arena.py: blind
 battles and the leaderboard, evals.py: the kept eval runs, collect.py: Open Assistant's
 volunteer tasks, review, ranking and moderation). Without
 `auth` every request is the store's local user; with it, accounts and session cookies
@@ -25,6 +27,7 @@ from homellm.serve.web.context import WebState
 from homellm.serve.web.conversations import conversations_router
 from homellm.serve.web.evals import evals_router
 from homellm.serve.web.imports import imports_router
+from homellm.serve.web.messages import messages_router
 from homellm.serve.web.replies import replies_router
 
 __all__ = ["WebState", "web_router"]
@@ -45,8 +48,8 @@ def web_router(store, *, auth: bool = False, setup_token: str | None = None,
     router.web_state = state  # for tests and the CLI
     router.credential_check = state.has_credential  # for the guard (serve/guard.py)
     router.body_limits = {"/api/import": MAX_IMPORT_BYTES}
-    for part in (assets_router(), accounts_router(), conversations_router(), imports_router(),
-                 replies_router(), arena_router(store), evals_router(),
+    for part in (assets_router(), accounts_router(), conversations_router(), messages_router(),
+                 imports_router(), replies_router(), arena_router(store), evals_router(),
                  collect_router(store, collect)):
         router.include_router(part)
     return router

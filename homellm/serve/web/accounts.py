@@ -11,7 +11,13 @@
     GET  /api/users       an admin lists them, with `locked_s` for those whose logins are
                           limited somewhere
     POST /api/users/{username}/unlock   an admin lifts that user's login limits
+    POST /api/users/{username}/password {password}: an admin sets a new one (the user's
+                          sessions end)
+    DELETE /api/users/{username}        an admin removes an account with its conversations
+                          (not their own)
     PATCH /api/me         {share_feedback: bool}: opt in to the admin's feedback export
+    POST /api/me/password {current, password}: change my own (my other sessions end; wrong
+                          `current` several times: 429 for a while)
 
 The first user: start `homellm serve --auth` and open the page; while the database has no
 account with a password it shows the setup form, and the first to fill it in is the admin
@@ -65,6 +71,18 @@ class MySettings(_Body):
     share_feedback: bool
 
 
+class NewPassword(_Body):
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class PasswordChange(NewPassword):
+    current: str = Field(min_length=1, max_length=1024)
+
+
+PASSWORD_MISSES = 5        # wrong current passwords before a change waits PASSWORD_WAIT_S
+PASSWORD_WAIT_S = 60
+
+
 def user_json(u) -> dict:
     return {"id": u.id, "username": u.username, "is_admin": u.is_admin,
             "share_feedback": u.share_feedback}
@@ -91,14 +109,16 @@ def accounts_router() -> APIRouter:
                     "csrf_token": web.csrf_token, "needs_setup": False,
                     "setup_token_required": False, "key_required": False,
                     "key_cookie": credential == "cookie"}
+        from homellm.store.people import MIN_PASSWORD
         session = await asyncio.to_thread(web.store.session, request.cookies.get(SESSION_COOKIE))
         if session is None:
             needs = await asyncio.to_thread(web.store.needs_setup)
             return {"auth": True, "user": None, "csrf_token": web.csrf_token,
                     "needs_setup": needs, "setup_token_required": needs and bool(web.setup_token),
-                    "key_required": False}
+                    "key_required": False, "password_min": MIN_PASSWORD}
         return {"auth": True, "user": user_json(session.user), "csrf_token": session.csrf_token,
-                "needs_setup": False, "setup_token_required": False, "key_required": False}
+                "needs_setup": False, "setup_token_required": False, "key_required": False,
+                "password_min": MIN_PASSWORD}
 
     @router.patch("/me")
     async def update_me(body: MySettings, request: Request, who: Caller = Depends(caller)):
@@ -214,6 +234,59 @@ def accounts_router() -> APIRouter:
             raise APIError(status, str(e), param="username" if "username" in str(e) else
                            "password", code="user_exists" if status == 409 else "invalid_value")
         return {"user": user_json(user)}
+
+    def _user(request: Request, username: str):
+        u = state_of(request).store.user_by_name(username)
+        if u is None or not u.has_password:
+            raise APIError(404, f"no user {username!r}", type="not_found", code="not_found")
+        return u
+
+    @router.post("/users/{username}/password")
+    async def reset_password(username: str, body: NewPassword, request: Request,
+                             who: Caller = Depends(caller)):
+        _admin(request, who)
+        store, u = state_of(request).store, _user(request, username)
+        try:
+            await asyncio.to_thread(store.set_password, u, body.password)
+        except HomellmError as e:
+            raise invalid("password", str(e)) from None
+        store.end_sessions(u, keep_token=who.session_token if u.id == who.user.id else None)
+        store.unlock_logins(username)
+        return {"username": username}
+
+    @router.delete("/users/{username}")
+    async def remove_user(username: str, request: Request, who: Caller = Depends(caller)):
+        _admin(request, who)
+        store, u = state_of(request).store, _user(request, username)
+        if u.id == who.user.id:
+            raise APIError(409, "you cannot remove your own account (another admin can)",
+                           code="own_account")
+        await asyncio.to_thread(store.delete_user, u)
+        return {"removed": username}
+
+    @router.post("/me/password")
+    async def change_password(body: PasswordChange, request: Request,
+                              who: Caller = Depends(caller)):
+        web = _need_auth(request)
+        misses, until = web.key_failures.get(f"password:{who.user.id}", (0, 0.0))
+        if until > time.time():
+            wait = int(until - time.time()) + 1
+            raise APIError(429, f"too many wrong passwords; try again in {wait} s",
+                           type="rate_limit_error", code="password_locked",
+                           headers={"Retry-After": str(wait)})
+        if not await asyncio.to_thread(web.store.check_password, who.user, body.current):
+            misses += 1
+            web.key_failures[f"password:{who.user.id}"] = (
+                0 if misses >= PASSWORD_MISSES else misses,
+                time.time() + PASSWORD_WAIT_S if misses >= PASSWORD_MISSES else 0.0)
+            raise invalid("current", "the current password is wrong")
+        try:
+            await asyncio.to_thread(web.store.set_password, who.user, body.password)
+        except HomellmError as e:
+            raise invalid("password", str(e)) from None
+        web.key_failures.pop(f"password:{who.user.id}", None)
+        web.store.end_sessions(who.user, keep_token=who.session_token)
+        return {"ok": True}
 
     @router.post("/users/{username}/unlock")
     async def unlock(username: str, request: Request, who: Caller = Depends(caller)):

@@ -130,8 +130,8 @@ def arena_router(store) -> APIRouter:
     board = Leaderboard()
     router = APIRouter()
 
-    def _page():
-        return asset("index.html")
+    def _page(request: Request):
+        return asset("index.html", request)
 
     for path in VIEWS:  # the page itself; the view comes from the address (app.js)
         router.add_api_route(path, _page, methods=["GET"], include_in_schema=False)

@@ -42,10 +42,20 @@ class WebState:
     setup_token: str | None = None             # --auth on a public address: setup needs it
     csrf_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # without --auth
     running: dict[str, asyncio.Event] = field(default_factory=dict)  # reply id -> stop signal
+    live: dict[str, object] = field(default_factory=dict)  # reply id -> replies.LiveReply
+    loading: dict[str, float] = field(default_factory=dict)  # model id -> load start (monotonic)
+    load_s: dict[str, float] = field(default_factory=dict)   # model id -> its last load's time
     ctx: dict[str, int] = field(default_factory=dict)  # model id -> context (once loaded)
     key_sessions: dict[str, float] = field(default_factory=dict)  # sha256(token) -> expiry
-    key_failures: dict[str, tuple[int, float]] = field(default_factory=dict)  # address ->
-    #                                            (failures, locked until), for /api/key-login
+    key_failures: dict[str, tuple[int, float]] = field(default_factory=dict)  # address (or
+    #              "password:USER_ID") -> (failures, locked until): key-login, password change
+
+    def stop_all(self) -> int:
+        """Stop every running reply and battle (the server is shutting down): each keeps the
+        text it has. How many were running."""
+        for event in list(self.running.values()):
+            event.set()
+        return len(self.running)
 
     def new_key_session(self) -> str:
         token = secrets.token_urlsafe(32)
