@@ -84,6 +84,45 @@ def add_arguments(p: argparse.ArgumentParser):
                         "token printed here); without it, one local user")
 
 
+SHUTDOWN_S = 3   # after Ctrl+C, open requests get this long to end before they are cut
+
+
+def stopping_server(config, registry, web_state):
+    """uvicorn's server, with a Ctrl+C that says what it waits for: the web app's replies stop
+    at once (each keeps the text it has), other open requests get SHUTDOWN_S to end before
+    they are cut; a second Ctrl+C quits at once."""
+    import asyncio
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            first = not self.should_exit
+            super().handle_exit(sig, frame)
+            if not first:
+                if self.force_exit:
+                    print("homellm serve: quitting now", file=sys.stderr, flush=True)
+                return
+            replies = len(web_state.running)
+            busy = sum(m.in_use for m in list(registry.loaded.values()))
+            others = max(0, busy - replies)
+            what = [f"{replies} web {'reply' if replies == 1 else 'replies'} (stopped now, "
+                    f"{'its' if replies == 1 else 'their'} text kept)"] if replies else []
+            if others:
+                what.append(f"{others} API request{'' if others == 1 else 's'} (cut after "
+                            f"{SHUTDOWN_S} s)")
+            print(f"homellm serve: stopping{': ' + ' and '.join(what) if what else ''}"
+                  f"{'; Ctrl+C again to quit at once' if sig == signal.SIGINT else ''}",
+                  file=sys.stderr, flush=True)
+            try:
+                asyncio.get_running_loop().call_soon_threadsafe(web_state.stop_all)
+            except RuntimeError:  # no loop yet (still starting): nothing runs
+                pass
+
+    return Server(config)
+
+
 def parse_adapters(values: list[str] | None) -> dict[str, str]:
     """--adapter NAME=PATH ... -> {NAME: PATH}, or HomellmError naming the bad one."""
     from pathlib import Path
@@ -140,7 +179,6 @@ def main(args: argparse.Namespace) -> int:
 
     import logging
 
-    import uvicorn
     if not args.quiet:  # one line per request with its speeds (serve/openai_routes.py)
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
@@ -190,11 +228,14 @@ def main(args: argparse.Namespace) -> int:
                   "makes the admin account once)", file=sys.stderr, flush=True)
     from homellm.serve.connections import server_config
     allowed = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    web = web_router(store, auth=args.auth, setup_token=setup_token)
     app = create_app(registry, api_key=args.api_key, host=args.host, allowed_hosts=allowed,
                      max_body_bytes=int(args.max_body_mb * (1 << 20)), cors_origins=args.cors_origins,
-                     extra_routers=[web_router(store, auth=args.auth, setup_token=setup_token)])
+                     extra_routers=[web])
+    config = server_config(app, args.host, args.port)
+    config.timeout_graceful_shutdown = SHUTDOWN_S
     try:
-        uvicorn.Server(server_config(app, args.host, args.port)).run()
+        stopping_server(config, registry, web.web_state).run()
     except OSError as e:
         raise HomellmError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     return 0
