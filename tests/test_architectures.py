@@ -21,7 +21,7 @@ BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_atten
             pad_token_id=0)
 LONGROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
             "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 16.0, 32.0, 32.0],
-            "original_max_position_embeddings": 128}
+            "original_max_position_embeddings": 256}  # (homellm's context: see hf_config._longrope)
 
 
 def _families():
@@ -41,8 +41,8 @@ def _families():
         "phi3": (t.Phi3Config, t.Phi3ForCausalLM,
                  dict(BASE, num_key_value_heads=2, partial_rotary_factor=0.5, tie_word_embeddings=False)),
         "phi3-longrope": (t.Phi3Config, t.Phi3ForCausalLM,
-                          dict(BASE, num_key_value_heads=4, rope_scaling=LONGROPE,
-                               original_max_position_embeddings=128)),
+                          dict(BASE, num_key_value_heads=4, rope_scaling=LONGROPE, max_position_embeddings=512,
+                               original_max_position_embeddings=256)),
         "stablelm": (t.StableLmConfig, t.StableLmForCausalLM,
                      dict(BASE, num_key_value_heads=4, use_qkv_bias=True, partial_rotary_factor=0.25)),
         "gptneox": (t.GPTNeoXConfig, t.GPTNeoXForCausalLM,
@@ -149,7 +149,7 @@ def test_greedy_continuation_agrees_with_transformers(family):
 
 # --- the C runtime ------------------------------------------------------------------------
 
-def _native(ckpt, ctx: int = 64):
+def _native(ckpt, ctx: int = 256, path: str | None = None):
     from homellm.engine import kernels
     from homellm.engine.kernels.native import NativeModel, unsupported_network
     if not kernels.available():
@@ -157,35 +157,79 @@ def _native(ckpt, ctx: int = 64):
     why = unsupported_network(ckpt.args)
     if why:
         pytest.skip(f"the C runtime refuses it: {why}")
-    return NativeModel(ckpt.args, ckpt.tensors, ctx, threads=2)
+    return NativeModel(ckpt.args, ckpt.tensors, ctx, threads=2, path=path, kv_dtype="f32")
+
+
+def kernel_paths() -> list[str]:
+    from homellm.engine import kernels
+    if not kernels.available():
+        return ["scalar"]
+    best = kernels.cpu_features().get("path", "scalar")
+    return [p for p in ("scalar", "avx2", "avx512") if kernels.PATHS[p] <= kernels.PATHS[best]]
 
 
 def test_c_runtime_logits_match_transformers(family):
-    """Our GGUF (f32) on the C runtime: prefill in two chunks, then decode steps, against
-    transformers' logits for the whole sequence (activations rounded to int8 blocks: a
-    looser bound than the float paths)."""
+    """Our GGUF (f32: float rows, no activation rounding) on the C runtime, on every kernel path
+    this CPU has: 150 positions (sliding windows of 5-7 over three key tiles of 64) prefilled in
+    chunks and decoded one at a time == transformers' logits for the whole sequence, and the
+    same bits as one prefill of the whole sequence (a row does not depend on its chunking)."""
     name, ref, _, gguf_path = family
     ckpt = read_gguf(gguf_path, as_numpy=True)
-    native = _native(ckpt)
-    ids = tokens(30, batch=1, seed=4)[0].tolist()
-    got = np.concatenate([native.forward(ids[:13], 0, last_only=False),
-                          native.forward(ids[13:24], 13, last_only=False)]
-                         + [native.forward([t], p, last_only=False) for p, t in enumerate(ids[24:], 24)])
+    ids = tokens(150, batch=1, seed=4)[0].tolist()
     expected = reference_logits(ref, torch.tensor([ids]))[0].numpy()
-    scale = np.abs(expected).max()
-    assert np.abs(got - expected).max() < 0.03 * scale
-    assert (got.argmax(-1) == expected.argmax(-1)).mean() > 0.9
+    for path in kernel_paths():
+        native = _native(ckpt, path=path)
+        got = np.concatenate([native.forward(ids[:61], 0, last_only=False),
+                              native.forward(ids[61:130], 61, last_only=False)]
+                             + [native.forward([t], p, last_only=False) for p, t in enumerate(ids[130:], 130)])
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(), err_msg=path)
+        whole = _native(ckpt, path=path).forward(ids, 0, last_only=False)
+        np.testing.assert_array_equal(got, whole, err_msg=path)
+
+
+def test_c_runtime_quantized_blocks_match_the_pytorch_network(family, tmp_path):
+    """Q8_0 blocks (the packed kernels on AVX512, int8 activations): the C runtime against
+    the PyTorch network on the same file, within the activation rounding's bound."""
+    name, _, hf, _ = family
+    ckpt = read_hf(hf)
+    path = write_gguf(tmp_path / "q8.gguf", ckpt.args, ckpt.tensors, out_type="q8_0")
+    native = _native(read_gguf(path, as_numpy=True))
+    torch_model = build_model(read_gguf(path), device="cpu", dtype=torch.float32, quant="none")
+    ids = tokens(90, batch=1, seed=6)[0].tolist()
+    got = native.forward(ids, 0, last_only=False)
+    with torch.no_grad():
+        expected = torch_model(torch.tensor([ids]))[0].numpy()
+    assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() > 0.95
 
 
 def test_c_runtime_greedy_agrees_with_transformers(family):
     from homellm.engine.generate import Engine
     from homellm.engine.sampling import SamplingParams
     name, ref, _, gguf_path = family
-    native = _native(read_gguf(gguf_path, as_numpy=True))
+    native = _native(read_gguf(gguf_path, as_numpy=True), ctx=64)
     prompt = [5, 17, 33, 2, 90, 11, 45, 200, 7]
     got = [s.token for s in Engine(native, ctx=64).generate(prompt, SamplingParams(temperature=0), max_tokens=12)
            if s.token is not None]
     assert got == greedy_reference(ref, prompt, 12)
+
+
+def test_fast_decoder_on_a_float_model_of_each_family(family):
+    """A float HF model on PyTorch decodes with the C runtime's step (engine attach_fast_decoder):
+    the same greedy tokens as PyTorch alone."""
+    from homellm.engine import kernels
+    from homellm.engine.generate import Engine
+    from homellm.engine.sampling import SamplingParams
+    if not kernels.available():
+        pytest.skip(f"no C kernels here: {kernels.status()}")
+    name, _, hf, _ = family
+    ckpt = read_hf(hf)
+    model = build_model(ckpt, device="cpu", dtype=torch.float32)
+    fast, plain = Engine(model, ctx=64), Engine(model, ctx=64)
+    assert fast.attach_fast_decoder(ckpt)
+    prompt = [5, 17, 33, 2, 90, 11]
+    steps = [[s.token for s in e.generate(prompt, SamplingParams(temperature=0), max_tokens=20)] for e in (fast, plain)]
+    assert steps[0] == steps[1]
 
 
 # --- what is not run is refused, naming it ------------------------------------------------

@@ -126,6 +126,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "hl_model_set_mat": (c_int, [c_void, c_int, c_int, c_int, c_int, c_int, c_void, c_i64]),
         "hl_model_set_packed": (c_int, [c_void, c_int, c_int, c_void]),
         "hl_model_set_vec": (None, [c_void, c_int, c_int, c_void]),
+        "hl_model_set_arch": (c_int, [c_void, c_int, c_int, c_int, c_int, c_int, c_int, c_int, c_void, c_void,
+                                      c_float, c_float, c_float, c_int, c_void]),
         "hl_model_set_kv": (None, [c_void, c_int, c_void, c_void, c_int, c_int]),
         "hl_model_set_threads": (c_int, [c_void, c_int, c_int, c_int]),
         "hl_decode": (c_int, [c_void, c_int, c_int, c_void]),

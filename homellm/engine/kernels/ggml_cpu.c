@@ -1350,7 +1350,13 @@ T256 INLINE __m256 kv_ld8(const void *row, int f16, size_t i) {
 typedef struct {
     const float *q; const void *k, *v; int64_t qst, qsh, kst, ksh, vst, vsh;
     int T, nh, nkv, hd, sp, f16; float scale; float *out;
+    int win;  /* sliding window: query position p sees keys p - win + 1 .. p only (0: all to p) */
 } attn_t;
+
+/* the first key a query at position p sees, and the first key tile (a multiple of AK, so that
+ * a row meets the same tiles alone or in any chunk) that the queries from position p0 see */
+INLINE int attn_lo(const attn_t *a, int p) { return a->win > 0 && p - a->win + 1 > 0 ? p - a->win + 1 : 0; }
+INLINE int attn_k0(const attn_t *a, int p0) { return attn_lo(a, p0) / AK * AK; }
 
 /* exp(x) for float32, Cephes expf: x = n ln2 + r, |r| <= ln2/2, degree-5 polynomial (~1 ulp) */
 INLINE float exp_poly(float x) {
@@ -1373,13 +1379,13 @@ INLINE void attn_item_generic(const attn_t *a, int g, int qt, float *ws) {
         const int h = g * r + hh;
         for (int t = 0; t < bq; t++) {
             const float *qv = a->q + (size_t)(q0 + t) * a->qst + (size_t)h * a->qsh;
-            const int kend = a->sp + q0 + t + 1;
+            const int kend = a->sp + q0 + t + 1, lo = attn_lo(a, kend - 1);
             float m = -INFINITY, l = 0.f;
             for (int d = 0; d < hd; d++) o[d] = 0.f;
-            for (int k0 = 0; k0 < kend; k0 += AK) {
-                const int nk = kend - k0 < AK ? kend - k0 : AK;
+            for (int k0 = lo / AK * AK; k0 < kend; k0 += AK) {
+                const int nk = kend - k0 < AK ? kend - k0 : AK, j0 = lo > k0 ? lo - k0 : 0;
                 float mx = -INFINITY;
-                for (int j = 0; j < nk; j++) {
+                for (int j = j0; j < nk; j++) {
                     const size_t kj = (size_t)(k0 + j) * a->kst + (size_t)g * a->ksh;
                     float acc = 0.f;
                     for (int d = 0; d < hd; d++) acc += qv[d] * kv_at(a->k, a->f16, kj + d);
@@ -1388,10 +1394,10 @@ INLINE void attn_item_generic(const attn_t *a, int g, int qt, float *ws) {
                 }
                 const float mn = m > mx ? m : mx, c = expf(m - mn);
                 float sum = 0.f;
-                for (int j = 0; j < nk; j++) { s[j] = exp_poly(s[j] - mn); sum += s[j]; }
+                for (int j = j0; j < nk; j++) { s[j] = exp_poly(s[j] - mn); sum += s[j]; }
                 l = l * c + sum; m = mn;
                 for (int d = 0; d < hd; d++) o[d] *= c;
-                for (int j = 0; j < nk; j++) {
+                for (int j = j0; j < nk; j++) {
                     const size_t vj = (size_t)(k0 + j) * a->vst + (size_t)g * a->vsh;
                     const float p = s[j];
                     for (int d = 0; d < hd; d++) o[d] += p * kv_at(a->v, a->f16, vj + d);
@@ -1448,7 +1454,7 @@ T256 static void attn_item_avx2(const attn_t *a, int g, int qt, float *ws) {
     }
     const int kend = a->sp + q0 + bq;
     const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-    for (int k0 = 0; k0 < kend; k0 += AK) {
+    for (int k0 = attn_k0(a, a->sp + q0); k0 < kend; k0 += AK) {
         const int nk = kend - k0 < AK ? kend - k0 : AK;
         const size_t kb = (size_t)k0 * a->kst + (size_t)g * a->ksh;
         for (int j = 0; j < AK; j++)
@@ -1480,23 +1486,27 @@ T256 static void attn_item_avx2(const attn_t *a, int g, int qt, float *ws) {
             const int jp = (jn + 7) & ~7;  /* P's columns in use, whole vectors */
             for (int rr = 0; rr < 4; rr++) {
                 const int i = i0 + rr, lim = (pos[i] < kend - 1 ? pos[i] : kend - 1) - k0;
+                const int lo = (i < R ? attn_lo(a, pos[i]) : 0) - k0;  /* keys k0 + j, lo <= j <= lim */
                 float *pr = P + i * AK;
-                if (lim < 0) {
+                if (lim < 0 || lo > lim || lo >= nk) {  /* no key of this tile: P = 0, c = 1 (exactly nothing) */
                     c[i] = 1.f;
                     for (int j = 0; j < jp; j += 8) _mm256_storeu_ps(pr + j, _mm256_setzero_ps());
                     continue;
                 }
-                const __m256 limv = _mm256_set1_ps((float)lim), ninf = _mm256_set1_ps(-INFINITY);
+                const __m256 limv = _mm256_set1_ps((float)lim), lov = _mm256_set1_ps((float)lo);
+                const __m256 ninf = _mm256_set1_ps(-INFINITY);
                 __m256 mx = ninf;
                 for (int j = 0; j < jp; j += 8) {
-                    __m256 ok = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)j)), limv, _CMP_LE_OQ);
+                    __m256 at = _mm256_add_ps(lane, _mm256_set1_ps((float)j));
+                    __m256 ok = _mm256_and_ps(_mm256_cmp_ps(at, limv, _CMP_LE_OQ), _mm256_cmp_ps(at, lov, _CMP_GE_OQ));
                     mx = _mm256_max_ps(mx, _mm256_blendv_ps(ninf, _mm256_loadu_ps(pr + j), ok));
                 }
                 const float tmax = hmax256(mx), mn = m[i] > tmax ? m[i] : tmax;
                 c[i] = expf(m[i] - mn);
                 __m256 sum = _mm256_setzero_ps(), mv = _mm256_set1_ps(mn);
                 for (int j = 0; j < jp; j += 8) {
-                    __m256 ok = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)j)), limv, _CMP_LE_OQ);
+                    __m256 at = _mm256_add_ps(lane, _mm256_set1_ps((float)j));
+                    __m256 ok = _mm256_and_ps(_mm256_cmp_ps(at, limv, _CMP_LE_OQ), _mm256_cmp_ps(at, lov, _CMP_GE_OQ));
                     __m256 p = _mm256_and_ps(ok, exp256(_mm256_sub_ps(_mm256_loadu_ps(pr + j), mv)));
                     sum = _mm256_add_ps(sum, p);
                     _mm256_storeu_ps(pr + j, p);
@@ -1604,8 +1614,8 @@ T512 static void attn_item_512(const attn_t *a, int g, int qt, float *ws) {
         const float *src = a->q + (size_t)(q0 + t) * a->qst + (size_t)(g * r + hh) * a->qsh;
         for (int d = 0; d < hd; d++) { Qb[(size_t)i * hd + d] = i < R ? src[d] * a->scale : 0.f; O[(size_t)i * hd + d] = 0.f; }
     }
-    const int kend = a->sp + q0 + bq;  /* keys 0 .. kend-1 */
-    for (int k0 = 0; k0 < kend; k0 += AK) {
+    const int kend = a->sp + q0 + bq;  /* keys 0 .. kend-1 (from the window's first tile) */
+    for (int k0 = attn_k0(a, a->sp + q0); k0 < kend; k0 += AK) {
         const int nk = kend - k0 < AK ? kend - k0 : AK;
         const size_t kb = (size_t)k0 * a->kst + (size_t)g * a->ksh;
         for (int j0 = 0; j0 < AK; j0 += 16)  /* Kt (hd, AK): the tile's keys as columns */
@@ -1630,8 +1640,9 @@ T512 static void attn_item_512(const attn_t *a, int g, int qt, float *ws) {
             }
             for (int rr = 0; rr < 4; rr++) {
                 const int i = i0 + rr;
-                int lim = (pos[i] < kend - 1 ? pos[i] : kend - 1) - k0;  /* keys k0 + j, j <= lim */
-                if (lim < 0) {
+                int lim = (pos[i] < kend - 1 ? pos[i] : kend - 1) - k0;  /* keys k0 + j, lo <= j <= lim */
+                const int lo = (i < R ? attn_lo(a, pos[i]) : 0) - k0;
+                if (lim < 0 || lo > lim || lo >= nk) {  /* no key of this tile: P = 0, c = 1 (exactly nothing) */
                     c[i] = 1.f;
                     for (int x = 0; x < 4; x++) _mm512_storeu_ps(P + i * AK + 16 * x, _mm512_setzero_ps());
                     continue;
@@ -1639,8 +1650,9 @@ T512 static void attn_item_512(const attn_t *a, int g, int qt, float *ws) {
                 __mmask16 mk[4];
                 __m512 mx = _mm512_set1_ps(-INFINITY);
                 for (int x = 0; x < 4; x++) {
-                    int n = lim - 16 * x + 1;
+                    int n = lim - 16 * x + 1, below = lo - 16 * x;
                     mk[x] = n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+                    if (below > 0) mk[x] &= below >= 16 ? 0 : (__mmask16)(0xFFFFu << below);
                     mx = _mm512_mask_max_ps(mx, mk[x], mx, s[rr][x]);
                 }
                 const float tmax = _mm512_reduce_max_ps(mx), mn = m[i] > tmax ? m[i] : tmax;

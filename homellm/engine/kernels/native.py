@@ -3,7 +3,8 @@
 `NativeModel` holds the C model (ggml_cpu.c `model_t`): per-layer matrices as raw GGUF blocks
 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, F32; on AVX512-VNNI every quantized
 type repacked 16 rows a register, exactly: `repack`), norm weights, RoPE frequencies from
-model/config.py, and the KV cache as numpy arrays (n_kv_heads, max_seq_len, head_dim) per
+model/config.py, the options of LLaMA's relatives (Gemma 3, Qwen3, Mistral, Phi-3, StableLM,
+GPT-NeoX: `_set_arch`, network.h hl_model_set_arch), and the KV cache as numpy arrays (n_kv_heads, max_seq_len, head_dim) per
 layer, float16 by default (as llama.cpp keeps it: half the memory, and half the bandwidth
 long-context decoding spends on it) or float32. `forward(ids, start_pos)` runs a prompt chunk
 and `decode(token, pos)` one token on that cache; `batch(...)` runs rows of several sequences
@@ -25,12 +26,30 @@ import numpy as np
 
 from homellm.engine.kernels import PATHS, SUPPORTED_TYPES, build, path_id
 from homellm.engine.tokens import common_prefix
-from homellm.model.config import ModelArgs, rope_inv_freq
+from homellm.model.config import ModelArgs, rope_attention_factor, rope_inv_freq
 
 MATS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-VECS = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj.bias",
-        "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+ACTS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}  # network.h ACT_*
+
+
+def layer_vectors(args: ModelArgs) -> list[tuple[str, bool]]:
+    """A layer's vectors in network.h's V_* order: (name after "model.layers.N.", whether it is
+    an RMSNorm weight, which the C side gets as its multiplier, norm_offset + w). V_LN2 is the
+    MLP's input norm: post_attention_layernorm, or Gemma's pre_feedforward_layernorm, whose
+    post_attention_layernorm norms the attention's output (V_ATT_OUT)."""
+    rms = args.norm_type == "rms"
+    mlp_in, att_out = ("pre_feedforward_layernorm", "post_attention_layernorm") if args.sandwich_norms \
+        else ("post_attention_layernorm", None)
+    return [("input_layernorm.weight", rms), (f"{mlp_in}.weight", rms), ("self_attn.q_proj.bias", False),
+            ("self_attn.k_proj.bias", False), ("self_attn.v_proj.bias", False),
+            ("input_layernorm.bias", False), (f"{mlp_in}.bias", False),
+            ("self_attn.q_norm.weight", True), ("self_attn.k_norm.weight", True),
+            ("self_attn.o_proj.bias", False), ("mlp.gate_proj.bias", False), ("mlp.up_proj.bias", False),
+            ("mlp.down_proj.bias", False), (f"{att_out}.weight" if att_out else "", True),
+            ("post_feedforward_layernorm.weight" if args.sandwich_norms else "", True)]
+
+
 MAX_CHUNK = 512  # prompt positions per hl_forward call: bounds the activation buffers
 
 
@@ -143,26 +162,12 @@ def q5_0_as_q8_0(blocks: np.ndarray, rows_per_step: int = 4096) -> np.ndarray:
 
 def unsupported_network(args: ModelArgs) -> str | None:
     """What of the network `args` describe this runtime does not compute (None: it runs all of
-    it): the C network is LLaMA's (q/k/v biases aside), so every relative (Gemma 3, Qwen3,
-    Phi-3's partial rotary, StableLM, GPT-NeoX, sliding windows) runs on PyTorch."""
-    if args.is_llama:
-        return None
-    return (f"the {args.model_type} network ({', '.join(_options(args))}) is not in the C runtime")
-
-
-def _options(args: ModelArgs) -> list[str]:
-    plain = ModelArgs(hidden_size=args.hidden_size, num_hidden_layers=1, num_attention_heads=args.num_attention_heads,
-                      num_key_value_heads=args.num_key_value_heads, intermediate_size=1, vocab_size=1,
-                      head_dim=args.head_dim)
-    names = ("o_bias", "mlp_bias", "mlp_gated", "hidden_act", "norm_type", "norm_offset", "qk_norm",
-             "sandwich_norms", "parallel_residual", "partial_rotary_factor", "embed_scale",
-             "query_pre_attn_scalar", "final_logit_softcapping",
-             "sliding_window", "rope_local_theta")
-    out = [f"{n}={getattr(args, n)}" for n in names if getattr(args, n) != getattr(plain, n)
-           and not (n == "query_pre_attn_scalar" and getattr(args, n) == args.head_dim)]
-    if (args.rope_scaling or {}).get("rope_type") == "longrope":
-        out.append("LongRoPE")
-    return out
+    it). Every option of model/config.py is in network.h (hl_model_set_arch) or, the final
+    logit softcap, applied here to the logits the C side returns; a network with an option the
+    C side does not know is named here, so that load() and the fast decoder use PyTorch."""
+    if args.hidden_act not in ACTS:
+        return f"the C runtime has no {args.hidden_act} activation"
+    return None
 
 
 def unsupported(tensors: dict, args: ModelArgs | None = None) -> list[str]:
@@ -292,11 +297,15 @@ class NativeModel:
         self.adapter = None  # a LoraAdapter (engine/lora.py) forward and decode apply, or None
         self._keep: list = []  # every buffer the C side points to
         self.raw_dropped = False
-        inv_freq = np.ascontiguousarray(rope_inv_freq(args), dtype=np.float32)
-        self._keep.append(inv_freq)
+        inv_freq = np.ascontiguousarray(rope_inv_freq(args), dtype=np.float32)  # (rotary_dim / 2)
+        padded = np.zeros(args.head_dim // 2, dtype=np.float32)  # (what hl_model_new copies)
+        padded[:len(inv_freq)] = inv_freq
         self.ctx = lib.hl_model_new(args.num_hidden_layers, args.hidden_size, args.num_attention_heads,
                                     args.num_key_value_heads, args.head_dim, args.intermediate_size,
-                                    args.vocab_size, args.rms_norm_eps, inv_freq.ctypes.data)
+                                    args.vocab_size, args.rms_norm_eps, padded.ctypes.data)
+        if not self.ctx:
+            raise MemoryError("hl_model_new: out of memory")
+        self._set_arch(args, inv_freq)
         shape = (args.num_key_value_heads, max_seq_len, args.head_dim)
         if kv is None:
             if kv_dtype not in ("f16", "f32"):
@@ -309,6 +318,8 @@ class NativeModel:
         for i in range(args.num_hidden_layers):
             p = f"model.layers.{i}."
             for j, name in enumerate(MATS):
+                if name == "mlp.gate_proj" and not args.mlp_gated:
+                    continue  # (GPT-NeoX: up and down only)
                 src = tensors[p + name + ".weight"]
                 t = self._runtime_blocks(src)  # (a converted copy must not be memoized by address)
                 pk = repack(t, memo=t is src) if packed and path in (None, "auto", "avx512") else None
@@ -318,10 +329,10 @@ class NativeModel:
                     if lib.hl_model_set_packed(self.ctx, i, j, pk.ctypes.data) != 0:
                         raise ValueError(f"{p + name}: packed blocks of type {t.ggml_type} are not supported")
                     self.raw_dropped |= not keep_raw
-            for j, name in enumerate(VECS):
-                full = p + name + ("" if name.endswith(".bias") else ".weight")
-                if full in tensors:
-                    lib.hl_model_set_vec(self.ctx, i, j, self._vec(tensors[full]))
+            for j, (name, rms) in enumerate(layer_vectors(args)):
+                if name and p + name in tensors:
+                    lib.hl_model_set_vec(self.ctx, i, j, self._vec(tensors[p + name],
+                                                                   args.norm_offset if rms else 0.0))
             k, v = self.k[i], self.v[i]
             dt = self.k[0].dtype
             if dt not in (np.float16, np.float32) or k.dtype != dt or v.dtype != dt or k.shape != shape \
@@ -342,7 +353,11 @@ class NativeModel:
                 if lib.hl_model_set_packed(self.ctx, 0, which, pk.ctypes.data) != 0:
                     raise ValueError(f"{name}: packed blocks of type {t.ggml_type} are not supported")
                 self.raw_dropped |= not keep_raw
-        lib.hl_model_set_vec(self.ctx, -1, 0, self._vec(tensors["model.norm.weight"]))
+        lib.hl_model_set_vec(self.ctx, -1, 0, self._vec(tensors["model.norm.weight"],
+                                                         args.norm_offset if args.norm_type == "rms" else 0.0))
+        if "model.norm.bias" in tensors:
+            lib.hl_model_set_vec(self.ctx, -1, 1, self._vec(tensors["model.norm.bias"]))
+        self.softcap = args.final_logit_softcapping
         self.set_threads(threads, path, hi)
 
     def set_threads(self, threads: int | None = None, path: str | None = None, hi: bool = True):
@@ -353,11 +368,39 @@ class NativeModel:
             raise RuntimeError(f"kernel path {path!r} is not supported by this CPU")
         self.path, self.hi = path, hi
 
-    def _vec(self, t) -> int:
+    def _vec(self, t, offset: float = 0.0) -> int:
         a = np.asarray(t.dequantize_numpy()) if _ggml_type(t) is not None else _as_array(t)
         a = np.ascontiguousarray(a, dtype=np.float32)
+        if offset:  # Gemma: the norm multiplies by (1 + w), in float32 as transformers does
+            a = a + np.float32(offset)
         self._keep.append(a)
         return a.ctypes.data
+
+    def _set_arch(self, args: ModelArgs, inv_freq: np.ndarray):
+        """The relatives' options (network.h hl_model_set_arch)."""
+        local = None
+        if args.rope_local_theta is not None:
+            local = np.ascontiguousarray(rope_inv_freq(args, local=True), dtype=np.float32)
+            self._keep.append(local)
+        swa = np.ascontiguousarray([args.window(i) is not None for i in range(args.num_hidden_layers)],
+                                   dtype=np.int32)
+        self._keep += [inv_freq, swa]
+        rc = self.lib.hl_model_set_arch(
+            self.ctx, int(args.norm_type == "layer"), int(args.qk_norm), int(args.sandwich_norms),
+            int(args.parallel_residual), int(args.mlp_gated), ACTS[args.hidden_act], args.rotary_dim,
+            inv_freq.ctypes.data, local.ctypes.data if local is not None else None, float(args.embed_scale),
+            float(args.attention_scale), float(rope_attention_factor(args)), int(args.sliding_window or 0),
+            swa.ctypes.data)
+        if rc:
+            raise ValueError(f"hl_model_set_arch refused the network of {args.model_type} ({rc})")
+
+    def _capped(self, logits):
+        """The final logit softcap, c tanh(logits / c), where the network has one (in place)."""
+        if self.softcap is not None and logits is not None:
+            c = np.float32(self.softcap)
+            np.tanh(logits / c, out=logits)
+            logits *= c
+        return logits
 
     @staticmethod
     def _runtime_blocks(t):
@@ -417,7 +460,7 @@ class NativeModel:
                     raise self._error(-1, chunk, start_pos + i) from None
                 if logits is not None:
                     outs.append(logits)
-            out = outs[0] if len(outs) == 1 else np.concatenate(outs)
+            out = outs[0] if len(outs) == 1 else np.concatenate(outs)  # (batch capped them)
         del self.tokens[start_pos:]
         self.tokens.extend(ids)
         return out
@@ -435,7 +478,7 @@ class NativeModel:
         rc = self.lib.hl_decode(self.ctx, int(token), int(pos), logits.ctypes.data)
         if rc:
             raise self._error(rc, [token], pos)
-        return logits
+        return self._capped(logits)
 
     def batch(self, cache: SlotCache | None, tokens, positions, slots, want=None, adapters=None,
               logits: bool = True, hidden: bool = False):
@@ -479,6 +522,7 @@ class NativeModel:
             raise ValueError(f"batch: a token (vocab {self.args.vocab_size}), position (cache "
                              f"{size}) or slot ({nslots}) out of range, or a slot in two chunks "
                              f"(slots {sorted(set(sl.tolist()))[:8]})")
+        self._capped(out)
         if hidden:
             return out, hid
         return out

@@ -1,5 +1,12 @@
 /* homellm's C runtime: the whole LLaMA network over a batch of rows (included once, by ggml_cpu.c,
- * after the kernels it calls).
+ * after the kernels it calls), and its relatives as small options of the one network
+ * (model/config.py has the table; hl_model_set_arch): LayerNorm with biases (StableLM, GPT-NeoX),
+ * RMSNorm of each head's q and k (Qwen3, Gemma 3), partial rotary (RoPE on the first n_rot
+ * values of each head), sliding-window layers with their own RoPE frequencies (Mistral, Gemma 3),
+ * GeGLU / GELU MLPs with or without a gate and with biases, Gemma's norms of the attention and
+ * MLP outputs, GPT-NeoX's parallel residual (x + attn(n1(x)) + mlp(n2(x))), an embedding scale,
+ * the attention scale (query_pre_attn_scalar) and LongRoPE's cos/sin factor. RMSNorm weights
+ * come as the multipliers themselves (Gemma's 1 + w added by the caller).
  *
  * One entry point, in the spirit of llama.cpp's llama_decode over a llama_batch: hl_batch takes
  * n rows, row i being token tokens[i] of the sequence in KV-cache slot slot[i] at position pos[i],
@@ -27,7 +34,11 @@
 typedef struct { int type, N, K; const uint8_t *w; int64_t rb; const uint8_t *pk; } mat_t;  /* pk: packed or NULL */
 
 enum { M_Q, M_K, M_V, M_O, M_GATE, M_UP, M_DOWN, M_COUNT };
-enum { V_LN1, V_LN2, V_BQ, V_BK, V_BV, V_COUNT };
+/* a layer's vectors: attention input norm (and its LayerNorm bias), MLP input norm (and bias),
+ * q/k/v biases, per-head q/k norms, o/gate/up/down biases, the norms of the attention and MLP
+ * outputs (Gemma's sandwich norms); NULL where the network has none */
+enum { V_LN1, V_LN2, V_BQ, V_BK, V_BV, V_LN1B, V_LN2B, V_QN, V_KN, V_BO, V_BG, V_BU, V_BD, V_ATT_OUT,
+       V_MLP_OUT, V_COUNT };
 
 typedef struct {
     mat_t m[M_COUNT];
@@ -46,23 +57,34 @@ typedef struct { int L; lora_mat_t *m; } lora_t;
 typedef struct {
     int L, H, nh, nkv, hd, F, V, nthreads, path, hi;
     float eps;
-    float *inv_freq;
+    float *inv_freq;        /* (n_rot / 2) */
     layer_t *layers;
     mat_t emb, head;
-    const float *norm;
+    const float *norm, *norm_b;  /* the final norm (LayerNorm: and its bias) */
     kv_t own;  /* the cache of hl_forward / hl_decode: one slot */
+    /* the relatives' options (hl_model_set_arch); LLaMA: 0, 0, 0, 0, 1, ACT_SILU, hd, 1, hd^-1/2,
+     * 1, 0, no swa layers */
+    int norm_layer, qk_norm, sandwich, parallel, gated, act, n_rot, window;
+    float embed_scale, attn_scale, rope_factor;
+    float *inv_freq_local;  /* (n_rot / 2) the sliding layers' own, or NULL: inv_freq */
+    int *swa;               /* per layer: 1 = sliding-window attention */
 } model_t;
+
+enum { ACT_SILU, ACT_GELU_TANH, ACT_GELU };
 
 void *hl_model_new(int L, int H, int nh, int nkv, int hd, int F, int V, float eps, const float *inv_freq) {
     model_t *c = calloc(1, sizeof(model_t));
     if (!c) return NULL;
     c->L = L; c->H = H; c->nh = nh; c->nkv = nkv; c->hd = hd; c->F = F; c->V = V; c->eps = eps;
     c->nthreads = pool_cpus(); c->path = hl_best_path(); c->hi = 1;
-    c->inv_freq = malloc(sizeof(float) * hd / 2);
+    c->gated = 1; c->act = ACT_SILU; c->n_rot = hd; c->embed_scale = 1.f; c->attn_scale = 1.0f / sqrtf((float)hd);
+    c->rope_factor = 1.f;
+    c->inv_freq = malloc(sizeof(float) * (hd / 2 > 0 ? hd / 2 : 1));
     c->layers = calloc(L > 0 ? L : 1, sizeof(layer_t));
+    c->swa = calloc(L > 0 ? L : 1, sizeof(int));
     c->own = (kv_t){L, 1, 0, 0, calloc(L > 0 ? L : 1, sizeof(void *)), calloc(L > 0 ? L : 1, sizeof(void *))};
-    if (!c->inv_freq || !c->layers || !c->own.k || !c->own.v) {
-        free(c->inv_freq); free(c->layers); free(c->own.k); free(c->own.v); free(c);
+    if (!c->inv_freq || !c->layers || !c->swa || !c->own.k || !c->own.v) {
+        free(c->inv_freq); free(c->layers); free(c->swa); free(c->own.k); free(c->own.v); free(c);
         return NULL;
     }
     memcpy(c->inv_freq, inv_freq, sizeof(float) * hd / 2);
@@ -72,7 +94,30 @@ void *hl_model_new(int L, int H, int nh, int nkv, int hd, int F, int V, float ep
 void hl_model_free(void *p) {
     model_t *c = p;
     if (!c) return;
-    free(c->inv_freq); free(c->layers); free(c->own.k); free(c->own.v); free(c);
+    free(c->inv_freq); free(c->inv_freq_local); free(c->layers); free(c->swa); free(c->own.k); free(c->own.v); free(c);
+}
+
+/* the relatives' options (see the top of this file): norm_layer (LayerNorm with biases), qk_norm,
+ * sandwich (norms of the attention and MLP outputs), parallel (residual), gated (MLP), act
+ * (ACT_*), n_rot (even, <= hd) with inv_freq (n_rot / 2) and inv_freq_local (n_rot / 2, or NULL),
+ * embed_scale, attn_scale, rope_factor (cos and sin multiplied), window (0: none) and swa (L
+ * flags: the layers it applies to; NULL: every layer when window > 0). -1 for bad values. */
+int hl_model_set_arch(void *p, int norm_layer, int qk_norm, int sandwich, int parallel, int gated, int act,
+                      int n_rot, const float *inv_freq, const float *inv_freq_local, float embed_scale,
+                      float attn_scale, float rope_factor, int window, const int *swa) {
+    model_t *c = p;
+    if (n_rot < 2 || n_rot > c->hd || n_rot % 2 || act < ACT_SILU || act > ACT_GELU || window < 0) return -1;
+    float *f = malloc(sizeof(float) * n_rot / 2), *fl = inv_freq_local ? malloc(sizeof(float) * n_rot / 2) : NULL;
+    if (!f || (inv_freq_local && !fl)) { free(f); free(fl); return -3; }
+    memcpy(f, inv_freq, sizeof(float) * n_rot / 2);
+    if (fl) memcpy(fl, inv_freq_local, sizeof(float) * n_rot / 2);
+    free(c->inv_freq); free(c->inv_freq_local);
+    c->inv_freq = f; c->inv_freq_local = fl;
+    c->norm_layer = norm_layer; c->qk_norm = qk_norm; c->sandwich = sandwich; c->parallel = parallel;
+    c->gated = gated; c->act = act; c->n_rot = n_rot; c->embed_scale = embed_scale; c->attn_scale = attn_scale;
+    c->rope_factor = rope_factor; c->window = window;
+    for (int l = 0; l < c->L; l++) c->swa[l] = window > 0 && (!swa || swa[l]);
+    return 0;
 }
 
 /* which: 0..6 a layer's q,k,v,o,gate,up,down; -1 token embedding; -2 lm_head */
@@ -96,10 +141,11 @@ int hl_model_set_packed(void *p, int layer, int which, const uint8_t *pk) {
     return 0;
 }
 
-/* which: 0..4 a layer's input norm, post-attention norm, q/k/v bias; layer -1: final norm */
+/* which: a layer's V_* vector; layer -1: the final norm (which 0) and its LayerNorm bias (1) */
 void hl_model_set_vec(void *p, int layer, int which, const float *v) {
     model_t *c = p;
-    if (layer < 0) c->norm = v; else c->layers[layer].v[which] = v;
+    if (layer < 0) { if (which == 1) c->norm_b = v; else c->norm = v; }
+    else c->layers[layer].v[which] = v;
 }
 
 /* the model's own cache (hl_forward, hl_decode): a layer's (n_kv, S, head_dim) f32, or f16 with
@@ -170,6 +216,28 @@ static void rmsnorm(const float *x, const float *w, int n, float eps, float *out
     for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
 }
 
+/* LayerNorm: (x - mean) / sqrt(var + eps) * w + b (out may be x) */
+static void layernorm(const float *x, const float *w, const float *b, int n, float eps, float *out) {
+    float mean = 0.f, var = 0.f;
+    for (int i = 0; i < n; i++) mean += x[i];
+    mean /= (float)n;
+    for (int i = 0; i < n; i++) { const float d = x[i] - mean; var += d * d; }
+    const float r = 1.0f / sqrtf(var / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = (x[i] - mean) * r * w[i] + (b ? b[i] : 0.f);
+}
+
+/* the network's norm of a row: RMSNorm, or LayerNorm with its bias */
+static void norm_row(const model_t *c, const float *x, const float *w, const float *b, int n, float *out) {
+    if (c->norm_layer) layernorm(x, w, b, n, c->eps, out);
+    else rmsnorm(x, w, n, c->eps, out);
+}
+
+/* GELU, tanh approximation (HF gelu_pytorch_tanh: Gemma) or erf (HF gelu: GPT-NeoX) */
+static float gelu_tanh(float x) { return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))); }
+static float gelu_erf(float x) { return 0.5f * x * (1.f + erff(x * 0.7071067811865476f)); }
+
+static void add_vec(float *y, const float *b, int n) { if (b) for (int i = 0; i < n; i++) y[i] += b[i]; }
+
 /* the embedding of token into x (H floats), from the packed table where there is one */
 static void embed_row(const model_t *c, int token, float *x) {
     if (c->emb.pk && c->path == P_AVX512) pk_dequant_row(hl_pack_kind(c->emb.type), c->emb.pk, c->H, token, x);
@@ -225,7 +293,7 @@ typedef struct {
     phase_t *ph;
     /* (M, .) float rows: residual, normed input, q, k, v, attention output, MLP hidden, matmul
      * outputs (o, down; up when gate/up are not fused); xo (nout, H): the final-norm rows */
-    float *x, *xn, *q, *k, *v, *att, *hb, *y, *u, *xo;
+    float *x, *xn, *q, *k, *v, *att, *hb, *y, *u, *xo, *ya;  /* ya: attention outputs (parallel) */
     /* quantized activations: row-major (raw kernels) and in tiles (packed kernels) */
     int8_t *aq, *aq2; float *ad, *as;
     int8_t *tq; float *td, *ts;
@@ -263,6 +331,7 @@ static const lora_mat_t *lora_of(const batch_t *b, int m, int l, int which) {
  * this batch adapts either (an adapter adds to gate and up before the SiLU) */
 static int glu_fused(const batch_t *b, int l) {
     const layer_t *ly = &b->c->layers[l];
+    if (!b->c->gated || b->c->act != ACT_SILU || ly->v[V_BG] || ly->v[V_BU]) return 0;
     if (!is_packed(b, &ly->m[M_GATE]) || !is_packed(b, &ly->m[M_UP])) return 0;
     for (int m = 0; b->lora && m < b->M; m++)
         if (lora_of(b, m, l, M_GATE) || lora_of(b, m, l, M_UP)) return 0;
@@ -277,7 +346,7 @@ static void row_layer_input(batch_t *b, int l, int m) {
     if (l < c->L) {
         const layer_t *ly = &c->layers[l];
         float *xn = b->xn + (size_t)m * H;
-        rmsnorm(x, ly->v[V_LN1], H, c->eps, xn);
+        norm_row(c, x, ly->v[V_LN1], ly->v[V_LN1B], H, xn);
         const mat_t *ms[3] = {&ly->m[M_Q], &ly->m[M_K], &ly->m[M_V]};
         quantize_for(b, ms, 3, xn, H, m);
         return;
@@ -287,7 +356,7 @@ static void row_layer_input(batch_t *b, int l, int m) {
     /* output row j (the rows that want one, in order: j <= m, and the quantized activations of
      * the last matmul are read already) */
     float *xo = b->xo + (size_t)j * H;
-    rmsnorm(x, c->norm, H, c->eps, xo);
+    norm_row(c, x, c->norm, c->norm_b, H, xo);
     if (b->hidden) memcpy(b->hidden + (size_t)j * H, xo, 4 * (size_t)H);
     const mat_t *ms[1] = {&c->head};
     if (b->logits) quantize_for(b, ms, 1, xo, H, j);
@@ -299,10 +368,13 @@ static void row_step(batch_t *b, int op, int l, int m) {
     const layer_t *ly = l < c->L ? &c->layers[l] : NULL;
     const lora_mat_t *lm;
     switch (op) {
-    case OP_EMBED:
-        embed_row(c, b->tok[m], b->x + (size_t)m * H);
+    case OP_EMBED: {
+        float *x = b->x + (size_t)m * H;
+        embed_row(c, b->tok[m], x);
+        if (c->embed_scale != 1.f) for (int j = 0; j < H; j++) x[j] *= c->embed_scale;
         row_layer_input(b, 0, m);
         return;
+    }
     case OP_ROW_QKV: {
         float *q = b->q + (size_t)m * nq, *k = b->k + (size_t)m * nk, *v = b->v + (size_t)m * nk;
         const float *xn = b->xn + (size_t)m * H;
@@ -313,12 +385,20 @@ static void row_step(batch_t *b, int op, int l, int m) {
             if (bias) for (int n = 0; n < Ns[i]; n++) ys[i][n] += bias[n];
             if ((lm = lora_of(b, m, l, M_Q + i))) lora_row(lm, xn, H, ys[i], Ns[i]);
         }
-        /* RoPE, HF rotate-half layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) */
-        const int half = hd / 2, p = b->pos[m];
+        if (c->qk_norm)  /* each head's q and k RMS-normed before RoPE (Qwen3, Gemma 3) */
+            for (int h = 0; h < nh + nkv; h++) {
+                float *t = h < nh ? q + h * hd : k + (h - nh) * hd;
+                rmsnorm(t, ly->v[h < nh ? V_QN : V_KN], hd, c->eps, t);
+            }
+        /* RoPE, HF rotate-half layout on the first n_rot values of each head:
+         * (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); the sliding layers' own frequencies */
+        const int half = c->n_rot / 2, p = b->pos[m];
+        const float *inv = c->swa[l] && c->inv_freq_local ? c->inv_freq_local : c->inv_freq;
         float cs[half > 0 ? half : 1], sn[half > 0 ? half : 1];
         for (int i = 0; i < half; i++) {
-            const float a = (float)p * c->inv_freq[i];
+            const float a = (float)p * inv[i];
             cs[i] = cosf(a); sn[i] = sinf(a);
+            if (c->rope_factor != 1.f) { cs[i] *= c->rope_factor; sn[i] *= c->rope_factor; }
         }
         for (int h = 0; h < nh + nkv; h++) {
             float *t = h < nh ? q + h * hd : k + (h - nh) * hd;
@@ -350,21 +430,32 @@ static void row_step(batch_t *b, int op, int l, int m) {
     }
     case OP_ROW_O: {
         float *x = b->x + (size_t)m * H, *y = b->y + (size_t)m * H, *xn = b->xn + (size_t)m * H;
+        add_vec(y, ly->v[V_BO], H);
         if ((lm = lora_of(b, m, l, M_O))) lora_row(lm, b->att + (size_t)m * nq, nq, y, H);
-        for (int j = 0; j < H; j++) x[j] += y[j];
-        rmsnorm(x, ly->v[V_LN2], H, c->eps, xn);
-        const mat_t *ms[2] = {&ly->m[M_GATE], &ly->m[M_UP]};
-        quantize_for(b, ms, 2, xn, H, m);
+        if (c->sandwich) rmsnorm(y, ly->v[V_ATT_OUT], H, c->eps, y);
+        if (c->parallel) memcpy(b->ya + (size_t)m * H, y, 4 * (size_t)H);  /* added with the MLP's */
+        else for (int j = 0; j < H; j++) x[j] += y[j];
+        norm_row(c, x, ly->v[V_LN2], ly->v[V_LN2B], H, xn);
+        const mat_t *ms[2] = {&ly->m[M_UP], &ly->m[M_GATE]};
+        quantize_for(b, ms, c->gated ? 2 : 1, xn, H, m);
         return;
     }
     case OP_ROW_GU: {
         float *h = b->hb + (size_t)m * F;
-        if (!glu_fused(b, l)) {  /* h holds the gate's outputs, u the up's */
+        const float *xn = b->xn + (size_t)m * H;
+        if (!c->gated) {  /* h holds the up's outputs: act(up(x)) (GPT-NeoX) */
+            add_vec(h, ly->v[V_BU], F);
+            if ((lm = lora_of(b, m, l, M_UP))) lora_row(lm, xn, H, h, F);
+            for (int j = 0; j < F; j++) h[j] = c->act == ACT_GELU ? gelu_erf(h[j]) : c->act == ACT_GELU_TANH
+                                             ? gelu_tanh(h[j]) : h[j] / (1.0f + expf(-h[j]));
+        } else if (!glu_fused(b, l)) {  /* h holds the gate's outputs, u the up's */
             float *u = b->u + (size_t)m * F;
-            const float *xn = b->xn + (size_t)m * H;
+            add_vec(h, ly->v[V_BG], F);
+            add_vec(u, ly->v[V_BU], F);
             if ((lm = lora_of(b, m, l, M_GATE))) lora_row(lm, xn, H, h, F);
             if ((lm = lora_of(b, m, l, M_UP))) lora_row(lm, xn, H, u, F);
-            silu_row(c->path, h, u, h, F);
+            if (c->act == ACT_SILU) silu_row(c->path, h, u, h, F);
+            else for (int j = 0; j < F; j++) h[j] = (c->act == ACT_GELU ? gelu_erf(h[j]) : gelu_tanh(h[j])) * u[j];
         }
         const mat_t *ms[1] = {&ly->m[M_DOWN]};
         quantize_for(b, ms, 1, h, F, m);
@@ -372,8 +463,13 @@ static void row_step(batch_t *b, int op, int l, int m) {
     }
     case OP_ROW_DOWN: {
         float *x = b->x + (size_t)m * H, *y = b->y + (size_t)m * H;
+        add_vec(y, ly->v[V_BD], H);
         if ((lm = lora_of(b, m, l, M_DOWN))) lora_row(lm, b->hb + (size_t)m * F, F, y, H);
-        for (int j = 0; j < H; j++) x[j] += y[j];
+        if (c->sandwich) rmsnorm(y, ly->v[V_MLP_OUT], H, c->eps, y);
+        if (c->parallel) {  /* GPT-NeoX: mlp + attn + x */
+            const float *ya = b->ya + (size_t)m * H;
+            for (int j = 0; j < H; j++) x[j] = (y[j] + ya[j]) + x[j];
+        } else for (int j = 0; j < H; j++) x[j] += y[j];
         row_layer_input(b, l + 1, m);
         return;
     }
@@ -396,6 +492,7 @@ static int mm_mats(const batch_t *b, const phase_t *ph, const mat_t **ms, float 
         return 3;
     case OP_MM_O: ms[0] = &ly->m[M_O]; ys[0] = b->y; *src = b->att; *K = c->nh * c->hd; return 1;
     case OP_MM_GU:
+        if (!c->gated) { ms[0] = &ly->m[M_UP]; ys[0] = b->hb; *src = b->xn; *K = c->H; return 1; }
         ms[0] = &ly->m[M_GATE]; ms[1] = &ly->m[M_UP]; ys[0] = b->hb; ys[1] = b->u; *src = b->xn; *K = c->H;
         return glu_fused(b, ph->layer) ? 1 : 2;  /* fused: the gate's groups compute both */
     default: ms[0] = &ly->m[M_DOWN]; ys[0] = b->y; *src = b->hb; *K = c->F; return 1;
@@ -435,7 +532,7 @@ static void mm_run(batch_t *b, const phase_t *ph, int i0, int i1) {
     model_t *c = b->c;
     const mat_t *ms[3]; float *ys[3]; const float *src; int K;
     const int nm = mm_mats(b, ph, ms, ys, &src, &K);
-    const int fused = ph->op == OP_MM_GU && nm == 1;
+    const int fused = ph->op == OP_MM_GU && nm == 1 && c->gated;
     const int m0 = ph->m0, m1 = ph->m1, R = tile_rows(c->path);
     float *row = NULL;
     for (int gg = i0; gg < i1; gg++) {
@@ -483,7 +580,7 @@ static void att_run(batch_t *b, int l, int i0, int i1) {
         const size_t base = (size_t)b->slot[m0] * nkv * S * hd * esz;
         attn_t a = {b->q + (size_t)m0 * nq, (const uint8_t *)kv->k[l] + base, (const uint8_t *)kv->v[l] + base,
                     nq, hd, hd, (int64_t)S * hd, hd, (int64_t)S * hd, b->runn[ru], nh, nkv, hd, b->pos[m0],
-                    kv->kv16, 1.0f / sqrtf((float)hd), b->att + (size_t)m0 * nq};
+                    kv->kv16, c->attn_scale, b->att + (size_t)m0 * nq, c->swa[l] ? c->window : 0};
         if (path == P_AVX512) attn_item_512(&a, g, qt, ws);
         else if (path == P_AVX2) attn_item_avx2(&a, g, qt, ws);
         else attn_item_scalar(&a, g, qt, ws);
@@ -601,6 +698,7 @@ int hl_batch(void *p, void *kvp, int n, const int *tokens, const int *pos, const
         b.x = malloc(4 * M * H); b.xn = malloc(4 * M * H); b.q = malloc(4 * M * nq); b.k = malloc(4 * M * nk);
         b.v = malloc(4 * M * nk); b.att = malloc(4 * M * nq); b.hb = malloc(4 * M * F); b.u = malloc(4 * M * F);
         b.y = malloc(4 * M * H); b.xo = malloc(4 * (size_t)(nout > 0 ? nout : 1) * H);
+        if (c->parallel) b.ya = malloc(4 * M * H);
         b.aq = malloc(M * Kmax + 64); b.aq2 = malloc(M * Kmax + 64);
         b.ad = malloc(M * Kmax + 64); b.as = malloc(M * Kmax + 64);  /* K/4 floats a row each */
         if (c->path == P_AVX512) {
@@ -608,6 +706,7 @@ int hl_batch(void *p, void *kvp, int n, const int *tokens, const int *pos, const
             b.td = malloc(4 * (Mt * TILE * nb + 16)); b.ts = malloc(4 * (Mt * TILE * ACT_SUMS * nb + 16));
         }
         if (!b.x || !b.xn || !b.q || !b.k || !b.v || !b.att || !b.hb || !b.u || !b.y || !b.xo || !b.aq || !b.aq2
+            || (c->parallel && !b.ya)
             || !b.ad || !b.as || (c->path == P_AVX512 && (!b.tq || !b.td || !b.ts)))
             rc = -3;
     }
@@ -618,6 +717,7 @@ int hl_batch(void *p, void *kvp, int n, const int *tokens, const int *pos, const
     }
     free(outj); free(run0); free(runn); free(b.att_run); free(b.att_qt); free(b.ph);
     free(b.x); free(b.xn); free(b.q); free(b.k); free(b.v); free(b.att); free(b.hb); free(b.u); free(b.y); free(b.xo);
+    free(b.ya);
     free(b.aq); free(b.aq2); free(b.ad); free(b.as); free(b.tq); free(b.td); free(b.ts);
     return rc;
 }
