@@ -346,6 +346,17 @@ def test_gemma_greedy_continuation_is_llama_cpps(gemma_gguf):
 
 
 @pytest.mark.slow
+def test_gemma_greedy_continuation_on_the_c_runtime_is_llama_cpps(gemma_gguf):
+    native = _native(read_gguf(gemma_gguf, as_numpy=True), ctx=64)
+    ids = [2, 818, 5279, 529, 7001, 563]
+    logits, out = native.forward(ids, 0), []
+    for pos in range(len(ids), len(ids) + len(LLAMA_CPP_GREEDY)):
+        out.append(int(logits[-1].argmax()))
+        logits = native.forward([out[-1]], pos)
+    assert out == LLAMA_CPP_GREEDY
+
+
+@pytest.mark.slow
 def test_gemma_chats_in_its_turn_format(gemma_gguf):
     """No chat template in the file: its vocabulary's <start_of_turn> tokens choose Gemma's
     format and <end_of_turn> ends a reply. The file is the pretrained (base) 270M model, not
