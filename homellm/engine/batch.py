@@ -96,6 +96,7 @@ class Request:
     top_logprobs: int = 0
     constraint: object | None = None  # engine/constrain.py Constraint: mask, advance, done
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    logprobs: bool = True             # each token's log-probability (False: Step.logprob None)
     adapter: object | None = None     # a LoraAdapter of the served model (C runtime), or None
     cache_key: str | None = None      # a conversation whose keys and values outlive memory
 
@@ -135,7 +136,7 @@ class _Sequence:
         budget = ctx - len(req.ids)
         budget = budget if req.max_tokens is None else min(budget, req.max_tokens)
         self.gen = Generation(req.ids, req.params, budget, req.stop_ids, req.top_logprobs,
-                              req.constraint, req.logit_bias)
+                              req.constraint, req.logit_bias, req.logprobs)
         self.admitted = admitted
         self.first_at: float | None = None
 
@@ -167,6 +168,8 @@ class _NativeRunner:
         if config.threads:
             model.set_threads(config.threads, model.path, model.hi)
         self.cache = SlotCache(model.args, config.max_batch, config.ctx, config.kv_dtype)
+        # the logits of a step's wanting rows (at most one a sequence), reused every step
+        self.logits = np.empty((config.max_batch, model.args.vocab_size), dtype=np.float32)
 
     def run(self, groups: list[_Rows]) -> list[np.ndarray | None]:
         toks, pos, slots, want, ads = [], [], [], [], []
@@ -177,7 +180,7 @@ class _NativeRunner:
             slots += [g.seq.slot] * n
             want += [False] * (n - 1) + [g.want]
             ads += [g.seq.ticket.request.adapter] * n
-        logits = self.model.batch(self.cache, toks, pos, slots, want, ads)
+        logits = self.model.batch(self.cache, toks, pos, slots, want, ads, out=self.logits)
         out, i = [], 0
         for g in groups:
             del self.cache.tokens[g.seq.slot][g.start:]

@@ -92,7 +92,7 @@ class Generation:
 
     def __init__(self, ids: list[int], params: SamplingParams | None, budget: int,
                  stop_ids=frozenset(), top_logprobs: int = 0, constraint=None,
-                 logit_bias: dict[int, float] | None = None):
+                 logit_bias: dict[int, float] | None = None, logprobs: bool = True):
         self.sampler = Sampler(params or SamplingParams())
         self.history = list(ids)
         self.budget = budget
@@ -100,14 +100,18 @@ class Generation:
         self.top_logprobs = top_logprobs
         self.constraint = constraint
         self.logit_bias = logit_bias or None
+        # a pass over the vocabulary a token: skipped where nobody reads them (Step.logprob None)
+        self.logprobs = logprobs or top_logprobs > 0
         self.generated = 0
 
     def step(self, logits: np.ndarray) -> tuple[Step | None, str | None]:
         """(the token's Step, or None for a stop id; the finish reason, or None to go on).
         `logits` (vocab,) float32 may be changed (the constraint's mask)."""
         c = self.constraint
+        lse, top = None, []
         if c is not None:
-            lse, top = logprobs(logits, self.top_logprobs)  # before the mask
+            if self.logprobs:
+                lse, top = logprobs(logits, self.top_logprobs)  # before the mask
             c.mask_logits(logits)
         try:
             token = self.sampler(biased(logits, self.logit_bias) if self.logit_bias else logits,
@@ -118,12 +122,14 @@ class Generation:
         if token in self.stop_ids:
             return None, "stop"
         if c is None:
-            lse, top = logprobs(logits, self.top_logprobs)
+            if self.logprobs:
+                lse, top = logprobs(logits, self.top_logprobs)
         else:
             c.advance(token)
         self.generated += 1
         self.history.append(token)
-        step = Step(token=token, logprob=float(logits[token]) - lse, top_logprobs=top)
+        step = Step(token=token, logprob=None if lse is None else float(logits[token]) - lse,
+                    top_logprobs=top)
         if c is not None and c.done:
             return step, "stop"
         if self.generated >= self.budget:

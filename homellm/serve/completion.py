@@ -45,6 +45,7 @@ class GenerationSettings(SamplingParams):
     top_logprobs: int = 0             # alternatives per token (logprobs of chosen tokens always)
     response_format: dict | None = None  # {"type": "json_object"} / {"type": "json_schema", ...}
     logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100]
+    logprobs: bool = True             # False: the tokens' logprobs are not computed (None)
     # a conversation whose keys and values the server keeps (in memory, then on disk) so its
     # next turn, even after a restart, is not prefilled again (OpenAI's prompt_cache_key)
     prompt_cache_key: str | None = None
@@ -140,7 +141,7 @@ class CompletionStream:
                           stop_ids=frozenset(model.tokenizer.eos_ids),
                           top_logprobs=s.top_logprobs,
                           constraint=grammar.start() if grammar is not None else None,
-                          logit_bias=s.logit_bias or None, adapter=model.adapter,
+                          logit_bias=s.logit_bias or None, logprobs=s.logprobs, adapter=model.adapter,
                           cache_key=s.prompt_cache_key or None)
         try:
             self._ticket = model.engine.submit(request, self._sink)
@@ -209,6 +210,8 @@ class CompletionStream:
         return Delta(text, tokens)
 
     def _logprob(self, step) -> TokenLogprob:
+        if step.logprob is None:  # not asked for: no text either
+            return TokenLogprob(step.token, "", None)
         piece = self._tokenizer.decode
         top = [(i, piece([i]), lp) for i, lp in step.top_logprobs]
         return TokenLogprob(step.token, piece([step.token]), step.logprob, top)

@@ -64,7 +64,9 @@ def settings_from(body: SamplingFields, *, max_tokens: int | None, top_logprobs:
                            top_logprobs=top_logprobs, response_format=response_format,
                            logit_bias=body.logit_bias or None,
                            # (API keys apart from the web app's conversation keys)
-                           prompt_cache_key=f"api:{body.prompt_cache_key}" if body.prompt_cache_key else None)
+                           prompt_cache_key=f"api:{body.prompt_cache_key}" if body.prompt_cache_key else None,
+                           # (chat: a bool; completions: None or how many alternatives)
+                           logprobs=getattr(body, "logprobs", None) not in (None, False) or top_logprobs > 0)
     for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "frequency_penalty",
                  "presence_penalty"):
         value = getattr(body, name)

@@ -481,7 +481,7 @@ class NativeModel:
         return self._capped(logits)
 
     def batch(self, cache: SlotCache | None, tokens, positions, slots, want=None, adapters=None,
-              logits: bool = True, hidden: bool = False):
+              logits: bool = True, hidden: bool = False, out: np.ndarray | None = None):
         """Run rows of several sequences through the network at once (hl_batch).
 
         Row i is token tokens[i] of the sequence in slot slots[i] of `cache` (None: the
@@ -492,7 +492,8 @@ class NativeModel:
         per row a `LoraAdapter` or None. Returns the logits (n_want, vocab) float32 of the
         wanting rows in row order, or with hidden=True the pair (logits or None, final-norm
         hidden states (n_want, hidden)). Each row's keys and values land in its slot; the
-        caller keeps `cache.tokens`."""
+        caller keeps `cache.tokens`. out: a float32 C-contiguous array of at least n_want rows
+        of vocab for the logits (an engine's own, reused step after step)."""
         n = len(tokens)
         if n == 0:
             raise ValueError("batch: no rows")
@@ -505,7 +506,13 @@ class NativeModel:
         if w is not None:
             w[:] = np.asarray(want, dtype=bool)
         nout = int(w.sum()) if w is not None else 1
-        out = np.empty((nout, self.args.vocab_size), dtype=np.float32) if logits and nout else None
+        if not (logits and nout):
+            out = None
+        elif out is not None and out.dtype == np.float32 and out.flags.c_contiguous \
+                and out.ndim == 2 and out.shape[0] >= nout and out.shape[1] == self.args.vocab_size:
+            out = out[:nout]
+        else:
+            out = np.empty((nout, self.args.vocab_size), dtype=np.float32)
         hid = np.empty((nout, self.args.hidden_size), dtype=np.float32) if hidden and nout else None
         ads = None
         if adapters is not None and any(a is not None for a in adapters):

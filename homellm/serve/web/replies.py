@@ -201,6 +201,7 @@ def replies_router() -> APIRouter:
         model_name = conv.model or default_model(request, who)
         settings = generation_settings(conv.sampling)
         settings.prompt_cache_key = f"conversation:{cid}"  # its keys and values outlive memory
+        settings.logprobs = False  # (the page shows none)
         try:
             mid = registry.resolve_id(model_name)
         except APIError:
