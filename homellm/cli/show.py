@@ -60,5 +60,6 @@ def main(args: argparse.Namespace) -> int:
         for line in lines[:TEMPLATE_LINES]:
             print(f"    {line}")
     else:
-        print("\n  chat template   none (run --raw continues text; chat needs a template)")
+        print("\n  chat template   none in the file (chat uses the turn format its vocabulary has "
+              "tokens for: Gemma's, else ChatML)")
     return 0
