@@ -232,6 +232,35 @@ def test_fast_decoder_on_a_float_model_of_each_family(family):
     assert steps[0] == steps[1]
 
 
+@pytest.mark.parametrize("runtime", ["torch", "c"])
+def test_batched_requests_equal_transformers_greedy(family, runtime):
+    """The server's BatchEngine, requests of different lengths (past the sliding windows) run
+    together: each gives transformers' greedy tokens."""
+    import threading
+    from homellm.engine.batch import BatchConfig, BatchEngine, Request
+    from homellm.engine.sampling import SamplingParams
+    name, ref, hf, gguf_path = family
+    network = build_model(read_hf(hf), device="cpu", dtype=torch.float32) if runtime == "torch" \
+        else _native(read_gguf(gguf_path, as_numpy=True))
+    prompts = [tokens(n, batch=1, seed=10 + n)[0].tolist() for n in (3, 11, 29)]
+    expected = [greedy_reference(ref, p, 10) for p in prompts]
+    engine = BatchEngine(network, BatchConfig(max_batch=3, ctx=128))
+    out = [None] * len(prompts)
+
+    def work(i):
+        out[i] = [s.token for s in engine.generate(Request(prompts[i], SamplingParams(temperature=0),
+                                                           max_tokens=10)) if s.token is not None]
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        engine.close()
+    assert out == expected
+
+
 # --- what is not run is refused, naming it ------------------------------------------------
 
 def test_unknown_hf_family_is_refused_by_name(tmp_path):
