@@ -1,20 +1,28 @@
-// homellm web app: plain JS, no build step, no dependencies.
+// homellm web app: plain JS, no build step. The chat lives here; the other views are in
+// views.js (loaded when one is opened); markdown is parsed by the vendored markdown-it and
+// math drawn by the vendored KaTeX (loaded only when a message has math).
 // Safety: every piece of user or model text reaches the page through textContent or
-// createTextNode (never innerHTML), and links only with an http(s) href; the server's
+// createTextNode (never innerHTML): markdown-it's tokens are turned into DOM nodes here, raw
+// HTML stays text, and links keep only http(s) and mailto addresses. The server's
 // Content-Security-Policy forbids inline script as a second wall.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const S = {
-  me: null, csrf: "", models: [], defaultModel: null,
-  conv: null, turns: [], context: null, list: [],
-  streaming: null,            // {id, controller, stopping}
-  view: "chat",               // the view shown: chat, arena, leaderboard or evals (by address)
+  me: null, csrf: "", models: [], defaultModel: null, samplingDefaults: {}, defaults: {},
+  conv: null, turns: [], context: null, running: [], prefs: [], list: [], listDone: false,
+  streaming: null,            // {conv, id, controller, parent}: the reply this page shows growing
+  lost: false,                // the server stopped answering
+  stick: true,                // follow a growing reply (the reader is at the bottom)
+  view: "chat",               // the view shown: chat, arena, leaderboard, ... (by address)
   arena: { battle: null, streaming: null, texts: { a: "", b: "" }, finish: {} },
   collect: { info: null, task: null, tree: null },   // the Contribute and Moderate views
 };
+const PAGE = 100;             // conversations per page of the list
 
 // ---------------------------------------------------------------- HTTP
+// A server that does not answer is "lost connection" (never "Failed to fetch"); a session that
+// ended shows the login form again.
 async function api(method, path, body, extraHeaders) {
   const opts = { method, headers: { "X-CSRF-Token": S.csrf, ...(extraHeaders || {}) },
                  credentials: "same-origin" };
@@ -22,25 +30,75 @@ async function api(method, path, body, extraHeaders) {
     if (typeof body === "string") opts.body = body;
     else { opts.body = JSON.stringify(body); opts.headers["Content-Type"] = "application/json"; }
   }
-  const r = await fetch(path, opts);
+  let r;
+  try { r = await fetch(path, opts); } catch (e) { throw connectionLost(); }
   let data = null;
   try { data = await r.json(); } catch (e) { data = null; }
   if (!r.ok) {
+    const code = data && data.error ? data.error.code : null;
     const msg = data && data.error ? data.error.message : `${method} ${path}: HTTP ${r.status}`;
-    if (r.status === 401 && data && data.error && data.error.code === "invalid_api_key" &&
-        path !== "/api/key-login") setTimeout(() => start().catch(showError), 0);  // key forgotten (restart)
-    const err = new Error(msg); err.status = r.status; throw err;
+    if (r.status === 401 && path !== "/api/key-login" && path !== "/api/login") {
+      if (code === "invalid_api_key") setTimeout(() => start().catch(showError), 0);  // key forgotten (restart)
+      if (code === "not_logged_in") { showGate("login", false, "Your session has ended: log in again."); }
+    }
+    const err = new Error(msg); err.status = r.status; err.code = code; throw err;
   }
   return data;
 }
 
-function showError(e) { $("error").textContent = e ? (e.message || String(e)) : ""; }
+function showError(e) {
+  if (e && e.lost) return;    // the banner says it
+  $("error").textContent = e ? (e.message || String(e)) : "";
+}
 
 function el(tag, cls, text) {
   const n = document.createElement(tag);
   if (cls) n.className = cls;
   if (text !== undefined && text !== null) n.textContent = text;
   return n;
+}
+
+function button(cls, text, onClick, label) {
+  const b = el("button", cls, text);
+  b.type = "button";
+  if (label) b.setAttribute("aria-label", label);
+  if (onClick) b.addEventListener("click", onClick);
+  return b;
+}
+
+function announce(text) { $("announce").textContent = text; }   // read once by screen readers
+
+// ---------------------------------------------------------------- lost connection
+// The banner says so and offers Retry; /health is asked every 2 s, and when it answers the
+// conversation is read back from the server (whatever the reply got to is stored there).
+let healthTimer = null;
+
+function connectionLost() {
+  const err = new Error("Lost connection to the server"); err.lost = true;
+  if (!S.lost) {
+    S.lost = true;
+    $("connection").hidden = false;
+    if (S.streaming) { S.streaming.controller.abort(); S.streaming = null; setStreaming(false); }
+    renderMessages();
+    healthTimer = setInterval(checkHealth, 2000);
+  }
+  return err;
+}
+
+async function checkHealth() {
+  try {
+    const r = await fetch("/health", { credentials: "same-origin" });
+    if (!r.ok && r.status !== 401) return;
+  } catch (e) { return; }
+  clearInterval(healthTimer); healthTimer = null;
+  S.lost = false;
+  $("connection").hidden = true;
+  showError(null);
+  announce("Connected to the server again.");
+  try {
+    if (S.conv) await openConversation(S.conv.id, { keepView: true });
+    loadList();
+  } catch (e) { showError(e); }
 }
 
 // ---------------------------------------------------------------- code highlighting
@@ -90,7 +148,7 @@ function highlight(code, lang) {
   return out;
 }
 
-async function copyText(text, button) {
+async function copyText(text, btn, label) {
   try {
     await navigator.clipboard.writeText(text);
   } catch (e) {  // no clipboard API (plain http on another host): a hidden textarea
@@ -98,175 +156,282 @@ async function copyText(text, button) {
     try { document.execCommand("copy"); } catch (e2) { /* nothing more to try */ }
     t.remove();
   }
-  button.textContent = "Copied";
-  setTimeout(() => { button.textContent = "Copy"; }, 1200);
+  btn.textContent = "Copied";
+  setTimeout(() => { btn.textContent = label || "Copy"; }, 1200);
 }
 
 function codeBlock(code, lang) {
   const wrap = el("div", "codeblock");
   const pre = el("pre"), c = el("code");
+  pre.tabIndex = 0;          // a scrolling box the keyboard can reach
   if (lang) c.dataset.lang = lang;
   c.appendChild(highlight(code, lang));
   pre.appendChild(c);
-  const copy = el("button", "copy", "Copy");
-  copy.type = "button";
-  copy.addEventListener("click", () => copyText(code, copy));
+  const copy = button("copy", "Copy", () => copyText(code, copy), lang ? `Copy the ${lang} code` : "Copy the code");
   wrap.appendChild(pre);
   if (lang) wrap.appendChild(el("span", "lang", lang));
   wrap.appendChild(copy);
   return wrap;
 }
 
-// ---------------------------------------------------------------- markdown (safe subset)
-// Blocks: ``` fences, | tables |, # headings, - * + and 1. lists, > quotes, paragraphs.
-// Inline: `code`, **bold**, *italic* / _italic_, [text](http(s) url), bare line breaks.
-// Every pattern here runs in time linear in the text: code spans are found by one scan (a
-// backtracking regex for them took minutes on a run of 10,000 backticks), and each regex
-// alternative below stops at the first character that ends it, never backtracking over
-// what another start could match again.
-const INLINE = /\*\*([^*]+?)\*\*|__([^_]+?)__|\*([^*\s][^*]*?)\*|\b_([^_\s][^_]*?)_\b|\[([^\[\]]+)\]\(([^()\s]+)\)/g;
-const CODE_MARK = /\uE000(\d+)\uE001/g;   // a code span's place in the text (private-use marks)
+// ---------------------------------------------------------------- markdown
+// markdown-it (CommonMark + GFM tables, strikethrough, autolinks; raw HTML off) gives tokens;
+// this turns them into DOM nodes. Added here: task list boxes, math ($…$, \(…\), $$…$$,
+// \[…\]) and a code block's highlighter and Copy button. Headings are renumbered from h2 so
+// the page's own h1 stays the only one and levels never skip.
+let MD = null;
 
-// CommonMark code spans: a run of N backticks opens, the next run of exactly N closes; an
-// opener with no closer is plain text. Each run is looked at once, so this is linear.
-// Returns the text with each span replaced by a mark and the spans' contents in `codes`.
-function takeCodeSpans(text, codes) {
-  const runs = [];   // [start, length] of every maximal run of backticks
-  for (let i = text.indexOf("`"); i >= 0; i = text.indexOf("`", i)) {
-    let j = i;
-    while (j < text.length && text.charCodeAt(j) === 96) j++;
-    runs.push([i, j - i]);
-    i = j;
-  }
-  if (!runs.length) return text;
-  const next = new Array(runs.length).fill(-1), lastOfLength = new Map();
-  for (let r = runs.length - 1; r >= 0; r--) {   // the next run of the same length
-    const n = runs[r][1];
-    if (lastOfLength.has(n)) next[r] = lastOfLength.get(n);
-    lastOfLength.set(n, r);
-  }
-  let out = "", at = 0;
-  for (let r = 0; r < runs.length;) {
-    const c = next[r];
-    if (c < 0) { r++; continue; }
-    const [open, n] = runs[r], close = runs[c][0];
-    let code = text.slice(open + n, close).replace(/\n/g, " ");
-    if (code.length > 2 && code[0] === " " && code[code.length - 1] === " " && code.trim()) code = code.slice(1, -1);
-    out += text.slice(at, open) + "\uE000" + codes.length + "\uE001";
-    codes.push(code);
-    at = close + n;
-    r = c + 1;
-  }
-  return out + text.slice(at);
+function parser() {
+  if (MD) return MD;
+  MD = window.markdownit({ html: false, linkify: true, breaks: true, typographer: false,
+                           maxNesting: 40 });
+  MD.inline.ruler.before("escape", "math_inline", mathInline);
+  MD.block.ruler.before("fence", "math_block", mathBlock, { alt: ["paragraph", "reference", "blockquote", "list"] });
+  return MD;
 }
 
-function inline(text, parent, codes) {
-  if (codes === undefined) {   // the outer call: code spans first (they bind tightest)
-    codes = [];
-    text = takeCodeSpans(text.replace(/[\uE000\uE001]/g, "\uFFFD"), codes);
-  }
-  let last = 0, m;
-  const re = new RegExp(INLINE.source, "g");   // own lastIndex: inline() recurses
-  const addLines = (s) => {
-    s.split("\n").forEach((line, i) => {
-      if (i) parent.appendChild(el("br"));
-      if (line) parent.appendChild(document.createTextNode(line));
-    });
-  };
-  const addText = (s) => {
-    let at = 0, c;
-    const marks = new RegExp(CODE_MARK.source, "g");
-    while ((c = marks.exec(s)) !== null) {
-      if (c.index > at) addLines(s.slice(at, c.index));
-      parent.appendChild(el("code", null, codes[+c[1]]));
-      at = c.index + c[0].length;
+// Inline math: $x$ (no space inside either end, no digit after: "$5 and $10" stays text),
+// $$x$$, \(x\) and \[x\]. The closer is looked up once per kind and reused while it lies
+// ahead, so a text of openers without closers is still one pass.
+const MATH_OPEN = [["$$", "$$", true], ["\\[", "\\]", true], ["\\(", "\\)", false], ["$", "$", false]];
+
+function mathInline(state, silent) {
+  const src = state.src, pos = state.pos;
+  const c = src.charCodeAt(pos);
+  if (c !== 0x24 && c !== 0x5c) return false;
+  const seen = state.env.mathClose || (state.env.mathClose = {});
+  for (const [open, close, display] of MATH_OPEN) {
+    if (!src.startsWith(open, pos)) continue;
+    const from = pos + open.length;
+    const key = close + "|" + src.length;
+    let at = seen[key];
+    if (at === undefined || (at !== -1 && at < from)) seen[key] = at = src.indexOf(close, from);
+    if (at < 0) return false;
+    const tex = src.slice(from, at);
+    if (!tex.trim() || tex.length > 10000) return false;
+    if (open === "$" && (/^\s|\s$/.test(tex) || /\d/.test(src[at + 1] || ""))) return false;
+    if (!silent) {
+      const t = state.push("math_inline", "span", 0);
+      t.content = tex; t.markup = display ? "display" : "";
     }
-    if (at < s.length) addLines(s.slice(at));
-  };
-  while ((m = re.exec(text)) !== null) {
-    if (m.index > last) addText(text.slice(last, m.index));
-    if (m[1] !== undefined || m[2] !== undefined) {
-      const b = el("strong"); inline(m[1] !== undefined ? m[1] : m[2], b, codes); parent.appendChild(b);
-    } else if (m[3] !== undefined || m[4] !== undefined) {
-      const i = el("em"); inline(m[3] !== undefined ? m[3] : m[4], i, codes); parent.appendChild(i);
-    } else if (m[5] !== undefined) {
-      if (/^https?:\/\//i.test(m[6])) {
-        const a = el("a"); inline(m[5], a, codes);
-        a.href = m[6]; a.target = "_blank"; a.rel = "noopener noreferrer nofollow";
-        parent.appendChild(a);
-      } else addText(m[0]);
-    }
-    last = m.index + m[0].length;
+    state.pos = at + close.length;
+    return true;
   }
-  if (last < text.length) addText(text.slice(last));
+  return false;
 }
 
-// GitHub tables: | a | b | then | --- | :-: |, then rows.
-const TABLE_RULE = /^\s*\|(\s*:?-+:?\s*\|)+\s*$/;  // GFM: hyphens, optional colons
-const cells = (line) => line.trim().replace(/^\|/, "").replace(/\|$/, "").split("|").map((c) => c.trim());
+// Block math: a line that starts with $$ or \[ up to the line that ends with $$ or \].
+function mathBlock(state, startLine, endLine, silent) {
+  const start = state.bMarks[startLine] + state.tShift[startLine];
+  const first = state.src.slice(start, state.eMarks[startLine]);
+  const open = first.startsWith("$$") ? "$$" : first.startsWith("\\[") ? "\\[" : null;
+  if (!open || state.sCount[startLine] - state.blkIndent >= 4) return false;
+  const close = open === "$$" ? "$$" : "\\]";
+  let line = startLine, body = first.slice(2);
+  let end = body.trimEnd().endsWith(close) && body.trim().length > close.length ? body.trimEnd().length - close.length : -1;
+  const parts = [];
+  if (end >= 0) parts.push(body.slice(0, end));
+  else {
+    parts.push(body);
+    for (line = startLine + 1; line < endLine; line++) {
+      const text = state.src.slice(state.bMarks[line] + state.tShift[line], state.eMarks[line]);
+      if (text.trimEnd().endsWith(close)) { parts.push(text.trimEnd().slice(0, -close.length)); end = 0; break; }
+      parts.push(text);
+    }
+    if (end < 0) return false;   // not closed (yet: a reply still streaming)
+  }
+  if (silent) return true;
+  const t = state.push("math_block", "div", 0);
+  t.content = parts.join("\n").trim(); t.map = [startLine, line + 1];
+  state.line = line + 1;
+  return true;
+}
 
-const MAX_QUOTE_DEPTH = 8;   // deeper "> > >" stays text: nesting costs a pass over the text per level
-
-function markdown(src, depth = 0) {
+function markdown(src) {
   const root = document.createDocumentFragment();
-  const lines = src.replace(/\r\n?/g, "\n").split("\n");
-  let i = 0;
-  const isBlockStart = (l) => /^\s*(```|#{1,6}\s|>|[-*+]\s|\d+[.)]\s)/.test(l);
-  while (i < lines.length) {
-    const line = lines[i];
-    let m;
-    if ((m = /^\s*```\s*([\w+#.-]*)/.exec(line))) {
-      const body = [];
-      i++;
-      while (i < lines.length && !/^\s*```\s*$/.test(lines[i])) body.push(lines[i++]);
-      i++;  // the closing fence (or the end of a reply still streaming)
-      root.appendChild(codeBlock(body.join("\n"), m[1]));
-    } else if (/^\s*\|.*\|\s*$/.test(line) && i + 1 < lines.length && TABLE_RULE.test(lines[i + 1])) {
-      const table = el("table"), head = el("tr");
-      for (const cell of cells(line)) { const th = el("th"); inline(cell, th); head.appendChild(th); }
-      table.appendChild(el("thead")).appendChild(head);
-      const tbody = table.appendChild(el("tbody"));
-      i += 2;
-      while (i < lines.length && /^\s*\|.*\|\s*$/.test(lines[i])) {
-        const tr = el("tr");
-        for (const cell of cells(lines[i++])) { const td = el("td"); inline(cell, td); tr.appendChild(td); }
-        tbody.appendChild(tr);
-      }
-      const wrap = el("div", "table-wrap"); wrap.appendChild(table); root.appendChild(wrap);
-    } else if ((m = /^(#{1,6})\s+(.*)$/.exec(line))) {
-      const h = el("h" + Math.min(4, m[1].length)); inline(m[2], h); root.appendChild(h); i++;
-    } else if (/^\s*>/.test(line) && depth < MAX_QUOTE_DEPTH) {
-      const q = el("blockquote"), body = [];
-      while (i < lines.length && /^\s*>/.test(lines[i])) body.push(lines[i++].replace(/^\s*>\s?/, ""));
-      q.appendChild(markdown(body.join("\n"), depth + 1)); root.appendChild(q);
-    } else if ((m = /^\s*([-*+]|\d+[.)])\s+/.exec(line))) {
-      const ordered = /\d/.test(m[1]);
-      const list = el(ordered ? "ol" : "ul");
-      if (ordered) { const n = parseInt(m[1], 10); if (n !== 1) list.start = n; }
-      const item = ordered ? /^\s*\d+[.)]\s+(.*)$/ : /^\s*[-*+]\s+(.*)$/;
-      while (i < lines.length && item.test(lines[i])) {
-        const li = el("li"); inline(item.exec(lines[i])[1], li); list.appendChild(li); i++;
-      }
-      root.appendChild(list);
-    } else if (!line.trim()) {
-      i++;
-    } else {
-      const body = [];
-      while (i < lines.length && lines[i].trim() && !(body.length && isBlockStart(lines[i]))) body.push(lines[i++]);
-      const p = el("p"); inline(body.join("\n"), p); root.appendChild(p);
+  const tokens = parser().parse(src, {});
+  const levels = [...new Set(tokens.filter((t) => t.type === "heading_open").map((t) => +t.tag[1]))].sort();
+  const stack = [root];
+  const top = () => stack[stack.length - 1];
+  for (const t of tokens) {
+    if (t.type === "inline") { inline(t.children, top()); continue; }
+    if (t.nesting === -1) { if (!t.hidden) stack.pop(); continue; }
+    if (t.hidden) continue;                     // a tight list's paragraph
+    let n = null;
+    if (t.type === "fence" || t.type === "code_block") {
+      n = codeBlock(t.content.replace(/\n$/, ""), (t.info || "").trim().split(/\s+/)[0]);
+    } else if (t.type === "math_block") n = math(t.content, true);
+    else if (t.type === "heading_open") n = el("h" + Math.min(6, 2 + levels.indexOf(+t.tag[1])));
+    else if (t.type === "table_open") {
+      const wrap = el("div", "table-wrap"); top().appendChild(wrap);
+      n = el("table"); wrap.appendChild(n); stack.push(n); continue;
+    } else if (t.type === "hr") n = el("hr");
+    else if (t.type === "html_block") n = el("p", null, t.content);
+    else if (t.tag) {
+      n = el(t.tag);
+      const align = /text-align:(\w+)/.exec(t.attrGet("style") || "");
+      if (align) n.className = "al-" + align[1];
+      if (t.tag === "ol" && t.attrGet("start")) n.start = +t.attrGet("start");
     }
+    if (!n) continue;
+    top().appendChild(n);
+    if (t.nesting === 1) stack.push(n);
   }
   return root;
 }
 
+const LINKABLE = /^(https?:\/\/|mailto:)/i;
+
+function inline(children, parent) {
+  const stack = [parent];
+  const top = () => stack[stack.length - 1];
+  children.forEach((t, i) => {
+    if (t.nesting === -1) { stack.pop(); return; }
+    let n = null;
+    switch (t.type) {
+      case "text": case "text_special": case "html_inline":
+        if (i === 0 && top().tagName === "LI" && /^\[[ xX]\] /.test(t.content)) {   // a task
+          const box = el("input"); box.type = "checkbox"; box.disabled = true;
+          box.checked = t.content[1] !== " ";
+          box.setAttribute("aria-label", box.checked ? "done" : "not done");
+          top().classList.add("task"); top().append(box, t.content.slice(3));
+          return;
+        }
+        top().appendChild(document.createTextNode(t.content)); return;
+      case "softbreak": case "hardbreak": n = el("br"); break;
+      case "code_inline": n = el("code", null, t.content); break;
+      case "math_inline": n = math(t.content, t.markup === "display"); break;
+      case "image": n = image(t); break;
+      case "link_open": {
+        const href = t.attrGet("href") || "";
+        const next = children[i + 1];
+        const plain = t.markup === "linkify" && !/^(https?:\/\/|www\.|mailto:)/i.test(next ? next.content : "");
+        if (LINKABLE.test(href) && !plain) {
+          n = el("a"); n.href = href; n.target = "_blank"; n.rel = "noopener noreferrer nofollow";
+          if (t.attrGet("title")) n.title = t.attrGet("title");
+        } else n = el("span");
+        break;
+      }
+      default: n = t.tag ? el(t.tag) : null;   // strong, em, s
+    }
+    if (!n) return;
+    top().appendChild(n);
+    if (t.nesting === 1) stack.push(n);
+  });
+}
+
+// An image from this server or a data: URL shows at once; one from elsewhere only when asked
+// (a reply could otherwise tell another site that, and when, it was read).
+function image(t) {
+  const src = t.attrGet("src") || "", alt = t.content || "";
+  const img = el("img"); img.alt = alt; img.loading = "lazy"; img.referrerPolicy = "no-referrer";
+  if (t.attrGet("title")) img.title = t.attrGet("title");
+  if (/^data:image\/(png|gif|jpeg|webp);/i.test(src) || /^\/(?!\/)/.test(src)) { img.src = src; return img; }
+  if (!/^https?:\/\//i.test(src)) return document.createTextNode(alt);
+  const wrap = el("span", "remote-image");
+  const load = button("load-image", `Show image: ${alt || "no description"} (${new URL(src).host})`, () => {
+    img.src = src; load.remove();
+  });
+  wrap.append(img, load);
+  return wrap;
+}
+
+// Math: KaTeX's files load the first time a message has math; until then (or when KaTeX
+// refuses the TeX) the TeX shows as code. Drawn formulas are kept by their TeX.
+const MATH_CACHE = new Map();
+let katexLoading = null;
+
+function math(tex, display) {
+  const key = (display ? "D" : "I") + tex;
+  if (MATH_CACHE.has(key)) return MATH_CACHE.get(key).cloneNode(true);
+  const n = el(display ? "div" : "span", "math" + (display ? " display" : ""), tex);
+  n.dataset.tex = tex;
+  if (window.katex) drawMath(n, display);
+  else loadKatex();
+  return n;
+}
+
+function drawMath(n, display) {
+  try {
+    window.katex.render(n.dataset.tex, n, { displayMode: display, throwOnError: true, output: "htmlAndMathml" });
+    n.classList.add("drawn");
+    MATH_CACHE.set((display ? "D" : "I") + n.dataset.tex, n.cloneNode(true));
+  } catch (e) { n.textContent = n.dataset.tex; n.classList.add("tex-error"); n.title = e.message; }
+}
+
+function loadKatex() {
+  if (katexLoading) return katexLoading;
+  const css = el("link"); css.rel = "stylesheet"; css.href = "/static/katex/katex.min.css";
+  document.head.appendChild(css);
+  katexLoading = new Promise((resolve) => {
+    const s = el("script"); s.src = "/static/katex/katex.min.js";
+    s.addEventListener("load", () => {
+      for (const n of document.querySelectorAll(".math:not(.drawn):not(.tex-error)")) drawMath(n, n.classList.contains("display"));
+      resolve();
+    });
+    document.head.appendChild(s);
+  });
+  return katexLoading;
+}
+
 // ---------------------------------------------------------------- messages
+// The whole branch is drawn again after each change; the focused control is found again by
+// its message and name (so a keyboard user stays where they were), and the view follows a
+// growing reply only while the reader is at the bottom.
+function focusKey() {
+  const a = document.activeElement;
+  const msg = a && a.closest && a.closest(".msg");
+  return msg && a.dataset.key ? [msg.dataset.id, a.dataset.key] : null;
+}
+
 function renderMessages() {
   if (S.view !== "chat") return;   // the chat's parts exist only in its view (showView)
-  const box = $("messages");
+  const box = $("messages"), keep = focusKey(), top = box.scrollTop;
   box.replaceChildren();
-  for (const turn of S.turns) box.appendChild(renderTurn(turn));
-  box.scrollTop = box.scrollHeight;
+  const first = leftOutFrom();
+  for (const turn of S.turns) {
+    if (turn.message.id === first) box.appendChild(el("p", "left-out", `${S.context.left_out} earlier message${S.context.left_out === 1 ? " was" : "s were"} not sent to the model (they do not fit its context)`));
+    box.appendChild(renderTurn(turn));
+  }
+  if (S.streaming && S.streaming.conv === (S.conv && S.conv.id) && !S.streaming.id) box.appendChild(pendingReply());
+  if (!S.turns.length && !S.streaming) box.appendChild(welcome());
+  if (keep) {
+    const n = box.querySelector(`.msg[data-id="${keep[0]}"] [data-key="${keep[1]}"]`);
+    if (n) n.focus({ preventScroll: true });
+  }
+  if (S.stick) box.scrollTop = box.scrollHeight; else box.scrollTop = top;
   renderContext();
+}
+
+function leftOutFrom() {   // the first message the last reply was sent with
+  for (let i = S.turns.length - 1; i >= 0; i--) {
+    const ctx = (S.turns[i].message.meta || {}).context;
+    if (ctx && ctx.first_sent) return ctx.first_sent;
+  }
+  return null;
+}
+
+function welcome() {
+  const w = el("div", "welcome");
+  const m = S.models.find((x) => x.id === ($("set-model").value || S.defaultModel));
+  w.append(el("p", null, m ? `${m.id}${m.ctx ? ` · context ${m.ctx} tokens` : ""}` : ""),
+           el("p", "hint", "Your conversations stay on this server. Try: “Explain how bread rises.”"));
+  return w;
+}
+
+function pendingReply() {
+  const div = el("div", "msg assistant pending");
+  const body = el("div", "body cursor");
+  body.append(el("span", "loading", ""));
+  div.appendChild(body);
+  return div;
+}
+
+function tool(cls, text, key, onClick, label, disabled) {
+  const b = button(cls, text, onClick, label);
+  b.dataset.key = key;
+  b.disabled = !!disabled;
+  return b;
 }
 
 function renderTurn(turn) {
@@ -274,161 +439,275 @@ function renderTurn(turn) {
   const div = el("div", "msg " + m.role);
   div.dataset.id = m.id;
   div.dataset.role = m.role;
-  const body = el("div", "body");
+  if (S.editing && S.editing.id === m.id) { div.appendChild(editBox(turn)); return div; }
+  const body = el("div", "body" + (m.role === "assistant" ? " md" : ""));
   fillBody(body, m);
   div.appendChild(body);
   const meta = el("div", "meta");
-  if (turn.sibling_ids.length > 1) {
-    const prev = el("button", "prev", "<"), next = el("button", "next", ">");
-    prev.type = next.type = "button";
-    prev.disabled = turn.index === 0 || !!S.streaming;
-    next.disabled = turn.index === turn.sibling_ids.length - 1 || !!S.streaming;
-    prev.addEventListener("click", () => selectMessage(turn.sibling_ids[turn.index - 1]));
-    next.addEventListener("click", () => selectMessage(turn.sibling_ids[turn.index + 1]));
-    meta.append(prev, el("span", "pos", `${turn.index + 1}/${turn.sibling_ids.length}`), next);
+  const growing = !!S.streaming && S.streaming.id === m.id;
+  const busy = !!S.streaming && S.streaming.conv === S.conv.id;
+  const n = turn.sibling_ids.length, who = m.role === "user" ? "message" : "reply";
+  if (n > 1) {
+    meta.append(
+      tool("prev", "‹", "prev", () => selectMessage(turn.sibling_ids[turn.index - 1]),
+           `Previous ${who} (${turn.index} of ${n})`, turn.index === 0 || busy),
+      el("span", "pos", `${turn.index + 1}/${n}`),
+      tool("next", "›", "next", () => selectMessage(turn.sibling_ids[turn.index + 1]),
+           `Next ${who} (${turn.index + 2} of ${n})`, turn.index === n - 1 || busy));
   }
+  const copy = tool("copy-message", "Copy", "copy", () => copyText(m.content, copy), `Copy this ${who}`);
+  const more = el("span", "more");
+  more.hidden = true;
+  const moreButton = tool("more-toggle", "⋯", "more", () => {
+    more.hidden = !more.hidden; moreButton.setAttribute("aria-expanded", String(!more.hidden));
+  }, `More actions for this ${who}`);
+  moreButton.setAttribute("aria-expanded", "false");
+  const del = tool("delete-branch", "Delete", "delete", () => deleteBranch(m, del), `Delete this ${who} and what follows it`, busy);
   if (m.role === "user") {
-    const edit = el("button", "edit", "Edit");
-    edit.type = "button"; edit.disabled = !!S.streaming;
-    edit.addEventListener("click", () => startEdit(div, turn));
-    meta.appendChild(edit);
-    if (turn === S.turns[S.turns.length - 1] && !S.streaming) {  // no reply yet (it failed)
-      const answer = el("button", "answer", "Get a reply");
-      answer.type = "button";
-      answer.addEventListener("click", () => generate(m.id));
-      meta.appendChild(answer);
-    }
-  } else {
-    const streamingThis = S.streaming && S.streaming.id === m.id;
-    if (!streamingThis) {
-      if (m.finish_reason === "stopped") meta.appendChild(el("span", "badge stopped", "stopped"));
-      else if (m.finish_reason === "error") meta.appendChild(el("span", "badge", "failed"));
-      else if (m.incomplete) meta.appendChild(el("span", "badge", "incomplete"));
-      else if (m.finish_reason === "length") meta.appendChild(el("span", "badge", "max tokens"));
-      const regen = el("button", "regenerate", "Regenerate");
-      regen.type = "button"; regen.disabled = !!S.streaming;
-      regen.addEventListener("click", () => generate(m.parent_id));
-      const rating = turn.rating ? turn.rating.value : 0;
-      const up = el("button", "thumb up" + (rating === 1 ? " on" : ""), "▲ good");
-      const down = el("button", "thumb down" + (rating === -1 ? " on" : ""), "▼ bad");
-      up.type = down.type = "button";
-      up.title = "Good reply"; down.title = "Bad reply";
-      up.setAttribute("aria-pressed", String(rating === 1));
-      down.setAttribute("aria-pressed", String(rating === -1));
-      up.addEventListener("click", () => rate(turn, rating === 1 ? 0 : 1));
-      down.addEventListener("click", () => rate(turn, rating === -1 ? 0 : -1));
-      meta.append(regen, up, down);
-      const info = [];
-      if (m.model) info.push(m.model);
-      if (m.timings && m.timings.predicted_per_second) info.push(`${m.timings.predicted_per_second} tok/s`);
-      if (info.length) meta.appendChild(el("span", "info", info.join(" · ")));
-      if (rating) {
-        const cbox = el("div", "comment-box");
-        const input = el("input", "comment");
-        input.placeholder = "Optional comment"; input.value = (turn.rating && turn.rating.comment) || "";
-        const save = el("button", "save-comment", "Save comment"); save.type = "button";
-        save.addEventListener("click", () => rate(turn, rating, input.value));
-        cbox.append(input, save);
-        div.appendChild(meta);
-        div.appendChild(cbox);
-        return div;
-      }
-    }
+    meta.append(tool("edit", "Edit", "edit", () => startEdit(turn), "Edit this message (a new branch)", busy), copy);
+    const last = turn === S.turns[S.turns.length - 1];
+    if (last && !busy) meta.appendChild(tool("answer primary-soft", "Get a reply", "answer", () => generate(m.id)));
+    more.append(del);
+    meta.append(moreButton, more);
+  } else if (!growing) {
+    const badge = m.finish_reason === "stopped" ? "stopped" : m.finish_reason === "error" ? "failed"
+      : m.incomplete ? (S.running.includes(m.id) ? "" : "interrupted") : m.finish_reason === "length" ? "max tokens" : "";
+    if (badge) meta.appendChild(el("span", "badge" + (badge === "stopped" ? " stopped" : ""), badge));
+    meta.appendChild(tool("regenerate", "Regenerate", "regenerate", () => generate(m.parent_id), null, busy));
+    if (m.finish_reason === "length" || (m.incomplete && !S.running.includes(m.id) && m.content))
+      meta.appendChild(tool("continue", "Continue", "continue", () => generate(m.parent_id, m.id), "Continue this reply", busy));
+    const rating = turn.rating ? turn.rating.value : 0;
+    const up = tool("thumb up" + (rating === 1 ? " on" : ""), "▲ good", "up", () => rate(turn, rating === 1 ? 0 : 1), "Good reply");
+    const down = tool("thumb down" + (rating === -1 ? " on" : ""), "▼ bad", "down", () => rate(turn, rating === -1 ? 0 : -1), "Bad reply");
+    up.setAttribute("aria-pressed", String(rating === 1));
+    down.setAttribute("aria-pressed", String(rating === -1));
+    const commentOpen = !!rating || !!(turn.rating && turn.rating.comment) || turn.commenting;
+    const note = tool("comment-toggle", "Comment", "comment", () => { turn.commenting = !commentOpen; renderMessages(); });
+    note.setAttribute("aria-expanded", String(commentOpen));
+    meta.append(copy, up, down, note);
+    more.append(tool("edit-reply", "Edit", "edit-reply", () => startEdit(turn), "Write your own version of this reply (a new branch)", busy),
+                tool("write-reply", "Write a reply", "write", () => startEdit(turn, true), "Write a reply yourself (a new branch)", busy), del);
+    meta.append(moreButton, more);
+    const info = [];
+    if (m.model) info.push(m.model);
+    else if ((m.meta || {}).synthetic === false) info.push("written by you");
+    if (m.timings && m.timings.predicted_per_second) info.push(`${m.timings.predicted_per_second} tok/s`);
+    if (info.length) meta.appendChild(el("span", "info", info.join(" · ")));
+    div.appendChild(meta);
+    if (n > 1) div.appendChild(compareRow(turn));
+    if (commentOpen) div.appendChild(commentBox(turn, rating));
+    return div;
   }
   div.appendChild(meta);
   return div;
+}
+
+// "Which is better?" between this reply and the one before it (after a regenerate): a
+// preference pair for training, stored once per pair.
+function compareRow(turn) {
+  const m = turn.message, other = turn.sibling_ids[turn.index === 0 ? 1 : turn.index - 1];
+  const o = turn.sibling_ids.indexOf(other) + 1, me = turn.index + 1;
+  const row = el("div", "compare");
+  const made = S.prefs.find((p) => (p[0] === m.id && p[1] === other) || (p[0] === other && p[1] === m.id));
+  if (made) {
+    row.append(el("span", "hint", made[0] === m.id ? `You prefer this reply (${me}) to ${o}.` : `You prefer reply ${o} to this one (${me}).`),
+               tool("prefer-change", "Change", "prefer-change", () => prefer(made[1], made[0])));
+  } else {
+    row.append(el("span", null, `Which is better: this reply (${me}) or ${o}?`),
+               tool("prefer-this", `This one (${me})`, "prefer-this", () => prefer(m.id, other)),
+               tool("prefer-other", `Reply ${o}`, "prefer-other", () => prefer(other, m.id)));
+  }
+  return row;
+}
+
+function commentBox(turn, rating) {
+  const box = el("div", "comment-box");
+  const input = el("input", "comment");
+  input.placeholder = "Optional comment (Enter saves)";
+  input.setAttribute("aria-label", "Comment on this reply");
+  input.value = (turn.rating && turn.rating.comment) || "";
+  input.dataset.key = "comment-input";
+  const status = el("span", "saved hint"); status.setAttribute("role", "status");
+  const save = async () => {
+    await rate(turn, rating, input.value, true);
+    const s = document.querySelector(`.msg[data-id="${turn.message.id}"] .saved`);
+    if (s) s.textContent = "Saved";
+  };
+  input.addEventListener("keydown", (ev) => { if (ev.key === "Enter") { ev.preventDefault(); save(); } });
+  box.append(input, tool("save-comment", "Save comment", "save-comment", save), status);
+  return box;
 }
 
 function fillBody(body, m) {
   body.replaceChildren();
   if (m.role === "user") body.textContent = m.content;
   else body.appendChild(markdown(m.content));
-  if (S.streaming && S.streaming.id === m.id) body.classList.add("cursor");
-  else body.classList.remove("cursor");
+  body.classList.toggle("cursor", !!S.streaming && S.streaming.id === m.id);
 }
 
 function renderContext() {
-  const c = S.context;
-  $("context-use").textContent = c && c.used != null
-    ? `${c.used}${c.ctx ? " / " + c.ctx : ""} tokens` : "";
+  const c = S.context, out = $("context-use");
+  out.classList.remove("near", "over");
+  $("context-warning").hidden = true;
+  if (!c || c.used == null) { out.textContent = ""; return; }
+  const n = (x) => x.toLocaleString("en");
+  out.textContent = `${c.estimate ? "≈ " : ""}${n(c.used)}${c.ctx ? " / " + n(c.ctx) : ""} tokens`;
+  if (c.ctx && c.used >= 0.8 * c.ctx) {
+    out.classList.add(c.used >= c.ctx ? "over" : "near");
+    $("context-warning").hidden = false;
+    $("context-warning").textContent = c.used >= c.ctx
+      ? "This conversation is longer than the model's context: the oldest messages will not be sent with the next one."
+      : "This conversation is near the model's context: soon the oldest messages will be left out of what it sees.";
+  }
 }
 
-function startEdit(div, turn) {
-  const body = div.querySelector(".body");
+// Editing: a user message (a new branch), or a reply as the user would have it written (a
+// new sibling; `blank`: write one from nothing). Ctrl+Enter saves, Escape cancels. The
+// editor is part of the state (S.editing), so a re-render keeps it and what was typed.
+function startEdit(turn, blank) {
+  S.editing = { id: turn.message.id, text: blank ? "" : turn.message.content };
+  renderMessages();
+  const ta = document.querySelector(".edit-text");
+  if (ta) ta.focus();
+}
+
+function editBox(turn) {
+  const user = turn.message.role === "user";
   const box = el("div", "edit-box");
-  const ta = el("textarea", "edit-text"); ta.value = turn.message.content; ta.rows = 3;
+  const ta = el("textarea", "edit-text"); ta.value = S.editing.text; ta.rows = 4;
+  ta.dataset.key = "edit-text";
+  ta.setAttribute("aria-label", user ? "Edit the message" : "Your reply");
+  ta.addEventListener("input", () => { S.editing.text = ta.value; });
   const row = el("div", "row");
-  const save = el("button", "primary save-edit", "Save & submit"), cancel = el("button", "cancel-edit", "Cancel");
-  save.type = cancel.type = "button";
-  save.addEventListener("click", async () => {
+  const done = () => { S.editing = null; renderMessages(); };
+  const save = button("primary save-edit", user ? "Save & submit" : "Save reply", async () => {
     const text = ta.value.trim();
     if (!text) return;
     try {
       const r = await api("POST", `/api/messages/${turn.message.id}/edit`, { content: text });
+      S.editing = null;
       applyDetail(r);
-      await generate(r.message.id);
+      if (user) await generate(r.message.id);
     } catch (e) { showError(e); }
   });
-  cancel.addEventListener("click", renderMessages);
-  row.append(save, cancel);
+  save.dataset.key = "save-edit";
+  const cancel = button("cancel-edit", "Cancel", done);
+  ta.addEventListener("keydown", (ev) => {
+    if (ev.key === "Escape") { ev.preventDefault(); done(); }
+    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); save.click(); }
+  });
+  row.append(save, cancel, el("span", "hint", "Ctrl+Enter saves, Escape cancels"));
   box.append(ta, row);
-  body.replaceWith(box);
-  ta.focus();
+  return box;
 }
 
 async function selectMessage(id) {
   try { applyDetail(await api("POST", `/api/messages/${id}/select`)); } catch (e) { showError(e); }
 }
 
-async function rate(turn, value, comment) {
+async function rate(turn, value, comment, quiet) {
   try {
     const keep = comment !== undefined ? comment : (turn.rating && turn.rating.comment) || null;
-    const r = await api("PUT", `/api/messages/${turn.message.id}/rating`, { value, comment: value ? keep : null });
+    const r = await api("PUT", `/api/messages/${turn.message.id}/rating`, { value, comment: keep || null });
     turn.rating = r.rating;
-    renderMessages();
+    if (!quiet || !document.querySelector(`.msg[data-id="${turn.message.id}"] .comment-box`)) renderMessages();
+  } catch (e) { showError(e); }
+}
+
+async function prefer(chosen, rejected) {
+  try {
+    const d = await api("POST", `/api/messages/${chosen}/prefer`, { over: rejected });
+    applyDetail(d);
+    announce("Preference saved.");
+  } catch (e) { showError(e); }
+}
+
+async function deleteBranch(m, btn) {
+  if (btn.dataset.armed !== "1") {   // two clicks: no modal dialog
+    try {
+      const r = await api("GET", `/api/messages/${m.id}`);
+      btn.dataset.armed = "1";
+      btn.textContent = `Delete ${r.branch_size} message${r.branch_size === 1 ? "" : "s"}?`;
+      btn.classList.add("armed");
+      setTimeout(() => { if (btn.isConnected) { btn.dataset.armed = ""; btn.textContent = "Delete"; btn.classList.remove("armed"); } }, 4000);
+    } catch (e) { showError(e); }
+    return;
+  }
+  try {
+    const r = await api("DELETE", `/api/messages/${m.id}`);
+    applyDetail(r);
+    announce(`Deleted ${r.deleted} message${r.deleted === 1 ? "" : "s"}.`);
+    loadList();
   } catch (e) { showError(e); }
 }
 
 // ---------------------------------------------------------------- conversations
 function applyDetail(d) {
   S.conv = d.conversation; S.turns = d.turns; S.context = d.context;
-  $("conv-title").textContent = S.conv.title || "New chat";
+  S.running = d.running || []; S.prefs = d.preferences || [];
+  const title = S.conv.title || "New chat";
+  $("conv-title").textContent = title;
+  document.title = `${title} · homellm`;
   $("export-one").href = `/api/conversations/${S.conv.id}/export`;
   $("export-one").hidden = false;
   fillSettings();
   renderMessages();
   markActive();
+  if (S.running.length && !S.streaming) attach(S.running[S.running.length - 1]);
 }
 
-async function loadList() {
+const DAY = 86400000;
+function groupOf(stamp) {
+  const t = new Date(stamp), now = new Date();
+  const today = new Date(now.getFullYear(), now.getMonth(), now.getDate()).getTime();
+  if (t >= today) return "Today";
+  if (t >= today - DAY) return "Yesterday";
+  if (t >= today - 7 * DAY) return "Previous 7 days";
+  if (t >= today - 30 * DAY) return "Previous 30 days";
+  return "Older";
+}
+
+async function loadList(more) {
   const q = $("search").value.trim();
   const ul = $("conversations");
   try {
     if (q) {
       const r = await api("GET", `/api/search?q=${encodeURIComponent(q)}`);
-      ul.replaceChildren(...r.hits.map((h) => listItem({ id: h.conversation_id, title: h.title }, h.snippet)));
+      ul.replaceChildren(...r.hits.map((h) => listItem({ id: h.conversation_id, title: h.title }, h)));
+      if (!r.hits.length) ul.appendChild(el("li", "no-results", "No results"));
       ul.dataset.mode = "search";
+      $("list-more").hidden = true;
     } else {
-      const r = await api("GET", "/api/conversations");
-      S.list = r.conversations;
-      ul.replaceChildren(...S.list.map((c) => listItem(c)));
+      const offset = more ? S.list.length : 0;
+      const r = await api("GET", `/api/conversations?limit=${PAGE}&offset=${offset}`);
+      S.list = more ? S.list.concat(r.conversations) : r.conversations;
+      S.listDone = r.conversations.length < PAGE;
+      const items = [];
+      let group = null;
+      for (const c of S.list) {
+        const g = groupOf(c.updated_at);
+        if (g !== group) { items.push(el("li", "group", g)); group = g; }
+        items.push(listItem(c));
+      }
+      ul.replaceChildren(...items);
       ul.dataset.mode = "all";
+      $("list-more").hidden = S.listDone;
     }
     markActive();
   } catch (e) { showError(e); }
 }
 
-function listItem(c, snippet) {
+function listItem(c, hit) {
   const li = el("li");
   li.dataset.id = c.id;
-  const open = el("button", "open", c.title || "Untitled");
-  open.type = "button"; open.title = c.title || "";
-  if (snippet && snippet !== c.title) open.appendChild(el("span", "snippet", snippet));
-  open.addEventListener("click", () => openConversation(c.id));
-  const ren = el("button", "tool rename", "✎"), del = el("button", "tool delete", "✕");
-  ren.type = del.type = "button"; ren.title = "Rename"; del.title = "Delete";
+  const open = button("open", c.title || "Untitled", () => openConversation(c.id, hit ? { hit } : {}));
+  open.title = c.title || "";
+  if (hit && hit.snippet !== c.title) open.appendChild(el("span", "snippet", hit.snippet));
+  const name = c.title || "Untitled";
+  const ren = button("tool rename", "✎", null, `Rename “${name}”`), del = button("tool delete", "✕", null, `Delete “${name}”`);
   ren.addEventListener("click", () => {
     const input = el("input", "rename-input"); input.value = c.title || "";
+    input.setAttribute("aria-label", "New title");
     let finished = false;   // Enter, then the blur of the removed input: once
     const done = async (keep) => {
       if (finished) return;
@@ -451,7 +730,7 @@ function listItem(c, snippet) {
   del.addEventListener("click", async () => {
     if (del.dataset.armed !== "1") {  // two clicks: no modal dialog
       del.dataset.armed = "1"; del.textContent = "Delete?"; del.classList.add("armed");
-      setTimeout(() => { del.dataset.armed = ""; del.textContent = "✕"; }, 3000);
+      setTimeout(() => { del.dataset.armed = ""; del.textContent = "✕"; del.classList.remove("armed"); }, 3000);
       return;
     }
     try {
@@ -465,45 +744,93 @@ function listItem(c, snippet) {
 }
 
 function markActive() {
-  for (const li of $("conversations").children)
-    li.classList.toggle("active", !!S.conv && li.dataset.id === S.conv.id);
+  for (const li of $("conversations").children) {
+    const on = !!S.conv && li.dataset.id === S.conv.id;
+    li.classList.toggle("active", on);
+    const b = li.querySelector(".open");
+    if (b) { if (on) b.setAttribute("aria-current", "true"); else b.removeAttribute("aria-current"); }
+  }
 }
 
-async function openConversation(id) {
-  if (S.streaming || S.arena.streaming) return;
+// Leaving a chat while its reply grows is fine: the reply goes on on the server, and this
+// page watches it again when the chat is opened (or the page reloaded).
+function detach() {
+  if (S.streaming) { S.streaming.controller.abort(); S.streaming = null; setStreaming(false); }
+}
+
+async function openConversation(id, opts) {
+  opts = opts || {};
+  if (S.arena.streaming) return;
   if (S.view !== "chat") { history.pushState(null, "", "/"); await showView("chat"); }
+  if (!(S.streaming && S.streaming.conv === id)) detach();
+  if (!S.conv || S.conv.id !== id) S.editing = null;
   showError(null);
   try {
-    applyDetail(await api("GET", `/api/conversations/${id}`));
-    history.replaceState(null, "", `#${id}`);
-    $("app").classList.remove("side-open");
+    if (!opts.keepView) S.stick = true;
+    const hit = opts.hit;
+    applyDetail(await api(hit && hit.message_id ? "POST" : "GET",
+                          hit && hit.message_id ? `/api/messages/${hit.message_id}/select` : `/api/conversations/${id}`));
+    if (location.hash !== `#${id}`) history.replaceState(null, "", `#${id}`);
+    closeSidebar();
+    if (hit) showHit(hit);
   } catch (e) { showError(e); }
 }
 
+// A search hit: its message in view, marked, and the words highlighted (CSS Custom Highlight
+// API, where the browser has it: the text nodes stay as they are).
+function showHit(hit) {
+  const n = hit.message_id && document.querySelector(`.msg[data-id="${hit.message_id}"]`);
+  if (!n) return;
+  S.stick = false;
+  n.classList.add("hit");
+  n.scrollIntoView({ block: "center" });
+  if (!window.CSS || !CSS.highlights || !window.Highlight) return;
+  const words = $("search").value.toLowerCase().split(/\W+/).filter(Boolean);
+  const ranges = [];
+  const walk = document.createTreeWalker(n.querySelector(".body"), NodeFilter.SHOW_TEXT);
+  for (let t = walk.nextNode(); t; t = walk.nextNode()) {
+    const low = t.data.toLowerCase();
+    for (const w of words) {
+      for (let i = low.indexOf(w); i >= 0; i = low.indexOf(w, i + w.length)) {
+        const r = new Range(); r.setStart(t, i); r.setEnd(t, i + w.length); ranges.push(r);
+      }
+    }
+  }
+  CSS.highlights.set("search-hit", new Highlight(...ranges));
+}
+
 function newChat() {
-  if (S.streaming || S.arena.streaming) return;
+  if (S.arena.streaming) return;
   if (S.view !== "chat") { go("/"); }
-  S.conv = null; S.turns = []; S.context = null;
+  detach();
+  S.conv = null; S.turns = []; S.context = null; S.running = []; S.prefs = []; S.stick = true; S.editing = null;
   $("conv-title").textContent = "New chat";
+  document.title = "homellm";
   $("export-one").hidden = true;
-  history.replaceState(null, "", "#");
+  history.replaceState(null, "", location.pathname);
   fillSettings(); renderMessages(); markActive();
-  $("app").classList.remove("side-open");
+  closeSidebar();
   $("prompt").focus();
 }
 
 // ---------------------------------------------------------------- settings
+// A chat's settings apply as they change (saved at once, "Saved" shown); a new chat's are
+// its draft until the first message. "Use for new chats" keeps them as this user's defaults
+// (on the server: every browser, every reload).
 const NUMBERS = ["temperature", "top_p", "top_k", "max_tokens", "seed"];
 
 function fillSettings() {
-  if (S.view !== "chat") return;
+  if (S.view !== "chat" || $("settings").contains(document.activeElement)) return;
   const sel = $("set-model");
   sel.replaceChildren(...S.models.map((m) => { const o = el("option", null, m.id); o.value = m.id; return o; }));
-  const c = S.conv;
-  sel.value = (c && c.model) || S.defaultModel || "";
-  $("set-system").value = (c && c.system_prompt) || "";
-  const s = (c && c.sampling) || S.draftSampling || {};
-  for (const k of NUMBERS) $("set-" + k).value = s[k] != null ? s[k] : "";
+  const c = S.conv || S.draft || {};
+  sel.value = c.model || S.defaultModel || "";
+  $("set-system").value = c.system_prompt || "";
+  const s = c.sampling || {};
+  for (const k of NUMBERS) {
+    $("set-" + k).value = s[k] != null ? s[k] : "";
+    if (S.samplingDefaults[k] != null) $("set-" + k).placeholder = String(S.samplingDefaults[k]);
+  }
 }
 
 function readSettings() {
@@ -515,35 +842,59 @@ function readSettings() {
   return { model: $("set-model").value || null, system_prompt: $("set-system").value || null, sampling };
 }
 
-async function saveSettings(ev) {
+function newDraft() {   // a new chat starts from the user's defaults
+  const d = S.defaults || {};
+  return { model: d.model || S.defaultModel, system_prompt: d.system_prompt || null, sampling: { ...(d.sampling || {}) } };
+}
+
+let settingsTimer = null;
+function settingsChanged() {
+  if (!$("settings").checkValidity()) { $("settings").reportValidity(); return; }
+  clearTimeout(settingsTimer);
+  settingsTimer = setTimeout(applySettings, 300);
+}
+
+async function applySettings() {
+  settingsTimer = null;
+  const s = readSettings(), status = $("settings-status");
+  try {
+    if (S.conv) applyDetail(await api("PATCH", `/api/conversations/${S.conv.id}`, s));
+    else { S.draft = s; renderMessages(); }
+    status.textContent = S.conv ? "Saved" : "Used for this new chat";
+    setTimeout(() => { status.textContent = ""; }, 1500);
+  } catch (e) { showError(e); }
+}
+
+async function saveDefaults(ev) {
   ev.preventDefault();
   const s = readSettings();
   try {
-    if (S.conv) applyDetail(await api("PATCH", `/api/conversations/${S.conv.id}`, s));
-    else { S.draftSampling = s.sampling; S.draftModel = s.model; S.draftSystem = s.system_prompt; }
-    $("settings-status").textContent = "Saved";
-    setTimeout(() => { $("settings-status").textContent = ""; }, 1500);
+    S.defaults = (await api("PUT", "/api/settings", s)).settings;
+    $("settings-status").textContent = "Saved as your defaults for new chats";
+    if (!S.conv) S.draft = newDraft();
   } catch (e) { showError(e); }
 }
 
 // ---------------------------------------------------------------- sending and streaming
 async function send(ev) {
   if (ev) ev.preventDefault();
-  if (S.streaming) return;
+  if (S.streaming && S.conv && S.streaming.conv === S.conv.id) return;   // its reply still grows
   const text = $("prompt").value.trim();
   if (!text) return;
   showError(null);
   try {
+    if (settingsTimer) { clearTimeout(settingsTimer); settingsTimer = null; await applySettings(); }
     if (!S.conv) {
-      const s = readSettings();
-      const d = await api("POST", "/api/conversations", s);
-      S.conv = d.conversation;
+      S.conv = (await api("POST", "/api/conversations", readSettings())).conversation;
+      S.draft = newDraft();
     }
     const last = S.turns.length ? S.turns[S.turns.length - 1].message : null;
-    if (last && last.role === "user") throw new Error("the last message has no reply yet: press “Get a reply” (or edit it)");
-    const r = await api("POST", `/api/conversations/${S.conv.id}/messages`,
-                        { content: text, parent_id: last ? last.id : null });
-    $("prompt").value = "";
+    // a message whose reply failed never blocks the next: the new text joins it as a new
+    // version of it (the first stays, as 1/2), and that gets the reply
+    const r = last && last.role === "user"
+      ? await api("POST", `/api/messages/${last.id}/edit`, { content: `${last.content}\n\n${text}` })
+      : await api("POST", `/api/conversations/${S.conv.id}/messages`, { content: text, parent_id: last ? last.id : null });
+    $("prompt").value = ""; growComposer();
     applyDetail(r);
     history.replaceState(null, "", `#${S.conv.id}`);
     loadList();
@@ -556,79 +907,154 @@ function setStreaming(on) {
   $("stop").hidden = !on;
 }
 
-async function generate(parentId) {
-  if (S.streaming || !S.conv) return;
+// Ask for a reply (to `parentId`; or more of reply `continueId`) and show it as it grows.
+async function generate(parentId, continueId) {
+  if (!S.conv || S.lost || (S.streaming && S.streaming.conv === S.conv.id)) return;
+  detach();
   showError(null);
-  const controller = new AbortController();
-  S.streaming = { id: null, controller };
+  const s = { conv: S.conv.id, id: continueId || null, controller: new AbortController() };
+  S.streaming = s; S.stick = true;
   setStreaming(true);
   renderMessages();
-  let turn = null, body = null;
+  const unwatch = watchLoading(s, S.conv.model || S.defaultModel);
   try {
-    const r = await fetch(`/api/conversations/${S.conv.id}/generate`, {
-      method: "POST", credentials: "same-origin", signal: controller.signal,
+    const r = await fetch(`/api/conversations/${s.conv}/generate`, {
+      method: "POST", credentials: "same-origin", signal: s.controller.signal,
       headers: { "Content-Type": "application/json", "X-CSRF-Token": S.csrf },
-      body: JSON.stringify({ parent_id: parentId }),
+      body: JSON.stringify(continueId ? { continue_id: continueId } : { parent_id: parentId }),
     });
-    if (!r.ok) {
-      let msg = `HTTP ${r.status}`;
-      try { const d = await r.json(); msg = d.error.message; } catch (e) { /* not JSON */ }
-      throw new Error(msg);
-    }
-    const reader = r.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const chunk = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
-        let event = "message", data = "";
-        for (const line of chunk.split("\n")) {
-          if (line.startsWith("event: ")) event = line.slice(7);
-          else if (line.startsWith("data: ")) data += line.slice(6);
-        }
-        const d = data ? JSON.parse(data) : {};
-        if (event === "start") {
-          S.streaming.id = d.message.id;
-          const at = S.turns.findIndex((t) => t.message.id === parentId);
-          S.turns = S.turns.slice(0, at + 1);
-          turn = { message: d.message, sibling_ids: d.sibling_ids, index: d.sibling_ids.length - 1, rating: null };
-          S.turns.push(turn);
-          renderMessages();
-          body = document.querySelector(`.msg[data-id="${d.message.id}"] .body`);
-        } else if (event === "delta" && turn) {
-          turn.message.content += d.text;
-          fillBody(body, turn.message);
-          const box = $("messages"); box.scrollTop = box.scrollHeight;
-        } else if (event === "done" && turn) {
-          turn.message = d.message; S.context = d.context;
-        } else if (event === "error") {
-          showError(new Error(d.error.message));
-        }
-      }
-    }
+    unwatch();
+    await follow(r, s);
   } catch (e) {
-    if (e.name !== "AbortError") showError(e);
-  } finally {
-    S.streaming = null;
-    setStreaming(false);
-    if (S.conv) {
-      try { applyDetail(await api("GET", `/api/conversations/${S.conv.id}`)); } catch (e) { showError(e); }
-      loadList();
+    unwatch();
+    ended(s, e);
+  }
+}
+
+// Watch a reply that runs on the server already (a reload, or back from another chat).
+async function attach(id) {
+  if (S.lost || !S.conv) return;
+  const s = { conv: S.conv.id, id, controller: new AbortController() };
+  S.streaming = s;
+  setStreaming(true);
+  renderMessages();
+  try {
+    const r = await fetch(`/api/replies/${id}/events`, { credentials: "same-origin", signal: s.controller.signal });
+    await follow(r, s);
+  } catch (e) { ended(s, e); }
+}
+
+async function follow(r, s) {
+  if (!r.ok) {
+    let msg = `HTTP ${r.status}`, code = null;
+    try { const d = await r.json(); msg = d.error.message; code = d.error.code; } catch (e) { /* not JSON */ }
+    if (r.status === 401 && code === "not_logged_in") showGate("login", false, "Your session has ended: log in again.");
+    const err = new Error(msg); err.status = r.status; err.code = code; throw err;
+  }
+  let turn = null, body = null, failed = null;
+  await readEvents(r, (event, d) => {
+    if (S.streaming !== s) return;
+    if (event === "start") {
+      s.id = d.message.id;
+      if (s.stopWanted) stop();
+      const at = S.turns.findIndex((t) => t.message.id === d.message.id);
+      if (at >= 0) { turn = S.turns[at]; turn.message = d.message; }
+      else {
+        const p = S.turns.findIndex((t) => t.message.id === d.message.parent_id);
+        S.turns = S.turns.slice(0, p + 1);
+        turn = { message: d.message, sibling_ids: d.sibling_ids, index: d.sibling_ids.length - 1, rating: null };
+        S.turns.push(turn);
+      }
+      if (d.context) S.context = { ...(S.context || {}), left_out: d.context.left_out };
+      renderMessages();
+      body = document.querySelector(`.msg[data-id="${d.message.id}"] .body`);
+    } else if (event === "delta" && turn) {
+      turn.message.content += d.text;
+      if (body && body.isConnected) fillBody(body, turn.message);
+      follow_bottom();
+    } else if (event === "done" && turn) {
+      turn.message = d.message; if (d.context) S.context = d.context;
+    } else if (event === "error") failed = new Error(d.error.message);
+  });
+  if (S.streaming !== s) return;
+  let d = null;
+  try { d = await api("GET", `/api/conversations/${s.conv}`); } catch (e) { showError(e); }
+  if (S.streaming !== s) return;
+  S.streaming = null;
+  setStreaming(false);
+  if (d && S.conv && S.conv.id === s.conv) applyDetail(d); else renderMessages();
+  if (failed) showError(failed);
+  if (turn) announce(`Reply ${turn.message.finish_reason === "stopped" ? "stopped" : "done"}: ${turn.message.content.slice(0, 500)}`);
+  loadList();
+}
+
+function ended(s, e) {
+  if (S.streaming === s) { S.streaming = null; setStreaming(false); }
+  if (e.name === "AbortError") return;                  // this page looked away; the reply goes on
+  if (e instanceof TypeError) { connectionLost(); return; }   // the server went away mid-reply
+  showError(e);
+  renderMessages();
+}
+
+// Server-Sent Events from a fetch response: onEvent(name, data) for each one.
+async function readEvents(r, onEvent) {
+  const reader = r.body.getReader(), decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const chunk = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
+      let event = "message", data = "";
+      for (const line of chunk.split("\n")) {
+        if (line.startsWith("event: ")) event = line.slice(7);
+        else if (line.startsWith("data: ")) data += line.slice(6);
+      }
+      onEvent(event, data ? JSON.parse(data) : {});
     }
   }
+}
+
+// A cold model: "Loading model…" in the reply's place, with its progress when an earlier load
+// gives an estimate (asked of /api/models while the reply has not started).
+function watchLoading(s, model) {
+  let timer = null, done = false;
+  const tick = async () => {
+    if (done || S.streaming !== s || s.id) return;
+    try {
+      const m = (await api("GET", "/api/models")).models.find((x) => x.id === model);
+      const slot = document.querySelector(".msg.pending .loading");
+      if (!done && slot && m && m.loading_s != null) {
+        const bar = el("progress");
+        bar.setAttribute("aria-label", "Loading the model");
+        if (m.estimate_s) { bar.max = m.estimate_s; bar.value = Math.min(m.loading_s, m.estimate_s); }
+        slot.replaceChildren(`Loading model ${m.id}… ${m.loading_s.toFixed(1)} s `, bar);
+      }
+    } catch (e) { /* the reply's own request says what went wrong */ }
+    if (!done) timer = setTimeout(tick, 400);
+  };
+  timer = setTimeout(tick, 250);
+  return () => { done = true; clearTimeout(timer); };
+}
+
+function atBottom() {
+  const box = $("messages");
+  return box.scrollHeight - box.scrollTop - box.clientHeight < 40;
+}
+
+function follow_bottom() {
+  const box = $("messages");
+  if (S.stick) box.scrollTop = box.scrollHeight;
+  $("to-bottom").hidden = atBottom();
 }
 
 async function stop() {
   const s = S.streaming;
   if (!s) return;
-  if (s.id) {
-    try { await api("POST", `/api/replies/${s.id}/stop`); return; } catch (e) { /* abort below */ }
-  }
-  s.controller.abort();
+  if (!s.id) { s.stopWanted = true; return; }      // stopped as soon as it has started
+  try { await api("POST", `/api/replies/${s.id}/stop`); } catch (e) { showError(e); }
 }
 
 // ---------------------------------------------------------------- import
@@ -648,19 +1074,21 @@ async function importFile() {
 
 // ---------------------------------------------------------------- people
 // One form, three uses: the first-run setup (with the console's setup token when the server
-// asks for it), a login (--auth), or the server's API key (--api-key without --auth).
-function showGate(mode, tokenRequired) {
+// asks for it), a login (--auth; also when a session ends), or the server's API key.
+function showGate(mode, tokenRequired, note) {
   $("app").hidden = true; $("gate").hidden = false;
-  const key = mode === "key";
+  const key = mode === "key", min = (S.me && S.me.password_min) || 8;
   $("gate-title").textContent = mode === "setup" ? "Set up homellm" : key ? "API key" : "Log in";
-  $("gate-hint").textContent = mode === "setup"
+  $("gate-hint").textContent = note || (mode === "setup"
     ? "No account yet: this one becomes the admin." + (tokenRequired ? " The setup token is on the server's console." : "")
-    : key ? "This server needs its API key (homellm serve --api-key)." : "";
+    : key ? "This server needs its API key (homellm serve --api-key)." : "");
+  $("gate-rule").textContent = mode === "setup" ? `The password needs at least ${min} characters.` : "";
   $("gate-submit").textContent = mode === "setup" ? "Create admin account" : key ? "Continue" : "Log in";
   $("gate-form").dataset.mode = mode;
   $("gate-user-row").hidden = key; $("gate-user").required = !key;
   $("gate-pass-label").textContent = key ? "Key" : "Password";
-  $("gate-pass").autocomplete = key ? "off" : "current-password";
+  $("gate-pass").autocomplete = key ? "off" : mode === "setup" ? "new-password" : "current-password";
+  $("gate-pass").minLength = mode === "setup" ? min : 0;
   $("gate-token-row").hidden = !(mode === "setup" && tokenRequired);
   $("gate-token").required = mode === "setup" && !!tokenRequired;
   (key ? $("gate-pass") : $("gate-user")).focus();
@@ -688,53 +1116,94 @@ function showAccount() {
   $("account").hidden = !me.auth && !keyed;
   if (!me.auth) {   // only the API key: a way to forget it on this browser
     $("whoami").textContent = "Signed in with the API key";
-    for (const id of ["share-feedback", "export-shared", "add-user", "users"]) $(id).hidden = true;
-    $("share-feedback").parentElement.hidden = true;
+    for (const id of ["share-feedback-row", "export-shared", "users-box", "password-box"]) $(id).hidden = true;
     return;
   }
   $("whoami").textContent = `Signed in as ${me.user.username}${me.user.is_admin ? " (admin)" : ""}`;
   $("share-feedback").checked = me.user.share_feedback;
+  $("share-feedback-row").hidden = false; $("password-box").hidden = false;
   $("export-shared").hidden = !me.user.is_admin;
-  $("add-user").hidden = !me.user.is_admin;
-  $("users").hidden = !me.user.is_admin;
+  $("users-box").hidden = !me.user.is_admin;
+  for (const id of ["new-password", "my-new-password"]) {
+    $(id).minLength = me.password_min || 8;
+    $(id).placeholder = `at least ${me.password_min || 8} characters`;
+  }
   if (me.user.is_admin) loadUsers();
 }
 
-// The admin's list of accounts; one whose logins are limited (too many wrong passwords
-// from some address) gets an Unlock button.
+// The admin's list of accounts: remove one (two clicks), set a new password, and lift the
+// login limits of one that typed too many wrong passwords somewhere.
 async function loadUsers() {
   try {
     const r = await api("GET", "/api/users");
     $("users").replaceChildren(...r.users.map((u) => {
       const li = el("li"); li.dataset.username = u.username;
-      li.appendChild(el("span", null, u.username + (u.is_admin ? " (admin)" : "")));
+      const name = el("span", "name", u.username + (u.is_admin ? " (admin)" : ""));
+      const act = (path, method, body) => async () => {
+        try { await api(method, `/api/users/${encodeURIComponent(u.username)}${path}`, body && body()); loadUsers(); }
+        catch (e) { $("users-status").textContent = e.message; }
+      };
+      li.appendChild(name);
       if (u.locked_s > 0) {
         li.appendChild(el("span", "locked", `locked ${u.locked_s} s`));
-        const b = el("button", "unlock", "Unlock"); b.type = "button";
-        b.addEventListener("click", async () => {
-          try { await api("POST", `/api/users/${encodeURIComponent(u.username)}/unlock`); loadUsers(); }
-          catch (e) { showError(e); }
+        li.appendChild(button("unlock", "Unlock", act("/unlock", "POST"), `Unlock ${u.username}`));
+      }
+      const reset = button("reset", "New password", () => {
+        const f = el("form", "reset-form"), input = el("input");
+        input.type = "password"; input.autocomplete = "new-password"; input.required = true;
+        input.minLength = S.me.password_min || 8; input.placeholder = `at least ${input.minLength} characters`;
+        input.setAttribute("aria-label", `New password for ${u.username}`);
+        f.append(input, el("button", null, "Set"));
+        f.addEventListener("submit", async (ev) => {
+          ev.preventDefault();
+          try {
+            await api("POST", `/api/users/${encodeURIComponent(u.username)}/password`, { password: input.value });
+            $("users-status").textContent = `New password set for ${u.username}`;
+            loadUsers();
+          } catch (e) { $("users-status").textContent = e.message; }
         });
-        li.appendChild(b);
+        reset.replaceWith(f); input.focus();
+      }, `Set a new password for ${u.username}`);
+      li.appendChild(reset);
+      if (u.id !== S.me.user.id) {
+        const rm = button("remove", "Remove", null, `Remove ${u.username} and their conversations`);
+        rm.addEventListener("click", () => {
+          if (rm.dataset.armed !== "1") { rm.dataset.armed = "1"; rm.textContent = "Remove? (their chats too)"; rm.classList.add("armed"); return; }
+          act("", "DELETE")();
+        });
+        li.appendChild(rm);
       }
       return li;
     }));
-  } catch (e) { showError(e); }
+  } catch (e) { $("users-status").textContent = e.message; }
 }
 
 // ---------------------------------------------------------------- views
-// One page, four views, each at its own address (the server serves the page at each):
-// / chat, /arena, /leaderboard, /evals. Switching views keeps the chat's state in memory
-// but takes its model names out of the page (the arena's blindness: while a battle is
-// unvoted, no model name is anywhere in the document).
+// One page, several views, each at its own address (the server serves the page at each):
+// / chat, /arena, /leaderboard, /evals, /contribute, /contributors, /moderate. Switching views
+// keeps the chat's state in memory but takes its model names out of the page (the arena's
+// blindness: while a battle is unvoted, no model name is anywhere in the document).
 const VIEWS = { "/": "chat", "/arena": "arena", "/leaderboard": "leaderboard", "/evals": "evals",
                 "/contribute": "contribute", "/contributors": "contributors", "/moderate": "moderate" };
 const viewOf = (path) => VIEWS[path] || "chat";
+let viewsLoading = null;
+
+function loadViews() {   // views.js: the other views' code, the first time one opens
+  if (!viewsLoading) {
+    viewsLoading = new Promise((resolve, reject) => {
+      const s = el("script"); s.src = "/static/views.js";
+      s.addEventListener("load", resolve);
+      s.addEventListener("error", () => { viewsLoading = null; reject(connectionLost()); });
+      document.head.appendChild(s);
+    });
+  }
+  return viewsLoading;
+}
 
 function go(path) {
-  if (S.streaming || S.arena.streaming) return;
+  if (S.arena.streaming) return;
   if (location.pathname !== path) history.pushState(null, "", path);
-  $("app").classList.remove("side-open");
+  closeSidebar();
   showView(viewOf(path)).catch(showError);
 }
 
@@ -746,16 +1215,16 @@ async function showView(view) {
   }
   if (view !== "leaderboard") $("leaderboard-table").tBodies[0].replaceChildren();
   if (view === "chat") {
-    if (!S.models.length) {
-      const m = await api("GET", "/api/models");
-      S.models = m.models; S.defaultModel = m.default;
-    }
+    if (!S.models.length) await loadModels();
     fillSettings(); renderMessages();
-    document.title = "homellm";
+    document.title = S.conv && S.conv.title ? `${S.conv.title} · homellm` : "homellm";
     return;
   }
+  detach();
   $("set-model").replaceChildren(); $("messages").replaceChildren(); $("context-use").textContent = "";
   document.title = `homellm · ${view[0].toUpperCase()}${view.slice(1)}`;
+  await loadViews();
+  if (S.view !== view) return;
   if (view === "arena") await openArena();
   else if (view === "leaderboard") await loadLeaderboard();
   else if (view === "contribute") await openContribute();
@@ -764,562 +1233,53 @@ async function showView(view) {
   else await loadEvals();
 }
 
-// ---------------------------------------------------------------- arena
-// A battle: POST /api/arena/battles streams both replies as events labelled "a" / "b";
-// the vote buttons appear when both have finished; the vote's answer names the models.
-function arenaError(e) { $("arena-error").textContent = e ? (e.message || String(e)) : ""; }
-
-async function openArena() {
-  arenaError(null);
-  try {
-    const info = await api("GET", "/api/arena");
-    $("arena-unavailable").hidden = info.ready;
-    $("arena-unavailable").textContent = info.reason || "";
-    $("arena-send").disabled = !info.ready; $("arena-prompt").disabled = !info.ready;
-    $("arena-max-tokens").placeholder = String(info.defaults.max_tokens);
-  } catch (e) { arenaError(e); }
-  renderArena();
-  if (!$("arena-prompt").disabled) $("arena-prompt").focus();
+async function loadModels() {
+  const [m, mine] = await Promise.all([api("GET", "/api/models"), api("GET", "/api/settings")]);
+  S.models = m.models; S.defaultModel = m.default; S.samplingDefaults = m.sampling || {};
+  S.defaults = mine.settings || {};
+  if (!S.draft) S.draft = newDraft();
 }
 
-const VOTE_TEXT = { a: "A is better", b: "B is better", tie: "a tie", both_bad: "both are bad" };
-
-function renderArena() {
-  const A = S.arena, b = A.battle;
-  $("arena-question").hidden = !b;
-  $("arena-question").textContent = b ? b.prompt : "";
-  for (const side of ["a", "b"]) {
-    const box = $("arena-" + side);
-    const name = "Model " + side.toUpperCase();
-    box.querySelector(".side-name").textContent = b && b.models ? `${name}: ${b.models[side]}` : name;
-    const body = box.querySelector(".body");
-    body.replaceChildren(markdown(b ? A.texts[side] : ""));
-    const running = !!A.streaming && !A.finish[side];
-    body.classList.toggle("cursor", running);
-    const meta = box.querySelector(".meta");
-    meta.replaceChildren();
-    const f = A.finish[side];
-    if (f === "stopped") meta.appendChild(el("span", "badge stopped", "stopped"));
-    else if (f === "error") meta.appendChild(el("span", "badge", "failed"));
-    else if (f === "length") meta.appendChild(el("span", "badge", "max tokens"));
-    box.classList.toggle("winner", !!b && (b.vote === side));
-  }
-  const votable = !!b && !b.vote && !A.streaming && !!A.finish.a && !!A.finish.b;
-  $("arena-votes").hidden = !votable;
-  $("arena-result").textContent = b && b.vote
-    ? `You voted: ${VOTE_TEXT[b.vote]}. A was ${b.models.a}, B was ${b.models.b}.` : "";
-  $("arena-send").hidden = !!A.streaming; $("arena-stop").hidden = !A.streaming;
-}
-
-// Server-Sent Events from a fetch response: onEvent(name, data) for each one.
-async function readEvents(r, onEvent) {
-  const reader = r.body.getReader(), decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffer += decoder.decode(value, { stream: true });
-    let cut;
-    while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const chunk = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
-      let event = "message", data = "";
-      for (const line of chunk.split("\n")) {
-        if (line.startsWith("event: ")) event = line.slice(7);
-        else if (line.startsWith("data: ")) data += line.slice(6);
-      }
-      onEvent(event, data ? JSON.parse(data) : {});
-    }
-  }
-}
-
-async function battle(ev) {
-  if (ev) ev.preventDefault();
-  const A = S.arena;
-  const prompt = $("arena-prompt").value.trim();
-  if (A.streaming || !prompt || $("arena-send").disabled) return;
-  arenaError(null);
-  const body = { prompt };
-  const max = $("arena-max-tokens").value.trim();
-  if (max) body.max_tokens = parseInt(max, 10);
-  const controller = new AbortController();
-  A.streaming = { id: null, controller };
-  A.battle = null; A.texts = { a: "", b: "" }; A.finish = {};
-  renderArena();
-  try {
-    const r = await fetch("/api/arena/battles", {
-      method: "POST", credentials: "same-origin", signal: controller.signal,
-      headers: { "Content-Type": "application/json", "X-CSRF-Token": S.csrf },
-      body: JSON.stringify(body),
-    });
-    if (!r.ok) {
-      let msg = `HTTP ${r.status}`;
-      try { const d = await r.json(); msg = d.error.message; } catch (e) { /* not JSON */ }
-      throw new Error(msg);
-    }
-    $("arena-prompt").value = "";
-    await readEvents(r, (event, d) => {
-      if (event === "start") { A.battle = d.battle; A.streaming.id = d.battle.id; }
-      else if (event === "delta") A.texts[d.side] += d.text;
-      else if (event === "side_done") A.finish[d.side] = d.finish_reason;
-      else if (event === "error") { A.finish[d.side] = "error"; arenaError(new Error(`${d.side.toUpperCase()}: ${d.error.message}`)); }
-      else if (event === "done") A.battle = d.battle;
-      renderArena();
-    });
-  } catch (e) {
-    if (e.name !== "AbortError") arenaError(e);
-  } finally {
-    const id = A.streaming && A.streaming.id;
-    A.streaming = null;
-    if (id) {  // what the server kept (also after a stop or a broken stream)
-      try {
-        A.battle = await api("GET", `/api/arena/battles/${id}`);
-        for (const side of ["a", "b"]) {
-          A.texts[side] = A.battle.replies[side].text;
-          A.finish[side] = A.battle.replies[side].finish_reason;
-        }
-      } catch (e) { arenaError(e); }
-    }
-    renderArena();
-  }
-}
-
-async function stopBattle() {
-  const s = S.arena.streaming;
-  if (!s) return;
-  if (s.id) {
-    try { await api("POST", `/api/arena/battles/${s.id}/stop`); return; } catch (e) { /* abort below */ }
-  }
-  s.controller.abort();
-}
-
-async function vote(choice) {
-  const b = S.arena.battle;
-  if (!b || b.vote) return;
-  try {
-    S.arena.battle = await api("POST", `/api/arena/battles/${b.id}/vote`, { vote: choice });
-  } catch (e) { arenaError(e); }
-  renderArena();
-}
-
-// ---------------------------------------------------------------- leaderboard and evals
-const round = (x) => (x === null || x === undefined ? "–" : String(Math.round(x)));
-
-async function loadLeaderboard() {
-  $("leaderboard-error").textContent = "";
-  try {
-    const r = await api("GET", "/api/arena/leaderboard");
-    if (S.view !== "leaderboard") return;
-    $("leaderboard-table").tBodies[0].replaceChildren(...r.models.map((m) => {
-      const tr = el("tr"); tr.dataset.model = m.model;
-      for (const text of [String(m.rank), m.model, round(m.rating) + (m.unbounded ? ` (${m.unbounded} yet)` : ""),
-                          `${round(m.ci[0])} – ${round(m.ci[1])}`, String(m.votes),
-                          `${m.wins} / ${m.ties} / ${m.losses}`]) tr.appendChild(el("td", null, text));
-      return tr;
-    }));
-    $("leaderboard-summary").textContent = r.battles
-      ? `${r.battles} vote${r.battles === 1 ? "" : "s"} so far.` : "No votes yet: battle in the Arena.";
-  } catch (e) { $("leaderboard-error").textContent = e.message; }
-}
-
-async function loadEvals() {
-  $("evals-error").textContent = "";
-  try {
-    const r = await api("GET", "/api/evals");
-    $("evals-table").tBodies[0].replaceChildren(...r.runs.map((x) => {
-      const tr = el("tr"); tr.dataset.id = x.id;
-      const details = Object.entries(x.details || {}).map(([k, v]) => `${k} ${typeof v === "number" ? +v.toPrecision(4) : v}`).join(", ");
-      for (const text of [x.date, x.kind, x.model, (x.hash || "").slice(0, 12), x.task, x.metric_text, details])
-        tr.appendChild(el("td", null, text));
-      return tr;
-    }));
-    $("evals-summary").textContent = r.runs.length
-      ? `${r.runs.length} kept run${r.runs.length === 1 ? "" : "s"} (homellm eval report prints the same).`
-      : "No kept eval runs yet: homellm eval ppl, tasks and judge keep theirs under $HOMELLM_HOME/evals.";
-  } catch (e) { $("evals-error").textContent = e.message; }
-}
-
-// ---------------------------------------------------------------- contribute (the collection)
-// Open Assistant's tasks (/api/collect): ask for the next task of a kind (or any), work on
-// it, submit or skip. The task's form is built here from what the server sent: a text box,
-// OA's labels (yes/no, flags, a five-point scale), an order of replies, or an edit's vote.
-function collectError(e) { $("collect-error").textContent = e ? (e.message || String(e)) : ""; }
-const csv = (text) => text.split(",").map((x) => x.trim()).filter(Boolean);
-const LIKERT = [0, 0.25, 0.5, 0.75, 1];
-
-async function openContribute() {
-  collectError(null);
-  try {
-    const info = await api("GET", "/api/collect");
-    S.collect.info = info;
-    const sel = $("collect-type"), chosen = sel.value;
-    sel.replaceChildren(el("option", null, "Any task"));
-    sel.firstChild.value = "random";
-    for (const k of info.kinds) {
-      const o = el("option", null, `${k.title} (${info.available[k.type] || 0})`);
-      o.value = k.type; sel.appendChild(o);
-    }
-    sel.value = chosen || "random";
-    if (!sel.value) sel.value = "random";
-    $("collect-langs").value = info.prefs.langs.join(", ");
-    $("collect-tags").value = info.prefs.tags.join(", ");
-    $("moderate-link").hidden = info.role === "volunteer";
-    if (info.banned) $("collect-status").textContent = "You are banned from contributing.";
-  } catch (e) { collectError(e); }
-  renderTask();
-}
-
-async function nextTask(ev) {
-  if (ev) ev.preventDefault();
-  collectError(null);
-  const prefs = { langs: csv($("collect-langs").value), tags: csv($("collect-tags").value) };
-  try {
-    const old = S.collect.info ? S.collect.info.prefs : null;
-    if (!old || old.langs.join() !== prefs.langs.join() || old.tags.join() !== prefs.tags.join().toLowerCase()) {
-      const saved = await api("PUT", "/api/collect/prefs", prefs);
-      if (S.collect.info) S.collect.info.prefs = saved;
-    }
-    const r = await api("POST", "/api/collect/tasks", { type: $("collect-type").value });
-    S.collect.task = r.task;
-    $("collect-status").textContent = r.task ? (r.resumed ? "Your task, as you left it." : "") : r.reason;
-  } catch (e) { collectError(e); }
-  renderTask();
-}
-
-function messageBox(m, extra) {
-  const div = el("div", "cmsg " + m.role);
-  div.dataset.id = m.message_id;
-  div.appendChild(el("div", "hint", m.role === "prompter" ? "User" : "Assistant" +
-    (m.synthetic ? ` (model: ${m.model_name})` : "")));
-  const body = el("div", "body md"); body.appendChild(markdown(m.text)); div.appendChild(body);
-  if (extra) div.appendChild(extra);
-  return div;
-}
-
-// An inline "Report" (and, for one message, "Propose an edit"): no dialogs.
-function messageTools(m, withEdit) {
-  const row = el("div", "row tools");
-  const box = el("div", "row"); box.hidden = true;
-  const input = el(withEdit ? "textarea" : "input"); const send = el("button", null, "Send");
-  send.type = "button"; box.append(input, send);
-  const open = (mode) => {
-    box.hidden = false; box.dataset.mode = mode;
-    input.value = mode === "edit" ? m.text : ""; input.placeholder = mode === "edit" ? "" : "Why? (reason)";
-    input.className = mode === "edit" ? "edit-text" : "report-reason"; input.focus();
-  };
-  const report = el("button", "report", "Report"); report.type = "button";
-  report.addEventListener("click", () => open("report"));
-  row.appendChild(report);
-  if (withEdit) {
-    const edit = el("button", "propose-edit", "Propose an edit"); edit.type = "button";
-    edit.addEventListener("click", () => open("edit"));
-    row.appendChild(edit);
-  }
-  send.addEventListener("click", async () => {
-    try {
-      if (box.dataset.mode === "edit") {
-        await api("POST", `/api/collect/messages/${m.message_id}/edits`, { text: input.value });
-        $("collect-status").textContent = "Edit proposed: other volunteers will review it.";
-      } else {
-        await api("POST", `/api/collect/messages/${m.message_id}/report`, { reason: input.value });
-        $("collect-status").textContent = "Reported. Thank you.";
-      }
-      box.hidden = true;
-    } catch (e) { collectError(e); }
-  });
-  const wrap = el("div"); wrap.append(row, box);
-  return wrap;
-}
-
-function renderTask() {
-  const t = S.collect.task;
-  $("collect-task").hidden = !t;
-  const form = $("collect-form"), conv = $("collect-conversation");
-  form.replaceChildren(); conv.replaceChildren();
-  if (!t) return;
-  $("collect-title").textContent = t.title;
-  $("collect-hint").textContent = TASK_HINTS[t.type] || "";
-  const labelled = t.type.startsWith("label_") ? t.message_id : null;
-  for (const m of t.conversation || []) conv.appendChild(messageBox(m, m.message_id === labelled ? messageTools(m, true) : null));
-  if (["initial_prompt", "assistant_reply", "prompter_reply"].includes(t.type)) {
-    const text = el("textarea"); text.id = "collect-text"; text.setAttribute("aria-label", "Your message");
-    const lang = el("input"); lang.id = "collect-lang"; lang.size = 5;
-    lang.value = t.lang || (S.collect.info && S.collect.info.prefs.langs[0]) || "en";
-    const row = el("div", "row"); row.append(el("span", "hint", "Language"), lang);
-    form.append(text, row);
-    if (t.type === "initial_prompt") {
-      const tags = el("input"); tags.id = "collect-task-tags"; tags.placeholder = "topics: cooking, maths";
-      row.append(el("span", "hint", "Topics"), tags);
-    }
-  } else if (t.type.startsWith("label_")) {
-    for (const l of t.labels) form.appendChild(labelRow(l, t.mandatory_labels.includes(l.name)));
-  } else if (t.type.startsWith("rank_")) {
-    const list = el("ol", "ranking"); list.id = "collect-ranking";
-    (t.replies || t.prompts).forEach((m, i) => {
-      const li = messageBox(m, null); const item = el("li"); item.dataset.index = String(i);
-      item.dataset.id = m.message_id;
-      const row = el("div", "row");
-      const up = el("button", "up", "▲ up"), down = el("button", "down", "▼ down");
-      up.type = down.type = "button";
-      up.addEventListener("click", () => { if (item.previousSibling) list.insertBefore(item, item.previousSibling); });
-      down.addEventListener("click", () => { if (item.nextSibling) list.insertBefore(item.nextSibling, item); });
-      row.append(up, down);
-      item.append(li, row, messageTools(m, false)); list.appendChild(item);
-    });
-    const bad = el("label", "check"); const box = el("input"); box.type = "checkbox"; box.id = "collect-all-bad";
-    bad.append(box, document.createTextNode(" All replies are bad (flawed, wrong or unacceptable)"));
-    form.append(list, bad);
-  } else if (t.type === "review_edit") {
-    const pair = el("div", "edit-pair");
-    for (const [title, text] of [["Now", t.edit.original], ["Proposed", t.edit.proposed]]) {
-      const d = el("div"); d.appendChild(el("div", "hint", title));
-      const b = el("div", "body md"); b.appendChild(markdown(text)); d.appendChild(b); pair.appendChild(d);
-    }
-    form.appendChild(pair);
-    form.appendChild(choice("approve", [["yes", "Approve"], ["no", "Reject"]]));
-  }
-}
-
-const TASK_HINTS = {
-  initial_prompt: "Ask the assistant something a person would: a question, a task, a request.",
-  assistant_reply: "Reply as the assistant would: helpful, correct, kind.",
-  prompter_reply: "Reply as the user: a natural follow-up.",
-  rank_assistant_replies: "Put the best reply first (▲ / ▼).",
-  rank_prompter_replies: "Put the best reply first (▲ / ▼).",
-  rank_initial_prompts: "Put the best prompt first (▲ / ▼).",
-  review_edit: "Is the proposed text better than the message as it is?",
-};
-
-function choice(name, options) {
-  const row = el("div", "label-row"); row.dataset.label = name;
-  for (const [value, text] of options) {
-    const l = el("label"); const r = el("input"); r.type = "radio"; r.name = "collect-" + name; r.value = value;
-    l.append(r, document.createTextNode(text)); row.appendChild(l);
-  }
-  return row;
-}
-
-function labelRow(l, mandatory) {
-  const row = el("div", "label-row"); row.dataset.label = l.name;
-  const name = el("span", "name", l.display_text + (mandatory ? " *" : ""));
-  if (l.help_text) name.title = l.help_text;
-  row.appendChild(name);
-  const options = l.widget === "yes_no" ? [["1", "Yes"], ["0", "No"]]
-    : l.widget === "flag" ? [["1", "Yes"]] : LIKERT.map((v) => [String(v), String(v * 4 + 1)]);
-  for (const [value, text] of options) {
-    const lab = el("label"); const r = el("input");
-    r.type = l.widget === "flag" ? "checkbox" : "radio"; r.name = "label-" + l.name; r.value = value;
-    lab.append(r, document.createTextNode(text)); row.appendChild(lab);
-  }
-  if (l.widget === "likert") row.appendChild(el("span", "hint", "(1 = none, 5 = very)"));
-  return row;
-}
-
-function taskBody(t) {
-  if (["initial_prompt", "assistant_reply", "prompter_reply"].includes(t.type)) {
-    const body = { text: $("collect-text").value, lang: $("collect-lang").value.trim() };
-    if (t.type === "initial_prompt") body.tags = csv($("collect-task-tags").value);
-    return body;
-  }
-  if (t.type.startsWith("label_")) {
-    const labels = {};
-    for (const l of t.labels) {
-      const checked = $("collect-form").querySelector(`input[name="label-${l.name}"]:checked`);
-      if (l.widget === "flag") labels[l.name] = checked ? 1 : 0;
-      else if (checked) labels[l.name] = parseFloat(checked.value);
-    }
-    return { labels };
-  }
-  if (t.type.startsWith("rank_")) {
-    const ranking = [...$("collect-ranking").children].map((li) => parseInt(li.dataset.index, 10));
-    return { ranking, not_rankable: $("collect-all-bad").checked };
-  }
-  const v = $("collect-form").querySelector('input[name="collect-approve"]:checked');
-  return { approve: v ? v.value === "yes" : null };
-}
-
-async function submitTask() {
-  const t = S.collect.task;
-  if (!t) return;
-  collectError(null);
-  try {
-    const r = await api("POST", `/api/collect/tasks/${t.id}/submit`, taskBody(t));
-    S.collect.task = null;
-    $("collect-status").textContent = `Saved. ${r.tree ? "The conversation is now: " + r.tree.state.replace(/_/g, " ") + "." : ""}`;
-  } catch (e) { collectError(e); }
-  renderTask();
-}
-
-async function skipTask() {
-  const t = S.collect.task;
-  if (!t) return;
-  try { await api("POST", `/api/collect/tasks/${t.id}/skip`); S.collect.task = null; $("collect-status").textContent = "Skipped."; }
-  catch (e) { collectError(e); }
-  renderTask();
-}
-
-// ---------------------------------------------------------------- contributors and moderation
-async function loadContributors() {
-  $("contributors-error").textContent = "";
-  const frame = $("contributors-frame").value;
-  try {
-    const r = await api("GET", `/api/collect/leaderboard?time_frame=${frame}`);
-    $("contributors-table").tBodies[0].replaceChildren(...r.leaderboard.map((x) => {
-      const tr = el("tr"); tr.dataset.username = x.username;
-      if (S.me && S.me.user && x.user_id === S.me.user.id) tr.className = "me";
-      for (const v of [x.rank, x.username, x.leader_score, x.level, x.prompts, x.replies_assistant + x.replies_prompter,
-                       x.labels_full + x.labels_simple, x.rankings_total]) tr.appendChild(el("td", null, String(v)));
-      return tr;
-    }));
-    const info = S.collect.info || await api("GET", "/api/collect");
-    S.collect.info = info;
-    $("trollboard").hidden = info.role === "volunteer";
-    if (info.role !== "volunteer") {
-      const t = await api("GET", `/api/collect/trollboard?time_frame=${frame}`);
-      $("trollboard-table").tBodies[0].replaceChildren(...t.trollboard.map((x) => {
-        const tr = el("tr"); tr.dataset.username = x.username;
-        const flags = x.spam + x.lang_mismatch + x.not_appropriate + x.pii + x.hate_speech + x.sexual_content;
-        for (const v of [x.rank, x.username, x.troll_score, x.red_flags, `${x.upvotes} / ${x.downvotes}`, x.spam_prompts, flags])
-          tr.appendChild(el("td", null, String(v)));
-        return tr;
-      }));
-    }
-  } catch (e) { $("contributors-error").textContent = e.message; }
-}
-
-function moderateError(e) { $("moderate-error").textContent = e ? (e.message || String(e)) : ""; }
-
-async function openModerate() {
-  moderateError(null);
-  const sel = $("moderate-state");
-  if (sel.options.length === 1) {
-    for (const s of ["initial_prompt_review", "growing", "ranking", "ready_for_export", "aborted_low_grade", "halted_by_moderator"]) {
-      const o = el("option", null, s.replace(/_/g, " ")); o.value = s; sel.appendChild(o);
-    }
-  }
-  await loadTrees();
-  await loadReports();
-}
-
-async function loadTrees() {
-  try {
-    const state = $("moderate-state").value;
-    const r = await api("GET", "/api/collect/trees" + (state ? `?state=${state}` : ""));
-    $("moderate-summary").textContent = Object.entries(r.states).map(([k, v]) => `${k.replace(/_/g, " ")}: ${v}`).join(" · ") || "No trees yet.";
-    $("moderate-trees").tBodies[0].replaceChildren(...r.trees.map((t) => {
-      const tr = el("tr"); tr.dataset.id = t.id;
-      for (const v of [t.state, (t.prompt || "").slice(0, 120), t.size, t.lang || "", t.tags.join(", ")]) tr.appendChild(el("td", null, String(v)));
-      tr.addEventListener("click", () => openTree(t.id));
-      return tr;
-    }));
-    if (S.collect.tree) await openTree(S.collect.tree);
-  } catch (e) { moderateError(e); }
-}
-
-async function openTree(id) {
-  try {
-    const r = await api("GET", `/api/collect/trees/${id}`);
-    S.collect.tree = id;
-    $("moderate-tree").hidden = false;
-    $("moderate-tree-state").textContent = `${r.tree.state.replace(/_/g, " ")} · ${r.messages.length} messages`;
-    $("moderate-tree").dataset.state = r.tree.state;
-    $("moderate-messages").replaceChildren(...r.messages.map((m) => {
-      const li = el("li", m.deleted ? "deleted" : m.review_result === false ? "rejected" : "");
-      li.dataset.id = m.id; li.style.marginLeft = `${m.depth * 18}px`;
-      const who = m.synthetic ? `model ${m.model_name}` : (m.username || "imported");
-      li.appendChild(el("div", "hint", `${m.role} · ${who} · reviews ${m.review_count}` +
-        (m.review_result === null ? "" : m.review_result ? " · accepted" : " · rejected") +
-        (m.rank === null ? "" : ` · rank ${m.rank}`) + (m.deleted ? " · deleted" : "")));
-      li.appendChild(el("div", "text", m.text));
-      const row = el("div", "row");
-      if (!m.deleted) {
-        const del = el("button", "delete", "Delete"); del.type = "button";
-        del.addEventListener("click", async () => { try { await api("POST", `/api/collect/messages/${m.id}/delete`); await loadTrees(); } catch (e) { moderateError(e); } });
-        row.appendChild(del);
-        if (m.role === "prompter" && m.review_result && r.tree.state === "growing") {
-          const gen = el("button", "synthetic", "Add a model's reply"); gen.type = "button";
-          gen.addEventListener("click", async () => {
-            gen.disabled = true;
-            try { await api("POST", `/api/collect/messages/${m.id}/synthetic`, {}); await openTree(id); } catch (e) { moderateError(e); }
-            gen.disabled = false;
-          });
-          row.appendChild(gen);
-        }
-      }
-      li.appendChild(row);
-      return li;
-    }));
-  } catch (e) { moderateError(e); }
-}
-
-async function haltTree(halt) {
-  if (!S.collect.tree) return;
-  try { await api("POST", `/api/collect/trees/${S.collect.tree}/halt`, { halt }); await loadTrees(); }
-  catch (e) { moderateError(e); }
-}
-
-async function loadReports() {
-  try {
-    const r = await api("GET", "/api/collect/reports");
-    $("moderate-reports").replaceChildren(...r.reports.map((x) => {
-      const li = el("li"); li.dataset.id = x.message_id;
-      li.append(el("span", null, `${x.username || "?"}: “${x.reason}” about: ${x.text.slice(0, 100)} `));
-      const open = el("button", null, "Open tree"); open.type = "button";
-      open.addEventListener("click", () => openTree(x.tree_id));
-      li.appendChild(open);
-      return li;
-    }));
-    if (!r.reports.length) $("moderate-reports").appendChild(el("li", "hint", "No open reports."));
-  } catch (e) { moderateError(e); }
-}
-
-async function showHistory(ev) {
-  if (ev) ev.preventDefault();
-  moderateError(null);
-  const name = $("moderate-user").value.trim();
-  try {
-    const h = await api("GET", `/api/collect/users/${encodeURIComponent(name)}`);
-    $("moderate-history").hidden = false;
-    $("moderate-history").dataset.username = name;
-    $("moderate-history-summary").textContent = `${h.user.username} (${h.user.role}${h.user.banned ? ", banned" : ""}): ` +
-      `${h.messages.length} messages, ${h.reviews.length} reviews, ${h.rankings.length} rankings, ${h.reports_about.length} reports about them, ${h.tasks.skipped} skips`;
-    $("moderate-role-row").hidden = !(S.collect.info && S.collect.info.role === "admin");
-    $("moderate-role").value = h.user.role;
-    $("moderate-history-messages").replaceChildren(...h.messages.map((m) => el("li", m.deleted ? "deleted" : "", `${m.role}: ${m.text.slice(0, 160)}`)));
-  } catch (e) { moderateError(e); }
-}
-
-async function userAction(method, path, body) {
-  const name = $("moderate-history").dataset.username;
-  try { await api(method, `/api/collect/users/${encodeURIComponent(name)}/${path}`, body); await showHistory(); }
-  catch (e) { moderateError(e); }
-}
-
-function wireCollect() {
-  $("collect-controls").addEventListener("submit", nextTask);
-  $("collect-submit").addEventListener("click", submitTask);
-  $("collect-skip").addEventListener("click", skipTask);
-  $("contributors-frame").addEventListener("change", loadContributors);
-  $("moderate-state").addEventListener("change", () => { S.collect.tree = null; $("moderate-tree").hidden = true; loadTrees(); });
-  $("moderate-refresh").addEventListener("click", () => { loadTrees(); loadReports(); });
-  $("moderate-halt").addEventListener("click", () => haltTree(true));
-  $("moderate-resume").addEventListener("click", () => haltTree(false));
-  $("moderate-user-form").addEventListener("submit", showHistory);
-  $("moderate-ban").addEventListener("click", () => userAction("POST", "ban", { banned: true }));
-  $("moderate-unban").addEventListener("click", () => userAction("POST", "ban", { banned: false }));
-  $("moderate-role").addEventListener("change", () => userAction("PUT", "role", { role: $("moderate-role").value }));
-}
-
-// ---------------------------------------------------------------- theme
+// ---------------------------------------------------------------- theme and phone
+// The theme follows the system until chosen; the button goes system -> the other one -> the
+// system's own -> system again.
 function applyTheme() {
   const t = localStorage.getItem("homellm-theme");
-  if (t) document.documentElement.dataset.theme = t;
+  if (t === "light" || t === "dark") document.documentElement.dataset.theme = t;
   else delete document.documentElement.dataset.theme;
+  const b = $("theme-toggle"), name = t === "light" || t === "dark" ? t : "system";
+  b.setAttribute("aria-label", `Theme: ${name} (change)`); b.title = `Theme: ${name}`;
 }
 
 function toggleTheme() {
-  const dark = getComputedStyle(document.documentElement).getPropertyValue("--bg").trim() !== "#ffffff";
-  localStorage.setItem("homellm-theme", dark ? "light" : "dark");
+  const sys = matchMedia("(prefers-color-scheme: dark)").matches ? "dark" : "light";
+  const other = sys === "dark" ? "light" : "dark";
+  const now = localStorage.getItem("homellm-theme") || "system";
+  const next = now === "system" ? other : now === other ? sys : "system";
+  if (next === "system") localStorage.removeItem("homellm-theme"); else localStorage.setItem("homellm-theme", next);
   applyTheme();
+}
+
+// At phone width the list is an overlay: ☰ opens it; the backdrop, Escape and its ✕ close it,
+// and closed it is out of the tab order (inert).
+const PHONE = matchMedia("(max-width: 700px)");
+
+function openSidebar() {
+  $("app").classList.add("side-open"); $("sidebar").inert = false; $("backdrop").hidden = false;
+  $("side-close").focus();
+}
+
+function closeSidebar() {
+  const was = $("app").classList.contains("side-open");
+  $("app").classList.remove("side-open"); $("backdrop").hidden = true;
+  $("sidebar").inert = PHONE.matches;
+  if (was && PHONE.matches) { const m = document.querySelector(".view:not([hidden]) .menu"); if (m) m.focus(); }
+}
+
+function growComposer() {
+  const t = $("prompt");
+  t.style.height = "auto";
+  t.style.height = Math.min(t.scrollHeight + 2, innerHeight * 0.4) + "px";
 }
 
 // ---------------------------------------------------------------- start
@@ -1331,6 +1291,7 @@ async function start() {
   $("gate").hidden = true; $("app").hidden = false;
   showAccount();
   S.collect = { info: null, task: null, tree: null };   // another user may have logged in
+  S.models = []; S.draft = null;
   api("GET", "/api/collect?brief=true").then((i) => { $("moderate-link").hidden = i.role === "volunteer"; })
     .catch(() => { $("moderate-link").hidden = true; });
   await loadList();
@@ -1345,11 +1306,13 @@ function wire() {
   applyTheme();
   $("gate-form").addEventListener("submit", gateSubmit);
   $("composer").addEventListener("submit", send);
-  $("prompt").addEventListener("keydown", (ev) => {
-    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) send(ev);
+  $("prompt").addEventListener("keydown", (ev) => {   // a touch keyboard's Enter is a new line
+    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing && !matchMedia("(pointer: coarse)").matches) send(ev);
   });
+  $("prompt").addEventListener("input", growComposer);
   $("stop").addEventListener("click", stop);
   $("new-chat").addEventListener("click", newChat);
+  $("list-more").addEventListener("click", () => loadList(true));
   let timer = null;
   $("search").addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(loadList, 200); });
   $("settings-toggle").addEventListener("click", () => {
@@ -1357,26 +1320,24 @@ function wire() {
     $("settings").hidden = !open;
     $("settings-toggle").setAttribute("aria-expanded", String(open));
   });
-  $("settings").addEventListener("submit", saveSettings);
+  $("settings").addEventListener("change", settingsChanged);
+  $("settings").addEventListener("submit", saveDefaults);
   $("theme-toggle").addEventListener("click", toggleTheme);
-  for (const b of document.querySelectorAll(".menu"))
-    b.addEventListener("click", () => $("app").classList.toggle("side-open"));
+  for (const b of document.querySelectorAll(".menu")) b.addEventListener("click", openSidebar);
+  $("side-close").addEventListener("click", closeSidebar);
+  $("backdrop").addEventListener("click", closeSidebar);
+  document.addEventListener("keydown", (ev) => { if (ev.key === "Escape" && $("app").classList.contains("side-open")) closeSidebar(); });
+  PHONE.addEventListener("change", closeSidebar);
+  closeSidebar();
+  $("messages").addEventListener("scroll", () => { S.stick = atBottom(); $("to-bottom").hidden = S.stick; }, { passive: true });
+  $("to-bottom").addEventListener("click", () => { S.stick = true; follow_bottom(); $("prompt").focus(); });
+  $("retry").addEventListener("click", checkHealth);
   for (const a of $("views").querySelectorAll("a")) {
     a.addEventListener("click", (ev) => { ev.preventDefault(); go(a.getAttribute("href")); });
   }
   window.addEventListener("popstate", () => {
     if (S.me && (!S.me.auth || S.me.user)) showView(viewOf(location.pathname)).catch(showError);
   });
-  $("arena-composer").addEventListener("submit", battle);
-  $("arena-prompt").addEventListener("keydown", (ev) => {
-    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) battle(ev);
-  });
-  $("arena-stop").addEventListener("click", stopBattle);
-  for (const b of $("arena-votes").querySelectorAll("button"))
-    b.addEventListener("click", () => vote(b.dataset.vote));
-  $("leaderboard-refresh").addEventListener("click", () => loadLeaderboard());
-  $("evals-refresh").addEventListener("click", () => loadEvals());
-  wireCollect();
   $("import-file").addEventListener("change", importFile);
   $("share-feedback").addEventListener("change", async () => {
     try { S.me.user = (await api("PATCH", "/api/me", { share_feedback: $("share-feedback").checked })).user; }
@@ -1391,8 +1352,19 @@ function wire() {
       loadUsers();
     } catch (e) { $("add-user-status").textContent = e.message; }
   });
+  $("password-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const status = $("password-status");
+    if ($("my-new-password").value !== $("my-new-password2").value) { status.textContent = "The new passwords differ"; return; }
+    try {
+      await api("POST", "/api/me/password", { current: $("my-password").value, password: $("my-new-password").value });
+      status.textContent = "Password changed (other sessions logged out)";
+      for (const id of ["my-password", "my-new-password", "my-new-password2"]) $(id).value = "";
+    } catch (e) { status.textContent = e.message; }
+  });
   $("logout").addEventListener("click", async () => {
     try { await api("POST", "/api/logout"); } catch (e) { /* already out */ }
+    detach();
     S.conv = null; S.turns = [];
     await start();
   });
