@@ -233,7 +233,7 @@ static void norm_row(const model_t *c, const float *x, const float *w, const flo
 }
 
 /* GELU, tanh approximation (HF gelu_pytorch_tanh: Gemma) or erf (HF gelu: GPT-NeoX) */
-static float gelu_tanh(float x) { return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))); }
+static float gelu_tanh(float x) { return x / (1.f + expf(-1.5957691216057308f * (x + 0.044715f * x * x * x))); }
 static float gelu_erf(float x) { return 0.5f * x * (1.f + erff(x * 0.7071067811865476f)); }
 
 static void add_vec(float *y, const float *b, int n) { if (b) for (int i = 0; i < n; i++) y[i] += b[i]; }
@@ -259,16 +259,28 @@ T512 INLINE __m512 silu16(__m512 gv, __m512 uv) {
     return _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), uv);
 }
 
-T512 static void silu_row_512(const float *g, const float *u, float *h, int n) {
+/* GeGLU of 16 lanes (Gemma): GELU's tanh form 0.5 g (1 + tanh(v)), v = sqrt(2/pi) (g + 0.044715 g^3),
+ * written as g / (1 + e^-2v), times u; as silu16, one function for the epilogue and the row step */
+T512 INLINE __m512 geglu16(__m512 gv, __m512 uv) {
+    const __m512 v2 = _mm512_mul_ps(_mm512_set1_ps(-1.5957691216057308f),
+                                    _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(gv, gv), gv), _mm512_set1_ps(0.044715f), gv));
+    return _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(v2))), uv);
+}
+
+T512 INLINE __m512 glu16(int act, __m512 gv, __m512 uv) { return act == ACT_SILU ? silu16(gv, uv) : geglu16(gv, uv); }
+
+T512 static void glu_row_512(int act, const float *g, const float *u, float *h, int n) {
     for (int j = 0; j < n; j += 16) {
         const __mmask16 k = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
-        _mm512_mask_storeu_ps(h + j, k, silu16(_mm512_maskz_loadu_ps(k, g + j), _mm512_maskz_loadu_ps(k, u + j)));
+        _mm512_mask_storeu_ps(h + j, k, glu16(act, _mm512_maskz_loadu_ps(k, g + j), _mm512_maskz_loadu_ps(k, u + j)));
     }
 }
 
-static void silu_row(int path, const float *g, const float *u, float *h, int n) {
-    if (path == P_AVX512) { silu_row_512(g, u, h, n); return; }
-    for (int j = 0; j < n; j++) h[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+/* h = act(g) u for the gated MLPs: SiLU, GELU tanh (the AVX512 lanes of the packed epilogue), erf */
+static void glu_row(int path, int act, const float *g, const float *u, float *h, int n) {
+    if (path == P_AVX512 && act != ACT_GELU) { glu_row_512(act, g, u, h, n); return; }
+    for (int j = 0; j < n; j++) h[j] = act == ACT_SILU ? g[j] / (1.0f + expf(-g[j])) * u[j]
+                                     : (act == ACT_GELU ? gelu_erf(g[j]) : gelu_tanh(g[j])) * u[j];
 }
 
 /* ---- the batch ------------------------------------------------------------------------------ */
@@ -327,11 +339,11 @@ static const lora_mat_t *lora_of(const batch_t *b, int m, int l, int which) {
     return lm->r > 0 ? lm : NULL;
 }
 
-/* gate/up in one packed call with the SiLU product in its epilogue: both packed, and no row of
- * this batch adapts either (an adapter adds to gate and up before the SiLU) */
+/* gate/up in one packed call with the SiLU (or tanh-GELU) product in its epilogue: both packed,
+ * no biases, and no row of this batch adapts either (an adapter adds to gate and up before it) */
 static int glu_fused(const batch_t *b, int l) {
     const layer_t *ly = &b->c->layers[l];
-    if (!b->c->gated || b->c->act != ACT_SILU || ly->v[V_BG] || ly->v[V_BU]) return 0;
+    if (!b->c->gated || b->c->act == ACT_GELU || ly->v[V_BG] || ly->v[V_BU]) return 0;
     if (!is_packed(b, &ly->m[M_GATE]) || !is_packed(b, &ly->m[M_UP])) return 0;
     for (int m = 0; b->lora && m < b->M; m++)
         if (lora_of(b, m, l, M_GATE) || lora_of(b, m, l, M_UP)) return 0;
@@ -454,8 +466,7 @@ static void row_step(batch_t *b, int op, int l, int m) {
             add_vec(u, ly->v[V_BU], F);
             if ((lm = lora_of(b, m, l, M_GATE))) lora_row(lm, xn, H, h, F);
             if ((lm = lora_of(b, m, l, M_UP))) lora_row(lm, xn, H, u, F);
-            if (c->act == ACT_SILU) silu_row(c->path, h, u, h, F);
-            else for (int j = 0; j < F; j++) h[j] = (c->act == ACT_GELU ? gelu_erf(h[j]) : gelu_tanh(h[j])) * u[j];
+            glu_row(c->path, c->act, h, u, h, F);
         }
         const mat_t *ms[1] = {&ly->m[M_DOWN]};
         quantize_for(b, ms, 1, h, F, m);
@@ -519,7 +530,7 @@ T512 static void packed_group(const batch_t *b, const mat_t *mt, const mat_t *up
             packed_tile(pk_group(up->pk, ku, g, K), K, qa, da, sa, r, out2, b->hi, ku);
             for (int j = 0; j < r; j++)
                 _mm512_mask_storeu_ps(y + (size_t)(r0 + j) * N + g * 16, km,
-                                      silu16(_mm512_loadu_ps(out + 16 * j), _mm512_loadu_ps(out2 + 16 * j)));
+                                      glu16(b->c->act, _mm512_loadu_ps(out + 16 * j), _mm512_loadu_ps(out2 + 16 * j)));
         } else {
             for (int j = 0; j < r; j++)
                 _mm512_mask_storeu_ps(y + (size_t)(r0 + j) * N + g * 16, km, _mm512_loadu_ps(out + 16 * j));
