@@ -331,3 +331,39 @@ def test_keys_and_values_are_reused_only_with_the_same_adapter(adapters):
         assert engine.prefix.hits >= 1
     finally:
         engine.close()
+
+
+def test_echo_and_embeddings_of_an_adapter_are_the_adapters(served):
+    """/v1/completions echo (teacher-forced logprobs) and /v1/embeddings for base:NAME run
+    through the adapter, not the base."""
+    live, registry, path = served
+    from homellm.engine.generate import logsumexp
+    from homellm.model.formats import open_checkpoint
+    from homellm.tokenizer import Tokenizer
+    ckpt = open_checkpoint(path, as_numpy=True)
+    tok = Tokenizer.from_source(ckpt.tokenizer, ckpt.chat_template)
+    model = NativeModel(ckpt.args, ckpt.tensors, 128, kv_dtype="f32")
+    prompt = "the quick brown fox"
+    ids_ = tok.encode(prompt)
+
+    def echo(mid):
+        r = httpx.post(live.url + "/v1/completions", json={"model": mid, "prompt": prompt, "echo": True,
+                                                           "max_tokens": 0, "logprobs": 0}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["logprobs"]["token_logprobs"][1:]
+
+    def embed(mid):
+        r = httpx.post(live.url + "/v1/embeddings", json={"model": mid, "input": prompt}, timeout=120)
+        assert r.status_code == 200, r.text
+        return np.array(r.json()["data"][0]["embedding"])
+
+    complete(live.url, "tiny", "x", 1)  # (loaded)
+    model.adapter = registry.loaded["tiny"].adapters["a"]
+    logits = model.forward(ids_, 0, last_only=False)
+    want = [float(logits[i, ids_[i + 1]]) - logsumexp(logits[i]) for i in range(len(ids_) - 1)]
+    got_a, got_base = echo("tiny:a"), echo("tiny")
+    assert got_a == pytest.approx(want, abs=1e-4)
+    assert np.abs(np.array(got_a) - np.array(got_base)).max() > 1e-2
+    vec = model.hidden_states(ids_).mean(0)
+    assert np.allclose(embed("tiny:a"), vec / np.linalg.norm(vec), atol=1e-5)
+    assert np.abs(embed("tiny:a") - embed("tiny")).max() > 1e-3

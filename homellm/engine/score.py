@@ -8,7 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
-from homellm.engine.kernels.native import NativeModel
+from homellm.engine.kernels.native import AdaptedModel, NativeModel
 from homellm.engine.sampling import as_numpy
 
 
@@ -16,7 +16,7 @@ def prompt_logits(network, ids: list[int], rows: int = 256) -> Iterator[tuple[in
     """(a, logits (b - a, vocab) float32) for positions a..b-1 of ids, every position but the
     last: row r predicts ids[a + r + 1]."""
     n = len(ids) - 1
-    if isinstance(network, NativeModel):
+    if isinstance(network, (NativeModel, AdaptedModel)):
         with network.lock:  # (the served network's own cache: one user at a time)
             network.reset()
             for a in range(0, n, rows):

@@ -96,9 +96,13 @@ class LoadedModel:
     base: "LoadedModel | None" = None
 
     def with_adapter(self, mid: str, name: str) -> "LoadedModel":
-        """This model's view for adapter `name`, named `mid` (requests run on this engine)."""
+        """This model's view for adapter `name`, named `mid`: requests run on this engine with
+        the adapter on their rows; scoring and embeddings through the adapter too."""
         from dataclasses import replace
-        return replace(self, id=mid, adapter=self.adapters[name], base=self)
+
+        from homellm.engine.kernels.native import AdaptedModel
+        adapter = self.adapters[name]
+        return replace(self, id=mid, adapter=adapter, base=self, network=AdaptedModel(self.network, adapter))
 
     @property
     def idle_s(self) -> float:

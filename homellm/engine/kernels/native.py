@@ -544,7 +544,8 @@ class NativeModel:
             for i in range(0, len(ids), MAX_CHUNK):
                 chunk = ids[i:i + MAX_CHUNK]
                 out.append(self.batch(None, chunk, range(i, i + len(chunk)), [0] * len(chunk),
-                                      [True] * len(chunk), logits=False, hidden=True)[1])
+                                      [True] * len(chunk), [self.adapter] * len(chunk),
+                                      logits=False, hidden=True)[1])
             self.tokens = list(ids)
             return np.concatenate(out) if out else np.zeros((0, self.args.hidden_size), np.float32)
 
@@ -566,3 +567,32 @@ class NativeModel:
         ctx, self.ctx = getattr(self, "ctx", None), None
         if ctx:
             self.lib.hl_model_free(ctx)
+
+
+class AdaptedModel:
+    """A NativeModel seen through one LoRA adapter (engine/lora.py): its single-sequence calls
+    (forward, decode, hidden_states) apply the adapter, everything else is the model's. What a
+    server's `base:adapter` id scores and embeds with; the model's weights are shared."""
+
+    def __init__(self, model: NativeModel, adapter):
+        self.model, self.adapter = model, adapter
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def _through(self, method: str, *args, **kwargs):
+        with self.model.lock:
+            saved, self.model.adapter = self.model.adapter, self.adapter
+            try:
+                return getattr(self.model, method)(*args, **kwargs)
+            finally:
+                self.model.adapter = saved
+
+    def forward(self, ids: list[int], start_pos: int, last_only: bool = True) -> np.ndarray:
+        return self._through("forward", ids, start_pos, last_only)
+
+    def decode(self, token: int, pos: int, out: np.ndarray | None = None) -> np.ndarray:
+        return self._through("decode", token, pos, out)
+
+    def hidden_states(self, ids: list[int]) -> np.ndarray:
+        return self._through("hidden_states", ids)
