@@ -289,3 +289,32 @@ def test_a_left_padded_row_decodes_as_the_row_alone(tiny):
     for a, b in zip(seen_both[1], seen_alone[0]):  # every step's logits, padded or not
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(seen_both[1][0], seen_both[0][0], atol=1e-2)  # the rows differ
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.5), (1.3, 8, 0.8)])
+def test_the_c_runtime_rollouts_sample_the_filtered_distribution(temperature, top_k, top_p):
+    """_sample_np (numpy, for the C runtime's rollouts) against softmax(logits / t) cut to the top
+    k tokens and the top p mass, written out here: 40,000 draws a row."""
+    import numpy as np
+
+    from homellm.train.rollout import _sample_np
+    logits = np.random.default_rng(0).normal(size=(3, 40)).astype(np.float32) * 2
+    draws = 40_000
+    rows = np.repeat(logits, draws, axis=0)
+    got = _sample_np(rows, temperature, top_k, top_p, np.random.Generator(np.random.PCG64(1)))
+    for r in range(3):
+        z = logits[r].astype(np.float64) / temperature
+        keep = np.ones(40, bool)
+        if top_k:
+            keep &= z >= np.sort(z)[-top_k]
+        p = np.where(keep, np.exp(z - z.max()), 0)
+        p /= p.sum()
+        if top_p < 1:
+            order = np.argsort(-p, kind="stable")
+            before = np.cumsum(p[order]) - p[order]
+            p[order[before > top_p]] = 0
+            p /= p.sum()
+        empirical = np.bincount(got[r * draws:(r + 1) * draws], minlength=40) / draws
+        assert np.abs(empirical - p).max() < 0.01, (r, empirical, p)
+        assert (empirical[p == 0] == 0).all()  # nothing outside the cut is ever drawn
+    assert (_sample_np(logits, 0.0, 0, 1.0, None) == logits.argmax(-1)).all()

@@ -105,6 +105,31 @@ def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float,
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def _sample_np(logits, temperature: float, top_k: int, top_p: float, rng):
+    """_sample on numpy logits (R, V) with a numpy Generator: the C runtime's rollouts stay out
+    of PyTorch between its calls (torch's thread team would wait on the cores the C pool needs)."""
+    import numpy as np
+    if temperature <= 0:
+        return logits.argmax(-1)
+    z = logits / np.float32(temperature)
+    if top_k and top_k < z.shape[-1]:
+        kth = np.partition(z, -top_k, axis=-1)[:, -top_k:].min(-1, keepdims=True)
+        z = np.where(z < kth, -np.inf, z)
+    z = z - z.max(-1, keepdims=True)
+    p = np.exp(z, dtype=np.float64)
+    p /= p.sum(-1, keepdims=True)
+    if top_p < 1.0:
+        order = np.argsort(-p, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(p, order, -1)
+        drop = np.cumsum(sorted_p, -1) - sorted_p > top_p
+        sorted_p[drop] = 0
+        p = np.zeros_like(p)
+        np.put_along_axis(p, order, sorted_p, -1)
+        p /= p.sum(-1, keepdims=True)
+    u = rng.random((p.shape[0], 1))
+    return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)
+
+
 @torch.inference_mode()
 def generate(net: nn.Module, prompt_ids: list[list[int]], n: int, max_new_tokens: int, *,
              stop_ids: set[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
@@ -260,19 +285,20 @@ class NativeRollout:
             pos += range(len(p))
             slots += [i * n] * len(p)
             want += [False] * (len(p) - 1) + [True]
+        import numpy as np
         with self.model.lock:
             logits = self.model.batch(cache, toks, pos, slots, want, [ad] * len(toks))
             for i, p in enumerate(prompt_ids):
                 cache.tokens[i * n] = list(p)
                 for j in range(1, n):
                     cache.copy(i * n, i * n + j)
-            g = torch.Generator().manual_seed(seed)
-            logits = torch.from_numpy(logits).repeat_interleave(n, dim=0)  # (rows, vocab)
+            rng = np.random.Generator(np.random.PCG64(seed))
+            logits = np.repeat(logits, n, axis=0)  # (rows, vocab)
             out: list[list[int]] = [[] for _ in range(rows)]
             finished = [False] * rows
             live = list(range(rows))
             for t in range(max_new_tokens):
-                token = _sample(logits, temperature, top_k, top_p, g).tolist()
+                token = _sample_np(logits, temperature, top_k, top_p, rng).tolist()
                 keep = []
                 for j, (b, tok) in enumerate(zip(live, token)):
                     out[b].append(tok)
@@ -284,8 +310,7 @@ class NativeRollout:
                 live = [live[j] for j in keep]
                 feed = [token[j] for j in keep]
                 positions = [len(prompt_ids[b // n]) + len(out[b]) - 1 for b in live]
-                logits = torch.from_numpy(self.model.batch(cache, feed, positions, live, [True] * len(live),
-                                                           [ad] * len(live)))
+                logits = self.model.batch(cache, feed, positions, live, [True] * len(live), [ad] * len(live))
         if stats is not None:
             stats.tokens += sum(len(o) for o in out)
             stats.rows += rows
