@@ -416,3 +416,51 @@ def test_gemma_past_its_window_the_c_runtime_equals_pytorch(gemma_gguf):
         expected = model(torch.tensor([ids]))[0, -60:].numpy()
     assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()
     assert (got.argmax(-1) == expected.argmax(-1)).mean() > 0.95
+
+
+def rewrite_gguf(src, dst, drop=(), replace=None, set_kv=None):
+    """A copy of a GGUF file with tensors dropped or replaced and metadata keys set (a broken
+    file for the reader to refuse)."""
+    import gguf
+    from homellm.model.formats import gguf_file
+    f = gguf_file.read(src)
+    w = gguf.GGUFWriter(dst, f.metadata["general.architecture"])
+    V = gguf.GGUFValueType
+    for key, value in f.metadata.items():
+        if key == "general.architecture" or key in (set_kv or {}):
+            continue
+        types = f.types[key]
+        if types[0] == V.ARRAY:
+            w.add_key_value(key, value, types[0], sub_type=types[1])
+        else:
+            w.add_key_value(key, value, types[0])
+    for key, value in (set_kv or {}).items():  # typed as the value is
+        w.add_key_value(key, value, V.BOOL if isinstance(value, bool) else V.UINT32 if isinstance(value, int)
+                        else V.STRING)
+    for t in f.tensors:
+        if t.name in drop:
+            continue
+        data = (replace or {}).get(t.name, np.asarray(t.data))
+        w.add_tensor(t.name, data, raw_dtype=t.ggml_type if data.dtype == np.uint8 else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.mark.parametrize("fam, change, message", [
+    ("gemma3", dict(drop=["blk.1.attn_q_norm.weight"]), "missing tensors blk.1.attn_q_norm.weight"),
+    ("phi3", dict(replace={"blk.0.attn_qkv.weight": np.zeros((100, 64), np.float32)}),
+     "tensor blk.0.attn_qkv.weight has 100 rows, expected 128"),
+    ("gptneox", dict(set_kv={"gptneox.use_parallel_residual": "yes"}),
+     "gptneox.use_parallel_residual is 'yes': expected a boolean"),
+    ("gemma3", dict(set_kv={"gemma3.attention.sliding_window_pattern": 0}),
+     "sliding_window_pattern is 0: expected an integer or a list of booleans"),
+])
+def test_broken_files_of_the_new_archs_are_refused_by_name(tmp_path, fam, change, message):
+    ckpt = read_hf_of(fam, tmp_path)
+    good = write_gguf(tmp_path / "good.gguf", ckpt.args, ckpt.tensors, out_type="f32")
+    bad = rewrite_gguf(good, tmp_path / "bad.gguf", **change)
+    with pytest.raises(ModelFileError, match=message):
+        read_gguf(bad)

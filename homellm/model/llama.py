@@ -86,8 +86,7 @@ class RMSNorm(nn.Module):
 def make_norm(args: ModelArgs, dim: int, device=None) -> nn.Module:
     """The family's norm: RMSNorm (offset as args say) or LayerNorm with a bias."""
     if args.norm_type == "layer":
-        norm = nn.LayerNorm(dim, eps=args.rms_norm_eps, device=device)
-        return norm
+        return nn.LayerNorm(dim, eps=args.rms_norm_eps, device=device)
     return RMSNorm(dim, args.rms_norm_eps, device, args.norm_offset)
 
 
