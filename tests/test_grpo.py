@@ -267,6 +267,18 @@ def test_rollouts_on_the_fast_engines_follow_the_training_adapters(gguf_policy, 
     assert [c.prompt for c in a] == [0, 0, 0, 1, 1, 1]
     assert [c.ids for c in a] == [c.ids for c in roll.generate(prompts, 3, 10, seed=5, **kw)]
     assert [c.ids for c in a] != [c.ids for c in roll.generate(prompts, 3, 10, seed=6, **kw)]
+    if mode == "native":  # the reference's log-probs on the C runtime == the training network's
+        from homellm.train import rl
+        rows = [(prompts[c.prompt], c.ids) for c in a]
+        tokens, labels = rl.completion_batch(rows, 0, "cpu")
+        with torch.no_grad():
+            with adapters_disabled(policy):
+                ref = rl.completion_logprobs(policy, tokens, labels)[0]
+            pol = rl.completion_logprobs(policy, tokens, labels)[0]
+        got = roll.logprobs(rows)
+        assert got.shape == ref.shape and (got - ref).abs().max() < 0.02 and (got - ref).abs().mean() < 3e-3
+        assert (roll.logprobs(rows, adapters=True) - pol).abs().max() < 0.02
+        assert torch.equal(roll.logprobs(rows, chunk=5), got)  # however the calls are cut
 
 
 def test_a_left_padded_row_decodes_as_the_row_alone(tiny):

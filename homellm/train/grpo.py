@@ -23,7 +23,6 @@ import time
 import torch
 
 from homellm.train import rl
-from homellm.train.lora import adapters_disabled
 from homellm.train.rl_config import RLConfig
 from homellm.train.session import step_seed
 
@@ -74,13 +73,10 @@ def train(config: RLConfig, progress=None, resume: bool = False, stop_after: int
             chunks = [list(range(i, min(i + mb, len(rows)))) for i in range(0, len(rows), mb)]
             batches = [rl.completion_batch([rows[i] for i in ch], s.pad_id, s.device) for ch in chunks]
             # the reference (adapters off), and the policy before the update when it is needed
-            refs, olds = [], []
-            with torch.no_grad():
-                for tokens, labels in batches:
-                    with adapters_disabled(s.model):
-                        refs.append(rl.completion_logprobs(s.model, tokens, labels)[0])
-                    if c.epochs > 1:
-                        olds.append(rl.completion_logprobs(s.model, tokens, labels)[0])
+            refs, olds = s.reference(rows, batches), []
+            if c.epochs > 1:
+                with torch.no_grad():
+                    olds = [rl.completion_logprobs(s.model, tokens, labels)[0] for tokens, labels in batches]
             kl_sum = clipped = loss_sum = 0.0
             for epoch in range(c.epochs):
                 for k, (ch, (tokens, labels)) in enumerate(zip(chunks, batches)):

@@ -24,7 +24,6 @@ import time
 import torch
 
 from homellm.train import rl
-from homellm.train.lora import adapters_disabled
 from homellm.train.rl_config import RLConfig
 from homellm.train.session import step_seed
 
@@ -93,16 +92,14 @@ def train(config: RLConfig, progress=None, resume: bool = False, stop_after: int
             chunks = [list(range(i, min(i + mb, N))) for i in range(0, N, mb)]
             batches = [rl.completion_batch([rows[i] for i in ch], s.pad_id, s.device) for ch in chunks]
             # the policy before the update (log-probs, values, entropy) and the reference
-            old, vals, ents, refs = [], [], [], []
+            old, vals, ents = [], [], []
             with torch.no_grad():
                 for tokens, labels in batches:
                     lp, v, e = rl.completion_logprobs(s.model, tokens, labels, s.value_head, entropy=True)
-                    with adapters_disabled(s.model):
-                        ref, _, _ = rl.completion_logprobs(s.model, tokens, labels)
                     old.append(lp)
                     vals.append(v)
                     ents.append(e)
-                    refs.append(ref)
+            refs = s.reference(rows, batches)
             old_flat, val_flat, ref_flat = torch.cat(old), torch.cat(vals), torch.cat(refs)
             old_p, mask = rl.split_rows(old_flat, lengths)
             values, _ = rl.split_rows(val_flat, lengths)

@@ -276,6 +276,22 @@ class RLSession:
             raise RewardError(f"{e}. The {step} steps done are checkpointed in {self.out}: fix "
                               f"the reward and continue with --resume") from None
 
+    def reference(self, rows: list[tuple[list[int], list[int]]], batches: list) -> list[Tensor]:
+        """The reference's per-token log-probs of each micro-batch's completions (flat, as
+        completion_logprobs): on the C runtime with no adapter (config.reference "auto" and
+        native rollouts), else the training network with its adapters off."""
+        from homellm.train.lora import adapters_disabled
+        mb = self.config.micro_batch
+        if self.config.reference == "auto" and self.roller.kind == "native":
+            flat = self.roller.logprobs(rows).to(self.device)
+            sizes = [sum(len(c) for _, c in rows[i:i + mb]) for i in range(0, len(rows), mb)]
+            return list(flat.split(sizes))
+        out = []
+        with torch.no_grad(), adapters_disabled(self.model):
+            for tokens, labels in batches:
+                out.append(completion_logprobs(self.model, tokens, labels)[0])
+        return out
+
     def update(self):
         if self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
@@ -305,8 +321,7 @@ class RLSession:
             tokens, labels = completion_batch(part, self.pad_id, self.device)
             with ctx(self.model):
                 logp, _, _ = completion_logprobs(self.model, tokens, labels)
-            with adapters_disabled(self.model):
-                ref, _, _ = completion_logprobs(self.model, tokens, labels)
+            ref = self.reference(part, [(tokens, labels)])[0]
             per, _ = split_rows(logp - ref, [len(d) for _, d in part])
             kls += per.sum(-1).tolist()
         self.model.train(was)

@@ -65,6 +65,10 @@ class RLConfig:
     threads: int | None = None
     device: str = "cpu"
     rollout: str = "auto"  # "auto", "native" (the C runtime), "engine" or "policy" (train/rollout.py)
+    # the reference's log-probs: "auto" computes them on the C runtime when the rollouts run
+    # there (the base's own blocks, int8 activations: ~1e-3 nats a token from the training
+    # network's), "policy" on the training network with its adapters off
+    reference: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.lora, dict):
@@ -98,6 +102,7 @@ class RLConfig:
             (self.rollout in ("auto", "native", "engine", "policy"),
              f"rollout {self.rollout!r}: expected auto, native, engine or policy"),
             (self.save_every >= 0 and self.val_every >= 0, "save_every and val_every: expected >= 0"),
+            (self.reference in ("auto", "policy"), f"reference {self.reference!r}: expected auto or policy"),
         ]
         for ok, message in checks:
             if not ok:

@@ -271,6 +271,47 @@ class NativeRollout:
         cache.tokens[0] = list(ids)
         return torch.from_numpy(out)
 
+    def logprobs(self, rows: list[tuple[list[int], list[int]]], adapters: bool = False,
+                 chunk: int = 512) -> Tensor:
+        """log p(token | before) of every completion token of (prompt ids, completion ids) rows,
+        flattened row by row (n,) as rl.completion_logprobs gives them: with adapters=False the
+        reference (the base's own blocks, no adapter) computed by the C runtime. Sequences go
+        through in calls of about `chunk` positions, each in its own slot."""
+        import numpy as np
+        self.adapter.refresh()
+        ad = self.adapter if adapters else None
+        cache = self._cache(len(rows), max(len(p) + len(c) for p, c in rows))
+        out = []
+        toks, pos, slots, want, targets = [], [], [], [], []
+
+        def flush():
+            if toks:
+                with self.model.lock:
+                    logits = self.model.batch(cache, toks, pos, slots, want, [ad] * len(toks))
+                if targets:  # (a call of prompt positions only returns no logits)
+                    m = logits.max(-1, keepdims=True)
+                    lse = m[:, 0] + np.log(np.exp(logits - m).sum(-1, dtype=np.float64)).astype(np.float32)
+                    out.append(logits[np.arange(len(targets)), targets] - lse)
+                toks.clear(), pos.clear(), slots.clear(), want.clear(), targets.clear()
+
+        for r, (p, c) in enumerate(rows):
+            seq = p + c
+            for start in range(0, len(seq) - 1, chunk):
+                piece = range(start, min(start + chunk, len(seq) - 1))  # the last token predicts nothing
+                if len(toks) + len(piece) > chunk:
+                    flush()
+                toks.extend(seq[i] for i in piece)
+                pos.extend(piece)
+                slots.extend([r] * len(piece))
+                for i in piece:  # position i predicts token i + 1: a completion token from len(p) - 1 on
+                    want.append(i >= len(p) - 1)
+                    if i >= len(p) - 1:
+                        targets.append(seq[i + 1])
+                if start + chunk < len(seq) - 1:
+                    flush()  # the rest of this sequence continues in the next call, in order
+        flush()
+        return torch.from_numpy(np.concatenate(out))
+
     def generate(self, prompt_ids, n, max_new_tokens, *, stop_ids, pad_id=0, temperature=1.0,
                  top_k=0, top_p=1.0, seed=0, stats=None, adapters: bool = True) -> list[Completion]:
         t0 = time.perf_counter()
