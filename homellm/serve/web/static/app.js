@@ -1,10 +1,7 @@
-// homellm web app: plain JS, no build step. The chat lives here; the other views are in
-// views.js (loaded when one is opened); markdown is parsed by the vendored markdown-it and
-// math drawn by the vendored KaTeX (loaded only when a message has math).
-// Safety: every piece of user or model text reaches the page through textContent or
-// createTextNode (never innerHTML): markdown-it's tokens are turned into DOM nodes here, raw
-// HTML stays text, and links keep only http(s) and mailto addresses. The server's
-// Content-Security-Policy forbids inline script as a second wall.
+// homellm web app, the chat: plain JS, no build step (what loads later: serve/web/assets.py).
+// Safety: user and model text reach the page only as text nodes (never innerHTML): markdown-it's
+// tokens become DOM nodes here, raw HTML stays text, links keep only http(s) and mailto. The
+// server's Content-Security-Policy forbids inline script as a second wall.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -21,8 +18,7 @@ const S = {
 const PAGE = 100;             // conversations per page of the list
 
 // ---------------------------------------------------------------- HTTP
-// A server that does not answer is "lost connection" (never "Failed to fetch"); a session that
-// ended shows the login form again.
+// No answer: "lost connection" (never "Failed to fetch"); an ended session: the login form.
 async function api(method, path, body, extraHeaders) {
   const opts = { method, headers: { "X-CSRF-Token": S.csrf, ...(extraHeaders || {}) },
                  credentials: "same-origin" };
@@ -39,15 +35,17 @@ async function api(method, path, body, extraHeaders) {
     const msg = data && data.error ? data.error.message : `${method} ${path}: HTTP ${r.status}`;
     if (r.status === 401 && path !== "/api/key-login" && path !== "/api/login") {
       if (code === "invalid_api_key") setTimeout(() => start().catch(showError), 0);  // key forgotten (restart)
-      if (code === "not_logged_in") { showGate("login", false, "Your session has ended: log in again."); }
+      if (code === "not_logged_in") later("showGate")("login", false, "Your session has ended: log in again.");
     }
-    const err = new Error(msg); err.status = r.status; err.code = code; throw err;
+    const err = new Error(msg); err.status = r.status; err.code = code;
+    err.handled = code === "not_logged_in";   // the login form says it
+    throw err;
   }
   return data;
 }
 
 function showError(e) {
-  if (e && e.lost) return;    // the banner says it
+  if (e && (e.lost || e.handled)) return;    // the banner, or the login form, says it
   $("error").textContent = e ? (e.message || String(e)) : "";
 }
 
@@ -68,9 +66,24 @@ function button(cls, text, onClick, label) {
 
 function announce(text) { $("announce").textContent = text; }   // read once by screen readers
 
+// Files loaded when first needed; later(name) calls a function of more.js once it is there.
+const loaded = {};
+function load(src) {
+  if (!loaded[src]) {
+    loaded[src] = new Promise((resolve, reject) => {
+      const css = src.endsWith(".css"), n = el(css ? "link" : "script");
+      if (css) { n.rel = "stylesheet"; n.href = src; } else n.src = src;
+      n.addEventListener("load", resolve);
+      n.addEventListener("error", () => { delete loaded[src]; reject(connectionLost()); });
+      document.head.appendChild(n);
+    });
+  }
+  return loaded[src];
+}
+const later = (name) => (...args) => load("/static/more.js").then(() => window[name](...args));
+
 // ---------------------------------------------------------------- lost connection
-// The banner says so and offers Retry; /health is asked every 2 s, and when it answers the
-// conversation is read back from the server (whatever the reply got to is stored there).
+// A banner with Retry; /health every 2 s; then the conversation is read back (all shown is stored).
 let healthTimer = null;
 
 function connectionLost() {
@@ -101,53 +114,7 @@ async function checkHealth() {
   } catch (e) { showError(e); }
 }
 
-// ---------------------------------------------------------------- code highlighting
-// One regex pass: comments, strings, numbers and keywords become spans (text via textContent).
-// Linear in the code: a block comment with no end runs to the end of the code (as an
-// editor shows it) instead of being searched for again from every "/*", and the comment
-// markers a language does not have are left out of its pattern rather than retried.
-const KEYWORDS = new Set(("if else elif for while do return def class function const let var " +
-  "import from as export new try catch except finally raise throw with yield async await " +
-  "lambda pass break continue in is not and or None True False null true false undefined " +
-  "struct enum fn pub use mod impl match static void int float double char bool string " +
-  "public private protected package func go select case switch default type interface " +
-  "self this super print echo").split(" "));
-const TOKEN_REST = String.raw`|("(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'|\`(?:\\.|[^\`\\])*\`)|\b(\d+(?:\.\d+)?(?:e[+-]?\d+)?|0x[0-9a-f]+)\b|\b([A-Za-z_][A-Za-z0-9_]*)\b`;
-const TOKEN_CACHE = new Map();
-
-function tokenPattern(lang) {
-  const l = (lang || "").toLowerCase();
-  const hash = !/^(c|cpp|c\+\+|js|javascript|ts|typescript|java|go|rust|css|json)$/.test(l);
-  const dashes = /^(sql|lua|haskell|hs)$/.test(l);
-  const key = `${hash}${dashes}`;
-  if (!TOKEN_CACHE.has(key)) {
-    const comments = [String.raw`\/\/[^\n]*`, String.raw`\/\*(?:[^*]|\*(?!\/))*(?:\*\/|$)`];
-    if (hash) comments.push(String.raw`#[^\n]*`);
-    if (dashes) comments.push(String.raw`--[^\n]*`);
-    TOKEN_CACHE.set(key, `(${comments.join("|")})` + TOKEN_REST);
-  }
-  return TOKEN_CACHE.get(key);
-}
-
-function highlight(code, lang) {
-  const out = document.createDocumentFragment();
-  let last = 0, m;
-  const re = new RegExp(tokenPattern(lang), "gi");
-  while ((m = re.exec(code)) !== null) {
-    let cls = null;
-    if (m[1] !== undefined) cls = "tok-com";
-    else if (m[2] !== undefined) cls = "tok-str";
-    else if (m[3] !== undefined) cls = "tok-num";
-    else if (m[4] !== undefined) cls = KEYWORDS.has(m[4]) ? "tok-kw" : null;
-    if (cls === null) continue;
-    if (m.index > last) out.appendChild(document.createTextNode(code.slice(last, m.index)));
-    out.appendChild(el("span", cls, m[0]));
-    last = m.index + m[0].length;
-  }
-  if (last < code.length) out.appendChild(document.createTextNode(code.slice(last)));
-  return out;
-}
-
+// ---------------------------------------------------------------- code blocks
 async function copyText(text, btn, label) {
   try {
     await navigator.clipboard.writeText(text);
@@ -165,7 +132,9 @@ function codeBlock(code, lang) {
   const pre = el("pre"), c = el("code");
   pre.tabIndex = 0;          // a scrolling box the keyboard can reach
   if (lang) c.dataset.lang = lang;
-  c.appendChild(highlight(code, lang));
+  c.textContent = code;                      // coloured by more.js's highlight() once it is here
+  if (window.highlight) { c.replaceChildren(window.highlight(code, lang)); c.classList.add("hl"); }
+  else later("highlightAll")();
   pre.appendChild(c);
   const copy = button("copy", "Copy", () => copyText(code, copy), lang ? `Copy the ${lang} code` : "Copy the code");
   wrap.appendChild(pre);
@@ -175,79 +144,29 @@ function codeBlock(code, lang) {
 }
 
 // ---------------------------------------------------------------- markdown
-// markdown-it (CommonMark + GFM tables, strikethrough, autolinks; raw HTML off) gives tokens;
-// this turns them into DOM nodes. Added here: task list boxes, math ($…$, \(…\), $$…$$,
-// \[…\]) and a code block's highlighter and Copy button. Headings are renumbered from h2 so
-// the page's own h1 stays the only one and levels never skip.
+// markdown-it's tokens (raw HTML off) as DOM nodes; headings renumbered from h2 (one h1).
 let MD = null;
 
 function parser() {
   if (MD) return MD;
   MD = window.markdownit({ html: false, linkify: true, breaks: true, typographer: false,
                            maxNesting: 40 });
-  MD.inline.ruler.before("escape", "math_inline", mathInline);
-  MD.block.ruler.before("fence", "math_block", mathBlock, { alt: ["paragraph", "reference", "blockquote", "list"] });
+  if (window.mathRules) window.mathRules(MD);
   return MD;
 }
 
-// Inline math: $x$ (no space inside either end, no digit after: "$5 and $10" stays text),
-// $$x$$, \(x\) and \[x\]. The closer is looked up once per kind and reused while it lies
-// ahead, so a text of openers without closers is still one pass.
-const MATH_OPEN = [["$$", "$$", true], ["\\[", "\\]", true], ["\\(", "\\)", false], ["$", "$", false]];
+// math.js's rules join the parser the first time a text could hold math.
+const MAYBE_MATH = /\$|\\[([]/;
+let mathAsked = false;
 
-function mathInline(state, silent) {
-  const src = state.src, pos = state.pos;
-  const c = src.charCodeAt(pos);
-  if (c !== 0x24 && c !== 0x5c) return false;
-  const seen = state.env.mathClose || (state.env.mathClose = {});
-  for (const [open, close, display] of MATH_OPEN) {
-    if (!src.startsWith(open, pos)) continue;
-    const from = pos + open.length;
-    const key = close + "|" + src.length;
-    let at = seen[key];
-    if (at === undefined || (at !== -1 && at < from)) seen[key] = at = src.indexOf(close, from);
-    if (at < 0) return false;
-    const tex = src.slice(from, at);
-    if (!tex.trim() || tex.length > 10000) return false;
-    if (open === "$" && (/^\s|\s$/.test(tex) || /\d/.test(src[at + 1] || ""))) return false;
-    if (!silent) {
-      const t = state.push("math_inline", "span", 0);
-      t.content = tex; t.markup = display ? "display" : "";
-    }
-    state.pos = at + close.length;
-    return true;
-  }
-  return false;
-}
-
-// Block math: a line that starts with $$ or \[ up to the line that ends with $$ or \].
-function mathBlock(state, startLine, endLine, silent) {
-  const start = state.bMarks[startLine] + state.tShift[startLine];
-  const first = state.src.slice(start, state.eMarks[startLine]);
-  const open = first.startsWith("$$") ? "$$" : first.startsWith("\\[") ? "\\[" : null;
-  if (!open || state.sCount[startLine] - state.blkIndent >= 4) return false;
-  const close = open === "$$" ? "$$" : "\\]";
-  let line = startLine, body = first.slice(2);
-  let end = body.trimEnd().endsWith(close) && body.trim().length > close.length ? body.trimEnd().length - close.length : -1;
-  const parts = [];
-  if (end >= 0) parts.push(body.slice(0, end));
-  else {
-    parts.push(body);
-    for (line = startLine + 1; line < endLine; line++) {
-      const text = state.src.slice(state.bMarks[line] + state.tShift[line], state.eMarks[line]);
-      if (text.trimEnd().endsWith(close)) { parts.push(text.trimEnd().slice(0, -close.length)); end = 0; break; }
-      parts.push(text);
-    }
-    if (end < 0) return false;   // not closed (yet: a reply still streaming)
-  }
-  if (silent) return true;
-  const t = state.push("math_block", "div", 0);
-  t.content = parts.join("\n").trim(); t.map = [startLine, line + 1];
-  state.line = line + 1;
-  return true;
+function askMath(src) {
+  if (mathAsked || window.mathRules || !MAYBE_MATH.test(src)) return;
+  mathAsked = true;
+  load("/static/math.js").then(() => { window.mathRules(parser()); renderMessages(); }).catch(() => { mathAsked = false; });
 }
 
 function markdown(src) {
+  askMath(src);
   const root = document.createDocumentFragment();
   const tokens = parser().parse(src, {});
   const levels = [...new Set(tokens.filter((t) => t.type === "heading_open").map((t) => +t.tag[1]))].sort();
@@ -260,7 +179,7 @@ function markdown(src) {
     let n = null;
     if (t.type === "fence" || t.type === "code_block") {
       n = codeBlock(t.content.replace(/\n$/, ""), (t.info || "").trim().split(/\s+/)[0]);
-    } else if (t.type === "math_block") n = math(t.content, true);
+    } else if (t.type === "math_block") n = window.math(t.content, true);
     else if (t.type === "heading_open") n = el("h" + Math.min(6, 2 + levels.indexOf(+t.tag[1])));
     else if (t.type === "table_open") {
       const wrap = el("div", "table-wrap"); top().appendChild(wrap);
@@ -300,16 +219,15 @@ function inline(children, parent) {
         top().appendChild(document.createTextNode(t.content)); return;
       case "softbreak": case "hardbreak": n = el("br"); break;
       case "code_inline": n = el("code", null, t.content); break;
-      case "math_inline": n = math(t.content, t.markup === "display"); break;
+      case "math_inline": n = window.math(t.content, t.markup === "display"); break;
       case "image": n = image(t); break;
       case "link_open": {
         const href = t.attrGet("href") || "";
         const next = children[i + 1];
         const plain = t.markup === "linkify" && !/^(https?:\/\/|www\.|mailto:)/i.test(next ? next.content : "");
-        if (LINKABLE.test(href) && !plain) {
-          n = el("a"); n.href = href; n.target = "_blank"; n.rel = "noopener noreferrer nofollow";
-          if (t.attrGet("title")) n.title = t.attrGet("title");
-        } else n = el("span");
+        if (!LINKABLE.test(href) || plain) { stack.push(top()); return; }   // its text only
+        n = el("a"); n.href = href; n.target = "_blank"; n.rel = "noopener noreferrer nofollow";
+        if (t.attrGet("title")) n.title = t.attrGet("title");
         break;
       }
       default: n = t.tag ? el(t.tag) : null;   // strong, em, s
@@ -320,8 +238,7 @@ function inline(children, parent) {
   });
 }
 
-// An image from this server or a data: URL shows at once; one from elsewhere only when asked
-// (a reply could otherwise tell another site that, and when, it was read).
+// Images from elsewhere load only when asked (else a reply could tell a site it was read).
 function image(t) {
   const src = t.attrGet("src") || "", alt = t.content || "";
   const img = el("img"); img.alt = alt; img.loading = "lazy"; img.referrerPolicy = "no-referrer";
@@ -336,48 +253,9 @@ function image(t) {
   return wrap;
 }
 
-// Math: KaTeX's files load the first time a message has math; until then (or when KaTeX
-// refuses the TeX) the TeX shows as code. Drawn formulas are kept by their TeX.
-const MATH_CACHE = new Map();
-let katexLoading = null;
-
-function math(tex, display) {
-  const key = (display ? "D" : "I") + tex;
-  if (MATH_CACHE.has(key)) return MATH_CACHE.get(key).cloneNode(true);
-  const n = el(display ? "div" : "span", "math" + (display ? " display" : ""), tex);
-  n.dataset.tex = tex;
-  if (window.katex) drawMath(n, display);
-  else loadKatex();
-  return n;
-}
-
-function drawMath(n, display) {
-  try {
-    window.katex.render(n.dataset.tex, n, { displayMode: display, throwOnError: true, output: "htmlAndMathml" });
-    n.classList.add("drawn");
-    MATH_CACHE.set((display ? "D" : "I") + n.dataset.tex, n.cloneNode(true));
-  } catch (e) { n.textContent = n.dataset.tex; n.classList.add("tex-error"); n.title = e.message; }
-}
-
-function loadKatex() {
-  if (katexLoading) return katexLoading;
-  const css = el("link"); css.rel = "stylesheet"; css.href = "/static/katex/katex.min.css";
-  document.head.appendChild(css);
-  katexLoading = new Promise((resolve) => {
-    const s = el("script"); s.src = "/static/katex/katex.min.js";
-    s.addEventListener("load", () => {
-      for (const n of document.querySelectorAll(".math:not(.drawn):not(.tex-error)")) drawMath(n, n.classList.contains("display"));
-      resolve();
-    });
-    document.head.appendChild(s);
-  });
-  return katexLoading;
-}
-
 // ---------------------------------------------------------------- messages
-// The whole branch is drawn again after each change; the focused control is found again by
-// its message and name (so a keyboard user stays where they were), and the view follows a
-// growing reply only while the reader is at the bottom.
+// Drawn again after each change, keeping focus (by message and data-key) and the scroll
+// (a growing reply is followed only while the reader is at the bottom).
 function focusKey() {
   const a = document.activeElement;
   const msg = a && a.closest && a.closest(".msg");
@@ -462,9 +340,9 @@ function renderTurn(turn) {
     more.hidden = !more.hidden; moreButton.setAttribute("aria-expanded", String(!more.hidden));
   }, `More actions for this ${who}`);
   moreButton.setAttribute("aria-expanded", "false");
-  const del = tool("delete-branch", "Delete", "delete", () => deleteBranch(m, del), `Delete this ${who} and what follows it`, busy);
+  const del = tool("delete-branch", "Delete", "delete", () => later("deleteBranch")(m, del), `Delete this ${who} and what follows it`, busy);
   if (m.role === "user") {
-    meta.append(tool("edit", "Edit", "edit", () => startEdit(turn), "Edit this message (a new branch)", busy), copy);
+    meta.append(tool("edit", "Edit", "edit", () => later("startEdit")(turn), "Edit this message (a new branch)", busy), copy);
     const last = turn === S.turns[S.turns.length - 1];
     if (last && !busy) meta.appendChild(tool("answer primary-soft", "Get a reply", "answer", () => generate(m.id)));
     more.append(del);
@@ -485,8 +363,8 @@ function renderTurn(turn) {
     const note = tool("comment-toggle", "Comment", "comment", () => { turn.commenting = !commentOpen; renderMessages(); });
     note.setAttribute("aria-expanded", String(commentOpen));
     meta.append(copy, up, down, note);
-    more.append(tool("edit-reply", "Edit", "edit-reply", () => startEdit(turn), "Write your own version of this reply (a new branch)", busy),
-                tool("write-reply", "Write a reply", "write", () => startEdit(turn, true), "Write a reply yourself (a new branch)", busy), del);
+    more.append(tool("edit-reply", "Edit", "edit-reply", () => later("startEdit")(turn), "Write your own version of this reply (a new branch)", busy),
+                tool("write-reply", "Write a reply", "write", () => later("startEdit")(turn, true), "Write a reply yourself (a new branch)", busy), del);
     meta.append(moreButton, more);
     const info = [];
     if (m.model) info.push(m.model);
@@ -494,48 +372,19 @@ function renderTurn(turn) {
     if (m.timings && m.timings.predicted_per_second) info.push(`${m.timings.predicted_per_second} tok/s`);
     if (info.length) meta.appendChild(el("span", "info", info.join(" · ")));
     div.appendChild(meta);
-    if (n > 1) div.appendChild(compareRow(turn));
-    if (commentOpen) div.appendChild(commentBox(turn, rating));
+    if (n > 1) div.appendChild(part("compareRow", turn));
+    if (commentOpen) div.appendChild(part("commentBox", turn, rating));
     return div;
   }
   div.appendChild(meta);
   return div;
 }
 
-// "Which is better?" between this reply and the one before it (after a regenerate): a
-// preference pair for training, stored once per pair.
-function compareRow(turn) {
-  const m = turn.message, other = turn.sibling_ids[turn.index === 0 ? 1 : turn.index - 1];
-  const o = turn.sibling_ids.indexOf(other) + 1, me = turn.index + 1;
-  const row = el("div", "compare");
-  const made = S.prefs.find((p) => (p[0] === m.id && p[1] === other) || (p[0] === other && p[1] === m.id));
-  if (made) {
-    row.append(el("span", "hint", made[0] === m.id ? `You prefer this reply (${me}) to ${o}.` : `You prefer reply ${o} to this one (${me}).`),
-               tool("prefer-change", "Change", "prefer-change", () => prefer(made[1], made[0])));
-  } else {
-    row.append(el("span", null, `Which is better: this reply (${me}) or ${o}?`),
-               tool("prefer-this", `This one (${me})`, "prefer-this", () => prefer(m.id, other)),
-               tool("prefer-other", `Reply ${o}`, "prefer-other", () => prefer(other, m.id)));
-  }
-  return row;
-}
-
-function commentBox(turn, rating) {
-  const box = el("div", "comment-box");
-  const input = el("input", "comment");
-  input.placeholder = "Optional comment (Enter saves)";
-  input.setAttribute("aria-label", "Comment on this reply");
-  input.value = (turn.rating && turn.rating.comment) || "";
-  input.dataset.key = "comment-input";
-  const status = el("span", "saved hint"); status.setAttribute("role", "status");
-  const save = async () => {
-    await rate(turn, rating, input.value, true);
-    const s = document.querySelector(`.msg[data-id="${turn.message.id}"] .saved`);
-    if (s) s.textContent = "Saved";
-  };
-  input.addEventListener("keydown", (ev) => { if (ev.key === "Enter") { ev.preventDefault(); save(); } });
-  box.append(input, tool("save-comment", "Save comment", "save-comment", save), status);
-  return box;
+// Parts drawn by more.js: a placeholder until it is there, then the messages again.
+function part(name, ...args) {
+  if (window[name]) return window[name](...args);
+  load("/static/more.js").then(renderMessages);
+  return el("span");
 }
 
 function fillBody(body, m) {
@@ -561,46 +410,6 @@ function renderContext() {
   }
 }
 
-// Editing: a user message (a new branch), or a reply as the user would have it written (a
-// new sibling; `blank`: write one from nothing). Ctrl+Enter saves, Escape cancels. The
-// editor is part of the state (S.editing), so a re-render keeps it and what was typed.
-function startEdit(turn, blank) {
-  S.editing = { id: turn.message.id, text: blank ? "" : turn.message.content };
-  renderMessages();
-  const ta = document.querySelector(".edit-text");
-  if (ta) ta.focus();
-}
-
-function editBox(turn) {
-  const user = turn.message.role === "user";
-  const box = el("div", "edit-box");
-  const ta = el("textarea", "edit-text"); ta.value = S.editing.text; ta.rows = 4;
-  ta.dataset.key = "edit-text";
-  ta.setAttribute("aria-label", user ? "Edit the message" : "Your reply");
-  ta.addEventListener("input", () => { S.editing.text = ta.value; });
-  const row = el("div", "row");
-  const done = () => { S.editing = null; renderMessages(); };
-  const save = button("primary save-edit", user ? "Save & submit" : "Save reply", async () => {
-    const text = ta.value.trim();
-    if (!text) return;
-    try {
-      const r = await api("POST", `/api/messages/${turn.message.id}/edit`, { content: text });
-      S.editing = null;
-      applyDetail(r);
-      if (user) await generate(r.message.id);
-    } catch (e) { showError(e); }
-  });
-  save.dataset.key = "save-edit";
-  const cancel = button("cancel-edit", "Cancel", done);
-  ta.addEventListener("keydown", (ev) => {
-    if (ev.key === "Escape") { ev.preventDefault(); done(); }
-    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); save.click(); }
-  });
-  row.append(save, cancel, el("span", "hint", "Ctrl+Enter saves, Escape cancels"));
-  box.append(ta, row);
-  return box;
-}
-
 async function selectMessage(id) {
   try { applyDetail(await api("POST", `/api/messages/${id}/select`)); } catch (e) { showError(e); }
 }
@@ -611,33 +420,6 @@ async function rate(turn, value, comment, quiet) {
     const r = await api("PUT", `/api/messages/${turn.message.id}/rating`, { value, comment: keep || null });
     turn.rating = r.rating;
     if (!quiet || !document.querySelector(`.msg[data-id="${turn.message.id}"] .comment-box`)) renderMessages();
-  } catch (e) { showError(e); }
-}
-
-async function prefer(chosen, rejected) {
-  try {
-    const d = await api("POST", `/api/messages/${chosen}/prefer`, { over: rejected });
-    applyDetail(d);
-    announce("Preference saved.");
-  } catch (e) { showError(e); }
-}
-
-async function deleteBranch(m, btn) {
-  if (btn.dataset.armed !== "1") {   // two clicks: no modal dialog
-    try {
-      const r = await api("GET", `/api/messages/${m.id}`);
-      btn.dataset.armed = "1";
-      btn.textContent = `Delete ${r.branch_size} message${r.branch_size === 1 ? "" : "s"}?`;
-      btn.classList.add("armed");
-      setTimeout(() => { if (btn.isConnected) { btn.dataset.armed = ""; btn.textContent = "Delete"; btn.classList.remove("armed"); } }, 4000);
-    } catch (e) { showError(e); }
-    return;
-  }
-  try {
-    const r = await api("DELETE", `/api/messages/${m.id}`);
-    applyDetail(r);
-    announce(`Deleted ${r.deleted} message${r.deleted === 1 ? "" : "s"}.`);
-    loadList();
   } catch (e) { showError(e); }
 }
 
@@ -705,40 +487,8 @@ function listItem(c, hit) {
   if (hit && hit.snippet !== c.title) open.appendChild(el("span", "snippet", hit.snippet));
   const name = c.title || "Untitled";
   const ren = button("tool rename", "✎", null, `Rename “${name}”`), del = button("tool delete", "✕", null, `Delete “${name}”`);
-  ren.addEventListener("click", () => {
-    const input = el("input", "rename-input"); input.value = c.title || "";
-    input.setAttribute("aria-label", "New title");
-    let finished = false;   // Enter, then the blur of the removed input: once
-    const done = async (keep) => {
-      if (finished) return;
-      finished = true;
-      if (keep && input.value.trim() !== (c.title || "")) {
-        try {
-          const r = await api("PATCH", `/api/conversations/${c.id}`, { title: input.value });
-          if (S.conv && S.conv.id === c.id) applyDetail(r);
-        } catch (e) { showError(e); }
-      }
-      loadList();
-    };
-    input.addEventListener("keydown", (ev) => {
-      if (ev.key === "Enter") { ev.preventDefault(); done(true); }
-      if (ev.key === "Escape") done(false);
-    });
-    input.addEventListener("blur", () => done(true), { once: true });
-    li.replaceChildren(input); input.focus(); input.select();
-  });
-  del.addEventListener("click", async () => {
-    if (del.dataset.armed !== "1") {  // two clicks: no modal dialog
-      del.dataset.armed = "1"; del.textContent = "Delete?"; del.classList.add("armed");
-      setTimeout(() => { del.dataset.armed = ""; del.textContent = "✕"; del.classList.remove("armed"); }, 3000);
-      return;
-    }
-    try {
-      await api("DELETE", `/api/conversations/${c.id}`);
-      if (S.conv && S.conv.id === c.id) newChat();
-      loadList();
-    } catch (e) { showError(e); }
-  });
+  ren.addEventListener("click", () => later("renameConversation")(li, c));
+  del.addEventListener("click", () => later("deleteConversation")(del, c));
   li.append(open, ren, del);
   return li;
 }
@@ -752,8 +502,7 @@ function markActive() {
   }
 }
 
-// Leaving a chat while its reply grows is fine: the reply goes on on the server, and this
-// page watches it again when the chat is opened (or the page reloaded).
+// Leaving a growing reply: it goes on on the server; opening the chat watches it again.
 function detach() {
   if (S.streaming) { S.streaming.controller.abort(); S.streaming = null; setStreaming(false); }
 }
@@ -772,31 +521,8 @@ async function openConversation(id, opts) {
                           hit && hit.message_id ? `/api/messages/${hit.message_id}/select` : `/api/conversations/${id}`));
     if (location.hash !== `#${id}`) history.replaceState(null, "", `#${id}`);
     closeSidebar();
-    if (hit) showHit(hit);
+    if (hit) later("showHit")(hit);
   } catch (e) { showError(e); }
-}
-
-// A search hit: its message in view, marked, and the words highlighted (CSS Custom Highlight
-// API, where the browser has it: the text nodes stay as they are).
-function showHit(hit) {
-  const n = hit.message_id && document.querySelector(`.msg[data-id="${hit.message_id}"]`);
-  if (!n) return;
-  S.stick = false;
-  n.classList.add("hit");
-  n.scrollIntoView({ block: "center" });
-  if (!window.CSS || !CSS.highlights || !window.Highlight) return;
-  const words = $("search").value.toLowerCase().split(/\W+/).filter(Boolean);
-  const ranges = [];
-  const walk = document.createTreeWalker(n.querySelector(".body"), NodeFilter.SHOW_TEXT);
-  for (let t = walk.nextNode(); t; t = walk.nextNode()) {
-    const low = t.data.toLowerCase();
-    for (const w of words) {
-      for (let i = low.indexOf(w); i >= 0; i = low.indexOf(w, i + w.length)) {
-        const r = new Range(); r.setStart(t, i); r.setEnd(t, i + w.length); ranges.push(r);
-      }
-    }
-  }
-  CSS.highlights.set("search-hit", new Highlight(...ranges));
 }
 
 function newChat() {
@@ -814,9 +540,7 @@ function newChat() {
 }
 
 // ---------------------------------------------------------------- settings
-// A chat's settings apply as they change (saved at once, "Saved" shown); a new chat's are
-// its draft until the first message. "Use for new chats" keeps them as this user's defaults
-// (on the server: every browser, every reload).
+// Settings apply as they change (a new chat's: its draft); "Use for new chats": my defaults.
 const NUMBERS = ["temperature", "top_p", "top_k", "max_tokens", "seed"];
 
 function fillSettings() {
@@ -889,8 +613,7 @@ async function send(ev) {
       S.draft = newDraft();
     }
     const last = S.turns.length ? S.turns[S.turns.length - 1].message : null;
-    // a message whose reply failed never blocks the next: the new text joins it as a new
-    // version of it (the first stays, as 1/2), and that gets the reply
+    // an unanswered message never blocks: the text joins it as its new version (1/2 stays)
     const r = last && last.role === "user"
       ? await api("POST", `/api/messages/${last.id}/edit`, { content: `${last.content}\n\n${text}` })
       : await api("POST", `/api/conversations/${S.conv.id}/messages`, { content: text, parent_id: last ? last.id : null });
@@ -916,17 +639,17 @@ async function generate(parentId, continueId) {
   S.streaming = s; S.stick = true;
   setStreaming(true);
   renderMessages();
-  const unwatch = watchLoading(s, S.conv.model || S.defaultModel);
+  later("watchLoading")(s, S.conv.model || S.defaultModel);   // a cold model: "Loading model…"
   try {
     const r = await fetch(`/api/conversations/${s.conv}/generate`, {
       method: "POST", credentials: "same-origin", signal: s.controller.signal,
       headers: { "Content-Type": "application/json", "X-CSRF-Token": S.csrf },
       body: JSON.stringify(continueId ? { continue_id: continueId } : { parent_id: parentId }),
     });
-    unwatch();
+    s.answered = true;
     await follow(r, s);
   } catch (e) {
-    unwatch();
+    s.answered = true;
     ended(s, e);
   }
 }
@@ -948,8 +671,10 @@ async function follow(r, s) {
   if (!r.ok) {
     let msg = `HTTP ${r.status}`, code = null;
     try { const d = await r.json(); msg = d.error.message; code = d.error.code; } catch (e) { /* not JSON */ }
-    if (r.status === 401 && code === "not_logged_in") showGate("login", false, "Your session has ended: log in again.");
-    const err = new Error(msg); err.status = r.status; err.code = code; throw err;
+    if (r.status === 401 && code === "not_logged_in") later("showGate")("login", false, "Your session has ended: log in again.");
+    const err = new Error(msg); err.status = r.status; err.code = code;
+    err.handled = code === "not_logged_in";
+    throw err;
   }
   let turn = null, body = null, failed = null;
   await readEvents(r, (event, d) => {
@@ -1017,28 +742,6 @@ async function readEvents(r, onEvent) {
   }
 }
 
-// A cold model: "Loading model…" in the reply's place, with its progress when an earlier load
-// gives an estimate (asked of /api/models while the reply has not started).
-function watchLoading(s, model) {
-  let timer = null, done = false;
-  const tick = async () => {
-    if (done || S.streaming !== s || s.id) return;
-    try {
-      const m = (await api("GET", "/api/models")).models.find((x) => x.id === model);
-      const slot = document.querySelector(".msg.pending .loading");
-      if (!done && slot && m && m.loading_s != null) {
-        const bar = el("progress");
-        bar.setAttribute("aria-label", "Loading the model");
-        if (m.estimate_s) { bar.max = m.estimate_s; bar.value = Math.min(m.loading_s, m.estimate_s); }
-        slot.replaceChildren(`Loading model ${m.id}… ${m.loading_s.toFixed(1)} s `, bar);
-      }
-    } catch (e) { /* the reply's own request says what went wrong */ }
-    if (!done) timer = setTimeout(tick, 400);
-  };
-  timer = setTimeout(tick, 250);
-  return () => { done = true; clearTimeout(timer); };
-}
-
 function atBottom() {
   const box = $("messages");
   return box.scrollHeight - box.scrollTop - box.clientHeight < 40;
@@ -1057,147 +760,21 @@ async function stop() {
   try { await api("POST", `/api/replies/${s.id}/stop`); } catch (e) { showError(e); }
 }
 
-// ---------------------------------------------------------------- import
-async function importFile() {
-  const f = $("import-file").files[0];
-  if (!f) return;
-  const status = $("import-status");
-  status.textContent = "Importing…";
-  try {
-    const text = await f.text();
-    const r = await api("POST", "/api/import", text, { "Content-Type": "application/x-ndjson", "X-Filename": f.name.replace(/[^\w.-]/g, "_") });
-    status.textContent = `Imported ${r.imported} conversation${r.imported === 1 ? "" : "s"}`;
-    loadList();
-  } catch (e) { status.textContent = ""; showError(e); }
-  $("import-file").value = "";
-}
-
-// ---------------------------------------------------------------- people
-// One form, three uses: the first-run setup (with the console's setup token when the server
-// asks for it), a login (--auth; also when a session ends), or the server's API key.
-function showGate(mode, tokenRequired, note) {
-  $("app").hidden = true; $("gate").hidden = false;
-  const key = mode === "key", min = (S.me && S.me.password_min) || 8;
-  $("gate-title").textContent = mode === "setup" ? "Set up homellm" : key ? "API key" : "Log in";
-  $("gate-hint").textContent = note || (mode === "setup"
-    ? "No account yet: this one becomes the admin." + (tokenRequired ? " The setup token is on the server's console." : "")
-    : key ? "This server needs its API key (homellm serve --api-key)." : "");
-  $("gate-rule").textContent = mode === "setup" ? `The password needs at least ${min} characters.` : "";
-  $("gate-submit").textContent = mode === "setup" ? "Create admin account" : key ? "Continue" : "Log in";
-  $("gate-form").dataset.mode = mode;
-  $("gate-user-row").hidden = key; $("gate-user").required = !key;
-  $("gate-pass-label").textContent = key ? "Key" : "Password";
-  $("gate-pass").autocomplete = key ? "off" : mode === "setup" ? "new-password" : "current-password";
-  $("gate-pass").minLength = mode === "setup" ? min : 0;
-  $("gate-token-row").hidden = !(mode === "setup" && tokenRequired);
-  $("gate-token").required = mode === "setup" && !!tokenRequired;
-  (key ? $("gate-pass") : $("gate-user")).focus();
-}
-
-async function gateSubmit(ev) {
-  ev.preventDefault();
-  $("gate-error").textContent = "";
-  const mode = $("gate-form").dataset.mode;
-  try {
-    if (mode === "key") await api("POST", "/api/key-login", { key: $("gate-pass").value });
-    else {
-      const body = { username: $("gate-user").value, password: $("gate-pass").value };
-      if (mode === "setup" && !$("gate-token-row").hidden) body.setup_token = $("gate-token").value.trim();
-      await api("POST", mode === "setup" ? "/api/setup" : "/api/login", body);
-    }
-    $("gate-pass").value = ""; $("gate-token").value = "";
-    await start();
-  } catch (e) { $("gate-error").textContent = e.message; }
-}
-
-function showAccount() {
-  const me = S.me;
-  const keyed = !me.auth && me.key_cookie;
-  $("account").hidden = !me.auth && !keyed;
-  if (!me.auth) {   // only the API key: a way to forget it on this browser
-    $("whoami").textContent = "Signed in with the API key";
-    for (const id of ["share-feedback-row", "export-shared", "users-box", "password-box"]) $(id).hidden = true;
-    return;
-  }
-  $("whoami").textContent = `Signed in as ${me.user.username}${me.user.is_admin ? " (admin)" : ""}`;
-  $("share-feedback").checked = me.user.share_feedback;
-  $("share-feedback-row").hidden = false; $("password-box").hidden = false;
-  $("export-shared").hidden = !me.user.is_admin;
-  $("users-box").hidden = !me.user.is_admin;
-  for (const id of ["new-password", "my-new-password"]) {
-    $(id).minLength = me.password_min || 8;
-    $(id).placeholder = `at least ${me.password_min || 8} characters`;
-  }
-  if (me.user.is_admin) loadUsers();
-}
-
-// The admin's list of accounts: remove one (two clicks), set a new password, and lift the
-// login limits of one that typed too many wrong passwords somewhere.
-async function loadUsers() {
-  try {
-    const r = await api("GET", "/api/users");
-    $("users").replaceChildren(...r.users.map((u) => {
-      const li = el("li"); li.dataset.username = u.username;
-      const name = el("span", "name", u.username + (u.is_admin ? " (admin)" : ""));
-      const act = (path, method, body) => async () => {
-        try { await api(method, `/api/users/${encodeURIComponent(u.username)}${path}`, body && body()); loadUsers(); }
-        catch (e) { $("users-status").textContent = e.message; }
-      };
-      li.appendChild(name);
-      if (u.locked_s > 0) {
-        li.appendChild(el("span", "locked", `locked ${u.locked_s} s`));
-        li.appendChild(button("unlock", "Unlock", act("/unlock", "POST"), `Unlock ${u.username}`));
-      }
-      const reset = button("reset", "New password", () => {
-        const f = el("form", "reset-form"), input = el("input");
-        input.type = "password"; input.autocomplete = "new-password"; input.required = true;
-        input.minLength = S.me.password_min || 8; input.placeholder = `at least ${input.minLength} characters`;
-        input.setAttribute("aria-label", `New password for ${u.username}`);
-        f.append(input, el("button", null, "Set"));
-        f.addEventListener("submit", async (ev) => {
-          ev.preventDefault();
-          try {
-            await api("POST", `/api/users/${encodeURIComponent(u.username)}/password`, { password: input.value });
-            $("users-status").textContent = `New password set for ${u.username}`;
-            loadUsers();
-          } catch (e) { $("users-status").textContent = e.message; }
-        });
-        reset.replaceWith(f); input.focus();
-      }, `Set a new password for ${u.username}`);
-      li.appendChild(reset);
-      if (u.id !== S.me.user.id) {
-        const rm = button("remove", "Remove", null, `Remove ${u.username} and their conversations`);
-        rm.addEventListener("click", () => {
-          if (rm.dataset.armed !== "1") { rm.dataset.armed = "1"; rm.textContent = "Remove? (their chats too)"; rm.classList.add("armed"); return; }
-          act("", "DELETE")();
-        });
-        li.appendChild(rm);
-      }
-      return li;
-    }));
-  } catch (e) { $("users-status").textContent = e.message; }
-}
-
 // ---------------------------------------------------------------- views
-// One page, several views, each at its own address (the server serves the page at each):
-// / chat, /arena, /leaderboard, /evals, /contribute, /contributors, /moderate. Switching views
-// keeps the chat's state in memory but takes its model names out of the page (the arena's
-// blindness: while a battle is unvoted, no model name is anywhere in the document).
+// One page, a view per address; other views take the chat's model names out of the page
+// (the arena's blindness: no model name in the document while a battle is unvoted).
 const VIEWS = { "/": "chat", "/arena": "arena", "/leaderboard": "leaderboard", "/evals": "evals",
                 "/contribute": "contribute", "/contributors": "contributors", "/moderate": "moderate" };
 const viewOf = (path) => VIEWS[path] || "chat";
-let viewsLoading = null;
 
-function loadViews() {   // views.js: the other views' code, the first time one opens
-  if (!viewsLoading) {
-    viewsLoading = new Promise((resolve, reject) => {
-      const s = el("script"); s.src = "/static/views.js";
-      s.addEventListener("load", resolve);
-      s.addEventListener("error", () => { viewsLoading = null; reject(connectionLost()); });
-      document.head.appendChild(s);
-    });
+// views.html (static markup from this origin, no user text), views.css and views.js.
+async function loadViews() {
+  if (!$("arena-view")) {
+    const r = await fetch("/static/views.html").catch(() => { throw connectionLost(); });
+    const doc = new DOMParser().parseFromString(await r.text(), "text/html");
+    if (!$("arena-view")) document.querySelector("main.main").append(...doc.body.children);
   }
-  return viewsLoading;
+  await Promise.all([load("/static/views.css"), load("/static/views.js")]);
 }
 
 function go(path) {
@@ -1209,11 +786,12 @@ function go(path) {
 
 async function showView(view) {
   S.view = view;
-  for (const v of Object.values(VIEWS)) $(v + "-view").hidden = v !== view;
+  if (view !== "chat") await loadViews();
+  for (const v of Object.values(VIEWS)) if ($(v + "-view")) $(v + "-view").hidden = v !== view;
   for (const a of $("views").querySelectorAll("a")) {
     if (a.dataset.view === view) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
   }
-  if (view !== "leaderboard") $("leaderboard-table").tBodies[0].replaceChildren();
+  if (view !== "leaderboard" && $("leaderboard-table")) $("leaderboard-table").tBodies[0].replaceChildren();
   if (view === "chat") {
     if (!S.models.length) await loadModels();
     fillSettings(); renderMessages();
@@ -1223,8 +801,6 @@ async function showView(view) {
   detach();
   $("set-model").replaceChildren(); $("messages").replaceChildren(); $("context-use").textContent = "";
   document.title = `homellm · ${view[0].toUpperCase()}${view.slice(1)}`;
-  await loadViews();
-  if (S.view !== view) return;
   if (view === "arena") await openArena();
   else if (view === "leaderboard") await loadLeaderboard();
   else if (view === "contribute") await openContribute();
@@ -1241,8 +817,7 @@ async function loadModels() {
 }
 
 // ---------------------------------------------------------------- theme and phone
-// The theme follows the system until chosen; the button goes system -> the other one -> the
-// system's own -> system again.
+// Theme: system -> the other -> the system's own -> system.
 function applyTheme() {
   const t = localStorage.getItem("homellm-theme");
   if (t === "light" || t === "dark") document.documentElement.dataset.theme = t;
@@ -1260,8 +835,7 @@ function toggleTheme() {
   applyTheme();
 }
 
-// At phone width the list is an overlay: ☰ opens it; the backdrop, Escape and its ✕ close it,
-// and closed it is out of the tab order (inert).
+// Phone: the list is an overlay (backdrop, Escape, ✕ close it; inert when closed).
 const PHONE = matchMedia("(max-width: 700px)");
 
 function openSidebar() {
@@ -1286,25 +860,28 @@ function growComposer() {
 async function start() {
   S.me = await api("GET", "/api/me");
   S.csrf = S.me.csrf_token;
-  if (S.me.key_required) { showGate("key"); return; }
-  if (S.me.auth && !S.me.user) { showGate(S.me.needs_setup ? "setup" : "login", S.me.setup_token_required); return; }
-  $("gate").hidden = true; $("app").hidden = false;
-  showAccount();
+  if (S.me.key_required) { await later("showGate")("key"); return; }
+  if (S.me.auth && !S.me.user) { await later("showGate")(S.me.needs_setup ? "setup" : "login", S.me.setup_token_required); return; }
   S.collect = { info: null, task: null, tree: null };   // another user may have logged in
   S.models = []; S.draft = null;
+  await loadModels();                                    // the composer's settings need them
+  $("gate").hidden = true; $("app").hidden = false;
+  $("account").hidden = true;
+  if (S.me.auth || S.me.key_cookie) later("showAccount")();
   api("GET", "/api/collect?brief=true").then((i) => { $("moderate-link").hidden = i.role === "volunteer"; })
     .catch(() => { $("moderate-link").hidden = true; });
-  await loadList();
+  const list = loadList();
   await showView(viewOf(location.pathname));
   if (S.view === "chat") {
     const id = location.hash.slice(1);
-    if (id) await openConversation(id); else newChat();
+    if (id && !(S.conv && S.conv.id === id)) await openConversation(id);
+    else if (!id && !S.conv) newChat();
   }
+  await list;
 }
 
 function wire() {
   applyTheme();
-  $("gate-form").addEventListener("submit", gateSubmit);
   $("composer").addEventListener("submit", send);
   $("prompt").addEventListener("keydown", (ev) => {   // a touch keyboard's Enter is a new line
     if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing && !matchMedia("(pointer: coarse)").matches) send(ev);
@@ -1338,36 +915,8 @@ function wire() {
   window.addEventListener("popstate", () => {
     if (S.me && (!S.me.auth || S.me.user)) showView(viewOf(location.pathname)).catch(showError);
   });
-  $("import-file").addEventListener("change", importFile);
-  $("share-feedback").addEventListener("change", async () => {
-    try { S.me.user = (await api("PATCH", "/api/me", { share_feedback: $("share-feedback").checked })).user; }
-    catch (e) { showError(e); }
-  });
-  $("add-user").addEventListener("submit", async (ev) => {
-    ev.preventDefault();
-    try {
-      const r = await api("POST", "/api/users", { username: $("new-username").value, password: $("new-password").value });
-      $("add-user-status").textContent = `Added ${r.user.username}`;
-      $("new-username").value = ""; $("new-password").value = "";
-      loadUsers();
-    } catch (e) { $("add-user-status").textContent = e.message; }
-  });
-  $("password-form").addEventListener("submit", async (ev) => {
-    ev.preventDefault();
-    const status = $("password-status");
-    if ($("my-new-password").value !== $("my-new-password2").value) { status.textContent = "The new passwords differ"; return; }
-    try {
-      await api("POST", "/api/me/password", { current: $("my-password").value, password: $("my-new-password").value });
-      status.textContent = "Password changed (other sessions logged out)";
-      for (const id of ["my-password", "my-new-password", "my-new-password2"]) $(id).value = "";
-    } catch (e) { status.textContent = e.message; }
-  });
-  $("logout").addEventListener("click", async () => {
-    try { await api("POST", "/api/logout"); } catch (e) { /* already out */ }
-    detach();
-    S.conv = null; S.turns = [];
-    await start();
-  });
+  $("import-file").addEventListener("change", later("importFile"));
+  $("gate-form").addEventListener("submit", (ev) => { ev.preventDefault(); later("gateSubmit")(ev); });
   window.addEventListener("hashchange", () => {   // a pasted link, the back button
     const id = location.hash.slice(1);
     if (S.me && (!S.me.auth || S.me.user) && S.view === "chat" && id && (!S.conv || S.conv.id !== id)) openConversation(id);

@@ -50,27 +50,6 @@ function renderArena() {
   $("arena-send").hidden = !!A.streaming; $("arena-stop").hidden = !A.streaming;
 }
 
-// Server-Sent Events from a fetch response: onEvent(name, data) for each one.
-async function readEvents(r, onEvent) {
-  const reader = r.body.getReader(), decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffer += decoder.decode(value, { stream: true });
-    let cut;
-    while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const chunk = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
-      let event = "message", data = "";
-      for (const line of chunk.split("\n")) {
-        if (line.startsWith("event: ")) event = line.slice(7);
-        else if (line.startsWith("data: ")) data += line.slice(6);
-      }
-      onEvent(event, data ? JSON.parse(data) : {});
-    }
-  }
-}
-
 async function battle(ev) {
   if (ev) ev.preventDefault();
   const A = S.arena;
