@@ -75,6 +75,12 @@ def _ggml_type(t) -> int | None:
 _PACKED: "weakref.WeakValueDictionary[tuple, np.ndarray]" = weakref.WeakValueDictionary()
 
 
+class _Packed(np.ndarray):
+    """A memoized pack, holding the blocks it was made from: while it lives, their mapping does
+    too, so no other file's blocks can take their address and be handed this pack (the key)."""
+    source: np.ndarray
+
+
 def repack_q4(t) -> np.ndarray | None:
     """Q4_0/Q4_1 blocks reordered for the AVX512-VNNI kernel (16 rows per register; same size,
     exact: a byte reorder) as a uint8 array, or None where this CPU or type has no packed kernel.
@@ -121,6 +127,9 @@ def _repack(t, types: tuple[int, ...], memo: bool = True) -> np.ndarray | None:
     if K % 32:
         return None
     out = np.empty(lib.hl_packed_bytes(kind, N, K), dtype=np.uint8)
+    if memo:
+        out = out.view(_Packed)
+        out.source = data  # (its pages are still dropped below: only the mapping stays)
     # a few thousand rows at a time, each chunk's file pages dropped once packed: the raw
     # blocks and their packed copy are never both resident in full (peak RSS)
     for r0 in range(0, N, REPACK_ROWS):
