@@ -264,7 +264,9 @@ def test_adapter_and_model_lists(tmp_path, homellm_home, capsys):
     assert cli(["eval", "ppl", "-m", str(tmp_path / "hf"), "--data", str(data),
                 "--kl-divergence", str(tmp_path / "ref.npz"), "--json"]) == 0
     hf = json.loads(capsys.readouterr().out)
-    assert hf["runtime"] == "torch" and hf["same_top1"] == 1 and hf["kld_max"] < 1e-5
+    # (a random tiny model has near-ties: one top token in a few hundred may flip between the
+    # two float orders; the divergence is what must be nil)
+    assert hf["runtime"] == "torch" and hf["same_top1"] > 0.99 and hf["kld_max"] < 1e-5
     assert hf["ppl"] == pytest.approx(base["ppl"], rel=1e-4)
 
 
