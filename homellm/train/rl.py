@@ -419,21 +419,13 @@ def setup(config: RLConfig, resume: bool = False, progress=None, value_head: boo
     from homellm.train.fused import fuse_lora
     from homellm.train.lora import apply_lora, lora_parameters
     from homellm.train.rollout import make_rollout
-    from homellm.train.session import create_out, writable_out
+    from homellm.train.session import create_out, run_out
 
     config = config.resolved()
-    out = writable_out(config.out)
-    saved = checkpoint.path_in(out)
-    if resume:
-        if not saved.is_file():
-            raise HomellmError(f"{out}: no checkpoint to resume from ({saved} is missing)")
-        changed = RLConfig.load(out).resolved().same_run(config)
-        if changed:
-            raise HomellmError(f"{out}: cannot resume: the run was started with different "
-                               f"{', '.join(changed)}")
-    elif saved.is_file():
-        raise HomellmError(f"{out}: holds a checkpoint of an earlier run; resume it (--resume) "
-                           f"or choose another output folder")
+    out = run_out(config.out, resume)
+    changed = RLConfig.load(out).resolved().same_run(config) if resume else None
+    if changed:
+        raise HomellmError(f"{out}: cannot resume: the run was started with different {', '.join(changed)}")
     threads_before = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
