@@ -19,7 +19,7 @@ const PAGE = 100;             // conversations per page of the list
 
 // ---------------------------------------------------------------- HTTP
 // No answer: "lost connection" (never "Failed to fetch"); an ended session: the login form.
-async function api(method, path, body, extraHeaders) {
+async function api(method, path, body, extraHeaders, again) {
   const opts = { method, headers: { "X-CSRF-Token": S.csrf, ...(extraHeaders || {}) },
                  credentials: "same-origin" };
   if (body !== undefined) {
@@ -37,11 +37,20 @@ async function api(method, path, body, extraHeaders) {
       if (code === "invalid_api_key") setTimeout(() => start().catch(showError), 0);  // key forgotten (restart)
       if (code === "not_logged_in") later("showGate")("login", false, "Your session has ended: log in again.");
     }
+    // a restarted server has a new token (without --auth it is the process's): read it, once more
+    if (code === "csrf_failed" && !again && await freshToken()) return api(method, path, body, extraHeaders, true);
     const err = new Error(msg); err.status = r.status; err.code = code;
     err.handled = code === "not_logged_in";   // the login form says it
     throw err;
   }
   return data;
+}
+
+// The CSRF token again (GET /api/me): true when it changed.
+async function freshToken() {
+  const was = S.csrf;
+  try { S.csrf = (await api("GET", "/api/me", undefined, undefined, true)).csrf_token; } catch (e) { return false; }
+  return S.csrf !== was;
 }
 
 function showError(e) {
@@ -109,6 +118,7 @@ async function checkHealth() {
   showError(null);
   announce("Connected to the server again.");
   try {
+    await freshToken();                                  // a restart gave it a new CSRF token
     if (S.conv) await openConversation(S.conv.id, { keepView: true });
     loadList();
   } catch (e) { showError(e); }
@@ -641,11 +651,13 @@ async function generate(parentId, continueId) {
   renderMessages();
   later("watchLoading")(s, S.conv.model || S.defaultModel);   // a cold model: "Loading model…"
   try {
-    const r = await fetch(`/api/conversations/${s.conv}/generate`, {
+    const ask = () => fetch(`/api/conversations/${s.conv}/generate`, {
       method: "POST", credentials: "same-origin", signal: s.controller.signal,
       headers: { "Content-Type": "application/json", "X-CSRF-Token": S.csrf },
       body: JSON.stringify(continueId ? { continue_id: continueId } : { parent_id: parentId }),
     });
+    let r = await ask();
+    if (r.status === 403 && await freshToken()) r = await ask();   // the server restarted
     s.answered = true;
     await follow(r, s);
   } catch (e) {
