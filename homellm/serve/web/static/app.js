@@ -338,10 +338,10 @@ function renderTurn(turn) {
   if (n > 1) {
     meta.append(
       tool("prev", "‹", "prev", () => selectMessage(turn.sibling_ids[turn.index - 1]),
-           `Previous ${who} (${turn.index} of ${n})`, turn.index === 0 || busy),
+           turn.index > 0 ? `Previous ${who} (${turn.index} of ${n})` : `Previous ${who}`, turn.index === 0 || busy),
       el("span", "pos", `${turn.index + 1}/${n}`),
       tool("next", "›", "next", () => selectMessage(turn.sibling_ids[turn.index + 1]),
-           `Next ${who} (${turn.index + 2} of ${n})`, turn.index === n - 1 || busy));
+           turn.index < n - 1 ? `Next ${who} (${turn.index + 2} of ${n})` : `Next ${who}`, turn.index === n - 1 || busy));
   }
   const copy = tool("copy-message", "Copy", "copy", () => copyText(m.content, copy), `Copy this ${who}`);
   const more = el("span", "more");
@@ -421,7 +421,15 @@ function renderContext() {
 }
 
 async function selectMessage(id) {
-  try { applyDetail(await api("POST", `/api/messages/${id}/select`)); } catch (e) { showError(e); }
+  const at = S.turns.findIndex((t) => t.sibling_ids.includes(id)), key = focusKey();
+  try { applyDetail(await api("POST", `/api/messages/${id}/select`)); } catch (e) { showError(e); return; }
+  // focus stays on the arrow, in the message that took the old one's place (or on the other
+  // arrow once this one is disabled at the end)
+  const msg = at >= 0 && key && (key[1] === "prev" || key[1] === "next") && $("messages").querySelectorAll(".msg")[at];
+  if (msg) {
+    const b = msg.querySelector(`[data-key="${key[1]}"]`), other = msg.querySelector(`[data-key="${key[1] === "prev" ? "next" : "prev"}"]`);
+    (b && !b.disabled ? b : other || b).focus({ preventScroll: true });
+  }
 }
 
 async function rate(turn, value, comment, quiet) {
