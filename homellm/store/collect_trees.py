@@ -185,15 +185,16 @@ class CollectTrees:
 
     def path(self, message_id: str) -> list[dict]:
         """The messages from the prompt down to `message_id` ([] if there is none)."""
-        out = []
-        mid = message_id
-        while mid is not None:
-            m = self.message(mid)
-            if m is None:
-                break
-            out.append(m)
-            mid = m["parent_id"]
-        return out[::-1]
+        # one query (a task's conversation is read on every next-task), each step an index
+        # lookup; the depth bound only stops a cycle, which no writer makes
+        rows = self.db.all(
+            "WITH RECURSIVE up AS (SELECT m.*, 0 AS up_level FROM collect_messages m WHERE "
+            "m.id = ? UNION ALL SELECT m.*, up.up_level + 1 FROM up JOIN collect_messages m ON "
+            "m.id = up.parent_id WHERE up.up_level < 10000) SELECT * FROM up ORDER BY "
+            "up_level DESC", (message_id,))
+        for r in rows:
+            del r["up_level"]
+        return [message_row(r) for r in rows]
 
     def tree_messages(self, tree_id: str) -> list[dict]:
         return [message_row(r) for r in self.db.all(
