@@ -254,6 +254,33 @@ def test_settings_stick_as_defaults_and_apply_on_change(browser, tmp_path, defau
         s.close()
 
 
+def test_the_default_model_is_the_catalogs_then_the_last_used(browser, tmp_path, default_gguf):
+    """Not the alphabetically (or first) served one: the catalog's default, then the model of
+    the user's last chat, on a new chat right away and after a reload."""
+    s = LiveServer(tmp_path / "models.db", default_gguf,
+                   models={"aaa-first": default_gguf, "smollm2:135m": default_gguf})
+    try:
+        ctx, page, watch = open_page(browser, s.url)
+        page.click("#settings-toggle")
+        assert page.locator("#set-model option").all_inner_texts() == ["aaa-first", "smollm2:135m"]
+        assert page.locator("#set-model").input_value() == "smollm2:135m"
+        page.select_option("#set-model", "aaa-first")
+        settings(page, max_tokens=2, temperature=0)
+        send(page, "Hi")
+        wait_replies(page, 1)
+        assert stored_replies(s, page.evaluate("S.conv.id"))[0].model == "aaa-first"
+        page.click("#new-chat")
+        assert page.locator("#set-model").input_value() == "aaa-first"     # the last used
+        page.goto(s.url)
+        page.wait_for_selector("#app:not([hidden])")
+        page.click("#settings-toggle")
+        assert page.locator("#set-model").input_value() == "aaa-first"
+        assert watch.errors == [] and watch.dialogs == []
+        ctx.close()
+    finally:
+        s.close()
+
+
 # ------------------------------------------------------------------ 8. markdown
 MARKDOWN = {
     "nested": ("1. a\n2. b\n   - nested\n3. c",

@@ -628,6 +628,7 @@ async function send(ev) {
     if (settingsTimer) { clearTimeout(settingsTimer); settingsTimer = null; await applySettings(); }
     if (!S.conv) {
       S.conv = (await api("POST", "/api/conversations", readSettings())).conversation;
+      if (S.conv.model) S.defaultModel = S.conv.model;   // the last used, as the server's default
       S.draft = newDraft();
     }
     const last = S.turns.length ? S.turns[S.turns.length - 1].message : null;
