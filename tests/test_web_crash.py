@@ -91,6 +91,7 @@ def test_kill_9_mid_reply_loses_nothing_shown(chromium, tmp_path, default_gguf):
         shown = shown_reply(page)
         cid = page.evaluate("S.conv.id")
         assert page.locator(".cursor").count() == 0 and page.is_visible("#send")
+        assert page.is_visible("#retry")                                   # offers Retry
         assert "Failed to fetch" not in page.locator("body").inner_text()
         stored = server.replies(cid)[-1]
         assert stored.content.startswith(shown) and len(shown) > 40   # every word shown is kept
@@ -103,6 +104,8 @@ def test_kill_9_mid_reply_loses_nothing_shown(chromium, tmp_path, default_gguf):
         assert reply.locator(".body").inner_text().split()[:5] == \
             page.evaluate("S.turns[S.turns.length - 1].message.content").split()[:5]
         assert reply.locator(".regenerate").is_enabled() and reply.locator(".continue").is_visible()
+        assert reply.locator(".thumb.up").is_enabled()                    # it can be rated
+        assert page.locator(".msg.user .edit").is_enabled()
         # and the next message goes through
         settings(page, max_tokens=3, temperature=0)
         send(page, "Are you there?")

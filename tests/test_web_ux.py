@@ -101,6 +101,21 @@ def test_a_cold_model_says_it_is_loading_with_progress(browser, tmp_path, defaul
 
 # ------------------------------------------------------------------ 3. context overflow
 def test_a_long_conversation_goes_on_and_a_failed_reply_never_blocks(browser, server):
+    import httpx
+    # near the context (80% or more): a warning before the limit, from the start
+    httpx.get(f"{server.url}/api/models")              # as the page does first: the contexts
+    for k in range(80, 130, 3):
+        near = conversation(server, [("Write about bread.", " ".join(["Yeast makes gas."] * k))],
+                            title="Near")
+        ctx_use = httpx.get(f"{server.url}/api/conversations/{near}").json()["context"]
+        if 0.82 * ctx_use["ctx"] <= ctx_use["used"] < 0.98 * ctx_use["ctx"]:
+            break
+    else:
+        raise AssertionError(f"no conversation near the context: {ctx_use}")
+    ctx, page, watch = open_page(browser, f"{server.url}/#{near}")
+    page.wait_for_selector("#context-use.near")
+    assert "near the model's context" in page.locator("#context-warning").inner_text()
+    ctx.close()
     long = " ".join(["The bread rises because yeast makes gas in the dough."] * 25)
     cid = conversation(server, [("Write something very long.", long),
                                 ("And again, longer.", long),
