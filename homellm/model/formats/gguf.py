@@ -144,9 +144,7 @@ def gguf_name(hf: str, arch: str = "llama") -> str | None:
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every tensor the network needs, HF name -> torch shape (out, in). (The LLaMA tensors come
-    in their long-standing order, which test fixtures draw random weights in; the relatives'
-    extra tensors follow each layer's.)"""
+    """Every tensor the network needs, HF name -> torch shape (out, in)."""
     h, d, ff, v = args.hidden_size, args.head_dim, args.intermediate_size, args.vocab_size
     q, kv = args.num_attention_heads * d, args.num_key_value_heads * d
     layer_norm = args.norm_type == "layer"
@@ -155,28 +153,31 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         shapes["model.norm.bias"] = (h,)
     if not args.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, h)
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if args.sandwich_norms:
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
     for i in range(args.num_hidden_layers):
         p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                       p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q)})
+        for norm in norms:
+            shapes[p + norm + ".weight"] = (h,)
+            if layer_norm:
+                shapes[p + norm + ".bias"] = (h,)
+        shapes.update({
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.up_proj.weight": (ff, h), p + "mlp.down_proj.weight": (h, ff),
+        })
         if args.mlp_gated:
             shapes[p + "mlp.gate_proj.weight"] = (ff, h)
-        shapes.update({p + "mlp.up_proj.weight": (ff, h), p + "mlp.down_proj.weight": (h, ff)})
         if args.attention_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})
-        if layer_norm:
-            shapes.update({p + "input_layernorm.bias": (h,), p + "post_attention_layernorm.bias": (h,)})
-        if args.sandwich_norms:
-            shapes.update({p + "pre_feedforward_layernorm.weight": (h,),
-                           p + "post_feedforward_layernorm.weight": (h,)})
         if args.o_bias:
             shapes[p + "self_attn.o_proj.bias"] = (h,)
         if args.mlp_bias:
+            shapes.update({p + "mlp.up_proj.bias": (ff,), p + "mlp.down_proj.bias": (h,)})
             if args.mlp_gated:
                 shapes[p + "mlp.gate_proj.bias"] = (ff,)
-            shapes.update({p + "mlp.up_proj.bias": (ff,), p + "mlp.down_proj.bias": (h,)})
         if args.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
     return shapes
