@@ -416,8 +416,8 @@ class TreeManager(Moderation):
                 role=K.REPLY[kind], text=c["text"], lang=c["lang"], user_id=uid, author=uid)
             return t["tree_id"]
         if kind in K.LABEL:
-            self.trees.add_review(t["id"], target, uid, c["labels"], t["payload"]["mode"])
-            self._decide(self.trees.message(target))
+            self._decide(self.trees.add_review(t["id"], target, uid, c["labels"],
+                                               t["payload"]["mode"]))
             return t["tree_id"]
         if kind in K.RANK_KINDS:
             self.trees.add_ranking(t["id"], target, uid, c["ids"], c["ranking"],
@@ -484,8 +484,8 @@ class TreeManager(Moderation):
                 return state
             state = self._enter(tree_id, "ranking")
         if state == "ranking":
-            parents = self._rankable(tree_id)
-            if any(len(self.trees.rankings(p)) < self.s.num_required_rankings for p in parents):
+            counts = self.trees.ranking_counts(list(self._rankable(tree_id)))
+            if any(n < self.s.num_required_rankings for n in counts.values()):
                 return state
             self.merge_ranks(tree_id)
             state = self._enter(tree_id, "ready_for_export")
