@@ -118,15 +118,21 @@ def test_axe_finds_nothing_on_the_login(browser, tmp_path, default_gguf, axe_js,
 def test_keyboard_focus_labels_and_one_announcement(browser, server):
     cid = bread(server)
     ctx, page, watch = open_page(browser, f"{server.url}/#{cid}")
+    choosers = []     # listening from the start (the interception is set up asynchronously)
+    page.on("filechooser", lambda c: choosers.append(c.element.get_attribute("id")))
     reply = page.locator(".msg.assistant")
     reply.locator(".thumb.up.on").wait_for()
     # Import from the keyboard: Tab reaches it and Space opens the file chooser
     page.focus("#export-prefs")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "import-file"
-    with page.expect_file_chooser(timeout=5000) as chooser:
-        page.keyboard.press("Space")
-    assert chooser.value.element.get_attribute("id") == "import-file"
+    page.keyboard.press("Space")
+    page.wait_for_function("() => true")            # a round trip: the event has come by now
+    for _ in range(50):
+        if choosers:
+            break
+        page.wait_for_timeout(100)
+    assert choosers == ["import-file"]
     # the branch arrows say what they do
     assert reply.locator(".prev").get_attribute("aria-label") == "Previous reply (1 of 2)"
     assert reply.locator(".next").get_attribute("aria-label") == "Next reply"   # none after 2/2
@@ -153,11 +159,13 @@ def test_keyboard_focus_labels_and_one_announcement(browser, server):
                                                          subtree: true}); }""")
     settings(page, max_tokens=12, temperature=0)
     send(page, "Name three breads.")
-    wait_reply_done(page)
-    page.wait_for_timeout(300)
+    page.wait_for_function("() => !S.streaming && S.turns.length === 4 && "
+                           "S.turns[3].message.finish_reason && "
+                           "document.getElementById('announce').textContent")
+    page.wait_for_timeout(500)                       # a second announcement would be here now
     announced = page.evaluate("window.announced")
     last = page.evaluate("S.turns[S.turns.length - 1].message.content")
-    assert len(announced) == 1 and announced[0].startswith("Reply done: ")
+    assert len(announced) == 1 and announced[0].startswith("Reply done: "), announced
     assert announced[0] == f"Reply done: {last[:500]}"
     assert watch.errors == [] and watch.dialogs == []
     ctx.close()
