@@ -40,7 +40,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from busy_bench import free_port, hogs, load_label, start_server  # noqa: E402
+from busy_bench import hogs, load_label  # noqa: E402
+from common import free_port, start_server  # noqa: E402  (benchmarks/common.py)
 
 CHROMIUM = os.environ.get("HOMELLM_CHROMIUM", "/usr/bin/chromium")
 QUESTION = "Write a long story about a dragon who learns to bake bread."
