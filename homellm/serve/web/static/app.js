@@ -697,7 +697,13 @@ async function follow(r, s) {
     err.handled = code === "not_logged_in";
     throw err;
   }
-  let turn = null, body = null, failed = null;
+  let turn = null, body = null, failed = null, drawing = false;
+  const draw = () => {   // one redraw a frame, however many tokens came (each redraw parses it all)
+    drawing = false;
+    if (S.streaming !== s || !turn) return;
+    if (body && body.isConnected) fillBody(body, turn.message);
+    follow_bottom();
+  };
   await readEvents(r, (event, d) => {
     if (S.streaming !== s) return;
     if (event === "start") {
@@ -716,8 +722,7 @@ async function follow(r, s) {
       body = document.querySelector(`.msg[data-id="${d.message.id}"] .body`);
     } else if (event === "delta" && turn) {
       turn.message.content += d.text;
-      if (body && body.isConnected) fillBody(body, turn.message);
-      follow_bottom();
+      if (!drawing) { drawing = true; requestAnimationFrame(draw); }
     } else if (event === "done" && turn) {
       turn.message = d.message; if (d.context) S.context = d.context;
     } else if (event === "error") failed = new Error(d.error.message);
