@@ -35,8 +35,8 @@ def chromium():
 class Serve:
     """`homellm serve` in a subprocess on a fixed port and database (so it can come back)."""
 
-    def __init__(self, home: Path, gguf: Path, port: int | None = None):
-        self.home, self.gguf = home, gguf
+    def __init__(self, home: Path, gguf: Path, port: int | None = None, ctx: int = 512):
+        self.home, self.gguf, self.ctx = home, gguf, ctx
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = home / "web.db"
@@ -46,7 +46,7 @@ class Serve:
         env = {**os.environ, "HOMELLM_HOME": str(self.home)}
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "homellm"), "serve", "-m", str(self.gguf), "--port",
-             str(self.port), "--db", str(self.db), "--ctx", "512", "--quiet"],
+             str(self.port), "--db", str(self.db), "--ctx", str(self.ctx), "--quiet"],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -118,12 +118,14 @@ def test_kill_9_mid_reply_loses_nothing_shown(chromium, tmp_path, default_gguf):
 
 
 def test_ctrl_c_stops_within_seconds_keeping_the_text(chromium, tmp_path, default_gguf):
-    server = Serve(tmp_path, default_gguf)
+    server = Serve(tmp_path, default_gguf, ctx=2048)
     api_lines: list[str] = []
 
-    def stream_api():   # an API client streaming too (prompt + max_tokens fit the 512 context)
+    def stream_api():   # an API client streaming too, still running 3 s after Ctrl+C: no end of
+        # text, and more tokens than a quiet machine decodes in that time (~150 tok/s)
         model = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
-        body = {"model": model, "stream": True, "max_tokens": 440, "temperature": 1, "seed": 3,
+        body = {"model": model, "stream": True, "max_tokens": 1900, "temperature": 1, "seed": 3,
+                "logit_bias": {"0": -100, "1": -100, "2": -100},
                 "messages": [{"role": "user", "content": "Tell a very long story."}]}
         try:
             with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
@@ -134,20 +136,20 @@ def test_ctrl_c_stops_within_seconds_keeping_the_text(chromium, tmp_path, defaul
             pass
     try:
         ctx, page, watch = open_page(chromium, server.url)
+        start_reply(page, max_tokens=400)    # both run when Ctrl+C comes (~10 s of work each)
+        cid = page.evaluate("S.conv.id")
         api = threading.Thread(target=stream_api, daemon=True)
         api.start()
         deadline = time.monotonic() + 30
         while sum(x.startswith("data: {") for x in api_lines) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert sum(x.startswith("data: {") for x in api_lines) >= 3, api_lines
-        start_reply(page, max_tokens=400)    # both run when Ctrl+C comes (~10 s of work each)
-        cid = page.evaluate("S.conv.id")
         t0 = time.monotonic()
         server.proc.send_signal(signal.SIGINT)
         server.proc.wait(15)
         took = time.monotonic() - t0
         api.join(10)
-        assert "data: [DONE]" not in api_lines      # cut, not finished
+        assert "data: [DONE]" not in api_lines, (api_lines[-6:], len(api_lines))  # cut, not finished
         err = server.proc.stderr.read()
         assert took < 8, (took, err)
         assert "stopping: 1 web reply (stopped now, its text kept) and 1 API request (cut after" \
