@@ -20,8 +20,9 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("ggml_cpu.c")
-# included by SOURCE: its own thread pool, and the network over a batch of rows (hl_batch)
-HEADERS = [Path(__file__).with_name("thread_pool.h"), Path(__file__).with_name("network.h")]
+# included by SOURCE: its own thread pool, the network over a batch of rows (hl_batch), each
+# path's kernels (kernels_avx2.h, kernels_neon.h, ...)
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 FLAGS = ["-O3", "-pthread", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math",
          "-fno-signed-zeros", "-fno-trapping-math"]
 
@@ -107,24 +108,22 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     sigs = {
         "hl_cpu_features": (c_int, []),
         "hl_best_path": (c_int, []),
+        "hl_path_ok": (c_int, [c_int]),
+        "hl_pack_rows": (c_int, [c_int]),
         "hl_matmul": (c_int, [c_void, c_int, c_int, c_void, c_i64, c_int, c_int, c_void, c_int, c_int,
                                c_int]),
-        "hl_packed_q4_bytes": (c_i64, [c_int, c_int]),
-        "hl_repack_q4": (c_int, [c_int, c_void, c_i64, c_int, c_int, c_void]),
-        "hl_packed_q8_bytes": (c_i64, [c_int, c_int]),
-        "hl_repack_q8": (c_int, [c_void, c_i64, c_int, c_int, c_void]),
         "hl_pack_kind": (c_int, [c_int]),
-        "hl_packed_bytes": (c_i64, [c_int, c_int, c_int]),
-        "hl_repack": (c_int, [c_int, c_void, c_i64, c_int, c_int, c_void]),
-        "hl_matmul_packed": (c_int, [c_void, c_int, c_int, c_void, c_int, c_void, c_int, c_int, c_int]),
+        "hl_packed_bytes": (c_i64, [c_int, c_int, c_int, c_int]),
+        "hl_repack": (c_int, [c_int, c_void, c_i64, c_int, c_int, c_void, c_int]),
+        "hl_matmul_packed": (c_int, [c_void, c_int, c_int, c_void, c_int, c_void, c_int, c_int, c_int, c_int]),
         "hl_matmul_packed_multi": (c_int, [c_void, c_int, c_int, c_int, c_void, c_void, c_void, c_int, c_int,
-                                           c_int, c_void]),
+                                           c_int, c_void, c_int]),
         "hl_quantize_rows": (None, [c_void, c_int, c_int, c_void, c_void, c_void, c_void]),
         "hl_dequant_rows": (None, [c_int, c_void, c_i64, c_int, c_int, c_void]),
         "hl_model_new": (c_void, [c_int, c_int, c_int, c_int, c_int, c_int, c_int, c_float, c_void]),
         "hl_model_free": (None, [c_void]),
         "hl_model_set_mat": (c_int, [c_void, c_int, c_int, c_int, c_int, c_int, c_void, c_i64]),
-        "hl_model_set_packed": (c_int, [c_void, c_int, c_int, c_void]),
+        "hl_model_set_packed": (c_int, [c_void, c_int, c_int, c_void, c_int]),
         "hl_model_set_vec": (None, [c_void, c_int, c_int, c_void]),
         "hl_model_set_arch": (c_int, [c_void, c_int, c_int, c_int, c_int, c_int, c_int, c_int, c_void, c_void,
                                       c_float, c_float, c_float, c_int, c_void]),
