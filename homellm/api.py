@@ -365,11 +365,11 @@ def open_model(name_or_path: str | Path | None = None, device: str | None = None
     native = adapter is None and native_runtime(ckpt, device, dtype, quant)
     check_ctx(ckpt.args, ctx, device, bytes_per_value=2 if native else 4)
     if native:
-        from homellm.engine.kernels.native import NativeModel
+        from homellm.engine.kernels.native import NativeModel, pack_rows
         kernel_path = kernel_path_setting()
-        with _kv_allocation(ctx):
+        with _kv_allocation(ctx):  # (the raw blocks only where the path computes on them)
             network = NativeModel(ckpt.args, ckpt.tensors, ctx, threads=threads or default_threads(),
-                                  path=kernel_path, keep_raw=kernel_path not in (None, "avx512"),
+                                  path=kernel_path, keep_raw=not pack_rows(kernel_path),
                                   kv_dtype=kv_dtype)
         ckpt.tensors = {}  # the C runtime holds what it computes on (packed Q4 replaces the raw rows)
     else:
@@ -389,17 +389,17 @@ def open_model(name_or_path: str | Path | None = None, device: str | None = None
 
 
 def kernel_path_setting() -> str | None:
-    """$HOMELLM_KERNEL_PATH: the C runtime's kernels (scalar, avx2, avx512; unset or auto: the
-    best this CPU has), or a HomellmError naming it."""
+    """$HOMELLM_KERNEL_PATH: the C runtime's kernels (scalar, avx2, avxvnni, avx512, neon, i8mm;
+    unset or auto: the best this CPU has), or a HomellmError naming it."""
     value = os.environ.get("HOMELLM_KERNEL_PATH", "").strip().lower()
     if value in ("", "auto"):
         return None
     from homellm.engine.kernels import PATHS, cpu_features
     if value not in PATHS:
-        raise HomellmError(f"HOMELLM_KERNEL_PATH={value!r}: expected scalar, avx2, avx512 or auto")
-    best = cpu_features().get("path", "scalar")
-    if PATHS[value] > PATHS[best]:
-        raise HomellmError(f"HOMELLM_KERNEL_PATH={value}: this CPU's best kernels are {best}")
+        raise HomellmError(f"HOMELLM_KERNEL_PATH={value!r}: expected one of {', '.join(PATHS)} or auto")
+    runs = cpu_features().get("paths", ["scalar"])
+    if value not in runs:
+        raise HomellmError(f"HOMELLM_KERNEL_PATH={value}: this CPU runs the {', '.join(runs)} kernels")
     return value
 
 
