@@ -24,7 +24,7 @@ import weakref
 
 import numpy as np
 
-from homellm.engine.kernels import PATHS, SUPPORTED_TYPES, build, path_id
+from homellm.engine.kernels import SUPPORTED_TYPES, build, path_id
 from homellm.engine.tokens import common_prefix
 from homellm.model.config import ModelArgs, rope_attention_factor, rope_inv_freq
 
