@@ -120,9 +120,121 @@ static void glu_row_neon(int act, const float *g, const float *u, float *h, int 
     }
 }
 
-/* ---- attention: the portable tiles (the vector ones are x86-64's for now) ------------------- */
+/* ---- attention: attn_item_avx2's tiles, 4-lane vectors (hd % 8 == 0) ------------------------- */
 
-static void attn_item_neon(const attn_t *a, int g, int qt, float *ws) { attn_item_generic(a, g, qt, ws); }
+static inline float32x4_t kv_ld4(const void *row, int f16, size_t i) {
+    return f16 ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)row + i))) : vld1q_f32((const float *)row + i);
+}
+
+/* scores of 4 rows x 16 keys at a time into P, the online softmax on P's rows (exp4_neon), then
+ * P @ V 4 rows x 8 dims at a time; results within the bounds of the x86 tiles (other sum order) */
+static void attn_item_neon(const attn_t *a, int g, int qt, float *ws) {
+    const int r = a->nh / a->nkv, hd = a->hd, q0 = qt * AQ, bq = a->T - q0 < AQ ? a->T - q0 : AQ;
+    if (hd % 8) { attn_item_generic(a, g, qt, ws); return; }
+    const int R = r * bq, Rp = (R + 3) & ~3;
+    float *Qb = ws, *O = Qb + (size_t)Rp * hd, *Kt = O + (size_t)Rp * hd, *P = Kt + (size_t)hd * AK;
+    float *m = P + (size_t)Rp * AK, *l = m + Rp, *c = l + Rp;
+    int *pos = (int *)(c + Rp);
+    for (int i = 0; i < Rp; i++) {
+        const int hh = i / bq, t = i % bq;
+        pos[i] = i < R ? a->sp + q0 + t : 1 << 30;
+        m[i] = -INFINITY; l[i] = 0.f; c[i] = 1.f;
+        const float *src = a->q + (size_t)(q0 + t) * a->qst + (size_t)(g * r + hh) * a->qsh;
+        for (int d = 0; d < hd; d++) { Qb[(size_t)i * hd + d] = i < R ? src[d] * a->scale : 0.f; O[(size_t)i * hd + d] = 0.f; }
+    }
+    const int kend = a->sp + q0 + bq;
+    const float32x4_t lane = {0.f, 1.f, 2.f, 3.f}, ninf = vdupq_n_f32(-INFINITY);
+    for (int k0 = attn_k0(a, a->sp + q0); k0 < kend; k0 += AK) {
+        const int nk = kend - k0 < AK ? kend - k0 : AK;
+        const size_t kb = (size_t)k0 * a->kst + (size_t)g * a->ksh;
+        for (int j = 0; j < AK; j++)
+            for (int d = 0; d < hd; d++) Kt[d * AK + j] = j < nk ? kv_at(a->k, a->f16, kb + (size_t)j * a->kst + d) : 0.f;
+        for (int i0 = 0; i0 < Rp; i0 += 4) {
+            int pmax = -1;
+            for (int rr = 0; rr < 4; rr++) {
+                int p = pos[i0 + rr] < kend - 1 ? pos[i0 + rr] : kend - 1;
+                pmax = p > pmax ? p : pmax;
+            }
+            if (pmax < k0) continue;
+            const int jn = pmax - k0 + 1 < nk ? pmax - k0 + 1 : nk;
+            for (int j0 = 0; j0 < jn; j0 += 16) {
+                float32x4_t s[4][4];
+                for (int rr = 0; rr < 4; rr++) for (int x = 0; x < 4; x++) s[rr][x] = vdupq_n_f32(0.f);
+                for (int d = 0; d < hd; d++) {
+                    float32x4_t kv[4];
+                    for (int x = 0; x < 4; x++) kv[x] = vld1q_f32(Kt + d * AK + j0 + 4 * x);
+                    for (int rr = 0; rr < 4; rr++) {
+                        const float32x4_t qb = vdupq_n_f32(Qb[(size_t)(i0 + rr) * hd + d]);
+                        for (int x = 0; x < 4; x++) s[rr][x] = vfmaq_f32(s[rr][x], qb, kv[x]);
+                    }
+                }
+                for (int rr = 0; rr < 4; rr++)
+                    for (int x = 0; x < 4; x++) vst1q_f32(P + (i0 + rr) * AK + j0 + 4 * x, s[rr][x]);
+            }
+            const int jp = (jn + 3) & ~3;  /* P's columns in use, whole vectors */
+            for (int rr = 0; rr < 4; rr++) {
+                const int i = i0 + rr, lim = (pos[i] < kend - 1 ? pos[i] : kend - 1) - k0;
+                const int lo = (i < R ? attn_lo(a, pos[i]) : 0) - k0;  /* keys k0 + j, lo <= j <= lim */
+                float *pr = P + i * AK;
+                if (lim < 0 || lo > lim || lo >= nk) {  /* no key of this tile: P = 0, c = 1 */
+                    c[i] = 1.f;
+                    for (int j = 0; j < jp; j += 4) vst1q_f32(pr + j, vdupq_n_f32(0.f));
+                    continue;
+                }
+                const float32x4_t limv = vdupq_n_f32((float)lim), lov = vdupq_n_f32((float)lo);
+                float32x4_t mx = ninf;
+                for (int j = 0; j < jp; j += 4) {
+                    const float32x4_t at = vaddq_f32(lane, vdupq_n_f32((float)j));
+                    const uint32x4_t ok = vandq_u32(vcleq_f32(at, limv), vcgeq_f32(at, lov));
+                    mx = vmaxq_f32(mx, vbslq_f32(ok, vld1q_f32(pr + j), ninf));
+                }
+                const float tmax = vmaxvq_f32(mx), mn = m[i] > tmax ? m[i] : tmax;
+                c[i] = expf(m[i] - mn);
+                float32x4_t sum = vdupq_n_f32(0.f);
+                const float32x4_t mv = vdupq_n_f32(mn);
+                for (int j = 0; j < jp; j += 4) {
+                    const float32x4_t at = vaddq_f32(lane, vdupq_n_f32((float)j));
+                    const uint32x4_t ok = vandq_u32(vcleq_f32(at, limv), vcgeq_f32(at, lov));
+                    const float32x4_t p = vbslq_f32(ok, exp4_neon(vsubq_f32(vld1q_f32(pr + j), mv)), vdupq_n_f32(0.f));
+                    sum = vaddq_f32(sum, p);
+                    vst1q_f32(pr + j, p);
+                }
+                l[i] = l[i] * c[i] + vaddvq_f32(sum);
+                m[i] = mn;
+            }
+            const size_t vb = (size_t)k0 * a->vst + (size_t)g * a->vsh;
+            for (int d0 = 0; d0 < hd; d0 += 8) {
+                float32x4_t o[4][2];
+                for (int rr = 0; rr < 4; rr++) {
+                    const float32x4_t cr = vdupq_n_f32(c[i0 + rr]);
+                    const float *orow = O + (size_t)(i0 + rr) * hd + d0;
+                    o[rr][0] = vmulq_f32(cr, vld1q_f32(orow));
+                    o[rr][1] = vmulq_f32(cr, vld1q_f32(orow + 4));
+                }
+                for (int j = 0; j < jn; j++) {
+                    const size_t vr = vb + (size_t)j * a->vst + d0;
+                    const float32x4_t v0 = kv_ld4(a->v, a->f16, vr), v1 = kv_ld4(a->v, a->f16, vr + 4);
+                    for (int rr = 0; rr < 4; rr++) {
+                        const float32x4_t p = vdupq_n_f32(P[(i0 + rr) * AK + j]);
+                        o[rr][0] = vfmaq_f32(o[rr][0], p, v0);
+                        o[rr][1] = vfmaq_f32(o[rr][1], p, v1);
+                    }
+                }
+                for (int rr = 0; rr < 4; rr++) {
+                    float *orow = O + (size_t)(i0 + rr) * hd + d0;
+                    vst1q_f32(orow, o[rr][0]);
+                    vst1q_f32(orow + 4, o[rr][1]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < R; i++) {
+        const int hh = i / bq, t = i % bq;
+        float *y = a->out + (size_t)(q0 + t) * a->nh * hd + (size_t)(g * r + hh) * hd;
+        const float inv = 1.f / l[i];
+        for (int d = 0; d < hd; d++) y[d] = O[(size_t)i * hd + d] * inv;
+    }
+}
 
 /* ---- packed weights, 8 rows a group ------------------------------------------------------- */
 
