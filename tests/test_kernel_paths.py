@@ -130,3 +130,22 @@ def test_native_model_avx2_equals_avx512_within_bounds(qtype):
         assert np.abs(got - want).max() < 5e-4 * scale, p
         assert (got.argmax(-1) == want.argmax(-1)).all(), p
         np.testing.assert_allclose(m.forward([5], 30), want_step, rtol=0, atol=5e-4 * scale)
+
+
+def test_kernel_path_setting_takes_every_path_this_cpu_runs(monkeypatch):
+    """HOMELLM_KERNEL_PATH: any path of cpu_features()["paths"] (avxvnni on an AVX512-VNNI CPU
+    too); another one, or a name that is none, is a clear error naming what this CPU runs."""
+    from homellm.api import kernel_path_setting
+    from homellm.errors import HomellmError
+    runs = paths()
+    for p in runs:
+        monkeypatch.setenv("HOMELLM_KERNEL_PATH", p)
+        assert kernel_path_setting() == (None if p == "auto" else p)
+    other = [p for p in kernels.PATHS if p not in runs]
+    for p in other[:1]:
+        monkeypatch.setenv("HOMELLM_KERNEL_PATH", p)
+        with pytest.raises(HomellmError, match=f"this CPU runs the {', '.join(runs)} kernels"):
+            kernel_path_setting()
+    monkeypatch.setenv("HOMELLM_KERNEL_PATH", "sse9")
+    with pytest.raises(HomellmError, match="expected one of scalar, avx2, avx512, avxvnni, neon, i8mm or auto"):
+        kernel_path_setting()
