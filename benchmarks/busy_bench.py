@@ -31,12 +31,12 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from common import free_port, start_server  # noqa: E402  (benchmarks/common.py)
 
 # every side gets the caller's environment as it was before anything was imported
 START_ENV = dict(os.environ)
@@ -148,29 +148,6 @@ def peer_run(model: str, threads: int, a) -> dict:
 
 
 # --- serve ---------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(cmd: list[str], url: str, env: dict, stderr, timeout: float = 240) -> subprocess.Popen:
-    import httpx
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{' '.join(cmd[:4])} exited ({proc.returncode}) before it answered")
-        try:
-            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit(f"{' '.join(cmd[:4])} did not start in {timeout} s")
-
 
 def stream_decode_tps(url: str, model: str, topic: str, max_tokens: int, timeout: float) -> dict:
     """One streamed chat completion: decode tok/s between its first and last content chunk."""

@@ -12,20 +12,32 @@ weighted choice), answers it (a text, labels, a ranking or a vote) and asks agai
   answer, and they start spread over the first --think-ms: 100 volunteers then make up to
   ~200 requests/s, far faster than people work;
 - saturated: no think time at all (a closed loop: latency then measures the queue, i.e.
-  throughput, not the cost of one request).
+  throughput, not the cost of one request);
+- direct: no HTTP; the same volunteers take turns in one thread calling the tree manager
+  (TreeManager.next_task / submit) on its own: CPU and SQL statements (BEGIN and COMMIT
+  aside) per operation, i.e. what the collection itself costs, without the web server's
+  share. (Profiled with py-spy, the collection's handlers are about an eighth of the
+  server's Python CPU per request; uvicorn's h11 parser, FastAPI's routing over every
+  route of the app, its dependencies and the middlewares are the rest.)
 
-Latencies are measured by the client (asyncio + httpx, one connection per volunteer), split
-into next-task with a task, next-task without one ("nothing for you now"), and submit. At
-the end the store is checked: every answered task is stored once.
+Latencies are measured by the client (asyncio + httpx, one connection per volunteer; in
+--client-procs processes, so that the client is not what is measured: each reports how late
+its event loop ran, `client_loop_lag`), split into next-task with a task, next-task without
+one ("nothing for you now"), and submit. The CPU the server process spent per request is
+measured from /proc, and on the throwaway PostgreSQL the CPU of its processes too (the SQL
+runs there, not in the server). At the end the store is checked: every answered task is
+stored once.
 
 usage: python benchmarks/collect_bench.py [--volunteers 100] [--seconds 20] [--db both]
-       [--pg-url URL] [--think-ms 1000] [--scenarios paced,saturated] [--out FILE.json]
-Target (issue 15): p99 <= 50 ms for next-task and submit.
+       [--pg-url URL] [--think-ms 1000] [--scenarios paced,saturated,direct]
+       [--client-procs 2] [--out FILE.json]
+Target (issue 15): p99 <= 50 ms for next-task and submit (`target_met`, paced).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import glob
 import json
 import os
@@ -113,6 +125,22 @@ class Postgres:
         self._run([str(self.bin / "pg_ctl"), "-D", str(data), "-o", opts, "-l",
                    str(self.root / "log"), "-w", "start"])
         self.url = f"postgresql://bench@/postgres?host={self.root / 'sock'}&port=5432"
+        self.data = data
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the cluster's processes alive now (the postmaster and its children:
+        one backend per connection, kept for the server's life)."""
+        pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        total = cpu_seconds(pid)
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == pid:
+                    total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def _run(self, cmd):
         if self.as_root:
@@ -143,11 +171,13 @@ def answer(t: dict, rng: random.Random) -> dict:
     return {"approve": rng.random() < 0.8}
 
 
-async def volunteer(url: str, session, seconds: float, think: float, lat: dict, counts: dict):
-    rng = random.Random(session.user.username)
+async def volunteer(url: str, session: tuple, seconds: float, think: float, lat: dict,
+                    counts: dict):
+    username, token, csrf = session
+    rng = random.Random(username)
     async with httpx.AsyncClient(base_url=url, timeout=60,
-                                 cookies={"homellm_session": session.token}) as c:
-        h = {"X-CSRF-Token": session.csrf_token}
+                                 cookies={"homellm_session": token}) as c:
+        h = {"X-CSRF-Token": csrf}
         end = time.perf_counter() + seconds
         await asyncio.sleep(rng.uniform(0, think))   # arrivals spread out, not one burst
         while time.perf_counter() < end:
@@ -172,6 +202,29 @@ async def volunteer(url: str, session, seconds: float, think: float, lat: dict, 
                 counts[task["type"]] = counts.get(task["type"], 0) + 1
 
 
+async def loop_lag(seconds: float, lags: list):
+    """How late this event loop wakes a 5 ms sleep: a busy client inflates every latency."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        await asyncio.sleep(0.005)
+        lags.append(time.perf_counter() - t0 - 0.005)
+
+
+def client(url: str, sessions: list[tuple], seconds: float, think: float) -> dict:
+    """One client process's volunteers; their latencies, counts, loop lag and CPU."""
+    lat = {"next_task": [], "next_task_none": [], "submit": []}
+    counts: dict = {}
+    lags: list = []
+
+    async def main():
+        await asyncio.gather(loop_lag(seconds, lags), *(
+            volunteer(url, s, seconds, think, lat, counts) for s in sessions))
+    cpu0 = time.process_time()
+    asyncio.run(main())
+    return {"lat": lat, "counts": counts, "lags": lags, "cpu": time.process_time() - cpu0}
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -187,28 +240,40 @@ def summary(xs: list[float]) -> dict:
             "max_ms": round(xs[-1] * 1000, 2)}
 
 
-def run_one(db_url: str, args, settings: dict, think_ms: float) -> dict:
+def run_one(db_url: str, args, settings: dict, think_ms: float, pg=None) -> dict:
     from homellm.store import AuthConfig, open_store
     # sessions made in the store, as a login makes them (logins are not what is measured,
     # and a hundred from one address would meet the login rate limit)
     with open_store(db_url, auth=AuthConfig(**FAST)) as store:
         sessions = [store.create_session(store.create_user(f"vol{i:03d}", "bench-password"))
                     for i in range(args.volunteers)]
+    sessions = [(s.user.username, s.token, s.csrf_token) for s in sessions]
     proc, url = start_server(db_url, settings)
-    lat = {"next_task": [], "next_task_none": [], "submit": []}
-    counts: dict = {}
+    procs = max(1, min(args.client_procs, len(sessions)))
+    shares = [sessions[i::procs] for i in range(procs)]
     try:
-        async def main():
-            await asyncio.gather(*(volunteer(url, s, args.seconds, think_ms / 1000, lat,
-                                             counts) for s in sessions))
-        cpu0, mine0 = cpu_seconds(proc.pid), time.process_time()
+        cpu0 = cpu_seconds(proc.pid)
+        db0 = pg.cpu_seconds() if pg else None
         t0 = time.perf_counter()
-        asyncio.run(main())
+        if procs == 1:
+            parts = [client(url, shares[0], args.seconds, think_ms / 1000)]
+        else:
+            with multiprocessing.get_context("fork").Pool(procs) as pool:
+                parts = pool.starmap(client, [(url, share, args.seconds, think_ms / 1000)
+                                              for share in shares])
         wall = time.perf_counter() - t0
-        server_cpu, client_cpu = cpu_seconds(proc.pid) - cpu0, time.process_time() - mine0
+        server_cpu = cpu_seconds(proc.pid) - cpu0
+        db_cpu = pg.cpu_seconds() - db0 if pg else None
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    lat = {k: [x for p in parts for x in p["lat"][k]] for k in parts[0]["lat"]}
+    counts: dict = {}
+    for p in parts:
+        for k, v in p["counts"].items():
+            counts[k] = counts.get(k, 0) + v
+    client_cpu = sum(p["cpu"] for p in parts)
+    lags = [x for p in parts for x in p["lags"]]
     with open_store(db_url, auth=AuthConfig(**FAST)) as store:
         done = store.db.one("SELECT COUNT(*) AS n FROM collect_tasks WHERE status = 'done'")["n"]
         states = {r["state"]: r["n"] for r in store.db.all(
@@ -216,17 +281,73 @@ def run_one(db_url: str, args, settings: dict, think_ms: float) -> dict:
     answered = sum(v for k, v in counts.items() if k != "refused")
     requests = sum(len(v) for v in lat.values())
     assert done == answered, f"{answered} answered but {done} stored"
-    return {"next_task": summary(lat["next_task"]),
-            "next_task_none": summary(lat["next_task_none"]), "submit": summary(lat["submit"]),
-            "answered": answered, "refused": counts.get("refused", 0),
-            "answers_per_s": round(answered / wall, 1), "requests_per_s": round(requests / wall, 1),
-            # CPU the server spent per request, and the share of a core each side had
-            "server_cpu_ms_per_request": round(server_cpu / max(requests, 1) * 1000, 2),
-            "server_cores_used": round(server_cpu / wall, 2),
-            "client_cores_used": round(client_cpu / wall, 2), "by_kind": {k: v for k, v in
-                                                                    sorted(counts.items())
-                                                                    if k != "refused"},
-            "trees": states, "stored_once": done == answered}
+    out = {"next_task": summary(lat["next_task"]),
+           "next_task_none": summary(lat["next_task_none"]), "submit": summary(lat["submit"]),
+           "answered": answered, "refused": counts.get("refused", 0),
+           "answers_per_s": round(answered / wall, 1), "requests_per_s": round(requests / wall, 1),
+           # CPU the server spent per request, and the share of a core each side had
+           "server_cpu_ms_per_request": round(server_cpu / max(requests, 1) * 1000, 2),
+           "server_cores_used": round(server_cpu / wall, 2)}
+    if db_cpu is not None:   # PostgreSQL's processes: where the SQL of a request runs
+        out["db_cpu_ms_per_request"] = round(db_cpu / max(requests, 1) * 1000, 2)
+        out["db_cores_used"] = round(db_cpu / wall, 2)
+    out.update({"client_procs": procs, "client_cores_used": round(client_cpu / wall, 2),
+                "client_loop_lag": summary(lags),
+                "target_met": all(out[k].get("p99_ms", 0) <= 50
+                                  for k in ("next_task", "next_task_none", "submit")),
+                "by_kind": {k: v for k, v in sorted(counts.items()) if k != "refused"},
+                "trees": states, "stored_once": done == answered})
+    return out
+
+
+def run_direct(db_url: str, args, settings: dict, pg=None) -> dict:
+    """No HTTP: the volunteers take turns (one thread) at TreeManager.next_task / submit for
+    --seconds; CPU and SQL statements per operation (the collection's own cost)."""
+    from homellm.collect import CollectSettings, TreeManager
+    from homellm.store import AuthConfig, open_store
+    rng = random.Random(0)
+    with open_store(db_url, auth=AuthConfig(**FAST)) as store:
+        users = [store.create_user(f"vol{i:03d}", "bench-password")
+                 for i in range(args.volunteers)]
+        tm = TreeManager(store.db, CollectSettings(**settings), rng=random.Random(1))
+        statements = [0]
+        execute = store.db._execute
+
+        def counted(sql, params=()):
+            statements[0] += 1
+            return execute(sql, params)
+        store.db._execute = counted
+        held: dict = {}
+        cpu = {"next_task": [], "next_task_none": [], "submit": []}
+        sql = {k: 0 for k in cpu}
+        db0 = pg.cpu_seconds() if pg else None
+        cpu_all0, t0, i = time.process_time(), time.perf_counter(), 0
+        while time.perf_counter() - t0 < args.seconds:
+            u = users[i % len(users)]
+            i += 1
+            task = held.pop(u.id, None)
+            n0, c0 = statements[0], time.process_time()
+            if task is None:
+                task = tm.next_task(u)["task"]
+                what = "next_task" if task else "next_task_none"
+                if task:
+                    held[u.id] = task
+            else:
+                tm.submit(u, task["id"], answer(task, rng))
+                what = "submit"
+            cpu[what].append(time.process_time() - c0)
+            sql[what] += statements[0] - n0
+        wall = time.perf_counter() - t0
+        cpu_all = time.process_time() - cpu_all0
+        db_cpu = pg.cpu_seconds() - db0 if pg else None
+    out = {k: {"n": len(v), "cpu_ms": round(sum(v) / max(len(v), 1) * 1000, 3),
+               "statements": round(sql[k] / max(len(v), 1), 2)} for k, v in cpu.items()}
+    ops = sum(len(v) for v in cpu.values())
+    out["ops_per_s"] = round(ops / wall, 1)
+    out["cpu_ms_per_op"] = round(cpu_all / max(ops, 1) * 1000, 3)
+    if db_cpu is not None:
+        out["db_cpu_ms_per_op"] = round(db_cpu / max(ops, 1) * 1000, 3)
+    return out
 
 
 def main():
@@ -240,27 +361,37 @@ def main():
     p.add_argument("--pg-url", default=None, help="an empty PostgreSQL database to use")
     p.add_argument("--think-ms", type=float, default=1000,
                    help="the paced scenario's pause before each answer")
-    p.add_argument("--scenarios", default="paced,saturated")
+    p.add_argument("--scenarios", default="paced,saturated,direct")
+    p.add_argument("--client-procs", type=int, default=2,
+                   help="client processes the volunteers are spread over")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
     settings = {}   # Open Assistant's defaults
     out = {"volunteers": args.volunteers, "seconds": args.seconds, "settings": "OA defaults",
            "cpus": os.cpu_count(), "load_before": os.getloadavg()[0],
            "note": "client and server share this machine's cores"}
-    scenarios = {"paced": args.think_ms, "saturated": 0.0}
+    scenarios = {"paced": args.think_ms, "saturated": 0.0, "direct": None}
     for name in args.scenarios.split(","):
-        think = scenarios[name.strip()]
-        res = out.setdefault(name.strip(), {"think_ms": think})
+        name = name.strip()
+        if name not in scenarios:
+            p.error(f"--scenarios: unknown {name!r} (expected some of {', '.join(scenarios)})")
+        think = scenarios[name]
+        res = out.setdefault(name, {} if think is None else {"think_ms": think})
+
+        def one(url, pg=None):
+            if think is None:
+                return run_direct(url, args, settings, pg)
+            return run_one(url, args, settings, think, pg)
         if args.db in ("both", "postgresql"):
             pg = None if args.pg_url else Postgres()
             try:
-                res["postgresql"] = run_one(args.pg_url or pg.url, args, settings, think)
+                res["postgresql"] = one(args.pg_url or pg.url, pg)
             finally:
                 if pg:
                     pg.close()
         if args.db in ("both", "sqlite"):
             with tempfile.TemporaryDirectory() as d:
-                res["sqlite"] = run_one(str(Path(d) / "collect.db"), args, settings, think)
+                res["sqlite"] = one(str(Path(d) / "collect.db"))
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:

@@ -32,13 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from common import free_port  # noqa: E402  (benchmarks/common.py)
 
 # every side gets the caller's environment as it was before anything was imported
 START_ENV = dict(os.environ)
@@ -89,12 +89,6 @@ def run_side(side: str, model: str, args, env: dict) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"side {side} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peer_side(gguf: str, args, env: dict, peer_python: str) -> dict:

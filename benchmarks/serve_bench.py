@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import time
 from pathlib import Path
 
 import httpx
+from common import free_port, start_server  # noqa: E402  (benchmarks/common.py)
 
 TOPICS = ["a lighthouse keeper", "a lost robot", "the first snow", "a river town", "an old map",
           "a clockmaker", "a desert train", "a night market", "a mountain school", "a whale song",
@@ -46,28 +46,6 @@ TOPICS = ["a lighthouse keeper", "a lost robot", "the first snow", "a river town
           "a secret library"]
 WORDS = ("the quick brown fox jumps over the lazy dog while rivers run to the sea and "
          "mountains rise above quiet valleys where farmers grow wheat and barley").split()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(cmd: list[str], url: str, env: dict, timeout: float = 180) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{' '.join(cmd[:4])} exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit(f"{' '.join(cmd[:4])} did not start in {timeout} s")
 
 
 async def one_request(http: httpx.AsyncClient, url: str, model: str, messages: list[dict],
@@ -193,7 +171,7 @@ def reopen_test(args, env: dict) -> dict:
     def serve(*extra):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        return start_server(homellm_cmd(args, port, *extra), url, env), url
+        return start_server(homellm_cmd(args, port, *extra), url, env, timeout=180), url
 
     async def ask(url, model, messages, extra):
         async with httpx.AsyncClient(timeout=600) as http:
@@ -272,7 +250,7 @@ def adapters_rss_test(args, env: dict) -> dict:
     for name, extra in (("none", []), ("adapters", flags)):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = start_server(homellm_cmd(args, port, *extra), url, env)
+        proc = start_server(homellm_cmd(args, port, *extra), url, env, timeout=180)
         try:
             ids = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
             base = ids[0]
@@ -291,7 +269,7 @@ def adapters_rss_test(args, env: dict) -> dict:
 
 
 def measure(name: str, cmd: list[str], url: str, args, env: dict) -> dict:
-    proc = start_server(cmd, url, env)
+    proc = start_server(cmd, url, env, timeout=180)
     skip = set(args.skip.split(","))
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 import httpx
 
 from homellm.catalog.library import name_from
+from common import free_port  # noqa: E402  (benchmarks/common.py)
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
@@ -41,12 +41,6 @@ TOOLS = [{"type": "function", "function": {
                    "properties": {"city": {"type": "string", "maxLength": 30},
                                   "unit": {"enum": ["celsius", "fahrenheit"]}}}}}]
 ASK = [{"role": "user", "content": "What is the weather in Paris today?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_up(url: str, proc: subprocess.Popen, timeout: float = 180):

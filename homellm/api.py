@@ -333,7 +333,7 @@ class Opened:
 def open_model(name_or_path: str | Path | None = None, device: str | None = None,
                dtype: "torch.dtype | None" = None, ctx: int | None = None, quant: str | None = None,
                progress=None, adapter: str | Path | None = None, threads: int | None = None,
-               trained_ctx: bool = False, kv_dtype: str = "f16") -> Opened:
+               trained_ctx: bool = False, kv_dtype: str = "f16", native_adapter: bool = True) -> Opened:
     """Open a model by catalog name, GGUF path or Hugging Face folder (None: the default model):
     its tokenizer and its network, on the C runtime where the file allows (`native_runtime`),
     else on PyTorch. The one way a model is opened, for `load` and for the server.
@@ -342,10 +342,11 @@ def open_model(name_or_path: str | Path | None = None, device: str | None = None
     on)); trained_ctx: cap a given ctx at what the model was trained on; kv_dtype: the C
     runtime's own cache, "f16" (as llama.cpp keeps it) or "f32". threads: the C
     runtime's (None: $HOMELLM_THREADS, else one per core). $HOMELLM_KERNEL_PATH
-    (scalar / avx2 / avx512) picks the C runtime's kernels (default: the best this CPU has).
-    adapter: a LoRA adapter folder (PEFT layout, `homellm tune`) applied without merging; the
-    PyTorch network then runs, with the adapter's layers beside the base's own (the server
-    applies adapters per request on the C runtime: engine/lora.py)."""
+    (a path of kernels.PATHS: scalar, avx2, avxvnni, avx512, neon, i8mm) picks the C runtime's kernels (default: the best this CPU has).
+    adapter: a LoRA adapter folder (PEFT layout, `homellm tune`) applied without merging: on
+    the C runtime beside the base's own blocks (engine/lora.py, as the server applies adapters
+    per request), or with native_adapter=False (or where the C runtime does not run the
+    model) on the PyTorch network, the adapter's layers beside the base's."""
     from homellm.catalog import resolve
     from homellm.model.formats import open_checkpoint
     from homellm.tokenizer import Tokenizer
@@ -362,7 +363,7 @@ def open_model(name_or_path: str | Path | None = None, device: str | None = None
     except HomellmError as e:
         raise about(path, e) from None
     wbytes = weight_bytes_per_token(ckpt)
-    native = adapter is None and native_runtime(ckpt, device, dtype, quant)
+    native = (adapter is None or native_adapter) and native_runtime(ckpt, device, dtype, quant)
     check_ctx(ckpt.args, ctx, device, bytes_per_value=2 if native else 4)
     if native:
         from homellm.engine.kernels.native import NativeModel, pack_rows
@@ -372,6 +373,9 @@ def open_model(name_or_path: str | Path | None = None, device: str | None = None
                                   path=kernel_path, keep_raw=not pack_rows(kernel_path),
                                   kv_dtype=kv_dtype)
         ckpt.tensors = {}  # the C runtime holds what it computes on (packed Q4 replaces the raw rows)
+        if adapter is not None:
+            from homellm.engine.lora import LoraAdapter
+            network.adapter = LoraAdapter(Path(adapter).expanduser(), ckpt.args)
     else:
         from homellm.engine.loader import build_model
         if ckpt.format == "gguf":
@@ -405,12 +409,13 @@ def kernel_path_setting() -> str | None:
 
 def load(name_or_path: str | Path | None = None, device: str | None = None,
          dtype: "torch.dtype | None" = None, ctx: int | None = None, quant: str | None = None,
-         progress=None, adapter: str | Path | None = None) -> Model:
+         progress=None, adapter: str | Path | None = None, native_adapter: bool = True) -> Model:
     """Load a model by catalog name, GGUF path or Hugging Face folder (None: the default model).
 
     adapter: a LoRA adapter folder (PEFT layout, `homellm tune`) applied without merging (see
     open_model)."""
-    opened = open_model(name_or_path, device, dtype, ctx, quant, progress, adapter)
+    opened = open_model(name_or_path, device, dtype, ctx, quant, progress, adapter,
+                        native_adapter=native_adapter)
     # the C decoder computes on the file's own blocks: only when the weights are kept as stored
     with _kv_allocation(opened.ctx):
         model = Model(opened.checkpoint, opened.network, opened.tokenizer, opened.ctx,

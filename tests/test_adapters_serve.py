@@ -11,10 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import sys
 import threading
-import time
 from pathlib import Path
 
 import gguf
@@ -31,6 +29,7 @@ from homellm.errors import HomellmError
 sys.path.insert(0, os.path.dirname(__file__))
 from gguf_fixtures import TINY_LLAMA, write_tiny_gguf  # noqa: E402
 from test_kernels import _paths, quantized_tensors, reference_model  # noqa: E402
+from test_serve import LiveServer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels: {kernels.status()}")
@@ -181,25 +180,6 @@ def test_bad_adapters_are_clear_errors(tmp_path, adapters):
 
 
 # -- served: `serve --adapter NAME=PATH` ---------------------------------------------------------
-
-class LiveServer:
-    def __init__(self, app):
-        import uvicorn
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{port}"
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(20)
 
 
 @pytest.fixture(scope="module")

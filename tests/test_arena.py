@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pg_server import new_database, pg_server, pg_url  # noqa: F401  (fixtures)
-from test_web_api import Client, free_port, sse
+from test_serve import LiveServer
+from test_web_api import Client, sse
 
 from homellm.eval.bradley_terry import leaderboard, ratings
 from homellm.store import AuthConfig, open_store
@@ -283,10 +284,7 @@ class ArenaServer:
     the default model and a tiny random GGUF; --auth with alice (admin) and bob."""
 
     def __init__(self, db_url: str, models: dict):
-        import uvicorn
-
         from homellm.serve import ModelRegistry, ServeConfig, create_app
-        from homellm.serve.connections import server_config
         from homellm.serve.web import web_router
         self.store = open_store(db_url, auth=FAST)
         self.store.create_user("alice", "alice-pass-1", is_admin=True)
@@ -294,16 +292,8 @@ class ArenaServer:
         registry = ModelRegistry(models, ServeConfig(ctx=512, max_batch=2, prefix_cache_bytes=0,
                                                      keep_alive_s=-1))
         self.app = create_app(registry, extra_routers=[web_router(self.store, auth=True)])
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(server_config(self.app, "127.0.0.1", self.port))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        t0 = time.monotonic()
-        while not self.server.started:
-            if time.monotonic() - t0 > 30 or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
+        self.live = LiveServer(self.app, served=True)
+        self.url = self.live.url
 
     def login(self, username: str, password: str) -> Client:
         c = Client(self.url)
@@ -313,8 +303,7 @@ class ArenaServer:
         return c
 
     def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self.live.close()
         self.store.close()
 
 

@@ -433,3 +433,13 @@ def test_negative_seed_through_the_api(default_gguf):
     finally:
         server.should_exit = True
         thread.join(20)
+
+
+def test_checked_text_names_a_lone_surrogate_that_is_no_byte():
+    """A lone surrogate outside argv's escaped bytes (U+D800, from an API caller or a decoded
+    file) is named too (it was a NameError: the except clause's name was read after it)."""
+    from homellm.cli.options import checked_text
+    from homellm.errors import HomellmError
+    with pytest.raises(HomellmError, match="the prompt is not valid Unicode: a lone surrogate at character 1"):
+        checked_text("a\ud800b", "the prompt")
+    assert checked_text("café", "the prompt") == "café"

@@ -768,6 +768,26 @@ def _http_volunteer(server, name, password, rounds, record, errors):
         errors.append(f"{name}: {e!r}")
 
 
+def test_task_answers_are_the_json_fastapi_writes(http):
+    """next-task and submit answer with the bytes and content type FastAPI's JSONResponse
+    gives (they skip its jsonable_encoder walk): UTF-8 as is, no spaces."""
+    from fastapi.responses import JSONResponse
+    ann, bob = http.login("ann", "ann-pass-123"), http.login("bob", "bob-pass-123")
+    text = "Warum ist der Himmel blau? \u2600 \u00e9\u2028\"quoted\""
+    r = ann.post("/api/collect/tasks", json={"type": "initial_prompt"})
+    answers = [r]
+    answers.append(ann.post(f"/api/collect/tasks/{r.json()['task']['id']}/submit",
+                            json={"text": text, "lang": "de"}))
+    answers.append(bob.post("/api/collect/tasks", json={"type": "label_initial_prompt"}))
+    answers.append(bob.post("/api/collect/tasks", json={"type": "random"}))   # resumed
+    for r in answers:
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/json"
+        assert r.content == JSONResponse(r.json()).body
+    assert answers[2].json()["task"]["conversation"][0]["text"] == text
+    assert "\u2600".encode() in answers[2].content and answers[3].json()["resumed"] is True
+
+
 @pytest.mark.slow
 def test_fifty_volunteers_at_once_over_http_on_postgresql(pg_server, default_gguf):  # noqa: F811
     users = [(f"vol{i:02d}", f"password-{i:02d}", "volunteer") for i in range(50)]

@@ -224,8 +224,8 @@ def test_kld_q8_0_is_below_q4_1_against_f16(default_gguf, text_file, homellm_hom
 
 
 def test_adapter_and_model_lists(tmp_path, homellm_home, capsys):
-    """tiny.gguf,tiny.gguf+ADAPTER: the base on the C runtime, the adapter on PyTorch, each
-    equal to the recipe on its own network's full logits."""
+    """tiny.gguf,tiny.gguf+ADAPTER: both on the C runtime (as served: the adapter's rows beside
+    the file's blocks), each equal to the recipe on the PyTorch network's full logits."""
     from homellm.api import load
     from homellm.train.adapter import save_adapter
     from homellm.train.config import LoraConfig
@@ -246,11 +246,11 @@ def test_adapter_and_model_lists(tmp_path, homellm_home, capsys):
     assert cli(["eval", "ppl", "-m", f"{gguf_path},{gguf_path}+{tmp_path / 'adapter'}",
                 "--data", str(data), "--ctx", "128", "--json"]) == 0
     base, tuned = (json.loads(line) for line in capsys.readouterr().out.splitlines())
-    assert base["runtime"] == "native" and tuned["runtime"] == "torch"
+    assert base["runtime"] == "native" and tuned["runtime"] == "native"
     assert tuned["model"] == f"{gguf_path}+{tmp_path / 'adapter'}"
     assert base["model_hash"] != tuned["model_hash"]
     for got, adapter in ((base, None), (tuned, tmp_path / "adapter")):
-        m = load(gguf_path, ctx=128, adapter=adapter, device="cpu", dtype=torch.float32)
+        m = load(gguf_path, ctx=128, adapter=adapter, device="cpu", dtype=torch.float32, native_adapter=False)
         nll, n_bytes = reference_nll(m.network, m.tokenizer, text, 128)
         assert got["ppl"] == pytest.approx(math.exp(nll.mean()), rel=1e-4)
         assert got["bpb"] == pytest.approx(nll.sum() / math.log(2) / n_bytes, rel=1e-4)
@@ -264,7 +264,9 @@ def test_adapter_and_model_lists(tmp_path, homellm_home, capsys):
     assert cli(["eval", "ppl", "-m", str(tmp_path / "hf"), "--data", str(data),
                 "--kl-divergence", str(tmp_path / "ref.npz"), "--json"]) == 0
     hf = json.loads(capsys.readouterr().out)
-    assert hf["runtime"] == "torch" and hf["same_top1"] == 1 and hf["kld_max"] < 1e-5
+    # (a random tiny model has near-ties: one top token in a few hundred may flip between the
+    # two float orders; the divergence is what must be nil)
+    assert hf["runtime"] == "torch" and hf["same_top1"] > 0.99 and hf["kld_max"] < 1e-5
     assert hf["ppl"] == pytest.approx(base["ppl"], rel=1e-4)
 
 

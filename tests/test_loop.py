@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,36 +17,26 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from rl_fixtures import PROMPTS, tiny_model, tiny_tokenizer  # noqa: E402
 from test_eval_judge import JudgeServer, longer  # noqa: E402
-from test_web_api import Client, free_port, sse  # noqa: E402
+from test_serve import LiveServer  # noqa: E402
+from test_web_api import Client, sse  # noqa: E402
 
 
 class Server:
     """create_app + the web app over `models` ({id: path}) on a free port, in a thread."""
 
     def __init__(self, db: Path, models: dict):
-        import uvicorn
-
         from homellm.serve import ModelRegistry, ServeConfig, create_app
-        from homellm.serve.connections import server_config
         from homellm.serve.web import web_router
         from homellm.store import open_store
         self.store = open_store(db)
         registry = ModelRegistry(models, ServeConfig(ctx=256, max_batch=2, prefix_cache_bytes=0,
                                                      keep_alive_s=-1, threads=1))
         self.app = create_app(registry, extra_routers=[web_router(self.store)])
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.server = uvicorn.Server(server_config(self.app, "127.0.0.1", int(self.url.rsplit(":", 1)[1])))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        t0 = time.monotonic()
-        while not self.server.started:
-            if time.monotonic() - t0 > 30 or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
+        self.live = LiveServer(self.app, served=True)
+        self.url = self.live.url
 
     def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self.live.close()
         self.store.close()
 
 
@@ -71,7 +59,8 @@ def base(tmp_path, homellm_home):
 
 def give_feedback(url: str, prompts: list[str]) -> int:
     """Through the web app's API: each question answered twice (a regeneration), the first reply
-    thumbed up with a comment, the second down. Returns how many pairs differ in text."""
+    thumbed up with a comment, the second down. Returns how many make a pair: two replies with
+    text that differ (an empty reply, sampled at temperature 1, makes none)."""
     differ = 0
     c = Client(url)
     try:
@@ -91,7 +80,8 @@ def give_feedback(url: str, prompts: list[str]) -> int:
                 r = c.put(f"/api/messages/{reply['id']}/rating",
                           json={"value": value, "comment": "good" if value > 0 else None})
                 assert r.status_code == 200, r.text
-            differ += replies[0]["content"].strip() != replies[1]["content"].strip()
+            a, b = (r["content"].strip() for r in replies)
+            differ += bool(a and b and a != b)
     finally:
         c.close()
     return differ

@@ -253,3 +253,24 @@ def test_converted_blocks_are_not_mixed_up_when_memory_is_reused():
     ref = reference_logits(args, tensors, ids)
     got = NativeModel(args, tensors, 32, keep_raw=False).forward(ids, 0, last_only=False)
     assert np.abs(got - ref).max() < 2e-3 * np.abs(ref).max()
+
+
+def test_a_memoized_pack_keeps_its_blocks_mapped(tmp_path):
+    """The memo is keyed by the blocks' address: while a pack lives it holds its blocks' mapping,
+    so a file opened later (the same shapes, other weights) can never take that address and be
+    handed the first file's pack (a merged model after its base gave the base's numbers)."""
+    import gc
+
+    from homellm.model.formats.gguf import read_gguf
+    if "avx512" not in _paths():
+        pytest.skip("no AVX512-VNNI: nothing is repacked")
+    name = "model.layers.0.mlp.up_proj.weight"
+    packs = []
+    for seed in range(4):
+        path = write_tiny_gguf(tmp_path / f"m{seed}.gguf", TINY_LLAMA, "q8_0", seed=seed)
+        t = NativeModel._runtime_blocks(read_gguf(path).tensors[name])
+        packs.append(native.repack(t))
+        del t
+        gc.collect()
+    assert all(p is not None for p in packs)
+    assert len({p.tobytes() for p in packs}) == 4  # four files, four packs

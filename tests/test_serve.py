@@ -20,14 +20,16 @@ MODEL = "smollm2"
 
 
 class LiveServer:
-    """A uvicorn server for `app` on a free port of 127.0.0.1, in a thread."""
+    """A uvicorn server for `app` on a free port of 127.0.0.1, in a thread (served=True: with
+    the settings `homellm serve` runs, connections.server_config's guarded protocol)."""
 
-    def __init__(self, app):
+    def __init__(self, app, served: bool = False):
+        from homellm.serve.connections import server_config
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                                    log_level="warning"))
+        self.server = uvicorn.Server(server_config(app, "127.0.0.1", port) if served else
+                                     uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30

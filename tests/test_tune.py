@@ -297,3 +297,24 @@ def test_a_30_mb_example_trains_in_bounded_memory(tiny, tmp_path, homellm_home):
                               capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"{method}: 2 steps" in proc.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_names_the_checkpoint_to_resume(tiny, tmp_path, homellm_home):
+    """Ctrl+C mid-run: exit 130 and which folder to --resume, no traceback."""
+    import signal
+    import time
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "homellm", "tune", "sft", "-m", str(tiny["model"]), "--data",
+            str(tiny["sft"]), "--out", str(out), "--steps", "400", "--save-every", "1", "--threads", "1",
+            "--max-length", "48", "--batch-tokens", "96", "--rank", "4"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HOMELLM_HOME": str(homellm_home)})
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoint").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    assert f"checkpoint saved in {out}: continue with the same command and --resume" in err
+    assert "interrupted" in err and "Traceback" not in err

@@ -26,7 +26,8 @@ class LiveServer:
     create_app's keywords (api_key, allowed_hosts, ...); `timeouts`: the protocol's."""
 
     def __init__(self, db: Path, gguf: Path, auth: bool = False, auth_config=None,
-                 setup_token: str | None = None, timeouts: dict | None = None, **serve):
+                 setup_token: str | None = None, timeouts: dict | None = None,
+                 models: dict | None = None, **serve):
         import uvicorn
 
         from homellm.serve import ModelRegistry, ServeConfig, create_app
@@ -34,7 +35,7 @@ class LiveServer:
         from homellm.serve.web import web_router
         from homellm.store import open_store
         self.store = open_store(db, auth=auth_config)
-        registry = ModelRegistry({"smollm2:135m": gguf},
+        registry = ModelRegistry(models or {"smollm2:135m": gguf},
                                  ServeConfig(ctx=512, max_batch=2, prefix_cache_bytes=0,
                                              keep_alive_s=-1))
         self.app = create_app(registry, extra_routers=[

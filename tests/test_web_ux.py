@@ -101,6 +101,21 @@ def test_a_cold_model_says_it_is_loading_with_progress(browser, tmp_path, defaul
 
 # ------------------------------------------------------------------ 3. context overflow
 def test_a_long_conversation_goes_on_and_a_failed_reply_never_blocks(browser, server):
+    import httpx
+    # near the context (80% or more): a warning before the limit, from the start
+    httpx.get(f"{server.url}/api/models")              # as the page does first: the contexts
+    for k in range(80, 130, 3):
+        near = conversation(server, [("Write about bread.", " ".join(["Yeast makes gas."] * k))],
+                            title="Near")
+        ctx_use = httpx.get(f"{server.url}/api/conversations/{near}").json()["context"]
+        if 0.82 * ctx_use["ctx"] <= ctx_use["used"] < 0.98 * ctx_use["ctx"]:
+            break
+    else:
+        raise AssertionError(f"no conversation near the context: {ctx_use}")
+    ctx, page, watch = open_page(browser, f"{server.url}/#{near}")
+    page.wait_for_selector("#context-use.near")
+    assert "near the model's context" in page.locator("#context-warning").inner_text()
+    ctx.close()
     long = " ".join(["The bread rises because yeast makes gas in the dough."] * 25)
     cid = conversation(server, [("Write something very long.", long),
                                 ("And again, longer.", long),
@@ -248,6 +263,33 @@ def test_settings_stick_as_defaults_and_apply_on_change(browser, tmp_path, defau
         replies = stored_replies(s, cid)
         assert replies[-1].sampling["temperature"] == 1.5
         assert s.store.get_conversation(s.store.local_user(), cid).sampling["temperature"] == 1.5
+        assert watch.errors == [] and watch.dialogs == []
+        ctx.close()
+    finally:
+        s.close()
+
+
+def test_the_default_model_is_the_catalogs_then_the_last_used(browser, tmp_path, default_gguf):
+    """Not the alphabetically (or first) served one: the catalog's default, then the model of
+    the user's last chat, on a new chat right away and after a reload."""
+    s = LiveServer(tmp_path / "models.db", default_gguf,
+                   models={"aaa-first": default_gguf, "smollm2:135m": default_gguf})
+    try:
+        ctx, page, watch = open_page(browser, s.url)
+        page.click("#settings-toggle")
+        assert page.locator("#set-model option").all_inner_texts() == ["aaa-first", "smollm2:135m"]
+        assert page.locator("#set-model").input_value() == "smollm2:135m"
+        page.select_option("#set-model", "aaa-first")
+        settings(page, max_tokens=2, temperature=0)
+        send(page, "Hi")
+        wait_replies(page, 1)
+        assert stored_replies(s, page.evaluate("S.conv.id"))[0].model == "aaa-first"
+        page.click("#new-chat")
+        assert page.locator("#set-model").input_value() == "aaa-first"     # the last used
+        page.goto(s.url)
+        page.wait_for_selector("#app:not([hidden])")
+        page.click("#settings-toggle")
+        assert page.locator("#set-model").input_value() == "aaa-first"
         assert watch.errors == [] and watch.dialogs == []
         ctx.close()
     finally:

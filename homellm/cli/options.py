@@ -96,7 +96,8 @@ def checked_text(value: str | None, what: str) -> str | None:
         value.encode("utf-8")
         return value
     except UnicodeEncodeError as e:
-        raw = value.encode("utf-8", "surrogateescape") if 0xDC80 <= ord(value[e.start]) <= 0xDCFF \
+        at = e.start
+        raw = value.encode("utf-8", "surrogateescape") if 0xDC80 <= ord(value[at]) <= 0xDCFF \
             else None
     if raw is not None:
         try:
@@ -104,7 +105,7 @@ def checked_text(value: str | None, what: str) -> str | None:
         except UnicodeDecodeError as d:
             raise HomellmError(f"{what} is not valid UTF-8: byte 0x{raw[d.start]:02x} at byte "
                                f"{d.start} (check the terminal's or the file's encoding)") from None
-    raise HomellmError(f"{what} is not valid Unicode: a lone surrogate at character {e.start}")
+    raise HomellmError(f"{what} is not valid Unicode: a lone surrogate at character {at}")
 
 
 def read_stdin_text(what: str = "standard input") -> str:
@@ -132,6 +133,24 @@ def sampling_options(args: argparse.Namespace) -> dict:
     if getattr(args, "logit_bias", None):
         opts["logit_bias"] = dict(args.logit_bias)
     return opts
+
+
+def run_training(train, config, bar, report: bool = True, **kw):
+    """train(config, **kw) under a progress bar (closed after); on Ctrl+C, where the run saved
+    a checkpoint, how to continue it (`report`: the main process says it)."""
+    from pathlib import Path
+    try:
+        result = train(config, **kw)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        if report and (Path(config.out) / "checkpoint").exists():
+            print(f"checkpoint saved in {config.out}: continue with the same command and --resume",
+                  file=sys.stderr)
+        raise
+    if bar is not None:
+        bar.close()
+    return result
 
 
 def check_flags_match_params():

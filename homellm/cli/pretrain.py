@@ -11,7 +11,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 HELP = "pretrain a LLaMA-family model from scratch on a tokenized corpus"
 
@@ -90,6 +89,7 @@ def config_from_args(args):
 def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from homellm.cli.options import run_training
     from homellm.train.pretrain import pretrain
     config = config_from_args(args)
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -116,17 +116,8 @@ def main(args: argparse.Namespace) -> int:
             bar.write(f"step {event['step']}: train loss {event['loss']:.4f}, validation loss "
                       f"{v['loss']:.4f}, {v['bpb']:.4f} bits per byte")
 
-    try:
-        result = pretrain(config, progress=progress if main_process else None, resume=args.resume)
-    except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
-        if main_process and (Path(config.out) / "checkpoint").exists():
-            print(f"checkpoint saved in {config.out}: continue with the same command and --resume",
-                  file=sys.stderr)
-        raise
-    if bar is not None:
-        bar.close()
+    result = run_training(pretrain, config, bar, main_process, progress=progress if main_process else None,
+                          resume=args.resume)
     if not main_process:
         return 0
     first = f"{result.losses[0]:.4f} -> " if len(result.losses) > 1 else ""

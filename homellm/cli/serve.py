@@ -92,11 +92,29 @@ def stopping_server(config, registry, web_state):
     at once (each keeps the text it has), other open requests get SHUTDOWN_S to end before
     they are cut; a second Ctrl+C quits at once."""
     import asyncio
+    import logging
     import signal
 
     import uvicorn
 
+    class CutQuietly(logging.Filter):
+        """uvicorn's lines about the requests it cuts after SHUTDOWN_S (an ERROR and each one's
+        CancelledError traceback): one line of ours instead, as Ctrl+C said they would be."""
+
+        def filter(self, record):
+            if str(record.msg).startswith("Cancel %s running task"):
+                n = record.args[0] if record.args else "the"
+                print(f"homellm serve: cut {n} open request{'' if n == 1 else 's'} after "
+                      f"{SHUTDOWN_S} s", file=sys.stderr, flush=True)
+                return False
+            exc = record.exc_info[1] if record.exc_info else None
+            return not isinstance(exc, asyncio.CancelledError)
+
     class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            logging.getLogger("uvicorn.error").addFilter(CutQuietly())
+            await super().shutdown(sockets)
+
         def handle_exit(self, sig, frame):
             first = not self.should_exit
             super().handle_exit(sig, frame)

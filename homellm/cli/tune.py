@@ -146,6 +146,7 @@ def main(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from homellm.cli.options import run_training
     if args.method in ("ppo", "grpo"):
         from homellm.cli.tune_rl import main as rl_main
         return rl_main(args)
@@ -171,17 +172,8 @@ def main(args: argparse.Namespace) -> int:
         bar.set_postfix(postfix, refresh=False)
 
     train = {"sft": sft.train, "dpo": dpo.train, "rm": reward.train}[config.method]
-    try:
-        result = train(config, progress=progress if main_process else None, resume=args.resume)
-    except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
-        if main_process and (Path(config.out) / "checkpoint").exists():
-            print(f"checkpoint saved in {config.out}: continue with the same command and --resume",
-                  file=sys.stderr)
-        raise
-    if bar is not None:
-        bar.close()
+    result = run_training(train, config, bar, main_process, progress=progress if main_process else None,
+                          resume=args.resume)
     if not main_process:
         return 0
     if result.skipped:

@@ -144,6 +144,7 @@ def _val_line(v: dict) -> str:
 def main(args) -> int:
     from tqdm import tqdm
 
+    from homellm.cli.options import run_training
     from homellm.train import grpo, ppo
     config = config_from_args(args)
     bar = None
@@ -165,17 +166,7 @@ def main(args) -> int:
             bar.write(f"held-out step {event['step']}: {_val_line(event['val'])}")
 
     train = ppo.train if config.method == "ppo" else grpo.train
-    try:
-        result = train(config, progress=progress, resume=args.resume)
-    except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
-        if (Path(config.out) / "checkpoint").exists():
-            print(f"checkpoint saved in {config.out}: continue with the same command and --resume",
-                  file=sys.stderr)
-        raise
-    if bar is not None:
-        bar.close()
+    result = run_training(train, config, bar, progress=progress, resume=args.resume)
     if result.skipped:
         print(f"warning: skipped {len(result.skipped)} prompts:", file=sys.stderr)
         for line in result.skipped[:10]:

@@ -151,12 +151,11 @@ class TreeManager(Moderation):
                                param="type")
         if lang is not None:
             lang = _lang(lang, "lang")
-        _, banned, langs, tags = self.trees.user_state(uid)
+        t = now()
+        _, banned, langs, tags, live = self.tasks.user_and_live(uid, t)
         if banned:
             raise _banned()
         langs = [lang] if lang else langs
-        t = now()
-        live = self.tasks.live_of(uid, t)
         for task in live:
             if kind in ("random", task["kind"]):
                 return {"task": task_json(task), "resumed": True}
@@ -168,8 +167,11 @@ class TreeManager(Moderation):
         order = [kind] if kind != "random" else K.random_order(
             {k: 1 for k in K.KINDS if k != K.RANK_PROMPTER_REPLIES or
              self.s.rank_prompter_replies}, self.rng)
-        for k in order:
-            task = self._reserve(k, uid, langs, tags)
+        if not self.s.rank_prompter_replies:
+            order = [k for k in order if k != K.RANK_PROMPTER_REPLIES]
+        for k, cands in self.tasks.candidates_in_order(order, uid, langs, self.s, now(),
+                                                       self.s.max_active_trees):
+            task = self._reserve(k, uid, langs, tags, cands)
             if task is not None:
                 return {"task": task_json(task), "resumed": False}
         what = "tasks" if kind == "random" else f"'{kind}' tasks"
@@ -177,12 +179,13 @@ class TreeManager(Moderation):
         return {"task": None, "reason": f"no {what}{where} for you right now; try another kind "
                                         "or come back later"}
 
-    def _reserve(self, kind: str, uid: str, langs: list[str], tags: list[str]) -> dict | None:
-        if kind == K.RANK_PROMPTER_REPLIES and not self.s.rank_prompter_replies:
-            return None
+    def _reserve(self, kind: str, uid: str, langs: list[str], tags: list[str],
+                 cands: list[dict]) -> dict | None:
+        """Reserve one of `cands` (what candidates_in_order found for `kind`), checking it
+        again under its tree's lock; None if none is left."""
         if kind == K.INITIAL_PROMPT:
-            if self.tasks.prompt_slots(self.s.max_active_trees, now()) <= 0:
-                return None   # (checked again under the lock)
+            if not cands:
+                return None   # no slot for a new tree (checked again under the lock)
             with self._tx():
                 self.trees.lock_new_trees()
                 t = now()
@@ -192,7 +195,7 @@ class TreeManager(Moderation):
                                                             "lang": langs[0] if langs else None,
                                                             "hint": None}, t)
         if kind == K.RANK_INITIAL_PROMPTS:
-            prompts = self.tasks.candidates(kind, uid, langs, self.s, now())
+            prompts = cands
             if len(prompts) < 2:
                 return None
             picked = self.rng.sample(prompts, min(5, len(prompts)))
@@ -200,16 +203,22 @@ class TreeManager(Moderation):
                 p["target_id"])) for p in picked]}
             with self._tx():
                 return self._insert(kind, uid, None, None, payload, now())
-        cands = self.tasks.candidates(kind, uid, langs, self.s, now())
         for c in self._order(kind, cands, tags)[:20]:
-            payload = self._payload(kind, c["target_id"])   # read before the lock: short
+            payload = self._payload(kind, c)   # read before the lock: short
             with self._tx():
                 if self.trees.lock_tree(c["tree_id"]) is None:
                     continue
                 t = now()
-                if not self.tasks.candidates(kind, uid, langs, self.s, t, target=c["target_id"]):
-                    continue  # taken meanwhile: the next one
-                return self._insert(kind, uid, c["tree_id"], c["target_id"], payload, t)
+                expires = _later(t, self.s.task_timeout_s)
+                # inserted only if still a candidate (taken meanwhile: the next one)
+                tid = self.tasks.reserve(kind, uid, langs, self.s, c["tree_id"],
+                                         c["target_id"], payload, t, expires)
+                if tid is None:
+                    continue
+                return {"id": tid, "kind": kind, "user_id": uid, "tree_id": c["tree_id"],
+                        "target_id": c["target_id"], "payload": payload,
+                        "status": "reserved", "created_at": t, "expires_at": expires,
+                        "done_at": None}
         return None
 
     def _order(self, kind: str, cands: list[dict], tags: list[str]) -> list[dict]:
@@ -234,7 +243,10 @@ class TreeManager(Moderation):
                 "target_id": target_id, "payload": payload, "status": "reserved",
                 "created_at": t, "expires_at": expires, "done_at": None}
 
-    def _payload(self, kind: str, target: str) -> dict:
+    def _payload(self, kind: str, c: dict) -> dict:
+        """What the volunteer is shown for candidate `c` (a candidates row: target_id, and
+        its tree's lang and tags)."""
+        target = c["target_id"]
         if kind == K.REVIEW_EDIT:
             e = self.trees.edit(target)
             path = self.trees.path(e["message_id"])
@@ -243,9 +255,8 @@ class TreeManager(Moderation):
                     "edit": {"edit_id": e["id"], "original": path[-1]["text"],
                              "proposed": e["text"]}}
         path = self.trees.path(target)
-        tree = self.trees.tree(path[0]["id"])
         out = {"conversation": [message_json(m) for m in path], "message_id": target,
-               "lang": tree["lang"], "tags": tree["tags"]}
+               "lang": c["lang"], "tags": _tag_list(c["tags"])}
         if kind in K.LABEL:
             what = K.LABEL[kind]
             p = {"initial_prompt": self.s.p_full_labeling_review_prompt,
@@ -310,23 +321,28 @@ class TreeManager(Moderation):
     def submit(self, user, task_id: str, body: dict) -> dict:
         """Complete a task with `body` (text/lang/tags, labels, ranking/not_rankable, or
         approve). Returns {"task", "tree": {"id", "state"}, "message_id"?}."""
-        uid = self._active(user)
-        t = self.tasks.get(task_id)
+        uid = _uid(user)
+        _, banned, t = self.tasks.role_and_task(uid, task_id)   # (one read for both)
+        if banned:
+            raise _banned()
         if t is None or t["user_id"] != uid:
             raise _no_task(task_id)
         clean = self._check_body(t, body if isinstance(body, dict) else {})
         out: dict = {}
         with self._tx():
+            tree = None
             if t["tree_id"]:
-                self.trees.lock_tree(t["tree_id"])
+                tree = self.trees.lock_tree(t["tree_id"])
             elif t["kind"] == K.INITIAL_PROMPT:
                 self.trees.lock_new_trees()
             if not self.tasks.claim(task_id, uid, now()):
                 raise self._not_live(task_id)
             tree_id = self._apply(t, clean, uid, out)
             if tree_id:
-                self._update_state(tree_id)
-                out["tree"] = {"id": tree_id, "state": self.trees.tree(tree_id)["state"]}
+                # the locked row is the tree as it is (nothing else writes it meanwhile);
+                # a new tree is read
+                state = self._update_state(tree_id, tree if tree_id == t["tree_id"] else None)
+                out["tree"] = {"id": tree_id, "state": state}
         out["task"] = task_json({**t, "status": "done"})
         return out
 
@@ -400,8 +416,8 @@ class TreeManager(Moderation):
                 role=K.REPLY[kind], text=c["text"], lang=c["lang"], user_id=uid, author=uid)
             return t["tree_id"]
         if kind in K.LABEL:
-            self.trees.add_review(t["id"], target, uid, c["labels"], t["payload"]["mode"])
-            self._decide(self.trees.message(target))
+            self._decide(self.trees.add_review(t["id"], target, uid, c["labels"],
+                                               t["payload"]["mode"]))
             return t["tree_id"]
         if kind in K.RANK_KINDS:
             self.trees.add_ranking(t["id"], target, uid, c["ids"], c["ranking"],
@@ -435,42 +451,45 @@ class TreeManager(Moderation):
         else:
             self.trees.decide_edit(edit_id, "rejected")
 
-    def _enter(self, tree_id: str, state: str) -> None:
+    def _enter(self, tree_id: str, state: str) -> str:
         """Set a tree's state; the reservations that state has no use for are withdrawn
-        (edit reviews go on while a tree is ranked and once it is ready)."""
+        (edit reviews go on while a tree is ranked and once it is ready). The state."""
         self.trees.set_state(tree_id, state)
         if state in ("ranking", "ready_for_export"):
             self.tasks.cancel_tree(tree_id, keep_kinds=(K.REVIEW_EDIT,) + (
                 tuple(K.RANK) if state == "ranking" else ()))
         elif state not in ACTIVE:
             self.tasks.cancel_tree(tree_id)
+        return state
 
-    def _update_state(self, tree_id: str) -> None:
-        """Move a tree (locked by the caller) as far along its states as it may go."""
-        tree = self.trees.tree(tree_id)
+    def _update_state(self, tree_id: str, tree: dict | None = None) -> str:
+        """Move a tree (locked by the caller) as far along its states as it may go; its
+        state then. `tree`: its row as locked, if the caller has it (not read again)."""
+        tree = tree or self.trees.tree(tree_id)
         state = tree["state"]
         if state == "initial_prompt_review":
             root = self.trees.message(tree_id)
             if root is None or root["deleted"]:
                 return self._enter(tree_id, "halted_by_moderator")
             if root["review_result"] is None:
-                return
+                return state
             if not root["review_result"]:
                 return self._enter(tree_id, "aborted_low_grade")
-            self._enter(tree_id, state := "growing")
+            state = self._enter(tree_id, "growing")
         if state == "growing":
             accepted, awaiting = self.trees.sizes(tree_id)
             if accepted == 0:   # everything deleted (OA halts such a tree)
                 return self._enter(tree_id, "halted_by_moderator")
             if accepted < tree["goal_size"] or awaiting:
-                return
-            self._enter(tree_id, state := "ranking")
+                return state
+            state = self._enter(tree_id, "ranking")
         if state == "ranking":
-            parents = self._rankable(tree_id)
-            if any(len(self.trees.rankings(p)) < self.s.num_required_rankings for p in parents):
-                return
+            counts = self.trees.ranking_counts(list(self._rankable(tree_id)))
+            if any(n < self.s.num_required_rankings for n in counts.values()):
+                return state
             self.merge_ranks(tree_id)
-            self._enter(tree_id, "ready_for_export")
+            state = self._enter(tree_id, "ready_for_export")
+        return state
 
     def _rankable(self, tree_id: str) -> dict[str, list[str]]:
         """parent id -> its accepted replies, for the parents that need ranking (two or more

@@ -159,15 +159,15 @@ def dpo_records(d, where: str) -> list[dict]:
     return [{"prompt": prompt, "chosen": chosen, "rejected": rejected}]
 
 
-def read(path: str | Path, kind: str = "sft", max_bad: float = MAX_BAD) -> Dataset:
-    """Read an SFT (kind="sft") or DPO (kind="dpo") JSONL file; see the module docstring."""
-    parse = {"sft": sft_records, "dpo": dpo_records}[kind]
-    path = Path(path)
-    data = Dataset(path=path, kind=kind)
+def read_jsonl(data: Dataset, parse, what: str, plain: bool = False) -> Dataset:
+    """Fill `data` from its JSONL file (`plain`: a text file, a line a record): each non-blank
+    line's record through parse(record, where) -> records; a bad line (not JSON, not UTF-8 text,
+    a lone surrogate, a ValueError from parse) goes to data.problems with its file and line."""
+    path = data.path
     try:
         f = open(path, encoding="utf-8")
     except OSError as e:
-        raise DataError(f"{path}: cannot read the data file: {e.strerror or e}") from None
+        raise DataError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
     with f:
         try:
             for lineno, line in enumerate(f, 1):
@@ -176,6 +176,9 @@ def read(path: str | Path, kind: str = "sft", max_bad: float = MAX_BAD) -> Datas
                 data.n_lines += 1
                 where = f"{path}:{lineno}"
                 try:
+                    if plain:
+                        data.records.extend(parse(line.rstrip("\n"), where))
+                        continue
                     record = deep_json.loads(line)  # a conversation tree may nest deeply
                     bad_text = deep_json.lone_surrogate(record, line)
                     if bad_text:
@@ -188,14 +191,26 @@ def read(path: str | Path, kind: str = "sft", max_bad: float = MAX_BAD) -> Datas
                     data.problems.append(text if text.startswith(where) else f"{where}: {text}")
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    return data
+
+
+def check_usable(data: Dataset, max_bad: float, units: str, usable: str, why: str = "") -> Dataset:
+    """DataError unless the file had records and at most `max_bad` of its lines were bad,
+    naming the first five problems."""
     if data.n_lines == 0:
-        raise DataError(f"{path}: no records (the file is empty)")
+        raise DataError(f"{data.path}: no {units} (the file is empty)")
     bad = len(data.problems)
     if not data.records or bad > max_bad * data.n_lines:
         shown = "\n  ".join(data.problems[:5])
         more = f"\n  ... and {bad - 5} more" if bad > 5 else ""
-        what = "examples" if kind == "sft" else "preference pairs"
-        raise DataError(f"{path}: {bad} of {data.n_lines} records are malformed and "
-                        f"{len(data.records)} {what} are usable; fix the file before training:"
-                        f"\n  {shown}{more}")
+        raise DataError(f"{data.path}: {bad} of {data.n_lines} {units} are malformed and "
+                        f"{len(data.records)} {usable} are usable{why}; fix the file before "
+                        f"training" + (f":\n  {shown}{more}" if bad else ""))
     return data
+
+
+def read(path: str | Path, kind: str = "sft", max_bad: float = MAX_BAD) -> Dataset:
+    """Read an SFT (kind="sft") or DPO (kind="dpo") JSONL file; see the module docstring."""
+    parse = {"sft": sft_records, "dpo": dpo_records}[kind]
+    data = read_jsonl(Dataset(path=Path(path), kind=kind), parse, "data file")
+    return check_usable(data, max_bad, "records", "examples" if kind == "sft" else "preference pairs")

@@ -32,8 +32,8 @@ import json
 import re
 from pathlib import Path
 
-from homellm.data import conversations, deep_json
-from homellm.data.conversations import DataError, Dataset, _Bad, _messages
+from homellm.data import conversations
+from homellm.data.conversations import Dataset, _Bad, _messages
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 HH_ROLE = {"Human": "user", "Assistant": "assistant"}
@@ -125,43 +125,10 @@ def pair_from_record(d, where: str) -> list[dict]:
 def read_pairs(path: str | Path, max_bad: float = conversations.MAX_BAD) -> Dataset:
     """Preference pairs from a JSONL file of any of the formats above (DataError when it
     cannot be used; bad lines listed in `problems`)."""
-    path = Path(path)
-    data = Dataset(path=path, kind="pairs")
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the pairs file: {e.strerror or e}") from None
-    with f:
-        try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                data.n_lines += 1
-                where = f"{path}:{lineno}"
-                try:
-                    record = deep_json.loads(line)
-                    bad_text = deep_json.lone_surrogate(record, line)
-                    if bad_text:
-                        raise _Bad(bad_text)
-                    data.records.extend(pair_from_record(record, where))
-                except json.JSONDecodeError as e:
-                    data.problems.append(f"{where}: not JSON: {e.msg} (column {e.colno})")
-                except ValueError as e:
-                    text = str(e)
-                    data.problems.append(text if text.startswith(where) else f"{where}: {text}")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
-    if data.n_lines == 0:
-        raise DataError(f"{path}: no records (the file is empty)")
-    bad = len(data.problems)
-    if not data.records or bad > max_bad * data.n_lines:
-        shown = "\n  ".join(data.problems[:5])
-        more = f"\n  ... and {bad - 5} more" if bad > 5 else ""
-        why = "" if data.records or bad else " (no record holds a preference: ties and unranked trees give none)"
-        raise DataError(f"{path}: {bad} of {data.n_lines} records are malformed and "
-                        f"{len(data.records)} preference pairs are usable{why}; fix the file "
-                        f"before training" + (f":\n  {shown}{more}" if bad else ""))
-    return data
+    data = conversations.read_jsonl(Dataset(path=Path(path), kind="pairs"), pair_from_record, "pairs file")
+    why = "" if data.records or data.problems else \
+        " (no record holds a preference: ties and unranked trees give none)"
+    return conversations.check_usable(data, max_bad, "records", "preference pairs", why)
 
 
 def fingerprint(pair: dict) -> str:

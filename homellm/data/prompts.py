@@ -16,11 +16,10 @@ more than half the lines are bad stops before any training.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from homellm.data import conversations, deep_json
-from homellm.data.conversations import DataError, Dataset, _Bad, _messages
+from homellm.data import conversations
+from homellm.data.conversations import Dataset, _Bad, _messages
 
 
 def _record(d, where: str) -> dict:
@@ -49,44 +48,8 @@ def _record(d, where: str) -> dict:
 
 
 def read_prompts(path: str | Path, max_bad: float = conversations.MAX_BAD) -> Dataset:
+    """Prompts from a JSONL file (or a .txt file, a prompt a line)."""
     path = Path(path)
-    data = Dataset(path=path, kind="prompts")
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the prompts file: {e.strerror or e}") from None
-    plain = path.suffix == ".txt"
-    with f:
-        try:
-            for lineno, line in enumerate(f, 1):
-                where = f"{path}:{lineno}"
-                if plain:
-                    if not line.strip():
-                        continue
-                    data.n_lines += 1
-                    data.records.append(_record(line.rstrip("\n"), where))
-                    continue
-                if not line.strip():
-                    continue
-                data.n_lines += 1
-                try:
-                    record = deep_json.loads(line)
-                    bad_text = deep_json.lone_surrogate(record, line)
-                    if bad_text:
-                        raise _Bad(bad_text)
-                    data.records.append(_record(record, where))
-                except json.JSONDecodeError as e:
-                    data.problems.append(f"{where}: not JSON: {e.msg} (column {e.colno})")
-                except ValueError as e:
-                    data.problems.append(f"{where}: {e}")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
-    if data.n_lines == 0:
-        raise DataError(f"{path}: no prompts (the file is empty)")
-    bad = len(data.problems)
-    if not data.records or bad > max_bad * data.n_lines:
-        shown = "\n  ".join(data.problems[:5])
-        more = f"\n  ... and {bad - 5} more" if bad > 5 else ""
-        raise DataError(f"{path}: {bad} of {data.n_lines} prompts are malformed and "
-                        f"{len(data.records)} are usable; fix the file before training:\n  {shown}{more}")
-    return data
+    data = conversations.read_jsonl(Dataset(path=path, kind="prompts"), lambda d, where: [_record(d, where)],
+                                    "prompts file", plain=path.suffix == ".txt")
+    return conversations.check_usable(data, max_bad, "prompts", "prompts")

@@ -91,8 +91,9 @@ def model_hash(ref: ModelRef) -> str:
 def open_model(ref: ModelRef, *, ctx: int | None = None, device: str | None = None, dtype=None,
                quant: str | None = None, progress=None) -> "Model":
     """homellm.load for a ModelRef: the C runtime for a GGUF file on the CPU, PyTorch for a
-    Hugging Face folder, a GPU or an adapter."""
+    Hugging Face folder, a GPU or an adapter (an adapter's scores stay PyTorch's, the float
+    computation PEFT and lm-eval's hf back end compare with)."""
     from homellm.api import load
     check_adapter(ref)
     return load(ref.name, device=device, dtype=dtype, ctx=ctx, quant=quant, progress=progress,
-                adapter=Path(ref.adapter).expanduser() if ref.adapter else None)
+                adapter=Path(ref.adapter).expanduser() if ref.adapter else None, native_adapter=False)

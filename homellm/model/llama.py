@@ -169,7 +169,8 @@ class Attention(nn.Module):
         if mask is None and T > 1 and k.shape[2] != T:  # queries are the last T of S keys
             mask = causal_mask(T, k.shape[2], q.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads)
+                                           scale=None if self.scale == self.head_dim ** -0.5 else self.scale,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return y.transpose(1, 2).reshape(B, T, -1)
 
 

@@ -18,10 +18,13 @@ counted twice. New trees are counted under a second lock (`lock_new_trees`).
 from __future__ import annotations
 
 import json
+import sqlite3
 import uuid
 
 from homellm.store.db import now
 
+# UPDATE ... RETURNING: SQLite 3.35 and later (older ones read the row back)
+_RETURNING = sqlite3.sqlite_version_info >= (3, 35)
 NEW_TREES_LOCK = 700701   # pg_advisory_xact_lock key for the count of active trees
 ROLES = ("volunteer", "moderator", "admin")
 
@@ -185,15 +188,16 @@ class CollectTrees:
 
     def path(self, message_id: str) -> list[dict]:
         """The messages from the prompt down to `message_id` ([] if there is none)."""
-        out = []
-        mid = message_id
-        while mid is not None:
-            m = self.message(mid)
-            if m is None:
-                break
-            out.append(m)
-            mid = m["parent_id"]
-        return out[::-1]
+        # one query (a task's conversation is read on every next-task), each step an index
+        # lookup; the depth bound only stops a cycle, which no writer makes
+        rows = self.db.all(
+            "WITH RECURSIVE up AS (SELECT m.*, 0 AS up_level FROM collect_messages m WHERE "
+            "m.id = ? UNION ALL SELECT m.*, up.up_level + 1 FROM up JOIN collect_messages m ON "
+            "m.id = up.parent_id WHERE up.up_level < 10000) SELECT * FROM up ORDER BY "
+            "up_level DESC", (message_id,))
+        for r in rows:
+            del r["up_level"]
+        return [message_row(r) for r in rows]
 
     def tree_messages(self, tree_id: str) -> list[dict]:
         return [message_row(r) for r in self.db.all(
@@ -253,13 +257,19 @@ class CollectTrees:
 
     # -- reviews
     def add_review(self, task_id: str | None, message_id: str, user_id: str, labels: dict,
-                   mode: str) -> None:
-        """One review; the message's review_count goes up by one (same transaction)."""
+                   mode: str) -> dict | None:
+        """One review; the message's review_count goes up by one (same transaction). The
+        message as it is then."""
         self.db.run("INSERT INTO collect_reviews (task_id, message_id, user_id, labels, mode, "
                     "created_at) VALUES (?, ?, ?, ?, ?, ?)",
                     (task_id, message_id, user_id, _dumps(labels), mode, now()))
-        self.db.run("UPDATE collect_messages SET review_count = review_count + 1, "
-                    "updated_at = ? WHERE id = ?", (now(), message_id))
+        sql = "UPDATE collect_messages SET review_count = review_count + 1, updated_at = ? " \
+              "WHERE id = ?"
+        if _RETURNING or self.pg:   # the row back from the same statement
+            r = self.db.one(sql + " RETURNING *", (now(), message_id))
+            return message_row(r) if r else None
+        self.db.run(sql, (now(), message_id))
+        return self.message(message_id)
 
     def reviews(self, message_ids: list[str]) -> dict[str, list[dict]]:
         """message id -> its reviews' label dicts, oldest first."""
@@ -288,6 +298,17 @@ class CollectTrees:
         for mid in sorted(set(ranked_ids)):
             self.db.run("UPDATE collect_messages SET ranking_count = ranking_count + 1 "
                         "WHERE id = ?", (mid,))
+
+    def ranking_counts(self, parent_ids: list[str]) -> dict[str, int]:
+        """parent id -> how many rankings its replies have (0 for none), in one query."""
+        out = dict.fromkeys(parent_ids, 0)
+        for i in range(0, len(parent_ids), 500):
+            part = parent_ids[i:i + 500]
+            for r in self.db.all("SELECT parent_id, COUNT(*) AS n FROM collect_rankings WHERE "
+                                 f"parent_id IN ({', '.join('?' * len(part))}) GROUP BY "
+                                 "parent_id", part):
+                out[r["parent_id"]] = r["n"]
+        return out
 
     def rankings(self, parent_id: str) -> list[dict]:
         return [{"ranked_ids": json.loads(r["ranked_ids"]), "not_rankable":

@@ -328,4 +328,12 @@ MIGRATIONS: list[Migration] = [
         "CREATE UNIQUE INDEX preferences_pair ON preferences(user_id, chosen_id, rejected_id)",
         "CREATE INDEX preferences_parent ON preferences(parent_id)",
     )),
+    # the live reservations of a target and of a tree (store/collect_tasks.py's candidate
+    # queries count them for every candidate; by kind alone each count scanned them all)
+    Migration("010_collect_live_targets", common=(
+        "CREATE INDEX collect_tasks_live_target ON collect_tasks(target_id, kind, expires_at) "
+        "WHERE status = 'reserved'",
+        "CREATE INDEX collect_tasks_live_tree ON collect_tasks(tree_id, kind, expires_at) "
+        "WHERE status = 'reserved'",
+    )),
 ]

@@ -182,15 +182,9 @@ def setup(config: TuneConfig, resume: bool = False, progress=None) -> sessions.S
 
     if config.method != "rm":
         raise HomellmError(f"method {config.method!r}: a reward model trains with method 'rm'")
-    out = sessions.writable_out(config.out)
-    saved = checkpoint.path_in(out)
+    out = sessions.run_out(config.out, resume)
     if resume:
-        if not saved.is_file():
-            raise HomellmError(f"{out}: no checkpoint to resume from ({saved} is missing)")
         before = TuneConfig.load(out)
-    elif saved.is_file():
-        raise HomellmError(f"{out}: holds a checkpoint of an earlier run; resume it (--resume) "
-                           f"or choose another output folder")
     threads_before = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -315,8 +315,8 @@ class RLSession:
             done = self.rollout(items, 1, self.config.seed + VAL_SEED, RolloutStats(), adapters)
         rewards = self.reward(items, [d.text for d in done])
         rows = [(it["ids"], d.ids) for it, d in zip(items, done)]
-        kls = []
-        for s in range(0, len(rows), self.config.micro_batch):
+        kls = [] if adapters else [0.0] * len(rows)  # (the base is the reference)
+        for s in range(0, len(rows), self.config.micro_batch) if adapters else ():
             part = rows[s:s + self.config.micro_batch]
             tokens, labels = completion_batch(part, self.pad_id, self.device)
             with ctx(self.model):
@@ -333,7 +333,13 @@ class RLSession:
     def validate(self, step: int) -> dict | None:
         if not self.val_prompts:
             return None
-        got = self.evaluate(self.val_prompts)
+        try:
+            got = self.evaluate(self.val_prompts)
+        except HomellmError as e:
+            self.save_checkpoint(step)
+            raise RewardError(f"held-out evaluation after step {step}: {e}. The {step} steps done "
+                              f"are checkpointed in {self.out}: fix the reward and continue with "
+                              f"--resume") from None
         record = {"step": step, **{k: v for k, v in got.items() if k != "texts"}}
         self.history["val"].append(record)
         return record
@@ -355,7 +361,7 @@ class RLSession:
             f.write(json.dumps(log) + "\n")
         val = None
         if c.val_every and done % c.val_every == 0 and done < c.steps:
-            val = self.validate(done)
+            val = self.validate(done)  # (a failing reward saves a checkpoint first)
         if c.save_every and done % c.save_every == 0 and done < c.steps:
             self.save_checkpoint(done)
         if self.progress is not None:
@@ -413,21 +419,13 @@ def setup(config: RLConfig, resume: bool = False, progress=None, value_head: boo
     from homellm.train.fused import fuse_lora
     from homellm.train.lora import apply_lora, lora_parameters
     from homellm.train.rollout import make_rollout
-    from homellm.train.session import create_out, writable_out
+    from homellm.train.session import create_out, run_out
 
     config = config.resolved()
-    out = writable_out(config.out)
-    saved = checkpoint.path_in(out)
-    if resume:
-        if not saved.is_file():
-            raise HomellmError(f"{out}: no checkpoint to resume from ({saved} is missing)")
-        changed = RLConfig.load(out).resolved().same_run(config)
-        if changed:
-            raise HomellmError(f"{out}: cannot resume: the run was started with different "
-                               f"{', '.join(changed)}")
-    elif saved.is_file():
-        raise HomellmError(f"{out}: holds a checkpoint of an earlier run; resume it (--resume) "
-                           f"or choose another output folder")
+    out = run_out(config.out, resume)
+    changed = RLConfig.load(out).resolved().same_run(config) if resume else None
+    if changed:
+        raise HomellmError(f"{out}: cannot resume: the run was started with different {', '.join(changed)}")
     threads_before = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)

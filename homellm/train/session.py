@@ -98,6 +98,19 @@ def writable_out(out: str | Path) -> Path:
     return path
 
 
+def run_out(out: str | Path, resume: bool) -> Path:
+    """`writable_out`, and a checkpoint there exactly when resuming: a resumed run needs one, a
+    new run must not write over an earlier run's."""
+    path = writable_out(out)
+    saved = checkpoint.path_in(path)
+    if resume and not saved.is_file():
+        raise HomellmError(f"{path}: no checkpoint to resume from ({saved} is missing)")
+    if not resume and saved.is_file():
+        raise HomellmError(f"{path}: holds a checkpoint of an earlier run; resume it (--resume) "
+                           f"or choose another output folder")
+    return path
+
+
 def create_out(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -210,15 +223,9 @@ def setup(config: TuneConfig, resume: bool = False, progress=None) -> Session:
     from homellm.train.schedule import lr_factor
 
     kind = config.method
-    out = writable_out(config.out)
-    saved = checkpoint.path_in(out)
+    out = run_out(config.out, resume)
     if resume:
-        if not saved.is_file():
-            raise HomellmError(f"{out}: no checkpoint to resume from ({saved} is missing)")
         before = TuneConfig.load(out)
-    elif saved.is_file():
-        raise HomellmError(f"{out}: holds a checkpoint of an earlier run; resume it (--resume) "
-                           f"or choose another output folder")
     threads_before = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)

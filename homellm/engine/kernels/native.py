@@ -75,6 +75,12 @@ def _ggml_type(t) -> int | None:
 _PACKED: "weakref.WeakValueDictionary[tuple, np.ndarray]" = weakref.WeakValueDictionary()
 
 
+class _Packed(np.ndarray):
+    """A memoized pack, holding the blocks it was made from: while it lives, their mapping does
+    too, so no other file's blocks can take their address and be handed this pack (the key)."""
+    source: np.ndarray
+
+
 def pack_rows(path: str | None = None) -> int:
     """Weight rows side by side in the packs of `path`'s kernels (None or "auto": the best path
     this CPU has): 16 for avx512, 8 for avx2, avxvnni, neon and i8mm; 0 for scalar, for a path
@@ -136,6 +142,9 @@ def _repack(t, types: tuple[int, ...], memo: bool = True, path: str | None = Non
     if K % 32:
         return None
     out = np.empty(lib.hl_packed_bytes(kind, N, K, G), dtype=np.uint8)
+    if memo:
+        out = out.view(_Packed)
+        out.source = data  # (its pages are still dropped below: only the mapping stays)
     # a few thousand rows at a time, each chunk's file pages dropped once packed: the raw
     # blocks and their packed copy are never both resident in full (peak RSS)
     for r0 in range(0, N, REPACK_ROWS):

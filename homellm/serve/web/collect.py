@@ -114,6 +114,14 @@ class SyntheticIn(_Body):
     temperature: float = Field(default=0.7, ge=0, le=2)
 
 
+def _json(value) -> Response:
+    """`value` (plain JSON types only) as FastAPI's JSONResponse writes it, byte for byte,
+    without its jsonable_encoder walk: the two routes every volunteer calls in a loop."""
+    return Response(json.dumps(value, ensure_ascii=False, allow_nan=False, indent=None,
+                               separators=(",", ":")).encode("utf-8"),
+                    media_type="application/json")
+
+
 def api_error(e: CollectError) -> APIError:
     return APIError(e.status, str(e), type=TYPES.get(e.status, "invalid_request_error"),
                     param=e.param, code=e.code)
@@ -149,7 +157,7 @@ def collect_router(store, settings: CollectSettings | None = None) -> APIRouter:
 
     @router.post("/tasks")
     def next_task(body: NextIn, who: Caller = Depends(caller)):
-        return run(tm.next_task, who.user, body.type, body.lang)
+        return _json(run(tm.next_task, who.user, body.type, body.lang))
 
     @router.get("/tasks/{tid}")
     def get_task(tid: str, who: Caller = Depends(caller)):
@@ -157,7 +165,7 @@ def collect_router(store, settings: CollectSettings | None = None) -> APIRouter:
 
     @router.post("/tasks/{tid}/submit")
     def submit(tid: str, body: SubmitIn, who: Caller = Depends(caller)):
-        return run(tm.submit, who.user, tid, body.model_dump(exclude_none=True))
+        return _json(run(tm.submit, who.user, tid, body.model_dump(exclude_none=True)))
 
     @router.post("/tasks/{tid}/skip")
     def skip(tid: str, who: Caller = Depends(caller)):

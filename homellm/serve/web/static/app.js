@@ -19,7 +19,7 @@ const PAGE = 100;             // conversations per page of the list
 
 // ---------------------------------------------------------------- HTTP
 // No answer: "lost connection" (never "Failed to fetch"); an ended session: the login form.
-async function api(method, path, body, extraHeaders) {
+async function api(method, path, body, extraHeaders, again) {
   const opts = { method, headers: { "X-CSRF-Token": S.csrf, ...(extraHeaders || {}) },
                  credentials: "same-origin" };
   if (body !== undefined) {
@@ -37,11 +37,20 @@ async function api(method, path, body, extraHeaders) {
       if (code === "invalid_api_key") setTimeout(() => start().catch(showError), 0);  // key forgotten (restart)
       if (code === "not_logged_in") later("showGate")("login", false, "Your session has ended: log in again.");
     }
+    // a restarted server has a new token (without --auth it is the process's): read it, once more
+    if (code === "csrf_failed" && !again && await freshToken()) return api(method, path, body, extraHeaders, true);
     const err = new Error(msg); err.status = r.status; err.code = code;
     err.handled = code === "not_logged_in";   // the login form says it
     throw err;
   }
   return data;
+}
+
+// The CSRF token again (GET /api/me): true when it changed.
+async function freshToken() {
+  const was = S.csrf;
+  try { S.csrf = (await api("GET", "/api/me", undefined, undefined, true)).csrf_token; } catch (e) { return false; }
+  return S.csrf !== was;
 }
 
 function showError(e) {
@@ -109,6 +118,7 @@ async function checkHealth() {
   showError(null);
   announce("Connected to the server again.");
   try {
+    await freshToken();                                  // a restart gave it a new CSRF token
     if (S.conv) await openConversation(S.conv.id, { keepView: true });
     loadList();
   } catch (e) { showError(e); }
@@ -328,10 +338,10 @@ function renderTurn(turn) {
   if (n > 1) {
     meta.append(
       tool("prev", "‹", "prev", () => selectMessage(turn.sibling_ids[turn.index - 1]),
-           `Previous ${who} (${turn.index} of ${n})`, turn.index === 0 || busy),
+           turn.index > 0 ? `Previous ${who} (${turn.index} of ${n})` : `Previous ${who}`, turn.index === 0 || busy),
       el("span", "pos", `${turn.index + 1}/${n}`),
       tool("next", "›", "next", () => selectMessage(turn.sibling_ids[turn.index + 1]),
-           `Next ${who} (${turn.index + 2} of ${n})`, turn.index === n - 1 || busy));
+           turn.index < n - 1 ? `Next ${who} (${turn.index + 2} of ${n})` : `Next ${who}`, turn.index === n - 1 || busy));
   }
   const copy = tool("copy-message", "Copy", "copy", () => copyText(m.content, copy), `Copy this ${who}`);
   const more = el("span", "more");
@@ -411,7 +421,15 @@ function renderContext() {
 }
 
 async function selectMessage(id) {
-  try { applyDetail(await api("POST", `/api/messages/${id}/select`)); } catch (e) { showError(e); }
+  const at = S.turns.findIndex((t) => t.sibling_ids.includes(id)), key = focusKey();
+  try { applyDetail(await api("POST", `/api/messages/${id}/select`)); } catch (e) { showError(e); return; }
+  // focus stays on the arrow, in the message that took the old one's place (or on the other
+  // arrow once this one is disabled at the end)
+  const msg = at >= 0 && key && (key[1] === "prev" || key[1] === "next") && $("messages").querySelectorAll(".msg")[at];
+  if (msg) {
+    const b = msg.querySelector(`[data-key="${key[1]}"]`), other = msg.querySelector(`[data-key="${key[1] === "prev" ? "next" : "prev"}"]`);
+    (b && !b.disabled ? b : other || b).focus({ preventScroll: true });
+  }
 }
 
 async function rate(turn, value, comment, quiet) {
@@ -610,6 +628,7 @@ async function send(ev) {
     if (settingsTimer) { clearTimeout(settingsTimer); settingsTimer = null; await applySettings(); }
     if (!S.conv) {
       S.conv = (await api("POST", "/api/conversations", readSettings())).conversation;
+      if (S.conv.model) S.defaultModel = S.conv.model;   // the last used, as the server's default
       S.draft = newDraft();
     }
     const last = S.turns.length ? S.turns[S.turns.length - 1].message : null;
@@ -641,11 +660,13 @@ async function generate(parentId, continueId) {
   renderMessages();
   later("watchLoading")(s, S.conv.model || S.defaultModel);   // a cold model: "Loading model…"
   try {
-    const r = await fetch(`/api/conversations/${s.conv}/generate`, {
+    const ask = () => fetch(`/api/conversations/${s.conv}/generate`, {
       method: "POST", credentials: "same-origin", signal: s.controller.signal,
       headers: { "Content-Type": "application/json", "X-CSRF-Token": S.csrf },
       body: JSON.stringify(continueId ? { continue_id: continueId } : { parent_id: parentId }),
     });
+    let r = await ask();
+    if (r.status === 403 && await freshToken()) r = await ask();   // the server restarted
     s.answered = true;
     await follow(r, s);
   } catch (e) {
@@ -676,7 +697,13 @@ async function follow(r, s) {
     err.handled = code === "not_logged_in";
     throw err;
   }
-  let turn = null, body = null, failed = null;
+  let turn = null, body = null, failed = null, drawing = false;
+  const draw = () => {   // one redraw a frame, however many tokens came (each redraw parses it all)
+    drawing = false;
+    if (S.streaming !== s || !turn) return;
+    if (body && body.isConnected) fillBody(body, turn.message);
+    follow_bottom();
+  };
   await readEvents(r, (event, d) => {
     if (S.streaming !== s) return;
     if (event === "start") {
@@ -695,8 +722,7 @@ async function follow(r, s) {
       body = document.querySelector(`.msg[data-id="${d.message.id}"] .body`);
     } else if (event === "delta" && turn) {
       turn.message.content += d.text;
-      if (body && body.isConnected) fillBody(body, turn.message);
-      follow_bottom();
+      if (!drawing) { drawing = true; requestAnimationFrame(draw); }
     } else if (event === "done" && turn) {
       turn.message = d.message; if (d.context) S.context = d.context;
     } else if (event === "error") failed = new Error(d.error.message);

@@ -1,0 +1,255 @@
+"""The collection's store under a volunteer's requests (issue 15's speed target): how many SQL
+statements a next-task and a submit take, the indexes the candidate queries use, and the
+reads that replaced loops (a conversation's path, a review's row, ranking counts), with the
+same results as before, on SQLite and PostgreSQL.
+
+Statement counts are exact (not timings): each statement is a round trip to PostgreSQL, and
+the counts are what benchmarks/collect_bench.py's `direct` scenario reports.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+from pg_server import pg_server, pg_url  # noqa: F401  (fixtures)
+
+from homellm.collect import CollectError, CollectSettings, TreeManager
+from homellm.store import AuthConfig, open_store
+from homellm.store import collect_trees as CT
+from homellm.store.db import now
+
+FAST = AuthConfig(argon2_time_cost=1, argon2_memory_kib=8192, argon2_parallelism=1)
+SMALL = dict(goal_tree_size=3, max_tree_depth=2, num_reviews_initial_prompt=2,
+             num_reviews_reply=2, num_required_rankings=2, max_active_trees=2,
+             p_full_labeling_review_reply_prompter=1.0)
+OK = {"spam": 0, "lang_mismatch": 0, "not_appropriate": 0, "pii": 0, "hate_speech": 0,
+      "sexual_content": 0, "quality": 1}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "collect.db")
+    return request.getfixturevalue("pg_url")
+
+
+class Counted:
+    """A store and tree manager whose SQL statements are counted (BEGIN/COMMIT aside)."""
+
+    def __init__(self, url, **settings):
+        self.store = open_store(url, auth=FAST)
+        self.tm = TreeManager(self.store.db, CollectSettings(**{**SMALL, **settings}),
+                              random.Random(3))
+        self.u = {n: self.store.create_user(n) for n in ("ann", "bob", "cat", "dan")}
+        self.n = 0
+        execute = self.store.db._execute
+
+        def counted(sql, params=()):
+            self.n += 1
+            return execute(sql, params)
+        self.store.db._execute = counted
+
+    def statements(self, fn, *args):
+        n0 = self.n
+        out = fn(*args)
+        return out, self.n - n0
+
+    def do(self, who, kind, body):
+        t = self.tm.next_task(self.u[who], kind)["task"]
+        assert t is not None, f"{who}: no {kind}"
+        return t, self.tm.submit(self.u[who], t["id"], body)
+
+
+def labels_for(task):
+    return {k: v for k, v in OK.items() if k in task["valid_labels"]}
+
+
+def test_next_task_and_submit_take_few_statements(db_url):
+    """A reservation: the user with their live tasks, the kind's candidates, the
+    conversation, the tree's lock and the insert-if-still-free (5; it was 9 to 11); a
+    submission: the user with the task, the lock, the claim, the write and the state check
+    (6; it was 10 to 12), more where it decides a review or moves the tree."""
+    c = Counted(db_url)
+    tm, u = c.tm, c.u
+    seen = []
+
+    def step(who, kind, body=None):
+        r, n = c.statements(tm.next_task, u[who], kind)
+        t = r["task"]
+        seen.append(n)
+        if t is None:
+            return None, None
+        if body is None:
+            body = {"labels": labels_for(t)}
+        r, n = c.statements(tm.submit, u[who], t["id"], body)
+        seen.append(n)
+        return t, r
+
+    t, r = step("ann", "initial_prompt", {"text": "Why is ice slippery?"})
+    tree = r["tree"]["id"]
+    for who in ("bob", "cat"):   # the second review decides: the tree grows
+        t, r = step(who, "label_initial_prompt")
+        assert t["conversation"][0]["text"] == "Why is ice slippery?"
+    assert r["tree"] == {"id": tree, "state": "growing"}
+    t, r = step("bob", "assistant_reply", {"text": "A thin film of water."})
+    assert [m["text"] for m in t["conversation"]] == ["Why is ice slippery?"]
+    assert (t["lang"], t["tags"]) == ("en", [])
+    assert r["tree"] == {"id": tree, "state": "growing"}
+    reply = r["message_id"]
+    for who in ("ann", "cat"):
+        t, r = step(who, "label_assistant_reply")
+        assert [m["message_id"] for m in t["conversation"]] == [tree, reply]
+    assert tm.trees.message(reply)["review_result"] is True
+    assert step("bob", "label_assistant_reply") == (None, None)   # nothing left for bob
+    limits = [5, 7,  5, 6,  5, 10,  5, 7,  5, 6,  5, 8,  2]
+    # (a new tree: one more on PostgreSQL, its advisory lock on the count of new trees)
+    assert len(seen) == len(limits) and all(n <= m for n, m in zip(seen, limits)), seen
+    c.store.close()
+
+
+def test_path_and_reviews_read_as_before(db_url, monkeypatch):
+    """path() is the walk up from a message (one query now), [] for an unknown one; a review
+    returns the message as it is after it, with UPDATE ... RETURNING or without (SQLite
+    before 3.35)."""
+    c = Counted(db_url)
+    trees = c.tm.trees
+    trees.insert_tree("t1", "growing", "en", [], "homellm", 12, 3, 3)
+    ids = ["t1"]
+    for depth in range(4):
+        ids.append(trees.insert_message(
+            tree_id="t1", parent_id=ids[-1] if depth else None, depth=depth,
+            role="prompter" if depth % 2 == 0 else "assistant", text=f"m{depth}", lang="en",
+            user_id=None, author=None, message_id=None if depth else "t1"))
+    ids = ids[1:]
+    for i, mid in enumerate(ids):
+        assert trees.path(mid) == [trees.message(x) for x in ids[:i + 1]]
+    assert trees.path("nope") == []
+    for returning in (True, False):
+        monkeypatch.setattr(CT, "_RETURNING", returning)
+        before = trees.message(ids[1])
+        who = c.u["ann" if returning else "bob"]
+        m = trees.add_review(None, ids[1], who.id, {"quality": 1}, "simple")
+        assert m == {**trees.message(ids[1]), "updated_at": m["updated_at"]}
+        assert m["review_count"] == before["review_count"] + 1
+    assert trees.ranking_counts([ids[0], ids[2]]) == {ids[0]: 0, ids[2]: 0}
+    trees.add_ranking(None, ids[0], c.u["ann"].id, [ids[1]], [0], False)
+    trees.add_ranking(None, ids[0], c.u["bob"].id, [ids[1]], [0], False)
+    assert trees.ranking_counts([ids[0], ids[2]]) == {ids[0]: 2, ids[2]: 0}
+    c.store.close()
+
+
+def test_a_reservation_is_not_made_for_a_target_taken_meanwhile(db_url):
+    """reserve() inserts only while the target is still a candidate: the last review slot
+    of a prompt taken by another volunteer after the candidates were read is not handed
+    out again."""
+    c = Counted(db_url, num_reviews_initial_prompt=1)
+    tm = c.tm
+    t = tm.next_task(c.u["ann"], "initial_prompt")["task"]
+    tree = tm.submit(c.u["ann"], t["id"], {"text": "Name a prime."})["tree"]["id"]
+    s, langs = tm.s, []
+    stamp = now()
+    cands = tm.tasks.candidates("label_initial_prompt", c.u["bob"].id, langs, s, stamp)
+    assert [x["target_id"] for x in cands] == [tree]
+    assert (cands[0]["lang"], cands[0]["tags"]) == ("en", "[]")
+    held = tm.next_task(c.u["cat"], "label_initial_prompt")["task"]   # the one slot
+    assert held["message_id"] == tree
+    later = "9999-01-01T00:00:00.000000+00:00"
+    assert tm.tasks.reserve("label_initial_prompt", c.u["bob"].id, langs, s, tree, tree,
+                            {}, now(), later) is None
+    assert tm.next_task(c.u["bob"], "label_initial_prompt")["task"] is None
+    tm.skip(c.u["cat"], held["id"])   # the slot is free again
+    tid = tm.tasks.reserve("label_initial_prompt", c.u["bob"].id, langs, s, tree, tree, {},
+                           now(), later)
+    assert tm.tasks.get(tid)["status"] == "reserved"
+    c.store.close()
+
+
+def test_role_and_task_read_together_keep_their_answers(db_url):
+    """A banned volunteer is told so (403) before anything about the task, even one that
+    does not exist; a user id with no account row is a volunteer, not banned."""
+    c = Counted(db_url)
+    tm = c.tm
+    mod = c.store.create_user("mod")
+    tm.trees.set_role(mod.id, "moderator")
+    tm.ban(mod, "dan")
+    for task_id in ("nope", "0" * 32):
+        with pytest.raises(CollectError, match="banned") as e:
+            tm.submit(c.u["dan"], task_id, {"text": "x"})
+        assert e.value.status == 403
+    with pytest.raises(CollectError) as e:
+        tm.submit(c.u["ann"], "nope", {"text": "x"})
+    assert e.value.status == 404
+    assert tm.tasks.role_and_task("no-such-user", "nope") == ("volunteer", False, None)
+    assert tm.tasks.user_and_live("no-such-user", now()) == ("volunteer", False, [], [], [])
+    tm.set_prefs(c.u["ann"], ["en", "de"], ["Maths"])
+    t = tm.next_task(c.u["ann"], "initial_prompt")["task"]
+    role, banned, langs, tags, live = tm.tasks.user_and_live(c.u["ann"].id, now())
+    assert (role, banned, langs, tags) == ("volunteer", False, ["en", "de"], ["maths"])
+    assert [x["id"] for x in live] == [t["id"]] and live[0]["payload"]["lang"] == "en"
+    assert live == tm.tasks.live_of(c.u["ann"].id, now())
+    assert tm.tasks.user_and_live(mod.id, now())[:2] == ("moderator", False)
+    c.store.close()
+
+
+def test_candidate_queries_use_the_live_reservation_indexes(tmp_path):
+    """SQLite's plans (EXPLAIN QUERY PLAN): the live reservations of a candidate are counted
+    through the partial indexes of migration 010 (by target, by tree), never by scanning
+    every live reservation of a kind; prompts to review are found from the trees in review,
+    not from every tree's prompt."""
+    store = open_store(str(tmp_path / "plans.db"), auth=FAST)
+    tm = TreeManager(store.db, CollectSettings())
+    me = store.create_user("ann").id
+    for kind in ("label_initial_prompt", "label_assistant_reply", "label_prompter_reply",
+                 "assistant_reply", "prompter_reply", "rank_assistant_replies",
+                 "rank_prompter_replies", "review_edit"):
+        sql, params = tm.tasks._candidates_sql(kind, me, ["en"], tm.s, now())
+        plan = [r["detail"] for r in store.db.all("EXPLAIN QUERY PLAN " + sql, params)]
+        counts = [p for p in plan if p.startswith("SEARCH k ")]
+        assert counts and all("collect_tasks_live_target" in p or "collect_tasks_live_tree" in p
+                              or "collect_tasks_target" in p for p in counts), (kind, plan)
+        if kind == "label_initial_prompt":
+            assert plan[0] == "SEARCH t USING INDEX collect_trees_state (state=?)", plan
+    store.close()
+
+
+def _volunteers_at_random(url: str, steps: int = 60) -> tuple[list[str], list[int]]:
+    """Six volunteers taking turns at "random" tasks (seeded), answering each: the kinds
+    handed out, and the statements each request for a task took."""
+    c = Counted(url)
+    for n in ("eve", "fay"):
+        c.u[n] = c.store.create_user(n)
+    rng = random.Random(5)
+    kinds, counts = [], []
+    for i in range(steps):
+        who = list(c.u)[i % len(c.u)]
+        r, n = c.statements(c.tm.next_task, c.u[who])
+        counts.append(n)
+        t = r["task"]
+        kinds.append(t and t["type"])
+        if t is None:
+            continue
+        if t["type"] in ("initial_prompt", "assistant_reply", "prompter_reply"):
+            body = {"text": f"{t['type']} {i}", "lang": "en"}
+        elif t["type"].startswith("label"):
+            body = {"labels": {**labels_for(t), "spam": int(rng.random() < 0.2)}}
+        else:
+            body = {"ranking": rng.sample(range(len(t["replies"])), len(t["replies"]))}
+        c.tm.submit(c.u[who], t["id"], body)
+    c.store.close()
+    return kinds, counts
+
+
+def test_random_tasks_are_the_same_on_both_databases(tmp_path, pg_url):
+    """PostgreSQL asks which kinds have candidates in one statement first, SQLite looks each
+    kind up in turn: with the same seed both hand out the same kinds in the same order, and
+    on PostgreSQL a request that finds nothing takes 2 statements (9 on SQLite)."""
+    lite, lite_n = _volunteers_at_random(str(tmp_path / "a.db"))
+    pg, pg_n = _volunteers_at_random(pg_url)
+    assert lite == pg
+    assert {"initial_prompt", "assistant_reply", "label_initial_prompt",
+            "label_assistant_reply", None} <= set(lite), lite
+    nothing = [i for i, k in enumerate(pg) if k is None]
+    assert nothing and all(pg_n[i] == 2 for i in nothing), pg_n
+    assert all(lite_n[i] == 9 for i in nothing), lite_n
+    found = [i for i, k in enumerate(pg) if k is not None]
+    assert sum(pg_n[i] for i in found) < sum(lite_n[i] for i in found)
