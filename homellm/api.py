@@ -341,8 +341,8 @@ def open_model(name_or_path: str | Path | None = None, device: str | None = None
     ctx: positions of the network's own KV cache (None: min(4096, what the model was trained
     on)); trained_ctx: cap a given ctx at what the model was trained on; kv_dtype: the C
     runtime's own cache, "f16" (as llama.cpp keeps it) or "f32". threads: the C
-    runtime's (None: $HOMELLM_THREADS, else one per core). $HOMELLM_KERNEL_PATH
-    (a path of kernels.PATHS: scalar, avx2, avxvnni, avx512, neon, i8mm) picks the C runtime's kernels (default: the best this CPU has).
+    runtime's (None: $HOMELLM_THREADS, else one per core). $HOMELLM_KERNEL_PATH (scalar, avx2,
+    avxvnni, avx512, neon, i8mm) picks the C runtime's kernels (default: the best this CPU has).
     adapter: a LoRA adapter folder (PEFT layout, `homellm tune`) applied without merging: on
     the C runtime beside the base's own blocks (engine/lora.py, as the server applies adapters
     per request), or with native_adapter=False (or where the C runtime does not run the
