@@ -58,7 +58,8 @@ AVX2_T INLINE void AVX2_SFX(packed_body)(const uint8_t *pk, int K, const int8_t 
     const size_t bb = pk_size(kind, 8), wo = f32 ? 64 : 32, qb = (size_t)TILE * 32 * (hi ? 2 : 1);
     const __m256i lo = _mm256_set1_epi8(15);
     const __m256 m32 = _mm256_set1_ps(-32.0f);
-    for (int r = 0; r < R; r++) _mm256_storeu_ps(out + 8 * r, _mm256_setzero_ps());
+    __m256 accs[TILE];  /* (in registers where R is a constant: one row, decode) */
+    for (int r = 0; r < R; r++) accs[r] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *p = pk + (size_t)b * bb;
         /* one row (decode): the weights stream once, ahead of the hardware prefetcher's reach */
@@ -96,7 +97,7 @@ AVX2_T INLINE void AVX2_SFX(packed_body)(const uint8_t *pk, int K, const int8_t 
 #define SX(j) sx[(size_t)(j) * TILE + r]
 #define ISX(j) ((const int32_t *)sx)[(size_t)(j) * TILE + r]
             const __m256 da = _mm256_set1_ps(dx[(size_t)b * TILE + r]);
-            __m256 acc = _mm256_loadu_ps(out + 8 * r);
+            __m256 acc = accs[r];
             if (kind == PK_Q6K) {  /* s0 (I0 da - 32 hs0) + s1 (I1 da - 32 hs1) */
                 const __m256 t0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), da, _mm256_mul_ps(m32, _mm256_set1_ps(SX(nb + 2 * b))));
                 const __m256 t1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), da, _mm256_mul_ps(m32, _mm256_set1_ps(SX(nb + 2 * b + 1))));
@@ -110,17 +111,20 @@ AVX2_T INLINE void AVX2_SFX(packed_body)(const uint8_t *pk, int K, const int8_t 
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dw, da), acc);
                 acc = _mm256_fmadd_ps(mw, _mm256_set1_ps(SX(b)), acc);
             }
-            _mm256_storeu_ps(out + 8 * r, acc);
+            accs[r] = acc;
 #undef SX
 #undef ISX
         }
     }
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(out + 8 * r, accs[r]);
 }
 
 /* the tile_fn of this variant: the body for each kind and level count */
 AVX2_T static void AVX2_SFX(packed_tile)(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
                                          int R, float *out, int hi, int kind) {
-#define BODY(KK) do { if (hi) AVX2_SFX(packed_body)(pk, K, q, dx, sx, R, out, 1, KK); \
+#define BODY(KK) do { if (R == 1) { if (hi) AVX2_SFX(packed_body)(pk, K, q, dx, sx, 1, out, 1, KK); \
+                                 else AVX2_SFX(packed_body)(pk, K, q, dx, sx, 1, out, 0, KK); } \
+                      else if (hi) AVX2_SFX(packed_body)(pk, K, q, dx, sx, R, out, 1, KK); \
                       else AVX2_SFX(packed_body)(pk, K, q, dx, sx, R, out, 0, KK); } while (0)
     switch (kind) {
     case PK_Q4: BODY(PK_Q4); break;
