@@ -3,7 +3,8 @@ queries that find what a volunteer can be handed.
 
     tasks = CollectTasks(store.db)
     tasks.candidates("label_assistant_reply", me, langs, settings, now)   # what fits, best first
-    tid = tasks.insert(kind, me, tree_id, target_id, payload, created, expires)
+    tid = tasks.reserve(kind, me, langs, settings, tree_id, target_id, payload, created,
+                        expires)     # under the tree's lock; None if taken meanwhile
     tasks.claim(tid, me, now)        # True once: the task is done from here on
 
 A task is reserved for one volunteer until it expires (`expires_at`); while it is live it
@@ -13,8 +14,17 @@ one UPDATE that matches only a live reservation of that volunteer, so of two sub
 the same task one wins, and an expired or skipped task takes none.
 
 Each candidate query is one statement: on PostgreSQL it reads one snapshot, so counts of
-messages and reservations are consistent with each other. The tree manager runs it again
-for the chosen target under the tree's lock before it inserts the reservation.
+messages and reservations are consistent with each other. Under the tree's lock, `reserve`
+inserts the reservation only if the same query, for that target, still finds it: one
+INSERT ... SELECT ... WHERE EXISTS, a statement after the lock's, so on PostgreSQL it reads
+a snapshot taken once the lock was granted (the lock and the check in one statement would
+read the snapshot from before the wait).
+
+Round trips are what a request costs on PostgreSQL, so a next-task reads the user, their
+preferences and live reservations together (`user_and_live`), a "random" one asks which
+kinds have candidates in one statement (`candidates_in_order`), and a submission reads the
+user and the task together (`role_and_task`). Migrations 008 and 010 index the live
+reservations by kind, target and tree (partial indexes on status = 'reserved').
 """
 from __future__ import annotations
 
