@@ -29,8 +29,8 @@ from gguf_fixtures import TINY_LLAMA  # noqa: E402
 from test_kernels_quants import _f16, ggml_tensor, kquant_tensors  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
-PACKABLE = (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-F16_AT = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q8_0: (0,), Q.Q5_1: (0, 2), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
+PACKABLE = (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+F16_AT = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q8_0: (0,), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
           Q.Q6_K: (208,)}  # where the blocks keep their f16 scales
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels: {kernels.status()}")

@@ -1031,11 +1031,16 @@ int hl_matmul(const float *x, int M, int K, const uint8_t *w, int64_t row_bytes,
  *   u6 = q6 + 32, A and B the scales of values 0..15 and 16..31 (w = s_h (u6 - 32); the -32 s_h
  *   terms take the activation's half sums). The scales are float32 products of the file's f16 d
  *   and its 6- or 8-bit sub-block scales: exact (what ggml's dequantization computes). 1.33x
- *   (Q4_K), 1.82x (Q5_K), 1.67x (Q5_1), 1.52x (Q6_K) the bytes. */
-enum { PK_Q4 = 0, PK_Q8 = 1, PK_Q4K = 2, PK_Q5K = 3, PK_Q6K = 4, PK_Q4S = 5, PK_KINDS = 6 };
-static const int PK_SIZE[PK_KINDS] = {320, 576, 384, 640, 640, 320};  /* bytes a block, G = 16 */
+ *   (Q4_K), 1.82x (Q5_K), 1.67x (Q5_1), 1.52x (Q6_K) the bytes.
+ * PK_Q5 (Q5_0): d and m (unused: 0) halves and the low nibbles as PK_Q4S, then 8 chunks of the 5th
+ *   bits (G / 2 bytes each: bit 4n + i of chunk c, value 4c + i of row n), which the kernels set
+ *   into the nibbles' bytes as 16; the offset 16 comes off the integer dot as Q4_0's 8 does
+ *   (the dot is then Q8_0's of the same weights, u5 - 16: the bits of the Q8_0 copy it replaces;
+ *   1.09x the bytes). */
+enum { PK_Q4 = 0, PK_Q8 = 1, PK_Q4K = 2, PK_Q5K = 3, PK_Q6K = 4, PK_Q4S = 5, PK_Q5 = 6, PK_KINDS = 7 };
+static const int PK_SIZE[PK_KINDS] = {320, 576, 384, 640, 640, 320, 384};  /* bytes a block, G = 16 */
 #define PK_F32(kind) ((kind) == PK_Q4K || (kind) == PK_Q5K || (kind) == PK_Q6K)  /* f32 scales */
-#define PK_NIB(kind) ((kind) == PK_Q4 || (kind) == PK_Q4S || (kind) == PK_Q4K)  /* nibbles */
+#define PK_NIB(kind) ((kind) == PK_Q4 || (kind) == PK_Q4S || (kind) == PK_Q4K || (kind) == PK_Q5)  /* nibbles */
 
 static inline size_t pk_size(int kind, int G) { return (size_t)PK_SIZE[kind] / 16 * G; }
 
@@ -1043,6 +1048,7 @@ static inline size_t pk_size(int kind, int G) { return (size_t)PK_SIZE[kind] / 1
 int hl_pack_kind(int type) {
     switch (type) {
     case T_Q4_0: return PK_Q4S;
+    case T_Q5_0: return PK_Q5;
     case T_Q4_1: return PK_Q4;
     case T_Q8_0: return PK_Q8;
     case T_Q4_K: return PK_Q4K;
@@ -1097,6 +1103,13 @@ static int repack_q(int type, const uint8_t *w, int64_t row_bytes, int N, int K,
                             o[4 * G + c * 4 * G + j * 4 + i] = G == 16 ? p[2 + 4 * c + i] ^ 0x80 : p[2 + 4 * c + i];
                     continue;
                 }
+                if (type == T_Q5_0) {  /* m = 0 (unused), the nibbles, the 5th bits */
+                    uint32_t h; memcpy(&h, p + 2, 4);
+                    for (int c = 0; c < 4; c++) memcpy(o + 4 * G + c * 4 * G + j * 4, p + 6 + 4 * c, 4);
+                    for (int v = 0; v < 32; v++)
+                        if (h >> v & 1) o[20 * G + (v / 4) * (G / 2) + (4 * j + v % 4) / 8] |= (uint8_t)(1u << ((4 * j + v % 4) % 8));
+                    continue;
+                }
                 const uint16_t m = type == T_Q4_1 ? (uint16_t)(p[2] | p[3] << 8) : minus8(p);
                 memcpy(o + 2 * G + 2 * j, &m, 2);
                 const uint8_t *qs = p + (type == T_Q4_1 ? 4 : 2);
@@ -1144,7 +1157,7 @@ static int repack_ext(int type, const uint8_t *w, int64_t row_bytes, int N, int 
 int hl_repack(int type, const uint8_t *w, int64_t row_bytes, int N, int K, uint8_t *out, int G) {
     const int kind = hl_pack_kind(type);
     if (kind < 0 || K % type_qk(type) || !good_g(G)) return -1;
-    if (kind == PK_Q4 || kind == PK_Q4S || kind == PK_Q8) return repack_q(type, w, row_bytes, N, K, out, G);
+    if (kind == PK_Q4 || kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) return repack_q(type, w, row_bytes, N, K, out, G);
     return repack_ext(type, w, row_bytes, N, K, out, G);
 }
 
@@ -1196,6 +1209,11 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
                 w[c] = _mm512_and_si512(x, lo);
                 w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
             }
+            if (kind == PK_Q5)  /* the 5th bits: + 16 where set */
+                for (int c = 0; c < 8; c++) {
+                    uint64_t h; memcpy(&h, p + 320 + 8 * c, 8);
+                    w[c] = _mm512_mask_add_epi8(w[c], _cvtu64_mask64(h), w[c], _mm512_set1_epi8(16));
+                }
         }
         _Pragma("GCC unroll 8")
         for (int r = 0; r < R; r++) {
@@ -1227,8 +1245,8 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
                 __m512 t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), da, _mm512_mul_ps(m32, _mm512_set1_ps(SX(nb + 2 * b + 1))));
                 acc[r] = _mm512_fmadd_ps(t0, dw, acc[r]);
                 acc[r] = _mm512_fmadd_ps(t1, mw, acc[r]);
-            } else if (kind == PK_Q4S || kind == PK_Q8) {  /* d da ((u . q) - off sum(q)) */
-                const __m512i os = _mm512_set1_epi32(ISX(3 * nb + b) << (kind == PK_Q8 ? 7 : 3));
+            } else if (kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) {  /* d da ((u . q) - off sum(q)) */
+                const __m512i os = _mm512_set1_epi32(ISX(3 * nb + b) << (kind == PK_Q8 ? 7 : kind == PK_Q5 ? 4 : 3));
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(i0, i1), os)),
                                          _mm512_mul_ps(dw, da), acc[r]);
             } else {
@@ -1249,6 +1267,7 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
         case PK_Q8: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q8, TT); break; \
         case PK_Q4K: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q4K, TT); break; \
         case PK_Q5K: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q5K, TT); break; \
+        case PK_Q5: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q5, TT); break; \
         default: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q6K, TT); } } while (0)
 
 /* rows 0..R-1 (R <= TILE) of one activation tile (see TILE), hi: two levels */
@@ -1278,9 +1297,11 @@ static void pk_dequant_row(int kind, const uint8_t *pk, int K, int n, int G, flo
         else { A = h2f(o + 2 * j); B = h2f(o + 2 * G + 2 * j); }
         for (int v = 0; v < 32; v++) {
             const int c = v / 4, i = v % 4;
-            const int u = nib ? (c < 4 ? w[c * cs + j * 4 + i] & 15 : w[(c - 4) * cs + j * 4 + i] >> 4)
-                        : s8 ? (int8_t)w[c * cs + j * 4 + i] : w[c * cs + j * 4 + i];
-            out[b * 32 + v] = kind == PK_Q6K ? (v < 16 ? A : B) * (float)(u - 32) : s8 ? A * (float)u : A * (float)u + B;
+            int u = nib ? (c < 4 ? w[c * cs + j * 4 + i] & 15 : w[(c - 4) * cs + j * 4 + i] >> 4)
+                  : s8 ? (int8_t)w[c * cs + j * 4 + i] : w[c * cs + j * 4 + i];
+            if (kind == PK_Q5) u = (u | (o[20 * G + c * (G / 2) + (4 * j + i) / 8] >> ((4 * j + i) % 8) & 1) << 4) - 16;
+            out[b * 32 + v] = kind == PK_Q6K ? (v < 16 ? A : B) * (float)(u - 32) : s8 || kind == PK_Q5 ? A * (float)u
+                                                                                       : A * (float)u + B;
         }
     }
 }

@@ -22,11 +22,11 @@ AVX2_T INLINE void AVX2_SFX(dots)(const __m256i *w, const uint8_t *pw, const int
 #else
     const __m256i ones = _mm256_set1_epi16(1);
 #define MU(c) _mm256_maddubs_epi16(w[c], BC(c))
-    if (PK_NIB(kind)) {  /* nibbles: all 8 chunks in int16 (<= 30480) */
+    if (PK_NIB(kind) && kind != PK_Q5) {  /* nibbles: all 8 chunks in int16 (<= 30480) */
         __m256i s = MU(0);
         for (int c = 1; c < 8; c++) s = _mm256_add_epi16(s, MU(c));
         *i0 = _mm256_madd_epi16(s, ones);
-    } else if (kind == PK_Q5K) {  /* 5 bits: 4 chunks in int16 (<= 31496) */
+    } else if (kind == PK_Q5K || kind == PK_Q5) {  /* 5 bits: 4 chunks in int16 (<= 31496) */
         const __m256i s0 = _mm256_add_epi16(_mm256_add_epi16(MU(0), MU(1)), _mm256_add_epi16(MU(2), MU(3)));
         const __m256i s1 = _mm256_add_epi16(_mm256_add_epi16(MU(4), MU(5)), _mm256_add_epi16(MU(6), MU(7)));
         *i0 = _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones));
@@ -75,6 +75,11 @@ AVX2_T INLINE void AVX2_SFX(packed_body)(const uint8_t *pk, int K, const int8_t 
                 w[c] = _mm256_and_si256(x, lo);
                 w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
             }
+            if (kind == PK_Q5)  /* the 5th bits: + 16 where set */
+                for (int c = 0; c < 8; c++) {
+                    uint32_t h; memcpy(&h, p + 160 + 4 * c, 4);
+                    w[c] = _mm256_or_si256(w[c], _mm256_and_si256(bits_to_bytes(h), _mm256_set1_epi8(16)));
+                }
         } else {
             for (int c = 0; c < 8; c++) {
                 w[c] = _mm256_loadu_si256((const __m256i *)(p + wo + 32 * c));
@@ -103,9 +108,9 @@ AVX2_T INLINE void AVX2_SFX(packed_body)(const uint8_t *pk, int K, const int8_t 
                 const __m256 t1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), da, _mm256_mul_ps(m32, _mm256_set1_ps(SX(nb + 2 * b + 1))));
                 acc = _mm256_fmadd_ps(t0, dw, acc);
                 acc = _mm256_fmadd_ps(t1, mw, acc);
-            } else if (kind == PK_Q4S || kind == PK_Q8) {  /* d da ((u . q) - off sum(q)) */
-                if (kind == PK_Q4S || AVX2_VNNI)
-                    i0 = _mm256_sub_epi32(i0, _mm256_set1_epi32(ISX(3 * nb + b) * (kind == PK_Q8 ? 128 : 8)));
+            } else if (kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) {  /* d da ((u . q) - off sum(q)) */
+                if (kind != PK_Q8 || AVX2_VNNI)
+                    i0 = _mm256_sub_epi32(i0, _mm256_set1_epi32(ISX(3 * nb + b) * (kind == PK_Q8 ? 128 : kind == PK_Q5 ? 16 : 8)));
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dw, da), acc);
             } else {
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dw, da), acc);
@@ -132,6 +137,7 @@ AVX2_T static void AVX2_SFX(packed_tile)(const uint8_t *pk, int K, const int8_t 
     case PK_Q8: BODY(PK_Q8); break;
     case PK_Q4K: BODY(PK_Q4K); break;
     case PK_Q5K: BODY(PK_Q5K); break;
+    case PK_Q5: BODY(PK_Q5); break;
     default: BODY(PK_Q6K);
     }
 #undef BODY

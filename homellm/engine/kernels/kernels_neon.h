@@ -250,6 +250,16 @@ INLINE void neon_weights(const uint8_t *p, int kind, int8x16_t w[8][2]) {
                 w[c][h] = vreinterpretq_s8_u8(vandq_u8(x, lo));
                 w[c + 4][h] = vreinterpretq_s8_u8(vshrq_n_u8(x, 4));
             }
+        if (kind == PK_Q5) {  /* the 5th bits: + 16 where set (byte k of a register: bit k of 16) */
+            const uint8x16_t idx = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+            const uint8x16_t bit = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+            for (int c = 0; c < 8; c++)
+                for (int h = 0; h < 2; h++) {
+                    uint16_t hb; memcpy(&hb, p + 160 + 4 * c + 2 * h, 2);
+                    const uint8x16_t m = vtstq_u8(vqtbl1q_u8(vreinterpretq_u8_u16(vdupq_n_u16(hb)), idx), bit);
+                    w[c][h] = vreinterpretq_s8_u8(vorrq_u8(vreinterpretq_u8_s8(w[c][h]), vandq_u8(m, vdupq_n_u8(16))));
+                }
+        }
     } else {
         for (int c = 0; c < 8; c++)
             for (int h = 0; h < 2; h++) w[c][h] = vld1q_s8((const int8_t *)p + wo + 32 * c + 16 * h);
@@ -284,9 +294,9 @@ INLINE void neon_epilogue(int kind, int nb, int b, int r, const float *dx, const
                                              vcvtq_f32_s32(i1[h]), da);
             a = vfmaq_f32(a, t0, dw[h]);
             a = vfmaq_f32(a, t1, mw[h]);
-        } else if (kind == PK_Q4S || kind == PK_Q8) {  /* d da ((u . q) - off sum(q)); Q8_0: signed, no offset */
+        } else if (kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) {  /* d da ((u . q) - off sum(q)); Q8_0: signed */
             int32x4_t i = i0[h];
-            if (kind == PK_Q4S) i = vsubq_s32(i, vdupq_n_s32(ISX(3 * nb + b) * 8));
+            if (kind != PK_Q8) i = vsubq_s32(i, vdupq_n_s32(ISX(3 * nb + b) * (kind == PK_Q5 ? 16 : 8)));
             a = vfmaq_f32(a, vcvtq_f32_s32(i), vmulq_f32(dw[h], da));
         } else {
             a = vfmaq_f32(a, vcvtq_f32_s32(i0[h]), vmulq_f32(dw[h], da));
@@ -353,6 +363,7 @@ T_DOT static void packed_tile_neon(const uint8_t *pk, int K, const int8_t *q, co
     case PK_Q8: BODY(PK_Q8); break;
     case PK_Q4K: BODY(PK_Q4K); break;
     case PK_Q5K: BODY(PK_Q5K); break;
+    case PK_Q5: BODY(PK_Q5); break;
     default: BODY(PK_Q6K);
     }
 #undef BODY
@@ -444,6 +455,7 @@ T_MM static void packed_tile_i8mm(const uint8_t *pk, int K, const int8_t *q, con
     case PK_Q8: BODY(PK_Q8); break;
     case PK_Q4K: BODY(PK_Q4K); break;
     case PK_Q5K: BODY(PK_Q5K); break;
+    case PK_Q5: BODY(PK_Q5); break;
     default: BODY(PK_Q6K);
     }
 #undef BODY

@@ -104,7 +104,7 @@ def repack_q4(t, path: str | None = None) -> np.ndarray | None:
     return _repack(t, (2, 3), path=path)
 
 
-PACKABLE = (2, 3, 7, 8, 12, 13, 14)  # Q4_0, Q4_1, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
+PACKABLE = (2, 3, 6, 7, 8, 12, 13, 14)  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
 
 
 def repack(t, memo: bool = True, path: str | None = None) -> np.ndarray | None:
@@ -346,7 +346,9 @@ class NativeModel:
                 if name == "mlp.gate_proj" and not args.mlp_gated:
                     continue  # (GPT-NeoX: up and down only)
                 src = tensors[p + name + ".weight"]
-                t = self._runtime_blocks(src)  # (a converted copy must not be memoized by address)
+                # Q5_0 packs as it is (nibbles and 5th bits: 1.09x its bytes); on raw blocks it
+                # runs as the Q8_0 it exactly is (a converted copy must not be memoized by address)
+                t = src if self.pack_rows else self._runtime_blocks(src)
                 pk = repack(t, memo=t is src, path=path) if self.pack_rows else None
                 self._set_mat(i, j, t, p + name, keep=pk is None or keep_raw)
                 if pk is not None:
