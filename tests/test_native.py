@@ -218,7 +218,7 @@ def test_q5_0_runs_as_exact_q8_0():
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0], ids=lambda t: t.name)
 def test_packed_blocks_equal_raw_blocks(qtype):
-    """The AVX512 repacked layouts (Q4: nibbles, Q8_0 and Q5_0-as-Q8_0: bytes + 128) compute
+    """The AVX512 repacked layouts (Q4: nibbles, Q5_0: nibbles and 5th bits, Q8_0: bytes + 128) compute
     what the raw-block kernels compute: the same integer dot products, other float order."""
     if "avx512" not in _paths():
         pytest.skip("no AVX512-VNNI: nothing is repacked")

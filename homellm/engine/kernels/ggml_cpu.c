@@ -33,8 +33,8 @@
  * target attribute; no x86 header or intrinsic is compiled on ARM, nor the reverse.
  * Every quantized type is repacked for the vector paths (hl_repack): G weight rows side by side,
  * 16 for AVX512 (a 512-bit register of 16 int32 lanes), 8 for AVX2 and NEON (kernels_avx2.h,
- * kernels_neon.h): Q4_x as nibbles, Q8_0 and Q5_0-as-Q8_0 as bytes (+ 128 on AVX512), Q5_1 and
- * the K-quants as unsigned integers with f32 scales. Each output is one lane's sequence of
+ * kernels_neon.h): Q4_x as nibbles, Q5_0 as nibbles and 5th bits, Q8_0 as bytes (+ 128 on
+ * AVX512), Q5_1 and the K-quants as unsigned integers with f32 scales. Each output is one lane's sequence of
  * float operations, the same on every path: the packed products of AVX512, AVX2 and NEON are
  * the same bits. hl_matmul_packed_multi runs several such weights on one quantized activation
  * (q/k/v; gate/up with the gated product in its epilogue).
