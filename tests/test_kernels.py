@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from homellm.engine import kernels
 from homellm.engine.kernels import FastDecoder, GGMLLinear, build, matmul
 from homellm.engine.kernels.ggml_linear import blocks_tensor, matmul_packed, repack_q4
-from homellm.engine.kernels.native import pack_kind
+from homellm.engine.kernels.native import pack_kind, pack_rows
 from homellm.model.formats.checkpoint import GGMLTensor
 from homellm.model.llama import Llama, ModelArgs, rope_inv_freq
 
@@ -39,9 +39,9 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels: {kern
 
 
 def _paths() -> list[str]:
-    best = kernels.cpu_features().get("path", "scalar")
-    order = ["scalar", "avx2", "avx512"]
-    return order[: order.index(best) + 1]
+    """The kernel paths this CPU runs (avxvnni aside: tests/test_kernel_paths.py holds it to
+    avx2's bits): scalar, avx2, avx512 on x86-64; scalar, neon, i8mm on ARM64."""
+    return [p for p in kernels.cpu_features().get("paths", ["scalar"]) if p != "avxvnni"]
 
 
 def ggml_tensor(w: torch.Tensor, qtype: Q) -> GGMLTensor:
@@ -134,8 +134,8 @@ def test_activation_quantization_is_the_written_out_algorithm():
 
 @pytest.mark.parametrize("qtype", (Q.Q4_0, Q.Q4_1), ids=lambda t: t.name)
 def test_packed_q4_matches_raw_kernel(qtype):
-    if "avx512" not in _paths():
-        pytest.skip("the packed kernel needs AVX512-VNNI")
+    if not pack_rows():
+        pytest.skip("no packed kernels on this CPU")
     g = torch.Generator().manual_seed(5)
     for M, K, N in SHAPES + [(513, 576, 100)]:
         w = torch.randn(N, K, generator=g) * 0.05
@@ -164,7 +164,7 @@ def test_ggml_linear_module():
     ref = x @ t.dequantize().T + bias
     assert rel(y, ref) < 1e-4
     assert lin.data.dtype == torch.uint8
-    assert lin.packed == ("avx512" in _paths())  # Q8_0 repacked too (exact), else the raw rows
+    assert lin.packed == (pack_rows() > 0)  # Q8_0 repacked too (exact), else the raw rows
     if not lin.packed:
         assert lin.data.shape == (48, 3 * 34)
     raw = GGMLLinear(t, bias=bias, hi=True, pack=False)
@@ -173,13 +173,13 @@ def test_ggml_linear_module():
     for pack in (True, False):
         lin4 = GGMLLinear(t4, pack=pack)
         assert rel(lin4(x), x @ t4.dequantize().T) < 1e-2
-        assert lin4.packed == (pack and "avx512" in _paths())
+        assert lin4.packed == (pack and pack_rows() > 0)
 
 
 def test_fused_projections_match_separate_layers():
     """One kernel call for q/k/v (and gate/up with the SiLU epilogue) == the separate layers."""
-    if "avx512" not in _paths():
-        pytest.skip("the packed kernel needs AVX512-VNNI")
+    if not pack_rows():
+        pytest.skip("no packed kernels on this CPU")
     from homellm.engine.kernels import FusedProjection
     g = torch.Generator().manual_seed(11)
     x = torch.randn(3, 37, 96, generator=g)  # M = 111: a partial 8-row tile
@@ -206,8 +206,8 @@ def test_fused_projections_match_separate_layers():
 @pytest.mark.parametrize("args", (TINY_LLAMA, TINY_QWEN2), ids=("llama", "qwen2"))
 def test_loader_fuses_projections_on_a_tiny_model(args):
     """build_model gives packed Q4 layers fused projections; logits equal the unfused model's."""
-    if "avx512" not in _paths():
-        pytest.skip("the packed kernel needs AVX512-VNNI")
+    if not pack_rows():
+        pytest.skip("no packed kernels on this CPU")
     from homellm.engine.loader import build_model
     from homellm.model.formats.checkpoint import Checkpoint
     tensors = quantized_tensors(args, Q.Q4_1)

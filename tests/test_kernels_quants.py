@@ -26,7 +26,7 @@ import torch
 from homellm.engine import kernels
 from homellm.engine.kernels import GGMLLinear, build, matmul
 from homellm.engine.kernels.ggml_linear import blocks_tensor
-from homellm.engine.kernels.native import NativeModel
+from homellm.engine.kernels.native import NativeModel, pack_rows
 from homellm.model.formats.checkpoint import GGMLTensor
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -36,7 +36,7 @@ from test_kernels import _paths, fake_quant, reference_model, rel  # noqa: E402
 Q = gguf.GGMLQuantizationType
 KQUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
 TYPES = (Q.Q5_0, Q.Q5_1) + KQUANTS
-PACKED = (Q.Q5_1,) + KQUANTS  # the AVX512 path computes these on packed rows (native.repack)
+PACKED = (Q.Q5_0, Q.Q5_1) + KQUANTS  # the vector paths compute these on packed rows (native.repack)
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels: {kernels.status()}")
 
@@ -171,7 +171,7 @@ def test_paths_agree_and_ggml_linear():
         for y in ys[1:]:
             torch.testing.assert_close(y, ys[0], rtol=1e-5, atol=1e-5)
         lin = GGMLLinear(t, hi=True)
-        assert lin.packed == (qtype in PACKED and "avx512" in _paths())  # Q5_0: as Q8_0 in NativeModel
+        assert lin.packed == (qtype in PACKED and pack_rows() > 0)
         assert rel(lin(x), x @ dequantized(t).T) < 1e-4
         assert rel(lin(x), GGMLLinear(t, hi=True, pack=False)(x)) < 1e-5
 
@@ -229,7 +229,7 @@ def test_packed_kquants_equal_the_raw_kernels(qtype):
     for M, K, N in ((1, 256, 16), (7, 512, 40), (37, 768, 100), (130, 256, 33)):
         t = ggml_tensor(torch.randn(N, K, generator=g) * 0.05, qtype)
         raw = rng.integers(0, 256, size=(N, K // qk, bs), dtype=np.uint8)
-        f16_at = {Q.Q5_1: (0, 2), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}[qtype]
+        f16_at = {Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}[qtype]
         for off in f16_at:  # finite scales
             raw[:, :, off:off + 2] = _f16(rng.standard_normal(N * K // qk) * 0.01).reshape(N, K // qk, 2)
         x = torch.randn(M, K, generator=g)

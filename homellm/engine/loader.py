@@ -91,10 +91,11 @@ def _fuse_projections(layer: nn.Module):
 def _attach_attention(model: Llama, device: torch.device, dtype: torch.dtype):
     """Causal attention in C for prefill (engine/kernels CausalAttention) on float32 CPU
     models where the kernels built with a vector path (at T=512: AVX512 3x, AVX2 1.8x faster
-    than SDPA; the portable scalar path is slower); SDPA stays otherwise."""
+    than SDPA; AVX-VNNI's is AVX2's, ARM64's NEON; the portable scalar path is slower); SDPA
+    stays otherwise."""
     from homellm.engine import kernels
     if device.type != "cpu" or dtype != torch.float32 or not kernels.available() \
-            or kernels.cpu_features().get("path") not in ("avx512", "avx2"):
+            or kernels.cpu_features().get("path", "scalar") == "scalar":
         return
     fn = kernels.CausalAttention()
     for layer in model.model.layers:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from homellm.engine.kernels.build import load, status
 
-PATHS = {"scalar": 0, "avx2": 1, "avx512": 2}
+# the kernel paths (ggml_cpu.c P_*): x86-64 AVX2, AVX512-VNNI, AVX2 with AVX-VNNI; ARM64 NEON with
+# the dot-product instructions, and with i8mm; the portable scalar code everywhere
+PATHS = {"scalar": 0, "avx2": 1, "avx512": 2, "avxvnni": 3, "neon": 4, "i8mm": 5}
 SUPPORTED_TYPES = (0, 1, 2, 3, 6, 7, 8, 12, 13, 14)  # ggml types: F32, F16, Q4_0, Q4_1, Q5_0, Q5_1,
 #                                                   Q8_0, Q4_K, Q5_K, Q6_K
 
 _FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", None,
-             "avx512dq")
+             "avx512dq", "avxvnni", "dotprod", "i8mm")
 
 
 def available() -> bool:
@@ -26,18 +28,20 @@ def available() -> bool:
 
 
 def cpu_features() -> dict:
-    """{"avx2": bool, ..., "path": "avx512" | "avx2" | "scalar"}; {} when the kernels are off."""
+    """{"avx2": bool, ..., "path": the best path, "paths": every path this CPU runs (any of them
+    can be forced: HOMELLM_KERNEL_PATH)}; {} when the kernels are off."""
     lib = load()
     if lib is None:
         return {}
     bits = lib.hl_cpu_features()
     out = {name: bool(bits >> i & 1) for i, name in enumerate(_FEATURES) if name}
     out["path"] = {v: k for k, v in PATHS.items()}[lib.hl_best_path()]
+    out["paths"] = [name for name, i in PATHS.items() if lib.hl_path_ok(i)]
     return out
 
 
 def path_id(path: str | None) -> int:
-    """"scalar" / "avx2" / "avx512" -> the C enum; None or "auto" -> -1 (best this CPU has)."""
+    """A path's name (PATHS) -> the C enum; None or "auto" -> -1 (best this CPU has)."""
     if path in (None, "auto"):
         return -1
     if path not in PATHS:

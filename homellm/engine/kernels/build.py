@@ -3,8 +3,8 @@
 The library lands in `$HOMELLM_HOME/kernels/` (default `~/.cache/homellm/kernels/`) under a
 name keyed by a hash of the source, the compiler's version and the flags, so an edit or a new
 compiler builds afresh and concurrent processes never see a half-written file (compile to a
-temporary name, then rename). One build runs on any x86-64: no -march; the vector paths carry
-their own target attributes and are chosen at run time.
+temporary name, then rename). One build runs on any x86-64, and one on any ARM64: no -march;
+the vector paths carry their own target attributes and are chosen at run time.
 
 Nothing is printed. `load()` returns the library, or None when there is no compiler, the build
 fails, or HOMELLM_NO_KERNELS=1 — callers then keep the PyTorch path; `status()` says why.
@@ -20,10 +20,22 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("ggml_cpu.c")
-# included by SOURCE: its own thread pool, and the network over a batch of rows (hl_batch)
-HEADERS = [Path(__file__).with_name("thread_pool.h"), Path(__file__).with_name("network.h")]
+# included by SOURCE: its own thread pool, the network over a batch of rows (hl_batch), each
+# path's kernels (kernels_avx2.h, kernels_neon.h, ...)
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 FLAGS = ["-O3", "-pthread", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math",
          "-fno-signed-zeros", "-fno-trapping-math"]
+# ARM64 has FMA in every CPU: without this the compiler fuses the scalar code's products into
+# its sums, which then round otherwise than on x86-64 (where the plain build has no FMA); the
+# NEON kernels write their fused multiply-adds out (kernels_neon.h)
+ARM64_FLAGS = ["-ffp-contract=off"]
+
+
+def flags(machine: str | None = None) -> list[str]:
+    """The compiler flags for a CPU architecture (platform.machine() names; None: this one)."""
+    import platform
+    machine = (machine or platform.machine()).lower()
+    return FLAGS + (ARM64_FLAGS if machine in ("aarch64", "arm64") else [])
 
 _state: dict = {"lib": None, "tried": False, "status": "not built"}
 
@@ -51,7 +63,7 @@ def _version(cc: str) -> str:
 
 def _library_path(compiler_version: str) -> Path:
     src = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
-    key = hashlib.sha256(src + compiler_version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + compiler_version.encode() + " ".join(flags()).encode()).hexdigest()[:16]
     return cache_dir() / f"ggml_cpu-{key}.so"
 
 
@@ -86,7 +98,7 @@ def build(force: bool = False) -> Path | None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+        res = subprocess.run([cc, *flags(), "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
                              text=True, timeout=300)
         if res.returncode != 0:
             _state["status"] = f"{cc} failed on {SOURCE.name}: {res.stderr.strip()[-2000:]}"
@@ -107,24 +119,22 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     sigs = {
         "hl_cpu_features": (c_int, []),
         "hl_best_path": (c_int, []),
+        "hl_path_ok": (c_int, [c_int]),
+        "hl_pack_rows": (c_int, [c_int]),
         "hl_matmul": (c_int, [c_void, c_int, c_int, c_void, c_i64, c_int, c_int, c_void, c_int, c_int,
                                c_int]),
-        "hl_packed_q4_bytes": (c_i64, [c_int, c_int]),
-        "hl_repack_q4": (c_int, [c_int, c_void, c_i64, c_int, c_int, c_void]),
-        "hl_packed_q8_bytes": (c_i64, [c_int, c_int]),
-        "hl_repack_q8": (c_int, [c_void, c_i64, c_int, c_int, c_void]),
         "hl_pack_kind": (c_int, [c_int]),
-        "hl_packed_bytes": (c_i64, [c_int, c_int, c_int]),
-        "hl_repack": (c_int, [c_int, c_void, c_i64, c_int, c_int, c_void]),
-        "hl_matmul_packed": (c_int, [c_void, c_int, c_int, c_void, c_int, c_void, c_int, c_int, c_int]),
+        "hl_packed_bytes": (c_i64, [c_int, c_int, c_int, c_int]),
+        "hl_repack": (c_int, [c_int, c_void, c_i64, c_int, c_int, c_void, c_int]),
+        "hl_matmul_packed": (c_int, [c_void, c_int, c_int, c_void, c_int, c_void, c_int, c_int, c_int, c_int]),
         "hl_matmul_packed_multi": (c_int, [c_void, c_int, c_int, c_int, c_void, c_void, c_void, c_int, c_int,
-                                           c_int, c_void]),
+                                           c_int, c_void, c_int]),
         "hl_quantize_rows": (None, [c_void, c_int, c_int, c_void, c_void, c_void, c_void]),
         "hl_dequant_rows": (None, [c_int, c_void, c_i64, c_int, c_int, c_void]),
         "hl_model_new": (c_void, [c_int, c_int, c_int, c_int, c_int, c_int, c_int, c_float, c_void]),
         "hl_model_free": (None, [c_void]),
         "hl_model_set_mat": (c_int, [c_void, c_int, c_int, c_int, c_int, c_int, c_void, c_i64]),
-        "hl_model_set_packed": (c_int, [c_void, c_int, c_int, c_void]),
+        "hl_model_set_packed": (c_int, [c_void, c_int, c_int, c_void, c_int]),
         "hl_model_set_vec": (None, [c_void, c_int, c_int, c_void]),
         "hl_model_set_arch": (c_int, [c_void, c_int, c_int, c_int, c_int, c_int, c_int, c_int, c_void, c_void,
                                       c_float, c_float, c_float, c_int, c_void]),

@@ -26,12 +26,18 @@
  * products per block, ~256x less activation rounding error; the decode step uses it by default.
  *   Q8_0 . a = sum_b dw_b da_b sum_j qw qa
  *   Q4_x . a = sum_b dw_b da_b sum_j nib qa  +  m_b s_b      (Q4_0: m_b = -8 dw_b)
- * Three paths chosen at run time: AVX512-VNNI (two blocks per 512-bit dpbusd), AVX2 (maddubs),
- * and portable scalar. Built without -march, each vector function carries its own target attribute.
- * On AVX512 every quantized type is repacked 16 weight rows per register (hl_repack: Q4_x as nibbles,
- * Q8_0 and Q5_0-as-Q8_0 as bytes + 128, Q5_1 and the K-quants as unsigned integers with f32 scales);
- * hl_matmul_packed_multi runs several such weights on one quantized activation (q/k/v; gate/up with
- * the SiLU-gated product in its epilogue).
+ * Paths chosen at run time (hl_best_path; HOMELLM_KERNEL_PATH forces one): on x86-64 AVX512-VNNI
+ * (two blocks per 512-bit dpbusd), AVX2 (maddubs) and AVX2 with 256-bit VNNI (AVX-VNNI, Alder
+ * Lake and later); on ARM64 NEON with the dot-product instructions (sdot), and with i8mm; and the
+ * portable scalar code everywhere. Built without -march, each vector function carries its own
+ * target attribute; no x86 header or intrinsic is compiled on ARM, nor the reverse.
+ * Every quantized type is repacked for the vector paths (hl_repack): G weight rows side by side,
+ * 16 for AVX512 (a 512-bit register of 16 int32 lanes), 8 for AVX2 and NEON (kernels_avx2.h,
+ * kernels_neon.h): Q4_x as nibbles, Q5_0 as nibbles and 5th bits, Q8_0 as bytes (+ 128 on
+ * AVX512), Q5_1 and the K-quants as unsigned integers with f32 scales. Each output is one lane's sequence of
+ * float operations, the same on every path: the packed products of AVX512, AVX2 and NEON are
+ * the same bits. hl_matmul_packed_multi runs several such weights on one quantized activation
+ * (q/k/v; gate/up with the gated product in its epilogue).
  * Threads: every parallel loop is a job of thread_pool.h (pthreads; no OpenMP), a whole batch of
  * rows through the network one job (network.h); each item of a loop is computed whole by one
  * thread, so results are the same on any number of threads.
@@ -42,21 +48,41 @@
 #include <stdlib.h>
 #include <string.h>
 #include "thread_pool.h"
+#if defined(__x86_64__)
+#define HL_X86 1
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#define HL_ARM 1
+#include <arm_neon.h>
+#if defined(__linux__)
+#include <sys/auxv.h>
+#elif defined(__APPLE__)
+#include <sys/sysctl.h>
+#endif
+#endif
 
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
        T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
-enum { P_SCALAR = 0, P_AVX2 = 1, P_AVX512 = 2 };
+/* kernel paths (engine/kernels/__init__.py PATHS): x86-64 AVX2, AVX512, AVX2 + AVX-VNNI; ARM64
+ * NEON + dotprod, and + i8mm */
+enum { P_SCALAR = 0, P_AVX2 = 1, P_AVX512 = 2, P_AVXVNNI = 3, P_NEON = 4, P_I8MM = 5, P_COUNT = 6 };
 
+#define INLINE static inline __attribute__((always_inline))
+#if HL_X86
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 #define T256 __attribute__((target("avx2,fma,f16c")))
-#define INLINE static inline __attribute__((always_inline))
+#endif
 
 /* ---- features ---------------------------------------------------------------------------- */
 
+/* bits: 1 avx2, 2 fma, 4 f16c, 8 avx512f, 16 avx512bw, 32 avx512vl, 64 avx512vnni, 256 avx512dq,
+ * 512 avxvnni; 1024 asimddp (dotprod), 2048 i8mm */
 int hl_cpu_features(void) {
-    __builtin_cpu_init();
+    static int cached = -1;  /* (threads that race here store the same value) */
+    if (cached >= 0) return cached;
     int f = 0;
+#if HL_X86
+    __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2")) f |= 1;
     if (__builtin_cpu_supports("fma")) f |= 2;
     if (__builtin_cpu_supports("avx512f")) f |= 8;
@@ -64,21 +90,61 @@ int hl_cpu_features(void) {
     if (__builtin_cpu_supports("avx512vl")) f |= 32;
     if (__builtin_cpu_supports("avx512vnni")) f |= 64;
     if (__builtin_cpu_supports("avx512dq")) f |= 256;
-    /* F16C has no __builtin_cpu_supports name in gcc 12: CPUID.1:ECX bit 29 */
+    /* F16C has no __builtin_cpu_supports name in gcc 12: CPUID.1:ECX bit 29; AVX-VNNI neither:
+     * CPUID.(7, 1):EAX bit 4 (its VEX registers are AVX2's, whose OS support avx2 implies) */
     unsigned a, b, c, d;
     __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
     if (c & (1u << 29)) f |= 4;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0), "c"(0));
+    if (a >= 7) {
+        __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(1));
+        if ((a & (1u << 4)) && (f & 1)) f |= 512;
+    }
+#elif HL_ARM && defined(__linux__)
+    const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
+    if (hw & (1ul << 20)) f |= 1024;  /* HWCAP_ASIMDDP */
+    if (hw2 & (1ul << 13)) f |= 2048; /* HWCAP2_I8MM */
+#elif HL_ARM && defined(__APPLE__)
+    int v = 0; size_t n = sizeof v;
+    if (sysctlbyname("hw.optional.arm.FEAT_DotProd", &v, &n, NULL, 0) == 0 && v) f |= 1024;
+    v = 0; n = sizeof v;
+    if (sysctlbyname("hw.optional.arm.FEAT_I8MM", &v, &n, NULL, 0) == 0 && v) f |= 2048;
+#endif
+    cached = f;
     return f;
 }
 
+/* whether this CPU runs path p ($HOMELLM_KERNEL_PATH may force any such one) */
+int hl_path_ok(int p) {
+    const int f = hl_cpu_features(), avx2 = 1 | 2 | 4, avx512 = avx2 | 8 | 16 | 32 | 64 | 256;
+    switch (p) {
+    case P_SCALAR: return 1;
+    case P_AVX2: return (f & avx2) == avx2;
+    case P_AVX512: return (f & avx512) == avx512;
+    /* AVX-VNNI's VEX vpdpbusd, or (a CPU with AVX512-VNNI) the same 256-bit kernels in EVEX form */
+    case P_AVXVNNI: return (f & avx2) == avx2 && ((f & 512) || (f & (32 | 64)) == (32 | 64));
+    case P_NEON: return (f & 1024) != 0;
+    case P_I8MM: return (f & (1024 | 2048)) == (1024 | 2048);
+    default: return 0;
+    }
+}
+
 int hl_best_path(void) {
-    int f = hl_cpu_features();
-    if ((f & (8 | 16 | 32 | 64 | 256 | 1 | 2 | 4)) == (8 | 16 | 32 | 64 | 256 | 1 | 2 | 4)) return P_AVX512;
-    if ((f & (1 | 2 | 4)) == (1 | 2 | 4)) return P_AVX2;
+    static const int order[] = {P_AVX512, P_AVXVNNI, P_AVX2, P_I8MM, P_NEON};
+    const int f = hl_cpu_features();
+    for (int i = 0; i < 5; i++) {
+        if (order[i] == P_AVXVNNI && !(f & 512)) continue;  /* (the EVEX form only when forced) */
+        if (hl_path_ok(order[i])) return order[i];
+    }
     return P_SCALAR;
 }
 
-static int path_ok(int p) { return p >= 0 && p <= hl_best_path(); }
+static int path_ok(int p) { return hl_path_ok(p); }
+static int is_avx2(int p) { return p == P_AVX2 || p == P_AVXVNNI; }   /* the 256-bit x86 kernels */
+static int is_neon(int p) { return p == P_NEON || p == P_I8MM; }
+
+/* weight rows side by side in a packed matrix for path p's kernels (0: the path has none) */
+int hl_pack_rows(int p) { return p == P_AVX512 ? 16 : is_avx2(p) || is_neon(p) ? 8 : 0; }
 
 /* ---- scalar helpers ---------------------------------------------------------------------- */
 
@@ -115,16 +181,30 @@ static uint16_t f2h(float f) {  /* float -> IEEE half, round to nearest even, po
     return (uint16_t)h;
 }
 
-/* n floats <-> halves (the f16 KV cache); F16C where the path has it */
+/* n floats <-> halves (the f16 KV cache); F16C / NEON's fcvtn where the path has it (round to
+ * nearest even, as f2h) */
+#if HL_X86
 T256 static void f32_to_f16_f16c(const float *x, uint16_t *y, int n) {
     int i = 0;
     for (; i + 8 <= n; i += 8)
         _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
     for (; i < n; i++) y[i] = f2h(x[i]);
 }
+#elif HL_ARM
+static void f32_to_f16_neon(const float *x, uint16_t *y, int n) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1_u16(y + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(x + i))));
+    for (; i < n; i++) y[i] = f2h(x[i]);
+}
+#endif
 static void to_f16(int path, const float *x, uint16_t *y, int n) {
-    if (path >= 1) f32_to_f16_f16c(x, y, n);
-    else for (int i = 0; i < n; i++) y[i] = f2h(x[i]);
+#if HL_X86
+    if (path != P_SCALAR) { f32_to_f16_f16c(x, y, n); return; }
+#elif HL_ARM
+    if (path != P_SCALAR) { f32_to_f16_neon(x, y, n); return; }
+#endif
+    (void)path;
+    for (int i = 0; i < n; i++) y[i] = f2h(x[i]);
 }
 
 static int type_block_bytes(int t) {
@@ -262,29 +342,35 @@ static inline void act_sums(float *sx, size_t ss, int nb, int b, float d, const 
 }
 
 /* q2 != NULL: "two-level" int8, x ~ d (q + q2 / 256) with q2 the rounded residual: ~256x more
- * precise than one level, and dx then holds d / 256 (the integer dot is 256 (w.q) + (w.q2)). */
-static void quantize_row_scalar(const float *x, int K, int8_t *q, float *dx, float *sx, int8_t *q2) {
+ * precise than one level, and dx then holds d / 256 (the integer dot is 256 (w.q) + (w.q2)).
+ * One row, anywhere: block b's q at q + b qs (and q2 + b qs), its scale at dx + b ds (8 copies
+ * where d8: the raw kernels read 8 lanes), its sums j at sx + j ss (act_sums). The vector
+ * versions (quantize_512, kernels_avx2.h, kernels_neon.h) compute these same bits. */
+static void quantize_any(const float *x, int K, int8_t *q, size_t qs, int8_t *q2, float *dx, size_t ds, int d8,
+                         float *sx, size_t ss) {
     for (int b = 0; b < K / 32; b++) {
         const float *xb = x + b * 32;
+        int8_t *qb = q + b * qs, *qb2 = q2 ? q2 + b * qs : NULL;
         float amax = 0.f;
         for (int j = 0; j < 32; j++) { float a = fabsf(xb[j]); amax = a > amax ? a : amax; }
         float d = amax / 127.0f, id = d != 0.f ? 1.0f / d : 0.f;
         int hs[2] = {0, 0}, hs2[2] = {0, 0};
-        for (int j = 0; j < 32; j++) { int v = (int)nearbyintf(xb[j] * id); q[b * 32 + j] = (int8_t)v; hs[j >> 4] += v; }
+        for (int j = 0; j < 32; j++) { int v = (int)nearbyintf(xb[j] * id); qb[j] = (int8_t)v; hs[j >> 4] += v; }
         if (q2) {
-            for (int j = 0; j < 32; j++) {
-                float r = (xb[j] - d * (float)q[b * 32 + j]) * id * 256.0f;
+            for (int j = 0; j < 32; j++) {  /* (d q rounded before the subtraction: never an FMA) */
+                float r = (xb[j] - d * (float)qb[j]) * id * 256.0f;
                 int v = (int)nearbyintf(r);
                 v = v > 127 ? 127 : v < -127 ? -127 : v;
-                q2[b * 32 + j] = (int8_t)v; hs2[j >> 4] += v;
+                qb2[j] = (int8_t)v; hs2[j >> 4] += v;
             }
         }
         float dd = q2 ? d * (1.0f / 256.0f) : d;
-        for (int j = 0; j < 8; j++) dx[b * 8 + j] = dd;
-        act_sums(sx, 1, K / 32, b, d, hs, hs2, q2 != NULL);
+        for (int j = 0; j < (d8 ? 8 : 1); j++) dx[b * ds + j] = dd;
+        act_sums(sx, ss, K / 32, b, d, hs, hs2, q2 != NULL);
     }
 }
 
+#if HL_X86
 #define RNE (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)  /* an explicit rounding: never fused into an FMA */
 
 /* out[0..3] = the sums of a, b, c, d's 16 lanes: one transpose-and-add (three steps) */
@@ -375,25 +461,50 @@ T512 INLINE void quantize_512(const float *x, int K, int8_t *q, size_t qs, int8_
     }
 }
 
-/* the same quantization as quantize_row_scalar, 32 values (two registers) a step: bit for bit
+/* the same quantization as quantize_any, 32 values (two registers) a step: bit for bit
  * (same operations in the same order, d q rounded before the subtraction as in C; cvtps rounds
  * half to even like nearbyintf; the integer sums in any order) */
-T512 static void quantize_row_512(const float *x, int K, int8_t *q, float *dx, float *sx, int8_t *q2) {
-    quantize_512(x, K, q, 32, q2, dx, 8, 1, sx, 1);
+T512 static void quantize_strided_512(const float *x, int K, int8_t *q, size_t qs, int8_t *q2, float *dx,
+                                      size_t ds, int d8, float *sx, size_t ss) {
+    quantize_512(x, K, q, qs, q2, dx, ds, d8, sx, ss);
+}
+#endif
+/* the other paths' (kernels_avx2.h, kernels_neon.h) */
+#if HL_X86
+T256 static void quantize_strided_256(const float *x, int K, int8_t *q, size_t qs, int8_t *q2, float *dx,
+                                      size_t ds, int d8, float *sx, size_t ss);
+#elif HL_ARM
+static void quantize_strided_neon(const float *x, int K, int8_t *q, size_t qs, int8_t *q2, float *dx, size_t ds,
+                                  int d8, float *sx, size_t ss);
+#endif
+
+typedef void (*quant_fn)(const float *x, int K, int8_t *q, size_t qs, int8_t *q2, float *dx, size_t ds, int d8,
+                         float *sx, size_t ss);
+
+/* the quantizer of the best path this CPU has (every one gives the same bits) */
+static quant_fn quantizer(void) {
+    static quant_fn fn = NULL;
+    if (!fn) {
+        const int p = hl_best_path();
+#if HL_X86
+        fn = p == P_AVX512 ? quantize_strided_512 : p != P_SCALAR ? quantize_strided_256 : quantize_any;
+#elif HL_ARM
+        fn = p != P_SCALAR ? quantize_strided_neon : quantize_any;
+#else
+        fn = quantize_any;
+#endif
+    }
+    return fn;
+}
+
+static void quantize_row(const float *x, int K, int8_t *q, float *dx, float *sx, int8_t *q2) {
+    quantizer()(x, K, q, 32, q2, dx, 8, 1, sx, 1);
 }
 
 /* row r of a tile (see TILE): L levels */
-T512 static void quantize_tile_row_512(const float *x, int K, int L, int8_t *qt, float *dxt, float *sxt, int r) {
-    quantize_512(x, K, qt + r * 32, (size_t)TILE * 32 * L, L == 2 ? qt + r * 32 + TILE * 32 : NULL,
-                 dxt + r, TILE, 0, sxt + r, TILE);
-}
-
-static int best_path_cached = -1;
-
-static void quantize_row(const float *x, int K, int8_t *q, float *dx, float *sx, int8_t *q2) {
-    if (best_path_cached < 0) best_path_cached = hl_best_path();
-    if (best_path_cached == P_AVX512) quantize_row_512(x, K, q, dx, sx, q2);
-    else quantize_row_scalar(x, K, q, dx, sx, q2);
+static void quantize_tile_row(const float *x, int K, int L, int8_t *qt, float *dxt, float *sxt, int r) {
+    quantizer()(x, K, qt + r * 32, (size_t)TILE * 32 * L, L == 2 ? qt + r * 32 + TILE * 32 : NULL, dxt + r, TILE, 0,
+                sxt + r, TILE);
 }
 
 /* ---- dot kernels: one weight row against R activation rows -------------------------------- */
@@ -402,12 +513,32 @@ static void quantize_row(const float *x, int K, int8_t *q, float *dx, float *sx,
 typedef void (*kern_fn)(const uint8_t *w, int type, int K, const int8_t *q, const float *dx,
                         const float *sx, int R, float *out, const int8_t *q2);
 
+/* ---- ext types (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K): the generic form of the header ---------------- */
+
 static void kx_scalar(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
-                      const float *sx, int R, float *out, const int8_t *q2);
-static void kx_avx2(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
-                    const float *sx, int R, float *out, const int8_t *q2);
-static void kx_512(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
-                   const float *sx, int R, float *out, const int8_t *q2);
+                      const float *sx, int R, float *out, const int8_t *q2) {
+    const int nb = K / 32, K4 = K / 4;
+    float acc[R], sc[16], mn[8], s0, s1, m;
+    int8_t v[32];
+    for (int r = 0; r < R; r++) acc[r] = 0.f;
+    for (int b = 0; b < nb; b++) {
+        ext_scales(t, w, b, sc, mn, &s0, &s1, &m);
+        ext_vals(t, w, b, v);
+        for (int r = 0; r < R; r++) {
+            const int8_t *a = q + (size_t)r * K + b * 32;
+            int i0 = 0, i1 = 0;
+            for (int j = 0; j < 16; j++) { i0 += v[j] * a[j]; i1 += v[j + 16] * a[j + 16]; }
+            if (q2) {
+                const int8_t *a2 = q2 + (size_t)r * K + b * 32;
+                int k0 = 0, k1 = 0;
+                for (int j = 0; j < 16; j++) { k0 += v[j] * a2[j]; k1 += v[j + 16] * a2[j + 16]; }
+                i0 = i0 * 256 + k0; i1 = i1 * 256 + k1;
+            }
+            acc[r] += dx[(size_t)r * K4 + b * 8] * (s0 * (float)i0 + s1 * (float)i1) + m * sx[(size_t)r * K4 + b];
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = acc[r];
+}
 
 static void kern_scalar(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
                         const float *sx, int R, float *out, const int8_t *q2) {
@@ -440,6 +571,12 @@ static void kern_scalar(const uint8_t *w, int t, int K, const int8_t *q, const f
         out[r] = acc;
     }
 }
+
+#if HL_X86
+static void kx_avx2(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
+                    const float *sx, int R, float *out, const int8_t *q2);
+static void kx_512(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
+                   const float *sx, int R, float *out, const int8_t *q2);
 
 /* AVX2: one block per 256-bit register */
 T256 INLINE float hsum256(__m256 v) {
@@ -628,33 +765,6 @@ T512 static void kern_512(const uint8_t *w, int t, int K, const int8_t *q, const
     }
 }
 
-/* ---- ext types (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K): the generic form of the header ---------------- */
-
-static void kx_scalar(const uint8_t *w, int t, int K, const int8_t *q, const float *dx,
-                      const float *sx, int R, float *out, const int8_t *q2) {
-    const int nb = K / 32, K4 = K / 4;
-    float acc[R], sc[16], mn[8], s0, s1, m;
-    int8_t v[32];
-    for (int r = 0; r < R; r++) acc[r] = 0.f;
-    for (int b = 0; b < nb; b++) {
-        ext_scales(t, w, b, sc, mn, &s0, &s1, &m);
-        ext_vals(t, w, b, v);
-        for (int r = 0; r < R; r++) {
-            const int8_t *a = q + (size_t)r * K + b * 32;
-            int i0 = 0, i1 = 0;
-            for (int j = 0; j < 16; j++) { i0 += v[j] * a[j]; i1 += v[j + 16] * a[j + 16]; }
-            if (q2) {
-                const int8_t *a2 = q2 + (size_t)r * K + b * 32;
-                int k0 = 0, k1 = 0;
-                for (int j = 0; j < 16; j++) { k0 += v[j] * a2[j]; k1 += v[j + 16] * a2[j + 16]; }
-                i0 = i0 * 256 + k0; i1 = i1 * 256 + k1;
-            }
-            acc[r] += dx[(size_t)r * K4 + b * 8] * (s0 * (float)i0 + s1 * (float)i1) + m * sx[(size_t)r * K4 + b];
-        }
-    }
-    for (int r = 0; r < R; r++) out[r] = acc[r];
-}
-
 /* byte j of the result: 0xFF where bit j of h is set (j = 0..31) */
 T256 INLINE __m256i bits_to_bytes(uint32_t h) {
     const __m256i idx = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0);
@@ -817,10 +927,18 @@ T512 static void kx_512(const uint8_t *w, int t, int K, const int8_t *q, const f
     }
 }
 
+#endif  /* HL_X86 */
+
+/* the raw-block kernels of a path (NEON: the scalar ones; its packed kernels take every type) */
 static kern_fn kernel_for(int path) {
-    return path == P_AVX512 ? kern_512 : path == P_AVX2 ? kern_avx2 : kern_scalar;
+#if HL_X86
+    if (path == P_AVX512) return kern_512;
+    if (is_avx2(path)) return kern_avx2;
+#endif
+    (void)path;
+    return kern_scalar;
 }
-static int tile_rows(int path) { return path == P_AVX512 ? 8 : path == P_AVX2 ? 4 : 4; }
+static int tile_rows(int path) { return path == P_AVX512 ? 8 : 4; }
 
 /* float weights (F32/F16): dot of a dequantized row with a float activation */
 static float fdot(const float *a, const float *b, int K) {
@@ -895,96 +1013,42 @@ int hl_matmul(const float *x, int M, int K, const uint8_t *w, int64_t row_bytes,
     return t.fail ? -3 : 0;
 }
 
-/* ---- repacked Q4 (AVX512-VNNI): 16 weight rows per 512-bit register ------------------------- */
-/* Layout per group of 16 rows (N padded with zero rows) and block b, 320 bytes at (g nb + b) 320:
- *   [0, 32) d f16 x16 rows, [32, 64) m f16 x16 (Q4_0: m = -8 d, exact in f16),
- *   [64, 320) 4 chunks c of 64 bytes: row n's bytes 4n..4n+3 = its raw qs[4c .. 4c+3]
- * so one dpbusd against 4 broadcast activation bytes advances 16 rows at once, and the float
- * scaling runs once per (block, 16 rows) instead of once per (block, row). A byte reorder: exact. */
-#define PK_BYTES 320
-
-int64_t hl_packed_q4_bytes(int N, int K) { return (int64_t)((N + 15) / 16) * (K / 32) * PK_BYTES; }
-
-int hl_repack_q4(int type, const uint8_t *w, int64_t row_bytes, int N, int K, uint8_t *out) {
-    if ((type != T_Q4_0 && type != T_Q4_1) || K % 32) return -1;
-    int nb = K / 32, bs = type_block_bytes(type), G = (N + 15) / 16;
-    memset(out, 0, (size_t)hl_packed_q4_bytes(N, K));
-    for (int g = 0; g < G; g++)
-        for (int b = 0; b < nb; b++) {
-            uint8_t *o = out + ((size_t)g * nb + b) * PK_BYTES;
-            for (int j = 0; j < 16 && g * 16 + j < N; j++) {
-                const uint8_t *p = w + (size_t)(g * 16 + j) * row_bytes + (size_t)b * bs;
-                memcpy(o + 2 * j, p, 2);
-                if (type == T_Q4_1) memcpy(o + 32 + 2 * j, p + 2, 2);
-                else {  /* -8 d: flip nothing but the exponent (+3); d = 0 or subnormal: compute */
-                    uint16_t h; memcpy(&h, p, 2);
-                    uint16_t e = (h >> 10) & 31, m8;
-                    if (e > 0 && e + 3 < 31) m8 = (uint16_t)((h ^ 0x8000) + (3 << 10));
-                    else if ((h & 0x7fff) == 0) m8 = h ^ 0x8000;
-                    else {  /* subnormal: via float, round to nearest (exact: 8 x subnormal fits) */
-                        float f = -8.f * h2f(p); uint32_t u; memcpy(&u, &f, 4);
-                        uint32_t fe = (u >> 23) & 255, fm = u & 0x7fffff;
-                        if (fe < 113) m8 = (uint16_t)(((u >> 16) & 0x8000) | ((fm | 0x800000) >> (126 - fe)));
-                        else m8 = (uint16_t)(((u >> 16) & 0x8000) | ((fe - 112) << 10) | (fm >> 13));
-                    }
-                    memcpy(o + 32 + 2 * j, &m8, 2);
-                }
-                const uint8_t *qs = p + (type == T_Q4_1 ? 4 : 2);
-                for (int c = 0; c < 4; c++) memcpy(o + 64 + c * 64 + j * 4, qs + 4 * c, 4);
-            }
-        }
-    return 0;
-}
-
-/* Q8_0 repacked the same way, 16 rows per register: per group of 16 rows and block b, 576 bytes:
- *   [0, 32) d f16 x16, [32, 64) m = -128 d f16 x16, [64, 576) 8 chunks c of 64 bytes: row n's
- *   bytes 4n..4n+3 = its qs[4c .. 4c+3] + 128 (as unsigned: the dpbusd operand; the -128 d
- *   min term takes the offset back out). Exact where 128 |d| is a half (|d| < 512: always for
- *   real weights); else the rows stay raw (-1). */
-#define PK8_BYTES 576
-
-int64_t hl_packed_q8_bytes(int N, int K) { return (int64_t)((N + 15) / 16) * (K / 32) * PK8_BYTES; }
-
-int hl_repack_q8(const uint8_t *w, int64_t row_bytes, int N, int K, uint8_t *out) {
-    if (K % 32) return -1;
-    const int nb = K / 32, G = (N + 15) / 16;
-    memset(out, 0, (size_t)hl_packed_q8_bytes(N, K));
-    for (int g = 0; g < G; g++)
-        for (int b = 0; b < nb; b++) {
-            uint8_t *o = out + ((size_t)g * nb + b) * PK8_BYTES;
-            for (int j = 0; j < 16 && g * 16 + j < N; j++) {
-                const uint8_t *p = w + (size_t)(g * 16 + j) * row_bytes + (size_t)b * 34;
-                const float d = h2f(p), m = -128.f * d;
-                const uint16_t mh = f2h(m);
-                if (h2f((const uint8_t *)&mh) != m) return -1;
-                memcpy(o + 2 * j, p, 2);
-                memcpy(o + 32 + 2 * j, &mh, 2);
-                for (int c = 0; c < 8; c++)
-                    for (int i = 0; i < 4; i++) o[64 + c * 64 + j * 4 + i] = p[2 + 4 * c + i] ^ 0x80;
-            }
-        }
-    return 0;
-}
-
-/* The K-quants (and Q5_1) repacked the same way, exactly: per group of 16 rows and 32-block b,
- *   [0, 64) A f32 x16, [64, 128) B f32 x16, then the 32 unsigned integer weights of each row:
- *   PK_Q4K (Q4_K): 4 chunks of nibbles as PK_Q4 (w = A u4 + B: A = d sc_j, B = -dmin mn_j);
- *   PK_Q5K (Q5_K, Q5_1): 8 chunks of bytes as PK_Q8 (w = A u5 + B);
- *   PK_Q6K (Q6_K): 8 chunks of bytes u6 = q6 + 32, A and B the scales of values 0..15 and 16..31
- *   (w = s_h (u6 - 32); the -32 s_h min terms take the activation's half sums).
- * The scales are float32 products of the file's f16 d and its 6- or 8-bit sub-block scales: exact
- * (what ggml's dequantization computes). 1.33x (Q4_K), 1.82x (Q5_K), 1.67x (Q5_1), 1.52x (Q6_K) the bytes. */
-/* PK_Q4S: Q4_0 packed as PK_Q4 (its m = -8 d unused): with PK_Q8 (u = q + 128) a symmetric
- * kind, whose offset term goes with the integer dot (u - off) . q, exact, no float min term */
-enum { PK_Q4 = 0, PK_Q8 = 1, PK_Q4K = 2, PK_Q5K = 3, PK_Q6K = 4, PK_Q4S = 5, PK_KINDS = 6 };
-static const int PK_SIZE[PK_KINDS] = {PK_BYTES, PK8_BYTES, 384, 640, 640, PK_BYTES};
+/* ---- packed weights: G rows side by side (16: AVX512, 8: AVX2 and NEON) ------------------- */
+/* Per group of G weight rows (N padded with zero rows) and 32-block b, pk_size(kind, G) bytes at
+ * (g nb + b) times that; a chunk c is 4G bytes: row n's bytes 4n..4n+3 hold its values 4c..4c+3
+ * (nibble kinds: low nibbles values 4c..4c+3, high nibbles values 16+4c..16+4c+3), so one dot
+ * product instruction against 4 broadcast activation bytes advances G rows at once, and the
+ * float scaling runs once per (block, G rows) instead of once per (block, row).
+ * PK_Q4 (Q4_1), PK_Q4S (Q4_0): [0, 2G) d f16 xG rows, [2G, 4G) m f16 xG (Q4_0: m = -8 d, exact in
+ *   f16; PK_Q4S takes its offset 8 off the integer dot instead), 4 chunks of the raw qs (a byte
+ *   reorder: exact);
+ * PK_Q8 (Q8_0): d, m as PK_Q4, then 8 chunks of bytes: G = 16 (dpbusd's unsigned operand)
+ *   u = q + 128 with m = -128 d (the offset comes off the integer dot; 128 |d| must be a half:
+ *   |d| < 512, always for real weights, else the rows stay raw: -1); G = 8, q itself (m = 0);
+ * PK_Q4K (Q4_K), PK_Q5K (Q5_K, Q5_1), PK_Q6K (Q6_K): [0, 4G) A f32 xG, [4G, 8G) B f32 xG, then the
+ *   32 unsigned integer weights of each row: Q4_K 4 chunks of nibbles (w = A u4 + B: A = d sc_j,
+ *   B = -dmin mn_j), Q5_K and Q5_1 8 chunks of bytes (w = A u5 + B), Q6_K 8 chunks of bytes
+ *   u6 = q6 + 32, A and B the scales of values 0..15 and 16..31 (w = s_h (u6 - 32); the -32 s_h
+ *   terms take the activation's half sums). The scales are float32 products of the file's f16 d
+ *   and its 6- or 8-bit sub-block scales: exact (what ggml's dequantization computes). 1.33x
+ *   (Q4_K), 1.82x (Q5_K), 1.67x (Q5_1), 1.52x (Q6_K) the bytes.
+ * PK_Q5 (Q5_0): d and m (unused: 0) halves and the low nibbles as PK_Q4S, then 8 chunks of the 5th
+ *   bits (G / 2 bytes each: bit 4n + i of chunk c, value 4c + i of row n), which the kernels set
+ *   into the nibbles' bytes as 16; the offset 16 comes off the integer dot as Q4_0's 8 does
+ *   (the dot is then Q8_0's of the same weights, u5 - 16: the bits of the Q8_0 copy it replaces;
+ *   1.09x the bytes). */
+enum { PK_Q4 = 0, PK_Q8 = 1, PK_Q4K = 2, PK_Q5K = 3, PK_Q6K = 4, PK_Q4S = 5, PK_Q5 = 6, PK_KINDS = 7 };
+static const int PK_SIZE[PK_KINDS] = {320, 576, 384, 640, 640, 320, 384};  /* bytes a block, G = 16 */
 #define PK_F32(kind) ((kind) == PK_Q4K || (kind) == PK_Q5K || (kind) == PK_Q6K)  /* f32 scales */
-#define PK_NIB(kind) ((kind) == PK_Q4 || (kind) == PK_Q4S || (kind) == PK_Q4K)  /* nibbles */
+#define PK_NIB(kind) ((kind) == PK_Q4 || (kind) == PK_Q4S || (kind) == PK_Q4K || (kind) == PK_Q5)  /* nibbles */
+
+static inline size_t pk_size(int kind, int G) { return (size_t)PK_SIZE[kind] / 16 * G; }
 
 /* the packed kind of a ggml type, -1 where it has none */
 int hl_pack_kind(int type) {
     switch (type) {
     case T_Q4_0: return PK_Q4S;
+    case T_Q5_0: return PK_Q5;
     case T_Q4_1: return PK_Q4;
     case T_Q8_0: return PK_Q8;
     case T_Q4_K: return PK_Q4K;
@@ -994,19 +1058,77 @@ int hl_pack_kind(int type) {
     }
 }
 
-int64_t hl_packed_bytes(int type, int N, int K) {
+static int good_g(int G) { return G == 16 || G == 8; }
+
+/* bytes of N rows of K values of `type` packed G rows a group (-1: no such pack) */
+int64_t hl_packed_bytes(int type, int N, int K, int G) {
     const int kind = hl_pack_kind(type);
-    return kind < 0 ? -1 : (int64_t)((N + 15) / 16) * (K / 32) * PK_SIZE[kind];
+    return kind < 0 || !good_g(G) ? -1 : (int64_t)((N + G - 1) / G) * (K / 32) * (int64_t)pk_size(kind, G);
 }
 
-static int repack_ext(int type, const uint8_t *w, int64_t row_bytes, int N, int K, uint8_t *out) {
-    const int kind = hl_pack_kind(type), nb = K / 32, G = (N + 15) / 16, bb = PK_SIZE[kind];
-    memset(out, 0, (size_t)hl_packed_bytes(type, N, K));
+/* -8 d of a Q4_0 block's f16 d, as a half: flip nothing but the exponent (+3); d = 0 or
+ * subnormal: computed (exact: 8 x subnormal fits) */
+static uint16_t minus8(const uint8_t *p) {
+    uint16_t h; memcpy(&h, p, 2);
+    const uint16_t e = (h >> 10) & 31;
+    if (e > 0 && e + 3 < 31) return (uint16_t)((h ^ 0x8000) + (3 << 10));
+    if ((h & 0x7fff) == 0) return h ^ 0x8000;
+    float f = -8.f * h2f(p); uint32_t u; memcpy(&u, &f, 4);
+    const uint32_t fe = (u >> 23) & 255, fm = u & 0x7fffff;
+    if (fe < 113) return (uint16_t)(((u >> 16) & 0x8000) | ((fm | 0x800000) >> (126 - fe)));
+    return (uint16_t)(((u >> 16) & 0x8000) | ((fe - 112) << 10) | (fm >> 13));
+}
+
+/* Q4_0 / Q4_1 (PK_Q4, PK_Q4S) and Q8_0 (PK_Q8): d and m halves, the raw values reordered */
+static int repack_q(int type, const uint8_t *w, int64_t row_bytes, int N, int K, uint8_t *out, int G) {
+    const int nb = K / 32, bs = type_block_bytes(type), kind = hl_pack_kind(type), ng = (N + G - 1) / G;
+    const size_t bb = pk_size(kind, G);
+    memset(out, 0, (size_t)hl_packed_bytes(type, N, K, G));
+    for (int g = 0; g < ng; g++)
+        for (int b = 0; b < nb; b++) {
+            uint8_t *o = out + ((size_t)g * nb + b) * bb;
+            for (int j = 0; j < G && g * G + j < N; j++) {
+                const uint8_t *p = w + (size_t)(g * G + j) * row_bytes + (size_t)b * bs;
+                memcpy(o + 2 * j, p, 2);
+                if (type == T_Q8_0) {
+                    uint16_t mh = 0;
+                    if (G == 16) {  /* u = q + 128, m = -128 d */
+                        const float m = -128.f * h2f(p);
+                        mh = f2h(m);
+                        if (h2f((const uint8_t *)&mh) != m) return -1;
+                    }
+                    memcpy(o + 2 * G + 2 * j, &mh, 2);
+                    for (int c = 0; c < 8; c++)
+                        for (int i = 0; i < 4; i++)
+                            o[4 * G + c * 4 * G + j * 4 + i] = G == 16 ? p[2 + 4 * c + i] ^ 0x80 : p[2 + 4 * c + i];
+                    continue;
+                }
+                if (type == T_Q5_0) {  /* m = 0 (unused), the nibbles, the 5th bits */
+                    uint32_t h; memcpy(&h, p + 2, 4);
+                    for (int c = 0; c < 4; c++) memcpy(o + 4 * G + c * 4 * G + j * 4, p + 6 + 4 * c, 4);
+                    for (int v = 0; v < 32; v++)
+                        if (h >> v & 1) o[20 * G + (v / 4) * (G / 2) + (4 * j + v % 4) / 8] |= (uint8_t)(1u << ((4 * j + v % 4) % 8));
+                    continue;
+                }
+                const uint16_t m = type == T_Q4_1 ? (uint16_t)(p[2] | p[3] << 8) : minus8(p);
+                memcpy(o + 2 * G + 2 * j, &m, 2);
+                const uint8_t *qs = p + (type == T_Q4_1 ? 4 : 2);
+                for (int c = 0; c < 4; c++) memcpy(o + 4 * G + c * 4 * G + j * 4, qs + 4 * c, 4);
+            }
+        }
+    return 0;
+}
+
+/* the K-quants and Q5_1 (PK_Q4K, PK_Q5K, PK_Q6K): f32 scales, unsigned integer weights */
+static int repack_ext(int type, const uint8_t *w, int64_t row_bytes, int N, int K, uint8_t *out, int G) {
+    const int kind = hl_pack_kind(type), nb = K / 32;
+    const size_t bb = pk_size(kind, G);
+    memset(out, 0, (size_t)hl_packed_bytes(type, N, K, G));
     float sc[16], mn[8], s0, s1, m;
     int8_t v[32];
     for (int n = 0; n < N; n++) {
         const uint8_t *row = w + (size_t)n * row_bytes;
-        const int g = n / 16, j = n % 16;
+        const int g = n / G, j = n % G;
         for (int b = 0; b < nb; b++) {
             uint8_t *o = out + ((size_t)g * nb + b) * bb;
             ext_scales(type, row, b, sc, mn, &s0, &s1, &m);
@@ -1014,14 +1136,14 @@ static int repack_ext(int type, const uint8_t *w, int64_t row_bytes, int N, int 
             float A = s0, B = kind == PK_Q6K ? s1 : m;
             if (kind != PK_Q6K && s0 != s1) return -1;
             memcpy(o + 4 * j, &A, 4);
-            memcpy(o + 64 + 4 * j, &B, 4);
+            memcpy(o + 4 * G + 4 * j, &B, 4);
             for (int c = 0; c < 8; c++)
                 for (int i = 0; i < 4; i++) {
                     const int val = v[4 * c + i] + (kind == PK_Q6K ? 32 : 0);  /* 0..63 */
                     if (kind == PK_Q4K) {  /* chunk c & 3, low nibble for values 0..15, high for 16..31 */
-                        o[128 + (c & 3) * 64 + j * 4 + i] |= (uint8_t)(c < 4 ? val : val << 4);
+                        o[8 * G + (c & 3) * 4 * G + j * 4 + i] |= (uint8_t)(c < 4 ? val : val << 4);
                     } else {
-                        o[128 + c * 64 + j * 4 + i] = (uint8_t)val;
+                        o[8 * G + c * 4 * G + j * 4 + i] = (uint8_t)val;
                     }
                 }
         }
@@ -1029,20 +1151,19 @@ static int repack_ext(int type, const uint8_t *w, int64_t row_bytes, int N, int 
     return 0;
 }
 
-/* any packable type: Q4_0/Q4_1 (hl_repack_q4), Q8_0 (hl_repack_q8), Q4_K, Q5_K, Q5_1, Q6_K */
-int hl_repack(int type, const uint8_t *w, int64_t row_bytes, int N, int K, uint8_t *out) {
+/* any packable type (hl_pack_kind), G rows a group (hl_pack_rows of the path that computes on it):
+ * out holds hl_packed_bytes(type, N, K, G) bytes. 0, or -1 (a type, K or G it does not take; Q8_0
+ * scales too large for G = 16) */
+int hl_repack(int type, const uint8_t *w, int64_t row_bytes, int N, int K, uint8_t *out, int G) {
     const int kind = hl_pack_kind(type);
-    if (kind < 0 || K % type_qk(type)) return -1;
-    if (kind == PK_Q4 || kind == PK_Q4S) return hl_repack_q4(type, w, row_bytes, N, K, out);
-    if (kind == PK_Q8) return hl_repack_q8(w, row_bytes, N, K, out);
-    return repack_ext(type, w, row_bytes, N, K, out);
+    if (kind < 0 || K % type_qk(type) || !good_g(G)) return -1;
+    if (kind == PK_Q4 || kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) return repack_q(type, w, row_bytes, N, K, out, G);
+    return repack_ext(type, w, row_bytes, N, K, out, G);
 }
 
 #ifndef PF_DIST
 #define PF_DIST 4096  /* bytes ahead (1B Q4_0 decode, 2 cores: 58.5 -> 64-67 tok/s; 2K: 61, 8K: 63) */
 #endif
-
-T512 INLINE __m512i bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
 
 /* Activations in tiles (T = TILE): the quantized rows of TILE consecutive rows side by side,
  * block by block: block b of row r at q + b * TILE * 32 * levels + r * 32, its second level
@@ -1050,6 +1171,14 @@ T512 INLINE __m512i bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); retur
  * (j < ACT_SUMS nb, as act_sums). Every address of a block's rows is then one register plus a
  * constant (and gcc folds the broadcasts into the dpbusd): with one pointer per row (T = 0,
  * row-major) the rows' addresses spill (62% -> 74-80% of the dpbusd peak, one core, cache-resident). */
+
+/* a packed kernel: rows 0..R-1 (R <= TILE) of one activation tile against G packed weight rows
+ * into out (R, G); hi: two levels; kind: PK_* */
+typedef void (*tile_fn)(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx, int R,
+                        float *out, int hi, int kind);
+
+#if HL_X86
+T512 INLINE __m512i bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
 
 /* out (R, 16) = 16 packed weight rows against R activation rows; `kind` a constant (PK_*);
  * T: 0 row-major (q, q2 rows of K bytes, dx/sx rows of K/4 floats; decode), or TILE (tiled,
@@ -1080,6 +1209,11 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
                 w[c] = _mm512_and_si512(x, lo);
                 w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
             }
+            if (kind == PK_Q5)  /* the 5th bits: + 16 where set */
+                for (int c = 0; c < 8; c++) {
+                    uint64_t h; memcpy(&h, p + 320 + 8 * c, 8);
+                    w[c] = _mm512_mask_add_epi8(w[c], _cvtu64_mask64(h), w[c], _mm512_set1_epi8(16));
+                }
         }
         _Pragma("GCC unroll 8")
         for (int r = 0; r < R; r++) {
@@ -1111,8 +1245,8 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
                 __m512 t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), da, _mm512_mul_ps(m32, _mm512_set1_ps(SX(nb + 2 * b + 1))));
                 acc[r] = _mm512_fmadd_ps(t0, dw, acc[r]);
                 acc[r] = _mm512_fmadd_ps(t1, mw, acc[r]);
-            } else if (kind == PK_Q4S || kind == PK_Q8) {  /* d da ((u . q) - off sum(q)) */
-                const __m512i os = _mm512_set1_epi32(ISX(3 * nb + b) << (kind == PK_Q8 ? 7 : 3));
+            } else if (kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) {  /* d da ((u . q) - off sum(q)) */
+                const __m512i os = _mm512_set1_epi32(ISX(3 * nb + b) << (kind == PK_Q8 ? 7 : kind == PK_Q5 ? 4 : 3));
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(i0, i1), os)),
                                          _mm512_mul_ps(dw, da), acc[r]);
             } else {
@@ -1133,10 +1267,11 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
         case PK_Q8: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q8, TT); break; \
         case PK_Q4K: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q4K, TT); break; \
         case PK_Q5K: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q5K, TT); break; \
+        case PK_Q5: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q5, TT); break; \
         default: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q6K, TT); } } while (0)
 
 /* rows 0..R-1 (R <= TILE) of one activation tile (see TILE), hi: two levels */
-T512 static void packed_tile(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
+T512 static void packed_tile_512(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
                              int R, float *out, int hi, int kind) {
     const int8_t *q2 = NULL;
     while (R > 0) {
@@ -1147,30 +1282,44 @@ T512 static void packed_tile(const uint8_t *pk, int K, const int8_t *q, const fl
     }
 }
 #undef PBK
+#endif  /* HL_X86 */
 
-/* row n of a packed matrix, dequantized: the floats dequant_row gives for the raw blocks (the
- * packed scales, mins and integers rebuild each weight exactly; the embedding of a packed table) */
-static void pk_dequant_row(int kind, const uint8_t *pk, int K, int n, float *out) {
-    const int nb = K / 32, g = n / 16, j = n % 16, f32 = PK_F32(kind), nib = PK_NIB(kind);
+/* row n of a packed matrix (G rows a group), dequantized: the floats dequant_row gives for the raw
+ * blocks (the packed scales, mins and integers rebuild each weight exactly; the embedding of a
+ * packed table) */
+static void pk_dequant_row(int kind, const uint8_t *pk, int K, int n, int G, float *out) {
+    const int nb = K / 32, g = n / G, j = n % G, f32 = PK_F32(kind), nib = PK_NIB(kind), cs = 4 * G;
+    const int s8 = kind == PK_Q8 && G != 16;  /* Q8_0's own signed bytes */
     for (int b = 0; b < nb; b++) {
-        const uint8_t *o = pk + ((size_t)g * nb + b) * PK_SIZE[kind], *w = o + (f32 ? 128 : 64);
+        const uint8_t *o = pk + ((size_t)g * nb + b) * pk_size(kind, G), *w = o + (f32 ? 8 * G : 4 * G);
         float A, B;
-        if (f32) { memcpy(&A, o + 4 * j, 4); memcpy(&B, o + 64 + 4 * j, 4); }
-        else { A = h2f(o + 2 * j); B = h2f(o + 32 + 2 * j); }
+        if (f32) { memcpy(&A, o + 4 * j, 4); memcpy(&B, o + 4 * G + 4 * j, 4); }
+        else { A = h2f(o + 2 * j); B = h2f(o + 2 * G + 2 * j); }
         for (int v = 0; v < 32; v++) {
             const int c = v / 4, i = v % 4;
-            const int u = nib ? (c < 4 ? w[c * 64 + j * 4 + i] & 15 : w[(c - 4) * 64 + j * 4 + i] >> 4)
-                              : w[c * 64 + j * 4 + i];
-            out[b * 32 + v] = kind == PK_Q6K ? (v < 16 ? A : B) * (float)(u - 32) : A * (float)u + B;
+            int u = nib ? (c < 4 ? w[c * cs + j * 4 + i] & 15 : w[(c - 4) * cs + j * 4 + i] >> 4)
+                  : s8 ? (int8_t)w[c * cs + j * 4 + i] : w[c * cs + j * 4 + i];
+            if (kind == PK_Q5) u = (u | (o[20 * G + c * (G / 2) + (4 * j + i) / 8] >> ((4 * j + i) % 8) & 1) << 4) - 16;
+            out[b * 32 + v] = kind == PK_Q6K ? (v < 16 ? A : B) * (float)(u - 32) : s8 || kind == PK_Q5 ? A * (float)u
+                                                                                       : A * (float)u + B;
         }
     }
 }
 
-/* the packed rows of 16-row group g of a matrix of `kind` */
-static inline const uint8_t *pk_group(const uint8_t *pk, int kind, int g, int K) {
-    return pk + (size_t)g * (K / 32) * PK_SIZE[kind];
+/* the packed rows of group g (G rows) of a matrix of `kind` */
+static inline const uint8_t *pk_group(const uint8_t *pk, int kind, int g, int K, int G) {
+    return pk + (size_t)g * (K / 32) * pk_size(kind, G);
 }
 
+/* ---- activation functions -------------------------------------------------------------------- */
+
+enum { ACT_SILU, ACT_GELU_TANH, ACT_GELU };
+
+/* GELU, tanh approximation (HF gelu_pytorch_tanh: Gemma) or erf (HF gelu: GPT-NeoX) */
+static float gelu_tanh(float x) { return x / (1.f + expf(-1.5957691216057308f * (x + 0.044715f * x * x * x))); }
+static float gelu_erf(float x) { return 0.5f * x * (1.f + erff(x * 0.7071067811865476f)); }
+
+#if HL_X86
 /* exp(x) for 16 floats (Cephes expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp) */
 T512 INLINE __m512 exp512(__m512 x) {
     x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
@@ -1188,119 +1337,30 @@ T512 INLINE __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* Several packed weights against one activation x (M, K), quantized once: y_i (M, N_i) = x @ W_i^T.
- * glu: nw = 2 (gate, up) of one N; y_0 = silu(x @ W_0^T) * (x @ W_1^T), silu(g) = g / (1 + e^-g)
- * (y_1 unused). Each thread takes groups of 16 weight rows, over all weights. */
-#ifndef MCHUNK
-#define MCHUNK 128
-#endif
-
-typedef struct {
-    const float *x; int M, K, L, R, nfused, hi, glu; const uint8_t *const *pks; const int *Ns;
-    float *const *ys; const int *kinds; int8_t *q; float *dx, *sx; size_t tq, td, ts;
-    int first[9];  /* weight i owns global groups first[i] .. first[i+1]-1 */
-} packed_mm_t;
-
-static int packed_mm_items(void *a, int p) {
-    const packed_mm_t *t = a;
-    return p == 0 ? t->M : t->first[t->nfused];
+/* SiLU-gated product of 16 lanes, g / (1 + e^-g) u: the packed gate/up epilogue and the row step
+ * alike (one function: the same bits either way) */
+T512 INLINE __m512 silu16(__m512 gv, __m512 uv) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    return _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), uv);
 }
 
-/* phase 0: rows i0..i1 of x quantized into their tiles; phase 1 + c: groups i0..i1 (over all
- * weights) against the activations of M chunk c */
-T512 static void packed_mm_run(void *a, int p, int i0, int i1, int tid) {
-    (void)tid;
-    const packed_mm_t *t = a;
-    const int K = t->K, M = t->M, nb = K / 32, R = t->R, glu = t->glu, hi = t->hi, nfused = t->nfused;
-    const int *kinds = t->kinds, *first = t->first;
-    const size_t tq = t->tq, td = t->td, ts = t->ts;
-    if (p == 0) {
-        for (int m = i0; m < i1; m++)  /* each row into its place in its tile */
-            quantize_tile_row_512(t->x + (size_t)m * K, K, t->L, t->q + (m / TILE) * tq, t->dx + (m / TILE) * td,
-                                  t->sx + (m / TILE) * ts, m % TILE);
-        return;
-    }
-    const int mc = (p - 1) * MCHUNK;  /* an M chunk's activations stay in L2 */
-    const int mend = M - mc < MCHUNK ? M : mc + MCHUNK;
-    float out[TILE * 16], out2[TILE * 16];
-    for (int gg = i0; gg < i1; gg++) {
-        int i = 0;
-        while (gg >= first[i + 1]) i++;
-        const int g = gg - first[i], N = t->Ns[i];
-        const int nn = N - g * 16 < 16 ? N - g * 16 : 16;
-        const __mmask16 km = (__mmask16)((1u << nn) - 1);
-        float *y = t->ys[i];
-        const int k0 = kinds ? kinds[i] : PK_Q4, k1 = glu ? (kinds ? kinds[1] : PK_Q4) : 0;
-        /* this thread's next group (gg + 1: a chunk's groups are contiguous), fetched a slice
-         * per tile while this one's tiles run: else its first tile waits on memory (1B
-         * gate/up, one core: 67% -> 72% of the dpbusd peak) */
-        const uint8_t *nx[2] = {NULL, NULL};
-        size_t nxb[2] = {0, 0};
-        if (gg + 1 < first[nfused]) {
-            const int i1n = gg + 1 < first[i + 1] ? i : i + 1, g1 = gg + 1 - first[i1n];
-            const int ka = kinds ? kinds[i1n] : PK_Q4;
-            nx[0] = pk_group(t->pks[i1n], ka, g1, K); nxb[0] = (size_t)nb * PK_SIZE[ka];
-            if (glu) { nx[1] = pk_group(t->pks[1], k1, g1, K); nxb[1] = (size_t)nb * PK_SIZE[k1]; }
-        }
-        const int ntile = (mend - mc + R - 1) / R;
-        for (int m0 = mc; m0 < mend; m0 += R) {
-            const int r = mend - m0 < R ? mend - m0 : R, ti = (m0 - mc) / R;
-            for (int w = 0; w < 2; w++)
-                if (nx[w])
-                    for (size_t o = (nxb[w] * ti / ntile) & ~(size_t)63; o < nxb[w] * (ti + 1) / ntile; o += 64)
-                        _mm_prefetch((const char *)nx[w] + o, _MM_HINT_T0);
-            const int8_t *qa = t->q + (size_t)(m0 / TILE) * tq;  /* (m0: a multiple of TILE) */
-            const float *da = t->dx + (size_t)(m0 / TILE) * td, *sa = t->sx + (size_t)(m0 / TILE) * ts;
-            packed_tile(pk_group(t->pks[i], k0, g, K), K, qa, da, sa, r, out, hi, k0);
-            if (glu) {
-                packed_tile(pk_group(t->pks[1], k1, g, K), K, qa, da, sa, r, out2, hi, k1);
-                for (int j = 0; j < r; j++) {
-                    __m512 gv = _mm512_loadu_ps(out + 16 * j), uv = _mm512_loadu_ps(out2 + 16 * j);
-                    __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-                    __m512 h = _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), uv);
-                    _mm512_mask_storeu_ps(y + (size_t)(m0 + j) * N + g * 16, km, h);
-                }
-            } else {
-                for (int j = 0; j < r; j++)
-                    _mm512_mask_storeu_ps(y + (size_t)(m0 + j) * N + g * 16, km, _mm512_loadu_ps(out + 16 * j));
-            }
-        }
+/* GeGLU of 16 lanes (Gemma): GELU's tanh form 0.5 g (1 + tanh(v)), v = sqrt(2/pi) (g + 0.044715 g^3),
+ * written as g / (1 + e^-2v), times u; as silu16, one function for the epilogue and the row step */
+T512 INLINE __m512 geglu16(__m512 gv, __m512 uv) {
+    const __m512 v2 = _mm512_mul_ps(_mm512_set1_ps(-1.5957691216057308f),
+                                    _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(gv, gv), gv), _mm512_set1_ps(0.044715f), gv));
+    return _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(v2))), uv);
+}
+
+T512 INLINE __m512 glu16(int act, __m512 gv, __m512 uv) { return act == ACT_SILU ? silu16(gv, uv) : geglu16(gv, uv); }
+
+T512 static void glu_row_512(int act, const float *g, const float *u, float *h, int n) {
+    for (int j = 0; j < n; j += 16) {
+        const __mmask16 k = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        _mm512_mask_storeu_ps(h + j, k, glu16(act, _mm512_maskz_loadu_ps(k, g + j), _mm512_maskz_loadu_ps(k, u + j)));
     }
 }
-
-static int matmul_packed_multi(const float *x, int M, int K, int nw, const uint8_t *const *pks,
-                               const int *Ns, float *const *ys, int nthreads, int hi, int glu,
-                               const int *kinds) {  /* kinds[i]: weight i's PK_* (NULL: all Q4) */
-    /* the activations in tiles of TILE rows (see TILE); the last tile's missing rows unused */
-    const int nb = K / 32, L = hi ? 2 : 1, nfused = glu ? 1 : nw;
-    const int Mt = (M + TILE - 1) / TILE;
-    packed_mm_t t = {x, M, K, L, TILE, nfused, hi, glu, pks, Ns, ys, kinds, NULL, NULL, NULL,
-                     (size_t)TILE * K * L, (size_t)TILE * nb, (size_t)TILE * ACT_SUMS * nb, {0}};
-    t.q = malloc(Mt * t.tq);
-    t.dx = malloc(4 * Mt * t.td); t.sx = malloc(4 * Mt * t.ts);
-    if (!t.q || !t.dx || !t.sx) { free(t.q); free(t.dx); free(t.sx); return -3; }
-    for (int i = 0; i < nfused; i++) t.first[i + 1] = t.first[i] + (Ns[i] + 15) / 16;
-    const job_t job = {1 + (M + MCHUNK - 1) / MCHUNK, packed_mm_items, packed_mm_run, NULL, &t};
-    pool_run(&job, nthreads);
-    free(t.q); free(t.dx); free(t.sx);
-    return 0;
-}
-
-/* kinds: each weight's pack kind, hl_pack_kind of its type (0: Q4 by hl_repack_q4, 1: Q8_0 by
- * hl_repack_q8, 2..4: the K-quants by hl_repack); NULL: all Q4 */
-int hl_matmul_packed_multi(const float *x, int M, int K, int nw, const uint8_t *const *pks, const int *Ns,
-                           float *const *ys, int nthreads, int hi, int glu, const int *kinds) {
-    if (hl_best_path() != P_AVX512) return -2;
-    if (K % 32 || nw < 1 || nw > 8 || (glu && (nw != 2 || Ns[0] != Ns[1]))) return -1;
-    for (int i = 0; kinds && i < nw; i++) if (kinds[i] < 0 || kinds[i] >= PK_KINDS) return -1;
-    return matmul_packed_multi(x, M, K, nw, pks, Ns, ys, nthreads, hi, glu, kinds);
-}
-
-/* y (M, N) = x (M, K) @ W^T with W packed (kind: hl_pack_kind of its type); needs the AVX512 path */
-int hl_matmul_packed(const float *x, int M, int K, const uint8_t *pk, int N, float *y, int nthreads, int hi,
-                     int kind) {
-    return hl_matmul_packed_multi(x, M, K, 1, &pk, &N, &y, nthreads, hi, 0, &kind);
-}
+#endif  /* HL_X86 */
 
 /* the same activation quantization, exposed for the tests' reference */
 void hl_quantize_rows(const float *x, int M, int K, int8_t *q, float *d, float *s, int8_t *q2) {
@@ -1320,6 +1380,7 @@ INLINE float kv_at(const void *row, int f16, size_t i) {
     return f16 ? h2f((const uint8_t *)((const uint16_t *)row + i)) : ((const float *)row)[i];
 }
 
+#if HL_X86
 T512 INLINE __m512 kv_ld16(const void *row, int f16, size_t i) {
     return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i)))
                : _mm512_loadu_ps((const float *)row + i);
@@ -1329,6 +1390,7 @@ T256 INLINE __m256 kv_ld8(const void *row, int f16, size_t i) {
     return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)))
                : _mm256_loadu_ps((const float *)row + i);
 }
+#endif
 
 /* ==== causal attention for prefill (flash-style) ===========================================
  * y[t, h*hd + d] = sum_j softmax_j(scale q[t,h] . k[j,g]) v[j,g,d], keys j <= start_pos + t,
@@ -1411,6 +1473,7 @@ INLINE void attn_item_generic(const attn_t *a, int g, int qt, float *ws) {
 
 static void attn_item_scalar(const attn_t *a, int g, int qt, float *ws) { attn_item_generic(a, g, qt, ws); }
 
+#if HL_X86
 /* exp(x) for 8 floats: exp512's Cephes polynomial; 2^n built in the exponent bits */
 T256 INLINE __m256 exp256(__m256 x) {
     x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.3f));
@@ -1685,6 +1748,169 @@ T512 static void attn_item_512(const attn_t *a, int g, int qt, float *ws) {
     }
 }
 
+#endif  /* HL_X86 */
+
+/* ---- the other paths' kernels ------------------------------------------------------------- */
+
+#if HL_X86
+#include "kernels_avx2.h"
+#elif HL_ARM
+#include "kernels_neon.h"
+#endif
+
+/* ---- dispatch: each path's kernels --------------------------------------------------------- */
+
+/* the packed kernel of a path with packs (hl_pack_rows > 0) */
+static tile_fn tile_kernel(int path) {
+#if HL_X86
+    if (path == P_AVX512) return packed_tile_512;
+    if (path == P_AVXVNNI) return packed_tile_vnni256;
+    return packed_tile_256;
+#elif HL_ARM
+    return path == P_I8MM ? packed_tile_i8mm : packed_tile_neon;
+#else
+    (void)path;
+    return NULL;
+#endif
+}
+
+/* h = act(g) u for the gated MLPs, n values: SiLU, GELU tanh (the vector lanes of the packed
+ * epilogue: the same bits on every vector path), erf (scalar everywhere) */
+static void glu_row(int path, int act, const float *g, const float *u, float *h, int n) {
+#if HL_X86
+    if (act != ACT_GELU && path == P_AVX512) { glu_row_512(act, g, u, h, n); return; }
+    if (act != ACT_GELU && is_avx2(path)) { glu_row_256(act, g, u, h, n); return; }
+#elif HL_ARM
+    if (act != ACT_GELU && is_neon(path)) { glu_row_neon(act, g, u, h, n); return; }
+#endif
+    for (int j = 0; j < n; j++) h[j] = act == ACT_SILU ? g[j] / (1.0f + expf(-g[j])) * u[j]
+                                     : (act == ACT_GELU ? gelu_erf(g[j]) : gelu_tanh(g[j])) * u[j];
+}
+
+/* attention tile (query tile qt, kv head g) on a path: AVX512's needs hd % 16 == 0, AVX2's and
+ * NEON's hd % 8 == 0 (else the portable one) */
+static void attn_item(int path, const attn_t *a, int g, int qt, float *ws) {
+#if HL_X86
+    if (path == P_AVX512 && a->hd % 16 == 0) { attn_item_512(a, g, qt, ws); return; }
+    if (path != P_SCALAR) { attn_item_avx2(a, g, qt, ws); return; }
+#elif HL_ARM
+    if (path != P_SCALAR && a->hd % 8 == 0) { attn_item_neon(a, g, qt, ws); return; }
+#endif
+    (void)path;
+    attn_item_scalar(a, g, qt, ws);
+}
+
+/* Several packed weights against one activation x (M, K), quantized once: y_i (M, N_i) = x @ W_i^T.
+ * glu: nw = 2 (gate, up) of one N; y_0 = silu(x @ W_0^T) * (x @ W_1^T), silu(g) = g / (1 + e^-g)
+ * (y_1 unused). Each thread takes groups of G weight rows, over all weights. */
+#ifndef MCHUNK
+#define MCHUNK 128
+#endif
+
+typedef struct {
+    const float *x; int M, K, L, R, nfused, hi, glu, path, G; const uint8_t *const *pks; const int *Ns;
+    float *const *ys; const int *kinds; int8_t *q; float *dx, *sx; size_t tq, td, ts;
+    int first[9];  /* weight i owns global groups first[i] .. first[i+1]-1 */
+} packed_mm_t;
+
+static int packed_mm_items(void *a, int p) {
+    const packed_mm_t *t = a;
+    return p == 0 ? t->M : t->first[t->nfused];
+}
+
+/* phase 0: rows i0..i1 of x quantized into their tiles; phase 1 + c: groups i0..i1 (over all
+ * weights) against the activations of M chunk c */
+static void packed_mm_run(void *a, int p, int i0, int i1, int tid) {
+    (void)tid;
+    const packed_mm_t *t = a;
+    const int K = t->K, M = t->M, nb = K / 32, R = t->R, glu = t->glu, hi = t->hi, nfused = t->nfused, G = t->G;
+    const int *kinds = t->kinds, *first = t->first;
+    const size_t tq = t->tq, td = t->td, ts = t->ts;
+    if (p == 0) {
+        for (int m = i0; m < i1; m++)  /* each row into its place in its tile */
+            quantize_tile_row(t->x + (size_t)m * K, K, t->L, t->q + (m / TILE) * tq, t->dx + (m / TILE) * td,
+                              t->sx + (m / TILE) * ts, m % TILE);
+        return;
+    }
+    const tile_fn tile = tile_kernel(t->path);
+    const int mc = (p - 1) * MCHUNK;  /* an M chunk's activations stay in L2 */
+    const int mend = M - mc < MCHUNK ? M : mc + MCHUNK;
+    float out[TILE * 16], out2[TILE * 16];
+    for (int gg = i0; gg < i1; gg++) {
+        int i = 0;
+        while (gg >= first[i + 1]) i++;
+        const int g = gg - first[i], N = t->Ns[i];
+        const int nn = N - g * G < G ? N - g * G : G;
+        float *y = t->ys[i];
+        const int k0 = kinds ? kinds[i] : PK_Q4, k1 = glu ? (kinds ? kinds[1] : PK_Q4) : 0;
+        /* this thread's next group (gg + 1: a chunk's groups are contiguous), fetched a slice
+         * per tile while this one's tiles run: else its first tile waits on memory (1B
+         * gate/up, one core: 67% -> 72% of the dpbusd peak) */
+        const uint8_t *nx[2] = {NULL, NULL};
+        size_t nxb[2] = {0, 0};
+        if (gg + 1 < first[nfused]) {
+            const int i1n = gg + 1 < first[i + 1] ? i : i + 1, g1 = gg + 1 - first[i1n];
+            const int ka = kinds ? kinds[i1n] : PK_Q4;
+            nx[0] = pk_group(t->pks[i1n], ka, g1, K, G); nxb[0] = (size_t)nb * pk_size(ka, G);
+            if (glu) { nx[1] = pk_group(t->pks[1], k1, g1, K, G); nxb[1] = (size_t)nb * pk_size(k1, G); }
+        }
+        const int ntile = (mend - mc + R - 1) / R;
+        for (int m0 = mc; m0 < mend; m0 += R) {
+            const int r = mend - m0 < R ? mend - m0 : R, ti = (m0 - mc) / R;
+            for (int w = 0; w < 2; w++)
+                if (nx[w])
+                    for (size_t o = (nxb[w] * ti / ntile) & ~(size_t)63; o < nxb[w] * (ti + 1) / ntile; o += 64)
+                        __builtin_prefetch((const char *)nx[w] + o, 0, 3);
+            const int8_t *qa = t->q + (size_t)(m0 / TILE) * tq;  /* (m0: a multiple of TILE) */
+            const float *da = t->dx + (size_t)(m0 / TILE) * td, *sa = t->sx + (size_t)(m0 / TILE) * ts;
+            tile(pk_group(t->pks[i], k0, g, K, G), K, qa, da, sa, r, out, hi, k0);
+            if (glu) {
+                tile(pk_group(t->pks[1], k1, g, K, G), K, qa, da, sa, r, out2, hi, k1);
+                for (int j = 0; j < r; j++)
+                    glu_row(t->path, ACT_SILU, out + G * j, out2 + G * j, y + (size_t)(m0 + j) * N + g * G, nn);
+            } else {
+                for (int j = 0; j < r; j++) memcpy(y + (size_t)(m0 + j) * N + g * G, out + G * j, 4 * (size_t)nn);
+            }
+        }
+    }
+}
+
+static int matmul_packed_multi(const float *x, int M, int K, int nw, const uint8_t *const *pks,
+                               const int *Ns, float *const *ys, int nthreads, int hi, int glu,
+                               const int *kinds, int path) {  /* kinds[i]: weight i's PK_* (NULL: all Q4) */
+    /* the activations in tiles of TILE rows (see TILE); the last tile's missing rows unused */
+    const int nb = K / 32, L = hi ? 2 : 1, nfused = glu ? 1 : nw, G = hl_pack_rows(path);
+    const int Mt = (M + TILE - 1) / TILE;
+    packed_mm_t t = {x, M, K, L, TILE, nfused, hi, glu, path, G, pks, Ns, ys, kinds, NULL, NULL, NULL,
+                     (size_t)TILE * K * L, (size_t)TILE * nb, (size_t)TILE * ACT_SUMS * nb, {0}};
+    t.q = malloc(Mt * t.tq);
+    t.dx = malloc(4 * Mt * t.td); t.sx = malloc(4 * Mt * t.ts);
+    if (!t.q || !t.dx || !t.sx) { free(t.q); free(t.dx); free(t.sx); return -3; }
+    for (int i = 0; i < nfused; i++) t.first[i + 1] = t.first[i] + (Ns[i] + G - 1) / G;
+    const job_t job = {1 + (M + MCHUNK - 1) / MCHUNK, packed_mm_items, packed_mm_run, NULL, &t};
+    pool_run(&job, nthreads);
+    free(t.q); free(t.dx); free(t.sx);
+    return 0;
+}
+
+/* kinds: each weight's pack kind (hl_pack_kind of its type; NULL: all PK_Q4), packed by hl_repack
+ * with G = hl_pack_rows(path) for `path` (-1: the best this CPU has). -2: a path this CPU does not
+ * run or one without packed kernels; -1 bad arguments; -3 out of memory. */
+int hl_matmul_packed_multi(const float *x, int M, int K, int nw, const uint8_t *const *pks, const int *Ns,
+                           float *const *ys, int nthreads, int hi, int glu, const int *kinds, int path) {
+    if (path < 0) path = hl_best_path();
+    if (!path_ok(path) || !hl_pack_rows(path)) return -2;
+    if (K % 32 || nw < 1 || nw > 8 || (glu && (nw != 2 || Ns[0] != Ns[1]))) return -1;
+    for (int i = 0; kinds && i < nw; i++) if (kinds[i] < 0 || kinds[i] >= PK_KINDS) return -1;
+    return matmul_packed_multi(x, M, K, nw, pks, Ns, ys, nthreads, hi, glu, kinds, path);
+}
+
+/* y (M, N) = x (M, K) @ W^T with W packed (kind: hl_pack_kind of its type) for `path` */
+int hl_matmul_packed(const float *x, int M, int K, const uint8_t *pk, int N, float *y, int nthreads, int hi,
+                     int kind, int path) {
+    return hl_matmul_packed_multi(x, M, K, 1, &pk, &N, &y, nthreads, hi, 0, &kind, path);
+}
+
 typedef struct { const attn_t *a; int path, n, nkv; size_t ws_floats; int fail; } attn_job_t;
 
 static int attn_items(void *a, int p) { (void)p; return ((const attn_job_t *)a)->n; }
@@ -1697,9 +1923,7 @@ static void attn_run(void *a, int p, int i0, int i1, int tid) {
     if (!ws) { STORE(&t->fail, 1, RLX); return; }
     for (int i = i0; i < i1; i++) {
         const int it = t->n - 1 - i, qt = it / t->nkv, g = it % t->nkv;
-        if (t->path == P_AVX512) attn_item_512(t->a, g, qt, ws);
-        else if (t->path == P_AVX2) attn_item_avx2(t->a, g, qt, ws);
-        else attn_item_scalar(t->a, g, qt, ws);
+        attn_item(t->path, t->a, g, qt, ws);
     }
     free(ws);
 }
@@ -1710,7 +1934,6 @@ int hl_attention_causal(const float *q, int64_t qst, int64_t qsh, const float *k
     if (path < 0) path = hl_best_path();
     if (!path_ok(path)) return -2;
     if (T <= 0 || nkv <= 0 || nh % nkv || hd <= 0 || start_pos < 0) return -1;
-    if (path == P_AVX512 && hd % 16) path = P_AVX2;
     attn_t a = { q, k, v, qst, qsh, kst, ksh, vst, vsh, T, nh, nkv, hd, start_pos, 0, scale, out };
     const int r = nh / nkv, nqt = (T + AQ - 1) / AQ, Rp = (r * AQ + 3) & ~3;
     const size_t ws_floats = (size_t)2 * Rp * hd + (size_t)hd * AK + (size_t)Rp * AK + 4 * (size_t)Rp;

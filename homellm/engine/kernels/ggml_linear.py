@@ -66,39 +66,40 @@ def matmul(x: Tensor, data: Tensor, ggml_type: int, out_features: int, *, thread
     return y
 
 
-def repack_q4(t: GGMLTensor) -> Tensor | None:
-    """native.repack_q4 (Q4 blocks reordered for AVX512-VNNI, memoized per tensor, the file's
-    pages released) as a uint8 torch tensor sharing its memory; None where there is no packed
-    kernel for this CPU or type."""
-    packed = native.repack_q4(t)
+def repack_q4(t: GGMLTensor, path: str | None = None) -> Tensor | None:
+    """native.repack_q4 (Q4 blocks reordered for `path`'s packed kernels, None: this CPU's best;
+    memoized per tensor, the file's pages released) as a uint8 torch tensor sharing its memory;
+    None where there is no packed kernel for that path or type."""
+    packed = native.repack_q4(t, path)
     return None if packed is None else torch.from_numpy(packed)
 
 
-def repack(t: GGMLTensor) -> Tensor | None:
-    """native.repack (Q4_0/Q4_1, Q8_0, Q5_1 and the K-quants reordered for AVX512-VNNI) as a
-    uint8 torch tensor."""
-    packed = native.repack(t)
+def repack(t: GGMLTensor, path: str | None = None) -> Tensor | None:
+    """native.repack (Q4_0/Q4_1, Q8_0, Q5_1 and the K-quants reordered for `path`'s packed
+    kernels) as a uint8 torch tensor."""
+    packed = native.repack(t, path=path)
     return None if packed is None else torch.from_numpy(packed)
 
 
 def matmul_packed(x: Tensor, packed: Tensor, out_features: int, *, threads: int | None = None,
-                  hi: bool = False, kind: int = 0) -> Tensor:
+                  hi: bool = False, kind: int = 0, path: str | None = None) -> Tensor:
     """y (M, N) f32 = x (M, K) f32 @ W^T for W repacked by `repack_q4` (or, kind
-    native.pack_kind(type), any W by `repack`); AVX512 CPUs only."""
+    native.pack_kind(type), any W by `repack`) for `path` (None: this CPU's best)."""
     lib, x, y = _prepare(x, out_features)
     M, K = x.shape
     rc = lib.hl_matmul_packed(x.data_ptr(), M, K, packed.data_ptr(), out_features, y.data_ptr(),
-                              _threads(threads), int(hi), int(kind))
+                              _threads(threads), int(hi), int(kind), kernels.path_id(path))
     if rc:
-        raise RuntimeError(f"hl_matmul_packed failed ({rc}) for K={K}")
+        raise RuntimeError(f"hl_matmul_packed failed ({rc}) for K={K}, path {path or 'auto'}")
     return y
 
 
 def matmul_packed_multi(x: Tensor, packed: list[Tensor], out_features: list[int], *,
                         threads: int | None = None, hi: bool = False, glu: bool = False,
-                        kinds: list[int] | None = None) -> list[Tensor]:
+                        kinds: list[int] | None = None, path: str | None = None) -> list[Tensor]:
     """[x (M, K) @ W_i^T (M, N_i) f32 for each packed W_i], with x quantized once; kinds[i]:
-    native.pack_kind of W_i's type (default: all Q4 packs).
+    native.pack_kind of W_i's type (default: all Q4 packs); path: the one the packs were made for
+    (None: this CPU's best).
 
     glu: two weights (gate, up) of one shape; returns [silu(x @ gate^T) * (x @ up^T)], the
     SiLU-gated product computed in the kernel's epilogue (silu(g) = g / (1 + e^-g)).
@@ -115,7 +116,7 @@ def matmul_packed_multi(x: Tensor, packed: list[Tensor], out_features: list[int]
     Ns = (ctypes.c_int * n)(*out_features)
     c_kinds = (ctypes.c_int * n)(*(kinds or [0] * n))
     rc = lib.hl_matmul_packed_multi(x.data_ptr(), M, K, n, ptrs, Ns, outs, _threads(threads), int(hi),
-                                    int(glu), c_kinds)
+                                    int(glu), c_kinds, kernels.path_id(path))
     if rc:
         raise RuntimeError(f"hl_matmul_packed_multi failed ({rc}) for K={K}, N={list(out_features)}")
     return ys
@@ -124,9 +125,9 @@ def matmul_packed_multi(x: Tensor, packed: list[Tensor], out_features: list[int]
 class GGMLLinear(nn.Module):
     """y = x @ W^T (+ bias) on the GGUF blocks of W; no float copy of W is ever made.
 
-    On AVX512-VNNI CPUs, Q4_0/Q4_1, Q8_0, Q5_1 and K-quant blocks are reordered once into the
-    packed layout (exact; 3-5x faster at M=512 than the raw-block kernel); `pack=False` keeps
-    the raw blocks.
+    On the vector paths (AVX512, AVX2, NEON), Q4_0/Q4_1, Q8_0, Q5_1 and K-quant blocks are
+    reordered once into that path's packed layout (exact; 3-5x faster at M=512 than the
+    raw-block kernel); `pack=False` keeps the raw blocks.
     """
 
     def __init__(self, t: GGMLTensor, bias: Tensor | None = None, threads: int | None = None,
@@ -137,21 +138,22 @@ class GGMLLinear(nn.Module):
                              f"(expected F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K)")
         self.out_features, self.in_features = t.shape
         self.ggml_type = t.ggml_type
-        env_path = path or os.environ.get("HOMELLM_KERNEL_PATH")
-        packed = repack(t) if pack and env_path in (None, "auto", "avx512") else None
+        env_path = path or os.environ.get("HOMELLM_KERNEL_PATH") or None
+        packed = repack(t, env_path) if pack else None
         self.kind = native.pack_kind(t.ggml_type) if packed is not None else -1
         self.packed = packed is not None
         # raw: (N, bytes_per_row) uint8 sharing memory with the (memory-mapped) file; packed: 1-D
         self.register_buffer("data", packed if self.packed else blocks_tensor(t), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         self.threads, self.path, self.hi = threads, path, hi
+        self.pack_path = env_path  # the path whose kernels the pack is for
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.packed:
             y = matmul_packed(x2, self.data, self.out_features, threads=self.threads, hi=self.hi,
-                              kind=self.kind)
+                              kind=self.kind, path=self.pack_path)
         else:
             y = matmul(x2, self.data, self.ggml_type, self.out_features, threads=self.threads,
                        path=self.path, hi=self.hi)
@@ -176,7 +178,7 @@ class FusedProjection(nn.Module):
     def __init__(self, layers: list[GGMLLinear], glu: bool = False):
         super().__init__()
         if not all(isinstance(m, GGMLLinear) and m.packed for m in layers) or \
-                len({(m.in_features, m.hi, m.threads) for m in layers}) != 1:
+                len({(m.in_features, m.hi, m.threads, m.pack_path) for m in layers}) != 1:
             raise ValueError("FusedProjection: expected packed GGMLLinear layers of one input "
                              "size, hi mode and thread count")
         if glu and (len(layers) != 2 or layers[0].out_features != layers[1].out_features
@@ -190,7 +192,8 @@ class FusedProjection(nn.Module):
         lead = x.shape[:-1]
         ys = matmul_packed_multi(x.reshape(-1, x.shape[-1]), [m.data for m in self.layers],
                                  [m.out_features for m in self.layers], threads=first.threads,
-                                 hi=first.hi, glu=self.glu, kinds=[m.kind for m in self.layers])
+                                 hi=first.hi, glu=self.glu, kinds=[m.kind for m in self.layers],
+                                 path=first.pack_path)
         out = []
         for m, y in zip(self.layers, ys):
             if m.bias is not None:

@@ -1,9 +1,9 @@
 """The whole network in C, without PyTorch: prefill and decode on the GGUF file's own blocks.
 
 `NativeModel` holds the C model (ggml_cpu.c `model_t`): per-layer matrices as raw GGUF blocks
-(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, F32; on AVX512-VNNI every quantized
-type repacked 16 rows a register, exactly: `repack`), norm weights, RoPE frequencies from
-model/config.py, the options of LLaMA's relatives (Gemma 3, Qwen3, Mistral, Phi-3, StableLM,
+(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, F32; for the vector paths every quantized
+type repacked, exactly, 16 rows a register for AVX512 and 8 for AVX2 and NEON: `repack`), norm
+weights, RoPE frequencies from model/config.py, the options of LLaMA's relatives (Gemma 3, Qwen3, Mistral, Phi-3, StableLM,
 GPT-NeoX: `_set_arch`, network.h hl_model_set_arch), and the KV cache as numpy arrays (n_kv_heads, max_seq_len, head_dim) per
 layer, float16 by default (as llama.cpp keeps it: half the memory, and half the bandwidth
 long-context decoding spends on it) or float32. `forward(ids, start_pos)` runs a prompt chunk
@@ -24,7 +24,7 @@ import weakref
 
 import numpy as np
 
-from homellm.engine.kernels import PATHS, SUPPORTED_TYPES, build, path_id
+from homellm.engine.kernels import SUPPORTED_TYPES, build, path_id
 from homellm.engine.tokens import common_prefix
 from homellm.model.config import ModelArgs, rope_attention_factor, rope_inv_freq
 
@@ -81,25 +81,39 @@ class _Packed(np.ndarray):
     source: np.ndarray
 
 
-def repack_q4(t) -> np.ndarray | None:
-    """Q4_0/Q4_1 blocks reordered for the AVX512-VNNI kernel (16 rows per register; same size,
-    exact: a byte reorder) as a uint8 array, or None where this CPU or type has no packed kernel.
+def pack_rows(path: str | None = None) -> int:
+    """Weight rows side by side in the packs of `path`'s kernels (None or "auto": the best path
+    this CPU has): 16 for avx512, 8 for avx2, avxvnni, neon and i8mm; 0 for scalar, for a path
+    this CPU does not run, and without the kernels."""
+    lib = build.load()
+    if lib is None:
+        return 0
+    pid = path_id(path)
+    pid = lib.hl_best_path() if pid < 0 else pid
+    return lib.hl_pack_rows(pid) if lib.hl_path_ok(pid) else 0
+
+
+def repack_q4(t, path: str | None = None) -> np.ndarray | None:
+    """Q4_0/Q4_1 blocks reordered for `path`'s packed kernels (the rows of a register side by
+    side; same size, exact: a byte reorder) as a uint8 array, or None where the path or type has
+    no packed kernel.
 
     The same GGUF tensor gives the same packed array (memoized while anyone holds it), and once
     packed, the file pages of the raw blocks are dropped from this process's memory: nothing
     reads them again on this path (a later read would fetch them from the file)."""
-    return _repack(t, (2, 3))
+    return _repack(t, (2, 3), path=path)
 
 
-PACKABLE = (2, 3, 7, 8, 12, 13, 14)  # Q4_0, Q4_1, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
+PACKABLE = (2, 3, 6, 7, 8, 12, 13, 14)  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
 
 
-def repack(t, memo: bool = True) -> np.ndarray | None:
-    """What the C runtime computes on: Q4_0/Q4_1 as `repack_q4`; Q8_0 reordered the same way
-    (16 rows per register, +128 offsets; 1.06x the bytes, exact); the K-quants and Q5_1 as 16
-    rows of unsigned integers with float32 scales (exact; 1.33-1.82x the bytes); or None (raw
-    blocks). memo=False for blocks made in memory (their address may be reused once freed)."""
-    return _repack(t, PACKABLE, memo)
+def repack(t, memo: bool = True, path: str | None = None) -> np.ndarray | None:
+    """What `path`'s kernels (None: this CPU's best) compute on: Q4_0/Q4_1 as `repack_q4`; Q8_0
+    reordered the same way (1.06x the bytes, exact); the K-quants and Q5_1 as rows of unsigned
+    integers with float32 scales (exact; 1.33-1.82x the bytes); or None (raw blocks: the scalar
+    path, or a type without a pack). memo=False for blocks made in memory (their address may be
+    reused once freed)."""
+    return _repack(t, PACKABLE, memo, path)
 
 
 def pack_kind(ggml_type: int) -> int:
@@ -111,14 +125,15 @@ def pack_kind(ggml_type: int) -> int:
 REPACK_ROWS = 4096  # a multiple of 16
 
 
-def _repack(t, types: tuple[int, ...], memo: bool = True) -> np.ndarray | None:
+def _repack(t, types: tuple[int, ...], memo: bool = True, path: str | None = None) -> np.ndarray | None:
     from homellm.model.formats.gguf_file import release_file_pages
     lib = build.load()
     kind = _ggml_type(t)
-    if lib is None or kind not in types or lib.hl_best_path() != PATHS["avx512"]:
+    G = pack_rows(path)
+    if lib is None or kind not in types or not G:
         return None
     data = np.asarray(t.data)
-    key = (data.__array_interface__["data"][0], kind, tuple(t.shape))
+    key = (data.__array_interface__["data"][0], kind, tuple(t.shape), G)
     hit = _PACKED.get(key) if memo else None
     if hit is not None:
         return hit
@@ -126,7 +141,7 @@ def _repack(t, types: tuple[int, ...], memo: bool = True) -> np.ndarray | None:
     raw = np.ascontiguousarray(data).view(np.uint8).reshape(N, -1)
     if K % 32:
         return None
-    out = np.empty(lib.hl_packed_bytes(kind, N, K), dtype=np.uint8)
+    out = np.empty(lib.hl_packed_bytes(kind, N, K, G), dtype=np.uint8)
     if memo:
         out = out.view(_Packed)
         out.source = data  # (its pages are still dropped below: only the mapping stays)
@@ -134,8 +149,8 @@ def _repack(t, types: tuple[int, ...], memo: bool = True) -> np.ndarray | None:
     # blocks and their packed copy are never both resident in full (peak RSS)
     for r0 in range(0, N, REPACK_ROWS):
         n = min(REPACK_ROWS, N - r0)
-        at = lib.hl_packed_bytes(kind, r0, K)  # (r0 is a whole number of 16-row groups)
-        if lib.hl_repack(kind, raw[r0].ctypes.data, raw.strides[0], n, K, out[at:].ctypes.data) != 0:
+        at = lib.hl_packed_bytes(kind, r0, K, G)  # (r0 is a whole number of groups)
+        if lib.hl_repack(kind, raw[r0].ctypes.data, raw.strides[0], n, K, out[at:].ctypes.data, G) != 0:
             return None
         release_file_pages(raw[r0:r0 + n])
     if memo:
@@ -275,14 +290,14 @@ class NativeModel:
     `Checkpoint.tensors`. kv: optional per-layer (k, v) float32 arrays (n_kv_heads, S, head_dim)
     to use as the cache (e.g. views of a PyTorch KVCache); by default the model allocates its own
     (np.empty: pages that no position reaches cost no memory).
-    threads: the most the thread pool uses (0 or None: one per CPU); path: "scalar"/"avx2"/
-    "avx512"/None (best);
+    threads: the most the thread pool uses (0 or None: one per CPU); path: a kernel path of
+    kernels.PATHS ("scalar", "avx2", "avx512", "avxvnni", "neon", "i8mm") or None (the best);
     hi: two-level int8 activations (~256x less activation rounding; see ggml_cpu.c);
-    packed: reorder Q4 weights for AVX512-VNNI (same size; else compute on the raw blocks).
-    kv_dtype: "f16" (default) or "f32" for the cache the model allocates itself.
+    packed: reorder the quantized weights for the path's packed kernels (`repack`; else compute
+    on the raw blocks). kv_dtype: "f16" (default) or "f32" for the cache the model allocates itself.
     keep_raw: False lets go of the raw blocks of packed matrices (the packed copy is all the
-    AVX512 path reads): with the caller dropping its references too, the Q/K rows that reading
-    un-permuted into memory are freed. Other kernel paths are then unavailable.
+    path reads): with the caller dropping its references too, the Q/K rows that reading
+    un-permuted into memory are freed. Paths with other packs (or none) are then unavailable.
     """
 
     def __init__(self, args: ModelArgs, tensors: dict, max_seq_len: int, *, threads: int | None = None,
@@ -306,6 +321,7 @@ class NativeModel:
         self.adapter = None  # a LoraAdapter (engine/lora.py) forward and decode apply, or None
         self._keep: list = []  # every buffer the C side points to
         self.raw_dropped = False
+        self.pack_rows = pack_rows(path) if packed else 0  # the packs' rows a group (0: none)
         inv_freq = np.ascontiguousarray(rope_inv_freq(args), dtype=np.float32)  # (rotary_dim / 2)
         padded = np.zeros(args.head_dim // 2, dtype=np.float32)  # (what hl_model_new copies)
         padded[:len(inv_freq)] = inv_freq
@@ -330,12 +346,14 @@ class NativeModel:
                 if name == "mlp.gate_proj" and not args.mlp_gated:
                     continue  # (GPT-NeoX: up and down only)
                 src = tensors[p + name + ".weight"]
-                t = self._runtime_blocks(src)  # (a converted copy must not be memoized by address)
-                pk = repack(t, memo=t is src) if packed and path in (None, "auto", "avx512") else None
+                # Q5_0 packs as it is (nibbles and 5th bits: 1.09x its bytes); on raw blocks it
+                # runs as the Q8_0 it exactly is (a converted copy must not be memoized by address)
+                t = src if self.pack_rows else self._runtime_blocks(src)
+                pk = repack(t, memo=t is src, path=path) if self.pack_rows else None
                 self._set_mat(i, j, t, p + name, keep=pk is None or keep_raw)
                 if pk is not None:
                     self._keep.append(pk)
-                    if lib.hl_model_set_packed(self.ctx, i, j, pk.ctypes.data) != 0:
+                    if lib.hl_model_set_packed(self.ctx, i, j, pk.ctypes.data, self.pack_rows) != 0:
                         raise ValueError(f"{p + name}: packed blocks of type {t.ggml_type} are not supported")
                     self.raw_dropped |= not keep_raw
             for j, (name, rms) in enumerate(layer_vectors(args)):
@@ -355,11 +373,11 @@ class NativeModel:
         for which, t, name in ((-1, embed, "model.embed_tokens"), (-2, head, "lm_head")):
             # packed too (a tied table once): the head streams at the packed kernels' rate and
             # the embedding's rows come from the same pack
-            pk = repack(t) if packed and path in (None, "auto", "avx512") else None
+            pk = repack(t, path=path) if self.pack_rows else None
             self._set_mat(0, which, t, name, keep=pk is None or keep_raw)
             if pk is not None:
                 self._keep.append(pk)
-                if lib.hl_model_set_packed(self.ctx, 0, which, pk.ctypes.data) != 0:
+                if lib.hl_model_set_packed(self.ctx, 0, which, pk.ctypes.data, self.pack_rows) != 0:
                     raise ValueError(f"{name}: packed blocks of type {t.ggml_type} are not supported")
                 self.raw_dropped |= not keep_raw
         lib.hl_model_set_vec(self.ctx, -1, 0, self._vec(tensors["model.norm.weight"],
@@ -370,7 +388,7 @@ class NativeModel:
         self.set_threads(threads, path, hi)
 
     def set_threads(self, threads: int | None = None, path: str | None = None, hi: bool = True):
-        if self.raw_dropped and path not in (None, "auto", "avx512"):
+        if self.raw_dropped and pack_rows(path) != self.pack_rows:
             raise RuntimeError(f"kernel path {path!r} needs the raw blocks, which this model let go")
         self.threads = threads or 0
         if self.lib.hl_model_set_threads(self.ctx, self.threads, path_id(path), int(hi)) != 0:

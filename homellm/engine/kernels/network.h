@@ -23,7 +23,7 @@
  * whichever chunk of its sequence it comes, and on any number of threads. hl_forward and
  * hl_decode (one sequence, the model's own cache) are this same call.
  *
- * The call is one job of the thread pool: per layer, matmul phases (groups of 16 weight rows,
+ * The call is one job of the thread pool: per layer, matmul phases (groups of 8 or 16 weight rows,
  * all rows of an M chunk each) alternate with row phases (norms, RoPE, cache writes, activation
  * quantization: parallel over rows, or for a few rows the serial close of the phase, as a decode
  * step needs no more), and an attention phase of (chunk, query tile, kv head) items.
@@ -31,7 +31,8 @@
 
 /* ---- the model --------------------------------------------------------------------------- */
 
-typedef struct { int type, N, K; const uint8_t *w; int64_t rb; const uint8_t *pk; } mat_t;  /* pk: packed or NULL */
+/* pk: the weights packed pg rows a group (hl_repack), or NULL */
+typedef struct { int type, N, K; const uint8_t *w; int64_t rb; const uint8_t *pk; int pg; } mat_t;
 
 enum { M_Q, M_K, M_V, M_O, M_GATE, M_UP, M_DOWN, M_COUNT };
 /* a layer's vectors: attention input norm (and its LayerNorm bias), MLP input norm (and bias),
@@ -69,8 +70,6 @@ typedef struct {
     float *inv_freq_local;  /* (n_rot / 2) the sliding layers' own, or NULL: inv_freq */
     int *swa;               /* per layer: 1 = sliding-window attention */
 } model_t;
-
-enum { ACT_SILU, ACT_GELU_TANH, ACT_GELU };
 
 void *hl_model_new(int L, int H, int nh, int nkv, int hd, int F, int V, float eps, const float *inv_freq) {
     model_t *c = calloc(1, sizeof(model_t));
@@ -124,20 +123,21 @@ int hl_model_set_arch(void *p, int norm_layer, int qk_norm, int sandwich, int pa
 int hl_model_set_mat(void *p, int layer, int which, int type, int N, int K, const uint8_t *w, int64_t rb) {
     model_t *c = p;
     if (!type_block_bytes(type) || K % type_qk(type)) return -1;
-    mat_t m = {type, N, K, w, rb, NULL};
+    mat_t m = {type, N, K, w, rb, NULL, 0};
     if (which == -1) c->emb = m;
     else if (which == -2) c->head = m;
     else c->layers[layer].m[which] = m;
     return 0;
 }
 
-/* a matrix's weights packed by hl_repack (used on the AVX512 path); NULL: raw blocks; which as for
- * hl_model_set_mat (-1 the embedding table: its rows then come from the pack, -2 the head) */
-int hl_model_set_packed(void *p, int layer, int which, const uint8_t *pk) {
+/* a matrix's weights packed by hl_repack G rows a group (used by the paths whose hl_pack_rows is
+ * G; the others compute on the raw blocks); NULL: raw blocks only; which as for hl_model_set_mat
+ * (-1 the embedding table: its rows then come from the pack, -2 the head) */
+int hl_model_set_packed(void *p, int layer, int which, const uint8_t *pk, int G) {
     model_t *c = p;
     mat_t *m = which == -1 ? &c->emb : which == -2 ? &c->head : &c->layers[layer].m[which];
-    if (pk && hl_pack_kind(m->type) < 0) return -1;
-    m->pk = pk;
+    if (pk && (hl_pack_kind(m->type) < 0 || !good_g(G))) return -1;
+    m->pk = pk; m->pg = pk ? G : 0;
     return 0;
 }
 
@@ -232,15 +232,12 @@ static void norm_row(const model_t *c, const float *x, const float *w, const flo
     else rmsnorm(x, w, n, c->eps, out);
 }
 
-/* GELU, tanh approximation (HF gelu_pytorch_tanh: Gemma) or erf (HF gelu: GPT-NeoX) */
-static float gelu_tanh(float x) { return x / (1.f + expf(-1.5957691216057308f * (x + 0.044715f * x * x * x))); }
-static float gelu_erf(float x) { return 0.5f * x * (1.f + erff(x * 0.7071067811865476f)); }
-
 static void add_vec(float *y, const float *b, int n) { if (b) for (int i = 0; i < n; i++) y[i] += b[i]; }
 
 /* the embedding of token into x (H floats), from the packed table where there is one */
 static void embed_row(const model_t *c, int token, float *x) {
-    if (c->emb.pk && c->path == P_AVX512) pk_dequant_row(hl_pack_kind(c->emb.type), c->emb.pk, c->H, token, x);
+    if (c->emb.pk && c->emb.pg == hl_pack_rows(c->path))
+        pk_dequant_row(hl_pack_kind(c->emb.type), c->emb.pk, c->H, token, c->emb.pg, x);
     else dequant_row(c->emb.type, c->emb.w + (size_t)token * c->emb.rb, c->H, x);
 }
 
@@ -250,37 +247,6 @@ static void lora_row(const lora_mat_t *l, const float *x, int K, float *y, int N
     const int r = l->r < 512 ? l->r : 512;
     for (int i = 0; i < r; i++) t[i] = fdot(l->A + (size_t)i * K, x, K) * l->scale;
     for (int n = 0; n < N; n++) y[n] += fdot(l->B + (size_t)n * l->r, t, r);
-}
-
-/* SiLU-gated product of 16 lanes, g / (1 + e^-g) u: the packed gate/up epilogue and the row step
- * alike (one function: the same bits either way) */
-T512 INLINE __m512 silu16(__m512 gv, __m512 uv) {
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-    return _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), uv);
-}
-
-/* GeGLU of 16 lanes (Gemma): GELU's tanh form 0.5 g (1 + tanh(v)), v = sqrt(2/pi) (g + 0.044715 g^3),
- * written as g / (1 + e^-2v), times u; as silu16, one function for the epilogue and the row step */
-T512 INLINE __m512 geglu16(__m512 gv, __m512 uv) {
-    const __m512 v2 = _mm512_mul_ps(_mm512_set1_ps(-1.5957691216057308f),
-                                    _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(gv, gv), gv), _mm512_set1_ps(0.044715f), gv));
-    return _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(v2))), uv);
-}
-
-T512 INLINE __m512 glu16(int act, __m512 gv, __m512 uv) { return act == ACT_SILU ? silu16(gv, uv) : geglu16(gv, uv); }
-
-T512 static void glu_row_512(int act, const float *g, const float *u, float *h, int n) {
-    for (int j = 0; j < n; j += 16) {
-        const __mmask16 k = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
-        _mm512_mask_storeu_ps(h + j, k, glu16(act, _mm512_maskz_loadu_ps(k, g + j), _mm512_maskz_loadu_ps(k, u + j)));
-    }
-}
-
-/* h = act(g) u for the gated MLPs: SiLU, GELU tanh (the AVX512 lanes of the packed epilogue), erf */
-static void glu_row(int path, int act, const float *g, const float *u, float *h, int n) {
-    if (path == P_AVX512 && act != ACT_GELU) { glu_row_512(act, g, u, h, n); return; }
-    for (int j = 0; j < n; j++) h[j] = act == ACT_SILU ? g[j] / (1.0f + expf(-g[j])) * u[j]
-                                     : (act == ACT_GELU ? gelu_erf(g[j]) : gelu_tanh(g[j])) * u[j];
 }
 
 /* ---- the batch ------------------------------------------------------------------------------ */
@@ -312,7 +278,8 @@ typedef struct {
     int fail;
 } batch_t;
 
-static int is_packed(const batch_t *b, const mat_t *m) { return m->pk && b->c->path == P_AVX512; }
+/* computed on its pack: one made for this path's kernels */
+static int is_packed(const batch_t *b, const mat_t *m) { return m->pk && m->pg == hl_pack_rows(b->c->path); }
 
 /* the activations of a stage's matrices (consumers), row m of K values at src: tiles for packed
  * matrices, rows for raw quantized ones (float weights read src itself) */
@@ -324,9 +291,9 @@ static void quantize_for(const batch_t *b, const mat_t *const *ms, int nm, const
     }
     if (tile) {
         const int nb = K / 32, L2 = b->L2;
-        quantize_tile_row_512(src, K, L2, b->tq + (size_t)(m / TILE) * TILE * K * L2,
-                              b->td + (size_t)(m / TILE) * TILE * nb, b->ts + (size_t)(m / TILE) * TILE * ACT_SUMS * nb,
-                              m % TILE);
+        quantize_tile_row(src, K, L2, b->tq + (size_t)(m / TILE) * TILE * K * L2,
+                          b->td + (size_t)(m / TILE) * TILE * nb, b->ts + (size_t)(m / TILE) * TILE * ACT_SUMS * nb,
+                          m % TILE);
     }
     if (row)
         quantize_row(src, K, b->aq + (size_t)m * K, b->ad + (size_t)m * K / 4, b->as + (size_t)m * K / 4,
@@ -510,35 +477,36 @@ static int mm_mats(const batch_t *b, const phase_t *ph, const mat_t **ms, float 
     }
 }
 
-static int groups(int N) { return (N + 15) / 16; }
+/* a matrix's work items: groups of rows, its pack's (G rows) where it computes on one, else 16 */
+static int group_rows(const batch_t *b, const mat_t *m) { return is_packed(b, m) ? m->pg : 16; }
+static int groups(const batch_t *b, const mat_t *m) { return (m->N + group_rows(b, m) - 1) / group_rows(b, m); }
 
-/* group g (16 weight rows) of a packed matrix against the tiles of activation rows m0..m1-1
- * (m0 a multiple of TILE) into y (rows of N); with `up`, the gate/up product: silu16 of the two */
-T512 static void packed_group(const batch_t *b, const mat_t *mt, const mat_t *up, int g, int K, int m0, int m1,
-                              float *y, int N) {
+/* group g (G weight rows) of a packed matrix against the tiles of activation rows m0..m1-1
+ * (m0 a multiple of TILE) into y (rows of N); with `up`, the gated product (glu_row: the same
+ * function as the row step's) */
+static void packed_group(const batch_t *b, const mat_t *mt, const mat_t *up, int g, int K, int m0, int m1,
+                         float *y, int N) {
     const int kind = hl_pack_kind(mt->type), ku = up ? hl_pack_kind(up->type) : 0, nb = K / 32, L2 = b->L2;
-    const int nn = N - g * 16 < 16 ? N - g * 16 : 16;
-    const __mmask16 km = (__mmask16)((1u << nn) - 1);
+    const int G = mt->pg, nn = N - g * G < G ? N - g * G : G, path = b->c->path;
     const size_t tq = (size_t)TILE * K * L2, td = (size_t)TILE * nb, ts = (size_t)TILE * ACT_SUMS * nb;
+    const tile_fn tile = tile_kernel(path);
     float out[TILE * 16], out2[TILE * 16];
     for (int r0 = m0; r0 < m1; r0 += TILE) {
         const int r = m1 - r0 < TILE ? m1 - r0 : TILE, t = r0 / TILE;
         const int8_t *qa = b->tq + (size_t)t * tq;
         const float *da = b->td + (size_t)t * td, *sa = b->ts + (size_t)t * ts;
-        packed_tile(pk_group(mt->pk, kind, g, K), K, qa, da, sa, r, out, b->hi, kind);
+        tile(pk_group(mt->pk, kind, g, K, G), K, qa, da, sa, r, out, b->hi, kind);
         if (up) {
-            packed_tile(pk_group(up->pk, ku, g, K), K, qa, da, sa, r, out2, b->hi, ku);
+            tile(pk_group(up->pk, ku, g, K, G), K, qa, da, sa, r, out2, b->hi, ku);
             for (int j = 0; j < r; j++)
-                _mm512_mask_storeu_ps(y + (size_t)(r0 + j) * N + g * 16, km,
-                                      glu16(b->c->act, _mm512_loadu_ps(out + 16 * j), _mm512_loadu_ps(out2 + 16 * j)));
+                glu_row(path, b->c->act, out + G * j, out2 + G * j, y + (size_t)(r0 + j) * N + g * G, nn);
         } else {
-            for (int j = 0; j < r; j++)
-                _mm512_mask_storeu_ps(y + (size_t)(r0 + j) * N + g * 16, km, _mm512_loadu_ps(out + 16 * j));
+            for (int j = 0; j < r; j++) memcpy(y + (size_t)(r0 + j) * N + g * G, out + G * j, 4 * (size_t)nn);
         }
     }
 }
 
-/* groups i0..i1 (over the phase's matrices) of 16 weight rows against activation rows m0..m1-1 */
+/* groups i0..i1 (over the phase's matrices) of weight rows against activation rows m0..m1-1 */
 static void mm_run(batch_t *b, const phase_t *ph, int i0, int i1) {
     model_t *c = b->c;
     const mat_t *ms[3]; float *ys[3]; const float *src; int K;
@@ -548,9 +516,9 @@ static void mm_run(batch_t *b, const phase_t *ph, int i0, int i1) {
     float *row = NULL;
     for (int gg = i0; gg < i1; gg++) {
         int i = 0, g = gg;
-        while (g >= groups(ms[i]->N)) { g -= groups(ms[i]->N); i++; }
+        while (g >= groups(b, ms[i])) { g -= groups(b, ms[i]); i++; }
         const mat_t *mt = ms[i];
-        const int N = mt->N, n0 = g * 16, nn = N - n0 < 16 ? N - n0 : 16;
+        const int gr = group_rows(b, mt), N = mt->N, n0 = g * gr, nn = N - n0 < gr ? N - n0 : gr;
         float *y = ys[i];
         if (is_packed(b, mt)) {
             packed_group(b, mt, fused ? &c->layers[ph->layer].m[M_UP] : NULL, g, K, m0, m1, y, N);
@@ -583,8 +551,6 @@ static void att_run(batch_t *b, int l, int i0, int i1) {
     const size_t ws_floats = (size_t)2 * Rp * hd + (size_t)hd * AK + (size_t)Rp * AK + 4 * (size_t)Rp;
     float *ws = malloc(ws_floats * sizeof(float));
     if (!ws) { STORE(&b->fail, 1, RLX); return; }
-    int path = c->path;
-    if (path == P_AVX512 && hd % 16) path = P_AVX2;
     const size_t esz = kv->kv16 ? 2 : 4, S = kv->S;
     for (int i = i0; i < i1; i++) {
         const int ru = b->att_run[i], qt = b->att_qt[i], g = i % nkv, m0 = b->run0[ru];
@@ -592,9 +558,7 @@ static void att_run(batch_t *b, int l, int i0, int i1) {
         attn_t a = {b->q + (size_t)m0 * nq, (const uint8_t *)kv->k[l] + base, (const uint8_t *)kv->v[l] + base,
                     nq, hd, hd, (int64_t)S * hd, hd, (int64_t)S * hd, b->runn[ru], nh, nkv, hd, b->pos[m0],
                     kv->kv16, c->attn_scale, b->att + (size_t)m0 * nq, c->swa[l] ? c->window : 0};
-        if (path == P_AVX512) attn_item_512(&a, g, qt, ws);
-        else if (path == P_AVX2) attn_item_avx2(&a, g, qt, ws);
-        else attn_item_scalar(&a, g, qt, ws);
+        attn_item(c->path, &a, g, qt, ws);
     }
     free(ws);
 }
@@ -613,7 +577,7 @@ static int batch_items(void *a, int p) {
     const mat_t *ms[3]; float *ys[3]; const float *src; int K;
     const int nm = mm_mats(b, ph, ms, ys, &src, &K);
     int n = 0;
-    for (int i = 0; i < nm; i++) n += groups(ms[i]->N);
+    for (int i = 0; i < nm; i++) n += groups(b, ms[i]);
     return n;
 }
 
@@ -712,13 +676,13 @@ int hl_batch(void *p, void *kvp, int n, const int *tokens, const int *pos, const
         if (c->parallel) b.ya = malloc(4 * M * H);
         b.aq = malloc(M * Kmax + 64); b.aq2 = malloc(M * Kmax + 64);
         b.ad = malloc(M * Kmax + 64); b.as = malloc(M * Kmax + 64);  /* K/4 floats a row each */
-        if (c->path == P_AVX512) {
+        if (hl_pack_rows(c->path)) {  /* tiles for the packed kernels */
             b.tq = malloc(Mt * TILE * Kmax * b.L2 + 64);
             b.td = malloc(4 * (Mt * TILE * nb + 16)); b.ts = malloc(4 * (Mt * TILE * ACT_SUMS * nb + 16));
         }
         if (!b.x || !b.xn || !b.q || !b.k || !b.v || !b.att || !b.hb || !b.u || !b.y || !b.xo || !b.aq || !b.aq2
             || (c->parallel && !b.ya)
-            || !b.ad || !b.as || (c->path == P_AVX512 && (!b.tq || !b.td || !b.ts)))
+            || !b.ad || !b.as || (hl_pack_rows(c->path) && (!b.tq || !b.td || !b.ts)))
             rc = -3;
     }
     if (!rc) {

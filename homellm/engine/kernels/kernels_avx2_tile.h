@@ -1,0 +1,144 @@
+/* homellm CPU kernels: the AVX2 packed kernel (included three times by kernels_avx2.h: AVX2_T its
+ * target, AVX2_VNNI whether vpdpbusd (AVX2_DP) or vpmaddubsw makes the integer dots, AVX2_SFX
+ * its names). */
+
+/* a row's integer dots against one level of its block's 32 activation bytes a (chunk c of the
+ * weights: values 4c..4c+3 of 8 rows, against 4 broadcast bytes): Q6_K's two halves (values
+ * 0..15 into *i0, 16..31 into *i1), every other kind's whole sum into *i0 (Q4_0's nibbles and,
+ * with vpdpbusd, Q8_0's bytes + 128: before their offsets come off) */
+AVX2_T INLINE void AVX2_SFX(dots)(const __m256i *w, const uint8_t *pw, const int8_t *a, const int kind,
+                                  __m256i *i0, __m256i *i1) {
+#define BC(c) _mm256_set1_epi32(ld4(a + 4 * (c)))
+#if AVX2_VNNI
+    (void)pw;
+    const __m256i z = _mm256_setzero_si256();
+    __m256i s0 = AVX2_DP(z, w[0], BC(0)), s1 = AVX2_DP(z, w[4], BC(4));
+    for (int c = 1; c < 4; c++) {
+        s0 = AVX2_DP(s0, w[c], BC(c));
+        s1 = AVX2_DP(s1, w[c + 4], BC(c + 4));
+    }
+    if (kind == PK_Q6K) { *i0 = s0; *i1 = s1; }
+    else *i0 = _mm256_add_epi32(s0, s1);
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+#define MU(c) _mm256_maddubs_epi16(w[c], BC(c))
+    if (PK_NIB(kind) && kind != PK_Q5) {  /* nibbles: all 8 chunks in int16 (<= 30480) */
+        __m256i s = MU(0);
+        for (int c = 1; c < 8; c++) s = _mm256_add_epi16(s, MU(c));
+        *i0 = _mm256_madd_epi16(s, ones);
+    } else if (kind == PK_Q5K || kind == PK_Q5) {  /* 5 bits: 4 chunks in int16 (<= 31496) */
+        const __m256i s0 = _mm256_add_epi16(_mm256_add_epi16(MU(0), MU(1)), _mm256_add_epi16(MU(2), MU(3)));
+        const __m256i s1 = _mm256_add_epi16(_mm256_add_epi16(MU(4), MU(5)), _mm256_add_epi16(MU(6), MU(7)));
+        *i0 = _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones));
+    } else if (kind == PK_Q6K) {  /* 6 bits: 2 chunks in int16 (<= 32004) */
+        *i0 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(MU(0), MU(1)), ones),
+                               _mm256_madd_epi16(_mm256_add_epi16(MU(2), MU(3)), ones));
+        *i1 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(MU(4), MU(5)), ones),
+                               _mm256_madd_epi16(_mm256_add_epi16(MU(6), MU(7)), ones));
+    } else {  /* Q8_0: |q| (w) against the activations with q's signs, one chunk a vpmaddwd */
+        __m256i s = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++) {
+            const __m256i sg = _mm256_sign_epi8(BC(c), _mm256_loadu_si256((const __m256i *)(pw + 32 * c)));
+            s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(w[c], sg), ones));
+        }
+        *i0 = s;
+    }
+#undef MU
+#endif
+#undef BC
+}
+
+/* out (R, 8) = 8 packed weight rows (one group's blocks at pk) against rows 0..R-1 (R <= TILE)
+ * of an activation tile (see TILE), `kind` (PK_*) and `hi` (two levels) constants: per block
+ * the weights in 8 registers, then each row's dots and its float lanes, operation for operation
+ * what packed_body (AVX512) does with its 16 (the rows' accumulators live in out) */
+AVX2_T INLINE void AVX2_SFX(packed_body)(const uint8_t *pk, int K, const int8_t *q, const float *dx,
+                                         const float *sx, const int R, float *out, const int hi, const int kind) {
+    const int nb = K / 32, nib = PK_NIB(kind), f32 = PK_F32(kind);
+    const size_t bb = pk_size(kind, 8), wo = f32 ? 64 : 32, qb = (size_t)TILE * 32 * (hi ? 2 : 1);
+    const __m256i lo = _mm256_set1_epi8(15);
+    const __m256 m32 = _mm256_set1_ps(-32.0f);
+    __m256 accs[TILE];  /* (in registers where R is a constant: one row, decode) */
+    for (int r = 0; r < R; r++) accs[r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *p = pk + (size_t)b * bb;
+        /* one row (decode): the weights stream once, ahead of the hardware prefetcher's reach */
+        if (R == 1) for (int o = 0; o < (int)bb; o += 64) _mm_prefetch((const char *)p + PF_DIST + o, _MM_HINT_T0);
+        /* d and m (Q4_x, Q8_0: f16; K-quants: f32), or for Q6_K the halves' scales s0, s1 */
+        const __m256 dw = f32 ? _mm256_loadu_ps((const float *)p) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+        const __m256 mw = f32 ? _mm256_loadu_ps((const float *)(p + 32))
+                              : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
+        __m256i w[8];
+        if (nib) {
+            for (int c = 0; c < 4; c++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(p + wo + 32 * c));
+                w[c] = _mm256_and_si256(x, lo);
+                w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
+            }
+            if (kind == PK_Q5)  /* the 5th bits: + 16 where set */
+                for (int c = 0; c < 8; c++) {
+                    uint32_t h; memcpy(&h, p + 160 + 4 * c, 4);
+                    w[c] = _mm256_or_si256(w[c], _mm256_and_si256(bits_to_bytes(h), _mm256_set1_epi8(16)));
+                }
+        } else {
+            for (int c = 0; c < 8; c++) {
+                w[c] = _mm256_loadu_si256((const __m256i *)(p + wo + 32 * c));
+                /* Q8_0: vpdpbusd's unsigned operand q + 128, or vpmaddubsw's |q| */
+                if (kind == PK_Q8)
+                    w[c] = AVX2_VNNI ? _mm256_xor_si256(w[c], _mm256_set1_epi8((char)0x80)) : _mm256_abs_epi8(w[c]);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const int8_t *a = q + b * qb + r * 32;
+            __m256i i0, i1 = _mm256_setzero_si256();
+            AVX2_SFX(dots)(w, p + wo, a, kind, &i0, &i1);
+            if (hi) {
+                __m256i j0, j1 = _mm256_setzero_si256();
+                AVX2_SFX(dots)(w, p + wo, a + TILE * 32, kind, &j0, &j1);
+                i0 = _mm256_add_epi32(_mm256_slli_epi32(i0, 8), j0);
+                i1 = _mm256_add_epi32(_mm256_slli_epi32(i1, 8), j1);
+            }
+            /* the row's scale and its sums j (block b: j = b; its halves: j = nb + 2 b + h) */
+#define SX(j) sx[(size_t)(j) * TILE + r]
+#define ISX(j) ((const int32_t *)sx)[(size_t)(j) * TILE + r]
+            const __m256 da = _mm256_set1_ps(dx[(size_t)b * TILE + r]);
+            __m256 acc = accs[r];
+            if (kind == PK_Q6K) {  /* s0 (I0 da - 32 hs0) + s1 (I1 da - 32 hs1) */
+                const __m256 t0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), da, _mm256_mul_ps(m32, _mm256_set1_ps(SX(nb + 2 * b))));
+                const __m256 t1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), da, _mm256_mul_ps(m32, _mm256_set1_ps(SX(nb + 2 * b + 1))));
+                acc = _mm256_fmadd_ps(t0, dw, acc);
+                acc = _mm256_fmadd_ps(t1, mw, acc);
+            } else if (kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) {  /* d da ((u . q) - off sum(q)) */
+                if (kind != PK_Q8 || AVX2_VNNI)
+                    i0 = _mm256_sub_epi32(i0, _mm256_set1_epi32(ISX(3 * nb + b) * (kind == PK_Q8 ? 128 : kind == PK_Q5 ? 16 : 8)));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dw, da), acc);
+            } else {
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dw, da), acc);
+                acc = _mm256_fmadd_ps(mw, _mm256_set1_ps(SX(b)), acc);
+            }
+            accs[r] = acc;
+#undef SX
+#undef ISX
+        }
+    }
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(out + 8 * r, accs[r]);
+}
+
+/* the tile_fn of this variant: the body for each kind and level count */
+AVX2_T static void AVX2_SFX(packed_tile)(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
+                                         int R, float *out, int hi, int kind) {
+#define BODY(KK) do { if (R == 1) { if (hi) AVX2_SFX(packed_body)(pk, K, q, dx, sx, 1, out, 1, KK); \
+                                 else AVX2_SFX(packed_body)(pk, K, q, dx, sx, 1, out, 0, KK); } \
+                      else if (hi) AVX2_SFX(packed_body)(pk, K, q, dx, sx, R, out, 1, KK); \
+                      else AVX2_SFX(packed_body)(pk, K, q, dx, sx, R, out, 0, KK); } while (0)
+    switch (kind) {
+    case PK_Q4: BODY(PK_Q4); break;
+    case PK_Q4S: BODY(PK_Q4S); break;
+    case PK_Q8: BODY(PK_Q8); break;
+    case PK_Q4K: BODY(PK_Q4K); break;
+    case PK_Q5K: BODY(PK_Q5K); break;
+    case PK_Q5: BODY(PK_Q5); break;
+    default: BODY(PK_Q6K);
+    }
+#undef BODY
+}
