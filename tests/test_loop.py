@@ -188,7 +188,9 @@ def test_the_loop_from_web_feedback_to_a_promoted_version(base, tmp_path, homell
     store = open_store(db)
     voted = Battles(store.db).voted(store.local_user())
     store.close()
-    made = len(dpo_pairs(voted))  # voted battles whose two replies both finished with text
+    # voted battles whose two replies both finished with text, and differ (as a pair's checks ask)
+    texts = [(p["chosen"][0]["content"].strip(), p["rejected"][0]["content"].strip()) for p in dpo_pairs(voted)]
+    made = sum(bool(a and b and a != b) for a, b in texts)
     assert len(voted) == 4 and made >= 1
     assert d2["pairs_used_before"] == differ and d2["pairs_by_source"] == {"arena": made}
     code, _, err = cli(capsys, "loop", "merge", "-m", "tinybot", "--db", db)
