@@ -31,3 +31,12 @@ def start_server(cmd: list[str], url: str, env: dict, stderr=subprocess.PIPE,
         time.sleep(0.3)
     proc.kill()
     raise SystemExit(f"{' '.join(cmd[:4])} did not start in {timeout} s")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60):
+    """SIGTERM (the server shuts down as a user's Ctrl-C does), then SIGKILL after timeout."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()

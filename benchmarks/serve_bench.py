@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import httpx
-from common import free_port, start_server  # noqa: E402  (benchmarks/common.py)
+from common import free_port, start_server, stop  # noqa: E402  (benchmarks/common.py)
 
 TOPICS = ["a lighthouse keeper", "a lost robot", "the first snow", "a river town", "an old map",
           "a clockmaker", "a desert train", "a night market", "a mountain school", "a whale song",
@@ -148,15 +148,6 @@ def homellm_cmd(args, port: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "homellm", "serve", "-m", args.model, "--port", str(port),
             "--max-batch", str(max(args.clients)), "--ctx", "4096", "--threads", str(args.threads),
             "--preload", "--quiet", *extra]
-
-
-def stop(proc: subprocess.Popen):
-    """SIGTERM: the server shuts down as a user's Ctrl-C does (conversations to disk)."""
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def reopen_test(args, env: dict) -> dict:
@@ -284,11 +275,7 @@ def measure(name: str, cmd: list[str], url: str, args, env: dict) -> dict:
             print(f"{name} prefix: {out['prefix_reuse']}", file=sys.stderr)
         return out
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, 20)
 
 
 def main() -> int:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from busy_bench import hogs, load_label  # noqa: E402
-from common import free_port, start_server  # noqa: E402  (benchmarks/common.py)
+from common import free_port, start_server, stop  # noqa: E402  (benchmarks/common.py)
 
 CHROMIUM = os.environ.get("HOMELLM_CHROMIUM", "/usr/bin/chromium")
 QUESTION = "Write a long story about a dragon who learns to bake bread."
@@ -195,11 +195,7 @@ def ours(a, browser) -> dict:
                 print(f"homellm {label}: {json.dumps(out[label])}", file=sys.stderr)
             return out
         finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
 
 
 def peer(a) -> dict:
@@ -235,11 +231,7 @@ def peer(a) -> dict:
             print(f"llama.cpp {label}: {json.dumps(out[label])}", file=sys.stderr)
         return out
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def main() -> int:
