@@ -118,6 +118,35 @@ def test_chunking_does_not_change_a_bit(path):
     assert np.array_equal(whole, chunked) and np.array_equal(whole, single)
 
 
+
+# a decode row (a chunk of one query) takes its own attention kernel on AVX512: several key tiles
+# (64 keys each), sliding windows across tile bounds, 1 to 8 query heads a kv head, head_dim 32
+LONG = [dataclasses.replace(TINY_LLAMA, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256),
+        dataclasses.replace(TINY_QWEN2, num_attention_heads=8, num_key_value_heads=1, max_position_embeddings=256),
+        dataclasses.replace(TINY_LLAMA, num_attention_heads=6, num_key_value_heads=2, sliding_window=70,
+                            layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256)]
+
+
+@pytest.mark.parametrize("path", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("args", LONG, ids=["mha-hd32", "gqa8", "window70"])
+def test_decode_rows_equal_prompt_rows_over_many_key_tiles(path, args):
+    """150 positions (three key tiles) fed whole, in chunks of 33, or one token at a time: the
+    same logits and keys bit for bit, with sliding windows and 1, 3 or 8 query heads a kv head."""
+    if path not in _paths():
+        pytest.skip(f"this CPU has no {path} path")
+    model = NativeModel(args, quantized_tensors(args, Q.Q8_0), 160, path=path, threads=2)
+    prompt = ids(150, 11, args.vocab_size)
+    whole = model.forward(prompt, 0, last_only=False)
+    keys = model.k[1][:, :150].copy()
+    model.reset()
+    chunked = np.concatenate([model.forward(prompt[i:i + 33], i, last_only=False) for i in range(0, 150, 33)])
+    model.reset()
+    single = np.stack([model.decode(t, i).copy() for i, t in enumerate(prompt)])
+    assert np.array_equal(model.k[1][:, :150], keys)
+    for name, got in (("chunks of 33", chunked), ("one at a time", single)):
+        bad = np.flatnonzero(~np.all(got == whole, axis=1))
+        assert bad.size == 0, f"{name}: positions {bad[:5].tolist()} differ, max {np.abs(got - whole).max()}"
+
 def test_the_single_sequence_call_is_the_batch_call():
     """hl_forward on the model's own cache and hl_batch on slot 3 of a SlotCache: the same bits,
     with and without all rows' logits."""

@@ -1637,11 +1637,10 @@ T512 INLINE void attn_pv_512(const attn_t *a, int g, int k0, int jn, int i0, int
         for (int x = 0; x < NV; x++) _mm512_storeu_ps(O + (size_t)(i0 + rr) * hd + d0 + 16 * x, acc[rr][x]);
 }
 
-/* dst (16, 16) at dst + d ds = the transpose of 16 rows at element `at` + j ss of src (f32, or
- * halves with f16; rows j >= n: zeros); a scalar copy of the key tiles cost ~15% of the default
- * model's attention */
-T512 INLINE void transpose16(const void *src, int f16, size_t at, int64_t ss, int n, float *dst, int ds) {
-    __m512 r[16], t[16];
+/* r[d] (16 lanes: rows j) = the transpose of 16 rows at element `at` + j ss of src (f32, or halves
+ * with f16; rows j >= n: zeros), in registers */
+T512 INLINE void transpose16_r(const void *src, int f16, size_t at, int64_t ss, int n, __m512 *r) {
+    __m512 t[16];
     for (int i = 0; i < 16; i++) r[i] = i < n ? kv_ld16(src, f16, at + (size_t)i * ss) : _mm512_setzero_ps();
     for (int i = 0; i < 16; i += 2) {  /* pairs of rows interleaved */
         t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
@@ -1660,6 +1659,13 @@ T512 INLINE void transpose16(const void *src, int f16, size_t at, int64_t ss, in
         r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
         r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
     }
+}
+
+/* dst (16, 16) at dst + d ds = transpose16_r's; a scalar copy of the key tiles cost ~15% of the
+ * default model's attention */
+T512 INLINE void transpose16(const void *src, int f16, size_t at, int64_t ss, int n, float *dst, int ds) {
+    __m512 r[16];
+    transpose16_r(src, f16, at, ss, n, r);
     for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + (size_t)i * ds, r[i]);
 }
 
@@ -1748,6 +1754,105 @@ T512 static void attn_item_512(const attn_t *a, int g, int qt, float *ws) {
     }
 }
 
+/* attn_item_512 for a single query (a->T == 1, a decode step) and its group's rows R <= 8: the
+ * same operations on every row in the same order, so the same bits (scores as fused
+ * multiply-adds over d ascending of the scaled query and the key, the tile's masked max, exp512,
+ * sums and l, m, c updates, then c O + P V over the keys in order), without what a tile of 16
+ * queries needs and a single one does not: the key tile's copy in memory (the transposed
+ * 16 x 16 blocks stay in registers), the padding row and the output's round trips */
+T512 INLINE void attn_pv_rows_512(const attn_t *a, int g, int k0, int jn, int R, int d0, int NV,
+                                  const float *P, const float *c, float *O) {
+    const int hd = a->hd;
+    const size_t vb = (size_t)k0 * a->vst + (size_t)g * a->vsh + d0;
+    for (int i0 = 0; i0 < R; i0 += 2) {  /* two rows at a time: 8 accumulators */
+        const int two = i0 + 1 < R;
+        __m512 acc[2][4];
+        for (int x = 0; x < NV; x++) {
+            acc[0][x] = _mm512_mul_ps(_mm512_set1_ps(c[i0]), _mm512_loadu_ps(O + (size_t)i0 * hd + d0 + 16 * x));
+            acc[1][x] = two ? _mm512_mul_ps(_mm512_set1_ps(c[i0 + 1]), _mm512_loadu_ps(O + (size_t)(i0 + 1) * hd + d0 + 16 * x))
+                            : _mm512_setzero_ps();
+        }
+        for (int j = 0; j < jn; j++) {
+            const __m512 p0 = _mm512_set1_ps(P[i0 * AK + j]), p1 = _mm512_set1_ps(two ? P[(i0 + 1) * AK + j] : 0.f);
+            for (int x = 0; x < NV; x++) {
+                const __m512 vv = kv_ld16(a->v, a->f16, vb + (size_t)j * a->vst + 16 * x);
+                acc[0][x] = _mm512_fmadd_ps(p0, vv, acc[0][x]);
+                acc[1][x] = _mm512_fmadd_ps(p1, vv, acc[1][x]);
+            }
+        }
+        for (int x = 0; x < NV; x++) {
+            _mm512_storeu_ps(O + (size_t)i0 * hd + d0 + 16 * x, acc[0][x]);
+            if (two) _mm512_storeu_ps(O + (size_t)(i0 + 1) * hd + d0 + 16 * x, acc[1][x]);
+        }
+    }
+}
+
+T512 static void attn_query_512(const attn_t *a, int g, float *ws) {
+    const int r = a->nh / a->nkv, hd = a->hd, R = r, p = a->sp;
+    float *Qb = ws, *O = Qb + (size_t)R * hd, *P = O + (size_t)R * hd, m[8], l[8], c[8];
+    for (int i = 0; i < R; i++) {
+        const float *src = a->q + (size_t)(g * r + i) * a->qsh;
+        m[i] = -INFINITY; l[i] = 0.f; c[i] = 1.f;
+        for (int d = 0; d < hd; d++) { Qb[(size_t)i * hd + d] = src[d] * a->scale; O[(size_t)i * hd + d] = 0.f; }
+    }
+    const int kend = p + 1, lo0 = attn_lo(a, p);
+    for (int k0 = attn_k0(a, p); k0 < kend; k0 += AK) {
+        const int nk = kend - k0 < AK ? kend - k0 : AK, lim = p - k0, lo = lo0 - k0;
+        const size_t kb = (size_t)k0 * a->kst + (size_t)g * a->ksh;
+        __m512 s[8][4];
+        for (int x = 0; x < 4; x++) {
+            for (int i = 0; i < R; i++) s[i][x] = _mm512_setzero_ps();
+            if (16 * x >= nk) continue;  /* keys past the end: zeros, masked off below */
+            for (int d0 = 0; d0 < hd; d0 += 16) {
+                __m512 kt[16];
+                transpose16_r(a->k, a->f16, kb + (size_t)(16 * x) * a->kst + d0, a->kst, nk - 16 * x, kt);
+                for (int i = 0; i < R; i++) {
+                    const float *qi = Qb + (size_t)i * hd + d0;
+                    for (int dd = 0; dd < 16; dd++) s[i][x] = _mm512_fmadd_ps(_mm512_set1_ps(qi[dd]), kt[dd], s[i][x]);
+                }
+            }
+        }
+        for (int i = 0; i < R; i++) {
+            if (lim < 0 || lo > lim || lo >= nk) {  /* no key of this tile: P = 0, c = 1 */
+                c[i] = 1.f;
+                for (int x = 0; x < 4; x++) _mm512_storeu_ps(P + i * AK + 16 * x, _mm512_setzero_ps());
+                continue;
+            }
+            __mmask16 mk[4];
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            for (int x = 0; x < 4; x++) {
+                int n = lim - 16 * x + 1, below = lo - 16 * x;
+                mk[x] = n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+                if (below > 0) mk[x] &= below >= 16 ? 0 : (__mmask16)(0xFFFFu << below);
+                mx = _mm512_mask_max_ps(mx, mk[x], mx, s[i][x]);
+            }
+            const float tmax = _mm512_reduce_max_ps(mx), mn = m[i] > tmax ? m[i] : tmax;
+            c[i] = expf(m[i] - mn);
+            __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(mn);
+            for (int x = 0; x < 4; x++) {
+                __m512 e = _mm512_maskz_mov_ps(mk[x], exp512(_mm512_sub_ps(s[i][x], mv)));
+                sum = _mm512_add_ps(sum, e);
+                _mm512_storeu_ps(P + i * AK + 16 * x, e);
+            }
+            l[i] = l[i] * c[i] + _mm512_reduce_add_ps(sum);
+            m[i] = mn;
+        }
+        int d0 = 0;
+        for (; d0 + 64 <= hd; d0 += 64) attn_pv_rows_512(a, g, k0, nk, R, d0, 4, P, c, O);
+        switch ((hd - d0) / 16) {
+            case 3: attn_pv_rows_512(a, g, k0, nk, R, d0, 3, P, c, O); break;
+            case 2: attn_pv_rows_512(a, g, k0, nk, R, d0, 2, P, c, O); break;
+            case 1: attn_pv_rows_512(a, g, k0, nk, R, d0, 1, P, c, O); break;
+            default: break;
+        }
+    }
+    for (int i = 0; i < R; i++) {
+        float *y = a->out + (size_t)(g * r + i) * hd;
+        const float inv = 1.f / l[i];
+        for (int d = 0; d < hd; d++) y[d] = O[(size_t)i * hd + d] * inv;
+    }
+}
+
 #endif  /* HL_X86 */
 
 /* ---- the other paths' kernels ------------------------------------------------------------- */
@@ -1791,7 +1896,10 @@ static void glu_row(int path, int act, const float *g, const float *u, float *h,
  * NEON's hd % 8 == 0 (else the portable one) */
 static void attn_item(int path, const attn_t *a, int g, int qt, float *ws) {
 #if HL_X86
-    if (path == P_AVX512 && a->hd % 16 == 0) { attn_item_512(a, g, qt, ws); return; }
+    if (path == P_AVX512 && a->hd % 16 == 0) {
+        if (a->T == 1 && a->nh / a->nkv <= 8) attn_query_512(a, g, ws); else attn_item_512(a, g, qt, ws);
+        return;
+    }
     if (path != P_SCALAR) { attn_item_avx2(a, g, qt, ws); return; }
 #elif HL_ARM
     if (path != P_SCALAR && a->hd % 8 == 0) { attn_item_neon(a, g, qt, ws); return; }
