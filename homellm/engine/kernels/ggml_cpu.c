@@ -481,20 +481,25 @@ static void quantize_strided_neon(const float *x, int K, int8_t *q, size_t qs, i
 typedef void (*quant_fn)(const float *x, int K, int8_t *q, size_t qs, int8_t *q2, float *dx, size_t ds, int d8,
                          float *sx, size_t ss);
 
-/* the quantizer of the best path this CPU has (every one gives the same bits) */
+/* the narrowest vectors a model of this process was set to use (hl_model_set_threads; 0 scalar,
+ * 1 256-bit or NEON, 2 AVX512): a path forced below the CPU's best (to measure or test it)
+ * quantizes its activations with that width too */
+static int quant_width = 2;
+static int path_width(int p) { return p == P_SCALAR ? 0 : p == P_AVX512 ? 2 : 1; }
+
+/* the quantizer of the best path this CPU has, no wider than a forced path's (every one gives
+ * the same bits) */
 static quant_fn quantizer(void) {
-    static quant_fn fn = NULL;
-    if (!fn) {
-        const int p = hl_best_path();
+    const int best = hl_best_path(), w = LOAD(&quant_width, RLX);
+    const int p = path_width(best) <= w ? best : w == 0 ? P_SCALAR : is_neon(best) ? best : P_AVX2;
 #if HL_X86
-        fn = p == P_AVX512 ? quantize_strided_512 : p != P_SCALAR ? quantize_strided_256 : quantize_any;
+    return p == P_AVX512 ? quantize_strided_512 : p != P_SCALAR ? quantize_strided_256 : quantize_any;
 #elif HL_ARM
-        fn = p != P_SCALAR ? quantize_strided_neon : quantize_any;
+    return p != P_SCALAR ? quantize_strided_neon : quantize_any;
 #else
-        fn = quantize_any;
+    (void)p;
+    return quantize_any;
 #endif
-    }
-    return fn;
 }
 
 static void quantize_row(const float *x, int K, int8_t *q, float *dx, float *sx, int8_t *q2) {
@@ -1499,6 +1504,82 @@ T256 INLINE float hmax256(__m256 v) {
     return _mm_cvtss_f32(x);
 }
 
+/* the 8 x 8 transpose of 8 rows at element `at` + j ss of src (f32, or halves with f16; rows
+ * j >= n: zeros): r[d] holds dimension d of the 8 rows */
+T256 INLINE void transpose8_r(const void *src, int f16, size_t at, int64_t ss, int n, __m256 *r) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = i < n ? kv_ld8(src, f16, at + (size_t)i * ss) : _mm256_setzero_ps();
+    for (int i = 0; i < 8; i += 2) { t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]); t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]); }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44); u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44); u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+/* one row's key tile: scores pr[0 .. jp) -> the online softmax's P (keys lo <= j <= lim of nk),
+ * and its m, l, c updated; no key in the tile: P = 0, c = 1 (exactly nothing) */
+T256 INLINE void attn_softmax_256(float *pr, int jp, int lim, int lo, int nk, float *m, float *l, float *c) {
+    if (lim < 0 || lo > lim || lo >= nk) {
+        *c = 1.f;
+        for (int j = 0; j < jp; j += 8) _mm256_storeu_ps(pr + j, _mm256_setzero_ps());
+        return;
+    }
+    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 limv = _mm256_set1_ps((float)lim), lov = _mm256_set1_ps((float)lo), ninf = _mm256_set1_ps(-INFINITY);
+    __m256 mx = ninf;
+    for (int j = 0; j < jp; j += 8) {
+        __m256 at = _mm256_add_ps(lane, _mm256_set1_ps((float)j));
+        __m256 ok = _mm256_and_ps(_mm256_cmp_ps(at, limv, _CMP_LE_OQ), _mm256_cmp_ps(at, lov, _CMP_GE_OQ));
+        mx = _mm256_max_ps(mx, _mm256_blendv_ps(ninf, _mm256_loadu_ps(pr + j), ok));
+    }
+    const float tmax = hmax256(mx), mn = *m > tmax ? *m : tmax;
+    *c = expf(*m - mn);
+    __m256 sum = _mm256_setzero_ps(), mv = _mm256_set1_ps(mn);
+    for (int j = 0; j < jp; j += 8) {
+        __m256 at = _mm256_add_ps(lane, _mm256_set1_ps((float)j));
+        __m256 ok = _mm256_and_ps(_mm256_cmp_ps(at, limv, _CMP_LE_OQ), _mm256_cmp_ps(at, lov, _CMP_GE_OQ));
+        __m256 p = _mm256_and_ps(ok, exp256(_mm256_sub_ps(_mm256_loadu_ps(pr + j), mv)));
+        sum = _mm256_add_ps(sum, p);
+        _mm256_storeu_ps(pr + j, p);
+    }
+    *l = *l * *c + hsum256(sum);
+    *m = mn;
+}
+
+/* rows 0..3 of O (rows of hd) = c O + P[:, :jn] @ V[k0 .., kv head g] (P rows of AK) */
+T256 INLINE void attn_pv4_256(const attn_t *a, int g, int k0, int jn, const float *P, const float *c, float *O) {
+    const int hd = a->hd;
+    const size_t vb = (size_t)k0 * a->vst + (size_t)g * a->vsh;
+    for (int d0 = 0; d0 < hd; d0 += 16) {
+        const int two = d0 + 16 <= hd;
+        __m256 o[4][2];
+        for (int rr = 0; rr < 4; rr++) {
+            __m256 cr = _mm256_set1_ps(c[rr]);
+            float *orow = O + (size_t)rr * hd + d0;
+            o[rr][0] = _mm256_mul_ps(cr, _mm256_loadu_ps(orow));
+            o[rr][1] = two ? _mm256_mul_ps(cr, _mm256_loadu_ps(orow + 8)) : _mm256_setzero_ps();
+        }
+        for (int j = 0; j < jn; j++) {
+            const size_t vr = vb + (size_t)j * a->vst + d0;
+            __m256 v0 = kv_ld8(a->v, a->f16, vr), v1 = two ? kv_ld8(a->v, a->f16, vr + 8) : _mm256_setzero_ps();
+            for (int rr = 0; rr < 4; rr++) {
+                __m256 p = _mm256_broadcast_ss(P + rr * AK + j);
+                o[rr][0] = _mm256_fmadd_ps(p, v0, o[rr][0]);
+                o[rr][1] = _mm256_fmadd_ps(p, v1, o[rr][1]);
+            }
+        }
+        for (int rr = 0; rr < 4; rr++) {
+            float *orow = O + (size_t)rr * hd + d0;
+            _mm256_storeu_ps(orow, o[rr][0]);
+            if (two) _mm256_storeu_ps(orow + 8, o[rr][1]);
+        }
+    }
+}
+
 /* attn_item_512's tiles with 8-wide vectors (hd % 8 == 0): scores of 4 rows x 16 keys at a time
  * into P, the softmax on P's rows, then P @ V 4 rows x 16 dims at a time (16 ymm registers) */
 T256 static void attn_item_avx2(const attn_t *a, int g, int qt, float *ws) {
@@ -1516,12 +1597,15 @@ T256 static void attn_item_avx2(const attn_t *a, int g, int qt, float *ws) {
         for (int d = 0; d < hd; d++) { Qb[(size_t)i * hd + d] = i < R ? src[d] * a->scale : 0.f; O[(size_t)i * hd + d] = 0.f; }
     }
     const int kend = a->sp + q0 + bq;
-    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
     for (int k0 = attn_k0(a, a->sp + q0); k0 < kend; k0 += AK) {
         const int nk = kend - k0 < AK ? kend - k0 : AK;
         const size_t kb = (size_t)k0 * a->kst + (size_t)g * a->ksh;
-        for (int j = 0; j < AK; j++)
-            for (int d = 0; d < hd; d++) Kt[d * AK + j] = j < nk ? kv_at(a->k, a->f16, kb + (size_t)j * a->kst + d) : 0.f;
+        for (int j0 = 0; j0 < AK; j0 += 8)  /* Kt (hd, AK): the tile's keys as columns */
+            for (int d0 = 0; d0 < hd; d0 += 8) {
+                __m256 kt[8];
+                transpose8_r(a->k, a->f16, kb + (size_t)j0 * a->kst + d0, a->kst, nk - j0, kt);
+                for (int dd = 0; dd < 8; dd++) _mm256_storeu_ps(Kt + (d0 + dd) * AK + j0, kt[dd]);
+            }
         for (int i0 = 0; i0 < Rp; i0 += 4) {
             int pmax = -1;
             for (int rr = 0; rr < 4; rr++) {
@@ -1550,63 +1634,54 @@ T256 static void attn_item_avx2(const attn_t *a, int g, int qt, float *ws) {
             for (int rr = 0; rr < 4; rr++) {
                 const int i = i0 + rr, lim = (pos[i] < kend - 1 ? pos[i] : kend - 1) - k0;
                 const int lo = (i < R ? attn_lo(a, pos[i]) : 0) - k0;  /* keys k0 + j, lo <= j <= lim */
-                float *pr = P + i * AK;
-                if (lim < 0 || lo > lim || lo >= nk) {  /* no key of this tile: P = 0, c = 1 (exactly nothing) */
-                    c[i] = 1.f;
-                    for (int j = 0; j < jp; j += 8) _mm256_storeu_ps(pr + j, _mm256_setzero_ps());
-                    continue;
-                }
-                const __m256 limv = _mm256_set1_ps((float)lim), lov = _mm256_set1_ps((float)lo);
-                const __m256 ninf = _mm256_set1_ps(-INFINITY);
-                __m256 mx = ninf;
-                for (int j = 0; j < jp; j += 8) {
-                    __m256 at = _mm256_add_ps(lane, _mm256_set1_ps((float)j));
-                    __m256 ok = _mm256_and_ps(_mm256_cmp_ps(at, limv, _CMP_LE_OQ), _mm256_cmp_ps(at, lov, _CMP_GE_OQ));
-                    mx = _mm256_max_ps(mx, _mm256_blendv_ps(ninf, _mm256_loadu_ps(pr + j), ok));
-                }
-                const float tmax = hmax256(mx), mn = m[i] > tmax ? m[i] : tmax;
-                c[i] = expf(m[i] - mn);
-                __m256 sum = _mm256_setzero_ps(), mv = _mm256_set1_ps(mn);
-                for (int j = 0; j < jp; j += 8) {
-                    __m256 at = _mm256_add_ps(lane, _mm256_set1_ps((float)j));
-                    __m256 ok = _mm256_and_ps(_mm256_cmp_ps(at, limv, _CMP_LE_OQ), _mm256_cmp_ps(at, lov, _CMP_GE_OQ));
-                    __m256 p = _mm256_and_ps(ok, exp256(_mm256_sub_ps(_mm256_loadu_ps(pr + j), mv)));
-                    sum = _mm256_add_ps(sum, p);
-                    _mm256_storeu_ps(pr + j, p);
-                }
-                l[i] = l[i] * c[i] + hsum256(sum);
-                m[i] = mn;
+                attn_softmax_256(P + i * AK, jp, lim, lo, nk, m + i, l + i, c + i);
             }
-            const size_t vb = (size_t)k0 * a->vst + (size_t)g * a->vsh;
-            for (int d0 = 0; d0 < hd; d0 += 16) {
-                const int two = d0 + 16 <= hd;
-                __m256 o[4][2];
-                for (int rr = 0; rr < 4; rr++) {
-                    __m256 cr = _mm256_set1_ps(c[i0 + rr]);
-                    float *orow = O + (size_t)(i0 + rr) * hd + d0;
-                    o[rr][0] = _mm256_mul_ps(cr, _mm256_loadu_ps(orow));
-                    o[rr][1] = two ? _mm256_mul_ps(cr, _mm256_loadu_ps(orow + 8)) : _mm256_setzero_ps();
-                }
-                for (int j = 0; j < jn; j++) {
-                    const size_t vr = vb + (size_t)j * a->vst + d0;
-                    __m256 v0 = kv_ld8(a->v, a->f16, vr), v1 = two ? kv_ld8(a->v, a->f16, vr + 8) : _mm256_setzero_ps();
-                    for (int rr = 0; rr < 4; rr++) {
-                        __m256 p = _mm256_broadcast_ss(P + (i0 + rr) * AK + j);
-                        o[rr][0] = _mm256_fmadd_ps(p, v0, o[rr][0]);
-                        o[rr][1] = _mm256_fmadd_ps(p, v1, o[rr][1]);
-                    }
-                }
-                for (int rr = 0; rr < 4; rr++) {
-                    float *orow = O + (size_t)(i0 + rr) * hd + d0;
-                    _mm256_storeu_ps(orow, o[rr][0]);
-                    if (two) _mm256_storeu_ps(orow + 8, o[rr][1]);
-                }
-            }
+            attn_pv4_256(a, g, k0, jn, P + i0 * AK, c + i0, O + (size_t)i0 * hd);
         }
     }
     for (int i = 0; i < R; i++) {
         const int hh = i / bq, t = i % bq;
         float *y = a->out + (size_t)(q0 + t) * a->nh * hd + (size_t)(g * r + hh) * hd;
+        const float inv = 1.f / l[i];
+        for (int d = 0; d < hd; d++) y[d] = O[(size_t)i * hd + d] * inv;
+    }
+}
+
+
+/* attn_item_avx2 for a single query (a decode step) and its group's rows R <= 8: its operations
+ * on every row in its order (the same bits), with the key blocks transposed in registers rather
+ * than through the tile in memory */
+T256 static void attn_query_avx2(const attn_t *a, int g, float *ws) {
+    const int r = a->nh / a->nkv, hd = a->hd, R = r, Rp = (R + 3) & ~3, p = a->sp;
+    float *Qb = ws, *O = Qb + (size_t)Rp * hd, *P = O + (size_t)Rp * hd, m[8], l[8], c[8];
+    for (int i = 0; i < Rp; i++) {
+        const float *src = a->q + (size_t)(g * r + (i < R ? i : 0)) * a->qsh;
+        m[i] = -INFINITY; l[i] = 0.f; c[i] = 1.f;
+        for (int d = 0; d < hd; d++) { Qb[(size_t)i * hd + d] = i < R ? src[d] * a->scale : 0.f; O[(size_t)i * hd + d] = 0.f; }
+        for (int j = 0; j < AK; j++) P[(size_t)i * AK + j] = 0.f;  /* padding rows: nothing */
+    }
+    const int kend = p + 1, lo0 = attn_lo(a, p);
+    for (int k0 = attn_k0(a, p); k0 < kend; k0 += AK) {
+        const int nk = kend - k0 < AK ? kend - k0 : AK;
+        const size_t kb = (size_t)k0 * a->kst + (size_t)g * a->ksh;
+        for (int j0 = 0; j0 < nk; j0 += 8) {  /* scores of 8 keys: d ascending, as the tile's */
+            __m256 s[8];
+            for (int i = 0; i < R; i++) s[i] = _mm256_setzero_ps();
+            for (int d0 = 0; d0 < hd; d0 += 8) {
+                __m256 kt[8];
+                transpose8_r(a->k, a->f16, kb + (size_t)j0 * a->kst + d0, a->kst, nk - j0, kt);
+                for (int i = 0; i < R; i++)
+                    for (int dd = 0; dd < 8; dd++)
+                        s[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(Qb + (size_t)i * hd + d0 + dd), kt[dd], s[i]);
+            }
+            for (int i = 0; i < R; i++) _mm256_storeu_ps(P + i * AK + j0, s[i]);
+        }
+        const int jp = (nk + 7) & ~7;
+        for (int i = 0; i < R; i++) attn_softmax_256(P + i * AK, jp, p - k0, lo0 - k0, nk, m + i, l + i, c + i);
+        for (int i0 = 0; i0 < Rp; i0 += 4) attn_pv4_256(a, g, k0, nk, P + i0 * AK, c + i0, O + (size_t)i0 * hd);
+    }
+    for (int i = 0; i < R; i++) {
+        float *y = a->out + (size_t)(g * r + i) * hd;
         const float inv = 1.f / l[i];
         for (int d = 0; d < hd; d++) y[d] = O[(size_t)i * hd + d] * inv;
     }
@@ -1900,7 +1975,10 @@ static void attn_item(int path, const attn_t *a, int g, int qt, float *ws) {
         if (a->T == 1 && a->nh / a->nkv <= 8) attn_query_512(a, g, ws); else attn_item_512(a, g, qt, ws);
         return;
     }
-    if (path != P_SCALAR) { attn_item_avx2(a, g, qt, ws); return; }
+    if (path != P_SCALAR) {
+        if (a->T == 1 && a->hd % 8 == 0 && a->nh / a->nkv <= 8) attn_query_avx2(a, g, ws); else attn_item_avx2(a, g, qt, ws);
+        return;
+    }
 #elif HL_ARM
     if (path != P_SCALAR && a->hd % 8 == 0) { attn_item_neon(a, g, qt, ws); return; }
 #endif

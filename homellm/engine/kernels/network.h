@@ -161,6 +161,7 @@ int hl_model_set_threads(void *p, int nthreads, int path, int hi) {
     if (path < 0) path = hl_best_path();
     if (!path_ok(path)) return -2;
     c->nthreads = nthreads > 0 ? nthreads : pool_cpus(); c->path = path;
+    if (path_width(path) < LOAD(&quant_width, RLX)) STORE(&quant_width, path_width(path), RLX);
     return 0;
 }
 
