@@ -1508,7 +1508,12 @@ T256 INLINE float hmax256(__m256 v) {
  * j >= n: zeros): r[d] holds dimension d of the 8 rows */
 T256 INLINE void transpose8_r(const void *src, int f16, size_t at, int64_t ss, int n, __m256 *r) {
     __m256 t[8], u[8];
-    for (int i = 0; i < 8; i++) r[i] = i < n ? kv_ld8(src, f16, at + (size_t)i * ss) : _mm256_setzero_ps();
+    if (n >= 8) {  /* (a whole block: no test a row) */
+        if (f16) for (int i = 0; i < 8; i++) r[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + at + (size_t)i * ss)));
+        else for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps((const float *)src + at + (size_t)i * ss);
+    } else {
+        for (int i = 0; i < 8; i++) r[i] = i < n ? kv_ld8(src, f16, at + (size_t)i * ss) : _mm256_setzero_ps();
+    }
     for (int i = 0; i < 8; i += 2) { t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]); t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]); }
     for (int i = 0; i < 8; i += 4) {
         u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44); u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
@@ -1664,17 +1669,22 @@ T256 static void attn_query_avx2(const attn_t *a, int g, float *ws) {
     for (int k0 = attn_k0(a, p); k0 < kend; k0 += AK) {
         const int nk = kend - k0 < AK ? kend - k0 : AK;
         const size_t kb = (size_t)k0 * a->kst + (size_t)g * a->ksh;
-        for (int j0 = 0; j0 < nk; j0 += 8) {  /* scores of 8 keys: d ascending, as the tile's */
-            __m256 s[8];
-            for (int i = 0; i < R; i++) s[i] = _mm256_setzero_ps();
-            for (int d0 = 0; d0 < hd; d0 += 8) {
-                __m256 kt[8];
-                transpose8_r(a->k, a->f16, kb + (size_t)j0 * a->kst + d0, a->kst, nk - j0, kt);
-                for (int i = 0; i < R; i++)
-                    for (int dd = 0; dd < 8; dd++)
-                        s[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(Qb + (size_t)i * hd + d0 + dd), kt[dd], s[i]);
+        for (int j0 = 0; j0 < nk; j0 += 16) {  /* scores of 16 keys: d ascending, as the tile's */
+            __m256 s[8][2];
+            const int nh = j0 + 8 < nk ? 2 : 1;  /* halves with keys */
+            for (int i = 0; i < R; i++) s[i][0] = s[i][1] = _mm256_setzero_ps();
+            for (int d0 = 0; d0 < hd; d0 += 8)
+                for (int h = 0; h < nh; h++) {  /* the two halves' chains in turn */
+                    __m256 kt[8];
+                    transpose8_r(a->k, a->f16, kb + (size_t)(j0 + 8 * h) * a->kst + d0, a->kst, nk - j0 - 8 * h, kt);
+                    for (int i = 0; i < R; i++)
+                        for (int dd = 0; dd < 8; dd++)
+                            s[i][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(Qb + (size_t)i * hd + d0 + dd), kt[dd], s[i][h]);
+                }
+            for (int i = 0; i < R; i++) {
+                _mm256_storeu_ps(P + i * AK + j0, s[i][0]);
+                if (j0 + 8 < AK) _mm256_storeu_ps(P + i * AK + j0 + 8, s[i][1]);
             }
-            for (int i = 0; i < R; i++) _mm256_storeu_ps(P + i * AK + j0, s[i]);
         }
         const int jp = (nk + 7) & ~7;
         for (int i = 0; i < R; i++) attn_softmax_256(P + i * AK, jp, p - k0, lo0 - k0, nk, m + i, l + i, c + i);
@@ -1716,7 +1726,12 @@ T512 INLINE void attn_pv_512(const attn_t *a, int g, int k0, int jn, int i0, int
  * with f16; rows j >= n: zeros), in registers */
 T512 INLINE void transpose16_r(const void *src, int f16, size_t at, int64_t ss, int n, __m512 *r) {
     __m512 t[16];
-    for (int i = 0; i < 16; i++) r[i] = i < n ? kv_ld16(src, f16, at + (size_t)i * ss) : _mm512_setzero_ps();
+    if (n >= 16) {  /* (a whole block: no test a row) */
+        if (f16) for (int i = 0; i < 16; i++) r[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)src + at + (size_t)i * ss)));
+        else for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps((const float *)src + at + (size_t)i * ss);
+    } else {
+        for (int i = 0; i < 16; i++) r[i] = i < n ? kv_ld16(src, f16, at + (size_t)i * ss) : _mm512_setzero_ps();
+    }
     for (int i = 0; i < 16; i += 2) {  /* pairs of rows interleaved */
         t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
         t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
@@ -1875,10 +1890,10 @@ T512 static void attn_query_512(const attn_t *a, int g, float *ws) {
         const int nk = kend - k0 < AK ? kend - k0 : AK, lim = p - k0, lo = lo0 - k0;
         const size_t kb = (size_t)k0 * a->kst + (size_t)g * a->ksh;
         __m512 s[8][4];
-        for (int x = 0; x < 4; x++) {
-            for (int i = 0; i < R; i++) s[i][x] = _mm512_setzero_ps();
-            if (16 * x >= nk) continue;  /* keys past the end: zeros, masked off below */
-            for (int d0 = 0; d0 < hd; d0 += 16) {
+        const int nx = (nk + 15) / 16;  /* key blocks with keys (the rest: zeros, masked off below) */
+        for (int x = 0; x < 4; x++) for (int i = 0; i < R; i++) s[i][x] = _mm512_setzero_ps();
+        for (int d0 = 0; d0 < hd; d0 += 16)  /* blocks in turn: each chain of fused multiply-adds */
+            for (int x = 0; x < nx; x++) {   /* waits on the one before while the next goes on */
                 __m512 kt[16];
                 transpose16_r(a->k, a->f16, kb + (size_t)(16 * x) * a->kst + d0, a->kst, nk - 16 * x, kt);
                 for (int i = 0; i < R; i++) {
@@ -1886,7 +1901,6 @@ T512 static void attn_query_512(const attn_t *a, int g, float *ws) {
                     for (int dd = 0; dd < 16; dd++) s[i][x] = _mm512_fmadd_ps(_mm512_set1_ps(qi[dd]), kt[dd], s[i][x]);
                 }
             }
-        }
         for (int i = 0; i < R; i++) {
             if (lim < 0 || lo > lim || lo >= nk) {  /* no key of this tile: P = 0, c = 1 */
                 c[i] = 1.f;
