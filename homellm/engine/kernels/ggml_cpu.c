@@ -1759,6 +1759,34 @@ T512 INLINE void transpose16(const void *src, int f16, size_t at, int64_t ss, in
     for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + (size_t)i * ds, r[i]);
 }
 
+/* one row's key tile: its 64 scores s -> the online softmax's P row pr (keys lo <= j <= lim of nk),
+ * and its m, l, c updated; no key in the tile: P = 0, c = 1 (exactly nothing) */
+T512 INLINE void attn_softmax_512(const __m512 *s, int lim, int lo, int nk, float *pr, float *m, float *l, float *c) {
+    if (lim < 0 || lo > lim || lo >= nk) {
+        *c = 1.f;
+        for (int x = 0; x < 4; x++) _mm512_storeu_ps(pr + 16 * x, _mm512_setzero_ps());
+        return;
+    }
+    __mmask16 mk[4];
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int x = 0; x < 4; x++) {
+        int n = lim - 16 * x + 1, below = lo - 16 * x;
+        mk[x] = n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+        if (below > 0) mk[x] &= below >= 16 ? 0 : (__mmask16)(0xFFFFu << below);
+        mx = _mm512_mask_max_ps(mx, mk[x], mx, s[x]);
+    }
+    const float tmax = _mm512_reduce_max_ps(mx), mn = *m > tmax ? *m : tmax;
+    *c = expf(*m - mn);
+    __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(mn);
+    for (int x = 0; x < 4; x++) {
+        __m512 p = _mm512_maskz_mov_ps(mk[x], exp512(_mm512_sub_ps(s[x], mv)));
+        sum = _mm512_add_ps(sum, p);
+        _mm512_storeu_ps(pr + 16 * x, p);
+    }
+    *l = *l * *c + _mm512_reduce_add_ps(sum);
+    *m = mn;
+}
+
 /* rows i = hh*bq + t (head g*r + hh, query q0 + t), padded to a multiple of 4 with zero rows */
 T512 static void attn_item_512(const attn_t *a, int g, int qt, float *ws) {
     const int r = a->nh / a->nkv, hd = a->hd, q0 = qt * AQ, bq = a->T - q0 < AQ ? a->T - q0 : AQ;
@@ -1801,29 +1829,7 @@ T512 static void attn_item_512(const attn_t *a, int g, int qt, float *ws) {
                 const int i = i0 + rr;
                 int lim = (pos[i] < kend - 1 ? pos[i] : kend - 1) - k0;  /* keys k0 + j, lo <= j <= lim */
                 const int lo = (i < R ? attn_lo(a, pos[i]) : 0) - k0;
-                if (lim < 0 || lo > lim || lo >= nk) {  /* no key of this tile: P = 0, c = 1 (exactly nothing) */
-                    c[i] = 1.f;
-                    for (int x = 0; x < 4; x++) _mm512_storeu_ps(P + i * AK + 16 * x, _mm512_setzero_ps());
-                    continue;
-                }
-                __mmask16 mk[4];
-                __m512 mx = _mm512_set1_ps(-INFINITY);
-                for (int x = 0; x < 4; x++) {
-                    int n = lim - 16 * x + 1, below = lo - 16 * x;
-                    mk[x] = n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
-                    if (below > 0) mk[x] &= below >= 16 ? 0 : (__mmask16)(0xFFFFu << below);
-                    mx = _mm512_mask_max_ps(mx, mk[x], mx, s[rr][x]);
-                }
-                const float tmax = _mm512_reduce_max_ps(mx), mn = m[i] > tmax ? m[i] : tmax;
-                c[i] = expf(m[i] - mn);
-                __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(mn);
-                for (int x = 0; x < 4; x++) {
-                    __m512 p = _mm512_maskz_mov_ps(mk[x], exp512(_mm512_sub_ps(s[rr][x], mv)));
-                    sum = _mm512_add_ps(sum, p);
-                    _mm512_storeu_ps(P + i * AK + 16 * x, p);
-                }
-                l[i] = l[i] * c[i] + _mm512_reduce_add_ps(sum);
-                m[i] = mn;
+                attn_softmax_512(s[rr], lim, lo, nk, P + i * AK, m + i, l + i, c + i);
             }
             const int jn = pmax - k0 + 1 < nk ? pmax - k0 + 1 : nk;
             int d0 = 0;
@@ -1901,31 +1907,7 @@ T512 static void attn_query_512(const attn_t *a, int g, float *ws) {
                     for (int dd = 0; dd < 16; dd++) s[i][x] = _mm512_fmadd_ps(_mm512_set1_ps(qi[dd]), kt[dd], s[i][x]);
                 }
             }
-        for (int i = 0; i < R; i++) {
-            if (lim < 0 || lo > lim || lo >= nk) {  /* no key of this tile: P = 0, c = 1 */
-                c[i] = 1.f;
-                for (int x = 0; x < 4; x++) _mm512_storeu_ps(P + i * AK + 16 * x, _mm512_setzero_ps());
-                continue;
-            }
-            __mmask16 mk[4];
-            __m512 mx = _mm512_set1_ps(-INFINITY);
-            for (int x = 0; x < 4; x++) {
-                int n = lim - 16 * x + 1, below = lo - 16 * x;
-                mk[x] = n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
-                if (below > 0) mk[x] &= below >= 16 ? 0 : (__mmask16)(0xFFFFu << below);
-                mx = _mm512_mask_max_ps(mx, mk[x], mx, s[i][x]);
-            }
-            const float tmax = _mm512_reduce_max_ps(mx), mn = m[i] > tmax ? m[i] : tmax;
-            c[i] = expf(m[i] - mn);
-            __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(mn);
-            for (int x = 0; x < 4; x++) {
-                __m512 e = _mm512_maskz_mov_ps(mk[x], exp512(_mm512_sub_ps(s[i][x], mv)));
-                sum = _mm512_add_ps(sum, e);
-                _mm512_storeu_ps(P + i * AK + 16 * x, e);
-            }
-            l[i] = l[i] * c[i] + _mm512_reduce_add_ps(sum);
-            m[i] = mn;
-        }
+        for (int i = 0; i < R; i++) attn_softmax_512(s[i], lim, lo, nk, P + i * AK, m + i, l + i, c + i);
         int d0 = 0;
         for (; d0 + 64 <= hd; d0 += 64) attn_pv_rows_512(a, g, k0, nk, R, d0, 4, P, c, O);
         switch ((hd - d0) / 16) {
