@@ -1759,6 +1759,19 @@ T512 INLINE void transpose16(const void *src, int f16, size_t at, int64_t ss, in
     for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + (size_t)i * ds, r[i]);
 }
 
+/* CALL(d0, NV) over a head's values in chunks of 64 (NV = 4 vectors of 16), then the rest (3, 2 or
+ * 1 vectors): the P V step with its vector counts known to the compiler */
+#define HD_CHUNKS(hd, CALL) do { \
+        int d0_ = 0; \
+        for (; d0_ + 64 <= (hd); d0_ += 64) CALL(d0_, 4); \
+        switch (((hd) - d0_) / 16) { \
+            case 3: CALL(d0_, 3); break; \
+            case 2: CALL(d0_, 2); break; \
+            case 1: CALL(d0_, 1); break; \
+            default: break; \
+        } \
+    } while (0)
+
 /* one row's key tile: its 64 scores s -> the online softmax's P row pr (keys lo <= j <= lim of nk),
  * and its m, l, c updated; no key in the tile: P = 0, c = 1 (exactly nothing) */
 T512 INLINE void attn_softmax_512(const __m512 *s, int lim, int lo, int nk, float *pr, float *m, float *l, float *c) {
@@ -1832,14 +1845,9 @@ T512 static void attn_item_512(const attn_t *a, int g, int qt, float *ws) {
                 attn_softmax_512(s[rr], lim, lo, nk, P + i * AK, m + i, l + i, c + i);
             }
             const int jn = pmax - k0 + 1 < nk ? pmax - k0 + 1 : nk;
-            int d0 = 0;
-            for (; d0 + 64 <= hd; d0 += 64) attn_pv_512(a, g, k0, jn, i0, d0, 4, P, c, O);
-            switch ((hd - d0) / 16) {
-                case 3: attn_pv_512(a, g, k0, jn, i0, d0, 3, P, c, O); break;
-                case 2: attn_pv_512(a, g, k0, jn, i0, d0, 2, P, c, O); break;
-                case 1: attn_pv_512(a, g, k0, jn, i0, d0, 1, P, c, O); break;
-                default: break;
-            }
+#define PV(d0, NV) attn_pv_512(a, g, k0, jn, i0, d0, NV, P, c, O)
+            HD_CHUNKS(hd, PV);
+#undef PV
         }
     }
     for (int i = 0; i < R; i++) {
@@ -1908,14 +1916,9 @@ T512 static void attn_query_512(const attn_t *a, int g, float *ws) {
                 }
             }
         for (int i = 0; i < R; i++) attn_softmax_512(s[i], lim, lo, nk, P + i * AK, m + i, l + i, c + i);
-        int d0 = 0;
-        for (; d0 + 64 <= hd; d0 += 64) attn_pv_rows_512(a, g, k0, nk, R, d0, 4, P, c, O);
-        switch ((hd - d0) / 16) {
-            case 3: attn_pv_rows_512(a, g, k0, nk, R, d0, 3, P, c, O); break;
-            case 2: attn_pv_rows_512(a, g, k0, nk, R, d0, 2, P, c, O); break;
-            case 1: attn_pv_rows_512(a, g, k0, nk, R, d0, 1, P, c, O); break;
-            default: break;
-        }
+#define PV(d0, NV) attn_pv_rows_512(a, g, k0, nk, R, d0, NV, P, c, O)
+        HD_CHUNKS(hd, PV);
+#undef PV
     }
     for (int i = 0; i < R; i++) {
         float *y = a->out + (size_t)(g * r + i) * hd;
