@@ -1,7 +1,7 @@
-"""The reward model's packed pairs (train/reward.py pack_pairs): the prompt computed once per
-pair, the two replies on top of it, several pairs side by side in a row. Rewards, loss and
-every trained parameter's gradient must be those of the plain path (one right-padded row a
-reply), on a random tiny Llama with random adapters, in float32."""
+"""Preference pairs packed as token trees (train/prefix_tree.py): a pair's prompt and the start
+every conversation shares computed once, the replies on top, several pairs in a row. The
+reward model's rewards, loss and every trained parameter's gradient must be those of the plain
+path (one right-padded row a reply), on a random tiny Llama with random adapters, in float32."""
 from __future__ import annotations
 
 import sys
@@ -17,6 +17,7 @@ from rl_fixtures import tiny_model, tiny_tokenizer  # noqa: E402
 from homellm.train import reward  # noqa: E402
 from homellm.train.batches import collate, dpo_item  # noqa: E402
 from homellm.train.config import LoraConfig  # noqa: E402
+from homellm.train.prefix_tree import common_prefix, pack  # noqa: E402
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
@@ -70,21 +71,23 @@ def plain_rewards(rm, items):
 
 
 @pytest.mark.parametrize("attention_tokens", [10 ** 9, 1, 60], ids=["one-row", "short-rows", "cost"])
-def test_packed_pairs_give_the_rewards_loss_and_gradients_of_separate_rows(setup, attention_tokens):
+def test_tree_rows_give_the_rewards_loss_and_gradients_of_separate_rows(setup, attention_tokens):
     rm, items, params = setup
     rm.train()
     plain = plain_rewards(rm, items)
     plain_loss, plain_grads = loss_and_grads(rm, params, plain)
-    pairs = [(it.rows[0][0], it.rows[1][0]) for it in items]
-    packed = reward.pack_pairs(pairs, 0, attention_tokens)
-    R, L = packed.tokens.shape
+    rows = [ids for it in items for ids, _ in it.rows]
+    tree = pack(rows, [[2 * j, 2 * j + 1] for j in range(len(items))], 0, attention_tokens)
+    R, L = tree.tokens.shape
     if attention_tokens == 10 ** 9:
-        assert R == 1  # every pair side by side in one row
+        assert R == 1  # every pair in one row: the template's start once
+        shared = min(common_prefix(rows[0], r) for r in rows)
+        assert shared > 3 and L == sum(len(r) for r in rows) - sum(
+            common_prefix(rows[2 * j], rows[2 * j + 1]) for j in range(len(items))) - (len(items) - 1) * shared
     if attention_tokens == 1:
         assert 1 < R < len(items)  # rows as long as the longest pair, short pairs sharing one
-    # each prompt once: fewer tokens than the two rows of each pair
-    assert R * L < sum(len(ids) for it in items for ids, _ in it.rows)
-    rewards = rm(packed.tokens, packed.at, packed.positions, packed.mask)
+    assert R * L < sum(len(r) for r in rows)
+    rewards = rm(tree.tokens, tree.at, tree.positions, tree.mask)
     torch.testing.assert_close(rewards, plain, rtol=1e-5, atol=1e-5)
     loss, grads = loss_and_grads(rm, params, rewards)
     torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
@@ -93,8 +96,16 @@ def test_packed_pairs_give_the_rewards_loss_and_gradients_of_separate_rows(setup
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
 
 
-def test_the_shared_start_is_the_rows_common_prefix_and_leaves_each_reply_a_token():
-    assert reward.shared_prefix([1, 2, 3, 4], [1, 2, 5]) == 2
-    assert reward.shared_prefix([1, 2, 3], [1, 2, 3, 4]) == 2  # the shorter keeps its last token
-    assert reward.shared_prefix([7], [7, 8]) == 0
-
+def test_a_tree_row_holds_each_distinct_beginning_once():
+    """Three sequences as in prefix_tree.py's picture: tokens, positions, ancestors, last tokens."""
+    s, p, q = 7, 8, 9
+    tree = pack([[s, p, 1, 2], [s, p, 3], [s, q, 4], [s, p]], [[0, 1, 2, 3]], -1, 10 ** 9)
+    assert tree.tokens.tolist() == [[s, p, 1, 2, 3, q, 4]]
+    assert tree.positions.tolist() == [[0, 1, 2, 3, 2, 1, 2]]
+    sees = [[j for j in range(7) if tree.mask[0, 0, i, j]] for i in range(7)]
+    assert sees == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 4], [0, 5], [0, 5, 6]]
+    assert tree.at.tolist() == [[0, 3], [0, 4], [0, 6], [0, 1]]  # a sequence may end inside another
+    padded = pack([[1, 2, 3], [4], [5]], [[0], [1], [2]], -1, 1)  # short rows: padding sees itself
+    assert padded.tokens.shape == (2, 3) and padded.tokens[1].tolist() == [4, 5, -1]
+    assert padded.mask[1, 0].tolist() == [[True, False, False], [False, True, False], [False, False, True]]
+    assert padded.at.tolist() == [[0, 2], [1, 0], [1, 1]]

@@ -16,11 +16,10 @@ averaged over the pairs of a step (all micro-batches, all processes), so DDP und
 computes what one process computes with more gradient accumulation, as in train/session.py.
 The validation accuracy is the fraction of held-out pairs with r(chosen) > r(rejected).
 
-The two replies of a pair share their prompt: a training step computes it once (`pack_pairs`:
-the prompt, then both replies, each attending to the prompt and to itself only, several pairs
-side by side in a row with no attention across them), which gives the rewards and gradients of
-the two rows computed apart with about 40% fewer tokens on typical pairs, and no padding but
-at the ends of rows.
+A step computes each shared beginning once (train/prefix_tree.py): the prompt the two replies
+of a pair follow, and the start every conversation of the micro-batch shares (a chat
+template's default system prompt), with the rewards and gradients of separate rows and no
+padding but at the ends of rows.
 
 On disk (a PEFT-style folder, so PEFT + AutoModelForSequenceClassification(num_labels=1) can
 open it too, and our runtime reads the adapter part with read_adapter's rules):
@@ -36,7 +35,6 @@ open it too, and our runtime reads the adapter part with read_adapter's rules):
 from __future__ import annotations
 
 import hashlib
-import heapq
 import json
 import os
 import tempfile
@@ -53,6 +51,7 @@ from homellm.train import checkpoint
 from homellm.train import session as sessions
 from homellm.train.batches import Item, collate, dpo_item, micro_batches, my_share
 from homellm.train.config import TuneConfig
+from homellm.train.prefix_tree import attention_tokens, pack, takes_tree_mask
 
 HEAD_KEY = "base_model.model.score.weight"
 REWARD_CONFIG = "reward_config.json"
@@ -88,8 +87,8 @@ class RewardModel(nn.Module):
     def forward(self, tokens: Tensor, at: Tensor, positions: Tensor | None = None,
                 mask: Tensor | None = None) -> Tensor:
         """rewards (n,) read at the n tokens at[i] = (row, column) of tokens (B, T): each
-        row one right-padded sequence, or (with positions and mask, see `pack_pairs`) several
-        sequences side by side."""
+        row one right-padded sequence, or (with positions and mask, see prefix_tree.py) a tree of
+        sequences that share beginnings."""
         from homellm.train.loss import final_hidden
         hidden = final_hidden(self.model, tokens, self.checkpointing, positions, mask)  # (B, T, hidden)
         h = hidden[at[:, 0], at[:, 1]]  # (n, hidden)
@@ -138,122 +137,17 @@ class RewardModel(nn.Module):
             self.train(was)
 
 
-# -- the pairs of a micro-batch, packed -------------------------------------------------------
-
-@dataclass
-class Packed:
-    """Pairs laid out for one forward: each pair a segment [shared prompt | chosen rest |
-    rejected rest], segments side by side in rows, rows right-padded."""
-
-    tokens: Tensor  # (R, L) ids
-    positions: Tensor  # (R, L) each token's position in its own conversation
-    mask: Tensor  # (R, 1, L, L) bool, True = attend
-    at: Tensor  # (2P, 2) (row, column) of each reply's last token: chosen, rejected, chosen, ...
-
-    def to(self, device) -> "Packed":
-        return Packed(*(t.to(device) for t in (self.tokens, self.positions, self.mask, self.at)))
-
-
-def shared_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two rows share, leaving each at least its last token."""
-    n, k = min(len(a), len(b)) - 1, 0
-    while k < n and a[k] == b[k]:
-        k += 1
-    return k
-
-
-def pack_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int, attention_tokens: int) -> Packed:
-    """(chosen ids, rejected ids) pairs as `Packed` rows, so that each token's hidden state is
-    the one it has in its own unpadded row, and the prompt is computed once per pair.
-
-    The tokens the two rows share (the prompt, and any common start of the replies) come once;
-    then the chosen reply, then the rejected one, each at the positions it has in its own row.
-    A reply's tokens attend to the shared tokens and causally to their own reply, never to the
-    other reply; nothing attends across pairs; a padding token attends to itself only. So the
-    rewards, the loss and its gradient are those of the two rows computed apart (up to the
-    order of floating-point sums): the shared tokens' gradient is the sum of what both replies
-    send back, as it would be summed over two rows.
-
-    Pairs go to rows longest first, each to the least-filled row (R rows of length L); R is
-    chosen to minimize R L (1 + L / attention_tokens): the padded tokens every projection
-    computes, plus attention, which grows with the row's length and costs as much as the
-    rest of a layer at L = attention_tokens."""
-    segments, lengths = [], []
-    for chosen, rejected in pairs:
-        p = shared_prefix(chosen, rejected)
-        segments.append((chosen[:p], chosen[p:], rejected[p:]))
-        lengths.append(len(chosen) + len(rejected) - p)
-    order = sorted(range(len(pairs)), key=lambda i: -lengths[i])
-    best = None
-    for n_rows in range(1, len(pairs) + 1):
-        heap = [(0, r) for r in range(n_rows)]  # (tokens so far, row)
-        rows = [[] for _ in range(n_rows)]
-        for i in order:
-            load, r = heapq.heappop(heap)
-            rows[r].append(i)
-            heapq.heappush(heap, (load + lengths[i], r))
-        L = max(load for load, _ in heap)
-        cost = n_rows * L * (1 + L / attention_tokens)
-        if best is None or cost < best[0]:
-            best = (cost, rows, L)
-    _, rows, L = best
-    R = len(rows)
-    tokens = torch.full((R, L), pad_id, dtype=torch.long)
-    positions = torch.zeros(R, L, dtype=torch.long)
-    # per token: its segment (padding: a segment of its own), branch (0 shared, 1 chosen,
-    # 2 rejected); a query attends to a key of its segment, at its position or before, on
-    # the shared branch or its own
-    segment = torch.arange(R * L).view(R, L) + len(pairs)
-    branch = torch.zeros(R, L, dtype=torch.long)
-    at = torch.zeros(2 * len(pairs), 2, dtype=torch.long)
-    for r, members in enumerate(rows):
-        col = 0
-        for i in members:
-            shared, chosen, rejected = segments[i]
-            p = len(shared)
-            for b, part in enumerate((shared, chosen, rejected)):
-                n = len(part)
-                tokens[r, col:col + n] = torch.tensor(part, dtype=torch.long)
-                positions[r, col:col + n] = torch.arange(n) + (p if b else 0)
-                segment[r, col:col + n] = i
-                branch[r, col:col + n] = b
-                if b:
-                    at[2 * i + b - 1] = torch.tensor([r, col + n - 1])
-                col += n
-    mask = (segment[:, :, None] == segment[:, None, :]) \
-        & (positions[:, None, :] <= positions[:, :, None]) \
-        & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None]))  # (R, L, L)
-    return Packed(tokens, positions, mask[:, None], at)
-
-
-def attention_tokens(args) -> int:
-    """The row length at which a token's attention costs about what its projections and MLP
-    cost: 2 x the layer's weights in flops per token against 4 x n_heads x head_dim per key,
-    the attention kernel taken as 3x slower per flop (CPU, float32 against bfloat16 GEMMs:
-    on SmolLM2-135M about 1000 tokens)."""
-    h, q, kv = args.hidden_size, args.num_attention_heads * args.head_dim, \
-        args.num_key_value_heads * args.head_dim
-    weights = 2 * h * q + 2 * h * kv + (3 if args.mlp_gated else 2) * h * args.intermediate_size
-    return max(64, weights // (3 * 2 * q))
-
-
-def can_pack(model: nn.Module) -> bool:
-    """Packing needs attention that takes a mask as is: no sliding windows (whose masks are
-    laid out by column, not by position)."""
-    return all(layer.self_attn.window is None for layer in model.model.layers)
-
-
 # -- training ---------------------------------------------------------------------------------
 
 def _pair_rewards(module, s, mb, items) -> Tensor:
     """Rewards (2P,) of a micro-batch's pairs: chosen, rejected, chosen, ..."""
-    pairs = [(items[i].rows[0][0], items[i].rows[1][0]) for i in mb]
-    if s.attention_tokens:
-        p = pack_pairs(pairs, s.pad_id, s.attention_tokens).to(s.procs.device)
-        return module(p.tokens, p.at, p.positions, p.mask)
+    rows = [ids for i in mb for ids, _ in items[i].rows]
+    if s.attention_tokens:  # shared beginnings once (prefix_tree.py)
+        t = pack(rows, [[2 * j, 2 * j + 1] for j in range(len(mb))], s.pad_id,
+                 s.attention_tokens).to(s.procs.device)
+        return module(t.tokens, t.at, t.positions, t.mask)
     tokens, _ = collate(items, mb, s.pad_id, s.procs.device)
-    at = torch.tensor([(b, len(ids) - 1) for b, ids in enumerate(row for pair in pairs for row in pair)],
-                      device=s.procs.device)
+    at = torch.tensor([(b, len(ids) - 1) for b, ids in enumerate(rows)], device=s.procs.device)
     return module(tokens, at)
 
 
@@ -353,7 +247,9 @@ def setup(config: TuneConfig, resume: bool = False, progress=None) -> sessions.S
                          params, optimizer, scheduler, pad_id, skipped=problems, progress=progress,
                          threads_before=threads_before, warnings=warnings)
     s.reward_model = reward_model
-    s.attention_tokens = attention_tokens(model.args) if can_pack(model) else 0  # 0: one padded row a reply
+    dtype = torch.bfloat16 if config.dtype == "bfloat16" and config.quant == "none" else torch.float32
+    # 0: a padded row a reply (attention that cannot take a tree's mask)
+    s.attention_tokens = attention_tokens(model.args, dtype) if takes_tree_mask(model) else 0
     if progress is not None and procs.main:
         for text in warnings:
             progress({"warning": text})
