@@ -94,6 +94,13 @@ def test_tree_rows_give_the_rewards_loss_and_gradients_of_separate_rows(setup, a
     assert all(g.abs().sum() > 0 for g in plain_grads)
     for g, ref in zip(grads, plain_grads):
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+    rm.checkpointing = True  # --grad-checkpointing: each layer again in the backward, same mask
+    try:
+        _, again = loss_and_grads(rm, params, rm(tree.tokens, tree.at, tree.positions, tree.mask))
+    finally:
+        rm.checkpointing = False
+    for g, ref in zip(again, plain_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
 
 
 def test_a_tree_row_holds_each_distinct_beginning_once():

@@ -151,7 +151,7 @@ def _pair_rewards(module, s, mb, items) -> Tensor:
     return module(tokens, at)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def validation(s: sessions.Session) -> dict:
     """Mean loss, pair accuracy (r(chosen) > r(rejected)) and mean margin on held-out pairs."""
     s.reward_model.eval()
