@@ -1,5 +1,5 @@
-"""Preference pairs packed as token trees (train/prefix_tree.py): a pair's prompt and the start
-every conversation shares computed once, the replies on top, several pairs in a row. The
+"""Preference pairs packed as one token tree (train/prefix_tree.py): a pair's prompt and the
+start every conversation shares computed once, the replies on top, attention in blocks. The
 reward model's rewards, loss and every trained parameter's gradient must be those of the plain
 path (one right-padded row a reply), on a random tiny Llama with random adapters, in float32."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ from rl_fixtures import tiny_model, tiny_tokenizer  # noqa: E402
 from homellm.train import reward  # noqa: E402
 from homellm.train.batches import collate, dpo_item  # noqa: E402
 from homellm.train.config import LoraConfig  # noqa: E402
-from homellm.train.prefix_tree import common_prefix, pack  # noqa: E402
+from homellm.train.prefix_tree import pack  # noqa: E402
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
@@ -52,7 +52,7 @@ def setup(tmp_path_factory):
              for p, c, r in PAIRS]
     assert all(items)
     params = lora_parameters(model) + [rm.score.weight]
-    return rm, items, params
+    return rm, items, params, tokenizer
 
 
 def loss_and_grads(rm, params, rewards):
@@ -70,49 +70,58 @@ def plain_rewards(rm, items):
     return rm(tokens, at)
 
 
-@pytest.mark.parametrize("attention_tokens", [10 ** 9, 1, 60], ids=["one-row", "short-rows", "cost"])
-def test_tree_rows_give_the_rewards_loss_and_gradients_of_separate_rows(setup, attention_tokens):
-    rm, items, params = setup
+def common_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("repeat", [False, True], ids=["pairs", "a-prompt-twice"])
+def test_a_tree_row_gives_the_rewards_loss_and_gradients_of_separate_rows(setup, repeat):
+    rm, items, params, tokenizer = setup
+    if repeat:  # a pair again (nothing new), and a pair on an earlier pair's prompt: the later
+        # blocks see ancestors an earlier block added
+        again = dpo_item(tokenizer, {"prompt": [U(PAIRS[0][0])], "chosen": [A("the sea is blue")],
+                                     "rejected": [A("the sky")]}, 64)
+        items = items + [items[1], again]
     rm.train()
     plain = plain_rewards(rm, items)
     plain_loss, plain_grads = loss_and_grads(rm, params, plain)
     rows = [ids for it in items for ids, _ in it.rows]
-    tree = pack(rows, [[2 * j, 2 * j + 1] for j in range(len(items))], 0, attention_tokens)
-    R, L = tree.tokens.shape
-    if attention_tokens == 10 ** 9:
-        assert R == 1  # every pair in one row: the template's start once
+    tree = pack(rows, [[2 * j, 2 * j + 1] for j in range(len(items))])
+    if not repeat:  # each pair's prompt once, the template's start once
         shared = min(common_prefix(rows[0], r) for r in rows)
-        assert shared > 3 and L == sum(len(r) for r in rows) - sum(
-            common_prefix(rows[2 * j], rows[2 * j + 1]) for j in range(len(items))) - (len(items) - 1) * shared
-    if attention_tokens == 1:
-        assert 1 < R < len(items)  # rows as long as the longest pair, short pairs sharing one
-    assert R * L < sum(len(r) for r in rows)
-    rewards = rm(tree.tokens, tree.at, tree.positions, tree.mask)
+        assert shared > 3 and tree.tokens.shape == (1, sum(len(r) for r in rows) - sum(
+            common_prefix(rows[2 * j], rows[2 * j + 1]) for j in range(len(items))) - (len(items) - 1) * shared)
+    rewards = rm(tree.tokens, tree.at, tree.positions, tree.attention)
     torch.testing.assert_close(rewards, plain, rtol=1e-5, atol=1e-5)
     loss, grads = loss_and_grads(rm, params, rewards)
     torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
     assert all(g.abs().sum() > 0 for g in plain_grads)
     for g, ref in zip(grads, plain_grads):
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
-    rm.checkpointing = True  # --grad-checkpointing: each layer again in the backward, same mask
+    rm.checkpointing = True  # --grad-checkpointing: each layer again in the backward, same blocks
     try:
-        _, again = loss_and_grads(rm, params, rm(tree.tokens, tree.at, tree.positions, tree.mask))
+        _, again = loss_and_grads(rm, params, rm(tree.tokens, tree.at, tree.positions, tree.attention))
     finally:
         rm.checkpointing = False
     for g, ref in zip(again, plain_grads):
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
 
 
-def test_a_tree_row_holds_each_distinct_beginning_once():
-    """Three sequences as in prefix_tree.py's picture: tokens, positions, ancestors, last tokens."""
+def test_a_tree_row_holds_each_distinct_beginning_once_and_blocks_see_their_ancestors():
+    """The sequences of prefix_tree.py's picture (and one ending inside another), in two groups."""
     s, p, q = 7, 8, 9
-    tree = pack([[s, p, 1, 2], [s, p, 3], [s, q, 4], [s, p]], [[0, 1, 2, 3]], -1, 10 ** 9)
+    tree = pack([[s, p, 1, 2], [s, p, 3], [s, q, 4], [s, p]], [[0, 1], [2, 3]])
     assert tree.tokens.tolist() == [[s, p, 1, 2, 3, q, 4]]
     assert tree.positions.tolist() == [[0, 1, 2, 3, 2, 1, 2]]
-    sees = [[j for j in range(7) if tree.mask[0, 0, i, j]] for i in range(7)]
-    assert sees == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 4], [0, 5], [0, 5, 6]]
     assert tree.at.tolist() == [[0, 3], [0, 4], [0, 6], [0, 1]]  # a sequence may end inside another
-    padded = pack([[1, 2, 3], [4], [5]], [[0], [1], [2]], -1, 1)  # short rows: padding sees itself
-    assert padded.tokens.shape == (2, 3) and padded.tokens[1].tolist() == [4, 5, -1]
-    assert padded.mask[1, 0].tolist() == [[True, False, False], [False, True, False], [False, False, True]]
-    assert padded.at.tolist() == [[0, 2], [1, 0], [1, 1]]
+    a = tree.attention
+    assert a.queries.tolist() == [[0, 1, 2, 3, 4], [5, 6, 0, 0, 0]]  # block 2: q 4, padded
+    assert a.keys.tolist() == [[0, 1, 2, 3, 4], [0, 5, 6, 0, 0]]  # its ancestor s first
+    sees = [[a.keys[b, j].item() for j in range(5) if a.mask[b, 0, i, j]]
+            for b in range(2) for i in range(5) if i < (5 if b == 0 else 2)]
+    assert sees == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 4], [0, 5], [0, 5, 6]]
+    assert a.mask[1, 0, 2:].sum(-1).tolist() == [1, 1, 1]  # padding queries see one key (no NaN)
+    assert a.slot.tolist() == [0, 1, 2, 3, 4, 5, 6]

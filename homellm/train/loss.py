@@ -17,11 +17,11 @@ CHUNK = 128  # labelled positions per head chunk (128 x 49152 float32 logits: 24
 
 
 def final_hidden(model: nn.Module, tokens: Tensor, checkpointing: bool = False,
-                 positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+                 positions: Tensor | None = None, mask=None) -> Tensor:
     """The final-norm hidden states (B, T, hidden) of causal attention over tokens (B, T);
     what model/llama.py's forward computes before its head. Packed rows (several sequences
-    side by side in one row) give each token's own `positions` (B, T) and the attention
-    `mask` (B, 1, T, T) bool, True = attend."""
+    in one row) give each token's own `positions` (B, T) and the attention's `mask`: (B, 1,
+    T, T) bool, True = attend, or an AttentionLayout (model/llama.py)."""
     x = model.model.embed_tokens(tokens)
     if positions is None:
         cos, sin = model.rope(torch.arange(tokens.shape[1], device=tokens.device))  # (T, rot)

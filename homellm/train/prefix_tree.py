@@ -1,62 +1,77 @@
-"""Sequences that share beginnings, packed as token trees: each shared beginning computed once.
+"""Sequences that share beginnings, packed as one token tree: each shared beginning computed once.
 
 The two replies of a preference pair follow the same prompt, and every conversation of a
-chat template with a default system prompt starts with the same tokens. Put in a row as a
-tree (a trie: one node per distinct prefix), each shared token is computed once:
+chat template with a default system prompt starts with the same tokens. Laid out as a tree
+(a trie: one node per distinct prefix, a parent before its children), each shared token is
+computed once, and nothing is padded:
 
     sequences   [s p 1 2]  [s p 3]  [s q 4]        row   s p 1 2 3 q 4
                                                     pos   0 1 2 3 2 1 2
 
-A token attends to its ancestors in the tree and to itself (the `mask`, built from each
-node's parent), at the position it has in its own sequence (its depth), so its hidden state
-under causal attention is exactly the one it has in each sequence that holds it, and the
-gradient reaching a shared token is the sum of what every sequence through it sends back, as
-a batch of separate rows would sum it. (This is the tree attention that tree-based
-speculative decoding uses to verify candidates, here used for training.) A padding token
-attends to itself only.
+A token attends to its ancestors in the tree and to itself, at the position it has in its
+own sequence (its depth), so its hidden state under causal attention is exactly the one it
+has in each sequence that holds it, and the gradient reaching a shared token is the sum of
+what every sequence through it sends back, as a batch of separate rows would sum it. (This is
+the tree attention that tree-based speculative decoding uses to verify candidates, here
+used for training.)
 
-Groups of sequences that belong together (a pair's two replies) go to one row; the groups are
-spread over R rows, longest first, each to the least-filled row, and R is chosen to minimize
-
-    R L (1 + L / attention_tokens)
-
-for rows of L tokens: the tokens every projection computes (padding included), plus the
-attention, whose cost per token grows with the row's length (the mask is dense) and equals
-the rest of a layer's at L = attention_tokens.
+The row's attention (`TreeAttention`, an AttentionLayout for model/llama.py) is computed in
+blocks, one per group of sequences that belong together (a pair's two replies): the block's
+own tokens as queries, their ancestors as keys, all blocks in one batched attention call.
+A dense (N, N) mask would make every token's attention cost grow with the whole row's length;
+a block's costs (its tokens) x (its tokens and their ancestors).
 """
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
 @dataclass
-class TreeRows:
-    tokens: Tensor  # (R, L) ids, right-padded
-    positions: Tensor  # (R, L) each token's position in its sequences (its depth in the tree)
-    mask: Tensor  # (R, 1, L, L) bool, True = the key (last axis) is the query's ancestor or itself
-    at: Tensor  # (n, 2) (row, column) of each sequence's last token, in the sequences' order
+class TreeAttention:
+    """Attention over one tree row of N tokens in nb blocks of up to mq queries and mk keys."""
 
-    def to(self, device) -> "TreeRows":
-        return TreeRows(*(t.to(device) for t in (self.tokens, self.positions, self.mask, self.at)))
+    queries: Tensor  # (nb, mq) the row's column of each block's query (padding: any column)
+    keys: Tensor  # (nb, mk) the row's column of each block's key (padding: any column)
+    mask: Tensor  # (nb, 1, mq, mk) bool, True = the key is the query's ancestor or itself
+    slot: Tensor  # (N,) where each column's output is in the blocks' (nb * mq) outputs
+
+    def to(self, device) -> "TreeAttention":
+        return TreeAttention(*(t.to(device) for t in (self.queries, self.keys, self.mask, self.slot)))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None, enable_gqa: bool) -> Tensor:
+        """(1, N, n_heads * hd) for q (1, n_heads, N, hd), k, v (1, n_kv_heads, N, hd)."""
+        nb, mq = self.queries.shape
+        qb = q[0][:, self.queries].transpose(0, 1)  # (nb, n_heads, mq, hd)
+        kb = k[0][:, self.keys].transpose(0, 1)  # (nb, n_kv_heads, mk, hd)
+        vb = v[0][:, self.keys].transpose(0, 1)
+        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self.mask, scale=scale,
+                                           enable_gqa=enable_gqa)  # (nb, n_heads, mq, hd)
+        return y.transpose(1, 2).reshape(nb * mq, -1)[self.slot][None]
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    k = 0
-    while k < n and a[k] == b[k]:
-        k += 1
-    return k
+@dataclass
+class TreeRow:
+    tokens: Tensor  # (1, N) ids
+    positions: Tensor  # (1, N) each token's position in its sequences (its depth in the tree)
+    attention: TreeAttention
+    at: Tensor  # (n, 2) (row 0, column) of each sequence's last token, in the sequences' order
+
+    def to(self, device) -> "TreeRow":
+        return TreeRow(self.tokens.to(device), self.positions.to(device), self.attention.to(device),
+                       self.at.to(device))
 
 
-def _tree(sequences: list[list[int]]) -> tuple[list[int], list[int], list[int], list[int]]:
+def _tree(sequences: list[list[int]]):
     """The trie of `sequences`, nodes in the order they are first met (a parent before its
-    children): (token, depth, parent (-1 for a root)) per node, and each sequence's last node."""
+    children): (token, depth, parent (-1 for a root)) per node, each sequence's last node and
+    the number of nodes once it is in."""
     child: dict[tuple[int, int], int] = {}
-    tokens, depths, parents, last = [], [], [], []
+    tokens, depths, parents, last, sizes = [], [], [], [], []
     for seq in sequences:
         node = -1
         for depth, token in enumerate(seq):
@@ -68,82 +83,65 @@ def _tree(sequences: list[list[int]]) -> tuple[list[int], list[int], list[int], 
                 parents.append(node)
             node = nxt
         last.append(node)
-    return tokens, depths, parents, last
+        sizes.append(len(tokens))
+    return tokens, depths, parents, last, sizes
 
 
-def _group_sizes(sequences: list[list[int]], groups: list[list[int]]) -> list[int]:
-    """Tokens a group's own tree holds, where its sequences share beginnings pairwise with the first."""
-    sizes = []
-    for g in groups:
-        first = sequences[g[0]]
-        sizes.append(len(first) + sum(len(sequences[k]) - common_prefix(first, sequences[k]) for k in g[1:]))
-    return sizes
+def _block(parents: list[int], a: int, b: int) -> tuple[list[int], np.ndarray]:
+    """The keys of the block of nodes a..b-1 (their ancestors before a, then the block itself)
+    and its (b - a, keys) ancestor-or-self mask."""
+    outside = set()
+    for node in range(a, b):
+        p = parents[node]
+        while p >= 0 and p < a and p not in outside:
+            outside.add(p)
+            p = parents[p]
+    keys = sorted(outside) + list(range(a, b))
+    where = {node: j for j, node in enumerate(keys)}
+    mask = np.zeros((b - a, len(keys)), dtype=bool)
+    for i, node in enumerate(range(a, b)):
+        p = parents[node]
+        if p >= a:
+            mask[i] = mask[p - a]
+        else:  # the path to the root, outside the block
+            while p >= 0:
+                mask[i, where[p]] = True
+                p = parents[p]
+        mask[i, where[node]] = True
+    return keys, mask
 
 
-def _spread(sizes: list[int], n_rows: int) -> list[list[int]]:
-    """Group indices into n_rows rows, longest first, each to the least-filled row."""
-    heap = [(0, r) for r in range(n_rows)]
-    rows: list[list[int]] = [[] for _ in range(n_rows)]
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        load, r = heapq.heappop(heap)
-        rows[r].append(i)
-        heapq.heappush(heap, (load + sizes[i], r))
-    return [r for r in rows if r]
-
-
-def pack(sequences: list[list[int]], groups: list[list[int]], pad_id: int,
-         attention_tokens: float) -> TreeRows:
-    """`sequences` (each non-empty) as tree rows; `groups` (lists of sequence indices, covering
-    each once) keep together in a row."""
-    sizes = _group_sizes(sequences, groups)
-    # every sequence starts with the beginning they all share: a row of k groups holds it once
-    shared = min(common_prefix(sequences[0], s) for s in sequences)
-    best = None
-    for n_rows in range(1, len(groups) + 1):
-        rows = _spread(sizes, n_rows)
-        L = max(sum(sizes[i] for i in r) - (len(r) - 1) * shared for r in rows)  # (an upper bound)
-        cost = len(rows) * L * (1 + L / attention_tokens)
-        if best is None or cost < best[0]:
-            best = (cost, rows)
-    trees = [_tree([sequences[k] for i in r for k in groups[i]]) for r in best[1]]
-    order = [k for r in best[1] for i in r for k in groups[i]]  # the sequences, row by row
-    R, L = len(trees), max(len(t[0]) for t in trees)
-    tokens = torch.full((R, L), pad_id, dtype=torch.long)
-    positions = torch.zeros(R, L, dtype=torch.long)
-    mask = torch.eye(L, dtype=torch.bool).repeat(R, 1, 1)  # (R, L, L): padding sees itself
+def pack(sequences: list[list[int]], groups: list[list[int]]) -> TreeRow:
+    """`sequences` (each non-empty) as one tree row; `groups` (lists of sequence indices,
+    covering each once, in order) are the attention's blocks: each group's new tokens."""
+    order = [k for g in groups for k in g]
+    tokens, depths, parents, last, sizes = _tree([sequences[k] for k in order])
     at = torch.zeros(len(sequences), 2, dtype=torch.long)
-    k = 0
-    for r, (toks, depths, parents, last) in enumerate(trees):
-        n = len(toks)
-        tokens[r, :n] = torch.tensor(toks, dtype=torch.long)
-        positions[r, :n] = torch.tensor(depths, dtype=torch.long)
-        m = mask[r].numpy()  # (a view: rows of ancestors, filled parent first)
-        for node, parent in enumerate(parents):
-            if parent >= 0:
-                m[node, :parent + 1] |= m[parent, :parent + 1]
-        for node in last:
-            at[order[k]] = torch.tensor([r, node])
-            k += 1
-    return TreeRows(tokens, positions, mask[:, None], at)
+    at[torch.tensor(order), 1] = torch.tensor(last)
+    ends = np.cumsum([len(g) for g in groups]) - 1
+    ends = [sizes[e] for e in ends]  # group g's new nodes end here (and the next group's begin)
+    blocks = [_block(parents, a, b) for a, b in zip([0] + ends[:-1], ends) if b > a]
+    nb = len(blocks)
+    mq = max(m.shape[0] for _, m in blocks)
+    mk = max(len(keys) for keys, _ in blocks)
+    queries = torch.zeros(nb, mq, dtype=torch.long)
+    key_cols = torch.zeros(nb, mk, dtype=torch.long)
+    mask = np.zeros((nb, 1, mq, mk), dtype=bool)
+    mask[:, 0, :, 0] = True  # padding queries see one key (an all-False row makes NaN)
+    slot = torch.zeros(len(tokens), dtype=torch.long)
+    a = 0
+    for i, (keys, m) in enumerate(blocks):
+        n = m.shape[0]
+        queries[i, :n] = torch.arange(a, a + n)
+        key_cols[i, :len(keys)] = torch.tensor(keys)
+        mask[i, 0, :n, :len(keys)] = m
+        slot[a:a + n] = i * mq + torch.arange(n)
+        a += n
+    return TreeRow(torch.tensor([tokens]), torch.tensor([depths]),
+                   TreeAttention(queries, key_cols, torch.from_numpy(mask), slot), at)
 
 
-def attention_tokens(args, dtype: torch.dtype) -> float:
-    """The row length at which a token's attention costs what its projections and MLP cost:
-    2 x the layer's weights in flops per token against 4 x n_heads x head_dim per key
-    (scores and values), the attention (float32, masked) taken as SLOWER[dtype] times slower
-    per flop than the projections' GEMMs: on SmolLM2-135M ~1000 tokens in bfloat16, ~2000 in
-    float32 (a step's time is flat within 10% from half to twice these; one row of 1400
-    tokens instead of 8 rows of 230 took 1.5x as long)."""
-    h, q, kv = args.hidden_size, args.num_attention_heads * args.head_dim, \
-        args.num_key_value_heads * args.head_dim
-    weights = 2 * h * q + 2 * h * kv + (3 if args.mlp_gated else 2) * h * args.intermediate_size
-    return weights / (2 * q) / SLOWER.get(dtype, 1.5)
-
-
-SLOWER = {torch.bfloat16: 3.0, torch.float32: 1.5}
-
-
-def takes_tree_mask(model) -> bool:
-    """Whether every layer's attention takes a mask as is: no sliding windows (whose masks
-    are laid out by column, not by position in the tree)."""
+def takes_tree_attention(model) -> bool:
+    """Whether every layer's attention can take a TreeAttention: no sliding windows (whose
+    masks are laid out by column, not by position in the tree)."""
     return all(layer.self_attn.window is None for layer in model.model.layers)

@@ -51,7 +51,7 @@ from homellm.train import checkpoint
 from homellm.train import session as sessions
 from homellm.train.batches import Item, collate, dpo_item, micro_batches, my_share
 from homellm.train.config import TuneConfig
-from homellm.train.prefix_tree import attention_tokens, pack, takes_tree_mask
+from homellm.train.prefix_tree import pack, takes_tree_attention
 
 HEAD_KEY = "base_model.model.score.weight"
 REWARD_CONFIG = "reward_config.json"
@@ -85,10 +85,10 @@ class RewardModel(nn.Module):
         self.max_length = 1024
 
     def forward(self, tokens: Tensor, at: Tensor, positions: Tensor | None = None,
-                mask: Tensor | None = None) -> Tensor:
+                mask=None) -> Tensor:
         """rewards (n,) read at the n tokens at[i] = (row, column) of tokens (B, T): each
-        row one right-padded sequence, or (with positions and mask, see prefix_tree.py) a tree of
-        sequences that share beginnings."""
+        row one right-padded sequence, or (with positions and a mask or TreeAttention, see
+        prefix_tree.py) a tree of sequences that share beginnings."""
         from homellm.train.loss import final_hidden
         hidden = final_hidden(self.model, tokens, self.checkpointing, positions, mask)  # (B, T, hidden)
         h = hidden[at[:, 0], at[:, 1]]  # (n, hidden)
@@ -142,10 +142,9 @@ class RewardModel(nn.Module):
 def _pair_rewards(module, s, mb, items) -> Tensor:
     """Rewards (2P,) of a micro-batch's pairs: chosen, rejected, chosen, ..."""
     rows = [ids for i in mb for ids, _ in items[i].rows]
-    if s.attention_tokens:  # shared beginnings once (prefix_tree.py)
-        t = pack(rows, [[2 * j, 2 * j + 1] for j in range(len(mb))], s.pad_id,
-                 s.attention_tokens).to(s.procs.device)
-        return module(t.tokens, t.at, t.positions, t.mask)
+    if s.tree:  # shared beginnings once (prefix_tree.py)
+        t = pack(rows, [[2 * j, 2 * j + 1] for j in range(len(mb))]).to(s.procs.device)
+        return module(t.tokens, t.at, t.positions, t.attention)
     tokens, _ = collate(items, mb, s.pad_id, s.procs.device)
     at = torch.tensor([(b, len(ids) - 1) for b, ids in enumerate(rows)], device=s.procs.device)
     return module(tokens, at)
@@ -247,9 +246,7 @@ def setup(config: TuneConfig, resume: bool = False, progress=None) -> sessions.S
                          params, optimizer, scheduler, pad_id, skipped=problems, progress=progress,
                          threads_before=threads_before, warnings=warnings)
     s.reward_model = reward_model
-    dtype = torch.bfloat16 if config.dtype == "bfloat16" and config.quant == "none" else torch.float32
-    # 0: a padded row a reply (attention that cannot take a tree's mask)
-    s.attention_tokens = attention_tokens(model.args, dtype) if takes_tree_mask(model) else 0
+    s.tree = takes_tree_attention(model)  # else a right-padded row a reply
     if progress is not None and procs.main:
         for text in warnings:
             progress({"warning": text})
