@@ -19,7 +19,7 @@ The validation accuracy is the fraction of held-out pairs with r(chosen) > r(rej
 A step computes each shared beginning once (train/prefix_tree.py): the prompt the two replies
 of a pair follow, and the start every conversation of the micro-batch shares (a chat
 template's default system prompt), with the rewards and gradients of separate rows and no
-padding but at the ends of rows.
+padding.
 
 On disk (a PEFT-style folder, so PEFT + AutoModelForSequenceClassification(num_labels=1) can
 open it too, and our runtime reads the adapter part with read_adapter's rules):
