@@ -35,6 +35,14 @@ class KVCacheProtocol(Protocol):
         """Store k, v (B, n_kv_heads, T, head_dim) at start_pos; return keys and values so far."""
 
 
+class AttentionLayout(Protocol):
+    """A batch whose attention a dense mask would describe wastefully (training's prefix
+    trees, train/prefix_tree.py), passed in place of `mask`: it computes the attention."""
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None, enable_gqa: bool) -> Tensor:
+        """(B, T, n_heads * head_dim) for q (B, n_heads, T, hd), k, v (B, n_kv_heads, T, hd)."""
+
+
 def rope_inv_freq(args: ModelArgs, local: bool = False) -> Tensor:
     """Inverse frequencies (rotary_dim/2,) float32, scaled as config.rope_inv_freq says
     (local: the sliding layers' own base)."""
@@ -125,7 +133,7 @@ class Attention(nn.Module):
         self.rows_attention_fn = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | Tensor,
-                cache: KVCacheProtocol | None, mask: Tensor | None) -> Tensor:
+                cache: KVCacheProtocol | None, mask: Tensor | AttentionLayout | None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x) if self.qkv_proj is not None else \
             (self.q_proj(x), self.k_proj(x), self.v_proj(x))
@@ -160,10 +168,13 @@ class Attention(nn.Module):
         attention_fn computes."""
         return self.window is None and self.scale == self.head_dim ** -0.5
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | AttentionLayout | None) -> Tensor:
         """(B, T, n_heads * head_dim) for q (B, n_heads, T, hd), k, v (B, n_kv_heads, S, hd)."""
         B, _, T, _ = q.shape
         q, k = q.to(v.dtype), k.to(v.dtype)
+        if mask is not None and not isinstance(mask, Tensor):  # an AttentionLayout
+            return mask.attend(q, k, v, None if self.scale == self.head_dim ** -0.5 else self.scale,
+                               self.n_kv_heads != self.n_heads)
         if mask is None and T > 1 and self.attention_fn is not None and self.plain():
             return self.attention_fn(q, k, v)  # (T = 1: SDPA is faster)
         if mask is None and T > 1 and k.shape[2] != T:  # queries are the last T of S keys

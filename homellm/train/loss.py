@@ -16,17 +16,24 @@ from homellm.train.batches import IGNORE
 CHUNK = 128  # labelled positions per head chunk (128 x 49152 float32 logits: 24 MiB)
 
 
-def final_hidden(model: nn.Module, tokens: Tensor, checkpointing: bool = False) -> Tensor:
+def final_hidden(model: nn.Module, tokens: Tensor, checkpointing: bool = False,
+                 positions: Tensor | None = None, mask=None) -> Tensor:
     """The final-norm hidden states (B, T, hidden) of causal attention over tokens (B, T);
-    what model/llama.py's forward computes before its head."""
+    what model/llama.py's forward computes before its head. Packed rows (several sequences
+    in one row) give each token's own `positions` (B, T) and the attention's `mask`: (B, 1,
+    T, T) bool, True = attend, or an AttentionLayout (model/llama.py)."""
     x = model.model.embed_tokens(tokens)
-    cos, sin = model.rope(torch.arange(tokens.shape[1], device=tokens.device))
+    if positions is None:
+        cos, sin = model.rope(torch.arange(tokens.shape[1], device=tokens.device))  # (T, rot)
+    else:
+        cos, sin = model.rope(positions)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, rot): every head alike
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     for layer in model.model.layers:
         if checkpointing and torch.is_grad_enabled():
-            x = checkpoint(layer, x, cos, sin, 0, None, None, use_reentrant=False)
+            x = checkpoint(layer, x, cos, sin, 0, None, mask, use_reentrant=False)
         else:
-            x = layer(x, cos, sin, 0, None, None)
+            x = layer(x, cos, sin, 0, None, mask)
     return model.model.norm(x)
 
 

@@ -16,6 +16,11 @@ averaged over the pairs of a step (all micro-batches, all processes), so DDP und
 computes what one process computes with more gradient accumulation, as in train/session.py.
 The validation accuracy is the fraction of held-out pairs with r(chosen) > r(rejected).
 
+A step computes each shared beginning once (train/prefix_tree.py): the prompt the two replies
+of a pair follow, and the start every conversation of the micro-batch shares (a chat
+template's default system prompt), with the rewards and gradients of separate rows and no
+padding.
+
 On disk (a PEFT-style folder, so PEFT + AutoModelForSequenceClassification(num_labels=1) can
 open it too, and our runtime reads the adapter part with read_adapter's rules):
 
@@ -46,6 +51,7 @@ from homellm.train import checkpoint
 from homellm.train import session as sessions
 from homellm.train.batches import Item, collate, dpo_item, micro_batches, my_share
 from homellm.train.config import TuneConfig
+from homellm.train.prefix_tree import pack, takes_tree_attention
 
 HEAD_KEY = "base_model.model.score.weight"
 REWARD_CONFIG = "reward_config.json"
@@ -78,11 +84,14 @@ class RewardModel(nn.Module):
         self.tokenizer = None  # set by load_reward_model
         self.max_length = 1024
 
-    def forward(self, tokens: Tensor, last: Tensor) -> Tensor:
-        """rewards (B,) for tokens (B, T) right-padded; last (B,) the index of each row's last token."""
+    def forward(self, tokens: Tensor, at: Tensor, positions: Tensor | None = None,
+                mask=None) -> Tensor:
+        """rewards (n,) read at the n tokens at[i] = (row, column) of tokens (B, T): each
+        row one right-padded sequence, or (with positions and a mask or TreeAttention, see
+        prefix_tree.py) a tree of sequences that share beginnings."""
         from homellm.train.loss import final_hidden
-        hidden = final_hidden(self.model, tokens, self.checkpointing)  # (B, T, hidden)
-        h = hidden[torch.arange(tokens.shape[0], device=tokens.device), last]  # (B, hidden)
+        hidden = final_hidden(self.model, tokens, self.checkpointing, positions, mask)  # (B, T, hidden)
+        h = hidden[at[:, 0], at[:, 1]]  # (n, hidden)
         return self.score(h.float())[:, 0]
 
     @torch.no_grad()
@@ -102,8 +111,8 @@ class RewardModel(nn.Module):
             tokens = torch.full((len(chunk), T), pad_id, dtype=torch.long)
             for b, k in enumerate(chunk):
                 tokens[b, :len(rows[k])] = torch.tensor(rows[k])
-            last = torch.tensor([len(rows[k]) - 1 for k in chunk])
-            values = self(tokens.to(device), last.to(device)).float().cpu().tolist()
+            at = torch.tensor([(b, len(rows[k]) - 1) for b, k in enumerate(chunk)])
+            values = self(tokens.to(device), at.to(device)).float().cpu().tolist()
             for k, v in zip(chunk, values):
                 out[k] = v
             i = j
@@ -131,13 +140,17 @@ class RewardModel(nn.Module):
 # -- training ---------------------------------------------------------------------------------
 
 def _pair_rewards(module, s, mb, items) -> Tensor:
+    """Rewards (2P,) of a micro-batch's pairs: chosen, rejected, chosen, ..."""
+    rows = [ids for i in mb for ids, _ in items[i].rows]
+    if s.tree:  # shared beginnings once (prefix_tree.py)
+        t = pack(rows, [[2 * j, 2 * j + 1] for j in range(len(mb))]).to(s.procs.device)
+        return module(t.tokens, t.at, t.positions, t.attention)
     tokens, _ = collate(items, mb, s.pad_id, s.procs.device)
-    rows = [row for i in mb for row in items[i].rows]
-    last = torch.tensor([len(ids) - 1 for ids, _ in rows], device=s.procs.device)
-    return module(tokens, last)  # (2P,): chosen, rejected, chosen, ...
+    at = torch.tensor([(b, len(ids) - 1) for b, ids in enumerate(rows)], device=s.procs.device)
+    return module(tokens, at)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def validation(s: sessions.Session) -> dict:
     """Mean loss, pair accuracy (r(chosen) > r(rejected)) and mean margin on held-out pairs."""
     s.reward_model.eval()
@@ -233,6 +246,7 @@ def setup(config: TuneConfig, resume: bool = False, progress=None) -> sessions.S
                          params, optimizer, scheduler, pad_id, skipped=problems, progress=progress,
                          threads_before=threads_before, warnings=warnings)
     s.reward_model = reward_model
+    s.tree = takes_tree_attention(model)  # else a right-padded row a reply
     if progress is not None and procs.main:
         for text in warnings:
             progress({"warning": text})
