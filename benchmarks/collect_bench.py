@@ -171,35 +171,34 @@ def answer(t: dict, rng: random.Random) -> dict:
     return {"approve": rng.random() < 0.8}
 
 
-async def volunteer(url: str, session: tuple, seconds: float, think: float, lat: dict,
-                    counts: dict):
+async def volunteer(c: httpx.AsyncClient, session: tuple, start: float, seconds: float,
+                    think: float, lat: dict, counts: dict):
     username, token, csrf = session
     rng = random.Random(username)
-    async with httpx.AsyncClient(base_url=url, timeout=60,
-                                 cookies={"homellm_session": token}) as c:
-        h = {"X-CSRF-Token": csrf}
-        end = time.perf_counter() + seconds
-        await asyncio.sleep(rng.uniform(0, think))   # arrivals spread out, not one burst
-        while time.perf_counter() < end:
-            t0 = time.perf_counter()
-            r = await c.post("/api/collect/tasks", json={"type": "random"}, headers=h)
-            dt = time.perf_counter() - t0
-            r.raise_for_status()
-            task = r.json()["task"]
-            lat["next_task" if task else "next_task_none"].append(dt)
-            if task is None:
-                await asyncio.sleep(max(0.2, think))
-                continue
-            if think:
-                await asyncio.sleep(think * rng.uniform(0.5, 1.5))
-            t0 = time.perf_counter()
-            r = await c.post(f"/api/collect/tasks/{task['id']}/submit", json=answer(task, rng),
-                             headers=h)
-            lat["submit"].append(time.perf_counter() - t0)
-            if r.status_code != 200:
-                counts["refused"] = counts.get("refused", 0) + 1
-            else:
-                counts[task["type"]] = counts.get(task["type"], 0) + 1
+    h = {"X-CSRF-Token": csrf}
+    end = start + seconds
+    # arrivals spread over the first `think` seconds, not one burst
+    await asyncio.sleep(max(0.0, start + rng.uniform(0, think) - time.perf_counter()))
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        r = await c.post("/api/collect/tasks", json={"type": "random"}, headers=h)
+        dt = time.perf_counter() - t0
+        r.raise_for_status()
+        task = r.json()["task"]
+        lat["next_task" if task else "next_task_none"].append(dt)
+        if task is None:
+            await asyncio.sleep(max(0.2, think))
+            continue
+        if think:
+            await asyncio.sleep(think * rng.uniform(0.5, 1.5))
+        t0 = time.perf_counter()
+        r = await c.post(f"/api/collect/tasks/{task['id']}/submit", json=answer(task, rng),
+                         headers=h)
+        lat["submit"].append(time.perf_counter() - t0)
+        if r.status_code != 200:
+            counts["refused"] = counts.get("refused", 0) + 1
+        else:
+            counts[task["type"]] = counts.get(task["type"], 0) + 1
 
 
 async def loop_lag(seconds: float, lags: list):
@@ -218,8 +217,19 @@ def client(url: str, sessions: list[tuple], seconds: float, think: float) -> dic
     lags: list = []
 
     async def main():
-        await asyncio.gather(loop_lag(seconds, lags), *(
-            volunteer(url, s, seconds, think, lat, counts) for s in sessions))
+        # the clients first (an httpx client takes tens of ms to make: made inside the
+        # volunteers, they held up this event loop until every volunteer's first request
+        # went out at once), then everyone starts from the same moment
+        clients = [httpx.AsyncClient(base_url=url, timeout=60,
+                                     cookies={"homellm_session": s[1]}) for s in sessions]
+        start = time.perf_counter()
+        try:
+            await asyncio.gather(loop_lag(seconds, lags), *(
+                volunteer(c, s, start, seconds, think, lat, counts)
+                for c, s in zip(clients, sessions)))
+        finally:
+            for c in clients:
+                await c.aclose()
     cpu0 = time.process_time()
     asyncio.run(main())
     return {"lat": lat, "counts": counts, "lags": lags, "cpu": time.process_time() - cpu0}
