@@ -23,13 +23,15 @@ weighted choice), answers it (a text, labels, a ranking or a vote) and asks agai
 Latencies are measured by the client (asyncio + httpx, one connection per volunteer; in
 --client-procs processes, so that the client is not what is measured: each reports how late
 its event loop ran, `client_loop_lag`), split into next-task with a task, next-task without
-one ("nothing for you now"), and submit. The CPU the server process spent per request is
-measured from /proc, and on the throwaway PostgreSQL the CPU of its processes too (the SQL
-runs there, not in the server). At the end the store is checked: every answered task is
-stored once.
+one ("nothing for you now"), and submit, once the volunteers have worked --warmup seconds
+(default 2: a fresh server's first requests meet cold caches and connections, and the
+volunteers' first arrivals; those latencies are reported apart, as `warmup`). The CPU the
+server process spent per request is measured from /proc, and on the throwaway PostgreSQL the
+CPU of its processes too (the SQL runs there, not in the server). At the end the store is
+checked: every answered task is stored once.
 
 usage: python benchmarks/collect_bench.py [--volunteers 100] [--seconds 20] [--db both]
-       [--pg-url URL] [--think-ms 1000] [--scenarios paced,saturated,direct]
+       [--pg-url URL] [--think-ms 1000] [--warmup 2] [--scenarios paced,saturated,direct]
        [--client-procs 2] [--out FILE.json]
 Target (issue 15): p99 <= 50 ms for next-task and submit (`target_met`, paced).
 """
@@ -172,11 +174,13 @@ def answer(t: dict, rng: random.Random) -> dict:
 
 
 async def volunteer(c: httpx.AsyncClient, session: tuple, start: float, seconds: float,
-                    think: float, lat: dict, counts: dict):
+                    think: float, lat: dict, counts: dict, warmup: float = 0.0, warm=None):
+    """One volunteer's loop for warmup + seconds; latencies of requests sent in the first
+    `warmup` seconds go to `warm` instead of `lat`."""
     username, token, csrf = session
     rng = random.Random(username)
     h = {"X-CSRF-Token": csrf}
-    end = start + seconds
+    end = start + warmup + seconds
     # arrivals spread over the first `think` seconds, not one burst
     await asyncio.sleep(max(0.0, start + rng.uniform(0, think) - time.perf_counter()))
     while time.perf_counter() < end:
@@ -185,7 +189,8 @@ async def volunteer(c: httpx.AsyncClient, session: tuple, start: float, seconds:
         dt = time.perf_counter() - t0
         r.raise_for_status()
         task = r.json()["task"]
-        lat["next_task" if task else "next_task_none"].append(dt)
+        (lat if t0 >= start + warmup else warm)["next_task" if task else
+                                                "next_task_none"].append(dt)
         if task is None:
             await asyncio.sleep(max(0.2, think))
             continue
@@ -194,25 +199,30 @@ async def volunteer(c: httpx.AsyncClient, session: tuple, start: float, seconds:
         t0 = time.perf_counter()
         r = await c.post(f"/api/collect/tasks/{task['id']}/submit", json=answer(task, rng),
                          headers=h)
-        lat["submit"].append(time.perf_counter() - t0)
+        (lat if t0 >= start + warmup else warm)["submit"].append(time.perf_counter() - t0)
         if r.status_code != 200:
             counts["refused"] = counts.get("refused", 0) + 1
         else:
             counts[task["type"]] = counts.get(task["type"], 0) + 1
 
 
-async def loop_lag(seconds: float, lags: list):
-    """How late this event loop wakes a 5 ms sleep: a busy client inflates every latency."""
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
+async def loop_lag(seconds: float, lags: list, warmup: float = 0.0):
+    """How late this event loop wakes a 5 ms sleep (after `warmup`): a busy client inflates
+    every latency."""
+    start = time.perf_counter()
+    while time.perf_counter() < start + warmup + seconds:
         t0 = time.perf_counter()
         await asyncio.sleep(0.005)
-        lags.append(time.perf_counter() - t0 - 0.005)
+        if t0 >= start + warmup:
+            lags.append(time.perf_counter() - t0 - 0.005)
 
 
-def client(url: str, sessions: list[tuple], seconds: float, think: float) -> dict:
-    """One client process's volunteers; their latencies, counts, loop lag and CPU."""
+def client(url: str, sessions: list[tuple], seconds: float, think: float,
+           warmup: float = 0.0) -> dict:
+    """One client process's volunteers; their latencies (those of the first `warmup`
+    seconds apart), counts, loop lag and CPU."""
     lat = {"next_task": [], "next_task_none": [], "submit": []}
+    warm = {k: [] for k in lat}
     counts: dict = {}
     lags: list = []
 
@@ -224,15 +234,16 @@ def client(url: str, sessions: list[tuple], seconds: float, think: float) -> dic
                                      cookies={"homellm_session": s[1]}) for s in sessions]
         start = time.perf_counter()
         try:
-            await asyncio.gather(loop_lag(seconds, lags), *(
-                volunteer(c, s, start, seconds, think, lat, counts)
+            await asyncio.gather(loop_lag(seconds, lags, warmup), *(
+                volunteer(c, s, start, seconds, think, lat, counts, warmup, warm)
                 for c, s in zip(clients, sessions)))
         finally:
             for c in clients:
                 await c.aclose()
     cpu0 = time.process_time()
     asyncio.run(main())
-    return {"lat": lat, "counts": counts, "lags": lags, "cpu": time.process_time() - cpu0}
+    return {"lat": lat, "warm": warm, "counts": counts, "lags": lags,
+            "cpu": time.process_time() - cpu0}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -265,12 +276,12 @@ def run_one(db_url: str, args, settings: dict, think_ms: float, pg=None) -> dict
         cpu0 = cpu_seconds(proc.pid)
         db0 = pg.cpu_seconds() if pg else None
         t0 = time.perf_counter()
+        job = (args.seconds, think_ms / 1000, args.warmup)
         if procs == 1:
-            parts = [client(url, shares[0], args.seconds, think_ms / 1000)]
+            parts = [client(url, shares[0], *job)]
         else:
             with multiprocessing.get_context("fork").Pool(procs) as pool:
-                parts = pool.starmap(client, [(url, share, args.seconds, think_ms / 1000)
-                                              for share in shares])
+                parts = pool.starmap(client, [(url, share, *job) for share in shares])
         wall = time.perf_counter() - t0
         server_cpu = cpu_seconds(proc.pid) - cpu0
         db_cpu = pg.cpu_seconds() - db0 if pg else None
@@ -278,6 +289,7 @@ def run_one(db_url: str, args, settings: dict, think_ms: float, pg=None) -> dict
         proc.terminate()
         proc.wait(timeout=30)
     lat = {k: [x for p in parts for x in p["lat"][k]] for k in parts[0]["lat"]}
+    warm = [x for p in parts for v in p["warm"].values() for x in v]
     counts: dict = {}
     for p in parts:
         for k, v in p["counts"].items():
@@ -289,19 +301,26 @@ def run_one(db_url: str, args, settings: dict, think_ms: float, pg=None) -> dict
         states = {r["state"]: r["n"] for r in store.db.all(
             "SELECT state, COUNT(*) AS n FROM collect_trees GROUP BY state")}
     answered = sum(v for k, v in counts.items() if k != "refused")
-    requests = sum(len(v) for v in lat.values())
+    requests = sum(len(v) for v in lat.values()) + len(warm)
     assert done == answered, f"{answered} answered but {done} stored"
     out = {"next_task": summary(lat["next_task"]),
            "next_task_none": summary(lat["next_task_none"]), "submit": summary(lat["submit"]),
+           # the first --warmup seconds (a fresh server: cold caches, new connections, the
+           # volunteers' first arrivals), every kind of request together; not in the above
+           "warmup": {"seconds": args.warmup, **summary(warm)},
            "answered": answered, "refused": counts.get("refused", 0),
            "answers_per_s": round(answered / wall, 1), "requests_per_s": round(requests / wall, 1),
-           # CPU the server spent per request, and the share of a core each side had
+           # CPU the server spent per request (all of them, the warm-up's too), and the
+           # share of a core each side had
            "server_cpu_ms_per_request": round(server_cpu / max(requests, 1) * 1000, 2),
            "server_cores_used": round(server_cpu / wall, 2)}
     if db_cpu is not None:   # PostgreSQL's processes: where the SQL of a request runs
         out["db_cpu_ms_per_request"] = round(db_cpu / max(requests, 1) * 1000, 2)
         out["db_cores_used"] = round(db_cpu / wall, 2)
     out.update({"client_procs": procs, "client_cores_used": round(client_cpu / wall, 2),
+                # the machine's load as this run ended: the cores are shared (other work
+                # on them stretches every latency's tail)
+                "load_avg_1min": round(os.getloadavg()[0], 2),
                 "client_loop_lag": summary(lags),
                 "target_met": all(out[k].get("p99_ms", 0) <= 50
                                   for k in ("next_task", "next_task_none", "submit")),
@@ -369,6 +388,8 @@ def main():
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--db", choices=("both", "postgresql", "sqlite"), default="both")
     p.add_argument("--pg-url", default=None, help="an empty PostgreSQL database to use")
+    p.add_argument("--warmup", type=float, default=2.0,
+                   help="seconds the volunteers work before latencies count (reported apart)")
     p.add_argument("--think-ms", type=float, default=1000,
                    help="the paced scenario's pause before each answer")
     p.add_argument("--scenarios", default="paced,saturated,direct")
