@@ -20,19 +20,20 @@ weighted choice), answers it (a text, labels, a ranking or a vote) and asks agai
   server's Python CPU per request; uvicorn's h11 parser, FastAPI's routing over every
   route of the app, its dependencies and the middlewares are the rest.)
 
-Latencies are measured by the client (asyncio + httpx, one connection per volunteer; in
---client-procs processes, so that the client is not what is measured: each reports how late
-its event loop ran, `client_loop_lag`), split into next-task with a task, next-task without
-one ("nothing for you now"), and submit, once the volunteers have worked --warmup seconds
-(default 2: a fresh server's first requests meet cold caches and connections, and the
-volunteers' first arrivals; those latencies are reported apart, as `warmup`). The CPU the
-server process spent per request is measured from /proc, and on the throwaway PostgreSQL the
-CPU of its processes too (the SQL runs there, not in the server). At the end the store is
-checked: every answered task is stored once.
+Latencies are measured by the client (asyncio, one kept-alive connection per volunteer,
+HTTP/1.1 written and read by hand, or httpx with --client httpx, which costs the shared cores
+more CPU per request than the server; in --client-procs processes, so that the client is not
+what is measured: each reports how late its event loop ran, `client_loop_lag`), split into
+next-task with a task, next-task without one ("nothing for you now"), and submit, once the
+volunteers have worked --warmup seconds (default 2: a fresh server's first requests meet
+cold caches and connections, and the volunteers' first arrivals; those latencies are
+reported apart, as `warmup`). The CPU the server process spent per request is measured from
+/proc, and on the throwaway PostgreSQL the CPU of its processes too (the SQL runs there, not
+in the server). At the end the store is checked: every answered task is stored once.
 
 usage: python benchmarks/collect_bench.py [--volunteers 100] [--seconds 20] [--db both]
        [--pg-url URL] [--think-ms 1000] [--warmup 2] [--scenarios paced,saturated,direct]
-       [--client-procs 2] [--out FILE.json]
+       [--client-procs 2] [--client raw] [--out FILE.json]
 Target (issue 15): p99 <= 50 ms for next-task and submit (`target_met`, paced).
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import statistics
@@ -52,6 +54,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -173,22 +176,74 @@ def answer(t: dict, rng: random.Random) -> dict:
     return {"approve": rng.random() < 0.8}
 
 
-async def volunteer(c: httpx.AsyncClient, session: tuple, start: float, seconds: float,
-                    think: float, lat: dict, counts: dict, warmup: float = 0.0, warm=None):
+CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
+CLOSE = re.compile(rb"(?i)\r\nconnection: *close")
+
+
+class RawClient:
+    """One volunteer's requests on one kept-alive HTTP/1.1 connection, written and read by
+    hand: on this machine the client shares the server's cores (a volunteer's browser does
+    not), and httpx spent more CPU per request than the server did (~2.3 ms; this ~0.2)."""
+
+    def __init__(self, url: str, token: str, csrf: str):
+        u = urlsplit(url)
+        self.host, self.port = u.hostname, u.port
+        self.head = (f"Host: {u.netloc}\r\nCookie: homellm_session={token}\r\n"
+                     f"X-CSRF-Token: {csrf}\r\nContent-Type: application/json\r\n").encode()
+        self.reader = self.writer = None
+
+    async def post(self, path: str, obj) -> tuple[int, object]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        body = json.dumps(obj).encode()
+        async with asyncio.timeout(60):
+            self.writer.write(b"POST %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n%s" % (
+                path.encode(), self.head, len(body), body))
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            data = await self.reader.readexactly(int(CONTENT_LENGTH.search(head).group(1)))
+        if CLOSE.search(head):
+            await self.aclose()
+        return int(head[9:12]), json.loads(data)
+
+    async def aclose(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class HttpxClient:
+    """The same through httpx (--client httpx)."""
+
+    def __init__(self, url: str, token: str, csrf: str):
+        self.c = httpx.AsyncClient(base_url=url, timeout=60, headers={"X-CSRF-Token": csrf},
+                                   cookies={"homellm_session": token})
+
+    async def post(self, path: str, obj) -> tuple[int, object]:
+        r = await self.c.post(path, json=obj)
+        return r.status_code, r.json()
+
+    async def aclose(self):
+        await self.c.aclose()
+
+
+CLIENTS = {"raw": RawClient, "httpx": HttpxClient}
+
+
+async def volunteer(c, session: tuple, start: float, seconds: float, think: float, lat: dict,
+                    counts: dict, warmup: float = 0.0, warm=None):
     """One volunteer's loop for warmup + seconds; latencies of requests sent in the first
     `warmup` seconds go to `warm` instead of `lat`."""
-    username, token, csrf = session
-    rng = random.Random(username)
-    h = {"X-CSRF-Token": csrf}
+    rng = random.Random(session[0])
     end = start + warmup + seconds
     # arrivals spread over the first `think` seconds, not one burst
     await asyncio.sleep(max(0.0, start + rng.uniform(0, think) - time.perf_counter()))
     while time.perf_counter() < end:
         t0 = time.perf_counter()
-        r = await c.post("/api/collect/tasks", json={"type": "random"}, headers=h)
+        status, r = await c.post("/api/collect/tasks", {"type": "random"})
         dt = time.perf_counter() - t0
-        r.raise_for_status()
-        task = r.json()["task"]
+        if status != 200:
+            raise SystemExit(f"POST /api/collect/tasks: {status} {r}")
+        task = r["task"]
         (lat if t0 >= start + warmup else warm)["next_task" if task else
                                                 "next_task_none"].append(dt)
         if task is None:
@@ -197,10 +252,9 @@ async def volunteer(c: httpx.AsyncClient, session: tuple, start: float, seconds:
         if think:
             await asyncio.sleep(think * rng.uniform(0.5, 1.5))
         t0 = time.perf_counter()
-        r = await c.post(f"/api/collect/tasks/{task['id']}/submit", json=answer(task, rng),
-                         headers=h)
+        status, r = await c.post(f"/api/collect/tasks/{task['id']}/submit", answer(task, rng))
         (lat if t0 >= start + warmup else warm)["submit"].append(time.perf_counter() - t0)
-        if r.status_code != 200:
+        if status != 200:
             counts["refused"] = counts.get("refused", 0) + 1
         else:
             counts[task["type"]] = counts.get(task["type"], 0) + 1
@@ -218,7 +272,7 @@ async def loop_lag(seconds: float, lags: list, warmup: float = 0.0):
 
 
 def client(url: str, sessions: list[tuple], seconds: float, think: float,
-           warmup: float = 0.0) -> dict:
+           warmup: float = 0.0, kind: str = "raw") -> dict:
     """One client process's volunteers; their latencies (those of the first `warmup`
     seconds apart), counts, loop lag and CPU."""
     lat = {"next_task": [], "next_task_none": [], "submit": []}
@@ -230,8 +284,7 @@ def client(url: str, sessions: list[tuple], seconds: float, think: float,
         # the clients first (an httpx client takes tens of ms to make: made inside the
         # volunteers, they held up this event loop until every volunteer's first request
         # went out at once), then everyone starts from the same moment
-        clients = [httpx.AsyncClient(base_url=url, timeout=60,
-                                     cookies={"homellm_session": s[1]}) for s in sessions]
+        clients = [CLIENTS[kind](url, s[1], s[2]) for s in sessions]
         start = time.perf_counter()
         try:
             await asyncio.gather(loop_lag(seconds, lags, warmup), *(
@@ -276,7 +329,7 @@ def run_one(db_url: str, args, settings: dict, think_ms: float, pg=None) -> dict
         cpu0 = cpu_seconds(proc.pid)
         db0 = pg.cpu_seconds() if pg else None
         t0 = time.perf_counter()
-        job = (args.seconds, think_ms / 1000, args.warmup)
+        job = (args.seconds, think_ms / 1000, args.warmup, args.client)
         if procs == 1:
             parts = [client(url, shares[0], *job)]
         else:
@@ -395,10 +448,14 @@ def main():
     p.add_argument("--scenarios", default="paced,saturated,direct")
     p.add_argument("--client-procs", type=int, default=2,
                    help="client processes the volunteers are spread over")
+    p.add_argument("--client", choices=sorted(CLIENTS), default="raw",
+                   help="how the volunteers send requests (raw: HTTP/1.1 by hand, the least "
+                   "client CPU on the server's cores)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
     settings = {}   # Open Assistant's defaults
     out = {"volunteers": args.volunteers, "seconds": args.seconds, "settings": "OA defaults",
+           "client": args.client,
            "cpus": os.cpu_count(), "load_before": os.getloadavg()[0],
            "note": "client and server share this machine's cores"}
     scenarios = {"paced": args.think_ms, "saturated": 0.0, "direct": None}
