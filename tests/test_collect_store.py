@@ -284,3 +284,18 @@ def test_a_ranking_and_a_merge_write_in_one_statement_each(db_url):
     assert n == 1
     assert [trees.message(k)["rank"] for k in kids] == [0, 0, None, None]
     c.store.close()
+
+
+def test_a_session_is_read_with_its_user_in_one_statement(db_url):
+    """Every request of a logged-in page looks its session up: the session and its user are
+    one statement (they were two), with the same answers: the session, None for an unknown
+    or expired token."""
+    c = Counted(db_url)
+    s = c.store.create_session(c.u["ann"])
+    got, n = c.statements(c.store.session, s.token)
+    assert n == 1 and got == s and got.user == c.store.get_user(c.u["ann"].id)
+    assert c.statements(c.store.session, "forged") == (None, 1)
+    expired = c.store.create_session(c.u["bob"], ttl_s=-1)
+    assert c.store.session(expired.token) is None
+    assert c.store.session(None) is None and c.store.session("") is None
+    c.store.close()
