@@ -16,9 +16,9 @@ weighted choice), answers it (a text, labels, a ranking or a vote) and asks agai
 - direct: no HTTP; the same volunteers take turns in one thread calling the tree manager
   (TreeManager.next_task / submit) on its own: CPU and SQL statements (BEGIN and COMMIT
   aside) per operation, i.e. what the collection itself costs, without the web server's
-  share. (Profiled with py-spy, the collection's handlers are about an eighth of the
-  server's Python CPU per request; uvicorn's h11 parser, FastAPI's routing over every
-  route of the app, its dependencies and the middlewares are the rest.)
+  share. (Profiled with py-spy, the collection's handlers were about an eighth of the
+  server's Python CPU per request; the HTTP parser, FastAPI's routing and dependencies,
+  the thread hops and the middlewares the rest.)
 
 Latencies are measured by the client (asyncio, one kept-alive connection per volunteer,
 HTTP/1.1 written and read by hand, or httpx with --client httpx, which costs the shared cores
