@@ -16,21 +16,24 @@ weighted choice), answers it (a text, labels, a ranking or a vote) and asks agai
 - direct: no HTTP; the same volunteers take turns in one thread calling the tree manager
   (TreeManager.next_task / submit) on its own: CPU and SQL statements (BEGIN and COMMIT
   aside) per operation, i.e. what the collection itself costs, without the web server's
-  share. (Profiled with py-spy, the collection's handlers are about an eighth of the
-  server's Python CPU per request; uvicorn's h11 parser, FastAPI's routing over every
-  route of the app, its dependencies and the middlewares are the rest.)
+  share. (Profiled with py-spy, the collection's handlers were about an eighth of the
+  server's Python CPU per request; the HTTP parser, FastAPI's routing and dependencies,
+  the thread hops and the middlewares the rest.)
 
-Latencies are measured by the client (asyncio + httpx, one connection per volunteer; in
---client-procs processes, so that the client is not what is measured: each reports how late
-its event loop ran, `client_loop_lag`), split into next-task with a task, next-task without
-one ("nothing for you now"), and submit. The CPU the server process spent per request is
-measured from /proc, and on the throwaway PostgreSQL the CPU of its processes too (the SQL
-runs there, not in the server). At the end the store is checked: every answered task is
-stored once.
+Latencies are measured by the client (asyncio, one kept-alive connection per volunteer,
+HTTP/1.1 written and read by hand, or httpx with --client httpx, which costs the shared cores
+more CPU per request than the server; in --client-procs processes, so that the client is not
+what is measured: each reports how late its event loop ran, `client_loop_lag`), split into
+next-task with a task, next-task without one ("nothing for you now"), and submit, once the
+volunteers have worked --warmup seconds (default 2: a fresh server's first requests meet
+cold caches and connections, and the volunteers' first arrivals; those latencies are
+reported apart, as `warmup`). The CPU the server process spent per request is measured from
+/proc, and on the throwaway PostgreSQL the CPU of its processes too (the SQL runs there, not
+in the server). At the end the store is checked: every answered task is stored once.
 
 usage: python benchmarks/collect_bench.py [--volunteers 100] [--seconds 20] [--db both]
-       [--pg-url URL] [--think-ms 1000] [--scenarios paced,saturated,direct]
-       [--client-procs 2] [--out FILE.json]
+       [--pg-url URL] [--think-ms 1000] [--warmup 2] [--scenarios paced,saturated,direct]
+       [--client-procs 2] [--client raw] [--out FILE.json]
 Target (issue 15): p99 <= 50 ms for next-task and submit (`target_met`, paced).
 """
 from __future__ import annotations
@@ -42,6 +45,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import statistics
@@ -50,6 +54,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -171,58 +176,127 @@ def answer(t: dict, rng: random.Random) -> dict:
     return {"approve": rng.random() < 0.8}
 
 
-async def volunteer(url: str, session: tuple, seconds: float, think: float, lat: dict,
-                    counts: dict):
-    username, token, csrf = session
-    rng = random.Random(username)
-    async with httpx.AsyncClient(base_url=url, timeout=60,
-                                 cookies={"homellm_session": token}) as c:
-        h = {"X-CSRF-Token": csrf}
-        end = time.perf_counter() + seconds
-        await asyncio.sleep(rng.uniform(0, think))   # arrivals spread out, not one burst
-        while time.perf_counter() < end:
-            t0 = time.perf_counter()
-            r = await c.post("/api/collect/tasks", json={"type": "random"}, headers=h)
-            dt = time.perf_counter() - t0
-            r.raise_for_status()
-            task = r.json()["task"]
-            lat["next_task" if task else "next_task_none"].append(dt)
-            if task is None:
-                await asyncio.sleep(max(0.2, think))
-                continue
-            if think:
-                await asyncio.sleep(think * rng.uniform(0.5, 1.5))
-            t0 = time.perf_counter()
-            r = await c.post(f"/api/collect/tasks/{task['id']}/submit", json=answer(task, rng),
-                             headers=h)
-            lat["submit"].append(time.perf_counter() - t0)
-            if r.status_code != 200:
-                counts["refused"] = counts.get("refused", 0) + 1
-            else:
-                counts[task["type"]] = counts.get(task["type"], 0) + 1
+CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
+CLOSE = re.compile(rb"(?i)\r\nconnection: *close")
 
 
-async def loop_lag(seconds: float, lags: list):
-    """How late this event loop wakes a 5 ms sleep: a busy client inflates every latency."""
-    end = time.perf_counter() + seconds
+class RawClient:
+    """One volunteer's requests on one kept-alive HTTP/1.1 connection, written and read by
+    hand: on this machine the client shares the server's cores (a volunteer's browser does
+    not), and httpx spent more CPU per request than the server did (~2.3 ms; this ~0.2)."""
+
+    def __init__(self, url: str, token: str, csrf: str):
+        u = urlsplit(url)
+        self.host, self.port = u.hostname, u.port
+        self.head = (f"Host: {u.netloc}\r\nCookie: homellm_session={token}\r\n"
+                     f"X-CSRF-Token: {csrf}\r\nContent-Type: application/json\r\n").encode()
+        self.reader = self.writer = None
+
+    async def post(self, path: str, obj) -> tuple[int, object]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        body = json.dumps(obj).encode()
+        async with asyncio.timeout(60):
+            self.writer.write(b"POST %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n%s" % (
+                path.encode(), self.head, len(body), body))
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            data = await self.reader.readexactly(int(CONTENT_LENGTH.search(head).group(1)))
+        if CLOSE.search(head):
+            await self.aclose()
+        return int(head[9:12]), json.loads(data)
+
+    async def aclose(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class HttpxClient:
+    """The same through httpx (--client httpx)."""
+
+    def __init__(self, url: str, token: str, csrf: str):
+        self.c = httpx.AsyncClient(base_url=url, timeout=60, headers={"X-CSRF-Token": csrf},
+                                   cookies={"homellm_session": token})
+
+    async def post(self, path: str, obj) -> tuple[int, object]:
+        r = await self.c.post(path, json=obj)
+        return r.status_code, r.json()
+
+    async def aclose(self):
+        await self.c.aclose()
+
+
+CLIENTS = {"raw": RawClient, "httpx": HttpxClient}
+
+
+async def volunteer(c, session: tuple, start: float, seconds: float, think: float, lat: dict,
+                    counts: dict, warmup: float = 0.0, warm=None):
+    """One volunteer's loop for warmup + seconds; latencies of requests sent in the first
+    `warmup` seconds go to `warm` instead of `lat`."""
+    rng = random.Random(session[0])
+    end = start + warmup + seconds
+    # arrivals spread over the first `think` seconds, not one burst
+    await asyncio.sleep(max(0.0, start + rng.uniform(0, think) - time.perf_counter()))
     while time.perf_counter() < end:
         t0 = time.perf_counter()
+        status, r = await c.post("/api/collect/tasks", {"type": "random"})
+        dt = time.perf_counter() - t0
+        if status != 200:
+            raise SystemExit(f"POST /api/collect/tasks: {status} {r}")
+        task = r["task"]
+        (lat if t0 >= start + warmup else warm)["next_task" if task else
+                                                "next_task_none"].append(dt)
+        if task is None:
+            await asyncio.sleep(max(0.2, think))
+            continue
+        if think:
+            await asyncio.sleep(think * rng.uniform(0.5, 1.5))
+        t0 = time.perf_counter()
+        status, r = await c.post(f"/api/collect/tasks/{task['id']}/submit", answer(task, rng))
+        (lat if t0 >= start + warmup else warm)["submit"].append(time.perf_counter() - t0)
+        if status != 200:
+            counts["refused"] = counts.get("refused", 0) + 1
+        else:
+            counts[task["type"]] = counts.get(task["type"], 0) + 1
+
+
+async def loop_lag(seconds: float, lags: list, warmup: float = 0.0):
+    """How late this event loop wakes a 5 ms sleep (after `warmup`): a busy client inflates
+    every latency."""
+    start = time.perf_counter()
+    while time.perf_counter() < start + warmup + seconds:
+        t0 = time.perf_counter()
         await asyncio.sleep(0.005)
-        lags.append(time.perf_counter() - t0 - 0.005)
+        if t0 >= start + warmup:
+            lags.append(time.perf_counter() - t0 - 0.005)
 
 
-def client(url: str, sessions: list[tuple], seconds: float, think: float) -> dict:
-    """One client process's volunteers; their latencies, counts, loop lag and CPU."""
+def client(url: str, sessions: list[tuple], seconds: float, think: float,
+           warmup: float = 0.0, kind: str = "raw") -> dict:
+    """One client process's volunteers; their latencies (those of the first `warmup`
+    seconds apart), counts, loop lag and CPU."""
     lat = {"next_task": [], "next_task_none": [], "submit": []}
+    warm = {k: [] for k in lat}
     counts: dict = {}
     lags: list = []
 
     async def main():
-        await asyncio.gather(loop_lag(seconds, lags), *(
-            volunteer(url, s, seconds, think, lat, counts) for s in sessions))
+        # the clients first (an httpx client takes tens of ms to make: made inside the
+        # volunteers, they held up this event loop until every volunteer's first request
+        # went out at once), then everyone starts from the same moment
+        clients = [CLIENTS[kind](url, s[1], s[2]) for s in sessions]
+        start = time.perf_counter()
+        try:
+            await asyncio.gather(loop_lag(seconds, lags, warmup), *(
+                volunteer(c, s, start, seconds, think, lat, counts, warmup, warm)
+                for c, s in zip(clients, sessions)))
+        finally:
+            for c in clients:
+                await c.aclose()
     cpu0 = time.process_time()
     asyncio.run(main())
-    return {"lat": lat, "counts": counts, "lags": lags, "cpu": time.process_time() - cpu0}
+    return {"lat": lat, "warm": warm, "counts": counts, "lags": lags,
+            "cpu": time.process_time() - cpu0}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -255,12 +329,12 @@ def run_one(db_url: str, args, settings: dict, think_ms: float, pg=None) -> dict
         cpu0 = cpu_seconds(proc.pid)
         db0 = pg.cpu_seconds() if pg else None
         t0 = time.perf_counter()
+        job = (args.seconds, think_ms / 1000, args.warmup, args.client)
         if procs == 1:
-            parts = [client(url, shares[0], args.seconds, think_ms / 1000)]
+            parts = [client(url, shares[0], *job)]
         else:
             with multiprocessing.get_context("fork").Pool(procs) as pool:
-                parts = pool.starmap(client, [(url, share, args.seconds, think_ms / 1000)
-                                              for share in shares])
+                parts = pool.starmap(client, [(url, share, *job) for share in shares])
         wall = time.perf_counter() - t0
         server_cpu = cpu_seconds(proc.pid) - cpu0
         db_cpu = pg.cpu_seconds() - db0 if pg else None
@@ -268,6 +342,7 @@ def run_one(db_url: str, args, settings: dict, think_ms: float, pg=None) -> dict
         proc.terminate()
         proc.wait(timeout=30)
     lat = {k: [x for p in parts for x in p["lat"][k]] for k in parts[0]["lat"]}
+    warm = [x for p in parts for v in p["warm"].values() for x in v]
     counts: dict = {}
     for p in parts:
         for k, v in p["counts"].items():
@@ -279,19 +354,26 @@ def run_one(db_url: str, args, settings: dict, think_ms: float, pg=None) -> dict
         states = {r["state"]: r["n"] for r in store.db.all(
             "SELECT state, COUNT(*) AS n FROM collect_trees GROUP BY state")}
     answered = sum(v for k, v in counts.items() if k != "refused")
-    requests = sum(len(v) for v in lat.values())
+    requests = sum(len(v) for v in lat.values()) + len(warm)
     assert done == answered, f"{answered} answered but {done} stored"
     out = {"next_task": summary(lat["next_task"]),
            "next_task_none": summary(lat["next_task_none"]), "submit": summary(lat["submit"]),
+           # the first --warmup seconds (a fresh server: cold caches, new connections, the
+           # volunteers' first arrivals), every kind of request together; not in the above
+           "warmup": {"seconds": args.warmup, **summary(warm)},
            "answered": answered, "refused": counts.get("refused", 0),
            "answers_per_s": round(answered / wall, 1), "requests_per_s": round(requests / wall, 1),
-           # CPU the server spent per request, and the share of a core each side had
+           # CPU the server spent per request (all of them, the warm-up's too), and the
+           # share of a core each side had
            "server_cpu_ms_per_request": round(server_cpu / max(requests, 1) * 1000, 2),
            "server_cores_used": round(server_cpu / wall, 2)}
     if db_cpu is not None:   # PostgreSQL's processes: where the SQL of a request runs
         out["db_cpu_ms_per_request"] = round(db_cpu / max(requests, 1) * 1000, 2)
         out["db_cores_used"] = round(db_cpu / wall, 2)
     out.update({"client_procs": procs, "client_cores_used": round(client_cpu / wall, 2),
+                # the machine's load as this run ended: the cores are shared (other work
+                # on them stretches every latency's tail)
+                "load_avg_1min": round(os.getloadavg()[0], 2),
                 "client_loop_lag": summary(lags),
                 "target_met": all(out[k].get("p99_ms", 0) <= 50
                                   for k in ("next_task", "next_task_none", "submit")),
@@ -359,15 +441,21 @@ def main():
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--db", choices=("both", "postgresql", "sqlite"), default="both")
     p.add_argument("--pg-url", default=None, help="an empty PostgreSQL database to use")
+    p.add_argument("--warmup", type=float, default=2.0,
+                   help="seconds the volunteers work before latencies count (reported apart)")
     p.add_argument("--think-ms", type=float, default=1000,
                    help="the paced scenario's pause before each answer")
     p.add_argument("--scenarios", default="paced,saturated,direct")
     p.add_argument("--client-procs", type=int, default=2,
                    help="client processes the volunteers are spread over")
+    p.add_argument("--client", choices=sorted(CLIENTS), default="raw",
+                   help="how the volunteers send requests (raw: HTTP/1.1 by hand, the least "
+                   "client CPU on the server's cores)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
     settings = {}   # Open Assistant's defaults
     out = {"volunteers": args.volunteers, "seconds": args.seconds, "settings": "OA defaults",
+           "client": args.client,
            "cpus": os.cpu_count(), "load_before": os.getloadavg()[0],
            "note": "client and server share this machine's cores"}
     scenarios = {"paced": args.think_ms, "saturated": 0.0, "direct": None}

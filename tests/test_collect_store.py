@@ -253,3 +253,49 @@ def test_random_tasks_are_the_same_on_both_databases(tmp_path, pg_url):
     assert all(lite_n[i] == 9 for i in nothing), lite_n
     found = [i for i, k in enumerate(pg) if k is not None]
     assert sum(pg_n[i] for i in found) < sum(lite_n[i] for i in found)
+
+
+def test_a_ranking_and_a_merge_write_in_one_statement_each(db_url):
+    """Under the tree's lock a ranking adds one to each ranked reply's ranking_count, and
+    merging a tree's rankings sets every reply's rank (None: unranked), each in one UPDATE
+    whatever the number of replies (a statement a reply held the lock a round trip each)."""
+    c = Counted(db_url)
+    trees = c.tm.trees
+    trees.insert_tree("t1", "ranking", "en", [], "homellm", 12, 3, 3)
+    trees.insert_message(tree_id="t1", parent_id=None, depth=0, role="prompter", text="q",
+                         lang="en", user_id=None, author=None, message_id="t1")
+    kids = [trees.insert_message(tree_id="t1", parent_id="t1", depth=1, role="assistant",
+                                 text=f"a{i}", lang="en", user_id=None, author=None)
+            for i in range(4)]
+    _, n = c.statements(trees.add_ranking, None, "t1", c.u["ann"].id, kids[::-1],
+                        [3, 2, 1, 0], False)
+    assert n == 2   # the ranking, then the counts
+    _, n = c.statements(trees.add_ranking, None, "t1", c.u["bob"].id, kids[:2], [0, 1],
+                        False)
+    assert n == 2
+    assert [trees.message(k)["ranking_count"] for k in kids] == [2, 2, 1, 1]
+    assert trees.message("t1")["ranking_count"] == 0
+    ranks = {kids[0]: 1, kids[1]: 0, kids[2]: None, kids[3]: 2}
+    _, n = c.statements(trees.set_ranks, ranks)
+    assert n == 1
+    assert {k: trees.message(k)["rank"] for k in kids} == ranks
+    assert trees.message("t1")["rank"] is None
+    _, n = c.statements(trees.set_ranks, {kids[3]: None, kids[0]: 0})   # ranks change
+    assert n == 1
+    assert [trees.message(k)["rank"] for k in kids] == [0, 0, None, None]
+    c.store.close()
+
+
+def test_a_session_is_read_with_its_user_in_one_statement(db_url):
+    """Every request of a logged-in page looks its session up: the session and its user are
+    one statement (they were two), with the same answers: the session, None for an unknown
+    or expired token."""
+    c = Counted(db_url)
+    s = c.store.create_session(c.u["ann"])
+    got, n = c.statements(c.store.session, s.token)
+    assert n == 1 and got == s and got.user == c.store.get_user(c.u["ann"].id)
+    assert c.statements(c.store.session, "forged") == (None, 1)
+    expired = c.store.create_session(c.u["bob"], ttl_s=-1)
+    assert c.store.session(expired.token) is None
+    assert c.store.session(None) is None and c.store.session("") is None
+    c.store.close()

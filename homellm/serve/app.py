@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from typing import Iterable
 
 from fastapi import APIRouter, Depends, FastAPI
@@ -44,11 +45,17 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        # What exists now (modules, the app, its routes: ~80k objects) lives as long as the
+        # server, so Python's full collections leave it out: each one otherwise stopped every
+        # request for 30-130 ms (a gen-2 collection every ~20 s under 100 volunteers).
+        gc.collect()
+        gc.freeze()
         reaper = asyncio.create_task(registry.reap_forever(reap_every_s))
         try:
             yield
         finally:
             reaper.cancel()
+            gc.unfreeze()
             await asyncio.to_thread(registry.close)
 
     extra_routers = list(extra_routers)

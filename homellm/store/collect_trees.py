@@ -232,9 +232,16 @@ class CollectTrees:
                     (text, now(), message_id))
 
     def set_ranks(self, ranks: dict[str, int | None]) -> None:
-        for mid, rank in ranks.items():
-            self.db.run("UPDATE collect_messages SET rank = ?, updated_at = ? WHERE id = ?",
-                        (rank, now(), mid))
+        """Each message's rank (None: unranked), in one statement: the caller holds the
+        tree's lock, and a statement a message held it a round trip each on PostgreSQL."""
+        items = list(ranks.items())
+        for i in range(0, len(items), 400):
+            part = items[i:i + 400]
+            cases = " ".join("WHEN ? THEN CAST(? AS INTEGER)" for _ in part)
+            self.db.run(f"UPDATE collect_messages SET rank = CASE id {cases} END, updated_at = ? "
+                        f"WHERE id IN ({', '.join('?' * len(part))})",
+                        [x for mid, rank in part for x in (mid, rank)] + [now()] +
+                        [mid for mid, _ in part])
 
     def delete_subtree(self, message_id: str) -> list[str]:
         """Mark a message and every reply below it deleted; their ids."""
@@ -295,9 +302,10 @@ class CollectTrees:
                     "ranking, not_rankable, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (task_id, parent_id, user_id, json.dumps(ranked_ids), json.dumps(ranking),
                      bool(not_rankable), now()))
-        for mid in sorted(set(ranked_ids)):
+        ids = sorted(set(ranked_ids))
+        if ids:   # one statement (the tree is locked meanwhile)
             self.db.run("UPDATE collect_messages SET ranking_count = ranking_count + 1 "
-                        "WHERE id = ?", (mid,))
+                        f"WHERE id IN ({', '.join('?' * len(ids))})", ids)
 
     def ranking_counts(self, parent_ids: list[str]) -> dict[str, int]:
         """parent id -> how many rankings its replies have (0 for none), in one query."""

@@ -38,18 +38,22 @@ def web_router(store, *, auth: bool = False, setup_token: str | None = None,
     """All of the web app's routes, over `store` (homellm.store.Store). `setup_token`: with
     `auth`, the first-run setup form must carry it (the CLI prints it). `collect`: the
     volunteer collection's thresholds (homellm.collect.CollectSettings; None: OA's)."""
+    from homellm.serve.web.db_threads import DbThreads
     from homellm.serve.web.imports import MAX_IMPORT_BYTES
-    state = WebState(store=store, auth=auth, setup_token=setup_token)
+    state = WebState(store=store, auth=auth, setup_token=setup_token,
+                     threads=DbThreads(store.db))
 
-    def attach(request: Request):
+    async def attach(request: Request):  # async: no thread hop
         request.state.web = state
 
     router = APIRouter(dependencies=[Depends(attach)])
     router.web_state = state  # for tests and the CLI
     router.credential_check = state.has_credential  # for the guard (serve/guard.py)
     router.body_limits = {"/api/import": MAX_IMPORT_BYTES}
-    for part in (assets_router(), accounts_router(), conversations_router(), messages_router(),
-                 imports_router(), replies_router(), arena_router(store), evals_router(),
-                 collect_router(store, collect)):
+    # the collection first: its volunteers' requests are the busiest, and FastAPI tries the
+    # routes in order, twice at each level of included routers (no path is in two routers)
+    for part in (collect_router(store, collect, state.threads), assets_router(),
+                 accounts_router(), conversations_router(), messages_router(), imports_router(),
+                 replies_router(), arena_router(store), evals_router()):
         router.include_router(part)
     return router

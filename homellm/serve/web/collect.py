@@ -53,7 +53,7 @@ from homellm.collect import CollectError, CollectSettings, TreeManager
 from homellm.collect import labels as L
 from homellm.collect import tasks as K
 from homellm.serve.errors import APIError
-from homellm.serve.web.context import Caller, caller
+from homellm.serve.web.context import Caller, caller, db_caller
 
 TYPES = {403: "permission_error", 404: "not_found"}
 MAX_BODY_TEXT = 1 << 20      # a text field's characters before the manager's own limit
@@ -127,7 +127,10 @@ def api_error(e: CollectError) -> APIError:
                     param=e.param, code=e.code)
 
 
-def collect_router(store, settings: CollectSettings | None = None) -> APIRouter:
+def collect_router(store, settings: CollectSettings | None = None, threads=None) -> APIRouter:
+    """The routes over `store`; their database work runs on `threads` (db_threads.DbThreads;
+    None: FastAPI's thread pool), the caller's session lookup too: one queue, a connection
+    each, no hop through FastAPI's pool."""
     tm = TreeManager(store.db, settings or CollectSettings())
     router = APIRouter(prefix="/api/collect")
     router.manager = tm  # for tests
@@ -138,97 +141,108 @@ def collect_router(store, settings: CollectSettings | None = None) -> APIRouter:
         except CollectError as e:
             raise api_error(e) from None
 
+    async def db(fn, *args, **kwargs):
+        """`run(fn, ...)` on the database threads."""
+        if threads is None:
+            return await asyncio.to_thread(run, fn, *args, **kwargs)
+        return await threads.run(run, fn, *args, **kwargs)
+
     @router.get("")
-    def info(who: Caller = Depends(caller), lang: str | None = Query(None, max_length=40),
-             brief: bool = False):
+    async def info(who: Caller = Depends(db_caller),
+                   lang: str | None = Query(None, max_length=40), brief: bool = False):
+        return await db(_info, who, lang, brief)
+
+    def _info(who: Caller, lang: str | None, brief: bool) -> dict:
         role, banned = tm.trees.role(who.user.id)
         if brief:   # the page asks this on load, for its Moderate link
             return {"role": role, "banned": banned}
         return {"role": role, "banned": banned, "prefs": tm.prefs(who.user),
-                "available": {} if banned else run(tm.available, who.user, lang),
+                "available": {} if banned else tm.available(who.user, lang),
                 "kinds": [{"type": k, "title": K.TITLES[k]} for k in K.KINDS
                           if k != K.RANK_PROMPTER_REPLIES or tm.s.rank_prompter_replies],
                 "labels": [x.json() for x in L.LABELS.values()],
                 "settings": tm.s.as_dict()}
 
     @router.put("/prefs")
-    def prefs(body: PrefsIn, who: Caller = Depends(caller)):
-        return run(tm.set_prefs, who.user, body.langs, body.tags)
+    async def prefs(body: PrefsIn, who: Caller = Depends(db_caller)):
+        return await db(tm.set_prefs, who.user, body.langs, body.tags)
 
     @router.post("/tasks")
-    def next_task(body: NextIn, who: Caller = Depends(caller)):
-        return _json(run(tm.next_task, who.user, body.type, body.lang))
+    async def next_task(body: NextIn, who: Caller = Depends(db_caller)):
+        return _json(await db(tm.next_task, who.user, body.type, body.lang))
 
     @router.get("/tasks/{tid}")
-    def get_task(tid: str, who: Caller = Depends(caller)):
-        return run(tm.task, who.user, tid)
+    async def get_task(tid: str, who: Caller = Depends(db_caller)):
+        return await db(tm.task, who.user, tid)
 
     @router.post("/tasks/{tid}/submit")
-    def submit(tid: str, body: SubmitIn, who: Caller = Depends(caller)):
-        return _json(run(tm.submit, who.user, tid, body.model_dump(exclude_none=True)))
+    async def submit(tid: str, body: SubmitIn, who: Caller = Depends(db_caller)):
+        return _json(await db(tm.submit, who.user, tid, body.model_dump(exclude_none=True)))
 
     @router.post("/tasks/{tid}/skip")
-    def skip(tid: str, who: Caller = Depends(caller)):
-        return {"task": run(tm.skip, who.user, tid)}
+    async def skip(tid: str, who: Caller = Depends(db_caller)):
+        return {"task": await db(tm.skip, who.user, tid)}
 
     @router.post("/messages/{mid}/report")
-    def report(mid: str, body: ReportIn, who: Caller = Depends(caller)):
-        return run(tm.report, who.user, mid, body.reason)
+    async def report(mid: str, body: ReportIn, who: Caller = Depends(db_caller)):
+        return await db(tm.report, who.user, mid, body.reason)
 
     @router.post("/messages/{mid}/emoji")
-    def emoji(mid: str, body: EmojiIn, who: Caller = Depends(caller)):
-        return run(tm.emoji, who.user, mid, body.emoji, body.op)
+    async def emoji(mid: str, body: EmojiIn, who: Caller = Depends(db_caller)):
+        return await db(tm.emoji, who.user, mid, body.emoji, body.op)
 
     @router.post("/messages/{mid}/edits", status_code=201)
-    def propose_edit(mid: str, body: EditIn, who: Caller = Depends(caller)):
-        return run(tm.propose_edit, who.user, mid, body.text)
+    async def propose_edit(mid: str, body: EditIn, who: Caller = Depends(db_caller)):
+        return await db(tm.propose_edit, who.user, mid, body.text)
 
     @router.get("/leaderboard")
-    def leaderboard(who: Caller = Depends(caller), time_frame: str = "total",
-                    limit: int = Query(100, ge=1, le=1000)):
+    async def leaderboard(who: Caller = Depends(db_caller), time_frame: str = "total",
+                          limit: int = Query(100, ge=1, le=1000)):
         return {"time_frame": time_frame,
-                "leaderboard": run(tm.leaderboard, time_frame, limit)}
+                "leaderboard": await db(tm.leaderboard, time_frame, limit)}
 
     # -- moderators
     @router.get("/trollboard")
-    def trollboard(who: Caller = Depends(caller), time_frame: str = "total",
-                   limit: int = Query(100, ge=1, le=1000)):
+    async def trollboard(who: Caller = Depends(db_caller), time_frame: str = "total",
+                         limit: int = Query(100, ge=1, le=1000)):
         return {"time_frame": time_frame,
-                "trollboard": run(tm.trollboard, who.user, time_frame, limit)}
+                "trollboard": await db(tm.trollboard, who.user, time_frame, limit)}
 
     @router.get("/trees")
-    def trees(who: Caller = Depends(caller), state: str | None = None,
-              limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
-        rows = run(tm.tree_list, who.user, state, limit, offset)
-        return {"trees": rows, "states": tm.trees.state_counts()}
+    async def trees(who: Caller = Depends(db_caller), state: str | None = None,
+                    limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
+        def both():
+            return {"trees": tm.tree_list(who.user, state, limit, offset),
+                    "states": tm.trees.state_counts()}
+        return await db(both)
 
     @router.get("/trees/{tree_id}")
-    def tree(tree_id: str, who: Caller = Depends(caller)):
-        return run(tm.tree_view, who.user, tree_id)
+    async def tree(tree_id: str, who: Caller = Depends(db_caller)):
+        return await db(tm.tree_view, who.user, tree_id)
 
     @router.post("/trees/{tree_id}/halt")
-    def halt(tree_id: str, body: HaltIn, who: Caller = Depends(caller)):
-        return run(tm.halt, who.user, tree_id, body.halt)
+    async def halt(tree_id: str, body: HaltIn, who: Caller = Depends(db_caller)):
+        return await db(tm.halt, who.user, tree_id, body.halt)
 
     @router.post("/messages/{mid}/delete")
-    def delete(mid: str, who: Caller = Depends(caller)):
-        return run(tm.delete_message, who.user, mid)
+    async def delete(mid: str, who: Caller = Depends(db_caller)):
+        return await db(tm.delete_message, who.user, mid)
 
     @router.get("/reports")
-    def reports(who: Caller = Depends(caller), open_only: bool = True):
-        return {"reports": run(tm.reports, who.user, open_only)}
+    async def reports(who: Caller = Depends(db_caller), open_only: bool = True):
+        return {"reports": await db(tm.reports, who.user, open_only)}
 
     @router.get("/users/{username}")
-    def history(username: str, who: Caller = Depends(caller)):
-        return run(tm.history, who.user, username)
+    async def history(username: str, who: Caller = Depends(db_caller)):
+        return await db(tm.history, who.user, username)
 
     @router.post("/users/{username}/ban")
-    def ban(username: str, body: BanIn, who: Caller = Depends(caller)):
-        return run(tm.ban, who.user, username, body.banned)
+    async def ban(username: str, body: BanIn, who: Caller = Depends(db_caller)):
+        return await db(tm.ban, who.user, username, body.banned)
 
     @router.put("/users/{username}/role")
-    def role(username: str, body: RoleIn, who: Caller = Depends(caller)):
-        return run(tm.set_role, who.user, username, body.role)
+    async def role(username: str, body: RoleIn, who: Caller = Depends(db_caller)):
+        return await db(tm.set_role, who.user, username, body.role)
 
     @router.get("/export")
     def export(who: Caller = Depends(caller), format: Literal["trees", "messages"] = "trees",
@@ -263,7 +277,7 @@ def collect_router(store, settings: CollectSettings | None = None) -> APIRouter:
                         who: Caller = Depends(caller)):
         from homellm.serve.completion import GenerationSettings, start_chat
         registry = request.app.state.registry
-        messages = await asyncio.to_thread(run, tm.synthetic_context, who.user, mid)
+        messages = await db(tm.synthetic_context, who.user, mid)
         if not registry.ids():
             raise APIError(409, "this server serves no model to write a reply",
                            code="no_model")
@@ -275,6 +289,6 @@ def collect_router(store, settings: CollectSettings | None = None) -> APIRouter:
         if not text.strip():
             raise APIError(502, f"the model {model!r} wrote an empty reply; try again (a "
                            "higher temperature?)", type="server_error", code="empty_reply")
-        return await asyncio.to_thread(run, tm.add_synthetic, who.user, mid, text, model)
+        return await db(tm.add_synthetic, who.user, mid, text, model)
 
     return router

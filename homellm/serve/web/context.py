@@ -49,6 +49,7 @@ class WebState:
     key_sessions: dict[str, float] = field(default_factory=dict)  # sha256(token) -> expiry
     key_failures: dict[str, tuple[int, float]] = field(default_factory=dict)  # address (or
     #              "password:USER_ID") -> (failures, locked until): key-login, password change
+    threads: object = None                     # db_threads.DbThreads: the collection's DB work
 
     def stop_all(self) -> int:
         """Stop every running reply and battle (the server is shutting down): each keeps the
@@ -117,6 +118,15 @@ def caller(request: Request) -> Caller:
         c = Caller(session.user, session.csrf_token, token)
     check_csrf(request, c.csrf_token)
     return c
+
+
+async def db_caller(request: Request) -> Caller:
+    """`caller`, run on the web app's database threads (db_threads.py): for routes whose own
+    work runs there too (an async FastAPI dependency: no hop through FastAPI's thread pool)."""
+    web = state_of(request)
+    if web.threads is None:
+        return await asyncio.to_thread(caller, request)
+    return await web.threads.run(caller, request)
 
 
 def credential_of(request: Request) -> str | None:
