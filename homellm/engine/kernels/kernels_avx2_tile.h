@@ -55,7 +55,7 @@ AVX2_T INLINE void AVX2_SFX(dots)(const __m256i *w, const uint8_t *pw, const int
 AVX2_T INLINE void AVX2_SFX(packed_body)(const uint8_t *pk, int K, const int8_t *q, const float *dx,
                                          const float *sx, const int R, float *out, const int hi, const int kind) {
     const int nb = K / 32, nib = PK_NIB(kind), f32 = PK_F32(kind);
-    const size_t bb = pk_size(kind, 8), wo = f32 ? 64 : 32, qb = (size_t)TILE * 32 * (hi ? 2 : 1);
+    const size_t bb = pk_size(kind, 8), wo = pk_wo(kind, 8), qb = (size_t)TILE * 32 * (hi ? 2 : 1);
     const __m256i lo = _mm256_set1_epi8(15);
     const __m256 m32 = _mm256_set1_ps(-32.0f);
     __m256 accs[TILE];  /* (in registers where R is a constant: one row, decode) */
@@ -64,10 +64,11 @@ AVX2_T INLINE void AVX2_SFX(packed_body)(const uint8_t *pk, int K, const int8_t 
         const uint8_t *p = pk + (size_t)b * bb;
         /* one row (decode): the weights stream once, ahead of the hardware prefetcher's reach */
         if (R == 1) for (int o = 0; o < (int)bb; o += 64) _mm_prefetch((const char *)p + PF_DIST + o, _MM_HINT_T0);
-        /* d and m (Q4_x, Q8_0: f16; K-quants: f32), or for Q6_K the halves' scales s0, s1 */
+        /* d and m (Q4_x, Q8_0, Q5_0: f16; K-quants: f32), or for Q6_K the halves' scales s0, s1;
+         * no m where the kind has none (PK_HAS_M) */
         const __m256 dw = f32 ? _mm256_loadu_ps((const float *)p) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
         const __m256 mw = f32 ? _mm256_loadu_ps((const float *)(p + 32))
-                              : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
+                        : PK_HAS_M(kind) ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16))) : _mm256_setzero_ps();
         __m256i w[8];
         if (nib) {
             for (int c = 0; c < 4; c++) {
@@ -77,7 +78,7 @@ AVX2_T INLINE void AVX2_SFX(packed_body)(const uint8_t *pk, int K, const int8_t 
             }
             if (kind == PK_Q5)  /* the 5th bits: + 16 where set */
                 for (int c = 0; c < 8; c++) {
-                    uint32_t h; memcpy(&h, p + 160 + 4 * c, 4);
+                    uint32_t h; memcpy(&h, p + wo + 128 + 4 * c, 4);
                     w[c] = _mm256_or_si256(w[c], _mm256_and_si256(bits_to_bytes(h), _mm256_set1_epi8(16)));
                 }
         } else {
