@@ -1033,10 +1033,12 @@ int hl_matmul(const float *x, int M, int K, const uint8_t *w, int64_t row_bytes,
  *   terms take the activation's half sums). The scales are float32 products of the file's f16 d
  *   and its 6- or 8-bit sub-block scales: exact (what ggml's dequantization computes). 1.33x
  *   (Q4_K), 1.82x (Q5_K), 1.67x (Q5_1), 1.52x (Q6_K) the bytes.
- * PK_Q5 (Q5_0): d halves and the low nibbles as PK_Q4S, then 8 chunks of the 5th bits (G / 2 bytes
- *   each: bit 4n + i of chunk c, value 4c + i of row n), which the kernels set into the nibbles'
- *   bytes as 16; the offset 16 comes off the integer dot as Q4_0's 8 does (the dot is then Q8_0's
- *   of the same weights, u5 - 16: the bits of the Q8_0 copy it replaces; the file's 22 bytes).
+ * PK_Q5 (Q5_0): d halves and the low nibbles as PK_Q4S, then the 5th bits (4G bytes), which the
+ *   kernels set into the nibbles' bytes as 16; the offset 16 comes off the integer dot as Q4_0's
+ *   8 does (the dot is then Q8_0's of the same weights, u5 - 16: the bits of the Q8_0 copy it
+ *   replaces; the file's 22 bytes). G = 16: 8 chunks of G / 2 bytes, bit 4n + i of chunk c for
+ *   value 4c + i of row n (AVX512: a chunk's 64 bits are a byte mask); G = 8: byte 4n + i, bit c
+ *   (a 16-bit shift by 4 - c and an and with 16 make chunk c's bytes: AVX2, NEON).
  * Only PK_Q4 and the f32 kinds keep a second scale (PK_HAS_M); the integers of a block start at
  * pk_wo(kind, G) bytes. */
 enum { PK_Q4 = 0, PK_Q8 = 1, PK_Q4K = 2, PK_Q5K = 3, PK_Q6K = 4, PK_Q4S = 5, PK_Q5 = 6, PK_KINDS = 7 };
@@ -1093,7 +1095,10 @@ static int repack_q(int type, const uint8_t *w, int64_t row_bytes, int N, int K,
                     uint32_t h; memcpy(&h, p + 2, 4);
                     for (int c = 0; c < 4; c++) memcpy(o + wo + c * 4 * G + j * 4, p + 6 + 4 * c, 4);
                     for (int v = 0; v < 32; v++)
-                        if (h >> v & 1) o[wo + 16 * G + (v / 4) * (G / 2) + (4 * j + v % 4) / 8] |= (uint8_t)(1u << ((4 * j + v % 4) % 8));
+                        if (h >> v & 1) {
+                            if (G == 16) o[wo + 16 * G + (v / 4) * (G / 2) + (4 * j + v % 4) / 8] |= (uint8_t)(1u << ((4 * j + v % 4) % 8));
+                            else o[wo + 16 * G + 4 * j + v % 4] |= (uint8_t)(1u << (v / 4));
+                        }
                     continue;
                 }
                 if (type == T_Q4_1) memcpy(o + 2 * G + 2 * j, p + 2, 2);  /* m */
@@ -1287,7 +1292,9 @@ static void pk_dequant_row(int kind, const uint8_t *pk, int K, int n, int G, flo
             const int c = v / 4, i = v % 4;
             int u = nib ? (c < 4 ? w[c * cs + j * 4 + i] & 15 : w[(c - 4) * cs + j * 4 + i] >> 4)
                   : s8 ? (int8_t)w[c * cs + j * 4 + i] : w[c * cs + j * 4 + i];
-            if (kind == PK_Q5) u |= (w[16 * G + c * (G / 2) + (4 * j + i) / 8] >> ((4 * j + i) % 8) & 1) << 4;
+            if (kind == PK_Q5)
+                u |= (G == 16 ? w[16 * G + c * (G / 2) + (4 * j + i) / 8] >> ((4 * j + i) % 8) & 1
+                              : w[16 * G + 4 * j + i] >> c & 1) << 4;
             out[b * 32 + v] = kind == PK_Q6K ? (v < 16 ? A : B) * (float)(u - 32)
                             : PK_HAS_M(kind) ? A * (float)u + B : A * (float)(u - off);
         }

@@ -250,15 +250,14 @@ INLINE void neon_weights(const uint8_t *p, int kind, int8x16_t w[8][2]) {
                 w[c][h] = vreinterpretq_s8_u8(vandq_u8(x, lo));
                 w[c + 4][h] = vreinterpretq_s8_u8(vshrq_n_u8(x, 4));
             }
-        if (kind == PK_Q5) {  /* the 5th bits: + 16 where set (byte k of a register: bit k of 16) */
-            const uint8x16_t idx = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
-            const uint8x16_t bit = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
-            for (int c = 0; c < 8; c++)
-                for (int h = 0; h < 2; h++) {
-                    uint16_t hb; memcpy(&hb, p + wo + 128 + 4 * c + 2 * h, 2);
-                    const uint8x16_t m = vtstq_u8(vqtbl1q_u8(vreinterpretq_u8_u16(vdupq_n_u16(hb)), idx), bit);
-                    w[c][h] = vreinterpretq_s8_u8(vorrq_u8(vreinterpretq_u8_s8(w[c][h]), vandq_u8(m, vdupq_n_u8(16))));
+        if (kind == PK_Q5) {  /* the 5th bits: + 16 where set (bit c of byte k: chunk c's byte k) */
+            for (int h = 0; h < 2; h++) {
+                const uint8x16_t hb = vld1q_u8(p + wo + 128 + 16 * h);
+                for (int c = 0; c < 8; c++) {
+                    const uint8x16_t m = vandq_u8(vshlq_u8(hb, vdupq_n_s8((int8_t)(4 - c))), vdupq_n_u8(16));
+                    w[c][h] = vreinterpretq_s8_u8(vorrq_u8(vreinterpretq_u8_s8(w[c][h]), m));
                 }
+            }
         }
     } else {
         for (int c = 0; c < 8; c++)
