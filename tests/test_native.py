@@ -234,14 +234,27 @@ def test_packed_blocks_equal_raw_blocks(qtype):
     assert native.repack(up) is not None
 
 
-def test_q8_0_scales_too_big_for_the_packed_min_stay_raw():
-    w = np.zeros((16, 32), dtype=np.float32)
-    w[:, 0] = 127 * 600.0  # d = 600: -128 d overflows a half
-    t = GGMLTensor(int(Q.Q8_0), gguf.quants.quantize(w, Q.Q8_0), w.shape)
-    if "avx512" in kernels.cpu_features().get("paths", []):
-        assert native.repack(t, path="avx512") is None
-    if "avx2" in kernels.cpu_features().get("paths", []):  # (8-row packs keep Q8_0's signed bytes)
-        assert native.repack(t, path="avx2") is not None
+def test_q8_0_large_scales_pack_and_compute():
+    """Q8_0 blocks with |d| >= 512 (-128 d beyond a half) pack too: the packs keep no min (the
+    offset 128 comes off the integer dot), and their products are the dequantized weights'."""
+    from homellm.engine.kernels.ggml_linear import matmul_packed
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 64)).astype(np.float32)
+    w[:, 0] = 127 * 600.0  # d = 600 in the first block of every row
+    w[:8, 32] = -127 * 1000.0  # d = 1000 in the second block of half the rows
+    blocks = gguf.quants.quantize(w, Q.Q8_0)
+    t = GGMLTensor(int(Q.Q8_0), blocks, w.shape)
+    ref = torch.from_numpy(gguf.quants.dequantize(blocks, Q.Q8_0))
+    x = torch.from_numpy(rng.standard_normal((3, 64)).astype(np.float32))
+    want = x @ ref.T
+    for path in ("avx512", "avx2"):
+        if path not in kernels.cpu_features().get("paths", []):
+            continue
+        pk = native.repack(t, path=path, memo=False)
+        assert pk is not None, path
+        got = matmul_packed(x, torch.from_numpy(np.asarray(pk)), 16, hi=True, kind=native.pack_kind(int(Q.Q8_0)),
+                            path=path)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 def test_converted_blocks_are_not_mixed_up_when_memory_is_reused():

@@ -105,8 +105,12 @@ class Sampler:
         self.rng = np.random.default_rng(seed_value(params.seed))  # None: fresh OS entropy
 
     def penalize(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
-        """A penalized copy of logits."""
+        """A penalized copy of logits; logits themselves where no penalty applies (the caller
+        never writes to either: a copy of Gemma's 262k logits costs as much as the top-k)."""
         p = self.params
+        if not (p.repeat_penalty != 1.0 and p.repeat_last_n or p.frequency_penalty or p.presence_penalty) \
+                or not history:
+            return logits
         logits = logits.astype(np.float32, copy=True)
         if p.repeat_penalty != 1.0 and p.repeat_last_n and history:
             recent = np.unique(np.asarray(history[-p.repeat_last_n:], dtype=np.int64))
@@ -135,8 +139,7 @@ class Sampler:
         if n_ok == 0:
             raise ValueError("every token is excluded: nothing to sample")
         if p.top_k and p.top_k < n_ok:
-            part = np.argpartition(-logits, p.top_k - 1)[:p.top_k]
-            indices = part[np.argsort(-logits[part], kind="stable")]
+            indices = top_k_indices(logits, p.top_k, finite)
         else:
             indices = np.argsort(-logits, kind="stable")[:n_ok]
         values = logits[indices].astype(np.float64)
@@ -153,6 +156,32 @@ class Sampler:
         weights = np.exp(values - values.max())
         choice = self.rng.choice(len(weights), p=weights / weights.sum())
         return int(indices[keep][choice])
+
+
+TOP_K_CHUNK = 256  # logits a chunk whose maximum bounds the top k from below
+
+
+def top_k_indices(logits: np.ndarray, k: int, finite: np.ndarray | None = None) -> np.ndarray:
+    """The indices of the k largest logits, largest first, ties in index order (k at most the
+    count of finite logits; no NaN or +inf among them).
+
+    Without sorting or partitioning the whole vocabulary (262k logits for Gemma 3: numpy's
+    argpartition took ~3 ms a token, a third of a decode step): the maxima of chunks of
+    TOP_K_CHUNK logits, and t the k-th largest of them. Those k chunks hold k logits >= t, so
+    the k largest are all >= t: only the few logits >= t are sorted."""
+    n = logits.shape[0]
+    full = n // TOP_K_CHUNK * TOP_K_CHUNK
+    maxima = logits[:full].reshape(-1, TOP_K_CHUNK).max(axis=1) if full else logits[:0]
+    if full < n:
+        maxima = np.append(maxima, logits[full:].max())
+    if maxima.shape[0] >= k:
+        t = np.partition(maxima, maxima.shape[0] - k)[maxima.shape[0] - k]
+        # (t = -inf: fewer than k chunks hold a finite logit; then the finite ones are the candidates)
+        cand = np.flatnonzero(logits >= t) if np.isfinite(t) else \
+            np.flatnonzero(np.isfinite(logits) if finite is None else finite)
+    else:
+        cand = np.arange(n)
+    return cand[np.argsort(-logits[cand], kind="stable")[:k]]
 
 
 def biased(logits: np.ndarray, bias: dict[int, float]) -> np.ndarray:

@@ -1024,12 +1024,13 @@ int hl_matmul(const float *x, int M, int K, const uint8_t *w, int64_t row_bytes,
  * (nibble kinds: low nibbles values 4c..4c+3, high nibbles values 16+4c..16+4c+3), so one dot
  * product instruction against 4 broadcast activation bytes advances G rows at once, and the
  * float scaling runs once per (block, G rows) instead of once per (block, row).
- * PK_Q4 (Q4_1), PK_Q4S (Q4_0): [0, 2G) d f16 xG rows, [2G, 4G) m f16 xG (Q4_0: m = -8 d, exact in
- *   f16; PK_Q4S takes its offset 8 off the integer dot instead), 4 chunks of the raw qs (a byte
+ * PK_Q4 (Q4_1): [0, 2G) d f16 xG rows, [2G, 4G) m f16 xG, 4 chunks of the raw qs (a byte
  *   reorder: exact);
- * PK_Q8 (Q8_0): d, m as PK_Q4, then 8 chunks of bytes: G = 16 (dpbusd's unsigned operand)
- *   u = q + 128 with m = -128 d (the offset comes off the integer dot; 128 |d| must be a half:
- *   |d| < 512, always for real weights, else the rows stay raw: -1); G = 8, q itself (m = 0);
+ * PK_Q4S (Q4_0): [0, 2G) d f16 xG, 4 chunks of the raw qs: no min, the offset 8 comes off the
+ *   integer dot (w = d (u - 8)); the file's 18 bytes a row and block;
+ * PK_Q8 (Q8_0): [0, 2G) d f16 xG, then 8 chunks of bytes: G = 16 (dpbusd's unsigned operand)
+ *   u = q + 128 (the offset 128 comes off the integer dot: w = d (u - 128)); G = 8, q itself; the
+ *   file's 34 bytes a row and block (a decode step streams the bytes the file holds);
  * PK_Q4K (Q4_K), PK_Q5K (Q5_K, Q5_1), PK_Q6K (Q6_K): [0, 4G) A f32 xG, [4G, 8G) B f32 xG, then the
  *   32 unsigned integer weights of each row: Q4_K 4 chunks of nibbles (w = A u4 + B: A = d sc_j,
  *   B = -dmin mn_j), Q5_K and Q5_1 8 chunks of bytes (w = A u5 + B), Q6_K 8 chunks of bytes
@@ -1037,17 +1038,23 @@ int hl_matmul(const float *x, int M, int K, const uint8_t *w, int64_t row_bytes,
  *   terms take the activation's half sums). The scales are float32 products of the file's f16 d
  *   and its 6- or 8-bit sub-block scales: exact (what ggml's dequantization computes). 1.33x
  *   (Q4_K), 1.82x (Q5_K), 1.67x (Q5_1), 1.52x (Q6_K) the bytes.
- * PK_Q5 (Q5_0): d and m (unused: 0) halves and the low nibbles as PK_Q4S, then 8 chunks of the 5th
- *   bits (G / 2 bytes each: bit 4n + i of chunk c, value 4c + i of row n), which the kernels set
- *   into the nibbles' bytes as 16; the offset 16 comes off the integer dot as Q4_0's 8 does
- *   (the dot is then Q8_0's of the same weights, u5 - 16: the bits of the Q8_0 copy it replaces;
- *   1.09x the bytes). */
+ * PK_Q5 (Q5_0): d halves and the low nibbles as PK_Q4S, then the 5th bits (4G bytes), which the
+ *   kernels set into the nibbles' bytes as 16; the offset 16 comes off the integer dot as Q4_0's
+ *   8 does (the dot is then Q8_0's of the same weights, u5 - 16: the bits of the Q8_0 copy it
+ *   replaces; the file's 22 bytes). G = 16: 8 chunks of G / 2 bytes, bit 4n + i of chunk c for
+ *   value 4c + i of row n (AVX512: a chunk's 64 bits are a byte mask); G = 8: byte 4n + i, bit c
+ *   (a 16-bit shift by 4 - c and an and with 16 make chunk c's bytes: AVX2, NEON).
+ * Only PK_Q4 and the f32 kinds keep a second scale (PK_HAS_M); the integers of a block start at
+ * pk_wo(kind, G) bytes. */
 enum { PK_Q4 = 0, PK_Q8 = 1, PK_Q4K = 2, PK_Q5K = 3, PK_Q6K = 4, PK_Q4S = 5, PK_Q5 = 6, PK_KINDS = 7 };
-static const int PK_SIZE[PK_KINDS] = {320, 576, 384, 640, 640, 320, 384};  /* bytes a block, G = 16 */
+static const int PK_SIZE[PK_KINDS] = {320, 544, 384, 640, 640, 288, 352};  /* bytes a block, G = 16 */
 #define PK_F32(kind) ((kind) == PK_Q4K || (kind) == PK_Q5K || (kind) == PK_Q6K)  /* f32 scales */
 #define PK_NIB(kind) ((kind) == PK_Q4 || (kind) == PK_Q4S || (kind) == PK_Q4K || (kind) == PK_Q5)  /* nibbles */
+#define PK_HAS_M(kind) ((kind) == PK_Q4 || PK_F32(kind))  /* a second scale (m, B, or Q6_K's s1) */
 
 static inline size_t pk_size(int kind, int G) { return (size_t)PK_SIZE[kind] / 16 * G; }
+/* where a block's integers start: after its scales (G rows of d, and m or B where it has one) */
+static inline size_t pk_wo(int kind, int G) { return (size_t)(PK_F32(kind) ? 4 : 2) * G * (PK_HAS_M(kind) ? 2 : 1); }
 
 /* the packed kind of a ggml type, -1 where it has none */
 int hl_pack_kind(int type) {
@@ -1071,23 +1078,11 @@ int64_t hl_packed_bytes(int type, int N, int K, int G) {
     return kind < 0 || !good_g(G) ? -1 : (int64_t)((N + G - 1) / G) * (K / 32) * (int64_t)pk_size(kind, G);
 }
 
-/* -8 d of a Q4_0 block's f16 d, as a half: flip nothing but the exponent (+3); d = 0 or
- * subnormal: computed (exact: 8 x subnormal fits) */
-static uint16_t minus8(const uint8_t *p) {
-    uint16_t h; memcpy(&h, p, 2);
-    const uint16_t e = (h >> 10) & 31;
-    if (e > 0 && e + 3 < 31) return (uint16_t)((h ^ 0x8000) + (3 << 10));
-    if ((h & 0x7fff) == 0) return h ^ 0x8000;
-    float f = -8.f * h2f(p); uint32_t u; memcpy(&u, &f, 4);
-    const uint32_t fe = (u >> 23) & 255, fm = u & 0x7fffff;
-    if (fe < 113) return (uint16_t)(((u >> 16) & 0x8000) | ((fm | 0x800000) >> (126 - fe)));
-    return (uint16_t)(((u >> 16) & 0x8000) | ((fe - 112) << 10) | (fm >> 13));
-}
-
-/* Q4_0 / Q4_1 (PK_Q4, PK_Q4S) and Q8_0 (PK_Q8): d and m halves, the raw values reordered */
+/* Q4_0 / Q4_1 (PK_Q4S, PK_Q4), Q8_0 (PK_Q8) and Q5_0 (PK_Q5): d halves (and Q4_1's m), the raw
+ * values reordered */
 static int repack_q(int type, const uint8_t *w, int64_t row_bytes, int N, int K, uint8_t *out, int G) {
     const int nb = K / 32, bs = type_block_bytes(type), kind = hl_pack_kind(type), ng = (N + G - 1) / G;
-    const size_t bb = pk_size(kind, G);
+    const size_t bb = pk_size(kind, G), wo = pk_wo(kind, G);
     memset(out, 0, (size_t)hl_packed_bytes(type, N, K, G));
     for (int g = 0; g < ng; g++)
         for (int b = 0; b < nb; b++) {
@@ -1095,30 +1090,25 @@ static int repack_q(int type, const uint8_t *w, int64_t row_bytes, int N, int K,
             for (int j = 0; j < G && g * G + j < N; j++) {
                 const uint8_t *p = w + (size_t)(g * G + j) * row_bytes + (size_t)b * bs;
                 memcpy(o + 2 * j, p, 2);
-                if (type == T_Q8_0) {
-                    uint16_t mh = 0;
-                    if (G == 16) {  /* u = q + 128, m = -128 d */
-                        const float m = -128.f * h2f(p);
-                        mh = f2h(m);
-                        if (h2f((const uint8_t *)&mh) != m) return -1;
-                    }
-                    memcpy(o + 2 * G + 2 * j, &mh, 2);
+                if (type == T_Q8_0) {  /* G = 16: u = q + 128 */
                     for (int c = 0; c < 8; c++)
                         for (int i = 0; i < 4; i++)
-                            o[4 * G + c * 4 * G + j * 4 + i] = G == 16 ? p[2 + 4 * c + i] ^ 0x80 : p[2 + 4 * c + i];
+                            o[wo + c * 4 * G + j * 4 + i] = G == 16 ? p[2 + 4 * c + i] ^ 0x80 : p[2 + 4 * c + i];
                     continue;
                 }
-                if (type == T_Q5_0) {  /* m = 0 (unused), the nibbles, the 5th bits */
+                if (type == T_Q5_0) {  /* the nibbles, the 5th bits */
                     uint32_t h; memcpy(&h, p + 2, 4);
-                    for (int c = 0; c < 4; c++) memcpy(o + 4 * G + c * 4 * G + j * 4, p + 6 + 4 * c, 4);
+                    for (int c = 0; c < 4; c++) memcpy(o + wo + c * 4 * G + j * 4, p + 6 + 4 * c, 4);
                     for (int v = 0; v < 32; v++)
-                        if (h >> v & 1) o[20 * G + (v / 4) * (G / 2) + (4 * j + v % 4) / 8] |= (uint8_t)(1u << ((4 * j + v % 4) % 8));
+                        if (h >> v & 1) {
+                            if (G == 16) o[wo + 16 * G + (v / 4) * (G / 2) + (4 * j + v % 4) / 8] |= (uint8_t)(1u << ((4 * j + v % 4) % 8));
+                            else o[wo + 16 * G + 4 * j + v % 4] |= (uint8_t)(1u << (v / 4));
+                        }
                     continue;
                 }
-                const uint16_t m = type == T_Q4_1 ? (uint16_t)(p[2] | p[3] << 8) : minus8(p);
-                memcpy(o + 2 * G + 2 * j, &m, 2);
+                if (type == T_Q4_1) memcpy(o + 2 * G + 2 * j, p + 2, 2);  /* m */
                 const uint8_t *qs = p + (type == T_Q4_1 ? 4 : 2);
-                for (int c = 0; c < 4; c++) memcpy(o + 4 * G + c * 4 * G + j * 4, qs + 4 * c, 4);
+                for (int c = 0; c < 4; c++) memcpy(o + wo + c * 4 * G + j * 4, qs + 4 * c, 4);
             }
         }
     return 0;
@@ -1157,8 +1147,7 @@ static int repack_ext(int type, const uint8_t *w, int64_t row_bytes, int N, int 
 }
 
 /* any packable type (hl_pack_kind), G rows a group (hl_pack_rows of the path that computes on it):
- * out holds hl_packed_bytes(type, N, K, G) bytes. 0, or -1 (a type, K or G it does not take; Q8_0
- * scales too large for G = 16) */
+ * out holds hl_packed_bytes(type, N, K, G) bytes. 0, or -1 (a type, K or G it does not take) */
 int hl_repack(int type, const uint8_t *w, int64_t row_bytes, int N, int K, uint8_t *out, int G) {
     const int kind = hl_pack_kind(type);
     if (kind < 0 || K % type_qk(type) || !good_g(G)) return -1;
@@ -1192,7 +1181,7 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
                              const int R, float *out, const int8_t *q2, const int hi, const int kind,
                              const int T) {
     const int nb = K / 32, K4 = K / 4, nib = PK_NIB(kind), f32 = PK_F32(kind);
-    const size_t bb = PK_SIZE[kind], wo = f32 ? 128 : 64, qb = (size_t)T * 32 * (hi ? 2 : 1);
+    const size_t bb = PK_SIZE[kind], wo = pk_wo(kind, 16), qb = (size_t)T * 32 * (hi ? 2 : 1);
     __m512 acc[8];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     const __m512i lo = _mm512_set1_epi8(15);
@@ -1201,10 +1190,11 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
         const uint8_t *p = pk + (size_t)b * bb;
         /* one row (decode): the weights stream once, ahead of the hardware prefetcher's reach */
         if (R == 1) for (int o = 0; o < (int)bb; o += 64) _mm_prefetch((const char *)p + PF_DIST + o, _MM_HINT_T0);
-        /* d and m (Q4_x, Q8_0: f16; K-quants: f32), or for Q6_K the halves' scales s0, s1 */
+        /* d and m (Q4_x, Q8_0, Q5_0: f16; K-quants: f32), or for Q6_K the halves' scales s0, s1;
+         * no m where the kind has none (PK_HAS_M) */
         __m512 dw = f32 ? _mm512_loadu_ps((const float *)p) : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
         __m512 mw = f32 ? _mm512_loadu_ps((const float *)(p + 64))
-                        : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
+                  : PK_HAS_M(kind) ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : _mm512_setzero_ps();
         __m512i w[8];
         if (!nib) {
             for (int c = 0; c < 8; c++) w[c] = _mm512_loadu_si512((const void *)(p + wo + 64 * c));
@@ -1216,7 +1206,7 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
             }
             if (kind == PK_Q5)  /* the 5th bits: + 16 where set */
                 for (int c = 0; c < 8; c++) {
-                    uint64_t h; memcpy(&h, p + 320 + 8 * c, 8);
+                    uint64_t h; memcpy(&h, p + wo + 256 + 8 * c, 8);
                     w[c] = _mm512_mask_add_epi8(w[c], _cvtu64_mask64(h), w[c], _mm512_set1_epi8(16));
                 }
         }
@@ -1295,18 +1285,23 @@ T512 static void packed_tile_512(const uint8_t *pk, int K, const int8_t *q, cons
 static void pk_dequant_row(int kind, const uint8_t *pk, int K, int n, int G, float *out) {
     const int nb = K / 32, g = n / G, j = n % G, f32 = PK_F32(kind), nib = PK_NIB(kind), cs = 4 * G;
     const int s8 = kind == PK_Q8 && G != 16;  /* Q8_0's own signed bytes */
+    /* the integer offset of the kinds without a min: w = d (u - off), exact in float */
+    const int off = kind == PK_Q8 ? (s8 ? 0 : 128) : kind == PK_Q4S ? 8 : kind == PK_Q5 ? 16 : 0;
+    const size_t wo = pk_wo(kind, G);
     for (int b = 0; b < nb; b++) {
-        const uint8_t *o = pk + ((size_t)g * nb + b) * pk_size(kind, G), *w = o + (f32 ? 8 * G : 4 * G);
-        float A, B;
+        const uint8_t *o = pk + ((size_t)g * nb + b) * pk_size(kind, G), *w = o + wo;
+        float A, B = 0.f;
         if (f32) { memcpy(&A, o + 4 * j, 4); memcpy(&B, o + 4 * G + 4 * j, 4); }
-        else { A = h2f(o + 2 * j); B = h2f(o + 2 * G + 2 * j); }
+        else { A = h2f(o + 2 * j); if (PK_HAS_M(kind)) B = h2f(o + 2 * G + 2 * j); }
         for (int v = 0; v < 32; v++) {
             const int c = v / 4, i = v % 4;
             int u = nib ? (c < 4 ? w[c * cs + j * 4 + i] & 15 : w[(c - 4) * cs + j * 4 + i] >> 4)
                   : s8 ? (int8_t)w[c * cs + j * 4 + i] : w[c * cs + j * 4 + i];
-            if (kind == PK_Q5) u = (u | (o[20 * G + c * (G / 2) + (4 * j + i) / 8] >> ((4 * j + i) % 8) & 1) << 4) - 16;
-            out[b * 32 + v] = kind == PK_Q6K ? (v < 16 ? A : B) * (float)(u - 32) : s8 || kind == PK_Q5 ? A * (float)u
-                                                                                       : A * (float)u + B;
+            if (kind == PK_Q5)
+                u |= (G == 16 ? w[16 * G + c * (G / 2) + (4 * j + i) / 8] >> ((4 * j + i) % 8) & 1
+                              : w[16 * G + 4 * j + i] >> c & 1) << 4;
+            out[b * 32 + v] = kind == PK_Q6K ? (v < 16 ? A : B) * (float)(u - 32)
+                            : PK_HAS_M(kind) ? A * (float)u + B : A * (float)(u - off);
         }
     }
 }

@@ -48,26 +48,174 @@ AVX2_T INLINE void AVX2_SFX(dots)(const __m256i *w, const uint8_t *pw, const int
 #undef BC
 }
 
+#ifndef AVX2_FIFTH_BITS
+#define AVX2_FIFTH_BITS
+/* chunk c's 5th bits of a PK_Q5 block (G = 8: byte k of h holds bit c for chunk c's byte k) as
+ * bytes of 16 or 0: bit c moved to bit 4 by a 16-bit shift (a byte's other bits, and those the
+ * shift brings in from the neighbour byte, land elsewhere than bit 4), then masked */
+T256 INLINE __m256i fifth_bits(__m256i h, const int c) {
+    const __m256i x = c < 4 ? _mm256_slli_epi16(h, 4 - c) : c > 4 ? _mm256_srli_epi16(h, c - 4) : h;
+    return _mm256_and_si256(x, _mm256_set1_epi8(16));
+}
+#endif
+
+/* one activation row's integer dots with a block (weights at pw: the block's integers), both
+ * levels (a2 NULL: one), the chunks streamed through a few registers instead of kept in eight:
+ * the sums AVX2_SFX(dots) makes, in int16 where it keeps them there, as exact (no partial sum of
+ * a register of int16 exceeds the bounds of kernels_avx2.h in any order) */
+AVX2_T INLINE void AVX2_SFX(row_dots)(const uint8_t *pw, const int8_t *a, const int8_t *a2, const int kind,
+                                      __m256i *i0, __m256i *i1) {
+    const __m256i z = _mm256_setzero_si256(), lo = _mm256_set1_epi8(15);
+#define BCA(x, c) _mm256_set1_epi32(ld4((x) + 4 * (c)))
+#define LD(c) _mm256_loadu_si256((const __m256i *)(pw + 32 * (c)))
+#if AVX2_VNNI
+    /* s[level][half]: values 0..15 (chunks 0..3), 16..31 (chunks 4..7) */
+    __m256i s00 = z, s01 = z, s10 = z, s11 = z;
+    if (PK_NIB(kind)) {
+        const __m256i h = kind == PK_Q5 ? LD(4) : z;
+        for (int c = 0; c < 4; c++) {
+            const __m256i x = LD(c);
+            __m256i wl = _mm256_and_si256(x, lo), wh = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
+            if (kind == PK_Q5) { wl = _mm256_or_si256(wl, fifth_bits(h, c)); wh = _mm256_or_si256(wh, fifth_bits(h, c + 4)); }
+            s00 = AVX2_DP(s00, wl, BCA(a, c)); s01 = AVX2_DP(s01, wh, BCA(a, c + 4));
+            if (a2) { s10 = AVX2_DP(s10, wl, BCA(a2, c)); s11 = AVX2_DP(s11, wh, BCA(a2, c + 4)); }
+        }
+    } else {
+        for (int c = 0; c < 4; c++) {
+            __m256i wl = LD(c), wh = LD(c + 4);
+            if (kind == PK_Q8) { wl = _mm256_xor_si256(wl, _mm256_set1_epi8((char)0x80)); wh = _mm256_xor_si256(wh, _mm256_set1_epi8((char)0x80)); }
+            s00 = AVX2_DP(s00, wl, BCA(a, c)); s01 = AVX2_DP(s01, wh, BCA(a, c + 4));
+            if (a2) { s10 = AVX2_DP(s10, wl, BCA(a2, c)); s11 = AVX2_DP(s11, wh, BCA(a2, c + 4)); }
+        }
+    }
+    if (kind == PK_Q6K) {
+        *i0 = a2 ? _mm256_add_epi32(_mm256_slli_epi32(s00, 8), s10) : s00;
+        *i1 = a2 ? _mm256_add_epi32(_mm256_slli_epi32(s01, 8), s11) : s01;
+    } else {
+        const __m256i t = _mm256_add_epi32(s00, s01);
+        *i0 = a2 ? _mm256_add_epi32(_mm256_slli_epi32(t, 8), _mm256_add_epi32(s10, s11)) : t;
+    }
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+#define MUA(w, x, c) _mm256_maddubs_epi16(w, BCA(x, c))
+    if (PK_NIB(kind)) {  /* int16 sums of 4 chunks a half (5 bits: <= 31496; nibbles: 8 chunks <= 30480) */
+        __m256i s00 = z, s01 = z, s10 = z, s11 = z;
+        const __m256i h = kind == PK_Q5 ? LD(4) : z;
+        for (int c = 0; c < 4; c++) {
+            const __m256i x = LD(c);
+            __m256i wl = _mm256_and_si256(x, lo), wh = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
+            if (kind == PK_Q5) { wl = _mm256_or_si256(wl, fifth_bits(h, c)); wh = _mm256_or_si256(wh, fifth_bits(h, c + 4)); }
+            s00 = _mm256_add_epi16(s00, MUA(wl, a, c)); s01 = _mm256_add_epi16(s01, MUA(wh, a, c + 4));
+            if (a2) { s10 = _mm256_add_epi16(s10, MUA(wl, a2, c)); s11 = _mm256_add_epi16(s11, MUA(wh, a2, c + 4)); }
+        }
+        __m256i t, u = z;
+        if (kind == PK_Q5) {
+            t = _mm256_add_epi32(_mm256_madd_epi16(s00, ones), _mm256_madd_epi16(s01, ones));
+            if (a2) u = _mm256_add_epi32(_mm256_madd_epi16(s10, ones), _mm256_madd_epi16(s11, ones));
+        } else {
+            t = _mm256_madd_epi16(_mm256_add_epi16(s00, s01), ones);
+            if (a2) u = _mm256_madd_epi16(_mm256_add_epi16(s10, s11), ones);
+        }
+        *i0 = a2 ? _mm256_add_epi32(_mm256_slli_epi32(t, 8), u) : t;
+    } else if (kind == PK_Q5K || kind == PK_Q6K) {  /* int16 sums of 4 chunks (5 bits) or 2 (6 bits) */
+        __m256i s[2][4];  /* [level][pair of chunks 2k, 2k+1] */
+        for (int l = 0; l < 2; l++) for (int k = 0; k < 4; k++) s[l][k] = z;
+        for (int c = 0; c < 8; c++) {
+            const __m256i w = LD(c);
+            s[0][c / 2] = _mm256_add_epi16(s[0][c / 2], MUA(w, a, c));
+            if (a2) s[1][c / 2] = _mm256_add_epi16(s[1][c / 2], MUA(w, a2, c));
+        }
+        __m256i v[2][2];  /* [level][half] int32 */
+        for (int l = 0; l < (a2 ? 2 : 1); l++) {
+            if (kind == PK_Q5K) {
+                v[l][0] = _mm256_madd_epi16(_mm256_add_epi16(s[l][0], s[l][1]), ones);
+                v[l][1] = _mm256_madd_epi16(_mm256_add_epi16(s[l][2], s[l][3]), ones);
+            } else {
+                v[l][0] = _mm256_add_epi32(_mm256_madd_epi16(s[l][0], ones), _mm256_madd_epi16(s[l][1], ones));
+                v[l][1] = _mm256_add_epi32(_mm256_madd_epi16(s[l][2], ones), _mm256_madd_epi16(s[l][3], ones));
+            }
+        }
+        if (kind == PK_Q6K) {
+            *i0 = a2 ? _mm256_add_epi32(_mm256_slli_epi32(v[0][0], 8), v[1][0]) : v[0][0];
+            *i1 = a2 ? _mm256_add_epi32(_mm256_slli_epi32(v[0][1], 8), v[1][1]) : v[0][1];
+        } else {
+            const __m256i t = _mm256_add_epi32(v[0][0], v[0][1]);
+            *i0 = a2 ? _mm256_add_epi32(_mm256_slli_epi32(t, 8), _mm256_add_epi32(v[1][0], v[1][1])) : t;
+        }
+    } else {  /* Q8_0: |q| against the activations with q's signs, one chunk a vpmaddwd */
+        __m256i t = z, u = z;
+        for (int c = 0; c < 8; c++) {
+            const __m256i x = LD(c), w = _mm256_abs_epi8(x);
+            t = _mm256_add_epi32(t, _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_sign_epi8(BCA(a, c), x)), ones));
+            if (a2) u = _mm256_add_epi32(u, _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_sign_epi8(BCA(a2, c), x)), ones));
+        }
+        *i0 = a2 ? _mm256_add_epi32(_mm256_slli_epi32(t, 8), u) : t;
+    }
+#undef MUA
+#endif
+#undef LD
+#undef BCA
+}
+
+/* out (1, 8) = 8 packed weight rows against row 0 of an activation tile (decode): row_dots, then
+ * packed_body's float operations for its one row, the accumulator in a register */
+AVX2_T INLINE void AVX2_SFX(row_body)(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
+                                      float *out, const int hi, const int kind) {
+    const int nb = K / 32, f32 = PK_F32(kind);
+    const size_t bb = pk_size(kind, 8), wo = pk_wo(kind, 8), qb = (size_t)TILE * 32 * (hi ? 2 : 1);
+    const __m256 m32 = _mm256_set1_ps(-32.0f);
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *p = pk + (size_t)b * bb;
+        /* the weights stream once, ahead of the hardware prefetcher's reach */
+        for (int o = 0; o < (int)bb; o += 64) _mm_prefetch((const char *)p + PF_DIST + o, _MM_HINT_T0);
+        const int8_t *a = q + b * qb;
+        __m256i i0, i1 = _mm256_setzero_si256();
+        AVX2_SFX(row_dots)(p + wo, a, hi ? a + TILE * 32 : NULL, kind, &i0, &i1);
+        const __m256 dw = f32 ? _mm256_loadu_ps((const float *)p) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+        const __m256 da = _mm256_set1_ps(dx[(size_t)b * TILE]);
+#define SX(j) sx[(size_t)(j) * TILE]
+#define ISX(j) ((const int32_t *)sx)[(size_t)(j) * TILE]
+        if (kind == PK_Q6K) {  /* s0 (I0 da - 32 hs0) + s1 (I1 da - 32 hs1) */
+            const __m256 mw = _mm256_loadu_ps((const float *)(p + 32));
+            const __m256 t0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), da, _mm256_mul_ps(m32, _mm256_set1_ps(SX(nb + 2 * b))));
+            const __m256 t1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), da, _mm256_mul_ps(m32, _mm256_set1_ps(SX(nb + 2 * b + 1))));
+            acc = _mm256_fmadd_ps(t0, dw, acc);
+            acc = _mm256_fmadd_ps(t1, mw, acc);
+        } else if (kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) {  /* d da ((u . q) - off sum(q)) */
+            if (kind != PK_Q8 || AVX2_VNNI)
+                i0 = _mm256_sub_epi32(i0, _mm256_set1_epi32(ISX(3 * nb + b) * (kind == PK_Q8 ? 128 : kind == PK_Q5 ? 16 : 8)));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dw, da), acc);
+        } else {
+            const __m256 mw = f32 ? _mm256_loadu_ps((const float *)(p + 32)) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dw, da), acc);
+            acc = _mm256_fmadd_ps(mw, _mm256_set1_ps(SX(b)), acc);
+        }
+#undef SX
+#undef ISX
+    }
+    _mm256_storeu_ps(out, acc);
+}
+
 /* out (R, 8) = 8 packed weight rows (one group's blocks at pk) against rows 0..R-1 (R <= TILE)
  * of an activation tile (see TILE), `kind` (PK_*) and `hi` (two levels) constants: per block
  * the weights in 8 registers, then each row's dots and its float lanes, operation for operation
- * what packed_body (AVX512) does with its 16 (the rows' accumulators live in out) */
+ * what packed_body (AVX512) does with its 16 (one row, decode: row_body) */
 AVX2_T INLINE void AVX2_SFX(packed_body)(const uint8_t *pk, int K, const int8_t *q, const float *dx,
                                          const float *sx, const int R, float *out, const int hi, const int kind) {
     const int nb = K / 32, nib = PK_NIB(kind), f32 = PK_F32(kind);
-    const size_t bb = pk_size(kind, 8), wo = f32 ? 64 : 32, qb = (size_t)TILE * 32 * (hi ? 2 : 1);
+    const size_t bb = pk_size(kind, 8), wo = pk_wo(kind, 8), qb = (size_t)TILE * 32 * (hi ? 2 : 1);
     const __m256i lo = _mm256_set1_epi8(15);
     const __m256 m32 = _mm256_set1_ps(-32.0f);
-    __m256 accs[TILE];  /* (in registers where R is a constant: one row, decode) */
+    __m256 accs[TILE];
     for (int r = 0; r < R; r++) accs[r] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *p = pk + (size_t)b * bb;
-        /* one row (decode): the weights stream once, ahead of the hardware prefetcher's reach */
-        if (R == 1) for (int o = 0; o < (int)bb; o += 64) _mm_prefetch((const char *)p + PF_DIST + o, _MM_HINT_T0);
-        /* d and m (Q4_x, Q8_0: f16; K-quants: f32), or for Q6_K the halves' scales s0, s1 */
+        /* d and m (Q4_x, Q8_0, Q5_0: f16; K-quants: f32), or for Q6_K the halves' scales s0, s1;
+         * no m where the kind has none (PK_HAS_M) */
         const __m256 dw = f32 ? _mm256_loadu_ps((const float *)p) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
         const __m256 mw = f32 ? _mm256_loadu_ps((const float *)(p + 32))
-                              : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
+                        : PK_HAS_M(kind) ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16))) : _mm256_setzero_ps();
         __m256i w[8];
         if (nib) {
             for (int c = 0; c < 4; c++) {
@@ -75,11 +223,10 @@ AVX2_T INLINE void AVX2_SFX(packed_body)(const uint8_t *pk, int K, const int8_t 
                 w[c] = _mm256_and_si256(x, lo);
                 w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
             }
-            if (kind == PK_Q5)  /* the 5th bits: + 16 where set */
-                for (int c = 0; c < 8; c++) {
-                    uint32_t h; memcpy(&h, p + 160 + 4 * c, 4);
-                    w[c] = _mm256_or_si256(w[c], _mm256_and_si256(bits_to_bytes(h), _mm256_set1_epi8(16)));
-                }
+            if (kind == PK_Q5) {  /* the 5th bits: + 16 where set */
+                const __m256i h = _mm256_loadu_si256((const __m256i *)(p + wo + 128));
+                for (int c = 0; c < 8; c++) w[c] = _mm256_or_si256(w[c], fifth_bits(h, c));
+            }
         } else {
             for (int c = 0; c < 8; c++) {
                 w[c] = _mm256_loadu_si256((const __m256i *)(p + wo + 32 * c));
@@ -124,12 +271,35 @@ AVX2_T INLINE void AVX2_SFX(packed_body)(const uint8_t *pk, int K, const int8_t 
     for (int r = 0; r < R; r++) _mm256_storeu_ps(out + 8 * r, accs[r]);
 }
 
+/* one row (decode) of each kind and level count, a function of its own (its registers its own) */
+#define ROW_FN(KK) \
+    AVX2_T __attribute__((noinline)) static void AVX2_SFX(row_##KK)(const uint8_t *pk, int K, const int8_t *q, \
+                                                                  const float *dx, const float *sx, float *out, int hi) { \
+        if (hi) AVX2_SFX(row_body)(pk, K, q, dx, sx, out, 1, KK); else AVX2_SFX(row_body)(pk, K, q, dx, sx, out, 0, KK); }
+ROW_FN(PK_Q4)
+ROW_FN(PK_Q4S)
+ROW_FN(PK_Q8)
+ROW_FN(PK_Q4K)
+ROW_FN(PK_Q5K)
+ROW_FN(PK_Q5)
+ROW_FN(PK_Q6K)
+#undef ROW_FN
+
 /* the tile_fn of this variant: the body for each kind and level count */
 AVX2_T static void AVX2_SFX(packed_tile)(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
                                          int R, float *out, int hi, int kind) {
-#define BODY(KK) do { if (R == 1) { if (hi) AVX2_SFX(packed_body)(pk, K, q, dx, sx, 1, out, 1, KK); \
-                                 else AVX2_SFX(packed_body)(pk, K, q, dx, sx, 1, out, 0, KK); } \
-                      else if (hi) AVX2_SFX(packed_body)(pk, K, q, dx, sx, R, out, 1, KK); \
+    if (R == 1) {
+        switch (kind) {
+        case PK_Q4: AVX2_SFX(row_PK_Q4)(pk, K, q, dx, sx, out, hi); return;
+        case PK_Q4S: AVX2_SFX(row_PK_Q4S)(pk, K, q, dx, sx, out, hi); return;
+        case PK_Q8: AVX2_SFX(row_PK_Q8)(pk, K, q, dx, sx, out, hi); return;
+        case PK_Q4K: AVX2_SFX(row_PK_Q4K)(pk, K, q, dx, sx, out, hi); return;
+        case PK_Q5K: AVX2_SFX(row_PK_Q5K)(pk, K, q, dx, sx, out, hi); return;
+        case PK_Q5: AVX2_SFX(row_PK_Q5)(pk, K, q, dx, sx, out, hi); return;
+        default: AVX2_SFX(row_PK_Q6K)(pk, K, q, dx, sx, out, hi); return;
+        }
+    }
+#define BODY(KK) do { if (hi) AVX2_SFX(packed_body)(pk, K, q, dx, sx, R, out, 1, KK); \
                       else AVX2_SFX(packed_body)(pk, K, q, dx, sx, R, out, 0, KK); } while (0)
     switch (kind) {
     case PK_Q4: BODY(PK_Q4); break;

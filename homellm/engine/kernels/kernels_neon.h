@@ -241,7 +241,7 @@ static void attn_item_neon(const attn_t *a, int g, int qt, float *ws) {
 /* one block's weights: chunk c (values 4c..4c+3 of the 8 rows) in w[c][0] (rows 0..3) and
  * w[c][1] (rows 4..7), as signed bytes (nibbles, 5- and 6-bit values, Q8_0's own bytes) */
 INLINE void neon_weights(const uint8_t *p, int kind, int8x16_t w[8][2]) {
-    const int wo = PK_F32(kind) ? 64 : 32;
+    const int wo = (int)pk_wo(kind, 8);
     if (PK_NIB(kind)) {
         const uint8x16_t lo = vdupq_n_u8(15);
         for (int c = 0; c < 4; c++)
@@ -250,15 +250,14 @@ INLINE void neon_weights(const uint8_t *p, int kind, int8x16_t w[8][2]) {
                 w[c][h] = vreinterpretq_s8_u8(vandq_u8(x, lo));
                 w[c + 4][h] = vreinterpretq_s8_u8(vshrq_n_u8(x, 4));
             }
-        if (kind == PK_Q5) {  /* the 5th bits: + 16 where set (byte k of a register: bit k of 16) */
-            const uint8x16_t idx = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
-            const uint8x16_t bit = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
-            for (int c = 0; c < 8; c++)
-                for (int h = 0; h < 2; h++) {
-                    uint16_t hb; memcpy(&hb, p + 160 + 4 * c + 2 * h, 2);
-                    const uint8x16_t m = vtstq_u8(vqtbl1q_u8(vreinterpretq_u8_u16(vdupq_n_u16(hb)), idx), bit);
-                    w[c][h] = vreinterpretq_s8_u8(vorrq_u8(vreinterpretq_u8_s8(w[c][h]), vandq_u8(m, vdupq_n_u8(16))));
+        if (kind == PK_Q5) {  /* the 5th bits: + 16 where set (bit c of byte k: chunk c's byte k) */
+            for (int h = 0; h < 2; h++) {
+                const uint8x16_t hb = vld1q_u8(p + wo + 128 + 16 * h);
+                for (int c = 0; c < 8; c++) {
+                    const uint8x16_t m = vandq_u8(vshlq_u8(hb, vdupq_n_s8((int8_t)(4 - c))), vdupq_n_u8(16));
+                    w[c][h] = vreinterpretq_s8_u8(vorrq_u8(vreinterpretq_u8_s8(w[c][h]), m));
                 }
+            }
         }
     } else {
         for (int c = 0; c < 8; c++)
@@ -266,15 +265,19 @@ INLINE void neon_weights(const uint8_t *p, int kind, int8x16_t w[8][2]) {
     }
 }
 
-/* the block's scales: d (A) and m (B) of the 8 rows, f16 or f32 (see ggml_cpu.c's pack) */
+/* the block's scales: d (A) and m (B) of the 8 rows, f16 or f32 (see ggml_cpu.c's pack); m = 0
+ * where the kind has none (PK_HAS_M) */
 INLINE void neon_scales(const uint8_t *p, int kind, float32x4_t dw[2], float32x4_t mw[2]) {
     if (PK_F32(kind)) {
         for (int h = 0; h < 2; h++) { dw[h] = vld1q_f32((const float *)p + 4 * h); mw[h] = vld1q_f32((const float *)(p + 32) + 4 * h); }
     } else {
         const float16x8_t d = vreinterpretq_f16_u16(vld1q_u16((const uint16_t *)p));
-        const float16x8_t m = vreinterpretq_f16_u16(vld1q_u16((const uint16_t *)(p + 16)));
         dw[0] = vcvt_f32_f16(vget_low_f16(d)); dw[1] = vcvt_f32_f16(vget_high_f16(d));
-        mw[0] = vcvt_f32_f16(vget_low_f16(m)); mw[1] = vcvt_f32_f16(vget_high_f16(m));
+        mw[0] = mw[1] = vdupq_n_f32(0.f);
+        if (PK_HAS_M(kind)) {
+            const float16x8_t m = vreinterpretq_f16_u16(vld1q_u16((const uint16_t *)(p + 16)));
+            mw[0] = vcvt_f32_f16(vget_low_f16(m)); mw[1] = vcvt_f32_f16(vget_high_f16(m));
+        }
     }
 }
 
