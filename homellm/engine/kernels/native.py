@@ -109,7 +109,7 @@ PACKABLE = (2, 3, 6, 7, 8, 12, 13, 14)  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5
 
 def repack(t, memo: bool = True, path: str | None = None) -> np.ndarray | None:
     """What `path`'s kernels (None: this CPU's best) compute on: Q4_0/Q4_1 as `repack_q4`; Q8_0
-    reordered the same way (1.06x the bytes, exact); the K-quants and Q5_1 as rows of unsigned
+    reordered the same way (the file's bytes, exact); the K-quants and Q5_1 as rows of unsigned
     integers with float32 scales (exact; 1.33-1.82x the bytes); or None (raw blocks: the scalar
     path, or a type without a pack). memo=False for blocks made in memory (their address may be
     reused once freed)."""
@@ -346,7 +346,7 @@ class NativeModel:
                 if name == "mlp.gate_proj" and not args.mlp_gated:
                     continue  # (GPT-NeoX: up and down only)
                 src = tensors[p + name + ".weight"]
-                # Q5_0 packs as it is (nibbles and 5th bits: 1.09x its bytes); on raw blocks it
+                # Q5_0 packs as it is (nibbles and 5th bits: the file's bytes); on raw blocks it
                 # runs as the Q8_0 it exactly is (a converted copy must not be memoized by address)
                 t = src if self.pack_rows else self._runtime_blocks(src)
                 pk = repack(t, memo=t is src, path=path) if self.pack_rows else None
