@@ -125,3 +125,28 @@ def test_a_tree_row_holds_each_distinct_beginning_once_and_blocks_see_their_ance
     assert sees == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 4], [0, 5], [0, 5, 6]]
     assert a.mask[1, 0, 2:].sum(-1).tolist() == [1, 1, 1]  # padding queries see one key (no NaN)
     assert a.slot.tolist() == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_tree_attention_backward_is_the_same_run_after_run_on_two_threads():
+    """Blocks share key columns (a prompt, the template's start): their gradients must add up
+    in a fixed order, or a resumed run drifts from an uninterrupted one in the last bits."""
+    g = torch.Generator().manual_seed(0)
+    sequences = [[1] * 24 + [2 + j] * 8 + [100 + j] * torch.randint(10, 40, (1,), generator=g).item()
+                 for j in range(16)]
+    tree = pack(sequences, [[2 * j, 2 * j + 1] for j in range(8)])
+    N = tree.tokens.shape[1]
+    q = torch.randn(1, 9, N, 64, generator=g, requires_grad=True)
+    k = torch.randn(1, 3, N, 64, generator=g, requires_grad=True)
+    v = torch.randn(1, 3, N, 64, generator=g, requires_grad=True)
+    grad_y = torch.randn(1, N, 9 * 64, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for _ in range(30):
+            q.grad = k.grad = v.grad = None
+            tree.attention.attend(q, k, v, None, True).backward(grad_y)
+            runs.append(torch.cat([q.grad.flatten(), k.grad.flatten(), v.grad.flatten()]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, runs[0]) for r in runs[1:])

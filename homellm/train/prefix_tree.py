@@ -45,13 +45,17 @@ class TreeAttention:
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None, enable_gqa: bool) -> Tensor:
         """(1, N, n_heads * hd) for q (1, n_heads, N, hd), k, v (1, n_kv_heads, N, hd)."""
+        # (index_select, not x[:, index]: its backward adds a column's gradients in order, where
+        # indexing's backward on CPU adds them in the order threads come, a run differing from
+        # the next in the last bits)
+        def blocks(x: Tensor, index: Tensor) -> Tensor:  # (1, h, N, hd) -> (nb, h, m, hd)
+            return x[0].index_select(1, index.flatten()).unflatten(1, index.shape).transpose(0, 1)
+
         nb, mq = self.queries.shape
-        qb = q[0][:, self.queries].transpose(0, 1)  # (nb, n_heads, mq, hd)
-        kb = k[0][:, self.keys].transpose(0, 1)  # (nb, n_kv_heads, mk, hd)
-        vb = v[0][:, self.keys].transpose(0, 1)
-        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self.mask, scale=scale,
+        y = F.scaled_dot_product_attention(blocks(q, self.queries), blocks(k, self.keys),
+                                           blocks(v, self.keys), attn_mask=self.mask, scale=scale,
                                            enable_gqa=enable_gqa)  # (nb, n_heads, mq, hd)
-        return y.transpose(1, 2).reshape(nb * mq, -1)[self.slot][None]
+        return y.transpose(1, 2).reshape(nb * mq, -1).index_select(0, self.slot)[None]
 
 
 @dataclass

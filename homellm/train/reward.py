@@ -91,7 +91,7 @@ class RewardModel(nn.Module):
         prefix_tree.py) a tree of sequences that share beginnings."""
         from homellm.train.loss import final_hidden
         hidden = final_hidden(self.model, tokens, self.checkpointing, positions, mask)  # (B, T, hidden)
-        h = hidden[at[:, 0], at[:, 1]]  # (n, hidden)
+        h = hidden.flatten(0, 1).index_select(0, at[:, 0] * tokens.shape[1] + at[:, 1])  # (n, hidden)
         return self.score(h.float())[:, 0]
 
     @torch.no_grad()
