@@ -806,6 +806,39 @@ def test_collect_requests_run_on_the_apps_own_database_threads(http):
     assert len(db._all) == opened
 
 
+def test_the_database_threads_reconnect_after_postgresql_drops_them(pg_server,  # noqa: F811
+                                                                    default_gguf):
+    """The web app's database threads live as long as the server: when PostgreSQL drops
+    their connections (a restart), each request that finds its connection gone fails
+    (500), and the thread's next one connects again; from then on every request works."""
+    import httpx
+    import psycopg
+    url = new_database(pg_server)
+    server = CollectServer(url, default_gguf, CollectSettings(**SMALL), PEOPLE[:1])
+    try:
+        ann = server.login("ann", "ann-pass-123")
+        assert ann.post("/api/collect/tasks", json={"type": "random"}).status_code == 200
+        with psycopg.connect(url, autocommit=True) as con:
+            killed = con.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                                 "datname = current_database() AND pid <> pg_backend_pid()"
+                                 ).fetchall()
+        n = server.web.web_state.threads.n
+        assert len(killed) >= n
+        cookie = {"homellm_session": ann.cookies["homellm_session"]}
+
+        def ask() -> int:   # a connection each (a failed request may close its own)
+            try:
+                return httpx.get(server.url + "/api/collect?brief=true", cookies=cookie,
+                                 timeout=30).status_code
+            except httpx.HTTPError:
+                return 0
+        codes = [ask() for _ in range(3 * n + 6)]
+        failed = [i for i, c in enumerate(codes) if c != 200]
+        assert len(failed) <= 2 * n and all(c == 200 for c in codes[-n - 2:]), codes
+    finally:
+        server.close()
+
+
 def test_task_answers_are_the_json_fastapi_writes(http):
     """next-task and submit answer with the bytes and content type FastAPI's JSONResponse
     gives (they skip its jsonable_encoder walk): UTF-8 as is, no spaces."""

@@ -49,6 +49,13 @@ class Database:
     # -- connections
     def connection(self):
         con = getattr(self._local, "con", None)
+        if con is not None and getattr(con, "broken", False) and not self._local.depth:
+            # PostgreSQL went away under it (a restart): the statement that found out failed,
+            # this thread's next one gets a new connection (threads live long: db_threads.py)
+            with self._lock:
+                if con in self._all:
+                    self._all.remove(con)
+            con = None
         if con is None:
             if self.dialect is POSTGRESQL:
                 con = connect_postgresql(self.target)
