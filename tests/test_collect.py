@@ -808,9 +808,10 @@ def test_collect_requests_run_on_the_apps_own_database_threads(http):
 
 def test_the_database_threads_reconnect_after_postgresql_drops_them(pg_server,  # noqa: F811
                                                                     default_gguf):
-    """The web app's database threads live as long as the server: when PostgreSQL drops
-    their connections (a restart), each request that finds its connection gone fails
-    (500), and the thread's next one connects again; from then on every request works."""
+    """The web app's database threads live as long as the server (they end with it): when
+    PostgreSQL drops their connections (a restart), each request that finds its connection
+    gone fails (500), and the thread's next one connects again; from then on every request
+    works."""
     import httpx
     import psycopg
     url = new_database(pg_server)
@@ -835,8 +836,12 @@ def test_the_database_threads_reconnect_after_postgresql_drops_them(pg_server,  
         codes = [ask() for _ in range(3 * n + 6)]
         failed = [i for i, c in enumerate(codes) if c != 200]
         assert len(failed) <= 2 * n and all(c == 200 for c in codes[-n - 2:]), codes
+        threads = list(server.web.web_state.threads._pool._threads)
     finally:
         server.close()
+    for t in threads:   # the app's shutdown ends them
+        t.join(timeout=10)
+    assert len(threads) == n and not any(t.is_alive() for t in threads)
 
 
 def test_task_answers_are_the_json_fastapi_writes(http):

@@ -17,6 +17,8 @@ With the server's --api-key, /api/* also needs the key or a web credential (guar
 """
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import APIRouter, Depends, Request
 
 from homellm.serve.web.accounts import accounts_router
@@ -46,7 +48,14 @@ def web_router(store, *, auth: bool = False, setup_token: str | None = None,
     async def attach(request: Request):  # async: no thread hop
         request.state.web = state
 
-    router = APIRouter(dependencies=[Depends(attach)])
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        try:
+            yield
+        finally:
+            state.threads.close()
+
+    router = APIRouter(dependencies=[Depends(attach)], lifespan=lifespan)
     router.web_state = state  # for tests and the CLI
     router.credential_check = state.has_credential  # for the guard (serve/guard.py)
     router.body_limits = {"/api/import": MAX_IMPORT_BYTES}

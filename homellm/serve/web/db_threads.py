@@ -3,6 +3,7 @@ each with its own connection opened when the app is made, and one queue in front
 
     threads = DbThreads(store.db)            # 2 threads on SQLite, 4 on PostgreSQL
     task = await threads.run(tm.next_task, user)
+    threads.close()                          # the app's shutdown (web_router's lifespan)
 
 Why not FastAPI's thread pool (anyio's: up to 40 threads, each dropped after 10 s idle)?
 - A new thread opens a new connection: on PostgreSQL a new backend process, its caches
@@ -30,6 +31,10 @@ class DbThreads:
     def __init__(self, db, n: int | None = None):
         self.db = db
         self.n = n or THREADS.get(db.dialect.name, 2)
+        self._pool = None
+        self._start()
+
+    def _start(self) -> None:
         self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="homellm-db")
         ready = threading.Barrier(self.n)
         for _ in range(self.n):  # each waits for the others: n threads, n connections
@@ -47,7 +52,12 @@ class DbThreads:
 
     async def run(self, fn, *args, **kwargs):
         """`fn(*args, **kwargs)` on one of the threads; its result (or its exception)."""
+        if self._pool is None:   # closed (the app stopped), and started again
+            self._start()
         return await asyncio.wrap_future(self._pool.submit(fn, *args, **kwargs))
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Let the threads end once their work is done (the app's shutdown)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
