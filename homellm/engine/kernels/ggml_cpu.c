@@ -512,6 +512,13 @@ static void quantize_tile_row(const float *x, int K, int L, int8_t *qt, float *d
                 sxt + r, TILE);
 }
 
+/* one row as a tile of one (T = 1: its blocks, levels, scales and sums side by side, K L bytes):
+ * a decode step's activations, compact where a TILE-wide tile spreads one row over 16x the
+ * bytes (the down projection's 48 KB: past L1) */
+static void quantize_row1(const float *x, int K, int L, int8_t *q, float *dx, float *sx) {
+    quantizer()(x, K, q, (size_t)32 * L, L == 2 ? q + 32 : NULL, dx, 1, 0, sx, 1);
+}
+
 /* ---- dot kernels: one weight row against R activation rows -------------------------------- */
 /* out[r] = dot(w_row, a_r); a_r at q + r*K, d/s + r*K/4 */
 
@@ -1276,6 +1283,13 @@ T512 static void packed_tile_512(const uint8_t *pk, int K, const int8_t *q, cons
         R -= n; out += 16 * n; q += 32 * n; dx += n; sx += n;
     }
 }
+/* one activation row quantized by quantize_row1 (T = 1): the same operations as its row in a
+ * tile, so the same bits */
+T512 static void packed_row1_512(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
+                                 float *out, int hi, int kind) {
+    const int8_t *q2 = NULL;
+    if (hi) PBK(1, 1, 1); else PBK(1, 0, 1);
+}
 #undef PBK
 #endif  /* HL_X86 */
 
@@ -1933,6 +1947,17 @@ T512 static void attn_query_512(const attn_t *a, int g, float *ws) {
 #endif
 
 /* ---- dispatch: each path's kernels --------------------------------------------------------- */
+
+/* a packed kernel for one row as a tile of one (quantize_row1), or NULL where the path has none */
+typedef void (*row1_fn)(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx, float *out,
+                        int hi, int kind);
+static row1_fn row1_kernel(int path) {
+#if HL_X86
+    if (path == P_AVX512) return packed_row1_512;
+#endif
+    (void)path;
+    return NULL;
+}
 
 /* the packed kernel of a path with packs (hl_pack_rows > 0) */
 static tile_fn tile_kernel(int path) {

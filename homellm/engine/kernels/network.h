@@ -290,7 +290,9 @@ static void quantize_for(const batch_t *b, const mat_t *const *ms, int nm, const
         if (is_packed(b, ms[i])) tile = 1;
         else if (is_quant(ms[i]->type)) row = 1;
     }
-    if (tile) {
+    if (tile && b->M == 1 && row1_kernel(b->c->path)) {  /* one row in all: compact (packed_group) */
+        quantize_row1(src, K, b->L2, b->tq, b->td, b->ts);
+    } else if (tile) {
         const int nb = K / 32, L2 = b->L2;
         quantize_tile_row(src, K, L2, b->tq + (size_t)(m / TILE) * TILE * K * L2,
                           b->td + (size_t)(m / TILE) * TILE * nb, b->ts + (size_t)(m / TILE) * TILE * ACT_SUMS * nb,
@@ -491,7 +493,18 @@ static void packed_group(const batch_t *b, const mat_t *mt, const mat_t *up, int
     const int G = mt->pg, nn = N - g * G < G ? N - g * G : G, path = b->c->path;
     const size_t tq = (size_t)TILE * K * L2, td = (size_t)TILE * nb, ts = (size_t)TILE * ACT_SUMS * nb;
     const tile_fn tile = tile_kernel(path);
+    const row1_fn row1 = b->M == 1 ? row1_kernel(path) : NULL;  /* (quantize_for's layout) */
     float out[TILE * 16], out2[TILE * 16];
+    if (row1) {
+        row1(pk_group(mt->pk, kind, g, K, G), K, b->tq, b->td, b->ts, out, b->hi, kind);
+        if (up) {
+            row1(pk_group(up->pk, ku, g, K, G), K, b->tq, b->td, b->ts, out2, b->hi, ku);
+            glu_row(path, b->c->act, out, out2, y + g * G, nn);
+        } else {
+            memcpy(y + g * G, out, 4 * (size_t)nn);
+        }
+        return;
+    }
     for (int r0 = m0; r0 < m1; r0 += TILE) {
         const int r = m1 - r0 < TILE ? m1 - r0 : TILE, t = r0 / TILE;
         const int8_t *qa = b->tq + (size_t)t * tq;
