@@ -157,13 +157,40 @@ AVX2_T INLINE void AVX2_SFX(row_dots)(const uint8_t *pw, const int8_t *a, const 
 #undef BCA
 }
 
+/* block b's float lanes for one activation row: acc + its dots i0, i1 (i1: Q6_K's second half)
+ * scaled by the block's weights' d and m at p, the row's scale dxb and its sums at sx (row's
+ * entry j at sx[j TILE]: block b j = b; its halves j = nb + 2 b + h) */
+AVX2_T INLINE __m256 AVX2_SFX(block_acc)(__m256 acc, __m256i i0, __m256i i1, const uint8_t *p, float dxb,
+                                         const float *sx, int nb, int b, const int kind) {
+    const int f32 = PK_F32(kind);
+    const __m256 dw = f32 ? _mm256_loadu_ps((const float *)p) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    const __m256 da = _mm256_set1_ps(dxb);
+#define SX(j) sx[(size_t)(j) * TILE]
+    if (kind == PK_Q6K) {  /* s0 (I0 da - 32 hs0) + s1 (I1 da - 32 hs1) */
+        const __m256 m32 = _mm256_set1_ps(-32.0f), mw = _mm256_loadu_ps((const float *)(p + 32));
+        const __m256 t0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), da, _mm256_mul_ps(m32, _mm256_set1_ps(SX(nb + 2 * b))));
+        const __m256 t1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), da, _mm256_mul_ps(m32, _mm256_set1_ps(SX(nb + 2 * b + 1))));
+        acc = _mm256_fmadd_ps(t0, dw, acc);
+        return _mm256_fmadd_ps(t1, mw, acc);
+    }
+    if (kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) {  /* d da ((u . q) - off sum(q)) */
+        if (kind != PK_Q8 || AVX2_VNNI)
+            i0 = _mm256_sub_epi32(i0, _mm256_set1_epi32(((const int32_t *)sx)[(size_t)(3 * nb + b) * TILE]
+                                                        * (kind == PK_Q8 ? 128 : kind == PK_Q5 ? 16 : 8)));
+        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dw, da), acc);
+    }
+    const __m256 mw = f32 ? _mm256_loadu_ps((const float *)(p + 32)) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dw, da), acc);
+    return _mm256_fmadd_ps(mw, _mm256_set1_ps(SX(b)), acc);
+#undef SX
+}
+
 /* out (1, 8) = 8 packed weight rows against row 0 of an activation tile (decode): row_dots, then
  * packed_body's float operations for its one row, the accumulator in a register */
 AVX2_T INLINE void AVX2_SFX(row_body)(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
                                       float *out, const int hi, const int kind) {
-    const int nb = K / 32, f32 = PK_F32(kind);
+    const int nb = K / 32;
     const size_t bb = pk_size(kind, 8), wo = pk_wo(kind, 8), qb = (size_t)TILE * 32 * (hi ? 2 : 1);
-    const __m256 m32 = _mm256_set1_ps(-32.0f);
     __m256 acc = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *p = pk + (size_t)b * bb;
@@ -172,27 +199,7 @@ AVX2_T INLINE void AVX2_SFX(row_body)(const uint8_t *pk, int K, const int8_t *q,
         const int8_t *a = q + b * qb;
         __m256i i0, i1 = _mm256_setzero_si256();
         AVX2_SFX(row_dots)(p + wo, a, hi ? a + TILE * 32 : NULL, kind, &i0, &i1);
-        const __m256 dw = f32 ? _mm256_loadu_ps((const float *)p) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-        const __m256 da = _mm256_set1_ps(dx[(size_t)b * TILE]);
-#define SX(j) sx[(size_t)(j) * TILE]
-#define ISX(j) ((const int32_t *)sx)[(size_t)(j) * TILE]
-        if (kind == PK_Q6K) {  /* s0 (I0 da - 32 hs0) + s1 (I1 da - 32 hs1) */
-            const __m256 mw = _mm256_loadu_ps((const float *)(p + 32));
-            const __m256 t0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), da, _mm256_mul_ps(m32, _mm256_set1_ps(SX(nb + 2 * b))));
-            const __m256 t1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), da, _mm256_mul_ps(m32, _mm256_set1_ps(SX(nb + 2 * b + 1))));
-            acc = _mm256_fmadd_ps(t0, dw, acc);
-            acc = _mm256_fmadd_ps(t1, mw, acc);
-        } else if (kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) {  /* d da ((u . q) - off sum(q)) */
-            if (kind != PK_Q8 || AVX2_VNNI)
-                i0 = _mm256_sub_epi32(i0, _mm256_set1_epi32(ISX(3 * nb + b) * (kind == PK_Q8 ? 128 : kind == PK_Q5 ? 16 : 8)));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dw, da), acc);
-        } else {
-            const __m256 mw = f32 ? _mm256_loadu_ps((const float *)(p + 32)) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dw, da), acc);
-            acc = _mm256_fmadd_ps(mw, _mm256_set1_ps(SX(b)), acc);
-        }
-#undef SX
-#undef ISX
+        acc = AVX2_SFX(block_acc)(acc, i0, i1, p, dx[(size_t)b * TILE], sx, nb, b, kind);
     }
     _mm256_storeu_ps(out, acc);
 }
@@ -203,19 +210,13 @@ AVX2_T INLINE void AVX2_SFX(row_body)(const uint8_t *pk, int K, const int8_t *q,
  * what packed_body (AVX512) does with its 16 (one row, decode: row_body) */
 AVX2_T INLINE void AVX2_SFX(packed_body)(const uint8_t *pk, int K, const int8_t *q, const float *dx,
                                          const float *sx, const int R, float *out, const int hi, const int kind) {
-    const int nb = K / 32, nib = PK_NIB(kind), f32 = PK_F32(kind);
+    const int nb = K / 32, nib = PK_NIB(kind);
     const size_t bb = pk_size(kind, 8), wo = pk_wo(kind, 8), qb = (size_t)TILE * 32 * (hi ? 2 : 1);
     const __m256i lo = _mm256_set1_epi8(15);
-    const __m256 m32 = _mm256_set1_ps(-32.0f);
     __m256 accs[TILE];
     for (int r = 0; r < R; r++) accs[r] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        const uint8_t *p = pk + (size_t)b * bb;
-        /* d and m (Q4_x, Q8_0, Q5_0: f16; K-quants: f32), or for Q6_K the halves' scales s0, s1;
-         * no m where the kind has none (PK_HAS_M) */
-        const __m256 dw = f32 ? _mm256_loadu_ps((const float *)p) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-        const __m256 mw = f32 ? _mm256_loadu_ps((const float *)(p + 32))
-                        : PK_HAS_M(kind) ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16))) : _mm256_setzero_ps();
+        const uint8_t *p = pk + (size_t)b * bb;  /* (its d and m: block_acc) */
         __m256i w[8];
         if (nib) {
             for (int c = 0; c < 4; c++) {
@@ -245,27 +246,7 @@ AVX2_T INLINE void AVX2_SFX(packed_body)(const uint8_t *pk, int K, const int8_t 
                 i0 = _mm256_add_epi32(_mm256_slli_epi32(i0, 8), j0);
                 i1 = _mm256_add_epi32(_mm256_slli_epi32(i1, 8), j1);
             }
-            /* the row's scale and its sums j (block b: j = b; its halves: j = nb + 2 b + h) */
-#define SX(j) sx[(size_t)(j) * TILE + r]
-#define ISX(j) ((const int32_t *)sx)[(size_t)(j) * TILE + r]
-            const __m256 da = _mm256_set1_ps(dx[(size_t)b * TILE + r]);
-            __m256 acc = accs[r];
-            if (kind == PK_Q6K) {  /* s0 (I0 da - 32 hs0) + s1 (I1 da - 32 hs1) */
-                const __m256 t0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), da, _mm256_mul_ps(m32, _mm256_set1_ps(SX(nb + 2 * b))));
-                const __m256 t1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), da, _mm256_mul_ps(m32, _mm256_set1_ps(SX(nb + 2 * b + 1))));
-                acc = _mm256_fmadd_ps(t0, dw, acc);
-                acc = _mm256_fmadd_ps(t1, mw, acc);
-            } else if (kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) {  /* d da ((u . q) - off sum(q)) */
-                if (kind != PK_Q8 || AVX2_VNNI)
-                    i0 = _mm256_sub_epi32(i0, _mm256_set1_epi32(ISX(3 * nb + b) * (kind == PK_Q8 ? 128 : kind == PK_Q5 ? 16 : 8)));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dw, da), acc);
-            } else {
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dw, da), acc);
-                acc = _mm256_fmadd_ps(mw, _mm256_set1_ps(SX(b)), acc);
-            }
-            accs[r] = acc;
-#undef SX
-#undef ISX
+            accs[r] = AVX2_SFX(block_acc)(accs[r], i0, i1, p, dx[(size_t)b * TILE + r], sx + r, nb, b, kind);
         }
     }
     for (int r = 0; r < R; r++) _mm256_storeu_ps(out + 8 * r, accs[r]);
