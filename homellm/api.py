@@ -153,14 +153,15 @@ class Model:
     def generate(self, prompt_or_ids: str | list[int], *, max_tokens: int | None = None,
                  stop: list[str] | None = None, top_logprobs: int = 0,
                  response_format: dict | None = None, logit_bias: dict | None = None,
-                 **sampling) -> Iterator[Step]:
+                 logprobs: bool = True, **sampling) -> Iterator[Step]:
         """Stream Steps for a raw prompt (no chat template): text deltas, ids, logprobs.
 
         Sampling keywords: SamplingParams' fields (temperature, top_k, top_p, min_p,
         repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed); logit_bias
         ({token id: bias}, added to the logits before sampling). `response_format` (OpenAI's field:
         {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}})
-        constrains the output to JSON (ValueError for an invalid one). The last Step has
+        constrains the output to JSON (ValueError for an invalid one). `logprobs=False`: no
+        Step.logprob (saves a pass over the vocabulary a token). The last Step has
         finish_reason and timings.
         """
         params, extra = split_sampling(sampling)
@@ -168,7 +169,8 @@ class Model:
             raise TypeError(f"unknown generation options: {', '.join(sorted(extra))}")
         ids = self.encode_prompt(prompt_or_ids)
         return self._stream(ids, params, max_tokens, stop, top_logprobs,
-                            grammar=self._grammar(response_format), logit_bias=logit_bias)
+                            grammar=self._grammar(response_format), logit_bias=logit_bias,
+                            logprobs=logprobs)
 
     def chat(self, messages: list[dict], **options) -> Iterator[Step]:
         """Stream the assistant's reply to `messages` (rendered with the model's template)."""
@@ -187,7 +189,7 @@ class Model:
         return compile_response_format(self.tokenizer, response_format)
 
     def _stream(self, ids, params, max_tokens, stop, top_logprobs, grammar=None,
-                logit_bias: dict | None = None, **extra) -> Iterator[Step]:
+                logit_bias: dict | None = None, logprobs: bool = True, **extra) -> Iterator[Step]:
         if extra:
             raise TypeError(f"unknown generation options: {', '.join(sorted(extra))}")
         text = TextStream(self.tokenizer, stop)
@@ -195,7 +197,8 @@ class Model:
         steps = self.engine.generate(ids, params, max_tokens, self.tokenizer.eos_ids,
                                      top_logprobs, timings,
                                      constraint=grammar.start() if grammar else None,
-                                     logit_bias=check_logit_bias(logit_bias, self.args.vocab_size))
+                                     logit_bias=check_logit_bias(logit_bias, self.args.vocab_size),
+                                     logprobs=logprobs)
         try:
             for step in steps:
                 if step.finish_reason is not None:

@@ -99,6 +99,17 @@ def test_logprobs_are_the_models_log_softmax(model):
     assert [i for i, _ in steps[0].top_logprobs] == expected.topk(3).indices.tolist()
 
 
+def test_without_logprobs_the_same_tokens_and_no_logprob(model):
+    """logprobs=False (bench, `run`, `chat`: nobody reads them) skips the pass over the
+    vocabulary: the same tokens, sampled or greedy, and Step.logprob None."""
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=0.9, seed=3)):
+        on = [s for s in Engine(model, ctx=64).generate([4, 8, 15], params, max_tokens=8) if s.token is not None]
+        off = [s for s in Engine(model, ctx=64).generate([4, 8, 15], params, max_tokens=8, logprobs=False)
+               if s.token is not None]
+        assert [s.token for s in off] == [s.token for s in on]
+        assert all(s.logprob is not None for s in on) and all(s.logprob is None for s in off)
+
+
 def test_closing_early_leaves_a_consistent_cache(model):
     engine = Engine(model, ctx=64)
     gen = engine.generate([1, 2, 3, 4], SamplingParams(temperature=0), max_tokens=10)

@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     best = None
     for _ in range(args.repeat):
         model.engine.reset()
-        steps = list(model.engine.generate(ids, greedy, max_tokens=args.gen_tokens))
+        steps = list(model.engine.generate(ids, greedy, max_tokens=args.gen_tokens, logprobs=False))
         t = steps[-1].timings
         if best is None or t.decode_tps > best.decode_tps:
             best = t

@@ -108,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
         except HomellmError as e:
             print(f"({e}; ignored)", file=sys.stderr)
             continue
-        steps = session.send(line, stop=args.stop, **settings)
+        steps = session.send(line, stop=args.stop, logprobs=False, **settings)
         final = None
         try:
             for step in steps:

@@ -43,12 +43,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.raw:
             steps = model.generate(prompt, max_tokens=args.max_tokens, stop=args.stop,
-                                   response_format=fmt, **options)
+                                   response_format=fmt, logprobs=False, **options)
         else:
             messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                        [{"role": "user", "content": prompt}]
             steps = model.chat(messages, max_tokens=args.max_tokens, stop=args.stop,
-                               response_format=fmt, **options)
+                               response_format=fmt, logprobs=False, **options)
     except ValueError as e:  # the schema: what llguidance cannot enforce, or is not a schema
         raise HomellmError(f"--format {args.format}: {e}") from None
     text, final = [], None

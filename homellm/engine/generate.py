@@ -224,7 +224,8 @@ class Engine:
     def generate(self, ids: list[int], params: SamplingParams | None = None,
                  max_tokens: int | None = None, stop_ids: set[int] = frozenset(),
                  top_logprobs: int = 0, timings: Timings | None = None,
-                 constraint=None, logit_bias: dict[int, float] | None = None) -> Iterator[Step]:
+                 constraint=None, logit_bias: dict[int, float] | None = None,
+                 logprobs: bool = True) -> Iterator[Step]:
         """Yield one Step per generated token, then a final Step with finish_reason and timings.
 
         `constraint` (engine/constrain.py Constraint) masks the logits before each sample and
@@ -234,6 +235,8 @@ class Engine:
         consistent (it holds exactly the tokens that went through the model) and `timings`
         (filled as generation goes, when the caller passes one) complete.
         NaN/inf logits raise NonFiniteLogitsError with `.ids`: the tokens that produced them.
+        `logprobs=False` skips each token's pass over the vocabulary for its log-probability
+        (Step.logprob None) where nobody reads it.
         """
         timings = timings if timings is not None else Timings()
         timings.prompt_tokens = len(ids)
@@ -243,7 +246,7 @@ class Engine:
         budget = self.ctx - len(ids)  # each generated token but the last needs a cache slot
         if max_tokens is not None:
             budget = min(budget, max_tokens)
-        gen = Generation(ids, params, budget, stop_ids, top_logprobs, constraint, logit_bias)
+        gen = Generation(ids, params, budget, stop_ids, top_logprobs, constraint, logit_bias, logprobs)
         finish = "length"
         t_first = time.perf_counter()
         try:

@@ -1936,6 +1936,57 @@ T512 static void attn_query_512(const attn_t *a, int g, float *ws) {
     }
 }
 
+/* attn_query_512 in two steps, so that a decode step's attention is shared among threads by
+ * more than its nkv groups (3 groups on 2 threads: one thread did two, the other waited): the
+ * scores of key tile kt of group g for its r heads (the key transposes, the costliest part,
+ * once for the group) into sc (row h of head h, sc_stride floats: tile kt at kt AK), then each
+ * head's online softmax and P V over its tiles in order. The same operations in the same order
+ * on every row: the same bits as attn_query_512 (and so as the prompt kernel). */
+T512 static void attn_query_scores_512(const attn_t *a, int g, int kt, float *sc, size_t sc_stride) {
+    const int r = a->nh / a->nkv, hd = a->hd, R = r, p = a->sp;
+    const int k0 = attn_k0(a, p) + kt * AK, kend = p + 1, nk = kend - k0 < AK ? kend - k0 : AK;
+    float Qb[8 * 256];
+    for (int i = 0; i < R; i++) {
+        const float *src = a->q + (size_t)(g * r + i) * a->qsh;
+        for (int d = 0; d < hd; d++) Qb[(size_t)i * hd + d] = src[d] * a->scale;
+    }
+    const size_t kb = (size_t)k0 * a->kst + (size_t)g * a->ksh;
+    __m512 s[8][4];
+    const int nx = (nk + 15) / 16;
+    for (int x = 0; x < 4; x++) for (int i = 0; i < R; i++) s[i][x] = _mm512_setzero_ps();
+    for (int d0 = 0; d0 < hd; d0 += 16)
+        for (int x = 0; x < nx; x++) {
+            __m512 kt16[16];
+            transpose16_r(a->k, a->f16, kb + (size_t)(16 * x) * a->kst + d0, a->kst, nk - 16 * x, kt16);
+            for (int i = 0; i < R; i++) {
+                const float *qi = Qb + (size_t)i * hd + d0;
+                for (int dd = 0; dd < 16; dd++) s[i][x] = _mm512_fmadd_ps(_mm512_set1_ps(qi[dd]), kt16[dd], s[i][x]);
+            }
+        }
+    for (int i = 0; i < R; i++)
+        for (int x = 0; x < 4; x++) _mm512_storeu_ps(sc + (size_t)(g * r + i) * sc_stride + (size_t)kt * AK + 16 * x, s[i][x]);
+}
+
+T512 static void attn_query_head_512(const attn_t *a, int h, const float *sc, size_t sc_stride) {
+    const int r = a->nh / a->nkv, hd = a->hd, p = a->sp, g = h / r;
+    float O[256], P[AK], m = -INFINITY, l = 0.f, c = 1.f;
+    for (int d = 0; d < hd; d++) O[d] = 0.f;
+    const int kend = p + 1, lo0 = attn_lo(a, p);
+    int kt = 0;
+    for (int k0 = attn_k0(a, p); k0 < kend; k0 += AK, kt++) {
+        const int nk = kend - k0 < AK ? kend - k0 : AK;
+        __m512 s[4];
+        for (int x = 0; x < 4; x++) s[x] = _mm512_loadu_ps(sc + (size_t)h * sc_stride + (size_t)kt * AK + 16 * x);
+        attn_softmax_512(s, p - k0, lo0 - k0, nk, P, &m, &l, &c);
+#define PV(d0, NV) attn_pv_rows_512(a, g, k0, nk, 1, d0, NV, P, &c, O)
+        HD_CHUNKS(hd, PV);
+#undef PV
+    }
+    float *y = a->out + (size_t)h * hd;
+    const float inv = 1.f / l;
+    for (int d = 0; d < hd; d++) y[d] = O[d] * inv;
+}
+
 #endif  /* HL_X86 */
 
 /* ---- the other paths' kernels ------------------------------------------------------------- */
@@ -1988,6 +2039,32 @@ static void glu_row(int path, int act, const float *g, const float *u, float *h,
 
 /* attention tile (query tile qt, kv head g) on a path: AVX512's needs hd % 16 == 0, AVX2's and
  * NEON's hd % 8 == 0 (else the portable one) */
+/* a decode step's attention in two phases (attn_query_scores_512, attn_query_head_512) on this
+ * path and shape: its key tiles (0: no, one phase of attn_item per kv group) */
+static int attn_split_tiles(int path, const attn_t *a) {
+#if HL_X86
+    const int r = a->nh / a->nkv;
+    if (path == P_AVX512 && a->T == 1 && a->hd % 16 == 0 && a->hd <= 256 && r > 1 && r <= 8)
+        return (a->sp + 1 - attn_k0(a, a->sp) + AK - 1) / AK;
+#endif
+    (void)path; (void)a;
+    return 0;
+}
+
+static void attn_split_scores(int path, const attn_t *a, int g, int kt, float *sc, size_t sc_stride) {
+#if HL_X86
+    if (path == P_AVX512) attn_query_scores_512(a, g, kt, sc, sc_stride);
+#endif
+    (void)path; (void)a; (void)g; (void)kt; (void)sc; (void)sc_stride;
+}
+
+static void attn_split_head(int path, const attn_t *a, int h, const float *sc, size_t sc_stride) {
+#if HL_X86
+    if (path == P_AVX512) attn_query_head_512(a, h, sc, sc_stride);
+#endif
+    (void)path; (void)a; (void)h; (void)sc; (void)sc_stride;
+}
+
 static void attn_item(int path, const attn_t *a, int g, int qt, float *ws) {
 #if HL_X86
     if (path == P_AVX512 && a->hd % 16 == 0) {

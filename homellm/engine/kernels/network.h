@@ -255,7 +255,7 @@ static void lora_row(const lora_mat_t *l, const float *x, int K, float *y, int N
 #define MM_ROWS MCHUNK  /* activation rows per matmul phase (their quantized tiles stay in L2) */
 #define SERIAL_ROWS 8   /* fewer rows than this: a row step runs in its phase's close, on one thread */
 
-enum { OP_EMBED, OP_MM_QKV, OP_ROW_QKV, OP_ATT, OP_ROW_ATT, OP_MM_O, OP_ROW_O, OP_MM_GU, OP_ROW_GU,
+enum { OP_EMBED, OP_MM_QKV, OP_ROW_QKV, OP_ATT_S, OP_ATT, OP_ROW_ATT, OP_MM_O, OP_ROW_O, OP_MM_GU, OP_ROW_GU,
        OP_MM_DOWN, OP_ROW_DOWN, OP_MM_HEAD };
 
 typedef struct { int op, layer, m0, m1; } phase_t;  /* m0, m1: a matmul phase's activation rows */
@@ -269,6 +269,8 @@ typedef struct {
     float *logits, *hidden;
     int *att_run, *att_qt;          /* attention items: chunk, query tile (kv head: item % nkv) */
     int *run0, *runn;               /* chunk i: rows run0[i] .. run0[i] + runn[i] - 1 */
+    float *sc; size_t scs;          /* one decode row's scores, attention in two phases (attn_split_tiles) */
+    float *rope; const float **rope_of;  /* per row: cos, sin (n_rot / 2 each) of its position for rope_of[m] */
     phase_t *ph;
     /* (M, .) float rows: residual, normed input, q, k, v, attention output, MLP hidden, matmul
      * outputs (o, down; up when gate/up are not fused); xo (nout, H): the final-norm rows */
@@ -376,11 +378,14 @@ static void row_step(batch_t *b, int op, int l, int m) {
          * (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); the sliding layers' own frequencies */
         const int half = c->n_rot / 2, p = b->pos[m];
         const float *inv = c->swa[l] && c->inv_freq_local ? c->inv_freq_local : c->inv_freq;
-        float cs[half > 0 ? half : 1], sn[half > 0 ? half : 1];
-        for (int i = 0; i < half; i++) {
-            const float a = (float)p * inv[i];
-            cs[i] = cosf(a); sn[i] = sinf(a);
-            if (c->rope_factor != 1.f) { cs[i] *= c->rope_factor; sn[i] *= c->rope_factor; }
+        float *cs = b->rope + (size_t)m * 2 * (half > 0 ? half : 1), *sn = cs + half;
+        if (b->rope_of[m] != inv) {  /* made once a row for each table (layers share them) */
+            for (int i = 0; i < half; i++) {
+                const float a = (float)p * inv[i];
+                cs[i] = cosf(a); sn[i] = sinf(a);
+                if (c->rope_factor != 1.f) { cs[i] *= c->rope_factor; sn[i] *= c->rope_factor; }
+            }
+            b->rope_of[m] = inv;
         }
         for (int h = 0; h < nh + nkv; h++) {
             float *t = h < nh ? q + h * hd : k + (h - nh) * hd;
@@ -556,25 +561,50 @@ static void mm_run(batch_t *b, const phase_t *ph, int i0, int i1) {
     free(row);
 }
 
-/* attention items i0..i1-1 of layer l: (chunk, query tile, kv head), its slot's cache */
+/* the attention of layer l for chunk ru of the batch, its slot's cache */
+static attn_t att_of(const batch_t *b, int l, int ru) {
+    const model_t *c = b->c;
+    const kv_t *kv = b->kv;
+    const int hd = c->hd, nh = c->nh, nkv = c->nkv, nq = nh * hd, m0 = b->run0[ru];
+    const size_t esz = kv->kv16 ? 2 : 4, S = kv->S, base = (size_t)b->slot[m0] * nkv * S * hd * esz;
+    const attn_t a = {b->q + (size_t)m0 * nq, (const uint8_t *)kv->k[l] + base, (const uint8_t *)kv->v[l] + base,
+                      nq, hd, hd, (int64_t)S * hd, hd, (int64_t)S * hd, b->runn[ru], nh, nkv, hd, b->pos[m0],
+                      kv->kv16, c->attn_scale, b->att + (size_t)m0 * nq, c->swa[l] ? c->window : 0};
+    return a;
+}
+
+/* a decode row's key tiles at layer l when its attention runs in two phases (OP_ATT_S: scores
+ * of (tile, kv head) items; OP_ATT: one head an item), else 0 */
+static int att_split(const batch_t *b, int l) {
+    if (b->M != 1 || !b->sc) return 0;
+    const attn_t a = att_of(b, l, 0);
+    return attn_split_tiles(b->c->path, &a);
+}
+
+/* attention items i0..i1-1 of layer l: (chunk, query tile, kv head); split: heads */
 static void att_run(batch_t *b, int l, int i0, int i1) {
     model_t *c = b->c;
-    const kv_t *kv = b->kv;
-    const int hd = c->hd, nh = c->nh, nkv = c->nkv, nq = nh * hd, r = nh / nkv;
+    if (att_split(b, l)) {
+        const attn_t a = att_of(b, l, 0);
+        for (int h = i0; h < i1; h++) attn_split_head(c->path, &a, h, b->sc, b->scs);
+        return;
+    }
+    const int hd = c->hd, nh = c->nh, nkv = c->nkv, r = nh / nkv;
     const int Rp = (r * AQ + 3) & ~3;
     const size_t ws_floats = (size_t)2 * Rp * hd + (size_t)hd * AK + (size_t)Rp * AK + 4 * (size_t)Rp;
     float *ws = malloc(ws_floats * sizeof(float));
     if (!ws) { STORE(&b->fail, 1, RLX); return; }
-    const size_t esz = kv->kv16 ? 2 : 4, S = kv->S;
     for (int i = i0; i < i1; i++) {
-        const int ru = b->att_run[i], qt = b->att_qt[i], g = i % nkv, m0 = b->run0[ru];
-        const size_t base = (size_t)b->slot[m0] * nkv * S * hd * esz;
-        attn_t a = {b->q + (size_t)m0 * nq, (const uint8_t *)kv->k[l] + base, (const uint8_t *)kv->v[l] + base,
-                    nq, hd, hd, (int64_t)S * hd, hd, (int64_t)S * hd, b->runn[ru], nh, nkv, hd, b->pos[m0],
-                    kv->kv16, c->attn_scale, b->att + (size_t)m0 * nq, c->swa[l] ? c->window : 0};
-        attn_item(c->path, &a, g, qt, ws);
+        const attn_t a = att_of(b, l, b->att_run[i]);
+        attn_item(c->path, &a, i % nkv, b->att_qt[i], ws);
     }
     free(ws);
+}
+
+/* score items i0..i1-1 of layer l (split): key tile i / nkv of kv head i % nkv */
+static void att_scores_run(batch_t *b, int l, int i0, int i1) {
+    const attn_t a = att_of(b, l, 0);
+    for (int i = i0; i < i1; i++) attn_split_scores(b->c->path, &a, i % b->c->nkv, i / b->c->nkv, b->sc, b->scs);
 }
 
 static int is_row_op(int op) {
@@ -586,7 +616,8 @@ static int batch_items(void *a, int p) {
     const batch_t *b = a;
     const phase_t *ph = &b->ph[p];
     if (is_row_op(ph->op)) return b->M >= SERIAL_ROWS ? b->M : 0;
-    if (ph->op == OP_ATT) return b->natt;
+    if (ph->op == OP_ATT_S) return att_split(b, ph->layer) * b->c->nkv;
+    if (ph->op == OP_ATT) return att_split(b, ph->layer) ? b->c->nh : b->natt;
     if (ph->m1 <= ph->m0) return 0;
     const mat_t *ms[3]; float *ys[3]; const float *src; int K;
     const int nm = mm_mats(b, ph, ms, ys, &src, &K);
@@ -600,6 +631,7 @@ static void batch_run(void *a, int p, int i0, int i1, int tid) {
     batch_t *b = a;
     const phase_t *ph = &b->ph[p];
     if (is_row_op(ph->op)) for (int m = i0; m < i1; m++) row_step(b, ph->op, ph->layer, m);
+    else if (ph->op == OP_ATT_S) att_scores_run(b, ph->layer, i0, i1);
     else if (ph->op == OP_ATT) att_run(b, ph->layer, i0, i1);
     else mm_run(b, ph, i0, i1);
 }
@@ -660,7 +692,7 @@ int hl_batch(void *p, void *kvp, int n, const int *tokens, const int *pos, const
             for (int g = 0; g < c->nkv; g++, it++) { b.att_run[it] = i; b.att_qt[it] = qt; }
     /* the phases */
     const int nch = (n + MM_ROWS - 1) / MM_ROWS, nchout = (nout + MM_ROWS - 1) / MM_ROWS;
-    b.ph = malloc(sizeof(phase_t) * (size_t)(1 + c->L * (4 * nch + 6) + nchout));
+    b.ph = malloc(sizeof(phase_t) * (size_t)(1 + c->L * (4 * nch + 7) + nchout));
     if (!rc && !b.ph) rc = -3;
     if (!rc) {
         int np = 0;
@@ -673,6 +705,7 @@ int hl_batch(void *p, void *kvp, int n, const int *tokens, const int *pos, const
                     b.ph[np++] = (phase_t){mm[s], l, ch * MM_ROWS, (ch + 1) * MM_ROWS < n ? (ch + 1) * MM_ROWS : n};
                 b.ph[np++] = (phase_t){rows[s], l, 0, 0};
                 if (s == 0) {
+                    b.ph[np++] = (phase_t){OP_ATT_S, l, 0, 0};
                     b.ph[np++] = (phase_t){OP_ATT, l, 0, 0};
                     b.ph[np++] = (phase_t){OP_ROW_ATT, l, 0, 0};
                 }
@@ -688,6 +721,12 @@ int hl_batch(void *p, void *kvp, int n, const int *tokens, const int *pos, const
         b.v = malloc(4 * M * nk); b.att = malloc(4 * M * nq); b.hb = malloc(4 * M * F); b.u = malloc(4 * M * F);
         b.y = malloc(4 * M * H); b.xo = malloc(4 * (size_t)(nout > 0 ? nout : 1) * H);
         if (c->parallel) b.ya = malloc(4 * M * H);
+        b.rope = malloc(4 * M * 2 * (size_t)(c->n_rot / 2 > 0 ? c->n_rot / 2 : 1));
+        b.rope_of = calloc(M, sizeof(float *));
+        if (n == 1) {  /* a decode row: room for its scores (att_split) */
+            b.scs = ((size_t)pos[0] / AK + 2) * AK;
+            b.sc = malloc(4 * b.scs * (size_t)c->nh);
+        }
         b.aq = malloc(M * Kmax + 64); b.aq2 = malloc(M * Kmax + 64);
         b.ad = malloc(M * Kmax + 64); b.as = malloc(M * Kmax + 64);  /* K/4 floats a row each */
         if (hl_pack_rows(c->path)) {  /* tiles for the packed kernels */
@@ -695,7 +734,7 @@ int hl_batch(void *p, void *kvp, int n, const int *tokens, const int *pos, const
             b.td = malloc(4 * (Mt * TILE * nb + 16)); b.ts = malloc(4 * (Mt * TILE * ACT_SUMS * nb + 16));
         }
         if (!b.x || !b.xn || !b.q || !b.k || !b.v || !b.att || !b.hb || !b.u || !b.y || !b.xo || !b.aq || !b.aq2
-            || (c->parallel && !b.ya)
+            || (c->parallel && !b.ya) || !b.rope || !b.rope_of
             || !b.ad || !b.as || (hl_pack_rows(c->path) && (!b.tq || !b.td || !b.ts)))
             rc = -3;
     }
@@ -706,7 +745,7 @@ int hl_batch(void *p, void *kvp, int n, const int *tokens, const int *pos, const
     }
     free(outj); free(run0); free(runn); free(b.att_run); free(b.att_qt); free(b.ph);
     free(b.x); free(b.xn); free(b.q); free(b.k); free(b.v); free(b.att); free(b.hb); free(b.u); free(b.y); free(b.xo);
-    free(b.ya);
+    free(b.ya); free(b.sc); free(b.rope); free(b.rope_of);
     free(b.aq); free(b.aq2); free(b.ad); free(b.as); free(b.tq); free(b.td); free(b.ts);
     return rc;
 }
