@@ -127,6 +127,25 @@ def test_cached_chunks_and_decode_equal_the_full_forward(family):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_training_hidden_states_are_the_forwards(family):
+    """train/loss.final_hidden (SFT, DPO, the reward model, RL): the states the forward puts
+    through its head, with Gemma's embedding scale and its sliding layers' own RoPE base."""
+    from homellm.train.loss import final_hidden
+    name, _, hf, _ = family
+    model = build_model(read_hf(hf), device="cpu", dtype=torch.float32)
+    ids = tokens(20, batch=2, seed=4)
+    with torch.no_grad():
+        logits = model.lm_head(final_hidden(model, ids)).float()
+        positions = torch.arange(20).expand(2, 20)  # the packed rows' form: explicit positions
+        logits_at = model.lm_head(final_hidden(model, ids, positions=positions)).float()
+        if model.args.final_logit_softcapping is not None:
+            c = model.args.final_logit_softcapping
+            logits, logits_at = torch.tanh(logits / c) * c, torch.tanh(logits_at / c) * c
+        full = model(ids)
+    torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits_at, full, rtol=1e-5, atol=1e-5)
+
+
 def greedy_reference(ref, prompt: list[int], n: int) -> list[int]:
     ids = list(prompt)
     with torch.no_grad():

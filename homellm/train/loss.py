@@ -23,13 +23,17 @@ def final_hidden(model: nn.Module, tokens: Tensor, checkpointing: bool = False,
     in one row) give each token's own `positions` (B, T) and the attention's `mask`: (B, 1,
     T, T) bool, True = attend, or an AttentionLayout (model/llama.py)."""
     x = model.model.embed_tokens(tokens)
-    if positions is None:
-        cos, sin = model.rope(torch.arange(tokens.shape[1], device=tokens.device))  # (T, rot)
-    else:
-        cos, sin = model.rope(positions)
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, rot): every head alike
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if model.args.embed_scale != 1.0:  # Gemma: sqrt(hidden_size), in the table's dtype (as forward)
+        x = x * torch.tensor(model.args.embed_scale, dtype=x.dtype)
+    pos = torch.arange(tokens.shape[1], device=tokens.device) if positions is None else positions
+    ropes = {}
+    for local in {layer.self_attn.local_rope for layer in model.model.layers}:  # Gemma 3: two bases
+        cos, sin = model.rope(pos, local)  # (T, rot) or (B, T, rot)
+        if positions is not None:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, rot): every head alike
+        ropes[local] = cos.to(x.dtype), sin.to(x.dtype)
     for layer in model.model.layers:
+        cos, sin = ropes[layer.self_attn.local_rope]
         if checkpointing and torch.is_grad_enabled():
             x = checkpoint(layer, x, cos, sin, 0, None, mask, use_reentrant=False)
         else:
