@@ -179,6 +179,18 @@ def _native(ckpt, ctx: int = 256, path: str | None = None):
     return NativeModel(ckpt.args, ckpt.tensors, ctx, threads=2, path=path, kv_dtype="f32")
 
 
+def test_embeddings_states_agree_on_both_runtimes(family):
+    """/v1/embeddings' states (serve/embeddings.hidden_states): the PyTorch network's and the C
+    runtime's, with Gemma's embedding scale and sliding layers' RoPE on both."""
+    from homellm.serve.embeddings import hidden_states
+    name, _, hf, gguf_path = family
+    ckpt = read_gguf(gguf_path)
+    ids = tokens(24, batch=1, seed=5)[0].tolist()
+    torch_states = hidden_states(build_model(ckpt, device="cpu", dtype=torch.float32), ids)
+    native_states = torch.from_numpy(hidden_states(_native(ckpt), ids))
+    torch.testing.assert_close(torch_states, native_states, rtol=1e-4, atol=1e-4)
+
+
 def kernel_paths() -> list[str]:
     from homellm.engine import kernels
     if not kernels.available():

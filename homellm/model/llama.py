@@ -274,7 +274,7 @@ class Llama(nn.Module):
 
     def forward(self, tokens: Tensor, start_pos: int | Tensor = 0,
                 cache: KVCacheProtocol | None = None, mask: Tensor | None = None,
-                last_only: bool = False) -> Tensor:
+                last_only: bool = False, hidden: bool = False) -> Tensor:
         """Logits for tokens (B, T) placed at positions start_pos.. start_pos+T-1.
 
         start_pos is an int (every row at the same positions) or a (B,) long tensor: row b at
@@ -282,7 +282,8 @@ class Llama(nn.Module):
         With a cache, keys and values of earlier positions come from it. `mask` is an
         optional boolean (B or 1, 1, T, S) attention mask (True = attend); without one the
         attention is causal (and windowed in sliding layers). `last_only` computes logits for
-        the last position only. Returns float32 logits (B, T or 1, vocab_size).
+        the last position only. Returns float32 logits (B, T or 1, vocab_size), or with `hidden`
+        the final-norm states before the head (B, T or 1, hidden_size), in the model's dtype.
         """
         B, T = tokens.shape
         x = self.model.embed_tokens(tokens)
@@ -312,6 +313,8 @@ class Llama(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)
+        if hidden:
+            return x
         logits = self.lm_head(x).float()
         if self.args.final_logit_softcapping is not None:
             c = self.args.final_logit_softcapping

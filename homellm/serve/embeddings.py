@@ -39,12 +39,7 @@ def hidden_states(network, ids: list[int]):
     import torch
     with torch.inference_mode():
         tokens = torch.tensor([ids], dtype=torch.long, device=network.inv_freq.device)
-        x = network.model.embed_tokens(tokens)
-        cos, sin = network.rope(torch.arange(len(ids), device=tokens.device))
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        for layer in network.model.layers:  # causal attention, no cache, as Llama.forward
-            x = layer(x, cos, sin, 0, None, None)
-        return network.model.norm(x)[0].float().cpu()
+        return network(tokens, hidden=True)[0].float().cpu()
 
 
 def token_ids(model, inputs, param: str, truncate: bool = False) -> list[list[int]]:
