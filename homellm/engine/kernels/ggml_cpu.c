@@ -1706,6 +1706,69 @@ T256 static void attn_query_avx2(const attn_t *a, int g, float *ws) {
     }
 }
 
+/* attn_query_avx2 in two steps (as attn_query_scores_512 / attn_query_head_512): the scores of
+ * key tile kt of group g for its r heads into sc, then one head's softmax and P V over its tiles;
+ * the same operations on every row in the same order: the same bits */
+T256 static void attn_query_scores_avx2(const attn_t *a, int g, int kt, float *sc, size_t sc_stride) {
+    const int r = a->nh / a->nkv, hd = a->hd, R = r, p = a->sp;
+    const int k0 = attn_k0(a, p) + kt * AK, kend = p + 1, nk = kend - k0 < AK ? kend - k0 : AK;
+    float Qb[8 * 256];
+    for (int i = 0; i < R; i++) {
+        const float *src = a->q + (size_t)(g * r + i) * a->qsh;
+        for (int d = 0; d < hd; d++) Qb[(size_t)i * hd + d] = src[d] * a->scale;
+    }
+    const size_t kb = (size_t)k0 * a->kst + (size_t)g * a->ksh;
+    for (int j0 = 0; j0 < nk; j0 += 16) {
+        __m256 s[8][2];
+        const int nhalf = j0 + 8 < nk ? 2 : 1;
+        for (int i = 0; i < R; i++) s[i][0] = s[i][1] = _mm256_setzero_ps();
+        for (int d0 = 0; d0 < hd; d0 += 8)
+            for (int h = 0; h < nhalf; h++) {
+                __m256 kt8[8];
+                transpose8_r(a->k, a->f16, kb + (size_t)(j0 + 8 * h) * a->kst + d0, a->kst, nk - j0 - 8 * h, kt8);
+                for (int i = 0; i < R; i++)
+                    for (int dd = 0; dd < 8; dd++)
+                        s[i][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(Qb + (size_t)i * hd + d0 + dd), kt8[dd], s[i][h]);
+            }
+        for (int i = 0; i < R; i++) {
+            float *row = sc + (size_t)(g * r + i) * sc_stride + (size_t)kt * AK;
+            _mm256_storeu_ps(row + j0, s[i][0]);
+            if (j0 + 8 < AK) _mm256_storeu_ps(row + j0 + 8, s[i][1]);
+        }
+    }
+}
+
+T256 static void attn_query_head_avx2(const attn_t *a, int h, const float *sc, size_t sc_stride) {
+    const int r = a->nh / a->nkv, hd = a->hd, p = a->sp, g = h / r;
+    float O[256], P[AK], m = -INFINITY, l = 0.f, c = 1.f;
+    for (int d = 0; d < hd; d++) O[d] = 0.f;
+    const int kend = p + 1, lo0 = attn_lo(a, p);
+    int kt = 0;
+    for (int k0 = attn_k0(a, p); k0 < kend; k0 += AK, kt++) {
+        const int nk = kend - k0 < AK ? kend - k0 : AK, jp = (nk + 7) & ~7;
+        const float *row = sc + (size_t)h * sc_stride + (size_t)kt * AK;
+        for (int j = 0; j < jp; j++) P[j] = row[j];
+        attn_softmax_256(P, jp, p - k0, lo0 - k0, nk, &m, &l, &c);
+        /* c O + P V, the lanes' operations of attn_pv4_256, 64 values at a time */
+        const size_t vb = (size_t)k0 * a->vst + (size_t)g * a->vsh;
+        const __m256 cv = _mm256_set1_ps(c);
+        for (int d0 = 0; d0 < hd; d0 += 64) {
+            const int nv = (hd - d0) / 8 < 8 ? (hd - d0) / 8 : 8;
+            __m256 o[8];
+            for (int x = 0; x < nv; x++) o[x] = _mm256_mul_ps(cv, _mm256_loadu_ps(O + d0 + 8 * x));
+            for (int j = 0; j < nk; j++) {
+                const __m256 pj = _mm256_broadcast_ss(P + j);
+                const size_t vr = vb + (size_t)j * a->vst + d0;
+                for (int x = 0; x < nv; x++) o[x] = _mm256_fmadd_ps(pj, kv_ld8(a->v, a->f16, vr + 8 * x), o[x]);
+            }
+            for (int x = 0; x < nv; x++) _mm256_storeu_ps(O + d0 + 8 * x, o[x]);
+        }
+    }
+    float *y = a->out + (size_t)h * hd;
+    const float inv = 1.f / l;
+    for (int d = 0; d < hd; d++) y[d] = O[d] * inv;
+}
+
 /* exp512: the one of the packed matmul's SiLU epilogue, above */
 
 /* O[i0..i0+3, d0 .. d0+16 NV) = c_i O + P[i, :jn] @ V[:jn, d0 ..] for one block of 4 rows */
@@ -2044,7 +2107,8 @@ static void glu_row(int path, int act, const float *g, const float *u, float *h,
 static int attn_split_tiles(int path, const attn_t *a) {
 #if HL_X86
     const int r = a->nh / a->nkv;
-    if (path == P_AVX512 && a->T == 1 && a->hd % 16 == 0 && a->hd <= 256 && r > 1 && r <= 8)
+    const int fits = a->T == 1 && a->hd <= 256 && r > 1 && r <= 8;
+    if (fits && ((path == P_AVX512 && a->hd % 16 == 0) || (is_avx2(path) && a->hd % 8 == 0)))
         return (a->sp + 1 - attn_k0(a, a->sp) + AK - 1) / AK;
 #endif
     (void)path; (void)a;
@@ -2054,6 +2118,7 @@ static int attn_split_tiles(int path, const attn_t *a) {
 static void attn_split_scores(int path, const attn_t *a, int g, int kt, float *sc, size_t sc_stride) {
 #if HL_X86
     if (path == P_AVX512) attn_query_scores_512(a, g, kt, sc, sc_stride);
+    else attn_query_scores_avx2(a, g, kt, sc, sc_stride);
 #endif
     (void)path; (void)a; (void)g; (void)kt; (void)sc; (void)sc_stride;
 }
@@ -2061,6 +2126,7 @@ static void attn_split_scores(int path, const attn_t *a, int g, int kt, float *s
 static void attn_split_head(int path, const attn_t *a, int h, const float *sc, size_t sc_stride) {
 #if HL_X86
     if (path == P_AVX512) attn_query_head_512(a, h, sc, sc_stride);
+    else attn_query_head_avx2(a, h, sc, sc_stride);
 #endif
     (void)path; (void)a; (void)h; (void)sc; (void)sc_stride;
 }
