@@ -127,14 +127,15 @@ LONG = [dataclasses.replace(TINY_LLAMA, num_attention_heads=2, num_key_value_hea
                             layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256)]
 
 
-@pytest.mark.parametrize("path", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("path,threads", [("scalar", 2), ("avx2", 2), ("avx512", 2), ("avx2", 1), ("avx512", 1)])
 @pytest.mark.parametrize("args", LONG, ids=["mha-hd32", "gqa8", "window70"])
-def test_decode_rows_equal_prompt_rows_over_many_key_tiles(path, args):
+def test_decode_rows_equal_prompt_rows_over_many_key_tiles(path, threads, args):
     """150 positions (three key tiles) fed whole, in chunks of 33, or one token at a time: the
-    same logits and keys bit for bit, with sliding windows and 1, 3 or 8 query heads a kv head."""
+    same logits and keys bit for bit, with sliding windows and 1, 3 or 8 query heads a kv head;
+    on threads a decode row's attention runs in two phases (scores, then heads), on one in one."""
     if path not in _paths():
         pytest.skip(f"this CPU has no {path} path")
-    model = NativeModel(args, quantized_tensors(args, Q.Q8_0), 160, path=path, threads=2)
+    model = NativeModel(args, quantized_tensors(args, Q.Q8_0), 160, path=path, threads=threads)
     prompt = ids(150, 11, args.vocab_size)
     whole = model.forward(prompt, 0, last_only=False)
     keys = model.k[1][:, :150].copy()

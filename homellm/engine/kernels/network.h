@@ -723,7 +723,7 @@ int hl_batch(void *p, void *kvp, int n, const int *tokens, const int *pos, const
         if (c->parallel) b.ya = malloc(4 * M * H);
         b.rope = malloc(4 * M * 2 * (size_t)(c->n_rot / 2 > 0 ? c->n_rot / 2 : 1));
         b.rope_of = calloc(M, sizeof(float *));
-        if (n == 1) {  /* a decode row: room for its scores (att_split) */
+        if (n == 1 && c->nthreads > 1) {  /* a decode row on threads: room for its scores (att_split) */
             b.scs = ((size_t)pos[0] / AK + 2) * AK;
             b.sc = malloc(4 * b.scs * (size_t)c->nh);
         }
