@@ -394,7 +394,8 @@ AVX2_T static void AVX2_SFX(packed_tile)(const uint8_t *pk, int K, const int8_t 
                                          int R, float *out, int hi, int kind) {
 #if !AVX2_VNNI
     if (hi == 2) {  /* an int16 tile (TM_A16) */
-#define BODY16(KK) AVX2_SFX(a16_body)(pk, K, q, dx, sx, R, out, KK, AVX2_SFX(a16_group)(pk, K, KK))
+        /* (one row, e.g. the head's last: each block widened as it comes, nothing kept) */
+#define BODY16(KK) AVX2_SFX(a16_body)(pk, K, q, dx, sx, R, out, KK, R > 1 ? AVX2_SFX(a16_group)(pk, K, KK) : NULL)
         switch (kind) {
         case PK_Q4: BODY16(PK_Q4); return;
         case PK_Q4S: BODY16(PK_Q4S); return;
