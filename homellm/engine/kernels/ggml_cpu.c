@@ -506,8 +506,25 @@ static void quantize_row(const float *x, int K, int8_t *q, float *dx, float *sx,
     quantizer()(x, K, q, 32, q2, dx, 8, 1, sx, 1);
 }
 
-/* row r of a tile (see TILE): L levels */
+/* Tile modes, the layout of a tile's quantized activations (see TILE): TM_ONE one level, TM_TWO
+ * two (a block's q of the tile's rows, then their q2), TM_A16 two levels as one int16 a value,
+ * a = 256 q + q2 (|a| <= 32639; row r's 32 values of block b at b TILE 32 + r 32 int16, the bytes
+ * of TM_TWO): P_AVX2's kernels for more than one row widen the weights to int16 once a block and
+ * make the same integer dots w . a = 256 (w . q) + (w . q2) with vpmaddwd alone (kernels_avx2_tile.h).
+ * A packed kernel (tile_fn) takes its tile's mode as hi = mode - 1. */
+enum { TM_ONE = 1, TM_TWO = 2, TM_A16 = 3 };
+static int tile_mode(int path, int hi, int M) { return !hi ? TM_ONE : path == P_AVX2 && M > 1 ? TM_A16 : TM_TWO; }
+
+/* row r of a tile (see TILE) in tile mode L (TM_*) */
 static void quantize_tile_row(const float *x, int K, int L, int8_t *qt, float *dxt, float *sxt, int r) {
+    if (L == TM_A16) {  /* both levels quantized as for TM_TWO, then joined */
+        int8_t q[K], q2[K];
+        quantizer()(x, K, q, 32, q2, dxt + r, TILE, 0, sxt + r, TILE);
+        int16_t *a = (int16_t *)qt + r * 32;
+        for (int b = 0; b < K / 32; b++)
+            for (int j = 0; j < 32; j++) a[(size_t)b * TILE * 32 + j] = (int16_t)(q[b * 32 + j] * 256 + q2[b * 32 + j]);
+        return;
+    }
     quantizer()(x, K, qt + r * 32, (size_t)TILE * 32 * L, L == 2 ? qt + r * 32 + TILE * 32 : NULL, dxt + r, TILE, 0,
                 sxt + r, TILE);
 }
@@ -2062,6 +2079,15 @@ T512 static void attn_query_head_512(const attn_t *a, int h, const float *sc, si
 
 /* ---- dispatch: each path's kernels --------------------------------------------------------- */
 
+/* before a call's tiles of mode tm are made: the kernels' state of earlier calls (P_AVX2's
+ * widened TM_A16 groups) is then stale */
+static void tiles_new_call(int tm) {
+#if HL_X86
+    if (tm == TM_A16) a16_new_call();
+#endif
+    (void)tm;
+}
+
 /* a packed kernel for one row as a tile of one (quantize_row1), or NULL where the path has none */
 typedef void (*row1_fn)(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx, float *out,
                         int hi, int kind);
@@ -2156,7 +2182,7 @@ static void attn_item(int path, const attn_t *a, int g, int qt, float *ws) {
 #endif
 
 typedef struct {
-    const float *x; int M, K, L, R, nfused, hi, glu, path, G; const uint8_t *const *pks; const int *Ns;
+    const float *x; int M, K, L, R, nfused, hi, glu, path, G, tm; const uint8_t *const *pks; const int *Ns;
     float *const *ys; const int *kinds; int8_t *q; float *dx, *sx; size_t tq, td, ts;
     int first[9];  /* weight i owns global groups first[i] .. first[i+1]-1 */
 } packed_mm_t;
@@ -2171,12 +2197,12 @@ static int packed_mm_items(void *a, int p) {
 static void packed_mm_run(void *a, int p, int i0, int i1, int tid) {
     (void)tid;
     const packed_mm_t *t = a;
-    const int K = t->K, M = t->M, nb = K / 32, R = t->R, glu = t->glu, hi = t->hi, nfused = t->nfused, G = t->G;
+    const int K = t->K, M = t->M, nb = K / 32, R = t->R, glu = t->glu, nfused = t->nfused, G = t->G;
     const int *kinds = t->kinds, *first = t->first;
     const size_t tq = t->tq, td = t->td, ts = t->ts;
     if (p == 0) {
         for (int m = i0; m < i1; m++)  /* each row into its place in its tile */
-            quantize_tile_row(t->x + (size_t)m * K, K, t->L, t->q + (m / TILE) * tq, t->dx + (m / TILE) * td,
+            quantize_tile_row(t->x + (size_t)m * K, K, t->tm, t->q + (m / TILE) * tq, t->dx + (m / TILE) * td,
                               t->sx + (m / TILE) * ts, m % TILE);
         return;
     }
@@ -2211,9 +2237,9 @@ static void packed_mm_run(void *a, int p, int i0, int i1, int tid) {
                         __builtin_prefetch((const char *)nx[w] + o, 0, 3);
             const int8_t *qa = t->q + (size_t)(m0 / TILE) * tq;  /* (m0: a multiple of TILE) */
             const float *da = t->dx + (size_t)(m0 / TILE) * td, *sa = t->sx + (size_t)(m0 / TILE) * ts;
-            tile(pk_group(t->pks[i], k0, g, K, G), K, qa, da, sa, r, out, hi, k0);
+            tile(pk_group(t->pks[i], k0, g, K, G), K, qa, da, sa, r, out, t->tm - 1, k0);
             if (glu) {
-                tile(pk_group(t->pks[1], k1, g, K, G), K, qa, da, sa, r, out2, hi, k1);
+                tile(pk_group(t->pks[1], k1, g, K, G), K, qa, da, sa, r, out2, t->tm - 1, k1);
                 for (int j = 0; j < r; j++)
                     glu_row(t->path, ACT_SILU, out + G * j, out2 + G * j, y + (size_t)(m0 + j) * N + g * G, nn);
             } else {
@@ -2229,13 +2255,14 @@ static int matmul_packed_multi(const float *x, int M, int K, int nw, const uint8
     /* the activations in tiles of TILE rows (see TILE); the last tile's missing rows unused */
     const int nb = K / 32, L = hi ? 2 : 1, nfused = glu ? 1 : nw, G = hl_pack_rows(path);
     const int Mt = (M + TILE - 1) / TILE;
-    packed_mm_t t = {x, M, K, L, TILE, nfused, hi, glu, path, G, pks, Ns, ys, kinds, NULL, NULL, NULL,
+    packed_mm_t t = {x, M, K, L, TILE, nfused, hi, glu, path, G, tile_mode(path, hi, M), pks, Ns, ys, kinds, NULL, NULL, NULL,
                      (size_t)TILE * K * L, (size_t)TILE * nb, (size_t)TILE * ACT_SUMS * nb, {0}};
     t.q = malloc(Mt * t.tq);
     t.dx = malloc(4 * Mt * t.td); t.sx = malloc(4 * Mt * t.ts);
     if (!t.q || !t.dx || !t.sx) { free(t.q); free(t.dx); free(t.sx); return -3; }
     for (int i = 0; i < nfused; i++) t.first[i + 1] = t.first[i] + (Ns[i] + G - 1) / G;
     const job_t job = {1 + (M + MCHUNK - 1) / MCHUNK, packed_mm_items, packed_mm_run, NULL, &t};
+    tiles_new_call(t.tm);
     pool_run(&job, nthreads);
     free(t.q); free(t.dx); free(t.sx);
     return 0;

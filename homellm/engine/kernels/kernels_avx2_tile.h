@@ -252,6 +252,129 @@ AVX2_T INLINE void AVX2_SFX(packed_body)(const uint8_t *pk, int K, const int8_t 
     for (int r = 0; r < R; r++) _mm256_storeu_ps(out + 8 * r, accs[r]);
 }
 
+#if !AVX2_VNNI
+/* The int16 tiles (tile mode TM_A16: two levels as one value a = 256 q + q2 per activation, see
+ * quantize_tile_row): out (R, 8) = 8 packed weight rows against rows 0..R-1 of such a tile. The
+ * integer dots w . a = 256 (w . q) + (w . q2) are packed_body's, exact in int32 (|a| <= 32639,
+ * |w| <= 128: 32 values < 2^27), so block_acc gets the same integers and the outputs are the
+ * same bits. The weights are widened to int16: chunk c's bytes (row n's values 4c..4c+3 at 4n)
+ * zero- or sign-extended by an in-lane unpack, wb[2c] rows 0, 1 | 4, 5 and wb[2c + 1] rows 2, 3
+ * | 6, 7, each row's 4 values in two int32 lanes; one 64-bit broadcast of a row's 4 activations
+ * then feeds both vpmaddwd (half vpmaddubsw's broadcasts, no vpmaddwd with ones, no spills), and
+ * a vphaddd puts the lane pairs back as rows 0..7 in order. A group's widened weights (512 bytes
+ * a block) are made once for all its tiles (a16_group: the thread's last two groups, gate and up
+ * alternating); rows go 4 at a time (8 int32 accumulators; Q6_K's halves one after the other).
+ * Default model (Q5_0 mostly) on the forced AVX2 path, one core, a tile in L1: 17.6 -> ~12
+ * cycles a row and block. */
+AVX2_T INLINE __m256i AVX2_SFX(bq4)(const int16_t *a) { int64_t v; memcpy(&v, a, 8); return _mm256_set1_epi64x(v); }
+
+/* block p's weights (of `kind`), widened into wb[0..16) */
+AVX2_T INLINE void AVX2_SFX(a16_widen)(const uint8_t *p, const int kind, __m256i *wb) {
+    const size_t wo = pk_wo(kind, 8);
+    const __m256i lo = _mm256_set1_epi8(15), z = _mm256_setzero_si256();
+    for (int c = 0; c < 8; c++) {  /* chunk c's bytes */
+        __m256i x;
+        if (PK_NIB(kind)) {
+            const __m256i y = _mm256_loadu_si256((const __m256i *)(p + wo + 32 * (c & 3)));
+            x = _mm256_and_si256(c < 4 ? y : _mm256_srli_epi16(y, 4), lo);
+            if (kind == PK_Q5) x = _mm256_or_si256(x, fifth_bits(_mm256_loadu_si256((const __m256i *)(p + wo + 128)), c));
+        } else {
+            x = _mm256_loadu_si256((const __m256i *)(p + wo + 32 * c));
+        }
+        const __m256i e = kind == PK_Q8 ? _mm256_cmpgt_epi8(z, x) : z;  /* Q8_0's signed bytes */
+        _mm256_store_si256(wb + 2 * c, _mm256_unpacklo_epi8(x, e));
+        _mm256_store_si256(wb + 2 * c + 1, _mm256_unpackhi_epi8(x, e));
+    }
+}
+
+AVX2_T INLINE void AVX2_SFX(a16_rows)(const __m256i *wb, const int16_t *a, int c0, int c1, const int n,
+                                      __m256i *i) {
+    __m256i lo[4], hi[4];
+    for (int rr = 0; rr < n; rr++) lo[rr] = hi[rr] = _mm256_setzero_si256();
+    for (int c = c0; c < c1; c++) {
+        const __m256i wl = _mm256_load_si256(wb + 2 * c), wh = _mm256_load_si256(wb + 2 * c + 1);
+        for (int rr = 0; rr < n; rr++) {
+            const __m256i x = AVX2_SFX(bq4)(a + rr * 32 + 4 * c);
+            lo[rr] = _mm256_add_epi32(lo[rr], _mm256_madd_epi16(wl, x));
+            hi[rr] = _mm256_add_epi32(hi[rr], _mm256_madd_epi16(wh, x));
+            /* (kept as running sums in registers: else gcc reassociates them into all the
+             * products first, spilled, then summed) */
+            __asm__("" : "+x"(lo[rr]), "+x"(hi[rr]));
+        }
+    }
+    for (int rr = 0; rr < n; rr++) i[rr] = _mm256_hadd_epi32(lo[rr], hi[rr]);
+}
+
+/* wall: the group's widened weights (16 registers a block), or NULL: each block widened here */
+AVX2_T INLINE void AVX2_SFX(a16_body)(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
+                                      const int R, float *out, const int kind, const __m256i *wall) {
+    const int nb = K / 32;
+    const size_t bb = pk_size(kind, 8);
+    __m256 accs[TILE];
+    __m256i own[16];
+    for (int r = 0; r < R; r++) accs[r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *p = pk + (size_t)b * bb;
+        const int16_t *a = (const int16_t *)q + (size_t)b * TILE * 32;
+        const __m256i *wb = wall ? wall + 16 * (size_t)b : own;
+        if (!wall) AVX2_SFX(a16_widen)(p, kind, own);
+        for (int r0 = 0; r0 < R; r0 += 4) {
+            const int n = R - r0 >= 4 ? 4 : R - r0;
+            __m256i i0[4], i1[4];
+            const int16_t *ar = a + r0 * 32;
+            if (kind == PK_Q6K) {
+                if (n == 4) { AVX2_SFX(a16_rows)(wb, ar, 0, 4, 4, i0); AVX2_SFX(a16_rows)(wb, ar, 4, 8, 4, i1); }
+                else { AVX2_SFX(a16_rows)(wb, ar, 0, 4, n, i0); AVX2_SFX(a16_rows)(wb, ar, 4, 8, n, i1); }
+            } else {
+                if (n == 4) AVX2_SFX(a16_rows)(wb, ar, 0, 8, 4, i0); else AVX2_SFX(a16_rows)(wb, ar, 0, 8, n, i0);
+                for (int rr = 0; rr < n; rr++) i1[rr] = _mm256_setzero_si256();
+            }
+            for (int rr = 0; rr < n; rr++) {
+                const int r = r0 + rr;
+                accs[r] = AVX2_SFX(block_acc)(accs[r], i0[rr], i1[rr], p, dx[(size_t)b * TILE + r], sx + r, nb, b, kind);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(out + 8 * r, accs[r]);
+}
+
+/* A thread's widened groups: the last two it met (a gated MLP's gate and up take turns), each
+ * valid within one call (a16_epoch: bumped by every call that makes TM_A16 tiles, so a group
+ * never outlives the weights it was made from; one made in another call is made again); the
+ * buffers are freed with the thread. NULL where memory runs out (then widened block by block). */
+typedef struct { const uint8_t *pk; int K, kind; unsigned epoch; size_t cap; __m256i *wb; } a16_slot_t;
+static unsigned a16_epoch;
+static __thread a16_slot_t a16_slots[2];
+static __thread int a16_turn;
+static pthread_key_t a16_key;
+static pthread_once_t a16_once = PTHREAD_ONCE_INIT;
+static void a16_free(void *s) { a16_slot_t *sl = s; free(sl[0].wb); free(sl[1].wb); }
+static void a16_key_make(void) { (void)pthread_key_create(&a16_key, a16_free); }
+static void a16_new_call(void) { __atomic_add_fetch(&a16_epoch, 1, __ATOMIC_RELAXED); }
+
+AVX2_T static const __m256i *AVX2_SFX(a16_group)(const uint8_t *pk, int K, const int kind) {
+    const unsigned ep = LOAD(&a16_epoch, RLX);
+    for (int i = 0; i < 2; i++) {
+        const a16_slot_t *sl = &a16_slots[i];
+        if (sl->wb && sl->pk == pk && sl->K == K && sl->kind == kind && sl->epoch == ep) return sl->wb;
+    }
+    a16_slot_t *sl = &a16_slots[a16_turn];
+    a16_turn ^= 1;
+    const size_t need = (size_t)(K / 32) * 16 * sizeof(__m256i);
+    if (sl->cap < need) {
+        if (!sl->wb) { (void)pthread_once(&a16_once, a16_key_make); (void)pthread_setspecific(a16_key, a16_slots); }
+        free(sl->wb);
+        sl->wb = aligned_alloc(64, (need + 63) & ~(size_t)63);
+        sl->cap = sl->wb ? need : 0;
+        if (!sl->wb) return NULL;
+    }
+    const size_t bb = pk_size(kind, 8);
+    for (int b = 0; b < K / 32; b++) AVX2_SFX(a16_widen)(pk + (size_t)b * bb, kind, sl->wb + 16 * (size_t)b);
+    sl->pk = pk; sl->K = K; sl->kind = kind; sl->epoch = ep;
+    return sl->wb;
+}
+#endif
+
 /* one row (decode) of each kind and level count, a function of its own (its registers its own) */
 #define ROW_FN(KK) \
     AVX2_T __attribute__((noinline)) static void AVX2_SFX(row_##KK)(const uint8_t *pk, int K, const int8_t *q, \
@@ -269,6 +392,22 @@ ROW_FN(PK_Q6K)
 /* the tile_fn of this variant: the body for each kind and level count */
 AVX2_T static void AVX2_SFX(packed_tile)(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
                                          int R, float *out, int hi, int kind) {
+#if !AVX2_VNNI
+    if (hi == 2) {  /* an int16 tile (TM_A16) */
+        /* (one row, e.g. the head's last: each block widened as it comes, nothing kept) */
+#define BODY16(KK) AVX2_SFX(a16_body)(pk, K, q, dx, sx, R, out, KK, R > 1 ? AVX2_SFX(a16_group)(pk, K, KK) : NULL)
+        switch (kind) {
+        case PK_Q4: BODY16(PK_Q4); return;
+        case PK_Q4S: BODY16(PK_Q4S); return;
+        case PK_Q8: BODY16(PK_Q8); return;
+        case PK_Q4K: BODY16(PK_Q4K); return;
+        case PK_Q5K: BODY16(PK_Q5K); return;
+        case PK_Q5: BODY16(PK_Q5); return;
+        default: BODY16(PK_Q6K); return;
+        }
+#undef BODY16
+    }
+#endif
     if (R == 1) {
         switch (kind) {
         case PK_Q4: AVX2_SFX(row_PK_Q4)(pk, K, q, dx, sx, out, hi); return;

@@ -262,7 +262,7 @@ typedef struct { int op, layer, m0, m1; } phase_t;  /* m0, m1: a matmul phase's 
 
 typedef struct {
     model_t *c; const kv_t *kv; kern_fn kern;
-    int M, nout, natt, nph, hi, L2, Kmax;
+    int M, nout, natt, nph, hi, L2, Kmax, tm;  /* tm: the tiles' mode (TM_*) */
     const int *tok, *pos, *slot;
     const lora_t *const *lora;      /* per row, or NULL */
     const int *outj;                /* per row: its output row, or -1 */
@@ -296,7 +296,7 @@ static void quantize_for(const batch_t *b, const mat_t *const *ms, int nm, const
         quantize_row1(src, K, b->L2, b->tq, b->td, b->ts);
     } else if (tile) {
         const int nb = K / 32, L2 = b->L2;
-        quantize_tile_row(src, K, L2, b->tq + (size_t)(m / TILE) * TILE * K * L2,
+        quantize_tile_row(src, K, b->tm, b->tq + (size_t)(m / TILE) * TILE * K * L2,
                           b->td + (size_t)(m / TILE) * TILE * nb, b->ts + (size_t)(m / TILE) * TILE * ACT_SUMS * nb,
                           m % TILE);
     }
@@ -514,9 +514,9 @@ static void packed_group(const batch_t *b, const mat_t *mt, const mat_t *up, int
         const int r = m1 - r0 < TILE ? m1 - r0 : TILE, t = r0 / TILE;
         const int8_t *qa = b->tq + (size_t)t * tq;
         const float *da = b->td + (size_t)t * td, *sa = b->ts + (size_t)t * ts;
-        tile(pk_group(mt->pk, kind, g, K, G), K, qa, da, sa, r, out, b->hi, kind);
+        tile(pk_group(mt->pk, kind, g, K, G), K, qa, da, sa, r, out, b->tm - 1, kind);
         if (up) {
-            tile(pk_group(up->pk, ku, g, K, G), K, qa, da, sa, r, out2, b->hi, ku);
+            tile(pk_group(up->pk, ku, g, K, G), K, qa, da, sa, r, out2, b->tm - 1, ku);
             for (int j = 0; j < r; j++)
                 glu_row(path, b->c->act, out + G * j, out2 + G * j, y + (size_t)(r0 + j) * N + g * G, nn);
         } else {
@@ -669,6 +669,7 @@ int hl_batch(void *p, void *kvp, int n, const int *tokens, const int *pos, const
     const int Kmax = H > F ? (H > nq ? H : nq) : (F > nq ? F : nq);
     batch_t b = {0};
     b.c = c; b.kv = kv; b.kern = kernel_for(c->path); b.M = n; b.nout = nout; b.hi = c->hi; b.L2 = c->hi ? 2 : 1;
+    b.tm = tile_mode(c->path, c->hi, n);
     b.Kmax = Kmax; b.tok = tokens; b.pos = pos; b.slot = slot; b.lora = (const lora_t *const *)lora;
     b.logits = logits; b.hidden = hidden;
     int *outj = malloc(sizeof(int) * (size_t)n), *run0 = malloc(sizeof(int) * (size_t)n), *runn = malloc(sizeof(int) * (size_t)n);
@@ -740,6 +741,7 @@ int hl_batch(void *p, void *kvp, int n, const int *tokens, const int *pos, const
     }
     if (!rc) {
         const job_t job = {b.nph, batch_items, batch_run, batch_close, &b};
+        tiles_new_call(b.tm);
         pool_run(&job, c->nthreads);
         if (b.fail) rc = -3;
     }
