@@ -36,6 +36,12 @@ LIVE = "k.status = 'reserved' AND k.expires_at > ?"
 LABEL_KINDS = ("label_initial_prompt", "label_assistant_reply", "label_prompter_reply")
 REPLY_KINDS = ("assistant_reply", "prompter_reply")
 RANK_ROLE = {"rank_assistant_replies": "assistant", "rank_prompter_replies": "prompter"}
+# the kinds with candidate queries, and the order each query gives its candidates in (by
+# its columns): best first
+CANDIDATE_ORDER = {**{k: "review_count DESC, n" for k in LABEL_KINDS},
+                   **{k: "n" for k in (*REPLY_KINDS, *RANK_ROLE, "review_edit")},
+                   "rank_initial_prompts": "n DESC"}
+MY_LANGS = object()   # langs: those of the `me` row of next_state's statement
 
 
 _COLUMNS = ("n", "id", "kind", "user_id", "tree_id", "target_id", "payload", "status",
@@ -70,11 +76,12 @@ class CollectTasks:
                payload: dict, created_at: str, expires_at: str, task_id: str | None = None
                ) -> str:
         tid = task_id or uuid.uuid4().hex
-        self.db.run("INSERT INTO collect_tasks (id, kind, user_id, tree_id, target_id, payload, "
-                    "status, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, 'reserved', ?, ?)",
-                    (tid, kind, user_id, tree_id, target_id, json.dumps(payload,
-                                                                        ensure_ascii=False),
-                     created_at, expires_at))
+        # (queued: in a batch it goes out with the COMMIT; an error fails the transaction)
+        self.db.queue("INSERT INTO collect_tasks (id, kind, user_id, tree_id, target_id, "
+                      "payload, status, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, "
+                      "'reserved', ?, ?)", (tid, kind, user_id, tree_id, target_id,
+                                            json.dumps(payload, ensure_ascii=False),
+                                            created_at, expires_at))
         return tid
 
     def get(self, task_id: str) -> dict | None:
@@ -83,9 +90,13 @@ class CollectTasks:
 
     def claim(self, task_id: str, user_id: str, now: str) -> bool:
         """Mark a live reservation of this user done; False if it is not one any more."""
-        return self.db.run("UPDATE collect_tasks SET status = 'done', done_at = ? WHERE id = ? "
-                           "AND user_id = ? AND status = 'reserved' AND expires_at > ?",
-                           (now, task_id, user_id, now)) == 1
+        return self.queue_claim(task_id, user_id, now).rowcount == 1
+
+    def queue_claim(self, task_id: str, user_id: str, now: str):
+        """claim, queued (Database.queue): done if its rowcount is 1."""
+        return self.db.queue("UPDATE collect_tasks SET status = 'done', done_at = ? WHERE "
+                             "id = ? AND user_id = ? AND status = 'reserved' AND expires_at > ?",
+                             (now, task_id, user_id, now))
 
     def release(self, task_id: str, user_id: str, status: str) -> bool:
         """End a live reservation as 'skipped' or 'cancelled'; False if it was not live."""
@@ -110,9 +121,17 @@ class CollectTasks:
 
     def role_and_task(self, user_id: str, task_id: str) -> tuple[str, bool, dict | None]:
         """(role, banned, the task) in one query: a submission's first read."""
-        r = self.db.one("SELECT u.is_admin, u.role, u.banned, " + _TASK_COLUMNS + " FROM "
-                        "(SELECT 1 AS one) o LEFT JOIN users u ON u.id = ? LEFT JOIN "
-                        "collect_tasks k ON k.id = ?", (user_id, task_id))
+        return self.role_and_task_of(self.queue_role_and_task(user_id, task_id))
+
+    def queue_role_and_task(self, user_id: str, task_id: str):
+        """role_and_task, queued (Database.queue); read with role_and_task_of."""
+        return self.db.queue("SELECT u.is_admin, u.role, u.banned, " + _TASK_COLUMNS + " FROM "
+                             "(SELECT 1 AS one) o LEFT JOIN users u ON u.id = ? LEFT JOIN "
+                             "collect_tasks k ON k.id = ?", (user_id, task_id))
+
+    @staticmethod
+    def role_and_task_of(queued) -> tuple[str, bool, dict | None]:
+        r = queued.row
         role, banned = _role(r)
         return role, banned, _task_row(_task_of(r)) if r["k_id"] is not None else None
 
@@ -214,27 +233,115 @@ class CollectTasks:
             else:
                 yield k, self.candidates(k, user_id, langs, s, now)
 
+    def next_state(self, user_id: str, lang: str | None, order: list[str], s, now: str,
+                   max_active: int) -> dict:
+        """PostgreSQL: all a next-task request reads, in one statement: the user (role,
+        banned, languages, topics), their live reservations, and, when they hold none, the
+        first kind of `order` that has a candidate for them with its candidates (best first;
+        [{}] for "initial_prompt" while a new tree may start). `lang`: the language asked
+        for (None: the user's preferred ones, all if none).
+
+        {"role", "banned", "langs", "tags", "live": [task], "kind": str | None,
+         "candidates": [row]}
+
+        Each kind's candidates are a CTE that PostgreSQL computes only when it is first
+        read (MATERIALIZED), and the kinds are tried in `order` inside one CASE, which
+        stops at the first kind that has any: the kinds after it are never computed, and
+        the candidates are the rows that were found (the same snapshot). The text is the
+        same for every request (the order and the language are parameters), so psycopg
+        prepares it once per connection."""
+        kinds = list(CANDIDATE_ORDER)
+        if len(order) > len(kinds) + 1:
+            raise ValueError(f"order: {len(order)} kinds; at most {len(kinds) + 1}")
+        ctes = [
+            "me AS (SELECT u.is_admin, u.role, u.banned, p.langs, p.tags, CASE WHEN "
+            "CAST(? AS TEXT) = '' THEN ARRAY(SELECT json_array_elements_text(CAST(COALESCE("
+            "p.langs, '[]') AS JSON))) ELSE ARRAY[CAST(? AS TEXT)] END AS want FROM "
+            "(SELECT 1 AS one) o LEFT JOIN users u ON u.id = ? LEFT JOIN collect_prefs p ON "
+            "p.user_id = u.id)",
+            f"live AS MATERIALIZED (SELECT k.* FROM collect_tasks k WHERE k.user_id = ? AND "
+            f"{LIVE})"]
+        params: list = [lang or "", lang or "", user_id, user_id, now]
+        for i, k in enumerate(kinds):
+            sql, ps = self._candidates_sql(k, user_id, MY_LANGS, s, now)
+            ctes.append(f"c{i} AS MATERIALIZED ({sql})")
+            params += ps
+        ctes.append("c_new AS MATERIALIZED (SELECT 1 AS one WHERE (SELECT COUNT(*) FROM "
+                    "collect_trees WHERE state IN ('initial_prompt_review', 'growing')) + "
+                    "(SELECT COUNT(*) FROM collect_tasks k WHERE k.kind = 'initial_prompt' AND "
+                    f"{LIVE}) < ?)")
+        params += [now, max_active]
+        has = ("CASE CAST(? AS TEXT) " + " ".join(
+            f"WHEN '{k}' THEN EXISTS (SELECT 1 FROM c{i})" for i, k in enumerate(kinds)) +
+            " WHEN 'initial_prompt' THEN EXISTS (SELECT 1 FROM c_new) ELSE FALSE END")
+        ctes.append("pick AS MATERIALIZED (SELECT CASE WHEN EXISTS (SELECT 1 FROM live) THEN "
+                    "NULL " + " ".join(f"WHEN {has} THEN CAST(? AS TEXT)"
+                                       for _ in range(len(kinds) + 1)) + " END AS kind)")
+        for j in range(len(kinds) + 1):   # ('': no kind; the same parameter types each time)
+            k = order[j] if j < len(order) else ""
+            params += [k, k]
+        parts = ["SELECT 0 AS part, 0 AS pos, row_to_json(me.*) AS j, (SELECT kind FROM pick) "
+                 "AS kind FROM me",
+                 "SELECT 1, live.n, row_to_json(live.*), NULL FROM live"]
+        parts += [f"SELECT 2, ROW_NUMBER() OVER (ORDER BY {CANDIDATE_ORDER[k]}), "
+                  f"row_to_json(c{i}.*), NULL FROM c{i} WHERE (SELECT kind FROM pick) = '{k}'"
+                  for i, k in enumerate(kinds)]
+        with self.db.transaction(batch=True):   # one round trip
+            self.generic_plans()
+            rows = self.db.queue("WITH " + ", ".join(ctes) + " " + " UNION ALL ".join(parts) +
+                                 " ORDER BY part, pos", params)
+        rows = rows.rows
+        me, kind = rows[0]["j"], rows[0]["kind"]
+        role, banned = _role(me)
+        cands = [r["j"] for r in rows if r["part"] == 2]
+        return {"role": role, "banned": banned,
+                "langs": json.loads(me["langs"]) if me["langs"] else [],
+                "tags": json.loads(me["tags"]) if me["tags"] else [],
+                "live": [_task_row(r["j"]) for r in rows if r["part"] == 1],
+                "kind": kind, "candidates": [{}] if kind == "initial_prompt" else cands}
+
+    def generic_plans(self) -> None:
+        """PostgreSQL, inside a transaction: its prepared statements run with their generic
+        plan, made once per connection. The candidate queries are long (next_state's plans
+        in ~4 ms on a quiet machine, far longer than it runs), and PostgreSQL's own choice
+        between a generic and a custom plan (a plan made for the parameters, each time)
+        depends on estimates that change with the data: on some databases it planned the
+        candidate queries on every call."""
+        if self.db.dialect.name == "postgresql":
+            self.db.queue("SET LOCAL plan_cache_mode = force_generic_plan")
+
     def reserve(self, kind: str, user_id: str, langs: list[str], s, tree_id: str | None,
                 target_id: str, payload: dict, created_at: str, expires_at: str
                 ) -> str | None:
         """Insert the reservation if `target_id` is still a candidate of `kind` for this
         user (one statement: the check reads a snapshot taken after the caller locked the
         tree); its id, or None if the target was taken meanwhile."""
+        tid, added = self.queue_reserve(kind, user_id, langs, s, tree_id, target_id, payload,
+                                        created_at, expires_at)
+        return tid if added.rowcount == 1 else None
+
+    def queue_reserve(self, kind: str, user_id: str, langs: list[str], s,
+                      tree_id: str | None, target_id: str, payload: dict, created_at: str,
+                      expires_at: str):
+        """reserve, queued (Database.queue): (its id, the Queued INSERT); reserved if the
+        INSERT's rowcount is 1."""
         tid = uuid.uuid4().hex
         check, params = self._candidates_sql(kind, user_id, langs, s, created_at,
                                              target=target_id, limit=1)
-        n = self.db.run("INSERT INTO collect_tasks (id, kind, user_id, tree_id, target_id, "
-                        "payload, status, created_at, expires_at) SELECT ?, ?, ?, ?, ?, ?, "
-                        f"'reserved', ?, ? WHERE EXISTS (SELECT 1 FROM ({check}) c)",
-                        [tid, kind, user_id, tree_id, target_id,
-                         json.dumps(payload, ensure_ascii=False), created_at, expires_at]
-                        + params)
-        return tid if n == 1 else None
+        return tid, self.db.queue(
+            "INSERT INTO collect_tasks (id, kind, user_id, tree_id, target_id, payload, status, "
+            "created_at, expires_at) SELECT ?, ?, ?, ?, ?, ?, 'reserved', ?, ? WHERE EXISTS "
+            f"(SELECT 1 FROM ({check}) c)",
+            [tid, kind, user_id, tree_id, target_id, json.dumps(payload, ensure_ascii=False),
+             created_at, expires_at] + params)
 
     @staticmethod
     def _filters(langs, target, column: str) -> tuple[str, list]:
         sql, params = "", []
-        if langs:
+        if langs is MY_LANGS:   # (PostgreSQL: next_state's statement)
+            sql += (" AND ((SELECT cardinality(want) FROM me) = 0 OR t.lang IN (SELECT "
+                    "unnest(want) FROM me))")
+        elif langs:
             sql += f" AND t.lang IN ({', '.join('?' * len(langs))})"
             params += list(langs)
         if target is not None:
