@@ -48,9 +48,9 @@ class Counted:
         self.n = 0
         execute = self.store.db._execute
 
-        def counted(sql, params=()):
+        def counted(sql, params=(), *rest):
             self.n += 1
-            return execute(sql, params)
+            return execute(sql, params, *rest)
         self.store.db._execute = counted
 
     def statements(self, fn, *args):

@@ -108,3 +108,22 @@ def test_a_lost_connection_in_a_batch_is_a_clear_error_then_reconnects(pg_url): 
     assert db.one("SELECT v FROM t") == {"v": 0}   # a new connection; nothing was written
     db.close()
     other.close()
+
+
+def test_long_statements_and_many_parameters(db):
+    """A statement over 4096 characters or 50 parameters (psycopg would parse its text on
+    every call; it is numbered once and sent as it is): the same answers, a literal '%'
+    kept; `prepare=True` prepares it on its first use (PostgreSQL)."""
+    db.run("INSERT INTO t (id, v) VALUES (2, 20)")
+    many = "SELECT " + ", ".join(f"? AS c{i}" for i in range(60))
+    assert db.one(many, list(range(60))) == {f"c{i}": i for i in range(60)}
+    padding = " AND ".join(["v >= 0"] * 700)   # ~5000 characters
+    long = (f"SELECT id, '50%' AS pct FROM t WHERE id IN (?, ?) AND {padding} AND "
+            "'a%b' LIKE 'a%' ORDER BY id")
+    assert len(long) > 4096
+    for _ in range(2):
+        q = db.queue(long, (1, 2), prepare=True)
+        assert q.rows == [{"id": 1, "pct": "50%"}, {"id": 2, "pct": "50%"}]
+    if db.dialect.name == "postgresql":
+        assert db.one("SELECT COUNT(*) AS n FROM pg_prepared_statements WHERE statement "
+                      "LIKE ?", ("SELECT id, '50\\%' AS pct%",))["n"] == 1

@@ -21,10 +21,12 @@ a snapshot taken once the lock was granted (the lock and the check in one statem
 read the snapshot from before the wait).
 
 Round trips are what a request costs on PostgreSQL, so a next-task reads the user, their
-preferences and live reservations together (`user_and_live`), a "random" one asks which
-kinds have candidates in one statement (`candidates_in_order`), and a submission reads the
-user and the task together (`role_and_task`). Migrations 008 and 010 index the live
-reservations by kind, target and tree (partial indexes on status = 'reserved').
+preferences, their live reservations and the first kind with candidates (with them) in one
+statement (`next_state`; SQLite: `user_and_live`, then `candidates_in_order`), its
+reservation is sent with the tree's lock, BEGIN and COMMIT in one batch (`queue_reserve`,
+Database.transaction(batch=True)), and a submission sends the user and task read, the lock
+and the claim together (`queue_role_and_task`, `queue_claim`). Migrations 008 and 010 index
+the live reservations by kind, target and tree (partial indexes on status = 'reserved').
 """
 from __future__ import annotations
 
@@ -200,14 +202,13 @@ class CollectTasks:
                             now: str, max_active: int):
         """(kind, candidates) for each of `kinds` in turn, each looked up when its turn comes
         ("initial_prompt": [{}] while a new tree may start, else []); the caller stops at
-        the first kind it can use.
+        the first kind it can use. (PostgreSQL's next-task reads the first kind's with
+        next_state; this looks up the kinds after it, if none of its candidates could be
+        reserved, or all after a task of another kind was given back.)
 
         On PostgreSQL one statement first says which kinds have any candidate (an EXISTS
-        each, which stops at the first): a request that finds nothing takes 2 round trips
-        instead of 9, and one that finds something skips the empty kinds before it. (Reading
-        every kind's candidates in one UNION instead cost more than it saved; SQLite has no
-        round trips to save and looks each kind up in turn.) Measured with
-        benchmarks/collect_bench.py, 100 volunteers."""
+        each, which stops at the first), so the empty kinds are skipped; SQLite has no round
+        trips to save and looks each kind up in turn."""
         has = None
         if self.db.dialect.name == "postgresql" and len(kinds) > 1:
             parts, params = [], []
@@ -289,7 +290,7 @@ class CollectTasks:
         with self.db.transaction(batch=True):   # one round trip
             self.generic_plans()
             rows = self.db.queue("WITH " + ", ".join(ctes) + " " + " UNION ALL ".join(parts) +
-                                 " ORDER BY part, pos", params)
+                                 " ORDER BY part, pos", params, prepare=True)
         rows = rows.rows
         me, kind = rows[0]["j"], rows[0]["kind"]
         role, banned = _role(me)

@@ -30,6 +30,11 @@ from homellm.store.dialect import (POSTGRESQL, connect_postgresql, connect_sqlit
                                    redact)
 from homellm.store.migrations import MIGRATIONS
 
+# psycopg parses (and does not keep) the text of a statement longer than this, or with
+# more parameters (its MAX_CACHED_STATEMENT_LENGTH / _PARAMS): such statements are numbered
+# here once and sent with a RawCursor
+LONG_SQL, LONG_PARAMS = 4096, 50
+
 
 def now() -> str:
     """The time as stored: ISO 8601 UTC with microseconds, sortable as text."""
@@ -54,6 +59,7 @@ class Database:
         # PostgreSQL: how many times a statement's answer was waited for (BEGIN and COMMIT
         # included), all threads together; a diagnostic for tests and benchmarks
         self.round_trips = 0
+        self._numbered_cache: dict[str, str] = {}
         self.connection()  # fail now, with a clear message, if it cannot be opened
 
     def __repr__(self):
@@ -99,13 +105,16 @@ class Database:
             return HomellmError(f"database {redact(self.url)}: {str(e).strip()}")
         return e
 
-    def _execute(self, sql: str, params=()):
+    def _execute(self, sql: str, params=(), prepare: bool | None = None):
         con = self.connection()
-        sql = self.dialect.sql(sql)
         try:
             if self.dialect is POSTGRESQL:
-                cur = con.cursor()
-                cur.execute(sql, params)
+                if len(sql) > LONG_SQL or len(params) > LONG_PARAMS:
+                    cur = _raw_cursor(con)
+                    cur.execute(self._numbered(sql), params, prepare=prepare)
+                else:
+                    cur = con.cursor()
+                    cur.execute(self.dialect.sql(sql), params, prepare=prepare)
                 if getattr(self._local, "pipeline", None) is None:
                     self.round_trips += 1
                 return cur
@@ -115,6 +124,19 @@ class Database:
             if err is e:
                 raise
             raise err from None
+
+    def _numbered(self, sql: str) -> str:
+        """`?` placeholders as PostgreSQL's $1, $2, ... (a long statement: psycopg parses the
+        text of one over 4096 characters or 50 parameters on every call, ~0.25 ms for
+        collect's next-task; this once)."""
+        out = self._numbered_cache.get(sql)
+        if out is None:
+            parts = sql.split("?")   # (no '?' inside literals: Dialect.sql)
+            out = parts[0] + "".join(f"${i}{p}" for i, p in enumerate(parts[1:], 1))
+            if len(self._numbered_cache) >= 256:
+                self._numbered_cache.clear()
+            self._numbered_cache[sql] = out
+        return out
 
     def _wait(self, fn, cur=None):
         """fn() (reading an answer: inside a batch it waits for what was queued before it
@@ -146,12 +168,15 @@ class Database:
             self._wait(pipeline.sync)
         return cur.rowcount
 
-    def queue(self, sql: str, params=()) -> Queued:
+    def queue(self, sql: str, params=(), prepare: bool | None = None) -> Queued:
         """Send a statement without waiting for its answer (inside `transaction(batch=True)`
         on PostgreSQL; elsewhere it runs at once): its rows or row count are read from the
         Queued, which waits then if it must. An error in it is raised where an answer is
-        next waited for, at the latest when the transaction ends (it then rolls back)."""
-        cur = self._execute(sql, params)
+        next waited for, at the latest when the transaction ends (it then rolls back).
+        `prepare`: PostgreSQL: True prepares it on its first use on a connection (psycopg
+        prepares a statement once it has run it 5 times; a long one is planned each time
+        until then)."""
+        cur = self._execute(sql, params, prepare)
         pipeline = getattr(self._local, "pipeline", None)
         if pipeline is None:
             return Queued(self, None, [dict(r) for r in cur.fetchall()] if cur.description
@@ -283,3 +308,8 @@ class Queued:
     def rowcount(self) -> int:
         self._fetch()
         return self._rowcount
+
+
+def _raw_cursor(con):
+    from psycopg import RawCursor   # ($1 placeholders as they are)
+    return RawCursor(con)
