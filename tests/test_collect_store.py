@@ -336,6 +336,7 @@ def test_next_state_reads_what_the_lookups_in_turn_find(pg_url):  # noqa: F811
     s = CollectSettings(**{**SMALL, "max_active_trees": 3})   # (one new tree may start)
     tm = TreeManager(store.db, s, random.Random(1))
     users = {u["username"]: u["id"] for u in store.db.all("SELECT username, id FROM users")}
+    users["(no account)"] = "no-such-user"
     tm.trees.set_prefs(users["eve"], ["de"], ["maths"])
     tm.trees.set_prefs(users["fay"], ["en", "de"], [])
     held = tm.next_task(users["dan"])["task"]
@@ -377,7 +378,7 @@ def test_next_task_uses_generic_plans_on_postgresql(pg_url):  # noqa: F811
         c.tm.next_task(c.u["bob" if i % 2 else "cat"], "label_initial_prompt")
         c.tm.next_task(c.u["ann"], "initial_prompt")
     plans = c.store.db.all("SELECT generic_plans, custom_plans FROM pg_prepared_statements "
-                           "WHERE statement LIKE 'WITH me AS%'")
+                           "WHERE statement LIKE 'WITH RECURSIVE me AS%'")
     assert plans and all(p["custom_plans"] == 0 and p["generic_plans"] > 0 for p in plans), \
         plans
     c.store.close()

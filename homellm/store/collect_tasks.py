@@ -38,11 +38,11 @@ LIVE = "k.status = 'reserved' AND k.expires_at > ?"
 LABEL_KINDS = ("label_initial_prompt", "label_assistant_reply", "label_prompter_reply")
 REPLY_KINDS = ("assistant_reply", "prompter_reply")
 RANK_ROLE = {"rank_assistant_replies": "assistant", "rank_prompter_replies": "prompter"}
-# the kinds with candidate queries, and the order each query gives its candidates in (by
-# its columns): best first
-CANDIDATE_ORDER = {**{k: "review_count DESC, n" for k in LABEL_KINDS},
-                   **{k: "n" for k in (*REPLY_KINDS, *RANK_ROLE, "review_edit")},
-                   "rank_initial_prompts": "n DESC"}
+# the kinds with candidate queries, and the order each query gives its candidates in (its
+# ORDER BY, as a sort key of its rows; next_state sorts them so): best first
+CANDIDATE_ORDER = {**{k: lambda r: (-r["review_count"], r["n"]) for k in LABEL_KINDS},
+                   **{k: lambda r: r["n"] for k in (*REPLY_KINDS, *RANK_ROLE, "review_edit")},
+                   "rank_initial_prompts": lambda r: -r["n"]}
 MY_LANGS = object()   # langs: those of the `me` row of next_state's statement
 
 
@@ -245,60 +245,53 @@ class CollectTasks:
         {"role", "banned", "langs", "tags", "live": [task], "kind": str | None,
          "candidates": [row]}
 
-        Each kind's candidates are a CTE that PostgreSQL computes only when it is first
-        read (MATERIALIZED), and the kinds are tried in `order` inside one CASE, which
-        stops at the first kind that has any: the kinds after it are never computed, and
-        the candidates are the rows that were found (the same snapshot). The text is the
-        same for every request (the order and the language are parameters), so psycopg
-        prepares it once per connection."""
-        kinds = list(CANDIDATE_ORDER)
-        if len(order) > len(kinds) + 1:
-            raise ValueError(f"order: {len(order)} kinds; at most {len(kinds) + 1}")
-        ctes = [
-            "me AS (SELECT u.is_admin, u.role, u.banned, p.langs, p.tags, CASE WHEN "
-            "CAST(? AS TEXT) = '' THEN ARRAY(SELECT json_array_elements_text(CAST(COALESCE("
-            "p.langs, '[]') AS JSON))) ELSE ARRAY[CAST(? AS TEXT)] END AS want FROM "
-            "(SELECT 1 AS one) o LEFT JOIN users u ON u.id = ? LEFT JOIN collect_prefs p ON "
-            "p.user_id = u.id)",
-            f"live AS MATERIALIZED (SELECT k.* FROM collect_tasks k WHERE k.user_id = ? AND "
-            f"{LIVE})"]
-        params: list = [lang or "", lang or "", user_id, user_id, now]
-        for i, k in enumerate(kinds):
+        The kinds are tried in `order` by a recursive walk, one kind a step, that stops at
+        the first kind with candidates: each kind's query is a subquery PostgreSQL runs
+        only when the walk reaches it (an InitPlan in a CASE), so the kinds after it are
+        never computed, and the candidates are the rows that were found (the same
+        snapshot). The text is the same for every request (the order and the language are
+        parameters): it is prepared once per connection, with its generic plan."""
+        params: list = [lang or "", lang or "", user_id, user_id, now, list(order)]
+        branches = []
+        for k in CANDIDATE_ORDER:
             sql, ps = self._candidates_sql(k, user_id, MY_LANGS, s, now)
-            ctes.append(f"c{i} AS MATERIALIZED ({sql})")
+            branches.append(f"WHEN '{k}' THEN (SELECT json_agg(q) FROM ({sql}) q)")
             params += ps
-        ctes.append("c_new AS MATERIALIZED (SELECT 1 AS one WHERE (SELECT COUNT(*) FROM "
-                    "collect_trees WHERE state IN ('initial_prompt_review', 'growing')) + "
-                    "(SELECT COUNT(*) FROM collect_tasks k WHERE k.kind = 'initial_prompt' AND "
-                    f"{LIVE}) < ?)")
+        branches.append(   # [1] while a new tree may start
+            "WHEN 'initial_prompt' THEN (SELECT json_agg(1) WHERE (SELECT COUNT(*) FROM "
+            "collect_trees WHERE state IN ('initial_prompt_review', 'growing')) + (SELECT "
+            f"COUNT(*) FROM collect_tasks k WHERE k.kind = 'initial_prompt' AND {LIVE}) < ?)")
         params += [now, max_active]
-        has = ("CASE CAST(? AS TEXT) " + " ".join(
-            f"WHEN '{k}' THEN EXISTS (SELECT 1 FROM c{i})" for i, k in enumerate(kinds)) +
-            " WHEN 'initial_prompt' THEN EXISTS (SELECT 1 FROM c_new) ELSE FALSE END")
-        ctes.append("pick AS MATERIALIZED (SELECT CASE WHEN EXISTS (SELECT 1 FROM live) THEN "
-                    "NULL " + " ".join(f"WHEN {has} THEN CAST(? AS TEXT)"
-                                       for _ in range(len(kinds) + 1)) + " END AS kind)")
-        for j in range(len(kinds) + 1):   # ('': no kind; the same parameter types each time)
-            k = order[j] if j < len(order) else ""
-            params += [k, k]
-        parts = ["SELECT 0 AS part, 0 AS pos, row_to_json(me.*) AS j, (SELECT kind FROM pick) "
-                 "AS kind FROM me",
-                 "SELECT 1, live.n, row_to_json(live.*), NULL FROM live"]
-        parts += [f"SELECT 2, ROW_NUMBER() OVER (ORDER BY {CANDIDATE_ORDER[k]}), "
-                  f"row_to_json(c{i}.*), NULL FROM c{i} WHERE (SELECT kind FROM pick) = '{k}'"
-                  for i, k in enumerate(kinds)]
+        sql = (
+            "WITH RECURSIVE me AS (SELECT u.is_admin, u.role, u.banned, p.langs, p.tags, "
+            "CASE WHEN CAST(? AS TEXT) = '' THEN ARRAY(SELECT json_array_elements_text(CAST("
+            "COALESCE(p.langs, '[]') AS JSON))) ELSE ARRAY[CAST(? AS TEXT)] END AS want FROM "
+            "(SELECT 1 AS one) o LEFT JOIN users u ON u.id = ? LEFT JOIN collect_prefs p ON "
+            "p.user_id = u.id), "
+            f"live AS MATERIALIZED (SELECT k.* FROM collect_tasks k WHERE k.user_id = ? AND "
+            f"{LIVE}), "
+            # (step i: the kind at i, and its candidates as a JSON array; none while the
+            # user holds a live task)
+            "w (i, a, kind, cands) AS (SELECT 0, CAST(? AS TEXT[]), CAST(NULL AS TEXT), "
+            "CAST(NULL AS JSON) WHERE NOT EXISTS (SELECT 1 FROM live) UNION ALL "
+            "SELECT w.i + 1, w.a, w.a[w.i + 1], CASE w.a[w.i + 1] " + " ".join(branches) +
+            " END FROM w WHERE w.cands IS NULL AND w.i < cardinality(w.a)) "
+            "SELECT row_to_json(me.*) AS me, (SELECT json_agg(live.*) FROM live) AS live, "
+            "f.kind, f.cands FROM me LEFT JOIN (SELECT kind, cands FROM w WHERE cands IS NOT "
+            "NULL) f ON TRUE")
         with self.db.transaction(batch=True):   # one round trip
             self.generic_plans()
-            rows = self.db.queue("WITH " + ", ".join(ctes) + " " + " UNION ALL ".join(parts) +
-                                 " ORDER BY part, pos", params, prepare=True)
-        rows = rows.rows
-        me, kind = rows[0]["j"], rows[0]["kind"]
+            row = self.db.queue(sql, params, prepare=True)
+        row = row.row
+        me, kind, cands = row["me"], row["kind"], row["cands"] or []
         role, banned = _role(me)
-        cands = [r["j"] for r in rows if r["part"] == 2]
+        if kind in CANDIDATE_ORDER:   # (json_agg keeps its input's order as a rule, not
+            cands.sort(key=CANDIDATE_ORDER[kind])   # by promise: sorted as the query does)
         return {"role": role, "banned": banned,
                 "langs": json.loads(me["langs"]) if me["langs"] else [],
                 "tags": json.loads(me["tags"]) if me["tags"] else [],
-                "live": [_task_row(r["j"]) for r in rows if r["part"] == 1],
+                "live": sorted((_task_row(t) for t in row["live"] or []),
+                               key=lambda t: t["n"]),
                 "kind": kind, "candidates": [{}] if kind == "initial_prompt" else cands}
 
     def generic_plans(self) -> None:
