@@ -43,7 +43,7 @@ RANK_ROLE = {"rank_assistant_replies": "assistant", "rank_prompter_replies": "pr
 CANDIDATE_ORDER = {**{k: lambda r: (-r["review_count"], r["n"]) for k in LABEL_KINDS},
                    **{k: lambda r: r["n"] for k in (*REPLY_KINDS, *RANK_ROLE, "review_edit")},
                    "rank_initial_prompts": lambda r: -r["n"]}
-MY_LANGS = object()   # langs: those of the `me` row of next_state's statement
+MY_LANGS = object()   # langs: the user's, from next_state's walk (its row's `want`)
 
 
 _COLUMNS = ("n", "id", "kind", "user_id", "tree_id", "target_id", "payload", "status",
@@ -272,10 +272,11 @@ class CollectTasks:
             f"{LIVE}), "
             # (step i: the kind at i, and its candidates as a JSON array; none while the
             # user holds a live task)
-            "w (i, a, kind, cands) AS (SELECT 0, CAST(? AS TEXT[]), CAST(NULL AS TEXT), "
-            "CAST(NULL AS JSON) WHERE NOT EXISTS (SELECT 1 FROM live) UNION ALL "
-            "SELECT w.i + 1, w.a, w.a[w.i + 1], CASE w.a[w.i + 1] " + " ".join(branches) +
-            " END FROM w WHERE w.cands IS NULL AND w.i < cardinality(w.a)) "
+            "w (i, a, want, kind, cands) AS (SELECT 0, CAST(? AS TEXT[]), me.want, "
+            "CAST(NULL AS TEXT), CAST(NULL AS JSON) FROM me WHERE NOT EXISTS (SELECT 1 FROM "
+            "live) UNION ALL SELECT w.i + 1, w.a, w.want, w.a[w.i + 1], CASE w.a[w.i + 1] " +
+            " ".join(branches) + " END FROM w WHERE w.cands IS NULL AND "
+            "w.i < cardinality(w.a)) "
             "SELECT row_to_json(me.*) AS me, (SELECT json_agg(live.*) FROM live) AS live, "
             "f.kind, f.cands FROM me LEFT JOIN (SELECT kind, cands FROM w WHERE cands IS NOT "
             "NULL) f ON TRUE")
@@ -332,9 +333,8 @@ class CollectTasks:
     @staticmethod
     def _filters(langs, target, column: str) -> tuple[str, list]:
         sql, params = "", []
-        if langs is MY_LANGS:   # (PostgreSQL: next_state's statement)
-            sql += (" AND ((SELECT cardinality(want) FROM me) = 0 OR t.lang IN (SELECT "
-                    "unnest(want) FROM me))")
+        if langs is MY_LANGS:   # (PostgreSQL: next_state's statement, its walk's row)
+            sql += " AND (cardinality(w.want) = 0 OR t.lang = ANY(w.want))"
         elif langs:
             sql += f" AND t.lang IN ({', '.join('?' * len(langs))})"
             params += list(langs)
