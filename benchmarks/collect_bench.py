@@ -140,7 +140,11 @@ class Postgres:
         self.data = data
         self.stats = stats
         if stats:
-            self.sql("CREATE EXTENSION pg_stat_statements")
+            try:
+                self.sql("CREATE EXTENSION pg_stat_statements")
+            except Exception:   # (the cluster is up: stop it, not leave it running)
+                self.close()
+                raise
 
     def sql(self, query: str) -> list[dict]:
         import psycopg
