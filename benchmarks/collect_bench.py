@@ -15,10 +15,12 @@ weighted choice), answers it (a text, labels, a ranking or a vote) and asks agai
   throughput, not the cost of one request);
 - direct: no HTTP; the same volunteers take turns in one thread calling the tree manager
   (TreeManager.next_task / submit) on its own: CPU and SQL statements (BEGIN and COMMIT
-  aside) per operation, i.e. what the collection itself costs, without the web server's
-  share. (Profiled with py-spy, the collection's handlers were about an eighth of the
-  server's Python CPU per request; the HTTP parser, FastAPI's routing and dependencies,
-  the thread hops and the middlewares the rest.)
+  aside) per operation, and on PostgreSQL its round trips (answers waited for, BEGIN and
+  COMMIT included: statements queued in a batch go out together), i.e. what the
+  collection itself costs, without the web server's share. (Profiled with py-spy, the
+  collection's handlers were about an eighth of the server's Python CPU per request; the
+  HTTP parser, FastAPI's routing and dependencies, the thread hops and the middlewares the
+  rest.)
 
 Latencies are measured by the client (asyncio, one kept-alive connection per volunteer,
 HTTP/1.1 written and read by hand, or httpx with --client httpx, which costs the shared cores
@@ -29,11 +31,13 @@ volunteers have worked --warmup seconds (default 2: a fresh server's first reque
 cold caches and connections, and the volunteers' first arrivals; those latencies are
 reported apart, as `warmup`). The CPU the server process spent per request is measured from
 /proc, and on the throwaway PostgreSQL the CPU of its processes too (the SQL runs there, not
-in the server). At the end the store is checked: every answered task is stored once.
+in the server); with --pg-stats it records every statement (pg_stat_statements): round trips
+per request over HTTP (the session's lookup included) and the costliest statements. At the
+end the store is checked: every answered task is stored once.
 
 usage: python benchmarks/collect_bench.py [--volunteers 100] [--seconds 20] [--db both]
        [--pg-url URL] [--think-ms 1000] [--warmup 2] [--scenarios paced,saturated,direct]
-       [--client-procs 2] [--client raw] [--out FILE.json]
+       [--client-procs 2] [--client raw] [--pg-stats] [--out FILE.json]
 Target (issue 15): p99 <= 50 ms for next-task and submit (`target_met`, paced).
 """
 from __future__ import annotations
@@ -108,7 +112,7 @@ def start_server(db_url: str, settings: dict) -> tuple[subprocess.Popen, str]:
 # ---------------------------------------------------------------- a throwaway PostgreSQL
 
 class Postgres:
-    def __init__(self):
+    def __init__(self, stats: bool = False):
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
         if not found:
             raise SystemExit("PostgreSQL is not installed (apt-get install postgresql), or give "
@@ -127,10 +131,49 @@ class Postgres:
                    "-E", "UTF8", "--locale=C", "--no-sync"])
         opts = (f"-c listen_addresses='' -k {self.root / 'sock'} -p 5432 -c fsync=off "
                 "-c synchronous_commit=off -c max_connections=300")
+        if stats:   # --pg-stats: every statement's calls and time (pg_stat_statements)
+            opts += (" -c shared_preload_libraries=pg_stat_statements"
+                     " -c pg_stat_statements.track=all -c pg_stat_statements.track_planning=on")
         self._run([str(self.bin / "pg_ctl"), "-D", str(data), "-o", opts, "-l",
                    str(self.root / "log"), "-w", "start"])
         self.url = f"postgresql://bench@/postgres?host={self.root / 'sock'}&port=5432"
         self.data = data
+        self.stats = stats
+        if stats:
+            try:
+                self.sql("CREATE EXTENSION pg_stat_statements")
+            except Exception:   # (the cluster is up: stop it, not leave it running)
+                self.close()
+                raise
+
+    def sql(self, query: str) -> list[dict]:
+        import psycopg
+        from psycopg.rows import dict_row
+        with psycopg.connect(self.url, autocommit=True, row_factory=dict_row) as con:
+            cur = con.execute(query)
+            return cur.fetchall() if cur.description else []
+
+    def reset_stats(self) -> None:
+        if self.stats:
+            self.sql("SELECT pg_stat_statements_reset()")
+
+    def statements(self, requests: int) -> dict:
+        """--pg-stats: round trips (statements, BEGIN and COMMIT included) per request, and
+        the statements that took the most time (calls and ms per request, mean ms each)."""
+        rows = self.sql("SELECT query, calls, total_exec_time, total_plan_time, plans FROM "
+                        "pg_stat_statements WHERE query NOT LIKE '%pg_stat_statements%' "
+                        "ORDER BY total_exec_time DESC")
+        n = max(requests, 1)
+        return {"statements_per_request": round(sum(r["calls"] for r in rows) / n, 2),
+                "exec_ms_per_request": round(sum(r["total_exec_time"] for r in rows) / n, 3),
+                "plan_ms_per_request": round(sum(r["total_plan_time"] for r in rows) / n, 3),
+                "top": [{"calls_per_request": round(r["calls"] / n, 3),
+                         "exec_ms_per_request": round(r["total_exec_time"] / n, 3),
+                         "mean_ms": round(r["total_exec_time"] / max(r["calls"], 1), 3),
+                         "plans_per_call": round(r["plans"] / max(r["calls"], 1), 3),
+                         "plan_ms_per_request": round(r["total_plan_time"] / n, 3),
+                         "query": " ".join(r["query"].split())[:160]}
+                        for r in rows[:12]]}
 
     def cpu_seconds(self) -> float:
         """CPU time of the cluster's processes alive now (the postmaster and its children:
@@ -328,6 +371,8 @@ def run_one(db_url: str, args, settings: dict, think_ms: float, pg=None) -> dict
     try:
         cpu0 = cpu_seconds(proc.pid)
         db0 = pg.cpu_seconds() if pg else None
+        if pg:
+            pg.reset_stats()
         t0 = time.perf_counter()
         job = (args.seconds, think_ms / 1000, args.warmup, args.client)
         if procs == 1:
@@ -370,6 +415,8 @@ def run_one(db_url: str, args, settings: dict, think_ms: float, pg=None) -> dict
     if db_cpu is not None:   # PostgreSQL's processes: where the SQL of a request runs
         out["db_cpu_ms_per_request"] = round(db_cpu / max(requests, 1) * 1000, 2)
         out["db_cores_used"] = round(db_cpu / wall, 2)
+        if pg.stats:
+            out["pg_stats"] = pg.statements(requests)
     out.update({"client_procs": procs, "client_cores_used": round(client_cpu / wall, 2),
                 # the machine's load as this run ended: the cores are shared (other work
                 # on them stretches every latency's tail)
@@ -384,7 +431,8 @@ def run_one(db_url: str, args, settings: dict, think_ms: float, pg=None) -> dict
 
 def run_direct(db_url: str, args, settings: dict, pg=None) -> dict:
     """No HTTP: the volunteers take turns (one thread) at TreeManager.next_task / submit for
-    --seconds; CPU and SQL statements per operation (the collection's own cost)."""
+    --seconds; CPU, SQL statements and (PostgreSQL) round trips per operation (the
+    collection's own cost)."""
     from homellm.collect import CollectSettings, TreeManager
     from homellm.store import AuthConfig, open_store
     rng = random.Random(0)
@@ -395,20 +443,23 @@ def run_direct(db_url: str, args, settings: dict, pg=None) -> dict:
         statements = [0]
         execute = store.db._execute
 
-        def counted(sql, params=()):
+        def counted(sql, params=(), *rest):
             statements[0] += 1
-            return execute(sql, params)
+            return execute(sql, params, *rest)
         store.db._execute = counted
         held: dict = {}
         cpu = {"next_task": [], "next_task_none": [], "submit": []}
         sql = {k: 0 for k in cpu}
+        trips = {k: 0 for k in cpu}   # PostgreSQL: answers waited for (Database.round_trips)
         db0 = pg.cpu_seconds() if pg else None
+        if pg:
+            pg.reset_stats()
         cpu_all0, t0, i = time.process_time(), time.perf_counter(), 0
         while time.perf_counter() - t0 < args.seconds:
             u = users[i % len(users)]
             i += 1
             task = held.pop(u.id, None)
-            n0, c0 = statements[0], time.process_time()
+            n0, r0, c0 = statements[0], store.db.round_trips, time.process_time()
             if task is None:
                 task = tm.next_task(u)["task"]
                 what = "next_task" if task else "next_task_none"
@@ -419,16 +470,22 @@ def run_direct(db_url: str, args, settings: dict, pg=None) -> dict:
                 what = "submit"
             cpu[what].append(time.process_time() - c0)
             sql[what] += statements[0] - n0
+            trips[what] += store.db.round_trips - r0
         wall = time.perf_counter() - t0
         cpu_all = time.process_time() - cpu_all0
         db_cpu = pg.cpu_seconds() - db0 if pg else None
+    on_pg = db_url.startswith(("postgresql://", "postgres://"))
     out = {k: {"n": len(v), "cpu_ms": round(sum(v) / max(len(v), 1) * 1000, 3),
-               "statements": round(sql[k] / max(len(v), 1), 2)} for k, v in cpu.items()}
+               "statements": round(sql[k] / max(len(v), 1), 2),
+               **({"round_trips": round(trips[k] / max(len(v), 1), 2)} if on_pg else {})}
+           for k, v in cpu.items()}
     ops = sum(len(v) for v in cpu.values())
     out["ops_per_s"] = round(ops / wall, 1)
     out["cpu_ms_per_op"] = round(cpu_all / max(ops, 1) * 1000, 3)
     if db_cpu is not None:
         out["db_cpu_ms_per_op"] = round(db_cpu / max(ops, 1) * 1000, 3)
+        if pg.stats:
+            out["pg_stats"] = pg.statements(ops)
     return out
 
 
@@ -451,6 +508,9 @@ def main():
     p.add_argument("--client", choices=sorted(CLIENTS), default="raw",
                    help="how the volunteers send requests (raw: HTTP/1.1 by hand, the least "
                    "client CPU on the server's cores)")
+    p.add_argument("--pg-stats", action="store_true",
+                   help="the throwaway PostgreSQL records its statements (pg_stat_statements): "
+                   "round trips per request and the costliest statements")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
     settings = {}   # Open Assistant's defaults
@@ -471,7 +531,7 @@ def main():
                 return run_direct(url, args, settings, pg)
             return run_one(url, args, settings, think, pg)
         if args.db in ("both", "postgresql"):
-            pg = None if args.pg_url else Postgres()
+            pg = None if args.pg_url else Postgres(args.pg_stats)
             try:
                 res["postgresql"] = one(args.pg_url or pg.url, pg)
             finally:

@@ -27,6 +27,7 @@ store/collect_tasks.py for why no slot is handed out twice and no submission cou
 """
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -43,7 +44,7 @@ from homellm.collect.moderation import ROLE_RANK, Moderation
 from homellm.collect.ranking import ranked_pairs
 from homellm.collect.settings import CollectSettings
 from homellm.store.collect_tasks import CollectTasks
-from homellm.store.collect_trees import CollectTrees
+from homellm.store.collect_trees import CollectTrees, tree_row
 from homellm.store.db import now
 
 _WRITERS: dict[str, threading.RLock] = {}   # SQLite file -> this process's writer lock
@@ -87,12 +88,14 @@ class TreeManager(Moderation):
                 self._writer = _WRITERS.setdefault(db.url, threading.RLock())
 
     @contextmanager
-    def _tx(self):
-        """A transaction. On SQLite this process's writers also queue on a lock of their own
-        first: SQLite's busy handler polls with sleeps of up to 100 ms, so writers waiting on
-        the database's lock alone would see long, random waits under load."""
+    def _tx(self, batch: bool = False):
+        """A transaction (`batch`: Database.transaction's, PostgreSQL's statements queued
+        with db.queue go out together). On SQLite this process's writers also queue on a
+        lock of their own first: SQLite's busy handler polls with sleeps of up to 100 ms, so
+        writers waiting on the database's lock alone would see long, random waits under
+        load."""
         if self._writer is None:
-            with self.db.transaction():
+            with self.db.transaction(batch):
                 yield
             return
         with self._writer, self.db.transaction():   # (re-entrant: nested uses join)
@@ -151,16 +154,6 @@ class TreeManager(Moderation):
                                param="type")
         if lang is not None:
             lang = _lang(lang, "lang")
-        t = now()
-        _, banned, langs, tags, live = self.tasks.user_and_live(uid, t)
-        if banned:
-            raise _banned()
-        langs = [lang] if lang else langs
-        for task in live:
-            if kind in ("random", task["kind"]):
-                return {"task": task_json(task), "resumed": True}
-        for task in live:  # another kind asked for: the one held goes back
-            self.tasks.release(task["id"], uid, "cancelled")
         # "random": groups drawn by OA's weights, each kind's candidates looked up only when
         # its turn comes (the first kind with candidates in such an order is drawn with the
         # weights renormalized over the kinds that have some, as OA draws)
@@ -169,8 +162,32 @@ class TreeManager(Moderation):
              self.s.rank_prompter_replies}, self.rng)
         if not self.s.rank_prompter_replies:
             order = [k for k in order if k != K.RANK_PROMPTER_REPLIES]
-        for k, cands in self.tasks.candidates_in_order(order, uid, langs, self.s, now(),
-                                                       self.s.max_active_trees):
+        t = now()
+        pg = self.db.dialect.name == "postgresql"
+        if pg:   # one statement: the user, their live tasks, the first kind with candidates
+            st = self.tasks.next_state(uid, lang, order, self.s, t, self.s.max_active_trees)
+            banned, langs, tags, live = st["banned"], st["langs"], st["tags"], st["live"]
+        else:
+            _, banned, langs, tags, live = self.tasks.user_and_live(uid, t)
+        if banned:
+            raise _banned()
+        langs = [lang] if lang else langs
+        for task in live:
+            if kind in ("random", task["kind"]):
+                return {"task": task_json(task), "resumed": True}
+        for task in live:  # another kind asked for: the one held goes back
+            self.tasks.release(task["id"], uid, "cancelled")
+        if pg and not live:
+            # next_state found the first kind in `order` with candidates (None: no kind
+            # has any); the kinds after it are looked up only if none of them is reserved
+            found = [] if st["kind"] is None else itertools.chain(
+                [(st["kind"], st["candidates"])], self.tasks.candidates_in_order(
+                    order[order.index(st["kind"]) + 1:], uid, langs, self.s, now(),
+                    self.s.max_active_trees))
+        else:   # SQLite (no round trips to save), or a task of another kind was released
+            found = self.tasks.candidates_in_order(order, uid, langs, self.s, now(),
+                                                   self.s.max_active_trees)
+        for k, cands in found:
             task = self._reserve(k, uid, langs, tags, cands)
             if task is not None:
                 return {"task": task_json(task), "resumed": False}
@@ -183,10 +200,10 @@ class TreeManager(Moderation):
                  cands: list[dict]) -> dict | None:
         """Reserve one of `cands` (what candidates_in_order found for `kind`), checking it
         again under its tree's lock; None if none is left."""
+        if not cands:   # (before any draw: the same draws whichever way they were found)
+            return None   # (initial_prompt: no slot for a new tree; checked again below)
         if kind == K.INITIAL_PROMPT:
-            if not cands:
-                return None   # no slot for a new tree (checked again under the lock)
-            with self._tx():
+            with self._tx(batch=True):   # (PostgreSQL: 2 round trips)
                 self.trees.lock_new_trees()
                 t = now()
                 if self.tasks.prompt_slots(self.s.max_active_trees, t) <= 0:
@@ -201,24 +218,25 @@ class TreeManager(Moderation):
             picked = self.rng.sample(prompts, min(5, len(prompts)))
             payload = {"conversation": [], "prompts": [message_json(self.trees.message(
                 p["target_id"])) for p in picked]}
-            with self._tx():
+            with self._tx(batch=True):
                 return self._insert(kind, uid, None, None, payload, now())
         for c in self._order(kind, cands, tags)[:20]:
             payload = self._payload(kind, c)   # read before the lock: short
-            with self._tx():
-                if self.trees.lock_tree(c["tree_id"]) is None:
-                    continue
-                t = now()
-                expires = _later(t, self.s.task_timeout_s)
-                # inserted only if still a candidate (taken meanwhile: the next one)
-                tid = self.tasks.reserve(kind, uid, langs, self.s, c["tree_id"],
-                                         c["target_id"], payload, t, expires)
-                if tid is None:
-                    continue
-                return {"id": tid, "kind": kind, "user_id": uid, "tree_id": c["tree_id"],
-                        "target_id": c["target_id"], "payload": payload,
-                        "status": "reserved", "created_at": t, "expires_at": expires,
-                        "done_at": None}
+            t = now()
+            expires = _later(t, self.s.task_timeout_s)
+            # BEGIN, the tree's lock, the insert and COMMIT: one round trip on PostgreSQL
+            # (the insert reads a snapshot taken once the lock is granted, so it is made
+            # only if the target is still a candidate then; a tree gone meanwhile has none)
+            with self._tx(batch=True):
+                self.tasks.generic_plans()
+                self.trees.queue_lock_tree(c["tree_id"])
+                tid, added = self.tasks.queue_reserve(kind, uid, langs, self.s, c["tree_id"],
+                                                      c["target_id"], payload, t, expires)
+            if added.rowcount != 1:
+                continue   # taken meanwhile: the next one
+            return {"id": tid, "kind": kind, "user_id": uid, "tree_id": c["tree_id"],
+                    "target_id": c["target_id"], "payload": payload, "status": "reserved",
+                    "created_at": t, "expires_at": expires, "done_at": None}
         return None
 
     def _order(self, kind: str, cands: list[dict], tags: list[str]) -> list[dict]:
@@ -322,21 +340,24 @@ class TreeManager(Moderation):
         """Complete a task with `body` (text/lang/tags, labels, ranking/not_rankable, or
         approve). Returns {"task", "tree": {"id", "state"}, "message_id"?}."""
         uid = _uid(user)
-        _, banned, t = self.tasks.role_and_task(uid, task_id)   # (one read for both)
-        if banned:
-            raise _banned()
-        if t is None or t["user_id"] != uid:
-            raise _no_task(task_id)
-        clean = self._check_body(t, body if isinstance(body, dict) else {})
         out: dict = {}
-        with self._tx():
-            tree = None
-            if t["tree_id"]:
-                tree = self.trees.lock_tree(t["tree_id"])
-            elif t["kind"] == K.INITIAL_PROMPT:
-                self.trees.lock_new_trees()
-            if not self.tasks.claim(task_id, uid, now()):
+        with self._tx(batch=True):
+            # the user with the task, the task's lock (its tree's, or for a new prompt the
+            # count of new trees'), and the claim: one round trip on PostgreSQL, checked in
+            # this order (what fails rolls back: a claim of a banned user's, or with a bad
+            # body, is undone)
+            read = self.tasks.queue_role_and_task(uid, task_id)
+            locked = self.trees.queue_lock_of_task(task_id)
+            claimed = self.tasks.queue_claim(task_id, uid, now())
+            _, banned, t = self.tasks.role_and_task_of(read)
+            if banned:
+                raise _banned()
+            if t is None or t["user_id"] != uid:
+                raise _no_task(task_id)
+            clean = self._check_body(t, body if isinstance(body, dict) else {})
+            if claimed.rowcount != 1:
                 raise self._not_live(task_id)
+            tree = tree_row(locked.row) if locked.row else None
             tree_id = self._apply(t, clean, uid, out)
             if tree_id:
                 # the locked row is the tree as it is (nothing else writes it meanwhile);

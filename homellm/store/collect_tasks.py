@@ -21,10 +21,12 @@ a snapshot taken once the lock was granted (the lock and the check in one statem
 read the snapshot from before the wait).
 
 Round trips are what a request costs on PostgreSQL, so a next-task reads the user, their
-preferences and live reservations together (`user_and_live`), a "random" one asks which
-kinds have candidates in one statement (`candidates_in_order`), and a submission reads the
-user and the task together (`role_and_task`). Migrations 008 and 010 index the live
-reservations by kind, target and tree (partial indexes on status = 'reserved').
+preferences, their live reservations and the first kind with candidates (with them) in one
+statement (`next_state`; SQLite: `user_and_live`, then `candidates_in_order`), its
+reservation is sent with the tree's lock, BEGIN and COMMIT in one batch (`queue_reserve`,
+Database.transaction(batch=True)), and a submission sends the user and task read, the lock
+and the claim together (`queue_role_and_task`, `queue_claim`). Migrations 008 and 010 index
+the live reservations by kind, target and tree (partial indexes on status = 'reserved').
 """
 from __future__ import annotations
 
@@ -36,6 +38,12 @@ LIVE = "k.status = 'reserved' AND k.expires_at > ?"
 LABEL_KINDS = ("label_initial_prompt", "label_assistant_reply", "label_prompter_reply")
 REPLY_KINDS = ("assistant_reply", "prompter_reply")
 RANK_ROLE = {"rank_assistant_replies": "assistant", "rank_prompter_replies": "prompter"}
+# the kinds with candidate queries, and the order each query gives its candidates in (its
+# ORDER BY, as a sort key of its rows; next_state sorts them so): best first
+CANDIDATE_ORDER = {**{k: lambda r: (-r["review_count"], r["n"]) for k in LABEL_KINDS},
+                   **{k: lambda r: r["n"] for k in (*REPLY_KINDS, *RANK_ROLE, "review_edit")},
+                   "rank_initial_prompts": lambda r: -r["n"]}
+MY_LANGS = object()   # langs: the user's, from next_state's walk (its row's `want`)
 
 
 _COLUMNS = ("n", "id", "kind", "user_id", "tree_id", "target_id", "payload", "status",
@@ -70,11 +78,12 @@ class CollectTasks:
                payload: dict, created_at: str, expires_at: str, task_id: str | None = None
                ) -> str:
         tid = task_id or uuid.uuid4().hex
-        self.db.run("INSERT INTO collect_tasks (id, kind, user_id, tree_id, target_id, payload, "
-                    "status, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, 'reserved', ?, ?)",
-                    (tid, kind, user_id, tree_id, target_id, json.dumps(payload,
-                                                                        ensure_ascii=False),
-                     created_at, expires_at))
+        # (queued: in a batch it goes out with the COMMIT; an error fails the transaction)
+        self.db.queue("INSERT INTO collect_tasks (id, kind, user_id, tree_id, target_id, "
+                      "payload, status, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, "
+                      "'reserved', ?, ?)", (tid, kind, user_id, tree_id, target_id,
+                                            json.dumps(payload, ensure_ascii=False),
+                                            created_at, expires_at))
         return tid
 
     def get(self, task_id: str) -> dict | None:
@@ -83,9 +92,13 @@ class CollectTasks:
 
     def claim(self, task_id: str, user_id: str, now: str) -> bool:
         """Mark a live reservation of this user done; False if it is not one any more."""
-        return self.db.run("UPDATE collect_tasks SET status = 'done', done_at = ? WHERE id = ? "
-                           "AND user_id = ? AND status = 'reserved' AND expires_at > ?",
-                           (now, task_id, user_id, now)) == 1
+        return self.queue_claim(task_id, user_id, now).rowcount == 1
+
+    def queue_claim(self, task_id: str, user_id: str, now: str):
+        """claim, queued (Database.queue): done if its rowcount is 1."""
+        return self.db.queue("UPDATE collect_tasks SET status = 'done', done_at = ? WHERE "
+                             "id = ? AND user_id = ? AND status = 'reserved' AND expires_at > ?",
+                             (now, task_id, user_id, now))
 
     def release(self, task_id: str, user_id: str, status: str) -> bool:
         """End a live reservation as 'skipped' or 'cancelled'; False if it was not live."""
@@ -110,9 +123,17 @@ class CollectTasks:
 
     def role_and_task(self, user_id: str, task_id: str) -> tuple[str, bool, dict | None]:
         """(role, banned, the task) in one query: a submission's first read."""
-        r = self.db.one("SELECT u.is_admin, u.role, u.banned, " + _TASK_COLUMNS + " FROM "
-                        "(SELECT 1 AS one) o LEFT JOIN users u ON u.id = ? LEFT JOIN "
-                        "collect_tasks k ON k.id = ?", (user_id, task_id))
+        return self.role_and_task_of(self.queue_role_and_task(user_id, task_id))
+
+    def queue_role_and_task(self, user_id: str, task_id: str):
+        """role_and_task, queued (Database.queue); read with role_and_task_of."""
+        return self.db.queue("SELECT u.is_admin, u.role, u.banned, " + _TASK_COLUMNS + " FROM "
+                             "(SELECT 1 AS one) o LEFT JOIN users u ON u.id = ? LEFT JOIN "
+                             "collect_tasks k ON k.id = ?", (user_id, task_id))
+
+    @staticmethod
+    def role_and_task_of(queued) -> tuple[str, bool, dict | None]:
+        r = queued.row
         role, banned = _role(r)
         return role, banned, _task_row(_task_of(r)) if r["k_id"] is not None else None
 
@@ -181,14 +202,13 @@ class CollectTasks:
                             now: str, max_active: int):
         """(kind, candidates) for each of `kinds` in turn, each looked up when its turn comes
         ("initial_prompt": [{}] while a new tree may start, else []); the caller stops at
-        the first kind it can use.
+        the first kind it can use. (PostgreSQL's next-task reads the first kind's with
+        next_state; this looks up the kinds after it, if none of its candidates could be
+        reserved, or all after a task of another kind was given back.)
 
         On PostgreSQL one statement first says which kinds have any candidate (an EXISTS
-        each, which stops at the first): a request that finds nothing takes 2 round trips
-        instead of 9, and one that finds something skips the empty kinds before it. (Reading
-        every kind's candidates in one UNION instead cost more than it saved; SQLite has no
-        round trips to save and looks each kind up in turn.) Measured with
-        benchmarks/collect_bench.py, 100 volunteers."""
+        each, which stops at the first), so the empty kinds are skipped; SQLite has no round
+        trips to save and looks each kind up in turn."""
         has = None
         if self.db.dialect.name == "postgresql" and len(kinds) > 1:
             parts, params = [], []
@@ -214,27 +234,108 @@ class CollectTasks:
             else:
                 yield k, self.candidates(k, user_id, langs, s, now)
 
+    def next_state(self, user_id: str, lang: str | None, order: list[str], s, now: str,
+                   max_active: int) -> dict:
+        """PostgreSQL: all a next-task request reads, in one statement: the user (role,
+        banned, languages, topics), their live reservations, and, when they hold none, the
+        first kind of `order` that has a candidate for them with its candidates (best first;
+        [{}] for "initial_prompt" while a new tree may start). `lang`: the language asked
+        for (None: the user's preferred ones, all if none).
+
+        {"role", "banned", "langs", "tags", "live": [task], "kind": str | None,
+         "candidates": [row]}
+
+        The kinds are tried in `order` by a recursive walk, one kind a step, that stops at
+        the first kind with candidates: each kind's query is a subquery PostgreSQL runs
+        only when the walk reaches it (an InitPlan in a CASE), so the kinds after it are
+        never computed, and the candidates are the rows that were found (the same
+        snapshot). The text is the same for every request (the order and the language are
+        parameters): it is prepared once per connection, with its generic plan."""
+        params: list = [lang or "", lang or "", user_id, user_id, now, list(order)]
+        branches = []
+        for k in CANDIDATE_ORDER:
+            sql, ps = self._candidates_sql(k, user_id, MY_LANGS, s, now)
+            branches.append(f"WHEN '{k}' THEN (SELECT json_agg(q) FROM ({sql}) q)")
+            params += ps
+        branches.append(   # [1] while a new tree may start
+            "WHEN 'initial_prompt' THEN (SELECT json_agg(1) WHERE (SELECT COUNT(*) FROM "
+            "collect_trees WHERE state IN ('initial_prompt_review', 'growing')) + (SELECT "
+            f"COUNT(*) FROM collect_tasks k WHERE k.kind = 'initial_prompt' AND {LIVE}) < ?)")
+        params += [now, max_active]
+        sql = (
+            "WITH RECURSIVE me AS (SELECT u.is_admin, u.role, u.banned, p.langs, p.tags, "
+            "CASE WHEN CAST(? AS TEXT) = '' THEN ARRAY(SELECT json_array_elements_text(CAST("
+            "COALESCE(p.langs, '[]') AS JSON))) ELSE ARRAY[CAST(? AS TEXT)] END AS want FROM "
+            "(SELECT 1 AS one) o LEFT JOIN users u ON u.id = ? LEFT JOIN collect_prefs p ON "
+            "p.user_id = u.id), "
+            f"live AS MATERIALIZED (SELECT k.* FROM collect_tasks k WHERE k.user_id = ? AND "
+            f"{LIVE}), "
+            # (step i: the kind at i, and its candidates as a JSON array; none while the
+            # user holds a live task)
+            "w (i, a, want, kind, cands) AS (SELECT 0, CAST(? AS TEXT[]), me.want, "
+            "CAST(NULL AS TEXT), CAST(NULL AS JSON) FROM me WHERE NOT EXISTS (SELECT 1 FROM "
+            "live) UNION ALL SELECT w.i + 1, w.a, w.want, w.a[w.i + 1], CASE w.a[w.i + 1] " +
+            " ".join(branches) + " END FROM w WHERE w.cands IS NULL AND "
+            "w.i < cardinality(w.a)) "
+            "SELECT row_to_json(me.*) AS me, (SELECT json_agg(live.*) FROM live) AS live, "
+            "f.kind, f.cands FROM me LEFT JOIN (SELECT kind, cands FROM w WHERE cands IS NOT "
+            "NULL) f ON TRUE")
+        with self.db.transaction(batch=True):   # one round trip
+            self.generic_plans()
+            row = self.db.queue(sql, params, prepare=True)
+        row = row.row
+        me, kind, cands = row["me"], row["kind"], row["cands"] or []
+        role, banned = _role(me)
+        if kind in CANDIDATE_ORDER:   # (json_agg keeps its input's order as a rule, not
+            cands.sort(key=CANDIDATE_ORDER[kind])   # by promise: sorted as the query does)
+        return {"role": role, "banned": banned,
+                "langs": json.loads(me["langs"]) if me["langs"] else [],
+                "tags": json.loads(me["tags"]) if me["tags"] else [],
+                "live": sorted((_task_row(t) for t in row["live"] or []),
+                               key=lambda t: t["n"]),
+                "kind": kind, "candidates": [{}] if kind == "initial_prompt" else cands}
+
+    def generic_plans(self) -> None:
+        """PostgreSQL, inside a transaction: its prepared statements run with their generic
+        plan, made once per connection. The candidate queries are long (next_state's plans
+        in ~4 ms on a quiet machine, far longer than it runs), and PostgreSQL's own choice
+        between a generic and a custom plan (a plan made for the parameters, each time)
+        depends on estimates that change with the data: on some databases it planned the
+        candidate queries on every call."""
+        if self.db.dialect.name == "postgresql":
+            self.db.queue("SET LOCAL plan_cache_mode = force_generic_plan")
+
     def reserve(self, kind: str, user_id: str, langs: list[str], s, tree_id: str | None,
                 target_id: str, payload: dict, created_at: str, expires_at: str
                 ) -> str | None:
         """Insert the reservation if `target_id` is still a candidate of `kind` for this
         user (one statement: the check reads a snapshot taken after the caller locked the
         tree); its id, or None if the target was taken meanwhile."""
+        tid, added = self.queue_reserve(kind, user_id, langs, s, tree_id, target_id, payload,
+                                        created_at, expires_at)
+        return tid if added.rowcount == 1 else None
+
+    def queue_reserve(self, kind: str, user_id: str, langs: list[str], s,
+                      tree_id: str | None, target_id: str, payload: dict, created_at: str,
+                      expires_at: str):
+        """reserve, queued (Database.queue): (its id, the Queued INSERT); reserved if the
+        INSERT's rowcount is 1."""
         tid = uuid.uuid4().hex
         check, params = self._candidates_sql(kind, user_id, langs, s, created_at,
                                              target=target_id, limit=1)
-        n = self.db.run("INSERT INTO collect_tasks (id, kind, user_id, tree_id, target_id, "
-                        "payload, status, created_at, expires_at) SELECT ?, ?, ?, ?, ?, ?, "
-                        f"'reserved', ?, ? WHERE EXISTS (SELECT 1 FROM ({check}) c)",
-                        [tid, kind, user_id, tree_id, target_id,
-                         json.dumps(payload, ensure_ascii=False), created_at, expires_at]
-                        + params)
-        return tid if n == 1 else None
+        return tid, self.db.queue(
+            "INSERT INTO collect_tasks (id, kind, user_id, tree_id, target_id, payload, status, "
+            "created_at, expires_at) SELECT ?, ?, ?, ?, ?, ?, 'reserved', ?, ? WHERE EXISTS "
+            f"(SELECT 1 FROM ({check}) c)",
+            [tid, kind, user_id, tree_id, target_id, json.dumps(payload, ensure_ascii=False),
+             created_at, expires_at] + params)
 
     @staticmethod
     def _filters(langs, target, column: str) -> tuple[str, list]:
         sql, params = "", []
-        if langs:
+        if langs is MY_LANGS:   # (PostgreSQL: next_state's statement, its walk's row)
+            sql += " AND (cardinality(w.want) = 0 OR t.lang = ANY(w.want))"
+        elif langs:
             sql += f" AND t.lang IN ({', '.join('?' * len(langs))})"
             params += list(langs)
         if target is not None:

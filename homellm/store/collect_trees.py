@@ -7,6 +7,8 @@ proposals, preferences and roles (the tables of migration 007_collect).
         trees.add_review(...)
 
 Plain rows in and out (dicts, JSON columns decoded); the rules live in homellm/collect/.
+Writes whose answer nobody reads are sent with Database.queue: in a batched transaction
+(PostgreSQL) they go out with the next statement that is waited for.
 
 Concurrency: every change to a tree, its messages, its tasks and its edit proposals is made
 inside a transaction that first takes the tree's lock (`lock_tree`): on PostgreSQL the tree's
@@ -67,8 +69,26 @@ class CollectTrees:
         return tree_row(r) if r else None
 
     def lock_new_trees(self) -> None:
+        """(Queued: Database.queue; it is granted before any later statement runs.)"""
         if self.pg:
-            self.db.run("SELECT pg_advisory_xact_lock(?)", (NEW_TREES_LOCK,))
+            self.db.queue("SELECT pg_advisory_xact_lock(?)", (NEW_TREES_LOCK,))
+
+    def queue_lock_tree(self, tree_id: str):
+        """lock_tree, queued (Database.queue: its answer read later, if at all)."""
+        return self.db.queue("SELECT * FROM collect_trees WHERE id = ?" +
+                             (" FOR UPDATE" if self.pg else ""), (tree_id,))
+
+    def queue_lock_of_task(self, task_id: str):
+        """The lock a submission of task `task_id` takes, queued: its tree's row (FOR UPDATE
+        on PostgreSQL), or for a new prompt the lock on the count of new trees (then no
+        row). Read with `tree_row` (None: no tree)."""
+        tree = self.db.queue("SELECT * FROM collect_trees WHERE id = (SELECT tree_id FROM "
+                             "collect_tasks WHERE id = ?)" + (" FOR UPDATE" if self.pg else ""),
+                             (task_id,))
+        if self.pg:
+            self.db.queue("SELECT pg_advisory_xact_lock(?) FROM collect_tasks WHERE id = ? AND "
+                          "kind = 'initial_prompt'", (NEW_TREES_LOCK, task_id))
+        return tree
 
     # -- roles, bans and preferences
     def role(self, user_id: str) -> tuple[str, bool]:
@@ -138,8 +158,8 @@ class CollectTrees:
         return tree_row(r) if r else None
 
     def set_state(self, tree_id: str, state: str) -> None:
-        self.db.run("UPDATE collect_trees SET state = ?, updated_at = ? WHERE id = ?",
-                    (state, now(), tree_id))
+        self.db.queue("UPDATE collect_trees SET state = ?, updated_at = ? WHERE id = ?",
+                      (state, now(), tree_id))
 
     def trees(self, states: list[str] | None = None, *, limit: int = 100, offset: int = 0,
               lang: str | None = None) -> list[dict]:
@@ -173,13 +193,13 @@ class CollectTrees:
                        created_at: str | None = None) -> str:
         mid = message_id or str(uuid.uuid4())
         t = now()
-        self.db.run("INSERT INTO collect_messages (id, tree_id, parent_id, depth, role, text, "
-                    "lang, user_id, author, review_count, review_result, deleted, rank, "
-                    "synthetic, model_name, imported, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (mid, tree_id, parent_id, depth, role, text, lang, user_id, author,
-                     review_count, review_result, bool(deleted), rank, bool(synthetic),
-                     model_name, _dumps(imported) if imported else None, created_at or t, t))
+        self.db.queue("INSERT INTO collect_messages (id, tree_id, parent_id, depth, role, text, "
+                      "lang, user_id, author, review_count, review_result, deleted, rank, "
+                      "synthetic, model_name, imported, created_at, updated_at) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (mid, tree_id, parent_id, depth, role, text, lang, user_id, author,
+                       review_count, review_result, bool(deleted), rank, bool(synthetic),
+                       model_name, _dumps(imported) if imported else None, created_at or t, t))
         return mid
 
     def message(self, message_id: str) -> dict | None:
@@ -224,8 +244,8 @@ class CollectTrees:
         return r["accepted"], r["awaiting"]
 
     def set_review_result(self, message_id: str, accepted: bool) -> None:
-        self.db.run("UPDATE collect_messages SET review_result = ?, updated_at = ? WHERE id = ?",
-                    (bool(accepted), now(), message_id))
+        self.db.queue("UPDATE collect_messages SET review_result = ?, updated_at = ? WHERE "
+                      "id = ?", (bool(accepted), now(), message_id))
 
     def set_text(self, message_id: str, text: str) -> None:
         self.db.run("UPDATE collect_messages SET text = ?, updated_at = ? WHERE id = ?",
@@ -267,9 +287,9 @@ class CollectTrees:
                    mode: str) -> dict | None:
         """One review; the message's review_count goes up by one (same transaction). The
         message as it is then."""
-        self.db.run("INSERT INTO collect_reviews (task_id, message_id, user_id, labels, mode, "
-                    "created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (task_id, message_id, user_id, _dumps(labels), mode, now()))
+        self.db.queue("INSERT INTO collect_reviews (task_id, message_id, user_id, labels, "
+                      "mode, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                      (task_id, message_id, user_id, _dumps(labels), mode, now()))
         sql = "UPDATE collect_messages SET review_count = review_count + 1, updated_at = ? " \
               "WHERE id = ?"
         if _RETURNING or self.pg:   # the row back from the same statement
@@ -298,14 +318,14 @@ class CollectTrees:
     def add_ranking(self, task_id: str | None, parent_id: str | None, user_id: str,
                     ranked_ids: list[str], ranking: list[int], not_rankable: bool) -> None:
         """One ranking; each ranked message's ranking_count goes up by one."""
-        self.db.run("INSERT INTO collect_rankings (task_id, parent_id, user_id, ranked_ids, "
-                    "ranking, not_rankable, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (task_id, parent_id, user_id, json.dumps(ranked_ids), json.dumps(ranking),
-                     bool(not_rankable), now()))
+        self.db.queue("INSERT INTO collect_rankings (task_id, parent_id, user_id, ranked_ids, "
+                      "ranking, not_rankable, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (task_id, parent_id, user_id, json.dumps(ranked_ids),
+                       json.dumps(ranking), bool(not_rankable), now()))
         ids = sorted(set(ranked_ids))
         if ids:   # one statement (the tree is locked meanwhile)
-            self.db.run("UPDATE collect_messages SET ranking_count = ranking_count + 1 "
-                        f"WHERE id IN ({', '.join('?' * len(ids))})", ids)
+            self.db.queue("UPDATE collect_messages SET ranking_count = ranking_count + 1 "
+                          f"WHERE id IN ({', '.join('?' * len(ids))})", ids)
 
     def ranking_counts(self, parent_ids: list[str]) -> dict[str, int]:
         """parent id -> how many rankings its replies have (0 for none), in one query."""
