@@ -378,8 +378,11 @@ AVX2_T static const __m256i *AVX2_SFX(a16_group)(const uint8_t *pk, int K, const
         sl->cap = sl->wb ? need : 0;
         if (!sl->wb) return NULL;
     }
-    const size_t bb = pk_size(kind, 8);
+    const size_t bb = pk_size(kind, 8), gb = (size_t)(K / 32) * bb;
     for (int b = 0; b < K / 32; b++) AVX2_SFX(a16_widen)(pk + (size_t)b * bb, kind, sl->wb + 16 * (size_t)b);
+    /* the group after this one (this thread's next, mostly) on its way to L2 while this one's
+     * tiles run: else its widening waits on memory (a prefetch past the weights' end is harmless) */
+    for (size_t o = 0; o < gb; o += 64) _mm_prefetch((const char *)pk + gb + o, _MM_HINT_T1);
     sl->pk = pk; sl->K = K; sl->kind = kind; sl->epoch = ep;
     return sl->wb;
 }
