@@ -287,12 +287,13 @@ AVX2_T INLINE void AVX2_SFX(a16_widen)(const uint8_t *p, const int kind, __m256i
         } else {
             x = _mm256_loadu_si256((const __m256i *)(p + wo + 32 * c));
         }
+        /* each 128-bit lane's 4 rows: their values 4c, 4c + 1, then their 4c + 2, 4c + 3 */
+        x = _mm256_shuffle_epi8(x, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                                    0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
         const int sg = kind == PK_Q8 || kind == PK_Q5 || kind == PK_Q4S;
         const __m256i e = sg ? _mm256_cmpgt_epi8(z, x) : z;  /* signed bytes */
-        /* int16: rows 0, 1 | 4, 5 and rows 2, 3 | 6, 7, a row's 4 values as two int32 lanes */
-        const __m256 l = _mm256_castsi256_ps(_mm256_unpacklo_epi8(x, e)), h = _mm256_castsi256_ps(_mm256_unpackhi_epi8(x, e));
-        _mm256_store_si256(wb + 2 * c, _mm256_castps_si256(_mm256_shuffle_ps(l, h, 0x88)));
-        _mm256_store_si256(wb + 2 * c + 1, _mm256_castps_si256(_mm256_shuffle_ps(l, h, 0xDD)));
+        _mm256_store_si256(wb + 2 * c, _mm256_unpacklo_epi8(x, e));  /* (int16: rows 0..3 | 4..7) */
+        _mm256_store_si256(wb + 2 * c + 1, _mm256_unpackhi_epi8(x, e));
     }
 }
 
