@@ -473,6 +473,8 @@ T512 static void quantize_strided_512(const float *x, int K, int8_t *q, size_t q
 #if HL_X86
 T256 static void quantize_strided_256(const float *x, int K, int8_t *q, size_t qs, int8_t *q2, float *dx,
                                       size_t ds, int d8, float *sx, size_t ss);
+T256 static void quantize_a16_256(const float *x, int K, int16_t *a, size_t as, float *dx, size_t ds, float *sx,
+                                  size_t ss);
 #elif HL_ARM
 static void quantize_strided_neon(const float *x, int K, int8_t *q, size_t qs, int8_t *q2, float *dx, size_t ds,
                                   int d8, float *sx, size_t ss);
@@ -518,6 +520,10 @@ static int tile_mode(int path, int hi, int M) { return !hi ? TM_ONE : path == P_
 /* row r of a tile (see TILE) in tile mode L (TM_*) */
 static void quantize_tile_row(const float *x, int K, int L, int8_t *qt, float *dxt, float *sxt, int r) {
     if (L == TM_A16) {  /* both levels quantized as for TM_TWO, then joined */
+#if HL_X86  /* (TM_A16: P_AVX2's tiles, so this CPU has AVX2) */
+        quantize_a16_256(x, K, (int16_t *)qt + r * 32, (size_t)TILE * 32, dxt + r, TILE, sxt + r, TILE);
+        return;
+#endif
         int8_t q[K], q2[K];
         quantizer()(x, K, q, 32, q2, dxt + r, TILE, 0, sxt + r, TILE);
         int16_t *a = (int16_t *)qt + r * 32;

@@ -38,8 +38,8 @@ T256 INLINE void store_i8x32(int8_t *dst, const __m256i *v) {
 
 /* the bits of quantize_any: d = amax / 127 and 1 / d as IEEE divisions, cvtps rounding half to even
  * as nearbyintf, d q rounded before the subtraction (an empty asm: never fused into an FMA) */
-T256 static void quantize_strided_256(const float *x, int K, int8_t *q, size_t qs, int8_t *q2, float *dx,
-                                      size_t ds, int d8, float *sx, size_t ss) {
+T256 INLINE void quantize_body_256(const float *x, int K, int8_t *q, size_t qs, int8_t *q2, float *dx,
+                                   size_t ds, int d8, float *sx, size_t ss, int16_t *a16) {
     const __m256 sign = _mm256_set1_ps(-0.0f), s256 = _mm256_set1_ps(256.0f);
     const __m256i lim = _mm256_set1_epi32(127), nlim = _mm256_set1_epi32(-127);
     const int nb = K / 32;
@@ -53,10 +53,10 @@ T256 static void quantize_strided_256(const float *x, int K, int8_t *q, size_t q
         const __m256 vd = _mm256_set1_ps(d), vid = _mm256_set1_ps(id);
         __m256i iq[4], jq[4];
         for (int i = 0; i < 4; i++) iq[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid));
-        store_i8x32(q + b * qs, iq);
+        if (!a16) store_i8x32(q + b * qs, iq);
         int hs[2] = {hsum_i32_256(_mm256_add_epi32(iq[0], iq[1])), hsum_i32_256(_mm256_add_epi32(iq[2], iq[3]))};
         int hs2[2] = {0, 0};
-        if (q2) {
+        if (q2 || a16) {
             for (int i = 0; i < 4; i++) {
                 __m256 dq = _mm256_mul_ps(vd, _mm256_cvtepi32_ps(iq[i]));
                 __asm__("" : "+x"(dq));
@@ -64,15 +64,35 @@ T256 static void quantize_strided_256(const float *x, int K, int8_t *q, size_t q
                 jq[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(r, vid), s256));
                 jq[i] = _mm256_max_epi32(_mm256_min_epi32(jq[i], lim), nlim);
             }
-            store_i8x32(q2 + b * qs, jq);
+            if (a16)  /* a = 256 q + q2, |a| <= 32639: packs without saturation, its lanes put in order */
+                for (int h = 0; h < 2; h++) {
+                    const __m256i a0 = _mm256_add_epi32(_mm256_slli_epi32(iq[2 * h], 8), jq[2 * h]);
+                    const __m256i a1 = _mm256_add_epi32(_mm256_slli_epi32(iq[2 * h + 1], 8), jq[2 * h + 1]);
+                    _mm256_storeu_si256((__m256i *)(a16 + b * qs) + h,
+                                        _mm256_permute4x64_epi64(_mm256_packs_epi32(a0, a1), 0xD8));
+                }
+            else store_i8x32(q2 + b * qs, jq);
             hs2[0] = hsum_i32_256(_mm256_add_epi32(jq[0], jq[1]));
             hs2[1] = hsum_i32_256(_mm256_add_epi32(jq[2], jq[3]));
         }
-        const float dd = q2 ? d * (1.0f / 256.0f) : d;
+        const int two = q2 || a16;
+        const float dd = two ? d * (1.0f / 256.0f) : d;
         if (d8) _mm256_storeu_ps(dx + b * ds, _mm256_set1_ps(dd));
         else dx[b * ds] = dd;
-        act_sums(sx, ss, nb, b, d, hs, hs2, q2 != NULL);
+        act_sums(sx, ss, nb, b, d, hs, hs2, two);
     }
+}
+
+T256 static void quantize_strided_256(const float *x, int K, int8_t *q, size_t qs, int8_t *q2, float *dx,
+                                      size_t ds, int d8, float *sx, size_t ss) {
+    quantize_body_256(x, K, q, qs, q2, dx, ds, d8, sx, ss, NULL);
+}
+
+/* both levels as one int16 a = 256 q + q2 (tile mode TM_A16: quantize_tile_row), block b's 32 at
+ * a + b as (int16), quantize_strided_256's bits */
+T256 static void quantize_a16_256(const float *x, int K, int16_t *a, size_t as, float *dx, size_t ds, float *sx,
+                                  size_t ss) {
+    quantize_body_256(x, K, NULL, as, NULL, dx, ds, 0, sx, ss, a);
 }
 
 /* ---- gated products: exp512's and glu16's bits, 8 lanes at a time --------------------------- */
