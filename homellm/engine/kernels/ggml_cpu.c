@@ -1198,6 +1198,13 @@ typedef void (*tile_fn)(const uint8_t *pk, int K, const int8_t *q, const float *
 #if HL_X86
 T512 INLINE __m512i bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
 
+/* acc + w . the 4 bytes at p broadcast (vpdpbusd with an embedded broadcast: one load-op, where
+ * gcc otherwise loads the broadcast into a register of its own first) */
+T512 INLINE __m512i dpbusd_b(__m512i acc, __m512i w, const int8_t *p) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const int32_t *)p));
+    return acc;
+}
+
 /* out (R, 16) = 16 packed weight rows against R activation rows; `kind` a constant (PK_*);
  * T: 0 row-major (q, q2 rows of K bytes, dx/sx rows of K/4 floats; decode), or TILE (tiled,
  * q2 unused, R <= TILE) */
@@ -1234,48 +1241,91 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
                     w[c] = _mm512_mask_add_epi8(w[c], _cvtu64_mask64(h), w[c], _mm512_set1_epi8(16));
                 }
         }
+#define ROWA(r) (T ? q + b * qb + (r) * 32 : q + (size_t)(r) * K + b * 32)
+#define ROWA2(r) (T ? q + b * qb + (r) * 32 + T * 32 : q2 + (size_t)(r) * K + b * 32)
+        /* the row's scale and its sums j (block b: j = b; its halves: j = nb + 2 b + h) */
+#define SX(r, j) (T ? sx[(size_t)(j) * T + (r)] : sx[(size_t)(r) * K4 + (j)])
+#define ISX(r, j) (T ? ((const int32_t *)sx)[(size_t)(j) * T + (r)] : ((const int32_t *)sx)[(size_t)(r) * K4 + (j)])
+#define DA(r) _mm512_set1_ps(T ? dx[(size_t)b * T + (r)] : dx[(size_t)(r) * K4 + b * 8])
+        if (kind == PK_Q6K || R < 4) {  /* a row at a time, 4 chains of dot products a row (2 levels; Q6_K:
+                                         * the halves' scales need I0 and I1 apart) */
+            _Pragma("GCC unroll 8")
+            for (int r = 0; r < R; r++) {
+                const int8_t *a = ROWA(r);
+                /* i0: values 0..15 of the block, i1: values 16..31 */
+                __m512i i0 = dpbusd_b(_mm512_setzero_si512(), w[0], a);
+                __m512i i1 = dpbusd_b(_mm512_setzero_si512(), w[4], a + 16);
+                for (int c = 1; c < 4; c++) {
+                    i0 = dpbusd_b(i0, w[c], a + 4 * c);
+                    i1 = dpbusd_b(i1, w[c + 4], a + 16 + 4 * c);
+                }
+                if (hi) {
+                    const int8_t *a2 = ROWA2(r);
+                    __m512i j0 = dpbusd_b(_mm512_setzero_si512(), w[0], a2);
+                    __m512i j1 = dpbusd_b(_mm512_setzero_si512(), w[4], a2 + 16);
+                    for (int c = 1; c < 4; c++) {
+                        j0 = dpbusd_b(j0, w[c], a2 + 4 * c);
+                        j1 = dpbusd_b(j1, w[c + 4], a2 + 16 + 4 * c);
+                    }
+                    i0 = _mm512_add_epi32(_mm512_slli_epi32(i0, 8), j0);
+                    i1 = _mm512_add_epi32(_mm512_slli_epi32(i1, 8), j1);
+                }
+                const __m512 da = DA(r);
+                if (kind == PK_Q6K) {  /* s0 (I0 da - 32 hs0) + s1 (I1 da - 32 hs1) */
+                    __m512 t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), da, _mm512_mul_ps(m32, _mm512_set1_ps(SX(r, nb + 2 * b))));
+                    __m512 t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), da, _mm512_mul_ps(m32, _mm512_set1_ps(SX(r, nb + 2 * b + 1))));
+                    acc[r] = _mm512_fmadd_ps(t0, dw, acc[r]);
+                    acc[r] = _mm512_fmadd_ps(t1, mw, acc[r]);
+                } else if (kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) {  /* d da ((u . q) - off sum(q)) */
+                    const __m512i os = _mm512_set1_epi32(ISX(r, 3 * nb + b) << (kind == PK_Q8 ? 7 : kind == PK_Q5 ? 4 : 3));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(i0, i1), os)),
+                                             _mm512_mul_ps(dw, da), acc[r]);
+                } else {
+                    __m512 sc = _mm512_mul_ps(dw, da);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, acc[r]);
+                    acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(SX(r, b)), acc[r]);
+                }
+            }
+            continue;
+        }
+        /* the other kinds: each row's integer dot I over the block's 32 values (w[c]: values
+         * 4c .. 4c+3), one chain a row with the rows side by side (the chains' latencies
+         * overlap without a long window); two levels: 256 I1 + I2, the second level's products
+         * added onto the first's shifted; the offset kinds then subtract off sum(q): the same
+         * integers as the sums of the halves' dot products */
+        __m512i iv[8];
+        _Pragma("GCC unroll 8")
+        for (int c = 0; c < 8; c++) {
+            _Pragma("GCC unroll 8")
+            for (int r = 0; r < R; r++)
+                iv[r] = dpbusd_b(c ? iv[r] : _mm512_setzero_si512(), w[c], ROWA(r) + 4 * c);
+        }
+        if (hi) {
+            _Pragma("GCC unroll 8")
+            for (int r = 0; r < R; r++) iv[r] = _mm512_slli_epi32(iv[r], 8);
+            _Pragma("GCC unroll 8")
+            for (int c = 0; c < 8; c++) {
+                _Pragma("GCC unroll 8")
+                for (int r = 0; r < R; r++) iv[r] = dpbusd_b(iv[r], w[c], ROWA2(r) + 4 * c);
+            }
+        }
         _Pragma("GCC unroll 8")
         for (int r = 0; r < R; r++) {
-            const int8_t *a = T ? q + b * qb + r * 32 : q + (size_t)r * K + b * 32;
-            /* i0: values 0..15 of the block, i1: values 16..31 */
-            __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], bcast4(a));
-            __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], bcast4(a + 16));
-            for (int c = 1; c < 4; c++) {
-                i0 = _mm512_dpbusd_epi32(i0, w[c], bcast4(a + 4 * c));
-                i1 = _mm512_dpbusd_epi32(i1, w[c + 4], bcast4(a + 16 + 4 * c));
-            }
-            if (hi) {
-                const int8_t *a2 = T ? a + T * 32 : q2 + (size_t)r * K + b * 32;
-                __m512i j0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], bcast4(a2));
-                __m512i j1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], bcast4(a2 + 16));
-                for (int c = 1; c < 4; c++) {
-                    j0 = _mm512_dpbusd_epi32(j0, w[c], bcast4(a2 + 4 * c));
-                    j1 = _mm512_dpbusd_epi32(j1, w[c + 4], bcast4(a2 + 16 + 4 * c));
-                }
-                i0 = _mm512_add_epi32(_mm512_slli_epi32(i0, 8), j0);
-                i1 = _mm512_add_epi32(_mm512_slli_epi32(i1, 8), j1);
-            }
-            /* the row's scale and its sums j (block b: j = b; its halves: j = nb + 2 b + h) */
-#define SX(j) (T ? sx[(size_t)(j) * T + r] : sx[(size_t)r * K4 + (j)])
-#define ISX(j) (T ? ((const int32_t *)sx)[(size_t)(j) * T + r] : ((const int32_t *)sx)[(size_t)r * K4 + (j)])
-            const __m512 da = _mm512_set1_ps(T ? dx[(size_t)b * T + r] : dx[(size_t)r * K4 + b * 8]);
-            if (kind == PK_Q6K) {  /* s0 (I0 da - 32 hs0) + s1 (I1 da - 32 hs1) */
-                __m512 t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), da, _mm512_mul_ps(m32, _mm512_set1_ps(SX(nb + 2 * b))));
-                __m512 t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), da, _mm512_mul_ps(m32, _mm512_set1_ps(SX(nb + 2 * b + 1))));
-                acc[r] = _mm512_fmadd_ps(t0, dw, acc[r]);
-                acc[r] = _mm512_fmadd_ps(t1, mw, acc[r]);
-            } else if (kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) {  /* d da ((u . q) - off sum(q)) */
-                const __m512i os = _mm512_set1_epi32(ISX(3 * nb + b) << (kind == PK_Q8 ? 7 : kind == PK_Q5 ? 4 : 3));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(i0, i1), os)),
-                                         _mm512_mul_ps(dw, da), acc[r]);
+            const __m512 da = DA(r);
+            if (kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) {  /* d da ((u . q) - off sum(q)) */
+                const __m512i os = _mm512_set1_epi32(ISX(r, 3 * nb + b) << (kind == PK_Q8 ? 7 : kind == PK_Q5 ? 4 : 3));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(iv[r], os)), _mm512_mul_ps(dw, da), acc[r]);
             } else {
                 __m512 sc = _mm512_mul_ps(dw, da);
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, acc[r]);
-                acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(SX(b)), acc[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv[r]), sc, acc[r]);
+                acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(SX(r, b)), acc[r]);
             }
+        }
+#undef ROWA
+#undef ROWA2
 #undef SX
 #undef ISX
-        }
+#undef DA
     }
     for (int r = 0; r < R; r++) _mm512_storeu_ps(out + 16 * r, acc[r]);
 }
@@ -1788,20 +1838,20 @@ T256 static void attn_query_head_avx2(const attn_t *a, int h, const float *sc, s
 
 /* exp512: the one of the packed matmul's SiLU epilogue, above */
 
-/* O[i0..i0+3, d0 .. d0+16 NV) = c_i O + P[i, :jn] @ V[:jn, d0 ..] for one block of 4 rows */
-T512 INLINE void attn_pv_512(const attn_t *a, int g, int k0, int jn, int i0, int d0, int NV,
+/* O[i0..i0+3, d0 .. d0+16 NV) = c_i O + P[i, :jn] @ V[:jn, d0 ..] for one block of 4 rows; V's
+ * rows as floats at vf + j vs (the key tile's first row, converted once for the tile's blocks) */
+T512 INLINE void attn_pv_512(int hd, const float *vf, size_t vs, int jn, int i0, int d0, int NV,
                              const float *P, const float *c, float *O) {
-    const int hd = a->hd;
     __m512 acc[4][4];
     for (int rr = 0; rr < 4; rr++) {
         __m512 cr = _mm512_set1_ps(c[i0 + rr]);
         for (int x = 0; x < NV; x++)
             acc[rr][x] = _mm512_mul_ps(cr, _mm512_loadu_ps(O + (size_t)(i0 + rr) * hd + d0 + 16 * x));
     }
-    const size_t vb = (size_t)k0 * a->vst + (size_t)g * a->vsh + d0;
+    const float *vb = vf + d0;
     for (int j = 0; j < jn; j++) {
         __m512 vv[4];
-        for (int x = 0; x < NV; x++) vv[x] = kv_ld16(a->v, a->f16, vb + (size_t)j * a->vst + 16 * x);
+        for (int x = 0; x < NV; x++) vv[x] = _mm512_loadu_ps(vb + (size_t)j * vs + 16 * x);
         for (int rr = 0; rr < 4; rr++) {
             __m512 p = _mm512_set1_ps(P[(i0 + rr) * AK + j]);
             for (int x = 0; x < NV; x++) acc[rr][x] = _mm512_fmadd_ps(p, vv[x], acc[rr][x]);
@@ -1809,6 +1859,21 @@ T512 INLINE void attn_pv_512(const attn_t *a, int g, int k0, int jn, int i0, int
     }
     for (int rr = 0; rr < 4; rr++)
         for (int x = 0; x < NV; x++) _mm512_storeu_ps(O + (size_t)(i0 + rr) * hd + d0 + 16 * x, acc[rr][x]);
+}
+
+/* the scores of rows i0..i0+3 (Qb rows of hd, scaled) against the key tile's first 16 NX keys
+ * (Kt (hd, AK)): fused multiply-adds over d ascending from zero; keys 16 NX.. : zeros (masked
+ * off by the softmax) */
+T512 INLINE void attn_scores_512(int hd, const float *Qb, const float *Kt, int NX, __m512 s[4][4]) {
+    for (int rr = 0; rr < 4; rr++) for (int x = 0; x < 4; x++) s[rr][x] = _mm512_setzero_ps();
+    for (int d = 0; d < hd; d++) {
+        __m512 kv[4];
+        for (int x = 0; x < NX; x++) kv[x] = _mm512_loadu_ps(Kt + d * AK + 16 * x);
+        for (int rr = 0; rr < 4; rr++) {
+            __m512 qb = _mm512_set1_ps(Qb[(size_t)rr * hd + d]);
+            for (int x = 0; x < NX; x++) s[rr][x] = _mm512_fmadd_ps(qb, kv[x], s[rr][x]);
+        }
+    }
 }
 
 /* r[d] (16 lanes: rows j) = the transpose of 16 rows at element `at` + j ss of src (f32, or halves
@@ -1889,13 +1954,16 @@ T512 INLINE void attn_softmax_512(const __m512 *s, int lim, int lo, int nk, floa
     *m = mn;
 }
 
-/* rows i = hh*bq + t (head g*r + hh, query q0 + t), padded to a multiple of 4 with zero rows */
+/* rows i = hh*bq + t (head g*r + hh, query q0 + t), padded to a multiple of 4 with zero rows.
+ * Each key tile in two passes: every block of 4 rows' scores (against only the key blocks of 16
+ * that hold keys of theirs) and softmax, then P V a head's chunk of 64 values at a time for every
+ * block, against the tile's values converted once (f16) into the keys' transposed tile's space */
 T512 static void attn_item_512(const attn_t *a, int g, int qt, float *ws) {
     const int r = a->nh / a->nkv, hd = a->hd, q0 = qt * AQ, bq = a->T - q0 < AQ ? a->T - q0 : AQ;
     const int R = r * bq, Rp = (R + 3) & ~3;
     float *Qb = ws, *O = Qb + (size_t)Rp * hd, *Kt = O + (size_t)Rp * hd, *P = Kt + (size_t)hd * AK;
     float *m = P + (size_t)Rp * AK, *l = m + Rp, *c = l + Rp;
-    int *pos = (int *)(c + Rp);
+    int *pos = (int *)(c + Rp), jb[Rp / 4];  /* keys of each block of 4 rows in the tile (0: none) */
     for (int i = 0; i < Rp; i++) {
         const int hh = i / bq, t = i % bq;
         pos[i] = i < R ? a->sp + q0 + t : 1 << 30;  /* padding rows see every key: no NaN */
@@ -1910,22 +1978,23 @@ T512 static void attn_item_512(const attn_t *a, int g, int qt, float *ws) {
         for (int j0 = 0; j0 < AK; j0 += 16)  /* Kt (hd, AK): the tile's keys as columns */
             for (int d0 = 0; d0 < hd; d0 += 16)
                 transpose16(a->k, a->f16, kb + (size_t)j0 * a->kst + d0, a->kst, nk - j0, Kt + d0 * AK + j0, AK);
+        int jmax = 0;
         for (int i0 = 0; i0 < Rp; i0 += 4) {
             int pmax = -1;
             for (int rr = 0; rr < 4; rr++) {
                 int p = pos[i0 + rr] < kend - 1 ? pos[i0 + rr] : kend - 1;
                 pmax = p > pmax ? p : pmax;
             }
-            if (pmax < k0) continue;  /* the whole block is above the diagonal: P = 0, c = 1 */
+            const int jn = pmax < k0 ? 0 : pmax - k0 + 1 < nk ? pmax - k0 + 1 : nk;
+            jb[i0 / 4] = jn;
+            if (!jn) continue;  /* the whole block is above the diagonal: P = 0, c = 1 */
+            jmax = jn > jmax ? jn : jmax;
             __m512 s[4][4];
-            for (int rr = 0; rr < 4; rr++) for (int x = 0; x < 4; x++) s[rr][x] = _mm512_setzero_ps();
-            for (int d = 0; d < hd; d++) {
-                __m512 kv[4];
-                for (int x = 0; x < 4; x++) kv[x] = _mm512_loadu_ps(Kt + d * AK + 16 * x);
-                for (int rr = 0; rr < 4; rr++) {
-                    __m512 qb = _mm512_set1_ps(Qb[(size_t)(i0 + rr) * hd + d]);
-                    for (int x = 0; x < 4; x++) s[rr][x] = _mm512_fmadd_ps(qb, kv[x], s[rr][x]);
-                }
+            switch ((jn + 15) / 16) {
+                case 1: attn_scores_512(hd, Qb + (size_t)i0 * hd, Kt, 1, s); break;
+                case 2: attn_scores_512(hd, Qb + (size_t)i0 * hd, Kt, 2, s); break;
+                case 3: attn_scores_512(hd, Qb + (size_t)i0 * hd, Kt, 3, s); break;
+                default: attn_scores_512(hd, Qb + (size_t)i0 * hd, Kt, 4, s); break;
             }
             for (int rr = 0; rr < 4; rr++) {
                 const int i = i0 + rr;
@@ -1933,11 +2002,20 @@ T512 static void attn_item_512(const attn_t *a, int g, int qt, float *ws) {
                 const int lo = (i < R ? attn_lo(a, pos[i]) : 0) - k0;
                 attn_softmax_512(s[rr], lim, lo, nk, P + i * AK, m + i, l + i, c + i);
             }
-            const int jn = pmax - k0 + 1 < nk ? pmax - k0 + 1 : nk;
-#define PV(d0, NV) attn_pv_512(a, g, k0, jn, i0, d0, NV, P, c, O)
-            HD_CHUNKS(hd, PV);
-#undef PV
         }
+        /* the tile's values as floats: f16 converted into Kt's space (rows of hd), f32 in place */
+        const float *vf = (const float *)a->v + (size_t)k0 * a->vst + (size_t)g * a->vsh;
+        size_t vs = (size_t)a->vst;
+        if (a->f16) {
+            const uint16_t *vh = (const uint16_t *)a->v + (size_t)k0 * a->vst + (size_t)g * a->vsh;
+            for (int j = 0; j < jmax; j++)
+                for (int d = 0; d < hd; d += 16)
+                    _mm512_storeu_ps(Kt + (size_t)j * hd + d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vh + (size_t)j * a->vst + d))));
+            vf = Kt; vs = (size_t)hd;
+        }
+#define PV(d0, NV) for (int i0 = 0; i0 < Rp; i0 += 4) if (jb[i0 / 4]) attn_pv_512(hd, vf, vs, jb[i0 / 4], i0, d0, NV, P, c, O)
+        HD_CHUNKS(hd, PV);
+#undef PV
     }
     for (int i = 0; i < R; i++) {
         const int hh = i / bq, t = i % bq;
