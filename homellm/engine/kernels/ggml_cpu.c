@@ -1210,7 +1210,7 @@ T512 INLINE __m512i dpbusd_b(__m512i acc, __m512i w, const int8_t *p) {
  * q2 unused, R <= TILE) */
 T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
                              const int R, float *out, const int8_t *q2, const int hi, const int kind,
-                             const int T) {
+                             const int T, const __m512i *wb) {
     const int nb = K / 32, K4 = K / 4, nib = PK_NIB(kind), f32 = PK_F32(kind);
     const size_t bb = PK_SIZE[kind], wo = pk_wo(kind, 16), qb = (size_t)T * 32 * (hi ? 2 : 1);
     __m512 acc[8];
@@ -1223,23 +1223,31 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
         if (R == 1) for (int o = 0; o < (int)bb; o += 64) _mm_prefetch((const char *)p + PF_DIST + o, _MM_HINT_T0);
         /* d and m (Q4_x, Q8_0, Q5_0: f16; K-quants: f32), or for Q6_K the halves' scales s0, s1;
          * no m where the kind has none (PK_HAS_M) */
-        __m512 dw = f32 ? _mm512_loadu_ps((const float *)p) : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-        __m512 mw = f32 ? _mm512_loadu_ps((const float *)(p + 64))
-                  : PK_HAS_M(kind) ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : _mm512_setzero_ps();
+        __m512 dw, mw;
         __m512i w[8];
-        if (!nib) {
-            for (int c = 0; c < 8; c++) w[c] = _mm512_loadu_si512((const void *)(p + wo + 64 * c));
+        if (wb) {  /* the group unpacked once for the call's tiles (u512_group) */
+            const __m512i *u = wb + (size_t)10 * b;
+            for (int c = 0; c < 8; c++) w[c] = _mm512_load_si512((const void *)(u + c));
+            dw = _mm512_castsi512_ps(_mm512_load_si512((const void *)(u + 8)));
+            mw = _mm512_castsi512_ps(_mm512_load_si512((const void *)(u + 9)));
         } else {
-            for (int c = 0; c < 4; c++) {
-                __m512i x = _mm512_loadu_si512((const void *)(p + wo + 64 * c));
-                w[c] = _mm512_and_si512(x, lo);
-                w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
-            }
-            if (kind == PK_Q5)  /* the 5th bits: + 16 where set */
-                for (int c = 0; c < 8; c++) {
-                    uint64_t h; memcpy(&h, p + wo + 256 + 8 * c, 8);
-                    w[c] = _mm512_mask_add_epi8(w[c], _cvtu64_mask64(h), w[c], _mm512_set1_epi8(16));
+            dw = f32 ? _mm512_loadu_ps((const float *)p) : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+            mw = f32 ? _mm512_loadu_ps((const float *)(p + 64))
+               : PK_HAS_M(kind) ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : _mm512_setzero_ps();
+            if (!nib) {
+                for (int c = 0; c < 8; c++) w[c] = _mm512_loadu_si512((const void *)(p + wo + 64 * c));
+            } else {
+                for (int c = 0; c < 4; c++) {
+                    __m512i x = _mm512_loadu_si512((const void *)(p + wo + 64 * c));
+                    w[c] = _mm512_and_si512(x, lo);
+                    w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
                 }
+                if (kind == PK_Q5)  /* the 5th bits: + 16 where set */
+                    for (int c = 0; c < 8; c++) {
+                        uint64_t h; memcpy(&h, p + wo + 256 + 8 * c, 8);
+                        w[c] = _mm512_mask_add_epi8(w[c], _cvtu64_mask64(h), w[c], _mm512_set1_epi8(16));
+                    }
+            }
         }
 #define ROWA(r) (T ? q + b * qb + (r) * 32 : q + (size_t)(r) * K + b * 32)
 #define ROWA2(r) (T ? q + b * qb + (r) * 32 + T * 32 : q2 + (size_t)(r) * K + b * 32)
@@ -1331,18 +1339,75 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
 }
 
 #define PBK(RR, HI, TT) do { switch (kind) { \
-        case PK_Q4: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q4, TT); break; \
-        case PK_Q4S: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q4S, TT); break; \
-        case PK_Q8: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q8, TT); break; \
-        case PK_Q4K: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q4K, TT); break; \
-        case PK_Q5K: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q5K, TT); break; \
-        case PK_Q5: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q5, TT); break; \
-        default: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q6K, TT); } } while (0)
+        case PK_Q4: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q4, TT, wb); break; \
+        case PK_Q4S: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q4S, TT, wb); break; \
+        case PK_Q8: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q8, TT, NULL); break; \
+        case PK_Q4K: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q4K, TT, wb); break; \
+        case PK_Q5K: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q5K, TT, NULL); break; \
+        case PK_Q5: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q5, TT, wb); break; \
+        default: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q6K, TT, NULL); } } while (0)
+
+/* A thread's unpacked groups of nibble kinds (PK_NIB): per 32-block 8 vectors of weight bytes
+ * (Q5_0's fifth bits added) then d and m as floats, what packed_body makes of a block, made once
+ * for a group's tiles instead of once a tile (Q5_0 gate/up, one core: ~7% of the kernel). The
+ * last two groups met (a gated MLP's gate and up take turns), each valid within one call
+ * (u512_epoch: bumped by every call, tiles_new_call, so a group never outlives its weights);
+ * freed with the thread; NULL where memory runs out (then unpacked block by block). */
+typedef struct { const uint8_t *pk; int K, kind; unsigned epoch; size_t cap; __m512i *wb; } u512_slot_t;
+static unsigned u512_epoch;
+static __thread u512_slot_t u512_slots[2];
+static __thread int u512_turn;
+static pthread_key_t u512_key;
+static pthread_once_t u512_once = PTHREAD_ONCE_INIT;
+static void u512_free(void *s) { u512_slot_t *sl = s; free(sl[0].wb); free(sl[1].wb); }
+static void u512_key_make(void) { (void)pthread_key_create(&u512_key, u512_free); }
+static void u512_new_call(void) { __atomic_add_fetch(&u512_epoch, 1, __ATOMIC_RELAXED); }
+
+T512 static const __m512i *u512_group(const uint8_t *pk, int K, int kind) {
+    const unsigned ep = LOAD(&u512_epoch, RLX);
+    for (int i = 0; i < 2; i++) {
+        const u512_slot_t *sl = &u512_slots[i];
+        if (sl->wb && sl->pk == pk && sl->K == K && sl->kind == kind && sl->epoch == ep) return sl->wb;
+    }
+    u512_slot_t *sl = &u512_slots[u512_turn];
+    u512_turn ^= 1;
+    const size_t need = (size_t)(K / 32) * 10 * sizeof(__m512i);
+    if (sl->cap < need) {
+        if (!sl->wb) { (void)pthread_once(&u512_once, u512_key_make); (void)pthread_setspecific(u512_key, u512_slots); }
+        free(sl->wb);
+        sl->wb = aligned_alloc(64, need);
+        sl->cap = sl->wb ? need : 0;
+        if (!sl->wb) return NULL;
+    }
+    const size_t bb = PK_SIZE[kind], wo = pk_wo(kind, 16);
+    const __m512i lo = _mm512_set1_epi8(15);
+    for (int b = 0; b < K / 32; b++) {
+        const uint8_t *p = pk + (size_t)b * bb;
+        __m512i *u = sl->wb + (size_t)10 * b;
+        for (int c = 0; c < 4; c++) {
+            __m512i x = _mm512_loadu_si512((const void *)(p + wo + 64 * c));
+            u[c] = _mm512_and_si512(x, lo);
+            u[c + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
+        }
+        if (kind == PK_Q5)
+            for (int c = 0; c < 8; c++) {
+                uint64_t h; memcpy(&h, p + wo + 256 + 8 * c, 8);
+                u[c] = _mm512_mask_add_epi8(u[c], _cvtu64_mask64(h), u[c], _mm512_set1_epi8(16));
+            }
+        const int f32 = PK_F32(kind);
+        u[8] = _mm512_castps_si512(f32 ? _mm512_loadu_ps((const float *)p) : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)));
+        u[9] = _mm512_castps_si512(f32 ? _mm512_loadu_ps((const float *)(p + 64))
+                                   : PK_HAS_M(kind) ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : _mm512_setzero_ps());
+    }
+    sl->pk = pk; sl->K = K; sl->kind = kind; sl->epoch = ep;
+    return sl->wb;
+}
 
 /* rows 0..R-1 (R <= TILE) of one activation tile (see TILE), hi: two levels */
 T512 static void packed_tile_512(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
                              int R, float *out, int hi, int kind) {
     const int8_t *q2 = NULL;
+    const __m512i *wb = R > 1 && PK_NIB(kind) ? u512_group(pk, K, kind) : NULL;
     while (R > 0) {
         const int n = R >= 8 ? 8 : R >= 4 ? 4 : R >= 2 ? 2 : 1;
         if (hi) { if (n == 8) PBK(8, 1, TILE); else if (n == 4) PBK(4, 1, TILE); else if (n == 2) PBK(2, 1, TILE); else PBK(1, 1, TILE); }
@@ -1355,6 +1420,7 @@ T512 static void packed_tile_512(const uint8_t *pk, int K, const int8_t *q, cons
 T512 static void packed_row1_512(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
                                  float *out, int hi, int kind) {
     const int8_t *q2 = NULL;
+    const __m512i *wb = NULL;
     if (hi) PBK(1, 1, 1); else PBK(1, 0, 1);
 }
 #undef PBK
@@ -2162,6 +2228,7 @@ T512 static void attn_query_head_512(const attn_t *a, int h, const float *sc, si
 static void tiles_new_call(int tm) {
 #if HL_X86
     if (tm == TM_A16) a16_new_call();
+    u512_new_call();  /* (AVX512's unpacked groups) */
 #endif
     (void)tm;
 }
