@@ -1187,7 +1187,7 @@ int hl_repack(int type, const uint8_t *w, int64_t row_bytes, int N, int K, uint8
  * block by block: block b of row r at q + b * TILE * 32 * levels + r * 32, its second level
  * TILE * 32 bytes further, its scale at dx[b * TILE + r] and its sums at sx[j * TILE + r]
  * (j < ACT_SUMS nb, as act_sums). Every address of a block's rows is then one register plus a
- * constant (and gcc folds the broadcasts into the dpbusd): with one pointer per row (T = 0,
+ * constant (and the broadcasts fold into the dpbusd: dpbusd_b): with one pointer per row (T = 0,
  * row-major) the rows' addresses spill (62% -> 74-80% of the dpbusd peak, one core, cache-resident). */
 
 /* a packed kernel: rows 0..R-1 (R <= TILE) of one activation tile against G packed weight rows
@@ -1349,7 +1349,7 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
 
 /* A thread's unpacked groups of nibble kinds (PK_NIB): per 32-block 8 vectors of weight bytes
  * (Q5_0's fifth bits added) then d and m as floats, what packed_body makes of a block, made once
- * for a group's tiles instead of once a tile (Q5_0 gate/up, one core: ~7% of the kernel). The
+ * for a group's tiles instead of once a tile (Q5_0 gate/up, one core: ~6% of the kernel). The
  * last two groups met (a gated MLP's gate and up take turns), each valid within one call
  * (u512_epoch: bumped by every call, tiles_new_call, so a group never outlives its weights);
  * freed with the thread; NULL where memory runs out (then unpacked block by block). */
