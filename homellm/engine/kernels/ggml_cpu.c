@@ -1193,7 +1193,7 @@ int hl_repack(int type, const uint8_t *w, int64_t row_bytes, int N, int K, uint8
  * block by block: block b of row r at q + b * TILE * 32 * levels + r * 32, its second level
  * TILE * 32 bytes further, its scale at dx[b * TILE + r] and its sums at sx[j * TILE + r]
  * (j < ACT_SUMS nb, as act_sums). Every address of a block's rows is then one register plus a
- * constant (and gcc folds the broadcasts into the dpbusd): with one pointer per row (T = 0,
+ * constant (and the broadcasts fold into the dpbusd: dpbusd_b): with one pointer per row (T = 0,
  * row-major) the rows' addresses spill (62% -> 74-80% of the dpbusd peak, one core, cache-resident). */
 
 /* a packed kernel: rows 0..R-1 (R <= TILE) of one activation tile against G packed weight rows
@@ -1204,12 +1204,19 @@ typedef void (*tile_fn)(const uint8_t *pk, int K, const int8_t *q, const float *
 #if HL_X86
 T512 INLINE __m512i bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
 
+/* acc + w . the 4 bytes at p broadcast (vpdpbusd with an embedded broadcast: one load-op, where
+ * gcc otherwise loads the broadcast into a register of its own first) */
+T512 INLINE __m512i dpbusd_b(__m512i acc, __m512i w, const int8_t *p) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const int32_t *)p));
+    return acc;
+}
+
 /* out (R, 16) = 16 packed weight rows against R activation rows; `kind` a constant (PK_*);
  * T: 0 row-major (q, q2 rows of K bytes, dx/sx rows of K/4 floats; decode), or TILE (tiled,
  * q2 unused, R <= TILE) */
 T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
                              const int R, float *out, const int8_t *q2, const int hi, const int kind,
-                             const int T) {
+                             const int T, const __m512i *wb) {
     const int nb = K / 32, K4 = K / 4, nib = PK_NIB(kind), f32 = PK_F32(kind);
     const size_t bb = PK_SIZE[kind], wo = pk_wo(kind, 16), qb = (size_t)T * 32 * (hi ? 2 : 1);
     __m512 acc[8];
@@ -1222,83 +1229,191 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
         if (R == 1) for (int o = 0; o < (int)bb; o += 64) _mm_prefetch((const char *)p + PF_DIST + o, _MM_HINT_T0);
         /* d and m (Q4_x, Q8_0, Q5_0: f16; K-quants: f32), or for Q6_K the halves' scales s0, s1;
          * no m where the kind has none (PK_HAS_M) */
-        __m512 dw = f32 ? _mm512_loadu_ps((const float *)p) : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-        __m512 mw = f32 ? _mm512_loadu_ps((const float *)(p + 64))
-                  : PK_HAS_M(kind) ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : _mm512_setzero_ps();
+        __m512 dw, mw;
         __m512i w[8];
-        if (!nib) {
-            for (int c = 0; c < 8; c++) w[c] = _mm512_loadu_si512((const void *)(p + wo + 64 * c));
+        if (wb) {  /* the group unpacked once for the call's tiles (u512_group) */
+            const __m512i *u = wb + (size_t)10 * b;
+            for (int c = 0; c < 8; c++) w[c] = _mm512_load_si512((const void *)(u + c));
+            dw = _mm512_castsi512_ps(_mm512_load_si512((const void *)(u + 8)));
+            mw = _mm512_castsi512_ps(_mm512_load_si512((const void *)(u + 9)));
         } else {
-            for (int c = 0; c < 4; c++) {
-                __m512i x = _mm512_loadu_si512((const void *)(p + wo + 64 * c));
-                w[c] = _mm512_and_si512(x, lo);
-                w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
-            }
-            if (kind == PK_Q5)  /* the 5th bits: + 16 where set */
-                for (int c = 0; c < 8; c++) {
-                    uint64_t h; memcpy(&h, p + wo + 256 + 8 * c, 8);
-                    w[c] = _mm512_mask_add_epi8(w[c], _cvtu64_mask64(h), w[c], _mm512_set1_epi8(16));
+            dw = f32 ? _mm512_loadu_ps((const float *)p) : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+            mw = f32 ? _mm512_loadu_ps((const float *)(p + 64))
+               : PK_HAS_M(kind) ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : _mm512_setzero_ps();
+            if (!nib) {
+                for (int c = 0; c < 8; c++) w[c] = _mm512_loadu_si512((const void *)(p + wo + 64 * c));
+            } else {
+                for (int c = 0; c < 4; c++) {
+                    __m512i x = _mm512_loadu_si512((const void *)(p + wo + 64 * c));
+                    w[c] = _mm512_and_si512(x, lo);
+                    w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
                 }
+                if (kind == PK_Q5)  /* the 5th bits: + 16 where set */
+                    for (int c = 0; c < 8; c++) {
+                        uint64_t h; memcpy(&h, p + wo + 256 + 8 * c, 8);
+                        w[c] = _mm512_mask_add_epi8(w[c], _cvtu64_mask64(h), w[c], _mm512_set1_epi8(16));
+                    }
+            }
+        }
+#define ROWA(r) (T ? q + b * qb + (r) * 32 : q + (size_t)(r) * K + b * 32)
+#define ROWA2(r) (T ? q + b * qb + (r) * 32 + T * 32 : q2 + (size_t)(r) * K + b * 32)
+        /* the row's scale and its sums j (block b: j = b; its halves: j = nb + 2 b + h) */
+#define SX(r, j) (T ? sx[(size_t)(j) * T + (r)] : sx[(size_t)(r) * K4 + (j)])
+#define ISX(r, j) (T ? ((const int32_t *)sx)[(size_t)(j) * T + (r)] : ((const int32_t *)sx)[(size_t)(r) * K4 + (j)])
+#define DA(r) _mm512_set1_ps(T ? dx[(size_t)b * T + (r)] : dx[(size_t)(r) * K4 + b * 8])
+        if (kind == PK_Q6K || R < 4) {  /* a row at a time, 4 chains of dot products a row (2 levels; Q6_K:
+                                         * the halves' scales need I0 and I1 apart) */
+            _Pragma("GCC unroll 8")
+            for (int r = 0; r < R; r++) {
+                const int8_t *a = ROWA(r);
+                /* i0: values 0..15 of the block, i1: values 16..31 */
+                __m512i i0 = dpbusd_b(_mm512_setzero_si512(), w[0], a);
+                __m512i i1 = dpbusd_b(_mm512_setzero_si512(), w[4], a + 16);
+                for (int c = 1; c < 4; c++) {
+                    i0 = dpbusd_b(i0, w[c], a + 4 * c);
+                    i1 = dpbusd_b(i1, w[c + 4], a + 16 + 4 * c);
+                }
+                if (hi) {
+                    const int8_t *a2 = ROWA2(r);
+                    __m512i j0 = dpbusd_b(_mm512_setzero_si512(), w[0], a2);
+                    __m512i j1 = dpbusd_b(_mm512_setzero_si512(), w[4], a2 + 16);
+                    for (int c = 1; c < 4; c++) {
+                        j0 = dpbusd_b(j0, w[c], a2 + 4 * c);
+                        j1 = dpbusd_b(j1, w[c + 4], a2 + 16 + 4 * c);
+                    }
+                    i0 = _mm512_add_epi32(_mm512_slli_epi32(i0, 8), j0);
+                    i1 = _mm512_add_epi32(_mm512_slli_epi32(i1, 8), j1);
+                }
+                const __m512 da = DA(r);
+                if (kind == PK_Q6K) {  /* s0 (I0 da - 32 hs0) + s1 (I1 da - 32 hs1) */
+                    __m512 t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), da, _mm512_mul_ps(m32, _mm512_set1_ps(SX(r, nb + 2 * b))));
+                    __m512 t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), da, _mm512_mul_ps(m32, _mm512_set1_ps(SX(r, nb + 2 * b + 1))));
+                    acc[r] = _mm512_fmadd_ps(t0, dw, acc[r]);
+                    acc[r] = _mm512_fmadd_ps(t1, mw, acc[r]);
+                } else if (kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) {  /* d da ((u . q) - off sum(q)) */
+                    const __m512i os = _mm512_set1_epi32(ISX(r, 3 * nb + b) << (kind == PK_Q8 ? 7 : kind == PK_Q5 ? 4 : 3));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(i0, i1), os)),
+                                             _mm512_mul_ps(dw, da), acc[r]);
+                } else {
+                    __m512 sc = _mm512_mul_ps(dw, da);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, acc[r]);
+                    acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(SX(r, b)), acc[r]);
+                }
+            }
+            continue;
+        }
+        /* the other kinds: each row's integer dot I over the block's 32 values (w[c]: values
+         * 4c .. 4c+3), one chain a row with the rows side by side (the chains' latencies
+         * overlap without a long window); two levels: 256 I1 + I2, the second level's products
+         * added onto the first's shifted; the offset kinds then subtract off sum(q): the same
+         * integers as the sums of the halves' dot products */
+        __m512i iv[8];
+        _Pragma("GCC unroll 8")
+        for (int c = 0; c < 8; c++) {
+            _Pragma("GCC unroll 8")
+            for (int r = 0; r < R; r++)
+                iv[r] = dpbusd_b(c ? iv[r] : _mm512_setzero_si512(), w[c], ROWA(r) + 4 * c);
+        }
+        if (hi) {
+            _Pragma("GCC unroll 8")
+            for (int r = 0; r < R; r++) iv[r] = _mm512_slli_epi32(iv[r], 8);
+            _Pragma("GCC unroll 8")
+            for (int c = 0; c < 8; c++) {
+                _Pragma("GCC unroll 8")
+                for (int r = 0; r < R; r++) iv[r] = dpbusd_b(iv[r], w[c], ROWA2(r) + 4 * c);
+            }
         }
         _Pragma("GCC unroll 8")
         for (int r = 0; r < R; r++) {
-            const int8_t *a = T ? q + b * qb + r * 32 : q + (size_t)r * K + b * 32;
-            /* i0: values 0..15 of the block, i1: values 16..31 */
-            __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], bcast4(a));
-            __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], bcast4(a + 16));
-            for (int c = 1; c < 4; c++) {
-                i0 = _mm512_dpbusd_epi32(i0, w[c], bcast4(a + 4 * c));
-                i1 = _mm512_dpbusd_epi32(i1, w[c + 4], bcast4(a + 16 + 4 * c));
-            }
-            if (hi) {
-                const int8_t *a2 = T ? a + T * 32 : q2 + (size_t)r * K + b * 32;
-                __m512i j0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], bcast4(a2));
-                __m512i j1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], bcast4(a2 + 16));
-                for (int c = 1; c < 4; c++) {
-                    j0 = _mm512_dpbusd_epi32(j0, w[c], bcast4(a2 + 4 * c));
-                    j1 = _mm512_dpbusd_epi32(j1, w[c + 4], bcast4(a2 + 16 + 4 * c));
-                }
-                i0 = _mm512_add_epi32(_mm512_slli_epi32(i0, 8), j0);
-                i1 = _mm512_add_epi32(_mm512_slli_epi32(i1, 8), j1);
-            }
-            /* the row's scale and its sums j (block b: j = b; its halves: j = nb + 2 b + h) */
-#define SX(j) (T ? sx[(size_t)(j) * T + r] : sx[(size_t)r * K4 + (j)])
-#define ISX(j) (T ? ((const int32_t *)sx)[(size_t)(j) * T + r] : ((const int32_t *)sx)[(size_t)r * K4 + (j)])
-            const __m512 da = _mm512_set1_ps(T ? dx[(size_t)b * T + r] : dx[(size_t)r * K4 + b * 8]);
-            if (kind == PK_Q6K) {  /* s0 (I0 da - 32 hs0) + s1 (I1 da - 32 hs1) */
-                __m512 t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), da, _mm512_mul_ps(m32, _mm512_set1_ps(SX(nb + 2 * b))));
-                __m512 t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), da, _mm512_mul_ps(m32, _mm512_set1_ps(SX(nb + 2 * b + 1))));
-                acc[r] = _mm512_fmadd_ps(t0, dw, acc[r]);
-                acc[r] = _mm512_fmadd_ps(t1, mw, acc[r]);
-            } else if (kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) {  /* d da ((u . q) - off sum(q)) */
-                const __m512i os = _mm512_set1_epi32(ISX(3 * nb + b) << (kind == PK_Q8 ? 7 : kind == PK_Q5 ? 4 : 3));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(i0, i1), os)),
-                                         _mm512_mul_ps(dw, da), acc[r]);
+            const __m512 da = DA(r);
+            if (kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) {  /* d da ((u . q) - off sum(q)) */
+                const __m512i os = _mm512_set1_epi32(ISX(r, 3 * nb + b) << (kind == PK_Q8 ? 7 : kind == PK_Q5 ? 4 : 3));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(iv[r], os)), _mm512_mul_ps(dw, da), acc[r]);
             } else {
                 __m512 sc = _mm512_mul_ps(dw, da);
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, acc[r]);
-                acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(SX(b)), acc[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv[r]), sc, acc[r]);
+                acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(SX(r, b)), acc[r]);
             }
+        }
+#undef ROWA
+#undef ROWA2
 #undef SX
 #undef ISX
-        }
+#undef DA
     }
     for (int r = 0; r < R; r++) _mm512_storeu_ps(out + 16 * r, acc[r]);
 }
 
 #define PBK(RR, HI, TT) do { switch (kind) { \
-        case PK_Q4: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q4, TT); break; \
-        case PK_Q4S: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q4S, TT); break; \
-        case PK_Q8: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q8, TT); break; \
-        case PK_Q4K: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q4K, TT); break; \
-        case PK_Q5K: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q5K, TT); break; \
-        case PK_Q5: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q5, TT); break; \
-        default: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q6K, TT); } } while (0)
+        case PK_Q4: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q4, TT, wb); break; \
+        case PK_Q4S: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q4S, TT, wb); break; \
+        case PK_Q8: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q8, TT, NULL); break; \
+        case PK_Q4K: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q4K, TT, wb); break; \
+        case PK_Q5K: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q5K, TT, NULL); break; \
+        case PK_Q5: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q5, TT, wb); break; \
+        default: packed_body(pk, K, q, dx, sx, RR, out, q2, HI, PK_Q6K, TT, NULL); } } while (0)
+
+/* A thread's unpacked groups of nibble kinds (PK_NIB): per 32-block 8 vectors of weight bytes
+ * (Q5_0's fifth bits added) then d and m as floats, what packed_body makes of a block, made once
+ * for a group's tiles instead of once a tile (Q5_0 gate/up, one core: ~6% of the kernel). The
+ * last two groups met (a gated MLP's gate and up take turns), each valid within one call
+ * (u512_epoch: bumped by every call, tiles_new_call, so a group never outlives its weights);
+ * freed with the thread; NULL where memory runs out (then unpacked block by block). */
+typedef struct { const uint8_t *pk; int K, kind; unsigned epoch; size_t cap; __m512i *wb; } u512_slot_t;
+static unsigned u512_epoch;
+static __thread u512_slot_t u512_slots[2];
+static __thread int u512_turn;
+static pthread_key_t u512_key;
+static pthread_once_t u512_once = PTHREAD_ONCE_INIT;
+static void u512_free(void *s) { u512_slot_t *sl = s; free(sl[0].wb); free(sl[1].wb); }
+static void u512_key_make(void) { (void)pthread_key_create(&u512_key, u512_free); }
+static void u512_new_call(void) { __atomic_add_fetch(&u512_epoch, 1, __ATOMIC_RELAXED); }
+
+T512 static const __m512i *u512_group(const uint8_t *pk, int K, int kind) {
+    const unsigned ep = LOAD(&u512_epoch, RLX);
+    for (int i = 0; i < 2; i++) {
+        const u512_slot_t *sl = &u512_slots[i];
+        if (sl->wb && sl->pk == pk && sl->K == K && sl->kind == kind && sl->epoch == ep) return sl->wb;
+    }
+    u512_slot_t *sl = &u512_slots[u512_turn];
+    u512_turn ^= 1;
+    const size_t need = (size_t)(K / 32) * 10 * sizeof(__m512i);
+    if (sl->cap < need) {
+        if (!sl->wb) { (void)pthread_once(&u512_once, u512_key_make); (void)pthread_setspecific(u512_key, u512_slots); }
+        free(sl->wb);
+        sl->wb = aligned_alloc(64, need);
+        sl->cap = sl->wb ? need : 0;
+        if (!sl->wb) return NULL;
+    }
+    const size_t bb = PK_SIZE[kind], wo = pk_wo(kind, 16);
+    const __m512i lo = _mm512_set1_epi8(15);
+    for (int b = 0; b < K / 32; b++) {
+        const uint8_t *p = pk + (size_t)b * bb;
+        __m512i *u = sl->wb + (size_t)10 * b;
+        for (int c = 0; c < 4; c++) {
+            __m512i x = _mm512_loadu_si512((const void *)(p + wo + 64 * c));
+            u[c] = _mm512_and_si512(x, lo);
+            u[c + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
+        }
+        if (kind == PK_Q5)
+            for (int c = 0; c < 8; c++) {
+                uint64_t h; memcpy(&h, p + wo + 256 + 8 * c, 8);
+                u[c] = _mm512_mask_add_epi8(u[c], _cvtu64_mask64(h), u[c], _mm512_set1_epi8(16));
+            }
+        const int f32 = PK_F32(kind);
+        u[8] = _mm512_castps_si512(f32 ? _mm512_loadu_ps((const float *)p) : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)));
+        u[9] = _mm512_castps_si512(f32 ? _mm512_loadu_ps((const float *)(p + 64))
+                                   : PK_HAS_M(kind) ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : _mm512_setzero_ps());
+    }
+    sl->pk = pk; sl->K = K; sl->kind = kind; sl->epoch = ep;
+    return sl->wb;
+}
 
 /* rows 0..R-1 (R <= TILE) of one activation tile (see TILE), hi: two levels */
 T512 static void packed_tile_512(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
                              int R, float *out, int hi, int kind) {
     const int8_t *q2 = NULL;
+    const __m512i *wb = R > 1 && PK_NIB(kind) ? u512_group(pk, K, kind) : NULL;
     while (R > 0) {
         const int n = R >= 8 ? 8 : R >= 4 ? 4 : R >= 2 ? 2 : 1;
         if (hi) { if (n == 8) PBK(8, 1, TILE); else if (n == 4) PBK(4, 1, TILE); else if (n == 2) PBK(2, 1, TILE); else PBK(1, 1, TILE); }
@@ -1311,6 +1426,7 @@ T512 static void packed_tile_512(const uint8_t *pk, int K, const int8_t *q, cons
 T512 static void packed_row1_512(const uint8_t *pk, int K, const int8_t *q, const float *dx, const float *sx,
                                  float *out, int hi, int kind) {
     const int8_t *q2 = NULL;
+    const __m512i *wb = NULL;
     if (hi) PBK(1, 1, 1); else PBK(1, 0, 1);
 }
 #undef PBK
@@ -1794,20 +1910,20 @@ T256 static void attn_query_head_avx2(const attn_t *a, int h, const float *sc, s
 
 /* exp512: the one of the packed matmul's SiLU epilogue, above */
 
-/* O[i0..i0+3, d0 .. d0+16 NV) = c_i O + P[i, :jn] @ V[:jn, d0 ..] for one block of 4 rows */
-T512 INLINE void attn_pv_512(const attn_t *a, int g, int k0, int jn, int i0, int d0, int NV,
+/* O[i0..i0+3, d0 .. d0+16 NV) = c_i O + P[i, :jn] @ V[:jn, d0 ..] for one block of 4 rows; V's
+ * rows as floats at vf + j vs (the key tile's first row, converted once for the tile's blocks) */
+T512 INLINE void attn_pv_512(int hd, const float *vf, size_t vs, int jn, int i0, int d0, int NV,
                              const float *P, const float *c, float *O) {
-    const int hd = a->hd;
     __m512 acc[4][4];
     for (int rr = 0; rr < 4; rr++) {
         __m512 cr = _mm512_set1_ps(c[i0 + rr]);
         for (int x = 0; x < NV; x++)
             acc[rr][x] = _mm512_mul_ps(cr, _mm512_loadu_ps(O + (size_t)(i0 + rr) * hd + d0 + 16 * x));
     }
-    const size_t vb = (size_t)k0 * a->vst + (size_t)g * a->vsh + d0;
+    const float *vb = vf + d0;
     for (int j = 0; j < jn; j++) {
         __m512 vv[4];
-        for (int x = 0; x < NV; x++) vv[x] = kv_ld16(a->v, a->f16, vb + (size_t)j * a->vst + 16 * x);
+        for (int x = 0; x < NV; x++) vv[x] = _mm512_loadu_ps(vb + (size_t)j * vs + 16 * x);
         for (int rr = 0; rr < 4; rr++) {
             __m512 p = _mm512_set1_ps(P[(i0 + rr) * AK + j]);
             for (int x = 0; x < NV; x++) acc[rr][x] = _mm512_fmadd_ps(p, vv[x], acc[rr][x]);
@@ -1815,6 +1931,21 @@ T512 INLINE void attn_pv_512(const attn_t *a, int g, int k0, int jn, int i0, int
     }
     for (int rr = 0; rr < 4; rr++)
         for (int x = 0; x < NV; x++) _mm512_storeu_ps(O + (size_t)(i0 + rr) * hd + d0 + 16 * x, acc[rr][x]);
+}
+
+/* the scores of rows i0..i0+3 (Qb rows of hd, scaled) against the key tile's first 16 NX keys
+ * (Kt (hd, AK)): fused multiply-adds over d ascending from zero; keys 16 NX.. : zeros (masked
+ * off by the softmax) */
+T512 INLINE void attn_scores_512(int hd, const float *Qb, const float *Kt, int NX, __m512 s[4][4]) {
+    for (int rr = 0; rr < 4; rr++) for (int x = 0; x < 4; x++) s[rr][x] = _mm512_setzero_ps();
+    for (int d = 0; d < hd; d++) {
+        __m512 kv[4];
+        for (int x = 0; x < NX; x++) kv[x] = _mm512_loadu_ps(Kt + d * AK + 16 * x);
+        for (int rr = 0; rr < 4; rr++) {
+            __m512 qb = _mm512_set1_ps(Qb[(size_t)rr * hd + d]);
+            for (int x = 0; x < NX; x++) s[rr][x] = _mm512_fmadd_ps(qb, kv[x], s[rr][x]);
+        }
+    }
 }
 
 /* r[d] (16 lanes: rows j) = the transpose of 16 rows at element `at` + j ss of src (f32, or halves
@@ -1895,13 +2026,16 @@ T512 INLINE void attn_softmax_512(const __m512 *s, int lim, int lo, int nk, floa
     *m = mn;
 }
 
-/* rows i = hh*bq + t (head g*r + hh, query q0 + t), padded to a multiple of 4 with zero rows */
+/* rows i = hh*bq + t (head g*r + hh, query q0 + t), padded to a multiple of 4 with zero rows.
+ * Each key tile in two passes: every block of 4 rows' scores (against only the key blocks of 16
+ * that hold keys of theirs) and softmax, then P V a head's chunk of 64 values at a time for every
+ * block, against the tile's values converted once (f16) into the keys' transposed tile's space */
 T512 static void attn_item_512(const attn_t *a, int g, int qt, float *ws) {
     const int r = a->nh / a->nkv, hd = a->hd, q0 = qt * AQ, bq = a->T - q0 < AQ ? a->T - q0 : AQ;
     const int R = r * bq, Rp = (R + 3) & ~3;
     float *Qb = ws, *O = Qb + (size_t)Rp * hd, *Kt = O + (size_t)Rp * hd, *P = Kt + (size_t)hd * AK;
     float *m = P + (size_t)Rp * AK, *l = m + Rp, *c = l + Rp;
-    int *pos = (int *)(c + Rp);
+    int *pos = (int *)(c + Rp), jb[Rp / 4];  /* keys of each block of 4 rows in the tile (0: none) */
     for (int i = 0; i < Rp; i++) {
         const int hh = i / bq, t = i % bq;
         pos[i] = i < R ? a->sp + q0 + t : 1 << 30;  /* padding rows see every key: no NaN */
@@ -1916,22 +2050,23 @@ T512 static void attn_item_512(const attn_t *a, int g, int qt, float *ws) {
         for (int j0 = 0; j0 < AK; j0 += 16)  /* Kt (hd, AK): the tile's keys as columns */
             for (int d0 = 0; d0 < hd; d0 += 16)
                 transpose16(a->k, a->f16, kb + (size_t)j0 * a->kst + d0, a->kst, nk - j0, Kt + d0 * AK + j0, AK);
+        int jmax = 0;
         for (int i0 = 0; i0 < Rp; i0 += 4) {
             int pmax = -1;
             for (int rr = 0; rr < 4; rr++) {
                 int p = pos[i0 + rr] < kend - 1 ? pos[i0 + rr] : kend - 1;
                 pmax = p > pmax ? p : pmax;
             }
-            if (pmax < k0) continue;  /* the whole block is above the diagonal: P = 0, c = 1 */
+            const int jn = pmax < k0 ? 0 : pmax - k0 + 1 < nk ? pmax - k0 + 1 : nk;
+            jb[i0 / 4] = jn;
+            if (!jn) continue;  /* the whole block is above the diagonal: P = 0, c = 1 */
+            jmax = jn > jmax ? jn : jmax;
             __m512 s[4][4];
-            for (int rr = 0; rr < 4; rr++) for (int x = 0; x < 4; x++) s[rr][x] = _mm512_setzero_ps();
-            for (int d = 0; d < hd; d++) {
-                __m512 kv[4];
-                for (int x = 0; x < 4; x++) kv[x] = _mm512_loadu_ps(Kt + d * AK + 16 * x);
-                for (int rr = 0; rr < 4; rr++) {
-                    __m512 qb = _mm512_set1_ps(Qb[(size_t)(i0 + rr) * hd + d]);
-                    for (int x = 0; x < 4; x++) s[rr][x] = _mm512_fmadd_ps(qb, kv[x], s[rr][x]);
-                }
+            switch ((jn + 15) / 16) {
+                case 1: attn_scores_512(hd, Qb + (size_t)i0 * hd, Kt, 1, s); break;
+                case 2: attn_scores_512(hd, Qb + (size_t)i0 * hd, Kt, 2, s); break;
+                case 3: attn_scores_512(hd, Qb + (size_t)i0 * hd, Kt, 3, s); break;
+                default: attn_scores_512(hd, Qb + (size_t)i0 * hd, Kt, 4, s); break;
             }
             for (int rr = 0; rr < 4; rr++) {
                 const int i = i0 + rr;
@@ -1939,11 +2074,20 @@ T512 static void attn_item_512(const attn_t *a, int g, int qt, float *ws) {
                 const int lo = (i < R ? attn_lo(a, pos[i]) : 0) - k0;
                 attn_softmax_512(s[rr], lim, lo, nk, P + i * AK, m + i, l + i, c + i);
             }
-            const int jn = pmax - k0 + 1 < nk ? pmax - k0 + 1 : nk;
-#define PV(d0, NV) attn_pv_512(a, g, k0, jn, i0, d0, NV, P, c, O)
-            HD_CHUNKS(hd, PV);
-#undef PV
         }
+        /* the tile's values as floats: f16 converted into Kt's space (rows of hd), f32 in place */
+        const float *vf = (const float *)a->v + (size_t)k0 * a->vst + (size_t)g * a->vsh;
+        size_t vs = (size_t)a->vst;
+        if (a->f16) {
+            const uint16_t *vh = (const uint16_t *)a->v + (size_t)k0 * a->vst + (size_t)g * a->vsh;
+            for (int j = 0; j < jmax; j++)
+                for (int d = 0; d < hd; d += 16)
+                    _mm512_storeu_ps(Kt + (size_t)j * hd + d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vh + (size_t)j * a->vst + d))));
+            vf = Kt; vs = (size_t)hd;
+        }
+#define PV(d0, NV) for (int i0 = 0; i0 < Rp; i0 += 4) if (jb[i0 / 4]) attn_pv_512(hd, vf, vs, jb[i0 / 4], i0, d0, NV, P, c, O)
+        HD_CHUNKS(hd, PV);
+#undef PV
     }
     for (int i = 0; i < R; i++) {
         const int hh = i / bq, t = i % bq;
@@ -2090,6 +2234,7 @@ T512 static void attn_query_head_512(const attn_t *a, int h, const float *sc, si
 static void tiles_new_call(int tm) {
 #if HL_X86
     if (tm == TM_A16) a16_new_call();
+    u512_new_call();  /* (AVX512's unpacked groups) */
 #endif
     (void)tm;
 }
