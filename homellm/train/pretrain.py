@@ -16,6 +16,10 @@ over the global step's token count, times W (DDP averages).
 
 The loop reuses train/: the LR warmup and cosine (schedule.py), the final hidden states
 (loss.py), exact-resume checkpoints (checkpoint.py) and the process group (session.py).
+
+Speed: torch.compile where it measured faster (compile_default; a failed compile falls back
+to eager), block causal attention where it beats SDPA (choose_attention), MFU against the
+datapath's peak (describe_peak_flops); benchmarks/pretrain_bench.py has the numbers.
 """
 from __future__ import annotations
 
