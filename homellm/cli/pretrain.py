@@ -85,8 +85,9 @@ def config_from_args(args):
         batch_tokens=args.batch_tokens, device_batch=args.device_batch, optimizer=args.optimizer,
         lr=args.lr, muon_lr=args.muon_lr, weight_decay=args.weight_decay, schedule=args.schedule,
         warmup=args.warmup, decay=args.decay, max_grad_norm=args.max_grad_norm, dtype=dtype,
-        compile=args.compile, attention=args.attention, fuse=args.fuse, val_every=args.val_every, val_tokens=args.val_tokens,
-        save_every=args.save_every, seed=args.seed, threads=args.threads, device=device,
+        compile=args.compile, attention=args.attention, fuse=args.fuse, val_every=args.val_every,
+        val_tokens=args.val_tokens, save_every=args.save_every, seed=args.seed, threads=args.threads,
+        device=device,
         fsdp=args.fsdp, peak_flops=args.peak_flops)
 
 
