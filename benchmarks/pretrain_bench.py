@@ -5,11 +5,25 @@ Pretraining. Same network (the depth dial's Llama: --depth, vocab of the corpus,
 embeddings), same initial weights (ours, seeded, loaded into LlamaForCausalLM by name), same
 data (the corpus's windows in the same order: homellm.train.pretrain.Windows), same batch and
 micro-batches, same optimizer (AdamW betas 0.9/0.95, weight decay 0.1 on matrices), same
-warmup + cosine, same clipping, same threads, same dtype (float32, or bf16 autocast over
-float32 weights on both sides). Each side runs in its own process (this script with --side);
-tokens/s is measured over steps 2..N-1 (the first warms up, the last validates), peak memory
-is the process's peak RSS, and both report the validation loss at the end on the same
-windows. MFU uses the same FLOPs per token and peak for both sides.
+warmup + cosine, same clipping, same threads. Each run is its own process (this script with
+--side). Rows, side by side:
+
+- float32: ours as `--dtype float32` gives it (eager, attention auto) vs transformers float32
+  eager (attn_implementation="sdpa", its default);
+- bfloat16: ours as `--dtype bfloat16` gives it (torch.compile + attention auto), ours eager
+  (`--no-compile`), vs transformers under bf16 autocast, eager (as a user runs it; the
+  Trainer's bf16=True is the same autocast);
+- defaults: what each gives a user who sets nothing: ours (`--dtype auto`: bfloat16 where the
+  CPU multiplies it natively) vs transformers' float32 (the Trainer's default), reusing the
+  rows above.
+
+tokens/s is measured over steps 2..N-1 (the first compiles or warms up, the last validates),
+also as CPU seconds a step (the process's CPU time: what a busy machine inflates least at one
+thread); peak memory is the process's peak RSS; both report the validation loss at the end on
+the same windows. MFU uses the same FLOPs per token for every side, against the peak that
+homellm.train.pretrain.describe_peak_flops derives (printed), and also as a fraction of the
+matmul rate this machine measures in that dtype (a 2048^3 torch.matmul, same threads).
+`--ablations` adds ours with SDPA attention and with the fused projections.
 
 Data preparation. The same input (synthetic documents with planted exact and near copies, or
 --prep-source) through `homellm data prepare` (read, normalize, filter, exact + MinHash dedup,
@@ -23,7 +37,7 @@ input MB / wall second. datatrove lives in a virtualenv outside the repository:
 
     python benchmarks/pretrain_bench.py                      # the full comparison (minutes)
     python benchmarks/pretrain_bench.py --smoke              # a tiny one, to check it runs
-    python benchmarks/pretrain_bench.py --data DIR --depth 6 --dtype bfloat16
+    python benchmarks/pretrain_bench.py --data DIR --depth 4 --threads 2 --dtype bfloat16
     python benchmarks/pretrain_bench.py --datatrove-python /root/peers/datatrove/bin/python
 
 Prints one JSON object: each side's numbers and the ratios ours / theirs.
@@ -99,21 +113,29 @@ def side_ours(spec: dict) -> dict:
     import torch
     from homellm.train.pretrain import PretrainConfig, pretrain
     torch.set_num_threads(spec["threads"])
-    stamps = []
+    stamps, cpu, events = [], [], {}
 
     def progress(event):
         if "loss" in event:
             stamps.append(time.perf_counter())
+            cpu.append(time.process_time())
+        else:
+            events.update(event)
 
     config = PretrainConfig(data=spec["data"], out=spec["out"], depth=spec["depth"],
                             seq_len=spec["seq_len"], steps=spec["steps"],
                             batch_tokens=spec["batch_tokens"], device_batch=spec["device_batch"],
                             lr=spec["lr"], dtype=spec["dtype"], threads=spec["threads"],
                             val_tokens=spec["val_tokens"], seed=spec["seed"],
-                            compile=spec.get("compile", False), fuse=spec.get("fuse", False))
+                            compile=spec.get("compile"), attention=spec.get("attention", "auto"),
+                            fuse=spec.get("fuse", False))
+    t0 = time.perf_counter()
     result = pretrain(config, progress=progress)
     timed = stamps[-2] - stamps[0]  # steps 2 .. N-1
     return {"tokens_per_s": (len(stamps) - 2) * spec["batch_tokens"] / timed,
+            "cpu_s_per_step": (cpu[-2] - cpu[0]) / (len(stamps) - 2),
+            "first_step_s": stamps[0] - t0, "compiled": events.get("compile") and "compile_failed" not in events,
+            "attention": events.get("attention"), "peak_how": events.get("peak_how"),
             "val_loss": result.val[-1]["loss"], "train_loss": result.losses[-1],
             "peak_rss_mb": peak_rss_mb(), "n_params": result.n_params}
 
@@ -132,7 +154,7 @@ def side_hf(spec: dict) -> dict:
     data = open_tokens(Path(spec["data"]))
     args = model_args(spec["depth"], data.vocab_size, spec["seq_len"])
     hf_config = {k: v for k, v in args.to_hf_config().items() if k != "architectures"}
-    model = LlamaForCausalLM(LlamaConfig(**hf_config))
+    model = LlamaForCausalLM(LlamaConfig(**hf_config, attn_implementation="sdpa"))
     ours = build_model(args, spec["seed"])  # the same initial weights
     missing, unexpected = model.load_state_dict(ours.state_dict(), strict=False)
     assert not unexpected and all("rotary" in m or m == "lm_head.weight" for m in missing), (missing, unexpected)
@@ -159,7 +181,8 @@ def side_hf(spec: dict) -> dict:
             logits = model(input_ids=batch[:, :-1]).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
 
-    stamps, losses = [], []
+    stamps, cpu, losses = [], [], []
+    t0 = time.perf_counter()
     for step in range(total):
         first, loss_sum = step * seqs, 0.0
         for m in range(seqs // spec["device_batch"]):
@@ -173,6 +196,7 @@ def side_hf(spec: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss_sum / spec["batch_tokens"])
         stamps.append(time.perf_counter())
+        cpu.append(time.process_time())
     model.eval()
     nll, n = 0.0, 0
     with torch.no_grad():
@@ -181,9 +205,27 @@ def side_hf(spec: dict) -> dict:
             nll += loss_of(x).item()
             n += x.shape[1] - 1
     timed = stamps[-2] - stamps[0]
-    return {"tokens_per_s": (len(stamps) - 2) * spec["batch_tokens"] / timed, "val_loss": nll / n,
-            "train_loss": losses[-1], "peak_rss_mb": peak_rss_mb(),
+    return {"tokens_per_s": (len(stamps) - 2) * spec["batch_tokens"] / timed,
+            "cpu_s_per_step": (cpu[-2] - cpu[0]) / (len(stamps) - 2), "first_step_s": stamps[0] - t0,
+            "val_loss": nll / n, "train_loss": losses[-1], "peak_rss_mb": peak_rss_mb(),
             "attention": model.config._attn_implementation}
+
+
+def side_gemm(spec: dict) -> dict:
+    """The machine's matmul rate in a dtype: the best of 5 (2048 x 2048) @ (2048 x 2048)."""
+    import torch
+    torch.set_num_threads(spec["threads"])
+    dtype = getattr(torch, spec["dtype"])
+    a, b = torch.randn(2048, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(5))
+    return {"flops": 2 * 2048 ** 3 / best}
+
+
+def _timed(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
 
 
 def side_prepare_ours(spec: dict) -> dict:
@@ -245,7 +287,7 @@ def side_prepare_datatrove(spec: dict) -> dict:
             "gopher_filter": bool(filters())}
 
 
-SIDES = {"ours": side_ours, "hf": side_hf, "prepare-ours": side_prepare_ours,
+SIDES = {"ours": side_ours, "hf": side_hf, "gemm": side_gemm, "prepare-ours": side_prepare_ours,
          "prepare-datatrove": side_prepare_datatrove}
 
 
@@ -270,11 +312,13 @@ def main():
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both")
-    p.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
+    p.add_argument("--ablations", action="store_true",
+                   help="also ours with SDPA attention, and with the fused projections")
     p.add_argument("--peer-python", default=sys.executable, help="python with transformers")
     p.add_argument("--datatrove-python", default=None, help="python with datatrove (skipped if none)")
     p.add_argument("--prep-source", default=None, help="JSONL documents for the preparation benchmark")
     p.add_argument("--prep-mb", type=float, default=None, help="size of the synthetic documents")
+    p.add_argument("--skip-prepare", action="store_true", help="pretraining only")
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -291,45 +335,64 @@ def main():
                                           vocab=384 if smoke else 4096))
     out = {"machine": {"threads": a.threads, "cpu_count": os.cpu_count()}, "pretrain": {}}
     dtypes = ["float32", "bfloat16"] if a.dtype == "both" else [a.dtype]
+    from homellm.data.shards import open_tokens
+    from homellm.train.pretrain import describe_peak_flops, flops_per_token, model_args
+    import torch
+    flops = flops_per_token(model_args(depth, open_tokens(Path(data)).vocab_size, seq_len), seq_len)
     for dtype in dtypes:
         spec = dict(data=data, depth=depth, seq_len=seq_len, batch_tokens=batch_tokens,
                     device_batch=a.device_batch, steps=steps, lr=a.lr, dtype=dtype,
                     threads=a.threads, val_tokens=seq_len * 16, seed=0)
-        ours = run_side(sys.executable, "ours", {**spec, "out": str(tmp / f"ours-{dtype}")}, a.threads)
-        hf = run_side(a.peer_python, "hf", spec, a.threads)
-        row = {"config": spec, "ours": ours, "hf": hf}
-        row["ours_fused"] = run_side(sys.executable, "ours", {**spec, "fuse": True,
-                                                              "out": str(tmp / f"ours-f-{dtype}")}, a.threads)
-        if a.compile:
-            row["ours_compiled"] = run_side(sys.executable, "ours", {**spec, "compile": True,
-                                                                      "out": str(tmp / f"ours-c-{dtype}")}, a.threads)
-        if "error" not in ours and "error" not in hf:
-            from homellm.data.shards import open_tokens
-            from homellm.train.pretrain import estimate_peak_flops, flops_per_token, model_args
-            import torch
-            args = model_args(depth, open_tokens(Path(data)).vocab_size, seq_len)
-            peak = estimate_peak_flops(torch.device("cpu"), dtype, a.threads)
-            for side in (ours, hf, row["ours_fused"]):
-                if "error" in side:
-                    continue
-                side["mfu"] = side["tokens_per_s"] * flops_per_token(args, seq_len) / peak
-            row["ratio_tokens_per_s"] = ours["tokens_per_s"] / hf["tokens_per_s"]
-            if "error" not in row["ours_fused"]:
-                row["ratio_fused_tokens_per_s"] = row["ours_fused"]["tokens_per_s"] / hf["tokens_per_s"]
-            row["ratio_peak_rss"] = ours["peak_rss_mb"] / hf["peak_rss_mb"]
-            row["val_loss_ours_minus_hf"] = ours["val_loss"] - hf["val_loss"]
-            row["peak_flops_estimate"] = peak
+        peak, how = describe_peak_flops(torch.device("cpu"), dtype, a.threads)
+        gemm = run_side(sys.executable, "gemm", spec, a.threads).get("flops")
+        runs = {"ours": {}}  # ours as this dtype gives it by default
+        if dtype == "bfloat16":
+            runs["ours_eager"] = {"compile": False}
+        if a.ablations:
+            runs["ours_sdpa"] = {"attention": "sdpa"}
+            runs["ours_fused"] = {"fuse": True}
+        row = {"config": spec, "peak_flops": peak, "peak_how": how, "gemm_flops_measured": gemm}
+        for name, extra in runs.items():
+            row[name] = run_side(sys.executable, "ours", {**spec, **extra, "out": str(tmp / f"{name}-{dtype}")},
+                                 a.threads)
+        row["hf"] = run_side(a.peer_python, "hf", spec, a.threads)
+        for name in [*runs, "hf"]:
+            side = row[name]
+            if "error" in side:
+                continue
+            side["mfu"] = side["tokens_per_s"] * flops / peak
+            if gemm:
+                side["of_measured_gemm"] = side["tokens_per_s"] * flops / gemm
+            if name != "hf" and "error" not in row["hf"]:
+                hf = row["hf"]
+                side["ratio_tokens_per_s"] = side["tokens_per_s"] / hf["tokens_per_s"]
+                side["ratio_cpu_s_per_step"] = hf["cpu_s_per_step"] / side["cpu_s_per_step"]
+                side["ratio_peak_rss"] = side["peak_rss_mb"] / hf["peak_rss_mb"]
+                side["val_loss_minus_hf"] = side["val_loss"] - hf["val_loss"]
         out["pretrain"][dtype] = row
-    source = a.prep_source or str(synthetic_documents(tmp / "prep" / "docs.jsonl",
-                                                      a.prep_mb or (0.5 if smoke else 20)))
-    prep = {"source": source, "ours": run_side(sys.executable, "prepare-ours",
-                                               {"source": source, "out": str(tmp / "prep-ours")}, a.threads)}
-    if a.datatrove_python:
-        prep["datatrove"] = run_side(a.datatrove_python, "prepare-datatrove",
-                                     {"source": source, "out": str(tmp / "prep-dt")}, a.threads)
-        if "error" not in prep["datatrove"] and "error" not in prep["ours"]:
-            prep["ratio_mb_per_s"] = prep["ours"]["mb_per_s"] / prep["datatrove"]["mb_per_s"]
-    out["prepare"] = prep
+    if a.dtype == "both":
+        from homellm.cli.tune import auto_dtype
+        ours_dtype = auto_dtype("cpu", "none")
+        ours, hf = out["pretrain"][ours_dtype]["ours"], out["pretrain"]["float32"]["hf"]
+        if "error" not in ours and "error" not in hf:
+            out["pretrain"]["defaults"] = {
+                "ours": f"{ours_dtype}, {'compiled' if ours['compiled'] else 'eager'}, {ours['attention']} attention",
+                "hf": "float32 eager, sdpa",
+                "ratio_tokens_per_s": ours["tokens_per_s"] / hf["tokens_per_s"],
+                "ratio_cpu_s_per_step": hf["cpu_s_per_step"] / ours["cpu_s_per_step"],
+                "ratio_peak_rss": ours["peak_rss_mb"] / hf["peak_rss_mb"],
+                "val_loss_ours_minus_hf": ours["val_loss"] - hf["val_loss"]}
+    if not a.skip_prepare:
+        source = a.prep_source or str(synthetic_documents(tmp / "prep" / "docs.jsonl",
+                                                          a.prep_mb or (0.5 if smoke else 20)))
+        prep = {"source": source, "ours": run_side(sys.executable, "prepare-ours",
+                                                   {"source": source, "out": str(tmp / "prep-ours")}, a.threads)}
+        if a.datatrove_python:
+            prep["datatrove"] = run_side(a.datatrove_python, "prepare-datatrove",
+                                         {"source": source, "out": str(tmp / "prep-dt")}, a.threads)
+            if "error" not in prep["datatrove"] and "error" not in prep["ours"]:
+                prep["ratio_mb_per_s"] = prep["ours"]["mb_per_s"] / prep["datatrove"]["mb_per_s"]
+        out["prepare"] = prep
     print(json.dumps(out, indent=2))
 
 

@@ -140,7 +140,7 @@ def test_the_model_exports_to_gguf_and_the_c_runtime_matches_pytorch(corpus, tmp
 @pytest.mark.slow
 def test_the_pretrained_model_runs_and_fine_tunes(corpus, tmp_path, capsys):
     out = tmp_path / "m"
-    assert cli(["pretrain", "--data", str(corpus), "--depth", "2", "--seq-len", "64",
+    assert cli(["pretrain", "--data", str(corpus), "--depth", "2", "--seq-len", "64", "--no-compile",
                 "--batch-tokens", "512", "--steps", "6", "--out", str(out), "--threads", "1",
                 "--val-every", "3"]) == 0
     err = capsys.readouterr().err

@@ -51,8 +51,12 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="bfloat16 matmuls (autocast; weights and optimizer float32); auto: where the "
                         "device multiplies bf16 natively")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model and loss (measured slower on CPU with torch 2.13; try it on a GPU)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model and loss (compiles once, ~30 s on a CPU; default: on a GPU "
+                        "and in bfloat16 on a CPU, where it measured faster; falls back to eager if it fails)")
+    g.add_argument("--attention", choices=["auto", "sdpa", "blocks"], default=c.attention,
+                   help="causal attention: PyTorch's SDPA, or explicit matmuls over query blocks (faster "
+                        "on a CPU at short contexts); auto: blocks on a CPU up to 512 tokens (1024 compiled)")
     g.add_argument("--fuse", action="store_true",
                    help="q/k/v and gate/up projections each as one matmul (same weights)")
     g.add_argument("--val-every", type=int, default=0, help="steps between validations (0: at the end)")
@@ -81,8 +85,9 @@ def config_from_args(args):
         batch_tokens=args.batch_tokens, device_batch=args.device_batch, optimizer=args.optimizer,
         lr=args.lr, muon_lr=args.muon_lr, weight_decay=args.weight_decay, schedule=args.schedule,
         warmup=args.warmup, decay=args.decay, max_grad_norm=args.max_grad_norm, dtype=dtype,
-        compile=args.compile, fuse=args.fuse, val_every=args.val_every, val_tokens=args.val_tokens,
-        save_every=args.save_every, seed=args.seed, threads=args.threads, device=device,
+        compile=args.compile, attention=args.attention, fuse=args.fuse, val_every=args.val_every,
+        val_tokens=args.val_tokens, save_every=args.save_every, seed=args.seed, threads=args.threads,
+        device=device,
         fsdp=args.fsdp, peak_flops=args.peak_flops)
 
 
@@ -103,10 +108,22 @@ def main(args: argparse.Namespace) -> int:
                   f"width {a.hidden_size}, {a.num_attention_heads} heads, vocab {a.vocab_size}), "
                   f"{event['total']} steps x {config.batch_tokens} tokens = {event['tokens_total'] / 1e6:.1f}M "
                   f"tokens, {config.optimizer}, {config.schedule}, {config.dtype}, {event['world']} "
-                  f"process(es) x {event['accum']} micro-batch(es), MFU against "
-                  f"{event['peak_flops'] / 1e12:.2f} TFLOP/s", file=sys.stderr)
+                  f"process(es) x {event['accum']} micro-batch(es), "
+                  f"{'compiled' if event['compile'] else 'eager'}, {event['attention']} attention; MFU "
+                  f"against {event['peak_flops'] / 1e12:.2f} TFLOP/s ({event['peak_how']})", file=sys.stderr)
             bar = tqdm(total=event["total"], initial=event["step"], desc="pretrain", unit="step",
                        file=sys.stderr, dynamic_ncols=True)
+            return
+        if event.get("compiling"):
+            bar.write("pretrain: compiling the model with torch.compile (once; ~30 s on a CPU, "
+                      "--no-compile skips it)", file=sys.stderr)
+            return
+        if "compiled" in event:
+            bar.write(f"pretrain: compiled in {event['compiled']:.0f} s", file=sys.stderr)
+            return
+        if "compile_failed" in event:
+            bar.write(f"warning: torch.compile failed ({event['compile_failed']}); training eager "
+                      f"(--no-compile skips the attempt)", file=sys.stderr)
             return
         bar.update(1)
         bar.set_postfix({"loss": f"{event['loss']:.3f}", "tok/s": f"{event['tokens_per_s']:.0f}",
@@ -114,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
         if event["val"]:
             v = event["val"]
             bar.write(f"step {event['step']}: train loss {event['loss']:.4f}, validation loss "
-                      f"{v['loss']:.4f}, {v['bpb']:.4f} bits per byte")
+                      f"{v['loss']:.4f}, {v['bpb']:.4f} bits per byte", file=sys.stderr)
 
     result = run_training(pretrain, config, bar, main_process, progress=progress if main_process else None,
                           resume=args.resume)

@@ -16,6 +16,10 @@ over the global step's token count, times W (DDP averages).
 
 The loop reuses train/: the LR warmup and cosine (schedule.py), the final hidden states
 (loss.py), exact-resume checkpoints (checkpoint.py) and the process group (session.py).
+
+Speed: torch.compile where it measured faster (compile_default; a failed compile falls back
+to eager), block causal attention where it beats SDPA (choose_attention), MFU against the
+datapath's peak (describe_peak_flops); benchmarks/pretrain_bench.py has the numbers.
 """
 from __future__ import annotations
 
@@ -94,26 +98,119 @@ def fuse_projections(model: nn.Module) -> None:
         layer.mlp.gate_up_proj = FusedGateUp(layer.mlp)
 
 
+ATTENTION_BLOCK = 128  # queries per block of block_causal_attention
+BLOCKS_MEMORY = 1 << 30  # at most this many bytes of probabilities kept for the backward
+
+
+def block_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention as explicit matmuls over blocks of ATTENTION_BLOCK queries: block
+    [s, e) scores its queries against keys 0 .. e - 1 only, so of the T x T scores the upper
+    triangle is skipped but for the diagonal blocks. Per block: (q / sqrt(d)) k^T in the
+    input's dtype (bf16 under autocast), the causal mask, softmax in float32, probabilities
+    back in v's dtype times v. SDPA's math (tests/test_pretrain_speed.py checks loss and
+    gradients against it); on a CPU at short contexts faster forward + backward than SDPA's
+    flash kernel (2.2x at T = 512 compiled, bf16: benchmarks/pretrain_bench.py), at the cost
+    of keeping each block's probabilities (B x heads x T^2 / 2 elements a layer) for the
+    backward. q (B, H, T, d), k and v (B, H_kv, T, d) -> (B, T, H * d)."""
+    B, H, T, d = q.shape
+    if k.shape[1] != H:  # grouped-query attention: each key/value head serves H / H_kv queries
+        k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // v.shape[1], 1)
+    from homellm.model.llama import causal_mask
+    mask = causal_mask(T, T, q.device)
+    q = q * d ** -0.5
+    out = []
+    for s in range(0, T, ATTENTION_BLOCK):
+        e = min(T, s + ATTENTION_BLOCK)
+        scores = q[:, :, s:e] @ k[:, :, :e].transpose(-1, -2)  # (B, H, e - s, e)
+        scores = scores.masked_fill(~mask[s:e, :e], float("-inf"))
+        p = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(v.dtype)
+        out.append(p @ v[:, :, :e])  # (B, H, e - s, d)
+    return torch.cat(out, dim=2).transpose(1, 2).reshape(B, T, H * d)
+
+
+def choose_attention(config: PretrainConfig, args: ModelArgs, device: torch.device,
+                     compiled: bool) -> str:
+    """'blocks' (block_causal_attention) or 'sdpa' (PyTorch's fused kernel: flash attention)
+    for --attention auto: blocks on a CPU up to the contexts where they measured faster
+    (512 eager, 1024 compiled) and while the probabilities they keep fit BLOCKS_MEMORY;
+    SDPA on a GPU and for long contexts."""
+    if config.attention != "auto":
+        return config.attention
+    if device.type != "cpu" or config.seq_len > (1024 if compiled else 512):
+        return "sdpa"
+    T = config.seq_len
+    kept = config.device_batch * args.num_attention_heads * T * (T + ATTENTION_BLOCK) // 2 \
+        * 6 * args.num_hidden_layers  # float32 softmax output + its bf16 copy, every layer
+    return "blocks" if kept <= BLOCKS_MEMORY else "sdpa"
+
+
+def use_blocks(model: nn.Module) -> None:
+    """Make every layer's causal attention block_causal_attention (model/llama.py's
+    attention_fn: taken where the layer has no window, mask or other scale)."""
+    for layer in model.model.layers:
+        layer.self_attn.attention_fn = block_causal_attention
+
+
+def compile_default(config: PretrainConfig, device: torch.device) -> bool:
+    """--compile unless given: on a GPU, and on a CPU in bfloat16, where torch.compile's fused
+    kernels measured faster than eager (1.4x a step at depth 4 on a Zen 4 core, after 24-36 s
+    of compiling once); not in float32 on a CPU (1.1x here, but float32 is the default only on
+    CPUs without bf16 units, where it is unmeasured), nor under FSDP (untested)."""
+    if config.compile is not None:
+        return config.compile
+    return (device.type == "cuda" or config.dtype == "bfloat16") and not config.fsdp
+
+
 def estimate_peak_flops(device: torch.device, dtype: str, threads: int) -> float:
-    """A rough peak FLOP/s for MFU: a GPU's bf16/fp32 dense rate from its name, or a CPU's
-    cores x clock x FLOPs per cycle (FMA units x SIMD lanes; x2 for AVX512-BF16 dot products)."""
+    """A peak FLOP/s for MFU; how it is derived: describe_peak_flops."""
+    return describe_peak_flops(device, dtype, threads)[0]
+
+
+def describe_peak_flops(device: torch.device, dtype: str, threads: int,
+                        cpuinfo: str | None = None) -> tuple[float, str]:
+    """(peak FLOP/s, how it was derived) for MFU: a GPU's dense bf16 rate from its name (fp32:
+    half); a CPU's threads x clock x FLOPs per cycle, where FLOPs per cycle = 2 FMA pipes x
+    the float32 lanes of the datapath x 2 (multiply + add), x2 for AVX512-BF16 dot products
+    (two bf16 products per float32 lane), or 1024 with AMX-BF16 tiles. The datapath is the
+    hardware's, not the instruction set's: Zen 4 (AMD family 0x19) runs AVX512 on 256-bit
+    units, 8 float32 lanes (32 FLOPs/cycle), not 16. The clock is the highest the kernel
+    reports (cpufreq's maximum, else /proc/cpuinfo's MHz, which a VM often gives as the base
+    clock: a CPU that boosts above it then shows an MFU above the truth). `cpuinfo`: the text
+    of a /proc/cpuinfo to read instead of this machine's (its MHz then taken as the clock)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12,
                  "A10": 125e12, "3090": 71e12, "T4": 65e12}
         peak = next((v for k, v in table.items() if k in name), 100e12)
-        return peak if dtype == "bfloat16" else peak / 2
-    mhz, flags = 2500.0, ""
+        peak = peak if dtype == "bfloat16" else peak / 2
+        return peak, f"{name}: {peak / 1e12:.0f} TFLOP/s dense {dtype} (from its name)"
+    info: dict[str, str] = {}
+    mhz = 2500.0
     try:
-        info = Path("/proc/cpuinfo").read_text()
-        mhz = max(float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz"))
-        flags = next(line for line in info.splitlines() if line.startswith("flags"))
-    except (OSError, ValueError, StopIteration):
+        for line in (cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()).splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+        mhz = float(info.get("cpu MHz", mhz))
+        if cpuinfo is None:
+            mhz = int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1000
+    except (OSError, ValueError):
         pass
-    per_cycle = 64 if " avx512f" in flags else 32 if " fma" in flags else 8
-    if dtype == "bfloat16" and " avx512_bf16" in flags:
-        per_cycle *= 2
-    return threads * mhz * 1e6 * per_cycle
+    flags = set(info.get("flags", "").split())
+    amd_256 = info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25"
+    if "avx512f" in flags:
+        lanes, unit = (8, "AVX512 on 256-bit units (AMD family 0x19)") if amd_256 else (16, "AVX512")
+    elif "fma" in flags:
+        lanes, unit = 8, "AVX2 FMA"
+    else:
+        lanes, unit = 2, "SSE, no FMA"  # 2 pipes x 4 lanes, multiply and add apart
+    per_cycle = 2 * lanes * 2
+    if dtype == "bfloat16" and "amx_bf16" in flags:
+        per_cycle, unit = 1024, "AMX-BF16"
+    elif dtype == "bfloat16" and "avx512_bf16" in flags:
+        per_cycle, unit = per_cycle * 2, unit + " + AVX512-BF16"
+    peak = threads * mhz * 1e6 * per_cycle
+    return peak, (f"{threads} thread(s) x {mhz / 1000:.2f} GHz x {per_cycle} {dtype} FLOPs/cycle "
+                  f"({unit})")
 
 
 def lr_factor(step: int, total: int, warmup: int, config: PretrainConfig) -> float:
@@ -296,6 +393,10 @@ def pretrain(config: PretrainConfig, progress=None, resume: bool = False,
     model = build_model(args, config.seed, procs.device)
     if config.fuse:
         fuse_projections(model)
+    compiling = compile_default(config, procs.device)
+    attention = choose_attention(config, args, procs.device, compiling)
+    if attention == "blocks":
+        use_blocks(model)
     model.train()
     amp = torch.bfloat16 if config.dtype == "bfloat16" else None
     module: nn.Module = LMLoss(model, amp)
@@ -308,7 +409,7 @@ def pretrain(config: PretrainConfig, progress=None, resume: bool = False,
         from torch.nn.parallel import DistributedDataParallel
         module = DistributedDataParallel(
             module, device_ids=[procs.device] if procs.device.type == "cuda" else None)
-    forward = torch.compile(module) if config.compile else module
+    forward = torch.compile(module) if compiling else module
     groups = _param_groups(model, config)
     if config.optimizer == "muon":
         from homellm.train.muon import Muon
@@ -328,8 +429,9 @@ def pretrain(config: PretrainConfig, progress=None, resume: bool = False,
         config.save(out)
     procs.barrier()
     flops = flops_per_token(args, config.seq_len)
-    peak = config.peak_flops or estimate_peak_flops(procs.device, config.dtype,
-                                                    torch.get_num_threads() * procs.world)
+    peak, peak_how = describe_peak_flops(procs.device, config.dtype, torch.get_num_threads() * procs.world)
+    if config.peak_flops:
+        peak, peak_how = config.peak_flops, "given (--peak-flops)"
     val = val_windows(data.val, config.seq_len, config.val_tokens)
     bytes_per_token = data.bytes_per_token("val")
     seqs_per_step = config.batch_tokens // config.seq_len
@@ -337,7 +439,8 @@ def pretrain(config: PretrainConfig, progress=None, resume: bool = False,
     if progress is not None and procs.main:
         progress({"start": True, "step": start, "total": total, "n_params": n_params, "args": args,
                   "accum": accum, "world": procs.world, "tokens_total": total * step_tokens,
-                  "peak_flops": peak, "warmup": warmup})
+                  "peak_flops": peak, "peak_how": peak_how, "warmup": warmup,
+                  "compile": compiling, "attention": attention})
 
     sharded = procs.world > 1 and config.fsdp
 
@@ -359,6 +462,7 @@ def pretrain(config: PretrainConfig, progress=None, resume: bool = False,
         return {"loss": loss, "bpb": loss / math.log(2) / bytes_per_token, "tokens": int(n)}
 
     step = start
+    compiled_once = False
     t0 = run_t0 = time.perf_counter()
     try:
         while step < total and (stop_after is None or step < stop_after):
@@ -375,8 +479,13 @@ def pretrain(config: PretrainConfig, progress=None, resume: bool = False,
                 if config.fsdp and procs.world > 1:
                     module.set_requires_gradient_sync(last)
                 with sync:
-                    loss = forward(batch[:, :-1], batch[:, 1:])
-                    (loss * (procs.world / step_tokens)).backward()
+                    if forward is not module and not compiled_once:
+                        loss, forward = _first_compiled(forward, module, batch, procs, step_tokens,
+                                                        optimizer, progress if procs.main else None)
+                        compiled_once = True
+                    else:
+                        loss = forward(batch[:, :-1], batch[:, 1:])
+                        (loss * (procs.world / step_tokens)).backward()
                 loss_sum += loss.item()
             loss_mean = procs.all_sum([loss_sum])[0] / step_tokens
             if config.max_grad_norm > 0:
@@ -418,6 +527,37 @@ def pretrain(config: PretrainConfig, progress=None, resume: bool = False,
         torch.set_num_threads(threads_before)
     return PretrainResult(out, step, list(history["losses"]), list(history["val"]),
                           history["tokens"], history["seconds"], n_params, stopped, config)
+
+
+def _first_compiled(compiled, eager: nn.Module, batch: Tensor, procs, step_tokens: int,
+                    optimizer, progress) -> tuple[Tensor, nn.Module]:
+    """The first micro-batch through the torch.compile'd module, which compiles it (forward
+    and backward: tens of seconds on a CPU; progress hears {"compiling": True}, then
+    {"compiled": seconds}). If compiling fails (no C++ compiler for inductor, an operation it
+    cannot take, ...), the run goes on eager from the same micro-batch, progress hearing
+    {"compile_failed": why}; under torchrun the processes must agree, so it is an error there.
+    Returns (the micro-batch's loss, the forward to use from now on)."""
+    if progress is not None:
+        progress({"compiling": True})
+    t0 = time.perf_counter()
+    try:
+        loss = compiled(batch[:, :-1], batch[:, 1:])
+        (loss * (procs.world / step_tokens)).backward()
+    except (MemoryError, HomellmError):
+        raise
+    except Exception as e:  # torch.compile fails in many types (dynamo, inductor, the C++ build)
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        if procs.world > 1:
+            raise HomellmError(f"torch.compile failed ({why}); run again with --no-compile") from None
+        optimizer.zero_grad(set_to_none=True)  # whatever the failed backward accumulated
+        if progress is not None:
+            progress({"compile_failed": why})
+        loss = eager(batch[:, :-1], batch[:, 1:])
+        (loss * (procs.world / step_tokens)).backward()
+        return loss, eager
+    if progress is not None:
+        progress({"compiled": time.perf_counter() - t0})
+    return loss, compiled
 
 
 def _save(out, procs, step, params, optimizer, scheduler, history, barrier=True):

@@ -42,7 +42,8 @@ class PretrainConfig:
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
     dtype: str = "float32"  # or "bfloat16": autocast matmuls, float32 weights and optimizer
-    compile: bool = False
+    compile: bool | None = None  # None: where it measured faster (pretrain.compile_default)
+    attention: str = "auto"  # "sdpa", "blocks" (pretrain.block_causal_attention) or auto
     fuse: bool = False  # q/k/v and gate/up projections each as one matmul (same weights; see the benchmark)
     val_every: int = 0  # steps between validations; 0: at the end only
     val_tokens: int = 65536
@@ -71,6 +72,8 @@ class PretrainConfig:
              f"warmup {self.warmup:g}: expected a fraction (0 <= f < 1) or a whole number of steps"),
             (0 <= self.decay <= 1, f"decay {self.decay}: expected a fraction of the steps"),
             (self.dtype in ("float32", "bfloat16"), f"dtype {self.dtype!r}: expected float32 or bfloat16"),
+            (self.attention in ("auto", "sdpa", "blocks"),
+             f"attention {self.attention!r}: expected auto, sdpa or blocks"),
             (self.val_tokens >= 1, f"val tokens {self.val_tokens}: expected at least 1"),
             (not (self.fsdp and self.optimizer == "muon"),
              "--fsdp shards each matrix, and Muon orthogonalizes whole matrices: use --optimizer adamw"),
@@ -98,7 +101,8 @@ class PretrainConfig:
             raise HomellmError(f"{path}: cannot read the pretraining config ({e})") from None
 
     def same_run(self, other: "PretrainConfig") -> list[str]:
-        ignore = {"out", "threads", "save_every", "val_every", "device", "compile", "peak_flops"}
+        ignore = {"out", "threads", "save_every", "val_every", "device", "compile", "attention",
+                  "peak_flops"}
         a, b = asdict(self), asdict(other)
         return [k for k in a if k not in ignore and a[k] != b[k]]
 
