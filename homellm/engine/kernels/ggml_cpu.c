@@ -1801,6 +1801,29 @@ T256 static void attn_item_avx2(const attn_t *a, int g, int qt, float *ws) {
 }
 
 
+/* the scores of a decode row's R <= 8 rows (Qb: scaled queries) against keys j0 .. j0 + 15 of the
+ * key tile at kb (nk keys) into out (row i at i ldo, columns j0 ..; keys past nk: zeros): each a
+ * chain of fused multiply-adds over d ascending (the prompt tile's order), the two halves'
+ * chains in turn, the 8 x 8 key blocks transposed in registers */
+T256 INLINE void attn_block_scores_256(const attn_t *a, size_t kb, int j0, int nk, const float *Qb, int R,
+                                       float *out, size_t ldo) {
+    const int hd = a->hd, nh = j0 + 8 < nk ? 2 : 1;  /* halves with keys */
+    __m256 s[8][2];
+    for (int i = 0; i < R; i++) s[i][0] = s[i][1] = _mm256_setzero_ps();
+    for (int d0 = 0; d0 < hd; d0 += 8)
+        for (int h = 0; h < nh; h++) {
+            __m256 kt[8];
+            transpose8_r(a->k, a->f16, kb + (size_t)(j0 + 8 * h) * a->kst + d0, a->kst, nk - j0 - 8 * h, kt);
+            for (int i = 0; i < R; i++)
+                for (int dd = 0; dd < 8; dd++)
+                    s[i][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(Qb + (size_t)i * hd + d0 + dd), kt[dd], s[i][h]);
+        }
+    for (int i = 0; i < R; i++) {
+        _mm256_storeu_ps(out + (size_t)i * ldo + j0, s[i][0]);
+        if (j0 + 8 < AK) _mm256_storeu_ps(out + (size_t)i * ldo + j0 + 8, s[i][1]);
+    }
+}
+
 /* attn_item_avx2 for a single query (a decode step) and its group's rows R <= 8: its operations
  * on every row in its order (the same bits), with the key blocks transposed in registers rather
  * than through the tile in memory */
@@ -1818,21 +1841,7 @@ T256 static void attn_query_avx2(const attn_t *a, int g, float *ws) {
         const int nk = kend - k0 < AK ? kend - k0 : AK;
         const size_t kb = (size_t)k0 * a->kst + (size_t)g * a->ksh;
         for (int j0 = 0; j0 < nk; j0 += 16) {  /* scores of 16 keys: d ascending, as the tile's */
-            __m256 s[8][2];
-            const int nh = j0 + 8 < nk ? 2 : 1;  /* halves with keys */
-            for (int i = 0; i < R; i++) s[i][0] = s[i][1] = _mm256_setzero_ps();
-            for (int d0 = 0; d0 < hd; d0 += 8)
-                for (int h = 0; h < nh; h++) {  /* the two halves' chains in turn */
-                    __m256 kt[8];
-                    transpose8_r(a->k, a->f16, kb + (size_t)(j0 + 8 * h) * a->kst + d0, a->kst, nk - j0 - 8 * h, kt);
-                    for (int i = 0; i < R; i++)
-                        for (int dd = 0; dd < 8; dd++)
-                            s[i][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(Qb + (size_t)i * hd + d0 + dd), kt[dd], s[i][h]);
-                }
-            for (int i = 0; i < R; i++) {
-                _mm256_storeu_ps(P + i * AK + j0, s[i][0]);
-                if (j0 + 8 < AK) _mm256_storeu_ps(P + i * AK + j0 + 8, s[i][1]);
-            }
+            attn_block_scores_256(a, kb, j0, nk, Qb, R, P, AK);
         }
         const int jp = (nk + 7) & ~7;
         for (int i = 0; i < R; i++) attn_softmax_256(P + i * AK, jp, p - k0, lo0 - k0, nk, m + i, l + i, c + i);
@@ -1845,35 +1854,29 @@ T256 static void attn_query_avx2(const attn_t *a, int g, float *ws) {
     }
 }
 
+/* a two-phase decode step's score item (attn_query_scores_*): group g's scaled queries into Qb
+ * (r rows of hd, as the one-phase kernels scale them) and key tile kt's first key and count */
+INLINE void attn_split_tile(const attn_t *a, int g, int kt, float *Qb, int *k0, int *nk) {
+    const int r = a->nh / a->nkv, hd = a->hd, p = a->sp;
+    for (int i = 0; i < r; i++) {
+        const float *src = a->q + (size_t)(g * r + i) * a->qsh;
+        for (int d = 0; d < hd; d++) Qb[(size_t)i * hd + d] = src[d] * a->scale;
+    }
+    *k0 = attn_k0(a, p) + kt * AK;
+    *nk = p + 1 - *k0 < AK ? p + 1 - *k0 : AK;
+}
+
 /* attn_query_avx2 in two steps (as attn_query_scores_512 / attn_query_head_512): the scores of
  * key tile kt of group g for its r heads into sc, then one head's softmax and P V over its tiles;
  * the same operations on every row in the same order: the same bits */
 T256 static void attn_query_scores_avx2(const attn_t *a, int g, int kt, float *sc, size_t sc_stride) {
-    const int r = a->nh / a->nkv, hd = a->hd, R = r, p = a->sp;
-    const int k0 = attn_k0(a, p) + kt * AK, kend = p + 1, nk = kend - k0 < AK ? kend - k0 : AK;
+    const int R = a->nh / a->nkv;
+    int k0, nk;
     float Qb[8 * 256];
-    for (int i = 0; i < R; i++) {
-        const float *src = a->q + (size_t)(g * r + i) * a->qsh;
-        for (int d = 0; d < hd; d++) Qb[(size_t)i * hd + d] = src[d] * a->scale;
-    }
+    attn_split_tile(a, g, kt, Qb, &k0, &nk);
     const size_t kb = (size_t)k0 * a->kst + (size_t)g * a->ksh;
     for (int j0 = 0; j0 < nk; j0 += 16) {
-        __m256 s[8][2];
-        const int nhalf = j0 + 8 < nk ? 2 : 1;
-        for (int i = 0; i < R; i++) s[i][0] = s[i][1] = _mm256_setzero_ps();
-        for (int d0 = 0; d0 < hd; d0 += 8)
-            for (int h = 0; h < nhalf; h++) {
-                __m256 kt8[8];
-                transpose8_r(a->k, a->f16, kb + (size_t)(j0 + 8 * h) * a->kst + d0, a->kst, nk - j0 - 8 * h, kt8);
-                for (int i = 0; i < R; i++)
-                    for (int dd = 0; dd < 8; dd++)
-                        s[i][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(Qb + (size_t)i * hd + d0 + dd), kt8[dd], s[i][h]);
-            }
-        for (int i = 0; i < R; i++) {
-            float *row = sc + (size_t)(g * r + i) * sc_stride + (size_t)kt * AK;
-            _mm256_storeu_ps(row + j0, s[i][0]);
-            if (j0 + 8 < AK) _mm256_storeu_ps(row + j0 + 8, s[i][1]);
-        }
+        attn_block_scores_256(a, kb, j0, nk, Qb, R, sc + (size_t)g * R * sc_stride + (size_t)kt * AK, sc_stride);
     }
 }
 
@@ -2130,6 +2133,23 @@ T512 INLINE void attn_pv_rows_512(const attn_t *a, int g, int k0, int jn, int R,
     }
 }
 
+/* the scores of a decode row's R <= 8 rows (Qb: scaled queries) against the key tile at kb (nk
+ * keys): s[i][x] lanes = keys 16 x .., each a chain of fused multiply-adds over d ascending (the
+ * prompt tile's order), the 16 x 16 key blocks transposed in registers; keys past nk: zeros */
+T512 INLINE void attn_tile_scores_512(const attn_t *a, size_t kb, int nk, const float *Qb, int R, __m512 s[8][4]) {
+    const int hd = a->hd, nx = (nk + 15) / 16;  /* key blocks with keys (the rest: zeros, masked off later) */
+    for (int x = 0; x < 4; x++) for (int i = 0; i < R; i++) s[i][x] = _mm512_setzero_ps();
+    for (int d0 = 0; d0 < hd; d0 += 16)  /* blocks in turn: each chain of fused multiply-adds */
+        for (int x = 0; x < nx; x++) {   /* waits on the one before while the next goes on */
+            __m512 kt[16];
+            transpose16_r(a->k, a->f16, kb + (size_t)(16 * x) * a->kst + d0, a->kst, nk - 16 * x, kt);
+            for (int i = 0; i < R; i++) {
+                const float *qi = Qb + (size_t)i * hd + d0;
+                for (int dd = 0; dd < 16; dd++) s[i][x] = _mm512_fmadd_ps(_mm512_set1_ps(qi[dd]), kt[dd], s[i][x]);
+            }
+        }
+}
+
 T512 static void attn_query_512(const attn_t *a, int g, float *ws) {
     const int r = a->nh / a->nkv, hd = a->hd, R = r, p = a->sp;
     float *Qb = ws, *O = Qb + (size_t)R * hd, *P = O + (size_t)R * hd, m[8], l[8], c[8];
@@ -2143,17 +2163,7 @@ T512 static void attn_query_512(const attn_t *a, int g, float *ws) {
         const int nk = kend - k0 < AK ? kend - k0 : AK, lim = p - k0, lo = lo0 - k0;
         const size_t kb = (size_t)k0 * a->kst + (size_t)g * a->ksh;
         __m512 s[8][4];
-        const int nx = (nk + 15) / 16;  /* key blocks with keys (the rest: zeros, masked off below) */
-        for (int x = 0; x < 4; x++) for (int i = 0; i < R; i++) s[i][x] = _mm512_setzero_ps();
-        for (int d0 = 0; d0 < hd; d0 += 16)  /* blocks in turn: each chain of fused multiply-adds */
-            for (int x = 0; x < nx; x++) {   /* waits on the one before while the next goes on */
-                __m512 kt[16];
-                transpose16_r(a->k, a->f16, kb + (size_t)(16 * x) * a->kst + d0, a->kst, nk - 16 * x, kt);
-                for (int i = 0; i < R; i++) {
-                    const float *qi = Qb + (size_t)i * hd + d0;
-                    for (int dd = 0; dd < 16; dd++) s[i][x] = _mm512_fmadd_ps(_mm512_set1_ps(qi[dd]), kt[dd], s[i][x]);
-                }
-            }
+        attn_tile_scores_512(a, kb, nk, Qb, R, s);
         for (int i = 0; i < R; i++) attn_softmax_512(s[i], lim, lo, nk, P + i * AK, m + i, l + i, c + i);
 #define PV(d0, NV) attn_pv_rows_512(a, g, k0, nk, R, d0, NV, P, c, O)
         HD_CHUNKS(hd, PV);
@@ -2173,28 +2183,15 @@ T512 static void attn_query_512(const attn_t *a, int g, float *ws) {
  * head's online softmax and P V over its tiles in order. The same operations in the same order
  * on every row: the same bits as attn_query_512 (and so as the prompt kernel). */
 T512 static void attn_query_scores_512(const attn_t *a, int g, int kt, float *sc, size_t sc_stride) {
-    const int r = a->nh / a->nkv, hd = a->hd, R = r, p = a->sp;
-    const int k0 = attn_k0(a, p) + kt * AK, kend = p + 1, nk = kend - k0 < AK ? kend - k0 : AK;
+    const int R = a->nh / a->nkv;
+    int k0, nk;
     float Qb[8 * 256];
-    for (int i = 0; i < R; i++) {
-        const float *src = a->q + (size_t)(g * r + i) * a->qsh;
-        for (int d = 0; d < hd; d++) Qb[(size_t)i * hd + d] = src[d] * a->scale;
-    }
+    attn_split_tile(a, g, kt, Qb, &k0, &nk);
     const size_t kb = (size_t)k0 * a->kst + (size_t)g * a->ksh;
     __m512 s[8][4];
-    const int nx = (nk + 15) / 16;
-    for (int x = 0; x < 4; x++) for (int i = 0; i < R; i++) s[i][x] = _mm512_setzero_ps();
-    for (int d0 = 0; d0 < hd; d0 += 16)
-        for (int x = 0; x < nx; x++) {
-            __m512 kt16[16];
-            transpose16_r(a->k, a->f16, kb + (size_t)(16 * x) * a->kst + d0, a->kst, nk - 16 * x, kt16);
-            for (int i = 0; i < R; i++) {
-                const float *qi = Qb + (size_t)i * hd + d0;
-                for (int dd = 0; dd < 16; dd++) s[i][x] = _mm512_fmadd_ps(_mm512_set1_ps(qi[dd]), kt16[dd], s[i][x]);
-            }
-        }
+    attn_tile_scores_512(a, kb, nk, Qb, R, s);
     for (int i = 0; i < R; i++)
-        for (int x = 0; x < 4; x++) _mm512_storeu_ps(sc + (size_t)(g * r + i) * sc_stride + (size_t)kt * AK + 16 * x, s[i][x]);
+        for (int x = 0; x < 4; x++) _mm512_storeu_ps(sc + (size_t)(g * R + i) * sc_stride + (size_t)kt * AK + 16 * x, s[i][x]);
 }
 
 T512 static void attn_query_head_512(const attn_t *a, int h, const float *sc, size_t sc_stride) {
