@@ -42,10 +42,12 @@ pull: venv
 chat: pull
 	$(BIN)/homellm chat
 
-# system packages the tests drive for real: headless Chromium (web app), PostgreSQL (store), and
-# an ARM64 cross compiler with qemu's user mode (the ARM64 kernels)
+# system packages the tests drive for real: headless Chromium (web app), PostgreSQL (store), a
+# C++ compiler (torch.compile's CPU code, pretraining), and an ARM64 cross compiler with qemu's
+# user mode (the ARM64 kernels)
 sysdeps:
 	@missing=""; command -v chromium >/dev/null || missing="$$missing chromium"; \
+	  command -v g++ >/dev/null || missing="$$missing g++"; \
 	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	  if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y --no-install-recommends $$missing; \
