@@ -210,7 +210,9 @@ void hl_lora_free(void *p) {
 
 /* ---- row steps ----------------------------------------------------------------------------- */
 
-static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
+/* (the row steps' loops are INLINE: row_step compiles them once for each x86 path's vectors, see
+ * row_step) */
+INLINE void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
     float ss = 0.f;
     for (int i = 0; i < n; i++) ss += x[i] * x[i];
     float r = 1.0f / sqrtf(ss / (float)n + eps);
@@ -218,7 +220,7 @@ static void rmsnorm(const float *x, const float *w, int n, float eps, float *out
 }
 
 /* LayerNorm: (x - mean) / sqrt(var + eps) * w + b (out may be x) */
-static void layernorm(const float *x, const float *w, const float *b, int n, float eps, float *out) {
+INLINE void layernorm(const float *x, const float *w, const float *b, int n, float eps, float *out) {
     float mean = 0.f, var = 0.f;
     for (int i = 0; i < n; i++) mean += x[i];
     mean /= (float)n;
@@ -228,12 +230,12 @@ static void layernorm(const float *x, const float *w, const float *b, int n, flo
 }
 
 /* the network's norm of a row: RMSNorm, or LayerNorm with its bias */
-static void norm_row(const model_t *c, const float *x, const float *w, const float *b, int n, float *out) {
+INLINE void norm_row(const model_t *c, const float *x, const float *w, const float *b, int n, float *out) {
     if (c->norm_layer) layernorm(x, w, b, n, c->eps, out);
     else rmsnorm(x, w, n, c->eps, out);
 }
 
-static void add_vec(float *y, const float *b, int n) { if (b) for (int i = 0; i < n; i++) y[i] += b[i]; }
+INLINE void add_vec(float *y, const float *b, int n) { if (b) for (int i = 0; i < n; i++) y[i] += b[i]; }
 
 /* the embedding of token into x (H floats), from the packed table where there is one */
 static void embed_row(const model_t *c, int token, float *x) {
@@ -323,7 +325,7 @@ static int glu_fused(const batch_t *b, int l) {
 }
 
 /* the next layer's input norm (or the final norm and the head's activations) for row m */
-static void row_layer_input(batch_t *b, int l, int m) {
+INLINE void row_layer_input(batch_t *b, int l, int m) {
     model_t *c = b->c;
     const int H = c->H;
     const float *x = b->x + (size_t)m * H;
@@ -346,7 +348,7 @@ static void row_layer_input(batch_t *b, int l, int m) {
     if (b->logits) quantize_for(b, ms, 1, xo, H, j);
 }
 
-static void row_step(batch_t *b, int op, int l, int m) {
+INLINE void row_step_body(batch_t *b, int op, int l, int m) {
     model_t *c = b->c;
     const int H = c->H, F = c->F, hd = c->hd, nh = c->nh, nkv = c->nkv, nq = nh * hd, nk = nkv * hd;
     const layer_t *ly = l < c->L ? &c->layers[l] : NULL;
@@ -461,6 +463,24 @@ static void row_step(batch_t *b, int op, int l, int m) {
     }
     default: return;
     }
+}
+
+/* One row's step. Its loops (norms, RoPE, residual sums) are vector loops of the model's path:
+ * on x86 the body is compiled once more for AVX512 and for AVX2 (16 or 8 lanes with fused
+ * multiply-adds: the sums of a norm in another order than the plain build's, within rounding of
+ * it; every row of a path, decode or prefill, takes the same code, so the same bits). Gemma 3
+ * 270M's prefill: the row steps ~2.8% -> ~1% of its time. */
+static void row_step_any(batch_t *b, int op, int l, int m) { row_step_body(b, op, l, m); }
+#if HL_X86
+T512 static void row_step_512(batch_t *b, int op, int l, int m) { row_step_body(b, op, l, m); }
+T256 static void row_step_256(batch_t *b, int op, int l, int m) { row_step_body(b, op, l, m); }
+#endif
+static void row_step(batch_t *b, int op, int l, int m) {
+#if HL_X86
+    if (b->c->path == P_AVX512) { row_step_512(b, op, l, m); return; }
+    if (is_avx2(b->c->path)) { row_step_256(b, op, l, m); return; }
+#endif
+    row_step_any(b, op, l, m);
 }
 
 /* a matmul phase's matrices, their outputs and the K of their activations */
