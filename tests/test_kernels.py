@@ -132,6 +132,30 @@ def test_activation_quantization_is_the_written_out_algorithm():
             np.testing.assert_allclose(got_s, ref_s, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("path", _paths())
+def test_every_quantizer_writes_the_scalar_ones_bits(path):
+    """Each path's activation quantizer writes quantize_any's bytes, scales and every sum
+    (the blocks', their halves' (Q6_K) and the integer ones (Q4_0, Q5_0, Q8_0)) bit for bit,
+    one and two levels, for whole 16-block batches, tails and a row of one block, with a zero
+    block and magnitudes from 1e-30 to 1e4."""
+    lib = kernels.load()
+    rng = np.random.default_rng(7)
+    for K in (32, 480, 512, 640, 2048 + 96):
+        x = (rng.standard_normal(K) * rng.choice([1e-30, 1e-3, 1.0, 1e4], size=K)).astype(np.float32)
+        x[32:64] = 0
+        for two in (False, True):
+            outs = []
+            for p in ("scalar", path):
+                q, q2 = np.zeros(K, np.int8), np.zeros(K, np.int8)
+                dx, sx = np.zeros(K // 32, np.float32), np.zeros(K // 8, np.float32)
+                rc = lib.hl_quantize_row_path(x.ctypes.data, K, kernels.path_id(p), q.ctypes.data,
+                                              q2.ctypes.data if two else None, dx.ctypes.data, sx.ctypes.data)
+                assert rc == 0, p
+                outs.append((q, q2, dx, sx.view(np.uint32)))
+            for want, got, what in zip(outs[0], outs[1], ("q", "q2", "scales", "sums")):
+                assert np.array_equal(want, got), (path, K, two, what)
+
+
 @pytest.mark.parametrize("qtype", (Q.Q4_0, Q.Q4_1), ids=lambda t: t.name)
 def test_packed_q4_matches_raw_kernel(qtype):
     if not pack_rows():

@@ -130,6 +130,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "hl_matmul_packed_multi": (c_int, [c_void, c_int, c_int, c_int, c_void, c_void, c_void, c_int, c_int,
                                            c_int, c_void, c_int]),
         "hl_quantize_rows": (None, [c_void, c_int, c_int, c_void, c_void, c_void, c_void]),
+        "hl_quantize_row_path": (c_int, [c_void, c_int, c_int, c_void, c_void, c_void, c_void]),
         "hl_dequant_rows": (None, [c_int, c_void, c_i64, c_int, c_int, c_void]),
         "hl_model_new": (c_void, [c_int, c_int, c_int, c_int, c_int, c_int, c_int, c_float, c_void]),
         "hl_model_free": (None, [c_void]),

@@ -1524,6 +1524,22 @@ void hl_quantize_rows(const float *x, int M, int K, int8_t *q, float *d, float *
     }
 }
 
+/* one row quantized by `path`'s quantizer (P_SCALAR: quantize_any), all it writes: q (and q2)
+ * K bytes, dx K/32 scales, sx K/32 * ACT_SUMS sums (act_sums' layout, ss = 1); -2: a path this
+ * CPU does not run. The tests hold every path's bits to quantize_any's. */
+int hl_quantize_row_path(const float *x, int K, int path, int8_t *q, int8_t *q2, float *dx, float *sx) {
+    if (K % 32 || !path_ok(path)) return K % 32 ? -1 : -2;
+    quant_fn f = quantize_any;
+#if HL_X86
+    if (path == P_AVX512) f = quantize_strided_512;
+    else if (path != P_SCALAR) f = quantize_strided_256;
+#elif HL_ARM
+    if (path != P_SCALAR) f = quantize_strided_neon;
+#endif
+    f(x, K, q, 32, q2, dx, 1, 0, sx, 1);
+    return 0;
+}
+
 void hl_dequant_rows(int type, const uint8_t *w, int64_t row_bytes, int N, int K, float *out) {
     for (int n = 0; n < N; n++) dequant_row(type, w + (size_t)n * row_bytes, K, out + (size_t)n * K);
 }
