@@ -109,6 +109,33 @@ def test_a_stalled_thread_shrinks_the_pool_and_it_grows_back(tensors):
     assert stats["grows"] == grows + 1 and stats["limit"] > 1, stats
 
 
+def test_an_idle_pool_forgets_the_team_a_load_made_it_take(tensors):
+    """A limit learned under a load holds while jobs keep coming (probes for more are what
+    lift it), and goes after an idle while: the next job runs on the team it asks for again.
+    Here the probes could not lift it (a thread more must run 10x faster)."""
+    model = NativeModel(ARGS, tensors, 200, threads=2)
+    pool.pool_tune(window_us=2000, probe_ms=5, probe_max_ms=10, shrink_pct=30, idle_ms=300)
+    pool.pool_debug_stall(1, 2000)
+    deadline = time.monotonic() + 60
+    while pool.pool_stats()["limit"] != 1 and time.monotonic() < deadline:
+        model.reset()
+        run(model)
+    assert pool.pool_stats()["limit"] == 1
+    pool.pool_debug_stall(1, 0)
+    pool.pool_tune(grow_pct=1000)
+    busy_until = time.monotonic() + 0.5
+    while time.monotonic() < busy_until:  # jobs back to back: no idle while, the limit stays
+        model.reset()
+        run(model)
+    stats = pool.pool_stats()
+    assert stats["limit"] == 1 and stats["idle_resets"] == 0, stats
+    time.sleep(0.4)
+    model.reset()
+    model.forward([1, 2, 3], 0)
+    stats = pool.pool_stats()
+    assert stats["idle_resets"] == 1 and stats["limit"] > 1, stats
+
+
 def test_callers_in_several_threads_get_the_same_results(tensors):
     """The pool serves one caller at a time; a second caller meanwhile runs its work itself."""
     ref = run(NativeModel(ARGS, tensors, 200, threads=1))
@@ -203,7 +230,7 @@ static void close_(void *a, int p) {
 }
 int main(void) {
     srand(1);
-    hl_pool_tune(-1000, 50, 200, 10, -1000, 1, 5);  /* short windows: many trials */
+    hl_pool_tune(-1000, 50, 200, 10, -1000, 1, 5, 2);  /* short windows: many trials; idle resets */
     for (int r = 0; r < 4000; r++) {
         T t = {0};
         const int nph = 1 + rand() % 12;

@@ -153,7 +153,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "hl_attention_causal": (c_int, [c_void, c_i64, c_i64, c_void, c_i64, c_i64, c_void, c_i64, c_i64,
                                         c_int, c_int, c_int, c_int, c_int, c_float, c_void, c_int, c_int]),
         "hl_pool_default_threads": (c_int, []),
-        "hl_pool_tune": (None, [ctypes.c_double] * 7),
+        "hl_pool_tune": (None, [ctypes.c_double] * 8),
         "hl_pool_stats": (c_int, [c_void, c_int]),
         "hl_pool_reset": (None, []),
         "hl_pool_debug_stall": (None, [c_int, c_int]),

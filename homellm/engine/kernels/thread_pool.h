@@ -69,7 +69,7 @@ typedef struct {
 } worker_t;
 
 enum { ST_JOBS, ST_TEAM_JOBS, ST_SHRINKS, ST_GROWS, ST_PROBES, ST_PROBE_FAILS, ST_SLEEPS, ST_WAKES,
-       ST_CREATE_FAILS, ST_WAIT_NS, ST_TEAM_NS, ST_THREAD_NS, ST_LIMIT, ST_CREATED, ST_COUNT };
+       ST_CREATE_FAILS, ST_WAIT_NS, ST_TEAM_NS, ST_THREAD_NS, ST_LIMIT, ST_CREATED, ST_IDLE_RESETS, ST_COUNT };
 
 static struct {
     _Alignas(64) uint32_t jobgen;  /* 0 while the job below is being written (a seqlock) */
@@ -84,12 +84,12 @@ static struct {
     int created;                   /* workers 1..created exist */
     uint64_t next_id;
     /* settings (hl_pool_tune) */
-    int64_t spin_job_ns, spin_step_ns, window_ns, probe_ns, probe_max_ns;
+    int64_t spin_job_ns, spin_step_ns, window_ns, probe_ns, probe_max_ns, idle_ns;
     double shrink, grow;
     /* adaptation (the owner's thread only): jobs' times by kind in two arms, the window of the
      * current team (0) and of the team on trial (1) */
     int limit, trial, arm_team;
-    int64_t arm_ns[2], win_wait, up_gap, up_at, down_gap, down_at;
+    int64_t arm_ns[2], win_wait, up_gap, up_at, down_gap, down_at, last_end;
     struct { uint64_t key; int64_t ns[2]; int n[2]; } kinds[16];
     int64_t stats[ST_COUNT];
     int debug;                     /* $HOMELLM_POOL_DEBUG: 2 prints each window */
@@ -99,7 +99,7 @@ static struct {
 /* the settings' defaults (hl_pool_tune changes them, hl_pool_reset brings them back) */
 static void pool_defaults(void) {
     P.spin_job_ns = 2000000; P.spin_step_ns = 100000; P.window_ns = 20000000;
-    P.probe_ns = P.up_gap = P.down_gap = 100000000; P.probe_max_ns = 1600000000;
+    P.probe_ns = P.up_gap = P.down_gap = 100000000; P.probe_max_ns = 1600000000; P.idle_ns = 1000000000;
     P.shrink = 0.3; P.grow = 0.03;
 }
 
@@ -458,6 +458,19 @@ static void adapt(int team, int want, uint64_t key, int64_t wall, int64_t waited
     else arm_clear(0);
 }
 
+/* a pool that ran no job for idle_ns starts the next one with as many threads as it is asked
+ * for: what it learned of the machine's load is old (the load that made it take fewer may have
+ * gone, and a probe for more waits up to probe_max after failed ones: a server's first request
+ * after a busy start ran on one thread of two for over a second). Under a load that stays, the
+ * next window's waiting takes the thread off again within a window of jobs. */
+static void forget_if_idle(int64_t t) {
+    if (!P.last_end || t - P.last_end < P.idle_ns || (P.limit == POOL_MAX && !P.trial)) return;
+    P.limit = POOL_MAX; P.trial = 0; P.arm_team = 0;
+    arm_clear(0); arm_clear(1);
+    P.up_gap = P.down_gap = P.probe_ns; P.up_at = P.down_at = 0;
+    P.stats[ST_IDLE_RESETS]++;
+}
+
 /* run a job on up to `want` threads (<= 0: one per CPU this thread may use), the caller's included */
 static void pool_run(const job_t *j, int want) {
     if (want <= 0) want = pool_cpus();
@@ -467,6 +480,7 @@ static void pool_run(const job_t *j, int want) {
         return;
     }
     const uint64_t key = job_kind(j);
+    forget_if_idle(now_ns());
     int team = pick_team(want);
     if (team > P.created + 1) grow_workers(team);
     const int64_t t0 = now_ns();
@@ -484,6 +498,7 @@ static void pool_run(const job_t *j, int want) {
         const int64_t t1 = now_ns();
         P.stats[ST_THREAD_NS] += t1 - t0; P.stats[ST_TEAM_NS] += t1 - t0;
         adapt(1, want, key, t1 - t0, 0, t1);
+        P.last_end = t1;
         STORE(&P.busy, 0, REL);
         return;
     }
@@ -528,6 +543,7 @@ static void pool_run(const job_t *j, int want) {
     P.stats[ST_WAIT_NS] += waited;
     P.stats[ST_THREAD_NS] += (t1 - t0) * team; P.stats[ST_TEAM_NS] += t1 - t0;
     adapt(team, want, key, t1 - t0, waited, t1);
+    P.last_end = t1;
     STORE(&P.busy, 0, REL);
 }
 
@@ -549,12 +565,13 @@ static void par_for(int n, int threads, void (*fn)(void *ctx, int i0, int i1), v
 
 int hl_pool_default_threads(void) { return pool_cpus(); }
 
-/* settings; a value <= -1000 leaves one as it is. Times in microseconds (probes: ms);
+/* settings; a value <= -1000 leaves one as it is. Times in microseconds (probes, idle: ms);
  * shrink_pct: the caller's waiting, in percent of a window's time, that starts a trial of one
  * thread fewer; grow_pct: how much faster (percent) a trial of one thread more must run to be
- * kept (below 0: how much slower it may run). */
+ * kept (below 0: how much slower it may run); idle_ms: no job for this long and the next one
+ * forgets the team size learned (forget_if_idle). */
 void hl_pool_tune(double spin_job_us, double spin_step_us, double window_us, double shrink_pct,
-                  double grow_pct, double probe_ms, double probe_max_ms) {
+                  double grow_pct, double probe_ms, double probe_max_ms, double idle_ms) {
     const double keep = -1000;
     if (spin_job_us > keep) P.spin_job_ns = (int64_t)(spin_job_us * 1e3);
     if (spin_step_us > keep) P.spin_step_ns = (int64_t)(spin_step_us * 1e3);
@@ -563,6 +580,7 @@ void hl_pool_tune(double spin_job_us, double spin_step_us, double window_us, dou
     if (grow_pct > keep) P.grow = grow_pct / 100;
     if (probe_ms > keep) P.probe_ns = P.up_gap = P.down_gap = (int64_t)(probe_ms * 1e6);
     if (probe_max_ms > keep) P.probe_max_ns = (int64_t)(probe_max_ms * 1e6);
+    if (idle_ms > keep) P.idle_ns = (int64_t)(idle_ms * 1e6);
 }
 
 /* counters (ST_*) into out[0..n-1]; returns how many there are */
@@ -575,7 +593,7 @@ int hl_pool_stats(int64_t *out, int n) {
 /* forget what the pool learned and counted, and the settings hl_pool_tune made (tests) */
 void hl_pool_reset(void) {
     pool_defaults();
-    P.limit = POOL_MAX; P.trial = 0; P.arm_team = 0; P.up_at = P.down_at = 0;
+    P.limit = POOL_MAX; P.trial = 0; P.arm_team = 0; P.up_at = P.down_at = 0; P.last_end = 0;
     arm_clear(0); arm_clear(1);
     for (int i = 0; i < ST_COUNT; i++) STORE(&P.stats[i], 0, RLX);
 }

@@ -13,7 +13,7 @@ import threading
 from homellm.errors import HomellmError
 
 STATS = ("jobs", "team_jobs", "shrinks", "grows", "probes", "probe_fails", "sleeps", "wakes",
-         "create_fails", "wait_ns", "team_ns", "thread_ns", "limit", "created")
+         "create_fails", "wait_ns", "team_ns", "thread_ns", "limit", "created", "idle_resets")
 
 
 def usable_cpus() -> int:
@@ -87,7 +87,8 @@ def pool_stats() -> dict:
     took fewer threads / more again), probes and probe_fails (trials of one thread fewer or
     more, and those not kept), sleeps and wakes (futex waits and wake-ups), wait_ns (time the
     calling thread waited for the others), limit (the threads it allows now; 256: no limit),
-    created (threads started), and threads_used: the average threads of the jobs, weighted by
+    created (threads started), idle_resets (times a job after an idle while took the whole team
+    again, forgetting a limit), and threads_used: the average threads of the jobs, weighted by
     their time. {} without kernels."""
     import ctypes
 
@@ -105,12 +106,12 @@ def pool_stats() -> dict:
 def pool_tune(spin_job_us: float | None = None, spin_step_us: float | None = None,
               window_us: float | None = None, shrink_pct: float | None = None,
               grow_pct: float | None = None, probe_ms: float | None = None,
-              probe_max_ms: float | None = None):
+              probe_max_ms: float | None = None, idle_ms: float | None = None):
     """Change the pool's settings (thread_pool.h, hl_pool_tune); None leaves one as it is."""
     from homellm.engine.kernels import build
     lib = build.load()
     if lib is not None:
-        values = (spin_job_us, spin_step_us, window_us, shrink_pct, grow_pct, probe_ms, probe_max_ms)
+        values = (spin_job_us, spin_step_us, window_us, shrink_pct, grow_pct, probe_ms, probe_max_ms, idle_ms)
         lib.hl_pool_tune(*(-1000.0 if v is None else float(v) for v in values))
 
 
