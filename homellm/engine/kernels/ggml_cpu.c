@@ -2407,7 +2407,10 @@ static void packed_mm_run(void *a, int p, int i0, int i1, int tid) {
                 for (int j = 0; j < r; j++)
                     glu_row(t->path, ACT_SILU, out + G * j, out2 + G * j, y + (size_t)(m0 + j) * N + g * G, nn);
             } else {
-                for (int j = 0; j < r; j++) memcpy(y + (size_t)(m0 + j) * N + g * G, out + G * j, 4 * (size_t)nn);
+                if (nn == 16)  /* (the copies inlined, not a call each) */
+                    for (int j = 0; j < r; j++) memcpy(y + (size_t)(m0 + j) * N + g * G, out + G * j, 64);
+                else
+                    for (int j = 0; j < r; j++) memcpy(y + (size_t)(m0 + j) * N + g * G, out + G * j, 4 * (size_t)nn);
             }
         }
     }
