@@ -147,8 +147,23 @@ static void attn_item_neon(const attn_t *a, int g, int qt, float *ws) {
     for (int k0 = attn_k0(a, a->sp + q0); k0 < kend; k0 += AK) {
         const int nk = kend - k0 < AK ? kend - k0 : AK;
         const size_t kb = (size_t)k0 * a->kst + (size_t)g * a->ksh;
-        for (int j = 0; j < AK; j++)
-            for (int d = 0; d < hd; d++) Kt[d * AK + j] = j < nk ? kv_at(a->k, a->f16, kb + (size_t)j * a->kst + d) : 0.f;
+        /* Kt (hd, AK): the tile's keys as columns, 4 x 4 blocks transposed in registers (keys
+         * nk.. zeros; the same values as one at a time: the decode steps' transposes, one a key
+         * tile, were scalar) */
+        for (int j0 = 0; j0 < AK; j0 += 4)
+            for (int d0 = 0; d0 < hd; d0 += 4) {
+                float32x4_t r[4];
+                for (int i = 0; i < 4; i++)
+                    r[i] = j0 + i < nk ? kv_ld4(a->k, a->f16, kb + (size_t)(j0 + i) * a->kst + d0) : vdupq_n_f32(0.f);
+                const float64x2_t t0 = vreinterpretq_f64_f32(vtrn1q_f32(r[0], r[1]));
+                const float64x2_t t1 = vreinterpretq_f64_f32(vtrn2q_f32(r[0], r[1]));
+                const float64x2_t t2 = vreinterpretq_f64_f32(vtrn1q_f32(r[2], r[3]));
+                const float64x2_t t3 = vreinterpretq_f64_f32(vtrn2q_f32(r[2], r[3]));
+                vst1q_f32(Kt + (size_t)(d0 + 0) * AK + j0, vreinterpretq_f32_f64(vtrn1q_f64(t0, t2)));
+                vst1q_f32(Kt + (size_t)(d0 + 1) * AK + j0, vreinterpretq_f32_f64(vtrn1q_f64(t1, t3)));
+                vst1q_f32(Kt + (size_t)(d0 + 2) * AK + j0, vreinterpretq_f32_f64(vtrn2q_f64(t0, t2)));
+                vst1q_f32(Kt + (size_t)(d0 + 3) * AK + j0, vreinterpretq_f32_f64(vtrn2q_f64(t1, t3)));
+            }
         for (int i0 = 0; i0 < Rp; i0 += 4) {
             int pmax = -1;
             for (int rr = 0; rr < 4; rr++) {
