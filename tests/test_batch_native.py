@@ -162,6 +162,27 @@ def test_the_single_sequence_call_is_the_batch_call():
     assert np.array_equal(cache.k[0][3, :, :30], model.k[0][:, :30])
 
 
+def test_calls_at_once_on_one_model_equal_calls_one_by_one():
+    """hl_batch keeps its buffers in the model from call to call (network.h batch_buffers) and a
+    call made while another holds them takes its own: four threads batching their own caches on
+    one model at once get, bit for bit, the logits of the same calls made one after another (and
+    a small call after a large one computes in the large one's block)."""
+    from concurrent.futures import ThreadPoolExecutor
+    model = model_for(ARGS, Q.Q4_0, None)
+    V = ARGS.vocab_size
+    prompts = [ids(n, 10 + i, V) for i, n in enumerate((90, 3, 57, 1))]
+
+    def run(p):
+        cache = SlotCache(ARGS, 1, 96, "f16")
+        return model.batch(cache, p, range(len(p)), [0] * len(p), want=[True] * len(p))
+
+    ref = [run(p) for p in prompts]
+    with ThreadPoolExecutor(4) as ex:
+        for _ in range(20):
+            for got, want in zip(ex.map(run, prompts), ref):
+                np.testing.assert_array_equal(got, want)
+
+
 def test_fork_and_trim_share_a_prefix():
     """copy (fork: n > 1, regenerate) and trim (keep a shared prefix): continuing from a copied
     slot gives what continuing the original gives."""
