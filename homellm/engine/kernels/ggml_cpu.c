@@ -327,8 +327,9 @@ static void dequant_row(int t, const uint8_t *w, int K, float *out) {
 
 typedef struct { int8_t *q; float *d; float *s; int K; } act_t;  /* d, s: K/4 floats per row */
 
-/* sx of a row: [0, nb) the blocks' sums s_b = d sum(q), then [nb, 3 nb) the halves' (values 0..15
- * and 16..31 of block b at nb + 2b and nb + 2b + 1: the per-16 min terms of packed Q6_K), then
+/* sx of a row: [0, nb) the blocks' sums s_b = d sum(q), then [nb, 3 nb) the halves' times -32
+ * (values 0..15 and 16..31 of block b at nb + 2b and nb + 2b + 1: the offset terms of packed Q6_K,
+ * w = s_h (u - 32), its kernels' -32 s_h sum(q) made here, exactly, once a row), then
  * [3 nb, 4 nb) int32 sum(q), 256 sum(q) + sum(q2) with two levels (times their offsets, what
  * packed Q4_0 and Q8_0 take off their integer dots); the row has K/4 floats of room */
 #define ACT_SUMS 4  /* sx values per block */
@@ -337,7 +338,7 @@ static inline void act_sums(float *sx, size_t ss, int nb, int b, float d, const 
     const int sum = hs[0] + hs[1], sum2 = hs2[0] + hs2[1], isum = two ? 256 * sum + sum2 : sum;
     sx[b * ss] = two ? d * ((float)sum + (float)sum2 * (1.0f / 256.0f)) : d * (float)sum;
     for (int h = 0; h < 2; h++)
-        sx[(nb + 2 * b + h) * ss] = two ? d * ((float)hs[h] + (float)hs2[h] * (1.0f / 256.0f)) : d * (float)hs[h];
+        sx[(nb + 2 * b + h) * ss] = -32.0f * (two ? d * ((float)hs[h] + (float)hs2[h] * (1.0f / 256.0f)) : d * (float)hs[h]);
     ((int32_t *)sx)[(3 * nb + b) * ss] = isum;
 }
 
@@ -1222,7 +1223,6 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
     __m512 acc[8];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     const __m512i lo = _mm512_set1_epi8(15);
-    const __m512 m32 = _mm512_set1_ps(-32.0f);
     for (int b = 0; b < nb; b++) {
         const uint8_t *p = pk + (size_t)b * bb;
         /* one row (decode): the weights stream once, ahead of the hardware prefetcher's reach */
@@ -1285,9 +1285,9 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
                     i1 = _mm512_add_epi32(_mm512_slli_epi32(i1, 8), j1);
                 }
                 const __m512 da = DA(r);
-                if (kind == PK_Q6K) {  /* s0 (I0 da - 32 hs0) + s1 (I1 da - 32 hs1) */
-                    __m512 t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), da, _mm512_mul_ps(m32, _mm512_set1_ps(SX(r, nb + 2 * b))));
-                    __m512 t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), da, _mm512_mul_ps(m32, _mm512_set1_ps(SX(r, nb + 2 * b + 1))));
+                if (kind == PK_Q6K) {  /* s0 (I0 da - 32 hs0) + s1 (I1 da - 32 hs1) (-32 hs: the sums) */
+                    __m512 t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), da, _mm512_set1_ps(SX(r, nb + 2 * b)));
+                    __m512 t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), da, _mm512_set1_ps(SX(r, nb + 2 * b + 1)));
                     acc[r] = _mm512_fmadd_ps(t0, dw, acc[r]);
                     acc[r] = _mm512_fmadd_ps(t1, mw, acc[r]);
                 } else if (kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) {  /* d da ((u . q) - off sum(q)) */

@@ -167,10 +167,10 @@ AVX2_T INLINE __m256 AVX2_SFX(block_acc)(__m256 acc, __m256i i0, __m256i i1, con
     const __m256 dw = f32 ? _mm256_loadu_ps((const float *)p) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
     const __m256 da = _mm256_set1_ps(dxb);
 #define SX(j) sx[(size_t)(j) * TILE]
-    if (kind == PK_Q6K) {  /* s0 (I0 da - 32 hs0) + s1 (I1 da - 32 hs1) */
-        const __m256 m32 = _mm256_set1_ps(-32.0f), mw = _mm256_loadu_ps((const float *)(p + 32));
-        const __m256 t0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), da, _mm256_mul_ps(m32, _mm256_set1_ps(SX(nb + 2 * b))));
-        const __m256 t1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), da, _mm256_mul_ps(m32, _mm256_set1_ps(SX(nb + 2 * b + 1))));
+    if (kind == PK_Q6K) {  /* s0 (I0 da - 32 hs0) + s1 (I1 da - 32 hs1) (-32 hs: the sums) */
+        const __m256 mw = _mm256_loadu_ps((const float *)(p + 32));
+        const __m256 t0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), da, _mm256_set1_ps(SX(nb + 2 * b)));
+        const __m256 t1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), da, _mm256_set1_ps(SX(nb + 2 * b + 1)));
         acc = _mm256_fmadd_ps(t0, dw, acc);
         return _mm256_fmadd_ps(t1, mw, acc);
     }

@@ -305,11 +305,9 @@ INLINE void neon_epilogue(int kind, int nb, int b, int r, const float *dx, const
     const float32x4_t da = vdupq_n_f32(dx[(size_t)b * TILE + r]);
     for (int h = 0; h < 2; h++) {
         float32x4_t a = vld1q_f32(acc + 4 * h);
-        if (kind == PK_Q6K) {  /* s0 (I0 da - 32 hs0) + s1 (I1 da - 32 hs1) */
-            const float32x4_t t0 = vfmaq_f32(vmulq_f32(vdupq_n_f32(-32.0f), vdupq_n_f32(SX(nb + 2 * b))),
-                                             vcvtq_f32_s32(i0[h]), da);
-            const float32x4_t t1 = vfmaq_f32(vmulq_f32(vdupq_n_f32(-32.0f), vdupq_n_f32(SX(nb + 2 * b + 1))),
-                                             vcvtq_f32_s32(i1[h]), da);
+        if (kind == PK_Q6K) {  /* s0 (I0 da - 32 hs0) + s1 (I1 da - 32 hs1) (-32 hs: the sums) */
+            const float32x4_t t0 = vfmaq_f32(vdupq_n_f32(SX(nb + 2 * b)), vcvtq_f32_s32(i0[h]), da);
+            const float32x4_t t1 = vfmaq_f32(vdupq_n_f32(SX(nb + 2 * b + 1)), vcvtq_f32_s32(i1[h]), da);
             a = vfmaq_f32(a, t0, dw[h]);
             a = vfmaq_f32(a, t1, mw[h]);
         } else if (kind == PK_Q4S || kind == PK_Q8 || kind == PK_Q5) {  /* d da ((u . q) - off sum(q)); Q8_0: signed */
