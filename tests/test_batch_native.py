@@ -119,6 +119,32 @@ def test_chunking_does_not_change_a_bit(path):
 
 
 
+
+@pytest.mark.parametrize("path", ["scalar", "avx2", "avx512"])
+def test_rows_without_an_output_stop_at_the_last_attention(path):
+    """Past the last layer's attention only the rows that give an output go on (network.h tail):
+    a chunk that wants no output, scattered output rows, only the last row, and a decode after
+    them: the wanted rows' logits and every layer's keys and values as the whole prompt's with
+    every output, bit for bit."""
+    if path not in _paths():
+        pytest.skip(f"this CPU has no {path} path")
+    args = dataclasses.replace(TINY_QWEN2, num_attention_heads=4, num_key_value_heads=2)
+    model = model_for(args, Q.Q4_1, path)
+    prompt = ids(61, 9, args.vocab_size)
+    whole = model.forward(prompt + [5], 0, last_only=False)
+    kv = [(model.k[l][:, :62].copy(), model.v[l][:, :62].copy()) for l in range(args.num_hidden_layers)]
+    model.reset()
+    n = len(prompt)
+    assert model.batch(None, prompt[:40], range(40), [0] * 40, want=[False] * 40) is None
+    want = [i in (41, 47, 59) for i in range(40, n)]
+    np.testing.assert_array_equal(model.batch(None, prompt[40:], range(40, n), [0] * (n - 40), want=want),
+                                  whole[[41, 47, 59]])
+    np.testing.assert_array_equal(model.decode(5, n), whole[n])
+    for l, (k, v) in enumerate(kv):
+        assert np.array_equal(model.k[l][:, :62], k) and np.array_equal(model.v[l][:, :62], v)
+    model.reset()
+    np.testing.assert_array_equal(model.forward(prompt, 0)[-1], whole[n - 1])
+
 # a decode row (a chunk of one query) takes its own attention kernel on AVX512: several key tiles
 # (64 keys each), sliding windows across tile bounds, 1 to 8 query heads a kv head, head_dim 32
 LONG = [dataclasses.replace(TINY_LLAMA, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256),

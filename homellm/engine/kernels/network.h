@@ -270,12 +270,17 @@ typedef struct { int op, layer, m0, m1; } phase_t;  /* m0, m1: a matmul phase's 
 
 typedef struct {
     model_t *c; const kv_t *kv; kern_fn kern;
-    int M, nout, natt, nph, hi, L2, Kmax, tm;  /* tm: the tiles' mode (TM_*) */
+    int M, nout, natt, natt_tail, nph, hi, L2, Kmax, tm;  /* tm: the tiles' mode (TM_*) */
     const int *tok, *pos, *slot;
     const lora_t *const *lora;      /* per row, or NULL */
     const int *outj;                /* per row: its output row, or -1 */
+    /* the last layer past its attention computes the output rows alone (tail: fewer outputs
+     * than rows), output row j in place j: its row outm[j], its residual and attention output
+     * copied to xc and attc (row j) */
+    int tail; const int *outm; float *xc, *attc;
     float *logits, *hidden;
-    int *att_run, *att_qt;          /* attention items: chunk, query tile (kv head: item % nkv) */
+    int *att_run, *att_qt;          /* attention items: chunk, query tile (kv head: item % nkv); from
+                                     * natt on the tail's (the tiles with an output row): natt_tail */
     int *run0, *runn;               /* chunk i: rows run0[i] .. run0[i] + runn[i] - 1 */
     float *sc; size_t scs;          /* one decode row's scores, attention in two phases (attn_split_tiles) */
     float *rope; const float **rope_of;  /* per row: cos, sin (n_rot / 2 each) of its position for rope_of[m] */
@@ -330,11 +335,17 @@ static int glu_fused(const batch_t *b, int l) {
     return 1;
 }
 
-/* the next layer's input norm (or the final norm and the head's activations) for row m */
-INLINE void row_layer_input(batch_t *b, int l, int m) {
+/* a row step of the last layer past its attention, on the output rows alone (see tail) */
+static int is_tail(const batch_t *b, int op, int l) {
+    return b->tail && l == b->c->L - 1 && (op == OP_ROW_ATT || op == OP_ROW_O || op == OP_ROW_GU || op == OP_ROW_DOWN);
+}
+
+/* the next layer's input norm (or the final norm and the head's activations) for row m (tail:
+ * output row m, its residual in xc) */
+INLINE void row_layer_input(batch_t *b, int l, int m, int tail) {
     model_t *c = b->c;
     const int H = c->H;
-    const float *x = b->x + (size_t)m * H;
+    const float *x = (tail ? b->xc : b->x) + (size_t)m * H;
     if (l < c->L) {
         const layer_t *ly = &c->layers[l];
         float *xn = b->xn + (size_t)m * H;
@@ -343,7 +354,7 @@ INLINE void row_layer_input(batch_t *b, int l, int m) {
         quantize_for(b, ms, 3, xn, H, m);
         return;
     }
-    const int j = b->outj[m];
+    const int j = tail ? m : b->outj[m];
     if (j < 0) return;
     /* output row j (the rows that want one, in order: j <= m, and the quantized activations of
      * the last matmul are read already) */
@@ -359,12 +370,16 @@ INLINE void row_step_body(batch_t *b, int op, int l, int m) {
     const int H = c->H, F = c->F, hd = c->hd, nh = c->nh, nkv = c->nkv, nq = nh * hd, nk = nkv * hd;
     const layer_t *ly = l < c->L ? &c->layers[l] : NULL;
     const lora_mat_t *lm;
+    /* tail: m is an output row; mo its row in the batch (its adapter), xr its residual */
+    const int tail = is_tail(b, op, l), mo = tail ? b->outm[m] : m;
+    float *const xr = (tail ? b->xc : b->x) + (size_t)m * H;
+    const float *const ar = tail ? b->attc + (size_t)m * nq : b->att + (size_t)m * nq;
     switch (op) {
     case OP_EMBED: {
         float *x = b->x + (size_t)m * H;
         embed_row(c, b->tok[m], x);
         if (c->embed_scale != 1.f) for (int j = 0; j < H; j++) x[j] *= c->embed_scale;
-        row_layer_input(b, 0, m);
+        row_layer_input(b, 0, m, 0);
         return;
     }
     case OP_ROW_QKV: {
@@ -420,13 +435,17 @@ INLINE void row_step_body(batch_t *b, int op, int l, int m) {
     }
     case OP_ROW_ATT: {
         const mat_t *ms[1] = {&ly->m[M_O]};
-        quantize_for(b, ms, 1, b->att + (size_t)m * nq, nq, m);
+        if (tail) {
+            memcpy(xr, b->x + (size_t)mo * H, 4 * (size_t)H);
+            memcpy((float *)ar, b->att + (size_t)mo * nq, 4 * (size_t)nq);
+        }
+        quantize_for(b, ms, 1, ar, nq, m);
         return;
     }
     case OP_ROW_O: {
-        float *x = b->x + (size_t)m * H, *y = b->y + (size_t)m * H, *xn = b->xn + (size_t)m * H;
+        float *x = xr, *y = b->y + (size_t)m * H, *xn = b->xn + (size_t)m * H;
         add_vec(y, ly->v[V_BO], H);
-        if ((lm = lora_of(b, m, l, M_O))) lora_row(lm, b->att + (size_t)m * nq, nq, y, H);
+        if ((lm = lora_of(b, mo, l, M_O))) lora_row(lm, ar, nq, y, H);
         if (c->sandwich) rmsnorm(y, ly->v[V_ATT_OUT], H, c->eps, y);
         if (c->parallel) memcpy(b->ya + (size_t)m * H, y, 4 * (size_t)H);  /* added with the MLP's */
         else for (int j = 0; j < H; j++) x[j] += y[j];
@@ -440,15 +459,15 @@ INLINE void row_step_body(batch_t *b, int op, int l, int m) {
         const float *xn = b->xn + (size_t)m * H;
         if (!c->gated) {  /* h holds the up's outputs: act(up(x)) (GPT-NeoX) */
             add_vec(h, ly->v[V_BU], F);
-            if ((lm = lora_of(b, m, l, M_UP))) lora_row(lm, xn, H, h, F);
+            if ((lm = lora_of(b, mo, l, M_UP))) lora_row(lm, xn, H, h, F);
             for (int j = 0; j < F; j++) h[j] = c->act == ACT_GELU ? gelu_erf(h[j]) : c->act == ACT_GELU_TANH
                                              ? gelu_tanh(h[j]) : h[j] / (1.0f + expf(-h[j]));
         } else if (!glu_fused(b, l)) {  /* h holds the gate's outputs, u the up's */
             float *u = b->u + (size_t)m * F;
             add_vec(h, ly->v[V_BG], F);
             add_vec(u, ly->v[V_BU], F);
-            if ((lm = lora_of(b, m, l, M_GATE))) lora_row(lm, xn, H, h, F);
-            if ((lm = lora_of(b, m, l, M_UP))) lora_row(lm, xn, H, u, F);
+            if ((lm = lora_of(b, mo, l, M_GATE))) lora_row(lm, xn, H, h, F);
+            if ((lm = lora_of(b, mo, l, M_UP))) lora_row(lm, xn, H, u, F);
             glu_row(c->path, c->act, h, u, h, F);
         }
         const mat_t *ms[1] = {&ly->m[M_DOWN]};
@@ -456,15 +475,15 @@ INLINE void row_step_body(batch_t *b, int op, int l, int m) {
         return;
     }
     case OP_ROW_DOWN: {
-        float *x = b->x + (size_t)m * H, *y = b->y + (size_t)m * H;
+        float *x = xr, *y = b->y + (size_t)m * H;
         add_vec(y, ly->v[V_BD], H);
-        if ((lm = lora_of(b, m, l, M_DOWN))) lora_row(lm, b->hb + (size_t)m * F, F, y, H);
+        if ((lm = lora_of(b, mo, l, M_DOWN))) lora_row(lm, b->hb + (size_t)m * F, F, y, H);
         if (c->sandwich) rmsnorm(y, ly->v[V_MLP_OUT], H, c->eps, y);
         if (c->parallel) {  /* GPT-NeoX: mlp + attn + x */
             const float *ya = b->ya + (size_t)m * H;
             for (int j = 0; j < H; j++) x[j] = (y[j] + ya[j]) + x[j];
         } else for (int j = 0; j < H; j++) x[j] += y[j];
-        row_layer_input(b, l + 1, m);
+        row_layer_input(b, l + 1, m, tail);
         return;
     }
     default: return;
@@ -502,7 +521,10 @@ static int mm_mats(const batch_t *b, const phase_t *ph, const mat_t **ms, float 
         ms[0] = &ly->m[M_Q]; ms[1] = &ly->m[M_K]; ms[2] = &ly->m[M_V];
         ys[0] = b->q; ys[1] = b->k; ys[2] = b->v; *src = b->xn; *K = c->H;
         return 3;
-    case OP_MM_O: ms[0] = &ly->m[M_O]; ys[0] = b->y; *src = b->att; *K = c->nh * c->hd; return 1;
+    case OP_MM_O:
+        ms[0] = &ly->m[M_O]; ys[0] = b->y; *K = c->nh * c->hd;
+        *src = b->tail && ph->layer == c->L - 1 ? b->attc : b->att;
+        return 1;
     case OP_MM_GU:
         if (!c->gated) { ms[0] = &ly->m[M_UP]; ys[0] = b->hb; *src = b->xn; *K = c->H; return 1; }
         ms[0] = &ly->m[M_GATE]; ms[1] = &ly->m[M_UP]; ys[0] = b->hb; ys[1] = b->u; *src = b->xn; *K = c->H;
@@ -625,7 +647,8 @@ static void att_run(batch_t *b, int l, int i0, int i1) {
     const size_t ws_floats = (size_t)2 * Rp * hd + (size_t)hd * AK + (size_t)Rp * AK + 4 * (size_t)Rp;
     float *ws = malloc(ws_floats * sizeof(float));
     if (!ws) { STORE(&b->fail, 1, RLX); return; }
-    for (int i = i0; i < i1; i++) {
+    const int at = b->tail && l == c->L - 1 ? b->natt : 0;  /* (a multiple of nkv) */
+    for (int i = at + i0; i < at + i1; i++) {
         const attn_t a = att_of(b, l, b->att_run[i]);
         attn_item(c->path, &a, i % nkv, b->att_qt[i], ws);
     }
@@ -643,12 +666,16 @@ static int is_row_op(int op) {
            op == OP_ROW_DOWN;
 }
 
+/* the rows of a row phase */
+static int row_count(const batch_t *b, const phase_t *ph) { return is_tail(b, ph->op, ph->layer) ? b->nout : b->M; }
+
 static int batch_items(void *a, int p) {
     const batch_t *b = a;
     const phase_t *ph = &b->ph[p];
-    if (is_row_op(ph->op)) return b->M >= SERIAL_ROWS ? b->M : 0;
+    if (is_row_op(ph->op)) return row_count(b, ph) >= SERIAL_ROWS ? row_count(b, ph) : 0;
     if (ph->op == OP_ATT_S) return att_split(b, ph->layer) * b->c->nkv;
-    if (ph->op == OP_ATT) return att_split(b, ph->layer) ? b->c->nh : b->natt;
+    if (ph->op == OP_ATT)
+        return att_split(b, ph->layer) ? b->c->nh : b->tail && ph->layer == b->c->L - 1 ? b->natt_tail : b->natt;
     if (ph->m1 <= ph->m0) return 0;
     const mat_t *ms[3]; float *ys[3]; const float *src; int K;
     const int nm = mm_mats(b, ph, ms, ys, &src, &K);
@@ -670,8 +697,8 @@ static void batch_run(void *a, int p, int i0, int i1, int tid) {
 static void batch_close(void *a, int p) {
     batch_t *b = a;
     const phase_t *ph = &b->ph[p];
-    if (is_row_op(ph->op) && b->M < SERIAL_ROWS)
-        for (int m = 0; m < b->M; m++) row_step(b, ph->op, ph->layer, m);
+    if (is_row_op(ph->op) && row_count(b, ph) < SERIAL_ROWS)
+        for (int m = 0; m < row_count(b, ph); m++) row_step(b, ph->op, ph->layer, m);
 }
 
 /* A call's buffers (b->M rows), carved one after another (64-byte aligned) from ws; ws NULL:
@@ -689,6 +716,7 @@ static size_t batch_buffers(batch_t *b, char *ws, int pos0) {
     CARVE(b->x, 4 * M * H); CARVE(b->xn, 4 * M * H); CARVE(b->q, 4 * M * nq); CARVE(b->k, 4 * M * nk);
     CARVE(b->v, 4 * M * nk); CARVE(b->att, 4 * M * nq); CARVE(b->hb, 4 * M * F); CARVE(b->u, 4 * M * F);
     CARVE(b->y, 4 * M * H); CARVE(b->xo, 4 * (size_t)(b->nout > 0 ? b->nout : 1) * H);
+    if (b->tail) { CARVE(b->xc, 4 * (size_t)b->nout * H); CARVE(b->attc, 4 * (size_t)b->nout * nq); }
     if (c->parallel) CARVE(b->ya, 4 * M * H);
     CARVE(b->rope, 4 * M * 2 * (size_t)(c->n_rot / 2 > 0 ? c->n_rot / 2 : 1));
     CARVE(b->rope_of, M * sizeof(float *));
@@ -737,24 +765,33 @@ int hl_batch(void *p, void *kvp, int n, const int *tokens, const int *pos, const
     b.Kmax = Kmax; b.tok = tokens; b.pos = pos; b.slot = slot; b.lora = (const lora_t *const *)lora;
     b.logits = logits; b.hidden = hidden;
     int *outj = malloc(sizeof(int) * (size_t)n), *run0 = malloc(sizeof(int) * (size_t)n), *runn = malloc(sizeof(int) * (size_t)n);
+    int *outm = malloc(sizeof(int) * (size_t)(nout > 0 ? nout : 1));
     char *seen = calloc((size_t)kv->slots, 1);
-    int rc = outj && run0 && runn && seen ? 0 : -3, nrun = 0;
+    int rc = outj && run0 && runn && outm && seen ? 0 : -3, nrun = 0;
     for (int i = 0, j = 0; i < n && !rc; i++) {
         outj[i] = (want ? want[i] != 0 : i == n - 1) ? j++ : -1;
+        if (outj[i] >= 0) outm[outj[i]] = i;
         if (i > 0 && slot[i] == slot[i - 1] && pos[i] == pos[i - 1] + 1) { runn[nrun - 1]++; continue; }
         if (seen[slot[i]]) rc = -1;  /* a second chunk of one slot */
         seen[slot[i]] = 1;
         run0[nrun] = i; runn[nrun] = 1; nrun++;
     }
     free(seen);
-    b.outj = outj; b.run0 = run0; b.runn = runn;
+    b.outj = outj; b.outm = outm; b.run0 = run0; b.runn = runn;
+    b.tail = nout < n;  /* (no output row: the last layer ends with its keys and values) */
     /* attention items: chunk by chunk, its query tiles the last (costliest) first, kv heads */
     for (int i = 0; i < nrun && !rc; i++) b.natt += (runn[i] + AQ - 1) / AQ * c->nkv;
-    b.att_run = malloc(sizeof(int) * (size_t)(b.natt + 1)); b.att_qt = malloc(sizeof(int) * (size_t)(b.natt + 1));
+    b.att_run = malloc(sizeof(int) * (size_t)(2 * b.natt + 1)); b.att_qt = malloc(sizeof(int) * (size_t)(2 * b.natt + 1));
     if (!rc && (!b.att_run || !b.att_qt)) rc = -3;
-    for (int i = 0, it = 0; i < nrun && !rc; i++)
-        for (int qt = (runn[i] + AQ - 1) / AQ - 1; qt >= 0; qt--)
-            for (int g = 0; g < c->nkv; g++, it++) { b.att_run[it] = i; b.att_qt[it] = qt; }
+    for (int i = 0, it = 0, tt = b.natt; i < nrun && !rc; i++)
+        for (int qt = (runn[i] + AQ - 1) / AQ - 1; qt >= 0; qt--) {
+            int out = 0;  /* the tail's: the tiles with an output row (the others' rows end at the attention) */
+            for (int m = run0[i] + qt * AQ; m < run0[i] + runn[i] && m < run0[i] + (qt + 1) * AQ; m++) out |= outj[m] >= 0;
+            for (int g = 0; g < c->nkv; g++, it++) {
+                b.att_run[it] = i; b.att_qt[it] = qt;
+                if (out) { b.att_run[tt] = i; b.att_qt[tt] = qt; tt++; b.natt_tail++; }
+            }
+        }
     /* the phases */
     const int nch = (n + MM_ROWS - 1) / MM_ROWS, nchout = (nout + MM_ROWS - 1) / MM_ROWS;
     b.ph = malloc(sizeof(phase_t) * (size_t)(1 + c->L * (4 * nch + 7) + nchout));
@@ -766,13 +803,16 @@ int hl_batch(void *p, void *kvp, int n, const int *tokens, const int *pos, const
         const int rows[4] = {OP_ROW_QKV, OP_ROW_O, OP_ROW_GU, OP_ROW_DOWN};
         for (int l = 0; l < c->L; l++)
             for (int s = 0; s < 4; s++) {
-                for (int ch = 0; ch < nch; ch++)
-                    b.ph[np++] = (phase_t){mm[s], l, ch * MM_ROWS, (ch + 1) * MM_ROWS < n ? (ch + 1) * MM_ROWS : n};
+                /* the last layer past its attention: the output rows alone (tail) */
+                const int nr = l == c->L - 1 && s > 0 ? nout : n;
+                if (nr == 0) break;
+                for (int ch = 0; ch * MM_ROWS < nr; ch++)
+                    b.ph[np++] = (phase_t){mm[s], l, ch * MM_ROWS, (ch + 1) * MM_ROWS < nr ? (ch + 1) * MM_ROWS : nr};
                 b.ph[np++] = (phase_t){rows[s], l, 0, 0};
                 if (s == 0) {
                     b.ph[np++] = (phase_t){OP_ATT_S, l, 0, 0};
                     b.ph[np++] = (phase_t){OP_ATT, l, 0, 0};
-                    b.ph[np++] = (phase_t){OP_ROW_ATT, l, 0, 0};
+                    if (l < c->L - 1 || nout > 0) b.ph[np++] = (phase_t){OP_ROW_ATT, l, 0, 0};
                 }
             }
         for (int ch = 0; ch < nchout && logits; ch++)
@@ -805,7 +845,7 @@ int hl_batch(void *p, void *kvp, int n, const int *tokens, const int *pos, const
         pool_run(&job, c->nthreads);
         if (b.fail) rc = -3;
     }
-    free(outj); free(run0); free(runn); free(b.att_run); free(b.att_qt); free(b.ph);
+    free(outj); free(outm); free(run0); free(runn); free(b.att_run); free(b.att_qt); free(b.ph);
     free(own);
     if (took) __atomic_store_n(&c->ws_busy, 0, __ATOMIC_RELEASE);
     return rc;
