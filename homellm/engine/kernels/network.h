@@ -14,7 +14,10 @@
  * a chunk: a prompt chunk of a new request and single decode rows of running ones go through the
  * network together. Every projection is one matmul over all rows (weights read once for the
  * batch), attention runs per chunk on its slot's keys and values, and each row's adapter adds its
- * low-rank product x A^T B^T (scaled) to that row's projection outputs only.
+ * low-rank product x A^T B^T (scaled) to that row's projection outputs only. Past the last
+ * layer's attention only the rows that give an output go on (the tail: a prompt's last row; as
+ * llama.cpp selects its output rows there); the other rows end with their keys and values.
+ * The call's buffers stay in the model from call to call (batch_buffers).
  *
  * Row independence, which everything above the runtime relies on: every step computes a row's
  * values from that row alone (matmul kernels keep one accumulator per row and block order; the
