@@ -165,6 +165,36 @@ def test_engine_greedy_equals_the_pytorch_network():
     assert steps[-1].timings.cached_tokens == len(prompt) + 5 - 1
 
 
+
+def test_a_long_prompt_prefills_its_chunks_before_the_last_without_logits(monkeypatch):
+    """Engine.prefill cuts a prompt into chunks; those before the last ask for no logits (the C
+    runtime then ends them at the last layer's attention, and runs no head): the same last
+    logits and keys and values as the prompt at once, and on the PyTorch network the same
+    numbers as before."""
+    from homellm.engine import generate
+    args = TINY_QWEN2
+    tensors = quantized_tensors(args, Q.Q8_0)
+    prompt = ids_for(args, 45, seed=8)
+    whole = NativeModel(args, tensors, 64)
+    want = whole.forward(prompt, 0)[-1]
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", 16)
+    model = NativeModel(args, tensors, 64)
+    asked = []
+    batch = model.batch
+    monkeypatch.setattr(model, "batch", lambda *a, **k: asked.append(list(a[4])) or batch(*a, **k))
+    logits, cached = Engine(model, ctx=64).prefill(prompt)
+    assert cached == 0 and np.array_equal(logits, want)
+    assert [sum(w) for w in asked] == [0, 0, 1]  # chunks of 16, 16 and 13 rows
+    for l in range(args.num_hidden_layers):
+        assert np.array_equal(model.k[l][:, :45], whole.k[l][:, :45])
+        assert np.array_equal(model.v[l][:, :45], whole.v[l][:, :45])
+    ref = Engine(reference_model(args, {k: (v.dequantize() if isinstance(v, GGMLTensor) else v)
+                                        for k, v in tensors.items()}), ctx=64)
+    chunked = ref.prefill(prompt)[0]
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", 512)
+    ref.reset()
+    np.testing.assert_allclose(chunked, ref.prefill(prompt)[0], rtol=1e-4, atol=1e-4)
+
 def test_load_picks_the_c_runtime_and_never_imports_torch(tmp_path):
     path = write_tiny_gguf(tmp_path / "tiny.gguf", out_type="q8_0")
     code = ("import sys, homellm\n"

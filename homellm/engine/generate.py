@@ -189,11 +189,15 @@ class Engine:
     def reset(self):
         self.cache.tokens = []
 
-    def forward(self, ids: list[int], start_pos: int, last_only: bool = True) -> np.ndarray:
-        """Run ids at start_pos through the network, storing their keys/values; (T or 1, vocab)."""
+    def forward(self, ids: list[int], start_pos: int, last_only: bool = True,
+                logits: bool = True) -> np.ndarray | None:
+        """Run ids at start_pos through the network, storing their keys/values; (T or 1, vocab).
+        logits=False: the keys and values alone where the runtime can skip the rest (the C
+        runtime: no row past the last layer's attention), returns None."""
         if self.native:
-            return self.model.forward(ids, start_pos, last_only)  # (it keeps cache.tokens)
+            return self.model.forward(ids, start_pos, last_only, logits)  # (it keeps cache.tokens)
         import torch
+        want = logits
         with torch.inference_mode():
             if self.fast is not None and len(ids) == 1:
                 logits = self.fast.decode(ids[0], start_pos)[None]
@@ -202,7 +206,7 @@ class Engine:
                 logits = self.model(tokens, start_pos=start_pos, cache=self.cache, last_only=last_only)[0]
         del self.cache.tokens[start_pos:]
         self.cache.tokens.extend(ids)
-        return as_numpy(logits)
+        return as_numpy(logits) if want else None
 
     def prefill(self, ids: list[int]) -> tuple[np.ndarray, int]:
         """Make the cache hold `ids`; return the last position's logits and how many were cached."""
@@ -215,9 +219,12 @@ class Engine:
         del self.cache.tokens[reuse:]
         pos = reuse
         logits = None
-        while pos < len(ids):
+        while pos < len(ids):  # (the chunks before the last: keys and values alone)
             chunk = ids[pos:pos + PREFILL_CHUNK]
-            logits = self.forward(chunk, pos)[-1]
+            last = pos + len(chunk) >= len(ids)
+            out = self.forward(chunk, pos, logits=last)
+            if last:
+                logits = out[-1]
             pos += len(chunk)
         return logits, reuse
 

@@ -460,34 +460,38 @@ class NativeModel:
 
     # --- running -----------------------------------------------------------------------------
 
-    def forward(self, ids: list[int], start_pos: int, last_only: bool = True) -> np.ndarray:
+    def forward(self, ids: list[int], start_pos: int, last_only: bool = True,
+                logits: bool = True) -> np.ndarray | None:
         """Logits (len(ids) or 1, vocab) float32 for ids at start_pos.. (the cache must hold
-        0..start_pos-1); afterwards the cache holds 0..start_pos+len(ids)-1."""
+        0..start_pos-1); afterwards the cache holds 0..start_pos+len(ids)-1. logits=False: only
+        the keys and values (a prompt's chunk before its last: no row goes past the last layer's
+        attention, no head), returns None."""
         with self.lock:
-            return self._forward(ids, start_pos, last_only)
+            return self._forward(ids, start_pos, last_only, logits)
 
-    def _forward(self, ids: list[int], start_pos: int, last_only: bool) -> np.ndarray:
+    def _forward(self, ids: list[int], start_pos: int, last_only: bool,
+                 logits: bool = True) -> np.ndarray | None:
         n = len(ids)
         if n == 0:
             raise ValueError("forward: no ids")
         if start_pos + n > self.max_seq_len:
             raise ValueError(f"KV cache holds {self.max_seq_len} positions; asked for {start_pos + n}")
-        if n == 1:
+        if n == 1 and logits:
             out = self.decode(ids[0], start_pos)[None]
         else:  # the batch call on the own cache (hl_forward is the same call, without adapters)
             outs = []
             for i in range(0, n, MAX_CHUNK):
                 chunk = ids[i:i + MAX_CHUNK]
                 last = i + MAX_CHUNK >= n
-                want = [not last_only or (last and j == len(chunk) - 1) for j in range(len(chunk))]
+                want = [logits and (not last_only or (last and j == len(chunk) - 1)) for j in range(len(chunk))]
                 try:
-                    logits = self.batch(None, chunk, range(start_pos + i, start_pos + i + len(chunk)),
-                                        [0] * len(chunk), want, [self.adapter] * len(chunk))
+                    got = self.batch(None, chunk, range(start_pos + i, start_pos + i + len(chunk)),
+                                     [0] * len(chunk), want, [self.adapter] * len(chunk))
                 except ValueError:
                     raise self._error(-1, chunk, start_pos + i) from None
-                if logits is not None:
-                    outs.append(logits)
-            out = outs[0] if len(outs) == 1 else np.concatenate(outs)  # (batch capped them)
+                if got is not None:
+                    outs.append(got)
+            out = None if not outs else outs[0] if len(outs) == 1 else np.concatenate(outs)  # (batch capped them)
         del self.tokens[start_pos:]
         self.tokens.extend(ids)
         return out
@@ -615,8 +619,9 @@ class AdaptedModel:
             finally:
                 self.model.adapter = saved
 
-    def forward(self, ids: list[int], start_pos: int, last_only: bool = True) -> np.ndarray:
-        return self._through("forward", ids, start_pos, last_only)
+    def forward(self, ids: list[int], start_pos: int, last_only: bool = True,
+                logits: bool = True) -> np.ndarray | None:
+        return self._through("forward", ids, start_pos, last_only, logits)
 
     def decode(self, token: int, pos: int, out: np.ndarray | None = None) -> np.ndarray:
         return self._through("decode", token, pos, out)
