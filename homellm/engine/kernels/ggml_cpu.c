@@ -1212,6 +1212,17 @@ T512 INLINE __m512i dpbusd_b(__m512i acc, __m512i w, const int8_t *p) {
     return acc;
 }
 
+/* one level of a row's block (32 bytes at a) against its 16 weight rows (w: values 4c..4c+3),
+ * each half apart: i0 values 0..15, i1 16..31 (two chains of four) */
+T512 INLINE void halves_dots(const __m512i *w, const int8_t *a, __m512i *i0, __m512i *i1) {
+    __m512i s0 = dpbusd_b(_mm512_setzero_si512(), w[0], a), s1 = dpbusd_b(_mm512_setzero_si512(), w[4], a + 16);
+    for (int c = 1; c < 4; c++) {
+        s0 = dpbusd_b(s0, w[c], a + 4 * c);
+        s1 = dpbusd_b(s1, w[c + 4], a + 16 + 4 * c);
+    }
+    *i0 = s0; *i1 = s1;
+}
+
 /* out (R, 16) = 16 packed weight rows against R activation rows; `kind` a constant (PK_*);
  * T: 0 row-major (q, q2 rows of K bytes, dx/sx rows of K/4 floats; decode), or TILE (tiled,
  * q2 unused, R <= TILE) */
@@ -1267,20 +1278,11 @@ T512 INLINE void packed_body(const uint8_t *pk, int K, const int8_t *q, const fl
             for (int r = 0; r < R; r++) {
                 const int8_t *a = ROWA(r);
                 /* i0: values 0..15 of the block, i1: values 16..31 */
-                __m512i i0 = dpbusd_b(_mm512_setzero_si512(), w[0], a);
-                __m512i i1 = dpbusd_b(_mm512_setzero_si512(), w[4], a + 16);
-                for (int c = 1; c < 4; c++) {
-                    i0 = dpbusd_b(i0, w[c], a + 4 * c);
-                    i1 = dpbusd_b(i1, w[c + 4], a + 16 + 4 * c);
-                }
+                __m512i i0, i1;
+                halves_dots(w, a, &i0, &i1);
                 if (hi) {
-                    const int8_t *a2 = ROWA2(r);
-                    __m512i j0 = dpbusd_b(_mm512_setzero_si512(), w[0], a2);
-                    __m512i j1 = dpbusd_b(_mm512_setzero_si512(), w[4], a2 + 16);
-                    for (int c = 1; c < 4; c++) {
-                        j0 = dpbusd_b(j0, w[c], a2 + 4 * c);
-                        j1 = dpbusd_b(j1, w[c + 4], a2 + 16 + 4 * c);
-                    }
+                    __m512i j0, j1;
+                    halves_dots(w, ROWA2(r), &j0, &j1);
                     i0 = _mm512_add_epi32(_mm512_slli_epi32(i0, 8), j0);
                     i1 = _mm512_add_epi32(_mm512_slli_epi32(i1, 8), j1);
                 }
